@@ -1,0 +1,1 @@
+//! Persistent IP address management for netd.

@@ -1,0 +1,20 @@
+//! netd: an edge-networking data plane.
+//!
+//! netd keeps pod networking alive on edge Kubernetes nodes whose link to the
+//! cloud is weak or down: pod IPs stay pinned to pod names, the VXLAN VTEP MAC
+//! stays pinned to the node name, the overlay is flannel-compatible and comes
+//! back by itself after a reboot without the cloud, and the cloud reaches edge
+//! kubelets through a reverse tunnel whose DNAT runs in eBPF.
+//!
+//! This crate is both the per-node daemon and a library other node agents
+//! embed. Persistent allocation lives in [`netd_ipam`]; BPF programs and their
+//! loader in [`netd_ebpf`].
+//!
+//! With the `test-harness` feature, [`testing`] provides RAII guards for
+//! network namespaces, veth pairs, bridges and cgroups for privileged tests.
+
+pub use netd_ebpf as ebpf;
+pub use netd_ipam as ipam;
+
+#[cfg(feature = "test-harness")]
+pub mod testing;

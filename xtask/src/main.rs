@@ -1,0 +1,111 @@
+//! Developer and CI tasks: `cargo xtask <setup|test|ci>`.
+
+mod setup;
+mod test;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+
+const USAGE: &str = "\
+usage: cargo xtask <task>
+
+tasks:
+  setup   install (idempotently) the Debian packages netd needs to build, test and demo
+  test    run every test, unprivileged and privileged (root; network namespaces),
+          and check that no namespace, link or cgroup is left behind
+  ci      setup, fmt check, clippy, build, test, bench --no-run, doc: what CI runs
+";
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(task) = args.first() else {
+        eprint!("{USAGE}");
+        bail!("no task given");
+    };
+    match task.as_str() {
+        "setup" => setup::run(),
+        "test" => test::run(),
+        "ci" => ci(),
+        "-h" | "--help" | "help" => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        other => {
+            eprint!("{USAGE}");
+            bail!("unknown task `{other}`")
+        }
+    }
+}
+
+/// The workspace root (the parent of xtask's manifest directory).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// `cargo <args…>` in the workspace root with extra environment; fails on a non-zero exit.
+pub fn cargo(args: &[&str], envs: &[(&str, &str)]) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(&cargo)
+        .args(args)
+        .envs(envs.iter().copied())
+        .current_dir(workspace_root())
+        .status()
+        .with_context(|| format!("running {cargo} {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("`cargo {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+/// Runs one named step and prints how long it took.
+pub fn step(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
+    println!("==> {name}");
+    let started = Instant::now();
+    f().with_context(|| format!("step `{name}` failed"))?;
+    println!("<== {name}: ok in {:.1}s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn ci() -> Result<()> {
+    let started = Instant::now();
+    step("setup", setup::run)?;
+    step("fmt", || cargo(&["fmt", "--all", "--check"], &[]))?;
+    step("clippy", || {
+        cargo(
+            &[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--all-features",
+                "--",
+                "-D",
+                "warnings",
+            ],
+            &[],
+        )
+    })?;
+    step("build", || {
+        cargo(&["build", "--workspace", "--all-targets"], &[])
+    })?;
+    step("test", test::run)?;
+    step("bench --no-run", || {
+        cargo(&["bench", "--workspace", "--no-run"], &[])
+    })?;
+    step("doc", || {
+        cargo(
+            &["doc", "--workspace", "--no-deps", "--all-features"],
+            &[("RUSTDOCFLAGS", "-D warnings")],
+        )
+    })?;
+    println!(
+        "ci: all steps passed in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
