@@ -20,7 +20,9 @@ pub enum Error {
         source: io::Error,
     },
     /// The store file could not be opened or is not an SQLite database.
-    #[error("IPAM store {path} cannot be opened or read (not a database, damaged, or no permission)")]
+    #[error(
+        "IPAM store {path} cannot be opened or read (not a database, damaged, or no permission)"
+    )]
     Unreadable {
         /// The store file.
         path: PathBuf,
@@ -37,7 +39,9 @@ pub enum Error {
         found: i64,
     },
     /// Written by a newer netd.
-    #[error("IPAM store {path} has format version {found}; this netd reads versions up to {supported}")]
+    #[error(
+        "IPAM store {path} has format version {found}; this netd reads versions up to {supported}"
+    )]
     NewerFormat {
         /// The file.
         path: PathBuf,
@@ -89,7 +93,9 @@ pub enum Error {
     #[error(transparent)]
     Pool(#[from] PoolError),
     /// No MAC could be found that avoids every known peer's.
-    #[error("could not derive a VTEP MAC for node {node:?} that avoids all {peers} known peer MACs")]
+    #[error(
+        "could not derive a VTEP MAC for node {node:?} that avoids all {peers} known peer MACs"
+    )]
     MacSpaceExhausted {
         /// The node.
         node: String,
@@ -102,7 +108,14 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Maps an SQLite error of `action` on the store at `path`.
-pub(crate) fn sql_err(path: &std::path::Path, action: &'static str) -> impl Fn(rusqlite::Error) -> Error {
+pub(crate) fn sql_err(
+    path: &std::path::Path,
+    action: &'static str,
+) -> impl Fn(rusqlite::Error) -> Error {
     let path = path.to_path_buf();
-    move |source| Error::Sql { path: path.clone(), action, source }
+    move |source| Error::Sql {
+        path: path.clone(),
+        action,
+        source,
+    }
 }

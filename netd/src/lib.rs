@@ -13,6 +13,9 @@
 //! With the `test-harness` feature, [`testing`] provides RAII guards for
 //! network namespaces, veth pairs, bridges and cgroups for privileged tests.
 
+pub mod cni;
+pub mod subnet_env;
+
 pub use netd_ebpf as ebpf;
 pub use netd_ipam as ipam;
 
