@@ -29,10 +29,12 @@
 //! ```
 
 mod cgroup;
+mod cni;
 mod links;
 mod netns;
 
 pub use cgroup::Cgroup;
+pub use cni::{plugin_dir_of, CniCall, CniRunner, DEBIAN_CNI_DIR};
 pub use links::{unique_ifname, Bridge, VethPair};
 pub use netns::NetNs;
 
