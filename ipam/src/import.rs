@@ -108,6 +108,7 @@ impl Store {
             if !entry.file_type().map(|t| t.is_file()).unwrap_or(false)
                 || name == "lock"
                 || name.ends_with(".db")
+                || name.ends_with(".db-journal")
                 || name.ends_with(".db-wal")
                 || name.ends_with(".db-shm")
             {

@@ -1,5 +1,6 @@
-//! Developer and CI tasks: `cargo xtask <setup|test|ci>`.
+//! Developer and CI tasks: `cargo xtask <setup|test|bench|ci>`.
 
+mod bench;
 mod setup;
 mod test;
 
@@ -16,6 +17,8 @@ tasks:
   setup   install (idempotently) the Debian packages netd needs to build, test and demo
   test    run every test, unprivileged and privileged (root; network namespaces),
           and check that no namespace, link or cgroup is left behind
+  bench [cni|all]
+          side-by-side benchmarks needing namespaces or external tools (root)
   ci      setup, fmt check, clippy, build, test, bench --no-run, doc: what CI runs
 ";
 
@@ -29,6 +32,7 @@ fn main() -> Result<()> {
         "setup" => setup::run(),
         "test" => test::run(),
         "ci" => ci(),
+        "bench" => bench::run(args.get(1).map(String::as_str)),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");
             Ok(())

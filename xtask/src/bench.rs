@@ -1,0 +1,192 @@
+//! `cargo xtask bench`: side-by-side runs that need namespaces or external
+//! tools. Each prints a markdown table (medians, p99, ratios) for README.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use netd::testing::{self, CniCall, CniRunner, NetNs, DEBIAN_CNI_DIR};
+
+use crate::{cargo, workspace_root};
+
+/// Runs the named benchmark (or all).
+pub fn run(which: Option<&str>) -> Result<()> {
+    match which.unwrap_or("all") {
+        "cni" | "all" => cni(200),
+        other => bail!("unknown benchmark `{other}` (known: cni, all)"),
+    }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cpu}, {cores} cores, Linux {}", kernel.trim())
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1000.0)
+}
+
+struct Variant {
+    label: &'static str,
+    bridge: &'static str,
+    ipam: String,
+    /// Pod name per cycle: `None` = a new pod each cycle.
+    fixed_pod: Option<&'static str>,
+    add: Vec<Duration>,
+    del: Vec<Duration>,
+    cycle: Vec<Duration>,
+}
+
+impl Variant {
+    fn config(&self) -> String {
+        format!(
+            r#"{{"cniVersion":"1.0.0","name":"bench-{}","type":"bridge","bridge":"{}","isGateway":true,"ipam":{}}}"#,
+            self.bridge, self.bridge, self.ipam
+        )
+    }
+}
+
+/// CNI ADD+DEL through Debian's `bridge` plugin, IPAM = static (floor),
+/// host-local (anchor), netd-ipam (new pod each cycle; same pod each cycle).
+/// Cycles are interleaved across variants so machine noise hits all alike.
+fn cni(cycles: usize) -> Result<()> {
+    println!("building netd-ipam (release)…");
+    cargo(
+        &[
+            "build",
+            "--release",
+            "--quiet",
+            "-p",
+            "netd",
+            "--bin",
+            "netd-ipam",
+        ],
+        &[],
+    )?;
+    let our_dir = workspace_root().join("target/release");
+    let Some(_kernel) = testing::privileged()? else {
+        bail!("the CNI benchmark needs root")
+    };
+    let data = tempfile::tempdir().context("creating a data directory")?;
+    let d = data.path().display();
+    let mut variants = vec![
+        Variant {
+            label: "static (floor: no state)",
+            bridge: "cni-static",
+            ipam: r#"{"type":"static","addresses":[{"address":"10.73.0.5/16"}]}"#.into(),
+            fixed_pod: Some("bench/static"),
+            add: vec![],
+            del: vec![],
+            cycle: vec![],
+        },
+        Variant {
+            label: "host-local (anchor)",
+            bridge: "cni-hl",
+            ipam: format!(r#"{{"type":"host-local","subnet":"10.70.0.0/16","dataDir":"{d}/hl"}}"#),
+            fixed_pod: None,
+            add: vec![],
+            del: vec![],
+            cycle: vec![],
+        },
+        Variant {
+            label: "netd-ipam, new pod each cycle",
+            bridge: "cni-nd",
+            ipam: format!(r#"{{"type":"netd-ipam","subnet":"10.71.0.0/16","dataDir":"{d}/nd"}}"#),
+            fixed_pod: None,
+            add: vec![],
+            del: vec![],
+            cycle: vec![],
+        },
+        Variant {
+            label: "netd-ipam, same pod (pin hit)",
+            bridge: "cni-pin",
+            ipam: format!(r#"{{"type":"netd-ipam","subnet":"10.72.0.0/16","dataDir":"{d}/pin"}}"#),
+            fixed_pod: Some("bench/pinned"),
+            add: vec![],
+            del: vec![],
+            cycle: vec![],
+        },
+    ];
+    let node = NetNs::new()?;
+    let pod_ns = NetNs::new()?;
+    let runner = CniRunner::new(&node, vec![PathBuf::from(DEBIAN_CNI_DIR), our_dir]);
+    println!("running {cycles} ADD+DEL cycles per IPAM, interleaved…");
+    for i in 0..cycles {
+        for v in &mut variants {
+            let config = v.config();
+            let container = format!("bench-{}-{i}", v.bridge);
+            let pod = v
+                .fixed_pod
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("bench/p{i}"));
+            let add = CniCall {
+                command: "ADD",
+                container_id: &container,
+                pod_netns: &pod_ns,
+                ifname: "eth0",
+                pod: Some(&pod),
+            };
+            let started = Instant::now();
+            runner
+                .call_ok("bridge", &add, &config)
+                .with_context(|| format!("{} ADD", v.label))?;
+            let added = started.elapsed();
+            let del = CniCall {
+                command: "DEL",
+                ..add
+            };
+            let started = Instant::now();
+            runner
+                .call_ok("bridge", &del, &config)
+                .with_context(|| format!("{} DEL", v.label))?;
+            let deleted = started.elapsed();
+            v.add.push(added);
+            v.del.push(deleted);
+            v.cycle.push(added + deleted);
+        }
+    }
+    for v in &mut variants {
+        v.add.sort();
+        v.del.sort();
+        v.cycle.sort();
+    }
+    let anchor = percentile(&variants[1].cycle, 0.5);
+    println!(
+        "\nCNI ADD+DEL through Debian bridge 1.1.1, {cycles} cycles each, {}",
+        machine()
+    );
+    println!("\n| IPAM | ADD p50 ms | DEL p50 ms | ADD+DEL p50 ms | ADD+DEL p99 ms | p50 vs host-local |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    for v in &variants {
+        let p50 = percentile(&v.cycle, 0.5);
+        println!(
+            "| {} | {} | {} | {} | {} | {:.2}× |",
+            v.label,
+            ms(percentile(&v.add, 0.5)),
+            ms(percentile(&v.del, 0.5)),
+            ms(p50),
+            ms(percentile(&v.cycle, 0.99)),
+            p50.as_secs_f64() / anchor.as_secs_f64().max(f64::EPSILON)
+        );
+    }
+    Ok(())
+}
