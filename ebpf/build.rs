@@ -22,12 +22,7 @@ fn find_clang() -> String {
         return clang;
     }
     for candidate in CLANG_CANDIDATES {
-        if Command::new(candidate)
-            .arg("--version")
-            .output()
-            .map(|out| out.status.success())
-            .unwrap_or(false)
-        {
+        if Command::new(candidate).arg("--version").output().map(|out| out.status.success()).unwrap_or(false) {
             return (*candidate).to_string();
         }
     }
@@ -42,9 +37,7 @@ fn multiarch_include(target_arch: &str) -> PathBuf {
     let triple = match target_arch {
         "x86_64" => "x86_64-linux-gnu",
         "aarch64" => "aarch64-linux-gnu",
-        other => fail(&format!(
-            "unsupported target architecture `{other}` (netd supports x86_64 and aarch64)"
-        )),
+        other => fail(&format!("unsupported target architecture `{other}` (netd supports x86_64 and aarch64)")),
     };
     PathBuf::from("/usr/include").join(triple)
 }
@@ -95,29 +88,14 @@ fn main() {
     require_header(Path::new("/usr/include/linux/bpf.h"), "linux-libc-dev");
     require_header(Path::new("/usr/include/bpf/bpf_helpers.h"), "libbpf-dev");
     let clang = find_clang();
-    let arch_define = if target_arch == "aarch64" {
-        "-D__TARGET_ARCH_arm64"
-    } else {
-        "-D__TARGET_ARCH_x86"
-    };
+    let arch_define = if target_arch == "aarch64" { "-D__TARGET_ARCH_arm64" } else { "-D__TARGET_ARCH_x86" };
 
     for source in &sources {
-        let file_name = source
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let file_name = source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let stem = file_name.trim_end_matches(".bpf.c");
         let object = out_dir.join(format!("{stem}.bpf.o"));
         let output = Command::new(&clang)
-            .args([
-                "-O2",
-                "-g",
-                "-target",
-                "bpf",
-                "-Wall",
-                "-Werror",
-                arch_define,
-            ])
+            .args(["-O2", "-g", "-target", "bpf", "-Wall", "-Werror", arch_define])
             .arg("-I")
             .arg(&include_dir)
             .arg("-I")
@@ -129,11 +107,7 @@ fn main() {
             .output()
             .unwrap_or_else(|err| fail(&format!("could not run {clang}: {err}")));
         if !output.status.success() {
-            fail(&format!(
-                "{clang} failed on {}:\n{}",
-                source.display(),
-                String::from_utf8_lossy(&output.stderr)
-            ));
+            fail(&format!("{clang} failed on {}:\n{}", source.display(), String::from_utf8_lossy(&output.stderr)));
         }
     }
 }

@@ -14,9 +14,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use netd_ipam::{PodRef, Range, RangeSet, Store};
 
 fn pool() -> Vec<RangeSet> {
-    vec![RangeSet::single(
-        Range::new("10.128.0.0/16".parse().unwrap(), None, None, None).unwrap(),
-    )]
+    vec![RangeSet::single(Range::new("10.128.0.0/16".parse().unwrap(), None, None, None).unwrap())]
 }
 
 /// A store already holding `n` pods, like a busy node.
@@ -24,9 +22,7 @@ fn populated(dir: &std::path::Path, n: usize) -> Store {
     let mut store = Store::open(dir.join("bench.db")).unwrap();
     for i in 0..n {
         let pod: PodRef = format!("default/resident-{i}").parse().unwrap();
-        store
-            .allocate(&pool(), &pod, &format!("resident-{i}"), "eth0")
-            .unwrap();
+        store.allocate(&pool(), &pod, &format!("resident-{i}"), "eth0").unwrap();
     }
     store
 }
@@ -46,9 +42,7 @@ fn bench(c: &mut Criterion) {
                 serial += 1;
                 let pod: PodRef = format!("default/new-{serial}").parse().unwrap();
                 let started = Instant::now();
-                store
-                    .allocate(&sets, &pod, &format!("c{serial}"), "eth0")
-                    .unwrap();
+                store.allocate(&sets, &pod, &format!("c{serial}"), "eth0").unwrap();
                 total += started.elapsed();
                 // Keep the store at a steady size (untimed).
                 store.forget(&pod).unwrap();

@@ -37,8 +37,7 @@ pub mod objects {
     /// `bpf/testing/connect_counter.bpf.c`: counts `connect()` per destination
     /// port (cgroup/connect4). Test-only.
     #[cfg(feature = "test-programs")]
-    pub static CONNECT_COUNTER: &[u8] =
-        aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/connect_counter.bpf.o"));
+    pub static CONNECT_COUNTER: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/connect_counter.bpf.o"));
 }
 
 /// Errors from loading, attaching and reading netd's BPF programs.
@@ -107,10 +106,7 @@ pub enum Error {
 /// of 64 KiB is too small for real maps. Failure is not fatal: the kernel may
 /// not need it, and loading reports the real error if it does.
 pub fn raise_memlock_rlimit() -> io::Result<()> {
-    let unlimited = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
+    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
     // SAFETY: setrlimit reads a fully initialised rlimit struct that outlives the call.
     let rc = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
     if rc == 0 {

@@ -31,61 +31,37 @@ impl ConnectCounter {
         let ebpf = EbpfLoader::new()
             .override_global("count_only_addr4", &only_addr4, true)
             .load(objects::CONNECT_COUNTER)
-            .map_err(|source| Error::Load {
-                object: OBJECT,
-                source,
-            })?;
+            .map_err(|source| Error::Load { object: OBJECT, source })?;
         Ok(Self { ebpf })
     }
 
     /// Attaches to a cgroup v2 directory (`bpf_link`, exclusive in that cgroup).
     pub fn attach(&mut self, cgroup_dir: &Path) -> Result<(), Error> {
-        let cgroup = File::open(cgroup_dir).map_err(|source| Error::Cgroup {
-            path: cgroup_dir.to_path_buf(),
-            source,
-        })?;
+        let cgroup =
+            File::open(cgroup_dir).map_err(|source| Error::Cgroup { path: cgroup_dir.to_path_buf(), source })?;
         let program: &mut CgroupSockAddr = self
             .ebpf
             .program_mut(PROGRAM)
             .and_then(|p| p.try_into().ok())
-            .ok_or(Error::MissingProgram {
-                object: OBJECT,
-                program: PROGRAM,
-            })?;
-        program.load().map_err(|source| Error::Program {
+            .ok_or(Error::MissingProgram { object: OBJECT, program: PROGRAM })?;
+        program.load().map_err(|source| Error::Program { program: PROGRAM, action: "load", source })?;
+        program.attach(&cgroup, CgroupAttachMode::Single).map_err(|source| Error::Program {
             program: PROGRAM,
-            action: "load",
+            action: "attach",
             source,
         })?;
-        program
-            .attach(&cgroup, CgroupAttachMode::Single)
-            .map_err(|source| Error::Program {
-                program: PROGRAM,
-                action: "attach",
-                source,
-            })?;
         Ok(())
     }
 
     /// How many counted `connect()` calls went to `port`.
     pub fn count(&self, port: u16) -> Result<u64, Error> {
-        let map = self.ebpf.map(MAP).ok_or(Error::MissingMap {
-            object: OBJECT,
-            map: MAP,
-        })?;
-        let counts: HashMap<_, u16, u64> = HashMap::try_from(map).map_err(|source| Error::Map {
-            map: MAP,
-            action: "open",
-            source,
-        })?;
+        let map = self.ebpf.map(MAP).ok_or(Error::MissingMap { object: OBJECT, map: MAP })?;
+        let counts: HashMap<_, u16, u64> =
+            HashMap::try_from(map).map_err(|source| Error::Map { map: MAP, action: "open", source })?;
         match counts.get(&port, 0) {
             Ok(count) => Ok(count),
             Err(aya::maps::MapError::KeyNotFound) => Ok(0),
-            Err(source) => Err(Error::Map {
-                map: MAP,
-                action: "lookup",
-                source,
-            }),
+            Err(source) => Err(Error::Map { map: MAP, action: "lookup", source }),
         }
     }
 }

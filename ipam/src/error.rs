@@ -20,9 +20,7 @@ pub enum Error {
         source: io::Error,
     },
     /// The store file could not be opened or is not an SQLite database.
-    #[error(
-        "IPAM store {path} cannot be opened or read (not a database, damaged, or no permission)"
-    )]
+    #[error("IPAM store {path} cannot be opened or read (not a database, damaged, or no permission)")]
     Unreadable {
         /// The store file.
         path: PathBuf,
@@ -31,7 +29,9 @@ pub enum Error {
         source: rusqlite::Error,
     },
     /// The file is an SQLite database of some other program.
-    #[error("{path} is an SQLite database but not a netd IPAM store (application_id {found:#x}); refusing to touch it")]
+    #[error(
+        "{path} is an SQLite database but not a netd IPAM store (application_id {found:#x}); refusing to touch it"
+    )]
     Foreign {
         /// The file.
         path: PathBuf,
@@ -39,9 +39,7 @@ pub enum Error {
         found: i64,
     },
     /// Written by a newer netd.
-    #[error(
-        "IPAM store {path} has format version {found}; this netd reads versions up to {supported}"
-    )]
+    #[error("IPAM store {path} has format version {found}; this netd reads versions up to {supported}")]
     NewerFormat {
         /// The file.
         path: PathBuf,
@@ -93,9 +91,7 @@ pub enum Error {
     #[error(transparent)]
     Pool(#[from] PoolError),
     /// No MAC could be found that avoids every known peer's.
-    #[error(
-        "could not derive a VTEP MAC for node {node:?} that avoids all {peers} known peer MACs"
-    )]
+    #[error("could not derive a VTEP MAC for node {node:?} that avoids all {peers} known peer MACs")]
     MacSpaceExhausted {
         /// The node.
         node: String,
@@ -108,14 +104,7 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Maps an SQLite error of `action` on the store at `path`.
-pub(crate) fn sql_err(
-    path: &std::path::Path,
-    action: &'static str,
-) -> impl Fn(rusqlite::Error) -> Error {
+pub(crate) fn sql_err(path: &std::path::Path, action: &'static str) -> impl Fn(rusqlite::Error) -> Error {
     let path = path.to_path_buf();
-    move |source| Error::Sql {
-        path: path.clone(),
-        action,
-        source,
-    }
+    move |source| Error::Sql { path: path.clone(), action, source }
 }

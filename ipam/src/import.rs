@@ -43,11 +43,7 @@ fn parse_marker(file_name: &str) -> Option<(IpAddr, PodRef)> {
 fn parse_reservation(body: &str) -> Option<(String, String)> {
     let mut lines = body.lines().map(str::trim);
     let container = lines.next().filter(|c| !c.is_empty())?.to_string();
-    let ifname = lines
-        .next()
-        .filter(|i| !i.is_empty())
-        .unwrap_or("eth0")
-        .to_string();
+    let ifname = lines.next().filter(|i| !i.is_empty()).unwrap_or("eth0").to_string();
     Some((container, ifname))
 }
 
@@ -66,11 +62,7 @@ impl Store {
     /// (`meta.host_local_imported`); `None` when skipped. This is what lets
     /// the CNI plugin migrate a node on its first ADD at the cost of one
     /// lookup on every later one.
-    pub fn import_host_local_once(
-        &mut self,
-        dir: &Path,
-        sets: &[RangeSet],
-    ) -> Result<Option<ImportReport>> {
+    pub fn import_host_local_once(&mut self, dir: &Path, sets: &[RangeSet]) -> Result<Option<ImportReport>> {
         if self.meta(IMPORTED_KEY)?.is_some() {
             return Ok(None);
         }
@@ -80,19 +72,12 @@ impl Store {
     fn meta(&self, key: &str) -> Result<Option<String>> {
         let path = self.path().to_path_buf();
         self.conn()
-            .query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| {
-                r.get(0)
-            })
+            .query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| r.get(0))
             .optional()
             .map_err(crate::error::sql_err(&path, "reading meta"))
     }
 
-    fn import(
-        &mut self,
-        dir: &Path,
-        sets: &[RangeSet],
-        once: bool,
-    ) -> Result<Option<ImportReport>> {
+    fn import(&mut self, dir: &Path, sets: &[RangeSet], once: bool) -> Result<Option<ImportReport>> {
         let mut report = ImportReport::default();
         let entries = fs::read_dir(dir).map_err(|source| Error::Dir {
             path: dir.to_path_buf(),
@@ -116,15 +101,9 @@ impl Store {
             }
             let body = fs::read_to_string(&path).unwrap_or_default();
             if let Some(index) = name.strip_prefix("last_reserved_ip.") {
-                match (
-                    index.parse::<usize>().ok().and_then(|i| sets.get(i)),
-                    body.trim().parse::<IpAddr>(),
-                ) {
+                match (index.parse::<usize>().ok().and_then(|i| sets.get(i)), body.trim().parse::<IpAddr>()) {
                     (Some(set), Ok(ip)) => cursors.push((set.key(), ip)),
-                    _ => report.skipped.push((
-                        path,
-                        "cursor for an unknown range set or not an address".into(),
-                    )),
+                    _ => report.skipped.push((path, "cursor for an unknown range set or not an address".into())),
                 }
             } else if let Ok(ip) = name.parse::<IpAddr>() {
                 match parse_reservation(&body) {
@@ -134,9 +113,7 @@ impl Store {
             } else if let Some((ip, pod)) = parse_marker(&name) {
                 markers.push((path, ip, pod));
             } else {
-                report
-                    .skipped
-                    .push((path, "not a host-local or OpenYurt file".into()));
+                report.skipped.push((path, "not a host-local or OpenYurt file".into()));
             }
         }
         let db_path = self.path().to_path_buf();
@@ -149,28 +126,19 @@ impl Store {
         if once {
             // Another process may have imported while we read the directory.
             let done: Option<String> = tx
-                .query_row(
-                    "SELECT value FROM meta WHERE key = ?1",
-                    params![IMPORTED_KEY],
-                    |r| r.get(0),
-                )
+                .query_row("SELECT value FROM meta WHERE key = ?1", params![IMPORTED_KEY], |r| r.get(0))
                 .optional()
                 .map_err(sql("reading meta"))?;
             if done.is_some() {
                 return Ok(None);
             }
-            tx.execute(
-                "INSERT INTO meta (key, value) VALUES (?1, ?2)",
-                params![IMPORTED_KEY, now.to_string()],
-            )
-            .map_err(sql("marking the import done"))?;
+            tx.execute("INSERT INTO meta (key, value) VALUES (?1, ?2)", params![IMPORTED_KEY, now.to_string()])
+                .map_err(sql("marking the import done"))?;
         }
         let owner_of = |ip: IpAddr| -> Result<Option<(Option<String>, Option<String>)>> {
-            tx.query_row(
-                "SELECT pod, container_id FROM allocation WHERE ip = ?1",
-                params![ip.to_string()],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
+            tx.query_row("SELECT pod, container_id FROM allocation WHERE ip = ?1", params![ip.to_string()], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
             .optional()
             .map_err(sql("reading an existing entry"))
         };
@@ -186,9 +154,7 @@ impl Store {
                     report.attached += 1;
                 }
                 Some((_, Some(existing))) if existing == container => report.attached += 1,
-                Some(_) => report
-                    .skipped
-                    .push((path, format!("{ip} is already allocated in the store"))),
+                Some(_) => report.skipped.push((path, format!("{ip} is already allocated in the store"))),
             }
         }
         for (path, ip, pod) in markers {
@@ -203,9 +169,7 @@ impl Store {
                 .optional()
                 .map_err(sql("reading an existing pin"))?;
             if let Some(other) = other_pin {
-                report
-                    .skipped
-                    .push((path, format!("{pod} is already pinned to {other}")));
+                report.skipped.push((path, format!("{pod} is already pinned to {other}")));
                 continue;
             }
             match owner_of(ip)? {
@@ -220,17 +184,14 @@ impl Store {
                 }
                 Some((None, _)) => {
                     // A host-local reservation of that address: it now knows its pod.
-                    tx.execute(
-                        "UPDATE allocation SET pod = ?1 WHERE ip = ?2",
-                        params![pod_text, ip.to_string()],
-                    )
-                    .map_err(sql("naming an imported reservation's pod"))?;
+                    tx.execute("UPDATE allocation SET pod = ?1 WHERE ip = ?2", params![pod_text, ip.to_string()])
+                        .map_err(sql("naming an imported reservation's pod"))?;
                     report.pinned += 1;
                 }
                 Some((Some(owner), _)) if owner == pod_text => report.pinned += 1,
-                Some((Some(owner), _)) => report
-                    .skipped
-                    .push((path, format!("{ip} is pinned to {owner} in the store"))),
+                Some((Some(owner), _)) => {
+                    report.skipped.push((path, format!("{ip} is pinned to {owner} in the store")))
+                }
             }
         }
         for (key, ip) in cursors {
@@ -257,14 +218,8 @@ mod tests {
         assert_eq!(pod.to_string(), "default/web-0");
         assert!(parse_marker("10.244.1.7").is_none());
         assert!(parse_marker("10.244.1.7_default_Bad_Name").is_none());
-        assert_eq!(
-            parse_reservation("abc\r\neth1"),
-            Some(("abc".into(), "eth1".into()))
-        );
-        assert_eq!(
-            parse_reservation("abc"),
-            Some(("abc".into(), "eth0".into()))
-        );
+        assert_eq!(parse_reservation("abc\r\neth1"), Some(("abc".into(), "eth1".into())));
+        assert_eq!(parse_reservation("abc"), Some(("abc".into(), "eth0".into())));
         assert_eq!(parse_reservation(""), None);
     }
 }

@@ -84,6 +84,4 @@ pub use import::ImportReport;
 pub use mac::{derive_vtep_mac, MacAddr, MacCollision, MacParseError, VtepMac};
 pub use pod::{PodRef, PodRefError};
 pub use pool::{PoolError, Range, RangeSet};
-pub use store::{
-    Allocation, Authority, ReconcileReport, State, Store, APPLICATION_ID, FORMAT_VERSION,
-};
+pub use store::{Allocation, Authority, ReconcileReport, State, Store, APPLICATION_ID, FORMAT_VERSION};

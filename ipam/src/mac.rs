@@ -116,11 +116,9 @@ impl Store {
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(sql("starting a write transaction"))?;
         let stored: Option<(String, u32)> = tx
-            .query_row(
-                "SELECT mac, attempt FROM vtep_mac WHERE node = ?1",
-                params![node],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
+            .query_row("SELECT mac, attempt FROM vtep_mac WHERE node = ?1", params![node], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
             .optional()
             .map_err(sql("reading the VTEP MAC"))?;
         let (mut mac, mut attempt, from_store) = match stored {
@@ -137,31 +135,18 @@ impl Store {
         let initial = (mac, attempt);
         let mut collisions = Vec::new();
         loop {
-            let clash = peers
-                .iter()
-                .find(|(peer, peer_mac)| peer != node && *peer_mac == mac);
+            let clash = peers.iter().find(|(peer, peer_mac)| peer != node && *peer_mac == mac);
             match clash {
                 None => break,
                 Some((peer, _)) if node < peer.as_str() => {
-                    collisions.push(MacCollision {
-                        peer: peer.clone(),
-                        mac,
-                        kept: true,
-                    });
+                    collisions.push(MacCollision { peer: peer.clone(), mac, kept: true });
                     break;
                 }
                 Some((peer, _)) => {
-                    collisions.push(MacCollision {
-                        peer: peer.clone(),
-                        mac,
-                        kept: false,
-                    });
+                    collisions.push(MacCollision { peer: peer.clone(), mac, kept: false });
                     attempt += 1;
                     if attempt >= MAX_ATTEMPTS {
-                        return Err(Error::MacSpaceExhausted {
-                            node: node.to_string(),
-                            peers: peers.len(),
-                        });
+                        return Err(Error::MacSpaceExhausted { node: node.to_string(), peers: peers.len() });
                     }
                     mac = derive_vtep_mac(node, attempt);
                 }
@@ -176,11 +161,7 @@ impl Store {
             .map_err(sql("persisting the VTEP MAC"))?;
         }
         tx.commit().map_err(sql("committing the VTEP MAC"))?;
-        Ok(VtepMac {
-            mac,
-            collisions,
-            from_store: from_store && (mac, attempt) == initial,
-        })
+        Ok(VtepMac { mac, collisions, from_store: from_store && (mac, attempt) == initial })
     }
 }
 
@@ -211,15 +192,10 @@ mod tests {
     #[test]
     fn derivation_is_stable_and_spreads() {
         // Pinned value: changing the derivation would change every node's MAC.
-        assert_eq!(
-            derive_vtep_mac("node-a", 0).to_string(),
-            "6e:6d:70:09:3e:38"
-        );
+        assert_eq!(derive_vtep_mac("node-a", 0).to_string(), "6e:6d:70:09:3e:38");
         assert_ne!(derive_vtep_mac("node-a", 0), derive_vtep_mac("node-b", 0));
         assert_ne!(derive_vtep_mac("node-a", 0), derive_vtep_mac("node-a", 1));
-        let macs: std::collections::HashSet<_> = (0..10_000)
-            .map(|i| derive_vtep_mac(&format!("n{i}"), 0))
-            .collect();
+        let macs: std::collections::HashSet<_> = (0..10_000).map(|i| derive_vtep_mac(&format!("n{i}"), 0)).collect();
         assert_eq!(macs.len(), 10_000);
         assert!(macs.iter().all(MacAddr::is_local_unicast));
     }

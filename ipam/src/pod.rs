@@ -49,14 +49,9 @@ fn check_dns_chars(value: &str, max: usize, dots: bool) -> Result<(), &'static s
         return Err("it is empty");
     }
     if value.len() > max {
-        return Err(if max == 63 {
-            "it is longer than 63 characters"
-        } else {
-            "it is longer than 253 characters"
-        });
+        return Err(if max == 63 { "it is longer than 63 characters" } else { "it is longer than 253 characters" });
     }
-    let allowed =
-        |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || (dots && c == '.');
+    let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || (dots && c == '.');
     if !value.chars().all(allowed) {
         return Err("only lowercase letters, digits, '-' (and '.' in names) are allowed");
     }
@@ -70,18 +65,10 @@ fn check_dns_chars(value: &str, max: usize, dots: bool) -> Result<(), &'static s
 impl PodRef {
     /// Validates and builds a pod identity.
     pub fn new(namespace: &str, name: &str) -> Result<Self, PodRefError> {
-        check_dns_chars(namespace, 63, false).map_err(|why| PodRefError::Namespace {
-            value: shorten(namespace),
-            why,
-        })?;
-        check_dns_chars(name, 253, true).map_err(|why| PodRefError::Name {
-            value: shorten(name),
-            why,
-        })?;
-        Ok(Self {
-            namespace: namespace.to_string(),
-            name: name.to_string(),
-        })
+        check_dns_chars(namespace, 63, false)
+            .map_err(|why| PodRefError::Namespace { value: shorten(namespace), why })?;
+        check_dns_chars(name, 253, true).map_err(|why| PodRefError::Name { value: shorten(name), why })?;
+        Ok(Self { namespace: namespace.to_string(), name: name.to_string() })
     }
 
     /// The pod's namespace.
@@ -99,9 +86,7 @@ impl FromStr for PodRef {
     type Err = PodRefError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (namespace, name) = s
-            .split_once('/')
-            .ok_or_else(|| PodRefError::Malformed(shorten(s)))?;
+        let (namespace, name) = s.split_once('/').ok_or_else(|| PodRefError::Malformed(shorten(s)))?;
         Self::new(namespace, name)
     }
 }
@@ -128,38 +113,14 @@ mod tests {
         let huge = "a".repeat(254);
         assert!(matches!(
             PodRef::new("default", &huge),
-            Err(PodRefError::Name {
-                why: "it is longer than 253 characters",
-                ..
-            })
+            Err(PodRefError::Name { why: "it is longer than 253 characters", .. })
         ));
-        assert!(matches!(
-            PodRef::new(&"n".repeat(64), "x"),
-            Err(PodRefError::Namespace { .. })
-        ));
-        assert!(matches!(
-            PodRef::new("default", ""),
-            Err(PodRefError::Name {
-                why: "it is empty",
-                ..
-            })
-        ));
-        assert!(matches!(
-            PodRef::new("default", "-x"),
-            Err(PodRefError::Name { .. })
-        ));
-        assert!(matches!(
-            PodRef::new("a.b", "x"),
-            Err(PodRefError::Namespace { .. })
-        ));
-        assert!(matches!(
-            "noslash".parse::<PodRef>(),
-            Err(PodRefError::Malformed(_))
-        ));
-        assert!(matches!(
-            "default/a/b".parse::<PodRef>(),
-            Err(PodRefError::Name { .. })
-        ));
+        assert!(matches!(PodRef::new(&"n".repeat(64), "x"), Err(PodRefError::Namespace { .. })));
+        assert!(matches!(PodRef::new("default", ""), Err(PodRefError::Name { why: "it is empty", .. })));
+        assert!(matches!(PodRef::new("default", "-x"), Err(PodRefError::Name { .. })));
+        assert!(matches!(PodRef::new("a.b", "x"), Err(PodRefError::Namespace { .. })));
+        assert!(matches!("noslash".parse::<PodRef>(), Err(PodRefError::Malformed(_))));
+        assert!(matches!("default/a/b".parse::<PodRef>(), Err(PodRefError::Name { .. })));
         // The error never echoes a huge value back in full.
         let msg = PodRef::new("default", &huge).unwrap_err().to_string();
         assert!(msg.len() < 200, "{msg}");

@@ -49,9 +49,7 @@ pub enum PoolError {
         end: IpAddr,
     },
     /// After reserving the gateway, nothing is left.
-    #[error(
-        "range {0} has no allocatable address once network, broadcast and gateway are reserved"
-    )]
+    #[error("range {0} has no allocatable address once network, broadcast and gateway are reserved")]
     Empty(String),
     /// A range set with no range.
     #[error("a range set needs at least one range")]
@@ -111,10 +109,7 @@ impl Range {
         gateway: Option<IpAddr>,
     ) -> Result<Self, PoolError> {
         if subnet.addr() != subnet.network() {
-            return Err(PoolError::HostBitsSet {
-                subnet,
-                network: subnet.network(),
-            });
+            return Err(PoolError::HostBitsSet { subnet, network: subnet.network() });
         }
         if subnet.prefix_len() + 2 > subnet.max_prefix_len() {
             return Err(PoolError::TooSmall(subnet));
@@ -124,53 +119,27 @@ impl Range {
         let last = to_u128(subnet.broadcast()) - u128::from(v4);
         let check = |field: &'static str, addr: IpAddr| -> Result<u128, PoolError> {
             if addr.is_ipv4() != v4 {
-                return Err(PoolError::FamilyMismatch {
-                    field,
-                    addr,
-                    subnet,
-                });
+                return Err(PoolError::FamilyMismatch { field, addr, subnet });
             }
             let value = to_u128(addr);
             if value <= network || value > last {
-                return Err(PoolError::OutsideSubnet {
-                    field,
-                    addr,
-                    subnet,
-                });
+                return Err(PoolError::OutsideSubnet { field, addr, subnet });
             }
             Ok(value)
         };
-        let start = range_start
-            .map(|a| check("rangeStart", a))
-            .transpose()?
-            .unwrap_or(network + 1);
-        let end = range_end
-            .map(|a| check("rangeEnd", a))
-            .transpose()?
-            .unwrap_or(last);
+        let start = range_start.map(|a| check("rangeStart", a)).transpose()?.unwrap_or(network + 1);
+        let end = range_end.map(|a| check("rangeEnd", a)).transpose()?.unwrap_or(last);
         if start > end {
-            return Err(PoolError::StartAfterEnd {
-                start: from_u128(start, v4),
-                end: from_u128(end, v4),
-            });
+            return Err(PoolError::StartAfterEnd { start: from_u128(start, v4), end: from_u128(end, v4) });
         }
         let gateway = match gateway {
             Some(gw) if gw.is_ipv4() != v4 => {
-                return Err(PoolError::FamilyMismatch {
-                    field: "gateway",
-                    addr: gw,
-                    subnet,
-                })
+                return Err(PoolError::FamilyMismatch { field: "gateway", addr: gw, subnet })
             }
             Some(gw) => Some(gw),
             None => Some(from_u128(network + 1, v4)),
         };
-        let range = Self {
-            subnet,
-            start,
-            end,
-            gateway,
-        };
+        let range = Self { subnet, start, end, gateway };
         if range.capacity() == 0 {
             return Err(PoolError::Empty(range.to_string()));
         }
@@ -202,9 +171,7 @@ impl Range {
     }
 
     fn gateway_value(&self) -> Option<u128> {
-        self.gateway
-            .map(to_u128)
-            .filter(|gw| (self.start..=self.end).contains(gw))
+        self.gateway.map(to_u128).filter(|gw| (self.start..=self.end).contains(gw))
     }
 
     /// Whether `addr` can be handed out from this range.
@@ -260,9 +227,7 @@ impl RangeSet {
 
     /// A set with a single range.
     pub fn single(range: Range) -> Self {
-        Self {
-            ranges: vec![range],
-        }
+        Self { ranges: vec![range] }
     }
 
     /// The ranges, in configuration order.
@@ -282,18 +247,12 @@ impl RangeSet {
 
     /// Total allocatable addresses (saturating).
     pub fn capacity(&self) -> u128 {
-        self.ranges
-            .iter()
-            .fold(0u128, |sum, r| sum.saturating_add(r.capacity()))
+        self.ranges.iter().fold(0u128, |sum, r| sum.saturating_add(r.capacity()))
     }
 
     /// Stable key naming this set in the store (its ranges, in order).
     pub fn key(&self) -> String {
-        self.ranges
-            .iter()
-            .map(|r| format!("{}-{}", r.start(), r.end()))
-            .collect::<Vec<_>>()
-            .join(",")
+        self.ranges.iter().map(|r| format!("{}-{}", r.start(), r.end())).collect::<Vec<_>>().join(",")
     }
 
     /// Candidate addresses in host-local's order: starting right after `last`
@@ -322,9 +281,7 @@ impl RangeSet {
             };
             let v4 = range.is_v4();
             let gateway = range.gateway_value();
-            (lo..=hi)
-                .filter(move |v| Some(*v) != gateway)
-                .map(move |v| from_u128(v, v4))
+            (lo..=hi).filter(move |v| Some(*v) != gateway).map(move |v| from_u128(v, v4))
         })
     }
 }
@@ -389,30 +346,18 @@ mod tests {
         let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
         assert!(matches!(
             Range::new(subnet, ip("10.0.1.5"), None, None),
-            Err(PoolError::OutsideSubnet {
-                field: "rangeStart",
-                ..
-            })
+            Err(PoolError::OutsideSubnet { field: "rangeStart", .. })
         ));
         assert!(matches!(
             Range::new(subnet, None, ip("10.0.0.255"), None),
-            Err(PoolError::OutsideSubnet {
-                field: "rangeEnd",
-                ..
-            })
+            Err(PoolError::OutsideSubnet { field: "rangeEnd", .. })
         ));
         assert!(matches!(
             Range::new(subnet, ip("10.0.0.9"), ip("10.0.0.5"), None),
             Err(PoolError::StartAfterEnd { .. })
         ));
-        assert!(matches!(
-            Range::new(subnet, ip("fd00::1"), None, None),
-            Err(PoolError::FamilyMismatch { .. })
-        ));
-        assert!(matches!(
-            Range::new(subnet, ip("10.0.0.1"), ip("10.0.0.1"), None),
-            Err(PoolError::Empty(_))
-        ));
+        assert!(matches!(Range::new(subnet, ip("fd00::1"), None, None), Err(PoolError::FamilyMismatch { .. })));
+        assert!(matches!(Range::new(subnet, ip("10.0.0.1"), ip("10.0.0.1"), None), Err(PoolError::Empty(_))));
         let r = Range::new(subnet, ip("10.0.0.10"), ip("10.0.0.20"), ip("10.0.0.254")).unwrap();
         assert_eq!(r.capacity(), 11);
     }
@@ -421,19 +366,10 @@ mod tests {
     fn candidates_start_after_last_and_wrap() {
         let subnet: IpNet = "10.0.0.0/29".parse().unwrap(); // .1 gw, .2-.6
         let set = RangeSet::single(Range::new(subnet, None, None, None).unwrap());
-        let order: Vec<String> = set
-            .candidates("10.0.0.4".parse().ok())
-            .map(|a| a.to_string())
-            .collect();
-        assert_eq!(
-            order,
-            ["10.0.0.5", "10.0.0.6", "10.0.0.2", "10.0.0.3", "10.0.0.4"]
-        );
+        let order: Vec<String> = set.candidates("10.0.0.4".parse().ok()).map(|a| a.to_string()).collect();
+        assert_eq!(order, ["10.0.0.5", "10.0.0.6", "10.0.0.2", "10.0.0.3", "10.0.0.4"]);
         let order: Vec<String> = set.candidates(None).map(|a| a.to_string()).collect();
-        assert_eq!(
-            order,
-            ["10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5", "10.0.0.6"]
-        );
+        assert_eq!(order, ["10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5", "10.0.0.6"]);
     }
 
     #[test]
@@ -441,23 +377,11 @@ mod tests {
         let a = Range::new("10.0.0.0/29".parse().unwrap(), None, None, None).unwrap();
         let b = Range::new("10.0.1.0/30".parse().unwrap(), None, None, None).unwrap();
         let set = RangeSet::new(vec![a.clone(), b.clone()]).unwrap();
-        let all: Vec<String> = set
-            .candidates("10.0.1.2".parse().ok())
-            .map(|x| x.to_string())
-            .collect();
-        assert_eq!(
-            all,
-            ["10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5", "10.0.0.6", "10.0.1.2"]
-        );
-        assert!(matches!(
-            RangeSet::new(vec![a.clone(), a]),
-            Err(PoolError::Overlap(..))
-        ));
+        let all: Vec<String> = set.candidates("10.0.1.2".parse().ok()).map(|x| x.to_string()).collect();
+        assert_eq!(all, ["10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5", "10.0.0.6", "10.0.1.2"]);
+        assert!(matches!(RangeSet::new(vec![a.clone(), a]), Err(PoolError::Overlap(..))));
         let v6 = Range::new("fd00::/120".parse().unwrap(), None, None, None).unwrap();
-        assert!(matches!(
-            RangeSet::new(vec![b, v6.clone()]),
-            Err(PoolError::MixedFamilies(..))
-        ));
+        assert!(matches!(RangeSet::new(vec![b, v6.clone()]), Err(PoolError::MixedFamilies(..))));
         assert_eq!(v6.end().to_string(), "fd00::ff");
         assert_eq!(RangeSet::new(vec![]), Err(PoolError::NoRanges));
     }

@@ -6,9 +6,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rusqlite::{
-    params, Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior,
-};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior};
 
 use crate::error::{Error, Result};
 use crate::pod::PodRef;
@@ -102,10 +100,7 @@ pub struct ReconcileReport {
 }
 
 pub(crate) fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)).unwrap_or(0)
 }
 
 fn ms_to_time(ms: i64) -> SystemTime {
@@ -176,10 +171,7 @@ impl Store {
     /// directories. Refuses files that are not netd stores or are newer.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let dir = path
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("."));
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
         let created = !path.exists();
         if created {
             std::fs::create_dir_all(&dir).map_err(|source| Error::Dir {
@@ -188,15 +180,10 @@ impl Store {
                 source,
             })?;
         }
-        let unreadable = |source| Error::Unreadable {
-            path: path.clone(),
-            source,
-        };
+        let unreadable = |source| Error::Unreadable { path: path.clone(), source };
         let conn = Connection::open_with_flags(
             &path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE
-                | OpenFlags::SQLITE_OPEN_CREATE
-                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(unreadable)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(unreadable)?;
@@ -215,41 +202,21 @@ impl Store {
     }
 
     fn sql(&self, action: &'static str) -> impl Fn(rusqlite::Error) -> Error + '_ {
-        move |source| Error::Sql {
-            path: self.path.clone(),
-            action,
-            source,
-        }
+        move |source| Error::Sql { path: self.path.clone(), action, source }
     }
 
     fn prepare(&mut self) -> Result<()> {
         let path = self.path.clone();
-        let unreadable = |source| Error::Unreadable {
-            path: path.clone(),
-            source,
-        };
+        let unreadable = |source| Error::Unreadable { path: path.clone(), source };
         // Reading the header first turns a garbage file into a clear error
         // before any write is attempted.
-        let app_id: i64 = self
-            .conn
-            .query_row("PRAGMA application_id", [], |r| r.get(0))
-            .map_err(unreadable)?;
-        let version: i64 = self
-            .conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .map_err(unreadable)?;
+        let app_id: i64 = self.conn.query_row("PRAGMA application_id", [], |r| r.get(0)).map_err(unreadable)?;
+        let version: i64 = self.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(unreadable)?;
         if app_id != 0 && app_id != APPLICATION_ID {
-            return Err(Error::Foreign {
-                path,
-                found: app_id,
-            });
+            return Err(Error::Foreign { path, found: app_id });
         }
         if version > FORMAT_VERSION {
-            return Err(Error::NewerFormat {
-                path,
-                found: version,
-                supported: FORMAT_VERSION,
-            });
+            return Err(Error::NewerFormat { path, found: version, supported: FORMAT_VERSION });
         }
         // Rollback journal kept between transactions (PERSIST) with
         // synchronous=FULL: a commit is on disk when it returns, and the
@@ -257,39 +224,24 @@ impl Store {
         // Measured against WAL here: WAL makes every process create, recover
         // and delete `-wal`/`-shm` files, costing ~1 ms more per call.
         self.set_journal_mode()?;
-        self.conn
-            .pragma_update(None, "synchronous", "FULL")
-            .map_err(unreadable)?;
-        self.conn
-            .pragma_update(None, "journal_size_limit", 1 << 20)
-            .map_err(unreadable)?;
+        self.conn.pragma_update(None, "synchronous", "FULL").map_err(unreadable)?;
+        self.conn.pragma_update(None, "journal_size_limit", 1 << 20).map_err(unreadable)?;
         if version == FORMAT_VERSION && app_id == APPLICATION_ID {
             return Ok(());
         }
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(unreadable)?;
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(unreadable)?;
         // Another process may have initialised the file while we waited.
-        let version: i64 = tx
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .map_err(unreadable)?;
+        let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(unreadable)?;
         if version == 0 {
             let tables: i64 = tx
-                .query_row(
-                    "SELECT count(*) FROM sqlite_master WHERE type = 'table'",
-                    [],
-                    |r| r.get(0),
-                )
+                .query_row("SELECT count(*) FROM sqlite_master WHERE type = 'table'", [], |r| r.get(0))
                 .map_err(unreadable)?;
             if tables != 0 {
                 return Err(Error::Foreign { path, found: 0 });
             }
             tx.execute_batch(SCHEMA_V1).map_err(unreadable)?;
-            tx.pragma_update(None, "application_id", APPLICATION_ID)
-                .map_err(unreadable)?;
-            tx.pragma_update(None, "user_version", FORMAT_VERSION)
-                .map_err(unreadable)?;
+            tx.pragma_update(None, "application_id", APPLICATION_ID).map_err(unreadable)?;
+            tx.pragma_update(None, "user_version", FORMAT_VERSION).map_err(unreadable)?;
         }
         tx.commit().map_err(unreadable)
     }
@@ -300,56 +252,33 @@ impl Store {
         let mut delay = Duration::from_millis(1);
         let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
         loop {
-            match self
-                .conn
-                .query_row("PRAGMA journal_mode = PERSIST", [], |r| {
-                    r.get::<_, String>(0)
-                }) {
+            match self.conn.query_row("PRAGMA journal_mode = PERSIST", [], |r| r.get::<_, String>(0)) {
                 Ok(_) => return Ok(()),
                 Err(rusqlite::Error::SqliteFailure(e, _))
-                    if e.code == rusqlite::ErrorCode::DatabaseBusy
-                        && std::time::Instant::now() < deadline =>
+                    if e.code == rusqlite::ErrorCode::DatabaseBusy && std::time::Instant::now() < deadline =>
                 {
                     std::thread::sleep(delay);
                     delay = (delay * 2).min(Duration::from_millis(50));
                 }
-                Err(source) => {
-                    return Err(Error::Unreadable {
-                        path: self.path.clone(),
-                        source,
-                    })
-                }
+                Err(source) => return Err(Error::Unreadable { path: self.path.clone(), source }),
             }
         }
     }
 
     fn begin(&mut self) -> Result<Transaction<'_>> {
         let path = self.path.clone();
-        self.conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(|source| Error::Sql {
-                path,
-                action: "starting a write transaction",
-                source,
-            })
+        self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|source| Error::Sql {
+            path,
+            action: "starting a write transaction",
+            source,
+        })
     }
 
     fn parse_row(path: &Path, row: Row) -> Result<Allocation> {
-        let corrupt = |why: String| Error::Corrupt {
-            path: path.to_path_buf(),
-            row: row.ip.clone(),
-            why,
-        };
-        let ip: IpAddr = row
-            .ip
-            .parse()
-            .map_err(|_| corrupt("not an IP address".into()))?;
-        let pod = row
-            .pod
-            .as_deref()
-            .map(str::parse::<PodRef>)
-            .transpose()
-            .map_err(|e| corrupt(format!("bad pod: {e}")))?;
+        let corrupt = |why: String| Error::Corrupt { path: path.to_path_buf(), row: row.ip.clone(), why };
+        let ip: IpAddr = row.ip.parse().map_err(|_| corrupt("not an IP address".into()))?;
+        let pod =
+            row.pod.as_deref().map(str::parse::<PodRef>).transpose().map_err(|e| corrupt(format!("bad pod: {e}")))?;
         let state = match row.state.as_str() {
             "attached" => State::Attached,
             "released" => State::Released,
@@ -403,12 +332,8 @@ impl Store {
                 }
                 parsed
             };
-            let own = candidates
-                .iter()
-                .find(|a| a.container_id.as_deref() == Some(container_id) && set.contains(a.ip));
-            let pinned = candidates
-                .iter()
-                .find(|a| a.pod.as_ref() == Some(pod) && set.contains(a.ip));
+            let own = candidates.iter().find(|a| a.container_id.as_deref() == Some(container_id) && set.contains(a.ip));
+            let pinned = candidates.iter().find(|a| a.pod.as_ref() == Some(pod) && set.contains(a.ip));
             let chosen = match own.or(pinned) {
                 Some(existing) => {
                     // A stale pin of the same family elsewhere would violate the
@@ -469,19 +394,16 @@ impl Store {
     fn pick_free(tx: &Transaction<'_>, path: &Path, set: &RangeSet) -> Result<IpAddr> {
         let sql = |action| crate::error::sql_err(path, action);
         let last: Option<IpAddr> = tx
-            .query_row(
-                "SELECT value FROM meta WHERE key = ?1",
-                params![format!("last_reserved:{}", set.key())],
-                |r| r.get::<_, String>(0),
-            )
+            .query_row("SELECT value FROM meta WHERE key = ?1", params![format!("last_reserved:{}", set.key())], |r| {
+                r.get::<_, String>(0)
+            })
             .optional()
             .map_err(sql("reading the last reserved address"))?
             .and_then(|text| text.parse().ok());
         let mut used: HashMap<IpAddr, State> = HashMap::new();
         {
-            let mut stmt = tx
-                .prepare_cached("SELECT ip, state FROM allocation")
-                .map_err(sql("listing used addresses"))?;
+            let mut stmt =
+                tx.prepare_cached("SELECT ip, state FROM allocation").map_err(sql("listing used addresses"))?;
             let rows = stmt
                 .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
                 .map_err(sql("listing used addresses"))?;
@@ -490,14 +412,7 @@ impl Store {
                 // Unparseable rows cannot be handed out again anyway; they
                 // are reported by `allocations()`.
                 if let Ok(ip) = ip.parse::<IpAddr>() {
-                    used.insert(
-                        ip,
-                        if state == "attached" {
-                            State::Attached
-                        } else {
-                            State::Released
-                        },
-                    );
+                    used.insert(ip, if state == "attached" { State::Attached } else { State::Released });
                 }
             }
         }
@@ -509,12 +424,7 @@ impl Store {
             State::Attached => (a + 1, r),
             State::Released => (a, r + 1),
         });
-        Err(Error::Exhausted {
-            range_set: set.to_string(),
-            capacity: set.capacity(),
-            attached,
-            released,
-        })
+        Err(Error::Exhausted { range_set: set.to_string(), capacity: set.capacity(), attached, released })
     }
 
     /// Ends the attachment of `container_id`/`ifname` (CNI DEL). Pinned
@@ -534,9 +444,8 @@ impl Store {
                      WHERE container_id = ?1 AND ifname = ?2 AND state = 'attached'"
                 ))
                 .map_err(sql("looking up the container"))?;
-            let rows = stmt
-                .query_map(params![container_id, ifname], read_row)
-                .map_err(sql("looking up the container"))?;
+            let rows =
+                stmt.query_map(params![container_id, ifname], read_row).map_err(sql("looking up the container"))?;
             for row in rows {
                 let mut allocation = Self::parse_row(&path, row.map_err(sql("reading a row"))?)?;
                 allocation.state = State::Released;
@@ -555,21 +464,14 @@ impl Store {
             params![container_id, ifname],
         )
         .map_err(sql("freeing unpinned imports"))?;
-        tx.commit().map_err(|source| Error::Sql {
-            path: self.path.clone(),
-            action: "committing a release",
-            source,
-        })?;
+        tx.commit().map_err(|source| Error::Sql { path: self.path.clone(), action: "committing a release", source })?;
         Ok(released)
     }
 
     /// Releases every attachment whose `(container_id, ifname)` is not in
     /// `valid` (CNI GC). Pins are kept: a garbage collection says which
     /// sandboxes exist, not which pods are gone.
-    pub fn release_all_except(
-        &mut self,
-        valid: &HashSet<(String, String)>,
-    ) -> Result<Vec<Allocation>> {
+    pub fn release_all_except(&mut self, valid: &HashSet<(String, String)>) -> Result<Vec<Allocation>> {
         let stale: Vec<(String, String)> = self
             .allocations()?
             .into_iter()
@@ -594,11 +496,8 @@ impl Store {
             let mut stmt = tx
                 .prepare_cached("DELETE FROM allocation WHERE pod = ?1 RETURNING ip")
                 .map_err(sql("forgetting a pod"))?;
-            let rows = stmt
-                .query_map(params![pod.to_string()], |r| r.get(0))
-                .map_err(sql("forgetting a pod"))?;
-            rows.collect::<rusqlite::Result<_>>()
-                .map_err(sql("forgetting a pod"))?
+            let rows = stmt.query_map(params![pod.to_string()], |r| r.get(0)).map_err(sql("forgetting a pod"))?;
+            rows.collect::<rusqlite::Result<_>>().map_err(sql("forgetting a pod"))?
         };
         tx.commit().map_err(sql("committing a forget"))?;
         Ok(ips.iter().filter_map(|ip| ip.parse().ok()).collect())
@@ -652,11 +551,7 @@ impl Store {
                 }
             }
         }
-        tx.commit().map_err(|source| Error::Sql {
-            path,
-            action: "committing a reconcile",
-            source,
-        })?;
+        tx.commit().map_err(|source| Error::Sql { path, action: "committing a reconcile", source })?;
         Ok(report)
     }
 
@@ -665,9 +560,7 @@ impl Store {
         let sql = self.sql("listing allocations");
         let mut stmt = self
             .conn
-            .prepare_cached(&format!(
-                "SELECT {ROW_COLUMNS} FROM allocation ORDER BY family, ip"
-            ))
+            .prepare_cached(&format!("SELECT {ROW_COLUMNS} FROM allocation ORDER BY family, ip"))
             .map_err(&sql)?;
         let rows = stmt.query_map([], read_row).map_err(&sql)?;
         let mut out = Vec::new();
@@ -679,27 +572,17 @@ impl Store {
 
     /// The addresses pinned to `pod`.
     pub fn pins_of(&self, pod: &PodRef) -> Result<Vec<Allocation>> {
-        Ok(self
-            .allocations()?
-            .into_iter()
-            .filter(|a| a.pod.as_ref() == Some(pod))
-            .collect())
+        Ok(self.allocations()?.into_iter().filter(|a| a.pod.as_ref() == Some(pod)).collect())
     }
 
     /// Runs SQLite's full integrity check; `Ok(())` when the file is sound.
     pub fn integrity_check(&self) -> Result<()> {
-        let verdict: String = self
-            .conn
-            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-            .map_err(self.sql("integrity check"))?;
+        let verdict: String =
+            self.conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).map_err(self.sql("integrity check"))?;
         if verdict == "ok" {
             Ok(())
         } else {
-            Err(Error::Corrupt {
-                path: self.path.clone(),
-                row: "integrity_check".into(),
-                why: verdict,
-            })
+            Err(Error::Corrupt { path: self.path.clone(), row: "integrity_check".into(), why: verdict })
         }
     }
 
@@ -725,11 +608,9 @@ fn check_families(sets: &[RangeSet]) -> Result<()> {
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|source| Error::Dir {
-            path: dir.to_path_buf(),
-            action: "fsync",
-            source,
-        })
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|source| Error::Dir {
+        path: dir.to_path_buf(),
+        action: "fsync",
+        source,
+    })
 }

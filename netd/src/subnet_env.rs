@@ -85,10 +85,7 @@ impl SubnetEnv {
                 .filter_map(|line| line.trim().split_once('='))
                 .find(|(k, _)| k.trim() == key)
                 .map(|(_, v)| v.trim().trim_matches('"'))
-                .ok_or(SubnetEnvError::Missing {
-                    path: path.to_path_buf(),
-                    key,
-                })
+                .ok_or(SubnetEnvError::Missing { path: path.to_path_buf(), key })
         };
         let invalid = |key: &'static str, value: &str, why: String| SubnetEnvError::Invalid {
             path: path.to_path_buf(),
@@ -98,27 +95,17 @@ impl SubnetEnv {
         };
         let cidr = |key: &'static str| -> Result<IpNet, SubnetEnvError> {
             let value = get(key)?;
-            value
-                .parse::<IpNet>()
-                .map_err(|e| invalid(key, value, e.to_string()))
+            value.parse::<IpNet>().map_err(|e| invalid(key, value, e.to_string()))
         };
         let network = cidr("FLANNEL_NETWORK")?;
         let subnet = cidr("FLANNEL_SUBNET")?;
         let mtu_text = get("FLANNEL_MTU")?;
-        let mtu = mtu_text
-            .parse::<u32>()
-            .map_err(|e| invalid("FLANNEL_MTU", mtu_text, e.to_string()))?;
+        let mtu = mtu_text.parse::<u32>().map_err(|e| invalid("FLANNEL_MTU", mtu_text, e.to_string()))?;
         let masq_text = get("FLANNEL_IPMASQ")?;
         let ipmasq = match masq_text {
             "true" => true,
             "false" => false,
-            other => {
-                return Err(invalid(
-                    "FLANNEL_IPMASQ",
-                    other,
-                    "expected true or false".into(),
-                ))
-            }
+            other => return Err(invalid("FLANNEL_IPMASQ", other, "expected true or false".into())),
         };
         if !network.contains(&subnet.network()) {
             return Err(invalid(
@@ -127,12 +114,7 @@ impl SubnetEnv {
                 format!("not inside FLANNEL_NETWORK {network}"),
             ));
         }
-        Ok(Self {
-            network,
-            subnet,
-            mtu,
-            ipmasq,
-        })
+        Ok(Self { network, subnet, mtu, ipmasq })
     }
 
     /// Reads and parses `path`.
@@ -162,23 +144,12 @@ impl SubnetEnv {
     /// fsynced, renamed over the target, then the directory fsynced. Readers
     /// see the old or the new content, never a mix.
     pub fn write(&self, path: &Path) -> Result<(), SubnetEnvError> {
-        let io_err = |action| {
-            move |source| SubnetEnvError::Io {
-                path: path.to_path_buf(),
-                action,
-                source,
-            }
-        };
-        let dir = path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
+        let io_err = |action| move |source| SubnetEnvError::Io { path: path.to_path_buf(), action, source };
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
         fs::create_dir_all(dir).map_err(io_err("creating its directory"))?;
         let tmp = dir.join(format!(
             ".{}.tmp-{}",
-            path.file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
+            path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
             std::process::id()
         ));
         let result = (|| {
@@ -199,7 +170,8 @@ impl SubnetEnv {
 mod tests {
     use super::*;
 
-    const FLANNEL: &str = "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.3.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n";
+    const FLANNEL: &str =
+        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.3.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n";
 
     #[test]
     fn round_trips_flannel_bytes() {
@@ -211,11 +183,7 @@ mod tests {
         env.write(&path).unwrap();
         assert_eq!(fs::read_to_string(&path).unwrap(), FLANNEL);
         assert_eq!(SubnetEnv::read(&path).unwrap(), env);
-        assert_eq!(
-            fs::read_dir(path.parent().unwrap()).unwrap().count(),
-            1,
-            "no temporary left"
-        );
+        assert_eq!(fs::read_dir(path.parent().unwrap()).unwrap().count(), 1, "no temporary left");
     }
 
     #[test]
@@ -225,18 +193,12 @@ mod tests {
         let missing = FLANNEL.replace("FLANNEL_MTU=1450\n", "");
         assert!(matches!(
             SubnetEnv::parse(&missing, Path::new("x")),
-            Err(SubnetEnvError::Missing {
-                key: "FLANNEL_MTU",
-                ..
-            })
+            Err(SubnetEnvError::Missing { key: "FLANNEL_MTU", .. })
         ));
         let bad = FLANNEL.replace("10.244.3.1/24", "10.244.3/24");
         assert!(matches!(
             SubnetEnv::parse(&bad, Path::new("x")),
-            Err(SubnetEnvError::Invalid {
-                key: "FLANNEL_SUBNET",
-                ..
-            })
+            Err(SubnetEnvError::Invalid { key: "FLANNEL_SUBNET", .. })
         ));
         let outside = FLANNEL.replace("10.244.3.1/24", "10.9.3.1/24");
         assert!(SubnetEnv::parse(&outside, Path::new("x"))
@@ -246,10 +208,7 @@ mod tests {
         let masq = FLANNEL.replace("=true", "=yes");
         assert!(matches!(
             SubnetEnv::parse(&masq, Path::new("x")),
-            Err(SubnetEnvError::Invalid {
-                key: "FLANNEL_IPMASQ",
-                ..
-            })
+            Err(SubnetEnvError::Invalid { key: "FLANNEL_IPMASQ", .. })
         ));
     }
 }

@@ -12,16 +12,10 @@ use netd::testing::{self, Cgroup};
 
 /// Connects `times` times to `addr:port` from a shell that runs in `cgroup`.
 fn connect_from_cgroup(cgroup: &Cgroup, addr: &str, port: u16, times: usize) {
-    let script = format!(
-        "for i in $(seq {times}); do exec 3<>/dev/tcp/{addr}/{port} || exit 1; exec 3>&-; done"
-    );
+    let script = format!("for i in $(seq {times}); do exec 3<>/dev/tcp/{addr}/{port} || exit 1; exec 3>&-; done");
     let child = cgroup.spawn("bash", &["-c", &script]).unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "connects failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "connects failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]

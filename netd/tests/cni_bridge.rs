@@ -19,14 +19,8 @@ fn config(data_dir: &std::path::Path) -> String {
 }
 
 fn pod_ip(pod: &NetNs) -> String {
-    let out = pod
-        .ip(&["-4", "-o", "addr", "show", "dev", "eth0"])
-        .unwrap();
-    out.split_whitespace()
-        .skip_while(|w| *w != "inet")
-        .nth(1)
-        .unwrap()
-        .to_string()
+    let out = pod.ip(&["-4", "-o", "addr", "show", "dev", "eth0"]).unwrap();
+    out.split_whitespace().skip_while(|w| *w != "inet").nth(1).unwrap().to_string()
 }
 
 #[test]
@@ -37,13 +31,8 @@ fn bridge_with_netd_ipam_pins_ips_across_sandbox_recreation() {
     let data = tempfile::tempdir().unwrap();
     let conf = config(data.path());
     let node = NetNs::new().unwrap();
-    let runner = CniRunner::new(
-        &node,
-        vec![
-            PathBuf::from(DEBIAN_CNI_DIR),
-            plugin_dir_of(env!("CARGO_BIN_EXE_netd-ipam")),
-        ],
-    );
+    let runner =
+        CniRunner::new(&node, vec![PathBuf::from(DEBIAN_CNI_DIR), plugin_dir_of(env!("CARGO_BIN_EXE_netd-ipam"))]);
 
     let web = NetNs::new().unwrap();
     let client = NetNs::new().unwrap();
@@ -51,13 +40,7 @@ fn bridge_with_netd_ipam_pins_ips_across_sandbox_recreation() {
         let out = runner
             .call_ok(
                 "bridge",
-                &CniCall {
-                    command: "ADD",
-                    container_id: container,
-                    pod_netns: netns,
-                    ifname: "eth0",
-                    pod: Some(pod),
-                },
+                &CniCall { command: "ADD", container_id: container, pod_netns: netns, ifname: "eth0", pod: Some(pod) },
                 &conf,
             )
             .unwrap();
@@ -68,13 +51,7 @@ fn bridge_with_netd_ipam_pins_ips_across_sandbox_recreation() {
         runner
             .call_ok(
                 "bridge",
-                &CniCall {
-                    command: "DEL",
-                    container_id: container,
-                    pod_netns: netns,
-                    ifname: "eth0",
-                    pod: None,
-                },
+                &CniCall { command: "DEL", container_id: container, pod_netns: netns, ifname: "eth0", pod: None },
                 &conf,
             )
             .unwrap();
@@ -83,19 +60,13 @@ fn bridge_with_netd_ipam_pins_ips_across_sandbox_recreation() {
     let web_ip = add("web-sandbox-1", &web, "default/web");
     let client_ip = add("client-sandbox-1", &client, "default/client");
     assert_ne!(web_ip, client_ip);
-    assert_eq!(
-        pod_ip(&web),
-        web_ip,
-        "the bridge plugin configured what our IPAM returned"
-    );
+    assert_eq!(pod_ip(&web), web_ip, "the bridge plugin configured what our IPAM returned");
     let gw_route = web.ip(&["route", "show", "default"]).unwrap();
     assert!(gw_route.contains("via 10.61.0.1"), "{gw_route}");
 
     // Pod-to-pod traffic through the node's bridge.
     let web_addr = web_ip.split('/').next().unwrap().to_string();
-    let listener = web
-        .run(|| TcpListener::bind((web_addr.as_str(), 0)).unwrap())
-        .unwrap();
+    let listener = web.run(|| TcpListener::bind((web_addr.as_str(), 0)).unwrap()).unwrap();
     let port = listener.local_addr().unwrap().port();
     let server = std::thread::spawn(move || {
         let (mut conn, peer) = listener.accept().unwrap();

@@ -50,9 +50,7 @@ fn run_enters_the_namespace_only_on_its_thread() {
         return;
     };
     let ns = NetNs::new().unwrap();
-    let inside = ns
-        .run(|| std::fs::read_link("/proc/thread-self/ns/net").unwrap())
-        .unwrap();
+    let inside = ns.run(|| std::fs::read_link("/proc/thread-self/ns/net").unwrap()).unwrap();
     let outside = std::fs::read_link("/proc/thread-self/ns/net").unwrap();
     let expected = {
         use std::os::unix::fs::MetadataExt;
@@ -75,15 +73,10 @@ fn tcp_crosses_a_bridge_between_namespaces() {
     let _r = VethPair::new((Some(&switch), "p-right"), (Some(&right), "eth0")).unwrap();
     bridge.attach("p-left").unwrap();
     bridge.attach("p-right").unwrap();
-    left.ip(&["addr", "add", "10.201.0.1/24", "dev", "eth0"])
-        .unwrap();
-    right
-        .ip(&["addr", "add", "10.201.0.2/24", "dev", "eth0"])
-        .unwrap();
+    left.ip(&["addr", "add", "10.201.0.1/24", "dev", "eth0"]).unwrap();
+    right.ip(&["addr", "add", "10.201.0.2/24", "dev", "eth0"]).unwrap();
 
-    let listener = left
-        .run(|| TcpListener::bind("10.201.0.1:0").unwrap())
-        .unwrap();
+    let listener = left.run(|| TcpListener::bind("10.201.0.1:0").unwrap()).unwrap();
     let port = listener.local_addr().unwrap().port();
     let server = std::thread::spawn(move || {
         let (mut conn, peer) = listener.accept().unwrap();
@@ -115,8 +108,7 @@ fn block_on_runs_async_io_inside_the_namespace() {
         return;
     };
     let ns = NetNs::new().unwrap();
-    ns.ip(&["addr", "add", "10.202.0.1/24", "dev", "lo"])
-        .unwrap();
+    ns.ip(&["addr", "add", "10.202.0.1/24", "dev", "lo"]).unwrap();
     // 10.202.0.1 exists only inside `ns`: binding it proves where the runtime runs.
     let echoed = ns
         .block_on(|| async {
@@ -138,8 +130,5 @@ fn block_on_runs_async_io_inside_the_namespace() {
         })
         .unwrap();
     assert_eq!(&echoed, b"netd");
-    assert!(
-        std::net::TcpListener::bind("10.202.0.1:0").is_err(),
-        "address leaked into the root namespace"
-    );
+    assert!(std::net::TcpListener::bind("10.202.0.1:0").is_err(), "address leaked into the root namespace");
 }

@@ -26,9 +26,7 @@ fn machine() -> String {
                 .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
         })
         .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!("{cpu}, {cores} cores, Linux {}", kernel.trim())
 }
@@ -57,6 +55,13 @@ struct Variant {
 }
 
 impl Variant {
+    fn ipam_type(&self) -> &'static str {
+        ["static", "host-local", "netd-ipam"]
+            .into_iter()
+            .find(|t| self.ipam.contains(&format!(r#""type":"{t}""#)))
+            .unwrap_or("static")
+    }
+
     fn config(&self) -> String {
         format!(
             r#"{{"cniVersion":"1.0.0","name":"bench-{}","type":"bridge","bridge":"{}","isGateway":true,"ipam":{}}}"#,
@@ -70,22 +75,17 @@ impl Variant {
 /// Cycles are interleaved across variants so machine noise hits all alike.
 fn cni(cycles: usize) -> Result<()> {
     println!("building netd-ipam (release)…");
-    cargo(
-        &[
-            "build",
-            "--release",
-            "--quiet",
-            "-p",
-            "netd",
-            "--bin",
-            "netd-ipam",
-        ],
-        &[],
-    )?;
+    cargo(&["build", "--release", "--quiet", "-p", "netd", "--bin", "netd-ipam"], &[])?;
+    let Some(_kernel) = testing::privileged()? else { bail!("the CNI benchmark needs root") };
+    println!("machine: {}", machine());
+    cni_table(cycles, true)?;
+    cni_table(cycles, false)
+}
+
+/// One table: through `bridge` (what a runtime does) or the IPAM plugin
+/// alone (isolates what netd-ipam changes).
+fn cni_table(cycles: usize, through_bridge: bool) -> Result<()> {
     let our_dir = workspace_root().join("target/release");
-    let Some(_kernel) = testing::privileged()? else {
-        bail!("the CNI benchmark needs root")
-    };
     let data = tempfile::tempdir().context("creating a data directory")?;
     let d = data.path().display();
     let mut variants = vec![
@@ -129,15 +129,13 @@ fn cni(cycles: usize) -> Result<()> {
     let node = NetNs::new()?;
     let pod_ns = NetNs::new()?;
     let runner = CniRunner::new(&node, vec![PathBuf::from(DEBIAN_CNI_DIR), our_dir]);
-    println!("running {cycles} ADD+DEL cycles per IPAM, interleaved…");
+    let what = if through_bridge { "through Debian's bridge plugin 1.1.1" } else { "IPAM plugin alone" };
+    println!("\nrunning {cycles} ADD+DEL cycles per IPAM, {what}, interleaved…");
     for i in 0..cycles {
         for v in &mut variants {
             let config = v.config();
             let container = format!("bench-{}-{i}", v.bridge);
-            let pod = v
-                .fixed_pod
-                .map(str::to_string)
-                .unwrap_or_else(|| format!("bench/p{i}"));
+            let pod = v.fixed_pod.map(str::to_string).unwrap_or_else(|| format!("bench/p{i}"));
             let add = CniCall {
                 command: "ADD",
                 container_id: &container,
@@ -145,19 +143,13 @@ fn cni(cycles: usize) -> Result<()> {
                 ifname: "eth0",
                 pod: Some(&pod),
             };
+            let plugin = if through_bridge { "bridge" } else { v.ipam_type() };
             let started = Instant::now();
-            runner
-                .call_ok("bridge", &add, &config)
-                .with_context(|| format!("{} ADD", v.label))?;
+            runner.call_ok(plugin, &add, &config).with_context(|| format!("{} ADD", v.label))?;
             let added = started.elapsed();
-            let del = CniCall {
-                command: "DEL",
-                ..add
-            };
+            let del = CniCall { command: "DEL", ..add };
             let started = Instant::now();
-            runner
-                .call_ok("bridge", &del, &config)
-                .with_context(|| format!("{} DEL", v.label))?;
+            runner.call_ok(plugin, &del, &config).with_context(|| format!("{} DEL", v.label))?;
             let deleted = started.elapsed();
             v.add.push(added);
             v.del.push(deleted);
@@ -170,10 +162,7 @@ fn cni(cycles: usize) -> Result<()> {
         v.cycle.sort();
     }
     let anchor = percentile(&variants[1].cycle, 0.5);
-    println!(
-        "\nCNI ADD+DEL through Debian bridge 1.1.1, {cycles} cycles each, {}",
-        machine()
-    );
+    println!("\nCNI ADD+DEL, {what}, {cycles} cycles each, {}", machine());
     println!("\n| IPAM | ADD p50 ms | DEL p50 ms | ADD+DEL p50 ms | ADD+DEL p99 ms | p50 vs host-local |");
     println!("| --- | ---: | ---: | ---: | ---: | ---: |");
     for v in &variants {

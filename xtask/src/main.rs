@@ -46,10 +46,7 @@ fn main() -> Result<()> {
 
 /// The workspace root (the parent of xtask's manifest directory).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
 }
 
 /// `cargo <args…>` in the workspace root with extra environment; fails on a non-zero exit.
@@ -81,35 +78,12 @@ fn ci() -> Result<()> {
     step("setup", setup::run)?;
     step("fmt", || cargo(&["fmt", "--all", "--check"], &[]))?;
     step("clippy", || {
-        cargo(
-            &[
-                "clippy",
-                "--workspace",
-                "--all-targets",
-                "--all-features",
-                "--",
-                "-D",
-                "warnings",
-            ],
-            &[],
-        )
+        cargo(&["clippy", "--workspace", "--all-targets", "--all-features", "--", "-D", "warnings"], &[])
     })?;
-    step("build", || {
-        cargo(&["build", "--workspace", "--all-targets"], &[])
-    })?;
+    step("build", || cargo(&["build", "--workspace", "--all-targets"], &[]))?;
     step("test", test::run)?;
-    step("bench --no-run", || {
-        cargo(&["bench", "--workspace", "--no-run"], &[])
-    })?;
-    step("doc", || {
-        cargo(
-            &["doc", "--workspace", "--no-deps", "--all-features"],
-            &[("RUSTDOCFLAGS", "-D warnings")],
-        )
-    })?;
-    println!(
-        "ci: all steps passed in {:.1}s",
-        started.elapsed().as_secs_f64()
-    );
+    step("bench --no-run", || cargo(&["bench", "--workspace", "--no-run"], &[]))?;
+    step("doc", || cargo(&["doc", "--workspace", "--no-deps", "--all-features"], &[("RUSTDOCFLAGS", "-D warnings")]))?;
+    println!("ci: all steps passed in {:.1}s", started.elapsed().as_secs_f64());
     Ok(())
 }

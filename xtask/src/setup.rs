@@ -8,25 +8,13 @@ use anyhow::{bail, Context, Result};
 pub const PACKAGES: &[(&str, &str)] = &[
     ("clang-19", "compiles ebpf/bpf/*.bpf.c"),
     ("libbpf-dev", "bpf_helpers.h for the BPF programs"),
-    (
-        "linux-libc-dev",
-        "kernel UAPI headers (linux/bpf.h, asm/types.h)",
-    ),
-    (
-        "iproute2",
-        "ip/bridge: test namespaces and side-by-side baselines",
-    ),
+    ("linux-libc-dev", "kernel UAPI headers (linux/bpf.h, asm/types.h)"),
+    ("iproute2", "ip/bridge: test namespaces and side-by-side baselines"),
     ("bpftool", "inspecting loaded BPF programs and maps"),
-    (
-        "containernetworking-plugins",
-        "CNI bridge and host-local plugins (/usr/lib/cni)",
-    ),
+    ("containernetworking-plugins", "CNI bridge and host-local plugins (/usr/lib/cni)"),
     ("etcd-server", "real etcd for registry tests"),
     ("etcd-client", "etcdctl for registry tests"),
-    (
-        "protobuf-compiler",
-        "protoc, needed to build the etcd client",
-    ),
+    ("protobuf-compiler", "protoc, needed to build the etcd client"),
     ("nftables", "masquerade rules and their checks"),
     ("iperf3", "throughput benchmarks across namespaces"),
     ("wrk", "HTTP load for tunnel benchmarks"),
@@ -56,16 +44,9 @@ fn apt(args: &[&str]) -> Result<()> {
 
 /// Installs the missing packages and says which.
 pub fn run() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
-        .iter()
-        .map(|(name, _)| *name)
-        .filter(|name| !installed(name))
-        .collect();
+    let missing: Vec<&str> = PACKAGES.iter().map(|(name, _)| *name).filter(|name| !installed(name)).collect();
     if missing.is_empty() {
-        println!(
-            "setup: all {} Debian packages already installed",
-            PACKAGES.len()
-        );
+        println!("setup: all {} Debian packages already installed", PACKAGES.len());
         return Ok(());
     }
     // apt needs root: say so plainly instead of failing deep inside apt.
@@ -77,11 +58,7 @@ pub fn run() -> Result<()> {
     let mut args = vec!["-qq", "install", "-y", "--no-install-recommends"];
     args.extend_from_slice(&missing);
     apt(&args)?;
-    let still: Vec<&str> = missing
-        .iter()
-        .copied()
-        .filter(|name| !installed(name))
-        .collect();
+    let still: Vec<&str> = missing.iter().copied().filter(|name| !installed(name)).collect();
     if !still.is_empty() {
         bail!("setup: apt-get reported success but {still:?} are still not installed");
     }
@@ -90,9 +67,5 @@ pub fn run() -> Result<()> {
 }
 
 fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|out| String::from_utf8_lossy(&out.stdout).trim() == "0")
-        .unwrap_or(false)
+    Command::new("id").arg("-u").output().map(|out| String::from_utf8_lossy(&out.stdout).trim() == "0").unwrap_or(false)
 }

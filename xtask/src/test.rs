@@ -19,15 +19,9 @@ struct KernelObjects {
 }
 
 fn netns_names() -> Result<BTreeSet<String>> {
-    let out = Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .context("running `ip netns list`")?;
+    let out = Command::new("ip").args(["netns", "list"]).output().context("running `ip netns list`")?;
     if !out.status.success() {
-        bail!(
-            "`ip netns list` failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bail!("`ip netns list` failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -36,27 +30,15 @@ fn netns_names() -> Result<BTreeSet<String>> {
 }
 
 fn link_names() -> Result<BTreeSet<String>> {
-    let out = Command::new("ip")
-        .args(["-o", "link", "show"])
-        .output()
-        .context("running `ip -o link show`")?;
+    let out = Command::new("ip").args(["-o", "link", "show"]).output().context("running `ip -o link show`")?;
     if !out.status.success() {
-        bail!(
-            "`ip -o link show` failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bail!("`ip -o link show` failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     // "3: eth0@if2: <...>" -> "eth0"
     Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|line| line.split(':').nth(1))
-        .map(|name| {
-            name.trim()
-                .split('@')
-                .next()
-                .unwrap_or_default()
-                .to_string()
-        })
+        .map(|name| name.trim().split('@').next().unwrap_or_default().to_string())
         .collect())
 }
 
@@ -75,12 +57,7 @@ fn cgroup_dirs(dir: &Path, root: &Path, out: &mut BTreeSet<String>) {
     for entry in entries.filter_map(|e| e.ok()) {
         let path = entry.path();
         if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-            out.insert(
-                path.strip_prefix(root)
-                    .unwrap_or(&path)
-                    .display()
-                    .to_string(),
-            );
+            out.insert(path.strip_prefix(root).unwrap_or(&path).display().to_string());
             cgroup_dirs(&path, root, out);
         }
     }
@@ -91,11 +68,7 @@ fn snapshot() -> Result<KernelObjects> {
     if let Some(root) = cgroup2_root() {
         cgroup_dirs(Path::new(&root), Path::new(&root), &mut cgroups);
     }
-    Ok(KernelObjects {
-        netns: netns_names()?,
-        links: link_names()?,
-        cgroups,
-    })
+    Ok(KernelObjects { netns: netns_names()?, links: link_names()?, cgroups })
 }
 
 fn describe(kind: &str, before: &BTreeSet<String>, after: &BTreeSet<String>) -> Vec<String> {
@@ -113,10 +86,7 @@ fn describe(kind: &str, before: &BTreeSet<String>, after: &BTreeSet<String>) -> 
 pub fn run() -> Result<()> {
     let before = snapshot()?;
     // Privileged tests must fail, not skip, when they cannot run.
-    let result = cargo(
-        &["test", "--workspace", "--all-features"],
-        &[("NETD_REQUIRE_PRIVILEGED", "1")],
-    );
+    let result = cargo(&["test", "--workspace", "--all-features"], &[("NETD_REQUIRE_PRIVILEGED", "1")]);
     let after = snapshot()?;
     result?;
     if before != after {

@@ -17,11 +17,7 @@ fn main() -> ExitCode {
     } else {
         match std::io::stdin().read_to_end(&mut stdin) {
             Ok(_) => ipam_plugin::run(&invocation, &stdin),
-            Err(e) => Err(CniError::new(
-                5,
-                "cannot read the network configuration from stdin",
-                e.to_string(),
-            )),
+            Err(e) => Err(CniError::new(5, "cannot read the network configuration from stdin", e.to_string())),
         }
     };
     let mut stdout = std::io::stdout().lock();

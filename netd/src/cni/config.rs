@@ -107,10 +107,7 @@ pub struct Dns {
 impl Dns {
     /// Whether nothing is set (the result then carries `"dns":{}`).
     pub fn is_empty(&self) -> bool {
-        self.nameservers.is_empty()
-            && self.domain.is_none()
-            && self.search.is_empty()
-            && self.options.is_empty()
+        self.nameservers.is_empty() && self.domain.is_none() && self.search.is_empty() && self.options.is_empty()
     }
 }
 
@@ -147,17 +144,11 @@ fn invalid(msg: impl Into<String>, details: impl Into<String>) -> CniError {
 }
 
 fn parse_ip(field: &str, text: &str) -> Result<IpAddr, CniError> {
-    text.parse().map_err(|e| {
-        invalid(
-            format!("{field}: {text:?} is not an IP address"),
-            format!("{e}"),
-        )
-    })
+    text.parse().map_err(|e| invalid(format!("{field}: {text:?} is not an IP address"), format!("{e}")))
 }
 
 fn parse_cidr(field: &str, text: &str) -> Result<IpNet, CniError> {
-    text.parse()
-        .map_err(|e| invalid(format!("{field}: {text:?} is not a CIDR"), format!("{e}")))
+    text.parse().map_err(|e| invalid(format!("{field}: {text:?} is not a CIDR"), format!("{e}")))
 }
 
 /// Only the version, for reporting errors in the caller's version even when
@@ -168,10 +159,7 @@ pub fn sniff_version(stdin: &[u8]) -> Option<String> {
         #[serde(rename = "cniVersion")]
         cni_version: String,
     }
-    serde_json::from_slice::<Sniff>(stdin)
-        .ok()
-        .map(|s| s.cni_version)
-        .filter(|v| SUPPORTED.contains(&v.as_str()))
+    serde_json::from_slice::<Sniff>(stdin).ok().map(|s| s.cni_version).filter(|v| SUPPORTED.contains(&v.as_str()))
 }
 
 /// Which parts of the config a command needs.
@@ -189,56 +177,29 @@ pub fn parse(stdin: &[u8], needs: Needs) -> Result<IpamConfig, CniError> {
     let raw: RawNetConf = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        let at = if path == "." {
-            String::new()
-        } else {
-            format!("{path}: ")
-        };
+        let at = if path == "." { String::new() } else { format!("{path}: ") };
         if inner.is_syntax() || inner.is_eof() {
-            CniError::new(
-                code::DECODING_FAILURE,
-                "network configuration is not valid JSON",
-                format!("{inner}"),
-            )
+            CniError::new(code::DECODING_FAILURE, "network configuration is not valid JSON", format!("{inner}"))
         } else {
-            invalid(
-                format!("{at}{inner}"),
-                "network configuration has a field of the wrong type or is missing one",
-            )
+            invalid(format!("{at}{inner}"), "network configuration has a field of the wrong type or is missing one")
         }
     })?;
     let version = CniVersion::parse(&raw.cni_version).ok_or_else(|| {
         CniError::new(
             code::INCOMPATIBLE_VERSION,
-            format!(
-                "unsupported cniVersion {:?}",
-                raw.cni_version.chars().take(20).collect::<String>()
-            ),
+            format!("unsupported cniVersion {:?}", raw.cni_version.chars().take(20).collect::<String>()),
             format!("this plugin supports {}", SUPPORTED.join(", ")),
         )
     })?;
     let err_version = version.as_str();
     let with_version = |e: CniError| e.in_version(err_version);
-    if raw.name.is_empty()
-        || raw.name.contains('/')
-        || raw.name == "."
-        || raw.name == ".."
-        || raw.name.len() > 128
-    {
+    if raw.name.is_empty() || raw.name.contains('/') || raw.name == "." || raw.name == ".." || raw.name.len() > 128 {
         return Err(with_version(invalid(
-            format!(
-                "name: {:?} cannot name a network directory",
-                raw.name.chars().take(40).collect::<String>()
-            ),
+            format!("name: {:?} cannot name a network directory", raw.name.chars().take(40).collect::<String>()),
             "it must be non-empty, at most 128 bytes, without '/'",
         )));
     }
-    let ipam = raw.ipam.ok_or_else(|| {
-        with_version(invalid(
-            "ipam: missing",
-            "the IPAM section names the ranges",
-        ))
-    })?;
+    let ipam = raw.ipam.ok_or_else(|| with_version(invalid("ipam: missing", "the IPAM section names the ranges")))?;
     let data_dir = PathBuf::from(ipam.data_dir.as_deref().unwrap_or(DEFAULT_DATA_DIR));
     let network_dir = data_dir.join(&raw.name);
     let prev_ips = raw
@@ -253,11 +214,8 @@ pub fn parse(stdin: &[u8], needs: Needs) -> Result<IpamConfig, CniError> {
         .transpose()
         .map_err(with_version)?
         .unwrap_or_default();
-    let valid_attachments = raw.valid_attachments.map(|list| {
-        list.into_iter()
-            .map(|a| (a.container_id, a.ifname))
-            .collect()
-    });
+    let valid_attachments =
+        raw.valid_attachments.map(|list| list.into_iter().map(|a| (a.container_id, a.ifname)).collect());
     let mut config = IpamConfig {
         version,
         name: raw.name,
@@ -280,19 +238,13 @@ pub fn parse(stdin: &[u8], needs: Needs) -> Result<IpamConfig, CniError> {
             .map(|(i, r)| {
                 Ok(Route {
                     dst: parse_cidr(&format!("ipam.routes[{i}].dst"), &r.dst)?,
-                    gw: r
-                        .gw
-                        .as_deref()
-                        .map(|gw| parse_ip(&format!("ipam.routes[{i}].gw"), gw))
-                        .transpose()?,
+                    gw: r.gw.as_deref().map(|gw| parse_ip(&format!("ipam.routes[{i}].gw"), gw)).transpose()?,
                 })
             })
             .collect::<Result<_, CniError>>()
             .map_err(with_version)?,
         // flannel's CNI plugin gives pods a route to the cluster network.
-        None => flannel_network
-            .map(|dst| vec![Route { dst, gw: None }])
-            .unwrap_or_default(),
+        None => flannel_network.map(|dst| vec![Route { dst, gw: None }]).unwrap_or_default(),
     };
     if let Some(path) = &ipam.resolv_conf {
         config.dns = read_resolv_conf(Path::new(path)).map_err(with_version)?;
@@ -308,21 +260,11 @@ fn range_of(
     gw: Option<&str>,
 ) -> Result<Range, CniError> {
     let subnet = parse_cidr(&format!("{field}.subnet"), subnet)?;
-    let start = start
-        .map(|s| parse_ip(&format!("{field}.rangeStart"), s))
-        .transpose()?;
-    let end = end
-        .map(|s| parse_ip(&format!("{field}.rangeEnd"), s))
-        .transpose()?;
-    let gw = gw
-        .map(|s| parse_ip(&format!("{field}.gateway"), s))
-        .transpose()?;
-    Range::new(subnet, start, end, gw).map_err(|e| {
-        invalid(
-            format!("{field}: {e}"),
-            "fix the range in the IPAM configuration",
-        )
-    })
+    let start = start.map(|s| parse_ip(&format!("{field}.rangeStart"), s)).transpose()?;
+    let end = end.map(|s| parse_ip(&format!("{field}.rangeEnd"), s)).transpose()?;
+    let gw = gw.map(|s| parse_ip(&format!("{field}.gateway"), s)).transpose()?;
+    Range::new(subnet, start, end, gw)
+        .map_err(|e| invalid(format!("{field}: {e}"), "fix the range in the IPAM configuration"))
 }
 
 /// The range sets, and the flannel network when they came from subnet.env.
@@ -355,55 +297,30 @@ fn range_sets(ipam: &RawIpam) -> Result<(Vec<RangeSet>, Option<IpNet>), CniError
                         )
                     })
                     .collect::<Result<Vec<_>, _>>()?;
-                RangeSet::new(list)
-                    .map_err(|e| invalid(format!("ipam.ranges[{i}]: {e}"), "fix the range set"))
+                RangeSet::new(list).map_err(|e| invalid(format!("ipam.ranges[{i}]: {e}"), "fix the range set"))
             })
             .collect::<Result<Vec<_>, _>>()?;
         return Ok((sets, None));
     }
     if let Some(subnet) = &ipam.subnet {
-        let range = range_of(
-            "ipam",
-            subnet,
-            ipam.range_start.as_deref(),
-            ipam.range_end.as_deref(),
-            ipam.gateway.as_deref(),
-        )?;
+        let range =
+            range_of("ipam", subnet, ipam.range_start.as_deref(), ipam.range_end.as_deref(), ipam.gateway.as_deref())?;
         return Ok((vec![RangeSet::single(range)], None));
     }
-    let path = PathBuf::from(
-        ipam.subnet_file
-            .as_deref()
-            .unwrap_or(subnet_env::DEFAULT_PATH),
-    );
+    let path = PathBuf::from(ipam.subnet_file.as_deref().unwrap_or(subnet_env::DEFAULT_PATH));
     let env = SubnetEnv::read(&path).map_err(|e| {
-        invalid(
-            "ipam: no `ranges` or `subnet`, and the flannel subnet file cannot be used",
-            super::error::chain(&e),
-        )
+        invalid("ipam: no `ranges` or `subnet`, and the flannel subnet file cannot be used", super::error::chain(&e))
     })?;
-    let range = Range::new(env.subnet.trunc(), None, None, Some(env.gateway())).map_err(|e| {
-        invalid(
-            format!("{}: FLANNEL_SUBNET: {e}", path.display()),
-            "fix subnet.env",
-        )
-    })?;
+    let range = Range::new(env.subnet.trunc(), None, None, Some(env.gateway()))
+        .map_err(|e| invalid(format!("{}: FLANNEL_SUBNET: {e}", path.display()), "fix subnet.env"))?;
     Ok((vec![RangeSet::single(range)], Some(env.network)))
 }
 
 fn read_resolv_conf(path: &Path) -> Result<Dns, CniError> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        invalid(
-            format!("ipam.resolvConf: cannot read {}", path.display()),
-            e.to_string(),
-        )
-    })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid(format!("ipam.resolvConf: cannot read {}", path.display()), e.to_string()))?;
     let mut dns = Dns::default();
-    for line in text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.starts_with('#') && !l.starts_with(';'))
-    {
+    for line in text.lines().map(str::trim).filter(|l| !l.starts_with('#') && !l.starts_with(';')) {
         let mut words = line.split_whitespace();
         match words.next() {
             Some("nameserver") => dns.nameservers.extend(words.next().map(str::to_string)),

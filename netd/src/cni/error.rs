@@ -51,12 +51,7 @@ pub struct CniError {
 impl CniError {
     /// An error with a code, message and details.
     pub fn new(code: u32, msg: impl Into<String>, details: impl Into<String>) -> Self {
-        Self {
-            cni_version: super::version::NEWEST.to_string(),
-            code,
-            msg: msg.into(),
-            details: details.into(),
-        }
+        Self { cni_version: super::version::NEWEST.to_string(), code, msg: msg.into(), details: details.into() }
     }
 
     /// Sets the version the error is reported in.
@@ -67,8 +62,7 @@ impl CniError {
 
     /// The JSON printed on stdout.
     pub fn to_json(&self) -> String {
-        serde_json::to_string(self)
-            .unwrap_or_else(|_| format!("{{\"code\":{},\"msg\":\"{}\"}}", self.code, self.code))
+        serde_json::to_string(self).unwrap_or_else(|_| format!("{{\"code\":{},\"msg\":\"{}\"}}", self.code, self.code))
     }
 }
 

@@ -43,15 +43,10 @@ fn env_error(msg: impl Into<String>, details: impl Into<String>) -> CniError {
 /// Container IDs as the CNI spec allows them: non-empty, alphanumerics,
 /// `_`, `.`, `-`, starting with an alphanumeric.
 fn container_id(inv: &Invocation) -> Result<&str, CniError> {
-    let id = inv
-        .container_id
-        .as_deref()
-        .ok_or_else(|| env_error("CNI_CONTAINERID is not set", ""))?;
+    let id = inv.container_id.as_deref().ok_or_else(|| env_error("CNI_CONTAINERID is not set", ""))?;
     let valid = id.len() <= 256
         && id.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
     if !valid {
         return Err(env_error(
             "CNI_CONTAINERID is invalid",
@@ -63,22 +58,14 @@ fn container_id(inv: &Invocation) -> Result<&str, CniError> {
 
 /// Interface names as Linux allows them.
 fn ifname(inv: &Invocation) -> Result<&str, CniError> {
-    let name = inv
-        .ifname
-        .as_deref()
-        .ok_or_else(|| env_error("CNI_IFNAME is not set", ""))?;
+    let name = inv.ifname.as_deref().ok_or_else(|| env_error("CNI_IFNAME is not set", ""))?;
     let valid = name.len() <= 15
         && name != "."
         && name != ".."
-        && !name
-            .chars()
-            .any(|c| c == '/' || c == ':' || c.is_whitespace());
+        && !name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace());
     if !valid {
         return Err(env_error(
-            format!(
-                "CNI_IFNAME {:?} is not a valid interface name",
-                name.chars().take(20).collect::<String>()
-            ),
+            format!("CNI_IFNAME {:?} is not a valid interface name", name.chars().take(20).collect::<String>()),
             "at most 15 bytes, no '/', ':' or whitespace",
         ));
     }
@@ -103,8 +90,7 @@ pub fn pod_from_args(args: Option<&str>) -> Result<PodRef, CniError> {
     };
     let namespace = lookup("K8S_POD_NAMESPACE").ok_or_else(|| missing("K8S_POD_NAMESPACE"))?;
     let name = lookup("K8S_POD_NAME").ok_or_else(|| missing("K8S_POD_NAME"))?;
-    PodRef::new(namespace, name)
-        .map_err(|e| env_error(format!("invalid pod identity in CNI_ARGS: {e}"), ""))
+    PodRef::new(namespace, name).map_err(|e| env_error(format!("invalid pod identity in CNI_ARGS: {e}"), ""))
 }
 
 /// Maps a store error to the CNI code a runtime acts on.
@@ -112,10 +98,7 @@ fn store_error(err: &IpamError) -> CniError {
     let code = match err {
         IpamError::Exhausted { .. } => code::POOL_EXHAUSTED,
         IpamError::Pool(_) | IpamError::DuplicateFamily(_) => code::INVALID_NETWORK_CONFIG,
-        IpamError::Sql {
-            source: rusqlite_err,
-            ..
-        } if is_busy(rusqlite_err) => code::TRY_AGAIN_LATER,
+        IpamError::Sql { source: rusqlite_err, .. } if is_busy(rusqlite_err) => code::TRY_AGAIN_LATER,
         IpamError::MacSpaceExhausted { .. } => code::INTERNAL,
         _ => code::IO_FAILURE,
     };
@@ -131,9 +114,7 @@ fn open_store(config: &IpamConfig) -> Result<Store, CniError> {
     let mut store = Store::open(config.store_path()).map_err(|e| store_error(&e))?;
     // Migration from host-local: adopt its reservations once, on first use.
     if !config.range_sets.is_empty() {
-        store
-            .import_host_local_once(&config.network_dir, &config.range_sets)
-            .map_err(|e| store_error(&e))?;
+        store.import_host_local_once(&config.network_dir, &config.range_sets).map_err(|e| store_error(&e))?;
     }
     Ok(store)
 }
@@ -141,20 +122,11 @@ fn open_store(config: &IpamConfig) -> Result<Store, CniError> {
 /// Runs one plugin invocation; `Ok` holds what to print on stdout.
 pub fn run(inv: &Invocation, stdin: &[u8]) -> Result<String, CniError> {
     let version = config::sniff_version(stdin).unwrap_or_else(|| version::NEWEST.to_string());
-    run_inner(inv, stdin).map_err(|e| {
-        if e.cni_version == version::NEWEST {
-            e.in_version(&version)
-        } else {
-            e
-        }
-    })
+    run_inner(inv, stdin).map_err(|e| if e.cni_version == version::NEWEST { e.in_version(&version) } else { e })
 }
 
 fn run_inner(inv: &Invocation, stdin: &[u8]) -> Result<String, CniError> {
-    let command = inv
-        .command
-        .as_deref()
-        .ok_or_else(|| env_error("CNI_COMMAND is not set", ""))?;
+    let command = inv.command.as_deref().ok_or_else(|| env_error("CNI_COMMAND is not set", ""))?;
     match command {
         "VERSION" => Ok(version::version_json()),
         "ADD" => add(inv, stdin),
@@ -163,10 +135,7 @@ fn run_inner(inv: &Invocation, stdin: &[u8]) -> Result<String, CniError> {
         "STATUS" => status(stdin),
         "GC" => gc(stdin),
         other => Err(env_error(
-            format!(
-                "unknown CNI_COMMAND {:?}",
-                other.chars().take(20).collect::<String>()
-            ),
+            format!("unknown CNI_COMMAND {:?}", other.chars().take(20).collect::<String>()),
             "expected ADD, DEL, CHECK, VERSION, STATUS or GC",
         )),
     }
@@ -178,16 +147,8 @@ fn add(inv: &Invocation, stdin: &[u8]) -> Result<String, CniError> {
     let ifname = ifname(inv)?;
     let pod = pod_from_args(inv.args.as_deref())?;
     let mut store = open_store(&config)?;
-    let allocations = store
-        .allocate(&config.range_sets, &pod, container, ifname)
-        .map_err(|e| store_error(&e))?;
-    Ok(result::render(
-        config.version,
-        &config.range_sets,
-        &allocations,
-        &config.routes,
-        &config.dns,
-    ))
+    let allocations = store.allocate(&config.range_sets, &pod, container, ifname).map_err(|e| store_error(&e))?;
+    Ok(result::render(config.version, &config.range_sets, &allocations, &config.routes, &config.dns))
 }
 
 fn del(inv: &Invocation, stdin: &[u8]) -> Result<String, CniError> {
@@ -200,9 +161,7 @@ fn del(inv: &Invocation, stdin: &[u8]) -> Result<String, CniError> {
         return Ok(String::new());
     }
     let mut store = Store::open(config.store_path()).map_err(|e| store_error(&e))?;
-    store
-        .release(container, ifname)
-        .map_err(|e| store_error(&e))?;
+    store.release(container, ifname).map_err(|e| store_error(&e))?;
     Ok(String::new())
 }
 
@@ -211,10 +170,7 @@ fn check(inv: &Invocation, stdin: &[u8]) -> Result<String, CniError> {
     if !config.version.has_check() {
         return Err(CniError::new(
             code::INCOMPATIBLE_VERSION,
-            format!(
-                "CHECK is not defined for cniVersion {}",
-                config.version.as_str()
-            ),
+            format!("CHECK is not defined for cniVersion {}", config.version.as_str()),
             "CHECK exists from 0.4.0 on",
         ));
     }
@@ -225,20 +181,13 @@ fn check(inv: &Invocation, stdin: &[u8]) -> Result<String, CniError> {
         .allocations()
         .map_err(|e| store_error(&e))?
         .into_iter()
-        .filter(|a| {
-            a.state == State::Attached
-                && a.container_id.as_deref() == Some(container)
-                && a.ifname == ifname
-        })
+        .filter(|a| a.state == State::Attached && a.container_id.as_deref() == Some(container) && a.ifname == ifname)
         .map(|a| a.ip)
         .collect();
     if held.is_empty() {
         return Err(CniError::new(
             code::UNKNOWN_CONTAINER,
-            format!(
-                "container {container} ({ifname}) holds no address on network {}",
-                config.name
-            ),
+            format!("container {container} ({ifname}) holds no address on network {}", config.name),
             "",
         ));
     }
@@ -248,9 +197,7 @@ fn check(inv: &Invocation, stdin: &[u8]) -> Result<String, CniError> {
         if ours && !held.contains(&ip) {
             return Err(CniError::new(
                 code::ADDRESS_NOT_ATTACHED,
-                format!(
-                    "prevResult address {ip} is not allocated to container {container} ({ifname})"
-                ),
+                format!("prevResult address {ip} is not allocated to container {container} ({ifname})"),
                 format!("it holds {held:?}"),
             ));
         }
@@ -260,8 +207,7 @@ fn check(inv: &Invocation, stdin: &[u8]) -> Result<String, CniError> {
 
 fn status(stdin: &[u8]) -> Result<String, CniError> {
     let config = config::parse(stdin, Needs::Ranges)?;
-    let store = open_store(&config)
-        .map_err(|e| CniError::new(code::PLUGIN_NOT_AVAILABLE, e.msg, e.details))?;
+    let store = open_store(&config).map_err(|e| CniError::new(code::PLUGIN_NOT_AVAILABLE, e.msg, e.details))?;
     let used = store.allocations().map_err(|e| store_error(&e))?;
     for set in &config.range_sets {
         let taken = used.iter().filter(|a| set.contains(a.ip)).count();
@@ -290,9 +236,7 @@ fn gc(stdin: &[u8]) -> Result<String, CniError> {
     }
     let valid: HashSet<(String, String)> = valid.iter().cloned().collect();
     let mut store = Store::open(config.store_path()).map_err(|e| store_error(&e))?;
-    store
-        .release_all_except(&valid)
-        .map_err(|e| store_error(&e))?;
+    store.release_all_except(&valid).map_err(|e| store_error(&e))?;
     Ok(String::new())
 }
 
@@ -302,14 +246,14 @@ mod tests {
 
     #[test]
     fn pod_identity_comes_from_cni_args() {
-        let pod = pod_from_args(Some("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0;K8S_POD_INFRA_CONTAINER_ID=abc")).unwrap();
+        let pod = pod_from_args(Some(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0;K8S_POD_INFRA_CONTAINER_ID=abc",
+        ))
+        .unwrap();
         assert_eq!(pod.to_string(), "default/web-0");
         let err = pod_from_args(Some("K8S_POD_NAMESPACE=default")).unwrap_err();
         assert_eq!(err.code, code::INVALID_ENVIRONMENT);
         assert!(err.msg.contains("K8S_POD_NAME"), "{}", err.msg);
-        assert_eq!(
-            pod_from_args(None).unwrap_err().code,
-            code::INVALID_ENVIRONMENT
-        );
+        assert_eq!(pod_from_args(None).unwrap_err().code, code::INVALID_ENVIRONMENT);
     }
 }

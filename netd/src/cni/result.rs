@@ -19,18 +19,11 @@ pub fn render(
         .iter()
         .map(|a| {
             let range = sets.iter().find_map(|set| set.range_of(a.ip));
-            let prefix = range.map_or(if a.ip.is_ipv4() { 32 } else { 128 }, |r| {
-                r.subnet().prefix_len()
-            });
-            let address = IpNet::new(a.ip, prefix)
-                .map(|n| n.to_string())
-                .unwrap_or_else(|_| a.ip.to_string());
+            let prefix = range.map_or(if a.ip.is_ipv4() { 32 } else { 128 }, |r| r.subnet().prefix_len());
+            let address = IpNet::new(a.ip, prefix).map(|n| n.to_string()).unwrap_or_else(|_| a.ip.to_string());
             let mut entry = Map::new();
             if version.ip_entries_have_version() {
-                entry.insert(
-                    "version".into(),
-                    json!(if a.ip.is_ipv4() { "4" } else { "6" }),
-                );
+                entry.insert("version".into(), json!(if a.ip.is_ipv4() { "4" } else { "6" }));
             }
             entry.insert("address".into(), json!(address));
             if let Some(gw) = range.and_then(|r| r.gateway()) {

@@ -60,8 +60,5 @@ impl CniVersion {
 /// The VERSION command's answer.
 pub fn version_json() -> String {
     let list: Vec<String> = SUPPORTED.iter().map(|v| format!("\"{v}\"")).collect();
-    format!(
-        "{{\"cniVersion\":\"{NEWEST}\",\"supportedVersions\":[{}]}}",
-        list.join(",")
-    )
+    format!("{{\"cniVersion\":\"{NEWEST}\",\"supportedVersions\":[{}]}}", list.join(","))
 }

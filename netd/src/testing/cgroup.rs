@@ -9,8 +9,8 @@ use super::{unique_name, HarnessError};
 /// Finds the cgroup v2 mount (`/sys/fs/cgroup/unified` on hybrid hosts,
 /// `/sys/fs/cgroup` on unified ones).
 pub(crate) fn cgroup2_root() -> Result<PathBuf, HarnessError> {
-    let mounts = fs::read_to_string("/proc/self/mounts")
-        .map_err(|e| HarnessError::io("reading /proc/self/mounts", e))?;
+    let mounts =
+        fs::read_to_string("/proc/self/mounts").map_err(|e| HarnessError::io("reading /proc/self/mounts", e))?;
     mounts
         .lines()
         .filter_map(|line| {
@@ -32,10 +32,7 @@ pub(crate) fn remove_cgroup_dir(root: &Path, dir: &Path) {
         }
     }
     if let Err(err) = fs::remove_dir(dir) {
-        eprintln!(
-            "netd test harness: could not remove cgroup {}: {err}",
-            dir.display()
-        );
+        eprintln!("netd test harness: could not remove cgroup {}: {err}", dir.display());
     }
 }
 
@@ -52,8 +49,7 @@ impl Cgroup {
     pub fn new() -> Result<Self, HarnessError> {
         let root = cgroup2_root()?;
         let path = root.join(unique_name());
-        fs::create_dir(&path)
-            .map_err(|e| HarnessError::io(format!("mkdir {}", path.display()), e))?;
+        fs::create_dir(&path).map_err(|e| HarnessError::io(format!("mkdir {}", path.display()), e))?;
         Ok(Self { root, path })
     }
 
@@ -77,10 +73,7 @@ impl Cgroup {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|source| HarnessError::Spawn {
-                command: format!("{program} {}", args.join(" ")),
-                source,
-            })
+            .map_err(|source| HarnessError::Spawn { command: format!("{program} {}", args.join(" ")), source })
     }
 }
 

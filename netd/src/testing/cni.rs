@@ -46,23 +46,10 @@ impl<'a> CniRunner<'a> {
     /// Runs `plugin` (a file name in the search path) with `config` on stdin.
     /// Returns the output whatever the exit status: CNI errors are JSON on
     /// stdout and the caller decides whether failure is expected.
-    pub fn call(
-        &self,
-        plugin: &str,
-        call: &CniCall<'_>,
-        config: &str,
-    ) -> Result<Output, HarnessError> {
-        let binary = self
-            .search_path
-            .iter()
-            .map(|dir| dir.join(plugin))
-            .find(|p| p.exists())
-            .ok_or_else(|| {
-                HarnessError::io(
-                    format!("finding CNI plugin {plugin}"),
-                    std::io::ErrorKind::NotFound.into(),
-                )
-            })?;
+    pub fn call(&self, plugin: &str, call: &CniCall<'_>, config: &str) -> Result<Output, HarnessError> {
+        let binary = self.search_path.iter().map(|dir| dir.join(plugin)).find(|p| p.exists()).ok_or_else(|| {
+            HarnessError::io(format!("finding CNI plugin {plugin}"), std::io::ErrorKind::NotFound.into())
+        })?;
         let cni_path = std::env::join_paths(&self.search_path)
             .map_err(|e| HarnessError::io("joining CNI_PATH", std::io::Error::other(e)))?;
         let mut cmd = Command::new(&binary);
@@ -75,52 +62,30 @@ impl<'a> CniRunner<'a> {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         if let Some((namespace, name)) = call.pod.and_then(|p| p.split_once('/')) {
-            cmd.env(
-                "CNI_ARGS",
-                format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name}"),
-            );
+            cmd.env("CNI_ARGS", format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name}"));
         }
-        let command = format!(
-            "{} {} ({})",
-            binary.display(),
-            call.command,
-            call.container_id
-        );
+        let command = format!("{} {} ({})", binary.display(), call.command, call.container_id);
         // fork() copies the calling thread's network namespace.
         let mut child = self
             .node
             .run(|| cmd.spawn())?
-            .map_err(|source| HarnessError::Spawn {
-                command: command.clone(),
-                source,
-            })?;
+            .map_err(|source| HarnessError::Spawn { command: command.clone(), source })?;
         if let Some(mut stdin) = child.stdin.take() {
             stdin
                 .write_all(config.as_bytes())
                 .map_err(|e| HarnessError::io(format!("writing stdin of {command}"), e))?;
         }
-        child
-            .wait_with_output()
-            .map_err(|source| HarnessError::Spawn { command, source })
+        child.wait_with_output().map_err(|source| HarnessError::Spawn { command, source })
     }
 
     /// Like [`CniRunner::call`] but a non-zero exit is an error carrying stdout (the CNI error).
-    pub fn call_ok(
-        &self,
-        plugin: &str,
-        call: &CniCall<'_>,
-        config: &str,
-    ) -> Result<Output, HarnessError> {
+    pub fn call_ok(&self, plugin: &str, call: &CniCall<'_>, config: &str) -> Result<Output, HarnessError> {
         let out = self.call(plugin, call, config)?;
         if !out.status.success() {
             return Err(HarnessError::Command {
                 command: format!("{plugin} {} {}", call.command, call.container_id),
                 status: out.status,
-                stderr: format!(
-                    "{}{}",
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
-                ),
+                stderr: format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
             });
         }
         Ok(out)
@@ -130,8 +95,5 @@ impl<'a> CniRunner<'a> {
 /// The directory holding this workspace's `netd-ipam` binary, given the path
 /// Cargo passes integration tests as `CARGO_BIN_EXE_netd-ipam`.
 pub fn plugin_dir_of(binary: &str) -> PathBuf {
-    Path::new(binary)
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
+    Path::new(binary).parent().map(Path::to_path_buf).unwrap_or_default()
 }

@@ -25,10 +25,7 @@ fn ip_in(ns: Option<&str>, args: &[&str]) -> Result<(), HarnessError> {
 /// either end of a veth pair removes both.
 fn delete_link(ns: Option<&str>, name: &str) {
     let exists = match ns {
-        Some(ns) => {
-            super::netns_path(ns).exists()
-                && ip_in(Some(ns), &["link", "show", "dev", name]).is_ok()
-        }
+        Some(ns) => super::netns_path(ns).exists() && ip_in(Some(ns), &["link", "show", "dev", name]).is_ok(),
         None => std::path::Path::new("/sys/class/net").join(name).exists(),
     };
     if exists {
@@ -55,19 +52,12 @@ impl VethPair {
         let (b_ns, b_name) = b;
         let a_ns_name = a_ns.map(|ns| ns.name().to_string());
         let b_ns_name = b_ns.map(|ns| ns.name().to_string());
-        let mut add = vec![
-            "link", "add", a_name, "type", "veth", "peer", "name", b_name,
-        ];
+        let mut add = vec!["link", "add", a_name, "type", "veth", "peer", "name", b_name];
         if let Some(ns) = b_ns {
             add.extend_from_slice(&["netns", ns.name()]);
         }
         ip_in(a_ns_name.as_deref(), &add)?;
-        let pair = Self {
-            ns: a_ns_name,
-            name: a_name.to_string(),
-            peer_ns: b_ns_name,
-            peer_name: b_name.to_string(),
-        };
+        let pair = Self { ns: a_ns_name, name: a_name.to_string(), peer_ns: b_ns_name, peer_name: b_name.to_string() };
         ip_in(pair.ns.as_deref(), &["link", "set", a_name, "up"])?;
         ip_in(pair.peer_ns.as_deref(), &["link", "set", b_name, "up"])?;
         Ok(pair)
@@ -103,10 +93,7 @@ impl Bridge {
     pub fn new(ns: Option<&NetNs>, name: &str) -> Result<Self, HarnessError> {
         let ns_name = ns.map(|ns| ns.name().to_string());
         ip_in(ns_name.as_deref(), &["link", "add", name, "type", "bridge"])?;
-        let bridge = Self {
-            ns: ns_name,
-            name: name.to_string(),
-        };
+        let bridge = Self { ns: ns_name, name: name.to_string() };
         ip_in(bridge.ns.as_deref(), &["link", "set", name, "up"])?;
         Ok(bridge)
     }
@@ -118,10 +105,7 @@ impl Bridge {
 
     /// Enslaves `port` (in the bridge's namespace) to this bridge.
     pub fn attach(&self, port: &str) -> Result<(), HarnessError> {
-        ip_in(
-            self.ns.as_deref(),
-            &["link", "set", port, "master", &self.name],
-        )
+        ip_in(self.ns.as_deref(), &["link", "set", port, "master", &self.name])
     }
 }
 

@@ -95,10 +95,7 @@ pub enum HarnessError {
 
 impl HarnessError {
     pub(crate) fn io(what: impl Into<String>, source: io::Error) -> Self {
-        Self::Io {
-            what: what.into(),
-            source,
-        }
+        Self::Io { what: what.into(), source }
     }
 }
 
@@ -134,10 +131,7 @@ pub fn privileged() -> Result<Option<PrivilegedGuard>, HarnessError> {
     // SAFETY: flock on an fd we own; it blocks until the lock is ours.
     let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
     if rc != 0 {
-        return Err(HarnessError::io(
-            format!("flock {LOCK_PATH}"),
-            io::Error::last_os_error(),
-        ));
+        return Err(HarnessError::io(format!("flock {LOCK_PATH}"), io::Error::last_os_error()));
     }
     sweep_leftovers();
     Ok(Some(PrivilegedGuard { _lock: lock }))
@@ -160,10 +154,7 @@ pub fn run_command(program: &str, args: &[&str]) -> Result<Output, HarnessError>
     let output = Command::new(program)
         .args(args)
         .output()
-        .map_err(|source| HarnessError::Spawn {
-            command: command.clone(),
-            source,
-        })?;
+        .map_err(|source| HarnessError::Spawn { command: command.clone(), source })?;
     if !output.status.success() {
         return Err(HarnessError::Command {
             command,
@@ -191,20 +182,14 @@ fn owner_is_dead(name: &str) -> bool {
 /// process is gone (it was killed before its guards could drop).
 fn sweep_leftovers() {
     if let Ok(entries) = fs::read_dir("/run/netns") {
-        for name in entries
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-        {
+        for name in entries.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()) {
             if name.starts_with(NAME_PREFIX) && owner_is_dead(&name) {
                 let _ = run_command("ip", &["netns", "del", &name]);
             }
         }
     }
     if let Ok(entries) = fs::read_dir("/sys/class/net") {
-        for name in entries
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-        {
+        for name in entries.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()) {
             if name.starts_with("nt") && owner_is_dead(&name) {
                 let _ = run_command("ip", &["link", "del", &name]);
             }
@@ -213,10 +198,7 @@ fn sweep_leftovers() {
     if let Ok(root) = cgroup::cgroup2_root() {
         if let Ok(entries) = fs::read_dir(&root) {
             for path in entries.filter_map(|e| e.ok()).map(|e| e.path()) {
-                let name = path
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
+                let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
                 if name.starts_with(NAME_PREFIX) && owner_is_dead(&name) {
                     cgroup::remove_cgroup_dir(&root, &path);
                 }

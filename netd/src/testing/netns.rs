@@ -60,18 +60,15 @@ impl NetNs {
         F: FnOnce() -> T + Send,
         T: Send,
     {
-        let ns_file = File::open(self.path())
-            .map_err(|e| HarnessError::io(format!("opening {}", self.path().display()), e))?;
+        let ns_file =
+            File::open(self.path()).map_err(|e| HarnessError::io(format!("opening {}", self.path().display()), e))?;
         std::thread::scope(|scope| {
             let worker = scope.spawn(move || {
                 // SAFETY: setns on a valid namespace fd; it only affects this
                 // thread, which ends when the scope does.
                 let rc = unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) };
                 if rc != 0 {
-                    return Err(HarnessError::io(
-                        "setns(CLONE_NEWNET)",
-                        io::Error::last_os_error(),
-                    ));
+                    return Err(HarnessError::io("setns(CLONE_NEWNET)", io::Error::last_os_error()));
                 }
                 Ok(f())
             });
@@ -105,10 +102,7 @@ impl NetNs {
 impl Drop for NetNs {
     fn drop(&mut self) {
         if let Err(err) = run_command("ip", &["netns", "del", &self.name]) {
-            eprintln!(
-                "netd test harness: could not delete namespace {}: {err}",
-                self.name
-            );
+            eprintln!("netd test harness: could not delete namespace {}: {err}", self.name);
         }
     }
 }
