@@ -57,6 +57,33 @@ impl FromStr for MacAddr {
     }
 }
 
+/// Serialised as the usual colon-separated lowercase string, as flannel's
+/// `VtepMAC` and netd's snapshot carry it.
+impl serde::Serialize for MacAddr {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for MacAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl MacAddr {
+    /// Multicast (group bit set): never a valid VTEP address.
+    pub fn is_multicast(&self) -> bool {
+        self.0[0] & 1 == 1
+    }
+
+    /// All zeroes.
+    pub fn is_zero(&self) -> bool {
+        self.0 == [0; 6]
+    }
+}
+
 /// The MAC `node` gets on derivation attempt `attempt`: the first six bytes
 /// of SHA-256 over a versioned label, the name and the attempt, made
 /// locally administered unicast. Pure: every host computes the same value.
@@ -172,6 +199,17 @@ fn self_path(tx: &rusqlite::Transaction<'_>) -> std::path::PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mac_serde_is_the_colon_string() {
+        let mac: MacAddr = "6e:6d:70:09:3e:38".parse().unwrap();
+        let json = serde_json::to_string(&mac).unwrap();
+        assert_eq!(json, r#""6e:6d:70:09:3e:38""#);
+        assert_eq!(serde_json::from_str::<MacAddr>(&json).unwrap(), mac);
+        let err = serde_json::from_str::<MacAddr>(r#""6e:6d:70""#).unwrap_err().to_string();
+        assert!(err.contains("not a MAC address"), "{err}");
+        assert!(serde_json::from_str::<MacAddr>("42").is_err());
+    }
 
     #[test]
     fn mac_text_round_trips() {

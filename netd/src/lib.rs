@@ -14,7 +14,11 @@
 //! network namespaces, veth pairs, bridges and cgroups for privileged tests.
 
 pub mod cni;
+pub mod masquerade;
+pub mod netlink;
+pub mod snapshot;
 pub mod subnet_env;
+pub mod vxlan;
 
 pub use netd_ebpf as ebpf;
 pub use netd_ipam as ipam;

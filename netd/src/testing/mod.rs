@@ -29,11 +29,13 @@
 //! ```
 
 mod cgroup;
+mod cluster;
 mod cni;
 mod links;
 mod netns;
 
 pub use cgroup::Cgroup;
+pub use cluster::{Cluster, Node, Pod, CLUSTER_NETWORK};
 pub use cni::{plugin_dir_of, CniCall, CniRunner, DEBIAN_CNI_DIR};
 pub use links::{unique_ifname, Bridge, VethPair};
 pub use netns::NetNs;
@@ -88,6 +90,9 @@ pub enum HarnessError {
         #[source]
         source: io::Error,
     },
+    /// A harness object was used in a way its setup does not allow.
+    #[error("test harness misuse: {0}")]
+    Usage(String),
     /// No cgroup v2 hierarchy is mounted.
     #[error("no cgroup v2 mount found in /proc/self/mounts")]
     NoCgroup2,

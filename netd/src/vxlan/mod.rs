@@ -1,0 +1,163 @@
+//! The flannel-compatible VXLAN data plane.
+//!
+//! What the kernel holds for a node with subnet `10.244.1.0/24`, VNI 1 and a
+//! peer `10.244.2.0/24` at public IP `192.168.50.12` with VTEP MAC `M`
+//! (SPEC §2, the layout flannel's vxlan backend programs):
+//!
+//! ```text
+//! ip -d link:   flannel.1 vxlan id 1 local <our public IP> dev <iface> dstport 8472 nolearning,
+//!               MTU = <iface MTU> - 50, address = our pinned VTEP MAC, up
+//! ip addr:      inet 10.244.1.0/32 scope global flannel.1
+//! ip neigh:     10.244.2.0 dev flannel.1 lladdr M PERMANENT
+//! bridge fdb:   M dev flannel.1 dst 192.168.50.12 self permanent
+//! ip route:     10.244.2.0/24 nhid 183763456 via 10.244.2.0 dev flannel.1 onlink
+//! ```
+//!
+//! One difference from flannel, on purpose: the route goes through a nexthop
+//! object (`ip nexthop`: `id 183763456 via 10.244.2.0 dev flannel.1 onlink`)
+//! whose id is the subnet's network address as a number. Forwarding is
+//! identical, `ip route` still shows `via … dev flannel.1 onlink`, but
+//! inserting thousands of such routes is linear instead of quadratic in the
+//! kernel. The id being a function of the subnet makes ownership
+//! self-describing: restarts need no id table.
+//!
+//! Peers on the same L2 segment get `<subnet> via <public IP> dev <iface>`
+//! (also through a nexthop) and no neighbour/FDB entry when direct routing
+//! is enabled.
+//!
+//! [`Reconciler`] compares the wanted peer set with what the kernel holds on
+//! the device and writes only the difference, batched; [`Overlay`] runs it on
+//! its own thread, woken by netlink notifications and a slow periodic pass.
+
+mod device;
+mod overlay;
+mod peers;
+mod reconcile;
+
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use netd_ipam::MacAddr;
+use serde::{Deserialize, Serialize};
+
+use crate::netlink::NetlinkError;
+
+pub use device::Device;
+pub use overlay::{Overlay, OverlayOptions, OverlayStatus};
+pub use peers::{nexthop_id, validate, Rejected, Validated};
+pub use reconcile::{ReconcileReport, Reconciler};
+
+/// flannel's VXLAN UDP port.
+pub const FLANNEL_VXLAN_PORT: u16 = 8472;
+/// VXLAN encapsulation overhead subtracted from the underlay MTU.
+pub const VXLAN_OVERHEAD: u32 = 50;
+
+/// A node's subnet lease as the data plane needs it: ours or a peer's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// The node's pod subnet, e.g. `10.244.3.0/24`.
+    pub subnet: Ipv4Net,
+    /// The node's public (underlay) IP: VXLAN packets go there.
+    pub public_ip: Ipv4Addr,
+    /// The node's VTEP MAC.
+    pub vtep_mac: MacAddr,
+    /// Node name, when known (logs and diagnostics).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+}
+
+/// What the overlay is programmed from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OverlayConfig {
+    /// The cluster network, e.g. `10.244.0.0/16`.
+    pub network: Ipv4Net,
+    /// This node's lease.
+    pub own: Lease,
+    /// VXLAN network identifier (flannel default 1).
+    pub vni: u32,
+    /// VXLAN UDP port (flannel: 8472).
+    pub port: u16,
+    /// Underlay interface (flannel's `--iface`).
+    pub underlay: String,
+    /// Route peers on the same L2 segment directly, without VXLAN.
+    #[serde(default)]
+    pub direct_routing: bool,
+}
+
+impl OverlayConfig {
+    /// `flannel.<VNI>`.
+    pub fn device_name(&self) -> String {
+        format!("flannel.{}", self.vni)
+    }
+}
+
+/// Errors of the VXLAN data plane.
+#[derive(Debug, thiserror::Error)]
+pub enum VxlanError {
+    /// The underlay interface does not exist.
+    #[error("underlay interface `{0}` does not exist (set --iface to an existing interface)")]
+    UnderlayMissing(String),
+    /// The underlay interface's MTU leaves no room for VXLAN.
+    #[error("underlay interface `{name}` has MTU {mtu}, too small for VXLAN's {VXLAN_OVERHEAD}-byte overhead")]
+    UnderlayMtu {
+        /// Interface name.
+        name: String,
+        /// Its MTU.
+        mtu: u32,
+    },
+    /// The configuration is inconsistent.
+    #[error("invalid overlay configuration: {0}")]
+    Config(String),
+    /// Programming the device failed.
+    #[error("cannot set up VXLAN device `{device}`: {source}")]
+    Device {
+        /// Device name.
+        device: String,
+        /// The netlink failure.
+        #[source]
+        source: NetlinkError,
+    },
+    /// Reading kernel state failed.
+    #[error("cannot read kernel state of `{device}`: {source}")]
+    Dump {
+        /// Device name.
+        device: String,
+        /// The netlink failure.
+        #[source]
+        source: NetlinkError,
+    },
+    /// The netlink socket failed.
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    /// A pass of the overlay thread failed (the thread keeps running).
+    #[error("overlay pass failed: {0}")]
+    Pass(String),
+    /// The overlay thread is gone.
+    #[error("the overlay thread has stopped")]
+    Stopped,
+}
+
+impl OverlayConfig {
+    /// Checks what can be checked without the kernel.
+    pub fn check(&self) -> Result<(), VxlanError> {
+        if !self.network.contains(&self.own.subnet) {
+            return Err(VxlanError::Config(format!(
+                "own subnet {} is outside the cluster network {}",
+                self.own.subnet, self.network
+            )));
+        }
+        if self.vni == 0 || self.vni > 0x00ff_ffff {
+            return Err(VxlanError::Config(format!("VNI {} is outside 1..=16777215", self.vni)));
+        }
+        if self.port == 0 {
+            return Err(VxlanError::Config("VXLAN port 0".into()));
+        }
+        if self.own.vtep_mac.is_multicast() || self.own.vtep_mac.is_zero() {
+            return Err(VxlanError::Config(format!("own VTEP MAC {} is not unicast", self.own.vtep_mac)));
+        }
+        if self.underlay.is_empty() || self.underlay.len() > 15 {
+            return Err(VxlanError::Config(format!("interface name {:?} is not 1-15 bytes", self.underlay)));
+        }
+        Ok(())
+    }
+}
