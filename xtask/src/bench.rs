@@ -12,12 +12,17 @@ use crate::{cargo, workspace_root};
 /// Runs the named benchmark (or all).
 pub fn run(which: Option<&str>) -> Result<()> {
     match which.unwrap_or("all") {
-        "cni" | "all" => cni(200),
-        other => bail!("unknown benchmark `{other}` (known: cni, all)"),
+        "cni" => cni(200),
+        "vxlan" => crate::bench_vxlan::run(3),
+        "all" => {
+            cni(200)?;
+            crate::bench_vxlan::run(3)
+        }
+        other => bail!("unknown benchmark `{other}` (known: cni, vxlan, all)"),
     }
 }
 
-fn machine() -> String {
+pub(crate) fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|text| {
@@ -31,7 +36,7 @@ fn machine() -> String {
     format!("{cpu}, {cores} cores, Linux {}", kernel.trim())
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
@@ -39,7 +44,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[rank.min(sorted.len() - 1)]
 }
 
-fn ms(d: Duration) -> String {
+pub(crate) fn ms(d: Duration) -> String {
     format!("{:.2}", d.as_secs_f64() * 1000.0)
 }
 

@@ -38,7 +38,7 @@ pub use cgroup::Cgroup;
 pub use cluster::{Cluster, Node, Pod, CLUSTER_NETWORK};
 pub use cni::{plugin_dir_of, CniCall, CniRunner, DEBIAN_CNI_DIR};
 pub use links::{unique_ifname, Bridge, VethPair};
-pub use netns::NetNs;
+pub use netns::{NetNs, NetNsGuard};
 
 use std::fs::{self, File, OpenOptions};
 use std::io;

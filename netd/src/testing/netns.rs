@@ -79,6 +79,23 @@ impl NetNs {
         })
     }
 
+    /// Moves the *calling* thread into this namespace until the guard drops
+    /// (then it returns to the namespace it was in). For code that cannot be
+    /// moved to another thread, such as a benchmark harness; prefer
+    /// [`NetNs::run`]. Never hold the guard across an `.await`.
+    pub fn enter(&self) -> Result<NetNsGuard<'_>, HarnessError> {
+        let home = File::open("/proc/thread-self/ns/net")
+            .map_err(|e| HarnessError::io("opening /proc/thread-self/ns/net", e))?;
+        let target =
+            File::open(self.path()).map_err(|e| HarnessError::io(format!("opening {}", self.path().display()), e))?;
+        // SAFETY: setns on a valid namespace fd; it changes only this
+        // thread's network namespace, which the guard restores.
+        if unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(HarnessError::io("setns(CLONE_NEWNET)", io::Error::last_os_error()));
+        }
+        Ok(NetNsGuard { home, _ns: std::marker::PhantomData })
+    }
+
     /// Runs the future made by `make` to completion inside this namespace, on
     /// a current-thread tokio runtime owned by the namespace's thread: every
     /// `.await` stays on that thread, so every socket and netlink request it
@@ -96,6 +113,27 @@ impl NetNs {
                 .map_err(|e| HarnessError::io("building a current-thread tokio runtime", e))?;
             Ok(runtime.block_on(make()))
         })?
+    }
+}
+
+/// The calling thread is inside a [`NetNs`] until this drops. Not `Send`:
+/// the namespace belongs to the thread that entered it.
+#[derive(Debug)]
+pub struct NetNsGuard<'ns> {
+    home: File,
+    _ns: std::marker::PhantomData<(&'ns NetNs, *const ())>,
+}
+
+impl Drop for NetNsGuard<'_> {
+    fn drop(&mut self) {
+        // SAFETY: setns back to the namespace this thread came from, through
+        // the fd opened before leaving it.
+        if unsafe { libc::setns(self.home.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            eprintln!(
+                "netd test harness: cannot return to the original network namespace: {}",
+                io::Error::last_os_error()
+            );
+        }
     }
 }
 

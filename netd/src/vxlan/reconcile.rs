@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use ipnet::Ipv4Net;
 use netd_ipam::MacAddr;
 
-use crate::netlink::{Change, FdbEntry, Handle, Neighbour, Nexthop, Route, RouteVia};
+use crate::netlink::{Change, FdbEntry, Handle, Neighbour, NetlinkError, Nexthop, Route, RouteVia};
 
 use super::device::{self, Device};
 use super::peers::{nexthop_id, validate, Rejected};
@@ -42,6 +42,8 @@ pub struct Reconciler {
     config: OverlayConfig,
     programmed: BTreeMap<Ipv4Net, Lease>,
     device: Option<Device>,
+    /// Second socket for the parallel dumps.
+    aux: Option<Handle>,
 }
 
 /// The kernel objects one pass wants, keyed as the kernel identifies them.
@@ -57,7 +59,7 @@ impl Reconciler {
     /// namespace.
     pub fn new(config: OverlayConfig) -> Result<Self, VxlanError> {
         config.check()?;
-        Ok(Self { handle: Handle::new()?, config, programmed: BTreeMap::new(), device: None })
+        Ok(Self { handle: Handle::new()?, config, programmed: BTreeMap::new(), device: None, aux: None })
     }
 
     /// The configuration.
@@ -139,7 +141,8 @@ impl Reconciler {
         wanted
     }
 
-    /// From an empty device: everything, peer by peer in flannel's order.
+    /// From an empty device: everything, grouped by kind in flannel's order
+    /// (all neighbours and FDB entries exist before any route uses them).
     fn additions_from_empty(
         &self,
         device: &Device,
@@ -148,25 +151,22 @@ impl Reconciler {
         changes: &mut Vec<Change>,
     ) {
         changes.reserve(accepted.len() * 4);
-        for peer in accepted.values() {
-            let id = nexthop_id(peer.subnet);
-            if wanted.neighbours.contains_key(&peer.subnet.network()) {
-                changes.push(Change::SetNeighbour(Neighbour::permanent(
-                    device.index,
-                    peer.subnet.network(),
-                    peer.vtep_mac,
-                )));
-                changes.push(Change::SetFdb(FdbEntry {
-                    ifindex: device.index,
-                    mac: peer.vtep_mac,
-                    dst: peer.public_ip,
-                }));
-            }
-            if let Some(nexthop) = wanted.nexthops.get(&id) {
-                changes.push(Change::SetNexthop(*nexthop));
-            }
-            changes.push(Change::SetRoute(Route::via_nexthop(peer.subnet, id)));
-        }
+        let vxlan_peers = || accepted.values().filter(|p| wanted.neighbours.contains_key(&p.subnet.network()));
+        changes.extend(
+            vxlan_peers()
+                .map(|p| Change::SetNeighbour(Neighbour::permanent(device.index, p.subnet.network(), p.vtep_mac))),
+        );
+        changes.extend(
+            vxlan_peers()
+                .map(|p| Change::SetFdb(FdbEntry { ifindex: device.index, mac: p.vtep_mac, dst: p.public_ip })),
+        );
+        changes.extend(
+            accepted
+                .values()
+                .filter_map(|p| wanted.nexthops.get(&nexthop_id(p.subnet)))
+                .map(|nh| Change::SetNexthop(*nh)),
+        );
+        changes.extend(accepted.values().map(|p| Change::SetRoute(Route::via_nexthop(p.subnet, nexthop_id(p.subnet)))));
     }
 
     /// Dumps what the device holds and lists the writes that make it match:
@@ -176,10 +176,32 @@ impl Reconciler {
         let dump_err = |source| VxlanError::Dump { device: self.config.device_name(), source };
         let network = self.config.network;
         let own_subnet = self.config.own.subnet;
-        let neighbours = self.handle.neighbour().list(device.index).map_err(dump_err)?;
-        let fdb = self.handle.fdb().list(device.index).map_err(dump_err)?;
-        let nexthops = self.handle.nexthop().list().map_err(dump_err)?;
-        let routes = self.handle.route().list().map_err(dump_err)?;
+        // Two sockets, two threads: a dump's kernel work runs in the reading
+        // thread, so the L2 and L3 dumps overlap on two cores. The helper
+        // thread inherits this thread's network namespace.
+        let index = device.index;
+        let aux = match self.aux.take() {
+            Some(handle) => handle,
+            None => Handle::new()?,
+        };
+        let (l2, nexthops, routes) = std::thread::scope(|scope| {
+            let l2 = scope.spawn(move || {
+                let mut aux = aux;
+                let neighbours = aux.neighbour().list(index);
+                let fdb = aux.fdb().list(index);
+                (aux, neighbours, fdb)
+            });
+            let nexthops = self.handle.nexthop().list();
+            let routes = self.handle.route().list();
+            (l2.join(), nexthops, routes)
+        });
+        let (aux, neighbours, fdb) = l2.map_err(|_| VxlanError::Dump {
+            device: self.config.device_name(),
+            source: NetlinkError::Malformed("dump thread panicked".into()),
+        })?;
+        self.aux = Some(aux);
+        let (neighbours, fdb) = (neighbours.map_err(dump_err)?, fdb.map_err(dump_err)?);
+        let (nexthops, routes) = (nexthops.map_err(dump_err)?, routes.map_err(dump_err)?);
 
         // Ownership: anything on the VXLAN device; on the underlay only the
         // nexthops whose id names a cluster subnet (direct routing) and the
