@@ -251,3 +251,29 @@ fn bad_peer_data_is_refused_and_never_disturbs_good_peers() {
         assert!(!routes.contains(absent), "{routes}");
     }
 }
+
+#[test]
+fn direct_routing_uses_the_underlay_for_peers_on_the_same_l2() {
+    let Some(_kernel) = testing::privileged().unwrap() else { return };
+    let cluster = Cluster::new(2, 1).unwrap();
+    for node in &cluster.nodes {
+        let mut config = node.overlay_config(mac_of(node));
+        config.direct_routing = true;
+        let peers = peers_of(&cluster, node);
+        let report = node.ns.run(|| Reconciler::new(config)?.reconcile(&peers)).unwrap().unwrap();
+        assert_eq!((report.peers, report.writes), (1, 2), "nexthop + route only");
+    }
+    let node = &cluster.nodes[0];
+    let routes = node.ns.ip(&["route"]).unwrap();
+    assert!(routes.contains("10.244.2.0/24 nhid") && routes.contains("via 192.168.50.12 dev eth0"), "{routes}");
+    assert_eq!(node.ns.ip(&["neigh", "show", "dev", "flannel.1"]).unwrap().trim(), "");
+    let fdb = node.ns.exec("bridge", &["fdb", "show", "dev", "flannel.1"]).unwrap().stdout;
+    assert!(!String::from_utf8_lossy(&fdb).contains(" dst "));
+    assert!(ping(&node.pods[0], cluster.nodes[1].pods[0].ip));
+    // Turning direct routing off moves the peer onto VXLAN in place.
+    let config = node.overlay_config(mac_of(node));
+    let peers = peers_of(&cluster, node);
+    let report = node.ns.run(|| Reconciler::new(config)?.reconcile(&peers)).unwrap().unwrap();
+    assert_eq!(report.writes, 3, "neighbour, FDB, nexthop replaced; the route keeps its nhid");
+    assert!(node.ns.ip(&["route"]).unwrap().contains("via 10.244.2.0 dev flannel.1 onlink"));
+}

@@ -13,10 +13,10 @@ use crate::{cargo, workspace_root};
 pub fn run(which: Option<&str>) -> Result<()> {
     match which.unwrap_or("all") {
         "cni" => cni(200),
-        "vxlan" => crate::bench_vxlan::run(3),
+        "vxlan" => crate::bench_vxlan::run(5),
         "all" => {
             cni(200)?;
-            crate::bench_vxlan::run(3)
+            crate::bench_vxlan::run(5)
         }
         other => bail!("unknown benchmark `{other}` (known: cni, vxlan, all)"),
     }
