@@ -16,6 +16,7 @@
 pub mod cni;
 pub mod masquerade;
 pub mod netlink;
+pub mod registry;
 pub mod snapshot;
 pub mod subnet_env;
 pub mod vxlan;

@@ -6,7 +6,7 @@ use crate::netlink::{Address, Change, Handle, Link, LinkUpdate, VxlanLink};
 
 use super::{OverlayConfig, VxlanError, VXLAN_OVERHEAD};
 
-/// The device after [`ensure`]: present, configured and up.
+/// The device after `ensure`: present, configured and up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Device {
     /// Interface index of the VXLAN device.

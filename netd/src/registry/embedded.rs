@@ -1,0 +1,327 @@
+//! The embedded registry: one SQLite file shared by the netd processes of a
+//! host — single-host installs and the demo's cluster of namespaces. No
+//! server to run.
+//!
+//! Each operation opens the file, works in one transaction and closes it:
+//! processes never hold it open, so concurrent daemons serialise on SQLite's
+//! lock, and a file that vanishes (unmounted, moved away) makes the registry
+//! *unreachable* at once, exactly like a network registry going down. The
+//! file is created only by [`EmbeddedRegistry::create`], never implicitly.
+//!
+//! Leases store flannel's lease JSON (the etcd value) so the same parser
+//! reads every backend; watching is a poll of the lease table, diffed
+//! against what was seen.
+//!
+//! Format (version 1, `PRAGMA user_version`): `meta(key, value)` with the
+//! network config JSON under `config`; `lease(subnet PK '10.244.3.0-24',
+//! node UNIQUE, attrs, expires_at unix seconds)`; `autonomy(node PK,
+//! autonomous)`.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ipnet::Ipv4Net;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+
+use super::flannel::{self, LeaseAttrs};
+use super::{
+    pick_subnet, LeaseRequest, NetworkConfig, OwnLease, PeerEvent, PeerLease, Registry, RegistryError, LEASE_TTL,
+};
+use crate::vxlan::Lease;
+
+/// Where the daemon looks for the embedded registry by default.
+pub const DEFAULT_PATH: &str = "/var/lib/netd/registry.db";
+const FORMAT_VERSION: i64 = 1;
+
+/// A registry in a local SQLite file.
+pub struct EmbeddedRegistry {
+    path: PathBuf,
+    poll: Duration,
+    /// Peers as last reported; `None` until a resync was delivered.
+    known: Option<BTreeMap<Ipv4Net, PeerLease>>,
+    pending: VecDeque<PeerEvent>,
+}
+
+fn now_secs() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+impl EmbeddedRegistry {
+    /// Creates the registry file with `config` (idempotent: an existing file
+    /// with the same config is fine; a different config is an error).
+    pub fn create(path: &Path, config: &NetworkConfig) -> Result<(), RegistryError> {
+        config.check()?;
+        let store_err = |reason: String| RegistryError::Store { path: path.to_path_buf(), reason };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| store_err(format!("creating {}: {e}", dir.display())))?;
+        }
+        let mut conn = Connection::open(path).map_err(|e| store_err(e.to_string()))?;
+        conn.busy_timeout(Duration::from_secs(10)).map_err(|e| store_err(e.to_string()))?;
+        let tx =
+            conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| store_err(e.to_string()))?;
+        tx.execute_batch(
+            "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS lease(subnet TEXT PRIMARY KEY, node TEXT NOT NULL UNIQUE,
+                                              attrs TEXT NOT NULL, expires_at INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS autonomy(node TEXT PRIMARY KEY, autonomous INTEGER NOT NULL);",
+        )
+        .map_err(|e| store_err(e.to_string()))?;
+        tx.pragma_update(None, "user_version", FORMAT_VERSION).map_err(|e| store_err(e.to_string()))?;
+        let want = flannel::network_config_json(config);
+        let stored: Option<String> = tx
+            .query_row("SELECT value FROM meta WHERE key = 'config'", [], |r| r.get(0))
+            .optional()
+            .map_err(|e| store_err(e.to_string()))?;
+        match stored {
+            Some(existing) if existing != want => {
+                return Err(RegistryError::BadConfig(format!(
+                    "{} already holds network config {existing}, not {want}",
+                    path.display()
+                )))
+            }
+            Some(_) => {}
+            None => {
+                tx.execute("INSERT INTO meta(key, value) VALUES('config', ?1)", [&want])
+                    .map_err(|e| store_err(e.to_string()))?;
+            }
+        }
+        tx.commit().map_err(|e| store_err(e.to_string()))
+    }
+
+    /// A handle on the registry at `path`; nothing is opened until used.
+    /// `poll` is how often the watch looks for changes.
+    pub fn open(path: impl Into<PathBuf>, poll: Duration) -> Self {
+        Self { path: path.into(), poll, known: None, pending: VecDeque::new() }
+    }
+
+    fn connect(&self) -> Result<Connection, RegistryError> {
+        if !self.path.exists() {
+            return Err(RegistryError::Unreachable(format!(
+                "embedded registry {} is not there (create it with `netd registry init`)",
+                self.path.display()
+            )));
+        }
+        let conn = Connection::open_with_flags(&self.path, OpenFlags::SQLITE_OPEN_READ_WRITE)
+            .map_err(|e| RegistryError::Unreachable(format!("opening {}: {e}", self.path.display())))?;
+        conn.busy_timeout(Duration::from_secs(10)).map_err(|e| self.store_err(e))?;
+        let version: i64 =
+            conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(|e| self.store_err(e))?;
+        if version != FORMAT_VERSION {
+            return Err(RegistryError::Store {
+                path: self.path.clone(),
+                reason: format!("format version {version}, this netd reads {FORMAT_VERSION}"),
+            });
+        }
+        Ok(conn)
+    }
+
+    fn store_err(&self, e: rusqlite::Error) -> RegistryError {
+        RegistryError::Store { path: self.path.clone(), reason: e.to_string() }
+    }
+
+    /// Every live lease: `(subnet, node, attrs, autonomous)`, bad rows skipped
+    /// with a logged reason.
+    fn read_peers(&self, own_subnet: Ipv4Net) -> Result<BTreeMap<Ipv4Net, PeerLease>, RegistryError> {
+        let conn = self.connect()?;
+        let mut stmt = conn
+            .prepare(
+                "SELECT l.subnet, l.node, l.attrs, COALESCE(a.autonomous, 0) FROM lease l
+                 LEFT JOIN autonomy a ON a.node = l.node WHERE l.expires_at > ?1",
+            )
+            .map_err(|e| self.store_err(e))?;
+        let rows = stmt
+            .query_map([now_secs()], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?))
+            })
+            .map_err(|e| self.store_err(e))?;
+        let mut peers = BTreeMap::new();
+        for row in rows {
+            let (key, node, attrs, autonomous) = row.map_err(|e| self.store_err(e))?;
+            match peer_from_row(&key, &node, attrs.as_bytes()) {
+                Ok(lease) if lease.subnet == own_subnet => {}
+                Ok(lease) => {
+                    peers.insert(lease.subnet, PeerLease { lease, autonomous: autonomous != 0 });
+                }
+                Err(reason) => tracing::warn!(key = %key, node = %node, %reason, "skipping bad lease"),
+            }
+        }
+        Ok(peers)
+    }
+}
+
+fn peer_from_row(key: &str, node: &str, attrs: &[u8]) -> Result<Lease, String> {
+    let subnet = flannel::parse_subnet_key(key)?;
+    let attrs = LeaseAttrs::parse(attrs)?;
+    let data = attrs.vxlan_data()?;
+    Ok(Lease { subnet, public_ip: attrs.public_ip, vtep_mac: data.vtep_mac, node: Some(node.to_string()) })
+}
+
+impl Registry for EmbeddedRegistry {
+    fn describe(&self) -> String {
+        format!("embedded {}", self.path.display())
+    }
+
+    async fn network_config(&mut self) -> Result<NetworkConfig, RegistryError> {
+        let conn = self.connect()?;
+        let text: Option<String> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'config'", [], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.store_err(e))?;
+        let text =
+            text.ok_or_else(|| RegistryError::BadConfig(format!("{} holds no network config", self.path.display())))?;
+        flannel::parse_network_config(text.as_bytes())
+    }
+
+    async fn acquire_lease(
+        &mut self,
+        config: &NetworkConfig,
+        request: &LeaseRequest,
+    ) -> Result<OwnLease, RegistryError> {
+        let mut conn = self.connect()?;
+        let err = |e: rusqlite::Error| RegistryError::Store { path: self.path.clone(), reason: e.to_string() };
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
+        let now = now_secs();
+        tx.execute("DELETE FROM lease WHERE expires_at <= ?1", [now]).map_err(err)?;
+        let mut held: Option<Ipv4Net> = None;
+        let mut taken = BTreeSet::new();
+        {
+            let mut stmt = tx.prepare("SELECT subnet, node, attrs FROM lease").map_err(err)?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))
+                .map_err(err)?;
+            for row in rows {
+                let (key, node, attrs) = row.map_err(err)?;
+                let Ok(subnet) = flannel::parse_subnet_key(&key) else { continue };
+                let same_ip = LeaseAttrs::parse(attrs.as_bytes()).is_ok_and(|a| a.public_ip == request.public_ip);
+                if node == request.node || same_ip {
+                    // Ours (by name, or by public IP as flannel reuses).
+                    if held.is_none() && config.network.contains(&subnet) && subnet.prefix_len() == config.subnet_len {
+                        held = Some(subnet);
+                        continue;
+                    }
+                    tx.execute("DELETE FROM lease WHERE subnet = ?1", [&key]).map_err(err)?;
+                    continue;
+                }
+                taken.insert(subnet);
+            }
+        }
+        let subnet = match held {
+            Some(subnet) => subnet,
+            None => pick_subnet(config, &taken, request.previous_subnet)?,
+        };
+        let expires = now + LEASE_TTL.as_secs() as i64;
+        let attrs = LeaseAttrs::vxlan(request.public_ip, config.vni, request.vtep_mac).to_json();
+        tx.execute(
+            "INSERT INTO lease(subnet, node, attrs, expires_at) VALUES(?1, ?2, ?3, ?4)
+             ON CONFLICT(subnet) DO UPDATE SET node = ?2, attrs = ?3, expires_at = ?4",
+            params![flannel::subnet_key(subnet), request.node, attrs, expires],
+        )
+        .map_err(err)?;
+        tx.commit().map_err(err)?;
+        Ok(OwnLease {
+            lease: Lease {
+                subnet,
+                public_ip: request.public_ip,
+                vtep_mac: request.vtep_mac,
+                node: Some(request.node.clone()),
+            },
+            expires_at: Some(UNIX_EPOCH + Duration::from_secs(expires as u64)),
+        })
+    }
+
+    async fn renew_lease(&mut self, lease: &OwnLease) -> Result<OwnLease, RegistryError> {
+        let conn = self.connect()?;
+        let node = lease.lease.node.clone().unwrap_or_default();
+        let expires = now_secs() + LEASE_TTL.as_secs() as i64;
+        let updated = conn
+            .execute(
+                "UPDATE lease SET expires_at = ?1 WHERE subnet = ?2 AND node = ?3",
+                params![expires, flannel::subnet_key(lease.lease.subnet), node],
+            )
+            .map_err(|e| self.store_err(e))?;
+        if updated == 1 {
+            return Ok(OwnLease {
+                lease: lease.lease.clone(),
+                expires_at: Some(UNIX_EPOCH + Duration::from_secs(expires as u64)),
+            });
+        }
+        // Lapsed and removed: take it again, preferring the same subnet.
+        let config = self.network_config().await?;
+        let request = LeaseRequest {
+            node,
+            public_ip: lease.lease.public_ip,
+            vtep_mac: lease.lease.vtep_mac,
+            previous_subnet: Some(lease.lease.subnet),
+        };
+        self.acquire_lease(&config, &request).await
+    }
+
+    async fn next_event(&mut self, own_subnet: Ipv4Net) -> Result<PeerEvent, RegistryError> {
+        loop {
+            if let Some(event) = self.pending.pop_front() {
+                return Ok(event);
+            }
+            let Some(known) = &self.known else {
+                let peers = self.read_peers(own_subnet)?;
+                let event = PeerEvent::Resync(peers.values().cloned().collect());
+                self.known = Some(peers);
+                return Ok(event);
+            };
+            let _ = known;
+            tokio::time::sleep(self.poll).await;
+            let current = match self.read_peers(own_subnet) {
+                Ok(current) => current,
+                Err(e) => {
+                    // The next success must be a full resync.
+                    self.known = None;
+                    return Err(e);
+                }
+            };
+            let known = self.known.get_or_insert_with(BTreeMap::new);
+            for (subnet, peer) in &current {
+                if known.get(subnet) != Some(peer) {
+                    self.pending.push_back(PeerEvent::Upsert(peer.clone()));
+                }
+            }
+            for subnet in known.keys() {
+                if !current.contains_key(subnet) {
+                    self.pending.push_back(PeerEvent::Remove(*subnet));
+                }
+            }
+            *known = current;
+        }
+    }
+
+    async fn set_autonomy(&mut self, node: &str, autonomous: bool) -> Result<(), RegistryError> {
+        let conn = self.connect()?;
+        conn.execute(
+            "INSERT INTO autonomy(node, autonomous) VALUES(?1, ?2) ON CONFLICT(node) DO UPDATE SET autonomous = ?2",
+            params![node, i64::from(autonomous)],
+        )
+        .map_err(|e| self.store_err(e))?;
+        Ok(())
+    }
+}
+
+impl EmbeddedRegistry {
+    /// Writes a raw lease row — for tools and tests that inject what another
+    /// (possibly broken) writer would store.
+    pub fn put_raw_lease(&self, key: &str, node: &str, attrs: &str, ttl: Duration) -> Result<(), RegistryError> {
+        let conn = self.connect()?;
+        conn.execute(
+            "INSERT INTO lease(subnet, node, attrs, expires_at) VALUES(?1, ?2, ?3, ?4)
+             ON CONFLICT(subnet) DO UPDATE SET node = ?2, attrs = ?3, expires_at = ?4",
+            params![key, node, attrs, now_secs() + ttl.as_secs() as i64],
+        )
+        .map_err(|e| self.store_err(e))?;
+        Ok(())
+    }
+
+    /// Deletes a node's lease (the node left the cluster).
+    pub fn delete_lease(&self, node: &str) -> Result<bool, RegistryError> {
+        let conn = self.connect()?;
+        let n = conn.execute("DELETE FROM lease WHERE node = ?1", [node]).map_err(|e| self.store_err(e))?;
+        Ok(n > 0)
+    }
+}

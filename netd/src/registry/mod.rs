@@ -1,0 +1,220 @@
+//! Where nodes publish their subnet leases and learn their peers: one
+//! [`Registry`] trait, one file per backend.
+//!
+//! - [`embedded`]: a SQLite file shared by the netd processes of one host
+//!   (single-host installs, the demo's multi-node cluster); no server.
+//! - `etcd`: flannel's v3 layout (`/coreos.com/network/…`) exactly.
+//! - `kubernetes`: node objects with flannel's annotations.
+//!
+//! The wire formats flannel peers parse live in [`flannel`].
+//!
+//! Contract every backend keeps:
+//! - the first [`Registry::next_event`] and the first after any error yield
+//!   [`PeerEvent::Resync`] with the full peer set (so the daemon does a full
+//!   resync on every reconnect);
+//! - bad data (garbage JSON, wrong types, a subnet outside the network) is
+//!   skipped with a logged reason and never ends the watch;
+//! - our own lease never appears among the peers.
+
+pub mod embedded;
+pub mod flannel;
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::net::Ipv4Addr;
+use std::time::SystemTime;
+
+use ipnet::Ipv4Net;
+use netd_ipam::MacAddr;
+
+use crate::vxlan::Lease;
+
+/// Lease lifetime, as flannel uses: 24 h, renewed ahead of expiry.
+pub const LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+/// Renew when less than this is left.
+pub const RENEW_MARGIN: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// The cluster network settings (flannel's `/coreos.com/network/config`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetworkConfig {
+    /// The cluster network, e.g. `10.244.0.0/16`.
+    pub network: Ipv4Net,
+    /// Prefix length of node subnets (flannel default 24).
+    pub subnet_len: u8,
+    /// VXLAN network identifier (flannel default 1).
+    pub vni: u32,
+}
+
+impl NetworkConfig {
+    /// Checks the settings are usable.
+    pub fn check(&self) -> Result<(), RegistryError> {
+        if self.subnet_len < self.network.prefix_len() || self.subnet_len > 30 {
+            return Err(RegistryError::BadConfig(format!(
+                "SubnetLen {} must lie between the network prefix /{} and 30",
+                self.subnet_len,
+                self.network.prefix_len()
+            )));
+        }
+        if self.vni == 0 || self.vni > 0x00ff_ffff {
+            return Err(RegistryError::BadConfig(format!("VNI {} is outside 1..=16777215", self.vni)));
+        }
+        Ok(())
+    }
+}
+
+/// What a node asks for when it acquires its lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseRequest {
+    /// Node name.
+    pub node: String,
+    /// The node's public IP.
+    pub public_ip: Ipv4Addr,
+    /// The node's pinned VTEP MAC.
+    pub vtep_mac: MacAddr,
+    /// The subnet the node had before (subnet.env or snapshot), to keep.
+    pub previous_subnet: Option<Ipv4Net>,
+}
+
+/// Our lease as granted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnLease {
+    /// Subnet, public IP, VTEP MAC, node name.
+    pub lease: Lease,
+    /// When it lapses unless renewed (`None`: it does not expire).
+    pub expires_at: Option<SystemTime>,
+}
+
+/// A peer's lease as the registry holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerLease {
+    /// Subnet, public IP, VTEP MAC and node name.
+    pub lease: Lease,
+    /// The peer is autonomous: keep its entries even when its lease lapses.
+    pub autonomous: bool,
+}
+
+/// A change to the peer set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerEvent {
+    /// The whole peer set: replaces what the daemon knew.
+    Resync(Vec<PeerLease>),
+    /// A peer appeared or changed.
+    Upsert(PeerLease),
+    /// The lease for this subnet is gone (deleted or expired).
+    Remove(Ipv4Net),
+}
+
+/// Errors of the registries.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The registry cannot be reached now; retry with backoff.
+    #[error("registry unreachable: {0}")]
+    Unreachable(String),
+    /// The network configuration is missing or invalid.
+    #[error("invalid network configuration: {0}")]
+    BadConfig(String),
+    /// Every subnet of the network is leased.
+    #[error("no free subnet of /{subnet_len} left in {network}")]
+    NoFreeSubnet {
+        /// The cluster network.
+        network: Ipv4Net,
+        /// The subnet size.
+        subnet_len: u8,
+    },
+    /// The registry refused a write (conflict, permission) after retries.
+    #[error("registry refused {what}: {reason}")]
+    Refused {
+        /// What was attempted.
+        what: String,
+        /// Why.
+        reason: String,
+    },
+    /// Local storage of the embedded registry failed.
+    #[error("embedded registry {path}: {reason}")]
+    Store {
+        /// The database file.
+        path: std::path::PathBuf,
+        /// What failed.
+        reason: String,
+    },
+}
+
+impl RegistryError {
+    /// True when retrying later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unreachable(_) | Self::Store { .. })
+    }
+}
+
+/// A registry backend. Methods are async so network backends can wait on
+/// I/O; the daemon drives one backend from a single task.
+pub trait Registry: Send {
+    /// For logs: kind and address.
+    fn describe(&self) -> String;
+
+    /// The cluster network settings.
+    fn network_config(&mut self) -> impl Future<Output = Result<NetworkConfig, RegistryError>> + Send;
+
+    /// Acquires this node's lease: the one already held for this node or
+    /// public IP, else `previous_subnet` if free, else a free subnet.
+    /// Publishes public IP and `{"VNI":…,"VtepMAC":…}`.
+    fn acquire_lease(
+        &mut self,
+        config: &NetworkConfig,
+        request: &LeaseRequest,
+    ) -> impl Future<Output = Result<OwnLease, RegistryError>> + Send;
+
+    /// Extends the lease (and re-publishes its attributes).
+    fn renew_lease(&mut self, lease: &OwnLease) -> impl Future<Output = Result<OwnLease, RegistryError>> + Send;
+
+    /// Waits for the next change to the peer set (see the module contract).
+    fn next_event(&mut self, own_subnet: Ipv4Net) -> impl Future<Output = Result<PeerEvent, RegistryError>> + Send;
+
+    /// Sets a node's autonomy flag.
+    fn set_autonomy(&mut self, node: &str, autonomous: bool) -> impl Future<Output = Result<(), RegistryError>> + Send;
+}
+
+/// The subnet to lease: `preferred` if it is a valid free subnet, else the
+/// first free one. Like flannel, the network's first subnet is never
+/// handed out (it holds the network address).
+pub fn pick_subnet(
+    config: &NetworkConfig,
+    taken: &BTreeSet<Ipv4Net>,
+    preferred: Option<Ipv4Net>,
+) -> Result<Ipv4Net, RegistryError> {
+    let first = config.network.network();
+    let valid = |s: &Ipv4Net| {
+        s.prefix_len() == config.subnet_len && config.network.contains(s) && s.network() != first && !overlaps(taken, s)
+    };
+    if let Some(p) = preferred.map(|p| p.trunc()).filter(valid) {
+        return Ok(p);
+    }
+    let no_free = || RegistryError::NoFreeSubnet { network: config.network, subnet_len: config.subnet_len };
+    config.network.subnets(config.subnet_len).map_err(|_| no_free())?.find(valid).ok_or_else(no_free)
+}
+
+fn overlaps(taken: &BTreeSet<Ipv4Net>, s: &Ipv4Net) -> bool {
+    taken.iter().any(|t| t.contains(&s.network()) || s.contains(&t.network()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn picks_preferred_then_first_free_never_the_network_subnet() {
+        let config = NetworkConfig { network: "10.244.0.0/22".parse().unwrap(), subnet_len: 24, vni: 1 };
+        let mut taken = BTreeSet::new();
+        assert_eq!(pick_subnet(&config, &taken, None).unwrap().to_string(), "10.244.1.0/24");
+        let pref = "10.244.3.7/24".parse().ok();
+        assert_eq!(pick_subnet(&config, &taken, pref).unwrap().to_string(), "10.244.3.0/24");
+        taken.insert("10.244.1.0/24".parse().unwrap());
+        taken.insert("10.244.3.0/24".parse().unwrap());
+        assert_eq!(pick_subnet(&config, &taken, pref).unwrap().to_string(), "10.244.2.0/24");
+        taken.insert("10.244.2.0/24".parse().unwrap());
+        let err = pick_subnet(&config, &taken, None).unwrap_err().to_string();
+        assert!(err.contains("no free subnet of /24 left in 10.244.0.0/22"), "{err}");
+        let bad = NetworkConfig { subnet_len: 20, ..config };
+        assert!(bad.check().is_err());
+    }
+}
