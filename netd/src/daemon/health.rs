@@ -1,0 +1,106 @@
+//! `/healthz`, `/readyz` and Prometheus `/metrics` over plain HTTP/1.1.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use crate::vxlan::Overlay;
+
+/// What the daemon shares with the health endpoint.
+#[derive(Default)]
+pub struct Shared {
+    /// The running overlay, once started.
+    pub overlay: Mutex<Option<Overlay>>,
+    /// Registry reachable and our lease held.
+    pub registry_connected: Mutex<bool>,
+    /// Last full resync from the registry.
+    pub last_sync: Mutex<Option<Instant>>,
+    /// Peers refused by the registry layer or validation, last pass.
+    pub registry_errors: Mutex<u64>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Shared {
+    /// Ready: the overlay has been programmed once without error.
+    pub fn ready(&self) -> bool {
+        lock(&self.overlay).as_ref().is_some_and(|o| {
+            let status = o.status();
+            status.last.is_some() && status.last_error.is_none()
+        })
+    }
+
+    /// The Prometheus text exposition.
+    pub fn metrics(&self) -> String {
+        let status = lock(&self.overlay).as_ref().map(Overlay::status).unwrap_or_default();
+        let connected = *lock(&self.registry_connected);
+        let since_sync = lock(&self.last_sync).map(|t| t.elapsed().as_secs_f64()).unwrap_or(-1.0);
+        let last = status.last.as_ref();
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        };
+        metric("netd_peers_programmed", "gauge", "Peers programmed on the VXLAN device.", status.peers as f64);
+        metric(
+            "netd_peers_rejected",
+            "gauge",
+            "Peers refused by validation in the last pass.",
+            last.map_or(0, |r| r.rejected.len()) as f64,
+        );
+        metric(
+            "netd_reconcile_seconds",
+            "gauge",
+            "Duration of the last reconcile pass.",
+            last.map_or(0.0, |r| r.elapsed.as_secs_f64()),
+        );
+        metric("netd_reconciles_total", "counter", "Reconcile passes run.", status.reconciles as f64);
+        metric("netd_netlink_errors_total", "counter", "Kernel writes refused.", status.netlink_errors as f64);
+        metric("netd_device_repairs_total", "counter", "VXLAN device drift repairs.", status.repairs as f64);
+        metric("netd_registry_connected", "gauge", "1 when the registry is reachable.", f64::from(u8::from(connected)));
+        metric(
+            "netd_seconds_since_last_sync",
+            "gauge",
+            "Seconds since the last full registry resync (-1: never).",
+            since_sync,
+        );
+        metric("netd_ready", "gauge", "1 once the overlay is programmed.", f64::from(u8::from(self.ready())));
+        out
+    }
+}
+
+/// Serves until the task is dropped.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else { continue };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let Ok(n) = stream.read(&mut buf).await else { return };
+            let request = String::from_utf8_lossy(&buf[..n]);
+            let path = request.split_whitespace().nth(1).unwrap_or("/");
+            let (code, body) = match path {
+                "/healthz" => ("200 OK", "ok\n".to_string()),
+                "/readyz" if shared.ready() => ("200 OK", "ready\n".to_string()),
+                "/readyz" => ("503 Service Unavailable", "overlay not programmed yet\n".to_string()),
+                "/metrics" => ("200 OK", shared.metrics()),
+                _ => ("404 Not Found", "not found\n".to_string()),
+            };
+            let response = format!(
+                "HTTP/1.1 {code}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+        });
+    }
+}
+
+/// Binds the health listener.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
