@@ -3,93 +3,54 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use netd::registry::embedded::EmbeddedRegistry;
 use netd::registry::NetworkConfig;
-use netd::testing::{self, Cluster, Node};
+use netd::testing::{self, Cluster, NetdProcess, Node, HEALTH_ADDR};
 
 const NETD: &str = env!("CARGO_BIN_EXE_netd");
 
-/// A `netd run` process inside a node's namespace; killed on drop.
-struct Daemon {
-    child: Option<Child>,
-    log: PathBuf,
-}
+/// `netd run` for `node` on the embedded registry, state under `state/<node>`.
+struct Daemon(NetdProcess);
 
 impl Daemon {
     fn start(node: &Node, registry: &Path, state: &Path) -> Self {
         let dir = state.join(&node.name);
         std::fs::create_dir_all(&dir).unwrap();
-        let log = dir.join("netd.log");
-        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
-        let child = node
-            .ns
-            .run(|| {
-                Command::new(NETD)
-                    .args(["run", "--node-name", &node.name, "--iface", "eth0"])
-                    .arg("--registry")
-                    .arg(format!("embedded:{}", registry.display()))
-                    .arg("--state-dir")
-                    .arg(&dir)
-                    .arg("--subnet-env")
-                    .arg(dir.join("subnet.env"))
-                    .stdout(Stdio::null())
-                    .stderr(log_file)
-                    .spawn()
-                    .unwrap()
-            })
-            .unwrap();
-        Self { child: Some(child), log }
+        let args: Vec<std::ffi::OsString> = vec![
+            "run".into(),
+            "--node-name".into(),
+            node.name.clone().into(),
+            "--iface".into(),
+            "eth0".into(),
+            format!("--registry=embedded:{}", registry.display()).into(),
+            "--state-dir".into(),
+            dir.clone().into(),
+            "--subnet-env".into(),
+            dir.join("subnet.env").into(),
+        ];
+        Self(NetdProcess::spawn(&node.ns, Path::new(NETD), args, &dir.join("netd.log")).unwrap())
     }
 
-    fn signal(&mut self, sig: i32) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: kill(2) on our own child's pid.
-            unsafe { libc::kill(child.id() as i32, sig) };
-            let status = child.wait().unwrap();
-            if sig == libc::SIGTERM {
-                assert!(status.success(), "netd exited with {status} on SIGTERM:\n{}", self.log());
-            }
-        }
+    fn sigterm(&mut self) {
+        let status = self.0.signal(libc::SIGTERM).unwrap();
+        assert!(status.is_some_and(|s| s.success()), "netd exited with {status:?} on SIGTERM:\n{}", self.log());
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.0.log()
     }
 }
 
 fn http_get(node: &Node, path: &str) -> Option<String> {
-    node.ns
-        .run(|| {
-            let mut stream =
-                TcpStream::connect_timeout(&"127.0.0.1:9617".parse().unwrap(), Duration::from_secs(1)).ok()?;
-            stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-            write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").ok()?;
-            let mut response = String::new();
-            stream.read_to_string(&mut response).ok()?;
-            Some(response)
-        })
-        .ok()
-        .flatten()
+    testing::http_get(&node.ns, HEALTH_ADDR, path)
 }
 
 fn metric(node: &Node, name: &str) -> Option<f64> {
-    let body = http_get(node, "/metrics")?;
-    body.lines().find_map(|l| l.strip_prefix(&format!("{name} ")).and_then(|v| v.trim().parse().ok()))
+    testing::metric(&node.ns, name)
 }
 
 fn wait_for(what: &str, daemons: &[&Daemon], mut check: impl FnMut() -> bool) {
@@ -162,7 +123,7 @@ fn daemons_keep_pods_talking_through_registry_outage_restart_and_bad_data() {
         metric(&cluster.nodes[1], "netd_registry_connected") == Some(0.0)
     });
     assert!(ping(&cluster, 0, 1), "traffic continues while the registry is down");
-    daemons[1].signal(libc::SIGTERM);
+    daemons[1].sigterm();
     assert!(cluster.nodes[1].ns.ip(&["link", "show", "flannel.1"]).is_ok(), "SIGTERM leaves the device");
     assert!(ping(&cluster, 0, 1), "pods keep talking while netd is stopped");
     daemons[1] = Daemon::start(&cluster.nodes[1], &registry_path, state.path());
@@ -190,7 +151,7 @@ fn daemons_keep_pods_talking_through_registry_outage_restart_and_bad_data() {
     assert!(ping(&cluster, 1, 0));
 
     // cleanup removes what netd made.
-    daemons[2].signal(libc::SIGTERM);
+    daemons[2].sigterm();
     let dir = state.path().join("node-3");
     let out = cluster.nodes[2]
         .ns

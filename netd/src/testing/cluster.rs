@@ -46,6 +46,8 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
     underlay: NetNs,
     bridge: Bridge,
+    /// Nodes get a pre-made `cni0` (else a CNI bridge plugin makes it).
+    cni0: bool,
 }
 
 impl Node {
@@ -96,13 +98,26 @@ impl Cluster {
     pub fn new(nodes: u8, pods_per_node: usize) -> Result<Self, HarnessError> {
         let underlay = NetNs::new()?;
         let bridge = Bridge::new(Some(&underlay), "br-underlay")?;
-        let mut cluster = Self { nodes: Vec::new(), underlay, bridge };
+        let mut cluster = Self { nodes: Vec::new(), underlay, bridge, cni0: true };
         for number in 1..=nodes {
             let node = cluster.boot_node(number)?;
             cluster.nodes.push(node);
             for _ in 0..pods_per_node {
                 cluster.nodes[usize::from(number - 1)].add_pod(None)?;
             }
+        }
+        Ok(cluster)
+    }
+
+    /// `nodes` nodes with only their underlay `eth0`: no `cni0`, no pods;
+    /// pods are attached with a CNI plugin, which creates the bridge.
+    pub fn bare(nodes: u8) -> Result<Self, HarnessError> {
+        let underlay = NetNs::new()?;
+        let bridge = Bridge::new(Some(&underlay), "br-underlay")?;
+        let mut cluster = Self { nodes: Vec::new(), underlay, bridge, cni0: false };
+        for number in 1..=nodes {
+            let node = cluster.boot_node(number)?;
+            cluster.nodes.push(node);
         }
         Ok(cluster)
     }
@@ -115,9 +130,11 @@ impl Cluster {
         // A NIC keeps its MAC across reboots; peers' ARP caches rely on it.
         ns.ip(&["link", "set", "eth0", "address", &format!("02:50:00:00:00:{number:02x}")])?;
         ns.ip(&["addr", "add", &format!("192.168.50.{}/24", 10 + number), "dev", "eth0"])?;
-        ns.ip(&["link", "add", "cni0", "type", "bridge"])?;
-        ns.ip(&["addr", "add", &format!("10.244.{number}.1/24"), "dev", "cni0"])?;
-        ns.ip(&["link", "set", "cni0", "up"])?;
+        if self.cni0 {
+            ns.ip(&["link", "add", "cni0", "type", "bridge"])?;
+            ns.ip(&["addr", "add", &format!("10.244.{number}.1/24"), "dev", "cni0"])?;
+            ns.ip(&["link", "set", "cni0", "up"])?;
+        }
         ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
         Ok(Node { number, name: format!("node-{number}"), ns, pods: Vec::new(), _uplink: uplink })
     }

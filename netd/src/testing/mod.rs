@@ -33,12 +33,14 @@ mod cluster;
 mod cni;
 mod links;
 mod netns;
+mod process;
 
 pub use cgroup::Cgroup;
 pub use cluster::{Cluster, Node, Pod, CLUSTER_NETWORK};
 pub use cni::{plugin_dir_of, CniCall, CniRunner, DEBIAN_CNI_DIR};
 pub use links::{unique_ifname, Bridge, VethPair};
 pub use netns::{NetNs, NetNsGuard};
+pub use process::{http_get, metric, NetdProcess, HEALTH_ADDR};
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
