@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_vxlan;
+mod demo;
 mod setup;
 mod test;
 
@@ -15,6 +16,8 @@ const USAGE: &str = "\
 usage: cargo xtask <task>
 
 tasks:
+  demo    the main job: a 3-node cluster in network namespaces, pods across nodes, a node
+          reboot with the registry stopped (root; installs what it needs; leaves nothing behind)
   setup   install (idempotently) the Debian packages netd needs to build, test and demo
   test    run every test, unprivileged and privileged (root; network namespaces),
           and check that no namespace, link or cgroup is left behind
@@ -33,6 +36,7 @@ fn main() -> Result<()> {
         "setup" => setup::run(),
         "test" => test::run(),
         "ci" => ci(),
+        "demo" => demo::run(),
         "bench" => bench::run(args.get(1).map(String::as_str)),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");

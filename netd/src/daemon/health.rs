@@ -80,9 +80,17 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         let Ok((mut stream, _)) = listener.accept().await else { continue };
         let shared = shared.clone();
         tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let Ok(n) = stream.read(&mut buf).await else { return };
-            let request = String::from_utf8_lossy(&buf[..n]);
+            // Read the whole request head: answering and closing with unread
+            // bytes would reset the connection before the client reads.
+            let mut buf = Vec::with_capacity(1024);
+            let mut chunk = [0u8; 1024];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16 * 1024 {
+                match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let request = String::from_utf8_lossy(&buf);
             let path = request.split_whitespace().nth(1).unwrap_or("/");
             let (code, body) = match path {
                 "/healthz" => ("200 OK", "ok\n".to_string()),
@@ -96,6 +104,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 body.len()
             );
             let _ = stream.write_all(response.as_bytes()).await;
+            let _ = stream.shutdown().await;
         });
     }
 }
