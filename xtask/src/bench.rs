@@ -14,11 +14,13 @@ pub fn run(which: Option<&str>) -> Result<()> {
     match which.unwrap_or("all") {
         "cni" => cni(200),
         "vxlan" => crate::bench_vxlan::run(5),
+        "rss" => crate::bench_rss::run(1_000),
         "all" => {
             cni(200)?;
-            crate::bench_vxlan::run(5)
+            crate::bench_vxlan::run(5)?;
+            crate::bench_rss::run(1_000)
         }
-        other => bail!("unknown benchmark `{other}` (known: cni, vxlan, all)"),
+        other => bail!("unknown benchmark `{other}` (known: cni, vxlan, rss, all)"),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Developer and CI tasks: `cargo xtask <setup|test|bench|ci>`.
 
 mod bench;
+mod bench_rss;
 mod bench_vxlan;
 mod demo;
 mod setup;
@@ -21,7 +22,7 @@ tasks:
   setup   install (idempotently) the Debian packages netd needs to build, test and demo
   test    run every test, unprivileged and privileged (root; network namespaces),
           and check that no namespace, link or cgroup is left behind
-  bench [cni|vxlan|all]
+  bench [cni|vxlan|rss|all]
           side-by-side benchmarks needing namespaces or external tools (root)
   ci      setup, fmt check, clippy, build, test, bench --no-run, doc: what CI runs
 ";

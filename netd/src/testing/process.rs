@@ -49,6 +49,11 @@ impl NetdProcess {
         child.wait().map(Some).map_err(|e| HarnessError::io("waiting for a child", e))
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Everything the process logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
