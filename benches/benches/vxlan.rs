@@ -10,41 +10,12 @@
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use netd::ipam::MacAddr;
 use netd::netlink::Handle;
-use netd::testing::{self, NetNs};
-use netd::vxlan::{Lease, OverlayConfig, Reconciler, FLANNEL_VXLAN_PORT};
-
-const OWN_IP: Ipv4Addr = Ipv4Addr::new(172, 16, 0, 1);
-
-fn peer(i: u32) -> Lease {
-    Lease {
-        subnet: ipnet::Ipv4Net::new(Ipv4Addr::new(10, (i >> 8) as u8, i as u8, 0), 24).unwrap(),
-        public_ip: Ipv4Addr::from(u32::from(OWN_IP) + 9 + i),
-        vtep_mac: MacAddr([0x0e, 0, 0, (i >> 16) as u8, (i >> 8) as u8, i as u8]),
-        node: None,
-    }
-}
-
-fn config() -> OverlayConfig {
-    OverlayConfig {
-        network: "10.0.0.0/8".parse().unwrap(),
-        own: Lease {
-            subnet: "10.0.0.0/24".parse().unwrap(),
-            public_ip: OWN_IP,
-            vtep_mac: MacAddr([0x0e, 0xff, 0, 0, 0, 1]),
-            node: None,
-        },
-        vni: 1,
-        port: FLANNEL_VXLAN_PORT,
-        underlay: "eth0".into(),
-        direct_routing: false,
-    }
-}
+use netd::testing::{self, synthetic_config as config, synthetic_node, synthetic_peer as peer};
+use netd::vxlan::{Lease, Reconciler};
 
 fn delete_device(handle: &mut Handle) {
     if let Some(link) = handle.link().get("flannel.1").unwrap() {
@@ -57,10 +28,7 @@ fn bench(c: &mut Criterion) {
         eprintln!("vxlan benchmarks need root (network namespaces); skipped");
         return;
     };
-    let ns = NetNs::new().unwrap();
-    ns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"]).unwrap();
-    ns.ip(&["addr", "add", &format!("{OWN_IP}/12"), "dev", "eth0"]).unwrap();
-    ns.ip(&["link", "set", "eth0", "up"]).unwrap();
+    let ns = synthetic_node().unwrap();
     let _inside = ns.enter().unwrap();
     let mut handle = Handle::new().unwrap();
 

@@ -20,18 +20,7 @@ impl Daemon {
     fn start(node: &Node, registry: &Path, state: &Path) -> Self {
         let dir = state.join(&node.name);
         std::fs::create_dir_all(&dir).unwrap();
-        let args: Vec<std::ffi::OsString> = vec![
-            "run".into(),
-            "--node-name".into(),
-            node.name.clone().into(),
-            "--iface".into(),
-            "eth0".into(),
-            format!("--registry=embedded:{}", registry.display()).into(),
-            "--state-dir".into(),
-            dir.clone().into(),
-            "--subnet-env".into(),
-            dir.join("subnet.env").into(),
-        ];
+        let args = testing::netd_run_args(&node.name, &format!("embedded:{}", registry.display()), &dir);
         Self(NetdProcess::spawn(&node.ns, Path::new(NETD), args, &dir.join("netd.log")).unwrap())
     }
 

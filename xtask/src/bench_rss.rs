@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use netd::registry::embedded::EmbeddedRegistry;
-use netd::registry::flannel::LeaseAttrs;
+use netd::registry::flannel::{subnet_key, LeaseAttrs};
 use netd::registry::NetworkConfig;
-use netd::testing::{self, metric, NetNs, NetdProcess};
+use netd::testing::{self, metric, netd_run_args, synthetic_node, synthetic_peer, NetdProcess};
 
 use crate::bench::machine;
 use crate::{cargo, workspace_root};
@@ -31,34 +31,14 @@ pub fn run(peers: u32) -> Result<()> {
     EmbeddedRegistry::create(&registry_path, &config)?;
     let registry = EmbeddedRegistry::open(&registry_path, Duration::from_millis(100));
     for i in 1..=peers {
-        let ip = std::net::Ipv4Addr::from(0xac10_0000u32 + 10 + i);
-        let mac = netd::ipam::MacAddr([0x0e, 0, 0, (i >> 16) as u8, (i >> 8) as u8, i as u8]);
-        let key = format!("10.{}.{}.0-24", (i >> 8) as u8, i as u8);
-        registry.put_raw_lease(
-            &key,
-            &format!("peer-{i}"),
-            &LeaseAttrs::vxlan(ip, 1, mac).to_json(),
-            Duration::from_secs(3600),
-        )?;
+        let p = synthetic_peer(i);
+        let attrs = LeaseAttrs::vxlan(p.public_ip, 1, p.vtep_mac).to_json();
+        registry.put_raw_lease(&subnet_key(p.subnet), &format!("peer-{i}"), &attrs, Duration::from_secs(3600))?;
     }
-    let ns = NetNs::new()?;
-    ns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"])?;
-    ns.ip(&["addr", "add", "172.16.0.1/12", "dev", "eth0"])?;
-    ns.ip(&["link", "set", "eth0", "up"])?;
+    let ns = synthetic_node()?;
     let state = dir.path().join("state");
     std::fs::create_dir_all(&state)?;
-    let args: Vec<std::ffi::OsString> = vec![
-        "run".into(),
-        "--node-name".into(),
-        "bench-node".into(),
-        "--iface".into(),
-        "eth0".into(),
-        format!("--registry=embedded:{}", registry_path.display()).into(),
-        "--state-dir".into(),
-        state.clone().into(),
-        "--subnet-env".into(),
-        state.join("subnet.env").into(),
-    ];
+    let args = netd_run_args("bench-node", &format!("embedded:{}", registry_path.display()), &state);
     let netd = workspace_root().join("target/release/netd");
     let daemon = NetdProcess::spawn(&ns, Path::new(&netd), args, &state.join("netd.log"))?;
     let started = Instant::now();

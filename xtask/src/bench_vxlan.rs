@@ -6,57 +6,19 @@
 //! reconcile and the snapshot-restore time.
 
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use netd::ipam::MacAddr;
 use netd::snapshot::Snapshot;
-use netd::testing::{self, NetNs};
-use netd::vxlan::{Lease, OverlayConfig, FLANNEL_VXLAN_PORT};
+use netd::testing::{
+    self, synthetic_config as config, synthetic_node as fresh_node, synthetic_peer as peer, NetNs,
+    SYNTHETIC_OWN_IP as OWN_IP,
+};
 
 use crate::bench::{machine, ms, percentile};
 use crate::{cargo, workspace_root};
-
-const OWN_IP: Ipv4Addr = Ipv4Addr::new(172, 16, 0, 1);
-
-fn peer(i: u32) -> Lease {
-    let subnet = ipnet::Ipv4Net::new(Ipv4Addr::new(10, (i >> 8) as u8, i as u8, 0), 24).unwrap_or_default();
-    Lease {
-        subnet,
-        public_ip: Ipv4Addr::from(u32::from(OWN_IP) + 9 + i),
-        vtep_mac: MacAddr([0x0e, 0, 0, (i >> 16) as u8, (i >> 8) as u8, i as u8]),
-        node: None,
-    }
-}
-
-fn config() -> OverlayConfig {
-    OverlayConfig {
-        network: "10.0.0.0/8".parse().unwrap_or_default(),
-        own: Lease {
-            subnet: "10.0.0.0/24".parse().unwrap_or_default(),
-            public_ip: OWN_IP,
-            vtep_mac: MacAddr([0x0e, 0xff, 0, 0, 0, 1]),
-            node: None,
-        },
-        vni: 1,
-        port: FLANNEL_VXLAN_PORT,
-        underlay: "eth0".into(),
-        direct_routing: false,
-    }
-}
-
-/// A fresh namespace with an underlay `eth0` (a veth whose peer stays in it).
-fn fresh_node() -> Result<NetNs> {
-    let ns = NetNs::new()?;
-    ns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"])?;
-    ns.ip(&["addr", "add", &format!("{OWN_IP}/12"), "dev", "eth0"])?;
-    ns.ip(&["link", "set", "eth0", "up"])?;
-    ns.ip(&["link", "set", "eth0p", "up"])?;
-    Ok(ns)
-}
 
 /// flannel's device, made with `ip` as the baselines' starting point.
 fn flannel_device(ns: &NetNs) -> Result<()> {

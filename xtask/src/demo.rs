@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use netd::registry::embedded::EmbeddedRegistry;
 use netd::registry::NetworkConfig;
-use netd::testing::{self, metric, Cluster, CniCall, CniRunner, NetNs, NetdProcess, DEBIAN_CNI_DIR, HEALTH_ADDR};
+use netd::testing::{
+    self, metric, netd_run_args, Cluster, CniCall, CniRunner, NetNs, NetdProcess, DEBIAN_CNI_DIR, HEALTH_ADDR,
+};
 
 use crate::{cargo, setup, workspace_root};
 
@@ -40,18 +42,7 @@ impl Demo {
         let node = self.cluster.node(number).context("no such node")?;
         let dir = self.node_dir(number);
         std::fs::create_dir_all(&dir)?;
-        let args: Vec<std::ffi::OsString> = vec![
-            "run".into(),
-            "--node-name".into(),
-            node.name.clone().into(),
-            "--iface".into(),
-            "eth0".into(),
-            format!("--registry=embedded:{}", self.registry.display()).into(),
-            "--state-dir".into(),
-            dir.clone().into(),
-            "--subnet-env".into(),
-            dir.join("subnet.env").into(),
-        ];
+        let args = netd_run_args(&node.name, &format!("embedded:{}", self.registry.display()), &dir);
         let started = Instant::now();
         let process = NetdProcess::spawn(&node.ns, &self.bin.join("netd"), args, &dir.join("netd.log"))?;
         self.daemons[usize::from(number - 1)] = Some(process);

@@ -34,13 +34,15 @@ mod cni;
 mod links;
 mod netns;
 mod process;
+mod synthetic;
 
 pub use cgroup::Cgroup;
 pub use cluster::{Cluster, Node, Pod, CLUSTER_NETWORK};
 pub use cni::{plugin_dir_of, CniCall, CniRunner, DEBIAN_CNI_DIR};
 pub use links::{unique_ifname, Bridge, VethPair};
 pub use netns::{NetNs, NetNsGuard};
-pub use process::{http_get, metric, NetdProcess, HEALTH_ADDR};
+pub use process::{http_get, metric, netd_run_args, NetdProcess, HEALTH_ADDR};
+pub use synthetic::{synthetic_config, synthetic_node, synthetic_peer, SYNTHETIC_OWN_IP};
 
 use std::fs::{self, File, OpenOptions};
 use std::io;

@@ -69,6 +69,23 @@ impl Drop for NetdProcess {
     }
 }
 
+/// Arguments of `netd run` for a test node: `--iface eth0`, the registry
+/// spec, state and subnet.env under `state_dir`.
+pub fn netd_run_args(node: &str, registry: &str, state_dir: &Path) -> Vec<std::ffi::OsString> {
+    vec![
+        "run".into(),
+        "--node-name".into(),
+        node.into(),
+        "--iface".into(),
+        "eth0".into(),
+        format!("--registry={registry}").into(),
+        "--state-dir".into(),
+        state_dir.into(),
+        "--subnet-env".into(),
+        state_dir.join("subnet.env").into(),
+    ]
+}
+
 /// `GET path` on `addr` inside `ns`; the raw response, or `None` when
 /// nothing answers.
 pub fn http_get(ns: &NetNs, addr: &str, path: &str) -> Option<String> {
