@@ -20,7 +20,10 @@ impl Daemon {
     fn start(node: &Node, registry: &Path, state: &Path) -> Self {
         let dir = state.join(&node.name);
         std::fs::create_dir_all(&dir).unwrap();
-        let args = testing::netd_run_args(&node.name, &format!("embedded:{}", registry.display()), &dir);
+        let mut args = testing::netd_run_args(&node.name, &format!("embedded:{}", registry.display()), &dir);
+        if node.number == 1 {
+            args.push("--masquerade".into());
+        }
         Self(NetdProcess::spawn(&node.ns, Path::new(NETD), args, &dir.join("netd.log")).unwrap())
     }
 
@@ -83,6 +86,17 @@ fn daemons_keep_pods_talking_through_registry_outage_restart_and_bad_data() {
         assert!(env.contains("FLANNEL_MTU=1450"), "{env}");
     }
     assert!(ping(&cluster, 0, 1) && ping(&cluster, 1, 2) && ping(&cluster, 2, 0));
+    // Node 1 runs with --masquerade: flannel's rules in netd's own table.
+    let env1 = std::fs::read_to_string(state.path().join("node-1/subnet.env")).unwrap();
+    assert!(env1.contains("FLANNEL_IPMASQ=true"), "{env1}");
+    let table =
+        String::from_utf8(cluster.nodes[0].ns.exec("nft", &["list", "table", "ip", "netd-masq"]).unwrap().stdout)
+            .unwrap();
+    assert_eq!(table.matches("masquerade").count(), 2, "{table}");
+    assert!(
+        cluster.nodes[1].ns.exec("nft", &["list", "table", "ip", "netd-masq"]).is_err(),
+        "node 2 has no masquerade"
+    );
     assert_eq!(metric(&cluster.nodes[0], "netd_registry_connected"), Some(1.0));
 
     // Bad registry data is skipped; the other peers are unaffected.
@@ -158,5 +172,24 @@ fn daemons_keep_pods_talking_through_registry_outage_restart_and_bad_data() {
     assert!(cluster.nodes[2].ns.ip(&["link", "show", "flannel.1"]).is_err());
     assert!(!cluster.nodes[2].ns.ip(&["route"]).unwrap().contains("10.244.1.0"));
     assert!(!dir.join("subnet.env").exists());
+    daemons[0].sigterm();
+    let dir1 = state.path().join("node-1");
+    let out = cluster.nodes[0]
+        .ns
+        .run(|| {
+            Command::new(NETD)
+                .args(["cleanup", "--state-dir"])
+                .arg(&dir1)
+                .arg("--subnet-env")
+                .arg(dir1.join("subnet.env"))
+                .output()
+                .unwrap()
+        })
+        .unwrap();
+    assert!(out.status.success());
+    assert!(
+        cluster.nodes[0].ns.exec("nft", &["list", "table", "ip", "netd-masq"]).is_err(),
+        "cleanup removes the table"
+    );
     assert!(dir.join("snapshot.json").exists(), "state is kept without --purge-state");
 }

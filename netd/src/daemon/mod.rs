@@ -270,6 +270,16 @@ impl Daemon {
         }
     }
 
+    /// Someone flushed or edited our nftables table: put it back.
+    fn repair_masquerade(&mut self) {
+        let Some((network, subnet)) = self.masquerade_applied else { return };
+        match Masquerade::new(network, subnet).and_then(|m| m.ensure()) {
+            Ok(true) => tracing::warn!("masquerade rules had drifted; re-applied"),
+            Ok(false) => {}
+            Err(error) => tracing::warn!(%error, "cannot check masquerade rules"),
+        }
+    }
+
     async fn registry_loop(&mut self) -> Result<(), DaemonError> {
         match self.config.registry.clone() {
             RegistrySpec::Embedded(path) => {
@@ -345,6 +355,7 @@ impl Daemon {
                     }
                 },
                 _ = renew.tick() => {
+                    self.repair_masquerade();
                     let due = own.expires_at.is_some_and(|t| t.duration_since(SystemTime::now()).unwrap_or_default() < RENEW_MARGIN);
                     if due {
                         match registry.renew_lease(&own).await {
