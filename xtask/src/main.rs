@@ -4,6 +4,7 @@ mod bench;
 mod bench_rss;
 mod bench_vxlan;
 mod demo;
+mod kube;
 mod setup;
 mod test;
 

@@ -47,7 +47,7 @@ pub fn run() -> Result<()> {
     let missing: Vec<&str> = PACKAGES.iter().map(|(name, _)| *name).filter(|name| !installed(name)).collect();
     if missing.is_empty() {
         println!("setup: all {} Debian packages already installed", PACKAGES.len());
-        return Ok(());
+        return crate::kube::ensure_kube_apiserver().map(|_| ());
     }
     // apt needs root: say so plainly instead of failing deep inside apt.
     if !is_root() {
@@ -63,7 +63,7 @@ pub fn run() -> Result<()> {
         bail!("setup: apt-get reported success but {still:?} are still not installed");
     }
     println!("setup: installed {}", missing.join(" "));
-    Ok(())
+    crate::kube::ensure_kube_apiserver().map(|_| ())
 }
 
 fn is_root() -> bool {

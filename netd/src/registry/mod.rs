@@ -3,7 +3,7 @@
 //!
 //! - [`embedded`]: a SQLite file shared by the netd processes of one host
 //!   (single-host installs, the demo's multi-node cluster); no server.
-//! - `etcd`: flannel's v3 layout (`/coreos.com/network/…`) exactly.
+//! - [`etcd`]: flannel's v3 layout (`/coreos.com/network/…`) exactly.
 //! - `kubernetes`: node objects with flannel's annotations.
 //!
 //! The wire formats flannel peers parse live in [`flannel`].
@@ -17,7 +17,9 @@
 //! - our own lease never appears among the peers.
 
 pub mod embedded;
+pub mod etcd;
 pub mod flannel;
+pub mod kubernetes;
 
 use std::collections::BTreeSet;
 use std::future::Future;

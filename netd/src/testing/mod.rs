@@ -31,6 +31,8 @@
 mod cgroup;
 mod cluster;
 mod cni;
+mod etcd;
+mod kube;
 mod links;
 mod netns;
 mod process;
@@ -39,6 +41,8 @@ mod synthetic;
 pub use cgroup::Cgroup;
 pub use cluster::{Cluster, Node, Pod, CLUSTER_NETWORK};
 pub use cni::{plugin_dir_of, CniCall, CniRunner, DEBIAN_CNI_DIR};
+pub use etcd::EtcdServer;
+pub use kube::{KubeApiServer, KUBE_APISERVER_BIN, KUBE_APISERVER_ENV, KUBE_APISERVER_VERSION};
 pub use links::{unique_ifname, Bridge, VethPair};
 pub use netns::{NetNs, NetNsGuard};
 pub use process::{http_get, metric, netd_run_args, NetdProcess, HEALTH_ADDR};

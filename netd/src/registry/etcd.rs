@@ -1,0 +1,840 @@
+//! The etcd registry: flannel's v3 layout exactly, so netd nodes and flannel
+//! nodes can share one etcd (3.4 or later) and see each other as peers.
+//!
+//! # Layout
+//!
+//! Under a prefix, `/coreos.com/network` by default (flannel's
+//! `-etcd-prefix`; see [`EtcdRegistry::with_prefix`]):
+//!
+//! | key | value | etcd lease | read by flannel |
+//! |---|---|---|---|
+//! | `<prefix>/config` | `{"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{"Type":"vxlan","VNI":1}}` | none | yes |
+//! | `<prefix>/subnets/10.244.3.0-24` | `{"PublicIP":"192.0.2.7","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"…"}}` | 24 h | yes |
+//! | `<prefix>/nodes/10.244.3.0-24` | the node name, e.g. `edge-7` | the subnet key's | no |
+//! | `<prefix>/autonomy/<node>` | `true` or `false` | none | no |
+//!
+//! The first two are flannel's own and byte-exact (netd writes no other
+//! fields, and reads flannel's additional ones, e.g. `"PublicIPv6":null`).
+//! The last two are netd's: flannel reads only `config` and `subnets/`, so
+//! they are invisible to it. flannel's lease carries no node name, so netd
+//! stores its node name beside the lease in `nodes/<subnet>`, attached to the
+//! same etcd lease so both vanish together; peers that are flannel nodes
+//! (no `nodes/` key) have `Lease::node == None` and are never autonomous.
+//! `autonomy/<node>` holds the flag [`Registry::set_autonomy`] sets; it has
+//! no etcd lease, as autonomy must outlive a node's silence.
+//!
+//! # Semantics
+//!
+//! - **Acquire** (flannel's order): a lease already held by this public IP
+//!   (as flannel reuses it) or by this node name (`nodes/` key) is kept and
+//!   re-published; other leases held by either are stale copies and removed;
+//!   otherwise `previous_subnet` if free, else the first free subnet
+//!   ([`pick_subnet`]). A new key is created in a transaction that compares
+//!   the key's version with 0 (compare-and-swap); losing the race to another
+//!   node means reading again and trying another subnet.
+//! - **Renew**: the key's etcd lease gets a keep-alive (back to 24 h) and the
+//!   value is re-put in a transaction that checks the key was not changed
+//!   meanwhile; a lease that is not a 24 h one is replaced by a fresh one. A
+//!   key that vanished (expired while the node was cut off) is acquired
+//!   again, preferring the same subnet.
+//! - **Watch**: a prefix Get gives the full peer set and a revision R
+//!   ([`PeerEvent::Resync`]); a watch from R + 1 then turns puts into
+//!   [`PeerEvent::Upsert`] and deletes — lease expiry included — into
+//!   [`PeerEvent::Remove`]. Any error, a closed stream or a watch etcd
+//!   cancels (its history was compacted) is returned as
+//!   [`RegistryError::Unreachable`] and makes the next call a resync.
+//!   [`Registry::next_event`] is cancel-safe: dropping it (as a `select!`
+//!   does) loses no event.
+//! - **Bad data** (garbage JSON, wrong types, a non-vxlan backend, a key that
+//!   is not `<ip>-<len>`, a subnet that is not a `/SubnetLen` of the network)
+//!   is skipped with a `tracing::warn!` naming the key and the reason; a peer
+//!   whose value turns bad is removed. Our own subnet is never a peer.
+//! - Every request has a deadline of [`REQUEST_TIMEOUT`]; HTTP/2 keep-alive
+//!   pings notice a silently lost etcd while watching. The client reconnects
+//!   by itself once etcd is back.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::future::Future;
+use std::net::Ipv4Addr;
+use std::time::{Duration, SystemTime};
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KvClient, LeaseClient, PutOptions, Txn, TxnOp,
+    WatchClient, WatchOptions, WatchStream,
+};
+use ipnet::Ipv4Net;
+use netd_ipam::MacAddr;
+
+use super::flannel::{self, LeaseAttrs, CONFIG_KEY, SUBNETS_PREFIX};
+use super::{
+    pick_subnet, LeaseRequest, NetworkConfig, OwnLease, PeerEvent, PeerLease, Registry, RegistryError, LEASE_TTL,
+};
+use crate::vxlan::Lease;
+
+/// flannel's default etcd prefix.
+pub const DEFAULT_PREFIX: &str = "/coreos.com/network";
+/// Deadline of every etcd request (and of connecting).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// HTTP/2 keep-alive ping interval and timeout (etcd refuses pings more
+/// often than every 5 s).
+const KEEPALIVE: Duration = Duration::from_secs(10);
+/// Largest response accepted: a full listing of many thousand nodes.
+const MAX_MESSAGE: usize = 256 << 20;
+/// Compare-and-swap rounds lost in a row before acquiring gives up.
+const CAS_ATTEMPTS: usize = 16;
+
+/// The keys of one prefix.
+#[derive(Debug, Clone)]
+struct Keys {
+    prefix: String,
+    /// `<prefix>/`: everything the watch covers.
+    root: String,
+    config: String,
+    subnets: String,
+    nodes: String,
+    autonomy: String,
+}
+
+/// What a key under the prefix is.
+enum KeyKind<'k> {
+    Config,
+    Subnet(&'k str),
+    Node(&'k str),
+    Autonomy(&'k str),
+    Other,
+}
+
+impl Keys {
+    fn new(prefix: &str) -> Self {
+        let prefix = prefix.trim_end_matches('/').to_string();
+        // flannel's constants, moved under another prefix.
+        let rebase = |key: &str| format!("{prefix}{}", key.strip_prefix(DEFAULT_PREFIX).unwrap_or(key));
+        Self {
+            root: format!("{prefix}/"),
+            config: rebase(CONFIG_KEY),
+            subnets: rebase(SUBNETS_PREFIX),
+            nodes: format!("{prefix}/nodes/"),
+            autonomy: format!("{prefix}/autonomy/"),
+            prefix,
+        }
+    }
+
+    fn subnet(&self, subnet: Ipv4Net) -> String {
+        format!("{}{}", self.subnets, flannel::subnet_key(subnet))
+    }
+
+    fn node(&self, subnet: Ipv4Net) -> String {
+        format!("{}{}", self.nodes, flannel::subnet_key(subnet))
+    }
+
+    fn autonomy(&self, node: &str) -> String {
+        format!("{}{node}", self.autonomy)
+    }
+
+    fn classify<'k>(&self, key: &'k str) -> KeyKind<'k> {
+        if key == self.config {
+            KeyKind::Config
+        } else if let Some(rest) = key.strip_prefix(&self.subnets) {
+            KeyKind::Subnet(rest)
+        } else if let Some(rest) = key.strip_prefix(&self.nodes) {
+            KeyKind::Node(rest)
+        } else if let Some(rest) = key.strip_prefix(&self.autonomy) {
+            KeyKind::Autonomy(rest)
+        } else {
+            KeyKind::Other
+        }
+    }
+}
+
+/// A registry in etcd, in flannel's v3 layout (see the module docs).
+pub struct EtcdRegistry {
+    /// The endpoints, for messages.
+    endpoints: String,
+    kv: KvClient,
+    leases: LeaseClient,
+    watcher: WatchClient,
+    keys: Keys,
+    /// The network config last read.
+    config: Option<NetworkConfig>,
+    /// The running watch; `None`: the next event is a resync.
+    watch: Option<Watching>,
+    /// Peer events decoded but not yet returned.
+    pending: VecDeque<PeerEvent>,
+}
+
+struct Watching {
+    stream: WatchStream,
+    view: View,
+}
+
+impl EtcdRegistry {
+    /// Connects to etcd at `endpoints` (`http://host:port`, or `host:port`)
+    /// and checks that it answers. An etcd that does not answer within
+    /// [`REQUEST_TIMEOUT`] is [`RegistryError::Unreachable`]; malformed
+    /// endpoints are [`RegistryError::BadConfig`].
+    pub async fn connect(endpoints: &[String]) -> Result<Self, RegistryError> {
+        let mut registry = Self::connect_lazy(endpoints).await?;
+        let key = registry.keys.config.clone();
+        let what = format!("reading {key}");
+        rpc(&registry.endpoints, &what, registry.kv.get(key, Some(GetOptions::new().with_count_only()))).await?;
+        Ok(registry)
+    }
+
+    /// Like [`connect`](Self::connect) without the check: nothing is sent
+    /// until the first call, which reports [`RegistryError::Unreachable`] while
+    /// etcd is away. For a daemon that must start while the cloud is down.
+    pub async fn connect_lazy(endpoints: &[String]) -> Result<Self, RegistryError> {
+        let joined = endpoints.join(",");
+        if endpoints.is_empty() {
+            return Err(RegistryError::BadConfig("no etcd endpoint given".into()));
+        }
+        let options = ConnectOptions::new().with_connect_timeout(REQUEST_TIMEOUT).with_keep_alive(KEEPALIVE, KEEPALIVE);
+        let client = Client::connect(endpoints, Some(options)).await.map_err(|e| match e {
+            etcd_client::Error::InvalidUri(_) | etcd_client::Error::InvalidArgs(_) => {
+                RegistryError::BadConfig(format!("etcd endpoints {joined:?}: {e}"))
+            }
+            other => RegistryError::Unreachable(format!("connecting to etcd at {joined}: {other}")),
+        })?;
+        Ok(Self {
+            kv: client.kv_client().max_decoding_message_size(MAX_MESSAGE),
+            leases: client.lease_client(),
+            watcher: client.watch_client().max_decoding_message_size(MAX_MESSAGE),
+            endpoints: joined,
+            keys: Keys::new(DEFAULT_PREFIX),
+            config: None,
+            watch: None,
+            pending: VecDeque::new(),
+        })
+    }
+
+    /// Uses `prefix` instead of [`DEFAULT_PREFIX`] (flannel's `-etcd-prefix`).
+    pub fn with_prefix(mut self, prefix: &str) -> Self {
+        self.keys = Keys::new(prefix);
+        self.watch = None;
+        self.pending.clear();
+        self.config = None;
+        self
+    }
+
+    /// Writes the network config unless one is there: an equal one (parsed,
+    /// whatever its spelling) is fine, a different one is
+    /// [`RegistryError::BadConfig`]. flannel's operators write this key by
+    /// hand; this is the `netd registry init` of the etcd backend.
+    pub async fn put_network_config(&mut self, config: &NetworkConfig) -> Result<(), RegistryError> {
+        config.check()?;
+        let key = self.keys.config.clone();
+        let json = flannel::network_config_json(config);
+        let txn = Txn::new()
+            .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.clone(), json.clone(), None)])
+            .or_else([TxnOp::get(key.clone(), None)]);
+        let what = format!("writing {key}");
+        let response = rpc(&self.endpoints, &what, self.kv.txn(txn)).await?;
+        if response.succeeded() {
+            self.config = Some(*config);
+            return Ok(());
+        }
+        let existing = self.network_config().await?;
+        if existing != *config {
+            return Err(RegistryError::BadConfig(format!(
+                "{key} already holds {}, not {json}",
+                flannel::network_config_json(&existing)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Drops the watch: the next event is a resync.
+    fn lose_watch(&mut self) {
+        self.watch = None;
+        self.pending.clear();
+    }
+
+    /// Every key under the prefix, and the revision of the listing.
+    async fn list(&mut self) -> Result<(i64, Vec<etcd_client::KeyValue>), RegistryError> {
+        let root = self.keys.root.clone();
+        let what = format!("listing {root}");
+        let mut response =
+            rpc(&self.endpoints, &what, self.kv.get(root.clone(), Some(GetOptions::new().with_prefix()))).await?;
+        let revision = response.header().map(|h| h.revision()).ok_or_else(|| {
+            RegistryError::Unreachable(format!("{what}: etcd at {} answered without a revision", self.endpoints))
+        })?;
+        Ok((revision, response.take_kvs()))
+    }
+
+    /// A lease on `id` that lives on for 24 h (keep-alive sent), or `None`
+    /// when `id` is gone or not a 24 h lease.
+    async fn refresh(&mut self, id: i64) -> Result<Option<i64>, RegistryError> {
+        let what = format!("reading etcd lease {id:x}");
+        let status = rpc(&self.endpoints, &what, self.leases.time_to_live(id, None)).await?;
+        if status.ttl() <= 0 || status.granted_ttl() < ttl_secs() {
+            return Ok(None);
+        }
+        let what = format!("keeping etcd lease {id:x} alive");
+        match tokio::time::timeout(REQUEST_TIMEOUT, self.leases.keep_alive(id)).await {
+            Ok(Ok(_keeper)) => Ok(Some(status.granted_ttl())),
+            // Expired between the two requests.
+            Ok(Err(etcd_client::Error::LeaseKeepAliveError(_))) => Ok(None),
+            Ok(Err(e)) => Err(map_error(&self.endpoints, &what, e)),
+            Err(_) => Err(timed_out(&self.endpoints, &what)),
+        }
+    }
+
+    /// A fresh 24 h etcd lease: `(id, ttl)`.
+    async fn grant(&mut self) -> Result<(i64, i64), RegistryError> {
+        let what = format!("granting a {} s etcd lease", ttl_secs());
+        let granted = rpc(&self.endpoints, &what, self.leases.grant(ttl_secs(), None)).await?;
+        Ok((granted.id(), granted.ttl()))
+    }
+
+    /// The lease-key puts of `subnet` on etcd lease `id`, and the name key.
+    fn lease_puts(&self, subnet: Ipv4Net, attrs: &str, node: &str, id: i64) -> Vec<TxnOp> {
+        let mut ops = vec![TxnOp::put(self.keys.subnet(subnet), attrs, Some(PutOptions::new().with_lease(id)))];
+        if !node.is_empty() {
+            ops.push(TxnOp::put(self.keys.node(subnet), node, Some(PutOptions::new().with_lease(id))));
+        }
+        ops
+    }
+
+    /// One acquire round: `Ok(None)` when a compare-and-swap was lost.
+    /// `spare` is a granted etcd lease not attached to anything yet.
+    async fn try_acquire(
+        &mut self,
+        config: &NetworkConfig,
+        request: &LeaseRequest,
+        attrs: &str,
+        spare: &mut Option<(i64, i64)>,
+    ) -> Result<Option<OwnLease>, RegistryError> {
+        let (_, kvs) = self.list().await?;
+        let mut names: BTreeMap<Ipv4Net, String> = BTreeMap::new();
+        // (subnet, mod revision, etcd lease id, public IP when parseable)
+        let mut held: Vec<(Ipv4Net, i64, i64, Option<Ipv4Addr>)> = Vec::new();
+        for kv in &kvs {
+            let Ok(key) = std::str::from_utf8(kv.key()) else { continue };
+            match self.keys.classify(key) {
+                KeyKind::Subnet(rest) => {
+                    let Ok(subnet) = flannel::parse_subnet_key(rest) else { continue };
+                    let ip = LeaseAttrs::parse(kv.value()).ok().map(|a| a.public_ip);
+                    held.push((subnet, kv.mod_revision(), kv.lease(), ip));
+                }
+                KeyKind::Node(rest) => {
+                    if let (Ok(subnet), Ok(name)) = (flannel::parse_subnet_key(rest), std::str::from_utf8(kv.value())) {
+                        names.insert(subnet, name.to_string());
+                    }
+                }
+                _ => {}
+            }
+        }
+        let is_ours = |subnet: &Ipv4Net, ip: Option<Ipv4Addr>| {
+            ip == Some(request.public_ip) || (!request.node.is_empty() && names.get(subnet) == Some(&request.node))
+        };
+        let usable = |s: &Ipv4Net| config.network.contains(s) && s.prefix_len() == config.subnet_len;
+        let ours: Vec<_> = held.iter().filter(|(s, _, _, ip)| is_ours(s, *ip)).copied().collect();
+        let keep = ours
+            .iter()
+            .filter(|(s, ..)| usable(s))
+            .find(|(s, ..)| Some(*s) == request.previous_subnet.map(|p| p.trunc()))
+            .or_else(|| ours.iter().find(|(s, ..)| usable(s)))
+            .copied();
+        for &(subnet, revision, _, _) in ours.iter().filter(|o| Some(**o) != keep) {
+            self.remove_stale(subnet, revision).await?;
+        }
+        let now = SystemTime::now();
+        if let Some((subnet, revision, id, _)) = keep {
+            let refreshed = if id != 0 { self.refresh(id).await? } else { None };
+            let (id, ttl) = match refreshed {
+                Some(ttl) => (id, ttl),
+                None => match spare.take() {
+                    Some(granted) => granted,
+                    None => self.grant().await?,
+                },
+            };
+            let key = self.keys.subnet(subnet);
+            let txn = Txn::new()
+                .when([Compare::mod_revision(key.clone(), CompareOp::Equal, revision)])
+                .and_then(self.lease_puts(subnet, attrs, &request.node, id));
+            let what = format!("re-publishing {key}");
+            if !rpc(&self.endpoints, &what, self.kv.txn(txn)).await?.succeeded() {
+                if refreshed.is_none() {
+                    *spare = Some((id, ttl));
+                }
+                return Ok(None);
+            }
+            return Ok(Some(own_lease(subnet, request, now, ttl)));
+        }
+        let taken: BTreeSet<Ipv4Net> = held.iter().filter(|h| !ours.contains(*h)).map(|h| h.0).collect();
+        let subnet = pick_subnet(config, &taken, request.previous_subnet)?;
+        let (id, ttl) = match spare.take() {
+            Some(granted) => granted,
+            None => self.grant().await?,
+        };
+        let key = self.keys.subnet(subnet);
+        let txn = Txn::new().when([Compare::version(key.clone(), CompareOp::Equal, 0)]).and_then(self.lease_puts(
+            subnet,
+            attrs,
+            &request.node,
+            id,
+        ));
+        let what = format!("creating {key}");
+        if !rpc(&self.endpoints, &what, self.kv.txn(txn)).await?.succeeded() {
+            *spare = Some((id, ttl));
+            tracing::info!(%key, "another node took the subnet first; trying another");
+            return Ok(None);
+        }
+        Ok(Some(own_lease(subnet, request, now, ttl)))
+    }
+
+    /// Deletes a lease of ours that is not the one kept (and its name key),
+    /// unless it changed since it was read.
+    async fn remove_stale(&mut self, subnet: Ipv4Net, revision: i64) -> Result<(), RegistryError> {
+        let key = self.keys.subnet(subnet);
+        tracing::info!(%key, "removing a stale lease of this node");
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key.clone(), CompareOp::Equal, revision)])
+            .and_then([TxnOp::delete(key.clone(), None), TxnOp::delete(self.keys.node(subnet), None)]);
+        let what = format!("deleting stale {key}");
+        rpc(&self.endpoints, &what, self.kv.txn(txn)).await?;
+        Ok(())
+    }
+
+    /// The full peer set, and a watch from just after it.
+    async fn resync(&mut self, own_subnet: Ipv4Net) -> Result<PeerEvent, RegistryError> {
+        let (revision, kvs) = self.list().await?;
+        let config_kv = kvs.iter().find(|kv| kv.key() == self.keys.config.as_bytes());
+        let config = match (config_kv.map(|kv| flannel::parse_network_config(kv.value())), self.config) {
+            (Some(Ok(config)), _) => config,
+            (Some(Err(error)), Some(known)) => {
+                tracing::warn!(key = %self.keys.config, %error, "network config unreadable; keeping the one read before");
+                known
+            }
+            (None, Some(known)) => {
+                tracing::warn!(key = %self.keys.config, "network config gone; keeping the one read before");
+                known
+            }
+            (Some(Err(error)), None) => return Err(config_error(&self.keys.config, error)),
+            (None, None) => return Err(missing_config(&self.keys.config, &self.endpoints)),
+        };
+        self.config = Some(config);
+        let mut view = View::new(config, own_subnet);
+        for kv in &kvs {
+            view.apply(&self.keys, kv.key(), Some(kv.value()));
+        }
+        view.known = view.peers();
+        let root = self.keys.root.clone();
+        let what = format!("watching {root}");
+        let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
+        let stream = rpc(&self.endpoints, &what, self.watcher.watch(root, Some(options))).await?;
+        let peers = view.known.values().cloned().collect();
+        self.watch = Some(Watching { stream, view });
+        self.pending.clear();
+        Ok(PeerEvent::Resync(peers))
+    }
+}
+
+impl Registry for EtcdRegistry {
+    fn describe(&self) -> String {
+        format!("etcd {} (prefix {})", self.endpoints, self.keys.prefix)
+    }
+
+    async fn network_config(&mut self) -> Result<NetworkConfig, RegistryError> {
+        let key = self.keys.config.clone();
+        let what = format!("reading {key}");
+        let response = rpc(&self.endpoints, &what, self.kv.get(key.clone(), None)).await?;
+        let kv = response.kvs().first().ok_or_else(|| missing_config(&key, &self.endpoints))?;
+        let config = flannel::parse_network_config(kv.value()).map_err(|e| config_error(&key, e))?;
+        self.config = Some(config);
+        Ok(config)
+    }
+
+    async fn acquire_lease(
+        &mut self,
+        config: &NetworkConfig,
+        request: &LeaseRequest,
+    ) -> Result<OwnLease, RegistryError> {
+        config.check()?;
+        let attrs = LeaseAttrs::vxlan(request.public_ip, config.vni, request.vtep_mac).to_json();
+        let mut spare = None;
+        let mut outcome = Err(RegistryError::Refused {
+            what: format!("acquiring a lease under {}", self.keys.subnets),
+            reason: format!("lost the compare-and-swap to other writers {CAS_ATTEMPTS} times in a row"),
+        });
+        for _ in 0..CAS_ATTEMPTS {
+            match self.try_acquire(config, request, &attrs, &mut spare).await {
+                Ok(None) => continue,
+                Ok(Some(own)) => {
+                    outcome = Ok(own);
+                    break;
+                }
+                Err(e) => {
+                    outcome = Err(e);
+                    break;
+                }
+            }
+        }
+        if let Some((id, _)) = spare {
+            // Granted but not used: give it back (it would expire anyway).
+            let _ = tokio::time::timeout(REQUEST_TIMEOUT, self.leases.revoke(id)).await;
+        }
+        outcome
+    }
+
+    async fn renew_lease(&mut self, lease: &OwnLease) -> Result<OwnLease, RegistryError> {
+        let config = match self.config {
+            Some(config) => config,
+            None => self.network_config().await?,
+        };
+        // Acquiring finds the key by public IP or node name, keeps its etcd
+        // lease alive and re-puts the value; a vanished key is taken again,
+        // the same subnet first.
+        let request = LeaseRequest {
+            node: lease.lease.node.clone().unwrap_or_default(),
+            public_ip: lease.lease.public_ip,
+            vtep_mac: lease.lease.vtep_mac,
+            previous_subnet: Some(lease.lease.subnet),
+        };
+        self.acquire_lease(&config, &request).await
+    }
+
+    async fn next_event(&mut self, own_subnet: Ipv4Net) -> Result<PeerEvent, RegistryError> {
+        if self.watch.as_ref().is_some_and(|w| w.view.own != own_subnet) {
+            // Our lease moved: what is a peer changed.
+            self.lose_watch();
+        }
+        loop {
+            if let Some(event) = self.pending.pop_front() {
+                return Ok(event);
+            }
+            let Some(watching) = self.watch.as_mut() else {
+                return self.resync(own_subnet).await;
+            };
+            // Cancel-safe: a message is either still in the stream or fully
+            // decoded into `pending` below without another await.
+            let message = watching.stream.message().await;
+            let root = &self.keys.root;
+            let failure = match message {
+                Ok(Some(response)) if response.canceled() => {
+                    let why = if response.compact_revision() > 0 {
+                        format!("its history was compacted up to revision {}", response.compact_revision())
+                    } else {
+                        format!("etcd cancelled it ({})", response.cancel_reason())
+                    };
+                    RegistryError::Unreachable(format!(
+                        "the watch of {root} on etcd {} ended: {why}; the next call resyncs",
+                        self.endpoints
+                    ))
+                }
+                Ok(Some(response)) => {
+                    let mut affected = BTreeSet::new();
+                    for event in response.events() {
+                        let Some(kv) = event.kv() else { continue };
+                        let value = match event.event_type() {
+                            EventType::Put => Some(kv.value()),
+                            EventType::Delete => None,
+                        };
+                        affected.extend(watching.view.apply(&self.keys, kv.key(), value));
+                    }
+                    self.pending.extend(watching.view.settle(affected));
+                    continue;
+                }
+                Ok(None) => RegistryError::Unreachable(format!(
+                    "etcd {} closed the watch of {root}; the next call resyncs",
+                    self.endpoints
+                )),
+                Err(e) => map_error(&self.endpoints, &format!("watching {root}"), e),
+            };
+            self.lose_watch();
+            return Err(failure);
+        }
+    }
+
+    async fn set_autonomy(&mut self, node: &str, autonomous: bool) -> Result<(), RegistryError> {
+        if node.is_empty() || node.contains('/') {
+            return Err(RegistryError::Refused {
+                what: format!("setting the autonomy of node {node:?}"),
+                reason: "a node name must be non-empty and without '/'".into(),
+            });
+        }
+        let key = self.keys.autonomy(node);
+        let what = format!("writing {key}");
+        let value = if autonomous { "true" } else { "false" };
+        rpc(&self.endpoints, &what, self.kv.put(key.clone(), value, None)).await?;
+        Ok(())
+    }
+}
+
+/// What the watch has seen, turned into peers.
+struct View {
+    config: NetworkConfig,
+    own: Ipv4Net,
+    /// Valid vxlan leases: public IP and VTEP MAC.
+    leases: BTreeMap<Ipv4Net, (Ipv4Addr, MacAddr)>,
+    /// Node names from `nodes/`.
+    names: BTreeMap<Ipv4Net, String>,
+    /// Flags from `autonomy/`.
+    autonomy: BTreeMap<String, bool>,
+    /// The peers as last reported.
+    known: BTreeMap<Ipv4Net, PeerLease>,
+}
+
+impl View {
+    fn new(config: NetworkConfig, own: Ipv4Net) -> Self {
+        Self {
+            config,
+            own,
+            leases: BTreeMap::new(),
+            names: BTreeMap::new(),
+            autonomy: BTreeMap::new(),
+            known: BTreeMap::new(),
+        }
+    }
+
+    /// Records a put (`Some(value)`) or delete of `key`; returns the subnets
+    /// whose peer may have changed.
+    fn apply(&mut self, keys: &Keys, key: &[u8], value: Option<&[u8]>) -> Vec<Ipv4Net> {
+        let Ok(key) = std::str::from_utf8(key) else {
+            tracing::warn!(key = %String::from_utf8_lossy(key), "skipping a key that is not UTF-8");
+            return Vec::new();
+        };
+        match keys.classify(key) {
+            KeyKind::Config => {
+                let changed = value.map(flannel::parse_network_config).is_some_and(|c| c.ok() != Some(self.config));
+                if changed || value.is_none() {
+                    tracing::warn!(%key, "network config changed in etcd; restart netd to apply it");
+                }
+                Vec::new()
+            }
+            KeyKind::Subnet(rest) => {
+                let subnet = match flannel::parse_subnet_key(rest) {
+                    Ok(subnet) => subnet,
+                    Err(reason) => {
+                        if value.is_some() {
+                            tracing::warn!(%key, %reason, "skipping bad lease");
+                        }
+                        return Vec::new();
+                    }
+                };
+                match value.map(|v| self.parse_lease(subnet, v)) {
+                    Some(Ok(lease)) => {
+                        self.leases.insert(subnet, lease);
+                    }
+                    Some(Err(reason)) => {
+                        tracing::warn!(%key, %reason, "skipping bad lease");
+                        self.leases.remove(&subnet);
+                    }
+                    None => {
+                        self.leases.remove(&subnet);
+                    }
+                }
+                vec![subnet]
+            }
+            KeyKind::Node(rest) => {
+                let Ok(subnet) = flannel::parse_subnet_key(rest) else {
+                    tracing::debug!(%key, "ignoring a node-name key that names no subnet");
+                    return Vec::new();
+                };
+                match value.map(std::str::from_utf8) {
+                    Some(Ok(name)) if !name.is_empty() => {
+                        self.names.insert(subnet, name.to_string());
+                    }
+                    Some(_) => {
+                        tracing::warn!(%key, "ignoring a node name that is empty or not UTF-8");
+                        self.names.remove(&subnet);
+                    }
+                    None => {
+                        self.names.remove(&subnet);
+                    }
+                }
+                vec![subnet]
+            }
+            KeyKind::Autonomy(node) => {
+                match value {
+                    Some(v) => {
+                        let on = flannel::autonomy_on(std::str::from_utf8(v).ok());
+                        self.autonomy.insert(node.to_string(), on);
+                    }
+                    None => {
+                        self.autonomy.remove(node);
+                    }
+                }
+                self.names.iter().filter(|(_, name)| *name == node).map(|(subnet, _)| *subnet).collect()
+            }
+            KeyKind::Other => Vec::new(),
+        }
+    }
+
+    fn parse_lease(&self, subnet: Ipv4Net, value: &[u8]) -> Result<(Ipv4Addr, MacAddr), String> {
+        let network = self.config.network;
+        if !network.contains(&subnet) || subnet.prefix_len() != self.config.subnet_len {
+            return Err(format!("subnet {subnet} is not a /{} of the network {network}", self.config.subnet_len));
+        }
+        let attrs = LeaseAttrs::parse(value)?;
+        let data = attrs.vxlan_data()?;
+        Ok((attrs.public_ip, data.vtep_mac))
+    }
+
+    fn peer(&self, subnet: Ipv4Net) -> Option<PeerLease> {
+        if subnet == self.own {
+            return None;
+        }
+        let &(public_ip, vtep_mac) = self.leases.get(&subnet)?;
+        let node = self.names.get(&subnet).cloned();
+        let autonomous = node.as_ref().and_then(|n| self.autonomy.get(n)).copied().unwrap_or(false);
+        Some(PeerLease { lease: Lease { subnet, public_ip, vtep_mac, node }, autonomous })
+    }
+
+    fn peers(&self) -> BTreeMap<Ipv4Net, PeerLease> {
+        self.leases.keys().filter_map(|s| self.peer(*s).map(|p| (*s, p))).collect()
+    }
+
+    /// The events that bring `known` up to date for `affected`.
+    fn settle(&mut self, affected: BTreeSet<Ipv4Net>) -> Vec<PeerEvent> {
+        let mut events = Vec::new();
+        for subnet in affected {
+            match self.peer(subnet) {
+                Some(peer) if self.known.get(&subnet) != Some(&peer) => {
+                    self.known.insert(subnet, peer.clone());
+                    events.push(PeerEvent::Upsert(peer));
+                }
+                Some(_) => {}
+                None => {
+                    if self.known.remove(&subnet).is_some() {
+                        events.push(PeerEvent::Remove(subnet));
+                    }
+                }
+            }
+        }
+        events
+    }
+}
+
+fn ttl_secs() -> i64 {
+    LEASE_TTL.as_secs() as i64
+}
+
+fn own_lease(subnet: Ipv4Net, request: &LeaseRequest, granted_at: SystemTime, ttl: i64) -> OwnLease {
+    OwnLease {
+        lease: Lease {
+            subnet,
+            public_ip: request.public_ip,
+            vtep_mac: request.vtep_mac,
+            node: Some(request.node.clone()).filter(|n| !n.is_empty()),
+        },
+        expires_at: Some(granted_at + Duration::from_secs(ttl.max(0) as u64)),
+    }
+}
+
+fn missing_config(key: &str, endpoints: &str) -> RegistryError {
+    RegistryError::BadConfig(format!(
+        "etcd {endpoints} holds no {key}; write flannel's network config there, e.g. \
+         {{\"Network\":\"10.244.0.0/16\",\"SubnetLen\":24,\"Backend\":{{\"Type\":\"vxlan\",\"VNI\":1}}}}"
+    ))
+}
+
+fn config_error(key: &str, error: RegistryError) -> RegistryError {
+    match error {
+        RegistryError::BadConfig(reason) => RegistryError::BadConfig(format!("{key}: {reason}")),
+        other => other,
+    }
+}
+
+/// Runs one etcd request with the [`REQUEST_TIMEOUT`] deadline.
+async fn rpc<T>(
+    endpoints: &str,
+    what: &str,
+    request: impl Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, RegistryError> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(map_error(endpoints, what, e)),
+        Err(_) => Err(timed_out(endpoints, what)),
+    }
+}
+
+fn timed_out(endpoints: &str, what: &str) -> RegistryError {
+    RegistryError::Unreachable(format!(
+        "{what}: etcd at {endpoints} did not answer within {} s",
+        REQUEST_TIMEOUT.as_secs()
+    ))
+}
+
+/// etcd's answers that retrying will not change are refusals; everything
+/// else (connection refused or lost, no leader, timeouts) is transient.
+fn map_error(endpoints: &str, what: &str, error: etcd_client::Error) -> RegistryError {
+    // gRPC codes: INVALID_ARGUMENT 3, NOT_FOUND 5, ALREADY_EXISTS 6,
+    // PERMISSION_DENIED 7, RESOURCE_EXHAUSTED 8, FAILED_PRECONDITION 9,
+    // OUT_OF_RANGE 11, UNIMPLEMENTED 12, UNAUTHENTICATED 16.
+    const REFUSALS: [i32; 9] = [3, 5, 6, 7, 8, 9, 11, 12, 16];
+    match error {
+        etcd_client::Error::GRpcStatus(status) if REFUSALS.contains(&i32::from(status.code())) => {
+            RegistryError::Refused {
+                what: format!("{what} (etcd {endpoints})"),
+                reason: format!("{:?}: {}", status.code(), status.message()),
+            }
+        }
+        etcd_client::Error::GRpcStatus(status) => RegistryError::Unreachable(format!(
+            "{what}: etcd at {endpoints}: {:?}: {}",
+            status.code(),
+            status.message()
+        )),
+        other => RegistryError::Unreachable(format!("{what}: etcd at {endpoints}: {other}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_follow_flannels_layout_under_any_prefix() {
+        let keys = Keys::new(DEFAULT_PREFIX);
+        let subnet: Ipv4Net = "10.244.3.0/24".parse().unwrap();
+        assert_eq!(keys.config, CONFIG_KEY);
+        assert_eq!(keys.subnet(subnet), "/coreos.com/network/subnets/10.244.3.0-24");
+        assert_eq!(keys.node(subnet), "/coreos.com/network/nodes/10.244.3.0-24");
+        assert_eq!(keys.autonomy("edge-1"), "/coreos.com/network/autonomy/edge-1");
+        let other = Keys::new("/acme/net/");
+        assert_eq!(other.config, "/acme/net/config");
+        assert_eq!(other.subnet(subnet), "/acme/net/subnets/10.244.3.0-24");
+        assert!(matches!(other.classify("/acme/net/subnets/x"), KeyKind::Subnet("x")));
+        assert!(matches!(other.classify("/acme/net/autonomy/n"), KeyKind::Autonomy("n")));
+        assert!(matches!(other.classify("/coreos.com/network/config"), KeyKind::Other));
+    }
+
+    #[test]
+    fn view_turns_key_events_into_peer_events() {
+        let keys = Keys::new(DEFAULT_PREFIX);
+        let config = NetworkConfig { network: "10.244.0.0/16".parse().unwrap(), subnet_len: 24, vni: 1 };
+        let own: Ipv4Net = "10.244.1.0/24".parse().unwrap();
+        let mut view = View::new(config, own);
+        let value =
+            br#"{"PublicIP":"192.0.2.7","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:00:00:00:00:07"}}"#;
+        let key = b"/coreos.com/network/subnets/10.244.7.0-24";
+        let peer: Ipv4Net = "10.244.7.0/24".parse().unwrap();
+        let settle = |view: &mut View, affected: Vec<Ipv4Net>| view.settle(affected.into_iter().collect());
+
+        let affected = view.apply(&keys, b"/coreos.com/network/subnets/10.244.1.0-24", Some(value));
+        assert!(settle(&mut view, affected).is_empty(), "own subnet is never a peer");
+        let affected = view.apply(&keys, key, Some(value));
+        let events = settle(&mut view, affected);
+        assert!(matches!(&events[..], [PeerEvent::Upsert(p)] if p.lease.subnet == peer && p.lease.node.is_none()));
+        let affected = view.apply(&keys, b"/coreos.com/network/nodes/10.244.7.0-24", Some(b"edge-7"));
+        let events = settle(&mut view, affected);
+        assert!(matches!(&events[..], [PeerEvent::Upsert(p)] if p.lease.node.as_deref() == Some("edge-7")));
+        let affected = view.apply(&keys, b"/coreos.com/network/autonomy/edge-7", Some(b"true"));
+        let events = settle(&mut view, affected);
+        assert!(matches!(&events[..], [PeerEvent::Upsert(p)] if p.autonomous));
+        // Same value again: nothing to report.
+        let affected = view.apply(&keys, key, Some(value));
+        assert!(settle(&mut view, affected).is_empty());
+        // Turned to garbage: the peer is gone.
+        let affected = view.apply(&keys, key, Some(b"{"));
+        assert_eq!(settle(&mut view, affected), vec![PeerEvent::Remove(peer)]);
+        let affected = view.apply(&keys, key, None);
+        assert!(settle(&mut view, affected).is_empty());
+        // Outside the network, or of the wrong size: skipped.
+        let affected = view.apply(&keys, b"/coreos.com/network/subnets/10.9.0.0-24", Some(value));
+        assert!(settle(&mut view, affected).is_empty());
+        let affected = view.apply(&keys, b"/coreos.com/network/subnets/10.244.8.0-25", Some(value));
+        assert!(settle(&mut view, affected).is_empty());
+    }
+}

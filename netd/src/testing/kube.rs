@@ -1,0 +1,378 @@
+//! A throw-away Kubernetes API server for registry tests: its own etcd
+//! (Debian's `/usr/bin/etcd`) and the `kube-apiserver` that `cargo xtask
+//! setup` builds from Debian's source package, both on 127.0.0.1 only, on
+//! free ports, with their data in a fresh directory.
+//!
+//! The API server authenticates one static token (user `admin`, group
+//! `system:masters`), authorises everything (`AlwaysAllow`) and serves TLS
+//! with a certificate it generates itself into `--cert-dir`: a serving
+//! certificate for 127.0.0.1 followed by the CA that signed it, which
+//! [`KubeApiServer::ca_cert_pem`] hands to clients so they verify the server
+//! for real. Dropping the guard kills both processes and removes the
+//! directory.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{run_command, unique_name, HarnessError};
+
+/// Kubernetes version of the test API server (Debian 12's `kubernetes` source).
+pub const KUBE_APISERVER_VERSION: &str = "1.20.2";
+/// Where `cargo xtask setup` caches the built `kube-apiserver`.
+pub const KUBE_APISERVER_BIN: &str = "/var/cache/netd/kube-apiserver-1.20.2";
+/// Set to another `kube-apiserver` binary to test against it instead.
+pub const KUBE_APISERVER_ENV: &str = "NETD_KUBE_APISERVER";
+
+const ETCD_BIN: &str = "/usr/bin/etcd";
+/// The service-account issuer the server is started with.
+const SA_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+/// How long a start may take until the server reports ready.
+const START_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// A running etcd + kube-apiserver pair on 127.0.0.1; both killed and their
+/// data removed on drop.
+#[derive(Debug)]
+pub struct KubeApiServer {
+    dir: PathBuf,
+    bin: PathBuf,
+    port: u16,
+    etcd_port: u16,
+    etcd_peer_port: u16,
+    token: String,
+    etcd: Option<Child>,
+    apiserver: Option<Child>,
+}
+
+impl KubeApiServer {
+    /// Starts etcd and the API server and waits until `/readyz` answers
+    /// `ok`.
+    ///
+    /// Both processes get SIGKILL when the thread that started them ends
+    /// (so a killed test leaves nothing behind): keep the guard on that
+    /// thread.
+    pub fn new() -> Result<Self, HarnessError> {
+        let bin = std::env::var_os(KUBE_APISERVER_ENV).map(PathBuf::from).unwrap_or_else(|| KUBE_APISERVER_BIN.into());
+        if !bin.is_file() {
+            return Err(HarnessError::Usage(format!(
+                "kube-apiserver {KUBE_APISERVER_VERSION} is not built at {}: run `sudo cargo xtask setup` \
+                 (builds it from Debian's source package, about 6 minutes) or set {KUBE_APISERVER_ENV}",
+                bin.display()
+            )));
+        }
+        if !Path::new(ETCD_BIN).is_file() {
+            return Err(HarnessError::Usage(format!(
+                "{ETCD_BIN} is missing: run `sudo cargo xtask setup` (package etcd-server)"
+            )));
+        }
+        let name = unique_name();
+        let dir = std::env::temp_dir().join(format!("{name}-kube"));
+        std::fs::create_dir_all(dir.join("certs"))
+            .map_err(|e| HarnessError::io(format!("creating {}", dir.display()), e))?;
+        let mut server = Self {
+            dir,
+            bin,
+            port: 0,
+            etcd_port: 0,
+            etcd_peer_port: 0,
+            token: String::new(),
+            etcd: None,
+            apiserver: None,
+        };
+        // From here on, Drop cleans up.
+        let [port, etcd_port, etcd_peer_port] = free_ports()?;
+        (server.port, server.etcd_port, server.etcd_peer_port) = (port, etcd_port, etcd_peer_port);
+        server.token = random_hex(16)?;
+        let tokens = server.dir.join("tokens.csv");
+        std::fs::write(&tokens, format!("{},admin,admin,\"system:masters\"\n", server.token))
+            .map_err(|e| HarnessError::io(format!("writing {}", tokens.display()), e))?;
+        let key = server.dir.join("sa.key");
+        let key_arg = key.to_string_lossy().into_owned();
+        run_command("openssl", &["genrsa", "-out", &key_arg, "2048"])?;
+        server.start_etcd(&name)?;
+        server.start()?;
+        Ok(server)
+    }
+
+    /// `https://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// The bearer token of user `admin` (group `system:masters`).
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// PEM of the CA that signed the serving certificate (the last
+    /// certificate of the server's self-generated `apiserver.crt`).
+    pub fn ca_cert_pem(&self) -> Result<Vec<u8>, HarnessError> {
+        let path = self.cert_path();
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| HarnessError::io(format!("reading {}", path.display()), e))?;
+        let begin = "-----BEGIN CERTIFICATE-----";
+        let start =
+            text.rfind(begin).ok_or_else(|| HarnessError::Usage(format!("{} holds no certificate", path.display())))?;
+        Ok(text[start..].trim_end().as_bytes().iter().copied().chain(*b"\n").collect())
+    }
+
+    /// The directory holding the data, certificates and logs.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The API server's log so far (all runs).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("apiserver.log")).unwrap_or_default()
+    }
+
+    /// True while the API server process runs.
+    pub fn is_running(&self) -> bool {
+        self.apiserver.is_some()
+    }
+
+    /// Kills the API server (SIGKILL) and keeps etcd and the certificates:
+    /// the cluster "goes away"; a no-op when stopped.
+    pub fn stop(&mut self) -> Result<(), HarnessError> {
+        kill(&mut self.apiserver, "kube-apiserver")
+    }
+
+    /// Starts the API server again on the same port, etcd and certificates
+    /// and waits until it is ready; a no-op when running.
+    pub fn start(&mut self) -> Result<(), HarnessError> {
+        if self.apiserver.is_some() {
+            return Ok(());
+        }
+        let log = self.log_file("apiserver.log")?;
+        let path = |name: &str| self.dir.join(name).to_string_lossy().into_owned();
+        let mut command = Command::new(&self.bin);
+        command
+            .arg(format!("--etcd-servers=http://127.0.0.1:{}", self.etcd_port))
+            .arg("--bind-address=127.0.0.1")
+            .arg("--advertise-address=127.0.0.1")
+            .arg(format!("--secure-port={}", self.port))
+            .arg("--insecure-port=0")
+            .arg(format!("--cert-dir={}", path("certs")))
+            .arg(format!("--token-auth-file={}", path("tokens.csv")))
+            .arg("--authorization-mode=AlwaysAllow")
+            .arg(format!("--service-account-issuer={SA_ISSUER}"))
+            .arg(format!("--service-account-key-file={}", path("sa.key")))
+            .arg(format!("--service-account-signing-key-file={}", path("sa.key")))
+            .arg("--service-cluster-ip-range=10.96.0.0/16")
+            .arg("--profiling=false")
+            .arg("--logtostderr=true")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        die_with_parent(&mut command);
+        let child = command
+            .spawn()
+            .map_err(|source| HarnessError::Spawn { command: self.bin.display().to_string(), source })?;
+        self.apiserver = Some(child);
+        self.wait_ready()
+    }
+
+    /// Calls the API with `curl` as `admin`: `method` on `path` (e.g.
+    /// `/api/v1/nodes`) with an optional JSON body sent as `content_type`.
+    /// Returns the HTTP status and the body.
+    pub fn api(&self, method: &str, path: &str, body: Option<(&str, &str)>) -> Result<(u16, String), HarnessError> {
+        let ca = self.dir.join("ca.pem");
+        if !ca.exists() {
+            std::fs::write(&ca, self.ca_cert_pem()?)
+                .map_err(|e| HarnessError::io(format!("writing {}", ca.display()), e))?;
+        }
+        let auth = format!("Authorization: Bearer {}", self.token);
+        let url = format!("{}{path}", self.url());
+        let ca_arg = ca.to_string_lossy().into_owned();
+        let mut args = vec!["-sS", "--noproxy", "*", "--cacert", &ca_arg, "-H", &auth, "-X", method];
+        let content_type;
+        if let Some((kind, _)) = body {
+            content_type = format!("Content-Type: {kind}");
+            args.extend(["-H", &content_type, "--data-binary", "@-"]);
+        }
+        args.extend(["-w", "\n%{http_code}", &url]);
+        let command = format!("curl {}", args.join(" "));
+        let mut child = Command::new("curl")
+            .args(&args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| HarnessError::Spawn { command: command.clone(), source })?;
+        if let Some(mut stdin) = child.stdin.take() {
+            let text = body.map(|(_, text)| text).unwrap_or("");
+            stdin.write_all(text.as_bytes()).map_err(|e| HarnessError::io("writing curl's stdin", e))?;
+        }
+        let output = child.wait_with_output().map_err(|e| HarnessError::io("waiting for curl", e))?;
+        if !output.status.success() {
+            return Err(HarnessError::Command {
+                command,
+                status: output.status,
+                stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+            });
+        }
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        let code =
+            code.trim().parse().map_err(|_| HarnessError::Usage(format!("curl printed no HTTP status: {text}")))?;
+        Ok((code, body.to_string()))
+    }
+
+    fn cert_path(&self) -> PathBuf {
+        self.dir.join("certs").join("apiserver.crt")
+    }
+
+    fn log_file(&self, name: &str) -> Result<std::fs::File, HarnessError> {
+        let path = self.dir.join(name);
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| HarnessError::io(format!("opening {}", path.display()), e))
+    }
+
+    fn start_etcd(&mut self, name: &str) -> Result<(), HarnessError> {
+        let log = self.log_file("etcd.log")?;
+        let client_url = format!("http://127.0.0.1:{}", self.etcd_port);
+        let peer_url = format!("http://127.0.0.1:{}", self.etcd_peer_port);
+        let mut command = Command::new(ETCD_BIN);
+        command
+            .arg("--name=netd-kube-test")
+            .arg(format!("--data-dir={}", self.dir.join("etcd").display()))
+            .arg(format!("--listen-client-urls={client_url}"))
+            .arg(format!("--advertise-client-urls={client_url}"))
+            .arg(format!("--listen-peer-urls={peer_url}"))
+            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+            .arg(format!("--initial-cluster=netd-kube-test={peer_url}"))
+            .arg("--initial-cluster-state=new")
+            .arg(format!("--initial-cluster-token={name}"))
+            .arg("--logger=zap")
+            .arg("--log-outputs=stderr")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("ETCD_") {
+                command.env_remove(key);
+            }
+        }
+        if cfg!(target_arch = "aarch64") {
+            command.env("ETCD_UNSUPPORTED_ARCH", "arm64");
+        }
+        die_with_parent(&mut command);
+        let child = command.spawn().map_err(|source| HarnessError::Spawn { command: ETCD_BIN.into(), source })?;
+        self.etcd = Some(child);
+        let deadline = Instant::now() + START_TIMEOUT;
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.etcd_port));
+        loop {
+            if let Some(status) = self.etcd.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                self.etcd = None;
+                let stderr = tail(&std::fs::read_to_string(self.dir.join("etcd.log")).unwrap_or_default());
+                return Err(HarnessError::Command { command: ETCD_BIN.into(), status, stderr });
+            }
+            if plain_get(addr, "/health").is_some_and(|body| body.contains(r#""health":"true""#)) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(HarnessError::io(
+                    format!("waiting for etcd on {addr} to become healthy"),
+                    std::io::ErrorKind::TimedOut.into(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn wait_ready(&mut self) -> Result<(), HarnessError> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = self.apiserver.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                self.apiserver = None;
+                return Err(HarnessError::Command {
+                    command: self.bin.display().to_string(),
+                    status,
+                    stderr: tail(&self.log()),
+                });
+            }
+            if self.cert_path().exists()
+                && matches!(self.api("GET", "/readyz", None), Ok((200, ref body)) if body.trim() == "ok")
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let log = tail(&self.log());
+                let _ = self.stop();
+                return Err(HarnessError::io(
+                    format!("waiting for kube-apiserver at {} to become ready; its log ends: {log}", self.url()),
+                    std::io::ErrorKind::TimedOut.into(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for KubeApiServer {
+    fn drop(&mut self) {
+        let _ = kill(&mut self.apiserver, "kube-apiserver");
+        let _ = kill(&mut self.etcd, "etcd");
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn kill(child: &mut Option<Child>, what: &str) -> Result<(), HarnessError> {
+    let Some(mut child) = child.take() else { return Ok(()) };
+    child.kill().map_err(|e| HarnessError::io(format!("killing {what}"), e))?;
+    child.wait().map_err(|e| HarnessError::io(format!("waiting for {what}"), e))?;
+    Ok(())
+}
+
+/// SIGKILL for the child when the spawning thread ends.
+fn die_with_parent(command: &mut Command) {
+    // SAFETY: the closure runs in the forked child before exec and only
+    // calls prctl(2), which is async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Three distinct free TCP ports on 127.0.0.1 (held together while chosen).
+fn free_ports() -> Result<[u16; 3], HarnessError> {
+    let bind = || TcpListener::bind("127.0.0.1:0").map_err(|e| HarnessError::io("binding 127.0.0.1:0", e));
+    let listeners = [bind()?, bind()?, bind()?];
+    let port = |l: &TcpListener| l.local_addr().map(|a| a.port()).map_err(|e| HarnessError::io("local_addr", e));
+    Ok([port(&listeners[0])?, port(&listeners[1])?, port(&listeners[2])?])
+}
+
+/// `bytes` random bytes from the kernel, hex-encoded.
+fn random_hex(bytes: usize) -> Result<String, HarnessError> {
+    let mut buf = vec![0u8; bytes];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .map_err(|e| HarnessError::io("reading /dev/urandom", e))?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Plain-HTTP `GET path` on `addr`: the raw response.
+fn plain_get(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    Some(response)
+}
+
+fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(8)..].join("\n")
+}
