@@ -52,8 +52,8 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
-    /// This build lacks the configured registry backend.
-    #[error("registry {0} is not available in this build")]
+    /// The configured registry cannot be set up (bad settings or files).
+    #[error("cannot set up the registry: {0}")]
     Unsupported(String),
     /// Waiting for signals failed.
     #[error("cannot install signal handlers: {0}")]
@@ -286,7 +286,43 @@ impl Daemon {
                 let registry = EmbeddedRegistry::open(path, Duration::from_millis(250));
                 self.drive(registry).await
             }
-            other => Err(DaemonError::Unsupported(format!("{other:?}"))),
+            RegistrySpec::Etcd(endpoints) => {
+                // Lazy: no request until first use, so an etcd that is down
+                // at start is just an unreachable registry, retried forever.
+                let registry = crate::registry::etcd::EtcdRegistry::connect_lazy(&endpoints)
+                    .await
+                    .map_err(|e| DaemonError::Unsupported(format!("etcd {endpoints:?}: {e}")))?;
+                self.drive(registry).await
+            }
+            RegistrySpec::Kubernetes(server) => {
+                let config = match server {
+                    None => crate::registry::kubernetes::KubeConfig::in_cluster()
+                        .map_err(|e| DaemonError::Unsupported(format!("kubernetes in-cluster config: {e}")))?,
+                    Some(server) => {
+                        let read = |p: &Option<std::path::PathBuf>| -> Result<Option<Vec<u8>>, DaemonError> {
+                            p.as_ref()
+                                .map(|p| {
+                                    std::fs::read(p)
+                                        .map_err(|e| DaemonError::Unsupported(format!("reading {}: {e}", p.display())))
+                                })
+                                .transpose()
+                        };
+                        let token =
+                            read(&self.config.token_file)?.map(|t| String::from_utf8_lossy(&t).trim().to_string());
+                        crate::registry::kubernetes::KubeConfig {
+                            server,
+                            token,
+                            ca_cert_pem: read(&self.config.ca_file)?,
+                            node_name: self.config.node_name.clone(),
+                            network: self.config.network,
+                        }
+                    }
+                };
+                let config = crate::registry::kubernetes::KubeConfig { network: self.config.network, ..config };
+                let registry = crate::registry::kubernetes::KubernetesRegistry::new(config)
+                    .map_err(|e| DaemonError::Unsupported(format!("kubernetes: {e}")))?;
+                self.drive(registry).await
+            }
         }
     }
 
