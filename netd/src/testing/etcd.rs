@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{unique_name, HarnessError};
+use super::{run_command, unique_name, HarnessError};
 
 /// Debian's etcd server binary (package `etcd-server`).
 pub const ETCD_BIN: &str = "/usr/bin/etcd";
@@ -167,20 +167,10 @@ impl EtcdServer {
     /// Runs `etcdctl --endpoints=<endpoint> args…` (API v3) and returns its
     /// stdout.
     pub fn etcdctl(&self, args: &[&str]) -> Result<String, HarnessError> {
-        let command = format!("{ETCDCTL_BIN} {}", args.join(" "));
-        let output = Command::new(ETCDCTL_BIN)
-            .env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={}", self.endpoint()))
-            .args(args)
-            .output()
-            .map_err(|source| HarnessError::Spawn { command: command.clone(), source })?;
-        if !output.status.success() {
-            return Err(HarnessError::Command {
-                command,
-                status: output.status,
-                stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
-            });
-        }
+        // etcdctl 3.4 speaks API v3 by default.
+        let endpoints = format!("--endpoints={}", self.endpoint());
+        let full: Vec<&str> = std::iter::once(endpoints.as_str()).chain(args.iter().copied()).collect();
+        let output = run_command(ETCDCTL_BIN, &full)?;
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 

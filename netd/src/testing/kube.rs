@@ -1,5 +1,5 @@
 //! A throw-away Kubernetes API server for registry tests: its own etcd
-//! (Debian's `/usr/bin/etcd`) and the `kube-apiserver` that `cargo xtask
+//! (an [`EtcdServer`] guard) and the `kube-apiserver` that `cargo xtask
 //! setup` builds from Debian's source package, both on 127.0.0.1 only, on
 //! free ports, with their data in a fresh directory.
 //!
@@ -12,13 +12,13 @@
 //! directory.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{run_command, unique_name, HarnessError};
+use super::{run_command, unique_name, EtcdServer, HarnessError};
 
 /// Kubernetes version of the test API server (Debian 12's `kubernetes` source).
 pub const KUBE_APISERVER_VERSION: &str = "1.20.2";
@@ -27,7 +27,6 @@ pub const KUBE_APISERVER_BIN: &str = "/var/cache/netd/kube-apiserver-1.20.2";
 /// Set to another `kube-apiserver` binary to test against it instead.
 pub const KUBE_APISERVER_ENV: &str = "NETD_KUBE_APISERVER";
 
-const ETCD_BIN: &str = "/usr/bin/etcd";
 /// The service-account issuer the server is started with.
 const SA_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 /// How long a start may take until the server reports ready.
@@ -40,10 +39,9 @@ pub struct KubeApiServer {
     dir: PathBuf,
     bin: PathBuf,
     port: u16,
-    etcd_port: u16,
-    etcd_peer_port: u16,
     token: String,
-    etcd: Option<Child>,
+    /// The API server's storage: the harness's own etcd guard.
+    etcd: Option<EtcdServer>,
     apiserver: Option<Child>,
 }
 
@@ -63,28 +61,14 @@ impl KubeApiServer {
                 bin.display()
             )));
         }
-        if !Path::new(ETCD_BIN).is_file() {
-            return Err(HarnessError::Usage(format!(
-                "{ETCD_BIN} is missing: run `sudo cargo xtask setup` (package etcd-server)"
-            )));
-        }
         let name = unique_name();
         let dir = std::env::temp_dir().join(format!("{name}-kube"));
         std::fs::create_dir_all(dir.join("certs"))
             .map_err(|e| HarnessError::io(format!("creating {}", dir.display()), e))?;
-        let mut server = Self {
-            dir,
-            bin,
-            port: 0,
-            etcd_port: 0,
-            etcd_peer_port: 0,
-            token: String::new(),
-            etcd: None,
-            apiserver: None,
-        };
+        let mut server = Self { dir, bin, port: 0, token: String::new(), etcd: None, apiserver: None };
         // From here on, Drop cleans up.
-        let [port, etcd_port, etcd_peer_port] = free_ports()?;
-        (server.port, server.etcd_port, server.etcd_peer_port) = (port, etcd_port, etcd_peer_port);
+        let [port, _, _] = free_ports()?;
+        server.port = port;
         server.token = random_hex(16)?;
         let tokens = server.dir.join("tokens.csv");
         std::fs::write(&tokens, format!("{},admin,admin,\"system:masters\"\n", server.token))
@@ -92,7 +76,7 @@ impl KubeApiServer {
         let key = server.dir.join("sa.key");
         let key_arg = key.to_string_lossy().into_owned();
         run_command("openssl", &["genrsa", "-out", &key_arg, "2048"])?;
-        server.start_etcd(&name)?;
+        server.etcd = Some(EtcdServer::new()?);
         server.start()?;
         Ok(server)
     }
@@ -150,7 +134,7 @@ impl KubeApiServer {
         let path = |name: &str| self.dir.join(name).to_string_lossy().into_owned();
         let mut command = Command::new(&self.bin);
         command
-            .arg(format!("--etcd-servers=http://127.0.0.1:{}", self.etcd_port))
+            .arg(format!("--etcd-servers={}", self.etcd.as_ref().map(EtcdServer::endpoint).unwrap_or_default()))
             .arg("--bind-address=127.0.0.1")
             .arg("--advertise-address=127.0.0.1")
             .arg(format!("--secure-port={}", self.port))
@@ -234,58 +218,6 @@ impl KubeApiServer {
             .map_err(|e| HarnessError::io(format!("opening {}", path.display()), e))
     }
 
-    fn start_etcd(&mut self, name: &str) -> Result<(), HarnessError> {
-        let log = self.log_file("etcd.log")?;
-        let client_url = format!("http://127.0.0.1:{}", self.etcd_port);
-        let peer_url = format!("http://127.0.0.1:{}", self.etcd_peer_port);
-        let mut command = Command::new(ETCD_BIN);
-        command
-            .arg("--name=netd-kube-test")
-            .arg(format!("--data-dir={}", self.dir.join("etcd").display()))
-            .arg(format!("--listen-client-urls={client_url}"))
-            .arg(format!("--advertise-client-urls={client_url}"))
-            .arg(format!("--listen-peer-urls={peer_url}"))
-            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-            .arg(format!("--initial-cluster=netd-kube-test={peer_url}"))
-            .arg("--initial-cluster-state=new")
-            .arg(format!("--initial-cluster-token={name}"))
-            .arg("--logger=zap")
-            .arg("--log-outputs=stderr")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("ETCD_") {
-                command.env_remove(key);
-            }
-        }
-        if cfg!(target_arch = "aarch64") {
-            command.env("ETCD_UNSUPPORTED_ARCH", "arm64");
-        }
-        die_with_parent(&mut command);
-        let child = command.spawn().map_err(|source| HarnessError::Spawn { command: ETCD_BIN.into(), source })?;
-        self.etcd = Some(child);
-        let deadline = Instant::now() + START_TIMEOUT;
-        let addr = SocketAddr::from(([127, 0, 0, 1], self.etcd_port));
-        loop {
-            if let Some(status) = self.etcd.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                self.etcd = None;
-                let stderr = tail(&std::fs::read_to_string(self.dir.join("etcd.log")).unwrap_or_default());
-                return Err(HarnessError::Command { command: ETCD_BIN.into(), status, stderr });
-            }
-            if plain_get(addr, "/health").is_some_and(|body| body.contains(r#""health":"true""#)) {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(HarnessError::io(
-                    format!("waiting for etcd on {addr} to become healthy"),
-                    std::io::ErrorKind::TimedOut.into(),
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
     fn wait_ready(&mut self) -> Result<(), HarnessError> {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
@@ -318,7 +250,8 @@ impl KubeApiServer {
 impl Drop for KubeApiServer {
     fn drop(&mut self) {
         let _ = kill(&mut self.apiserver, "kube-apiserver");
-        let _ = kill(&mut self.etcd, "etcd");
+        // Dropping the etcd guard kills it and removes its data.
+        self.etcd = None;
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -359,17 +292,6 @@ fn random_hex(bytes: usize) -> Result<String, HarnessError> {
         .and_then(|mut f| f.read_exact(&mut buf))
         .map_err(|e| HarnessError::io("reading /dev/urandom", e))?;
     Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
-}
-
-/// Plain-HTTP `GET path` on `addr`: the raw response.
-fn plain_get(addr: SocketAddr, path: &str) -> Option<String> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    Some(response)
 }
 
 fn tail(log: &str) -> String {
