@@ -220,12 +220,7 @@ impl Registry for EmbeddedRegistry {
         .map_err(err)?;
         tx.commit().map_err(err)?;
         Ok(OwnLease {
-            lease: Lease {
-                subnet,
-                public_ip: request.public_ip,
-                vtep_mac: request.vtep_mac,
-                node: Some(request.node.clone()),
-            },
+            lease: request.lease_for(subnet),
             expires_at: Some(UNIX_EPOCH + Duration::from_secs(expires as u64)),
         })
     }

@@ -712,15 +712,7 @@ fn ttl_secs() -> i64 {
 }
 
 fn own_lease(subnet: Ipv4Net, request: &LeaseRequest, granted_at: SystemTime, ttl: i64) -> OwnLease {
-    OwnLease {
-        lease: Lease {
-            subnet,
-            public_ip: request.public_ip,
-            vtep_mac: request.vtep_mac,
-            node: Some(request.node.clone()).filter(|n| !n.is_empty()),
-        },
-        expires_at: Some(granted_at + Duration::from_secs(ttl.max(0) as u64)),
-    }
+    OwnLease { lease: request.lease_for(subnet), expires_at: Some(granted_at + Duration::from_secs(ttl.max(0) as u64)) }
 }
 
 fn missing_config(key: &str, endpoints: &str) -> RegistryError {

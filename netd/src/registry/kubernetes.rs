@@ -718,15 +718,7 @@ impl Registry for KubernetesRegistry {
         self.network = Some(*config);
         self.own_node = request.node.clone();
         let subnet = self.publish(&request.node, request.public_ip, request.vtep_mac, config).await?;
-        Ok(OwnLease {
-            lease: Lease {
-                subnet,
-                public_ip: request.public_ip,
-                vtep_mac: request.vtep_mac,
-                node: Some(request.node.clone()),
-            },
-            expires_at: Some(SystemTime::now() + LEASE_TTL),
-        })
+        Ok(OwnLease { lease: request.lease_for(subnet), expires_at: Some(SystemTime::now() + LEASE_TTL) })
     }
 
     async fn renew_lease(&mut self, lease: &OwnLease) -> Result<OwnLease, RegistryError> {

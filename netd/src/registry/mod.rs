@@ -77,6 +77,18 @@ pub struct LeaseRequest {
     pub previous_subnet: Option<Ipv4Net>,
 }
 
+impl LeaseRequest {
+    /// The lease this request describes once `subnet` is granted.
+    pub fn lease_for(&self, subnet: Ipv4Net) -> Lease {
+        Lease {
+            subnet,
+            public_ip: self.public_ip,
+            vtep_mac: self.vtep_mac,
+            node: Some(self.node.clone()).filter(|n| !n.is_empty()),
+        }
+    }
+}
+
 /// Our lease as granted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OwnLease {
