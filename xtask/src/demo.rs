@@ -105,7 +105,7 @@ impl Demo {
 
 /// Runs the demo.
 pub fn run() -> Result<()> {
-    setup::run()?;
+    setup::packages()?;
     println!("building netd and netd-ipam (release)…");
     cargo(&["build", "--release", "--quiet", "-p", "netd", "--bin", "netd", "--bin", "netd-ipam"], &[])?;
     let Some(_kernel) = testing::privileged()? else { bail!("the demo needs root (network namespaces)") };

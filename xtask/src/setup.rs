@@ -42,12 +42,19 @@ fn apt(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// Installs the missing packages and says which.
+/// Everything the tests need: the Debian packages, then the cached
+/// kube-apiserver for the Kubernetes registry tests.
 pub fn run() -> Result<()> {
+    packages()?;
+    crate::kube::ensure_kube_apiserver().map(|_| ())
+}
+
+/// Installs the missing Debian packages and says which (all the demo needs).
+pub fn packages() -> Result<()> {
     let missing: Vec<&str> = PACKAGES.iter().map(|(name, _)| *name).filter(|name| !installed(name)).collect();
     if missing.is_empty() {
         println!("setup: all {} Debian packages already installed", PACKAGES.len());
-        return crate::kube::ensure_kube_apiserver().map(|_| ());
+        return Ok(());
     }
     // apt needs root: say so plainly instead of failing deep inside apt.
     if !is_root() {
@@ -63,7 +70,7 @@ pub fn run() -> Result<()> {
         bail!("setup: apt-get reported success but {still:?} are still not installed");
     }
     println!("setup: installed {}", missing.join(" "));
-    crate::kube::ensure_kube_apiserver().map(|_| ())
+    Ok(())
 }
 
 fn is_root() -> bool {
