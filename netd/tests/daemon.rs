@@ -1,5 +1,6 @@
-//! The `netd` daemon end to end on the embedded registry: three nodes in
-//! namespaces, pods across them, registry outages, restarts, cleanup.
+//! The `netd` daemon end to end: three nodes in namespaces, pods across
+//! them, registry outages, restarts, cleanup — on the embedded registry and
+//! on a real etcd reached over the underlay.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -8,19 +9,24 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use netd::registry::embedded::EmbeddedRegistry;
+use netd::registry::flannel::SUBNETS_PREFIX;
 use netd::registry::NetworkConfig;
-use netd::testing::{self, Cluster, NetdProcess, Node, HEALTH_ADDR};
+use netd::testing::{
+    self, Cluster, EmbeddedScenarioRegistry, EtcdScenarioRegistry, EtcdServer, KubeScenarioRegistry, NetdProcess, Node,
+    Scenario, ScenarioRegistry, ScenarioReport, CONTROL_PLANE_IP, HEALTH_ADDR,
+};
 
 const NETD: &str = env!("CARGO_BIN_EXE_netd");
 
-/// `netd run` for `node` on the embedded registry, state under `state/<node>`.
+/// `netd run` for `node` on `registry` (a `--registry` spec), state under
+/// `state/<node>`.
 struct Daemon(NetdProcess);
 
 impl Daemon {
-    fn start(node: &Node, registry: &Path, state: &Path) -> Self {
+    fn start(node: &Node, registry: &str, state: &Path) -> Self {
         let dir = state.join(&node.name);
         std::fs::create_dir_all(&dir).unwrap();
-        let mut args = testing::netd_run_args(&node.name, &format!("embedded:{}", registry.display()), &dir);
+        let mut args = testing::netd_run_args(&node.name, registry, &dir);
         if node.number == 1 {
             args.push("--masquerade".into());
         }
@@ -46,7 +52,7 @@ fn metric(node: &Node, name: &str) -> Option<f64> {
 }
 
 fn wait_for(what: &str, daemons: &[&Daemon], mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(45);
     while !check() {
         if Instant::now() > deadline {
             let logs: Vec<String> = daemons.iter().map(|d| d.log()).collect();
@@ -69,11 +75,12 @@ fn daemons_keep_pods_talking_through_registry_outage_restart_and_bad_data() {
     let config = NetworkConfig { network: "10.244.0.0/16".parse().unwrap(), subnet_len: 24, vni: 1 };
     EmbeddedRegistry::create(&registry_path, &config).unwrap();
     let cluster = Cluster::new(3, 1).unwrap();
+    let registry_spec = format!("embedded:{}", registry_path.display());
     let mut daemons = Vec::new();
     // Nodes join in order, so node i leases 10.244.i.0/24 (the first free
     // subnet), matching the pods' addresses.
     for node in &cluster.nodes {
-        let daemon = Daemon::start(node, &registry_path, state.path());
+        let daemon = Daemon::start(node, &registry_spec, state.path());
         wait_for("readiness", &[&daemon], || http_get(node, "/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 200")));
         daemons.push(daemon);
     }
@@ -129,7 +136,7 @@ fn daemons_keep_pods_talking_through_registry_outage_restart_and_bad_data() {
     daemons[1].sigterm();
     assert!(cluster.nodes[1].ns.ip(&["link", "show", "flannel.1"]).is_ok(), "SIGTERM leaves the device");
     assert!(ping(&cluster, 0, 1), "pods keep talking while netd is stopped");
-    daemons[1] = Daemon::start(&cluster.nodes[1], &registry_path, state.path());
+    daemons[1] = Daemon::start(&cluster.nodes[1], &registry_spec, state.path());
     wait_for("ready from snapshot without registry", &[&daemons[1]], || {
         metric(&cluster.nodes[1], "netd_ready") == Some(1.0)
             && metric(&cluster.nodes[1], "netd_peers_programmed") == Some(2.0)
@@ -192,4 +199,153 @@ fn daemons_keep_pods_talking_through_registry_outage_restart_and_bad_data() {
         "cleanup removes the table"
     );
     assert!(dir.join("snapshot.json").exists(), "state is kept without --purge-state");
+}
+
+/// A lease in flannel's own form, on a 24 h etcd lease, as flanneld writes it.
+fn put_flannel_lease(etcd: &EtcdServer, subnet: &str, ip: &str, mac: &str) {
+    let granted = etcd.etcdctl(&["lease", "grant", "86400"]).unwrap();
+    let id = granted.split_whitespace().nth(1).unwrap().to_string();
+    let value = format!(
+        r#"{{"PublicIP":"{ip}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#
+    );
+    etcd.etcdctl(&["put", "--lease", &id, &format!("{SUBNETS_PREFIX}{subnet}"), &value]).unwrap();
+}
+
+fn has_route(node: &Node, dst: &str) -> bool {
+    node.ns.ip(&["route", "show", dst]).unwrap().contains(dst)
+}
+
+/// Cuts `node` off the control plane (its packets to it are dropped, as on a
+/// dead edge link) until the returned table is deleted.
+fn cut_off(node: &Node) {
+    let rules = format!(
+        "table ip netd-test-cut {{\n chain out {{\n type filter hook output priority 0;\n ip daddr {CONTROL_PLANE_IP} drop\n }}\n}}\n"
+    );
+    node.ns.exec("nft", &[&rules]).unwrap();
+}
+
+fn reconnect(node: &Node) {
+    node.ns.exec("nft", &["delete", "table", "ip", "netd-test-cut"]).unwrap();
+}
+
+#[test]
+fn etcd_stopped_for_a_while_traffic_continues_restart_restores_changes_are_picked_up() {
+    let Some(_kernel) = testing::privileged().unwrap() else { return };
+    let state = tempfile::tempdir().unwrap();
+    let cluster = Cluster::new(3, 1).unwrap();
+    // etcd runs on the underlay ("the cloud"); dropped before the cluster.
+    let mut registry = EtcdScenarioRegistry::start_on(cluster.control_plane()).unwrap();
+    let spec = registry.registry_spec();
+    // A flanneld node that is already in the cluster (no such host: its
+    // routes are programmed, nothing is sent to it).
+    put_flannel_lease(&registry.etcd, "10.244.8.0-24", "192.168.50.88", "0e:00:00:00:00:88");
+    let mut daemons = Vec::new();
+    for node in &cluster.nodes {
+        let daemon = Daemon::start(node, &spec, state.path());
+        wait_for("readiness", &[&daemon], || http_get(node, "/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 200")));
+        daemons.push(daemon);
+    }
+    for node in &cluster.nodes {
+        wait_for("3 peers on every node", &daemons.iter().collect::<Vec<_>>(), || {
+            metric(node, "netd_peers_programmed") == Some(3.0)
+        });
+        assert!(has_route(node, "10.244.8.0/24"));
+    }
+    assert!(ping(&cluster, 0, 1) && ping(&cluster, 1, 2) && ping(&cluster, 2, 0));
+    // Our leases are flannel's: keys by subnet, values flanneld parses.
+    let keys = registry.etcd.etcdctl(&["get", "--prefix", "--keys-only", SUBNETS_PREFIX]).unwrap();
+    for number in 1..=3 {
+        assert!(keys.contains(&format!("{SUBNETS_PREFIX}10.244.{number}.0-24")), "{keys}");
+    }
+
+    // etcd goes away for a while: every node notices, traffic continues.
+    registry.stop().unwrap();
+    for (node, daemon) in cluster.nodes.iter().zip(&daemons) {
+        wait_for("registry marked down", &[daemon], || metric(node, "netd_registry_connected") == Some(0.0));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(ping(&cluster, 0, 1) && ping(&cluster, 1, 2) && ping(&cluster, 2, 0), "traffic continues without etcd");
+
+    // netd on node 2 restarts with etcd still down: it restores from its
+    // snapshot, the flanneld peer included.
+    daemons[1].sigterm();
+    daemons[1] = Daemon::start(&cluster.nodes[1], &spec, state.path());
+    wait_for("ready from snapshot without etcd", &[&daemons[1]], || {
+        metric(&cluster.nodes[1], "netd_ready") == Some(1.0)
+            && metric(&cluster.nodes[1], "netd_peers_programmed") == Some(3.0)
+    });
+    assert_eq!(metric(&cluster.nodes[1], "netd_registry_connected"), Some(0.0));
+    assert!(has_route(&cluster.nodes[1], "10.244.8.0/24"));
+    assert!(ping(&cluster, 1, 2) && ping(&cluster, 0, 1));
+
+    // etcd comes back, but node 2's link to it is still down while the
+    // cluster changes: the flanneld node leaves, another joins.
+    cut_off(&cluster.nodes[1]);
+    registry.start().unwrap();
+    registry.etcd.etcdctl(&["del", &format!("{SUBNETS_PREFIX}10.244.8.0-24")]).unwrap();
+    put_flannel_lease(&registry.etcd, "10.244.7.0-24", "192.168.50.77", "0e:00:00:00:00:77");
+    for number in [0, 2] {
+        let node = &cluster.nodes[number];
+        wait_for("the change on a connected node", &[&daemons[number]], || {
+            metric(node, "netd_registry_connected") == Some(1.0)
+                && has_route(node, "10.244.7.0/24")
+                && !has_route(node, "10.244.8.0/24")
+        });
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let node2 = &cluster.nodes[1];
+    assert_eq!(metric(node2, "netd_registry_connected"), Some(0.0), "node 2 is cut off");
+    assert!(has_route(node2, "10.244.8.0/24"), "a lease gone while we cannot see the registry is kept");
+    assert!(!has_route(node2, "10.244.7.0/24"));
+
+    // Node 2's link returns: the changes made meanwhile are picked up.
+    reconnect(node2);
+    wait_for("node 2 resyncs", &[&daemons[1]], || {
+        metric(node2, "netd_registry_connected") == Some(1.0)
+            && has_route(node2, "10.244.7.0/24")
+            && !has_route(node2, "10.244.8.0/24")
+    });
+    assert_eq!(metric(node2, "netd_peers_programmed"), Some(3.0));
+    assert!(ping(&cluster, 1, 0) && ping(&cluster, 1, 2) && ping(&cluster, 2, 1));
+    for daemon in &mut daemons {
+        daemon.sigterm();
+    }
+    drop(registry);
+}
+
+/// The demo's scenario (see `netd::testing::Scenario`) on the registry
+/// `make` starts on the cluster's control plane.
+fn demo_scenario<R: ScenarioRegistry>(make: impl FnOnce(&Cluster) -> R) -> ScenarioReport {
+    let state = tempfile::tempdir().unwrap();
+    let cluster = Cluster::bare(3).unwrap();
+    let registry = make(&cluster);
+    let bin_dir = testing::plugin_dir_of(NETD);
+    let scenario = Scenario::new(cluster, registry, &bin_dir, state.path(), |line| eprintln!("{line}")).unwrap();
+    let report = scenario.run().unwrap();
+    assert_eq!(report.peers_after_resync, 2.0);
+    assert!(report.traffic_back >= report.restored, "{report:?}");
+    report
+}
+
+#[test]
+fn demo_scenario_on_the_embedded_registry() {
+    let Some(_kernel) = testing::privileged().unwrap() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    demo_scenario(|_| EmbeddedScenarioRegistry::create(&dir.path().join("registry.db")).unwrap());
+}
+
+#[test]
+fn demo_scenario_on_real_etcd() {
+    let Some(_kernel) = testing::privileged().unwrap() else { return };
+    demo_scenario(|cluster| EtcdScenarioRegistry::start_on(cluster.control_plane()).unwrap());
+}
+
+#[test]
+fn demo_scenario_on_real_kube_apiserver() {
+    let Some(_kernel) = testing::privileged().unwrap() else { return };
+    demo_scenario(|cluster| {
+        let nodes: Vec<(String, String)> =
+            cluster.nodes.iter().map(|n| (n.name.clone(), n.subnet().to_string())).collect();
+        KubeScenarioRegistry::start_on(cluster.control_plane(), &nodes).unwrap()
+    });
 }

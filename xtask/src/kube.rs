@@ -16,9 +16,11 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 /// Kubernetes version of the cached server (Debian 12's `kubernetes` source).
-pub const KUBE_VERSION: &str = netd::testing::KUBE_APISERVER_VERSION;
-/// Where the built binary is cached (shared with the test harness).
-pub const KUBE_APISERVER_BIN: &str = netd::testing::KUBE_APISERVER_BIN;
+pub const KUBE_VERSION: &str = "1.20.2";
+/// Where the built binary is cached. The test harness has the same default
+/// (`netd::testing::KUBE_APISERVER_BIN`); `cargo xtask test` also hands this
+/// path to the tests in `NETD_KUBE_APISERVER`, so the two cannot drift.
+pub const KUBE_APISERVER_BIN: &str = "/var/cache/netd/kube-apiserver-1.20.2";
 /// Work directory: the unpacked source and the build.
 const BUILD_DIR: &str = "/var/cache/netd/build";
 /// The deb-src entry `apt-get source` needs (Debian 12 images ship without one).

@@ -1,9 +1,10 @@
-//! Developer and CI tasks: `cargo xtask <setup|test|bench|ci>`.
+//! Developer and CI tasks: `cargo xtask <setup|test|bench|ci|demo>`.
+//!
+//! xtask itself depends on nothing that needs a system package to build, so
+//! `cargo xtask setup` works on a fresh machine; the demo and the
+//! side-by-side benchmarks live in the `netd-lab` crate (which builds on
+//! `netd::testing`) and run after setup.
 
-mod bench;
-mod bench_rss;
-mod bench_vxlan;
-mod demo;
 mod kube;
 mod setup;
 mod test;
@@ -38,8 +39,8 @@ fn main() -> Result<()> {
         "setup" => setup::run(),
         "test" => test::run(),
         "ci" => ci(),
-        "demo" => demo::run(),
-        "bench" => bench::run(args.get(1).map(String::as_str)),
+        "demo" => demo(),
+        "bench" => bench(args.get(1).map(String::as_str).unwrap_or("all")),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");
             Ok(())
@@ -78,6 +79,29 @@ pub fn step(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
     f().with_context(|| format!("step `{name}` failed"))?;
     println!("<== {name}: ok in {:.1}s", started.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// Release builds of the daemon and the IPAM plugin, then `netd-lab` with
+/// `args` and `--bin-dir` pointing at them.
+fn lab(args: &[&str]) -> Result<()> {
+    println!("building netd and netd-ipam (release)…");
+    cargo(&["build", "--release", "--quiet", "-p", "netd", "--bin", "netd", "--bin", "netd-ipam"], &[])?;
+    let bin_dir = workspace_root().join("target/release");
+    let bin_dir = bin_dir.to_string_lossy();
+    let mut full = vec!["run", "--quiet", "-p", "netd-lab", "--"];
+    full.extend_from_slice(args);
+    full.extend(["--bin-dir", &bin_dir]);
+    cargo(&full, &[])
+}
+
+fn demo() -> Result<()> {
+    setup::packages()?;
+    lab(&["demo"])
+}
+
+fn bench(which: &str) -> Result<()> {
+    setup::packages()?;
+    lab(&["bench", which])
 }
 
 fn ci() -> Result<()> {

@@ -15,10 +15,12 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("etcd-server", "real etcd for registry tests"),
     ("etcd-client", "etcdctl for registry tests"),
     ("protobuf-compiler", "protoc, needed to build the etcd client"),
+    ("libprotobuf-dev", "google/protobuf/*.proto, which protoc needs for the etcd client"),
     ("nftables", "masquerade rules and their checks"),
     ("iperf3", "throughput benchmarks across namespaces"),
     ("wrk", "HTTP load for tunnel benchmarks"),
     ("curl", "real HTTP client in tests"),
+    ("openssl", "the test kube-apiserver's service-account key"),
     ("iputils-ping", "ping between test namespaces"),
 ];
 

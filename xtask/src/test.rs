@@ -86,7 +86,10 @@ fn describe(kind: &str, before: &BTreeSet<String>, after: &BTreeSet<String>) -> 
 pub fn run() -> Result<()> {
     let before = snapshot()?;
     // Privileged tests must fail, not skip, when they cannot run.
-    let result = cargo(&["test", "--workspace", "--all-features"], &[("NETD_REQUIRE_PRIVILEGED", "1")]);
+    let result = cargo(
+        &["test", "--workspace", "--all-features"],
+        &[("NETD_REQUIRE_PRIVILEGED", "1"), ("NETD_KUBE_APISERVER", crate::kube::KUBE_APISERVER_BIN)],
+    );
     let after = snapshot()?;
     result?;
     if before != after {

@@ -3,7 +3,8 @@
 //! it). Addresses follow one plan so tests, benchmarks and the demo agree:
 //!
 //! - underlay `192.168.50.0/24`, node *i* (1-based) at `192.168.50.(10+i)`
-//!   on its `eth0`;
+//!   on its `eth0`; the underlay bridge itself holds `192.168.50.1`, the
+//!   "cloud" where registry servers run ([`Cluster::control_plane`]);
 //! - cluster network `10.244.0.0/16`, node *i* owns `10.244.i.0/24`, its
 //!   `cni0` holds `10.244.i.1`, pod *j* on it gets `10.244.i.(1+j)`.
 
@@ -13,7 +14,10 @@ use ipnet::Ipv4Net;
 
 use crate::vxlan::{Lease, OverlayConfig, FLANNEL_VXLAN_PORT};
 
-use super::{Bridge, HarnessError, NetNs, VethPair};
+use super::{Bridge, HarnessError, NetNs, ServerHost, VethPair};
+
+/// The underlay address of the control plane (registry servers).
+pub const CONTROL_PLANE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 1);
 
 /// The cluster network of the plan.
 pub const CLUSTER_NETWORK: &str = "10.244.0.0/16";
@@ -97,7 +101,7 @@ impl Cluster {
     /// `nodes` nodes with `pods_per_node` pods each; no overlay yet.
     pub fn new(nodes: u8, pods_per_node: usize) -> Result<Self, HarnessError> {
         let underlay = NetNs::new()?;
-        let bridge = Bridge::new(Some(&underlay), "br-underlay")?;
+        let bridge = Self::underlay_bridge(&underlay)?;
         let mut cluster = Self { nodes: Vec::new(), underlay, bridge, cni0: true };
         for number in 1..=nodes {
             let node = cluster.boot_node(number)?;
@@ -113,13 +117,30 @@ impl Cluster {
     /// pods are attached with a CNI plugin, which creates the bridge.
     pub fn bare(nodes: u8) -> Result<Self, HarnessError> {
         let underlay = NetNs::new()?;
-        let bridge = Bridge::new(Some(&underlay), "br-underlay")?;
+        let bridge = Self::underlay_bridge(&underlay)?;
         let mut cluster = Self { nodes: Vec::new(), underlay, bridge, cni0: false };
         for number in 1..=nodes {
             let node = cluster.boot_node(number)?;
             cluster.nodes.push(node);
         }
         Ok(cluster)
+    }
+
+    fn underlay_bridge(underlay: &NetNs) -> Result<Bridge, HarnessError> {
+        let bridge = Bridge::new(Some(underlay), "br-underlay")?;
+        // A bridge without a set MAC takes its lowest port's, so a node
+        // reboot (its port re-created) would change the control plane's MAC
+        // under the other nodes' ARP caches, as no real switch does.
+        underlay.ip(&["link", "set", "br-underlay", "address", "02:50:00:00:00:fe"])?;
+        underlay.ip(&["addr", "add", &format!("{CONTROL_PLANE_IP}/24"), "dev", "br-underlay"])?;
+        Ok(bridge)
+    }
+
+    /// Where registry servers run so that every node reaches them over the
+    /// underlay: [`CONTROL_PLANE_IP`] inside the underlay namespace. Servers
+    /// started there must be dropped before the cluster.
+    pub fn control_plane(&self) -> ServerHost {
+        ServerHost::in_netns(&self.underlay, CONTROL_PLANE_IP)
     }
 
     fn boot_node(&self, number: u8) -> Result<Node, HarnessError> {

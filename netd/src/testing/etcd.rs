@@ -1,17 +1,18 @@
 //! A throw-away etcd (Debian's `/usr/bin/etcd`, 3.4) for registry tests: one
-//! member on 127.0.0.1 only, free client and peer ports, its data in a fresh
+//! member on 127.0.0.1 (or on an address inside a harness namespace, see
+//! [`ServerHost`]) only, free client and peer ports, its data in a fresh
 //! directory. It can be stopped and started again on the same ports and data
 //! (etcd "away for a while"); dropping it kills the process and removes the
 //! directory.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{run_command, unique_name, HarnessError};
+use super::{unique_name, HarnessError, ServerHost};
 
 /// Debian's etcd server binary (package `etcd-server`).
 pub const ETCD_BIN: &str = "/usr/bin/etcd";
@@ -21,9 +22,10 @@ pub const ETCDCTL_BIN: &str = "/usr/bin/etcdctl";
 /// How long a start may take until etcd reports healthy.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// An etcd server process on 127.0.0.1; killed and its data removed on drop.
+/// An etcd server process; killed and its data removed on drop.
 #[derive(Debug)]
 pub struct EtcdServer {
+    host: ServerHost,
     dir: PathBuf,
     client_port: u16,
     peer_port: u16,
@@ -38,25 +40,35 @@ impl EtcdServer {
     /// The server gets SIGKILL if the thread that started it ends (so a
     /// killed test leaves no etcd behind): keep it on that thread.
     pub fn new() -> Result<Self, HarnessError> {
+        Self::new_on(ServerHost::loopback())
+    }
+
+    /// Like [`EtcdServer::new`], listening on `host` instead of 127.0.0.1.
+    pub fn new_on(host: ServerHost) -> Result<Self, HarnessError> {
         let name = unique_name();
         let dir = std::env::temp_dir().join(format!("{name}-etcd"));
         std::fs::create_dir_all(&dir).map_err(|e| HarnessError::io(format!("creating {}", dir.display()), e))?;
-        let (client_port, peer_port) = match free_ports() {
-            Ok(ports) => ports,
+        let (client_port, peer_port) = match host.free_ports() {
+            Ok([client, peer]) => (client, peer),
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
                 return Err(e);
             }
         };
         // From here on, Drop cleans up.
-        let mut server = Self { dir, client_port, peer_port, name, child: None };
+        let mut server = Self { host, dir, client_port, peer_port, name, child: None };
         server.start()?;
         Ok(server)
     }
 
-    /// `http://127.0.0.1:<client port>`.
+    /// `http://<address>:<client port>`.
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        format!("http://{}:{}", self.host.ip(), self.client_port)
+    }
+
+    /// Where the server listens.
+    pub fn host(&self) -> &ServerHost {
+        &self.host
     }
 
     /// The data directory (`<dir>/data`) and log (`<dir>/etcd.log`) live here.
@@ -96,7 +108,7 @@ impl EtcdServer {
             .open(&log_path)
             .map_err(|e| HarnessError::io(format!("opening {}", log_path.display()), e))?;
         let client_url = self.endpoint();
-        let peer_url = format!("http://127.0.0.1:{}", self.peer_port);
+        let peer_url = format!("http://{}:{}", self.host.ip(), self.peer_port);
         let member = "netd-test";
         let mut command = Command::new(ETCD_BIN);
         command
@@ -134,14 +146,13 @@ impl EtcdServer {
                 Ok(())
             });
         }
-        let child = command.spawn().map_err(|source| HarnessError::Spawn { command: ETCD_BIN.into(), source })?;
-        self.child = Some(child);
+        self.child = Some(self.host.spawn(&mut command, ETCD_BIN)?);
         self.wait_healthy()
     }
 
     fn wait_healthy(&mut self) -> Result<(), HarnessError> {
         let deadline = Instant::now() + START_TIMEOUT;
-        let addr = SocketAddr::from(([127, 0, 0, 1], self.client_port));
+        let addr = SocketAddr::from((self.host.ip(), self.client_port));
         loop {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
@@ -149,7 +160,7 @@ impl EtcdServer {
                     return Err(HarnessError::Command { command: ETCD_BIN.into(), status, stderr: self.log_tail() });
                 }
             }
-            if health(addr).is_some_and(|body| body.contains(r#""health":"true""#)) {
+            if self.host.run(|| health(addr)).ok().flatten().is_some_and(|body| body.contains(r#""health":"true""#)) {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -170,7 +181,7 @@ impl EtcdServer {
         // etcdctl 3.4 speaks API v3 by default.
         let endpoints = format!("--endpoints={}", self.endpoint());
         let full: Vec<&str> = std::iter::once(endpoints.as_str()).chain(args.iter().copied()).collect();
-        let output = run_command(ETCDCTL_BIN, &full)?;
+        let output = self.host.command(ETCDCTL_BIN, &full)?;
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
@@ -193,19 +204,11 @@ impl Drop for EtcdServer {
     }
 }
 
-/// Two distinct free TCP ports on 127.0.0.1.
-fn free_ports() -> Result<(u16, u16), HarnessError> {
-    let bind = || TcpListener::bind("127.0.0.1:0").map_err(|e| HarnessError::io("binding 127.0.0.1:0", e));
-    let (a, b) = (bind()?, bind()?);
-    let port = |l: &TcpListener| l.local_addr().map(|a| a.port()).map_err(|e| HarnessError::io("local_addr", e));
-    Ok((port(&a)?, port(&b)?))
-}
-
 /// `GET /health` on etcd's client port: the raw response.
 fn health(addr: SocketAddr) -> Option<String> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    stream.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
+    stream.write_all(b"GET /health HTTP/1.1\r\nHost: etcd\r\nConnection: close\r\n\r\n").ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
     Some(response)

@@ -1,24 +1,24 @@
 //! A throw-away Kubernetes API server for registry tests: its own etcd
 //! (an [`EtcdServer`] guard) and the `kube-apiserver` that `cargo xtask
-//! setup` builds from Debian's source package, both on 127.0.0.1 only, on
-//! free ports, with their data in a fresh directory.
+//! setup` builds from Debian's source package, both on 127.0.0.1 only (or
+//! on an address inside a harness namespace, see [`ServerHost`]), on free
+//! ports, with their data in a fresh directory.
 //!
 //! The API server authenticates one static token (user `admin`, group
 //! `system:masters`), authorises everything (`AlwaysAllow`) and serves TLS
 //! with a certificate it generates itself into `--cert-dir`: a serving
-//! certificate for 127.0.0.1 followed by the CA that signed it, which
+//! certificate for its address followed by the CA that signed it, which
 //! [`KubeApiServer::ca_cert_pem`] hands to clients so they verify the server
 //! for real. Dropping the guard kills both processes and removes the
 //! directory.
 
 use std::io::{Read, Write};
-use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{run_command, unique_name, EtcdServer, HarnessError};
+use super::{run_command, unique_name, EtcdServer, HarnessError, ServerHost};
 
 /// Kubernetes version of the test API server (Debian 12's `kubernetes` source).
 pub const KUBE_APISERVER_VERSION: &str = "1.20.2";
@@ -32,10 +32,11 @@ const SA_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 /// How long a start may take until the server reports ready.
 const START_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// A running etcd + kube-apiserver pair on 127.0.0.1; both killed and their
-/// data removed on drop.
+/// A running etcd + kube-apiserver pair; both killed and their data removed
+/// on drop.
 #[derive(Debug)]
 pub struct KubeApiServer {
+    host: ServerHost,
     dir: PathBuf,
     bin: PathBuf,
     port: u16,
@@ -53,6 +54,12 @@ impl KubeApiServer {
     /// (so a killed test leaves nothing behind): keep the guard on that
     /// thread.
     pub fn new() -> Result<Self, HarnessError> {
+        Self::new_on(ServerHost::loopback())
+    }
+
+    /// Like [`KubeApiServer::new`], both servers listening on `host`
+    /// instead of 127.0.0.1.
+    pub fn new_on(host: ServerHost) -> Result<Self, HarnessError> {
         let bin = std::env::var_os(KUBE_APISERVER_ENV).map(PathBuf::from).unwrap_or_else(|| KUBE_APISERVER_BIN.into());
         if !bin.is_file() {
             return Err(HarnessError::Usage(format!(
@@ -65,9 +72,9 @@ impl KubeApiServer {
         let dir = std::env::temp_dir().join(format!("{name}-kube"));
         std::fs::create_dir_all(dir.join("certs"))
             .map_err(|e| HarnessError::io(format!("creating {}", dir.display()), e))?;
-        let mut server = Self { dir, bin, port: 0, token: String::new(), etcd: None, apiserver: None };
+        let mut server = Self { host, dir, bin, port: 0, token: String::new(), etcd: None, apiserver: None };
         // From here on, Drop cleans up.
-        let [port, _, _] = free_ports()?;
+        let [port] = server.host.free_ports()?;
         server.port = port;
         server.token = random_hex(16)?;
         let tokens = server.dir.join("tokens.csv");
@@ -76,14 +83,19 @@ impl KubeApiServer {
         let key = server.dir.join("sa.key");
         let key_arg = key.to_string_lossy().into_owned();
         run_command("openssl", &["genrsa", "-out", &key_arg, "2048"])?;
-        server.etcd = Some(EtcdServer::new()?);
+        server.etcd = Some(EtcdServer::new_on(server.host.clone())?);
         server.start()?;
         Ok(server)
     }
 
-    /// `https://127.0.0.1:<port>`.
+    /// `https://<address>:<port>`.
     pub fn url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.port)
+        format!("https://{}:{}", self.host.ip(), self.port)
+    }
+
+    /// Where the servers listen.
+    pub fn host(&self) -> &ServerHost {
+        &self.host
     }
 
     /// The bearer token of user `admin` (group `system:masters`).
@@ -135,8 +147,8 @@ impl KubeApiServer {
         let mut command = Command::new(&self.bin);
         command
             .arg(format!("--etcd-servers={}", self.etcd.as_ref().map(EtcdServer::endpoint).unwrap_or_default()))
-            .arg("--bind-address=127.0.0.1")
-            .arg("--advertise-address=127.0.0.1")
+            .arg(format!("--bind-address={}", self.host.ip()))
+            .arg(format!("--advertise-address={}", self.host.ip()))
             .arg(format!("--secure-port={}", self.port))
             .arg("--insecure-port=0")
             .arg(format!("--cert-dir={}", path("certs")))
@@ -152,10 +164,7 @@ impl KubeApiServer {
             .stdout(Stdio::null())
             .stderr(log);
         die_with_parent(&mut command);
-        let child = command
-            .spawn()
-            .map_err(|source| HarnessError::Spawn { command: self.bin.display().to_string(), source })?;
-        self.apiserver = Some(child);
+        self.apiserver = Some(self.host.spawn(&mut command, &self.bin.display().to_string())?);
         self.wait_ready()
     }
 
@@ -179,18 +188,20 @@ impl KubeApiServer {
         }
         args.extend(["-w", "\n%{http_code}", &url]);
         let command = format!("curl {}", args.join(" "));
-        let mut child = Command::new("curl")
-            .args(&args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|source| HarnessError::Spawn { command: command.clone(), source })?;
-        if let Some(mut stdin) = child.stdin.take() {
-            let text = body.map(|(_, text)| text).unwrap_or("");
-            stdin.write_all(text.as_bytes()).map_err(|e| HarnessError::io("writing curl's stdin", e))?;
-        }
-        let output = child.wait_with_output().map_err(|e| HarnessError::io("waiting for curl", e))?;
+        let output = self.host.run(|| {
+            let mut child = Command::new("curl")
+                .args(&args)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .map_err(|source| HarnessError::Spawn { command: command.clone(), source })?;
+            if let Some(mut stdin) = child.stdin.take() {
+                let text = body.map(|(_, text)| text).unwrap_or("");
+                stdin.write_all(text.as_bytes()).map_err(|e| HarnessError::io("writing curl's stdin", e))?;
+            }
+            child.wait_with_output().map_err(|e| HarnessError::io("waiting for curl", e))
+        })??;
         if !output.status.success() {
             return Err(HarnessError::Command {
                 command,
@@ -275,14 +286,6 @@ fn die_with_parent(command: &mut Command) {
             Ok(())
         });
     }
-}
-
-/// Three distinct free TCP ports on 127.0.0.1 (held together while chosen).
-fn free_ports() -> Result<[u16; 3], HarnessError> {
-    let bind = || TcpListener::bind("127.0.0.1:0").map_err(|e| HarnessError::io("binding 127.0.0.1:0", e));
-    let listeners = [bind()?, bind()?, bind()?];
-    let port = |l: &TcpListener| l.local_addr().map(|a| a.port()).map_err(|e| HarnessError::io("local_addr", e));
-    Ok([port(&listeners[0])?, port(&listeners[1])?, port(&listeners[2])?])
 }
 
 /// `bytes` random bytes from the kernel, hex-encoded.

@@ -36,16 +36,23 @@ mod kube;
 mod links;
 mod netns;
 mod process;
+mod scenario;
+mod server;
 mod synthetic;
 
 pub use cgroup::Cgroup;
-pub use cluster::{Cluster, Node, Pod, CLUSTER_NETWORK};
+pub use cluster::{Cluster, Node, Pod, CLUSTER_NETWORK, CONTROL_PLANE_IP};
 pub use cni::{plugin_dir_of, CniCall, CniRunner, DEBIAN_CNI_DIR};
 pub use etcd::EtcdServer;
 pub use kube::{KubeApiServer, KUBE_APISERVER_BIN, KUBE_APISERVER_ENV, KUBE_APISERVER_VERSION};
 pub use links::{unique_ifname, Bridge, VethPair};
 pub use netns::{NetNs, NetNsGuard};
 pub use process::{http_get, metric, netd_run_args, NetdProcess, HEALTH_ADDR};
+pub use scenario::{
+    scenario_network, EmbeddedScenarioRegistry, EtcdScenarioRegistry, KubeScenarioRegistry, Scenario, ScenarioRegistry,
+    ScenarioReport,
+};
+pub use server::ServerHost;
 pub use synthetic::{synthetic_config, synthetic_node, synthetic_peer, SYNTHETIC_OWN_IP};
 
 use std::fs::{self, File, OpenOptions};
@@ -101,6 +108,9 @@ pub enum HarnessError {
     /// A harness object was used in a way its setup does not allow.
     #[error("test harness misuse: {0}")]
     Usage(String),
+    /// A step of a [`Scenario`] did not turn out as the story says.
+    #[error("scenario failed: {0}")]
+    Scenario(String),
     /// No cgroup v2 hierarchy is mounted.
     #[error("no cgroup v2 mount found in /proc/self/mounts")]
     NoCgroup2,

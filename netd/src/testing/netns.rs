@@ -4,7 +4,7 @@ use std::fs::File;
 use std::future::Future;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use super::{netns_path, run_command, unique_name, HarnessError};
@@ -60,23 +60,7 @@ impl NetNs {
         F: FnOnce() -> T + Send,
         T: Send,
     {
-        let ns_file =
-            File::open(self.path()).map_err(|e| HarnessError::io(format!("opening {}", self.path().display()), e))?;
-        std::thread::scope(|scope| {
-            let worker = scope.spawn(move || {
-                // SAFETY: setns on a valid namespace fd; it only affects this
-                // thread, which ends when the scope does.
-                let rc = unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) };
-                if rc != 0 {
-                    return Err(HarnessError::io("setns(CLONE_NEWNET)", io::Error::last_os_error()));
-                }
-                Ok(f())
-            });
-            match worker.join() {
-                Ok(result) => result,
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
-        })
+        run_in(&self.path(), f)
     }
 
     /// Moves the *calling* thread into this namespace until the guard drops
@@ -84,16 +68,7 @@ impl NetNs {
     /// moved to another thread, such as a benchmark harness; prefer
     /// [`NetNs::run`]. Never hold the guard across an `.await`.
     pub fn enter(&self) -> Result<NetNsGuard<'_>, HarnessError> {
-        let home = File::open("/proc/thread-self/ns/net")
-            .map_err(|e| HarnessError::io("opening /proc/thread-self/ns/net", e))?;
-        let target =
-            File::open(self.path()).map_err(|e| HarnessError::io(format!("opening {}", self.path().display()), e))?;
-        // SAFETY: setns on a valid namespace fd; it changes only this
-        // thread's network namespace, which the guard restores.
-        if unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(HarnessError::io("setns(CLONE_NEWNET)", io::Error::last_os_error()));
-        }
-        Ok(NetNsGuard { home, _ns: std::marker::PhantomData })
+        enter_path(&self.path())
     }
 
     /// Runs the future made by `make` to completion inside this namespace, on
@@ -122,6 +97,45 @@ impl NetNs {
 pub struct NetNsGuard<'ns> {
     home: File,
     _ns: std::marker::PhantomData<(&'ns NetNs, *const ())>,
+}
+
+/// Runs `f` on a new thread inside the namespace bound at `path` (see
+/// [`NetNs::run`]).
+pub(crate) fn run_in<F, T>(path: &Path, f: F) -> Result<T, HarnessError>
+where
+    F: FnOnce() -> T + Send,
+    T: Send,
+{
+    let ns_file = File::open(path).map_err(|e| HarnessError::io(format!("opening {}", path.display()), e))?;
+    std::thread::scope(|scope| {
+        let worker = scope.spawn(move || {
+            // SAFETY: setns on a valid namespace fd; it only affects this
+            // thread, which ends when the scope does.
+            let rc = unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) };
+            if rc != 0 {
+                return Err(HarnessError::io("setns(CLONE_NEWNET)", io::Error::last_os_error()));
+            }
+            Ok(f())
+        });
+        match worker.join() {
+            Ok(result) => result,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
+}
+
+/// Moves the calling thread into the namespace bound at `path` until the
+/// guard drops (see [`NetNs::enter`]).
+pub(crate) fn enter_path<'ns>(path: &Path) -> Result<NetNsGuard<'ns>, HarnessError> {
+    let home =
+        File::open("/proc/thread-self/ns/net").map_err(|e| HarnessError::io("opening /proc/thread-self/ns/net", e))?;
+    let target = File::open(path).map_err(|e| HarnessError::io(format!("opening {}", path.display()), e))?;
+    // SAFETY: setns on a valid namespace fd; it changes only this thread's
+    // network namespace, which the guard restores.
+    if unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(HarnessError::io("setns(CLONE_NEWNET)", io::Error::last_os_error()));
+    }
+    Ok(NetNsGuard { home, _ns: std::marker::PhantomData })
 }
 
 impl Drop for NetNsGuard<'_> {

@@ -1,24 +1,22 @@
-//! `cargo xtask bench`: side-by-side runs that need namespaces or external
+//! `netd-lab bench` (`cargo xtask bench`): side-by-side runs that need namespaces or external
 //! tools. Each prints a markdown table (medians, p99, ratios) for README.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use netd::testing::{self, CniCall, CniRunner, NetNs, DEBIAN_CNI_DIR};
 
-use crate::{cargo, workspace_root};
-
-/// Runs the named benchmark (or all).
-pub fn run(which: Option<&str>) -> Result<()> {
-    match which.unwrap_or("all") {
-        "cni" => cni(200),
-        "vxlan" => crate::bench_vxlan::run(5),
-        "rss" => crate::bench_rss::run(1_000),
+/// Runs the named benchmark (or all) with the release binaries in `bin_dir`.
+pub fn run(which: &str, bin_dir: &Path) -> Result<()> {
+    match which {
+        "cni" => cni(200, bin_dir),
+        "vxlan" => crate::bench_vxlan::run(5, bin_dir),
+        "rss" => crate::bench_rss::run(1_000, bin_dir),
         "all" => {
-            cni(200)?;
-            crate::bench_vxlan::run(5)?;
-            crate::bench_rss::run(1_000)
+            cni(200, bin_dir)?;
+            crate::bench_vxlan::run(5, bin_dir)?;
+            crate::bench_rss::run(1_000, bin_dir)
         }
         other => bail!("unknown benchmark `{other}` (known: cni, vxlan, rss, all)"),
     }
@@ -80,19 +78,16 @@ impl Variant {
 /// CNI ADD+DEL through Debian's `bridge` plugin, IPAM = static (floor),
 /// host-local (anchor), netd-ipam (new pod each cycle; same pod each cycle).
 /// Cycles are interleaved across variants so machine noise hits all alike.
-fn cni(cycles: usize) -> Result<()> {
-    println!("building netd-ipam (release)…");
-    cargo(&["build", "--release", "--quiet", "-p", "netd", "--bin", "netd-ipam"], &[])?;
+fn cni(cycles: usize, bin_dir: &Path) -> Result<()> {
     let Some(_kernel) = testing::privileged()? else { bail!("the CNI benchmark needs root") };
     println!("machine: {}", machine());
-    cni_table(cycles, true)?;
-    cni_table(cycles, false)
+    cni_table(cycles, true, bin_dir)?;
+    cni_table(cycles, false, bin_dir)
 }
 
 /// One table: through `bridge` (what a runtime does) or the IPAM plugin
 /// alone (isolates what netd-ipam changes).
-fn cni_table(cycles: usize, through_bridge: bool) -> Result<()> {
-    let our_dir = workspace_root().join("target/release");
+fn cni_table(cycles: usize, through_bridge: bool, our_dir: &Path) -> Result<()> {
     let data = tempfile::tempdir().context("creating a data directory")?;
     let d = data.path().display();
     let mut variants = vec![
@@ -135,7 +130,7 @@ fn cni_table(cycles: usize, through_bridge: bool) -> Result<()> {
     ];
     let node = NetNs::new()?;
     let pod_ns = NetNs::new()?;
-    let runner = CniRunner::new(&node, vec![PathBuf::from(DEBIAN_CNI_DIR), our_dir]);
+    let runner = CniRunner::new(&node, vec![PathBuf::from(DEBIAN_CNI_DIR), our_dir.to_path_buf()]);
     let what = if through_bridge { "through Debian's bridge plugin 1.1.1" } else { "IPAM plugin alone" };
     println!("\nrunning {cycles} ADD+DEL cycles per IPAM, {what}, interleaved…");
     for i in 0..cycles {

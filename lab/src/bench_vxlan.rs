@@ -18,7 +18,6 @@ use netd::testing::{
 };
 
 use crate::bench::{machine, ms, percentile};
-use crate::{cargo, workspace_root};
 
 /// flannel's device, made with `ip` as the baselines' starting point.
 fn flannel_device(ns: &NetNs) -> Result<()> {
@@ -145,10 +144,8 @@ fn median(mut v: Vec<Duration>) -> Duration {
 }
 
 /// Runs the VXLAN benchmark and prints README tables.
-pub fn run(reps: usize) -> Result<()> {
-    println!("building netd (release)…");
-    cargo(&["build", "--release", "--quiet", "-p", "netd", "--bin", "netd"], &[])?;
-    let netd = workspace_root().join("target/release/netd");
+pub fn run(reps: usize, bin_dir: &Path) -> Result<()> {
+    let netd = bin_dir.join("netd");
     let Some(_kernel) = testing::privileged()? else { bail!("the VXLAN benchmark needs root") };
     let dir = tempfile::tempdir()?;
     println!("machine: {}", machine());

@@ -11,7 +11,6 @@ use netd::registry::NetworkConfig;
 use netd::testing::{self, metric, netd_run_args, synthetic_node, synthetic_peer, NetdProcess};
 
 use crate::bench::machine;
-use crate::{cargo, workspace_root};
 
 fn status_kib(pid: u32, field: &str) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -22,8 +21,7 @@ fn status_kib(pid: u32, field: &str) -> Result<u64> {
 }
 
 /// Runs the benchmark for `peers` peers.
-pub fn run(peers: u32) -> Result<()> {
-    cargo(&["build", "--release", "--quiet", "-p", "netd", "--bin", "netd"], &[])?;
+pub fn run(peers: u32, bin_dir: &Path) -> Result<()> {
     let Some(_kernel) = testing::privileged()? else { bail!("the RSS benchmark needs root") };
     let dir = tempfile::tempdir()?;
     let registry_path = dir.path().join("registry.db");
@@ -39,7 +37,7 @@ pub fn run(peers: u32) -> Result<()> {
     let state = dir.path().join("state");
     std::fs::create_dir_all(&state)?;
     let args = netd_run_args("bench-node", &format!("embedded:{}", registry_path.display()), &state);
-    let netd = workspace_root().join("target/release/netd");
+    let netd = bin_dir.join("netd");
     let daemon = NetdProcess::spawn(&ns, Path::new(&netd), args, &state.join("netd.log"))?;
     let started = Instant::now();
     while metric(&ns, "netd_peers_programmed") != Some(f64::from(peers)) {

@@ -1,0 +1,20 @@
+//! `netd-lab demo` (`cargo xtask demo`): the scenario of
+//! `netd::testing::Scenario` narrated on the embedded registry — a 3-node
+//! cluster in network namespaces, pods attached through Debian's `bridge`
+//! plugin with netd-ipam, then a node reboot with the registry stopped.
+
+use std::path::Path;
+
+use anyhow::{bail, Result};
+use netd::testing::{self, Cluster, EmbeddedScenarioRegistry, Scenario};
+
+/// Runs the demo with the release binaries in `bin_dir`.
+pub fn run(bin_dir: &Path) -> Result<()> {
+    let Some(_kernel) = testing::privileged()? else { bail!("the demo needs root (network namespaces)") };
+    let state = tempfile::Builder::new().prefix("netd-demo-").tempdir()?;
+    let registry = EmbeddedScenarioRegistry::create(&state.path().join("registry.db"))?;
+    println!();
+    let scenario = Scenario::new(Cluster::bare(3)?, registry, bin_dir, state.path(), |line| println!("{line}"))?;
+    scenario.run()?;
+    Ok(())
+}

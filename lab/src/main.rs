@@ -1,0 +1,36 @@
+//! `netd-lab`: the demo and the side-by-side benchmarks, in network
+//! namespaces, on the release binaries `cargo xtask demo|bench` builds.
+//!
+//! ```text
+//! netd-lab demo --bin-dir target/release
+//! netd-lab bench <cni|vxlan|rss|all> --bin-dir target/release
+//! ```
+
+mod bench;
+mod bench_rss;
+mod bench_vxlan;
+mod demo;
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+
+const USAGE: &str = "usage: netd-lab <demo | bench <cni|vxlan|rss|all>> --bin-dir DIR (run through `cargo xtask`)";
+
+fn main() -> Result<()> {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(at) = args.iter().position(|a| a == "--bin-dir") else { bail!("--bin-dir is required\n{USAGE}") };
+    let bin_dir = PathBuf::from(args.get(at + 1).context("--bin-dir needs a directory")?);
+    args.drain(at..at + 2);
+    for binary in ["netd", "netd-ipam"] {
+        if !bin_dir.join(binary).is_file() {
+            bail!("{} is missing: build it first (`cargo xtask` does)", bin_dir.join(binary).display());
+        }
+    }
+    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        ["demo"] => demo::run(&bin_dir),
+        ["bench", which] => bench::run(which, &bin_dir),
+        ["bench"] => bench::run("all", &bin_dir),
+        _ => bail!("{USAGE}"),
+    }
+}
