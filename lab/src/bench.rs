@@ -13,12 +13,14 @@ pub fn run(which: &str, bin_dir: &Path) -> Result<()> {
         "cni" => cni(200, bin_dir),
         "vxlan" => crate::bench_vxlan::run(5, bin_dir),
         "rss" => crate::bench_rss::run(1_000, bin_dir),
+        "scenario" => crate::bench_scenario::run(5, bin_dir),
         "all" => {
             cni(200, bin_dir)?;
             crate::bench_vxlan::run(5, bin_dir)?;
-            crate::bench_rss::run(1_000, bin_dir)
+            crate::bench_rss::run(1_000, bin_dir)?;
+            crate::bench_scenario::run(5, bin_dir)
         }
-        other => bail!("unknown benchmark `{other}` (known: cni, vxlan, rss, all)"),
+        other => bail!("unknown benchmark `{other}` (known: cni, vxlan, rss, scenario, all)"),
     }
 }
 

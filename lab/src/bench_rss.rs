@@ -52,12 +52,18 @@ pub fn run(peers: u32, bin_dir: &Path) -> Result<()> {
     let pid = daemon.pid().context("netd exited")?;
     let rss = status_kib(pid, "VmRSS:")?;
     let hwm = status_kib(pid, "VmHWM:")?;
+    let anon = status_kib(pid, "RssAnon:")?;
+    let file = status_kib(pid, "RssFile:")?;
+    let mib = |kib: u64| kib as f64 / 1024.0;
     println!("machine: {}", machine());
     println!(
-        "netd run, embedded registry, {peers} peers programmed in {:.0} ms: RSS {:.1} MiB, peak RSS {:.1} MiB (goal ≤ 15 MiB)",
+        "netd run, embedded registry, {peers} peers programmed in {:.0} ms: RSS {:.1} MiB \
+         (anonymous {:.1}, file-backed {:.1}), peak RSS {:.1} MiB (goal ≤ 15 MiB)",
         programmed.as_secs_f64() * 1000.0,
-        rss as f64 / 1024.0,
-        hwm as f64 / 1024.0
+        mib(rss),
+        mib(anon),
+        mib(file),
+        mib(hwm)
     );
     Ok(())
 }

@@ -3,11 +3,12 @@
 //!
 //! ```text
 //! netd-lab demo --bin-dir target/release
-//! netd-lab bench <cni|vxlan|rss|all> --bin-dir target/release
+//! netd-lab bench <cni|vxlan|rss|scenario|all> --bin-dir target/release
 //! ```
 
 mod bench;
 mod bench_rss;
+mod bench_scenario;
 mod bench_vxlan;
 mod demo;
 
@@ -15,7 +16,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 
-const USAGE: &str = "usage: netd-lab <demo | bench <cni|vxlan|rss|all>> --bin-dir DIR (run through `cargo xtask`)";
+const USAGE: &str =
+    "usage: netd-lab <demo | bench <cni|vxlan|rss|scenario|all>> --bin-dir DIR (run through `cargo xtask`)";
 
 fn main() -> Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();

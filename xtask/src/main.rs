@@ -24,7 +24,7 @@ tasks:
   setup   install (idempotently) the Debian packages netd needs to build, test and demo
   test    run every test, unprivileged and privileged (root; network namespaces),
           and check that no namespace, link or cgroup is left behind
-  bench [cni|vxlan|rss|all]
+  bench [cni|vxlan|rss|scenario|all]
           side-by-side benchmarks needing namespaces or external tools (root)
   ci      setup, fmt check, clippy, build, test, bench --no-run, doc: what CI runs
 ";
@@ -100,7 +100,12 @@ fn demo() -> Result<()> {
 }
 
 fn bench(which: &str) -> Result<()> {
-    setup::packages()?;
+    if matches!(which, "scenario" | "all") {
+        // The scenario runs on a kube-apiserver too.
+        setup::run()?;
+    } else {
+        setup::packages()?;
+    }
     lab(&["bench", which])
 }
 

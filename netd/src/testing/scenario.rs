@@ -202,6 +202,9 @@ pub struct ScenarioReport {
     pub pod_reattached: Duration,
     /// Node 2: netd start → the first cross-node ping that works.
     pub traffic_back: Duration,
+    /// How long the registry took to start again (until its own health
+    /// check passed).
+    pub registry_start: Duration,
     /// Registry started → node 2 connected and freshly synced (a server
     /// may serve node 2 before its start-up check passes).
     pub resynced: Duration,
@@ -441,7 +444,8 @@ impl<'a, R: ScenarioRegistry> Scenario<'a, R> {
         (self.narrate)("");
         let returned = Instant::now();
         self.registry.start()?;
-        self.say(&format!("registry BACK (up and serving after {})", ms(returned.elapsed())));
+        let registry_start = returned.elapsed();
+        self.say(&format!("registry BACK (up and serving after {})", ms(registry_start)));
         let mut resynced = Duration::ZERO;
         for number in [2u8, 1, 3] {
             self.wait("resync", number, |ns| {
@@ -478,7 +482,15 @@ impl<'a, R: ScenarioRegistry> Scenario<'a, R> {
             self.cleanup(number)?;
         }
         self.say("netd stopped (SIGTERM leaves the data plane), `netd cleanup` removed it, namespaces deleted");
-        Ok(ScenarioReport { node_ready, restored, pod_reattached, traffic_back, resynced, peers_after_resync })
+        Ok(ScenarioReport {
+            node_ready,
+            restored,
+            pod_reattached,
+            traffic_back,
+            registry_start,
+            resynced,
+            peers_after_resync,
+        })
     }
 
     fn cleanup(&self, number: u8) -> Result<(), HarnessError> {
