@@ -10,8 +10,13 @@
 //!  "config":{"network":"10.244.0.0/16",
 //!            "own":{"subnet":"10.244.1.0/24","public_ip":"192.168.50.11","vtep_mac":"6e:6d:70:09:3e:38","node":"edge-1"},
 //!            "vni":1,"port":8472,"underlay":"eth0","direct_routing":false},
-//!  "peers":[{"subnet":"10.244.2.0/24","public_ip":"192.168.50.12","vtep_mac":"6e:2f:…","node":"edge-2"}]}
+//!  "peers":[{"subnet":"10.244.2.0/24","public_ip":"192.168.50.12","vtep_mac":"6e:2f:…","node":"edge-2"}],
+//!  "autonomous":["10.244.2.0/24"]}
 //! ```
+//!
+//! `autonomous` (optional, absent when empty) lists the peers whose node
+//! declared autonomy: a restarted netd keeps them even when the registry no
+//! longer holds their lease (an edge node offline for longer than its lease).
 //!
 //! Unknown fields are ignored (a newer netd may add some); a higher
 //! `version` is refused rather than misread. Writes go to a temporary file
@@ -24,6 +29,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 use crate::vxlan::{Lease, OverlayConfig};
@@ -81,13 +87,27 @@ pub struct Snapshot {
     /// The peers, as last received (validated again when programmed).
     #[serde(default)]
     pub peers: Vec<Lease>,
+    /// Subnets of the peers that are autonomous (kept without a lease).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub autonomous: Vec<Ipv4Net>,
 }
 
 impl Snapshot {
     /// A snapshot of `config` and `peers`, stamped now.
     pub fn new(config: OverlayConfig, peers: Vec<Lease>) -> Self {
         let saved_at = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        Self { version: VERSION, saved_at, config, peers }
+        Self { version: VERSION, saved_at, config, peers, autonomous: Vec::new() }
+    }
+
+    /// Marks the peers of these subnets autonomous.
+    pub fn with_autonomous(mut self, autonomous: Vec<Ipv4Net>) -> Self {
+        self.autonomous = autonomous;
+        self
+    }
+
+    /// The peers marked autonomous.
+    pub fn autonomous_peers(&self) -> impl Iterator<Item = &Lease> {
+        self.peers.iter().filter(|p| self.autonomous.contains(&p.subnet))
     }
 
     /// Parses a snapshot document.
@@ -152,7 +172,9 @@ mod tests {
         "config":{"network":"10.244.0.0/16",
                   "own":{"subnet":"10.244.1.0/24","public_ip":"192.168.50.11","vtep_mac":"6e:6d:70:09:3e:38","node":"edge-1"},
                   "vni":1,"port":8472,"underlay":"eth0","direct_routing":false,"future_knob":true},
-        "peers":[{"subnet":"10.244.2.0/24","public_ip":"192.168.50.12","vtep_mac":"6e:2f:10:00:00:02","node":"edge-2"}],
+        "peers":[{"subnet":"10.244.2.0/24","public_ip":"192.168.50.12","vtep_mac":"6e:2f:10:00:00:02","node":"edge-2"},
+                 {"subnet":"10.244.3.0/24","public_ip":"192.168.50.13","vtep_mac":"6e:2f:10:00:00:03","node":"edge-3"}],
+        "autonomous":["10.244.3.0/24"],
         "added_later":{"x":1}}"#;
 
     #[test]
@@ -161,6 +183,8 @@ mod tests {
         let snap = Snapshot::parse(EXAMPLE.as_bytes(), path).unwrap();
         assert_eq!(snap.config.own.node.as_deref(), Some("edge-1"));
         assert_eq!(snap.peers[0].vtep_mac.to_string(), "6e:2f:10:00:00:02");
+        let autonomous: Vec<_> = snap.autonomous_peers().map(|p| p.node.as_deref()).collect();
+        assert_eq!(autonomous, [Some("edge-3")]);
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("nested/snapshot.json");
         snap.save(&file).unwrap();
@@ -183,5 +207,18 @@ mod tests {
         let e = err(&EXAMPLE.replace(r#""network":"10.244.0.0/16""#, r#""network":"10.9.0.0/16""#));
         assert!(e.contains("outside the cluster network"), "{e}");
         assert!(Snapshot::load(Path::new("/nonexistent/netd/snapshot.json")).unwrap().is_none());
+        let e = err(&EXAMPLE.replace(r#""autonomous":["10.244.3.0/24"]"#, r#""autonomous":"10.244.3.0/24""#));
+        assert!(e.contains("autonomous"), "{e}");
+    }
+
+    #[test]
+    fn snapshots_without_autonomous_peers_omit_the_field_and_older_ones_read() {
+        let snap = Snapshot::parse(EXAMPLE.as_bytes(), Path::new("e.json")).unwrap().with_autonomous(Vec::new());
+        let text = serde_json::to_string(&snap).unwrap();
+        assert!(!text.contains("autonomous"), "{text}");
+        // What netd wrote before the field existed.
+        let old = EXAMPLE.replace(r#""autonomous":["10.244.3.0/24"],"#, "");
+        let parsed = Snapshot::parse(old.as_bytes(), Path::new("old.json")).unwrap();
+        assert!(parsed.autonomous.is_empty() && parsed.peers.len() == 2);
     }
 }

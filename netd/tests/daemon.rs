@@ -349,3 +349,71 @@ fn demo_scenario_on_real_kube_apiserver() {
         KubeScenarioRegistry::start_on(cluster.control_plane(), &nodes).unwrap()
     });
 }
+
+/// Revokes the etcd lease under `key`, as its expiry would.
+fn expire_lease(etcd: &EtcdServer, key: &str) {
+    let out = etcd.etcdctl(&["get", key, "-w", "json"]).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let id = json["kvs"][0]["lease"].as_i64().unwrap_or_else(|| panic!("{key} has no lease: {out}"));
+    etcd.etcdctl(&["lease", "revoke", &format!("{id:x}")]).unwrap();
+}
+
+#[test]
+fn an_autonomous_peer_whose_lease_expires_is_kept_also_across_a_restart() {
+    let Some(_kernel) = testing::privileged().unwrap() else { return };
+    let state = tempfile::tempdir().unwrap();
+    let cluster = Cluster::new(3, 1).unwrap();
+    let registry = EtcdScenarioRegistry::start_on(cluster.control_plane()).unwrap();
+    let etcd = &registry.etcd;
+    let spec = registry.registry_spec();
+    put_flannel_lease(etcd, "10.244.8.0-24", "192.168.50.88", "0e:00:00:00:00:88");
+    let mut daemons = Vec::new();
+    for node in &cluster.nodes {
+        let daemon = Daemon::start(node, &spec, state.path());
+        wait_for("readiness", &[&daemon], || http_get(node, "/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 200")));
+        daemons.push(daemon);
+    }
+    for node in &cluster.nodes {
+        wait_for("3 peers", &daemons.iter().collect::<Vec<_>>(), || metric(node, "netd_peers_programmed") == Some(3.0));
+    }
+    // node-3 declares autonomy, then drops off the network for longer than
+    // its lease: its netd is gone (kernel state stays, pods keep running)
+    // and its lease expires. The flanneld node's lease expires too.
+    etcd.etcdctl(&["put", "/coreos.com/network/autonomy/node-3", "true"]).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    daemons[2].0.signal(libc::SIGKILL).unwrap();
+    expire_lease(etcd, &format!("{SUBNETS_PREFIX}10.244.3.0-24"));
+    expire_lease(etcd, &format!("{SUBNETS_PREFIX}10.244.8.0-24"));
+    for number in [0, 1] {
+        let node = &cluster.nodes[number];
+        wait_for("the expired flanneld lease removed", &[&daemons[number]], || !has_route(node, "10.244.8.0/24"));
+        assert!(has_route(node, "10.244.3.0/24"), "the autonomous peer is kept");
+    }
+    assert!(ping(&cluster, 0, 2), "pods on the autonomous node stay reachable");
+    let snapshot = std::fs::read_to_string(state.path().join("node-1/snapshot.json")).unwrap();
+    assert!(snapshot.contains(r#""autonomous":["10.244.3.0/24"]"#), "{snapshot}");
+
+    // node-1's netd restarts while the lease is still gone: its snapshot
+    // remembers the autonomy, so the registry's resync does not drop node-3.
+    daemons[0].sigterm();
+    daemons[0] = Daemon::start(&cluster.nodes[0], &spec, state.path());
+    let node1 = &cluster.nodes[0];
+    wait_for("node-1 resynced", &[&daemons[0]], || {
+        metric(node1, "netd_registry_connected") == Some(1.0)
+            && metric(node1, "netd_seconds_since_last_sync").is_some_and(|s| s < 5.0)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(has_route(node1, "10.244.3.0/24"), "{}", daemons[0].log());
+    assert_eq!(metric(node1, "netd_peers_programmed"), Some(2.0));
+    assert!(ping(&cluster, 0, 2) && ping(&cluster, 0, 1));
+
+    // node-3 comes back: it takes its subnet again and all is as before.
+    daemons[2] = Daemon::start(&cluster.nodes[2], &spec, state.path());
+    wait_for("node-3 back", &[&daemons[2]], || metric(&cluster.nodes[2], "netd_registry_connected") == Some(1.0));
+    let env = std::fs::read_to_string(state.path().join("node-3/subnet.env")).unwrap();
+    assert!(env.contains("FLANNEL_SUBNET=10.244.3.1/24"), "{env}");
+    assert!(ping(&cluster, 2, 0) && ping(&cluster, 1, 2));
+    for daemon in &mut daemons {
+        daemon.sigterm();
+    }
+}

@@ -137,11 +137,21 @@ struct Daemon {
     underlay: Option<Underlay>,
     mac: Option<MacAddr>,
     masquerade_applied: Option<(Ipv4Net, Ipv4Net)>,
+    /// Autonomous peers from the snapshot: the registry may no longer hold
+    /// their leases, and they must survive its first resync.
+    restored_autonomous: Vec<Lease>,
 }
 
 impl Daemon {
     fn new(config: DaemonConfig) -> Self {
-        Self { config, shared: Arc::new(Shared::default()), underlay: None, mac: None, masquerade_applied: None }
+        Self {
+            config,
+            shared: Arc::new(Shared::default()),
+            underlay: None,
+            mac: None,
+            masquerade_applied: None,
+            restored_autonomous: Vec::new(),
+        }
     }
 
     async fn main(mut self) -> Result<(), DaemonError> {
@@ -219,15 +229,28 @@ impl Daemon {
         if let Some(mac) = self.mac {
             overlay_config.own.vtep_mac = mac;
         }
-        tracing::info!(peers = snapshot.peers.len(), subnet = %overlay_config.own.subnet, "restoring from snapshot");
-        self.apply_overlay(overlay_config, snapshot.peers, &underlay);
+        self.restored_autonomous = snapshot.autonomous_peers().cloned().collect();
+        tracing::info!(
+            peers = snapshot.peers.len(),
+            autonomous = self.restored_autonomous.len(),
+            subnet = %overlay_config.own.subnet,
+            "restoring from snapshot"
+        );
+        self.apply_overlay(overlay_config, snapshot.peers, snapshot.autonomous, &underlay);
     }
 
     /// Starts (or restarts, when the configuration changed) the overlay and
     /// writes subnet.env and masquerade to match.
-    fn apply_overlay(&mut self, overlay_config: OverlayConfig, peers: Vec<Lease>, underlay: &Underlay) {
+    fn apply_overlay(
+        &mut self,
+        overlay_config: OverlayConfig,
+        peers: Vec<Lease>,
+        autonomous: Vec<Ipv4Net>,
+        underlay: &Underlay,
+    ) {
         let mut slot = self.shared.overlay.lock().unwrap_or_else(PoisonError::into_inner);
-        let options = OverlayOptions { snapshot: Some(self.config.snapshot_path()), ..OverlayOptions::default() };
+        let options =
+            OverlayOptions { snapshot: Some(self.config.snapshot_path()), autonomous, ..OverlayOptions::default() };
         if let Some(old) = slot.take() {
             old.stop();
         }
@@ -333,7 +356,7 @@ impl Daemon {
     fn push_peers(&self, peers: &BTreeMap<Ipv4Net, PeerLease>) {
         let list = peers.values().map(|p| p.lease.clone()).collect();
         if let Some(overlay) = self.shared.overlay.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
-            if let Err(error) = overlay.set_peers(list) {
+            if let Err(error) = overlay.set_peers_marking(list, autonomous_subnets(peers)) {
                 tracing::error!(%error, "overlay thread gone");
             }
         }
@@ -368,7 +391,13 @@ impl Daemon {
         self.set_connected(true);
         tracing::info!(registry = %registry.describe(), subnet = %own.lease.subnet, "lease acquired");
 
-        let mut peers: BTreeMap<Ipv4Net, PeerLease> = BTreeMap::new();
+        // Autonomous peers restored from the snapshot stay through the first
+        // resync even if their leases are gone; the rest is the registry's.
+        let mut peers: BTreeMap<Ipv4Net, PeerLease> = std::mem::take(&mut self.restored_autonomous)
+            .into_iter()
+            .filter(|lease| lease.subnet != own.lease.subnet)
+            .map(|lease| (lease.subnet, PeerLease { lease, autonomous: true }))
+            .collect();
         self.configure(&network, &own, &peers, &underlay);
         let mut renew = tokio::time::interval(Duration::from_secs(30));
         renew.tick().await;
@@ -436,8 +465,13 @@ impl Daemon {
             return;
         }
         let list = peers.values().map(|p| p.lease.clone()).collect();
-        self.apply_overlay(overlay_config, list, underlay);
+        self.apply_overlay(overlay_config, list, autonomous_subnets(peers), underlay);
     }
+}
+
+/// The subnets of the autonomous peers, for the snapshot.
+fn autonomous_subnets(peers: &BTreeMap<Ipv4Net, PeerLease>) -> Vec<Ipv4Net> {
+    peers.values().filter(|p| p.autonomous).map(|p| p.lease.subnet).collect()
 }
 
 async fn lease<R: Registry>(

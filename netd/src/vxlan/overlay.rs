@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use crate::netlink::{Event, Monitor};
 use crate::snapshot::Snapshot;
 
+use ipnet::Ipv4Net;
+
 use super::{Lease, OverlayConfig, ReconcileReport, Reconciler, VxlanError};
 
 /// How the overlay thread runs.
@@ -26,11 +28,19 @@ pub struct OverlayOptions {
     pub debounce: Duration,
     /// Persist config and peers here on every change.
     pub snapshot: Option<PathBuf>,
+    /// Subnets of the starting peers to record as autonomous in the
+    /// snapshot (see [`Snapshot::autonomous`]).
+    pub autonomous: Vec<Ipv4Net>,
 }
 
 impl Default for OverlayOptions {
     fn default() -> Self {
-        Self { resync_period: Duration::from_secs(30), debounce: Duration::from_millis(10), snapshot: None }
+        Self {
+            resync_period: Duration::from_secs(30),
+            debounce: Duration::from_millis(10),
+            snapshot: None,
+            autonomous: Vec::new(),
+        }
     }
 }
 
@@ -54,7 +64,9 @@ pub struct OverlayStatus {
 type Reply = Sender<Result<ReconcileReport, String>>;
 
 enum Command {
-    Peers(Vec<Lease>, Option<Reply>),
+    /// New peers; new autonomous marks, or `None` to keep the marks of the
+    /// subnets still present.
+    Peers(Vec<Lease>, Option<Vec<Ipv4Net>>, Option<Reply>),
     Reconcile(Reply),
     Stop,
 }
@@ -79,7 +91,8 @@ impl Overlay {
         wake_rx.set_nonblocking(true).map_err(|e| VxlanError::Netlink(crate::netlink::NetlinkError::Socket(e)))?;
         let (commands, rx) = mpsc::channel();
         let status = Arc::new(Mutex::new(OverlayStatus::default()));
-        let worker = Worker { reconciler, monitor, options, peers, status: status.clone(), wake: wake_rx };
+        let autonomous = options.autonomous.clone();
+        let worker = Worker { reconciler, monitor, options, peers, autonomous, status: status.clone(), wake: wake_rx };
         let thread = std::thread::Builder::new()
             .name("netd-overlay".into())
             .spawn(move || worker.run(rx))
@@ -103,14 +116,21 @@ impl Overlay {
     }
 
     /// Replaces the wanted peers (snapshot written first); returns at once.
+    /// Autonomous marks stay on the subnets still present.
     pub fn set_peers(&self, peers: Vec<Lease>) -> Result<(), VxlanError> {
-        self.send(Command::Peers(peers, None))
+        self.send(Command::Peers(peers, None, None))
+    }
+
+    /// Like [`Overlay::set_peers`], and records the peers of `autonomous`
+    /// as autonomous in the snapshot.
+    pub fn set_peers_marking(&self, peers: Vec<Lease>, autonomous: Vec<Ipv4Net>) -> Result<(), VxlanError> {
+        self.send(Command::Peers(peers, Some(autonomous), None))
     }
 
     /// Replaces the wanted peers and waits for the pass that programs them.
     pub fn set_peers_and_wait(&self, peers: Vec<Lease>) -> Result<ReconcileReport, VxlanError> {
         let (reply, rx) = mpsc::channel();
-        self.send(Command::Peers(peers, Some(reply)))?;
+        self.send(Command::Peers(peers, None, Some(reply)))?;
         Self::wait(rx)
     }
 
@@ -150,6 +170,7 @@ struct Worker {
     monitor: Monitor,
     options: OverlayOptions,
     peers: Vec<Lease>,
+    autonomous: Vec<Ipv4Net>,
     status: Arc<Mutex<OverlayStatus>>,
     wake: UnixStream,
 }
@@ -163,9 +184,13 @@ impl Worker {
         loop {
             loop {
                 match commands.try_recv() {
-                    Ok(Command::Peers(peers, reply)) => {
-                        if peers != self.peers {
+                    Ok(Command::Peers(peers, autonomous, reply)) => {
+                        let autonomous = autonomous.unwrap_or_else(|| self.autonomous.clone());
+                        let autonomous: Vec<Ipv4Net> =
+                            autonomous.into_iter().filter(|s| peers.iter().any(|p| p.subnet == *s)).collect();
+                        if peers != self.peers || autonomous != self.autonomous {
                             self.peers = peers;
+                            self.autonomous = autonomous;
                             self.save_snapshot();
                         }
                         waiting.extend(reply);
@@ -268,7 +293,8 @@ impl Worker {
 
     fn save_snapshot(&mut self) {
         let Some(path) = &self.options.snapshot else { return };
-        let snapshot = Snapshot::new(self.reconciler.config().clone(), self.peers.clone());
+        let snapshot = Snapshot::new(self.reconciler.config().clone(), self.peers.clone())
+            .with_autonomous(self.autonomous.clone());
         if let Err(error) = snapshot.save(path) {
             tracing::warn!(%error, "cannot persist the overlay snapshot");
             self.status.lock().unwrap_or_else(PoisonError::into_inner).last_error = Some(error.to_string());
