@@ -21,6 +21,7 @@ fn config(server: &KubeApiServer, node: &str) -> KubeConfig {
     KubeConfig {
         server: server.url(),
         token: Some(server.token().to_string()),
+        token_file: None,
         ca_cert_pem: Some(server.ca_cert_pem().unwrap()),
         node_name: node.into(),
         network: Some(NETWORK.parse().unwrap()),
@@ -370,4 +371,40 @@ async fn renewed_watches_and_an_api_server_that_goes_away() {
     no_ca.ca_cert_pem = None;
     let err = KubernetesRegistry::new(no_ca).unwrap().next_event(own).await.unwrap_err();
     assert!(matches!(err, RegistryError::Unreachable(ref m) if m.to_lowercase().contains("certificate")), "{err}");
+}
+
+#[tokio::test]
+async fn a_rotated_token_file_is_read_again_after_a_401() {
+    let Some(_kernel) = netd::testing::privileged().unwrap() else { return };
+    let mut server = KubeApiServer::new().unwrap();
+    create_node(&server, "me", Some("10.244.1.0/24"), json!({}));
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{}\n", server.token())).unwrap();
+    let with_file = KubeConfig { token: None, token_file: Some(token_file.clone()), ..config(&server, "me") };
+    let mut reg = KubernetesRegistry::new(with_file.clone()).unwrap();
+    let network = reg.network_config().await.unwrap();
+    let me = request("me", "192.0.2.1", 1);
+    reg.acquire_lease(&network, &me).await.unwrap();
+
+    // The credential is rotated: the server takes only the new token, which
+    // the kubelet writes over the old file, well before the minute is up.
+    let new = server.rotate_token().unwrap();
+    std::fs::write(&token_file, &new).unwrap();
+    // The first request may also meet the pooled connection the restart
+    // closed; the 401 must make the next one read the file again.
+    let mut errors = Vec::new();
+    while let Err(err) = reg.acquire_lease(&network, &me).await {
+        errors.push(err.to_string());
+        assert!(errors.len() < 3, "the rotated token is not picked up: {errors:#?}");
+    }
+    assert!(errors.iter().any(|e| e.contains("401")), "{errors:#?}");
+
+    // A token file that is empty or missing at start is a precise error.
+    std::fs::write(&token_file, " \n").unwrap();
+    let err = KubernetesRegistry::new(with_file.clone()).unwrap_err().to_string();
+    assert!(err.contains("is empty"), "{err}");
+    std::fs::remove_file(&token_file).unwrap();
+    let err = KubernetesRegistry::new(with_file).unwrap_err().to_string();
+    assert!(err.contains("reading the bearer token"), "{err}");
 }

@@ -330,11 +330,10 @@ impl Daemon {
                                 })
                                 .transpose()
                         };
-                        let token =
-                            read(&self.config.token_file)?.map(|t| String::from_utf8_lossy(&t).trim().to_string());
                         crate::registry::kubernetes::KubeConfig {
                             server,
-                            token,
+                            token: None,
+                            token_file: self.config.token_file.clone(),
                             ca_cert_pem: read(&self.config.ca_file)?,
                             node_name: self.config.node_name.clone(),
                             network: self.config.network,

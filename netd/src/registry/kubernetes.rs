@@ -41,7 +41,8 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::Ipv4Addr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ipnet::{IpNet, Ipv4Net};
@@ -67,6 +68,9 @@ pub const CONDITION_REASON: &str = "NetdIsUp";
 pub const DEFAULT_WATCH_TIMEOUT: Duration = Duration::from_secs(290);
 /// A watch that delivers nothing for its timeout plus this is presumed dead.
 const WATCH_GRACE: Duration = Duration::from_secs(30);
+/// How long a token read from [`KubeConfig::token_file`] is used before the
+/// file is read again (client-go's cached token source uses a minute too).
+pub const TOKEN_RELOAD: Duration = Duration::from_secs(60);
 /// Time limit of every request but the watch.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -80,8 +84,13 @@ const STRATEGIC_MERGE_PATCH: &str = "application/strategic-merge-patch+json";
 pub struct KubeConfig {
     /// API server URL, e.g. `https://10.96.0.1:443`.
     pub server: String,
-    /// Bearer token (a service-account token in a cluster).
+    /// Bearer token, when given literally.
     pub token: Option<String>,
+    /// File holding the bearer token (a service-account token in a
+    /// cluster); takes precedence over `token`. Re-read every
+    /// [`TOKEN_RELOAD`] and after a 401, because the kubelet rotates
+    /// projected service-account tokens in place.
+    pub token_file: Option<PathBuf>,
     /// PEM of the CA(s) to trust for the server's certificate; `None`
     /// trusts the public web roots.
     pub ca_cert_pem: Option<Vec<u8>>,
@@ -97,6 +106,7 @@ impl std::fmt::Debug for KubeConfig {
         f.debug_struct("KubeConfig")
             .field("server", &self.server)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_file", &self.token_file)
             .field("ca_cert_pem", &self.ca_cert_pem.as_ref().map(|pem| format!("<{} bytes>", pem.len())))
             .field("node_name", &self.node_name)
             .field("network", &self.network)
@@ -129,6 +139,7 @@ impl KubeConfig {
                 .map_err(|e| RegistryError::BadConfig(format!("reading the service account's {}: {e}", path.display())))
         };
         let token = String::from_utf8_lossy(&read("token")?).trim().to_string();
+        let token_file = Some(dir.join("token"));
         let ca = read("ca.crt")?;
         let node_name =
             match env("NODE_NAME").filter(|n| !n.trim().is_empty()) {
@@ -140,6 +151,7 @@ impl KubeConfig {
         Ok(Self {
             server: format!("https://{host}:{}", port.trim()),
             token: Some(token),
+            token_file,
             ca_cert_pem: Some(ca),
             node_name,
             network: None,
@@ -153,6 +165,7 @@ pub struct KubernetesRegistry {
     config: KubeConfig,
     base: String,
     client: reqwest::Client,
+    token: Mutex<BearerToken>,
     watch_timeout: Duration,
     /// The network in use: the one the lease was acquired for, else resolved.
     network: Option<NetworkConfig>,
@@ -190,6 +203,14 @@ enum NodeView {
     NotFlannel,
     /// Claims to be a flannel node but fails a check.
     Bad(String),
+}
+
+/// The bearer token in use and when it was read from its file.
+#[derive(Default)]
+struct BearerToken {
+    token: Option<String>,
+    /// `None`: read the file before the next request.
+    read_at: Option<Instant>,
 }
 
 /// An open node watch.
@@ -234,8 +255,16 @@ impl KubernetesRegistry {
         }
         let client =
             builder.build().map_err(|e| RegistryError::BadConfig(format!("HTTP client: {}", error_chain(&e))))?;
+        let mut token = BearerToken { token: config.token.clone(), read_at: None };
+        if let Some(path) = &config.token_file {
+            // A file that is missing at start is a configuration error; later
+            // read failures keep the token already read.
+            token.token = Some(read_token(path)?);
+            token.read_at = Some(Instant::now());
+        }
         Ok(Self {
             own_node: config.node_name.clone(),
+            token: Mutex::new(token),
             config,
             base,
             client,
@@ -284,6 +313,30 @@ impl KubernetesRegistry {
         }
     }
 
+    /// The bearer token for the next request: from the token file when it
+    /// was read more than [`TOKEN_RELOAD`] ago or the last one was refused.
+    fn bearer(&self) -> Option<String> {
+        let mut cache = self.token.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(path) = &self.config.token_file {
+            if cache.read_at.is_none_or(|at| at.elapsed() >= TOKEN_RELOAD) {
+                match read_token(path) {
+                    Ok(token) => cache.token = Some(token),
+                    Err(error) => tracing::warn!(%error, "keeping the bearer token read before"),
+                }
+                cache.read_at = Some(Instant::now());
+            }
+        }
+        cache.token.clone()
+    }
+
+    /// A 401: the token may have been rotated; read the file again before
+    /// the next request.
+    fn note_status(&self, status: StatusCode) {
+        if status == StatusCode::UNAUTHORIZED && self.config.token_file.is_some() {
+            self.token.lock().unwrap_or_else(PoisonError::into_inner).read_at = None;
+        }
+    }
+
     /// One request; transport failures are [`RegistryError::Unreachable`].
     /// Returns the status and the body.
     async fn call(
@@ -294,7 +347,7 @@ impl KubernetesRegistry {
     ) -> Result<(StatusCode, Vec<u8>), RegistryError> {
         let what = format!("{method} {}{path}", self.base);
         let mut request = self.client.request(method, format!("{}{path}", self.base)).timeout(REQUEST_TIMEOUT);
-        if let Some(token) = &self.config.token {
+        if let Some(token) = self.bearer() {
             request = request.bearer_auth(token);
         }
         if let Some((content_type, body)) = body {
@@ -303,6 +356,7 @@ impl KubernetesRegistry {
         let response =
             request.send().await.map_err(|e| RegistryError::Unreachable(format!("{what}: {}", error_chain(&e))))?;
         let status = response.status();
+        self.note_status(status);
         let bytes = response
             .bytes()
             .await
@@ -521,12 +575,13 @@ impl KubernetesRegistry {
         }
         let what = format!("GET {}{path}", self.base);
         let mut request = self.client.get(format!("{}{path}", self.base));
-        if let Some(token) = &self.config.token {
+        if let Some(token) = self.bearer() {
             request = request.bearer_auth(token);
         }
         let response =
             request.send().await.map_err(|e| RegistryError::Unreachable(format!("{what}: {}", error_chain(&e))))?;
         let status = response.status();
+        self.note_status(status);
         if status == StatusCode::GONE {
             return Err(RegistryError::Unreachable(
                 "node watch: resource version expired (410 Gone); the next event is a full resync".into(),
@@ -856,6 +911,17 @@ fn http_error(what: &str, status: StatusCode, body: &[u8]) -> RegistryError {
     }
 }
 
+/// The token in `path`, trimmed; an empty file is an error.
+fn read_token(path: &Path) -> Result<String, RegistryError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| RegistryError::BadConfig(format!("reading the bearer token {}: {e}", path.display())))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(RegistryError::BadConfig(format!("the bearer token file {} is empty", path.display())));
+    }
+    Ok(token.to_string())
+}
+
 /// An error and its sources, `: `-joined (reqwest's own text is terse).
 fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
@@ -912,6 +978,7 @@ mod tests {
         KubernetesRegistry::new(KubeConfig {
             server: "https://127.0.0.1:6443".into(),
             token: None,
+            token_file: None,
             ca_cert_pem: None,
             node_name: "me".into(),
             network: Some("10.244.0.0/16".parse().unwrap()),
@@ -1049,6 +1116,7 @@ mod tests {
         let config = |server: &str, node: &str| KubeConfig {
             server: server.into(),
             token: None,
+            token_file: None,
             ca_cert_pem: None,
             node_name: node.into(),
             network: None,

@@ -76,10 +76,7 @@ impl KubeApiServer {
         // From here on, Drop cleans up.
         let [port] = server.host.free_ports()?;
         server.port = port;
-        server.token = random_hex(16)?;
-        let tokens = server.dir.join("tokens.csv");
-        std::fs::write(&tokens, format!("{},admin,admin,\"system:masters\"\n", server.token))
-            .map_err(|e| HarnessError::io(format!("writing {}", tokens.display()), e))?;
+        server.write_new_token()?;
         let key = server.dir.join("sa.key");
         let key_arg = key.to_string_lossy().into_owned();
         run_command("openssl", &["genrsa", "-out", &key_arg, "2048"])?;
@@ -101,6 +98,23 @@ impl KubeApiServer {
     /// The bearer token of user `admin` (group `system:masters`).
     pub fn token(&self) -> &str {
         &self.token
+    }
+
+    /// Replaces the token with a new one (the old one stops working) and
+    /// restarts the API server with it, as a credential rotation does.
+    /// Returns the new token.
+    pub fn rotate_token(&mut self) -> Result<String, HarnessError> {
+        self.write_new_token()?;
+        self.stop()?;
+        self.start()?;
+        Ok(self.token.clone())
+    }
+
+    fn write_new_token(&mut self) -> Result<(), HarnessError> {
+        self.token = random_hex(16)?;
+        let tokens = self.dir.join("tokens.csv");
+        std::fs::write(&tokens, format!("{},admin,admin,\"system:masters\"\n", self.token))
+            .map_err(|e| HarnessError::io(format!("writing {}", tokens.display()), e))
     }
 
     /// PEM of the CA that signed the serving certificate (the last
