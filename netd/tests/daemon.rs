@@ -407,12 +407,34 @@ fn an_autonomous_peer_whose_lease_expires_is_kept_also_across_a_restart() {
     assert_eq!(metric(node1, "netd_peers_programmed"), Some(2.0));
     assert!(ping(&cluster, 0, 2) && ping(&cluster, 0, 1));
 
-    // node-3 comes back: it takes its subnet again and all is as before.
+    // node-3 comes back re-imaged, on another subnet (its state is gone,
+    // its VTEP MAC is derived from its name again, its subnet.env names
+    // 10.244.5.0/24): the neighbours drop the kept entries for the node and
+    // program its new lease, which would otherwise clash on the VTEP MAC.
+    let node3_dir = state.path().join("node-3");
+    std::fs::remove_dir_all(&node3_dir).unwrap();
+    std::fs::create_dir_all(&node3_dir).unwrap();
+    std::fs::write(
+        node3_dir.join("subnet.env"),
+        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.5.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n",
+    )
+    .unwrap();
     daemons[2] = Daemon::start(&cluster.nodes[2], &spec, state.path());
     wait_for("node-3 back", &[&daemons[2]], || metric(&cluster.nodes[2], "netd_registry_connected") == Some(1.0));
-    let env = std::fs::read_to_string(state.path().join("node-3/subnet.env")).unwrap();
-    assert!(env.contains("FLANNEL_SUBNET=10.244.3.1/24"), "{env}");
-    assert!(ping(&cluster, 2, 0) && ping(&cluster, 1, 2));
+    let env = std::fs::read_to_string(node3_dir.join("subnet.env")).unwrap();
+    assert!(env.contains("FLANNEL_SUBNET=10.244.5.1/24"), "{env}");
+    for number in [0, 1] {
+        let node = &cluster.nodes[number];
+        wait_for("node-3's new lease programmed, its old entries gone", &[&daemons[number]], || {
+            has_route(node, "10.244.5.0/24")
+                && !has_route(node, "10.244.3.0/24")
+                && metric(node, "netd_peers_programmed") == Some(2.0)
+        });
+    }
+    let snapshot = std::fs::read_to_string(state.path().join("node-1/snapshot.json")).unwrap();
+    // node-3 still declares autonomy; only its new subnet carries it.
+    assert!(snapshot.contains(r#""autonomous":["10.244.5.0/24"]"#), "{snapshot}");
+    assert!(!snapshot.contains("10.244.3.0/24"), "{snapshot}");
     for daemon in &mut daemons {
         daemon.sigterm();
     }

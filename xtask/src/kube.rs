@@ -15,12 +15,19 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
+macro_rules! kube_version {
+    () => {
+        "1.20.2"
+    };
+}
+
 /// Kubernetes version of the cached server (Debian 12's `kubernetes` source).
-pub const KUBE_VERSION: &str = "1.20.2";
+pub const KUBE_VERSION: &str = kube_version!();
 /// Where the built binary is cached. The test harness has the same default
-/// (`netd::testing::KUBE_APISERVER_BIN`); `cargo xtask test` also hands this
-/// path to the tests in `NETD_KUBE_APISERVER`, so the two cannot drift.
-pub const KUBE_APISERVER_BIN: &str = "/var/cache/netd/kube-apiserver-1.20.2";
+/// (`netd::testing::KUBE_APISERVER_BIN`); `cargo xtask test` and the lab
+/// runs also hand this path over in `NETD_KUBE_APISERVER`, so the two cannot
+/// drift.
+pub const KUBE_APISERVER_BIN: &str = concat!("/var/cache/netd/kube-apiserver-", kube_version!());
 /// Work directory: the unpacked source and the build.
 const BUILD_DIR: &str = "/var/cache/netd/build";
 /// The deb-src entry `apt-get source` needs (Debian 12 images ship without one).

@@ -91,7 +91,7 @@ fn lab(args: &[&str]) -> Result<()> {
     let mut full = vec!["run", "--quiet", "-p", "netd-lab", "--"];
     full.extend_from_slice(args);
     full.extend(["--bin-dir", &bin_dir]);
-    cargo(&full, &[])
+    cargo(&full, &[("NETD_KUBE_APISERVER", kube::KUBE_APISERVER_BIN)])
 }
 
 fn demo() -> Result<()> {
@@ -100,6 +100,11 @@ fn demo() -> Result<()> {
 }
 
 fn bench(which: &str) -> Result<()> {
+    const KNOWN: [&str; 5] = ["cni", "vxlan", "rss", "scenario", "all"];
+    if !KNOWN.contains(&which) {
+        eprint!("{USAGE}");
+        bail!("unknown benchmark `{which}` (known: {})", KNOWN.join(", "));
+    }
     if matches!(which, "scenario" | "all") {
         // The scenario runs on a kube-apiserver too.
         setup::run()?;

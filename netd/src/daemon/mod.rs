@@ -137,9 +137,10 @@ struct Daemon {
     underlay: Option<Underlay>,
     mac: Option<MacAddr>,
     masquerade_applied: Option<(Ipv4Net, Ipv4Net)>,
-    /// Autonomous peers from the snapshot: the registry may no longer hold
-    /// their leases, and they must survive its first resync.
-    restored_autonomous: Vec<Lease>,
+    /// The snapshot's peers with their autonomy: the peer set until the
+    /// registry's first resync replaces it (autonomous ones may survive it,
+    /// as the registry may no longer hold their leases).
+    restored_peers: Vec<PeerLease>,
 }
 
 impl Daemon {
@@ -150,7 +151,7 @@ impl Daemon {
             underlay: None,
             mac: None,
             masquerade_applied: None,
-            restored_autonomous: Vec::new(),
+            restored_peers: Vec::new(),
         }
     }
 
@@ -229,10 +230,14 @@ impl Daemon {
         if let Some(mac) = self.mac {
             overlay_config.own.vtep_mac = mac;
         }
-        self.restored_autonomous = snapshot.autonomous_peers().cloned().collect();
+        self.restored_peers = snapshot
+            .peers
+            .iter()
+            .map(|lease| PeerLease { lease: lease.clone(), autonomous: snapshot.autonomous.contains(&lease.subnet) })
+            .collect();
         tracing::info!(
             peers = snapshot.peers.len(),
-            autonomous = self.restored_autonomous.len(),
+            autonomous = snapshot.autonomous.len(),
             subnet = %overlay_config.own.subnet,
             "restoring from snapshot"
         );
@@ -390,12 +395,12 @@ impl Daemon {
         self.set_connected(true);
         tracing::info!(registry = %registry.describe(), subnet = %own.lease.subnet, "lease acquired");
 
-        // Autonomous peers restored from the snapshot stay through the first
-        // resync even if their leases are gone; the rest is the registry's.
-        let mut peers: BTreeMap<Ipv4Net, PeerLease> = std::mem::take(&mut self.restored_autonomous)
+        // The snapshot's peers stay until the registry's first resync, which
+        // keeps only the autonomous ones whose leases are gone.
+        let mut peers: BTreeMap<Ipv4Net, PeerLease> = std::mem::take(&mut self.restored_peers)
             .into_iter()
-            .filter(|lease| lease.subnet != own.lease.subnet)
-            .map(|lease| (lease.subnet, PeerLease { lease, autonomous: true }))
+            .filter(|peer| !overlaps(peer.lease.subnet, own.lease.subnet))
+            .map(|peer| (peer.lease.subnet, peer))
             .collect();
         self.configure(&network, &own, &peers, &underlay);
         let mut renew = tokio::time::interval(Duration::from_secs(30));
@@ -488,18 +493,30 @@ fn apply_event(peers: &mut BTreeMap<Ipv4Net, PeerLease>, event: PeerEvent, share
     match event {
         PeerEvent::Resync(list) => {
             let mut next: BTreeMap<Ipv4Net, PeerLease> = list.into_iter().map(|p| (p.lease.subnet, p)).collect();
-            for (subnet, peer) in peers.iter() {
-                if peer.autonomous
-                    && !next.keys().any(|s| s.contains(&subnet.network()) || subnet.contains(&s.network()))
-                {
-                    tracing::info!(%subnet, "keeping autonomous peer whose lease is gone");
-                    next.insert(*subnet, peer.clone());
+            for (subnet, peer) in peers.iter().filter(|(_, p)| p.autonomous) {
+                match next.values().find(|live| supersedes(&live.lease, &peer.lease)) {
+                    None => {
+                        tracing::info!(%subnet, "keeping autonomous peer whose lease is gone");
+                        next.insert(*subnet, peer.clone());
+                    }
+                    Some(live) if live.lease.subnet != *subnet => {
+                        tracing::info!(%subnet, by = %live.lease.subnet, "autonomous peer's entries superseded")
+                    }
+                    Some(_) => {}
                 }
             }
             *peers = next;
             *shared.last_sync.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
         }
         PeerEvent::Upsert(peer) => {
+            peers.retain(|subnet, kept| {
+                let superseded =
+                    kept.autonomous && *subnet != peer.lease.subnet && supersedes(&peer.lease, &kept.lease);
+                if superseded {
+                    tracing::info!(%subnet, by = %peer.lease.subnet, "autonomous peer's entries superseded");
+                }
+                !superseded
+            });
             peers.insert(peer.lease.subnet, peer);
         }
         PeerEvent::Remove(subnet) => match peers.get(&subnet) {
@@ -509,6 +526,21 @@ fn apply_event(peers: &mut BTreeMap<Ipv4Net, PeerLease>, event: PeerEvent, share
             }
         },
     }
+}
+
+fn overlaps(a: Ipv4Net, b: Ipv4Net) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+/// Whether `live`, a lease the registry holds, replaces the entries kept
+/// for an autonomous peer: it covers the same addresses, or it is the same
+/// node (name, VTEP MAC or public IP) back, possibly on another subnet —
+/// an edge node that rebooted without its subnet.env, say.
+fn supersedes(live: &Lease, kept: &Lease) -> bool {
+    overlaps(live.subnet, kept.subnet)
+        || live.vtep_mac == kept.vtep_mac
+        || live.public_ip == kept.public_ip
+        || (live.node.is_some() && live.node == kept.node)
 }
 
 /// Removes everything netd made in this network namespace: the VXLAN
@@ -556,5 +588,68 @@ pub fn cleanup(config: &DaemonConfig, purge_state: bool) -> Result<Vec<String>, 
 fn remove_file(path: &Path, done: &mut Vec<String>) {
     if std::fs::remove_file(path).is_ok() {
         done.push(format!("removed {}", path.display()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(subnet: &str, ip: &str, mac_last: u8, node: &str, autonomous: bool) -> PeerLease {
+        PeerLease {
+            lease: Lease {
+                subnet: subnet.parse().unwrap(),
+                public_ip: ip.parse().unwrap(),
+                vtep_mac: MacAddr([0x0e, 0, 0, 0, 0, mac_last]),
+                node: Some(node.into()),
+            },
+            autonomous,
+        }
+    }
+
+    fn subnets(peers: &BTreeMap<Ipv4Net, PeerLease>) -> Vec<String> {
+        peers.keys().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn autonomous_peers_outlive_their_lease_until_the_node_is_back() {
+        let shared = Shared::default();
+        let mut peers = BTreeMap::new();
+        let edge = peer("10.244.3.0/24", "192.168.50.13", 3, "edge-3", true);
+        let other = peer("10.244.2.0/24", "192.168.50.12", 2, "edge-2", false);
+        apply_event(&mut peers, PeerEvent::Resync(vec![edge.clone(), other.clone()]), &shared);
+        // Both leases gone: only the autonomous peer is kept.
+        apply_event(&mut peers, PeerEvent::Remove("10.244.3.0/24".parse().unwrap()), &shared);
+        apply_event(&mut peers, PeerEvent::Remove("10.244.2.0/24".parse().unwrap()), &shared);
+        assert_eq!(subnets(&peers), ["10.244.3.0/24"]);
+        apply_event(&mut peers, PeerEvent::Resync(Vec::new()), &shared);
+        assert_eq!(subnets(&peers), ["10.244.3.0/24"]);
+        assert!(shared.last_sync.lock().unwrap().is_some());
+
+        // The node comes back on another subnet (same name, MAC and IP):
+        // its old entries go, in a watch event as in a resync.
+        let back = peer("10.244.5.0/24", "192.168.50.13", 3, "edge-3", false);
+        let mut watched = peers.clone();
+        apply_event(&mut watched, PeerEvent::Upsert(back.clone()), &shared);
+        assert_eq!(subnets(&watched), ["10.244.5.0/24"]);
+        apply_event(&mut peers, PeerEvent::Resync(vec![back]), &shared);
+        assert_eq!(subnets(&peers), ["10.244.5.0/24"]);
+    }
+
+    #[test]
+    fn a_lease_for_the_same_node_or_addresses_supersedes_a_kept_entry() {
+        let kept = peer("10.244.3.0/24", "192.168.50.13", 3, "edge-3", true).lease;
+        let unrelated = peer("10.244.4.0/24", "192.168.50.14", 4, "edge-4", false).lease;
+        assert!(!supersedes(&unrelated, &kept));
+        let by_subnet = Lease { subnet: "10.244.3.0/25".parse().unwrap(), ..unrelated.clone() };
+        let by_mac = Lease { vtep_mac: kept.vtep_mac, ..unrelated.clone() };
+        let by_ip = Lease { public_ip: kept.public_ip, ..unrelated.clone() };
+        let by_name = Lease { node: kept.node.clone(), ..unrelated.clone() };
+        for live in [by_subnet, by_mac, by_ip, by_name] {
+            assert!(supersedes(&live, &kept), "{live:?}");
+        }
+        // Unknown names never match each other.
+        let nameless = Lease { node: None, ..unrelated };
+        assert!(!supersedes(&nameless, &Lease { node: None, ..kept }));
     }
 }

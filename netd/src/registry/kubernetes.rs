@@ -315,6 +315,9 @@ impl KubernetesRegistry {
 
     /// The bearer token for the next request: from the token file when it
     /// was read more than [`TOKEN_RELOAD`] ago or the last one was refused.
+    /// The read is synchronous: a token file is a few hundred bytes on a
+    /// local file system (a projected tmpfs volume in a pod), read at most
+    /// once a minute.
     fn bearer(&self) -> Option<String> {
         let mut cache = self.token.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(path) = &self.config.token_file {

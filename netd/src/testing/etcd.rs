@@ -96,7 +96,11 @@ impl EtcdServer {
     }
 
     /// Starts the process again on the same ports and data directory and
-    /// waits until it is healthy; a no-op when running.
+    /// waits until it is healthy; a no-op when running. Like [`new`], the
+    /// process gets SIGKILL when the calling thread ends: call it from the
+    /// thread that owns the guard.
+    ///
+    /// [`new`]: EtcdServer::new
     pub fn start(&mut self) -> Result<(), HarnessError> {
         if self.child.is_some() {
             return Ok(());

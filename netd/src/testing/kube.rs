@@ -102,7 +102,8 @@ impl KubeApiServer {
 
     /// Replaces the token with a new one (the old one stops working) and
     /// restarts the API server with it, as a credential rotation does.
-    /// Returns the new token.
+    /// Returns the new token. The restarted server dies with the calling
+    /// thread, as in [`KubeApiServer::start`].
     pub fn rotate_token(&mut self) -> Result<String, HarnessError> {
         self.write_new_token()?;
         self.stop()?;
@@ -151,7 +152,11 @@ impl KubeApiServer {
     }
 
     /// Starts the API server again on the same port, etcd and certificates
-    /// and waits until it is ready; a no-op when running.
+    /// and waits until it is ready; a no-op when running. Like [`new`],
+    /// the process gets SIGKILL when the calling thread ends: call it from
+    /// the thread that owns the guard.
+    ///
+    /// [`new`]: KubeApiServer::new
     pub fn start(&mut self) -> Result<(), HarnessError> {
         if self.apiserver.is_some() {
             return Ok(());

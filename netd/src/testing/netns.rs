@@ -143,10 +143,13 @@ impl Drop for NetNsGuard<'_> {
         // SAFETY: setns back to the namespace this thread came from, through
         // the fd opened before leaving it.
         if unsafe { libc::setns(self.home.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            // Carrying on would run the rest of the test (namespace and link
+            // set-up included) in the wrong namespace.
             eprintln!(
-                "netd test harness: cannot return to the original network namespace: {}",
+                "netd test harness: cannot return to the original network namespace: {}; aborting",
                 io::Error::last_os_error()
             );
+            std::process::abort();
         }
     }
 }

@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use ipnet::Ipv4Net;
+
 use crate::registry::embedded::EmbeddedRegistry;
 use crate::registry::flannel::{network_config_json, CONFIG_KEY};
 use crate::registry::NetworkConfig;
@@ -28,9 +30,12 @@ use super::{
 /// How long any one step may take before the run fails.
 const STEP_TIMEOUT: Duration = Duration::from_secs(45);
 
-/// The network every scenario registry is configured with.
+/// The network every scenario registry is configured with: the cluster
+/// plan's [`CLUSTER_NETWORK`], /24 node subnets, VNI 1.
 pub fn scenario_network() -> NetworkConfig {
-    NetworkConfig { network: CLUSTER_NETWORK.parse().unwrap_or_default(), subnet_len: 24, vni: 1 }
+    // Checked at compile time; the same network as CLUSTER_NETWORK.
+    const NETWORK: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(10, 244, 0, 0), 16);
+    NetworkConfig { network: NETWORK, subnet_len: 24, vni: 1 }
 }
 
 /// A registry the scenario can point daemons at, stop and start.
@@ -418,6 +423,8 @@ impl<'a, R: ScenarioRegistry> Scenario<'a, R> {
             if booted.elapsed() > STEP_TIMEOUT {
                 return Err(failed("traffic did not come back after the reboot".into()));
             }
+            // An unreachable route fails ping at once; do not spin on it.
+            std::thread::sleep(Duration::from_millis(5));
         }
         let traffic_back = booted.elapsed();
         let mac_after = self.vtep_mac(2);

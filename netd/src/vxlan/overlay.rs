@@ -64,9 +64,8 @@ pub struct OverlayStatus {
 type Reply = Sender<Result<ReconcileReport, String>>;
 
 enum Command {
-    /// New peers; new autonomous marks, or `None` to keep the marks of the
-    /// subnets still present.
-    Peers(Vec<Lease>, Option<Vec<Ipv4Net>>, Option<Reply>),
+    /// New peers and the subnets among them marked autonomous.
+    Peers(Vec<Lease>, Vec<Ipv4Net>, Option<Reply>),
     Reconcile(Reply),
     Stop,
 }
@@ -91,7 +90,7 @@ impl Overlay {
         wake_rx.set_nonblocking(true).map_err(|e| VxlanError::Netlink(crate::netlink::NetlinkError::Socket(e)))?;
         let (commands, rx) = mpsc::channel();
         let status = Arc::new(Mutex::new(OverlayStatus::default()));
-        let autonomous = options.autonomous.clone();
+        let autonomous = marked(&peers, options.autonomous.clone());
         let worker = Worker { reconciler, monitor, options, peers, autonomous, status: status.clone(), wake: wake_rx };
         let thread = std::thread::Builder::new()
             .name("netd-overlay".into())
@@ -116,21 +115,21 @@ impl Overlay {
     }
 
     /// Replaces the wanted peers (snapshot written first); returns at once.
-    /// Autonomous marks stay on the subnets still present.
+    /// None of them is marked autonomous.
     pub fn set_peers(&self, peers: Vec<Lease>) -> Result<(), VxlanError> {
-        self.send(Command::Peers(peers, None, None))
+        self.send(Command::Peers(peers, Vec::new(), None))
     }
 
     /// Like [`Overlay::set_peers`], and records the peers of `autonomous`
     /// as autonomous in the snapshot.
     pub fn set_peers_marking(&self, peers: Vec<Lease>, autonomous: Vec<Ipv4Net>) -> Result<(), VxlanError> {
-        self.send(Command::Peers(peers, Some(autonomous), None))
+        self.send(Command::Peers(peers, autonomous, None))
     }
 
     /// Replaces the wanted peers and waits for the pass that programs them.
     pub fn set_peers_and_wait(&self, peers: Vec<Lease>) -> Result<ReconcileReport, VxlanError> {
         let (reply, rx) = mpsc::channel();
-        self.send(Command::Peers(peers, None, Some(reply)))?;
+        self.send(Command::Peers(peers, Vec::new(), Some(reply)))?;
         Self::wait(rx)
     }
 
@@ -165,6 +164,11 @@ impl Drop for Overlay {
     }
 }
 
+/// The marks that name one of `peers`.
+fn marked(peers: &[Lease], autonomous: Vec<Ipv4Net>) -> Vec<Ipv4Net> {
+    autonomous.into_iter().filter(|s| peers.iter().any(|p| p.subnet == *s)).collect()
+}
+
 struct Worker {
     reconciler: Reconciler,
     monitor: Monitor,
@@ -185,9 +189,7 @@ impl Worker {
             loop {
                 match commands.try_recv() {
                     Ok(Command::Peers(peers, autonomous, reply)) => {
-                        let autonomous = autonomous.unwrap_or_else(|| self.autonomous.clone());
-                        let autonomous: Vec<Ipv4Net> =
-                            autonomous.into_iter().filter(|s| peers.iter().any(|p| p.subnet == *s)).collect();
+                        let autonomous = marked(&peers, autonomous);
                         if peers != self.peers || autonomous != self.autonomous {
                             self.peers = peers;
                             self.autonomous = autonomous;
