@@ -52,12 +52,8 @@ pub fn run(reps: usize, bin_dir: &Path) -> Result<()> {
     for _ in 0..reps {
         let dir = tempfile::tempdir()?;
         embedded.push(once(bin_dir, |_| Ok(EmbeddedScenarioRegistry::create(&dir.path().join("registry.db"))?))?);
-        etcd.push(once(bin_dir, |c| Ok(EtcdScenarioRegistry::start_on(c.control_plane())?))?);
-        kube.push(once(bin_dir, |c| {
-            let nodes: Vec<(String, String)> =
-                c.nodes.iter().map(|n| (n.name.clone(), n.subnet().to_string())).collect();
-            Ok(KubeScenarioRegistry::start_on(c.control_plane(), &nodes)?)
-        })?);
+        etcd.push(once(bin_dir, |c| Ok(EtcdScenarioRegistry::start_on(c)?))?);
+        kube.push(once(bin_dir, |c| Ok(KubeScenarioRegistry::start_on(c)?))?);
     }
     row("embedded (SQLite file)", &embedded);
     row("etcd 3.4 (Debian)", &etcd);

@@ -105,11 +105,6 @@ impl Snapshot {
         self
     }
 
-    /// The peers marked autonomous.
-    pub fn autonomous_peers(&self) -> impl Iterator<Item = &Lease> {
-        self.peers.iter().filter(|p| self.autonomous.contains(&p.subnet))
-    }
-
     /// Parses a snapshot document.
     pub fn parse(text: &[u8], path: &Path) -> Result<Self, SnapshotError> {
         #[derive(Deserialize)]
@@ -183,7 +178,8 @@ mod tests {
         let snap = Snapshot::parse(EXAMPLE.as_bytes(), path).unwrap();
         assert_eq!(snap.config.own.node.as_deref(), Some("edge-1"));
         assert_eq!(snap.peers[0].vtep_mac.to_string(), "6e:2f:10:00:00:02");
-        let autonomous: Vec<_> = snap.autonomous_peers().map(|p| p.node.as_deref()).collect();
+        let autonomous: Vec<_> =
+            snap.peers.iter().filter(|p| snap.autonomous.contains(&p.subnet)).map(|p| p.node.as_deref()).collect();
         assert_eq!(autonomous, [Some("edge-3")]);
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("nested/snapshot.json");

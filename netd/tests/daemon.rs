@@ -62,6 +62,23 @@ fn wait_for(what: &str, daemons: &[&Daemon], mut check: impl FnMut() -> bool) {
     }
 }
 
+/// Starts netd on every node in order, each ready before the next starts,
+/// then waits until every node programs `peers` peers.
+fn start_daemons(cluster: &Cluster, registry: &str, state: &Path, peers: u32) -> Vec<Daemon> {
+    let mut daemons = Vec::new();
+    for node in &cluster.nodes {
+        let daemon = Daemon::start(node, registry, state);
+        wait_for("readiness", &[&daemon], || http_get(node, "/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 200")));
+        daemons.push(daemon);
+    }
+    for node in &cluster.nodes {
+        wait_for(&format!("{peers} peers on every node"), &daemons.iter().collect::<Vec<_>>(), || {
+            metric(node, "netd_peers_programmed") == Some(f64::from(peers))
+        });
+    }
+    daemons
+}
+
 fn ping(cluster: &Cluster, from: usize, to: usize) -> bool {
     let target = cluster.nodes[to].pods[0].ip.to_string();
     cluster.nodes[from].pods[0].ns.exec("ping", &["-c1", "-W2", &target]).is_ok()
@@ -76,18 +93,10 @@ fn daemons_keep_pods_talking_through_registry_outage_restart_and_bad_data() {
     EmbeddedRegistry::create(&registry_path, &config).unwrap();
     let cluster = Cluster::new(3, 1).unwrap();
     let registry_spec = format!("embedded:{}", registry_path.display());
-    let mut daemons = Vec::new();
     // Nodes join in order, so node i leases 10.244.i.0/24 (the first free
     // subnet), matching the pods' addresses.
+    let mut daemons = start_daemons(&cluster, &registry_spec, state.path(), 2);
     for node in &cluster.nodes {
-        let daemon = Daemon::start(node, &registry_spec, state.path());
-        wait_for("readiness", &[&daemon], || http_get(node, "/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 200")));
-        daemons.push(daemon);
-    }
-    for node in &cluster.nodes {
-        wait_for("2 peers on every node", &daemons.iter().collect::<Vec<_>>(), || {
-            metric(node, "netd_peers_programmed") == Some(2.0)
-        });
         let env = std::fs::read_to_string(state.path().join(&node.name).join("subnet.env")).unwrap();
         assert!(env.contains(&format!("FLANNEL_SUBNET=10.244.{}.1/24", node.number)), "{env}");
         assert!(env.contains("FLANNEL_MTU=1450"), "{env}");
@@ -234,21 +243,13 @@ fn etcd_stopped_for_a_while_traffic_continues_restart_restores_changes_are_picke
     let state = tempfile::tempdir().unwrap();
     let cluster = Cluster::new(3, 1).unwrap();
     // etcd runs on the underlay ("the cloud"); dropped before the cluster.
-    let mut registry = EtcdScenarioRegistry::start_on(cluster.control_plane()).unwrap();
+    let mut registry = EtcdScenarioRegistry::start_on(&cluster).unwrap();
     let spec = registry.registry_spec();
     // A flanneld node that is already in the cluster (no such host: its
     // routes are programmed, nothing is sent to it).
     put_flannel_lease(&registry.etcd, "10.244.8.0-24", "192.168.50.88", "0e:00:00:00:00:88");
-    let mut daemons = Vec::new();
+    let mut daemons = start_daemons(&cluster, &spec, state.path(), 3);
     for node in &cluster.nodes {
-        let daemon = Daemon::start(node, &spec, state.path());
-        wait_for("readiness", &[&daemon], || http_get(node, "/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 200")));
-        daemons.push(daemon);
-    }
-    for node in &cluster.nodes {
-        wait_for("3 peers on every node", &daemons.iter().collect::<Vec<_>>(), || {
-            metric(node, "netd_peers_programmed") == Some(3.0)
-        });
         assert!(has_route(node, "10.244.8.0/24"));
     }
     assert!(ping(&cluster, 0, 1) && ping(&cluster, 1, 2) && ping(&cluster, 2, 0));
@@ -337,17 +338,13 @@ fn demo_scenario_on_the_embedded_registry() {
 #[test]
 fn demo_scenario_on_real_etcd() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
-    demo_scenario(|cluster| EtcdScenarioRegistry::start_on(cluster.control_plane()).unwrap());
+    demo_scenario(|cluster| EtcdScenarioRegistry::start_on(cluster).unwrap());
 }
 
 #[test]
 fn demo_scenario_on_real_kube_apiserver() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
-    demo_scenario(|cluster| {
-        let nodes: Vec<(String, String)> =
-            cluster.nodes.iter().map(|n| (n.name.clone(), n.subnet().to_string())).collect();
-        KubeScenarioRegistry::start_on(cluster.control_plane(), &nodes).unwrap()
-    });
+    demo_scenario(|cluster| KubeScenarioRegistry::start_on(cluster).unwrap());
 }
 
 /// Revokes the etcd lease under `key`, as its expiry would.
@@ -363,19 +360,11 @@ fn an_autonomous_peer_whose_lease_expires_is_kept_also_across_a_restart() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let state = tempfile::tempdir().unwrap();
     let cluster = Cluster::new(3, 1).unwrap();
-    let registry = EtcdScenarioRegistry::start_on(cluster.control_plane()).unwrap();
+    let registry = EtcdScenarioRegistry::start_on(&cluster).unwrap();
     let etcd = &registry.etcd;
     let spec = registry.registry_spec();
     put_flannel_lease(etcd, "10.244.8.0-24", "192.168.50.88", "0e:00:00:00:00:88");
-    let mut daemons = Vec::new();
-    for node in &cluster.nodes {
-        let daemon = Daemon::start(node, &spec, state.path());
-        wait_for("readiness", &[&daemon], || http_get(node, "/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 200")));
-        daemons.push(daemon);
-    }
-    for node in &cluster.nodes {
-        wait_for("3 peers", &daemons.iter().collect::<Vec<_>>(), || metric(node, "netd_peers_programmed") == Some(3.0));
-    }
+    let mut daemons = start_daemons(&cluster, &spec, state.path(), 3);
     // node-3 declares autonomy, then drops off the network for longer than
     // its lease: its netd is gone (kernel state stays, pods keep running)
     // and its lease expires. The flanneld node's lease expires too.

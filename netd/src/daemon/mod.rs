@@ -230,10 +230,11 @@ impl Daemon {
         if let Some(mac) = self.mac {
             overlay_config.own.vtep_mac = mac;
         }
+        let autonomous: std::collections::HashSet<Ipv4Net> = snapshot.autonomous.iter().copied().collect();
         self.restored_peers = snapshot
             .peers
             .iter()
-            .map(|lease| PeerLease { lease: lease.clone(), autonomous: snapshot.autonomous.contains(&lease.subnet) })
+            .map(|lease| PeerLease { lease: lease.clone(), autonomous: autonomous.contains(&lease.subnet) })
             .collect();
         tracing::info!(
             peers = snapshot.peers.len(),

@@ -24,7 +24,7 @@ use crate::registry::NetworkConfig;
 
 use super::{
     http_get, metric, netd_run_args, Cluster, CniCall, CniRunner, EtcdServer, HarnessError, KubeApiServer, NetNs,
-    NetdProcess, ServerHost, CLUSTER_NETWORK, DEBIAN_CNI_DIR, HEALTH_ADDR,
+    NetdProcess, CLUSTER_NETWORK, DEBIAN_CNI_DIR, HEALTH_ADDR,
 };
 
 /// How long any one step may take before the run fails.
@@ -101,10 +101,11 @@ pub struct EtcdScenarioRegistry {
 }
 
 impl EtcdScenarioRegistry {
-    /// Starts etcd on `host` and writes `/coreos.com/network/config` with
-    /// `etcdctl`, as an operator deploying flannel does.
-    pub fn start_on(host: ServerHost) -> Result<Self, HarnessError> {
-        let etcd = EtcdServer::new_on(host)?;
+    /// Starts etcd on the cluster's control plane and writes
+    /// `/coreos.com/network/config` with `etcdctl`, as an operator
+    /// deploying flannel does. Drop it before the cluster.
+    pub fn start_on(cluster: &Cluster) -> Result<Self, HarnessError> {
+        let etcd = EtcdServer::new_on(cluster.control_plane())?;
         etcd.etcdctl(&["put", CONFIG_KEY, &network_config_json(&scenario_network())])?;
         Ok(Self { etcd })
     }
@@ -140,17 +141,18 @@ pub struct KubeScenarioRegistry {
 }
 
 impl KubeScenarioRegistry {
-    /// Starts the API server on `host` and creates a Node object with
-    /// `spec.podCIDR` for every `(name, pod CIDR)`.
-    pub fn start_on(host: ServerHost, nodes: &[(String, String)]) -> Result<Self, HarnessError> {
-        let server = KubeApiServer::new_on(host)?;
+    /// Starts the API server on the cluster's control plane and creates a
+    /// Node object for every cluster node with its plan subnet as
+    /// `spec.podCIDR`. Drop it before the cluster.
+    pub fn start_on(cluster: &Cluster) -> Result<Self, HarnessError> {
+        let server = KubeApiServer::new_on(cluster.control_plane())?;
         let token_file = server.dir().join("netd.token");
         let ca_file = server.dir().join("netd-ca.pem");
         std::fs::write(&token_file, server.token())
             .map_err(|e| HarnessError::io(format!("writing {}", token_file.display()), e))?;
         std::fs::write(&ca_file, server.ca_cert_pem()?)
             .map_err(|e| HarnessError::io(format!("writing {}", ca_file.display()), e))?;
-        for (name, cidr) in nodes {
+        for (name, cidr) in cluster.nodes.iter().map(|n| (&n.name, n.subnet().to_string())) {
             let node = serde_json::json!({
                 "apiVersion": "v1",
                 "kind": "Node",

@@ -164,9 +164,14 @@ impl Drop for Overlay {
     }
 }
 
-/// The marks that name one of `peers`.
+/// The marks that name one of `peers` (in an edge pool every peer may be
+/// marked, so no peers × marks scan on each update).
 fn marked(peers: &[Lease], autonomous: Vec<Ipv4Net>) -> Vec<Ipv4Net> {
-    autonomous.into_iter().filter(|s| peers.iter().any(|p| p.subnet == *s)).collect()
+    if autonomous.is_empty() {
+        return autonomous;
+    }
+    let present: std::collections::HashSet<Ipv4Net> = peers.iter().map(|p| p.subnet).collect();
+    autonomous.into_iter().filter(|s| present.contains(s)).collect()
 }
 
 struct Worker {
