@@ -20,9 +20,17 @@ fn status_kib(pid: u32, field: &str) -> Result<u64> {
         .with_context(|| format!("{field} missing from /proc/{pid}/status"))
 }
 
-/// Runs the benchmark for `peers` peers.
-pub fn run(peers: u32, bin_dir: &Path) -> Result<()> {
-    let Some(_kernel) = testing::privileged()? else { bail!("the RSS benchmark needs root") };
+struct Resident {
+    programmed: Duration,
+    rss: u64,
+    anon: u64,
+    file: u64,
+    peak: u64,
+}
+
+/// `netd run` on the embedded registry holding `peers` synthetic peers:
+/// its memory once they are programmed and a few watch polls have passed.
+fn measure(peers: u32, bin_dir: &Path) -> Result<Resident> {
     let dir = tempfile::tempdir()?;
     let registry_path = dir.path().join("registry.db");
     let config = NetworkConfig { network: "10.0.0.0/8".parse()?, subnet_len: 24, vni: 1 };
@@ -37,10 +45,9 @@ pub fn run(peers: u32, bin_dir: &Path) -> Result<()> {
     let state = dir.path().join("state");
     std::fs::create_dir_all(&state)?;
     let args = netd_run_args("bench-node", &format!("embedded:{}", registry_path.display()), &state);
-    let netd = bin_dir.join("netd");
-    let daemon = NetdProcess::spawn(&ns, Path::new(&netd), args, &state.join("netd.log"))?;
+    let daemon = NetdProcess::spawn(&ns, &bin_dir.join("netd"), args, &state.join("netd.log"))?;
     let started = Instant::now();
-    while metric(&ns, "netd_peers_programmed") != Some(f64::from(peers)) {
+    while metric(&ns, "netd_ready") != Some(1.0) || metric(&ns, "netd_peers_programmed") != Some(f64::from(peers)) {
         if started.elapsed() > Duration::from_secs(60) {
             bail!("netd did not program {peers} peers; log:\n{}", daemon.log());
         }
@@ -50,20 +57,40 @@ pub fn run(peers: u32, bin_dir: &Path) -> Result<()> {
     // Let a few watch polls and a periodic pass's worth of work happen.
     std::thread::sleep(Duration::from_secs(3));
     let pid = daemon.pid().context("netd exited")?;
-    let rss = status_kib(pid, "VmRSS:")?;
-    let hwm = status_kib(pid, "VmHWM:")?;
-    let anon = status_kib(pid, "RssAnon:")?;
-    let file = status_kib(pid, "RssFile:")?;
-    let mib = |kib: u64| kib as f64 / 1024.0;
+    Ok(Resident {
+        programmed,
+        rss: status_kib(pid, "VmRSS:")?,
+        anon: status_kib(pid, "RssAnon:")?,
+        file: status_kib(pid, "RssFile:")?,
+        peak: status_kib(pid, "VmHWM:")?,
+    })
+}
+
+/// Runs the benchmark for `peers` peers beside the floor: the same daemon
+/// holding no peer.
+pub fn run(peers: u32, bin_dir: &Path) -> Result<()> {
+    let Some(_kernel) = testing::privileged()? else { bail!("the RSS benchmark needs root") };
     println!("machine: {}", machine());
+    let floor = measure(0, bin_dir)?;
+    let loaded = measure(peers, bin_dir)?;
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    println!("\n| `netd run`, embedded registry | peers programmed after | RSS | anonymous | file-backed | peak RSS |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    for (label, r) in [("no peer (floor)".to_string(), &floor), (format!("{peers} peers"), &loaded)] {
+        println!(
+            "| {label} | {:.0} ms | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB |",
+            r.programmed.as_secs_f64() * 1000.0,
+            mib(r.rss),
+            mib(r.anon),
+            mib(r.file),
+            mib(r.peak)
+        );
+    }
     println!(
-        "netd run, embedded registry, {peers} peers programmed in {:.0} ms: RSS {:.1} MiB \
-         (anonymous {:.1}, file-backed {:.1}), peak RSS {:.1} MiB (goal ≤ 15 MiB)",
-        programmed.as_secs_f64() * 1000.0,
-        mib(rss),
-        mib(anon),
-        mib(file),
-        mib(hwm)
+        "\n{peers} peers ÷ floor: RSS {:.2}×, anonymous {:.2}×; RSS is {:.2}× the 15 MiB goal",
+        loaded.rss as f64 / floor.rss as f64,
+        loaded.anon as f64 / floor.anon as f64,
+        mib(loaded.rss) / 15.0
     );
     Ok(())
 }
