@@ -5,8 +5,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use netd::model::flannel::{subnet_key, LeaseAttrs};
 use netd::registry::embedded::EmbeddedRegistry;
-use netd::registry::flannel::{subnet_key, LeaseAttrs};
 use netd::registry::NetworkConfig;
 use netd::testing::{self, metric, netd_run_args, synthetic_node, synthetic_peer, NetdProcess};
 

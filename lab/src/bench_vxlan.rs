@@ -11,11 +11,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use netd::snapshot::Snapshot;
 use netd::testing::{
     self, synthetic_config as config, synthetic_node as fresh_node, synthetic_peer as peer, NetNs,
     SYNTHETIC_OWN_IP as OWN_IP,
 };
+use netd::vxlan::snapshot::Snapshot;
 
 use crate::bench::{machine, ms, percentile};
 

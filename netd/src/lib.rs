@@ -16,9 +16,9 @@
 pub mod cni;
 pub mod daemon;
 pub mod masquerade;
+pub mod model;
 pub mod netlink;
 pub mod registry;
-pub mod snapshot;
 pub mod subnet_env;
 pub mod vxlan;
 

@@ -8,8 +8,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use netd::model::flannel::SUBNETS_PREFIX;
 use netd::registry::embedded::EmbeddedRegistry;
-use netd::registry::flannel::SUBNETS_PREFIX;
 use netd::registry::NetworkConfig;
 use netd::testing::{
     self, Cluster, EmbeddedScenarioRegistry, EtcdScenarioRegistry, EtcdServer, KubeScenarioRegistry, NetdProcess, Node,

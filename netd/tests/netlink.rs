@@ -22,7 +22,7 @@ fn batch_errors_map_to_their_requests_and_the_rest_applies() {
         let vx = handle.link().get("vx").unwrap().unwrap();
         assert_eq!(vx.vxlan.map(|v| (v.vni, v.port)), Some((7, 8472)));
         assert!(handle.link().get("nope0").unwrap().is_none());
-        let mac = "0e:00:00:00:00:02".parse().unwrap();
+        let mac = [0x0e, 0, 0, 0, 0, 2];
         let mut changes = Vec::new();
         // 3 000 good changes around 2 bad ones: several sendmsg chunks.
         for i in 0..1_000u32 {

@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime};
 
 use etcd_client::{Client, PutOptions};
 use ipnet::Ipv4Net;
+use netd::model::flannel::CONFIG_KEY;
 use netd::registry::etcd::EtcdRegistry;
-use netd::registry::flannel::CONFIG_KEY;
 use netd::registry::{LeaseRequest, NetworkConfig, PeerEvent, PeerLease, Registry, RegistryError};
 use netd::testing::EtcdServer;
 

@@ -8,8 +8,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use netd::ipam::{derive_vtep_mac, MacAddr, Store};
-use netd::snapshot::Snapshot;
 use netd::testing::{self, Cluster, Node};
+use netd::vxlan::snapshot::Snapshot;
 use netd::vxlan::{Lease, Overlay, OverlayOptions, ReconcileReport, Reconciler};
 
 fn mac_of(node: &Node) -> MacAddr {

@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use netd::daemon::DaemonConfig;
 use netd::registry::embedded::EmbeddedRegistry;
 use netd::registry::NetworkConfig;
-use netd::snapshot::{self, Snapshot};
+use netd::vxlan::snapshot::{self, Snapshot};
 use netd::vxlan::Reconciler;
 
 const USAGE: &str = "\

@@ -20,14 +20,16 @@ use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use ipnet::{IpNet, Ipv4Net};
-use netd_ipam::{MacAddr, Store};
+use netd_ipam::Store;
+
+use crate::model::MacAddr;
 
 use crate::masquerade::Masquerade;
 use crate::netlink::{Handle, RouteVia};
 use crate::registry::embedded::EmbeddedRegistry;
 use crate::registry::{LeaseRequest, NetworkConfig, OwnLease, PeerEvent, PeerLease, Registry, RENEW_MARGIN};
-use crate::snapshot::Snapshot;
 use crate::subnet_env::SubnetEnv;
+use crate::vxlan::snapshot::Snapshot;
 use crate::vxlan::{Lease, Overlay, OverlayConfig, OverlayOptions, FLANNEL_VXLAN_PORT, VXLAN_OVERHEAD};
 
 pub use config::{DaemonConfig, RegistrySpec};

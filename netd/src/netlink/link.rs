@@ -2,10 +2,8 @@
 
 use std::net::Ipv4Addr;
 
-use netd_ipam::MacAddr;
-
 use super::wire::{self, Attrs, Message, Writer};
-use super::{Change, Handle, NetlinkError, Request};
+use super::{Change, EthAddr, Handle, NetlinkError, Request};
 
 /// A link as the kernel reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,7 +13,7 @@ pub struct Link {
     /// Interface name.
     pub name: String,
     /// Hardware address, when the link has one.
-    pub mac: Option<MacAddr>,
+    pub mac: Option<EthAddr>,
     /// MTU.
     pub mtu: u32,
     /// Administratively up (`IFF_UP`).
@@ -57,7 +55,7 @@ pub struct VxlanLink {
     /// MAC learning (flannel: off).
     pub learning: bool,
     /// Hardware address.
-    pub mac: MacAddr,
+    pub mac: EthAddr,
     /// MTU.
     pub mtu: u32,
 }
@@ -68,7 +66,7 @@ pub struct LinkUpdate {
     /// Interface index.
     pub index: u32,
     /// New hardware address.
-    pub mac: Option<MacAddr>,
+    pub mac: Option<EthAddr>,
     /// New MTU.
     pub mtu: Option<u32>,
     /// Bring up or down.
@@ -88,7 +86,7 @@ impl VxlanLink {
         ifinfomsg(w, 0, 0, 0);
         w.attr_str(wire::IFLA_IFNAME, &self.name);
         w.attr_u32(wire::IFLA_MTU, self.mtu);
-        w.attr(wire::IFLA_ADDRESS, &self.mac.0);
+        w.attr(wire::IFLA_ADDRESS, &self.mac);
         let info = w.nest_begin(wire::IFLA_LINKINFO);
         w.attr_str(wire::IFLA_INFO_KIND, "vxlan");
         let data = w.nest_begin(wire::IFLA_INFO_DATA);
@@ -113,7 +111,7 @@ impl LinkUpdate {
         };
         ifinfomsg(w, self.index, flags, change);
         if let Some(mac) = self.mac {
-            w.attr(wire::IFLA_ADDRESS, &mac.0);
+            w.attr(wire::IFLA_ADDRESS, &mac);
         }
         if let Some(mtu) = self.mtu {
             w.attr_u32(wire::IFLA_MTU, mtu);

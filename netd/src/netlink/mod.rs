@@ -21,12 +21,11 @@
 //! ```no_run
 //! use std::net::Ipv4Addr;
 //! use netd::netlink::{Change, Handle, Neighbour};
-//! use netd::ipam::MacAddr;
 //!
 //! # fn main() -> Result<(), netd::netlink::NetlinkError> {
 //! let mut handle = Handle::new()?;
 //! let Some(dev) = handle.link().get("flannel.1")? else { return Ok(()) };
-//! let mac: MacAddr = "6e:6d:70:09:3e:38".parse().map_err(|_| netd::netlink::NetlinkError::Malformed("mac".into()))?;
+//! let mac = [0x6e, 0x6d, 0x70, 0x09, 0x3e, 0x38];
 //! // ip neigh replace 10.244.2.0 lladdr 6e:6d:70:09:3e:38 nud permanent dev flannel.1
 //! handle.neighbour().set(Neighbour::permanent(dev.index, Ipv4Addr::new(10, 244, 2, 0), mac)).execute()?;
 //! # Ok(()) }
@@ -97,6 +96,21 @@ impl NetlinkError {
     }
 }
 
+/// An Ethernet address as the kernel carries it (`IFLA_ADDRESS`,
+/// `NDA_LLADDR`): this layer speaks the kernel's terms and knows nothing of
+/// how netd chooses or persists addresses.
+pub type EthAddr = [u8; 6];
+
+/// `aa:bb:cc:dd:ee:ff`, as `ip` and `bridge` print it.
+struct Lladdr<'a>(&'a EthAddr);
+
+impl fmt::Display for Lladdr<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
+}
+
 /// One change to kernel state; batches are slices of these. `Display` spells
 /// the equivalent `ip`/`bridge` command (devices by index, as `dev #N`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,7 +153,7 @@ impl fmt::Display for Change {
                 f,
                 "ip link add {} address {} mtu {} type vxlan id {} local {} dev #{} dstport {} {}",
                 v.name,
-                v.mac,
+                Lladdr(&v.mac),
                 v.mtu,
                 v.vni,
                 v.local,
@@ -149,8 +163,8 @@ impl fmt::Display for Change {
             ),
             Self::SetLink(u) => {
                 write!(f, "ip link set dev #{}", u.index)?;
-                if let Some(mac) = u.mac {
-                    write!(f, " address {mac}")?;
+                if let Some(mac) = &u.mac {
+                    write!(f, " address {}", Lladdr(mac))?;
                 }
                 if let Some(mtu) = u.mtu {
                     write!(f, " mtu {mtu}")?;
@@ -164,15 +178,19 @@ impl fmt::Display for Change {
             Self::DeleteLink { index } => write!(f, "ip link del dev #{index}"),
             Self::AddAddress(a) => write!(f, "ip addr replace {}/{} dev #{}", a.local, a.prefix_len, a.index),
             Self::DeleteAddress(a) => write!(f, "ip addr del {}/{} dev #{}", a.local, a.prefix_len, a.index),
-            Self::SetNeighbour(n) => match n.mac {
-                Some(mac) => write!(f, "ip neigh replace {} lladdr {mac} nud permanent dev #{}", n.ip, n.ifindex),
+            Self::SetNeighbour(n) => match &n.mac {
+                Some(mac) => {
+                    write!(f, "ip neigh replace {} lladdr {} nud permanent dev #{}", n.ip, Lladdr(mac), n.ifindex)
+                }
                 None => write!(f, "ip neigh replace {} nud permanent dev #{}", n.ip, n.ifindex),
             },
             Self::DeleteNeighbour(n) => write!(f, "ip neigh del {} dev #{}", n.ip, n.ifindex),
             Self::SetFdb(e) => {
-                write!(f, "bridge fdb replace {} dev #{} dst {} self permanent", e.mac, e.ifindex, e.dst)
+                write!(f, "bridge fdb replace {} dev #{} dst {} self permanent", Lladdr(&e.mac), e.ifindex, e.dst)
             }
-            Self::DeleteFdb(e) => write!(f, "bridge fdb del {} dev #{} dst {} self", e.mac, e.ifindex, e.dst),
+            Self::DeleteFdb(e) => {
+                write!(f, "bridge fdb del {} dev #{} dst {} self", Lladdr(&e.mac), e.ifindex, e.dst)
+            }
             Self::SetNexthop(n) => write!(
                 f,
                 "ip nexthop replace id {} via {} dev #{}{}",

@@ -2,10 +2,8 @@
 
 use std::net::Ipv4Addr;
 
-use netd_ipam::MacAddr;
-
 use super::wire::{self, Attrs, Message, Writer};
-use super::{Change, Handle, NetlinkError, Request};
+use super::{Change, EthAddr, Handle, NetlinkError, Request};
 
 /// An IPv4 neighbour entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,14 +13,14 @@ pub struct Neighbour {
     /// Neighbour address.
     pub ip: Ipv4Addr,
     /// Link-layer address (absent on incomplete entries).
-    pub mac: Option<MacAddr>,
+    pub mac: Option<EthAddr>,
     /// `NUD_*` state bits.
     pub state: u16,
 }
 
 impl Neighbour {
     /// A permanent entry, as flannel writes for each peer's VTEP.
-    pub fn permanent(ifindex: u32, ip: Ipv4Addr, mac: MacAddr) -> Self {
+    pub fn permanent(ifindex: u32, ip: Ipv4Addr, mac: EthAddr) -> Self {
         Self { ifindex, ip, mac: Some(mac), state: wire::NUD_PERMANENT }
     }
 
@@ -38,7 +36,7 @@ impl Neighbour {
         ndmsg(w, wire::AF_INET, self.ifindex, if set { wire::NUD_PERMANENT } else { 0 }, 0);
         w.attr_ipv4(wire::NDA_DST, self.ip);
         if let (true, Some(mac)) = (set, self.mac) {
-            w.attr(wire::NDA_LLADDR, &mac.0);
+            w.attr(wire::NDA_LLADDR, &mac);
         }
         w.end(start);
     }
@@ -50,7 +48,7 @@ pub struct FdbEntry {
     /// Interface index of the VXLAN device.
     pub ifindex: u32,
     /// Peer VTEP MAC.
-    pub mac: MacAddr,
+    pub mac: EthAddr,
     /// Peer public IP.
     pub dst: Ipv4Addr,
 }
@@ -61,7 +59,7 @@ impl FdbEntry {
             if set { (wire::RTM_NEWNEIGH, wire::NLM_F_CREATE | wire::NLM_F_REPLACE) } else { (wire::RTM_DELNEIGH, 0) };
         let start = w.begin(msg_type, flags, seq);
         ndmsg(w, wire::AF_BRIDGE, self.ifindex, if set { wire::NUD_PERMANENT } else { 0 }, wire::NTF_SELF);
-        w.attr(wire::NDA_LLADDR, &self.mac.0);
+        w.attr(wire::NDA_LLADDR, &self.mac);
         w.attr_ipv4(wire::NDA_DST, self.dst);
         w.end(start);
     }
@@ -79,7 +77,7 @@ struct RawNeigh {
     ifindex: u32,
     state: u16,
     dst: Option<Ipv4Addr>,
-    lladdr: Option<MacAddr>,
+    lladdr: Option<EthAddr>,
 }
 
 fn parse(msg: &Message<'_>) -> Result<Option<RawNeigh>, NetlinkError> {

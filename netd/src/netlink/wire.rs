@@ -299,8 +299,8 @@ pub(crate) fn ipv4(payload: &[u8]) -> Option<Ipv4Addr> {
 }
 
 /// An attribute payload as a MAC address, if it is one.
-pub(crate) fn mac(payload: &[u8]) -> Option<netd_ipam::MacAddr> {
-    <[u8; 6]>::try_from(payload).ok().map(netd_ipam::MacAddr)
+pub(crate) fn mac(payload: &[u8]) -> Option<[u8; 6]> {
+    <[u8; 6]>::try_from(payload).ok()
 }
 
 /// A NUL-terminated string attribute.

@@ -24,11 +24,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use ipnet::Ipv4Net;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
-use super::flannel::{self, LeaseAttrs};
 use super::{
     pick_subnet, LeaseRequest, NetworkConfig, OwnLease, PeerEvent, PeerLease, Registry, RegistryError, LEASE_TTL,
 };
-use crate::vxlan::Lease;
+use crate::model::flannel::{self, LeaseAttrs};
+use crate::model::Lease;
 
 /// Where the daemon looks for the embedded registry by default.
 pub const DEFAULT_PATH: &str = "/var/lib/netd/registry.db";
@@ -170,7 +170,7 @@ impl Registry for EmbeddedRegistry {
             .map_err(|e| self.store_err(e))?;
         let text =
             text.ok_or_else(|| RegistryError::BadConfig(format!("{} holds no network config", self.path.display())))?;
-        flannel::parse_network_config(text.as_bytes())
+        Ok(flannel::parse_network_config(text.as_bytes())?)
     }
 
     async fn acquire_lease(

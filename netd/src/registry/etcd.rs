@@ -58,18 +58,19 @@ use std::future::Future;
 use std::net::Ipv4Addr;
 use std::time::{Duration, SystemTime};
 
+use crate::model::MacAddr;
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KvClient, LeaseClient, PutOptions, Txn, TxnOp,
     WatchClient, WatchOptions, WatchStream,
 };
 use ipnet::Ipv4Net;
-use netd_ipam::MacAddr;
 
-use super::flannel::{self, LeaseAttrs, CONFIG_KEY, SUBNETS_PREFIX};
 use super::{
     pick_subnet, LeaseRequest, NetworkConfig, OwnLease, PeerEvent, PeerLease, Registry, RegistryError, LEASE_TTL,
 };
-use crate::vxlan::Lease;
+use crate::model::autonomy;
+use crate::model::flannel::{self, LeaseAttrs, CONFIG_KEY, SUBNETS_PREFIX};
+use crate::model::Lease;
 
 /// flannel's default etcd prefix.
 pub const DEFAULT_PREFIX: &str = "/coreos.com/network";
@@ -411,7 +412,7 @@ impl EtcdRegistry {
                 tracing::warn!(key = %self.keys.config, "network config gone; keeping the one read before");
                 known
             }
-            (Some(Err(error)), None) => return Err(config_error(&self.keys.config, error)),
+            (Some(Err(error)), None) => return Err(config_error(&self.keys.config, error.into())),
             (None, None) => return Err(missing_config(&self.keys.config, &self.endpoints)),
         };
         self.config = Some(config);
@@ -441,7 +442,7 @@ impl Registry for EtcdRegistry {
         let what = format!("reading {key}");
         let response = rpc(&self.endpoints, &what, self.kv.get(key.clone(), None)).await?;
         let kv = response.kvs().first().ok_or_else(|| missing_config(&key, &self.endpoints))?;
-        let config = flannel::parse_network_config(kv.value()).map_err(|e| config_error(&key, e))?;
+        let config = flannel::parse_network_config(kv.value()).map_err(|e| config_error(&key, e.into()))?;
         self.config = Some(config);
         Ok(config)
     }
@@ -649,7 +650,7 @@ impl View {
             KeyKind::Autonomy(node) => {
                 match value {
                     Some(v) => {
-                        let on = flannel::autonomy_on(std::str::from_utf8(v).ok());
+                        let on = autonomy::autonomy_on(std::str::from_utf8(v).ok());
                         self.autonomy.insert(node.to_string(), on);
                     }
                     None => {

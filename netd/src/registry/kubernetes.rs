@@ -45,15 +45,16 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::model::MacAddr;
 use ipnet::{IpNet, Ipv4Net};
-use netd_ipam::MacAddr;
 use reqwest::header::CONTENT_TYPE;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
-use super::flannel;
 use super::{LeaseRequest, NetworkConfig, OwnLease, PeerEvent, PeerLease, Registry, RegistryError, LEASE_TTL};
-use crate::vxlan::Lease;
+use crate::model::autonomy;
+use crate::model::flannel;
+use crate::model::Lease;
 
 /// Where flannel's DaemonSet mounts `net-conf.json` from its ConfigMap.
 pub const NET_CONF_PATH: &str = "/etc/kube-flannel/net-conf.json";
@@ -292,7 +293,7 @@ impl KubernetesRegistry {
     fn resolve_network(&self) -> Result<NetworkConfig, RegistryError> {
         if let Some(net) = self.config.network {
             let text = format!(r#"{{"Network":"{net}","Backend":{{"Type":"vxlan"}}}}"#);
-            return flannel::parse_network_config(text.as_bytes());
+            return Ok(flannel::parse_network_config(text.as_bytes())?);
         }
         let text = std::fs::read(NET_CONF_PATH).map_err(|e| {
             RegistryError::BadConfig(format!(
@@ -496,8 +497,8 @@ impl KubernetesRegistry {
         }
         match peer_of(name, node, network, own_subnet) {
             Ok(lease) => {
-                let on = |key: &str| flannel::autonomy_on(annotation(key).and_then(Value::as_str));
-                let autonomous = on(flannel::ANNOTATION_AUTONOMY) || on(flannel::ANNOTATION_AUTONOMY_OPENYURT);
+                let on = |key: &str| autonomy::autonomy_on(annotation(key).and_then(Value::as_str));
+                let autonomous = on(autonomy::ANNOTATION_AUTONOMY) || on(autonomy::ANNOTATION_AUTONOMY_OPENYURT);
                 NodeView::Peer(PeerLease { lease, autonomous })
             }
             Err(reason) => NodeView::Bad(reason),
@@ -799,16 +800,16 @@ impl Registry for KubernetesRegistry {
         check_node_name(node)?;
         let value = if autonomous { "true" } else { "false" };
         let mut annotations = serde_json::Map::new();
-        annotations.insert(flannel::ANNOTATION_AUTONOMY.into(), Value::String(value.into()));
+        annotations.insert(autonomy::ANNOTATION_AUTONOMY.into(), Value::String(value.into()));
         if !autonomous {
             // The OpenYurt flag would keep the node autonomous: clear it too.
             let object = self.get_node(node).await?;
             let openyurt = object
                 .pointer("/metadata/annotations")
-                .and_then(|a| a.get(flannel::ANNOTATION_AUTONOMY_OPENYURT))
+                .and_then(|a| a.get(autonomy::ANNOTATION_AUTONOMY_OPENYURT))
                 .and_then(Value::as_str);
-            if flannel::autonomy_on(openyurt) {
-                annotations.insert(flannel::ANNOTATION_AUTONOMY_OPENYURT.into(), Value::String(value.into()));
+            if autonomy::autonomy_on(openyurt) {
+                annotations.insert(autonomy::ANNOTATION_AUTONOMY_OPENYURT.into(), Value::String(value.into()));
             }
         }
         let path = format!("/api/v1/nodes/{node}");

@@ -6,7 +6,7 @@
 //! - [`etcd`]: flannel's v3 layout (`/coreos.com/network/…`) exactly.
 //! - `kubernetes`: node objects with flannel's annotations.
 //!
-//! The wire formats flannel peers parse live in [`flannel`].
+//! The wire formats flannel peers parse live in [`crate::model::flannel`].
 //!
 //! Contract every backend keeps:
 //! - the first [`Registry::next_event`] and the first after any error yield
@@ -18,7 +18,6 @@
 
 pub mod embedded;
 pub mod etcd;
-pub mod flannel;
 pub mod kubernetes;
 
 use std::collections::BTreeSet;
@@ -26,43 +25,15 @@ use std::future::Future;
 use std::net::Ipv4Addr;
 use std::time::SystemTime;
 
+use crate::model::{Lease, MacAddr, ModelError};
 use ipnet::Ipv4Net;
-use netd_ipam::MacAddr;
 
-use crate::vxlan::Lease;
+pub use crate::model::NetworkConfig;
 
 /// Lease lifetime, as flannel uses: 24 h, renewed ahead of expiry.
 pub const LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 /// Renew when less than this is left.
 pub const RENEW_MARGIN: std::time::Duration = std::time::Duration::from_secs(3600);
-
-/// The cluster network settings (flannel's `/coreos.com/network/config`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NetworkConfig {
-    /// The cluster network, e.g. `10.244.0.0/16`.
-    pub network: Ipv4Net,
-    /// Prefix length of node subnets (flannel default 24).
-    pub subnet_len: u8,
-    /// VXLAN network identifier (flannel default 1).
-    pub vni: u32,
-}
-
-impl NetworkConfig {
-    /// Checks the settings are usable.
-    pub fn check(&self) -> Result<(), RegistryError> {
-        if self.subnet_len < self.network.prefix_len() || self.subnet_len > 30 {
-            return Err(RegistryError::BadConfig(format!(
-                "SubnetLen {} must lie between the network prefix /{} and 30",
-                self.subnet_len,
-                self.network.prefix_len()
-            )));
-        }
-        if self.vni == 0 || self.vni > 0x00ff_ffff {
-            return Err(RegistryError::BadConfig(format!("VNI {} is outside 1..=16777215", self.vni)));
-        }
-        Ok(())
-    }
-}
 
 /// What a node asks for when it acquires its lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,6 +124,14 @@ pub enum RegistryError {
     },
 }
 
+impl From<ModelError> for RegistryError {
+    fn from(error: ModelError) -> Self {
+        match error {
+            ModelError::BadNetworkConfig(reason) => Self::BadConfig(reason),
+        }
+    }
+}
+
 impl RegistryError {
     /// True when retrying later may succeed.
     pub fn is_transient(&self) -> bool {
@@ -208,7 +187,7 @@ pub fn pick_subnet(
 }
 
 fn overlaps(taken: &BTreeSet<Ipv4Net>, s: &Ipv4Net) -> bool {
-    taken.iter().any(|t| t.contains(&s.network()) || s.contains(&t.network()))
+    taken.iter().any(|t| crate::model::overlaps(*t, *s))
 }
 
 #[cfg(test)]

@@ -66,12 +66,12 @@ impl Node {
     }
 
     /// The lease this node would hold with `vtep_mac`.
-    pub fn lease(&self, vtep_mac: netd_ipam::MacAddr) -> Lease {
+    pub fn lease(&self, vtep_mac: crate::model::MacAddr) -> Lease {
         Lease { subnet: self.subnet(), public_ip: self.public_ip(), vtep_mac, node: Some(self.name.clone()) }
     }
 
     /// The overlay configuration of this node (VNI 1, underlay `eth0`).
-    pub fn overlay_config(&self, vtep_mac: netd_ipam::MacAddr) -> OverlayConfig {
+    pub fn overlay_config(&self, vtep_mac: crate::model::MacAddr) -> OverlayConfig {
         OverlayConfig {
             network: CLUSTER_NETWORK.parse().unwrap_or_default(),
             own: self.lease(vtep_mac),

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
 
+use crate::model::flannel::{network_config_json, CONFIG_KEY};
 use crate::registry::embedded::EmbeddedRegistry;
-use crate::registry::flannel::{network_config_json, CONFIG_KEY};
 use crate::registry::NetworkConfig;
 
 use super::{

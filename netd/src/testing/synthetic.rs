@@ -4,8 +4,8 @@
 
 use std::net::Ipv4Addr;
 
+use crate::model::MacAddr;
 use ipnet::Ipv4Net;
-use netd_ipam::MacAddr;
 
 use super::{HarnessError, NetNs};
 use crate::vxlan::{Lease, OverlayConfig, FLANNEL_VXLAN_PORT};

@@ -2,6 +2,8 @@
 
 use ipnet::Ipv4Net;
 
+use crate::model::MacAddr;
+
 use crate::netlink::{Address, Change, Handle, Link, LinkUpdate, VxlanLink};
 
 use super::{OverlayConfig, VxlanError, VXLAN_OVERHEAD};
@@ -65,7 +67,7 @@ pub fn ensure(handle: &mut Handle, config: &OverlayConfig) -> Result<Device, Vxl
         link: underlay.index,
         port: config.port,
         learning: false,
-        mac: config.own.vtep_mac,
+        mac: config.own.vtep_mac.0,
         mtu: underlay.mtu - VXLAN_OVERHEAD,
     };
     let mut repairs = Vec::new();
@@ -96,8 +98,8 @@ pub fn ensure(handle: &mut Handle, config: &OverlayConfig) -> Result<Device, Vxl
     let mut update = LinkUpdate { index: found.index, mac: None, mtu: None, up: None };
     if found.mac != Some(want.mac) {
         if !created {
-            let was = found.mac.map(|m| m.to_string()).unwrap_or_default();
-            repairs.push(format!("{name} MAC {was} restored to {}", want.mac));
+            let was = found.mac.map(|m| MacAddr(m).to_string()).unwrap_or_default();
+            repairs.push(format!("{name} MAC {was} restored to {}", MacAddr(want.mac)));
         }
         update.mac = Some(want.mac);
     }

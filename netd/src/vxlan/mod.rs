@@ -33,14 +33,14 @@ mod device;
 mod overlay;
 mod peers;
 mod reconcile;
-
-use std::net::Ipv4Addr;
+pub mod snapshot;
 
 use ipnet::Ipv4Net;
-use netd_ipam::MacAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::netlink::NetlinkError;
+
+pub use crate::model::Lease;
 
 pub use device::Device;
 pub use overlay::{Overlay, OverlayOptions, OverlayStatus};
@@ -51,20 +51,6 @@ pub use reconcile::{ReconcileReport, Reconciler};
 pub const FLANNEL_VXLAN_PORT: u16 = 8472;
 /// VXLAN encapsulation overhead subtracted from the underlay MTU.
 pub const VXLAN_OVERHEAD: u32 = 50;
-
-/// A node's subnet lease as the data plane needs it: ours or a peer's.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Lease {
-    /// The node's pod subnet, e.g. `10.244.3.0/24`.
-    pub subnet: Ipv4Net,
-    /// The node's public (underlay) IP: VXLAN packets go there.
-    pub public_ip: Ipv4Addr,
-    /// The node's VTEP MAC.
-    pub vtep_mac: MacAddr,
-    /// Node name, when known (logs and diagnostics).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node: Option<String>,
-}
 
 /// What the overlay is programmed from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

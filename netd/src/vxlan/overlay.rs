@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::snapshot::Snapshot;
 use crate::netlink::{Event, Monitor};
-use crate::snapshot::Snapshot;
 
 use ipnet::Ipv4Net;
 

@@ -5,10 +5,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
+use crate::netlink::{Change, EthAddr, FdbEntry, Handle, Neighbour, NetlinkError, Nexthop, Route, RouteVia};
 use ipnet::Ipv4Net;
-use netd_ipam::MacAddr;
-
-use crate::netlink::{Change, FdbEntry, Handle, Neighbour, NetlinkError, Nexthop, Route, RouteVia};
 
 use super::device::{self, Device};
 use super::peers::{nexthop_id, validate, Rejected};
@@ -48,8 +46,8 @@ pub struct Reconciler {
 
 /// The kernel objects one pass wants, keyed as the kernel identifies them.
 struct Wanted {
-    neighbours: HashMap<Ipv4Addr, MacAddr>,
-    fdb: HashMap<MacAddr, Ipv4Addr>,
+    neighbours: HashMap<Ipv4Addr, EthAddr>,
+    fdb: HashMap<EthAddr, Ipv4Addr>,
     nexthops: HashMap<u32, Nexthop>,
     routes: HashMap<Ipv4Net, u32>,
 }
@@ -131,8 +129,8 @@ impl Reconciler {
             let nexthop = if direct {
                 Nexthop { id, gateway: peer.public_ip, oif: device.underlay_index, onlink: false }
             } else {
-                wanted.neighbours.insert(peer.subnet.network(), peer.vtep_mac);
-                wanted.fdb.insert(peer.vtep_mac, peer.public_ip);
+                wanted.neighbours.insert(peer.subnet.network(), peer.vtep_mac.0);
+                wanted.fdb.insert(peer.vtep_mac.0, peer.public_ip);
                 Nexthop { id, gateway: peer.subnet.network(), oif: device.index, onlink: true }
             };
             wanted.nexthops.insert(id, nexthop);
@@ -154,11 +152,11 @@ impl Reconciler {
         let vxlan_peers = || accepted.values().filter(|p| wanted.neighbours.contains_key(&p.subnet.network()));
         changes.extend(
             vxlan_peers()
-                .map(|p| Change::SetNeighbour(Neighbour::permanent(device.index, p.subnet.network(), p.vtep_mac))),
+                .map(|p| Change::SetNeighbour(Neighbour::permanent(device.index, p.subnet.network(), p.vtep_mac.0))),
         );
         changes.extend(
             vxlan_peers()
-                .map(|p| Change::SetFdb(FdbEntry { ifindex: device.index, mac: p.vtep_mac, dst: p.public_ip })),
+                .map(|p| Change::SetFdb(FdbEntry { ifindex: device.index, mac: p.vtep_mac.0, dst: p.public_ip })),
         );
         changes.extend(
             accepted

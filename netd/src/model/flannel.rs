@@ -5,10 +5,9 @@
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
-use netd_ipam::MacAddr;
 use serde::{Deserialize, Serialize};
 
-use super::{NetworkConfig, RegistryError};
+use super::{MacAddr, ModelError, NetworkConfig};
 
 /// etcd key of the network configuration.
 pub const CONFIG_KEY: &str = "/coreos.com/network/config";
@@ -24,10 +23,6 @@ pub const ANNOTATION_BACKEND_DATA: &str = "flannel.alpha.coreos.com/backend-data
 pub const ANNOTATION_PUBLIC_IP: &str = "flannel.alpha.coreos.com/public-ip";
 /// `flannel.alpha.coreos.com/kube-subnet-manager`.
 pub const ANNOTATION_KUBE_SUBNET_MANAGER: &str = "flannel.alpha.coreos.com/kube-subnet-manager";
-/// The autonomy annotation (Alibaba Cloud edge).
-pub const ANNOTATION_AUTONOMY: &str = "node.beta.alibabacloud.com/autonomy";
-/// The autonomy annotation (OpenYurt), also honoured.
-pub const ANNOTATION_AUTONOMY_OPENYURT: &str = "node.beta.openyurt.io/autonomy";
 
 /// The lease key suffix for a subnet: `10.244.3.0-24`.
 pub fn subnet_key(subnet: Ipv4Net) -> String {
@@ -138,14 +133,14 @@ struct RawBackend {
 
 /// Parses `/coreos.com/network/config` with flannel's defaults (SubnetLen
 /// 24, or prefix + 2 for networks smaller than /22; VNI 1).
-pub fn parse_network_config(text: &[u8]) -> Result<NetworkConfig, RegistryError> {
+pub fn parse_network_config(text: &[u8]) -> Result<NetworkConfig, ModelError> {
     let de = &mut serde_json::Deserializer::from_slice(text);
     let raw: RawNetworkConfig = serde_path_to_error::deserialize(de)
-        .map_err(|e| RegistryError::BadConfig(format!("at `{}`: {}", e.path(), e.inner())))?;
+        .map_err(|e| ModelError::BadNetworkConfig(format!("at `{}`: {}", e.path(), e.inner())))?;
     let backend = raw.backend.unwrap_or(RawBackend { kind: None, vni: None });
     let kind = backend.kind.as_deref().unwrap_or("udp");
     if kind != "vxlan" {
-        return Err(RegistryError::BadConfig(format!("Backend.Type {kind:?}: netd implements vxlan only")));
+        return Err(ModelError::BadNetworkConfig(format!("Backend.Type {kind:?}: netd implements vxlan only")));
     }
     let network = raw.network.trunc();
     let default_len = if network.prefix_len() <= 22 { 24 } else { (network.prefix_len() + 2).min(30) };
@@ -161,11 +156,6 @@ pub fn network_config_json(config: &NetworkConfig) -> String {
         r#"{{"Network":"{}","SubnetLen":{},"Backend":{{"Type":"vxlan","VNI":{}}}}}"#,
         config.network, config.subnet_len, config.vni
     )
-}
-
-/// True for an autonomy annotation value that means "on".
-pub fn autonomy_on(value: Option<&str>) -> bool {
-    value.is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
 }
 
 #[cfg(test)]

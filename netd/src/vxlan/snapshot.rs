@@ -32,7 +32,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-use crate::vxlan::{Lease, OverlayConfig};
+use super::{Lease, OverlayConfig};
 
 /// Where the daemon keeps its snapshot unless told otherwise.
 pub const DEFAULT_PATH: &str = "/var/lib/netd/snapshot.json";

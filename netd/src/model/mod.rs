@@ -1,0 +1,73 @@
+//! The vocabulary every layer shares: a node's subnet lease, the cluster
+//! network settings, the VTEP MAC, flannel's wire formats and the autonomy
+//! annotations.
+//!
+//! It sits below everything else in netd: the data plane ([`crate::vxlan`])
+//! and the control-plane side ([`crate::registry`]) both depend on it and
+//! not on each other. It depends on nothing in netd; [`MacAddr`] comes from
+//! the allocation crate (`netd-ipam`), which pins it to the node name.
+
+pub mod autonomy;
+pub mod flannel;
+
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+pub use netd_ipam::MacAddr;
+
+/// A node's subnet lease as the data plane needs it: ours or a peer's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// The node's pod subnet, e.g. `10.244.3.0/24`.
+    pub subnet: Ipv4Net,
+    /// The node's public (underlay) IP: VXLAN packets go there.
+    pub public_ip: Ipv4Addr,
+    /// The node's VTEP MAC.
+    pub vtep_mac: MacAddr,
+    /// Node name, when known (logs and diagnostics).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+}
+
+/// The cluster network settings (flannel's `/coreos.com/network/config`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetworkConfig {
+    /// The cluster network, e.g. `10.244.0.0/16`.
+    pub network: Ipv4Net,
+    /// Prefix length of node subnets (flannel default 24).
+    pub subnet_len: u8,
+    /// VXLAN network identifier (flannel default 1).
+    pub vni: u32,
+}
+
+/// Errors of the shared vocabulary: settings that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ModelError {
+    /// The network configuration is unusable (the reason names the field).
+    #[error("{0}")]
+    BadNetworkConfig(String),
+}
+
+impl NetworkConfig {
+    /// Checks the settings are usable.
+    pub fn check(&self) -> Result<(), ModelError> {
+        if self.subnet_len < self.network.prefix_len() || self.subnet_len > 30 {
+            return Err(ModelError::BadNetworkConfig(format!(
+                "SubnetLen {} must lie between the network prefix /{} and 30",
+                self.subnet_len,
+                self.network.prefix_len()
+            )));
+        }
+        if self.vni == 0 || self.vni > 0x00ff_ffff {
+            return Err(ModelError::BadNetworkConfig(format!("VNI {} is outside 1..=16777215", self.vni)));
+        }
+        Ok(())
+    }
+}
+
+/// Whether two subnets share addresses (one contains the other).
+pub fn overlaps(a: Ipv4Net, b: Ipv4Net) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
