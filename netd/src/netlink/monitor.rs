@@ -1,13 +1,15 @@
 //! Kernel change notifications (`ip monitor link neigh route nexthop address`).
 
 use std::io;
+use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::Duration;
 
+use ipnet::Ipv4Net;
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket};
 
 use super::wire::{self, Attrs, Messages};
-use super::NetlinkError;
+use super::{EthAddr, NetlinkError};
 
 /// Something changed in the kernel's networking state.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,18 +28,34 @@ pub enum Event {
         /// Interface index.
         index: u32,
     },
-    /// A neighbour or FDB entry on `ifindex` changed.
+    /// An IPv4 neighbour on `ifindex` changed (`ip neigh`).
     Neighbour {
         /// Interface index.
         ifindex: u32,
+        /// The neighbour's address, when the message carried it.
+        ip: Option<Ipv4Addr>,
     },
-    /// A route changed (`oif` when it names one).
+    /// A forwarding entry on `ifindex` changed (`bridge fdb`), or a
+    /// neighbour of another family.
+    Fdb {
+        /// Interface index.
+        ifindex: u32,
+        /// The entry's link-layer address, when the message carried it.
+        mac: Option<EthAddr>,
+    },
+    /// A route changed.
     Route {
         /// Output interface, if the message names one.
         oif: Option<u32>,
+        /// Destination (`0.0.0.0/0` for the default route), when the message
+        /// is an IPv4 route.
+        dst: Option<Ipv4Net>,
     },
     /// A nexthop object changed.
-    Nexthop,
+    Nexthop {
+        /// Its id, when the message carried it.
+        id: Option<u32>,
+    },
     /// The kernel dropped notifications (our queue overflowed): state may
     /// have changed in ways no event describes.
     Overflow,
@@ -112,14 +130,14 @@ impl Monitor {
                         deleted: msg.msg_type == wire::RTM_DELLINK,
                     },
                     wire::RTM_NEWADDR | wire::RTM_DELADDR => Event::Address { index: wire::u32_at(p, 4) },
-                    wire::RTM_NEWNEIGH | wire::RTM_DELNEIGH => Event::Neighbour { ifindex: wire::u32_at(p, 4) },
-                    wire::RTM_NEWROUTE | wire::RTM_DELROUTE => Event::Route {
-                        oif: p
-                            .get(12..)
-                            .and_then(|a| Attrs::new(a).find(|(t, _)| *t == wire::RTA_OIF))
+                    wire::RTM_NEWNEIGH | wire::RTM_DELNEIGH => neighbour_event(p),
+                    wire::RTM_NEWROUTE | wire::RTM_DELROUTE => route_event(p),
+                    wire::RTM_NEWNEXTHOP | wire::RTM_DELNEXTHOP => Event::Nexthop {
+                        id: p
+                            .get(8..)
+                            .and_then(|a| Attrs::new(a).find(|(t, _)| *t == wire::NHA_ID))
                             .map(|(_, v)| wire::u32_at(v, 0)),
                     },
-                    wire::RTM_NEWNEXTHOP | wire::RTM_DELNEXTHOP => Event::Nexthop,
                     _ => continue,
                 };
                 events.push(event);
@@ -150,4 +168,32 @@ impl Monitor {
             }
         }
     }
+}
+
+/// `ndmsg` (12 bytes: family, pads, ifindex, state, flags, type), then
+/// `NDA_*` attributes.
+fn neighbour_event(p: &[u8]) -> Event {
+    let ifindex = wire::u32_at(p, 4);
+    let attrs = || Attrs::new(p.get(12..).unwrap_or_default());
+    if p.first() == Some(&wire::AF_INET) {
+        let ip = attrs().find(|(t, _)| *t == wire::NDA_DST).and_then(|(_, v)| wire::ipv4(v));
+        Event::Neighbour { ifindex, ip }
+    } else {
+        let mac = attrs().find(|(t, _)| *t == wire::NDA_LLADDR).and_then(|(_, v)| wire::mac(v));
+        Event::Fdb { ifindex, mac }
+    }
+}
+
+/// `rtmsg` (12 bytes: family, dst_len, …), then `RTA_*` attributes.
+fn route_event(p: &[u8]) -> Event {
+    let attrs = || Attrs::new(p.get(12..).unwrap_or_default());
+    let oif = attrs().find(|(t, _)| *t == wire::RTA_OIF).map(|(_, v)| wire::u32_at(v, 0));
+    let dst = match (p.first(), p.get(1)) {
+        (Some(&wire::AF_INET), Some(&len)) => {
+            let addr = attrs().find(|(t, _)| *t == wire::RTA_DST).and_then(|(_, v)| wire::ipv4(v));
+            Ipv4Net::new(addr.unwrap_or(Ipv4Addr::UNSPECIFIED), len).ok()
+        }
+        _ => None,
+    };
+    Event::Route { oif, dst }
 }

@@ -43,9 +43,33 @@ use crate::netlink::NetlinkError;
 pub use crate::model::Lease;
 
 pub use device::Device;
-pub use overlay::{Overlay, OverlayOptions, OverlayStatus};
+pub use overlay::{Overlay, OverlayOptions, OverlayStatus, StatusHandle};
 pub use peers::{nexthop_id, validate, Rejected, Validated};
-pub use reconcile::{ReconcileReport, Reconciler};
+pub use reconcile::{Applied, ReconcileReport, Reconciler};
+
+/// One peer's change, as a registry event makes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerChange {
+    /// The peer appeared or changed.
+    Upsert {
+        /// Its lease.
+        lease: Lease,
+        /// Its node declared autonomy (recorded in the snapshot).
+        autonomous: bool,
+    },
+    /// The peer of this subnet is gone.
+    Remove(Ipv4Net),
+}
+
+impl PeerChange {
+    /// The subnet the change is about.
+    pub fn subnet(&self) -> Ipv4Net {
+        match self {
+            Self::Upsert { lease, .. } => lease.subnet,
+            Self::Remove(subnet) => *subnet,
+        }
+    }
+}
 
 /// flannel's VXLAN UDP port.
 pub const FLANNEL_VXLAN_PORT: u16 = 8472;
@@ -112,9 +136,27 @@ pub enum VxlanError {
         #[source]
         source: NetlinkError,
     },
+    /// The thread dumping the device's neighbours and FDB panicked.
+    #[error("the thread reading the neighbours and FDB of `{device}` panicked")]
+    DumpThreadPanicked {
+        /// Device name.
+        device: String,
+    },
     /// The netlink socket failed.
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
+    /// The overlay thread or its wake-up pipe could not be created.
+    #[error("cannot start the overlay thread: {what}: {source}")]
+    Thread {
+        /// What failed (the thread, the wake-up pipe).
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The snapshot could not be written; the kernel was not changed.
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::SnapshotError),
     /// A pass of the overlay thread failed (the thread keeps running).
     #[error("overlay pass failed: {0}")]
     Pass(String),

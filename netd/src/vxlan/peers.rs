@@ -2,6 +2,8 @@
 //! disturbs the other peers.
 
 use std::collections::{BTreeMap, HashMap};
+
+use crate::model::MacAddr;
 use std::fmt;
 
 use ipnet::Ipv4Net;
@@ -22,6 +24,9 @@ pub struct Rejected {
     pub peer: Lease,
     /// Why it was refused.
     pub reason: String,
+    /// The programmed peer it conflicts with (overlapping subnet or shared
+    /// VtepMAC); `None` when the peer is unusable on its own.
+    pub conflict_with: Option<Ipv4Net>,
 }
 
 impl fmt::Display for Rejected {
@@ -48,7 +53,7 @@ pub struct Validated {
 }
 
 /// Why a single peer is unusable on its own, if it is.
-fn lone_defect(config: &OverlayConfig, peer: &Lease) -> Option<String> {
+pub(super) fn lone_defect(config: &OverlayConfig, peer: &Lease) -> Option<String> {
     let own = &config.own;
     if !config.network.contains(&peer.subnet) {
         return Some(format!("subnet {} is outside the cluster network {}", peer.subnet, config.network));
@@ -98,45 +103,60 @@ fn lone_defect(config: &OverlayConfig, peer: &Lease) -> Option<String> {
 /// VtepMACs cannot both be programmed: the peer already `programmed` wins,
 /// then the lower subnet, and the other is refused naming the winner.
 /// Exact duplicates are merged silently.
-pub fn validate(config: &OverlayConfig, peers: &[Lease], programmed: &BTreeMap<Ipv4Net, Lease>) -> Validated {
+pub fn validate<'a>(
+    config: &OverlayConfig,
+    peers: impl IntoIterator<Item = &'a Lease>,
+    programmed: &BTreeMap<Ipv4Net, Lease>,
+) -> Validated {
     let mut out = Validated::default();
-    let mut candidates: Vec<&Lease> = Vec::with_capacity(peers.len());
+    let peers = peers.into_iter();
+    let mut candidates: Vec<&Lease> = Vec::with_capacity(peers.size_hint().0);
     for peer in peers {
         match lone_defect(config, peer) {
-            Some(reason) => out.rejected.push(Rejected { peer: peer.clone(), reason }),
+            Some(reason) => out.rejected.push(Rejected { peer: peer.clone(), reason, conflict_with: None }),
             None => candidates.push(peer),
         }
     }
     // Deterministic precedence: what is in the kernel already, then by subnet.
     candidates.sort_by_key(|p| (programmed.get(&p.subnet) != Some(*p), p.subnet, p.public_ip, p.vtep_mac));
     candidates.dedup();
-    let mut by_mac: HashMap<_, Ipv4Net> = HashMap::with_capacity(candidates.len());
+    let mut by_mac: HashMap<MacAddr, Ipv4Net> = HashMap::with_capacity(candidates.len());
     for peer in candidates {
-        // Accepted subnets never overlap, so only the neighbours in address
-        // order can overlap a newcomer.
-        let overlap = out
-            .accepted
-            .range(..=peer.subnet)
-            .next_back()
-            .map(|(s, _)| *s)
-            .filter(|s| s.contains(&peer.subnet.network()))
-            .or_else(|| {
-                out.accepted.range(peer.subnet..).next().map(|(s, _)| *s).filter(|s| peer.subnet.contains(&s.network()))
-            });
-        if let Some(winner) = overlap {
-            let reason = format!("subnet {} overlaps peer subnet {winner}", peer.subnet);
-            out.rejected.push(Rejected { peer: peer.clone(), reason });
-            continue;
-        }
-        if let Some(winner) = by_mac.get(&peer.vtep_mac) {
-            let reason = format!("VtepMAC {} is already used by the peer with subnet {winner}", peer.vtep_mac);
-            out.rejected.push(Rejected { peer: peer.clone(), reason });
+        if let Some(rejected) = conflict(&out.accepted, &by_mac, peer) {
+            out.rejected.push(rejected);
             continue;
         }
         by_mac.insert(peer.vtep_mac, peer.subnet);
         out.accepted.insert(peer.subnet, peer.clone());
     }
     out
+}
+
+/// Why `peer` cannot join `accepted` (whose subnets never overlap and whose
+/// MACs `by_mac` indexes), if it cannot: O(log n), so one changed peer is
+/// checked without looking at the others.
+pub(super) fn conflict(
+    accepted: &BTreeMap<Ipv4Net, Lease>,
+    by_mac: &HashMap<MacAddr, Ipv4Net>,
+    peer: &Lease,
+) -> Option<Rejected> {
+    // Accepted subnets never overlap, so only the neighbours in address
+    // order can overlap a newcomer.
+    let overlap = accepted
+        .range(..=peer.subnet)
+        .next_back()
+        .map(|(s, _)| *s)
+        .filter(|s| s.contains(&peer.subnet.network()))
+        .or_else(|| {
+            accepted.range(peer.subnet..).next().map(|(s, _)| *s).filter(|s| peer.subnet.contains(&s.network()))
+        });
+    if let Some(winner) = overlap {
+        let reason = format!("subnet {} overlaps peer subnet {winner}", peer.subnet);
+        return Some(Rejected { peer: peer.clone(), reason, conflict_with: Some(winner) });
+    }
+    let winner = *by_mac.get(&peer.vtep_mac)?;
+    let reason = format!("VtepMAC {} is already used by the peer with subnet {winner}", peer.vtep_mac);
+    Some(Rejected { peer: peer.clone(), reason, conflict_with: Some(winner) })
 }
 
 #[cfg(test)]

@@ -5,12 +5,13 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use crate::netlink::{Change, EthAddr, FdbEntry, Handle, Neighbour, NetlinkError, Nexthop, Route, RouteVia};
+use crate::netlink::{Change, EthAddr, FdbEntry, Handle, Neighbour, Nexthop, Route, RouteVia};
 use ipnet::Ipv4Net;
 
 use super::device::{self, Device};
-use super::peers::{nexthop_id, validate, Rejected};
-use super::{Lease, OverlayConfig, VxlanError};
+use super::peers::{conflict, lone_defect, nexthop_id, validate, Rejected};
+use super::{Lease, OverlayConfig, PeerChange, VxlanError};
+use crate::model::MacAddr;
 
 /// What one [`Reconciler::reconcile`] pass did.
 #[derive(Debug, Clone, Default)]
@@ -39,9 +40,38 @@ pub struct Reconciler {
     handle: Handle,
     config: OverlayConfig,
     programmed: BTreeMap<Ipv4Net, Lease>,
+    /// The VtepMACs of `programmed`, for O(1) conflict checks.
+    by_mac: HashMap<MacAddr, Ipv4Net>,
+    /// Wanted peers refused for a conflict with a programmed one: removing
+    /// or changing a programmed peer may let one of them in, which only a
+    /// full pass decides (with the full precedence rules).
+    conflict_losers: HashSet<Ipv4Net>,
+    /// The underlay's networks as of the last pass (direct routing).
+    direct_nets: Vec<Ipv4Net>,
     device: Option<Device>,
     /// Second socket for the parallel dumps.
     aux: Option<Handle>,
+    /// What the last pass or apply wrote.
+    last_writes: Vec<Change>,
+}
+
+/// The kernel objects of one peer: neighbour and FDB entry on the VXLAN
+/// device (none for a direct-routed peer), its nexthop and its route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PeerObjects {
+    neighbour: Option<Neighbour>,
+    fdb: Option<FdbEntry>,
+    nexthop: Nexthop,
+    route: Route,
+}
+
+/// The outcome of [`Reconciler::apply`].
+#[derive(Debug)]
+pub enum Applied {
+    /// The changes were written; the report counts only their writes.
+    Done(ReconcileReport),
+    /// Nothing was written: the changes need a full pass, for this reason.
+    NeedsFullPass(&'static str),
 }
 
 /// The kernel objects one pass wants, keyed as the kernel identifies them.
@@ -57,7 +87,17 @@ impl Reconciler {
     /// namespace.
     pub fn new(config: OverlayConfig) -> Result<Self, VxlanError> {
         config.check()?;
-        Ok(Self { handle: Handle::new()?, config, programmed: BTreeMap::new(), device: None, aux: None })
+        Ok(Self {
+            handle: Handle::new()?,
+            config,
+            programmed: BTreeMap::new(),
+            by_mac: HashMap::new(),
+            conflict_losers: HashSet::new(),
+            direct_nets: Vec::new(),
+            device: None,
+            aux: None,
+            last_writes: Vec::new(),
+        })
     }
 
     /// The configuration.
@@ -75,15 +115,114 @@ impl Reconciler {
         &self.programmed
     }
 
+    /// What the last [`Reconciler::reconcile`] or [`Reconciler::apply`]
+    /// wrote, in order.
+    pub fn last_writes(&self) -> &[Change] {
+        &self.last_writes
+    }
+
+    /// What the kernel holds for `peer` when it is programmed.
+    fn objects(&self, device: &Device, peer: &Lease) -> PeerObjects {
+        let id = nexthop_id(peer.subnet);
+        let route = Route::via_nexthop(peer.subnet, id);
+        if self.direct_nets.iter().any(|net| net.contains(&peer.public_ip)) {
+            let nexthop = Nexthop { id, gateway: peer.public_ip, oif: device.underlay_index, onlink: false };
+            return PeerObjects { neighbour: None, fdb: None, nexthop, route };
+        }
+        let gateway = peer.subnet.network();
+        PeerObjects {
+            neighbour: Some(Neighbour::permanent(device.index, gateway, peer.vtep_mac.0)),
+            fdb: Some(FdbEntry { ifindex: device.index, mac: peer.vtep_mac.0, dst: peer.public_ip }),
+            nexthop: Nexthop { id, gateway, oif: device.index, onlink: true },
+            route,
+        }
+    }
+
+    /// Applies per-peer changes with only the kernel writes they need — no
+    /// dumps, work proportional to the change — on the state the last full
+    /// pass established. Validation matches [`Reconciler::reconcile`]'s: a
+    /// peer conflicting with a programmed one is refused. When a change
+    /// could let a previously refused peer in (a programmed peer removed or
+    /// changed while conflicts exist), or no pass ran yet, nothing is
+    /// written and [`Applied::NeedsFullPass`] says why.
+    ///
+    /// The writes assume the kernel still holds what was programmed; a
+    /// write the kernel refuses (someone removed an entry, say) shows in
+    /// the report's failures and calls for a full pass.
+    pub fn apply(&mut self, changes: &[PeerChange]) -> Result<Applied, VxlanError> {
+        let started = Instant::now();
+        let Some(device) = self.device.clone() else { return Ok(Applied::NeedsFullPass("no full pass yet")) };
+        let frees_a_slot =
+            |subnet: &Ipv4Net, lease: Option<&Lease>| self.programmed.get(subnet).is_some_and(|old| Some(old) != lease);
+        if !self.conflict_losers.is_empty()
+            && changes.iter().any(|c| match c {
+                PeerChange::Upsert { lease, .. } => frees_a_slot(&lease.subnet, Some(lease)),
+                PeerChange::Remove(subnet) => frees_a_slot(subnet, None),
+            })
+        {
+            return Ok(Applied::NeedsFullPass("a refused peer may now fit"));
+        }
+        let mut writes = Vec::new();
+        let mut rejected = Vec::new();
+        for change in changes {
+            let (subnet, lease) = match change {
+                PeerChange::Upsert { lease, .. } => (lease.subnet, Some(lease)),
+                PeerChange::Remove(subnet) => (*subnet, None),
+            };
+            if lease.is_some() && self.programmed.get(&subnet) == lease {
+                continue;
+            }
+            self.conflict_losers.remove(&subnet);
+            let old = self.programmed.remove(&subnet);
+            if let Some(old) = &old {
+                self.by_mac.remove(&old.vtep_mac);
+            }
+            let refusal = lease.and_then(|lease| match lone_defect(&self.config, lease) {
+                Some(reason) => Some(Rejected { peer: lease.clone(), reason, conflict_with: None }),
+                None => conflict(&self.programmed, &self.by_mac, lease),
+            });
+            let new = match (lease, refusal) {
+                (Some(_), Some(refused)) => {
+                    if refused.conflict_with.is_some() {
+                        self.conflict_losers.insert(subnet);
+                    }
+                    rejected.push(refused);
+                    None
+                }
+                (lease, _) => lease,
+            };
+            let old_objects = old.as_ref().map(|p| self.objects(&device, p));
+            let new_objects = new.map(|p| self.objects(&device, p));
+            changed_objects(old_objects, new_objects, &mut writes);
+            if let Some(new) = new {
+                self.by_mac.insert(new.vtep_mac, new.subnet);
+                self.programmed.insert(new.subnet, new.clone());
+            }
+        }
+        let failures = self.handle.apply(&writes)?.into_iter().map(|(_, error)| error.to_string()).collect();
+        let report = ReconcileReport {
+            device_created: false,
+            repairs: Vec::new(),
+            peers: self.programmed.len(),
+            writes: writes.len(),
+            removed: writes.iter().filter(|c| is_removal(c)).count(),
+            failures,
+            rejected,
+            elapsed: started.elapsed(),
+        };
+        self.last_writes = writes;
+        Ok(Applied::Done(report))
+    }
+
     /// Makes the kernel match `peers`: device first (created, repaired), then
     /// per accepted peer neighbour, FDB, nexthop and route (flannel's order),
     /// after removing entries no peer wants (reverse order). Writes nothing
     /// when the kernel already matches.
-    pub fn reconcile(&mut self, peers: &[Lease]) -> Result<ReconcileReport, VxlanError> {
+    pub fn reconcile<'a>(&mut self, peers: impl IntoIterator<Item = &'a Lease>) -> Result<ReconcileReport, VxlanError> {
         let started = Instant::now();
         let device = device::ensure(&mut self.handle, &self.config)?;
         let validated = validate(&self.config, peers, &self.programmed);
-        let direct_nets = if self.config.direct_routing {
+        self.direct_nets = if self.config.direct_routing {
             self.handle
                 .address()
                 .list(device.underlay_index)?
@@ -93,7 +232,7 @@ impl Reconciler {
         } else {
             Vec::new()
         };
-        let wanted = self.wanted(&device, &validated.accepted, &direct_nets);
+        let wanted = self.wanted(&device, &validated.accepted);
         let mut changes = if device.created { Vec::new() } else { self.removals_and_updates(&device, &wanted)? };
         let removed = changes.iter().filter(|c| is_removal(c)).count();
         if device.created {
@@ -101,6 +240,9 @@ impl Reconciler {
         }
         let failures = self.handle.apply(&changes)?.into_iter().map(|(_, error)| error.to_string()).collect();
         self.programmed = validated.accepted;
+        self.by_mac = self.programmed.values().map(|p| (p.vtep_mac, p.subnet)).collect();
+        self.conflict_losers =
+            validated.rejected.iter().filter(|r| r.conflict_with.is_some()).map(|r| r.peer.subnet).collect();
         let report = ReconcileReport {
             device_created: device.created,
             repairs: device.repairs.clone(),
@@ -112,10 +254,11 @@ impl Reconciler {
             elapsed: started.elapsed(),
         };
         self.device = Some(Device { created: false, repairs: Vec::new(), ..device });
+        self.last_writes = changes;
         Ok(report)
     }
 
-    fn wanted(&self, device: &Device, accepted: &BTreeMap<Ipv4Net, Lease>, direct_nets: &[Ipv4Net]) -> Wanted {
+    fn wanted(&self, device: &Device, accepted: &BTreeMap<Ipv4Net, Lease>) -> Wanted {
         let n = accepted.len();
         let mut wanted = Wanted {
             neighbours: HashMap::with_capacity(n),
@@ -124,17 +267,15 @@ impl Reconciler {
             routes: HashMap::with_capacity(n),
         };
         for peer in accepted.values() {
-            let id = nexthop_id(peer.subnet);
-            let direct = direct_nets.iter().any(|net| net.contains(&peer.public_ip));
-            let nexthop = if direct {
-                Nexthop { id, gateway: peer.public_ip, oif: device.underlay_index, onlink: false }
-            } else {
-                wanted.neighbours.insert(peer.subnet.network(), peer.vtep_mac.0);
-                wanted.fdb.insert(peer.vtep_mac.0, peer.public_ip);
-                Nexthop { id, gateway: peer.subnet.network(), oif: device.index, onlink: true }
-            };
-            wanted.nexthops.insert(id, nexthop);
-            wanted.routes.insert(peer.subnet, id);
+            let objects = self.objects(device, peer);
+            if let Some(neighbour) = objects.neighbour {
+                wanted.neighbours.insert(neighbour.ip, peer.vtep_mac.0);
+            }
+            if let Some(fdb) = objects.fdb {
+                wanted.fdb.insert(fdb.mac, fdb.dst);
+            }
+            wanted.nexthops.insert(objects.nexthop.id, objects.nexthop);
+            wanted.routes.insert(peer.subnet, objects.nexthop.id);
         }
         wanted
     }
@@ -193,10 +334,8 @@ impl Reconciler {
             let routes = self.handle.route().list();
             (l2.join(), nexthops, routes)
         });
-        let (aux, neighbours, fdb) = l2.map_err(|_| VxlanError::Dump {
-            device: self.config.device_name(),
-            source: NetlinkError::Malformed("dump thread panicked".into()),
-        })?;
+        let (aux, neighbours, fdb) =
+            l2.map_err(|_| VxlanError::DumpThreadPanicked { device: self.config.device_name() })?;
         self.aux = Some(aux);
         let (neighbours, fdb) = (neighbours.map_err(dump_err)?, fdb.map_err(dump_err)?);
         let (nexthops, routes) = (nexthops.map_err(dump_err)?, routes.map_err(dump_err)?);
@@ -283,6 +422,46 @@ impl Reconciler {
         // Removals in reverse order of creation; kinds are already grouped.
         remove.extend(add);
         Ok(remove)
+    }
+}
+
+/// The writes that turn one peer's kernel objects from `old` into `new`
+/// (either may be absent): additions and replacements in flannel's order
+/// (neighbour, FDB, nexthop, route) before anything the old form no longer
+/// needs is removed; a removed peer goes in reverse order (route, nexthop,
+/// FDB, neighbour).
+fn changed_objects(old: Option<PeerObjects>, new: Option<PeerObjects>, writes: &mut Vec<Change>) {
+    match (old, new) {
+        (None, None) => {}
+        (Some(old), None) => {
+            writes.push(Change::DeleteRoute(old.route));
+            writes.push(Change::DeleteNexthop(old.nexthop));
+            writes.extend(old.fdb.map(Change::DeleteFdb));
+            writes.extend(old.neighbour.map(Change::DeleteNeighbour));
+        }
+        (old, Some(new)) => {
+            let old_neighbour = old.and_then(|o| o.neighbour);
+            let old_fdb = old.and_then(|o| o.fdb);
+            if new.neighbour.is_some() && new.neighbour != old_neighbour {
+                writes.extend(new.neighbour.map(Change::SetNeighbour));
+            }
+            if new.fdb.is_some() && new.fdb != old_fdb {
+                // A same-MAC entry is replaced in place (its remote changes).
+                writes.extend(new.fdb.map(Change::SetFdb));
+            }
+            if old.map(|o| o.nexthop) != Some(new.nexthop) {
+                writes.push(Change::SetNexthop(new.nexthop));
+            }
+            if old.map(|o| o.route) != Some(new.route) {
+                writes.push(Change::SetRoute(new.route));
+            }
+            if let Some(fdb) = old_fdb.filter(|fdb| new.fdb.is_none_or(|n| n.mac != fdb.mac)) {
+                writes.push(Change::DeleteFdb(fdb));
+            }
+            if let Some(neighbour) = old_neighbour.filter(|_| new.neighbour.is_none()) {
+                writes.push(Change::DeleteNeighbour(neighbour));
+            }
+        }
     }
 }
 
