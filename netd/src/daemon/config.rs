@@ -7,34 +7,7 @@ use std::path::{Path, PathBuf};
 use ipnet::Ipv4Net;
 use serde::Deserialize;
 
-/// Which registry the daemon talks to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RegistrySpec {
-    /// `embedded:<path>`: the local SQLite registry.
-    Embedded(PathBuf),
-    /// `etcd:<endpoint>[,<endpoint>…]`.
-    Etcd(Vec<String>),
-    /// `kubernetes` (in-cluster) or `kubernetes:<https://server>` (token from
-    /// `token_file`, CA from `ca_file`).
-    Kubernetes(Option<String>),
-}
-
-impl std::str::FromStr for RegistrySpec {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (kind, rest) = s.split_once(':').unwrap_or((s, ""));
-        match kind {
-            "embedded" if rest.is_empty() => Ok(Self::Embedded(crate::registry::embedded::DEFAULT_PATH.into())),
-            "embedded" => Ok(Self::Embedded(rest.into())),
-            "etcd" if rest.is_empty() => Err("etcd registry needs endpoints: etcd:http://127.0.0.1:2379".into()),
-            "etcd" => Ok(Self::Etcd(rest.split(',').map(str::to_string).collect())),
-            "kubernetes" | "k8s" if rest.is_empty() => Ok(Self::Kubernetes(None)),
-            "kubernetes" | "k8s" => Ok(Self::Kubernetes(Some(rest.to_string()))),
-            _ => Err(format!("unknown registry {s:?} (embedded[:PATH], etcd:URL[,URL…], kubernetes[:URL])")),
-        }
-    }
-}
+pub use crate::registry::RegistrySpec;
 
 /// Everything the daemon needs to run.
 #[derive(Debug, Clone, PartialEq)]

@@ -8,13 +8,14 @@ use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use crate::vxlan::Overlay;
+use crate::vxlan::StatusHandle;
 
 /// What the daemon shares with the health endpoint.
 #[derive(Default)]
 pub struct Shared {
-    /// The running overlay, once started.
-    pub overlay: Mutex<Option<Overlay>>,
+    /// The running overlay's status, once started (a handle: reading it
+    /// never waits for the overlay thread).
+    pub overlay: Mutex<Option<StatusHandle>>,
     /// Registry reachable and our lease held.
     pub registry_connected: Mutex<bool>,
     /// Last full resync from the registry.
@@ -31,14 +32,14 @@ impl Shared {
     /// Ready: the overlay has been programmed once without error.
     pub fn ready(&self) -> bool {
         lock(&self.overlay).as_ref().is_some_and(|o| {
-            let status = o.status();
+            let status = o.get();
             status.last.is_some() && status.last_error.is_none()
         })
     }
 
     /// The Prometheus text exposition.
     pub fn metrics(&self) -> String {
-        let status = lock(&self.overlay).as_ref().map(Overlay::status).unwrap_or_default();
+        let status = lock(&self.overlay).as_ref().map(StatusHandle::get).unwrap_or_default();
         let connected = *lock(&self.registry_connected);
         let since_sync = lock(&self.last_sync).map(|t| t.elapsed().as_secs_f64()).unwrap_or(-1.0);
         let last = status.last.as_ref();
@@ -59,7 +60,25 @@ impl Shared {
             "Duration of the last reconcile pass.",
             last.map_or(0.0, |r| r.elapsed.as_secs_f64()),
         );
-        metric("netd_reconciles_total", "counter", "Reconcile passes run.", status.reconciles as f64);
+        metric("netd_reconciles_total", "counter", "Full reconcile passes run.", status.reconciles as f64);
+        metric(
+            "netd_peer_changes_applied_total",
+            "counter",
+            "Batches of registry changes applied without a full pass.",
+            status.applies as f64,
+        );
+        metric(
+            "netd_peer_change_apply_seconds",
+            "gauge",
+            "Duration of the last batch of registry changes (journal excluded).",
+            status.last_apply.as_ref().map_or(0.0, |r| r.elapsed.as_secs_f64()),
+        );
+        metric(
+            "netd_snapshot_bytes_written_total",
+            "counter",
+            "Bytes written to the offline snapshot and its journal.",
+            status.snapshot_bytes_written as f64,
+        );
         metric("netd_netlink_errors_total", "counter", "Kernel writes refused.", status.netlink_errors as f64);
         metric("netd_device_repairs_total", "counter", "VXLAN device drift repairs.", status.repairs as f64);
         metric("netd_registry_connected", "gauge", "1 when the registry is reachable.", f64::from(u8::from(connected)));

@@ -96,58 +96,75 @@ impl EmbeddedRegistry {
     }
 
     fn connect(&self) -> Result<Connection, RegistryError> {
-        if !self.path.exists() {
-            return Err(RegistryError::Unreachable(format!(
-                "embedded registry {} is not there (create it with `netd registry init`)",
-                self.path.display()
-            )));
-        }
-        let conn = Connection::open_with_flags(&self.path, OpenFlags::SQLITE_OPEN_READ_WRITE)
-            .map_err(|e| RegistryError::Unreachable(format!("opening {}: {e}", self.path.display())))?;
-        conn.busy_timeout(Duration::from_secs(10)).map_err(|e| self.store_err(e))?;
-        let version: i64 =
-            conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(|e| self.store_err(e))?;
-        if version != FORMAT_VERSION {
-            return Err(RegistryError::Store {
-                path: self.path.clone(),
-                reason: format!("format version {version}, this netd reads {FORMAT_VERSION}"),
-            });
-        }
-        Ok(conn)
+        connect(&self.path)
     }
+}
 
-    fn store_err(&self, e: rusqlite::Error) -> RegistryError {
-        RegistryError::Store { path: self.path.clone(), reason: e.to_string() }
+/// Runs SQLite work on the blocking pool: a locked file makes a call wait
+/// up to the 10 s busy timeout, which must never stall the daemon's runtime
+/// thread (health checks, signals).
+async fn blocking<T: Send + 'static>(
+    path: &Path,
+    f: impl FnOnce(&Path) -> Result<T, RegistryError> + Send + 'static,
+) -> Result<T, RegistryError> {
+    let path = path.to_path_buf();
+    let shown = path.clone();
+    tokio::task::spawn_blocking(move || f(&path))
+        .await
+        .map_err(|e| RegistryError::Store { path: shown, reason: format!("the database task did not finish: {e}") })?
+}
+
+fn store_err(path: &Path, e: rusqlite::Error) -> RegistryError {
+    RegistryError::Store { path: path.to_path_buf(), reason: e.to_string() }
+}
+
+fn connect(path: &Path) -> Result<Connection, RegistryError> {
+    if !path.exists() {
+        return Err(RegistryError::Unreachable(format!(
+            "embedded registry {} is not there (create it with `netd registry init`)",
+            path.display()
+        )));
     }
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE)
+        .map_err(|e| RegistryError::Unreachable(format!("opening {}: {e}", path.display())))?;
+    conn.busy_timeout(Duration::from_secs(10)).map_err(|e| store_err(path, e))?;
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(|e| store_err(path, e))?;
+    if version != FORMAT_VERSION {
+        return Err(RegistryError::Store {
+            path: path.to_path_buf(),
+            reason: format!("format version {version}, this netd reads {FORMAT_VERSION}"),
+        });
+    }
+    Ok(conn)
+}
 
-    /// Every live lease: `(subnet, node, attrs, autonomous)`, bad rows skipped
-    /// with a logged reason.
-    fn read_peers(&self, own_subnet: Ipv4Net) -> Result<BTreeMap<Ipv4Net, PeerLease>, RegistryError> {
-        let conn = self.connect()?;
-        let mut stmt = conn
-            .prepare(
-                "SELECT l.subnet, l.node, l.attrs, COALESCE(a.autonomous, 0) FROM lease l
+/// Every live lease but `own_subnet`'s, with its autonomy; bad rows skipped
+/// with a logged reason.
+fn read_peers(path: &Path, own_subnet: Ipv4Net) -> Result<BTreeMap<Ipv4Net, PeerLease>, RegistryError> {
+    let conn = connect(path)?;
+    let mut stmt = conn
+        .prepare(
+            "SELECT l.subnet, l.node, l.attrs, COALESCE(a.autonomous, 0) FROM lease l
                  LEFT JOIN autonomy a ON a.node = l.node WHERE l.expires_at > ?1",
-            )
-            .map_err(|e| self.store_err(e))?;
-        let rows = stmt
-            .query_map([now_secs()], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?))
-            })
-            .map_err(|e| self.store_err(e))?;
-        let mut peers = BTreeMap::new();
-        for row in rows {
-            let (key, node, attrs, autonomous) = row.map_err(|e| self.store_err(e))?;
-            match peer_from_row(&key, &node, attrs.as_bytes()) {
-                Ok(lease) if lease.subnet == own_subnet => {}
-                Ok(lease) => {
-                    peers.insert(lease.subnet, PeerLease { lease, autonomous: autonomous != 0 });
-                }
-                Err(reason) => tracing::warn!(key = %key, node = %node, %reason, "skipping bad lease"),
+        )
+        .map_err(|e| store_err(path, e))?;
+    let rows = stmt
+        .query_map([now_secs()], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?))
+        })
+        .map_err(|e| store_err(path, e))?;
+    let mut peers = BTreeMap::new();
+    for row in rows {
+        let (key, node, attrs, autonomous) = row.map_err(|e| store_err(path, e))?;
+        match peer_from_row(&key, &node, attrs.as_bytes()) {
+            Ok(lease) if lease.subnet == own_subnet => {}
+            Ok(lease) => {
+                peers.insert(lease.subnet, PeerLease { lease, autonomous: autonomous != 0 });
             }
+            Err(reason) => tracing::warn!(key = %key, node = %node, %reason, "skipping bad lease"),
         }
-        Ok(peers)
     }
+    Ok(peers)
 }
 
 fn peer_from_row(key: &str, node: &str, attrs: &[u8]) -> Result<Lease, String> {
@@ -163,14 +180,7 @@ impl Registry for EmbeddedRegistry {
     }
 
     async fn network_config(&mut self) -> Result<NetworkConfig, RegistryError> {
-        let conn = self.connect()?;
-        let text: Option<String> = conn
-            .query_row("SELECT value FROM meta WHERE key = 'config'", [], |r| r.get(0))
-            .optional()
-            .map_err(|e| self.store_err(e))?;
-        let text =
-            text.ok_or_else(|| RegistryError::BadConfig(format!("{} holds no network config", self.path.display())))?;
-        Ok(flannel::parse_network_config(text.as_bytes())?)
+        blocking(&self.path, read_network_config).await
     }
 
     async fn acquire_lease(
@@ -178,73 +188,35 @@ impl Registry for EmbeddedRegistry {
         config: &NetworkConfig,
         request: &LeaseRequest,
     ) -> Result<OwnLease, RegistryError> {
-        let mut conn = self.connect()?;
-        let err = |e: rusqlite::Error| RegistryError::Store { path: self.path.clone(), reason: e.to_string() };
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
-        let now = now_secs();
-        tx.execute("DELETE FROM lease WHERE expires_at <= ?1", [now]).map_err(err)?;
-        let mut held: Option<Ipv4Net> = None;
-        let mut taken = BTreeSet::new();
-        {
-            let mut stmt = tx.prepare("SELECT subnet, node, attrs FROM lease").map_err(err)?;
-            let rows = stmt
-                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))
-                .map_err(err)?;
-            for row in rows {
-                let (key, node, attrs) = row.map_err(err)?;
-                let Ok(subnet) = flannel::parse_subnet_key(&key) else { continue };
-                let same_ip = LeaseAttrs::parse(attrs.as_bytes()).is_ok_and(|a| a.public_ip == request.public_ip);
-                if node == request.node || same_ip {
-                    // Ours (by name, or by public IP as flannel reuses).
-                    if held.is_none() && config.network.contains(&subnet) && subnet.prefix_len() == config.subnet_len {
-                        held = Some(subnet);
-                        continue;
-                    }
-                    tx.execute("DELETE FROM lease WHERE subnet = ?1", [&key]).map_err(err)?;
-                    continue;
-                }
-                taken.insert(subnet);
-            }
-        }
-        let subnet = match held {
-            Some(subnet) => subnet,
-            None => pick_subnet(config, &taken, request.previous_subnet)?,
-        };
-        let expires = now + LEASE_TTL.as_secs() as i64;
-        let attrs = LeaseAttrs::vxlan(request.public_ip, config.vni, request.vtep_mac).to_json();
-        tx.execute(
-            "INSERT INTO lease(subnet, node, attrs, expires_at) VALUES(?1, ?2, ?3, ?4)
-             ON CONFLICT(subnet) DO UPDATE SET node = ?2, attrs = ?3, expires_at = ?4",
-            params![flannel::subnet_key(subnet), request.node, attrs, expires],
-        )
-        .map_err(err)?;
-        tx.commit().map_err(err)?;
-        Ok(OwnLease {
-            lease: request.lease_for(subnet),
-            expires_at: Some(UNIX_EPOCH + Duration::from_secs(expires as u64)),
-        })
+        let (config, request) = (*config, request.clone());
+        blocking(&self.path, move |path| acquire(path, &config, &request)).await
     }
 
     async fn renew_lease(&mut self, lease: &OwnLease) -> Result<OwnLease, RegistryError> {
-        let conn = self.connect()?;
-        let node = lease.lease.node.clone().unwrap_or_default();
-        let expires = now_secs() + LEASE_TTL.as_secs() as i64;
-        let updated = conn
-            .execute(
-                "UPDATE lease SET expires_at = ?1 WHERE subnet = ?2 AND node = ?3",
-                params![expires, flannel::subnet_key(lease.lease.subnet), node],
-            )
-            .map_err(|e| self.store_err(e))?;
-        if updated == 1 {
-            return Ok(OwnLease {
-                lease: lease.lease.clone(),
+        let own = lease.clone();
+        let renewed = blocking(&self.path, move |path| {
+            let conn = connect(path)?;
+            let node = own.lease.node.clone().unwrap_or_default();
+            let expires = now_secs() + LEASE_TTL.as_secs() as i64;
+            let updated = conn
+                .execute(
+                    "UPDATE lease SET expires_at = ?1 WHERE subnet = ?2 AND node = ?3",
+                    params![expires, flannel::subnet_key(own.lease.subnet), node],
+                )
+                .map_err(|e| store_err(path, e))?;
+            Ok((updated == 1).then(|| OwnLease {
+                lease: own.lease.clone(),
                 expires_at: Some(UNIX_EPOCH + Duration::from_secs(expires as u64)),
-            });
+            }))
+        })
+        .await?;
+        if let Some(renewed) = renewed {
+            return Ok(renewed);
         }
         // Lapsed and removed: take it again, preferring the same subnet.
         let config = self.network_config().await?;
         let request = LeaseRequest {
-            node,
+            node: lease.lease.node.clone().unwrap_or_default(),
             public_ip: lease.lease.public_ip,
             vtep_mac: lease.lease.vtep_mac,
             previous_subnet: Some(lease.lease.subnet),
@@ -257,15 +229,15 @@ impl Registry for EmbeddedRegistry {
             if let Some(event) = self.pending.pop_front() {
                 return Ok(event);
             }
-            let Some(known) = &self.known else {
-                let peers = self.read_peers(own_subnet)?;
+            if self.known.is_none() {
+                let peers = blocking(&self.path, move |path| read_peers(path, own_subnet)).await?;
                 let event = PeerEvent::Resync(peers.values().cloned().collect());
                 self.known = Some(peers);
                 return Ok(event);
-            };
-            let _ = known;
+            }
             tokio::time::sleep(self.poll).await;
-            let current = match self.read_peers(own_subnet) {
+            // Cancel-safe: nothing changes until the read is back.
+            let current = match blocking(&self.path, move |path| read_peers(path, own_subnet)).await {
                 Ok(current) => current,
                 Err(e) => {
                     // The next success must be a full resync.
@@ -289,14 +261,79 @@ impl Registry for EmbeddedRegistry {
     }
 
     async fn set_autonomy(&mut self, node: &str, autonomous: bool) -> Result<(), RegistryError> {
-        let conn = self.connect()?;
-        conn.execute(
-            "INSERT INTO autonomy(node, autonomous) VALUES(?1, ?2) ON CONFLICT(node) DO UPDATE SET autonomous = ?2",
-            params![node, i64::from(autonomous)],
-        )
-        .map_err(|e| self.store_err(e))?;
-        Ok(())
+        let node = node.to_string();
+        blocking(&self.path, move |path| {
+            connect(path)?
+                .execute(
+                    "INSERT INTO autonomy(node, autonomous) VALUES(?1, ?2)
+                     ON CONFLICT(node) DO UPDATE SET autonomous = ?2",
+                    params![node, i64::from(autonomous)],
+                )
+                .map_err(|e| store_err(path, e))?;
+            Ok(())
+        })
+        .await
     }
+}
+
+fn read_network_config(path: &Path) -> Result<NetworkConfig, RegistryError> {
+    let conn = connect(path)?;
+    let text: Option<String> = conn
+        .query_row("SELECT value FROM meta WHERE key = 'config'", [], |r| r.get(0))
+        .optional()
+        .map_err(|e| store_err(path, e))?;
+    let text = text.ok_or_else(|| RegistryError::BadConfig(format!("{} holds no network config", path.display())))?;
+    Ok(flannel::parse_network_config(text.as_bytes())?)
+}
+
+/// The lease for `request`, in one immediate transaction: the one held for
+/// this node (by name, or by public IP as flannel reuses), else the
+/// preferred or first free subnet.
+fn acquire(path: &Path, config: &NetworkConfig, request: &LeaseRequest) -> Result<OwnLease, RegistryError> {
+    let mut conn = connect(path)?;
+    let err = |e: rusqlite::Error| store_err(path, e);
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
+    let now = now_secs();
+    tx.execute("DELETE FROM lease WHERE expires_at <= ?1", [now]).map_err(err)?;
+    let mut held: Option<Ipv4Net> = None;
+    let mut taken = BTreeSet::new();
+    {
+        let mut stmt = tx.prepare("SELECT subnet, node, attrs FROM lease").map_err(err)?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))
+            .map_err(err)?;
+        for row in rows {
+            let (key, node, attrs) = row.map_err(err)?;
+            let Ok(subnet) = flannel::parse_subnet_key(&key) else { continue };
+            let same_ip = LeaseAttrs::parse(attrs.as_bytes()).is_ok_and(|a| a.public_ip == request.public_ip);
+            if node == request.node || same_ip {
+                if held.is_none() && config.network.contains(&subnet) && subnet.prefix_len() == config.subnet_len {
+                    held = Some(subnet);
+                    continue;
+                }
+                tx.execute("DELETE FROM lease WHERE subnet = ?1", [&key]).map_err(err)?;
+                continue;
+            }
+            taken.insert(subnet);
+        }
+    }
+    let subnet = match held {
+        Some(subnet) => subnet,
+        None => pick_subnet(config, &taken, request.previous_subnet)?,
+    };
+    let expires = now + LEASE_TTL.as_secs() as i64;
+    let attrs = LeaseAttrs::vxlan(request.public_ip, config.vni, request.vtep_mac).to_json();
+    tx.execute(
+        "INSERT INTO lease(subnet, node, attrs, expires_at) VALUES(?1, ?2, ?3, ?4)
+         ON CONFLICT(subnet) DO UPDATE SET node = ?2, attrs = ?3, expires_at = ?4",
+        params![flannel::subnet_key(subnet), request.node, attrs, expires],
+    )
+    .map_err(err)?;
+    tx.commit().map_err(err)?;
+    Ok(OwnLease {
+        lease: request.lease_for(subnet),
+        expires_at: Some(UNIX_EPOCH + Duration::from_secs(expires as u64)),
+    })
 }
 
 impl EmbeddedRegistry {
@@ -309,14 +346,14 @@ impl EmbeddedRegistry {
              ON CONFLICT(subnet) DO UPDATE SET node = ?2, attrs = ?3, expires_at = ?4",
             params![key, node, attrs, now_secs() + ttl.as_secs() as i64],
         )
-        .map_err(|e| self.store_err(e))?;
+        .map_err(|e| store_err(&self.path, e))?;
         Ok(())
     }
 
     /// Deletes a node's lease (the node left the cluster).
     pub fn delete_lease(&self, node: &str) -> Result<bool, RegistryError> {
         let conn = self.connect()?;
-        let n = conn.execute("DELETE FROM lease WHERE node = ?1", [node]).map_err(|e| self.store_err(e))?;
+        let n = conn.execute("DELETE FROM lease WHERE node = ?1", [node]).map_err(|e| store_err(&self.path, e))?;
         Ok(n > 0)
     }
 }

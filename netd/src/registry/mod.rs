@@ -16,6 +16,7 @@
 //!   skipped with a logged reason and never ends the watch;
 //! - our own lease never appears among the peers.
 
+mod any;
 pub mod embedded;
 pub mod etcd;
 pub mod kubernetes;
@@ -29,6 +30,7 @@ use crate::model::{Lease, MacAddr, ModelError};
 use ipnet::Ipv4Net;
 
 pub use crate::model::NetworkConfig;
+pub use any::{AnyRegistry, OpenSettings, RegistrySpec};
 
 /// Lease lifetime, as flannel uses: 24 h, renewed ahead of expiry.
 pub const LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
