@@ -15,6 +15,7 @@ use netd::testing::{
     self, Cluster, EmbeddedScenarioRegistry, EtcdScenarioRegistry, EtcdServer, KubeScenarioRegistry, NetdProcess, Node,
     Scenario, ScenarioRegistry, ScenarioReport, CONTROL_PLANE_IP, HEALTH_ADDR,
 };
+use netd::vxlan::snapshot::Snapshot;
 
 const NETD: &str = env!("CARGO_BIN_EXE_netd");
 
@@ -379,7 +380,9 @@ fn an_autonomous_peer_whose_lease_expires_is_kept_also_across_a_restart() {
         assert!(has_route(node, "10.244.3.0/24"), "the autonomous peer is kept");
     }
     assert!(ping(&cluster, 0, 2), "pods on the autonomous node stay reachable");
-    let snapshot = std::fs::read_to_string(state.path().join("node-1/snapshot.json")).unwrap();
+    // What a restart reads: the snapshot with its journal replayed.
+    let snapshot = Snapshot::load(&state.path().join("node-1/snapshot.json")).unwrap().unwrap();
+    let snapshot = serde_json::to_string(&snapshot).unwrap();
     assert!(snapshot.contains(r#""autonomous":["10.244.3.0/24"]"#), "{snapshot}");
 
     // node-1's netd restarts while the lease is still gone: its snapshot

@@ -277,3 +277,129 @@ fn direct_routing_uses_the_underlay_for_peers_on_the_same_l2() {
     assert_eq!(report.writes, 3, "neighbour, FDB, nexthop replaced; the route keeps its nhid");
     assert!(node.ns.ip(&["route"]).unwrap().contains("via 10.244.2.0 dev flannel.1 onlink"));
 }
+
+#[test]
+fn incremental_changes_write_only_what_changed_and_agree_with_a_full_pass() {
+    use netd::vxlan::{Applied, PeerChange};
+    let Some(_kernel) = testing::privileged().unwrap() else { return };
+    let cluster = Cluster::new(3, 1).unwrap();
+    program(&cluster.nodes[1], &peers_of(&cluster, &cluster.nodes[1]));
+    program(&cluster.nodes[2], &peers_of(&cluster, &cluster.nodes[2]));
+    let node = &cluster.nodes[0];
+    let config = node.overlay_config(mac_of(node));
+    let upsert = |lease: &Lease| PeerChange::Upsert { lease: lease.clone(), autonomous: false };
+    let applied = |outcome: Applied| match outcome {
+        Applied::Done(report) => {
+            assert!(report.failures.is_empty(), "{:?}", report.failures);
+            report
+        }
+        Applied::NeedsFullPass(why) => panic!("unexpected full pass: {why}"),
+    };
+    node.ns
+        .run(|| {
+            let mut reconciler = Reconciler::new(config).unwrap();
+            // Before any pass there is no device state to build on.
+            assert!(matches!(reconciler.apply(&[]).unwrap(), Applied::NeedsFullPass(_)));
+            let peers = peers_of(&cluster, node);
+            reconciler.reconcile(&peers[..1]).unwrap();
+
+            // A new peer: neighbour, FDB, nexthop, route — nothing else.
+            let report = applied(reconciler.apply(&[upsert(&peers[1])]).unwrap());
+            assert_eq!((report.writes, report.removed, report.peers), (4, 0, 2));
+            assert!(ping(&node.pods[0], cluster.nodes[2].pods[0].ip), "new peer reachable at once");
+
+            // The same lease again writes nothing.
+            assert_eq!(applied(reconciler.apply(&[upsert(&peers[1])]).unwrap()).writes, 0);
+
+            // Moved to another public IP: only the FDB entry changes.
+            let moved = Lease { public_ip: "192.168.50.99".parse().unwrap(), ..peers[1].clone() };
+            assert_eq!(applied(reconciler.apply(&[upsert(&moved)]).unwrap()).writes, 1);
+            let fdb = String::from_utf8(
+                Command::new("bridge").args(["fdb", "show", "dev", "flannel.1"]).output().unwrap().stdout,
+            )
+            .unwrap();
+            assert!(fdb.contains("dst 192.168.50.99") && !fdb.contains("dst 192.168.50.13"), "{fdb}");
+
+            // A new VTEP MAC: neighbour replaced, new FDB entry, old one removed.
+            let remac = Lease { vtep_mac: "0e:aa:00:00:00:03".parse().unwrap(), ..peers[1].clone() };
+            let report = applied(reconciler.apply(&[upsert(&remac)]).unwrap());
+            assert_eq!((report.writes, report.removed), (3, 1));
+
+            // A newcomer with a programmed peer's MAC is refused, nothing written.
+            let clash = Lease {
+                subnet: "10.244.9.0/24".parse().unwrap(),
+                public_ip: "192.168.50.98".parse().unwrap(),
+                ..remac.clone()
+            };
+            let report = applied(reconciler.apply(&[upsert(&clash)]).unwrap());
+            assert_eq!(report.writes, 0);
+            assert!(
+                report.rejected[0].reason.contains("already used by the peer with subnet 10.244.3.0/24"),
+                "{:?}",
+                report.rejected
+            );
+            // While it waits, removing the winner needs a full pass (it may fit now).
+            assert!(matches!(
+                reconciler.apply(&[PeerChange::Remove(remac.subnet)]).unwrap(),
+                Applied::NeedsFullPass(_)
+            ));
+
+            // The full pass finds the kernel exactly as the changes left it.
+            let wanted = vec![peers[0].clone(), remac.clone(), clash.clone()];
+            let report = reconciler.reconcile(&wanted).unwrap();
+            assert_eq!(report.writes, 0, "incremental writes left the kernel as a full pass wants it");
+
+            // Removal in reverse order, four writes, the route gone.
+            let report = applied(reconciler.apply(&[PeerChange::Remove(clash.subnet)]).unwrap());
+            assert_eq!(report.writes, 0, "a refused peer was never programmed");
+            let report = applied(reconciler.apply(&[PeerChange::Remove(remac.subnet)]).unwrap());
+            assert_eq!((report.writes, report.removed, report.peers), (4, 4, 1));
+            let routes = String::from_utf8(Command::new("ip").args(["route"]).output().unwrap().stdout).unwrap();
+            assert!(!routes.contains("10.244.3.0/24") && routes.contains("10.244.2.0/24"), "{routes}");
+            assert_eq!(reconciler.reconcile(&peers[..1]).unwrap().writes, 0);
+
+            // Drift: an entry removed behind our back makes the write fail, visibly.
+            Command::new("ip").args(["route", "del", "10.244.2.0/24"]).status().unwrap();
+            match reconciler.apply(&[PeerChange::Remove(peers[0].subnet)]).unwrap() {
+                Applied::Done(report) => assert!(!report.failures.is_empty(), "the missing route shows"),
+                Applied::NeedsFullPass(why) => panic!("{why}"),
+            }
+        })
+        .unwrap();
+}
+
+#[test]
+fn the_overlay_thread_applies_changes_without_full_passes() {
+    use netd::vxlan::PeerChange;
+    let Some(_kernel) = testing::privileged().unwrap() else { return };
+    let cluster = Cluster::new(3, 1).unwrap();
+    program(&cluster.nodes[2], &peers_of(&cluster, &cluster.nodes[2]));
+    let node = &cluster.nodes[0];
+    let peers = peers_of(&cluster, node);
+    let dir = tempfile::tempdir().unwrap();
+    let options = OverlayOptions { snapshot: Some(dir.path().join("snapshot.json")), ..OverlayOptions::default() };
+    let config = node.overlay_config(mac_of(node));
+    let overlay = node.ns.run(|| Overlay::start(config, peers[..1].to_vec(), options)).unwrap().unwrap();
+    overlay.reconcile_now().unwrap();
+    let passes = overlay.status().reconciles;
+    let report =
+        overlay.apply_and_wait(vec![PeerChange::Upsert { lease: peers[1].clone(), autonomous: true }]).unwrap();
+    assert_eq!(report.writes, 4);
+    assert!(ping(&node.pods[0], cluster.nodes[2].pods[0].ip));
+    // The kernel's notifications of our own writes start no pass.
+    std::thread::sleep(Duration::from_millis(300));
+    let status = overlay.status();
+    assert_eq!((status.reconciles, status.applies), (passes, 1), "{status:?}");
+    // Journaled, not rewritten: the snapshot on disk still has one peer,
+    // the journal the second, and loading replays it.
+    let base = std::fs::read(dir.path().join("snapshot.json")).unwrap();
+    assert_eq!(Snapshot::parse(&base, dir.path()).unwrap().peers.len(), 1);
+    let loaded = Snapshot::load(&dir.path().join("snapshot.json")).unwrap().unwrap();
+    assert_eq!(loaded.peers.len(), 2);
+    assert_eq!(loaded.autonomous, vec![peers[1].subnet]);
+    // Someone else's change is still drift: repaired by a full pass.
+    node.ns.ip(&["route", "del", &peers[1].subnet.to_string()]).unwrap();
+    wait_until("route repaired", || node.ns.ip(&["route"]).unwrap().contains(&peers[1].subnet.to_string()));
+    assert!(overlay.status().reconciles > passes);
+    overlay.stop();
+}
