@@ -8,44 +8,131 @@
 //!   snapshot (device, peers) and exit — what the daemon does first on every
 //!   start, before it talks to any registry; usable on its own from a boot
 //!   script when the cloud is unreachable.
+//!
+//! The command line is declared here with clap; the options shared by `run`
+//! and `cleanup` are `netd::daemon::config::RunArgs`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
-use netd::daemon::DaemonConfig;
+use anyhow::{bail, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use netd::daemon::config::{parse_command_line, RunArgs};
 use netd::registry::embedded::EmbeddedRegistry;
 use netd::registry::NetworkConfig;
 use netd::vxlan::snapshot::{self, Snapshot};
 use netd::vxlan::Reconciler;
 
-const USAGE: &str = "\
-usage: netd <command> [options]
+const EXAMPLES: &str = "\
+Examples:
+  netd run --registry etcd:http://10.0.0.1:2379 --iface eth0
+  NETD_CONFIG=/etc/netd.json netd run --masquerade
+  netd restore --json
+  netd cleanup --purge-state
+  netd registry init --db /var/lib/netd/registry.db --network 10.244.0.0/16
 
-commands:
-  run [options]               the per-node daemon (`netd run --help` for options)
-  cleanup [run options] [--purge-state]
-                              remove the VXLAN device, its entries, masquerade rules and
-                              subnet.env; --purge-state also the snapshot and VTEP MAC store
-  registry init --db PATH --network CIDR [--subnet-len N] [--vni N]
-                              create an embedded registry file
-  restore [--snapshot PATH] [--json]
-                              program the overlay from the offline snapshot and exit
-                              (default PATH: /var/lib/netd/snapshot.json; --json: print
-                              the outcome as one JSON object)
-";
+Settings: defaults < --config FILE (JSON, camelCase keys) < NETD_* variables < flags.
+`netd <COMMAND> --help` for a command's options.";
 
-fn restore(args: &[String]) -> Result<()> {
-    let mut path = PathBuf::from(snapshot::DEFAULT_PATH);
-    let mut json = false;
-    let mut rest = args.iter();
-    while let Some(arg) = rest.next() {
-        match arg.as_str() {
-            "--json" => json = true,
-            "--snapshot" => path = rest.next().context("--snapshot needs a path")?.into(),
-            other => bail!("restore: unknown option `{other}`\n{USAGE}"),
-        }
-    }
+const RUN_EXAMPLES: &str = "\
+Settings: defaults < --config FILE (JSON, camelCase keys) < NETD_* variables < flags.
+
+Examples:
+  netd run --registry embedded:/var/lib/netd/registry.db --iface eth0
+  netd run --registry kubernetes:https://10.0.0.1:6443 --token-file /run/token \\
+      --ca-file /run/ca.crt --network 10.244.0.0/16
+  NETD_IFACE=eth1 netd run --config /etc/netd.json --masquerade=false
+  netd run --config /etc/netd.json --print-config > effective.json";
+
+const CLEANUP_EXAMPLES: &str = "\
+Examples:
+  netd cleanup                      # keep the snapshot and VTEP MAC store for a re-install
+  netd cleanup --purge-state --state-dir /var/lib/netd";
+
+/// The per-node edge-networking agent: flannel-compatible VXLAN with pinned
+/// VTEP MACs that comes back from its snapshot without the cloud.
+#[derive(Debug, Parser)]
+#[command(name = "netd", version, after_help = EXAMPLES)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the per-node daemon.
+    #[command(after_help = RUN_EXAMPLES, args_override_self = true)]
+    Run {
+        #[command(flatten)]
+        args: RunArgs,
+        /// Print the effective configuration as a --config file and exit.
+        #[arg(long)]
+        print_config: bool,
+        /// Log level.
+        #[arg(long, env = "NETD_LOG", value_name = "LEVEL", value_enum, ignore_case = true)]
+        log: Option<LogLevel>,
+    },
+    /// Remove the VXLAN device, its entries, the masquerade rules and subnet.env.
+    #[command(after_help = CLEANUP_EXAMPLES, args_override_self = true)]
+    Cleanup {
+        #[command(flatten)]
+        args: RunArgs,
+        /// Also remove the snapshot and the VTEP MAC store.
+        #[arg(long)]
+        purge_state: bool,
+    },
+    /// The embedded registry.
+    #[command(subcommand)]
+    Registry(RegistryCommand),
+    /// Program the overlay from the offline snapshot and exit.
+    #[command(after_help = "Example:\n  netd restore --snapshot /var/lib/netd/snapshot.json --json")]
+    Restore(RestoreArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum RegistryCommand {
+    /// Create an embedded registry file.
+    #[command(after_help = "Example:\n  netd registry init --db /var/lib/netd/registry.db --network 10.244.0.0/16")]
+    Init(RegistryInitArgs),
+}
+
+#[derive(Debug, Args)]
+struct RegistryInitArgs {
+    /// The SQLite file to create.
+    #[arg(long, value_name = "PATH")]
+    db: PathBuf,
+    /// Cluster network.
+    #[arg(long, value_name = "CIDR")]
+    network: ipnet::Ipv4Net,
+    /// Prefix length of each node's subnet.
+    #[arg(long, value_name = "N", default_value_t = 24)]
+    subnet_len: u8,
+    /// VXLAN network identifier.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    vni: u32,
+}
+
+#[derive(Debug, Args)]
+struct RestoreArgs {
+    /// The snapshot to program.
+    #[arg(long, value_name = "PATH", default_value = snapshot::DEFAULT_PATH)]
+    snapshot: PathBuf,
+    /// Print the outcome as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+fn restore(args: RestoreArgs) -> Result<()> {
+    let RestoreArgs { snapshot: path, json } = args;
     let Some(snapshot) = Snapshot::load(&path)? else {
         bail!("no snapshot at {}: nothing to restore (the daemon writes one once it has a lease)", path.display());
     };
@@ -84,60 +171,41 @@ fn restore(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn run(args: &[String]) -> Result<()> {
-    if args.iter().any(|a| a == "--help" || a == "-h") {
-        print!("{}", netd::daemon::config::RUN_USAGE);
+fn run(args: RunArgs, print_config: bool, log: Option<LogLevel>) -> Result<()> {
+    let config = args.resolve().map_err(anyhow::Error::msg)?;
+    if print_config {
+        println!("{}", config.to_config_file().map_err(anyhow::Error::msg)?);
         return Ok(());
     }
-    init_logging();
-    let config = DaemonConfig::from_args(args, |k| std::env::var(k).ok()).map_err(anyhow::Error::msg)?;
+    init_logging(log.unwrap_or(LogLevel::Info));
     netd::daemon::run(config)?;
     Ok(())
 }
 
-fn cleanup(args: &[String]) -> Result<()> {
-    let purge = args.iter().any(|a| a == "--purge-state");
-    let rest: Vec<String> = args.iter().filter(|a| *a != "--purge-state").cloned().collect();
-    let config = DaemonConfig::from_args(&rest, |k| std::env::var(k).ok()).map_err(anyhow::Error::msg)?;
-    for line in netd::daemon::cleanup(&config, purge).map_err(anyhow::Error::msg)? {
+fn cleanup(args: RunArgs, purge_state: bool) -> Result<()> {
+    let config = args.resolve().map_err(anyhow::Error::msg)?;
+    for line in netd::daemon::cleanup(&config, purge_state).map_err(anyhow::Error::msg)? {
         println!("{line}");
     }
     Ok(())
 }
 
-fn registry(args: &[String]) -> Result<()> {
-    let Some("init") = args.first().map(String::as_str) else {
-        bail!("usage: netd registry init --db PATH --network CIDR")
-    };
-    let (mut db, mut network, mut subnet_len, mut vni) = (None, None, 24u8, 1u32);
-    let mut rest = args[1..].iter();
-    while let Some(arg) = rest.next() {
-        let value = rest.next().with_context(|| format!("{arg} needs a value"))?;
-        match arg.as_str() {
-            "--db" => db = Some(PathBuf::from(value)),
-            "--network" => {
-                network = Some(value.parse::<ipnet::Ipv4Net>().with_context(|| format!("--network {value:?}"))?)
-            }
-            "--subnet-len" => subnet_len = value.parse().with_context(|| format!("--subnet-len {value:?}"))?,
-            "--vni" => vni = value.parse().with_context(|| format!("--vni {value:?}"))?,
-            other => bail!("registry init: unknown option `{other}`"),
-        }
-    }
-    let db = db.context("registry init needs --db PATH")?;
-    let network = network.context("registry init needs --network CIDR")?.trunc();
+fn registry_init(args: RegistryInitArgs) -> Result<()> {
+    let RegistryInitArgs { db, network, subnet_len, vni } = args;
+    let network = network.trunc();
     let config = NetworkConfig { network, subnet_len, vni };
     EmbeddedRegistry::create(&db, &config)?;
     println!("embedded registry {} ready: network {network}, /{subnet_len} subnets, VNI {vni}", db.display());
     Ok(())
 }
 
-fn init_logging() {
-    let level = match std::env::var("NETD_LOG").as_deref() {
-        Ok("debug") => tracing::Level::DEBUG,
-        Ok("warn") => tracing::Level::WARN,
-        Ok("error") => tracing::Level::ERROR,
-        Ok("trace") => tracing::Level::TRACE,
-        _ => tracing::Level::INFO,
+fn init_logging(level: LogLevel) {
+    let level = match level {
+        LogLevel::Error => tracing::Level::ERROR,
+        LogLevel::Warn => tracing::Level::WARN,
+        LogLevel::Info => tracing::Level::INFO,
+        LogLevel::Debug => tracing::Level::DEBUG,
+        LogLevel::Trace => tracing::Level::TRACE,
     };
     tracing_subscriber::fmt()
         .with_max_level(level)
@@ -148,18 +216,12 @@ fn init_logging() {
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let outcome = match args.first().map(String::as_str) {
-        Some("run") => run(&args[1..]),
-        Some("cleanup") => cleanup(&args[1..]),
-        Some("registry") => registry(&args[1..]),
-        Some("restore") => restore(&args[1..]),
-        Some("-h" | "--help" | "help") => {
-            print!("{USAGE}");
-            Ok(())
-        }
-        Some(other) => Err(anyhow::anyhow!("unknown command `{other}`\n{USAGE}")),
-        None => Err(anyhow::anyhow!("no command given\n{USAGE}")),
+    let cli: Cli = parse_command_line(std::env::args_os()).unwrap_or_else(|error| error.exit());
+    let outcome = match cli.command {
+        Command::Run { args, print_config, log } => run(args, print_config, log),
+        Command::Cleanup { args, purge_state } => cleanup(args, purge_state),
+        Command::Registry(RegistryCommand::Init(args)) => registry_init(args),
+        Command::Restore(args) => restore(args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

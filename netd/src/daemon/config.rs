@@ -1,11 +1,19 @@
 //! Daemon settings: defaults, then a JSON config file, then `NETD_*`
 //! environment variables, then command-line flags (later wins).
+//!
+//! clap reads the flags and the environment into [`RunArgs`], whose fields
+//! are all optional: a clap default would hide the config file beneath it.
+//! [`RunArgs::resolve`] then fills the gaps from the file and the defaults
+//! into a [`DaemonConfig`]. [`parse_command_line`] is clap's parser with
+//! netd's wording for a few errors, for every netd binary.
 
+use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
+use clap::error::{ContextKind, ContextValue, ErrorKind};
 use ipnet::Ipv4Net;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub use crate::registry::RegistrySpec;
 
@@ -39,12 +47,153 @@ pub struct DaemonConfig {
     pub ca_file: Option<PathBuf>,
 }
 
-/// The config file: every key optional.
-#[derive(Debug, Default, Deserialize)]
+impl std::fmt::Display for RegistrySpec {
+    /// The spec [`RegistrySpec::from_str`](std::str::FromStr::from_str) reads back.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Embedded(path) => write!(f, "embedded:{}", path.display()),
+            Self::Etcd(endpoints) => write!(f, "etcd:{}", endpoints.join(",")),
+            Self::Kubernetes(None) => f.write_str("kubernetes"),
+            Self::Kubernetes(Some(server)) => write!(f, "kubernetes:{server}"),
+        }
+    }
+}
+
+/// The options of `netd run` and `netd cleanup` as clap read them from the
+/// command line and the `NETD_*` environment; `None` where neither set one.
+///
+/// Flatten it into a subcommand (`#[command(flatten)]`) and turn it into a
+/// [`DaemonConfig`] with [`RunArgs::resolve`].
+#[derive(Debug, Clone, Default, PartialEq, clap::Args)]
+pub struct RunArgs {
+    /// JSON file with any of these settings, keys in camelCase (nodeName,
+    /// publicIp, …); environment variables and flags override it.
+    #[arg(long, env = "NETD_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// This node's name (default: $NODE_NAME, else the hostname).
+    #[arg(long, env = "NETD_NODE_NAME", value_name = "NAME")]
+    pub node_name: Option<String>,
+    /// The registry (see [`RegistrySpec`] for the spec's forms).
+    // The help is not the doc comment: rustdoc would read its brackets as links.
+    #[arg(
+        long,
+        env = "NETD_REGISTRY",
+        value_name = "SPEC",
+        help = "The registry: embedded[:PATH], etcd:URL[,URL…] or kubernetes[:URL] \
+                  (default: embedded:/var/lib/netd/registry.db)"
+    )]
+    pub registry: Option<RegistrySpec>,
+    /// Underlay interface (default: the default-route interface).
+    #[arg(long, env = "NETD_IFACE", value_name = "NAME")]
+    pub iface: Option<String>,
+    /// Public IP (default: the interface's first IPv4 address).
+    #[arg(long, env = "NETD_PUBLIC_IP", value_name = "IP", value_parser = parse_ipv4)]
+    pub public_ip: Option<Ipv4Addr>,
+    /// Cluster network (flannel's net-conf Network); required with kubernetes.
+    #[arg(long, env = "NETD_NETWORK", value_name = "CIDR", value_parser = parse_cidr)]
+    pub network: Option<Ipv4Net>,
+    /// Install flannel's masquerade rules (nftables); also =true|false|1|0|yes|no.
+    #[arg(long, env = "NETD_MASQUERADE", value_name = "BOOL", value_parser = parse_bool,
+          num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub masquerade: Option<bool>,
+    /// Route peers on the same L2 without VXLAN; also =true|false|1|0|yes|no.
+    #[arg(long, env = "NETD_DIRECT_ROUTING", value_name = "BOOL", value_parser = parse_bool,
+          num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub direct_routing: Option<bool>,
+    /// Directory for the snapshot and the VTEP MAC store (default: /var/lib/netd).
+    #[arg(long, env = "NETD_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Where to write flannel's subnet.env (default: /run/flannel/subnet.env).
+    #[arg(long, env = "NETD_SUBNET_ENV", value_name = "FILE")]
+    pub subnet_env: Option<PathBuf>,
+    /// Listener for /healthz, /readyz and /metrics (default: 127.0.0.1:9617).
+    #[arg(long, env = "NETD_HEALTH_ADDR", value_name = "ADDR", value_parser = parse_socket_addr)]
+    pub health_addr: Option<SocketAddr>,
+    /// Bearer token file for kubernetes:URL.
+    #[arg(long, env = "NETD_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// CA bundle for kubernetes:URL.
+    #[arg(long, env = "NETD_CA_FILE", value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+}
+
+const DEFAULT_STATE_DIR: &str = "/var/lib/netd";
+const DEFAULT_HEALTH_ADDR: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 9617);
+
+// The value parsers say what is wrong, not what was given: clap's message
+// already quotes the value and names the flag.
+fn parse_bool(text: &str) -> Result<bool, String> {
+    match text {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        _ => Err("not a boolean (true|false|1|0|yes|no)".into()),
+    }
+}
+
+fn parse_ipv4(text: &str) -> Result<Ipv4Addr, String> {
+    text.parse().map_err(|_| "not an IPv4 address".into())
+}
+
+fn parse_cidr(text: &str) -> Result<Ipv4Net, String> {
+    text.parse().map_err(|_| "not an IPv4 CIDR".into())
+}
+
+fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
+    text.parse().map_err(|_| "not ADDR:PORT".into())
+}
+
+impl RunArgs {
+    /// The effective configuration: these settings over the config file
+    /// over the defaults, the node name falling back to `NODE_NAME` and then
+    /// the hostname. Checked: a configuration that cannot work is an error.
+    pub fn resolve(self) -> Result<DaemonConfig, String> {
+        self.resolve_with(|name| std::env::var(name).ok())
+    }
+
+    /// [`RunArgs::resolve`] with `env` instead of the process environment
+    /// for the one variable clap does not read (`NODE_NAME`, a fallback that
+    /// ranks below the config file).
+    pub fn resolve_with(self, env: impl Fn(&str) -> Option<String>) -> Result<DaemonConfig, String> {
+        let file = match &self.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let node_name = [self.node_name, file.node_name]
+            .into_iter()
+            .flatten()
+            .chain(env("NODE_NAME"))
+            .find(|name| !name.is_empty())
+            .unwrap_or_else(hostname);
+        let config = DaemonConfig {
+            node_name,
+            registry: self
+                .registry
+                .or(file.registry)
+                .unwrap_or_else(|| RegistrySpec::Embedded(crate::registry::embedded::DEFAULT_PATH.into())),
+            iface: self.iface.or(file.iface),
+            public_ip: self.public_ip.or(file.public_ip),
+            network: self.network.or(file.network),
+            masquerade: self.masquerade.or(file.masquerade).unwrap_or(false),
+            direct_routing: self.direct_routing.or(file.direct_routing).unwrap_or(false),
+            state_dir: self.state_dir.or(file.state_dir).unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+            subnet_env: self.subnet_env.or(file.subnet_env).unwrap_or_else(|| crate::subnet_env::DEFAULT_PATH.into()),
+            health_addr: self.health_addr.or(file.health_addr).unwrap_or(DEFAULT_HEALTH_ADDR),
+            token_file: self.token_file.or(file.token_file),
+            ca_file: self.ca_file.or(file.ca_file),
+        };
+        config.check()?;
+        Ok(config)
+    }
+}
+
+/// The config file: every key optional, unknown keys ignored (a newer
+/// netd's file still starts an older one).
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 struct FileConfig {
     node_name: Option<String>,
-    registry: Option<String>,
+    #[serde(default, with = "registry_text")]
+    registry: Option<RegistrySpec>,
     iface: Option<String>,
     public_ip: Option<Ipv4Addr>,
     network: Option<Ipv4Net>,
@@ -57,128 +206,26 @@ struct FileConfig {
     ca_file: Option<PathBuf>,
 }
 
-/// Usage text of `netd run`.
-pub const RUN_USAGE: &str = "\
-netd run [options]            run the per-node daemon (also: NETD_<OPTION> env, --config FILE)
-  --config FILE               JSON file with any of the keys below in camelCase
-  --node-name NAME            node name (default: NODE_NAME env, else the hostname)
-  --registry SPEC             embedded[:PATH] | etcd:URL[,URL…] | kubernetes[:URL]
-                              (default: embedded:/var/lib/netd/registry.db)
-  --iface NAME                underlay interface (default: the default-route interface)
-  --public-ip IP              public IP (default: the interface's first IPv4 address)
-  --network CIDR              cluster network (required with kubernetes)
-  --masquerade                install flannel's masquerade rules (nftables)
-  --direct-routing            route peers on the same L2 without VXLAN
-  --state-dir DIR             snapshot and VTEP MAC store (default: /var/lib/netd)
-  --subnet-env FILE           flannel's subnet.env (default: /run/flannel/subnet.env)
-  --health-addr ADDR          /healthz, /readyz, /metrics (default: 127.0.0.1:9617)
-  --token-file FILE           bearer token for kubernetes:URL
-  --ca-file FILE              CA bundle for kubernetes:URL
-";
+/// The registry in the config file: the `--registry` spec as a string.
+mod registry_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::RegistrySpec;
+
+    pub fn serialize<S: Serializer>(spec: &Option<RegistrySpec>, serializer: S) -> Result<S::Ok, S::Error> {
+        match spec {
+            Some(spec) => serializer.serialize_some(&spec.to_string()),
+            None => serializer.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<RegistrySpec>, D::Error> {
+        let text = Option::<String>::deserialize(deserializer)?;
+        text.map(|text| text.parse().map_err(serde::de::Error::custom)).transpose()
+    }
+}
 
 impl DaemonConfig {
-    /// Built from `args` (after `run`), the environment and the config file.
-    pub fn from_args(args: &[String], env: impl Fn(&str) -> Option<String>) -> Result<Self, String> {
-        let mut flags: Vec<(String, Option<String>)> = Vec::new();
-        let mut config_file = env("NETD_CONFIG").map(PathBuf::from);
-        let mut it = args.iter();
-        while let Some(arg) = it.next() {
-            let name = arg.strip_prefix("--").ok_or_else(|| format!("unexpected argument {arg:?}"))?;
-            let (name, inline) = match name.split_once('=') {
-                Some((n, v)) => (n, Some(v.to_string())),
-                None => (name, None),
-            };
-            let is_switch = matches!(name, "masquerade" | "direct-routing");
-            let value = if is_switch || inline.is_some() {
-                inline
-            } else {
-                Some(it.next().ok_or_else(|| format!("--{name} needs a value"))?.clone())
-            };
-            if name == "config" {
-                config_file = value.map(PathBuf::from);
-            } else {
-                flags.push((name.to_string(), value));
-            }
-        }
-        let file = match &config_file {
-            Some(path) => read_file(path)?,
-            None => FileConfig::default(),
-        };
-        let mut c = Self {
-            node_name: file.node_name.unwrap_or_default(),
-            registry: match file.registry {
-                Some(r) => r.parse()?,
-                None => RegistrySpec::Embedded(crate::registry::embedded::DEFAULT_PATH.into()),
-            },
-            iface: file.iface,
-            public_ip: file.public_ip,
-            network: file.network,
-            masquerade: file.masquerade.unwrap_or(false),
-            direct_routing: file.direct_routing.unwrap_or(false),
-            state_dir: file.state_dir.unwrap_or_else(|| "/var/lib/netd".into()),
-            subnet_env: file.subnet_env.unwrap_or_else(|| crate::subnet_env::DEFAULT_PATH.into()),
-            health_addr: file.health_addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9617))),
-            token_file: file.token_file,
-            ca_file: file.ca_file,
-        };
-        let names = [
-            "node-name",
-            "registry",
-            "iface",
-            "public-ip",
-            "network",
-            "masquerade",
-            "direct-routing",
-            "state-dir",
-            "subnet-env",
-            "health-addr",
-            "token-file",
-            "ca-file",
-        ];
-        for name in names {
-            let var = format!("NETD_{}", name.to_uppercase().replace('-', "_"));
-            if let Some(value) = env(&var) {
-                c.set(name, Some(value)).map_err(|e| format!("{var}: {e}"))?;
-            }
-        }
-        for (name, value) in flags {
-            if !names.contains(&name.as_str()) {
-                return Err(format!("unknown option --{name}"));
-            }
-            c.set(&name, value).map_err(|e| format!("--{name}: {e}"))?;
-        }
-        if c.node_name.is_empty() {
-            c.node_name = env("NODE_NAME").filter(|n| !n.is_empty()).unwrap_or_else(hostname);
-        }
-        c.check()?;
-        Ok(c)
-    }
-
-    fn set(&mut self, name: &str, value: Option<String>) -> Result<(), String> {
-        let text = value.clone().unwrap_or_default();
-        let flag = |v: Option<String>| match v.as_deref() {
-            None | Some("true" | "1" | "yes") => Ok(true),
-            Some("false" | "0" | "no") => Ok(false),
-            Some(other) => Err(format!("{other:?} is not a boolean")),
-        };
-        match name {
-            "node-name" => self.node_name = text,
-            "registry" => self.registry = text.parse()?,
-            "iface" => self.iface = Some(text),
-            "public-ip" => self.public_ip = Some(text.parse().map_err(|_| format!("{text:?} is not an IPv4 address"))?),
-            "network" => self.network = Some(text.parse().map_err(|_| format!("{text:?} is not an IPv4 CIDR"))?),
-            "masquerade" => self.masquerade = flag(value)?,
-            "direct-routing" => self.direct_routing = flag(value)?,
-            "state-dir" => self.state_dir = text.into(),
-            "subnet-env" => self.subnet_env = text.into(),
-            "health-addr" => self.health_addr = text.parse().map_err(|_| format!("{text:?} is not ADDR:PORT"))?,
-            "token-file" => self.token_file = Some(text.into()),
-            "ca-file" => self.ca_file = Some(text.into()),
-            _ => return Err(format!("unknown option {name}")),
-        }
-        Ok(())
-    }
-
     fn check(&self) -> Result<(), String> {
         if self.node_name.is_empty() || self.node_name.len() > 253 {
             return Err(format!("node name {:?} must be 1-253 characters", self.node_name));
@@ -203,6 +250,27 @@ impl DaemonConfig {
     pub fn mac_store_path(&self) -> PathBuf {
         self.state_dir.join("vtep-mac.db")
     }
+
+    /// This configuration as a `--config` file (pretty JSON, every key,
+    /// `null` for a setting left unset, such as the interface that is then
+    /// found at start-up): what `netd run --print-config` prints.
+    pub fn to_config_file(&self) -> Result<String, String> {
+        let file = FileConfig {
+            node_name: Some(self.node_name.clone()),
+            registry: Some(self.registry.clone()),
+            iface: self.iface.clone(),
+            public_ip: self.public_ip,
+            network: self.network,
+            masquerade: Some(self.masquerade),
+            direct_routing: Some(self.direct_routing),
+            state_dir: Some(self.state_dir.clone()),
+            subnet_env: Some(self.subnet_env.clone()),
+            health_addr: Some(self.health_addr),
+            token_file: self.token_file.clone(),
+            ca_file: self.ca_file.clone(),
+        };
+        serde_json::to_string_pretty(&file).map_err(|e| format!("configuration as JSON: {e}"))
+    }
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, String> {
@@ -216,12 +284,122 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
 }
 
+/// Parses `args` (the program name first, as from [`std::env::args_os`])
+/// into `P` with clap, reading `NETD_*` variables from the process
+/// environment; `Err` holds clap's error, for
+/// [`clap::Error::exit`](clap::error::Error::exit) (help and version
+/// included). Some errors are in netd's words, each with clap's tips and
+/// usage kept: "unknown option --x" (with the nearest option), "--x needs a
+/// value", and a bad value from the environment names its variable.
+pub fn parse_command_line<P, I, T>(args: I) -> Result<P, clap::Error>
+where
+    P: clap::Parser,
+    I: IntoIterator<Item = T>,
+    T: Into<OsString>,
+{
+    parse_with(P::command(), args)
+}
+
+fn parse_with<P, I, T>(mut command: clap::Command, args: I) -> Result<P, clap::Error>
+where
+    P: clap::FromArgMatches,
+    I: IntoIterator<Item = T>,
+    T: Into<OsString>,
+{
+    let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    let matches = command.try_get_matches_from_mut(args.iter()).map_err(|e| reword(e, &command, &args))?;
+    P::from_arg_matches(&matches).map_err(|e| e.format(&mut command))
+}
+
+fn reword(error: clap::Error, command: &clap::Command, args: &[OsString]) -> clap::Error {
+    let Some(ContextValue::String(arg)) = error.get(ContextKind::InvalidArg) else {
+        return error;
+    };
+    let kind = error.kind();
+    let empty_value = matches!(error.get(ContextKind::InvalidValue), Some(ContextValue::String(v)) if v.is_empty());
+    let headline = match kind {
+        ErrorKind::UnknownArgument if arg.starts_with('-') => Some(format!("unknown option {arg}")),
+        ErrorKind::InvalidValue if empty_value => Some(format!("{arg} needs a value")),
+        _ => None,
+    };
+    let variable = match kind {
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation => env_source(arg, command, args),
+        _ => None,
+    };
+    if headline.is_none() && variable.is_none() {
+        return error;
+    }
+    // clap's own rendering minus its first line keeps its tips (the nearest
+    // option), usage and help pointer without re-implementing them.
+    let rendered = error.render().to_string();
+    let body = rendered.strip_prefix("error: ").unwrap_or(&rendered);
+    let (first_line, rest) = body.split_once('\n').unwrap_or((body, "\n"));
+    let headline = headline.unwrap_or_else(|| first_line.to_string());
+    let headline = match variable {
+        Some(variable) => format!("{variable}: {headline}"),
+        None => headline,
+    };
+    let mut reworded = clap::Error::raw(kind, format!("{headline}\n{rest}"));
+    for (context, value) in error.context() {
+        reworded.insert(context, value.clone());
+    }
+    reworded.with_cmd(command)
+}
+
+/// The environment variable a bad value came from: the option's own, when
+/// the option is not on the command line.
+fn env_source(arg: &str, command: &clap::Command, args: &[OsString]) -> Option<String> {
+    let long = arg.strip_prefix("--")?.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-')).next()?;
+    let flag = format!("--{long}");
+    let on_command_line = args
+        .iter()
+        .filter_map(|a| a.to_str())
+        .any(|a| a == flag || a.strip_prefix(flag.as_str()).is_some_and(|value| value.starts_with('=')));
+    if on_command_line {
+        return None;
+    }
+    find_env(command, long)
+}
+
+fn find_env(command: &clap::Command, long: &str) -> Option<String> {
+    command
+        .get_arguments()
+        .filter(|a| a.get_long() == Some(long))
+        .find_map(|a| a.get_env())
+        .map(|name| name.to_string_lossy().into_owned())
+        .or_else(|| command.get_subcommands().find_map(|sub| find_env(sub, long)))
+}
+
 #[cfg(test)]
 mod tests {
+    use clap::CommandFactory;
+
     use super::*;
 
-    fn args(list: &[&str]) -> Vec<String> {
-        list.iter().map(|s| s.to_string()).collect()
+    #[derive(Debug, clap::Parser)]
+    #[command(args_override_self = true)]
+    struct Run {
+        #[command(flatten)]
+        args: RunArgs,
+    }
+
+    /// `netd run`'s arguments through clap with `env` as the whole
+    /// environment: each variable becomes its option's clap default, which
+    /// ranks where the environment does (below flags), so no test touches the
+    /// process environment.
+    fn config_in(args: &[&str], env: &[(&str, &str)]) -> Result<DaemonConfig, String> {
+        let command = Run::command().mut_args(|arg| {
+            let value =
+                arg.get_env().and_then(|name| env.iter().find(|(k, _)| name == std::ffi::OsStr::new(k))).map(|e| e.1);
+            let arg = arg.env(None);
+            match value {
+                Some(value) => arg.default_value(&*String::leak(value.to_string())),
+                None => arg,
+            }
+        });
+        let run: Run =
+            parse_with(command, std::iter::once("run").chain(args.iter().copied())).map_err(|e| e.to_string())?;
+        run.args.resolve_with(|k| env.iter().find(|(name, _)| *name == k).map(|(_, v)| v.to_string()))
     }
 
     #[test]
@@ -229,25 +407,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("netd.json");
         std::fs::write(&file, r#"{"nodeName":"from-file","iface":"eth9","masquerade":true,"futureKey":1}"#).unwrap();
-        let env = |k: &str| match k {
-            "NETD_IFACE" => Some("eth1".to_string()),
-            "NETD_CONFIG" => Some(file.display().to_string()),
-            _ => None,
-        };
-        let c =
-            DaemonConfig::from_args(&args(&["--iface", "eth2", "--registry=etcd:http://127.0.0.1:2379"]), env).unwrap();
+        let file = file.display().to_string();
+        let env = [("NETD_IFACE", "eth1"), ("NETD_CONFIG", file.as_str())];
+        let c = config_in(&["--iface", "eth2", "--registry=etcd:http://127.0.0.1:2379"], &env).unwrap();
         assert_eq!(c.node_name, "from-file");
         assert_eq!(c.iface.as_deref(), Some("eth2"));
         assert!(c.masquerade);
         assert_eq!(c.registry, RegistrySpec::Etcd(vec!["http://127.0.0.1:2379".into()]));
-        let c = DaemonConfig::from_args(&[], env).unwrap();
+        let c = config_in(&[], &env).unwrap();
         assert_eq!(c.iface.as_deref(), Some("eth1"));
     }
 
     #[test]
     fn bad_settings_get_precise_errors() {
-        let none = |_: &str| None;
-        let err = |a: &[&str]| DaemonConfig::from_args(&args(a), none).unwrap_err();
+        let err = |a: &[&str]| config_in(a, &[]).unwrap_err();
         assert!(err(&["--bogus", "1"]).contains("unknown option --bogus"));
         assert!(err(&["--public-ip", "300.1.1.1"]).contains("not an IPv4 address"));
         assert!(err(&["--registry", "zookeeper:x"]).contains("unknown registry"));
@@ -259,5 +432,93 @@ mod tests {
         let file = dir.path().join("bad.json");
         std::fs::write(&file, r#"{"masquerade":"yes"}"#).unwrap();
         assert!(err(&["--config", file.to_str().unwrap()]).contains("at `masquerade`"));
+        std::fs::write(&file, r#"{"registry":"zookeeper:x"}"#).unwrap();
+        let message = err(&["--config", file.to_str().unwrap()]);
+        assert!(message.contains("at `registry`: unknown registry"), "{message}");
+    }
+
+    #[test]
+    fn an_unknown_option_names_the_nearest() {
+        let err = config_in(&["--ifaec", "eth0"], &[]).unwrap_err();
+        assert!(err.contains("unknown option --ifaec"), "{err}");
+        assert!(err.contains("'--iface'"), "{err}");
+        assert!(err.contains("Usage:"), "{err}");
+    }
+
+    #[test]
+    fn switches_take_a_value_only_after_equals() {
+        let node = [("NODE_NAME", "n1")];
+        assert!(config_in(&["--masquerade", "--direct-routing"], &node).unwrap().masquerade);
+        assert!(config_in(&["--direct-routing=yes"], &node).unwrap().direct_routing);
+        assert!(!config_in(&["--masquerade=0"], &node).unwrap().masquerade);
+        let off = [("NODE_NAME", "n1"), ("NETD_MASQUERADE", "false")];
+        assert!(!config_in(&[], &off).unwrap().masquerade);
+        assert!(config_in(&["--masquerade"], &off).unwrap().masquerade);
+        // A separate word after a switch is not its value.
+        assert!(config_in(&["--masquerade", "false"], &node).is_err());
+    }
+
+    #[test]
+    fn defaults_and_node_name_fallbacks() {
+        let c = config_in(&[], &[("NODE_NAME", "from-env")]).unwrap();
+        assert_eq!(c.node_name, "from-env");
+        assert_eq!(c.registry, RegistrySpec::Embedded(crate::registry::embedded::DEFAULT_PATH.into()));
+        assert_eq!(c.state_dir, Path::new(DEFAULT_STATE_DIR));
+        assert_eq!(c.subnet_env, Path::new(crate::subnet_env::DEFAULT_PATH));
+        assert_eq!(c.health_addr, DEFAULT_HEALTH_ADDR);
+        assert!(!c.masquerade && !c.direct_routing);
+        let c = config_in(&["--node-name", "from-flag", "--iface=eth0", "--iface", "eth1"], &[("NODE_NAME", "x")]);
+        let c = c.unwrap();
+        assert_eq!(c.node_name, "from-flag");
+        assert_eq!(c.iface.as_deref(), Some("eth1"), "the last of a repeated option wins");
+    }
+
+    #[test]
+    fn printed_config_reads_back_as_the_same_config() {
+        let args = [
+            "--node-name=n1",
+            "--registry",
+            "kubernetes:https://10.0.0.1:6443",
+            "--network",
+            "10.244.0.0/16",
+            "--iface",
+            "eth3",
+            "--public-ip",
+            "192.0.2.7",
+            "--masquerade",
+            "--state-dir",
+            "/tmp/netd-state",
+            "--health-addr",
+            "127.0.0.1:19617",
+            "--token-file",
+            "/run/token",
+        ];
+        let c = config_in(&args, &[]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("printed.json");
+        std::fs::write(&file, c.to_config_file().unwrap()).unwrap();
+        let read_back = config_in(&["--config", file.to_str().unwrap()], &[]).unwrap();
+        assert_eq!(read_back, c);
+        for spec in ["embedded:/x/r.db", "etcd:http://a:2379,http://b:2379", "kubernetes", "k8s:https://s"] {
+            let spec: RegistrySpec = spec.parse().unwrap();
+            assert_eq!(spec.to_string().parse::<RegistrySpec>().unwrap(), spec);
+        }
+    }
+
+    #[test]
+    fn help_names_every_variable_and_the_real_defaults() {
+        let help = Run::command().render_long_help().to_string();
+        for variable in ["NETD_CONFIG", "NETD_IFACE", "NETD_MASQUERADE", "NETD_HEALTH_ADDR", "NETD_CA_FILE"] {
+            assert!(help.contains(&format!("[env: {variable}")), "{variable} missing from\n{help}");
+        }
+        let defaults = [
+            format!("embedded:{}", crate::registry::embedded::DEFAULT_PATH),
+            crate::subnet_env::DEFAULT_PATH.to_string(),
+            DEFAULT_STATE_DIR.to_string(),
+            DEFAULT_HEALTH_ADDR.to_string(),
+        ];
+        for default in defaults {
+            assert!(help.contains(&format!("(default: {default})")), "{default} missing from\n{help}");
+        }
     }
 }

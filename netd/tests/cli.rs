@@ -1,0 +1,231 @@
+//! The `netd` command line, through the built binary: clap's help, errors
+//! and version, and the settings layers (defaults < config file < `NETD_*`
+//! environment < flags) with a real environment, seen through
+//! `netd run --print-config`. Unprivileged: nothing here touches the kernel.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+const NETD: &str = env!("CARGO_BIN_EXE_netd");
+
+/// `netd args…` with `env` and none of the caller's `NETD_*` or
+/// `NODE_NAME` variables, so the test's own environment cannot leak in.
+fn netd(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(NETD);
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(|n| n.starts_with("NETD_") || n == "NODE_NAME") {
+            command.env_remove(name);
+        }
+    }
+    command.args(args).envs(env.iter().copied()).output().unwrap()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The effective configuration `netd run --print-config` prints.
+fn effective(args: &[&str], env: &[(&str, &str)]) -> serde_json::Value {
+    let mut all = vec!["run", "--print-config"];
+    all.extend_from_slice(args);
+    let out = netd(&all, env);
+    assert!(out.status.success(), "netd {all:?} failed: {}", stderr(&out));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e} in {}", stdout(&out)))
+}
+
+#[test]
+fn help_is_clap_generated_with_commands_env_vars_and_examples() {
+    let out = netd(&["--help"], &[]);
+    assert!(out.status.success());
+    let help = stdout(&out);
+    for expected in ["Usage: netd <COMMAND>", "run", "cleanup", "registry", "restore", "Examples:", "--version"] {
+        assert!(help.contains(expected), "{expected:?} missing from\n{help}");
+    }
+
+    let out = netd(&["run", "--help"], &[]);
+    assert!(out.status.success());
+    let help = stdout(&out);
+    let options = [
+        ("--config <FILE>", "NETD_CONFIG"),
+        ("--node-name <NAME>", "NETD_NODE_NAME"),
+        ("--registry <SPEC>", "NETD_REGISTRY"),
+        ("--iface <NAME>", "NETD_IFACE"),
+        ("--public-ip <IP>", "NETD_PUBLIC_IP"),
+        ("--network <CIDR>", "NETD_NETWORK"),
+        ("--masquerade[=<BOOL>]", "NETD_MASQUERADE"),
+        ("--direct-routing[=<BOOL>]", "NETD_DIRECT_ROUTING"),
+        ("--state-dir <DIR>", "NETD_STATE_DIR"),
+        ("--subnet-env <FILE>", "NETD_SUBNET_ENV"),
+        ("--health-addr <ADDR>", "NETD_HEALTH_ADDR"),
+        ("--token-file <FILE>", "NETD_TOKEN_FILE"),
+        ("--ca-file <FILE>", "NETD_CA_FILE"),
+        ("--log <LEVEL>", "NETD_LOG"),
+    ];
+    for (flag, variable) in options {
+        let line = help.lines().find(|l| l.trim_start().starts_with(flag));
+        let line = line.unwrap_or_else(|| panic!("{flag} missing from\n{help}"));
+        assert!(line.contains(&format!("[env: {variable}=]")), "{line}");
+    }
+    assert!(help.contains("--print-config") && help.contains("Examples:"), "{help}");
+
+    let help = stdout(&netd(&["cleanup", "--help"], &[]));
+    assert!(help.contains("--purge-state") && help.contains("[env: NETD_IFACE=]"), "{help}");
+    let help = stdout(&netd(&["registry", "init", "--help"], &[]));
+    for flag in ["--db <PATH>", "--network <CIDR>", "--subnet-len <N>", "--vni <N>"] {
+        assert!(help.contains(flag), "{flag} missing from\n{help}");
+    }
+    let help = stdout(&netd(&["restore", "--help"], &[]));
+    assert!(help.contains("--snapshot <PATH>") && help.contains("--json"), "{help}");
+}
+
+#[test]
+fn version_prints_the_crate_version() {
+    let out = netd(&["--version"], &[]);
+    assert!(out.status.success());
+    assert_eq!(stdout(&out).trim(), format!("netd {}", env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn a_wrong_flag_is_named_with_the_nearest_one() {
+    let out = netd(&["run", "--ifaec", "eth0"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(err.contains("unknown option --ifaec"), "{err}");
+    assert!(err.contains("similar argument exists: '--iface'"), "{err}");
+    assert!(stdout(&out).is_empty());
+
+    let err = stderr(&netd(&["cleanup", "--purge-sate"], &[]));
+    assert!(err.contains("--purge-sate") && err.contains("'--purge-state'"), "{err}");
+}
+
+#[test]
+fn an_unknown_subcommand_suggests_the_nearest() {
+    let out = netd(&["rum"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(err.contains("'rum'") && err.contains("similar subcommand exists: 'run'"), "{err}");
+    let err = stderr(&netd(&["cleanpu"], &[]));
+    assert!(err.contains("'cleanup'"), "{err}");
+}
+
+#[test]
+fn bad_values_name_their_flag_or_variable() {
+    let err = stderr(&netd(&["run", "--iface"], &[]));
+    assert!(err.contains("--iface <NAME> needs a value"), "{err}");
+    let err = stderr(&netd(&["run", "--public-ip", "300.1.1.1"], &[]));
+    assert!(err.contains("'--public-ip <IP>': not an IPv4 address"), "{err}");
+    let err = stderr(&netd(&["run", "--print-config"], &[("NETD_PUBLIC_IP", "300.1.1.1")]));
+    assert!(err.contains("NETD_PUBLIC_IP: invalid value '300.1.1.1'"), "{err}");
+    let err = stderr(&netd(&["run", "--print-config"], &[("NETD_MASQUERADE", "maybe")]));
+    assert!(err.contains("NETD_MASQUERADE:") && err.contains("not a boolean"), "{err}");
+    let err = stderr(&netd(&["run", "--print-config", "--registry", "kubernetes"], &[]));
+    assert!(err.contains("needs --network"), "{err}");
+}
+
+#[test]
+fn flags_override_env_override_file_override_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("netd.json");
+    std::fs::write(
+        &file,
+        r#"{"nodeName":"from-file","iface":"eth9","masquerade":true,"stateDir":"/file/state","futureKey":1}"#,
+    )
+    .unwrap();
+    let file = file.to_str().unwrap();
+    let env = [("NETD_CONFIG", file), ("NETD_IFACE", "eth1"), ("NETD_MASQUERADE", "false"), ("NODE_NAME", "n")];
+
+    let c = effective(&["--iface", "eth2", "--direct-routing"], &env);
+    assert_eq!(c["iface"], "eth2", "flag over env");
+    assert_eq!(c["masquerade"], false, "env over file");
+    assert_eq!(c["stateDir"], "/file/state", "file over default");
+    assert_eq!(c["nodeName"], "from-file", "file over NODE_NAME");
+    assert_eq!(c["directRouting"], true);
+    assert_eq!(c["subnetEnv"], "/run/flannel/subnet.env", "default");
+    assert_eq!(c["healthAddr"], "127.0.0.1:9617", "default");
+    assert_eq!(c["registry"], "embedded:/var/lib/netd/registry.db", "default");
+
+    let c = effective(&[], &env);
+    assert_eq!(c["iface"], "eth1", "env over file");
+    let c = effective(&["--masquerade"], &env);
+    assert_eq!(c["masquerade"], true, "flag over env");
+    let c = effective(&["--masquerade=no"], &[("NETD_MASQUERADE", "yes")]);
+    assert_eq!(c["masquerade"], false, "a switch's =value over env");
+    assert_eq!(c["iface"], serde_json::Value::Null);
+
+    // A --config flag beats NETD_CONFIG; NODE_NAME is the fallback below the file.
+    let other = dir.path().join("other.json");
+    std::fs::write(&other, r#"{"iface":"eth7"}"#).unwrap();
+    let c = effective(&["--config", other.to_str().unwrap()], &env);
+    assert_eq!(c["iface"], "eth1", "env over the flag-named file");
+    assert_eq!(c["nodeName"], "n");
+    assert_eq!(c["stateDir"], "/var/lib/netd");
+}
+
+#[test]
+fn printed_config_is_a_config_file_that_reads_back_the_same() {
+    let args = [
+        "--node-name=edge-7",
+        "--registry=etcd:http://127.0.0.1:2379,http://127.0.0.2:2379",
+        "--iface",
+        "eth3",
+        "--public-ip",
+        "192.0.2.7",
+        "--network",
+        "10.244.0.0/16",
+        "--masquerade",
+        "--direct-routing=true",
+        "--state-dir",
+        "/tmp/netd-state",
+        "--subnet-env",
+        "/tmp/netd-state/subnet.env",
+        "--health-addr",
+        "127.0.0.1:19617",
+        "--token-file",
+        "/run/token",
+        "--ca-file",
+        "/run/ca.crt",
+    ];
+    let printed = effective(&args, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("printed.json");
+    std::fs::write(&file, printed.to_string()).unwrap();
+    let read_back = effective(&["--config", file.to_str().unwrap()], &[]);
+    assert_eq!(read_back, printed);
+    assert_eq!(printed["publicIp"], "192.0.2.7");
+    assert_eq!(printed["network"], "10.244.0.0/16");
+}
+
+#[test]
+fn a_wrong_type_in_the_config_file_names_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.json");
+    std::fs::write(&file, r#"{"masquerade":"yes"}"#).unwrap();
+    let out = netd(&["run", "--print-config"], &[("NETD_CONFIG", file.to_str().unwrap())]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("at `masquerade`"), "{}", stderr(&out));
+}
+
+#[test]
+fn registry_init_and_restore_parse_as_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("registry.db");
+    let db = db.to_str().unwrap();
+    let out =
+        netd(&["registry", "init", "--db", db, "--network", "10.244.0.0/16", "--subnet-len", "24", "--vni", "4"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("network 10.244.0.0/16, /24 subnets, VNI 4"), "{}", stdout(&out));
+    assert!(Path::new(db).exists());
+    let err = stderr(&netd(&["registry", "init", "--network", "10.244.0.0/16"], &[]));
+    assert!(err.contains("--db <PATH>"), "{err}");
+
+    let missing = dir.path().join("no-snapshot.json");
+    let out = netd(&["restore", "--json", "--snapshot", missing.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("no snapshot at"), "{}", stderr(&out));
+}
