@@ -47,18 +47,6 @@ pub struct DaemonConfig {
     pub ca_file: Option<PathBuf>,
 }
 
-impl std::fmt::Display for RegistrySpec {
-    /// The spec [`RegistrySpec::from_str`](std::str::FromStr::from_str) reads back.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Embedded(path) => write!(f, "embedded:{}", path.display()),
-            Self::Etcd(endpoints) => write!(f, "etcd:{}", endpoints.join(",")),
-            Self::Kubernetes(None) => f.write_str("kubernetes"),
-            Self::Kubernetes(Some(server)) => write!(f, "kubernetes:{server}"),
-        }
-    }
-}
-
 /// The options of `netd run` and `netd cleanup` as clap read them from the
 /// command line and the `NETD_*` environment; `None` where neither set one.
 ///

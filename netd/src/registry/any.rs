@@ -40,6 +40,18 @@ impl std::str::FromStr for RegistrySpec {
     }
 }
 
+impl std::fmt::Display for RegistrySpec {
+    /// The spec [`RegistrySpec::from_str`](std::str::FromStr::from_str) reads back.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Embedded(path) => write!(f, "embedded:{}", path.display()),
+            Self::Etcd(endpoints) => write!(f, "etcd:{}", endpoints.join(",")),
+            Self::Kubernetes(None) => f.write_str("kubernetes"),
+            Self::Kubernetes(Some(server)) => write!(f, "kubernetes:{server}"),
+        }
+    }
+}
+
 /// What opening a registry needs beyond its [`RegistrySpec`].
 #[derive(Debug, Clone, Default)]
 pub struct OpenSettings {
