@@ -424,4 +424,88 @@ mod tests {
         let parsed = Snapshot::parse(old.as_bytes(), Path::new("old.json")).unwrap();
         assert!(parsed.autonomous.is_empty() && parsed.peers.len() == 2);
     }
+
+    fn lease(i: u8) -> Lease {
+        Lease {
+            subnet: format!("10.244.{i}.0/24").parse().unwrap(),
+            public_ip: format!("192.168.50.{i}").parse().unwrap(),
+            vtep_mac: format!("6e:2f:10:00:00:{i:02x}").parse().unwrap(),
+            node: Some(format!("edge-{i}")),
+        }
+    }
+
+    fn upsert(i: u8, autonomous: bool) -> PeerChange {
+        PeerChange::Upsert { lease: lease(i), autonomous }
+    }
+
+    fn subnets(snapshot: &Snapshot) -> Vec<String> {
+        snapshot.peers.iter().map(|p| p.subnet.to_string()).collect()
+    }
+
+    #[test]
+    fn the_journal_is_replayed_over_the_snapshot_and_emptied_by_the_next_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snapshot.json");
+        let base = Snapshot::parse(EXAMPLE.as_bytes(), &path).unwrap();
+        let mut writer = SnapshotWriter::new(path.clone());
+        writer.write(&base).unwrap();
+        writer.append(&[upsert(4, false), upsert(2, true)]).unwrap();
+        writer.append(&[PeerChange::Remove("10.244.3.0/24".parse().unwrap())]).unwrap();
+        assert_eq!(writer.journal_records(), 3);
+        let journal = fs::read_to_string(journal_path(&path)).unwrap();
+        assert_eq!(journal.lines().count(), 4, "header + one line per change: {journal}");
+        assert!(journal.starts_with("{\"journal\":1}\n"), "{journal}");
+        assert!(journal.contains(r#"{"op":"remove","subnet":"10.244.3.0/24"}"#), "{journal}");
+        let loaded = Snapshot::load(&path).unwrap().unwrap();
+        assert_eq!(subnets(&loaded), ["10.244.2.0/24", "10.244.4.0/24"]);
+        assert_eq!(loaded.peers[0], lease(2), "the upsert replaced the snapshot's lease");
+        assert_eq!(loaded.autonomous, ["10.244.2.0/24".parse::<Ipv4Net>().unwrap()]);
+
+        // Compaction: the state moves into the snapshot, the journal empties,
+        // and what loads is the same.
+        writer.write(&loaded).unwrap();
+        assert_eq!(fs::metadata(journal_path(&path)).unwrap().len(), 0);
+        assert_eq!(Snapshot::load(&path).unwrap(), Some(loaded.clone()));
+        // A crash between the two steps of a compaction replays records the
+        // snapshot already holds: nothing changes.
+        writer
+            .append(&[upsert(5, false), PeerChange::Remove("10.244.5.0/24".parse().unwrap()), upsert(6, true)])
+            .unwrap();
+        let after = Snapshot::load(&path).unwrap().unwrap();
+        after.save(&path).unwrap();
+        assert_eq!(Snapshot::load(&path).unwrap(), Some(after));
+    }
+
+    #[test]
+    fn a_torn_last_line_is_ignored_and_a_bad_journal_is_refused_precisely() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snapshot.json");
+        let base = Snapshot::parse(EXAMPLE.as_bytes(), &path).unwrap();
+        let mut writer = SnapshotWriter::new(path.clone());
+        writer.write(&base).unwrap();
+        writer.append(&[upsert(7, false)]).unwrap();
+        // A crash mid-append: half a line, never acknowledged.
+        let mut file = OpenOptions::new().append(true).open(journal_path(&path)).unwrap();
+        file.write_all(br#"{"op":"upsert","lease":{"subnet":"10.244.8"#).unwrap();
+        drop(file);
+        let loaded = Snapshot::load(&path).unwrap().unwrap();
+        assert_eq!(subnets(&loaded), ["10.244.2.0/24", "10.244.3.0/24", "10.244.7.0/24"]);
+
+        let journal = journal_path(&path);
+        let mut snap = base.clone();
+        // A complete bad line stops the replay there; earlier records hold.
+        let text = "{\"journal\":1}\n{\"op\":\"remove\",\"subnet\":\"10.244.2.0/24\"}\n{\"op\":\"upsert\",\"lease\":7}\n{\"op\":\"remove\",\"subnet\":\"10.244.3.0/24\"}\n";
+        snap.replay(text.as_bytes(), &journal).unwrap();
+        assert_eq!(subnets(&snap), ["10.244.3.0/24"]);
+        // A journal from a newer netd, or garbage, is refused, naming the file.
+        let e = base.clone().replay(b"{\"journal\":2}\n", &journal).unwrap_err().to_string();
+        assert!(e.contains("format version 2") && e.contains("journal"), "{e}");
+        let e = base.clone().replay(b"garbage\n", &journal).unwrap_err().to_string();
+        assert!(e.contains("not valid") && e.contains("header"), "{e}");
+        // An empty journal, or one torn inside its header, changes nothing.
+        let mut same = base.clone();
+        same.replay(b"", &journal).unwrap();
+        same.replay(b"{\"jour", &journal).unwrap();
+        assert_eq!(same, base);
+    }
 }
