@@ -12,15 +12,17 @@ pub fn run(which: &str, bin_dir: &Path) -> Result<()> {
     match which {
         "cni" => cni(200, bin_dir),
         "vxlan" => crate::bench_vxlan::run(5, bin_dir),
+        "events" => crate::bench_events::run(200),
         "rss" => crate::bench_rss::run(1_000, bin_dir),
         "scenario" => crate::bench_scenario::run(5, bin_dir),
         "all" => {
             cni(200, bin_dir)?;
             crate::bench_vxlan::run(5, bin_dir)?;
+            crate::bench_events::run(200)?;
             crate::bench_rss::run(1_000, bin_dir)?;
             crate::bench_scenario::run(5, bin_dir)
         }
-        other => bail!("unknown benchmark `{other}` (known: cni, vxlan, rss, scenario, all)"),
+        other => bail!("unknown benchmark `{other}` (known: cni, vxlan, events, rss, scenario, all)"),
     }
 }
 

@@ -24,7 +24,7 @@ tasks:
   setup   install (idempotently) the Debian packages netd needs to build, test and demo
   test    run every test, unprivileged and privileged (root; network namespaces),
           and check that no namespace, link or cgroup is left behind
-  bench [cni|vxlan|rss|scenario|all]
+  bench [cni|vxlan|events|rss|scenario|all]
           side-by-side benchmarks needing namespaces or external tools (root)
   ci      setup, fmt check, clippy, build, test, bench --no-run, doc: what CI runs
 ";
@@ -88,7 +88,7 @@ fn lab(args: &[&str]) -> Result<()> {
     cargo(&["build", "--release", "--quiet", "-p", "netd", "--bin", "netd", "--bin", "netd-ipam"], &[])?;
     let bin_dir = workspace_root().join("target/release");
     let bin_dir = bin_dir.to_string_lossy();
-    let mut full = vec!["run", "--quiet", "-p", "netd-lab", "--"];
+    let mut full = vec!["run", "--release", "--quiet", "-p", "netd-lab", "--"];
     full.extend_from_slice(args);
     full.extend(["--bin-dir", &bin_dir]);
     cargo(&full, &[("NETD_KUBE_APISERVER", kube::KUBE_APISERVER_BIN)])
@@ -100,7 +100,7 @@ fn demo() -> Result<()> {
 }
 
 fn bench(which: &str) -> Result<()> {
-    const KNOWN: [&str; 5] = ["cni", "vxlan", "rss", "scenario", "all"];
+    const KNOWN: [&str; 6] = ["cni", "vxlan", "events", "rss", "scenario", "all"];
     if !KNOWN.contains(&which) {
         eprint!("{USAGE}");
         bail!("unknown benchmark `{which}` (known: {})", KNOWN.join(", "));
