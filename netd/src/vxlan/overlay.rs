@@ -327,10 +327,10 @@ impl Worker {
                 None
             };
             if let Some(outcome) = outcome {
-                full_pass = self.drain_own_echoes();
                 for reply in waiting.drain(..) {
                     let _ = reply.send(outcome.clone());
                 }
+                full_pass = self.drain_own_echoes();
                 if full_pass {
                     continue;
                 }
