@@ -60,7 +60,33 @@ pub fn workspace_root() -> PathBuf {
 /// `cargo <args…>` in the workspace root with extra environment; fails on a non-zero exit.
 pub fn cargo(args: &[&str], envs: &[(&str, &str)]) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(&cargo)
+    let mut command = Command::new(&cargo);
+    // `cargo run` gave xtask the package variables of xtask itself. Passed
+    // on, they reach build scripts that track them (ring's tracks
+    // CARGO_MANIFEST_DIR), so every build from here would rebuild ring and
+    // all that depends on it, and so would the next plain `cargo build`.
+    for (name, _) in std::env::vars_os() {
+        let is_package_var = name.to_str().is_some_and(|n| {
+            n.starts_with("CARGO_PKG_")
+                || [
+                    "CARGO_MANIFEST_DIR",
+                    "CARGO_MANIFEST_PATH",
+                    "CARGO_CRATE_NAME",
+                    "CARGO_BIN_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                ]
+                .contains(&n)
+        });
+        if is_package_var {
+            command.env_remove(name);
+        }
+    }
+    if let Some(dir) = target_dir_override() {
+        // Absolute, so the cargo below (started in the workspace root) builds
+        // where the user's relative path pointed.
+        command.env("CARGO_TARGET_DIR", dir);
+    }
+    let status = command
         .args(args)
         .envs(envs.iter().copied())
         .current_dir(workspace_root())
@@ -81,13 +107,38 @@ pub fn step(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
     Ok(())
 }
 
+/// The target directory the user chose with `CARGO_TARGET_DIR` (or
+/// `CARGO_BUILD_TARGET_DIR`), made absolute against the directory xtask was
+/// started in, as cargo reads it.
+fn target_dir_override() -> Option<PathBuf> {
+    let dir = ["CARGO_TARGET_DIR", "CARGO_BUILD_TARGET_DIR"]
+        .into_iter()
+        .find_map(|var| std::env::var_os(var).filter(|v| !v.is_empty()))
+        .map(PathBuf::from)?;
+    if dir.is_absolute() {
+        return Some(dir);
+    }
+    Some(std::env::current_dir().map(|cwd| cwd.join(&dir)).unwrap_or(dir))
+}
+
+/// Where cargo puts build output: the user's choice, else `<workspace>/target`.
+pub fn target_dir() -> PathBuf {
+    target_dir_override().unwrap_or_else(|| workspace_root().join("target"))
+}
+
 /// Release builds of the daemon and the IPAM plugin, then `netd-lab` with
-/// `args` and `--bin-dir` pointing at them.
+/// `args` and `--bin-dir` pointing at them. The builds show cargo's own
+/// progress: a first build takes minutes, and silence looks like a hang.
 fn lab(args: &[&str]) -> Result<()> {
-    println!("building netd and netd-ipam (release)…");
-    cargo(&["build", "--release", "--quiet", "-p", "netd", "--bin", "netd", "--bin", "netd-ipam"], &[])?;
-    let bin_dir = workspace_root().join("target/release");
+    println!("==> building netd and netd-ipam (release; the first build takes a few minutes)");
+    cargo(&["build", "--release", "-p", "netd", "--bin", "netd", "--bin", "netd-ipam"], &[])?;
+    // Release: the lab measures netd's library in its own process too.
+    println!("==> building netd-lab (release)");
+    cargo(&["build", "--release", "-p", "netd-lab"], &[])?;
+    println!("==> running netd-lab {}", args.join(" "));
+    let bin_dir = target_dir().join("release");
     let bin_dir = bin_dir.to_string_lossy();
+    // Built just above, so `run --quiet` only runs it.
     let mut full = vec!["run", "--release", "--quiet", "-p", "netd-lab", "--"];
     full.extend_from_slice(args);
     full.extend(["--bin-dir", &bin_dir]);
