@@ -22,6 +22,7 @@ use netd::testing::{self, synthetic_config as config, synthetic_node as fresh_no
 use netd::vxlan::{Applied, Lease, Overlay, OverlayOptions, PeerChange, Reconciler};
 
 use crate::bench::{machine, percentile};
+use crate::bench_vxlan::Settle;
 
 const KINDS: [&str; 3] = ["add", "change", "remove"];
 
@@ -144,15 +145,6 @@ fn floor_events(ns: &NetNs, reconciler: &mut Reconciler, n: u32) -> Result<[Dura
     Ok(out)
 }
 
-/// Removes the VXLAN device (and with it every neighbour, FDB entry,
-/// nexthop and route) synchronously, so dropping the namespace afterwards
-/// leaves the kernel no large teardown to do while the next run is timed.
-fn teardown(ns: NetNs) -> Result<()> {
-    ns.ip(&["link", "del", "flannel.1"])?;
-    drop(ns);
-    Ok(())
-}
-
 /// flannel's layout for N peers, through `ip -batch`/`bridge -batch`.
 fn flannel_layout(ns: &NetNs, dir: &Path, n: u32) -> Result<()> {
     use std::fmt::Write as _;
@@ -204,6 +196,8 @@ pub fn run(reps: usize) -> Result<()> {
     println!("| N | event | netd (journal fsync + writes) | floor: same writes, no journal, no thread | anchor: flannel's `ip`/`bridge` commands | netd ÷ anchor | netd ÷ floor |");
     println!("| ---: | --- | ---: | ---: | ---: | ---: | ---: |");
     let mut notes = Vec::new();
+    // Each N starts once the previous one's namespaces are gone (see Settle).
+    let mut settle = Settle::new()?;
     for n in [1_000u32, 10_000] {
         let peers: Vec<Lease> = (1..=n).map(peer).collect();
         let ours_ns = fresh_node()?;
@@ -225,6 +219,7 @@ pub fn run(reps: usize) -> Result<()> {
         let anchor_ns = fresh_node()?;
         flannel_layout(&anchor_ns, dir.path(), n)?;
 
+        settle.wait()?;
         let (mut ours, mut floor, mut anchor) = (Samples::default(), Samples::default(), Samples::default());
         // Let start-up settle (the device creation's own link events get
         // one confirming pass), then count passes from here.
@@ -285,7 +280,7 @@ pub fn run(reps: usize) -> Result<()> {
             us_ms(percentile(&full, 0.99)),
         ));
         for ns in [ours_ns, floor_ns, anchor_ns] {
-            teardown(ns)?;
+            settle.clear(ns)?;
         }
     }
     println!();

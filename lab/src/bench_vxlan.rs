@@ -131,7 +131,7 @@ const SETTLE_LIMIT: Duration = Duration::from_secs(10);
 ///
 /// What isolation cannot remove on a shared machine is other tenants' CPU
 /// use, so the CPU pressure during the timed runs is reported beside them.
-struct Settle {
+pub(crate) struct Settle {
     handle: Handle,
     _probe_ns: NetNs,
     deletes: Vec<Duration>,
@@ -150,7 +150,7 @@ fn cpu_pressure_us() -> Option<u64> {
 }
 
 impl Settle {
-    fn new() -> Result<Self> {
+    pub(crate) fn new() -> Result<Self> {
         let ns = NetNs::new()?;
         let handle = ns.run(Handle::new)?.context("opening a netlink socket in the probe namespace")?;
         Ok(Self {
@@ -175,7 +175,7 @@ impl Settle {
     }
 
     /// Returns once RTNL round trips are quick again.
-    fn wait(&mut self) -> Result<()> {
+    pub(crate) fn wait(&mut self) -> Result<()> {
         let started = Instant::now();
         let mut quick = 0;
         while quick < QUICK_IN_A_ROW {
@@ -194,7 +194,7 @@ impl Settle {
     }
 
     /// Deletes what a run made in `ns`, synchronously, then drops it.
-    fn clear(&mut self, ns: NetNs) -> Result<()> {
+    pub(crate) fn clear(&mut self, ns: NetNs) -> Result<()> {
         let started = Instant::now();
         ns.ip(&["link", "del", "flannel.1"])?;
         ns.ip(&["link", "del", "eth0"])?;
