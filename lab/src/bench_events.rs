@@ -22,7 +22,7 @@ use netd::testing::{self, synthetic_config as config, synthetic_node as fresh_no
 use netd::vxlan::{Applied, Lease, Overlay, OverlayOptions, PeerChange, Reconciler};
 
 use crate::bench::{machine, percentile};
-use crate::bench_vxlan::Settle;
+use crate::bench_vxlan::{flannel_device, Settle};
 
 const KINDS: [&str; 3] = ["add", "change", "remove"];
 
@@ -148,24 +148,7 @@ fn floor_events(ns: &NetNs, reconciler: &mut Reconciler, n: u32) -> Result<[Dura
 /// flannel's layout for N peers, through `ip -batch`/`bridge -batch`.
 fn flannel_layout(ns: &NetNs, dir: &Path, n: u32) -> Result<()> {
     use std::fmt::Write as _;
-    let own = config();
-    ns.ip(&[
-        "link",
-        "add",
-        "flannel.1",
-        "type",
-        "vxlan",
-        "id",
-        "1",
-        "local",
-        &own.own.public_ip.to_string(),
-        "dev",
-        "eth0",
-        "dstport",
-        "8472",
-        "nolearning",
-    ])?;
-    ns.ip(&["link", "set", "flannel.1", "up"])?;
+    flannel_device(ns)?;
     let (mut ip, mut fdb) = (String::new(), String::new());
     for i in 1..=n {
         let p = peer(i);

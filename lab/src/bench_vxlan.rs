@@ -27,7 +27,7 @@ use netd::vxlan::snapshot::Snapshot;
 use crate::bench::{machine, percentile};
 
 /// flannel's device, made with `ip` as the baselines' starting point.
-fn flannel_device(ns: &NetNs) -> Result<()> {
+pub(crate) fn flannel_device(ns: &NetNs) -> Result<()> {
     ns.ip(&[
         "link",
         "add",

@@ -5,7 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use netd::registry::embedded::EmbeddedRegistry;
@@ -14,6 +14,37 @@ use netd::testing::{self, Cluster, NetdProcess, Node, HEALTH_ADDR};
 use netd::vxlan::snapshot::{journal_path, Snapshot};
 
 const NETD: &str = env!("CARGO_BIN_EXE_netd");
+
+/// A one-node cluster whose netd runs on a fresh embedded registry.
+struct Setup {
+    dir: tempfile::TempDir,
+    registry: PathBuf,
+    state: PathBuf,
+    cluster: Cluster,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = dir.path().join("registry.db");
+        let config = NetworkConfig { network: "10.244.0.0/16".parse().unwrap(), subnet_len: 24, vni: 1 };
+        EmbeddedRegistry::create(&registry, &config).unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        Self { dir, registry, state, cluster: Cluster::new(1, 0).unwrap() }
+    }
+
+    fn node(&self) -> &Node {
+        &self.cluster.nodes[0]
+    }
+
+    /// Starts netd and waits until it is ready.
+    fn start(&self) -> NetdProcess {
+        let netd = start(self.node(), &self.registry, &self.state);
+        wait_for("ready", &netd, || testing::metric(&self.node().ns, "netd_ready") == Some(1.0));
+        netd
+    }
+}
 
 fn start(node: &Node, registry: &Path, state: &Path) -> NetdProcess {
     let args = testing::netd_run_args(&node.name, &format!("embedded:{}", registry.display()), state);
@@ -26,13 +57,6 @@ fn wait_for(what: &str, netd: &NetdProcess, mut check: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}; log:\n{}", netd.log());
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-fn registry(dir: &Path) -> std::path::PathBuf {
-    let path = dir.join("registry.db");
-    let config = NetworkConfig { network: "10.244.0.0/16".parse().unwrap(), subnet_len: 24, vni: 1 };
-    EmbeddedRegistry::create(&path, &config).unwrap();
-    path
 }
 
 /// A lease in flannel's JSON for peer `i` (subnet 10.244.(20+i).0/24).
@@ -49,15 +73,10 @@ fn put_peer(registry: &EmbeddedRegistry, i: u8) {
 #[test]
 fn registry_events_are_applied_per_peer_and_survive_kill_9() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let path = registry(dir.path());
-    let cluster = Cluster::new(1, 0).unwrap();
-    let node = &cluster.nodes[0];
-    let state = dir.path().join("state");
-    std::fs::create_dir_all(&state).unwrap();
-    let mut netd = start(node, &path, &state);
+    let setup = Setup::new();
+    let (node, path, state, dir) = (setup.node(), &setup.registry, &setup.state, setup.dir.path());
+    let mut netd = setup.start();
     let metric = |name: &str| testing::metric(&node.ns, name);
-    wait_for("ready", &netd, || metric("netd_ready") == Some(1.0));
     // Start-up settles: the first resync, and the pass that confirms the
     // device creation its own link events announced.
     wait_for("first resync", &netd, || metric("netd_seconds_since_last_sync").is_some_and(|s| s >= 0.0));
@@ -71,7 +90,7 @@ fn registry_events_are_applied_per_peer_and_survive_kill_9() {
         passes = now;
     }
     let written = metric("netd_snapshot_bytes_written_total").unwrap();
-    let registry = EmbeddedRegistry::open(&path, Duration::from_millis(100));
+    let registry = EmbeddedRegistry::open(path, Duration::from_millis(100));
     for i in 1..=8u8 {
         put_peer(&registry, i);
         // Acknowledged: the kernel holds it (netd reports it programmed).
@@ -100,9 +119,9 @@ fn registry_events_are_applied_per_peer_and_survive_kill_9() {
 
     // A reboot with the registry unreachable: the kernel state is gone, the
     // journal brings back every acknowledged peer.
-    std::fs::rename(&path, dir.path().join("away.db")).unwrap();
+    std::fs::rename(path, dir.join("away.db")).unwrap();
     node.ns.ip(&["link", "del", "flannel.1"]).unwrap();
-    let netd = start(node, &path, &state);
+    let netd = start(node, path, state);
     wait_for("restored from snapshot and journal", &netd, || metric("netd_peers_programmed") == Some(7.0));
     assert!(node.ns.ip(&["route"]).unwrap().contains("10.244.28.0/24"));
     assert_eq!(metric("netd_registry_connected"), Some(0.0));
@@ -111,14 +130,9 @@ fn registry_events_are_applied_per_peer_and_survive_kill_9() {
 #[test]
 fn a_locked_registry_file_never_stalls_health_or_sigterm() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let path = registry(dir.path());
-    let cluster = Cluster::new(1, 0).unwrap();
-    let node = &cluster.nodes[0];
-    let state = dir.path().join("state");
-    std::fs::create_dir_all(&state).unwrap();
-    let mut netd = start(node, &path, &state);
-    wait_for("ready", &netd, || testing::metric(&node.ns, "netd_ready") == Some(1.0));
+    let setup = Setup::new();
+    let (node, path) = (setup.node(), setup.registry.clone());
+    let mut netd = setup.start();
 
     // Another process (this test, to netd) holds the database's exclusive
     // lock for 5 s: netd's watch poll waits in SQLite's 10 s busy timeout.

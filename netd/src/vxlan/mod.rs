@@ -25,9 +25,13 @@
 //! (also through a nexthop) and no neighbour/FDB entry when direct routing
 //! is enabled.
 //!
-//! [`Reconciler`] compares the wanted peer set with what the kernel holds on
-//! the device and writes only the difference, batched; [`Overlay`] runs it on
-//! its own thread, woken by netlink notifications and a slow periodic pass.
+//! [`Reconciler::reconcile`] compares the wanted peer set with what the
+//! kernel holds on the device and writes only the difference, batched;
+//! [`Reconciler::apply`] writes per-peer [`PeerChange`]s without reading the
+//! kernel at all. [`Overlay`] runs both on its own thread: changes from the
+//! registry take the incremental path, journaled in the [`snapshot`] first;
+//! full passes run for whole peer sets, for drift netlink notifications
+//! report, and on a slow periodic timer.
 
 mod device;
 mod overlay;
