@@ -19,7 +19,7 @@
 //!
 //! Layout: this file is the start-up order and the registry loop;
 //! [`peers`] the peer-set policy, [`underlay`] the underlay discovery,
-//! [`cleanup`](mod@cleanup) `netd cleanup`, [`config`] the settings, [`health`] the
+//! `cleanup` `netd cleanup` ([`cleanup()`](fn@cleanup)), [`config`] the settings, [`health`] the
 //! HTTP endpoints. Registry construction is [`crate::registry::AnyRegistry`].
 
 mod cleanup;
