@@ -24,6 +24,7 @@
 //! ```
 
 pub mod config;
+pub mod discover;
 mod error;
 pub mod ipam_plugin;
 mod result;
