@@ -470,7 +470,11 @@ impl Worker {
                     || *index == device.underlay_index
                     || name.as_deref() == Some(self.reconciler.config().device_name().as_str())
             }
-            Event::Address { index } => *index == device.index,
+            // Direct routing decides per peer from the underlay's networks.
+            Event::Address { index } => {
+                *index == device.index
+                    || (self.reconciler.config().direct_routing && *index == device.underlay_index)
+            }
             Event::Neighbour { ifindex, .. } | Event::Fdb { ifindex, .. } => *ifindex == device.index,
             Event::Route { oif, .. } => oif.is_none_or(|oif| oif == device.index || oif == device.underlay_index),
             Event::Nexthop { .. } | Event::Overflow => true,
