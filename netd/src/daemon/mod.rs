@@ -122,7 +122,13 @@ impl Backoff {
 
 /// Runs the daemon until SIGTERM/SIGINT.
 pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(DaemonError::Runtime)?;
+    // Blocking calls are few and sequential (one registry, one overlay):
+    // a handful of threads, not tokio's default of 512.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(4)
+        .build()
+        .map_err(DaemonError::Runtime)?;
     let outcome = runtime.block_on(Daemon::new(config).main());
     // Dropping the runtime would wait for every blocking call still running.
     runtime.shutdown_timeout(SHUTDOWN_GRACE);

@@ -442,6 +442,7 @@ impl Worker {
     /// Reads what our last writes made the kernel announce and drops it;
     /// true when something else changed meanwhile (worth a full pass).
     fn drain_own_echoes(&mut self) -> bool {
+        let writes = self.reconciler.take_last_writes();
         let events = match self.monitor.wait(Duration::ZERO) {
             Ok(events) => events,
             Err(_) => return true,
@@ -449,8 +450,8 @@ impl Worker {
         if events.is_empty() {
             return false;
         }
-        let written: HashSet<ObjectKey> =
-            self.reconciler.last_writes().iter().filter_map(ObjectKey::of_change).collect();
+        let written: HashSet<ObjectKey> = writes.iter().filter_map(ObjectKey::of_change).collect();
+        drop(writes);
         events.iter().any(|event| {
             let ours = ObjectKey::of_event(event).is_some_and(|key| written.contains(&key));
             !ours && self.relevant(event)
@@ -472,8 +473,7 @@ impl Worker {
             }
             // Direct routing decides per peer from the underlay's networks.
             Event::Address { index } => {
-                *index == device.index
-                    || (self.reconciler.config().direct_routing && *index == device.underlay_index)
+                *index == device.index || (self.reconciler.config().direct_routing && *index == device.underlay_index)
             }
             Event::Neighbour { ifindex, .. } | Event::Fdb { ifindex, .. } => *ifindex == device.index,
             Event::Route { oif, .. } => oif.is_none_or(|oif| oif == device.index || oif == device.underlay_index),

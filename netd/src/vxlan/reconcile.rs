@@ -121,6 +121,13 @@ impl Reconciler {
         &self.last_writes
     }
 
+    /// Takes what the last pass or apply wrote, leaving nothing behind (a
+    /// from-empty pass at 10 000 peers wrote 40 000 changes: not worth
+    /// keeping once read).
+    pub fn take_last_writes(&mut self) -> Vec<Change> {
+        std::mem::take(&mut self.last_writes)
+    }
+
     /// What the kernel holds for `peer` when it is programmed.
     fn objects(&self, device: &Device, peer: &Lease) -> PeerObjects {
         let id = nexthop_id(peer.subnet);
