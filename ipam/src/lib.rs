@@ -8,10 +8,20 @@
 //! - [`Store::allocate`] gives a pod (`namespace/name`) its pinned address if
 //!   it has one, else a free one; [`Store::release`] (CNI DEL) ends the
 //!   attachment but keeps the pin (state `released`, with its time).
-//! - A pin is freed only by [`Store::forget`] or by
-//!   [`Store::reconcile`] with [`Authority::Authoritative`] — never by time
-//!   alone, so a node cut off from the cloud never gives a pod's address away.
-//!   An optional grace period delays even authoritative frees.
+//! - A pin is freed only on the control plane's word — [`Store::reconcile`]
+//!   with [`Authority::Authoritative`] (the pod is missing from a complete
+//!   list), [`Store::free_released`] (the pod was deleted or moved to another
+//!   node), or an explicit [`Store::forget`] — never by time alone, so a node
+//!   cut off from the cloud does not give a pod's address away. An optional
+//!   grace period delays even authoritative frees.
+//! - The one exception is pressure: [`Store::allocate_or_reclaim`] (what the
+//!   CNI plugin calls), finding a range set with no free address, takes the
+//!   pin released longest ago rather than refusing a new pod, and reports
+//!   which pod lost it. Only when every address is attached does it fail.
+//! - An attached address (a container holds it) is never freed or
+//!   reclaimed by any of these; only [`Store::forget`] drops it.
+//! - Frees are counted persistently by [`FreeReason`]; [`Store::stats`]
+//!   reads pins by state and the counters.
 //! - [`Store::vtep_mac`] derives a node's VTEP MAC from its name (SHA-256,
 //!   locally administered unicast), persists it, and settles clashes with
 //!   known peers deterministically.
@@ -43,7 +53,11 @@
 //! | --- | --- |
 //! | `allocation` | `ip` TEXT primary key (canonical text), `family` 4/6, `pod` `namespace/name` or NULL (host-local import), `ifname`, `container_id`, `state` `attached`/`released`, `since_ms` (Unix ms of the last state change) |
 //! | `vtep_mac` | `node` primary key, `mac` `aa:bb:cc:dd:ee:ff`, `attempt` (derivation attempt), `since_ms` |
-//! | `meta` | `key`, `value`: `last_reserved:<range set>` → the last address handed out |
+//! | `meta` | `key`, `value`: `last_reserved:<range set>` → the last address handed out; `host_local_imported` → Unix ms of the one-time import; `freed_total:<reason>` → pins freed for [`FreeReason`] `<reason>` (decimal text) |
+//!
+//! The counters were added without a format change: version 1 files
+//! written before them simply have no `freed_total:*` rows (all zero), and
+//! older builds ignore the rows.
 //!
 //! A file with another application id, or a newer version, is refused with a
 //! precise error and left untouched.
@@ -84,4 +98,7 @@ pub use import::ImportReport;
 pub use mac::{derive_vtep_mac, MacAddr, MacCollision, MacParseError, VtepMac};
 pub use pod::{PodRef, PodRefError};
 pub use pool::{PoolError, Range, RangeSet};
-pub use store::{Allocation, Authority, ReconcileReport, State, Store, APPLICATION_ID, FORMAT_VERSION};
+pub use store::{
+    Allocated, Allocation, Authority, FreeReason, FreedTotals, PinStats, Reclaimed, ReconcileReport, State, Store,
+    APPLICATION_ID, FORMAT_VERSION,
+};

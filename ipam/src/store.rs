@@ -53,7 +53,9 @@ pub enum State {
 }
 
 impl State {
-    fn as_str(self) -> &'static str {
+    /// The stable lowercase name stored in the file (`attached`,
+    /// `released`), also fit as a metric label.
+    pub fn as_str(self) -> &'static str {
         match self {
             State::Attached => "attached",
             State::Released => "released",
@@ -93,10 +95,153 @@ pub enum Authority {
 pub struct ReconcileReport {
     /// Pins freed because their pods are gone (and past the grace period).
     pub freed: Vec<(PodRef, IpAddr)>,
-    /// Pins of absent pods kept because they changed state within the grace period.
+    /// Released pins of absent pods kept because they changed state within the grace period.
     pub kept_in_grace: usize,
-    /// Pins of absent pods kept because the list was not authoritative.
+    /// Released pins of absent pods kept because the list was not authoritative.
     pub kept_unverified: usize,
+    /// Pins of absent pods kept because a container still holds them: an
+    /// attached address is never freed, whatever the list says (the list may
+    /// predate the pod, and freeing it would hand a live pod's IP to another).
+    pub kept_attached: usize,
+}
+
+/// Why a pin was freed. Each reason has a persistent counter in the store
+/// (meta row `freed_total:<name>`), read back by [`Store::stats`], because the
+/// CNI plugin that frees under pressure is a short-lived process and the
+/// daemon exports the counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FreeReason {
+    /// The control plane deleted the pod (a watch event, after the grace period).
+    Deleted,
+    /// The pod is now bound to another node.
+    Moved,
+    /// An authoritative pod list no longer contains the pod ([`Store::reconcile`]).
+    List,
+    /// A new pod needed an address, the pool had no free one, and this was
+    /// the pin released longest ago ([`Store::allocate_or_reclaim`]).
+    Pressure,
+}
+
+impl FreeReason {
+    /// Every reason, in a stable order (for exporting counters).
+    pub const ALL: [FreeReason; 4] = [FreeReason::Deleted, FreeReason::Moved, FreeReason::List, FreeReason::Pressure];
+
+    /// The stable lowercase name (`deleted`, `moved`, `list`, `pressure`),
+    /// used in the store's meta rows and as a metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FreeReason::Deleted => "deleted",
+            FreeReason::Moved => "moved",
+            FreeReason::List => "list",
+            FreeReason::Pressure => "pressure",
+        }
+    }
+
+    fn meta_key(self) -> String {
+        format!("{FREED_KEY_PREFIX}{}", self.as_str())
+    }
+}
+
+impl std::fmt::Display for FreeReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Prefix of the meta rows counting frees by reason.
+const FREED_KEY_PREFIX: &str = "freed_total:";
+
+/// Pins freed since the store was created, by reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FreedTotals {
+    /// [`FreeReason::Deleted`].
+    pub deleted: u64,
+    /// [`FreeReason::Moved`].
+    pub moved: u64,
+    /// [`FreeReason::List`].
+    pub list: u64,
+    /// [`FreeReason::Pressure`].
+    pub pressure: u64,
+}
+
+impl FreedTotals {
+    /// The total for one reason.
+    pub fn get(&self, reason: FreeReason) -> u64 {
+        match reason {
+            FreeReason::Deleted => self.deleted,
+            FreeReason::Moved => self.moved,
+            FreeReason::List => self.list,
+            FreeReason::Pressure => self.pressure,
+        }
+    }
+
+    fn slot(&mut self, reason: FreeReason) -> &mut u64 {
+        match reason {
+            FreeReason::Deleted => &mut self.deleted,
+            FreeReason::Moved => &mut self.moved,
+            FreeReason::List => &mut self.list,
+            FreeReason::Pressure => &mut self.pressure,
+        }
+    }
+
+    /// All reasons together.
+    pub fn total(&self) -> u64 {
+        FreeReason::ALL.iter().fold(0u64, |sum, r| sum.saturating_add(self.get(*r)))
+    }
+}
+
+/// A snapshot of the store for metrics ([`Store::stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PinStats {
+    /// Addresses held by a container (state attached), including host-local
+    /// imports that do not know their pod yet.
+    pub attached: u64,
+    /// Addresses pinned to a pod whose container is gone (state released).
+    pub released: u64,
+    /// Pins freed since the store was created, by reason. [`Store::forget`]
+    /// (an explicit operator action) is not counted.
+    pub freed: FreedTotals,
+}
+
+/// A released pin taken from its pod because the pool was full
+/// ([`Store::allocate_or_reclaim`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reclaimed {
+    /// The pod that lost its pin.
+    pub pod: PodRef,
+    /// The address, now the new pod's.
+    pub ip: IpAddr,
+    /// The interface the pin was for.
+    pub ifname: String,
+    /// When its container was released (CNI DEL), or the pin imported.
+    pub released_since: SystemTime,
+    /// How long it had been released when it was reclaimed.
+    pub released_for: Duration,
+    /// The full range set it was reclaimed in (its `Display` form).
+    pub range_set: String,
+}
+
+/// What [`Store::allocate_or_reclaim`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allocated {
+    /// One address per range set, in order (as [`Store::allocate`] returns).
+    pub allocations: Vec<Allocation>,
+    /// Released pins taken from other pods to make room; empty unless a
+    /// range set was full.
+    pub reclaimed: Vec<Reclaimed>,
+}
+
+/// What to do when a range set has no free address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WhenFull {
+    Fail,
+    ReclaimOldestReleased,
+}
+
+/// The address `pick_free` chose.
+enum Pick {
+    Free(IpAddr),
+    Reclaim(Reclaimed),
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -294,7 +439,10 @@ impl Store {
         })
     }
 
-    /// Gives the pod one address from each range set, all or nothing.
+    /// Gives the pod one address from each range set, all or nothing, and
+    /// never takes a pin from another pod: when a set has no free address
+    /// this fails with [`Error::Exhausted`], even if released pins hold the
+    /// whole pool. The CNI plugin uses [`Store::allocate_or_reclaim`] instead.
     ///
     /// Per set, in order of preference: the address this container already
     /// holds (a retried ADD), the pod's pinned address (same pod, new sandbox
@@ -308,6 +456,42 @@ impl Store {
         container_id: &str,
         ifname: &str,
     ) -> Result<Vec<Allocation>> {
+        self.allocate_when_full(sets, pod, container_id, ifname, WhenFull::Fail).map(|done| done.allocations)
+    }
+
+    /// [`Store::allocate`], except that a range set with no free address
+    /// does not refuse the pod while a released pin exists in it: the pin
+    /// released longest ago (oldest `since`; ties by address) is freed and
+    /// its address handed to this pod, in the same `BEGIN IMMEDIATE`
+    /// transaction, so no other process ever sees the address free or held
+    /// twice. An attached pin is never taken. Each reclaim is counted
+    /// ([`FreeReason::Pressure`]) and returned so the caller can say which
+    /// pod lost its pin.
+    ///
+    /// This is the one exception to "a pin is never freed by time alone":
+    /// without it a node whose workloads create new pod names (Deployments,
+    /// Jobs) stops starting pods once every address is pinned by pods that
+    /// are long gone, and a cut-off node never learns that they are gone.
+    /// It fails with [`Error::Exhausted`] only when every address of a set
+    /// is attached.
+    pub fn allocate_or_reclaim(
+        &mut self,
+        sets: &[RangeSet],
+        pod: &PodRef,
+        container_id: &str,
+        ifname: &str,
+    ) -> Result<Allocated> {
+        self.allocate_when_full(sets, pod, container_id, ifname, WhenFull::ReclaimOldestReleased)
+    }
+
+    fn allocate_when_full(
+        &mut self,
+        sets: &[RangeSet],
+        pod: &PodRef,
+        container_id: &str,
+        ifname: &str,
+        when_full: WhenFull,
+    ) -> Result<Allocated> {
         check_families(sets)?;
         let path = self.path.clone();
         let pod_text = pod.to_string();
@@ -315,6 +499,7 @@ impl Store {
         let tx = self.begin()?;
         let sql = |action| crate::error::sql_err(&path, action);
         let mut result = Vec::with_capacity(sets.len());
+        let mut reclaimed = Vec::new();
         for set in sets {
             let candidates: Vec<Allocation> = {
                 let mut stmt = tx
@@ -352,7 +537,31 @@ impl Store {
                     existing.ip
                 }
                 None => {
-                    let ip = Self::pick_free(&tx, &path, set)?;
+                    let ip = match Self::pick_free(&tx, &path, set, when_full, now)? {
+                        Pick::Free(ip) => ip,
+                        Pick::Reclaim(victim) => {
+                            // Conditional on the state read in this same
+                            // transaction: exactly the released row goes.
+                            let gone = tx
+                                .execute(
+                                    "DELETE FROM allocation WHERE ip = ?1 AND state = 'released'",
+                                    params![victim.ip.to_string()],
+                                )
+                                .map_err(sql("reclaiming a released pin"))?;
+                            if gone != 1 {
+                                return Err(Error::Corrupt {
+                                    path: path.clone(),
+                                    row: victim.ip.to_string(),
+                                    why: format!(
+                                        "the released pin to reclaim vanished inside the transaction ({gone} rows)"
+                                    ),
+                                });
+                            }
+                            let ip = victim.ip;
+                            reclaimed.push(victim);
+                            ip
+                        }
+                    };
                     // The pod's pin of this family lies outside the pool now: it moves.
                     tx.execute(
                         "DELETE FROM allocation WHERE pod = ?1 AND ifname = ?2 AND family = ?3",
@@ -383,15 +592,16 @@ impl Store {
                 since: ms_to_time(now),
             });
         }
+        count_freed(&tx, &path, FreeReason::Pressure, reclaimed.len())?;
         tx.commit().map_err(|source| Error::Sql {
             path: self.path.clone(),
             action: "committing an allocation",
             source,
         })?;
-        Ok(result)
+        Ok(Allocated { allocations: result, reclaimed })
     }
 
-    fn pick_free(tx: &Transaction<'_>, path: &Path, set: &RangeSet) -> Result<IpAddr> {
+    fn pick_free(tx: &Transaction<'_>, path: &Path, set: &RangeSet, when_full: WhenFull, now: i64) -> Result<Pick> {
         let sql = |action| crate::error::sql_err(path, action);
         let last: Option<IpAddr> = tx
             .query_row("SELECT value FROM meta WHERE key = ?1", params![format!("last_reserved:{}", set.key())], |r| {
@@ -400,27 +610,66 @@ impl Store {
             .optional()
             .map_err(sql("reading the last reserved address"))?
             .and_then(|text| text.parse().ok());
-        let mut used: HashMap<IpAddr, State> = HashMap::new();
+        struct Used {
+            state: State,
+            pod: Option<String>,
+            ifname: String,
+            since_ms: i64,
+        }
+        let mut used: HashMap<IpAddr, Used> = HashMap::new();
         {
-            let mut stmt =
-                tx.prepare_cached("SELECT ip, state FROM allocation").map_err(sql("listing used addresses"))?;
+            let mut stmt = tx
+                .prepare_cached("SELECT ip, state, pod, ifname, since_ms FROM allocation")
+                .map_err(sql("listing used addresses"))?;
             let rows = stmt
-                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        Used {
+                            state: if r.get::<_, String>(1)? == "attached" { State::Attached } else { State::Released },
+                            pod: r.get(2)?,
+                            ifname: r.get(3)?,
+                            since_ms: r.get(4)?,
+                        },
+                    ))
+                })
                 .map_err(sql("listing used addresses"))?;
             for row in rows {
-                let (ip, state) = row.map_err(sql("listing used addresses"))?;
+                let (ip, row) = row.map_err(sql("listing used addresses"))?;
                 // Unparseable rows cannot be handed out again anyway; they
                 // are reported by `allocations()`.
                 if let Ok(ip) = ip.parse::<IpAddr>() {
-                    used.insert(ip, if state == "attached" { State::Attached } else { State::Released });
+                    used.insert(ip, row);
                 }
             }
         }
         if let Some(ip) = set.candidates(last).find(|ip| !used.contains_key(ip)) {
-            return Ok(ip);
+            return Ok(Pick::Free(ip));
+        }
+        if when_full == WhenFull::ReclaimOldestReleased {
+            // The pod gone longest is the least likely to come back; ties
+            // (same millisecond) by address, so the choice is deterministic.
+            // A row whose pod does not parse is damaged: it is left for
+            // `allocations()` to report rather than silently reused.
+            let victim = used
+                .iter()
+                .filter(|(ip, u)| u.state == State::Released && set.contains(**ip))
+                .filter_map(|(ip, u)| Some((*ip, u, u.pod.as_deref()?.parse::<PodRef>().ok()?)))
+                .min_by_key(|(ip, u, _)| (u.since_ms, *ip));
+            if let Some((ip, u, pod)) = victim {
+                let released_for = Duration::from_millis(u64::try_from(now.saturating_sub(u.since_ms)).unwrap_or(0));
+                return Ok(Pick::Reclaim(Reclaimed {
+                    pod,
+                    ip,
+                    ifname: u.ifname.clone(),
+                    released_since: ms_to_time(u.since_ms),
+                    released_for,
+                    range_set: set.to_string(),
+                }));
+            }
         }
         let in_set = used.iter().filter(|(ip, _)| set.contains(**ip));
-        let (attached, released) = in_set.fold((0, 0), |(a, r), (_, state)| match state {
+        let (attached, released) = in_set.fold((0, 0), |(a, r), (_, u)| match u.state {
             State::Attached => (a + 1, r),
             State::Released => (a, r + 1),
         });
@@ -503,10 +752,23 @@ impl Store {
         Ok(ips.iter().filter_map(|ip| ip.parse().ok()).collect())
     }
 
-    /// Frees the pins of pods absent from `live_pods`, but only when the
-    /// list is [`Authority::Authoritative`] and the pin has not changed state
-    /// for `grace`. An unverified list (node cut off) frees nothing: a pod
-    /// that merely looks absent keeps its address.
+    /// Frees the released pins of pods absent from `live_pods`, but only
+    /// when the list is [`Authority::Authoritative`] and the pin has not
+    /// changed state for `grace`. Frees are counted as [`FreeReason::List`].
+    ///
+    /// - An unverified list (node cut off) frees nothing: a pod that merely
+    ///   looks absent keeps its address.
+    /// - An attached pin is never freed, whatever the list says: a container
+    ///   holds it, and the list may be older than the pod (counted in
+    ///   [`ReconcileReport::kept_attached`]). Its pod's next DEL releases it
+    ///   and a later reconcile frees it.
+    /// - When there is nothing to free, nothing is written: the store is
+    ///   only read, and no write transaction is started (so a periodic
+    ///   reconcile neither fsyncs nor contends with CNI plugin processes).
+    /// - Race-safe against a concurrent ADD: each pin is deleted only if it
+    ///   is still in the released state, with the release time read, inside
+    ///   one `BEGIN IMMEDIATE` transaction; a pod re-attached meanwhile keeps
+    ///   its address.
     pub fn reconcile(
         &mut self,
         live_pods: &HashSet<PodRef>,
@@ -514,45 +776,154 @@ impl Store {
         grace: Duration,
     ) -> Result<ReconcileReport> {
         let mut report = ReconcileReport::default();
-        let absent: Vec<Allocation> = self
-            .allocations()?
-            .into_iter()
-            .filter(|a| a.pod.as_ref().is_some_and(|p| !live_pods.contains(p)))
-            .collect();
-        if authority == Authority::Unverified {
-            report.kept_unverified = absent.len();
-            return Ok(report);
-        }
-        let now = SystemTime::now();
-        let path = self.path.clone();
-        let tx = self.begin()?;
-        for allocation in absent {
-            let age = now.duration_since(allocation.since).unwrap_or_default();
-            if age < grace {
-                report.kept_in_grace += 1;
-                continue;
-            }
-            // Only if unchanged since we read it: a concurrent ADD re-attaching
-            // the pod wins.
-            let deleted = tx
-                .execute(
-                    "DELETE FROM allocation WHERE ip = ?1 AND pod = ?2 AND state = ?3 AND since_ms = ?4",
-                    params![
-                        allocation.ip.to_string(),
-                        allocation.pod.as_ref().map(ToString::to_string),
-                        allocation.state.as_str(),
-                        allocation.since.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-                    ],
-                )
-                .map_err(|source| Error::Sql { path: path.clone(), action: "freeing a pin", source })?;
-            if deleted == 1 {
-                if let Some(pod) = allocation.pod {
-                    report.freed.push((pod, allocation.ip));
+        let now = now_ms();
+        let grace_ms = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
+        let mut doomed: Vec<(PodRef, IpAddr, i64)> = Vec::new();
+        {
+            let sql = self.sql("listing pins for a reconcile");
+            let mut stmt = self
+                .conn
+                .prepare_cached(&format!("SELECT {ROW_COLUMNS} FROM allocation WHERE pod IS NOT NULL"))
+                .map_err(&sql)?;
+            let rows = stmt.query_map([], read_row).map_err(&sql)?;
+            for row in rows {
+                let row = row.map_err(&sql)?;
+                let since_ms = row.since_ms;
+                let allocation = Self::parse_row(&self.path, row)?;
+                let Some(pod) = allocation.pod else { continue };
+                if live_pods.contains(&pod) {
+                    continue;
+                }
+                if allocation.state == State::Attached {
+                    report.kept_attached += 1;
+                } else if authority == Authority::Unverified {
+                    report.kept_unverified += 1;
+                } else if now.saturating_sub(since_ms) < grace_ms {
+                    report.kept_in_grace += 1;
+                } else {
+                    doomed.push((pod, allocation.ip, since_ms));
                 }
             }
         }
-        tx.commit().map_err(|source| Error::Sql { path, action: "committing a reconcile", source })?;
+        if doomed.is_empty() {
+            return Ok(report);
+        }
+        let path = self.path.clone();
+        let sql = |action| crate::error::sql_err(&path, action);
+        let tx = self.begin()?;
+        for (pod, ip, since_ms) in doomed {
+            // Only if unchanged since we read it: a concurrent ADD re-attaching
+            // the pod (state attached, new since) wins.
+            let deleted = tx
+                .execute(
+                    "DELETE FROM allocation WHERE ip = ?1 AND pod = ?2 AND state = 'released' AND since_ms = ?3",
+                    params![ip.to_string(), pod.to_string(), since_ms],
+                )
+                .map_err(sql("freeing a pin"))?;
+            if deleted == 1 {
+                report.freed.push((pod, ip));
+            }
+        }
+        count_freed(&tx, &path, FreeReason::List, report.freed.len())?;
+        tx.commit().map_err(sql("committing a reconcile"))?;
         Ok(report)
+    }
+
+    /// Frees the released pins of `pod` (the control plane deleted it, or
+    /// bound it to another node, and the daemon's grace period is over),
+    /// counting them under `reason`. Returns the freed addresses; empty when
+    /// the pod has no released pin.
+    ///
+    /// An attached pin is kept: the pod is running here again (re-created
+    /// with the same name on this node) or its old sandbox has not been torn
+    /// down yet. The check and the delete are one statement inside one
+    /// `BEGIN IMMEDIATE` transaction, so a concurrent ADD that re-attaches
+    /// the pod either commits first (its pin is kept) or after (it gets a
+    /// fresh address). Nothing is written when the pod has no released pin.
+    ///
+    /// The caller decides *when*: a pod deleted and re-created within the
+    /// grace period, then restarted (DEL, ADD), is released for a moment;
+    /// the daemon must cancel its pending free when the watch shows the pod
+    /// on this node again.
+    pub fn free_released(&mut self, pod: &PodRef, reason: FreeReason) -> Result<Vec<IpAddr>> {
+        let pod_text = pod.to_string();
+        // Read first: the common "nothing to free" case takes no write lock.
+        let pending: i64 = self
+            .conn
+            .query_row(
+                "SELECT count(*) FROM allocation WHERE pod = ?1 AND state = 'released'",
+                params![pod_text],
+                |r| r.get(0),
+            )
+            .map_err(self.sql("looking up a pod's released pins"))?;
+        if pending == 0 {
+            return Ok(Vec::new());
+        }
+        let path = self.path.clone();
+        let sql = |action| crate::error::sql_err(&path, action);
+        let tx = self.begin()?;
+        let ips: Vec<String> = {
+            let mut stmt = tx
+                .prepare_cached("DELETE FROM allocation WHERE pod = ?1 AND state = 'released' RETURNING ip")
+                .map_err(sql("freeing a pod's released pins"))?;
+            let rows = stmt.query_map(params![pod_text], |r| r.get(0)).map_err(sql("freeing a pod's released pins"))?;
+            rows.collect::<rusqlite::Result<_>>().map_err(sql("freeing a pod's released pins"))?
+        };
+        count_freed(&tx, &path, reason, ips.len())?;
+        tx.commit().map_err(sql("committing a free"))?;
+        Ok(ips.iter().filter_map(|ip| ip.parse().ok()).collect())
+    }
+
+    /// Pins by state and frees by reason, for metrics. Read-only.
+    ///
+    /// A counter row that does not hold a number (hand-edited store) is a
+    /// [`Error::Corrupt`] naming the row; the next free of that reason
+    /// rewrites it as a number (SQLite's integer reading of the text, 0 for
+    /// words) rather than failing that free.
+    pub fn stats(&self) -> Result<PinStats> {
+        let sql = self.sql("reading pin statistics");
+        let mut stats = PinStats::default();
+        {
+            let mut stmt =
+                self.conn.prepare_cached("SELECT state, count(*) FROM allocation GROUP BY state").map_err(&sql)?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))).map_err(&sql)?;
+            for row in rows {
+                let (state, count) = row.map_err(&sql)?;
+                let count = u64::try_from(count).unwrap_or(0);
+                match state.as_str() {
+                    "attached" => stats.attached = count,
+                    "released" => stats.released = count,
+                    // The schema's CHECK constraint makes this unreachable.
+                    _ => {}
+                }
+            }
+        }
+        for reason in FreeReason::ALL {
+            let key = reason.meta_key();
+            let value: Option<String> = self
+                .conn
+                .query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| r.get(0))
+                .optional()
+                .map_err(&sql)?;
+            if let Some(value) = value {
+                *stats.freed.slot(reason) = value.trim().parse::<u64>().map_err(|_| Error::Corrupt {
+                    path: self.path.clone(),
+                    row: format!("meta {key}"),
+                    why: format!(
+                        "counter value {:?} is not a non-negative integer",
+                        value.chars().take(40).collect::<String>()
+                    ),
+                })?;
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Rows inserted, updated or deleted through this handle since it was
+    /// opened (SQLite's `total_changes()`); lets callers and benchmarks
+    /// verify that a call wrote nothing.
+    pub fn changes(&self) -> u64 {
+        self.conn.total_changes()
     }
 
     /// Every address in the store, ordered by address text.
@@ -593,6 +964,23 @@ impl Store {
     pub(crate) fn conn_mut(&mut self) -> &mut Connection {
         &mut self.conn
     }
+}
+
+/// Adds `n` to the persistent counter of `reason`, inside the caller's
+/// transaction so the count commits (or rolls back) with the frees.
+fn count_freed(tx: &Transaction<'_>, path: &Path, reason: FreeReason, n: usize) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    // meta.value is TEXT; a value that is not a number counts as 0 (a
+    // damaged counter must not make an ADD fail).
+    tx.execute(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2)
+         ON CONFLICT (key) DO UPDATE SET value = CAST(CAST(value AS INTEGER) + CAST(excluded.value AS INTEGER) AS TEXT)",
+        params![reason.meta_key(), n.to_string()],
+    )
+    .map_err(crate::error::sql_err(path, "counting freed pins"))?;
+    Ok(())
 }
 
 fn check_families(sets: &[RangeSet]) -> Result<()> {

@@ -99,3 +99,63 @@ fn bridge_with_netd_ipam_pins_ips_across_sandbox_recreation() {
     del("client-sandbox-1", &client);
     del("other-sandbox", &other);
 }
+
+/// A full pool through the real `bridge` plugin: a new pod reclaims the
+/// address released longest ago, the bridge configures it, the reason
+/// reaches the runtime on stderr, and a pod that is still attached keeps
+/// its address.
+#[test]
+fn bridge_with_netd_ipam_reclaims_the_oldest_released_pin_when_the_pool_is_full() {
+    let Some(_kernel) = testing::privileged().unwrap() else {
+        return;
+    };
+    let data = tempfile::tempdir().unwrap();
+    // 10.62.0.0/29: .1 is the bridge's gateway, .2-.6 go to pods.
+    let conf = format!(
+        r#"{{"cniVersion":"1.0.0","name":"podnet","type":"bridge","bridge":"cni1","isGateway":true,
+            "ipam":{{"type":"netd-ipam","subnet":"10.62.0.0/29","dataDir":"{}"}}}}"#,
+        data.path().display()
+    );
+    let node = NetNs::new().unwrap();
+    let runner =
+        CniRunner::new(&node, vec![PathBuf::from(DEBIAN_CNI_DIR), plugin_dir_of(env!("CARGO_BIN_EXE_netd-ipam"))]);
+    let call = |command, container: &str, netns: &NetNs, pod: Option<&str>| {
+        let call = CniCall { command, container_id: container, pod_netns: netns, ifname: "eth0", pod };
+        runner.call_ok("bridge", &call, &conf).unwrap()
+    };
+    let address = |out: &std::process::Output| -> String {
+        let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+        result["ips"][0]["address"].as_str().unwrap().to_string()
+    };
+    let running = NetNs::new().unwrap();
+    let running_ip = address(&call("ADD", "running", &running, Some("default/running")));
+    let mut gone = Vec::new();
+    for i in 0..4 {
+        let netns = NetNs::new().unwrap();
+        let ip = address(&call("ADD", &format!("gone-{i}"), &netns, Some(&format!("default/gone-{i}"))));
+        call("DEL", &format!("gone-{i}"), &netns, None);
+        gone.push(ip);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+
+    let fresh = NetNs::new().unwrap();
+    let out = call("ADD", "fresh", &fresh, Some("default/fresh"));
+    assert_eq!(address(&out), gone[0], "the pin released longest ago is reclaimed");
+    assert_eq!(pod_ip(&fresh), gone[0], "the bridge plugin configured the reclaimed address");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let ip0 = gone[0].split('/').next().unwrap();
+    assert!(stderr.contains(&format!("reclaimed {ip0} from pod default/gone-0 (eth0)")), "stderr: {stderr}");
+    assert_eq!(pod_ip(&running), running_ip);
+
+    // The reclaimed pod comes back: it takes the next-oldest released pin, never the running pod's.
+    let back = NetNs::new().unwrap();
+    let out = call("ADD", "gone-0-again", &back, Some("default/gone-0"));
+    assert_eq!(address(&out), gone[1]);
+    assert_ne!(address(&out), running_ip);
+    let stats = netd_ipam::Store::open(data.path().join("podnet/netd-ipam.db")).unwrap().stats().unwrap();
+    assert_eq!((stats.attached, stats.released, stats.freed.pressure), (3, 2, 2));
+
+    for (container, netns) in [("running", &running), ("fresh", &fresh), ("gone-0-again", &back)] {
+        call("DEL", container, netns, None);
+    }
+}

@@ -340,3 +340,242 @@ fn sigkill_at_random_points_never_breaks_invariants() {
         assert_eq!(&add_ok(dir.path(), "10.60.0.0/22", &format!("again-{}", pod.replace('/', "-")), pod), ip);
     }
 }
+
+#[test]
+fn empty_or_relative_data_dir_is_refused_and_nothing_lands_in_the_working_directory() {
+    let cwd = tempfile::tempdir().unwrap();
+    let with_data_dir = |value: &str| {
+        format!(
+            r#"{{"cniVersion":"1.0.0","name":"testnet","type":"bridge","ipam":{{"type":"netd-ipam","dataDir":"{value}","subnet":"10.64.0.0/24"}}}}"#
+        )
+    };
+    let run_in = |command: &str, stdin: &str| {
+        let mut child = Command::new(PLUGIN)
+            .env_clear()
+            .current_dir(cwd.path())
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", "c1")
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_ARGS", "K8S_POD_NAMESPACE=default;K8S_POD_NAME=p")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    for command in ["ADD", "DEL", "CHECK", "STATUS"] {
+        assert_error(&run_in(command, &with_data_dir("")), 7, "ipam.dataDir: \"\" is empty");
+        assert_error(&run_in(command, &with_data_dir("   ")), 7, "ipam.dataDir: \"   \" is empty");
+        for relative in ["networks", "./networks", "var/lib/cni/networks", "../networks"] {
+            assert_error(
+                &run_in(command, &with_data_dir(relative)),
+                7,
+                &format!("ipam.dataDir: \"{relative}\" is a relative path; it must be absolute"),
+            );
+        }
+    }
+    let out = run_in("ADD", &with_data_dir(""));
+    let err = json(&out);
+    assert!(err["details"].as_str().unwrap().contains("omit ipam.dataDir"), "{err}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ipam.dataDir"), "the reason is logged too");
+    assert_eq!(std::fs::read_dir(cwd.path()).unwrap().count(), 0, "something was written to the working directory");
+    // An absolute dataDir still works from any working directory.
+    let data = tempfile::tempdir().unwrap();
+    let out = run_in("ADD", &with_data_dir(&data.path().display().to_string()));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(data.path().join("testnet/netd-ipam.db").exists());
+}
+
+/// Store stats of the test network.
+fn stats(data_dir: &Path) -> netd_ipam::PinStats {
+    let store = netd_ipam::Store::open(data_dir.join("testnet/netd-ipam.db")).unwrap();
+    store.integrity_check().unwrap();
+    store.stats().unwrap()
+}
+
+/// The issue's churn: Deployments and Jobs create a new pod name every run.
+/// 1 000 distinct pods on a /24 (253 addresses), at most 10 attached at a
+/// time, each ADD then DEL through the real plugin, 10 processes at a time.
+/// Without pressure reclaim the 254th ADD fails; with it none does, every
+/// reclaim is logged naming the pod that lost its pin, and counted.
+#[test]
+fn churn_of_a_thousand_pod_names_on_a_slash_24_never_fails_an_add() {
+    let dir = tempfile::tempdir().unwrap();
+    let subnet = "10.65.0.0/24";
+    let config = subnet_conf(dir.path(), subnet);
+    let mut released: HashSet<String> = HashSet::new();
+    let mut reclaim_lines = 0;
+    for batch in 0..100 {
+        let pods: Vec<String> = (0..10).map(|i| format!("default/churn-{}", batch * 10 + i)).collect();
+        let adds: Vec<Child> =
+            pods.iter().map(|pod| spawn("ADD", &pod.replace('/', "-"), Some(pod), &config)).collect();
+        let mut ips = HashSet::new();
+        for (pod, child) in pods.iter().zip(adds) {
+            let out = child.wait_with_output().unwrap();
+            assert!(out.status.success(), "ADD of {pod} failed: {}", String::from_utf8_lossy(&out.stdout));
+            ips.insert(json(&out)["ips"][0]["address"].as_str().unwrap().to_string());
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            for line in stderr.lines().filter(|l| l.contains("reclaimed")) {
+                reclaim_lines += 1;
+                // `... reclaimed 10.65.0.7 from pod default/churn-3 (eth0), released 1s ago, ...`
+                let lost = line.split("from pod ").nth(1).unwrap().split(' ').next().unwrap();
+                assert!(released.contains(lost), "reclaimed from {lost}, which is not released: {line}");
+                assert!(line.contains(&format!("for new pod {pod}")), "{line}");
+                assert!(line.contains("is full"), "{line}");
+                released.remove(lost);
+            }
+        }
+        assert_eq!(ips.len(), 10, "two attached pods share an address: {ips:?}");
+        // Every attached pod holds its address in the store.
+        let rows = store_rows(dir.path());
+        let attached = rows.iter().filter(|a| a.state == netd_ipam::State::Attached).count();
+        assert_eq!(attached, 10);
+        let dels: Vec<Child> = pods.iter().map(|pod| spawn("DEL", &pod.replace('/', "-"), None, &config)).collect();
+        for child in dels {
+            assert!(child.wait_with_output().unwrap().status.success());
+        }
+        released.extend(pods);
+    }
+    let stats = stats(dir.path());
+    // The first 253 pods fill the pool; each of the 747 after it reclaims one pin.
+    assert_eq!(stats.freed.pressure, 747);
+    assert_eq!(reclaim_lines, 747);
+    assert_eq!((stats.attached, stats.released), (0, 253));
+}
+
+/// Concurrent ADD and DEL plugin processes on a full pool, half of them
+/// SIGKILLed at random moments. 16 resident pods stay attached throughout
+/// (their ADD is retried now and then, as kubelet does); churn pods come and
+/// go, every new one reclaiming a released pin. After every round: the store
+/// passes SQLite's integrity check, no address or pin is held twice, every
+/// resident still has its address, and every acknowledged ADD still holds its.
+#[test]
+fn attached_pods_keep_their_addresses_under_concurrency_and_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let subnet = "10.66.0.0/27"; // .2-.30: 29 addresses
+    let config = subnet_conf(dir.path(), subnet);
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let residents: Vec<(String, String)> = (0..16)
+        .map(|i| {
+            let pod = format!("default/resident-{i}");
+            let ip = add_ok(dir.path(), subnet, &format!("resident-{i}"), &pod);
+            (pod, ip)
+        })
+        .collect();
+    // Fill the rest of the pool with released pins.
+    for i in 0..13 {
+        add_ok(dir.path(), subnet, &format!("old-{i}"), &format!("default/old-{i}"));
+        assert!(run("DEL", &format!("old-{i}"), None, &config).status.success());
+    }
+    assert_eq!(store_rows(dir.path()).len(), 29, "the pool is full of pins");
+
+    // Churn pods of the previous round: (pod, container, acknowledged address).
+    let mut previous: Vec<(String, String, Option<String>)> = Vec::new();
+    let (mut acknowledged, mut killed_adds, mut killed_total) = (0u64, 0u64, 0u64);
+    for round in 0..12 {
+        // At most 16 residents + 6 previous (being deleted) + 6 new attached: the pool of 29 suffices.
+        enum Kind {
+            NewPod(String, String),
+            Retry(usize),
+            Del(String),
+        }
+        let mut children: Vec<(Kind, Child)> = Vec::new();
+        for (_, container, _) in &previous {
+            children.push((Kind::Del(container.clone()), spawn("DEL", container, None, &config)));
+        }
+        for i in 0..6 {
+            let pod = format!("default/churn-{round}-{i}");
+            let container = format!("churn-{round}-{i}");
+            children
+                .push((Kind::NewPod(pod.clone(), container.clone()), spawn("ADD", &container, Some(&pod), &config)));
+        }
+        for _ in 0..2 {
+            let r = (next() % residents.len() as u64) as usize;
+            let child = spawn("ADD", &format!("resident-{r}"), Some(&residents[r].0), &config);
+            children.push((Kind::Retry(r), child));
+        }
+        let mut current = Vec::new();
+        let mut redo_dels = Vec::new();
+        for (kind, mut child) in children {
+            let killed = next() % 2 == 0;
+            if killed {
+                std::thread::sleep(Duration::from_micros(next() % 5000));
+                let _ = child.kill();
+            }
+            let out = child.wait_with_output().unwrap();
+            // Killed before it finished: no exit code.
+            let finished = out.status.code().is_some();
+            killed_total += u64::from(!finished);
+            if finished {
+                assert!(out.status.success(), "round {round}: {}", String::from_utf8_lossy(&out.stdout));
+            }
+            match kind {
+                Kind::NewPod(pod, container) => {
+                    let ip = finished.then(|| json(&out)["ips"][0]["address"].as_str().unwrap().to_string());
+                    acknowledged += u64::from(ip.is_some());
+                    killed_adds += u64::from(ip.is_none());
+                    // Deleted next round either way, as kubelet would clean up a failed sandbox.
+                    current.push((pod, container, ip));
+                }
+                Kind::Retry(r) => {
+                    if finished {
+                        assert_eq!(json(&out)["ips"][0]["address"], residents[r].1.as_str(), "retried ADD moved");
+                    }
+                }
+                Kind::Del(container) => {
+                    if !finished {
+                        redo_dels.push(container);
+                    }
+                }
+            }
+        }
+        for container in redo_dels {
+            assert!(run("DEL", &container, None, &config).status.success());
+        }
+        // The invariants, after every round.
+        let store = netd_ipam::Store::open(dir.path().join("testnet/netd-ipam.db")).unwrap();
+        store.integrity_check().unwrap();
+        let rows = store.allocations().unwrap();
+        let ips: HashSet<_> = rows.iter().map(|a| a.ip).collect();
+        assert_eq!(ips.len(), rows.len(), "round {round}: an address is held twice");
+        let pods: HashSet<_> = rows.iter().map(|a| a.pod.clone()).collect();
+        assert_eq!(pods.len(), rows.len(), "round {round}: a pod holds two addresses");
+        let holds = |pod: &str, ip: &str| {
+            rows.iter().any(|a| {
+                a.pod.as_ref().map(ToString::to_string).as_deref() == Some(pod)
+                    && a.state == netd_ipam::State::Attached
+                    && format!("{}/27", a.ip) == ip
+            })
+        };
+        for (pod, ip) in &residents {
+            assert!(holds(pod, ip), "round {round}: resident {pod} lost {ip}: {rows:?}");
+        }
+        for (pod, _, ip) in &current {
+            if let Some(ip) = ip {
+                assert!(holds(pod, ip), "round {round}: {pod} lost its acknowledged {ip}");
+            }
+        }
+        previous = current;
+    }
+    assert!(acknowledged >= 20, "too few ADDs completed to prove anything: {acknowledged}");
+    assert!(killed_total >= 10, "too few processes killed mid-run to prove anything: {killed_total}");
+    // The pool stays full of pins, so every new pod's committed ADD reclaimed exactly one;
+    // a killed ADD may or may not have committed.
+    let pressure = stats(dir.path()).freed.pressure;
+    eprintln!(
+        "{acknowledged} new-pod ADDs acknowledged, {killed_adds} killed; {killed_total} processes killed in all; \
+         {pressure} pins reclaimed"
+    );
+    assert!(
+        (acknowledged..=acknowledged + killed_adds).contains(&pressure),
+        "{pressure} reclaims for {acknowledged} ADDs"
+    );
+}

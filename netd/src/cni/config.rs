@@ -200,7 +200,7 @@ pub fn parse(stdin: &[u8], needs: Needs) -> Result<IpamConfig, CniError> {
         )));
     }
     let ipam = raw.ipam.ok_or_else(|| with_version(invalid("ipam: missing", "the IPAM section names the ranges")))?;
-    let data_dir = PathBuf::from(ipam.data_dir.as_deref().unwrap_or(DEFAULT_DATA_DIR));
+    let data_dir = data_dir(ipam.data_dir.as_deref()).map_err(with_version)?;
     let network_dir = data_dir.join(&raw.name);
     let prev_ips = raw
         .prev_result
@@ -250,6 +250,35 @@ pub fn parse(stdin: &[u8], needs: Needs) -> Result<IpamConfig, CniError> {
         config.dns = read_resolv_conf(Path::new(path)).map_err(with_version)?;
     }
     Ok(config)
+}
+
+/// `ipam.dataDir`: absent means host-local's default; present, it must be
+/// an absolute path. An empty or relative one would resolve against the
+/// runtime's working directory (`"dataDir": ""` used to put the store in
+/// `./<network>/`), which differs between kubelet, containerd and a shell,
+/// so pods would silently lose their pins; it is refused instead.
+fn data_dir(configured: Option<&str>) -> Result<PathBuf, CniError> {
+    let Some(text) = configured else {
+        return Ok(PathBuf::from(DEFAULT_DATA_DIR));
+    };
+    let shown = text.chars().take(80).collect::<String>();
+    if text.trim().is_empty() {
+        return Err(invalid(
+            format!("ipam.dataDir: {shown:?} is empty"),
+            format!(
+                "give an absolute directory such as {DEFAULT_DATA_DIR:?}, or omit ipam.dataDir for that default; \
+                 an empty path would put the store in the runtime's working directory"
+            ),
+        ));
+    }
+    let path = PathBuf::from(text);
+    if !path.is_absolute() {
+        return Err(invalid(
+            format!("ipam.dataDir: {shown:?} is a relative path; it must be absolute"),
+            "a relative path resolves against the runtime's working directory, which differs between callers",
+        ));
+    }
+    Ok(path)
 }
 
 fn range_of(
@@ -331,4 +360,27 @@ fn read_resolv_conf(path: &Path) -> Result<Dns, CniError> {
         }
     }
     Ok(dns)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_ipam(ipam: &str) -> Vec<u8> {
+        format!(r#"{{"cniVersion":"1.0.0","name":"cbr0","ipam":{{"type":"netd-ipam"{ipam}}}}}"#).into_bytes()
+    }
+
+    #[test]
+    fn data_dir_defaults_when_missing_and_must_be_absolute_when_given() {
+        let missing = parse(&with_ipam(""), Needs::StoreOnly).unwrap();
+        assert_eq!(missing.store_path(), Path::new("/var/lib/cni/networks/cbr0/netd-ipam.db"));
+        let absolute = parse(&with_ipam(r#","dataDir":"/srv/cni""#), Needs::StoreOnly).unwrap();
+        assert_eq!(absolute.store_path(), Path::new("/srv/cni/cbr0/netd-ipam.db"));
+        for (value, needle) in [("", "is empty"), ("rel/dir", "is a relative path"), (".", "is a relative path")] {
+            let err = parse(&with_ipam(&format!(r#","dataDir":"{value}""#)), Needs::StoreOnly).unwrap_err();
+            assert_eq!(err.code, code::INVALID_NETWORK_CONFIG);
+            assert_eq!(err.cni_version, "1.0.0");
+            assert!(err.msg.starts_with(&format!("ipam.dataDir: {value:?} {needle}")), "{}", err.msg);
+        }
+    }
 }

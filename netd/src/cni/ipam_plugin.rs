@@ -1,9 +1,11 @@
 //! The `netd-ipam` CNI IPAM plugin: ADD, DEL, CHECK, VERSION, STATUS, GC.
 
 use std::collections::HashSet;
+use std::io::Write;
 use std::path::Path;
+use std::time::Duration;
 
-use netd_ipam::{Error as IpamError, PodRef, State, Store};
+use netd_ipam::{Error as IpamError, PodRef, Reclaimed, State, Store};
 
 use super::config::{self, IpamConfig, Needs};
 use super::error::{chain, code, CniError};
@@ -119,17 +121,24 @@ fn open_store(config: &IpamConfig) -> Result<Store, CniError> {
     Ok(store)
 }
 
-/// Runs one plugin invocation; `Ok` holds what to print on stdout.
+/// Runs one plugin invocation; `Ok` holds what to print on stdout. Log
+/// lines (a pin reclaimed under pressure) go to this process's stderr, as
+/// CNI plugins log; see [`run_with_log`].
 pub fn run(inv: &Invocation, stdin: &[u8]) -> Result<String, CniError> {
-    let version = config::sniff_version(stdin).unwrap_or_else(|| version::NEWEST.to_string());
-    run_inner(inv, stdin).map_err(|e| if e.cni_version == version::NEWEST { e.in_version(&version) } else { e })
+    run_with_log(inv, stdin, &mut std::io::stderr())
 }
 
-fn run_inner(inv: &Invocation, stdin: &[u8]) -> Result<String, CniError> {
+/// [`run`], writing log lines to `log` instead of stderr.
+pub fn run_with_log(inv: &Invocation, stdin: &[u8], log: &mut dyn Write) -> Result<String, CniError> {
+    let version = config::sniff_version(stdin).unwrap_or_else(|| version::NEWEST.to_string());
+    run_inner(inv, stdin, log).map_err(|e| if e.cni_version == version::NEWEST { e.in_version(&version) } else { e })
+}
+
+fn run_inner(inv: &Invocation, stdin: &[u8], log: &mut dyn Write) -> Result<String, CniError> {
     let command = inv.command.as_deref().ok_or_else(|| env_error("CNI_COMMAND is not set", ""))?;
     match command {
         "VERSION" => Ok(version::version_json()),
-        "ADD" => add(inv, stdin),
+        "ADD" => add(inv, stdin, log),
         "DEL" => del(inv, stdin),
         "CHECK" => check(inv, stdin),
         "STATUS" => status(stdin),
@@ -141,14 +150,45 @@ fn run_inner(inv: &Invocation, stdin: &[u8]) -> Result<String, CniError> {
     }
 }
 
-fn add(inv: &Invocation, stdin: &[u8]) -> Result<String, CniError> {
+fn add(inv: &Invocation, stdin: &[u8], log: &mut dyn Write) -> Result<String, CniError> {
     let config = config::parse(stdin, Needs::Ranges)?;
     let container = container_id(inv)?;
     let ifname = ifname(inv)?;
     let pod = pod_from_args(inv.args.as_deref())?;
     let mut store = open_store(&config)?;
-    let allocations = store.allocate(&config.range_sets, &pod, container, ifname).map_err(|e| store_error(&e))?;
-    Ok(result::render(config.version, &config.range_sets, &allocations, &config.routes, &config.dns))
+    let done = store.allocate_or_reclaim(&config.range_sets, &pod, container, ifname).map_err(|e| store_error(&e))?;
+    for reclaimed in &done.reclaimed {
+        // The runtime shows a plugin's stderr in its logs; a failed write
+        // there must not fail an ADD that has already committed.
+        let _ = writeln!(log, "{}", reclaim_log_line(&config.name, &pod, reclaimed));
+    }
+    Ok(result::render(config.version, &config.range_sets, &done.allocations, &config.routes, &config.dns))
+}
+
+/// The stderr line saying which pod lost its pin, and why.
+pub fn reclaim_log_line(network: &str, new_pod: &PodRef, reclaimed: &Reclaimed) -> String {
+    format!(
+        "netd-ipam: network {network}: pool {} is full: reclaimed {} from pod {} ({}), released {} ago, the \
+         longest-released pin, for new pod {new_pod}; {} now gets a new address when it comes back",
+        reclaimed.range_set,
+        reclaimed.ip,
+        reclaimed.pod,
+        reclaimed.ifname,
+        human_duration(reclaimed.released_for),
+        reclaimed.pod,
+    )
+}
+
+/// `3d4h`, `2h5m`, `4m12s`, `850ms`: short enough for a log line.
+fn human_duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    match secs {
+        0 => format!("{}ms", d.as_millis()),
+        1..=59 => format!("{secs}s"),
+        60..=3599 => format!("{}m{}s", secs / 60, secs % 60),
+        3600..=86_399 => format!("{}h{}m", secs / 3600, secs % 3600 / 60),
+        _ => format!("{}d{}h", secs / 86_400, secs % 86_400 / 3600),
+    }
 }
 
 fn del(inv: &Invocation, stdin: &[u8]) -> Result<String, CniError> {
@@ -210,12 +250,13 @@ fn status(stdin: &[u8]) -> Result<String, CniError> {
     let store = open_store(&config).map_err(|e| CniError::new(code::PLUGIN_NOT_AVAILABLE, e.msg, e.details))?;
     let used = store.allocations().map_err(|e| store_error(&e))?;
     for set in &config.range_sets {
-        let taken = used.iter().filter(|a| set.contains(a.ip)).count();
-        if u128::try_from(taken).unwrap_or(u128::MAX) >= set.capacity() {
+        // Released pins do not count: an ADD reclaims the oldest of them.
+        let attached = used.iter().filter(|a| a.state == State::Attached && set.contains(a.ip)).count();
+        if u128::try_from(attached).unwrap_or(u128::MAX) >= set.capacity() {
             return Err(CniError::new(
                 code::PLUGIN_NOT_AVAILABLE,
                 format!("no free address in {set}"),
-                "every address is attached or pinned; an ADD would fail",
+                "every address is attached to a running container; an ADD would fail",
             ));
         }
     }

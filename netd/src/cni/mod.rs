@@ -8,6 +8,11 @@
 //! replacing `"type": "host-local"` by `"type": "netd-ipam"` is the whole
 //! migration: the first ADD imports host-local's reservations.
 //!
+//! An ADD that finds the pool full takes the pin released longest ago
+//! ([`netd_ipam::Store::allocate_or_reclaim`]) and logs on stderr which pod
+//! lost it; it fails with error 100 only when every address is attached.
+//! `ipam.dataDir`, when given, must be an absolute path (error 7 otherwise).
+//!
 //! ```no_run
 //! use netd::cni::{ipam_plugin, Invocation};
 //! let inv = Invocation {
