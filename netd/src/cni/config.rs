@@ -257,7 +257,7 @@ pub fn parse(stdin: &[u8], needs: Needs) -> Result<IpamConfig, CniError> {
 /// runtime's working directory (`"dataDir": ""` used to put the store in
 /// `./<network>/`), which differs between kubelet, containerd and a shell,
 /// so pods would silently lose their pins; it is refused instead.
-fn data_dir(configured: Option<&str>) -> Result<PathBuf, CniError> {
+pub(crate) fn data_dir(configured: Option<&str>) -> Result<PathBuf, CniError> {
     let Some(text) = configured else {
         return Ok(PathBuf::from(DEFAULT_DATA_DIR));
     };

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use super::config::{DEFAULT_DATA_DIR, STORE_FILE};
+use super::config::STORE_FILE;
 
 /// The plugin's `type`.
 pub const PLUGIN_TYPE: &str = "netd-ipam";
@@ -92,11 +92,11 @@ fn store_path(name: &str, data_dir: Option<&Value>) -> Result<PathBuf, String> {
         return Err(format!("network name {name:?} cannot name a directory"));
     }
     let dir = match data_dir {
-        None | Some(Value::Null) => PathBuf::from(DEFAULT_DATA_DIR),
-        Some(Value::String(dir)) if Path::new(dir).is_absolute() => PathBuf::from(dir),
-        Some(Value::String(dir)) => return Err(format!("dataDir {dir:?} is not an absolute path")),
-        Some(other) => return Err(format!("dataDir is {other}, not a path")),
-    };
+        None | Some(Value::Null) => super::config::data_dir(None),
+        Some(Value::String(dir)) => super::config::data_dir(Some(dir)),
+        Some(other) => return Err(format!("ipam.dataDir is {other}, not a path")),
+    }
+    .map_err(|e| e.msg)?;
     Ok(dir.join(name).join(STORE_FILE))
 }
 
@@ -124,7 +124,7 @@ mod tests {
         let stores: Vec<String> = found.stores.iter().map(|p| p.display().to_string()).collect();
         assert_eq!(stores, ["/var/lib/cni/networks/lone/netd-ipam.db", "/var/lib/netd/ipam/cbr0/netd-ipam.db"]);
         assert_eq!(found.problems.len(), 3, "{:?}", found.problems);
-        assert!(found.problems[0].contains("40-relative.conflist: plugins[0].ipam: dataDir \"\" is not an absolute"));
+        assert!(found.problems[0].contains("40-relative.conflist: plugins[0].ipam: ipam.dataDir: \"\" is empty"));
         assert!(found.problems[1].contains("50-garbage.conf: not JSON"));
         assert!(found.problems[2].contains("60-nameless.conflist: no string `name`"));
         assert_eq!(discover(&dir.path().join("missing")), Discovered::default());
