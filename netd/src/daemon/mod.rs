@@ -26,6 +26,7 @@ mod cleanup;
 pub mod config;
 pub mod health;
 pub mod peers;
+pub mod pins;
 pub mod underlay;
 
 use std::net::Ipv4Addr;
