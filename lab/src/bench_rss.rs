@@ -1,5 +1,7 @@
 //! `cargo xtask bench rss`: resident memory of `netd run` holding 1 000
-//! peers from the embedded registry (goal ≤ 15 MiB).
+//! peers (goal ≤ 15 MiB), from the embedded registry and from a real
+//! kube-apiserver (1 000 flannel-annotated Node objects, so the Kubernetes
+//! client, its list and its watch are part of what is measured).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -8,7 +10,10 @@ use anyhow::{bail, Context, Result};
 use netd::model::flannel::{subnet_key, LeaseAttrs};
 use netd::registry::embedded::EmbeddedRegistry;
 use netd::registry::NetworkConfig;
-use netd::testing::{self, metric, netd_run_args, synthetic_node, synthetic_peer, NetdProcess};
+use netd::testing::{
+    self, metric, netd_run_args, synthetic_node, synthetic_peer, KubeApiServer, NetNs, NetdProcess, ServerHost,
+    SYNTHETIC_OWN_IP,
+};
 
 use crate::bench::machine;
 
@@ -45,9 +50,73 @@ fn measure(peers: u32, bin_dir: &Path) -> Result<Resident> {
     let state = dir.path().join("state");
     std::fs::create_dir_all(&state)?;
     let args = netd_run_args("bench-node", &format!("embedded:{}", registry_path.display()), &state);
-    let daemon = NetdProcess::spawn(&ns, &bin_dir.join("netd"), args, &state.join("netd.log"))?;
+    sample(&ns, peers, &bin_dir.join("netd"), args, &state)
+}
+
+/// `netd run` on a kube-apiserver (in the node's namespace, on its
+/// `eth0` address) holding our Node and `peers` flannel peers.
+fn measure_kube(peers: u32, bin_dir: &Path) -> Result<Resident> {
+    let ns = synthetic_node()?;
+    let server = KubeApiServer::new_on(ServerHost::in_netns(&ns, SYNTHETIC_OWN_IP))?;
+    let create = |name: String, cidr: String, annotations: serde_json::Value| -> Result<()> {
+        let node = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": { "name": name, "annotations": annotations },
+            "spec": { "podCIDR": cidr, "podCIDRs": [cidr] },
+        });
+        let (status, body) = server.api("POST", "/api/v1/nodes", Some(("application/json", &node.to_string())))?;
+        if status != 201 {
+            bail!("creating Node {name}: HTTP {status}: {body}");
+        }
+        Ok(())
+    };
+    create("bench-node".into(), "10.0.0.0/24".into(), serde_json::json!({}))?;
+    // Two creators at a time: one curl per object.
+    std::thread::scope(|scope| -> Result<()> {
+        let workers: Vec<_> = (0..2u32)
+            .map(|w| {
+                let create = &create;
+                scope.spawn(move || -> Result<()> {
+                    for i in (1..=peers).filter(|i| i % 2 == w) {
+                        let p = synthetic_peer(i);
+                        let annotations = serde_json::json!({
+                            "flannel.alpha.coreos.com/backend-data":
+                                format!(r#"{{"VNI":1,"VtepMAC":"{}"}}"#, p.vtep_mac),
+                            "flannel.alpha.coreos.com/backend-type": "vxlan",
+                            "flannel.alpha.coreos.com/kube-subnet-manager": "true",
+                            "flannel.alpha.coreos.com/public-ip": p.public_ip.to_string(),
+                        });
+                        create(format!("peer-{i}"), p.subnet.to_string(), annotations)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker.join().map_err(|_| anyhow::anyhow!("a Node creator panicked"))??;
+        }
+        Ok(())
+    })?;
+    let dir = tempfile::tempdir()?;
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state)?;
+    let token_file = dir.path().join("token");
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&token_file, server.token())?;
+    std::fs::write(&ca_file, server.ca_cert_pem()?)?;
+    let mut args = netd_run_args("bench-node", &format!("kubernetes:{}", server.url()), &state);
+    args.extend(["--token-file".into(), token_file.into(), "--ca-file".into(), ca_file.into()]);
+    args.extend(["--network".into(), "10.0.0.0/8".into()]);
+    sample(&ns, peers, &bin_dir.join("netd"), args, &state)
+}
+
+/// Starts netd with `args` in `ns` and samples its memory once it has
+/// programmed `peers` peers.
+fn sample(ns: &NetNs, peers: u32, netd: &Path, args: Vec<std::ffi::OsString>, state: &Path) -> Result<Resident> {
+    let daemon = NetdProcess::spawn(ns, netd, args, &state.join("netd.log"))?;
     let started = Instant::now();
-    while metric(&ns, "netd_ready") != Some(1.0) || metric(&ns, "netd_peers_programmed") != Some(f64::from(peers)) {
+    while metric(ns, "netd_ready") != Some(1.0) || metric(ns, "netd_peers_programmed") != Some(f64::from(peers)) {
         if started.elapsed() > Duration::from_secs(60) {
             bail!("netd did not program {peers} peers; log:\n{}", daemon.log());
         }
@@ -66,17 +135,25 @@ fn measure(peers: u32, bin_dir: &Path) -> Result<Resident> {
     })
 }
 
-/// Runs the benchmark for `peers` peers beside the floor: the same daemon
-/// holding no peer.
+/// Runs the benchmark for `peers` peers beside the floor (the same daemon
+/// holding no peer), on the embedded registry and on a kube-apiserver.
 pub fn run(peers: u32, bin_dir: &Path) -> Result<()> {
     let Some(_kernel) = testing::privileged()? else { bail!("the RSS benchmark needs root") };
     println!("machine: {}", machine());
     let floor = measure(0, bin_dir)?;
     let loaded = measure(peers, bin_dir)?;
+    report("embedded registry", peers, &floor, &loaded);
+    let floor = measure_kube(0, bin_dir)?;
+    let loaded = measure_kube(peers, bin_dir)?;
+    report("kube-apiserver 1.20.2", peers, &floor, &loaded);
+    Ok(())
+}
+
+fn report(registry: &str, peers: u32, floor: &Resident, loaded: &Resident) {
     let mib = |kib: u64| kib as f64 / 1024.0;
-    println!("\n| `netd run`, embedded registry | peers programmed after | RSS | anonymous | file-backed | peak RSS |");
+    println!("\n| `netd run`, {registry} | peers programmed after | RSS | anonymous | file-backed | peak RSS |");
     println!("| --- | ---: | ---: | ---: | ---: | ---: |");
-    for (label, r) in [("no peer (floor)".to_string(), &floor), (format!("{peers} peers"), &loaded)] {
+    for (label, r) in [("no peer (floor)".to_string(), floor), (format!("{peers} peers"), loaded)] {
         println!(
             "| {label} | {:.0} ms | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB |",
             r.programmed.as_secs_f64() * 1000.0,
@@ -92,5 +169,4 @@ pub fn run(peers: u32, bin_dir: &Path) -> Result<()> {
         loaded.anon as f64 / floor.anon as f64,
         mib(loaded.rss) / 15.0
     );
-    Ok(())
 }

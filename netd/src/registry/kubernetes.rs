@@ -28,11 +28,14 @@
 //! - **events**: a paginated list of the nodes gives the
 //!   [`PeerEvent::Resync`]; a watch from the list's `resourceVersion` then
 //!   gives [`PeerEvent::Upsert`] / [`PeerEvent::Remove`] (a deleted node,
-//!   or one that stops being a valid peer, removes its subnet). The watch is
-//!   renewed from the last seen `resourceVersion` when the server ends it
-//!   normally (`timeoutSeconds`); an expired version (`410 Gone`), a broken
-//!   or silent connection end the call with an error, and the next call
-//!   lists again.
+//!   or one that stops being a valid peer, removes its subnet). The list
+//!   and watch are [`crate::kube::watch::ListWatch`], shared with the pod
+//!   watch: the watch is renewed from the last seen `resourceVersion` when
+//!   the server ends it normally (`timeoutSeconds`); an expired version
+//!   (`410 Gone`), a broken or silent connection end the call with an
+//!   error, and the next call lists again.
+//! - **client**: the shared [`KubeClient`] (kube-rs on hyper + rustls),
+//!   with its bearer token re-read every minute and right after a 401.
 //! - **autonomy**: [`Registry::set_autonomy`] patches
 //!   `node.beta.alibabacloud.com/autonomy`.
 //!
@@ -41,132 +44,36 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::model::MacAddr;
 use ipnet::{IpNet, Ipv4Net};
-use reqwest::header::CONTENT_TYPE;
-use reqwest::{Method, StatusCode};
+use kube::api::{Patch, PatchParams};
+use kube::Api;
 use serde_json::{json, Value};
 
 use super::{LeaseRequest, NetworkConfig, OwnLease, PeerEvent, PeerLease, Registry, RegistryError, LEASE_TTL};
+use crate::kube::object::{NodeLease, NodeWithConditions, Object};
+use crate::kube::watch::{ListWatch, WatchEvent};
+use crate::kube::{call, check_node_name, KubeClient, KubeError};
 use crate::model::autonomy;
 use crate::model::flannel;
-use crate::model::Lease;
+use crate::model::{Lease, MacAddr};
+
+pub use crate::kube::watch::DEFAULT_WATCH_TIMEOUT;
+pub use crate::kube::{KubeConfig, SERVICE_ACCOUNT_DIR, TOKEN_RELOAD};
 
 /// Where flannel's DaemonSet mounts `net-conf.json` from its ConfigMap.
 pub const NET_CONF_PATH: &str = "/etc/kube-flannel/net-conf.json";
-/// The service-account files of a pod.
-pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 /// The node condition netd sets to `False` once it runs.
 pub const CONDITION_NETWORK_UNAVAILABLE: &str = "NetworkUnavailable";
 /// The reason netd gives on that condition.
 pub const CONDITION_REASON: &str = "NetdIsUp";
 
-/// Default `timeoutSeconds` of a node watch; it is renewed transparently.
-pub const DEFAULT_WATCH_TIMEOUT: Duration = Duration::from_secs(290);
-/// A watch that delivers nothing for its timeout plus this is presumed dead.
-const WATCH_GRACE: Duration = Duration::from_secs(30);
-/// How long a token read from [`KubeConfig::token_file`] is used before the
-/// file is read again (client-go's cached token source uses a minute too).
-pub const TOKEN_RELOAD: Duration = Duration::from_secs(60);
-/// Time limit of every request but the watch.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Page size of the node list.
-const LIST_LIMIT: usize = 500;
-const MERGE_PATCH: &str = "application/merge-patch+json";
-const STRATEGIC_MERGE_PATCH: &str = "application/strategic-merge-patch+json";
-
-/// How to reach the API server and who this node is.
-#[derive(Clone, PartialEq, Eq)]
-pub struct KubeConfig {
-    /// API server URL, e.g. `https://10.96.0.1:443`.
-    pub server: String,
-    /// Bearer token, when given literally.
-    pub token: Option<String>,
-    /// File holding the bearer token (a service-account token in a
-    /// cluster); takes precedence over `token`. Re-read every
-    /// [`TOKEN_RELOAD`] and after a 401, because the kubelet rotates
-    /// projected service-account tokens in place.
-    pub token_file: Option<PathBuf>,
-    /// PEM of the CA(s) to trust for the server's certificate; `None`
-    /// trusts the public web roots.
-    pub ca_cert_pem: Option<Vec<u8>>,
-    /// This node's name (`metadata.name` of its Node object).
-    pub node_name: String,
-    /// The cluster network (flannel's `Network`); `None` reads
-    /// [`NET_CONF_PATH`].
-    pub network: Option<Ipv4Net>,
-}
-
-impl std::fmt::Debug for KubeConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KubeConfig")
-            .field("server", &self.server)
-            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
-            .field("token_file", &self.token_file)
-            .field("ca_cert_pem", &self.ca_cert_pem.as_ref().map(|pem| format!("<{} bytes>", pem.len())))
-            .field("node_name", &self.node_name)
-            .field("network", &self.network)
-            .finish()
-    }
-}
-
-impl KubeConfig {
-    /// The configuration of a pod in the cluster: `KUBERNETES_SERVICE_HOST`
-    /// and `KUBERNETES_SERVICE_PORT`, the service-account token and CA in
-    /// [`SERVICE_ACCOUNT_DIR`], the node name from `NODE_NAME` (flannel's
-    /// DaemonSet sets it from `spec.nodeName`) or else the host name. The
-    /// network is left unset.
-    pub fn in_cluster() -> Result<Self, RegistryError> {
-        Self::in_cluster_from(Path::new(SERVICE_ACCOUNT_DIR), |key| std::env::var(key).ok())
-    }
-
-    fn in_cluster_from(dir: &Path, env: impl Fn(&str) -> Option<String>) -> Result<Self, RegistryError> {
-        let var = |key: &str| {
-            env(key)
-                .filter(|v| !v.trim().is_empty())
-                .ok_or_else(|| RegistryError::BadConfig(format!("{key} is not set: not running in a Kubernetes pod?")))
-        };
-        let host = var("KUBERNETES_SERVICE_HOST")?;
-        let port = var("KUBERNETES_SERVICE_PORT")?;
-        let host = if host.contains(':') { format!("[{host}]") } else { host };
-        let read = |name: &str| {
-            let path = dir.join(name);
-            std::fs::read(&path)
-                .map_err(|e| RegistryError::BadConfig(format!("reading the service account's {}: {e}", path.display())))
-        };
-        let token = String::from_utf8_lossy(&read("token")?).trim().to_string();
-        let token_file = Some(dir.join("token"));
-        let ca = read("ca.crt")?;
-        let node_name =
-            match env("NODE_NAME").filter(|n| !n.trim().is_empty()) {
-                Some(name) => name.trim().to_string(),
-                None => std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_lowercase()).map_err(
-                    |e| RegistryError::BadConfig(format!("NODE_NAME is not set and the host name is unreadable: {e}")),
-                )?,
-            };
-        Ok(Self {
-            server: format!("https://{host}:{}", port.trim()),
-            token: Some(token),
-            token_file,
-            ca_cert_pem: Some(ca),
-            node_name,
-            network: None,
-        })
-    }
-}
-
 /// A registry on the Kubernetes API (node objects with flannel's
 /// annotations); see the module docs for the mapping.
 pub struct KubernetesRegistry {
     config: KubeConfig,
-    base: String,
-    client: reqwest::Client,
-    token: Mutex<BearerToken>,
+    client: KubeClient,
     watch_timeout: Duration,
     /// The network in use: the one the lease was acquired for, else resolved.
     network: Option<NetworkConfig>,
@@ -179,8 +86,9 @@ pub struct KubernetesRegistry {
     /// Why a node is skipped, as last logged (to log each reason once).
     skipped: BTreeMap<String, String>,
     pending: VecDeque<PeerEvent>,
-    resource_version: Option<String>,
-    watch: Option<Watch>,
+    /// The node list+watch; made on first use (the client needs the
+    /// async runtime).
+    watch: Option<ListWatch<Object<NodeLease>>>,
 }
 
 impl std::fmt::Debug for KubernetesRegistry {
@@ -188,7 +96,7 @@ impl std::fmt::Debug for KubernetesRegistry {
         f.debug_struct("KubernetesRegistry")
             .field("config", &self.config)
             .field("own_node", &self.own_node)
-            .field("resource_version", &self.resource_version)
+            .field("watch", &self.watch)
             .finish_non_exhaustive()
     }
 }
@@ -206,68 +114,32 @@ enum NodeView {
     Bad(String),
 }
 
-/// The bearer token in use and when it was read from its file.
-#[derive(Default)]
-struct BearerToken {
-    token: Option<String>,
-    /// `None`: read the file before the next request.
-    read_at: Option<Instant>,
-}
-
-/// An open node watch.
-struct Watch {
-    response: reqwest::Response,
-    buf: Vec<u8>,
-    started: Instant,
-    events: u64,
+impl From<KubeError> for RegistryError {
+    fn from(error: KubeError) -> Self {
+        match error {
+            KubeError::BadConfig(reason) => Self::BadConfig(reason),
+            KubeError::Unreachable(reason) => Self::Unreachable(reason),
+            KubeError::Refused { what, reason } => Self::Refused { what, reason },
+            KubeError::NotFound { what } => Self::Refused { what, reason: "there is no such object".into() },
+        }
+    }
 }
 
 impl KubernetesRegistry {
     /// A registry talking to `config.server`; nothing is contacted until
     /// used.
     pub fn new(config: KubeConfig) -> Result<Self, RegistryError> {
-        let base = config.server.trim_end_matches('/').to_string();
-        let host = base
-            .strip_prefix("https://")
-            .or_else(|| base.strip_prefix("http://"))
-            .ok_or_else(|| RegistryError::BadConfig(format!("API server {:?} is not an http(s) URL", config.server)))?;
         check_node_name(&config.node_name)?;
-        let mut builder = reqwest::Client::builder()
-            .use_rustls_tls()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_keepalive(Duration::from_secs(30))
-            .http1_only();
-        if let Some(pem) = &config.ca_cert_pem {
-            let certs = reqwest::Certificate::from_pem_bundle(pem)
-                .map_err(|e| RegistryError::BadConfig(format!("CA certificate PEM: {}", error_chain(&e))))?;
-            if certs.is_empty() {
-                return Err(RegistryError::BadConfig("CA certificate PEM holds no certificate".into()));
-            }
-            builder = builder.tls_built_in_root_certs(false);
-            for cert in certs {
-                builder = builder.add_root_certificate(cert);
-            }
-        }
-        let host_only = host.split(['/', '?']).next().unwrap_or(host);
-        let host_only = host_only.rsplit_once(':').map(|(h, _)| h).unwrap_or(host_only);
-        if matches!(host_only, "127.0.0.1" | "localhost" | "[::1]") {
-            // Proxies from the environment must not catch loopback traffic.
-            builder = builder.no_proxy();
-        }
-        let client =
-            builder.build().map_err(|e| RegistryError::BadConfig(format!("HTTP client: {}", error_chain(&e))))?;
-        let mut token = BearerToken { token: config.token.clone(), read_at: None };
-        if let Some(path) = &config.token_file {
-            // A file that is missing at start is a configuration error; later
-            // read failures keep the token already read.
-            token.token = Some(read_token(path)?);
-            token.read_at = Some(Instant::now());
-        }
-        Ok(Self {
+        let client = KubeClient::new(&config)?;
+        Ok(Self::with_client(config, client))
+    }
+
+    /// A registry on a client shared with other users (the pod watch);
+    /// `config` gives the node name and the network.
+    pub fn with_client(config: KubeConfig, client: KubeClient) -> Self {
+        Self {
             own_node: config.node_name.clone(),
-            token: Mutex::new(token),
             config,
-            base,
             client,
             watch_timeout: DEFAULT_WATCH_TIMEOUT,
             network: None,
@@ -275,16 +147,23 @@ impl KubernetesRegistry {
             known: None,
             skipped: BTreeMap::new(),
             pending: VecDeque::new(),
-            resource_version: None,
             watch: None,
-        })
+        }
+    }
+
+    /// The client this registry uses, to share with the pod watch.
+    pub fn client(&self) -> &KubeClient {
+        &self.client
     }
 
     /// Sets the `timeoutSeconds` of node watches (at least one second;
     /// default [`DEFAULT_WATCH_TIMEOUT`]). A watch silent for longer than
-    /// this plus 30 s counts as a dead connection.
+    /// this plus 5 s counts as a dead connection.
     pub fn with_watch_timeout(mut self, timeout: Duration) -> Self {
         self.watch_timeout = timeout.max(Duration::from_secs(1));
+        if let Some(watch) = &mut self.watch {
+            watch.set_timeout(self.watch_timeout);
+        }
         self
     }
 
@@ -314,92 +193,20 @@ impl KubernetesRegistry {
         }
     }
 
-    /// The bearer token for the next request: from the token file when it
-    /// was read more than [`TOKEN_RELOAD`] ago or the last one was refused.
-    /// The read is synchronous: a token file is a few hundred bytes on a
-    /// local file system (a projected tmpfs volume in a pod), read at most
-    /// once a minute.
-    fn bearer(&self) -> Option<String> {
-        let mut cache = self.token.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(path) = &self.config.token_file {
-            if cache.read_at.is_none_or(|at| at.elapsed() >= TOKEN_RELOAD) {
-                match read_token(path) {
-                    Ok(token) => cache.token = Some(token),
-                    Err(error) => tracing::warn!(%error, "keeping the bearer token read before"),
-                }
-                cache.read_at = Some(Instant::now());
-            }
-        }
-        cache.token.clone()
+    fn nodes<K: crate::kube::object::Kind>(&self) -> Api<Object<K>> {
+        Api::all(self.client.client())
     }
 
-    /// A 401: the token may have been rotated; read the file again before
-    /// the next request.
-    fn note_status(&self, status: StatusCode) {
-        if status == StatusCode::UNAUTHORIZED && self.config.token_file.is_some() {
-            self.token.lock().unwrap_or_else(PoisonError::into_inner).read_at = None;
-        }
-    }
-
-    /// One request; transport failures are [`RegistryError::Unreachable`].
-    /// Returns the status and the body.
-    async fn call(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<(&'static str, String)>,
-    ) -> Result<(StatusCode, Vec<u8>), RegistryError> {
-        let what = format!("{method} {}{path}", self.base);
-        let mut request = self.client.request(method, format!("{}{path}", self.base)).timeout(REQUEST_TIMEOUT);
-        if let Some(token) = self.bearer() {
-            request = request.bearer_auth(token);
-        }
-        if let Some((content_type, body)) = body {
-            request = request.header(CONTENT_TYPE, content_type).body(body);
-        }
-        let response =
-            request.send().await.map_err(|e| RegistryError::Unreachable(format!("{what}: {}", error_chain(&e))))?;
-        let status = response.status();
-        self.note_status(status);
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| RegistryError::Unreachable(format!("{what}: reading the response: {}", error_chain(&e))))?;
-        Ok((status, bytes.to_vec()))
-    }
-
-    /// A request that must succeed with a JSON body.
-    async fn json(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<(&'static str, String)>,
-    ) -> Result<Value, RegistryError> {
-        let what = format!("{method} {path}");
-        let (status, bytes) = self.call(method, path, body).await?;
-        if !status.is_success() {
-            return Err(http_error(&what, status, &bytes));
-        }
-        serde_json::from_slice(&bytes)
-            .map_err(|e| RegistryError::Refused { what, reason: format!("the response is not JSON: {e}") })
-    }
-
-    async fn get_node(&self, name: &str) -> Result<Value, RegistryError> {
-        let path = format!("/api/v1/nodes/{name}");
-        let (status, bytes) = self.call(Method::GET, &path, None).await?;
-        if status == StatusCode::NOT_FOUND {
-            return Err(RegistryError::Refused {
-                what: format!("reading node {name}"),
+    async fn get_node(&self, name: &str) -> Result<Object<NodeWithConditions>, RegistryError> {
+        let what = format!("reading node {name}");
+        match call(&what, self.nodes::<NodeWithConditions>().get(name)).await {
+            Ok(node) => Ok(node),
+            Err(KubeError::NotFound { what }) => Err(RegistryError::Refused {
+                what,
                 reason: "there is no such Node object (has its kubelet registered it?)".into(),
-            });
+            }),
+            Err(error) => Err(error.into()),
         }
-        if !status.is_success() {
-            return Err(http_error(&format!("GET {path}"), status, &bytes));
-        }
-        serde_json::from_slice(&bytes).map_err(|e| RegistryError::Refused {
-            what: format!("reading node {name}"),
-            reason: format!("the response is not JSON: {e}"),
-        })
     }
 
     /// Publishes our lease on `node` (annotations, then the condition),
@@ -413,8 +220,9 @@ impl KubernetesRegistry {
     ) -> Result<Ipv4Net, RegistryError> {
         check_node_name(node)?;
         let object = self.get_node(node).await?;
+        let object = object.value();
         let what = format!("lease for node {node}");
-        let subnet = match pod_cidr(&object) {
+        let subnet = match pod_cidr(object) {
             Ok(Some(subnet)) => subnet,
             Ok(None) => {
                 return Err(RegistryError::Refused {
@@ -449,8 +257,16 @@ impl KubernetesRegistry {
             .map(|(key, value)| (key.to_string(), Value::String(value.clone())))
             .collect();
         if !stale.is_empty() {
+            // A JSON merge patch of string values: the API server stores
+            // each annotation exactly as given (flannel's byte-exact
+            // backend-data included).
             let patch = json!({ "metadata": { "annotations": stale } });
-            self.json(Method::PATCH, &format!("/api/v1/nodes/{node}"), Some((MERGE_PATCH, patch.to_string()))).await?;
+            let api = self.nodes::<NodeLease>();
+            call(
+                &format!("PATCH /api/v1/nodes/{node}"),
+                api.patch(node, &PatchParams::default(), &Patch::Merge(&patch)),
+            )
+            .await?;
             tracing::info!(%node, %subnet, "published lease annotations");
         }
 
@@ -463,6 +279,8 @@ impl KubernetesRegistry {
             .is_some_and(|c| c.get("status").and_then(Value::as_str) == Some("False"));
         if !condition_ok {
             let now = rfc3339(SystemTime::now());
+            // Strategic merge on the status subresource: conditions merge
+            // by type, so the kubelet's own conditions stay.
             let patch = json!({ "status": { "conditions": [{
                 "type": CONDITION_NETWORK_UNAVAILABLE,
                 "status": "False",
@@ -471,10 +289,10 @@ impl KubernetesRegistry {
                 "lastTransitionTime": now,
                 "lastHeartbeatTime": now,
             }]}});
-            self.json(
-                Method::PATCH,
-                &format!("/api/v1/nodes/{node}/status"),
-                Some((STRATEGIC_MERGE_PATCH, patch.to_string())),
+            let api = self.nodes::<NodeLease>();
+            call(
+                &format!("PATCH /api/v1/nodes/{node}/status"),
+                api.patch_status(node, &PatchParams::default(), &Patch::Strategic(&patch)),
             )
             .await?;
             tracing::info!(%node, "set node condition NetworkUnavailable=False");
@@ -526,120 +344,38 @@ impl KubernetesRegistry {
         }
     }
 
-    /// Lists every node (paginated): the full peer set and the version to
-    /// watch from.
-    async fn resync(&mut self, own_subnet: Ipv4Net) -> Result<PeerEvent, RegistryError> {
-        let network = self.network()?;
+    /// The full peer set from a complete list of the nodes.
+    fn resync(&mut self, nodes: &[Object<NodeLease>], network: &NetworkConfig, own_subnet: Ipv4Net) -> PeerEvent {
         let mut peers: BTreeMap<String, PeerLease> = BTreeMap::new();
-        let mut next: Option<String> = None;
-        let version = loop {
-            let mut path = format!("/api/v1/nodes?limit={LIST_LIMIT}");
-            if let Some(token) = &next {
-                path.push_str("&continue=");
-                path.push_str(&percent_encode(token));
-            }
-            let page = self.json(Method::GET, &path, None).await?;
-            for item in page.get("items").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default() {
-                let name = item.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("?").to_string();
-                let mut view = self.view(item, &network, own_subnet);
-                if let NodeView::Peer(peer) = &view {
-                    if let Some((other, _)) = peers.iter().find(|(_, p)| p.lease.subnet == peer.lease.subnet) {
-                        view = NodeView::Bad(format!("pod CIDR {} is already node {other}'s", peer.lease.subnet));
-                    }
-                }
-                self.note_skipped(&name, &view);
-                if let NodeView::Peer(peer) = view {
-                    peers.insert(name, peer);
+        for node in nodes {
+            let item = node.value();
+            let name = item.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("?").to_string();
+            let mut view = self.view(item, network, own_subnet);
+            if let NodeView::Peer(peer) = &view {
+                if let Some((other, _)) = peers.iter().find(|(_, p)| p.lease.subnet == peer.lease.subnet) {
+                    view = NodeView::Bad(format!("pod CIDR {} is already node {other}'s", peer.lease.subnet));
                 }
             }
-            next =
-                page.pointer("/metadata/continue").and_then(Value::as_str).filter(|c| !c.is_empty()).map(String::from);
-            if next.is_none() {
-                break page.pointer("/metadata/resourceVersion").and_then(Value::as_str).map(String::from);
+            self.note_skipped(&name, &view);
+            if let NodeView::Peer(peer) = view {
+                peers.insert(name, peer);
             }
-        };
+        }
         let mut list: Vec<PeerLease> = peers.values().cloned().collect();
         list.sort_by_key(|p| p.lease.subnet);
-        self.resource_version = version;
         self.known = Some(peers);
         self.own_subnet = Some(own_subnet);
-        self.watch = None;
-        Ok(PeerEvent::Resync(list))
+        PeerEvent::Resync(list)
     }
 
-    /// Opens a watch from the last seen resource version.
-    async fn open_watch(&self) -> Result<Watch, RegistryError> {
-        let mut path = format!(
-            "/api/v1/nodes?watch=true&allowWatchBookmarks=true&timeoutSeconds={}",
-            self.watch_timeout.as_secs()
-        );
-        if let Some(version) = &self.resource_version {
-            path.push_str("&resourceVersion=");
-            path.push_str(&percent_encode(version));
-        }
-        let what = format!("GET {}{path}", self.base);
-        let mut request = self.client.get(format!("{}{path}", self.base));
-        if let Some(token) = self.bearer() {
-            request = request.bearer_auth(token);
-        }
-        let response =
-            request.send().await.map_err(|e| RegistryError::Unreachable(format!("{what}: {}", error_chain(&e))))?;
-        let status = response.status();
-        self.note_status(status);
-        if status == StatusCode::GONE {
-            return Err(RegistryError::Unreachable(
-                "node watch: resource version expired (410 Gone); the next event is a full resync".into(),
-            ));
-        }
-        if !status.is_success() {
-            let bytes = response.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
-            return Err(http_error(&what, status, &bytes));
-        }
-        Ok(Watch { response, buf: Vec::new(), started: Instant::now(), events: 0 })
-    }
-
-    /// Folds one watch event into the peer set; queues what changed.
-    fn apply_watch_event(&mut self, line: &[u8], own_subnet: Ipv4Net) -> Result<(), RegistryError> {
-        let event: Value = match serde_json::from_slice(line) {
-            Ok(event) => event,
-            Err(e) => {
-                tracing::warn!(reason = %e, "skipping undecodable node watch event");
-                return Ok(());
-            }
+    /// Folds one watch event (`deleted`: the node is gone) into the peer
+    /// set; queues what changed.
+    fn apply_watch_event(&mut self, node: &Value, deleted: bool, network: &NetworkConfig, own_subnet: Ipv4Net) {
+        let Some(name) = node.pointer("/metadata/name").and_then(Value::as_str).map(String::from) else {
+            tracing::warn!(deleted, "skipping node watch event without metadata.name");
+            return;
         };
-        let kind = event.get("type").and_then(Value::as_str).unwrap_or("");
-        let Some(object) = event.get("object") else {
-            tracing::warn!(%kind, "skipping node watch event without an object");
-            return Ok(());
-        };
-        if kind == "ERROR" {
-            let code = object.get("code").and_then(Value::as_u64).unwrap_or(0);
-            let message = object.get("message").and_then(Value::as_str).unwrap_or("");
-            return Err(RegistryError::Unreachable(if code == 410 {
-                format!("node watch: resource version expired (410 Gone: {message}); the next event is a full resync")
-            } else {
-                format!("node watch error {code}: {message}")
-            }));
-        }
-        if let Some(version) = object.pointer("/metadata/resourceVersion").and_then(Value::as_str) {
-            self.resource_version = Some(version.to_string());
-        }
-        if kind == "BOOKMARK" {
-            return Ok(());
-        }
-        let Some(name) = object.pointer("/metadata/name").and_then(Value::as_str).map(String::from) else {
-            tracing::warn!(%kind, "skipping node watch event without metadata.name");
-            return Ok(());
-        };
-        let network = self.network()?;
-        let view = match kind {
-            "ADDED" | "MODIFIED" => self.view(object, &network, own_subnet),
-            "DELETED" => NodeView::NotFlannel,
-            other => {
-                tracing::warn!(kind = %other, node = %name, "skipping node watch event of unknown type");
-                return Ok(());
-            }
-        };
+        let view = if deleted { NodeView::NotFlannel } else { self.view(node, network, own_subnet) };
         let known = self.known.get_or_insert_with(BTreeMap::new);
         let view = match view {
             NodeView::Peer(peer) => {
@@ -669,86 +405,46 @@ impl KubernetesRegistry {
                 }
             }
         }
-        if kind == "DELETED" {
+        if deleted {
             self.skipped.remove(&name);
         } else {
             self.note_skipped(&name, &view);
         }
-        Ok(())
     }
 
     /// Forgets the peer set and the watch: the next event is a resync.
     fn reset(&mut self) {
         self.known = None;
-        self.watch = None;
         self.pending.clear();
+        if let Some(watch) = &mut self.watch {
+            watch.restart();
+        }
     }
 
     async fn next_event_inner(&mut self, own_subnet: Ipv4Net) -> Result<PeerEvent, RegistryError> {
         if self.own_subnet != Some(own_subnet) {
             self.reset();
         }
+        let network = self.network()?;
         loop {
             if let Some(event) = self.pending.pop_front() {
                 return Ok(event);
             }
-            if self.known.is_none() {
-                return self.resync(own_subnet).await;
-            }
-            if self.watch.is_none() {
-                self.watch = Some(self.open_watch().await?);
-            }
-            let idle = self.watch_timeout + WATCH_GRACE;
-            // The watch stays in `self` while awaiting: a caller that drops
-            // this future (a `select!`) loses nothing and keeps the stream.
-            let Some(watch) = self.watch.as_mut() else { continue };
-            match watch.next_line(idle).await? {
-                Some(line) => {
-                    watch.events += 1;
-                    self.apply_watch_event(&line, own_subnet)?;
-                }
+            let watch = match &mut self.watch {
+                Some(watch) => watch,
                 None => {
-                    // The server ended the watch (timeoutSeconds): watch
-                    // again from the last seen version, unless it ended at
-                    // once, which would spin.
-                    let ended = self.watch.take();
-                    let too_soon = (self.watch_timeout / 2).min(Duration::from_secs(1));
-                    if ended.is_some_and(|w| w.events == 0 && w.started.elapsed() < too_soon) {
-                        return Err(RegistryError::Unreachable("node watch ended at once without any event".into()));
-                    }
+                    let mut watch = ListWatch::new(&self.client, None, "node");
+                    watch.set_timeout(self.watch_timeout);
+                    self.watch.insert(watch)
                 }
-            }
-        }
-    }
-}
-
-impl Watch {
-    /// The next non-empty line of the event stream; `None` when the server
-    /// ended the stream.
-    async fn next_line(&mut self, idle: Duration) -> Result<Option<Vec<u8>>, RegistryError> {
-        loop {
-            if let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = self.buf.drain(..=pos).collect();
-                if line.iter().all(u8::is_ascii_whitespace) {
-                    continue;
-                }
-                return Ok(Some(line));
-            }
-            match tokio::time::timeout(idle, self.response.chunk()).await {
-                Err(_) => {
-                    return Err(RegistryError::Unreachable(format!(
-                        "node watch silent for {}s: connection presumed dead",
-                        idle.as_secs()
-                    )))
-                }
-                Ok(Err(e)) => return Err(RegistryError::Unreachable(format!("node watch broke: {}", error_chain(&e)))),
-                Ok(Ok(Some(bytes))) => self.buf.extend_from_slice(&bytes),
-                Ok(Ok(None)) => {
-                    if self.buf.iter().all(u8::is_ascii_whitespace) {
-                        return Ok(None);
-                    }
-                    return Ok(Some(std::mem::take(&mut self.buf)));
-                }
+            };
+            // The watch and any list in progress stay in `self` while
+            // awaiting: a caller that drops this future (a `select!`)
+            // loses nothing.
+            match watch.try_next().await? {
+                WatchEvent::Listed(nodes) => return Ok(self.resync(&nodes, &network, own_subnet)),
+                WatchEvent::Applied(node) => self.apply_watch_event(node.value(), false, &network, own_subnet),
+                WatchEvent::Deleted(node) => self.apply_watch_event(node.value(), true, &network, own_subnet),
             }
         }
     }
@@ -756,7 +452,7 @@ impl Watch {
 
 impl Registry for KubernetesRegistry {
     fn describe(&self) -> String {
-        format!("kubernetes {} (node {})", self.base, self.own_node)
+        format!("kubernetes {} (node {})", self.client.server(), self.own_node)
     }
 
     async fn network_config(&mut self) -> Result<NetworkConfig, RegistryError> {
@@ -812,24 +508,15 @@ impl Registry for KubernetesRegistry {
                 annotations.insert(autonomy::ANNOTATION_AUTONOMY_OPENYURT.into(), Value::String(value.into()));
             }
         }
-        let path = format!("/api/v1/nodes/{node}");
-        let (status, bytes) = self
-            .call(
-                Method::PATCH,
-                &path,
-                Some((MERGE_PATCH, json!({ "metadata": { "annotations": annotations } }).to_string())),
-            )
-            .await?;
-        if status == StatusCode::NOT_FOUND {
-            return Err(RegistryError::Refused {
-                what: format!("setting autonomy of node {node}"),
-                reason: "there is no such Node object".into(),
-            });
+        let patch = json!({ "metadata": { "annotations": annotations } });
+        let what = format!("setting autonomy of node {node}");
+        match call(&what, self.nodes::<NodeLease>().patch(node, &PatchParams::default(), &Patch::Merge(&patch))).await {
+            Ok(_) => Ok(()),
+            Err(KubeError::NotFound { what }) => {
+                Err(RegistryError::Refused { what, reason: "there is no such Node object".into() })
+            }
+            Err(error) => Err(error.into()),
         }
-        if !status.is_success() {
-            return Err(http_error(&format!("PATCH {path}"), status, &bytes));
-        }
-        Ok(())
     }
 }
 
@@ -885,70 +572,6 @@ fn pod_cidr(node: &Value) -> Result<Option<Ipv4Net>, String> {
         Some(Value::String(text)) => parse("spec.podCIDR", text),
         Some(other) => Err(format!("spec.podCIDR is not a string: {other}")),
     }
-}
-
-/// Node names are DNS subdomains (RFC 1123): safe in a URL path as they are.
-fn check_node_name(name: &str) -> Result<(), RegistryError> {
-    let ok = !name.is_empty()
-        && name.len() <= 253
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
-    if ok {
-        Ok(())
-    } else {
-        Err(RegistryError::BadConfig(format!("node name {name:?} is not a valid Kubernetes node name")))
-    }
-}
-
-/// An HTTP error status as a registry error: 5xx and 429 are transient.
-fn http_error(what: &str, status: StatusCode, body: &[u8]) -> RegistryError {
-    let message = serde_json::from_slice::<Value>(body)
-        .ok()
-        .and_then(|v| v.get("message").and_then(Value::as_str).map(String::from))
-        .unwrap_or_else(|| String::from_utf8_lossy(body).chars().take(300).collect());
-    let reason = format!("HTTP {status}: {}", message.trim());
-    if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
-        RegistryError::Unreachable(format!("{what}: {reason}"))
-    } else {
-        RegistryError::Refused { what: what.to_string(), reason }
-    }
-}
-
-/// The token in `path`, trimmed; an empty file is an error.
-fn read_token(path: &Path) -> Result<String, RegistryError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| RegistryError::BadConfig(format!("reading the bearer token {}: {e}", path.display())))?;
-    let token = text.trim();
-    if token.is_empty() {
-        return Err(RegistryError::BadConfig(format!("the bearer token file {} is empty", path.display())));
-    }
-    Ok(token.to_string())
-}
-
-/// An error and its sources, `: `-joined (reqwest's own text is terse).
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(inner) = source {
-        let next = inner.to_string();
-        if !text.contains(&next) {
-            text.push_str(": ");
-            text.push_str(&next);
-        }
-        source = inner.source();
-    }
-    text
-}
-
-/// Percent-encodes a query value (everything but RFC 3986 unreserved).
-fn percent_encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// `2024-05-01T12:00:00Z`.
@@ -1016,7 +639,8 @@ mod tests {
         let network = reg.resolve_network().unwrap();
         assert_eq!((network.subnet_len, network.vni), (24, 1));
         let own: Ipv4Net = "10.244.1.0/24".parse().unwrap();
-        let view = |n: &Value| reg.view(n, &network, own);
+        // Through the lenient object, as the watch hands nodes over.
+        let view = |n: &Value| reg.view(Object::<NodeLease>::from_value(n.clone()).value(), &network, own);
 
         let good = node("b", "10.244.2.0/24", flannel_annotations("aa:bb:cc:dd:ee:02"));
         let NodeView::Peer(peer) = view(&good) else { panic!("{:?}", view(&good)) };
@@ -1044,6 +668,9 @@ mod tests {
         wrong["metadata"]["annotations"]["flannel.alpha.coreos.com/backend-data"] =
             json!(r#"{"VNI":"1","VtepMAC":"aa:bb:cc:dd:ee:02"}"#);
         assert!(bad(&wrong).contains("VNI"));
+        let mut not_text = good.clone();
+        not_text["metadata"]["annotations"]["flannel.alpha.coreos.com/public-ip"] = json!(7);
+        assert!(bad(&not_text).contains("not a string"));
         let mut no_cidr = good.clone();
         no_cidr["spec"] = json!({});
         assert!(bad(&no_cidr).contains("podCIDR"));
@@ -1056,63 +683,33 @@ mod tests {
     #[test]
     fn watch_events_fold_into_the_peer_set() {
         let mut reg = registry();
+        let network = reg.resolve_network().unwrap();
         let own: Ipv4Net = "10.244.1.0/24".parse().unwrap();
-        reg.known = Some(BTreeMap::new());
-        let mut feed = |kind: &str, object: Value| {
-            let line = json!({ "type": kind, "object": object }).to_string();
-            let result = reg.apply_watch_event(line.as_bytes(), own);
-            (result.map_err(|e| e.to_string()), reg.pending.drain(..).collect::<Vec<_>>())
+        let listed = [Object::<NodeLease>::from_value(node("x", "10.244.8.0/24", json!({})))];
+        assert_eq!(reg.resync(&listed, &network, own), PeerEvent::Resync(vec![]));
+        let mut feed = |object: &Value, deleted: bool| {
+            reg.apply_watch_event(object, deleted, &network, own);
+            reg.pending.drain(..).collect::<Vec<_>>()
         };
         let mut b = node("b", "10.244.2.0/24", flannel_annotations("aa:bb:cc:dd:ee:02"));
-        b["metadata"]["resourceVersion"] = json!("7");
-        let (ok, events) = feed("ADDED", b.clone());
-        assert!(
-            ok.is_ok()
-                && matches!(events.as_slice(), [PeerEvent::Upsert(p)] if p.lease.subnet.to_string() == "10.244.2.0/24")
-        );
-        assert_eq!(feed("MODIFIED", b.clone()).1, vec![], "unchanged lease, no event");
+        let events = feed(&b, false);
+        assert!(matches!(events.as_slice(), [PeerEvent::Upsert(p)] if p.lease.subnet.to_string() == "10.244.2.0/24"));
+        assert_eq!(feed(&b, false), vec![], "unchanged lease, no event");
         // Moved to another subnet: the old one goes first.
         b["spec"] = json!({ "podCIDR": "10.244.3.0/24" });
-        let (_, events) = feed("MODIFIED", b.clone());
+        let events = feed(&b, false);
         assert!(matches!(events.as_slice(), [PeerEvent::Remove(old), PeerEvent::Upsert(new)]
             if old.to_string() == "10.244.2.0/24" && new.lease.subnet.to_string() == "10.244.3.0/24"));
         // Another node claiming the same subnet is skipped.
-        let (_, events) = feed("ADDED", node("c", "10.244.3.0/24", flannel_annotations("aa:bb:cc:dd:ee:03")));
+        let events = feed(&node("c", "10.244.3.0/24", flannel_annotations("aa:bb:cc:dd:ee:03")), false);
         assert_eq!(events, vec![]);
+        let mut feed = |object: &Value, deleted: bool| {
+            reg.apply_watch_event(object, deleted, &network, own);
+            reg.pending.drain(..).collect::<Vec<_>>()
+        };
+        assert_eq!(feed(&b, true), vec![PeerEvent::Remove("10.244.3.0/24".parse().unwrap())]);
+        assert_eq!(feed(&json!({ "metadata": {} }), false), vec![], "nameless objects are skipped");
         assert!(reg.skipped.get("c").is_some_and(|r| r.contains("already node b's")));
-        let mut feed = |kind: &str, object: Value| {
-            let line = json!({ "type": kind, "object": object }).to_string();
-            let result = reg.apply_watch_event(line.as_bytes(), own);
-            (result.map_err(|e| e.to_string()), reg.pending.drain(..).collect::<Vec<_>>())
-        };
-        assert_eq!(feed("DELETED", b).1, vec![PeerEvent::Remove("10.244.3.0/24".parse().unwrap())]);
-        assert_eq!(feed("BOOKMARK", json!({ "metadata": { "resourceVersion": "42" } })).1, vec![]);
-        let (err, _) = feed("ERROR", json!({ "kind": "Status", "code": 410, "message": "too old resource version" }));
-        assert!(err.unwrap_err().contains("410 Gone"));
-        assert_eq!(reg.resource_version.as_deref(), Some("42"));
-        assert!(reg.apply_watch_event(b"not json", own).is_ok(), "undecodable lines are skipped");
-    }
-
-    #[test]
-    fn in_cluster_reads_the_service_account() {
-        let dir = std::env::temp_dir().join(format!("netd-kube-sa-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("token"), "abc\n").unwrap();
-        std::fs::write(dir.join("ca.crt"), "PEM").unwrap();
-        let env = |key: &str| match key {
-            "KUBERNETES_SERVICE_HOST" => Some("fd00::1".to_string()),
-            "KUBERNETES_SERVICE_PORT" => Some("443".to_string()),
-            "NODE_NAME" => Some("edge-1".to_string()),
-            _ => None,
-        };
-        let config = KubeConfig::in_cluster_from(&dir, env).unwrap();
-        assert_eq!(config.server, "https://[fd00::1]:443");
-        assert_eq!(config.token.as_deref(), Some("abc"));
-        assert_eq!(config.node_name, "edge-1");
-        assert!(!format!("{config:?}").contains("abc"), "token leaks into Debug");
-        let err = KubeConfig::in_cluster_from(&dir, |_| None).unwrap_err().to_string();
-        assert!(err.contains("KUBERNETES_SERVICE_HOST"), "{err}");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -1130,6 +727,5 @@ mod tests {
         let mut with_ca = config("https://x", "a");
         with_ca.ca_cert_pem = Some(b"not a pem".to_vec());
         assert!(KubernetesRegistry::new(with_ca).is_err());
-        assert_eq!(percent_encode("a+b/c=="), "a%2Bb%2Fc%3D%3D");
     }
 }

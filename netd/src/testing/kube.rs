@@ -130,6 +130,13 @@ impl KubeApiServer {
         Ok(text[start..].trim_end().as_bytes().iter().copied().chain(*b"\n").collect())
     }
 
+    /// The API server's etcd, for writing objects behind the API server's
+    /// back (under `/registry/…`, as JSON it decodes without validating):
+    /// what a broken controller or an old backup could leave.
+    pub fn etcd(&self) -> Option<&EtcdServer> {
+        self.etcd.as_ref()
+    }
+
     /// The directory holding the data, certificates and logs.
     pub fn dir(&self) -> &Path {
         &self.dir

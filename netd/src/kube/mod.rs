@@ -1,0 +1,394 @@
+//! The one Kubernetes client netd has, and the one list+watch machinery on
+//! it: the Kubernetes registry's node watch
+//! ([`crate::registry::kubernetes`]) and the pod watch ([`pods`]) both use
+//! [`KubeClient`] and [`watch::ListWatch`].
+//!
+//! - **Client**: kube-rs (`kube::Client`) on hyper + rustls (ring), the
+//!   HTTP/TLS stack tonic already brings. [`KubeClient`] builds it from a
+//!   [`KubeConfig`] (in-cluster or `kubernetes:<URL>` with a token file and
+//!   a CA file), with its own bearer-token layer: the token file is read
+//!   again every [`TOKEN_RELOAD`] and right after a 401, because the kubelet
+//!   rotates projected service-account tokens in place. Every request but a
+//!   watch is limited to 30 s; connections time out after 10 s and use TCP
+//!   keepalive.
+//! - **Objects** ([`object`]): decoded leniently ([`object::Object`]): any
+//!   JSON an API server sends decodes, keeping only the fields netd reads.
+//!   With k8s-openapi's strict types one undecodable object would fail its
+//!   whole list page and so stop the watch for good; and a Node's
+//!   `status.images` or any object's `managedFields` would be held for
+//!   nothing. Bad data is the consumer's to judge, with a precise reason.
+//! - **Watch** ([`watch`]): `kube_runtime::watcher` (paginated list with a
+//!   consistent read, then a watch from its `resourceVersion`, renewed when
+//!   the server ends it, relisted after `410 Gone`), folded into
+//!   [`watch::WatchEvent`]s: a complete list, an object applied, an object
+//!   deleted. After any error the next event is a fresh complete list.
+//!
+//! Layering: this module imports only [`crate::model`] and `netd_ipam`'s
+//! pod identity; `registry` and `daemon` build on it.
+
+pub mod object;
+pub mod pods;
+mod token;
+pub mod watch;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use kube::client::ConfigExt;
+use tower::ServiceBuilder;
+
+pub use token::TOKEN_RELOAD;
+
+/// The service-account files of a pod.
+pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+/// Time limit of every request but a watch.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
+
+/// Errors of the Kubernetes client and its watches.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum KubeError {
+    /// Settings that can never work (URL, CA, token file, node name).
+    #[error("{0}")]
+    BadConfig(String),
+    /// The API server cannot be reached or did not answer in time, or
+    /// answered 5xx/429, or a watch broke; retrying later may succeed.
+    #[error("{0}")]
+    Unreachable(String),
+    /// The API server refused the request (4xx other than 404 and 429), or
+    /// sent something that is not JSON.
+    #[error("{what}: {reason}")]
+    Refused {
+        /// What was attempted.
+        what: String,
+        /// Why it failed: `HTTP <status>: <message>`.
+        reason: String,
+    },
+    /// The object does not exist (404).
+    #[error("{what}: there is no such object")]
+    NotFound {
+        /// What was looked up.
+        what: String,
+    },
+}
+
+impl KubeError {
+    /// True when retrying later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unreachable(_))
+    }
+
+    /// The error of a client call: `what` names the request.
+    pub fn from_client(what: &str, error: kube::Error) -> Self {
+        match error {
+            kube::Error::Api(status) => {
+                let code = status.code;
+                let name = http::StatusCode::from_u16(code).map(|s| s.to_string()).unwrap_or_else(|_| code.to_string());
+                let message = status.message.trim();
+                let reason = format!("HTTP {name}: {message}");
+                if code == 404 {
+                    Self::NotFound { what: what.to_string() }
+                } else if code >= 500 || code == 429 {
+                    Self::Unreachable(format!("{what}: {reason}"))
+                } else {
+                    Self::Refused { what: what.to_string(), reason }
+                }
+            }
+            kube::Error::SerdeError(e) => {
+                Self::Refused { what: what.to_string(), reason: format!("the response is not JSON: {e}") }
+            }
+            other => Self::Unreachable(format!("{what}: {}", error_chain(&other))),
+        }
+    }
+}
+
+/// How to reach the API server and who this node is.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KubeConfig {
+    /// API server URL, e.g. `https://10.96.0.1:443`.
+    pub server: String,
+    /// Bearer token, when given literally.
+    pub token: Option<String>,
+    /// File holding the bearer token (a service-account token in a
+    /// cluster); takes precedence over `token`. Re-read every
+    /// [`TOKEN_RELOAD`] and after a 401, because the kubelet rotates
+    /// projected service-account tokens in place.
+    pub token_file: Option<PathBuf>,
+    /// PEM of the CA(s) to trust for the server's certificate; `None`
+    /// trusts the system's roots.
+    pub ca_cert_pem: Option<Vec<u8>>,
+    /// This node's name (`metadata.name` of its Node object).
+    pub node_name: String,
+    /// The cluster network (flannel's `Network`); `None` reads flannel's
+    /// `net-conf.json` (the Kubernetes registry's concern).
+    pub network: Option<ipnet::Ipv4Net>,
+}
+
+impl std::fmt::Debug for KubeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeConfig")
+            .field("server", &self.server)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_file", &self.token_file)
+            .field("ca_cert_pem", &self.ca_cert_pem.as_ref().map(|pem| format!("<{} bytes>", pem.len())))
+            .field("node_name", &self.node_name)
+            .field("network", &self.network)
+            .finish()
+    }
+}
+
+impl KubeConfig {
+    /// The configuration of a pod in the cluster: `KUBERNETES_SERVICE_HOST`
+    /// and `KUBERNETES_SERVICE_PORT`, the service-account token and CA in
+    /// [`SERVICE_ACCOUNT_DIR`], the node name from `NODE_NAME` (flannel's
+    /// DaemonSet sets it from `spec.nodeName`) or else the host name. The
+    /// network is left unset.
+    pub fn in_cluster() -> Result<Self, KubeError> {
+        Self::in_cluster_from(Path::new(SERVICE_ACCOUNT_DIR), |key| std::env::var(key).ok())
+    }
+
+    /// [`KubeConfig::in_cluster`] with the service-account directory and
+    /// the environment given.
+    pub fn in_cluster_from(dir: &Path, env: impl Fn(&str) -> Option<String>) -> Result<Self, KubeError> {
+        let var = |key: &str| {
+            env(key)
+                .filter(|v| !v.trim().is_empty())
+                .ok_or_else(|| KubeError::BadConfig(format!("{key} is not set: not running in a Kubernetes pod?")))
+        };
+        let host = var("KUBERNETES_SERVICE_HOST")?;
+        let port = var("KUBERNETES_SERVICE_PORT")?;
+        let host = if host.contains(':') { format!("[{host}]") } else { host };
+        let read = |name: &str| {
+            let path = dir.join(name);
+            std::fs::read(&path)
+                .map_err(|e| KubeError::BadConfig(format!("reading the service account's {}: {e}", path.display())))
+        };
+        let token = String::from_utf8_lossy(&read("token")?).trim().to_string();
+        let token_file = Some(dir.join("token"));
+        let ca = read("ca.crt")?;
+        let node_name =
+            match env("NODE_NAME").filter(|n| !n.trim().is_empty()) {
+                Some(name) => name.trim().to_string(),
+                None => std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_lowercase()).map_err(
+                    |e| KubeError::BadConfig(format!("NODE_NAME is not set and the host name is unreadable: {e}")),
+                )?,
+            };
+        Ok(Self {
+            server: format!("https://{host}:{}", port.trim()),
+            token: Some(token),
+            token_file,
+            ca_cert_pem: Some(ca),
+            node_name,
+            network: None,
+        })
+    }
+}
+
+type Https = hyper_rustls::HttpsConnector<HttpConnector>;
+
+/// The shared Kubernetes client: cheap to clone, every clone uses the same
+/// connection pool and bearer token.
+///
+/// Building it checks the settings and reads the token file; the
+/// underlying `kube::Client` is made on first use, inside the async
+/// runtime (its request queue is a task), so [`KubeClient::new`] works
+/// anywhere.
+#[derive(Clone)]
+pub struct KubeClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    server: String,
+    config: kube::Config,
+    https: Https,
+    token: Arc<token::TokenSource>,
+    client: OnceLock<kube::Client>,
+}
+
+impl std::fmt::Debug for KubeClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeClient").field("server", &self.inner.server).finish_non_exhaustive()
+    }
+}
+
+impl KubeClient {
+    /// A client for `config.server`: checks the URL and the CA PEM and
+    /// reads the token file (a missing or empty one is an error); nothing
+    /// is contacted.
+    pub fn new(config: &KubeConfig) -> Result<Self, KubeError> {
+        let server = config.server.trim_end_matches('/').to_string();
+        if !(server.starts_with("https://") || server.starts_with("http://")) {
+            return Err(KubeError::BadConfig(format!("API server {:?} is not an http(s) URL", config.server)));
+        }
+        let uri: http::Uri = server
+            .parse()
+            .map_err(|e| KubeError::BadConfig(format!("API server {:?} is not a valid URL: {e}", config.server)))?;
+        let mut kube_config = kube::Config::new(uri);
+        kube_config.root_cert = match &config.ca_cert_pem {
+            Some(pem) => Some(parse_ca_pem(pem)?),
+            None => None,
+        };
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        http.set_keepalive(Some(TCP_KEEPALIVE));
+        http.set_nodelay(true);
+        let https = kube_config
+            .rustls_https_connector_with_connector(http)
+            .map_err(|e| KubeError::BadConfig(format!("TLS settings: {}", error_chain(&e))))?;
+        let token = token::TokenSource::new(config.token.clone(), config.token_file.clone())?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                server,
+                config: kube_config,
+                https,
+                token: Arc::new(token),
+                client: OnceLock::new(),
+            }),
+        })
+    }
+
+    /// The API server URL, without a trailing slash.
+    pub fn server(&self) -> &str {
+        &self.inner.server
+    }
+
+    /// The kube-rs client (made on first call; call it from within the
+    /// async runtime).
+    pub fn client(&self) -> kube::Client {
+        self.inner
+            .client
+            .get_or_init(|| {
+                let connector = self.inner.https.clone();
+                let http = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(connector);
+                let service = ServiceBuilder::new()
+                    .layer(self.inner.config.base_uri_layer())
+                    .layer(token::BearerLayer::new(self.inner.token.clone()))
+                    .map_err(tower::BoxError::from)
+                    .service(http);
+                kube::Client::new(service, self.inner.config.default_namespace.clone())
+            })
+            .clone()
+    }
+}
+
+/// Runs a client call with [`REQUEST_TIMEOUT`]; `what` names it in errors.
+pub async fn call<T>(
+    what: &str,
+    request: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> Result<T, KubeError> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
+        Ok(result) => result.map_err(|e| KubeError::from_client(what, e)),
+        Err(_) => Err(KubeError::Unreachable(format!("{what}: no answer within {}s", REQUEST_TIMEOUT.as_secs()))),
+    }
+}
+
+/// The DER certificates of a PEM bundle; none, or a broken one, is an error.
+fn parse_ca_pem(pem: &[u8]) -> Result<Vec<Vec<u8>>, KubeError> {
+    use rustls_pki_types::pem::PemObject;
+    let certs = rustls_pki_types::CertificateDer::pem_slice_iter(pem)
+        .map(|cert| cert.map(|c| c.to_vec()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| KubeError::BadConfig(format!("CA certificate PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(KubeError::BadConfig("CA certificate PEM holds no certificate".into()));
+    }
+    Ok(certs)
+}
+
+/// Node names are DNS subdomains (RFC 1123): safe in a URL path as they are.
+pub fn check_node_name(name: &str) -> Result<(), KubeError> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(KubeError::BadConfig(format!("node name {name:?} is not a valid Kubernetes node name")))
+    }
+}
+
+/// An error and its sources, `: `-joined (hyper's and rustls's own texts
+/// are terse; the cause is in the sources).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        let next = inner.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = inner.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_cluster_reads_the_service_account() {
+        let dir = std::env::temp_dir().join(format!("netd-kube-sa-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("token"), "abc\n").unwrap();
+        std::fs::write(dir.join("ca.crt"), "PEM").unwrap();
+        let env = |key: &str| match key {
+            "KUBERNETES_SERVICE_HOST" => Some("fd00::1".to_string()),
+            "KUBERNETES_SERVICE_PORT" => Some("443".to_string()),
+            "NODE_NAME" => Some("edge-1".to_string()),
+            _ => None,
+        };
+        let config = KubeConfig::in_cluster_from(&dir, env).unwrap();
+        assert_eq!(config.server, "https://[fd00::1]:443");
+        assert_eq!(config.token.as_deref(), Some("abc"));
+        assert_eq!(config.node_name, "edge-1");
+        assert!(!format!("{config:?}").contains("abc"), "token leaks into Debug");
+        let err = KubeConfig::in_cluster_from(&dir, |_| None).unwrap_err().to_string();
+        assert!(err.contains("KUBERNETES_SERVICE_HOST"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bad_settings_are_refused() {
+        let config = |server: &str| KubeConfig {
+            server: server.into(),
+            token: None,
+            token_file: None,
+            ca_cert_pem: None,
+            node_name: "a".into(),
+            network: None,
+        };
+        assert!(KubeClient::new(&config("ftp://x")).unwrap_err().to_string().contains("not an http(s) URL"));
+        assert!(KubeClient::new(&config("https://bad host")).is_err());
+        let mut with_ca = config("https://x");
+        with_ca.ca_cert_pem = Some(b"not a pem".to_vec());
+        assert!(KubeClient::new(&with_ca).unwrap_err().to_string().contains("no certificate"));
+        assert!(check_node_name("A/../b").is_err());
+        assert!(check_node_name("edge-1.example").is_ok());
+        let client = KubeClient::new(&config("https://127.0.0.1:6443/")).unwrap();
+        assert_eq!(client.server(), "https://127.0.0.1:6443");
+    }
+
+    #[test]
+    fn api_errors_are_sorted_by_what_retrying_can_do() {
+        let api = |code: u16, message: &str| {
+            let status = kube::core::Status::failure(message, "Test").with_code(code);
+            KubeError::from_client("GET /api/v1/nodes/x", kube::Error::Api(status.boxed()))
+        };
+        let err = api(401, "Unauthorized");
+        assert_eq!(err.to_string(), "GET /api/v1/nodes/x: HTTP 401 Unauthorized: Unauthorized");
+        assert!(!err.is_transient());
+        assert!(matches!(api(404, "nodes \"x\" not found"), KubeError::NotFound { .. }));
+        assert!(api(503, "etcd down").is_transient());
+        assert!(api(429, "slow down").is_transient());
+    }
+}
