@@ -10,6 +10,7 @@
 use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use ipnet::Ipv4Net;
@@ -45,6 +46,53 @@ pub struct DaemonConfig {
     pub token_file: Option<PathBuf>,
     /// CA bundle for the Kubernetes registry.
     pub ca_file: Option<PathBuf>,
+    /// Where the daemon learns which pods are bound to this node, to free
+    /// the pinned IPs of pods that are gone.
+    pub pods: PodSource,
+    /// How long a deleted pod's pin waits before it is freed.
+    pub pin_grace: Duration,
+    /// CNI configuration directory whose `netd-ipam` stores are kept tidy.
+    pub cni_conf_dir: PathBuf,
+    /// IPAM stores to keep tidy instead of the discovered ones.
+    pub ipam_stores: Vec<PathBuf>,
+}
+
+/// Where pod authority comes from (`--pods`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodSource {
+    /// `none`: nothing frees pins but the plugin's pressure reclaim.
+    None,
+    /// `kubernetes` (in-cluster) or `kubernetes:<https://server>` (with
+    /// `--token-file`/`--ca-file`); `registry`, the default, means the
+    /// Kubernetes registry's own client, or `none` with other registries.
+    Kubernetes(Option<String>),
+    /// `registry`: follow the registry.
+    Registry,
+}
+
+impl std::str::FromStr for PodSource {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once(':') {
+            None if s == "none" => Ok(Self::None),
+            None if s == "registry" => Ok(Self::Registry),
+            None if s == "kubernetes" => Ok(Self::Kubernetes(None)),
+            Some(("kubernetes", url)) if !url.is_empty() => Ok(Self::Kubernetes(Some(url.to_string()))),
+            _ => Err(format!("unknown pod source {s:?} (registry, none, kubernetes[:URL])")),
+        }
+    }
+}
+
+impl std::fmt::Display for PodSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::None => f.write_str("none"),
+            Self::Registry => f.write_str("registry"),
+            Self::Kubernetes(None) => f.write_str("kubernetes"),
+            Self::Kubernetes(Some(url)) => write!(f, "kubernetes:{url}"),
+        }
+    }
 }
 
 /// The options of `netd run` and `netd cleanup` as clap read them from the
@@ -103,9 +151,27 @@ pub struct RunArgs {
     /// CA bundle for kubernetes:URL.
     #[arg(long, env = "NETD_CA_FILE", value_name = "FILE")]
     pub ca_file: Option<PathBuf>,
+    /// Where to learn the pods bound to this node, to free the pinned IPs of
+    /// pods that are gone: registry (default: the Kubernetes registry's
+    /// client, else none), none, kubernetes[:URL].
+    #[arg(long, env = "NETD_PODS", value_name = "SOURCE")]
+    pub pods: Option<PodSource>,
+    /// How long a deleted pod keeps its pinned IP before it is freed (e.g.
+    /// 600, 90s, 10m, 1h; default 10m).
+    #[arg(long, env = "NETD_PIN_GRACE", value_name = "DURATION", value_parser = parse_duration)]
+    pub pin_grace: Option<Duration>,
+    /// CNI configuration directory whose netd-ipam stores are kept tidy
+    /// (default: /etc/cni/net.d).
+    #[arg(long, env = "NETD_CNI_CONF_DIR", value_name = "DIR")]
+    pub cni_conf_dir: Option<PathBuf>,
+    /// An IPAM store to keep tidy, instead of those the CNI configurations
+    /// name (repeatable; comma-separated in the variable).
+    #[arg(long = "ipam-store", env = "NETD_IPAM_STORE", value_name = "FILE", value_delimiter = ',')]
+    pub ipam_stores: Vec<PathBuf>,
 }
 
 const DEFAULT_STATE_DIR: &str = "/var/lib/netd";
+const DEFAULT_CNI_CONF_DIR: &str = "/etc/cni/net.d";
 const DEFAULT_HEALTH_ADDR: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 9617);
 
 // The value parsers say what is wrong, not what was given: clap's message
@@ -124,6 +190,22 @@ fn parse_ipv4(text: &str) -> Result<Ipv4Addr, String> {
 
 fn parse_cidr(text: &str) -> Result<Ipv4Net, String> {
     text.parse().map_err(|_| "not an IPv4 CIDR".into())
+}
+
+/// `600`, `90s`, `10m`, `1h`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => return Err("not a duration (e.g. 600, 90s, 10m, 1h)".into()),
+    };
+    let n: u64 = number.parse().map_err(|_| "not a duration (e.g. 600, 90s, 10m, 1h)".to_string())?;
+    n.checked_mul(scale).map(Duration::from_secs).ok_or_else(|| "duration too long".into())
 }
 
 fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
@@ -168,6 +250,18 @@ impl RunArgs {
             health_addr: self.health_addr.or(file.health_addr).unwrap_or(DEFAULT_HEALTH_ADDR),
             token_file: self.token_file.or(file.token_file),
             ca_file: self.ca_file.or(file.ca_file),
+            pods: self.pods.or(file.pods).unwrap_or(PodSource::Registry),
+            pin_grace: match (self.pin_grace, file.pin_grace) {
+                (Some(grace), _) => grace,
+                (None, Some(text)) => parse_duration(&text).map_err(|e| format!("config file: pinGrace: {e}"))?,
+                (None, None) => super::pins::DEFAULT_GRACE,
+            },
+            cni_conf_dir: self.cni_conf_dir.or(file.cni_conf_dir).unwrap_or_else(|| DEFAULT_CNI_CONF_DIR.into()),
+            ipam_stores: if self.ipam_stores.is_empty() {
+                file.ipam_stores.unwrap_or_default()
+            } else {
+                self.ipam_stores
+            },
         };
         config.check()?;
         Ok(config)
@@ -180,7 +274,7 @@ impl RunArgs {
 #[serde(rename_all = "camelCase")]
 struct FileConfig {
     node_name: Option<String>,
-    #[serde(default, with = "registry_text")]
+    #[serde(default, with = "spec_text")]
     registry: Option<RegistrySpec>,
     iface: Option<String>,
     public_ip: Option<Ipv4Addr>,
@@ -192,22 +286,29 @@ struct FileConfig {
     health_addr: Option<SocketAddr>,
     token_file: Option<PathBuf>,
     ca_file: Option<PathBuf>,
+    #[serde(default, with = "spec_text")]
+    pods: Option<PodSource>,
+    pin_grace: Option<String>,
+    cni_conf_dir: Option<PathBuf>,
+    ipam_stores: Option<Vec<PathBuf>>,
 }
 
-/// The registry in the config file: the `--registry` spec as a string.
-mod registry_text {
+/// A spec in the config file: its command-line text.
+mod spec_text {
     use serde::{Deserialize, Deserializer, Serializer};
 
-    use super::RegistrySpec;
-
-    pub fn serialize<S: Serializer>(spec: &Option<RegistrySpec>, serializer: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: Serializer, T: std::fmt::Display>(spec: &Option<T>, serializer: S) -> Result<S::Ok, S::Error> {
         match spec {
             Some(spec) => serializer.serialize_some(&spec.to_string()),
             None => serializer.serialize_none(),
         }
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<RegistrySpec>, D::Error> {
+    pub fn deserialize<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: std::str::FromStr<Err = String>,
+    {
         let text = Option::<String>::deserialize(deserializer)?;
         text.map(|text| text.parse().map_err(serde::de::Error::custom)).transpose()
     }
@@ -256,6 +357,10 @@ impl DaemonConfig {
             health_addr: Some(self.health_addr),
             token_file: self.token_file.clone(),
             ca_file: self.ca_file.clone(),
+            pods: Some(self.pods.clone()),
+            pin_grace: Some(format!("{}s", self.pin_grace.as_secs())),
+            cni_conf_dir: Some(self.cni_conf_dir.clone()),
+            ipam_stores: Some(self.ipam_stores.clone()),
         };
         serde_json::to_string_pretty(&file).map_err(|e| format!("configuration as JSON: {e}"))
     }

@@ -22,6 +22,8 @@ pub struct Shared {
     pub last_sync: Mutex<Option<Instant>>,
     /// Peers refused by the registry layer or validation, last pass.
     pub registry_errors: Mutex<u64>,
+    /// The IPAM stores' pins, once the pin keeper runs.
+    pub pins: Mutex<Option<super::pins::PinMetrics>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -89,6 +91,35 @@ impl Shared {
             since_sync,
         );
         metric("netd_ready", "gauge", "1 once the overlay is programmed.", f64::from(u8::from(self.ready())));
+        if let Some(pins) = lock(&self.pins).clone() {
+            let stats = pins.stats;
+            let _ = writeln!(
+                out,
+                "# HELP netd_ipam_pins Pinned pod IPs in the node's IPAM stores, by state.\n# TYPE netd_ipam_pins gauge\n\
+                 netd_ipam_pins{{state=\"attached\"}} {}\nnetd_ipam_pins{{state=\"released\"}} {}",
+                stats.attached, stats.released
+            );
+            let _ = writeln!(out, "# HELP netd_ipam_pins_freed_total Pinned pod IPs freed, by reason.\n# TYPE netd_ipam_pins_freed_total counter");
+            for reason in netd_ipam::FreeReason::ALL {
+                let _ = writeln!(
+                    out,
+                    "netd_ipam_pins_freed_total{{reason=\"{}\"}} {}",
+                    reason.as_str(),
+                    stats.freed.get(reason)
+                );
+            }
+            let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+            };
+            metric("netd_ipam_stores", "gauge", "IPAM stores kept tidy.", pins.stores as f64);
+            metric("netd_pods_bound", "gauge", "Pods bound to this node, per the pod watch.", pins.pods as f64);
+            metric(
+                "netd_pods_synced",
+                "gauge",
+                "1 while the pod view is authoritative.",
+                f64::from(u8::from(pins.synced)),
+            );
+        }
         out
     }
 }

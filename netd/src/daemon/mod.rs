@@ -36,6 +36,8 @@ use std::time::{Duration, Instant, SystemTime};
 use ipnet::{IpNet, Ipv4Net};
 use netd_ipam::Store;
 
+use crate::kube::pods::PodWatch;
+use crate::kube::{KubeClient, KubeConfig};
 use crate::masquerade::{Masquerade, MasqueradeError};
 use crate::model::MacAddr;
 use crate::registry::{
@@ -47,9 +49,10 @@ use crate::vxlan::snapshot::Snapshot;
 use crate::vxlan::{Lease, Overlay, OverlayConfig, OverlayOptions, FLANNEL_VXLAN_PORT, VXLAN_OVERHEAD};
 
 pub use cleanup::{cleanup, CleanupError};
-pub use config::{DaemonConfig, RegistrySpec};
+pub use config::{DaemonConfig, PodSource, RegistrySpec};
 use health::Shared;
 use peers::{Folded, PeerSet};
+use pins::{PinKeeper, Stores};
 pub use underlay::{resolve_underlay, Underlay, UnderlayError};
 
 /// How long shutdown waits for blocking calls still running (a SQLite call
@@ -78,6 +81,9 @@ pub enum DaemonError {
     /// The configured registry cannot be set up (bad settings or files).
     #[error("cannot set up the registry: {0}")]
     Unsupported(#[source] RegistryError),
+    /// The pod source cannot be set up (bad settings or files).
+    #[error("cannot set up the pod source: {0}")]
+    Pods(String),
     /// Waiting for signals failed.
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
@@ -343,7 +349,50 @@ impl Daemon {
             poll: Duration::from_millis(250),
         };
         let registry = AnyRegistry::open(&self.config.registry, &settings).await.map_err(DaemonError::Unsupported)?;
+        self.start_pin_keeper(&registry)?;
         self.drive(registry).await
+    }
+
+    /// Starts freeing the pinned IPs of pods that are gone, when a pod
+    /// source is configured: the Kubernetes registry's own client (one
+    /// client for nodes and pods), or a separate API server.
+    fn start_pin_keeper(&self, registry: &AnyRegistry) -> Result<(), DaemonError> {
+        let client = match (&self.config.pods, registry) {
+            (PodSource::None, _) | (PodSource::Registry, AnyRegistry::Embedded(_) | AnyRegistry::Etcd(_)) => {
+                tracing::info!("no pod source: pinned IPs are freed only by the plugin's pressure reclaim");
+                return Ok(());
+            }
+            (PodSource::Registry, AnyRegistry::Kubernetes(kube)) => kube.client().clone(),
+            (PodSource::Kubernetes(server), _) => {
+                let config = match server {
+                    None => KubeConfig::in_cluster().map_err(|e| DaemonError::Pods(e.to_string()))?,
+                    Some(server) => KubeConfig {
+                        server: server.clone(),
+                        token: None,
+                        token_file: self.config.token_file.clone(),
+                        ca_cert_pem: match &self.config.ca_file {
+                            Some(path) => Some(std::fs::read(path).map_err(|e| {
+                                DaemonError::Pods(format!("reading the CA file {}: {e}", path.display()))
+                            })?),
+                            None => None,
+                        },
+                        node_name: self.config.node_name.clone(),
+                        network: None,
+                    },
+                };
+                KubeClient::new(&config).map_err(|e| DaemonError::Pods(e.to_string()))?
+            }
+        };
+        let watch = PodWatch::new(&client, &self.config.node_name).map_err(|e| DaemonError::Pods(e.to_string()))?;
+        let stores = if self.config.ipam_stores.is_empty() {
+            Stores::Discover(self.config.cni_conf_dir.clone())
+        } else {
+            Stores::Given(self.config.ipam_stores.clone())
+        };
+        tracing::info!(server = %client.server(), grace = ?self.config.pin_grace, ?stores, "keeping IPAM stores tidy from the pod watch");
+        let keeper = PinKeeper { stores, grace: self.config.pin_grace };
+        tokio::spawn(keeper.run(watch, self.shared.clone()));
+        Ok(())
     }
 
     fn set_connected(&self, connected: bool) {

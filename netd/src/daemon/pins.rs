@@ -20,10 +20,17 @@
 //! within seconds, but image pulls, a slow kubelet or the controller's own
 //! backoff can stretch that to minutes — gets its old address back.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
-use netd_ipam::PodRef;
+use netd_ipam::{Authority, FreeReason, PinStats, PodRef, Store};
+
+use super::health::Shared;
+use crate::cni::discover::discover;
+use crate::kube::pods::{PodEvent, PodLocation, PodWatch};
+use crate::kube::watch::Backoff;
 
 /// The grace period's default.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(600);
@@ -94,6 +101,187 @@ impl PodView {
     /// Pods bound here.
     pub fn live(&self) -> usize {
         self.live.len()
+    }
+}
+
+/// Where the stores are: given, or what the CNI configurations name.
+#[derive(Debug, Clone)]
+pub enum Stores {
+    /// `--ipam-store` files.
+    Given(Vec<PathBuf>),
+    /// The `netd-ipam` stores of this CNI configuration directory, looked
+    /// up again on every tick (the configuration may be installed later).
+    Discover(PathBuf),
+}
+
+/// The pin keeper's settings.
+#[derive(Debug, Clone)]
+pub struct PinKeeper {
+    /// The stores.
+    pub stores: Stores,
+    /// How long a deleted pod keeps its pin.
+    pub grace: Duration,
+}
+
+/// Stores whose file exists (the plugin creates a store on its first ADD;
+/// the keeper never creates one).
+fn existing(stores: &Stores, reported: &mut BTreeSet<String>) -> Vec<PathBuf> {
+    let paths = match stores {
+        Stores::Given(paths) => paths.clone(),
+        Stores::Discover(dir) => {
+            let found = discover(dir);
+            for problem in found.problems {
+                if reported.insert(problem.clone()) {
+                    tracing::warn!(%problem, "CNI configuration skipped when looking for IPAM stores");
+                }
+            }
+            found.stores.into_iter().collect()
+        }
+    };
+    paths.into_iter().filter(|p| p.exists()).collect()
+}
+
+/// Runs SQLite work on the blocking pool (a store may be locked by a plugin
+/// for up to its busy timeout).
+async fn on_store<T: Send + 'static>(
+    path: &Path,
+    f: impl FnOnce(&mut Store) -> netd_ipam::Result<T> + Send + 'static,
+) -> Result<T, String> {
+    let path = path.to_path_buf();
+    let shown = path.display().to_string();
+    match tokio::task::spawn_blocking(move || Store::open(&path).and_then(|mut store| f(&mut store))).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(format!("{shown}: {error}")),
+        Err(error) => Err(format!("{shown}: the store task did not finish: {error}")),
+    }
+}
+
+/// Sums the stores' pin counts for `/metrics`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PinMetrics {
+    /// Stores kept.
+    pub stores: usize,
+    /// Their pins and frees, summed.
+    pub stats: PinStats,
+    /// Pods bound to this node, per the watch.
+    pub pods: usize,
+    /// The pod view is authoritative (a complete list, no error since).
+    pub synced: bool,
+}
+
+impl PinKeeper {
+    /// How often deleted pods' timers are checked and a list reconcile runs.
+    fn tick(&self) -> Duration {
+        (self.grace / 4).clamp(Duration::from_secs(1), Duration::from_secs(30))
+    }
+
+    /// Watches the pods bound to this node forever and frees the pins of
+    /// the ones that are gone (see the module docs).
+    pub async fn run(self, mut watch: PodWatch, shared: Arc<Shared>) {
+        let mut view = PodView::default();
+        let mut backoff = Backoff::default();
+        let mut reported = BTreeSet::new();
+        let mut tick = tokio::time::interval(self.tick());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                event = watch.try_next() => match event {
+                    Ok(PodEvent::Listed(pods)) => {
+                        backoff.reset();
+                        view.listed(pods.into_iter().map(|p| p.pod));
+                        tracing::info!(pods = view.live(), node = %watch.node(), "pods bound to this node listed");
+                        self.reconcile(&view, &mut reported).await;
+                    }
+                    Ok(PodEvent::Applied(info)) => view.applied(info.pod),
+                    Ok(PodEvent::Deleted(pod)) => view.deleted(pod, Instant::now()),
+                    Err(error) => {
+                        view.lost();
+                        let delay = backoff.next_delay();
+                        tracing::warn!(%error, retry_in = ?delay, "pod watch lost; no pinned IP is freed until a fresh list");
+                        tokio::time::sleep(delay).await;
+                    }
+                },
+                _ = tick.tick() => {
+                    for pod in view.due(Instant::now(), self.grace) {
+                        self.free_gone(&watch, &mut view, pod, &mut reported).await;
+                    }
+                    if view.synced() {
+                        self.reconcile(&view, &mut reported).await;
+                    }
+                    self.publish(&view, &shared, &mut reported).await;
+                }
+            }
+        }
+    }
+
+    /// A deleted pod whose grace ran out: moved, deleted, or back.
+    async fn free_gone(&self, watch: &PodWatch, view: &mut PodView, pod: PodRef, reported: &mut BTreeSet<String>) {
+        let reason = match watch.locate(&pod).await {
+            Ok(PodLocation::Gone) => FreeReason::Deleted,
+            Ok(PodLocation::OtherNode { node, .. }) => {
+                tracing::info!(%pod, %node, "pod moved to another node");
+                FreeReason::Moved
+            }
+            Ok(PodLocation::ThisNode(info)) => return view.applied(info.pod),
+            // Re-created and not scheduled yet: it may come back here.
+            Ok(PodLocation::Unbound) => return view.deleted(pod, Instant::now()),
+            Err(error) => {
+                tracing::warn!(%pod, %error, "cannot tell where a deleted pod went; its pin stays for now");
+                view.lost();
+                return view.deleted(pod, Instant::now().checked_sub(self.grace).unwrap_or_else(Instant::now));
+            }
+        };
+        for store in existing(&self.stores, reported) {
+            let who = pod.clone();
+            match on_store(&store, move |s| s.free_released(&who, reason)).await {
+                Ok(ips) if !ips.is_empty() => {
+                    tracing::info!(%pod, reason = reason.as_str(), ?ips, store = %store.display(), "pinned IP freed")
+                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, %pod, "cannot free a pinned IP"),
+            }
+        }
+    }
+
+    /// Frees the pins of pods absent from an authoritative view, past the
+    /// grace (reason `list`).
+    async fn reconcile(&self, view: &PodView, reported: &mut BTreeSet<String>) {
+        if !view.synced() {
+            return;
+        }
+        let keep = view.keep();
+        let grace = self.grace;
+        for store in existing(&self.stores, reported) {
+            let live = keep.clone();
+            match on_store(&store, move |s| s.reconcile(&live, Authority::Authoritative, grace)).await {
+                Ok(report) => {
+                    for (pod, ip) in &report.freed {
+                        tracing::info!(%pod, %ip, reason = "list", store = %store.display(), "pinned IP freed");
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "cannot reconcile an IPAM store"),
+            }
+        }
+    }
+
+    async fn publish(&self, view: &PodView, shared: &Shared, reported: &mut BTreeSet<String>) {
+        let mut metrics = PinMetrics { pods: view.live(), synced: view.synced(), ..PinMetrics::default() };
+        for store in existing(&self.stores, reported) {
+            match on_store(&store, |s| s.stats()).await {
+                Ok(stats) => {
+                    metrics.stores += 1;
+                    metrics.stats.attached += stats.attached;
+                    metrics.stats.released += stats.released;
+                    let (sum, add) = (&mut metrics.stats.freed, stats.freed);
+                    sum.deleted += add.deleted;
+                    sum.moved += add.moved;
+                    sum.list += add.list;
+                    sum.pressure += add.pressure;
+                }
+                Err(error) => tracing::warn!(%error, "cannot read an IPAM store's counters"),
+            }
+        }
+        *shared.pins.lock().unwrap_or_else(PoisonError::into_inner) = Some(metrics);
     }
 }
 
