@@ -138,7 +138,16 @@ fn existing(stores: &Stores, reported: &mut BTreeSet<String>) -> Vec<PathBuf> {
             found.stores.into_iter().collect()
         }
     };
-    paths.into_iter().filter(|p| p.exists()).collect()
+    paths
+        .into_iter()
+        .filter(|path| {
+            let exists = path.exists();
+            if !exists && reported.insert(format!("missing:{}", path.display())) {
+                tracing::info!(store = %path.display(), "IPAM store not there yet (the plugin creates it on its first ADD)");
+            }
+            exists
+        })
+        .collect()
 }
 
 /// Runs SQLite work on the blocking pool (a store may be locked by a plugin
