@@ -1,7 +1,8 @@
 //! The pod watch (`netd::kube::pods`) against a real kube-apiserver 1.20:
 //! pods bound to this node by `spec.nodeName` (no scheduler, no kubelet),
 //! deletions, a pod re-created on another node, an API server that goes
-//! away while a pod is deleted, and pod objects with garbage in them.
+//! away while a pod is deleted, and pod objects with garbage in them; the
+//! node registry on the same client.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -12,21 +13,26 @@ use std::time::Duration;
 use netd::ipam::PodRef;
 use netd::kube::pods::{PodEvent, PodInfo, PodLocation, PodWatch};
 use netd::kube::{KubeClient, KubeConfig};
+use netd::registry::kubernetes::KubernetesRegistry;
+use netd::registry::{LeaseRequest, PeerEvent, Registry};
 use netd::testing::KubeApiServer;
 use serde_json::json;
 
 const NODE: &str = "edge-a";
 
-fn client(server: &KubeApiServer) -> KubeClient {
-    KubeClient::new(&KubeConfig {
+fn kube_config(server: &KubeApiServer) -> KubeConfig {
+    KubeConfig {
         server: server.url(),
         token: Some(server.token().to_string()),
         token_file: None,
         ca_cert_pem: Some(server.ca_cert_pem().unwrap()),
         node_name: NODE.into(),
         network: None,
-    })
-    .unwrap()
+    }
+}
+
+fn client(server: &KubeApiServer) -> KubeClient {
+    KubeClient::new(&kube_config(server)).unwrap()
 }
 
 fn api(server: &KubeApiServer, method: &str, path: &str, body: Option<&str>) -> String {
@@ -149,6 +155,23 @@ async fn pods_bound_to_this_node_are_listed_watched_and_located() {
     let pods = listed(&mut watch).await;
     assert_eq!(names(&pods), ["default/web-1", "default/web-2"]);
     assert!(pods.iter().all(|p| p.uid.is_some() && p.phase.as_deref() == Some("Pending") && !p.terminating));
+
+    // The node registry shares the client (one connection pool, one token).
+    let node = json!({ "apiVersion": "v1", "kind": "Node", "metadata": { "name": NODE },
+                       "spec": { "podCIDR": "10.244.3.0/24", "podCIDRs": ["10.244.3.0/24"] } });
+    api(&server, "POST", "/api/v1/nodes", Some(&node.to_string()));
+    let config = KubeConfig { network: Some("10.244.0.0/16".parse().unwrap()), ..kube_config(&server) };
+    let mut registry = KubernetesRegistry::with_client(config, client.clone());
+    let network = registry.network_config().await.unwrap();
+    let request = LeaseRequest {
+        node: NODE.into(),
+        public_ip: "192.0.2.3".parse().unwrap(),
+        vtep_mac: netd::ipam::MacAddr([0x0e, 0, 0, 0, 0, 3]),
+        previous_subnet: None,
+    };
+    let lease = registry.acquire_lease(&network, &request).await.unwrap();
+    assert_eq!(lease.lease.subnet.to_string(), "10.244.3.0/24");
+    assert!(matches!(registry.next_event(lease.lease.subnet).await.unwrap(), PeerEvent::Resync(ref p) if p.is_empty()));
 
     // Watches renewed by the server (every 2 s) yield nothing.
     quiet(&mut watch, Duration::from_millis(4500)).await;

@@ -195,8 +195,8 @@ type Https = hyper_rustls::HttpsConnector<HttpConnector>;
 ///
 /// Building it checks the settings and reads the token file; the
 /// underlying `kube::Client` is made on first use, inside the async
-/// runtime (its request queue is a task), so [`KubeClient::new`] works
-/// anywhere.
+/// runtime (its request queue is a task on that runtime, so use a client
+/// from one runtime only), and [`KubeClient::new`] works anywhere.
 #[derive(Clone)]
 pub struct KubeClient {
     inner: Arc<Inner>,

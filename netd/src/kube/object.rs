@@ -12,9 +12,13 @@
 //! comes from the k8s-openapi type named by its [`Kind`], the metadata the
 //! watcher needs is taken when it has the right type, and only the JSON
 //! fields the [`Kind`] names are kept, so judging them (and logging why
-//! one is unusable) is left to the consumer. Keeping only those fields is
-//! also what keeps memory flat: a Node's `status.images` and any object's
-//! `managedFields` are dropped as each object is decoded.
+//! one is unusable) is left to the consumer.
+//!
+//! Keeping only those fields, flat, is also what keeps memory flat with
+//! 1 000 nodes: a Node's `status.images`, its other annotations and any
+//! object's `managedFields` are dropped as each object is decoded, and the
+//! kept fields are a short list of (pointer, value) pairs rather than a
+//! JSON tree (each JSON object level is a B-tree node of ~0.6 KiB).
 
 use std::borrow::Cow;
 use std::fmt::Debug;
@@ -22,26 +26,38 @@ use std::marker::PhantomData;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 /// Which API resource an [`Object`] is and which fields of it are kept.
 pub trait Kind: Clone + Debug + Send + Sync + 'static {
     /// The k8s-openapi type whose API identity (group, version, kind,
     /// resource, scope) the objects have.
     type Api: k8s_openapi::Resource;
-    /// JSON pointers of the fields kept (e.g. `/spec/podCIDR`); `""` keeps
-    /// the whole object.
+    /// JSON pointers (RFC 6901: `/` in a key is `~1`) of the fields kept,
+    /// e.g. `/spec/podCIDR`; none may lie inside another.
     const KEEP: &'static [&'static str];
 }
 
-/// Node fields the peer watch reads: name, annotations and pod CIDRs.
+/// Node fields the peer watch reads: name, flannel's and the autonomy
+/// annotations, pod CIDRs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NodeLease;
 
 impl Kind for NodeLease {
     type Api = k8s_openapi::api::core::v1::Node;
-    const KEEP: &'static [&'static str] =
-        &["/metadata/name", "/metadata/annotations", "/spec/podCIDR", "/spec/podCIDRs"];
+    // The annotation keys of `model::flannel` and `model::autonomy`
+    // (checked by a test).
+    const KEEP: &'static [&'static str] = &[
+        "/metadata/name",
+        "/metadata/annotations/flannel.alpha.coreos.com~1backend-type",
+        "/metadata/annotations/flannel.alpha.coreos.com~1backend-data",
+        "/metadata/annotations/flannel.alpha.coreos.com~1public-ip",
+        "/metadata/annotations/flannel.alpha.coreos.com~1kube-subnet-manager",
+        "/metadata/annotations/node.beta.alibabacloud.com~1autonomy",
+        "/metadata/annotations/node.beta.openyurt.io~1autonomy",
+        "/spec/podCIDR",
+        "/spec/podCIDRs",
+    ];
 }
 
 /// Node fields publishing our own lease reads: [`NodeLease`]'s and the
@@ -75,13 +91,14 @@ impl Kind for PodPlacement {
 #[derive(Clone, Debug)]
 pub struct Object<K: Kind> {
     metadata: ObjectMeta,
-    fields: Value,
+    /// The fields of `K::KEEP` that the object has, by pointer.
+    fields: Box<[(&'static str, Value)]>,
     kind: PhantomData<K>,
 }
 
 impl<K: Kind> Object<K> {
     /// The object from its JSON, keeping `K::KEEP`.
-    pub fn from_value(value: Value) -> Self {
+    pub fn from_value(mut value: Value) -> Self {
         let text = |pointer: &str| value.pointer(pointer).and_then(Value::as_str).map(String::from);
         // Only what the watcher and logs use, and only when it is a string.
         let metadata = ObjectMeta {
@@ -91,18 +108,32 @@ impl<K: Kind> Object<K> {
             resource_version: text("/metadata/resourceVersion"),
             ..ObjectMeta::default()
         };
-        let fields = if K::KEEP.contains(&"") { value } else { project(&value, K::KEEP) };
+        let fields = K::KEEP
+            .iter()
+            .filter_map(|pointer| value.pointer_mut(pointer).map(|found| (*pointer, found.take())))
+            .collect();
         Self { metadata, fields, kind: PhantomData }
     }
 
-    /// The kept fields, at their places in the object (absent ones absent).
-    pub fn value(&self) -> &Value {
-        &self.fields
+    /// A kept field by JSON pointer: one of `K::KEEP`, or a pointer inside
+    /// one (`/metadata/annotations/<key>` when the annotations are kept).
+    pub fn get(&self, pointer: &str) -> Option<&Value> {
+        self.fields.iter().find_map(|(kept, value)| {
+            let rest = pointer.strip_prefix(kept)?;
+            if rest.is_empty() {
+                Some(value)
+            } else if rest.starts_with('/') {
+                value.pointer(rest)
+            } else {
+                None
+            }
+        })
     }
 
-    /// A kept field by JSON pointer.
-    pub fn pointer(&self, pointer: &str) -> Option<&Value> {
-        self.fields.pointer(pointer)
+    /// Annotation `key` (unescaped, e.g. `flannel.alpha.coreos.com/public-ip`),
+    /// when kept.
+    pub fn annotation(&self, key: &str) -> Option<&Value> {
+        self.get(&format!("/metadata/annotations/{}", key.replace('~', "~0").replace('/', "~1")))
     }
 
     /// `metadata.name`, when it is a string.
@@ -119,27 +150,6 @@ impl<K: Kind> Object<K> {
     pub fn resource_version(&self) -> Option<&str> {
         self.metadata.resource_version.as_deref()
     }
-}
-
-/// A copy of `value` holding only the fields at `pointers`.
-fn project(value: &Value, pointers: &[&str]) -> Value {
-    let mut out = Value::Object(Map::new());
-    for pointer in pointers {
-        let Some(found) = value.pointer(pointer) else { continue };
-        let mut at = &mut out;
-        let mut parts = pointer.split('/').skip(1).peekable();
-        while let Some(part) = parts.next() {
-            // JSON pointer escapes (`~1` is `/`, `~0` is `~`).
-            let key = part.replace("~1", "/").replace("~0", "~");
-            let Value::Object(map) = at else { break };
-            if parts.peek().is_none() {
-                map.insert(key, found.clone());
-                break;
-            }
-            at = map.entry(key).or_insert_with(|| Value::Object(Map::new()));
-        }
-    }
-    out
 }
 
 impl<'de, K: Kind> Deserialize<'de> for Object<K> {
@@ -185,12 +195,14 @@ impl<K: Kind> kube::Resource for Object<K> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{autonomy, flannel};
     use serde_json::json;
 
     #[test]
     fn keeps_only_the_named_fields_and_decodes_anything() {
         let node: Object<NodeLease> = serde_json::from_value(json!({
-            "metadata": { "name": "a", "resourceVersion": "7", "annotations": { "x": "y" },
+            "metadata": { "name": "a", "resourceVersion": "7",
+                          "annotations": { "flannel.alpha.coreos.com/public-ip": "192.0.2.1", "x": "y" },
                           "managedFields": [{ "manager": "kubelet" }] },
             "spec": { "podCIDR": "10.244.1.0/24", "taints": [] },
             "status": { "images": [{ "names": ["big"] }] },
@@ -198,16 +210,48 @@ mod tests {
         .unwrap();
         assert_eq!(node.name(), Some("a"));
         assert_eq!(node.resource_version(), Some("7"));
+        assert_eq!(node.annotation(flannel::ANNOTATION_PUBLIC_IP), Some(&json!("192.0.2.1")));
+        assert_eq!(node.annotation("x"), None, "annotations netd does not read are dropped");
+        assert_eq!(node.get("/spec/podCIDR"), Some(&json!("10.244.1.0/24")));
         assert_eq!(
-            node.value(),
-            &json!({ "metadata": { "name": "a", "annotations": { "x": "y" } }, "spec": { "podCIDR": "10.244.1.0/24" } })
+            (node.get("/spec/taints"), node.get("/status/images"), node.get("/spec/podCIDRs")),
+            (None, None, None)
         );
+        let kept: Vec<&str> = node.fields.iter().map(|(p, _)| *p).collect();
+        assert_eq!(kept.len(), 3, "{kept:?}");
+
+        // Whole subtrees are kept where the kind says so, and read inside.
+        let full: Object<NodeWithConditions> = serde_json::from_value(json!({
+            "metadata": { "annotations": { "a/b": "1" } }, "status": { "conditions": [{ "type": "Ready" }] },
+        }))
+        .unwrap();
+        assert_eq!(full.annotation("a/b"), Some(&json!("1")));
+        assert_eq!(full.get("/status/conditions/0/type"), Some(&json!("Ready")));
+        assert_eq!(full.get("/status/conditionsX"), None);
+
         // Wrong types and non-objects still decode; nothing is kept of them.
         let odd: Object<PodPlacement> =
             serde_json::from_value(json!({ "metadata": { "name": 5 }, "spec": 3 })).unwrap();
-        assert_eq!((odd.name(), odd.pointer("/spec/nodeName")), (None, None));
+        assert_eq!((odd.name(), odd.get("/metadata/name"), odd.get("/spec/nodeName")), (None, Some(&json!(5)), None));
         let scalar: Object<PodPlacement> = serde_json::from_value(json!("garbage")).unwrap();
-        assert_eq!(scalar.value(), &json!({}));
+        assert!(scalar.fields.is_empty());
         assert_eq!(<Object<PodPlacement> as kube::Resource>::plural(&()), "pods");
+    }
+
+    #[test]
+    fn the_node_lease_keeps_exactly_the_annotations_netd_reads() {
+        let keys = [
+            flannel::ANNOTATION_BACKEND_TYPE,
+            flannel::ANNOTATION_BACKEND_DATA,
+            flannel::ANNOTATION_PUBLIC_IP,
+            flannel::ANNOTATION_KUBE_SUBNET_MANAGER,
+            autonomy::ANNOTATION_AUTONOMY,
+            autonomy::ANNOTATION_AUTONOMY_OPENYURT,
+        ];
+        let annotations: serde_json::Map<String, Value> = keys.iter().map(|k| (k.to_string(), json!(k))).collect();
+        let node = Object::<NodeLease>::from_value(json!({ "metadata": { "annotations": annotations } }));
+        for key in keys {
+            assert_eq!(node.annotation(key), Some(&json!(key)), "{key}");
+        }
     }
 }

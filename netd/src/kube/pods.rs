@@ -26,6 +26,9 @@
 //! it breaks, once per object and reason. It could never have been given
 //! an IP: the CNI plugin refuses such names too. Any other field may be
 //! missing; a pod is identified by namespace and name alone.
+//!
+//! RBAC needed: `pods`: list, watch, get (cluster-wide; the field selector
+//! narrows what is sent, not what may be asked).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -148,12 +151,12 @@ impl PodWatch {
             Err(KubeError::NotFound { .. }) => return Ok(PodLocation::Gone),
             Err(error) => return Err(error),
         };
-        let node = object.pointer("/spec/nodeName").and_then(Value::as_str).unwrap_or("");
+        let node = object.get("/spec/nodeName").and_then(Value::as_str).unwrap_or("");
         if node.is_empty() {
             return Ok(PodLocation::Unbound);
         }
         if node != self.node {
-            let uid = object.pointer("/metadata/uid").and_then(Value::as_str).map(String::from);
+            let uid = object.get("/metadata/uid").and_then(Value::as_str).map(String::from);
             return Ok(PodLocation::OtherNode { node: node.to_string(), uid });
         }
         match pod_info(&object, &self.node) {
@@ -208,7 +211,7 @@ impl PodWatch {
 
 /// `namespace/name` for logs, whatever the object holds.
 fn describe(object: &Object<PodPlacement>) -> String {
-    let text = |pointer: &str| match object.pointer(pointer) {
+    let text = |pointer: &str| match object.get(pointer) {
         Some(Value::String(s)) => format!("{s:?}"),
         Some(other) => other.to_string(),
         None => "<none>".to_string(),
@@ -218,7 +221,7 @@ fn describe(object: &Object<PodPlacement>) -> String {
 
 /// The pod's identity, or why it has none.
 fn pod_ref(object: &Object<PodPlacement>) -> Result<PodRef, String> {
-    let text = |pointer: &str, field: &str| match object.pointer(pointer) {
+    let text = |pointer: &str, field: &str| match object.get(pointer) {
         None | Some(Value::Null) => Err(format!("no {field}")),
         Some(Value::String(s)) => Ok(s.clone()),
         Some(other) => Err(format!("{field} is not a string: {other}")),
@@ -231,14 +234,14 @@ fn pod_ref(object: &Object<PodPlacement>) -> Result<PodRef, String> {
 /// The pod bound to `node`, or why it is unusable.
 fn pod_info(object: &Object<PodPlacement>, node: &str) -> Result<PodInfo, String> {
     let pod = pod_ref(object)?;
-    match object.pointer("/spec/nodeName") {
+    match object.get("/spec/nodeName") {
         Some(Value::String(bound)) if bound == node => {}
         Some(Value::String(bound)) => return Err(format!("spec.nodeName is {bound:?}, not this node")),
         None | Some(Value::Null) => return Err("no spec.nodeName".into()),
         Some(other) => return Err(format!("spec.nodeName is not a string: {other}")),
     }
-    let text = |pointer: &str| object.pointer(pointer).and_then(Value::as_str).map(String::from);
-    let terminating = object.pointer("/metadata/deletionTimestamp").is_some_and(|t| !t.is_null());
+    let text = |pointer: &str| object.get(pointer).and_then(Value::as_str).map(String::from);
+    let terminating = object.get("/metadata/deletionTimestamp").is_some_and(|t| !t.is_null());
     Ok(PodInfo { pod, uid: text("/metadata/uid"), phase: text("/status/phase"), terminating })
 }
 

@@ -52,7 +52,7 @@ use kube::Api;
 use serde_json::{json, Value};
 
 use super::{LeaseRequest, NetworkConfig, OwnLease, PeerEvent, PeerLease, Registry, RegistryError, LEASE_TTL};
-use crate::kube::object::{NodeLease, NodeWithConditions, Object};
+use crate::kube::object::{Kind, NodeLease, NodeWithConditions, Object};
 use crate::kube::watch::{ListWatch, WatchEvent};
 use crate::kube::{call, check_node_name, KubeClient, KubeError};
 use crate::model::autonomy;
@@ -193,7 +193,7 @@ impl KubernetesRegistry {
         }
     }
 
-    fn nodes<K: crate::kube::object::Kind>(&self) -> Api<Object<K>> {
+    fn nodes<K: Kind>(&self) -> Api<Object<K>> {
         Api::all(self.client.client())
     }
 
@@ -220,9 +220,8 @@ impl KubernetesRegistry {
     ) -> Result<Ipv4Net, RegistryError> {
         check_node_name(node)?;
         let object = self.get_node(node).await?;
-        let object = object.value();
         let what = format!("lease for node {node}");
-        let subnet = match pod_cidr(object) {
+        let subnet = match pod_cidr(&object) {
             Ok(Some(subnet)) => subnet,
             Ok(None) => {
                 return Err(RegistryError::Refused {
@@ -250,10 +249,9 @@ impl KubernetesRegistry {
             (flannel::ANNOTATION_PUBLIC_IP, public_ip.to_string()),
             (flannel::ANNOTATION_KUBE_SUBNET_MANAGER, "true".to_string()),
         ];
-        let annotations = object.pointer("/metadata/annotations");
         let stale: serde_json::Map<String, Value> = wanted
             .iter()
-            .filter(|(key, value)| annotations.and_then(|a| a.get(*key)).and_then(Value::as_str) != Some(value))
+            .filter(|(key, value)| object.annotation(key).and_then(Value::as_str) != Some(value))
             .map(|(key, value)| (key.to_string(), Value::String(value.clone())))
             .collect();
         if !stale.is_empty() {
@@ -271,7 +269,7 @@ impl KubernetesRegistry {
         }
 
         let condition_ok = object
-            .pointer("/status/conditions")
+            .get("/status/conditions")
             .and_then(Value::as_array)
             .and_then(|list| {
                 list.iter().find(|c| c.get("type").and_then(Value::as_str) == Some(CONDITION_NETWORK_UNAVAILABLE))
@@ -301,15 +299,14 @@ impl KubernetesRegistry {
     }
 
     /// What `node` is to us, for the network and own subnet given.
-    fn view(&self, node: &Value, network: &NetworkConfig, own_subnet: Ipv4Net) -> NodeView {
-        let Some(name) = node.pointer("/metadata/name").and_then(Value::as_str) else {
+    fn view<K: Kind>(&self, node: &Object<K>, network: &NetworkConfig, own_subnet: Ipv4Net) -> NodeView {
+        let Some(name) = node.get("/metadata/name").and_then(Value::as_str) else {
             return NodeView::Bad("no metadata.name".into());
         };
         if name == self.own_node {
             return NodeView::Own;
         }
-        let annotations = node.pointer("/metadata/annotations");
-        let annotation = |key: &str| annotations.and_then(|a| a.get(key));
+        let annotation = |key: &str| node.annotation(key);
         if annotation(flannel::ANNOTATION_KUBE_SUBNET_MANAGER).and_then(Value::as_str) != Some("true") {
             return NodeView::NotFlannel;
         }
@@ -348,9 +345,8 @@ impl KubernetesRegistry {
     fn resync(&mut self, nodes: &[Object<NodeLease>], network: &NetworkConfig, own_subnet: Ipv4Net) -> PeerEvent {
         let mut peers: BTreeMap<String, PeerLease> = BTreeMap::new();
         for node in nodes {
-            let item = node.value();
-            let name = item.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("?").to_string();
-            let mut view = self.view(item, network, own_subnet);
+            let name = node.get("/metadata/name").and_then(Value::as_str).unwrap_or("?").to_string();
+            let mut view = self.view(node, network, own_subnet);
             if let NodeView::Peer(peer) = &view {
                 if let Some((other, _)) = peers.iter().find(|(_, p)| p.lease.subnet == peer.lease.subnet) {
                     view = NodeView::Bad(format!("pod CIDR {} is already node {other}'s", peer.lease.subnet));
@@ -370,8 +366,14 @@ impl KubernetesRegistry {
 
     /// Folds one watch event (`deleted`: the node is gone) into the peer
     /// set; queues what changed.
-    fn apply_watch_event(&mut self, node: &Value, deleted: bool, network: &NetworkConfig, own_subnet: Ipv4Net) {
-        let Some(name) = node.pointer("/metadata/name").and_then(Value::as_str).map(String::from) else {
+    fn apply_watch_event(
+        &mut self,
+        node: &Object<NodeLease>,
+        deleted: bool,
+        network: &NetworkConfig,
+        own_subnet: Ipv4Net,
+    ) {
+        let Some(name) = node.get("/metadata/name").and_then(Value::as_str).map(String::from) else {
             tracing::warn!(deleted, "skipping node watch event without metadata.name");
             return;
         };
@@ -443,8 +445,8 @@ impl KubernetesRegistry {
             // loses nothing.
             match watch.try_next().await? {
                 WatchEvent::Listed(nodes) => return Ok(self.resync(&nodes, &network, own_subnet)),
-                WatchEvent::Applied(node) => self.apply_watch_event(node.value(), false, &network, own_subnet),
-                WatchEvent::Deleted(node) => self.apply_watch_event(node.value(), true, &network, own_subnet),
+                WatchEvent::Applied(node) => self.apply_watch_event(&node, false, &network, own_subnet),
+                WatchEvent::Deleted(node) => self.apply_watch_event(&node, true, &network, own_subnet),
             }
         }
     }
@@ -500,10 +502,7 @@ impl Registry for KubernetesRegistry {
         if !autonomous {
             // The OpenYurt flag would keep the node autonomous: clear it too.
             let object = self.get_node(node).await?;
-            let openyurt = object
-                .pointer("/metadata/annotations")
-                .and_then(|a| a.get(autonomy::ANNOTATION_AUTONOMY_OPENYURT))
-                .and_then(Value::as_str);
+            let openyurt = object.annotation(autonomy::ANNOTATION_AUTONOMY_OPENYURT).and_then(Value::as_str);
             if autonomy::autonomy_on(openyurt) {
                 annotations.insert(autonomy::ANNOTATION_AUTONOMY_OPENYURT.into(), Value::String(value.into()));
             }
@@ -521,7 +520,12 @@ impl Registry for KubernetesRegistry {
 }
 
 /// The peer lease a flannel node publishes, or why it is unusable.
-fn peer_of(name: &str, node: &Value, network: &NetworkConfig, own_subnet: Ipv4Net) -> Result<Lease, String> {
+fn peer_of<K: Kind>(
+    name: &str,
+    node: &Object<K>,
+    network: &NetworkConfig,
+    own_subnet: Ipv4Net,
+) -> Result<Lease, String> {
     let subnet = pod_cidr(node)?.ok_or_else(|| "no spec.podCIDR(s)".to_string())?;
     if subnet == own_subnet {
         return Err(format!("pod CIDR {subnet} is our own subnet"));
@@ -529,9 +533,8 @@ fn peer_of(name: &str, node: &Value, network: &NetworkConfig, own_subnet: Ipv4Ne
     if !network.network.contains(&subnet) {
         return Err(format!("pod CIDR {subnet} lies outside the network {}", network.network));
     }
-    let annotations = node.pointer("/metadata/annotations");
     let text = |key: &str| -> Result<&str, String> {
-        match annotations.and_then(|a| a.get(key)) {
+        match node.annotation(key) {
             None => Err(format!("no {key} annotation")),
             Some(Value::String(s)) => Ok(s.as_str()),
             Some(other) => Err(format!("annotation {key} is not a string: {other}")),
@@ -549,7 +552,7 @@ fn peer_of(name: &str, node: &Value, network: &NetworkConfig, own_subnet: Ipv4Ne
 
 /// The node's IPv4 pod CIDR: the first IPv4 entry of `spec.podCIDRs`, else
 /// `spec.podCIDR`; `None` when unassigned.
-fn pod_cidr(node: &Value) -> Result<Option<Ipv4Net>, String> {
+fn pod_cidr<K: Kind>(node: &Object<K>) -> Result<Option<Ipv4Net>, String> {
     let parse = |field: &str, text: &str| -> Result<Option<Ipv4Net>, String> {
         match text.trim().parse::<IpNet>() {
             Ok(IpNet::V4(net)) => Ok(Some(net.trunc())),
@@ -557,7 +560,7 @@ fn pod_cidr(node: &Value) -> Result<Option<Ipv4Net>, String> {
             Err(_) => Err(format!("{field} {text:?} is not a CIDR")),
         }
     };
-    if let Some(list) = node.pointer("/spec/podCIDRs").and_then(Value::as_array) {
+    if let Some(list) = node.get("/spec/podCIDRs").and_then(Value::as_array) {
         for (i, item) in list.iter().enumerate() {
             let field = format!("spec.podCIDRs[{i}]");
             let text = item.as_str().ok_or_else(|| format!("{field} is not a string: {item}"))?;
@@ -566,7 +569,7 @@ fn pod_cidr(node: &Value) -> Result<Option<Ipv4Net>, String> {
             }
         }
     }
-    match node.pointer("/spec/podCIDR") {
+    match node.get("/spec/podCIDR") {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(text)) if text.is_empty() => Ok(None),
         Some(Value::String(text)) => parse("spec.podCIDR", text),
@@ -640,7 +643,7 @@ mod tests {
         assert_eq!((network.subnet_len, network.vni), (24, 1));
         let own: Ipv4Net = "10.244.1.0/24".parse().unwrap();
         // Through the lenient object, as the watch hands nodes over.
-        let view = |n: &Value| reg.view(Object::<NodeLease>::from_value(n.clone()).value(), &network, own);
+        let view = |n: &Value| reg.view(&Object::<NodeLease>::from_value(n.clone()), &network, own);
 
         let good = node("b", "10.244.2.0/24", flannel_annotations("aa:bb:cc:dd:ee:02"));
         let NodeView::Peer(peer) = view(&good) else { panic!("{:?}", view(&good)) };
@@ -688,7 +691,7 @@ mod tests {
         let listed = [Object::<NodeLease>::from_value(node("x", "10.244.8.0/24", json!({})))];
         assert_eq!(reg.resync(&listed, &network, own), PeerEvent::Resync(vec![]));
         let mut feed = |object: &Value, deleted: bool| {
-            reg.apply_watch_event(object, deleted, &network, own);
+            reg.apply_watch_event(&Object::from_value(object.clone()), deleted, &network, own);
             reg.pending.drain(..).collect::<Vec<_>>()
         };
         let mut b = node("b", "10.244.2.0/24", flannel_annotations("aa:bb:cc:dd:ee:02"));
@@ -704,7 +707,7 @@ mod tests {
         let events = feed(&node("c", "10.244.3.0/24", flannel_annotations("aa:bb:cc:dd:ee:03")), false);
         assert_eq!(events, vec![]);
         let mut feed = |object: &Value, deleted: bool| {
-            reg.apply_watch_event(object, deleted, &network, own);
+            reg.apply_watch_event(&Object::from_value(object.clone()), deleted, &network, own);
             reg.pending.drain(..).collect::<Vec<_>>()
         };
         assert_eq!(feed(&b, true), vec![PeerEvent::Remove("10.244.3.0/24".parse().unwrap())]);
