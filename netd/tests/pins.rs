@@ -1,6 +1,7 @@
 //! Pinned pod IPs freed on the control plane's word, against a real
 //! kube-apiserver 1.20: the daemon's pin keeper (`netd::daemon::pins`)
-//! watching the pods bound to this node, on a real IPAM store.
+//! watching the pods bound to this node, on the store the real `netd-ipam`
+//! plugin keeps, found from a CNI configuration directory.
 //!
 //! The pod watch reaches the API server through a TCP relay the test can
 //! cut, so "the node is cut off" happens while the API server keeps
@@ -17,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use netd::daemon::health::Shared;
 use netd::daemon::pins::{PinKeeper, Stores};
-use netd::ipam::{PodRef, Range, RangeSet, Store};
+use netd::ipam::Store;
 use netd::kube::pods::PodWatch;
 use netd::kube::{KubeClient, KubeConfig};
 use netd::testing::KubeApiServer;
@@ -88,30 +89,50 @@ impl Relay {
     }
 }
 
-fn pod(name: &str) -> PodRef {
-    PodRef::new("default", name).unwrap()
-}
+const PLUGIN: &str = env!("CARGO_BIN_EXE_netd-ipam");
 
-/// A three-address pool: a freed pin is visibly the one address left.
-fn pool() -> Vec<RangeSet> {
-    let range = Range::new(
-        "10.244.3.0/24".parse().unwrap(),
-        Some("10.244.3.10".parse().unwrap()),
-        Some("10.244.3.12".parse().unwrap()),
-        None,
+/// The network configuration, as a runtime would hand it to the plugin: a
+/// three-address pool, so a freed pin is visibly the one address left.
+fn network(data_dir: &Path) -> String {
+    format!(
+        r#"{{"cniVersion":"1.0.0","name":"cbr0","type":"bridge","ipam":{{"type":"netd-ipam","dataDir":"{}",
+            "ranges":[[{{"subnet":"10.244.3.0/24","rangeStart":"10.244.3.10","rangeEnd":"10.244.3.12"}}]]}}}}"#,
+        data_dir.display()
     )
-    .unwrap();
-    vec![RangeSet::single(range)]
 }
 
-/// CNI ADD, as the plugin does it.
-fn add(store: &Path, name: &str, container: &str) -> IpAddr {
-    Store::open(store).unwrap().allocate(&pool(), &pod(name), container, "eth0").unwrap()[0].ip
+/// The real `netd-ipam` binary, one process per command.
+fn plugin(command: &str, data_dir: &Path, name: &str, container: &str) -> serde_json::Value {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new(PLUGIN)
+        .env_clear()
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", container)
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_NETNS", "/var/run/netns/unused")
+        .env("CNI_PATH", "/usr/lib/cni")
+        .env("CNI_ARGS", format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={name}"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(network(data_dir).as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{command} {name}: {}", String::from_utf8_lossy(&out.stdout));
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+/// CNI ADD; the pod's address.
+fn add(data_dir: &Path, name: &str, container: &str) -> IpAddr {
+    let result = plugin("ADD", data_dir, name, container);
+    let cidr = result["ips"][0]["address"].as_str().unwrap();
+    cidr.split('/').next().unwrap().parse().unwrap()
 }
 
 /// CNI DEL.
-fn del(store: &Path, container: &str) {
-    Store::open(store).unwrap().release(container, "eth0").unwrap();
+fn del(data_dir: &Path, name: &str, container: &str) {
+    plugin("DEL", data_dir, name, container);
 }
 
 fn pins(store: &Path) -> HashMap<String, IpAddr> {
@@ -145,21 +166,27 @@ async fn pins_of_pods_that_are_gone_are_freed_on_the_control_planes_word_only() 
     })
     .unwrap();
 
+    // The stores are found as the daemon finds them: from the CNI
+    // configuration directory.
     let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("cbr0/netd-ipam.db");
-    std::fs::create_dir_all(store.parent().unwrap()).unwrap();
+    let data = &dir.path().join("ipam");
+    let conf_dir = dir.path().join("net.d");
+    std::fs::create_dir_all(&conf_dir).unwrap();
+    let conflist = format!(r#"{{"cniVersion":"1.0.0","name":"cbr0","plugins":[{}]}}"#, network(data));
+    std::fs::write(conf_dir.join("10-cbr0.conflist"), conflist).unwrap();
+    let store = data.join("cbr0/netd-ipam.db");
     for name in ["web-0", "web-1"] {
         create_pod(&server, name, NODE);
     }
-    let web0 = add(&store, "web-0", "c0");
-    let web1 = add(&store, "web-1", "c1");
+    let web0 = add(data, "web-0", "c0");
+    let web1 = add(data, "web-1", "c1");
     // A pod the API server never heard of, its container long gone.
-    let ghost = add(&store, "ghost", "cg");
-    del(&store, "cg");
+    let ghost = add(data, "ghost", "cg");
+    del(data, "ghost", "cg");
 
     let watch = PodWatch::new(&client, NODE).unwrap().with_watch_timeout(Duration::from_secs(2));
     let shared = Arc::new(Shared::default());
-    let keeper = PinKeeper { stores: Stores::Given(vec![store.clone()]), grace: GRACE };
+    let keeper = PinKeeper { stores: Stores::Discover(conf_dir.clone()), grace: GRACE };
     let task = tokio::spawn(keeper.run(watch, shared.clone()));
     let freed = |reason: netd::ipam::FreeReason| Store::open(&store).unwrap().stats().unwrap().freed.get(reason);
 
@@ -171,27 +198,27 @@ async fn pins_of_pods_that_are_gone_are_freed_on_the_control_planes_word_only() 
 
     // web-0 deleted (its container gone first): freed after the grace, and
     // its address is the one a new pod gets.
-    del(&store, "c0");
+    del(data, "web-0", "c0");
     delete_pod(&server, "web-0");
     let deleted_at = Instant::now();
     wait_for("web-0's pin freed (deleted)", || !pins(&store).contains_key("default/web-0")).await;
     assert!(deleted_at.elapsed() >= GRACE, "freed before the grace ran out");
     assert_eq!(freed(netd::ipam::FreeReason::Deleted), 1);
     create_pod(&server, "new-0", NODE);
-    let reused = add(&store, "new-0", "cn");
+    let reused = add(data, "new-0", "cn");
     assert!(reused == web0 || reused == ghost, "a freed address is reused: {reused}");
 
     // web-1 deleted and re-created on this node within the grace: same IP.
-    del(&store, "c1");
+    del(data, "web-1", "c1");
     delete_pod(&server, "web-1");
     tokio::time::sleep(GRACE / 4).await;
     create_pod(&server, "web-1", NODE);
     tokio::time::sleep(GRACE * 3).await;
     assert_eq!(pins(&store).get("default/web-1"), Some(&web1), "kept across a re-creation within the grace");
-    assert_eq!(add(&store, "web-1", "c1b"), web1);
+    assert_eq!(add(data, "web-1", "c1b"), web1);
 
     // new-0 moves: deleted here, re-created bound to another node.
-    del(&store, "cn");
+    del(data, "new-0", "cn");
     delete_pod(&server, "new-0");
     create_pod(&server, "new-0", "edge-b");
     wait_for("new-0's pin freed (moved)", || !pins(&store).contains_key("default/new-0")).await;
@@ -200,7 +227,7 @@ async fn pins_of_pods_that_are_gone_are_freed_on_the_control_planes_word_only() 
     // Cut off from the API server: web-1 goes (container, then pod) while
     // netd cannot see it; nothing is freed however long it takes.
     relay.set_open(false);
-    del(&store, "c1b");
+    del(data, "web-1", "c1b");
     delete_pod(&server, "web-1");
     tokio::time::sleep(GRACE * 4).await;
     assert_eq!(pins(&store).get("default/web-1"), Some(&web1), "nothing is freed while cut off");

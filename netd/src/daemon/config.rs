@@ -153,7 +153,7 @@ pub struct RunArgs {
     pub ca_file: Option<PathBuf>,
     /// Where to learn the pods bound to this node, to free the pinned IPs of
     /// pods that are gone: registry (default: the Kubernetes registry's
-    /// client, else none), none, kubernetes[:URL].
+    /// client, else none), none, kubernetes or kubernetes:URL.
     #[arg(long, env = "NETD_PODS", value_name = "SOURCE")]
     pub pods: Option<PodSource>,
     /// How long a deleted pod keeps its pinned IP before it is freed (e.g.
