@@ -9,19 +9,11 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use netd_ipam::{Authority, Error, FreeReason, PodRef, Range, RangeSet, State, Store};
+use netd_ipam::{Authority, Error, FreeReason, PodRef, RangeSet, State, Store};
 
-fn pool(subnet: &str) -> Vec<RangeSet> {
-    vec![RangeSet::single(Range::new(subnet.parse().unwrap(), None, None, None).unwrap())]
-}
+mod common;
 
-fn pod(s: &str) -> PodRef {
-    s.parse().unwrap()
-}
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
+use common::{ip, pod, pool};
 
 fn db(dir: &Path) -> PathBuf {
     dir.join("ipam.db")

@@ -3,23 +3,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::HashSet;
-use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use netd_ipam::{derive_vtep_mac, Authority, Error, PodRef, Range, RangeSet, State, Store};
+use netd_ipam::{derive_vtep_mac, Authority, Error, PodRef, State, Store};
 
-fn pool(subnet: &str) -> Vec<RangeSet> {
-    vec![RangeSet::single(Range::new(subnet.parse().unwrap(), None, None, None).unwrap())]
-}
+mod common;
 
-fn pod(s: &str) -> PodRef {
-    s.parse().unwrap()
-}
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
+use common::{ip, pod, pool};
 
 fn open(dir: &Path) -> Store {
     Store::open(dir.join("ipam.db")).unwrap()
