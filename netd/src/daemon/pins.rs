@@ -156,12 +156,12 @@ async fn on_store<T: Send + 'static>(
     path: &Path,
     f: impl FnOnce(&mut Store) -> netd_ipam::Result<T> + Send + 'static,
 ) -> Result<T, String> {
-    let path = path.to_path_buf();
-    let shown = path.display().to_string();
-    match tokio::task::spawn_blocking(move || Store::open(&path).and_then(|mut store| f(&mut store))).await {
+    let owned = path.to_path_buf();
+    let work = move || Store::open(&owned).and_then(|mut store| f(&mut store));
+    match super::blocking("working on an IPAM store", work).await {
         Ok(Ok(value)) => Ok(value),
-        Ok(Err(error)) => Err(format!("{shown}: {error}")),
-        Err(error) => Err(format!("{shown}: the store task did not finish: {error}")),
+        Ok(Err(error)) => Err(format!("{}: {error}", path.display())),
+        Err(error) => Err(format!("{}: {error}", path.display())),
     }
 }
 
@@ -199,7 +199,7 @@ impl PinKeeper {
                         backoff.reset();
                         view.listed(pods.into_iter().map(|p| p.pod));
                         tracing::info!(pods = view.live(), node = %watch.node(), "pods bound to this node listed");
-                        self.reconcile(&view, &mut reported).await;
+                        self.reconcile(&view, &existing(&self.stores, &mut reported)).await;
                     }
                     Ok(PodEvent::Applied(info)) => view.applied(info.pod),
                     Ok(PodEvent::Deleted(pod)) => view.deleted(pod, Instant::now()),
@@ -211,20 +211,19 @@ impl PinKeeper {
                     }
                 },
                 _ = tick.tick() => {
+                    let stores = existing(&self.stores, &mut reported);
                     for pod in view.due(Instant::now(), self.grace) {
-                        self.free_gone(&watch, &mut view, pod, &mut reported).await;
+                        self.free_gone(&watch, &mut view, pod, &stores).await;
                     }
-                    if view.synced() {
-                        self.reconcile(&view, &mut reported).await;
-                    }
-                    self.publish(&view, &shared, &mut reported).await;
+                    self.reconcile(&view, &stores).await;
+                    self.publish(&view, &shared, &stores).await;
                 }
             }
         }
     }
 
     /// A deleted pod whose grace ran out: moved, deleted, or back.
-    async fn free_gone(&self, watch: &PodWatch, view: &mut PodView, pod: PodRef, reported: &mut BTreeSet<String>) {
+    async fn free_gone(&self, watch: &PodWatch, view: &mut PodView, pod: PodRef, stores: &[PathBuf]) {
         let reason = match watch.locate(&pod).await {
             Ok(PodLocation::Gone) => FreeReason::Deleted,
             Ok(PodLocation::OtherNode { node, .. }) => {
@@ -240,9 +239,9 @@ impl PinKeeper {
                 return view.deleted(pod, Instant::now().checked_sub(self.grace).unwrap_or_else(Instant::now));
             }
         };
-        for store in existing(&self.stores, reported) {
+        for store in stores {
             let who = pod.clone();
-            match on_store(&store, move |s| s.free_released(&who, reason)).await {
+            match on_store(store, move |s| s.free_released(&who, reason)).await {
                 Ok(ips) if !ips.is_empty() => {
                     tracing::info!(%pod, reason = reason.as_str(), ?ips, store = %store.display(), "pinned IP freed")
                 }
@@ -254,15 +253,15 @@ impl PinKeeper {
 
     /// Frees the pins of pods absent from an authoritative view, past the
     /// grace (reason `list`).
-    async fn reconcile(&self, view: &PodView, reported: &mut BTreeSet<String>) {
+    async fn reconcile(&self, view: &PodView, stores: &[PathBuf]) {
         if !view.synced() {
             return;
         }
         let keep = view.keep();
         let grace = self.grace;
-        for store in existing(&self.stores, reported) {
+        for store in stores {
             let live = keep.clone();
-            match on_store(&store, move |s| s.reconcile(&live, Authority::Authoritative, grace)).await {
+            match on_store(store, move |s| s.reconcile(&live, Authority::Authoritative, grace)).await {
                 Ok(report) => {
                     for (pod, ip) in &report.freed {
                         tracing::info!(%pod, %ip, reason = "list", store = %store.display(), "pinned IP freed");
@@ -273,10 +272,10 @@ impl PinKeeper {
         }
     }
 
-    async fn publish(&self, view: &PodView, shared: &Shared, reported: &mut BTreeSet<String>) {
+    async fn publish(&self, view: &PodView, shared: &Shared, stores: &[PathBuf]) {
         let mut metrics = PinMetrics { pods: view.live(), synced: view.synced(), ..PinMetrics::default() };
-        for store in existing(&self.stores, reported) {
-            match on_store(&store, |s| s.stats()).await {
+        for store in stores {
+            match on_store(store, |s| s.stats()).await {
                 Ok(stats) => {
                     metrics.stores += 1;
                     metrics.stats.attached += stats.attached;
