@@ -29,11 +29,28 @@ use std::path::PathBuf;
 
 pub use aya;
 
+pub mod dnat;
+pub mod fs;
+pub mod sys;
 #[cfg(feature = "test-programs")]
 pub mod testing;
 
 /// The compiled BPF objects, embedded 8-byte aligned.
 pub mod objects {
+    /// `bpf/dnat_connect4.bpf.c` (cgroup/connect4).
+    pub static DNAT_CONNECT4: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dnat_connect4.bpf.o"));
+    /// `bpf/dnat_connect6.bpf.c` (cgroup/connect6).
+    pub static DNAT_CONNECT6: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dnat_connect6.bpf.o"));
+    /// `bpf/dnat_getpeername4.bpf.c` (cgroup/getpeername4).
+    pub static DNAT_GETPEERNAME4: &[u8] =
+        aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dnat_getpeername4.bpf.o"));
+    /// `bpf/dnat_getpeername6.bpf.c` (cgroup/getpeername6).
+    pub static DNAT_GETPEERNAME6: &[u8] =
+        aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dnat_getpeername6.bpf.o"));
+    /// `bpf/dnat_sockops.bpf.c` (sockops).
+    pub static DNAT_SOCKOPS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dnat_sockops.bpf.o"));
+    /// `bpf/dnat_getsockopt.bpf.c` (cgroup/getsockopt).
+    pub static DNAT_GETSOCKOPT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dnat_getsockopt.bpf.o"));
     /// `bpf/testing/connect_counter.bpf.c`: counts `connect()` per destination
     /// port (cgroup/connect4). Test-only.
     #[cfg(feature = "test-programs")]

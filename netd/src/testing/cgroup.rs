@@ -36,6 +36,16 @@ pub(crate) fn remove_cgroup_dir(root: &Path, dir: &Path) {
     }
 }
 
+/// [`remove_cgroup_dir`] for a directory and its child cgroups, deepest first.
+pub(crate) fn remove_cgroup_tree(root: &Path, dir: &Path) {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for child in entries.filter_map(|e| e.ok()).filter(|e| e.path().is_dir()) {
+            remove_cgroup_tree(root, &child.path());
+        }
+    }
+    remove_cgroup_dir(root, dir);
+}
+
 /// A child cgroup of the v2 root named `netd-t-<pid>-<n>`. Removed on drop
 /// (processes still in it are moved back to the root first).
 #[derive(Debug)]
@@ -51,6 +61,31 @@ impl Cgroup {
         let path = root.join(unique_name());
         fs::create_dir(&path).map_err(|e| HarnessError::io(format!("mkdir {}", path.display()), e))?;
         Ok(Self { root, path })
+    }
+
+    /// Creates `name` inside this cgroup; drop it before its parent.
+    pub fn child(&self, name: &str) -> Result<Self, HarnessError> {
+        let path = self.path.join(name);
+        fs::create_dir(&path).map_err(|e| HarnessError::io(format!("mkdir {}", path.display()), e))?;
+        Ok(Self { root: self.root.clone(), path })
+    }
+
+    /// Moves this whole process (every thread) into the cgroup until the
+    /// guard drops, then back to where it was. A socket belongs for good to
+    /// the cgroup its creator was in at `socket()` (accepted sockets to
+    /// their listener's), and cgroup BPF hooks go by the socket's cgroup: so
+    /// sockets made while joined act as if a program in this cgroup made
+    /// them, whichever thread uses them later.
+    pub fn join(&self) -> Result<CgroupMembership, HarnessError> {
+        let own =
+            fs::read_to_string("/proc/self/cgroup").map_err(|e| HarnessError::io("reading /proc/self/cgroup", e))?;
+        let relative = own
+            .lines()
+            .find_map(|line| line.strip_prefix("0::"))
+            .ok_or_else(|| HarnessError::Usage("no cgroup v2 entry in /proc/self/cgroup".into()))?;
+        let home = self.root.join(relative.trim_start_matches('/'));
+        move_process(&self.path)?;
+        Ok(CgroupMembership { home })
     }
 
     /// The cgroup directory (what cgroup BPF programs attach to).
@@ -74,6 +109,26 @@ impl Cgroup {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|source| HarnessError::Spawn { command: format!("{program} {}", args.join(" ")), source })
+    }
+}
+
+fn move_process(dir: &Path) -> Result<(), HarnessError> {
+    let procs = dir.join("cgroup.procs");
+    fs::write(&procs, std::process::id().to_string())
+        .map_err(|e| HarnessError::io(format!("writing {}", procs.display()), e))
+}
+
+/// The process is in a [`Cgroup`] until this drops; see [`Cgroup::join`].
+#[derive(Debug)]
+pub struct CgroupMembership {
+    home: PathBuf,
+}
+
+impl Drop for CgroupMembership {
+    fn drop(&mut self) {
+        if let Err(err) = move_process(&self.home) {
+            eprintln!("netd test harness: could not return to cgroup {}: {err}", self.home.display());
+        }
     }
 }
 

@@ -28,6 +28,7 @@
 //! # }
 //! ```
 
+mod bpf;
 mod cgroup;
 mod cluster;
 mod cni;
@@ -40,7 +41,8 @@ mod scenario;
 mod server;
 mod synthetic;
 
-pub use cgroup::Cgroup;
+pub use bpf::PinDir;
+pub use cgroup::{Cgroup, CgroupMembership};
 pub use cluster::{Cluster, Node, Pod, CLUSTER_NETWORK, CONTROL_PLANE_IP};
 pub use cni::{plugin_dir_of, CniCall, CniRunner, DEBIAN_CNI_DIR};
 pub use etcd::EtcdServer;
@@ -223,8 +225,16 @@ fn sweep_leftovers() {
             for path in entries.filter_map(|e| e.ok()).map(|e| e.path()) {
                 let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
                 if name.starts_with(NAME_PREFIX) && owner_is_dead(&name) {
-                    cgroup::remove_cgroup_dir(&root, &path);
+                    cgroup::remove_cgroup_tree(&root, &path);
                 }
+            }
+        }
+    }
+    if let Ok(entries) = fs::read_dir(bpf::BPFFS_TEST_ROOT) {
+        for path in entries.filter_map(|e| e.ok()).map(|e| e.path()) {
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            if name.starts_with(NAME_PREFIX) && owner_is_dead(&name) {
+                bpf::remove_pins(&path);
             }
         }
     }

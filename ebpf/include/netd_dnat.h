@@ -1,0 +1,208 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Tunnel DNAT: the maps and record layouts every dnat_*.bpf.c shares.
+ *
+ * Each attach point is its own object; they share these maps through bpffs
+ * (LIBBPF_PIN_BY_NAME: the loader points all objects at one pin directory,
+ * the first creates a map, the others reuse it). A pinned map is reused
+ * without any layout check, so every map name carries a layout version:
+ * change a struct below and the suffix must change with it.
+ *
+ * The Rust mirror of each struct is in ebpf/src/dnat/abi.rs; both sides
+ * assert the sizes.
+ */
+#ifndef NETD_DNAT_H
+#define NETD_DNAT_H
+
+#include "netd_bpf.h"
+
+#define AF_INET 2
+#define AF_INET6 10
+#define IPPROTO_TCP 6
+#define SOL_IP 0
+/* linux/netfilter_ipv4.h; the netfilter headers pull in too much for BPF. */
+#define SO_ORIGINAL_DST 80
+#define NETD_PAGE_SIZE 4096
+
+/* dnat_conf_v1[0].flags */
+#define DNAT_ENABLED 1u
+/* Also redirect sockets of other network namespaces (pods). */
+#define DNAT_POD_NAMESPACES 2u
+
+/* dnat_orig.side */
+#define DNAT_SIDE_CLIENT 1 /* the socket that dialled the edge address */
+#define DNAT_SIDE_ACCEPTED 2 /* the tunnel server's accepted socket */
+
+/* Indexes of dnat_stat_v1. */
+#define DNAT_STAT_NO_STORAGE 0 /* a rule matched, but no socket storage: not redirected */
+#define DNAT_STAT_HANDSHAKE_FULL 1 /* the handshake entry could not be written */
+#define DNAT_STAT_ACCEPTED 2 /* accepted sockets that learned their original destination */
+#define DNAT_STAT_COUNT 4
+
+struct dnat_config {
+	__u32 target_ip4;        /* tunnel server address, network order */
+	__u32 flags;             /* DNAT_* */
+	__u64 host_netns_cookie; /* where host-network sockets live */
+};
+_Static_assert(sizeof(struct dnat_config) == 16, "dnat_config layout");
+
+struct dnat_rule {
+	__u16 target_port; /* host order */
+	__u16 reserved;
+};
+_Static_assert(sizeof(struct dnat_rule) == 4, "dnat_rule layout");
+
+/* The destination a socket dialled before the rewrite. */
+struct dnat_orig {
+	__u32 ip4;  /* network order */
+	__u16 port; /* host order */
+	__u8 side;  /* DNAT_SIDE_* */
+	__u8 reserved;
+};
+_Static_assert(sizeof(struct dnat_orig) == 8, "dnat_orig layout");
+
+/* A connection between connect() and the server's passive establish. */
+struct dnat_tuple {
+	__u32 client_ip4; /* network order */
+	__u32 server_ip4; /* network order */
+	__u16 client_port; /* host order */
+	__u16 server_port; /* host order */
+};
+_Static_assert(sizeof(struct dnat_tuple) == 12, "dnat_tuple layout");
+
+/* Dialled port (host order) -> rule. Looked up first: most connects stop here. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u16);
+	__type(value, struct dnat_rule);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} dnat_ports_v1 SEC(".maps");
+
+/* Edge node addresses (network order). Allocated as used: most clusters are small. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u32);
+	__type(value, __u8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} dnat_edges_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct dnat_config);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} dnat_conf_v1 SEC(".maps");
+
+/* Redirected connections per dialled port. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u16);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} dnat_hits_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, DNAT_STAT_COUNT);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} dnat_stat_v1 SEC(".maps");
+
+/* Original destination, freed by the kernel with its socket. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct dnat_orig);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} dnat_orig_v1 SEC(".maps");
+
+/*
+ * Client socket -> accepted socket hand-over, keyed by the 4-tuple both sides
+ * see. An entry lives from the client's SYN to the server's passive establish
+ * (or the client socket's close, whichever comes first); LRU only as a last
+ * resort under a SYN flood.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct dnat_tuple);
+	__type(value, struct dnat_orig);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} dnat_shake_v1 SEC(".maps");
+
+static __always_inline void dnat_stat_inc(__u32 index)
+{
+	__u64 *count = bpf_map_lookup_elem(&dnat_stat_v1, &index);
+	if (count)
+		*count += 1;
+}
+
+/*
+ * The decision both connect hooks share: should a TCP connect() from this
+ * socket to dst_ip4:port (network order address, host order port) go to the
+ * tunnel server instead? On yes, records the original destination on the
+ * socket, counts the rule and fills *target_ip4 / *target_port (network order).
+ */
+static __always_inline int dnat_redirect(struct bpf_sock_addr *ctx, __u32 dst_ip4, __u16 port,
+					 __u32 *target_ip4, __u16 *target_port)
+{
+	struct dnat_rule *rule = bpf_map_lookup_elem(&dnat_ports_v1, &port);
+	if (!rule)
+		return 0;
+	/* 127.0.0.0/8: never a node's address, whatever the edge set says. */
+	if ((bpf_ntohl(dst_ip4) >> 24) == 127)
+		return 0;
+	if (!bpf_map_lookup_elem(&dnat_edges_v1, &dst_ip4))
+		return 0;
+	__u32 zero = 0;
+	struct dnat_config *conf = bpf_map_lookup_elem(&dnat_conf_v1, &zero);
+	if (!conf || !(conf->flags & DNAT_ENABLED) || conf->target_ip4 == 0)
+		return 0;
+	if (!(conf->flags & DNAT_POD_NAMESPACES) && bpf_get_netns_cookie(ctx) != conf->host_netns_cookie)
+		return 0;
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk)
+		return 0;
+	struct dnat_orig *orig = bpf_sk_storage_get(&dnat_orig_v1, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!orig) {
+		/* Without the original destination the server could not route it. */
+		dnat_stat_inc(DNAT_STAT_NO_STORAGE);
+		return 0;
+	}
+	orig->ip4 = dst_ip4;
+	orig->port = port;
+	orig->side = DNAT_SIDE_CLIENT;
+	orig->reserved = 0;
+	__u64 *hits = bpf_map_lookup_elem(&dnat_hits_v1, &port);
+	if (hits)
+		*hits += 1;
+	*target_ip4 = conf->target_ip4;
+	*target_port = bpf_htons(rule->target_port);
+	return 1;
+}
+
+/* The original destination of a socket that dialled one, if any. */
+static __always_inline struct dnat_orig *dnat_client_orig(struct bpf_sock *sk)
+{
+	if (!sk)
+		return 0;
+	struct dnat_orig *orig = bpf_sk_storage_get(&dnat_orig_v1, sk, 0, 0);
+	if (!orig || orig->side != DNAT_SIDE_CLIENT)
+		return 0;
+	return orig;
+}
+
+/* ::ffff:a.b.c.d, the form a dual-stack socket uses for IPv4 (words in network order). */
+static __always_inline int dnat_is_v4_mapped(__u32 w0, __u32 w1, __u32 w2)
+{
+	return w0 == 0 && w1 == 0 && w2 == bpf_htonl(0xffff);
+}
+
+#endif /* NETD_DNAT_H */
