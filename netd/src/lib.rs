@@ -15,6 +15,7 @@
 
 pub mod cni;
 pub mod daemon;
+pub mod dnat;
 pub mod kube;
 pub mod masquerade;
 pub mod model;
