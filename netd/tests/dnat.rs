@@ -658,6 +658,95 @@ fn a_pinned_map_with_another_layout_is_refused_before_anything_attaches() {
     assert!(!stage.pins.path().join("links").join("dnat_connect4").exists());
 }
 
+/// `netd dnat …` run in the cloud node's network namespace (where "host
+/// network" is). nsenter, not `ip netns exec`: that one remounts /sys, which
+/// hides the cgroup v2 and bpffs mounts.
+fn netd_dnat(netns_path: &str, args: &[&str]) -> std::process::Output {
+    let net = format!("--net={netns_path}");
+    let mut full = vec![net.as_str(), env!("CARGO_BIN_EXE_netd"), "dnat"];
+    full.extend_from_slice(args);
+    std::process::Command::new("nsenter").args(&full).output().unwrap()
+}
+
+fn the_command_line_applies_shows_and_detaches_and_a_bad_config_changes_nothing() {
+    let mut stage = Stage::new();
+    let pin_dir = stage.pins.path().to_str().unwrap().to_string();
+    let cgroup = stage.root_cg.path().to_str().unwrap().to_string();
+    let server_cgroup = stage.server_cg.path().to_str().unwrap().to_string();
+    let netns = stage.cloud.path().to_str().unwrap().to_string();
+    let apply = |extra: &[&str]| {
+        let mut args =
+            vec!["apply", "--pin-dir", &pin_dir, "--cgroup", &cgroup, "--original-dst-cgroup", &server_cgroup];
+        args.extend_from_slice(extra);
+        netd_dnat(&netns, &args)
+    };
+    let edges = format!("{EDGE_A},{EDGE_B}");
+    let first =
+        apply(&["--target", "10.70.0.1", "--edge-nodes", &edges, "--ports", "10250=10263,8080=10264", "--json"]);
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let outcome: serde_json::Value = serde_json::from_slice(&first.stdout).unwrap();
+    assert_eq!(outcome["rules"]["added"], 2);
+    assert_eq!(outcome["edgeNodes"]["added"], 2);
+    assert!(outcome["links"].as_array().unwrap().iter().all(|l| l["action"] == "created"), "{outcome}");
+    stage.start_server();
+    let addr = v4(EDGE_A, 8080);
+    assert_eq!(stage.dial_host(addr).reply, tunnel_reply(HTTP_PORT, addr));
+
+    // The same again: links swapped in place, nothing else written.
+    let again =
+        apply(&["--target", "10.70.0.1", "--edge-nodes", &edges, "--ports", "10250=10263,8080=10264", "--json"]);
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    let outcome: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(outcome["rules"], serde_json::json!({ "added": 0, "updated": 0, "removed": 0 }));
+    assert_eq!(outcome["edgeNodes"], serde_json::json!({ "added": 0, "updated": 0, "removed": 0 }));
+    assert!(outcome["links"].as_array().unwrap().iter().all(|l| l["action"] == "updated"), "{outcome}");
+
+    // A bad ConfigMap: refused with the token named, and the working rules stay.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("cfg.json");
+    std::fs::write(&bad, r#"{"kind":"ConfigMap","data":{"dnat-ports-pair":"8080=10264,90x=10264"}}"#).unwrap();
+    let refused = apply(&["--target", "10.70.0.1", "--edge-nodes", &edges, "--tunnel-config", bad.to_str().unwrap()]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains(r#"dnat-ports-pair: token 2 "90x=10264""#) && stderr.contains("nothing was changed"),
+        "{stderr}"
+    );
+    assert_eq!(stage.dial_host(addr).reply, tunnel_reply(HTTP_PORT, addr));
+
+    // A good ConfigMap replaces the rules: 8080 goes, 9051 comes, 10255 is implied.
+    let good = dir.path().join("good.json");
+    std::fs::write(&good, r#"{"data":{"dnat-ports-pair":"9051=10264"}}"#).unwrap();
+    let out = apply(&["--target", "10.70.0.1", "--edge-nodes", &edges, "--tunnel-config", good.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let show = netd_dnat(&netns, &["show", "--pin-dir", &pin_dir, "--json"]);
+    assert!(show.status.success(), "{}", String::from_utf8_lossy(&show.stderr));
+    let shown: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    let ports: Vec<u64> = shown["rules"].as_array().unwrap().iter().map(|r| r["port"].as_u64().unwrap()).collect();
+    assert_eq!(ports, vec![9051, 10250, 10255]);
+    assert_eq!(shown["edgeNodes"], serde_json::json!([EDGE_A.to_string(), EDGE_B.to_string()]));
+    assert_eq!(shown["target"], "10.70.0.1");
+    assert_eq!(shown["links"].as_array().unwrap().len(), 6);
+    // Counters, in the text format a textfile collector reads.
+    let text = netd_dnat(&netns, &["show", "--pin-dir", &pin_dir, "--prometheus"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains(r#"netd_dnat_redirected_total{port="9051",target_port="10264"} 0"#), "{text}");
+    assert!(text.contains("netd_dnat_edge_nodes 2"), "{text}");
+    let human = String::from_utf8_lossy(&netd_dnat(&netns, &["show", "--pin-dir", &pin_dir]).stdout).into_owned();
+    assert!(human.contains(":9051 -> :10264") && human.contains("link dnat_connect4"), "{human}");
+
+    // Detach: nothing redirected, pins gone; a second detach is a no-op.
+    drop(stage.server.take());
+    let out = netd_dnat(&netns, &["detach", "--pin-dir", &pin_dir]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!stage.pins.path().exists());
+    let out = netd_dnat(&netns, &["detach", "--pin-dir", &pin_dir]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing pinned"));
+    let out = netd_dnat(&netns, &["show", "--pin-dir", &pin_dir]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("run `netd dnat apply` first"));
+}
+
 type Case = (&'static str, fn());
 
 const CASES: &[Case] = &[
@@ -680,6 +769,10 @@ const CASES: &[Case] = &[
     ),
     ("refused_connects_leave_no_handshake_behind", refused_connects_leave_no_handshake_behind),
     ("without_bpf_capabilities_the_error_names_them", without_bpf_capabilities_the_error_names_them),
+    (
+        "the_command_line_applies_shows_and_detaches_and_a_bad_config_changes_nothing",
+        the_command_line_applies_shows_and_detaches_and_a_bad_config_changes_nothing,
+    ),
     (
         "a_pinned_map_with_another_layout_is_refused_before_anything_attaches",
         a_pinned_map_with_another_layout_is_refused_before_anything_attaches,

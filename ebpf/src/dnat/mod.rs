@@ -270,6 +270,17 @@ pub struct LinkOutcome {
     pub link_id: u32,
 }
 
+/// A pinned link as the kernel reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PinnedLink {
+    /// Program name.
+    pub program: &'static str,
+    /// The pin.
+    pub path: PathBuf,
+    /// Link id, program id, cgroup id (0: the cgroup is gone).
+    pub info: sys::LinkInfo,
+}
+
 /// Counters for one port rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuleStats {
@@ -818,6 +829,23 @@ impl TunnelDnat {
             no_storage: stat(abi::STAT_NO_STORAGE)?,
             handshake_full: stat(abi::STAT_HANDSHAKE_FULL)?,
         })
+    }
+
+    /// The links pinned under this directory (`bpftool link show`, for
+    /// ours only). Programs whose link is not pinned are left out.
+    pub fn links(&self) -> Result<Vec<PinnedLink>, DnatError> {
+        let mut links = Vec::new();
+        for spec in &PROGRAMS {
+            let path = self.pin_dir.join(LINK_DIR).join(spec.name);
+            let fd = match sys::obj_get(&path) {
+                Ok(fd) => fd,
+                Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+                Err(err) => return Err(link_err(spec, &path, "opening its pin")(err)),
+            };
+            let info = sys::link_info(&fd).map_err(link_err(spec, &path, "reading its info"))?;
+            links.push(PinnedLink { program: spec.name, path, info });
+        }
+        Ok(links)
     }
 
     /// Detaches every link pinned under `pin_dir` and removes the links and

@@ -8,16 +8,22 @@
 //!   snapshot (device, peers) and exit — what the daemon does first on every
 //!   start, before it talks to any registry; usable on its own from a boot
 //!   script when the cloud is unreachable.
+//! - `netd dnat apply | show | detach`: the eBPF tunnel DNAT on a cloud node
+//!   (see `netd::dnat`).
 //!
 //! The command line is declared here with clap; the options shared by `run`
 //! and `cleanup` are `netd::daemon::config::RunArgs`.
 
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::str::FromStr;
 
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use netd::daemon::config::{parse_command_line, RunArgs};
+use netd::daemon::config::{parse_bool, parse_command_line, RunArgs};
+use netd::dnat::config::PortRules;
+use netd::ebpf::dnat::{AttachOptions, Scope, TunnelDnat, DEFAULT_PIN_DIR};
 use netd::registry::embedded::EmbeddedRegistry;
 use netd::registry::NetworkConfig;
 use netd::vxlan::snapshot::{self, Snapshot};
@@ -30,6 +36,7 @@ Examples:
   netd restore --json
   netd cleanup --purge-state
   netd registry init --db /var/lib/netd/registry.db --network 10.244.0.0/16
+  netd dnat apply --target 192.168.0.10 --edge-nodes 10.0.5.7,10.0.5.8
 
 Settings: defaults < --config FILE (JSON, camelCase keys) < NETD_* variables < flags.
 `netd <COMMAND> --help` for a command's options.";
@@ -84,9 +91,108 @@ enum Command {
     /// The embedded registry.
     #[command(subcommand)]
     Registry(RegistryCommand),
+    /// The eBPF tunnel DNAT of a cloud node.
+    #[command(subcommand)]
+    Dnat(DnatCommand),
     /// Program the overlay from the offline snapshot and exit.
     #[command(after_help = "Example:\n  netd restore --snapshot /var/lib/netd/snapshot.json --json")]
     Restore(RestoreArgs),
+}
+
+const DNAT_APPLY_EXAMPLES: &str = "\
+Makes the kernel state exactly this: rules and edge nodes not named are removed.
+Idempotent; only differences are written; live links get the new program code
+atomically, so redirection never pauses.
+
+Examples:
+  netd dnat apply --target 192.168.0.10 --edge-nodes 10.0.5.7,10.0.5.8
+  netd dnat apply --target 192.168.0.10 --edge-nodes 10.0.5.7 \\
+      --ports 10250=10263,10255=10264,8080=10264 --pod-namespaces
+  kubectl -n kube-system get cm edge-tunnel-server-cfg -o json > cfg.json
+  netd dnat apply --target 192.168.0.10 --edge-nodes \"$EDGES\" --tunnel-config cfg.json \\
+      --original-dst-cgroup /sys/fs/cgroup/system.slice/tunnel-server.service";
+
+#[derive(Debug, Subcommand)]
+enum DnatCommand {
+    /// Attach (or upgrade) the programs; make target, rules and edge nodes exactly these.
+    #[command(after_help = DNAT_APPLY_EXAMPLES)]
+    Apply(DnatApplyArgs),
+    /// Target, rules, edge nodes, counters and links.
+    #[command(after_help = "Examples:\n  netd dnat show\n  netd dnat show --json\n  netd dnat show --prometheus")]
+    Show(DnatShowArgs),
+    /// Detach the programs and remove their pins: nothing is redirected any more.
+    Detach(DnatPinArgs),
+}
+
+#[derive(Debug, Args)]
+struct DnatPinArgs {
+    /// Where the links and maps are pinned (on bpffs).
+    #[arg(long, env = "NETD_DNAT_PIN_DIR", value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+}
+
+/// Comma-separated IPv4 addresses; "" is none.
+#[derive(Debug, Clone)]
+struct EdgeNodes(Vec<Ipv4Addr>);
+
+impl FromStr for EdgeNodes {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.trim().is_empty() {
+            return Ok(Self(Vec::new()));
+        }
+        s.split(',')
+            .enumerate()
+            .map(|(i, token)| {
+                token.trim().parse().map_err(|_| format!("token {} {:?} is not an IPv4 address", i + 1, token.trim()))
+            })
+            .collect::<Result<_, _>>()
+            .map(Self)
+    }
+}
+
+#[derive(Debug, Args)]
+struct DnatApplyArgs {
+    #[command(flatten)]
+    pins: DnatPinArgs,
+    /// Tunnel server address redirected connections go to.
+    #[arg(long, env = "NETD_DNAT_TARGET", value_name = "IP")]
+    target: Ipv4Addr,
+    /// Edge node addresses, comma-separated ("" for none).
+    #[arg(long, env = "NETD_DNAT_EDGE_NODES", value_name = "IP,...")]
+    edge_nodes: EdgeNodes,
+    /// Port rules, dialled=tunnel, comma-separated [default: 10250=10263,10255=10264].
+    #[arg(long, env = "NETD_DNAT_PORTS", value_name = "RULES", conflicts_with = "tunnel_config")]
+    ports: Option<PortRules>,
+    /// The rules from ConfigMap edge-tunnel-server-cfg (`kubectl get -o json`, or its data).
+    #[arg(long, env = "NETD_DNAT_TUNNEL_CONFIG", value_name = "FILE")]
+    tunnel_config: Option<PathBuf>,
+    /// Also redirect sockets in pod network namespaces; also =true|false.
+    #[arg(long, env = "NETD_DNAT_POD_NAMESPACES", value_name = "BOOL", value_parser = parse_bool,
+          num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false")]
+    pod_namespaces: bool,
+    /// The cgroup v2 directory whose sockets are redirected [default: the cgroup v2 root].
+    #[arg(long, env = "NETD_DNAT_CGROUP", value_name = "DIR")]
+    cgroup: Option<PathBuf>,
+    /// The tunnel server's cgroup, where getsockopt(SO_ORIGINAL_DST) is answered.
+    #[arg(long, env = "NETD_DNAT_ORIGINAL_DST_CGROUP", value_name = "DIR")]
+    original_dst_cgroup: Option<PathBuf>,
+    /// Print the outcome as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct DnatShowArgs {
+    #[command(flatten)]
+    pins: DnatPinArgs,
+    /// One JSON object.
+    #[arg(long, conflicts_with = "prometheus")]
+    json: bool,
+    /// The counters in Prometheus' text format.
+    #[arg(long)]
+    prometheus: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -213,6 +319,77 @@ fn registry_init(args: RegistryInitArgs) -> Result<()> {
     Ok(())
 }
 
+fn dnat_apply(args: DnatApplyArgs) -> Result<()> {
+    let rules = match (&args.ports, &args.tunnel_config) {
+        (Some(rules), _) => rules.clone(),
+        (None, Some(file)) => netd::dnat::rules_from_config_map_file(file)?,
+        (None, None) => netd::dnat::config::from_tunnel_config(&Default::default())?,
+    };
+    let options = AttachOptions {
+        pin_dir: args.pins.pin_dir.clone(),
+        cgroup: args.cgroup,
+        original_dst_cgroup: args.original_dst_cgroup,
+    };
+    let desired = netd::dnat::Desired {
+        target: args.target,
+        scope: if args.pod_namespaces { Scope::AllNamespaces } else { Scope::HostNetwork },
+        edge_nodes: args.edge_nodes.0,
+        rules,
+    };
+    let applied = netd::dnat::apply(&options, &desired)?;
+    let changes = |c: netd::ebpf::dnat::Changes| format!("+{} ~{} -{}", c.added, c.updated, c.removed);
+    if args.json {
+        let outcome = serde_json::json!({
+            "links": applied.links.iter().map(|l| serde_json::json!({
+                "program": l.program, "action": format!("{:?}", l.action).to_lowercase(), "id": l.link_id,
+            })).collect::<Vec<_>>(),
+            "rules": { "added": applied.rules.added, "updated": applied.rules.updated, "removed": applied.rules.removed },
+            "edgeNodes": {
+                "added": applied.edge_nodes.added, "updated": applied.edge_nodes.updated,
+                "removed": applied.edge_nodes.removed,
+            },
+        });
+        println!("{outcome}");
+    } else {
+        for link in &applied.links {
+            println!("{}: {:?} (link {})", link.program, link.action, link.link_id);
+        }
+        println!(
+            "rules {} ({}), edge nodes {} ({}), target {} ({})",
+            desired.rules,
+            changes(applied.rules),
+            desired.edge_nodes.len(),
+            changes(applied.edge_nodes),
+            desired.target,
+            if args.pod_namespaces { "all namespaces" } else { "host network" }
+        );
+    }
+    Ok(())
+}
+
+fn dnat_show(args: DnatShowArgs) -> Result<()> {
+    let dnat = TunnelDnat::open(&args.pins.pin_dir)?;
+    let stats = dnat.stats()?;
+    if args.prometheus {
+        print!("{}", netd::dnat::render_prometheus(&stats));
+    } else if args.json {
+        println!("{}", netd::dnat::render_json(dnat.pin_dir(), &stats, &dnat.links()?));
+    } else {
+        print!("{}", netd::dnat::render_text(dnat.pin_dir(), &stats, &dnat.links()?));
+    }
+    Ok(())
+}
+
+fn dnat_detach(args: DnatPinArgs) -> Result<()> {
+    let removed = TunnelDnat::detach(&args.pin_dir)?;
+    if removed.is_empty() {
+        println!("nothing pinned at {}", args.pin_dir.display());
+    } else {
+        println!("detached {} programs; {} removed", removed.len(), args.pin_dir.display());
+    }
+    Ok(())
+}
+
 fn init_logging(level: LogLevel) {
     let level = match level {
         LogLevel::Error => tracing::Level::ERROR,
@@ -236,6 +413,9 @@ fn main() -> ExitCode {
         Command::Cleanup { args, purge_state } => cleanup(args, purge_state),
         Command::Registry(RegistryCommand::Init(args)) => registry_init(args),
         Command::Restore(args) => restore(args),
+        Command::Dnat(DnatCommand::Apply(args)) => dnat_apply(args),
+        Command::Dnat(DnatCommand::Show(args)) => dnat_show(args),
+        Command::Dnat(DnatCommand::Detach(args)) => dnat_detach(args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
