@@ -468,8 +468,27 @@ fn connects_never_fail_across_restart_upgrade_and_a_recreated_cgroup() {
     assert_eq!(dnat.stats().unwrap().edge_nodes, vec![EDGE_A, EDGE_B]);
     let mid = ok.load(Ordering::Relaxed);
     std::thread::sleep(Duration::from_millis(200));
-    // A second upgrade while connects run.
-    TunnelDnat::load_or_attach(&stage.options()).unwrap();
+    // A second upgrade while connects run, by a real `netd dnat apply` process.
+    let options = stage.options();
+    let out = netd_dnat(
+        stage.cloud.path().to_str().unwrap(),
+        &[
+            "apply",
+            "--pin-dir",
+            options.pin_dir.to_str().unwrap(),
+            "--cgroup",
+            stage.root_cg.path().to_str().unwrap(),
+            "--original-dst-cgroup",
+            stage.server_cg.path().to_str().unwrap(),
+            "--target",
+            &NODE_IP.to_string(),
+            "--edge-nodes",
+            &format!("{EDGE_A},{EDGE_B}"),
+            "--ports",
+            "10250=10263,10255=10264,8080=10264",
+        ],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     std::thread::sleep(Duration::from_millis(200));
     stop.store(true, Ordering::Relaxed);
     loop_thread.join().unwrap();
@@ -732,6 +751,9 @@ fn the_command_line_applies_shows_and_detaches_and_a_bad_config_changes_nothing(
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains(r#"netd_dnat_redirected_total{port="9051",target_port="10264"} 0"#), "{text}");
     assert!(text.contains("netd_dnat_edge_nodes 2"), "{text}");
+    // The daemon's /metrics carries the same counters when a DNAT is pinned.
+    let daemon_text = netd::daemon::health::dnat_metrics(stage.pins.path());
+    assert!(daemon_text.contains(r#"netd_dnat_redirected_total{port="10250",target_port="10263"}"#), "{daemon_text}");
     let human = String::from_utf8_lossy(&netd_dnat(&netns, &["show", "--pin-dir", &pin_dir]).stdout).into_owned();
     assert!(human.contains(":9051 -> :10264") && human.contains("link dnat_connect4"), "{human}");
 
@@ -742,6 +764,7 @@ fn the_command_line_applies_shows_and_detaches_and_a_bad_config_changes_nothing(
     assert!(!stage.pins.path().exists());
     let out = netd_dnat(&netns, &["detach", "--pin-dir", &pin_dir]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("nothing pinned"));
+    assert_eq!(netd::daemon::health::dnat_metrics(stage.pins.path()), "", "no DNAT, no DNAT metrics");
     let out = netd_dnat(&netns, &["show", "--pin-dir", &pin_dir]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("run `netd dnat apply` first"));

@@ -199,6 +199,12 @@ pub enum DnatError {
         /// The refused target.
         target: Ipv4Addr,
     },
+    /// The kernel cannot name this network namespace to the programs.
+    #[error(
+        "host-network scope needs SO_NETNS_COOKIE (Linux >= 5.14) to tell host sockets from pod sockets; \
+         this kernel refused it: use all-namespaces scope (--pod-namespaces) with a node address as target"
+    )]
+    NetnsCookieUnsupported,
     /// An unspecified (0.0.0.0) target.
     #[error("target 0.0.0.0 is not an address the tunnel server can listen on")]
     UnspecifiedTarget,
@@ -698,8 +704,13 @@ impl TunnelDnat {
         if scope == Scope::AllNamespaces && target.is_loopback() {
             return Err(DnatError::LoopbackTargetForPods { target });
         }
-        let host_netns_cookie =
-            current_netns_cookie().map_err(DnatError::fs("reading this network namespace's cookie"))?;
+        let host_netns_cookie = match current_netns_cookie() {
+            Ok(cookie) => cookie,
+            // Only host-network scope compares cookies.
+            Err(_) if scope == Scope::AllNamespaces => 0,
+            Err(err) if err.raw_os_error() == Some(libc::ENOPROTOOPT) => return Err(DnatError::NetnsCookieUnsupported),
+            Err(err) => return Err(DnatError::fs("reading this network namespace's cookie")(err)),
+        };
         let mut flags = abi::DNAT_ENABLED;
         if scope == Scope::AllNamespaces {
             flags |= abi::DNAT_POD_NAMESPACES;

@@ -24,6 +24,9 @@ pub struct Shared {
     pub registry_errors: Mutex<u64>,
     /// The IPAM stores' pins, once the pin keeper runs.
     pub pins: Mutex<Option<super::pins::PinMetrics>>,
+    /// Where a tunnel DNAT would be pinned: its counters join /metrics
+    /// whenever one is (on cloud nodes; whoever applied it).
+    pub dnat_pin_dir: Mutex<Option<std::path::PathBuf>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -124,6 +127,20 @@ impl Shared {
     }
 }
 
+/// The tunnel DNAT's counters in Prometheus' text format, or nothing when
+/// no DNAT is pinned under `pin_dir` (the common case: edge nodes). Reads
+/// the pinned maps: a few bpf(2) calls, one per edge node to count them.
+pub fn dnat_metrics(pin_dir: &std::path::Path) -> String {
+    match netd_ebpf::dnat::TunnelDnat::open(pin_dir).and_then(|dnat| dnat.stats()) {
+        Ok(stats) => crate::dnat::render_prometheus(&stats),
+        Err(netd_ebpf::dnat::DnatError::NotAttached { .. }) => String::new(),
+        Err(err) => {
+            tracing::debug!("tunnel DNAT counters unavailable: {err}");
+            String::new()
+        }
+    }
+}
+
 /// Serves until the task is dropped.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     loop {
@@ -146,7 +163,17 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 "/healthz" => ("200 OK", "ok\n".to_string()),
                 "/readyz" if shared.ready() => ("200 OK", "ready\n".to_string()),
                 "/readyz" => ("503 Service Unavailable", "overlay not programmed yet\n".to_string()),
-                "/metrics" => ("200 OK", shared.metrics()),
+                "/metrics" => {
+                    let mut text = shared.metrics();
+                    let dnat_pins = lock(&shared.dnat_pin_dir).clone();
+                    if let Some(dir) = dnat_pins {
+                        // bpf(2) calls, proportional to the edge nodes: off the runtime threads.
+                        text.push_str(
+                            &tokio::task::spawn_blocking(move || dnat_metrics(&dir)).await.unwrap_or_default(),
+                        );
+                    }
+                    ("200 OK", text)
+                }
                 _ => ("404 Not Found", "not found\n".to_string()),
             };
             let response = format!(
