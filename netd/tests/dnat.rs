@@ -658,6 +658,17 @@ fn without_bpf_capabilities_the_error_names_them() {
         assert!(message.contains("CAP_BPF") && message.contains("CAP_NET_ADMIN"), "{message}");
     }
     assert!(!stage.pins.path().exists(), "a refused attach left pins behind");
+    // A child process without them (root, bounding set emptied): `netd dnat` says the same.
+    let pin_dir = stage.pins.path().to_str().unwrap();
+    let out = std::process::Command::new("setpriv")
+        .args(["--bounding-set=-all", "--inh-caps=-all", env!("CARGO_BIN_EXE_netd"), "dnat", "apply"])
+        .args(["--pin-dir", pin_dir, "--target", "10.70.0.1", "--edge-nodes", "10.99.0.5"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("this thread lacks CAP_BPF and CAP_NET_ADMIN"), "{stderr}");
+    assert!(!stage.pins.path().exists());
 }
 
 fn a_pinned_map_with_another_layout_is_refused_before_anything_attaches() {
