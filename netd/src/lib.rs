@@ -22,6 +22,7 @@ pub mod model;
 pub mod netlink;
 pub mod registry;
 pub mod subnet_env;
+pub mod tunnel;
 pub mod vxlan;
 
 pub use netd_ebpf as ebpf;

@@ -229,3 +229,57 @@ fn registry_init_and_restore_parse_as_before() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("no snapshot at"), "{}", stderr(&out));
 }
+
+#[test]
+fn certs_make_a_ca_and_certificates_that_load_and_name_the_node() {
+    use netd::tunnel::certs::{ip_sans_of, node_name_of, CertFiles};
+    use std::os::unix::fs::PermissionsExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    let ok = |args: &[&str], env: &[(&str, &str)]| {
+        let out = netd(args, env);
+        assert!(out.status.success(), "netd {args:?} failed: {}", stderr(&out));
+        stdout(&out)
+    };
+    let ca = path("ca");
+    let said = ok(&["certs", "ca", "--out", &ca, "--cn", "test CA", "--days", "10"], &[]);
+    assert!(said.contains("ca.key") && said.contains("CN=test CA"), "{said}");
+    let mode = |file: &str| std::fs::metadata(dir.path().join(file)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode("ca/ca.key"), 0o600);
+    let out = netd(&["certs", "ca", "--out", &ca], &[]);
+    assert!(!out.status.success() && stderr(&out).contains("not replacing a CA"), "{}", stderr(&out));
+
+    ok(
+        &["certs", "node", "--ca-dir", &ca, "--name", "edge-1", "--ip", "10.0.5.7,fd00::7", "--out", &path("node")],
+        &[],
+    );
+    let node = CertFiles::in_dir(&dir.path().join("node"), "node").load().unwrap();
+    assert_eq!(node_name_of(&node.chain[0]).unwrap(), "edge-1");
+    let ips: Vec<std::net::IpAddr> = vec!["10.0.5.7".parse().unwrap(), "fd00::7".parse().unwrap()];
+    assert_eq!(ip_sans_of(&node.chain[0]).unwrap(), ips);
+    assert_eq!(mode("node/node.key"), 0o600);
+
+    let env = [("NETD_CERTS_CA_DIR", ca.as_str()), ("NETD_CERTS_DNS", "tunnel.example,tunnel")];
+    ok(&["certs", "server", "--ip", "127.0.0.1", "--out", &path("server")], &env);
+    let server = CertFiles::in_dir(&dir.path().join("server"), "server").load().unwrap();
+    assert_eq!(ip_sans_of(&server.chain[0]).unwrap(), ["127.0.0.1".parse::<std::net::IpAddr>().unwrap()]);
+    ok(&["certs", "client", "--ca-dir", &ca, "--cn", "kube-apiserver", "--out", &path("client")], &[]);
+    let client = CertFiles::in_dir(&dir.path().join("client"), "client").load().unwrap();
+    let error = node_name_of(&client.chain[0]).unwrap_err().to_string();
+    assert_eq!(error, "certificate CN \"kube-apiserver\" is not system:node:<name>");
+
+    let out =
+        netd(&["certs", "node", "--ca-dir", &ca, "--name", "Edge_1", "--ip", "10.0.5.7", "--out", &path("x")], &[]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).starts_with("netd: invalid node name \"Edge_1\": character 1 'E'"), "{}", stderr(&out));
+    let out = netd(&["certs", "server", "--ca-dir", &path("node"), "--ip", "127.0.0.1", "--out", &path("x")], &[]);
+    assert!(stderr(&out).contains("ca.key: No such file"), "{}", stderr(&out));
+    let out = netd(&["certs", "node", "--ca-dir", &ca, "--name", "edge-1", "--out", &path("x")], &[]);
+    assert!(stderr(&out).contains("--ip <IP,...>"), "{}", stderr(&out));
+
+    let help = stdout(&netd(&["certs", "node", "--help"], &[]));
+    for expected in ["[env: NETD_CERTS_NODE=]", "[env: NETD_CERTS_IP=]", "[env: NETD_CERTS_CA_DIR=]", "Example:"] {
+        assert!(help.contains(expected), "{expected:?} missing from\n{help}");
+    }
+}

@@ -10,6 +10,8 @@
 //!   script when the cloud is unreachable.
 //! - `netd dnat apply | show | detach`: the eBPF tunnel DNAT on a cloud node
 //!   (see `netd::dnat`).
+//! - `netd certs ca | node | server | client`: edge tunnel certificates as
+//!   PEM files (see `netd::tunnel::certs`).
 //!
 //! The command line is declared here with clap; the options shared by `run`
 //! and `cleanup` are `netd::daemon::config::RunArgs`.
@@ -94,6 +96,9 @@ enum Command {
     /// The eBPF tunnel DNAT of a cloud node.
     #[command(subcommand)]
     Dnat(DnatCommand),
+    /// Edge tunnel certificates: a CA, and node, server and client certificates it issues.
+    #[command(subcommand)]
+    Certs(CertsCommand),
     /// Program the overlay from the offline snapshot and exit.
     #[command(after_help = "Example:\n  netd restore --snapshot /var/lib/netd/snapshot.json --json")]
     Restore(RestoreArgs),
@@ -390,6 +395,127 @@ fn dnat_detach(args: DnatPinArgs) -> Result<()> {
     Ok(())
 }
 
+#[derive(Debug, Subcommand)]
+enum CertsCommand {
+    /// Make a new CA: DIR/ca.crt and DIR/ca.key (0600).
+    #[command(after_help = "Example:\n  netd certs ca --out /etc/netd/tunnel-ca --cn netd-tunnel-ca --days 3650")]
+    Ca(CertsCaArgs),
+    /// An edge node's tunnel agent certificate: CN=system:node:NAME, O=system:nodes, IP SANs.
+    #[command(after_help = "Writes DIR/node.crt, DIR/node.key (0600) and DIR/ca.crt.\n\nExample:\n  \
+        netd certs node --ca-dir /etc/netd/tunnel-ca --name edge-1 --ip 10.0.5.7 --out /etc/netd/tunnel")]
+    Node(CertsNodeArgs),
+    /// The tunnel server's certificate, with DNS and IP SANs.
+    #[command(after_help = "Writes DIR/server.crt, DIR/server.key (0600) and DIR/ca.crt.\n\nExample:\n  \
+        netd certs server --ca-dir /etc/netd/tunnel-ca --dns tunnel.kube-system.svc --ip 192.168.0.10 --out srv")]
+    Server(CertsServerArgs),
+    /// A client certificate, such as kube-apiserver's for its egress selector.
+    #[command(after_help = "Writes DIR/client.crt, DIR/client.key (0600) and DIR/ca.crt.\n\nExample:\n  \
+        netd certs client --ca-dir /etc/netd/tunnel-ca --cn kube-apiserver --out /etc/kubernetes/tunnel")]
+    Client(CertsClientArgs),
+}
+
+#[derive(Debug, Args)]
+struct CertsCaArgs {
+    /// Directory to write ca.crt and ca.key to; an existing CA there is not replaced.
+    #[arg(long, env = "NETD_CERTS_OUT", value_name = "DIR")]
+    out: PathBuf,
+    /// The CA's common name.
+    #[arg(long, env = "NETD_CERTS_CN", value_name = "NAME", default_value = "netd-tunnel-ca")]
+    cn: String,
+    /// Validity in days.
+    #[arg(long, env = "NETD_CERTS_DAYS", value_name = "N", default_value_t = 3650)]
+    days: u32,
+}
+
+#[derive(Debug, Args)]
+struct CertsIssueArgs {
+    /// Directory holding the CA's ca.crt and ca.key.
+    #[arg(long, env = "NETD_CERTS_CA_DIR", value_name = "DIR")]
+    ca_dir: PathBuf,
+    /// Directory to write the certificate, its key and ca.crt to.
+    #[arg(long, env = "NETD_CERTS_OUT", value_name = "DIR")]
+    out: PathBuf,
+    /// Validity in days (never beyond the CA's).
+    #[arg(long, env = "NETD_CERTS_DAYS", value_name = "N", default_value_t = 365)]
+    days: u32,
+}
+
+#[derive(Debug, Args)]
+struct CertsNodeArgs {
+    #[command(flatten)]
+    issue: CertsIssueArgs,
+    /// The Kubernetes node name.
+    #[arg(long, env = "NETD_CERTS_NODE", value_name = "NODE")]
+    name: String,
+    /// The node's addresses, comma-separated.
+    #[arg(long, env = "NETD_CERTS_IP", value_name = "IP,...", value_delimiter = ',', required = true)]
+    ip: Vec<std::net::IpAddr>,
+}
+
+#[derive(Debug, Args)]
+struct CertsServerArgs {
+    #[command(flatten)]
+    issue: CertsIssueArgs,
+    /// The server's common name.
+    #[arg(long, env = "NETD_CERTS_CN", value_name = "NAME", default_value = "netd-tunnel-server")]
+    cn: String,
+    /// DNS names clients dial it by, comma-separated.
+    #[arg(long, env = "NETD_CERTS_DNS", value_name = "NAME,...", value_delimiter = ',')]
+    dns: Vec<String>,
+    /// Addresses clients dial it by, comma-separated.
+    #[arg(long, env = "NETD_CERTS_IP", value_name = "IP,...", value_delimiter = ',')]
+    ip: Vec<std::net::IpAddr>,
+}
+
+#[derive(Debug, Args)]
+struct CertsClientArgs {
+    #[command(flatten)]
+    issue: CertsIssueArgs,
+    /// The client's common name (its user name to Kubernetes).
+    #[arg(long, env = "NETD_CERTS_CN", value_name = "NAME")]
+    cn: String,
+    /// Its organization (its group to Kubernetes).
+    #[arg(long, env = "NETD_CERTS_ORG", value_name = "ORG")]
+    org: Option<String>,
+}
+
+fn certs(command: CertsCommand) -> Result<()> {
+    use netd::tunnel::certs::{CertificateAuthority, CA_KEY_FILE};
+    let days = |n: u32| std::time::Duration::from_secs(u64::from(n) * 86_400);
+    let (issue, stem, ca, cert) = match command {
+        CertsCommand::Ca(args) => {
+            if args.out.join(CA_KEY_FILE).exists() {
+                bail!(
+                    "{} exists: not replacing a CA (what it issued would stop verifying); remove it first",
+                    args.out.join(CA_KEY_FILE).display()
+                );
+            }
+            CertificateAuthority::generate(&args.cn, days(args.days))?.write(&args.out)?;
+            println!("wrote {0}/ca.crt and {0}/ca.key: CN={1}, {2} days", args.out.display(), args.cn, args.days);
+            return Ok(());
+        }
+        CertsCommand::Node(a) => {
+            let ca = CertificateAuthority::load_dir(&a.issue.ca_dir)?;
+            let cert = ca.issue_node(&a.name, &a.ip, days(a.issue.days))?;
+            (a.issue, "node", ca, cert)
+        }
+        CertsCommand::Server(a) => {
+            let ca = CertificateAuthority::load_dir(&a.issue.ca_dir)?;
+            let cert = ca.issue_server(&a.cn, &a.dns, &a.ip, days(a.issue.days))?;
+            (a.issue, "server", ca, cert)
+        }
+        CertsCommand::Client(a) => {
+            let ca = CertificateAuthority::load_dir(&a.issue.ca_dir)?;
+            let cert = ca.issue_client(&a.cn, a.org.as_deref(), days(a.issue.days))?;
+            (a.issue, "client", ca, cert)
+        }
+    };
+    let (cert_path, key_path) = cert.write(&issue.out, stem)?;
+    ca.write_cert(&issue.out)?;
+    println!("wrote {}, {} and {}/ca.crt", cert_path.display(), key_path.display(), issue.out.display());
+    Ok(())
+}
+
 fn init_logging(level: LogLevel) {
     let level = match level {
         LogLevel::Error => tracing::Level::ERROR,
@@ -416,6 +542,7 @@ fn main() -> ExitCode {
         Command::Dnat(DnatCommand::Apply(args)) => dnat_apply(args),
         Command::Dnat(DnatCommand::Show(args)) => dnat_show(args),
         Command::Dnat(DnatCommand::Detach(args)) => dnat_detach(args),
+        Command::Certs(command) => certs(command),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
