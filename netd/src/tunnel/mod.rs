@@ -1,8 +1,16 @@
-//! The edge tunnel (SPEC §3): certificates for now; transport, server and
-//! agent to come. An edge node's tunnel agent dials out to the tunnel server
-//! over mutually authenticated TLS; its certificate names the node the way
-//! kubelet client certificates do (`CN=system:node:<name>`, `O=system:nodes`),
-//! so the server routes by the identity it verified, never by what an agent
-//! claims. [`certs`] mints, loads and reads back those certificates.
+//! The edge tunnel (SPEC §3). An edge node's tunnel agent dials out to the
+//! tunnel server over mutually authenticated TLS 1.3 ([`tls`]); its
+//! certificate names the node the way kubelet client certificates do
+//! (`CN=system:node:<name>`, `O=system:nodes`), so the server routes by the
+//! identity it verified, never by what an agent claims ([`certs`] mints,
+//! loads and reads those certificates). Over that one connection, HTTP/2
+//! with the roles reversed carries one stream per tunnelled TCP connection,
+//! each with its own flow control ([`transport`]). [`agent`] is the edge
+//! side; [`server`] the cloud side with its front doors (DNAT'd connections,
+//! HTTP CONNECT).
 
+pub mod agent;
 pub mod certs;
+pub mod server;
+pub mod tls;
+pub mod transport;

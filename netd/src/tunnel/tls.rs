@@ -1,0 +1,81 @@
+//! rustls settings for the tunnel's two sides: TLS 1.3 only, mutual
+//! authentication against one CA, ALPN naming the protocol inside.
+
+use std::sync::Arc;
+
+use rustls::server::WebPkiClientVerifier;
+
+use super::certs::{CertError, LoadedCerts};
+
+/// ALPN of an agent link (HTTP/2 with the roles reversed).
+pub const ALPN_TUNNEL: &[u8] = b"h2";
+/// ALPN of the CONNECT front door.
+pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+
+/// Errors building TLS settings.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// The certificates themselves.
+    #[error(transparent)]
+    Certs(#[from] CertError),
+    /// rustls refused the combination.
+    #[error("TLS settings for {what}: {source}")]
+    Rustls {
+        /// Which side.
+        what: &'static str,
+        /// What rustls reported.
+        #[source]
+        source: rustls::Error,
+    },
+    /// The client verifier could not be built.
+    #[error("verifying clients against the CA: {0}")]
+    Verifier(String),
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The agent's client settings: its node certificate, the CA for the server.
+pub fn agent(certs: &LoadedCerts) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let rustls_err = |source| TlsError::Rustls { what: "the agent", source };
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(rustls_err)?
+        .with_root_certificates(certs.root_store()?)
+        .with_client_auth_cert(certs.chain.clone(), certs.key.clone_key())
+        .map_err(rustls_err)?;
+    config.alpn_protocols = vec![ALPN_TUNNEL.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A client of the CONNECT front door (kube-apiserver's egress, tests).
+pub fn connect_client(certs: &LoadedCerts) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let rustls_err = |source| TlsError::Rustls { what: "a CONNECT client", source };
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(rustls_err)?
+        .with_root_certificates(certs.root_store()?)
+        .with_client_auth_cert(certs.chain.clone(), certs.key.clone_key())
+        .map_err(rustls_err)?;
+    config.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The server's settings for one listener: its certificate, and clients
+/// must present one the CA issued. `alpn`: [`ALPN_TUNNEL`] for agents,
+/// [`ALPN_HTTP1`] for the CONNECT door.
+pub fn server(certs: &LoadedCerts, alpn: &[u8]) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let rustls_err = |source| TlsError::Rustls { what: "the server", source };
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(certs.root_store()?), provider())
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(rustls_err)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs.chain.clone(), certs.key.clone_key())
+        .map_err(rustls_err)?;
+    config.alpn_protocols = vec![alpn.to_vec()];
+    Ok(Arc::new(config))
+}

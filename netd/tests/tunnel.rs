@@ -1,0 +1,403 @@
+//! The edge tunnel against the kernel, in namespaces this test makes.
+//!
+//! The stage: a "cloud" namespace (the tunnel server) and an "edge"
+//! namespace (the agent and a kubelet stand-in on the node address
+//! 10.250.0.2, on the edge's `lo`). They share a veth link, but the cloud
+//! has no route to 10.250.0.0/16: the only way from cloud to kubelet is the
+//! link the agent dials out.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use netd::testing::{self, NetNs, VethPair};
+use netd::tunnel::agent::{self, AgentConfig, AgentMetrics};
+use netd::tunnel::certs::{CertFiles, CertificateAuthority, IssuedCert, LoadedCerts};
+use netd::tunnel::server::{self, Router};
+use netd::tunnel::tls;
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const CLOUD_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 1);
+const EDGE_LINK_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 2);
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 2);
+const NODE: &str = "edge-1";
+const AGENT_PORT: u16 = 10262;
+const CONNECT_PORT: u16 = 10265;
+const DAY: Duration = Duration::from_secs(86_400);
+
+struct Pki {
+    dir: tempfile::TempDir,
+    ca: CertificateAuthority,
+}
+
+impl Pki {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertificateAuthority::generate("netd test tunnel CA", DAY).unwrap();
+        ca.write_cert(dir.path()).unwrap();
+        let server = ca.issue_server("tunnel-server", &[], &[IpAddr::V4(CLOUD_IP)], DAY).unwrap();
+        server.write(dir.path(), "server").unwrap();
+        let node = ca.issue_node(NODE, &[IpAddr::V4(NODE_IP)], DAY).unwrap();
+        node.write(dir.path(), NODE).unwrap();
+        let client = ca.issue_client("kube-apiserver", None, DAY).unwrap();
+        client.write(dir.path(), "client").unwrap();
+        Self { dir, ca }
+    }
+
+    fn files(&self, stem: &str) -> CertFiles {
+        CertFiles::in_dir(self.dir.path(), stem)
+    }
+}
+
+/// A tokio runtime on its own thread, inside a namespace, until dropped.
+struct Background {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Background {
+    fn start<F, Fut>(netns: &Path, make: F) -> Self
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let netns = std::fs::File::open(netns).unwrap();
+        let thread = std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns on a namespace file we hold open; only this thread moves.
+            assert_eq!(unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async move {
+                tokio::select! {
+                    () = make() => {}
+                    _ = stopped => {}
+                }
+            });
+        });
+        Self { stop: Some(stop), thread: Some(thread) }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+struct Stage {
+    cloud: NetNs,
+    edge: NetNs,
+    _link: VethPair,
+    pki: Pki,
+}
+
+impl Stage {
+    fn new() -> Self {
+        let cloud = NetNs::new().unwrap();
+        let edge = NetNs::new().unwrap();
+        let link = VethPair::new((Some(&cloud), "eth0"), (Some(&edge), "eth0")).unwrap();
+        cloud.ip(&["addr", "add", &format!("{CLOUD_IP}/24"), "dev", "eth0"]).unwrap();
+        cloud.ip(&["link", "set", "eth0", "up"]).unwrap();
+        edge.ip(&["addr", "add", &format!("{EDGE_LINK_IP}/24"), "dev", "eth0"]).unwrap();
+        edge.ip(&["link", "set", "eth0", "up"]).unwrap();
+        edge.ip(&["addr", "add", &format!("{NODE_IP}/32"), "dev", "lo"]).unwrap();
+        Self { cloud, edge, _link: link, pki: Pki::new() }
+    }
+
+    /// The tunnel server in the cloud namespace: agent door and CONNECT door.
+    fn server(&self, router: Arc<Router>) -> Background {
+        let certs = self.pki.files("server").load().unwrap();
+        let agents_tls = tls::server(&certs, tls::ALPN_TUNNEL).unwrap();
+        let connect_tls = tls::server(&certs, tls::ALPN_HTTP1).unwrap();
+        Background::start(&self.cloud.path(), move || async move {
+            let agents = TcpListener::bind((CLOUD_IP, AGENT_PORT)).await.unwrap();
+            let connect = TcpListener::bind((CLOUD_IP, CONNECT_PORT)).await.unwrap();
+            tokio::join!(
+                server::serve_agents(agents, agents_tls, router.clone()),
+                server::serve_connect(connect, connect_tls, router),
+            );
+        })
+    }
+
+    fn agent_config(&self, stem: &str) -> AgentConfig {
+        self.agent_config_from(self.pki.files(stem).load().unwrap())
+    }
+
+    /// An agent presenting `leaf` (whoever issued it), trusting our CA.
+    fn agent_config_with(&self, leaf: &IssuedCert) -> AgentConfig {
+        let mut certs = self.pki.files(NODE).load().unwrap();
+        certs.chain = vec![leaf.cert_der().clone()];
+        certs.key = leaf.key_der();
+        self.agent_config_from(certs)
+    }
+
+    fn agent_config_from(&self, certs: LoadedCerts) -> AgentConfig {
+        AgentConfig {
+            servers: vec![format!("{CLOUD_IP}:{AGENT_PORT}")],
+            server_name: ServerName::IpAddress(IpAddr::V4(CLOUD_IP).into()),
+            tls: tls::agent(&certs).unwrap(),
+            own_addresses: vec![IpAddr::V4(NODE_IP)],
+            pod_subnets: Vec::new(),
+            allowed_ports: [10250, 10255].into_iter().collect(),
+        }
+    }
+
+    fn agent(&self, config: AgentConfig, metrics: Arc<AgentMetrics>) -> Background {
+        Background::start(&self.edge.path(), move || agent::run(config, metrics))
+    }
+
+    /// Kubelet stand-ins on the node address: 10250 echoes, 10255 says
+    /// hello then echoes.
+    fn kubelet(&self) -> Background {
+        Background::start(&self.edge.path(), || async {
+            let echo = TcpListener::bind((NODE_IP, 10250)).await.unwrap();
+            let hello = TcpListener::bind((NODE_IP, 10255)).await.unwrap();
+            let serve = |listener: TcpListener, greeting: &'static [u8]| async move {
+                loop {
+                    let (mut stream, _) = listener.accept().await.unwrap();
+                    tokio::spawn(async move {
+                        let _ = stream.write_all(greeting).await;
+                        let (mut read, mut write) = stream.split();
+                        let _ = tokio::io::copy(&mut read, &mut write).await;
+                    });
+                }
+            };
+            tokio::join!(serve(echo, b""), serve(hello, b"hello\n"));
+        })
+    }
+
+    /// Runs `f` on a fresh current-thread runtime in the cloud namespace.
+    fn in_cloud<F, Fut, T>(&self, f: F) -> T
+    where
+        F: FnOnce() -> Fut + Send,
+        Fut: std::future::Future<Output = T>,
+        T: Send,
+    {
+        self.cloud.block_on(f).unwrap()
+    }
+}
+
+fn wait_for(what: &str, timeout: Duration, check: impl Fn() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends `CONNECT authority` over TLS to the front door; the status line's
+/// code, and the stream when it is 200.
+async fn connect(
+    client: Arc<rustls::ClientConfig>,
+    authority: &str,
+) -> (u16, Option<tokio_rustls::client::TlsStream<TcpStream>>) {
+    let tcp = TcpStream::connect((CLOUD_IP, CONNECT_PORT)).await.unwrap();
+    let name = ServerName::IpAddress(IpAddr::V4(CLOUD_IP).into());
+    let mut tls = tokio_rustls::TlsConnector::from(client).connect(name, tcp).await.unwrap();
+    tls.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes()).await.unwrap();
+    // Read the response head byte by byte: nothing after it may be eaten.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        if tls.read(&mut byte).await.unwrap() == 0 {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    let text = String::from_utf8_lossy(&head);
+    let code: u16 = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (code, (code == 200).then_some(tls))
+}
+
+async fn echo_round_trip<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(stream: &mut S, payload: &[u8]) {
+    stream.write_all(payload).await.unwrap();
+    let mut back = vec![0u8; payload.len()];
+    stream.read_exact(&mut back).await.unwrap();
+    assert_eq!(back, payload);
+}
+
+#[test]
+fn connect_door_reaches_the_edge_kubelet_and_refuses_what_it_must() {
+    let Some(_kernel) = testing::privileged().unwrap() else { return };
+    let stage = Stage::new();
+    let router = Arc::new(Router::default());
+    let _server = stage.server(router.clone());
+    let _kubelet = stage.kubelet();
+    let metrics = Arc::new(AgentMetrics::default());
+    let _agent = stage.agent(stage.agent_config(NODE), metrics.clone());
+    wait_for("the agent's link", Duration::from_secs(10), || router.nodes() == vec![NODE.to_string()]);
+    assert_eq!(router.node_of(IpAddr::V4(NODE_IP)).as_deref(), Some(NODE), "routing from the certificate's IP SAN");
+
+    let client = tls::connect_client(&stage.pki.files("client").load().unwrap()).unwrap();
+    stage.in_cloud(|| async move {
+        // The cloud cannot reach the node address itself.
+        let direct = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect((NODE_IP, 10250))).await;
+        assert!(!matches!(direct, Ok(Ok(_))), "the cloud reached the edge directly: the test proves nothing");
+
+        let (code, stream) = connect(client.clone(), &format!("{NODE_IP}:10250")).await;
+        assert_eq!(code, 200);
+        echo_round_trip(&mut stream.unwrap(), b"GET /healthz through the tunnel").await;
+        // By node name, as kube-apiserver may send it.
+        let (code, stream) = connect(client.clone(), &format!("{NODE}:10255")).await;
+        assert_eq!(code, 200);
+        let mut stream = stream.unwrap();
+        let mut hello = [0u8; 6];
+        stream.read_exact(&mut hello).await.unwrap();
+        assert_eq!(&hello, b"hello\n");
+        // A 1 MiB payload both ways.
+        let payload: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+        echo_round_trip(&mut stream, &payload).await;
+
+        // No agent for that address: 503, at once.
+        let started = Instant::now();
+        let (code, _) = connect(client.clone(), "10.250.0.9:10250").await;
+        assert_eq!(code, 503);
+        assert!(started.elapsed() < Duration::from_secs(1), "503 took {:?}", started.elapsed());
+        let (code, _) = connect(client.clone(), "edge-unknown:10250").await;
+        assert_eq!(code, 503);
+        // A port the agent does not allow: refused by the agent.
+        let (code, _) = connect(client.clone(), &format!("{NODE_IP}:22")).await;
+        assert_eq!(code, 403);
+    });
+    assert_eq!(metrics.refused_port.load(Ordering::Relaxed), 1);
+    assert!(metrics.streams_total.load(Ordering::Relaxed) >= 2);
+}
+
+#[test]
+fn identity_comes_from_the_certificate_and_strangers_are_refused() {
+    let Some(_kernel) = testing::privileged().unwrap() else { return };
+    let stage = Stage::new();
+    let router = Arc::new(Router::default());
+    let _server = stage.server(router.clone());
+    let _kubelet = stage.kubelet();
+
+    // Another CA's node certificate: refused in the handshake.
+    let stranger_ca = CertificateAuthority::generate("some other CA", DAY).unwrap();
+    let stranger = stranger_ca.issue_node(NODE, &[IpAddr::V4(NODE_IP)], DAY).unwrap();
+    let stranger_agent = stage.agent(stage.agent_config_with(&stranger), Arc::new(AgentMetrics::default()));
+    // An expired certificate from the right CA: refused too.
+    let now = std::time::SystemTime::now();
+    let expired =
+        stage.pki.ca.issue_node_with_validity(NODE, &[IpAddr::V4(NODE_IP)], now - 2 * DAY, now - DAY).unwrap();
+    let expired_agent = stage.agent(stage.agent_config_with(&expired), Arc::new(AgentMetrics::default()));
+    wait_for("two refused handshakes", Duration::from_secs(15), || {
+        router.metrics.handshake_failures.load(Ordering::Relaxed) >= 2
+    });
+    assert!(router.nodes().is_empty(), "a refused agent was linked: {:?}", router.nodes());
+    drop((stranger_agent, expired_agent));
+
+    // Node B's agent holds B's certificate: A's address is not routed to it,
+    // whatever B would like.
+    let node_b = stage.pki.ca.issue_node("edge-2", &[IpAddr::V4(Ipv4Addr::new(10, 250, 0, 3))], DAY).unwrap();
+    let _agent_b = stage.agent(stage.agent_config_with(&node_b), Arc::new(AgentMetrics::default()));
+    wait_for("node B's link", Duration::from_secs(10), || router.nodes() == vec!["edge-2".to_string()]);
+    let client = tls::connect_client(&stage.pki.files("client").load().unwrap()).unwrap();
+    stage.in_cloud(|| async move {
+        let (code, _) = connect(client.clone(), &format!("{NODE_IP}:10250")).await;
+        assert_eq!(code, 503, "A's address went to B's agent");
+    });
+}
+
+#[test]
+fn a_stalled_stream_never_slows_the_others() {
+    let Some(_kernel) = testing::privileged().unwrap() else { return };
+    let stage = Stage::new();
+    let router = Arc::new(Router::default());
+    let _server = stage.server(router.clone());
+    let _kubelet = stage.kubelet();
+    // An extra port for a local service that accepts and never reads.
+    let mut config = stage.agent_config(NODE);
+    config.allowed_ports.insert(10266);
+    let _agent = stage.agent(config, Arc::new(AgentMetrics::default()));
+    wait_for("the agent's link", Duration::from_secs(10), || !router.nodes().is_empty());
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
+    let _sink = Background::start(&stage.edge.path(), move || async move {
+        let listener = TcpListener::bind((NODE_IP, 10266)).await.unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
+        held_tx.send(()).unwrap();
+        // Keep it open, never read.
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        drop(stream);
+    });
+    let client = tls::connect_client(&stage.pki.files("client").load().unwrap()).unwrap();
+    let (alone, beside, pushed) = stage.in_cloud(|| async move {
+        let payload: Arc<Vec<u8>> = Arc::new((0..1 << 20).map(|i| (i % 253) as u8).collect());
+        // 100 streams move 1 MiB each, both ways.
+        let hundred = || async {
+            let started = Instant::now();
+            let mut tasks = tokio::task::JoinSet::new();
+            for _ in 0..100 {
+                let (client, payload) = (client.clone(), payload.clone());
+                tasks.spawn(async move {
+                    let (code, stream) = connect(client, &format!("{NODE_IP}:10250")).await;
+                    assert_eq!(code, 200);
+                    echo_round_trip(&mut stream.unwrap(), &payload).await;
+                });
+            }
+            while let Some(done) = tasks.join_next().await {
+                done.unwrap();
+            }
+            started.elapsed()
+        };
+        let alone = hundred().await;
+        let (code, stalled) = connect(client.clone(), &format!("{NODE_IP}:10266")).await;
+        assert_eq!(code, 200);
+        let mut stalled = stalled.unwrap();
+        held_rx.recv().unwrap();
+        // Push until the stalled stream stops taking bytes (its window and the buffers are full).
+        let chunk = vec![7u8; 1 << 20];
+        let mut pushed = 0usize;
+        while let Ok(Ok(())) = tokio::time::timeout(Duration::from_millis(500), stalled.write_all(&chunk)).await {
+            pushed += chunk.len();
+            assert!(pushed < 256 << 20, "256 MiB went into a stream nobody reads: no flow control");
+        }
+        let beside = hundred().await;
+        drop(stalled);
+        (alone, beside, pushed)
+    });
+    eprintln!(
+        "    100 x 1 MiB echoed in {alone:?} alone, {beside:?} beside a stream stalled after {} MiB",
+        pushed >> 20
+    );
+    // A shared window would stall them for good; a noisy machine may slow them some.
+    assert!(beside < alone * 3 + Duration::from_secs(2), "{beside:?} beside a stalled stream vs {alone:?} alone");
+}
+
+#[test]
+fn the_agent_comes_back_after_a_server_restart() {
+    let Some(_kernel) = testing::privileged().unwrap() else { return };
+    let stage = Stage::new();
+    let router = Arc::new(Router::default());
+    let server = stage.server(router.clone());
+    let _kubelet = stage.kubelet();
+    let metrics = Arc::new(AgentMetrics::default());
+    let _agent = stage.agent(stage.agent_config(NODE), metrics.clone());
+    wait_for("the agent's link", Duration::from_secs(10), || !router.nodes().is_empty());
+    drop(server);
+    wait_for("the agent to notice", Duration::from_secs(20), || metrics.links_up.load(Ordering::Relaxed) == 0);
+    // Down for a while: backoff grows.
+    std::thread::sleep(Duration::from_secs(3));
+    let router = Arc::new(Router::default());
+    let _server = stage.server(router.clone());
+    let back = Instant::now();
+    wait_for("the agent's link after the restart", Duration::from_secs(35), || !router.nodes().is_empty());
+    eprintln!("    relinked {:?} after the server came back", back.elapsed());
+    let client = tls::connect_client(&stage.pki.files("client").load().unwrap()).unwrap();
+    stage.in_cloud(|| async move {
+        let (code, stream) = connect(client, &format!("{NODE_IP}:10250")).await;
+        assert_eq!(code, 200);
+        echo_round_trip(&mut stream.unwrap(), b"after the restart").await;
+    });
+}
