@@ -8,7 +8,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -400,4 +400,77 @@ fn the_agent_comes_back_after_a_server_restart() {
         assert_eq!(code, 200);
         echo_round_trip(&mut stream.unwrap(), b"after the restart").await;
     });
+}
+
+#[test]
+fn dnat_door_carries_redirected_connections_to_the_edge() {
+    use netd::ebpf::dnat::{AttachOptions, Scope, TunnelDnat};
+    use netd::testing::{Cgroup, PinDir};
+    use std::io::{Read, Write};
+
+    let Some(_kernel) = testing::privileged().unwrap() else { return };
+    let stage = Stage::new();
+    let pins = PinDir::new().unwrap();
+    let cgroup = Cgroup::new().unwrap();
+    let options = AttachOptions {
+        pin_dir: pins.path().to_path_buf(),
+        cgroup: Some(cgroup.path().to_path_buf()),
+        original_dst_cgroup: None,
+    };
+    let (mut dnat, _) = TunnelDnat::load_or_attach(&options).unwrap();
+    stage.cloud.run(|| dnat.set_target(CLOUD_IP, Scope::HostNetwork)).unwrap().unwrap();
+    dnat.set_port_rules([(10250, 10263), (10255, 10264)]).unwrap();
+    dnat.set_edge_nodes([NODE_IP]).unwrap();
+
+    let router = Arc::new(Router::default());
+    let _server = stage.server(router.clone());
+    // The DNAT listeners belong to the attached cgroup, so sockops hands
+    // each accepted socket its original destination.
+    let listeners = {
+        let _in_cgroup = cgroup.join().unwrap();
+        stage
+            .cloud
+            .run(|| {
+                [10263, 10264].map(|port| {
+                    let listener = std::net::TcpListener::bind((CLOUD_IP, port)).unwrap();
+                    listener.set_nonblocking(true).unwrap();
+                    listener
+                })
+            })
+            .unwrap()
+    };
+    let reader = Arc::new(TunnelDnat::open(pins.path()).unwrap());
+    let door_router = router.clone();
+    let _door = Background::start(&stage.cloud.path(), move || async move {
+        let [tls_port, http_port] = listeners.map(|l| TcpListener::from_std(l).unwrap());
+        tokio::join!(
+            server::serve_dnat(tls_port, reader.clone(), door_router.clone()),
+            server::serve_dnat(http_port, reader, door_router),
+        );
+    });
+    let _kubelet = stage.kubelet();
+    let _agent = stage.agent(stage.agent_config(NODE), Arc::new(AgentMetrics::default()));
+    wait_for("the agent's link", Duration::from_secs(10), || !router.nodes().is_empty());
+
+    // A host-network client on the cloud node dials the edge kubelet as if
+    // it were reachable; DNAT + tunnel make it so.
+    let _in_cgroup = cgroup.join().unwrap();
+    let (echoed, hello) = stage
+        .cloud
+        .run(|| {
+            let mut kubelet = std::net::TcpStream::connect((NODE_IP, 10250)).unwrap();
+            assert_eq!(kubelet.peer_addr().unwrap(), SocketAddr::from((NODE_IP, 10250)));
+            kubelet.write_all(b"kubectl logs").unwrap();
+            let mut echoed = [0u8; 12];
+            kubelet.read_exact(&mut echoed).unwrap();
+            let mut readonly = std::net::TcpStream::connect((NODE_IP, 10255)).unwrap();
+            let mut hello = [0u8; 6];
+            readonly.read_exact(&mut hello).unwrap();
+            (echoed, hello)
+        })
+        .unwrap();
+    assert_eq!(&echoed, b"kubectl logs");
+    assert_eq!(&hello, b"hello\n");
+    assert_eq!(router.metrics.streams_total.load(Ordering::Relaxed), 2);
+    assert_eq!(router.metrics.not_redirected.load(Ordering::Relaxed), 0);
 }
