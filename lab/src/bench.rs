@@ -7,6 +7,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use netd::testing::{self, CniCall, CniRunner, NetNs, DEBIAN_CNI_DIR};
 
+/// DNAT benchmark rounds per variant and size, and connections per round.
+const DNAT_ROUNDS: usize = 31;
+const DNAT_PER_ROUND: usize = 1_000;
+
 /// Runs the named benchmark (or all) with the release binaries in `bin_dir`.
 pub fn run(which: &str, bin_dir: &Path) -> Result<()> {
     match which {
@@ -15,14 +19,16 @@ pub fn run(which: &str, bin_dir: &Path) -> Result<()> {
         "events" => crate::bench_events::run(200),
         "rss" => crate::bench_rss::run(1_000, bin_dir),
         "scenario" => crate::bench_scenario::run(5, bin_dir),
+        "dnat" => crate::bench_dnat::run(DNAT_ROUNDS, DNAT_PER_ROUND),
         "all" => {
             cni(200, bin_dir)?;
             crate::bench_vxlan::run(5, bin_dir)?;
             crate::bench_events::run(200)?;
             crate::bench_rss::run(1_000, bin_dir)?;
-            crate::bench_scenario::run(5, bin_dir)
+            crate::bench_scenario::run(5, bin_dir)?;
+            crate::bench_dnat::run(DNAT_ROUNDS, DNAT_PER_ROUND)
         }
-        other => bail!("unknown benchmark `{other}` (known: cni, vxlan, events, rss, scenario, all)"),
+        other => bail!("unknown benchmark `{other}` (known: cni, vxlan, events, rss, scenario, dnat, all)"),
     }
 }
 

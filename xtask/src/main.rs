@@ -24,7 +24,7 @@ tasks:
   setup   install (idempotently) the Debian packages netd needs to build, test and demo
   test    run every test, unprivileged and privileged (root; network namespaces),
           and check that no namespace, link or cgroup is left behind
-  bench [cni|vxlan|events|rss|scenario|all]
+  bench [cni|vxlan|events|rss|scenario|dnat|all]
           side-by-side benchmarks needing namespaces or external tools (root)
   ci      setup, fmt check, clippy, build, test, bench --no-run, doc: what CI runs
 ";
@@ -151,7 +151,7 @@ fn demo() -> Result<()> {
 }
 
 fn bench(which: &str) -> Result<()> {
-    const KNOWN: [&str; 6] = ["cni", "vxlan", "events", "rss", "scenario", "all"];
+    const KNOWN: [&str; 7] = ["cni", "vxlan", "events", "rss", "scenario", "dnat", "all"];
     if !KNOWN.contains(&which) {
         eprint!("{USAGE}");
         bail!("unknown benchmark `{which}` (known: {})", KNOWN.join(", "));
