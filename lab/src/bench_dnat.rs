@@ -360,7 +360,7 @@ fn conntrack_count(ns: &NetNs) -> Result<u64> {
 
 /// What the node-set-change trials measured at one size.
 struct Change {
-    /// `set_edge_nodes` with one node more.
+    /// `add_edge_nodes` of one node.
     call: Vec<Duration>,
     /// From the call's start to the new node's connect accepted on the tunnel port.
     landed: Vec<Duration>,
@@ -370,8 +370,7 @@ struct Change {
 
 /// Adds one new node per trial, times until a connect to it lands on the
 /// tunnel listener, then takes it out again (untimed).
-fn node_set_changes(stage: &Stage<'_>, dnat: &mut TunnelDnat, n: u32, trials: u32, nft_trials: u32) -> Result<Change> {
-    let edges: Vec<Ipv4Addr> = (0..n).map(edge).collect();
+fn node_set_changes(stage: &Stage<'_>, dnat: &mut TunnelDnat, trials: u32, nft_trials: u32) -> Result<Change> {
     let mut change = Change { call: Vec::new(), landed: Vec::new(), nft_landed: Vec::new() };
     let before = stage.ours_tunnel.count();
     {
@@ -381,14 +380,14 @@ fn node_set_changes(stage: &Stage<'_>, dnat: &mut TunnelDnat, n: u32, trials: u3
             for t in 0..trials {
                 let joining = joining_edge(t);
                 let started = Instant::now();
-                let written = dnat.set_edge_nodes(edges.iter().copied().chain([joining]))?;
+                let written = dnat.add_edge_nodes([joining])?;
                 let call = started.elapsed();
                 cycle(v4(joining, KUBELET_PORT))?;
                 let landed = started.elapsed();
                 ensure!((written.added, written.removed) == (1, 0), "adding one node wrote {written:?}");
                 change.call.push(call);
                 change.landed.push(landed);
-                dnat.set_edge_nodes(edges.iter().copied())?;
+                dnat.remove_edge_nodes([joining])?;
             }
             Ok(())
         })??;
@@ -557,7 +556,7 @@ pub fn run(rounds: usize, per_round: usize) -> Result<()> {
             conntrack_count(&anchor.ns)?
         ));
         settle.wait()?;
-        changes.push((n, node_set_changes(&stage, &mut dnat, n, 200, 20)?));
+        changes.push((n, node_set_changes(&stage, &mut dnat, 200, 20)?));
     }
 
     // With the largest node set still in place.
@@ -600,7 +599,7 @@ pub fn run(rounds: usize, per_round: usize) -> Result<()> {
     }
 
     println!("\nnode-set change → next connect redirected, ms, median (min–max):\n");
-    println!("| edge nodes | `set_edge_nodes` (+1 node) | ours: call start → connect to the new node accepted on :{TLS_PORT} | anchor: one `nft add rule` process → accepted |");
+    println!("| edge nodes | `add_edge_nodes` (1 node) | ours: call start → connect to the new node accepted on :{TLS_PORT} | anchor: one `nft add rule` process → accepted |");
     println!("| ---: | ---: | ---: | ---: |");
     for (n, change) in &changes {
         println!(

@@ -393,6 +393,11 @@ fn rule_and_node_changes_apply_to_the_next_connect() {
     let changes = dnat.set_edge_nodes([EDGE_A, EDGE_B]).unwrap();
     assert_eq!((changes.added, changes.removed), (1, 0));
     assert_eq!(stage.dial_host(addr).reply, tunnel_reply(TLS_PORT, addr));
+    // One node out and back in by the incremental calls (what a watch event does).
+    assert_eq!(dnat.remove_edge_nodes([EDGE_A, Ipv4Addr::new(10, 99, 9, 9)]).unwrap().removed, 1);
+    assert_eq!(stage.dial_host(addr).reply, untouched_reply(addr));
+    assert_eq!(dnat.add_edge_nodes([EDGE_A, EDGE_B]).unwrap().added, 1);
+    assert_eq!(stage.dial_host(addr).reply, tunnel_reply(TLS_PORT, addr));
     // The same set again writes nothing.
     assert_eq!(dnat.set_edge_nodes([EDGE_B, EDGE_A]).unwrap(), Default::default());
     // Another process's view (a fresh open) sees the same state.

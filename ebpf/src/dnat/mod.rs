@@ -748,6 +748,41 @@ impl TunnelDnat {
         Ok(changes)
     }
 
+    /// Adds edge nodes: one map write per node not yet present, whatever
+    /// the size of the set (what a watch event calls for).
+    pub fn add_edge_nodes(&mut self, nodes: impl IntoIterator<Item = Ipv4Addr>) -> Result<Changes, DnatError> {
+        let mut changes = Changes::default();
+        for raw in nodes.into_iter().map(u32_of) {
+            if self.edge_set.contains(&raw) {
+                continue;
+            }
+            if self.edge_set.len() >= MAX_EDGE_NODES {
+                return Err(DnatError::TooManyEdgeNodes { count: self.edge_set.len() + 1 });
+            }
+            self.edges.insert(raw, 1, 0).map_err(DnatError::map(MAP_EDGES, "adding a node"))?;
+            self.edge_set.insert(raw);
+            changes.added += 1;
+        }
+        Ok(changes)
+    }
+
+    /// Removes edge nodes: one map write per node present.
+    pub fn remove_edge_nodes(&mut self, nodes: impl IntoIterator<Item = Ipv4Addr>) -> Result<Changes, DnatError> {
+        let mut changes = Changes::default();
+        for raw in nodes.into_iter().map(u32_of) {
+            if !self.edge_set.contains(&raw) {
+                continue;
+            }
+            match self.edges.remove(&raw) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(source) => return Err(DnatError::map(MAP_EDGES, "removing a node")(source)),
+            }
+            self.edge_set.remove(&raw);
+            changes.removed += 1;
+        }
+        Ok(changes)
+    }
+
     /// Makes the rules exactly `rules` (dialled port, tunnel port): only the
     /// difference is written; a rule whose target changes keeps its counter.
     pub fn set_port_rules(&mut self, rules: impl IntoIterator<Item = (u16, u16)>) -> Result<Changes, DnatError> {
