@@ -119,8 +119,8 @@ impl Stage {
     /// The tunnel server in the cloud namespace: agent door and CONNECT door.
     fn server(&self, router: Arc<Router>) -> Background {
         let certs = self.pki.files("server").load().unwrap();
-        let agents_tls = tls::server(&certs, tls::ALPN_TUNNEL).unwrap();
-        let connect_tls = tls::server(&certs, tls::ALPN_HTTP1).unwrap();
+        let agents_tls = tls::fixed(tls::server(&certs, tls::ALPN_TUNNEL).unwrap());
+        let connect_tls = tls::fixed(tls::server(&certs, tls::ALPN_HTTP1).unwrap());
         Background::start(&self.cloud.path(), move || async move {
             let agents = TcpListener::bind((CLOUD_IP, AGENT_PORT)).await.unwrap();
             let connect = TcpListener::bind((CLOUD_IP, CONNECT_PORT)).await.unwrap();
@@ -147,7 +147,7 @@ impl Stage {
         AgentConfig {
             servers: vec![format!("{CLOUD_IP}:{AGENT_PORT}")],
             server_name: ServerName::IpAddress(IpAddr::V4(CLOUD_IP).into()),
-            tls: tls::agent(&certs).unwrap(),
+            tls: tls::fixed(tls::agent(&certs).unwrap()),
             own_addresses: vec![IpAddr::V4(NODE_IP)],
             pod_subnets: Vec::new(),
             allowed_ports: [10250, 10255].into_iter().collect(),
@@ -473,4 +473,84 @@ fn dnat_door_carries_redirected_connections_to_the_edge() {
     assert_eq!(&hello, b"hello\n");
     assert_eq!(router.metrics.streams_total.load(Ordering::Relaxed), 2);
     assert_eq!(router.metrics.not_redirected.load(Ordering::Relaxed), 0);
+}
+
+/// A child process killed on drop.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_in(netns: &Path, args: &[&str]) -> Child {
+    let net = format!("--net={}", netns.display());
+    let child = std::process::Command::new("nsenter")
+        .arg(net)
+        .arg(env!("CARGO_BIN_EXE_netd"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    Child(child)
+}
+
+/// `GET path` on a metrics endpoint inside a namespace, with curl.
+fn metrics_in(ns: &NetNs, addr: &str) -> String {
+    let out = ns.exec("curl", &["-sS", "--noproxy", "*", "-m", "5", &format!("http://{addr}/metrics")]);
+    out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
+}
+
+#[test]
+fn netd_tunnel_server_and_agent_processes_link_and_carry_connections() {
+    let Some(_kernel) = testing::privileged().unwrap() else { return };
+    let stage = Stage::new();
+    let dir = stage.pki.dir.path();
+    // The agent's files under the stem the command line reads.
+    stage.pki.ca.issue_node(NODE, &[IpAddr::V4(NODE_IP)], DAY).unwrap().write(dir, "node").unwrap();
+    let cert_dir = dir.to_str().unwrap();
+    let agents = format!("{CLOUD_IP}:{AGENT_PORT}");
+    let connect_door = format!("{CLOUD_IP}:{CONNECT_PORT}");
+    let _server = spawn_in(
+        &stage.cloud.path(),
+        &[
+            "tunnel-server",
+            "--cert-dir",
+            cert_dir,
+            "--agents-listen",
+            &agents,
+            "--connect-listen",
+            &connect_door,
+            "--dnat-listen",
+            "",
+            "--metrics-listen",
+            "127.0.0.1:10266",
+        ],
+    );
+    let _kubelet = stage.kubelet();
+    // No --node-ip: the agent takes its addresses from its certificate.
+    let _agent = spawn_in(
+        &stage.edge.path(),
+        &["tunnel-agent", "--server", &agents, "--cert-dir", cert_dir, "--metrics-listen", "127.0.0.1:10267"],
+    );
+    wait_for("the agent linked, per the server's metrics", Duration::from_secs(20), || {
+        metrics_in(&stage.cloud, "127.0.0.1:10266").contains("netd_tunnel_agents 1")
+    });
+    let client = tls::connect_client(&stage.pki.files("client").load().unwrap()).unwrap();
+    stage.in_cloud(|| async move {
+        let (code, stream) = connect(client.clone(), &format!("{NODE_IP}:10250")).await;
+        assert_eq!(code, 200);
+        echo_round_trip(&mut stream.unwrap(), b"through two real processes").await;
+        let (code, _) = connect(client, &format!("{NODE_IP}:9999")).await;
+        assert_eq!(code, 403);
+    });
+    let agent_metrics = metrics_in(&stage.edge, "127.0.0.1:10267");
+    assert!(agent_metrics.contains("netd_tunnel_agent_links_up 1"), "{agent_metrics}");
+    assert!(agent_metrics.contains(r#"netd_tunnel_agent_refused_total{reason="port"} 1"#), "{agent_metrics}");
+    let server_metrics = metrics_in(&stage.cloud, "127.0.0.1:10266");
+    assert!(server_metrics.contains("netd_tunnel_streams_total 1"), "{server_metrics}");
+    assert!(server_metrics.contains("netd_tunnel_refused_by_agent_total 1"), "{server_metrics}");
 }

@@ -99,6 +99,12 @@ enum Command {
     /// Edge tunnel certificates: a CA, and node, server and client certificates it issues.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// The edge tunnel's server on a cloud node: agents link in, kube-apiserver and DNAT'd clients reach kubelets.
+    #[command(after_help = TUNNEL_SERVER_EXAMPLES)]
+    TunnelServer(TunnelServerArgs),
+    /// The edge tunnel's agent on an edge node: dials out to every server, serves its own node.
+    #[command(after_help = TUNNEL_AGENT_EXAMPLES)]
+    TunnelAgent(TunnelAgentArgs),
     /// Program the overlay from the offline snapshot and exit.
     #[command(after_help = "Example:\n  netd restore --snapshot /var/lib/netd/snapshot.json --json")]
     Restore(RestoreArgs),
@@ -516,6 +522,157 @@ fn certs(command: CertsCommand) -> Result<()> {
     Ok(())
 }
 
+const TUNNEL_SERVER_EXAMPLES: &str = "\
+Examples:
+  netd certs server --ca-dir /etc/netd/ca --ip 192.168.0.10 --out /etc/netd/tunnel
+  netd tunnel-server --cert-dir /etc/netd/tunnel
+  netd tunnel-server --cert-dir /etc/netd/tunnel --connect-listen 0.0.0.0:10265 --dnat-listen ''";
+
+const TUNNEL_AGENT_EXAMPLES: &str = "\
+Examples:
+  netd certs node --ca-dir /etc/netd/ca --name edge-1 --ip 10.0.5.7 --out /etc/netd/tunnel
+  netd tunnel-agent --server 192.168.0.10:10262 --cert-dir /etc/netd/tunnel
+  netd tunnel-agent --server cloud-a:10262,cloud-b:10262 --cert-dir /etc/netd/tunnel \\
+      --pod-subnet 10.244.7.0/24 --extra-ports 9100";
+
+/// Comma-separated socket addresses; "" is none.
+#[derive(Debug, Clone)]
+struct AddrList(Vec<std::net::SocketAddr>);
+
+impl FromStr for AddrList {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        split_list(s, "an IP:PORT address").map(Self)
+    }
+}
+
+fn split_list<T: FromStr>(s: &str, what: &str) -> Result<Vec<T>, String> {
+    if s.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    s.split(',')
+        .enumerate()
+        .map(|(i, token)| token.trim().parse().map_err(|_| format!("token {} {:?} is not {what}", i + 1, token.trim())))
+        .collect()
+}
+
+#[derive(Debug, Args)]
+struct LogArgs {
+    /// Log level.
+    #[arg(long, env = "NETD_LOG", value_name = "LEVEL", value_enum, ignore_case = true, default_value = "info")]
+    log: LogLevel,
+}
+
+#[derive(Debug, Args)]
+struct TunnelCertArgs {
+    /// Directory with <stem>.crt, <stem>.key and ca.crt (as `netd certs` writes them); re-read when they change.
+    #[arg(long, env = "NETD_TUNNEL_CERT_DIR", value_name = "DIR", default_value = "/etc/netd/tunnel")]
+    cert_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct TunnelServerArgs {
+    #[command(flatten)]
+    certs: TunnelCertArgs,
+    /// Where agents link in (mutual TLS 1.3).
+    #[arg(long, env = "NETD_TUNNEL_AGENTS_LISTEN", value_name = "IP:PORT", default_value = "0.0.0.0:10262")]
+    agents_listen: std::net::SocketAddr,
+    /// The HTTP CONNECT door for kube-apiserver's egress selector (TLS, client certificate from the CA).
+    #[arg(long, env = "NETD_TUNNEL_CONNECT_LISTEN", value_name = "IP:PORT", default_value = "0.0.0.0:10265")]
+    connect_listen: std::net::SocketAddr,
+    /// The DNAT doors, opened when a tunnel DNAT is pinned ("" for none).
+    #[arg(
+        long,
+        env = "NETD_TUNNEL_DNAT_LISTEN",
+        value_name = "IP:PORT,...",
+        default_value = "0.0.0.0:10263,0.0.0.0:10264"
+    )]
+    dnat_listen: AddrList,
+    /// Where the tunnel DNAT is pinned.
+    #[arg(long, env = "NETD_DNAT_PIN_DIR", value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
+    dnat_pin_dir: PathBuf,
+    /// /metrics and /healthz (plain HTTP).
+    #[arg(long, env = "NETD_TUNNEL_METRICS_LISTEN", value_name = "IP:PORT", default_value = "127.0.0.1:10266")]
+    metrics_listen: std::net::SocketAddr,
+    #[command(flatten)]
+    log: LogArgs,
+}
+
+#[derive(Debug, Args)]
+struct TunnelAgentArgs {
+    #[command(flatten)]
+    certs: TunnelCertArgs,
+    /// Tunnel servers, HOST:PORT, comma-separated; the agent keeps a link to each.
+    #[arg(
+        long = "server",
+        env = "NETD_TUNNEL_SERVERS",
+        value_name = "HOST:PORT,...",
+        value_delimiter = ',',
+        required = true
+    )]
+    servers: Vec<String>,
+    /// The name the servers' certificate carries [default: the first server's host].
+    #[arg(long, env = "NETD_TUNNEL_SERVER_NAME", value_name = "NAME")]
+    server_name: Option<String>,
+    /// This node's addresses, the only ones it dials besides loopback [default: its certificate's IP SANs].
+    #[arg(long, env = "NETD_TUNNEL_NODE_IPS", value_name = "IP,...", value_delimiter = ',')]
+    node_ip: Vec<std::net::IpAddr>,
+    /// This node's pod subnets, also dialled (metrics of pods).
+    #[arg(long, env = "NETD_TUNNEL_POD_SUBNETS", value_name = "CIDR,...", value_delimiter = ',')]
+    pod_subnet: Vec<ipnet::IpNet>,
+    /// Ports it dials besides 10250 and 10255.
+    #[arg(long, env = "NETD_TUNNEL_EXTRA_PORTS", value_name = "PORT,...", value_delimiter = ',')]
+    extra_ports: Vec<u16>,
+    /// /metrics and /healthz (plain HTTP).
+    #[arg(long, env = "NETD_TUNNEL_METRICS_LISTEN", value_name = "IP:PORT", default_value = "127.0.0.1:10267")]
+    metrics_listen: std::net::SocketAddr,
+    #[command(flatten)]
+    log: LogArgs,
+}
+
+/// The tunnel processes: a multi-thread runtime (streams are many and independent) of two workers.
+fn tunnel_runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
+}
+
+fn tunnel_server(args: TunnelServerArgs) -> Result<()> {
+    init_logging(args.log.log);
+    let settings = netd::tunnel::run::ServerSettings {
+        agents_listen: args.agents_listen,
+        connect_listen: Some(args.connect_listen),
+        dnat_listen: args.dnat_listen.0,
+        dnat_pin_dir: args.dnat_pin_dir,
+        certs: netd::tunnel::certs::CertFiles::in_dir(&args.certs.cert_dir, "server"),
+        metrics_listen: Some(args.metrics_listen),
+    };
+    tunnel_runtime()?.block_on(async {
+        tokio::select! {
+            result = netd::tunnel::run::run_server(settings) => result.map_err(anyhow::Error::from),
+            _ = tokio::signal::ctrl_c() => Ok(()),
+        }
+    })
+}
+
+fn tunnel_agent(args: TunnelAgentArgs) -> Result<()> {
+    init_logging(args.log.log);
+    let settings = netd::tunnel::run::AgentSettings {
+        servers: args.servers,
+        server_name: args.server_name,
+        certs: netd::tunnel::certs::CertFiles::in_dir(&args.certs.cert_dir, "node"),
+        node_addresses: args.node_ip,
+        pod_subnets: args.pod_subnet,
+        extra_ports: args.extra_ports,
+        metrics_listen: Some(args.metrics_listen),
+    };
+    tunnel_runtime()?.block_on(async {
+        tokio::select! {
+            result = netd::tunnel::run::run_agent(settings) => result.map_err(anyhow::Error::from),
+            _ = tokio::signal::ctrl_c() => Ok(()),
+        }
+    })
+}
+
 fn init_logging(level: LogLevel) {
     let level = match level {
         LogLevel::Error => tracing::Level::ERROR,
@@ -543,6 +700,8 @@ fn main() -> ExitCode {
         Command::Dnat(DnatCommand::Show(args)) => dnat_show(args),
         Command::Dnat(DnatCommand::Detach(args)) => dnat_detach(args),
         Command::Certs(command) => certs(command),
+        Command::TunnelServer(args) => tunnel_server(args),
+        Command::TunnelAgent(args) => tunnel_agent(args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -16,6 +16,7 @@ use ipnet::IpNet;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 
+use super::tls::Live;
 use super::transport::{self, TunnelStream};
 
 /// Backoff between reconnects: full jitter over `min(CAP, BASE * 2^attempt)`.
@@ -76,8 +77,9 @@ pub struct AgentConfig {
     pub servers: Vec<String>,
     /// The name the servers' certificate must carry.
     pub server_name: ServerName<'static>,
-    /// TLS client settings: this node's certificate and the CA.
-    pub tls: Arc<rustls::ClientConfig>,
+    /// TLS client settings: this node's certificate and the CA (each new
+    /// link takes the current ones).
+    pub tls: Live<rustls::ClientConfig>,
     /// This node's addresses: the only non-loopback destinations it dials.
     pub own_addresses: Vec<IpAddr>,
     /// Pod subnets of this node, also dialled (pulling pod metrics).
@@ -180,7 +182,7 @@ async fn link(config: &AgentConfig, server: &str, metrics: &Arc<AgentMetrics>) -
         }
     };
     let _ = tcp.set_nodelay(true);
-    let connector = tokio_rustls::TlsConnector::from(config.tls.clone());
+    let connector = tokio_rustls::TlsConnector::from(config.tls.borrow().clone());
     let tls = match connector.connect(config.server_name.clone(), tcp).await {
         Ok(tls) => tls,
         Err(source) => {

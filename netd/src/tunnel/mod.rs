@@ -7,10 +7,11 @@
 //! with the roles reversed carries one stream per tunnelled TCP connection,
 //! each with its own flow control ([`transport`]). [`agent`] is the edge
 //! side; [`server`] the cloud side with its front doors (DNAT'd connections,
-//! HTTP CONNECT).
+//! HTTP CONNECT); [`run`] the two long-running processes.
 
 pub mod agent;
 pub mod certs;
+pub mod run;
 pub mod server;
 pub mod tls;
 pub mod transport;

@@ -23,6 +23,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use super::certs;
+use super::tls::Live;
 use super::transport::{self, TunnelStream};
 use netd_ebpf::dnat::TunnelDnat;
 
@@ -199,11 +200,11 @@ impl Router {
 /// Accepts agents' links forever: mutual TLS (the config must verify
 /// client certificates against the CA), the node identity from the
 /// certificate, then HTTP/2 as the client.
-pub async fn serve_agents(listener: TcpListener, tls: Arc<rustls::ServerConfig>, router: Arc<Router>) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+pub async fn serve_agents(listener: TcpListener, tls: Live<rustls::ServerConfig>, router: Arc<Router>) {
     loop {
         let Ok((tcp, peer)) = listener.accept().await else { continue };
-        let (acceptor, router) = (acceptor.clone(), router.clone());
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.borrow().clone());
+        let router = router.clone();
         tokio::spawn(async move {
             let _ = tcp.set_nodelay(true);
             let tls = match acceptor.accept(tcp).await {
@@ -355,11 +356,11 @@ async fn handle_connect(
 
 /// The HTTP CONNECT front door on TLS (kube-apiserver's egress selector with
 /// `proxyProtocol: HTTPConnect`).
-pub async fn serve_connect(listener: TcpListener, tls: Arc<rustls::ServerConfig>, router: Arc<Router>) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+pub async fn serve_connect(listener: TcpListener, tls: Live<rustls::ServerConfig>, router: Arc<Router>) {
     loop {
         let Ok((tcp, peer)) = listener.accept().await else { continue };
-        let (acceptor, router) = (acceptor.clone(), router.clone());
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.borrow().clone());
+        let router = router.clone();
         tokio::spawn(async move {
             let tls = match acceptor.accept(tcp).await {
                 Ok(tls) => tls,

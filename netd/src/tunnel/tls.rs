@@ -1,11 +1,67 @@
 //! rustls settings for the tunnel's two sides: TLS 1.3 only, mutual
 //! authentication against one CA, ALPN naming the protocol inside.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use rustls::server::WebPkiClientVerifier;
+use tokio::sync::watch;
 
-use super::certs::{CertError, LoadedCerts};
+use super::certs::{CertError, CertFiles, LoadedCerts};
+
+/// TLS settings that follow their certificate files: each new connection
+/// takes the current value; live connections keep the one they began with.
+pub type Live<T> = watch::Receiver<Arc<T>>;
+
+/// Settings that never change (tests, one-off tools).
+pub fn fixed<T>(config: Arc<T>) -> Live<T> {
+    watch::channel(config).1
+}
+
+/// How often [`follow`] looks at the files.
+pub const RELOAD_POLL: Duration = Duration::from_secs(5);
+
+/// Loads `files` and builds settings now (an error here is fatal: nothing
+/// to fall back on), then returns them as [`Live`] with the future that
+/// keeps them current: every `every`, when the files changed, it loads and
+/// builds again; a failed reload (a certificate renamed in before its key,
+/// say) keeps the previous settings, logs why and retries at the next poll.
+pub fn follow<T, B>(
+    files: CertFiles,
+    every: Duration,
+    build: B,
+) -> Result<(Live<T>, impl Future<Output = ()>), TlsError>
+where
+    T: Send + Sync + 'static,
+    B: Fn(&LoadedCerts) -> Result<Arc<T>, TlsError> + Send + 'static,
+{
+    let loaded = files.load()?;
+    let (sender, receiver) = watch::channel(build(&loaded)?);
+    let mut stamp = loaded.stamp;
+    let keep_current = async move {
+        loop {
+            tokio::time::sleep(every).await;
+            if sender.is_closed() {
+                return;
+            }
+            if !files.changed_since(&stamp) {
+                continue;
+            }
+            match files.load().map_err(TlsError::from).and_then(|loaded| Ok((build(&loaded)?, loaded.stamp))) {
+                Ok((config, new_stamp)) => {
+                    stamp = new_stamp;
+                    let _ = sender.send(config);
+                    tracing::info!("reloaded certificate {}", files.cert.display());
+                }
+                Err(err) => {
+                    tracing::warn!("certificate {} changed but cannot be used yet: {err}", files.cert.display())
+                }
+            }
+        }
+    };
+    Ok((receiver, keep_current))
+}
 
 /// ALPN of an agent link (HTTP/2 with the roles reversed).
 pub const ALPN_TUNNEL: &[u8] = b"h2";

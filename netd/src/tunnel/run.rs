@@ -1,0 +1,298 @@
+//! `netd tunnel-server` and `netd tunnel-agent`: the long-running processes
+//! around [`server`](super::server) and [`agent`](super::agent), with
+//! certificates that follow their files and a `/metrics` endpoint (hyper).
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use ipnet::IpNet;
+use rustls_pki_types::ServerName;
+use tokio::net::TcpListener;
+
+use super::agent::{self, AgentConfig, AgentMetrics};
+use super::certs::{self, CertError, CertFiles};
+use super::server::{self, Router};
+use super::tls::{self, TlsError};
+use netd_ebpf::dnat::{DnatError, TunnelDnat};
+
+/// The ports an agent always allows: kubelet's API and its read-only port.
+pub const KUBELET_PORTS: [u16; 2] = [10250, 10255];
+
+/// Errors starting the tunnel processes.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    /// Certificates.
+    #[error(transparent)]
+    Certs(#[from] CertError),
+    /// TLS settings.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// A listener could not be bound.
+    #[error("listening on {addr} failed")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The tunnel DNAT's maps could not be opened.
+    #[error(transparent)]
+    Dnat(#[from] DnatError),
+    /// The agent was given no server.
+    #[error("no tunnel server given (--server HOST:PORT)")]
+    NoServers,
+    /// A server name that is neither a DNS name nor an IP address.
+    #[error("{0:?} is not a name the server's certificate can carry")]
+    ServerName(String),
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, TunnelError> {
+    TcpListener::bind(addr).await.map_err(|source| TunnelError::Bind { addr, source })
+}
+
+/// What a tunnel server runs.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// Where agents link in (mutual TLS, HTTP/2).
+    pub agents_listen: SocketAddr,
+    /// The HTTP CONNECT door (TLS, client certificates from the CA).
+    pub connect_listen: Option<SocketAddr>,
+    /// The DNAT doors (10263, 10264): opened when a tunnel DNAT is pinned.
+    pub dnat_listen: Vec<SocketAddr>,
+    /// Where the tunnel DNAT is pinned.
+    pub dnat_pin_dir: PathBuf,
+    /// The server's certificate, key and CA.
+    pub certs: CertFiles,
+    /// `/metrics` and `/healthz` (plain HTTP).
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// What a tunnel agent runs.
+#[derive(Debug, Clone)]
+pub struct AgentSettings {
+    /// Tunnel servers, `host:port`.
+    pub servers: Vec<String>,
+    /// The name the servers' certificate carries; default: the first server's host.
+    pub server_name: Option<String>,
+    /// The node's certificate, key and CA.
+    pub certs: CertFiles,
+    /// The node's addresses; default: its certificate's IP SANs.
+    pub node_addresses: Vec<IpAddr>,
+    /// The node's pod subnets (pulling pod metrics through the tunnel).
+    pub pod_subnets: Vec<IpNet>,
+    /// Ports allowed besides 10250 and 10255.
+    pub extra_ports: Vec<u16>,
+    /// `/metrics` and `/healthz` (plain HTTP).
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+fn counter(out: &mut String, name: &str, kind: &str, help: &str, value: &AtomicU64) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}", value.load(Ordering::Relaxed));
+}
+
+/// The server's counters, Prometheus text format.
+pub fn server_metrics(router: &Router) -> String {
+    let m = &router.metrics;
+    let mut out = String::new();
+    counter(&mut out, "netd_tunnel_agents", "gauge", "Agents linked now.", &m.agents);
+    counter(&mut out, "netd_tunnel_streams_open", "gauge", "Tunnelled connections open now.", &m.streams_open);
+    counter(&mut out, "netd_tunnel_streams_total", "counter", "Tunnelled connections opened.", &m.streams_total);
+    counter(
+        &mut out,
+        "netd_tunnel_no_agent_total",
+        "counter",
+        "Connections with no agent for their destination.",
+        &m.no_agent,
+    );
+    counter(
+        &mut out,
+        "netd_tunnel_refused_by_agent_total",
+        "counter",
+        "Streams the agent refused.",
+        &m.refused_by_agent,
+    );
+    counter(
+        &mut out,
+        "netd_tunnel_handshake_failures_total",
+        "counter",
+        "Agent links refused in TLS or for want of a node identity.",
+        &m.handshake_failures,
+    );
+    counter(
+        &mut out,
+        "netd_tunnel_not_redirected_total",
+        "counter",
+        "DNAT-door connections without an original destination.",
+        &m.not_redirected,
+    );
+    counter(&mut out, "netd_tunnel_bytes_to_edge_total", "counter", "Bytes sent towards edge nodes.", &m.bytes_to_edge);
+    counter(
+        &mut out,
+        "netd_tunnel_bytes_from_edge_total",
+        "counter",
+        "Bytes received from edge nodes.",
+        &m.bytes_from_edge,
+    );
+    out
+}
+
+/// The agent's counters, Prometheus text format.
+pub fn agent_metrics(m: &AgentMetrics) -> String {
+    let mut out = String::new();
+    counter(&mut out, "netd_tunnel_agent_links_up", "gauge", "Links to tunnel servers up now.", &m.links_up);
+    counter(&mut out, "netd_tunnel_agent_streams_open", "gauge", "Streams open now.", &m.streams_open);
+    counter(&mut out, "netd_tunnel_agent_streams_total", "counter", "Streams served.", &m.streams_total);
+    let _ = writeln!(
+        out,
+        "# HELP netd_tunnel_agent_refused_total Streams refused, by reason.\n# TYPE netd_tunnel_agent_refused_total counter\n\
+         netd_tunnel_agent_refused_total{{reason=\"address\"}} {}\n\
+         netd_tunnel_agent_refused_total{{reason=\"port\"}} {}\n\
+         netd_tunnel_agent_refused_total{{reason=\"request\"}} {}",
+        m.refused_address.load(Ordering::Relaxed),
+        m.refused_port.load(Ordering::Relaxed),
+        m.refused_request.load(Ordering::Relaxed)
+    );
+    counter(&mut out, "netd_tunnel_agent_dial_failures_total", "counter", "Local dials that failed.", &m.dial_failures);
+    counter(
+        &mut out,
+        "netd_tunnel_agent_handshake_failures_total",
+        "counter",
+        "Links that failed in TLS.",
+        &m.handshake_failures,
+    );
+    counter(
+        &mut out,
+        "netd_tunnel_agent_bytes_in_total",
+        "counter",
+        "Bytes from servers to local destinations.",
+        &m.bytes_in,
+    );
+    counter(
+        &mut out,
+        "netd_tunnel_agent_bytes_out_total",
+        "counter",
+        "Bytes from local destinations to servers.",
+        &m.bytes_out,
+    );
+    out
+}
+
+/// `/metrics` and `/healthz` on hyper, until the task is dropped.
+async fn serve_metrics(listener: TcpListener, render: Arc<dyn Fn() -> String + Send + Sync>) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else { continue };
+        let render = render.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let render = render.clone();
+                async move {
+                    let (status, body) = match request.uri().path() {
+                        "/metrics" => (StatusCode::OK, render()),
+                        "/healthz" => (StatusCode::OK, "ok\n".to_string()),
+                        _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
+                    };
+                    let mut response = Response::new(Full::new(Bytes::from(body)));
+                    *response.status_mut() = status;
+                    response.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_static("text/plain; version=0.0.4"),
+                    );
+                    Ok::<_, std::convert::Infallible>(response)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service).await;
+        });
+    }
+}
+
+/// Runs a tunnel server until the future is dropped.
+pub async fn run_server(settings: ServerSettings) -> Result<(), TunnelError> {
+    let (agents_tls, reload_agents) =
+        tls::follow(settings.certs.clone(), tls::RELOAD_POLL, |c| tls::server(c, tls::ALPN_TUNNEL))?;
+    let (connect_tls, reload_connect) =
+        tls::follow(settings.certs.clone(), tls::RELOAD_POLL, |c| tls::server(c, tls::ALPN_HTTP1))?;
+    let router = Arc::new(Router::default());
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(reload_agents);
+    tasks.spawn(reload_connect);
+    tasks.spawn(server::serve_agents(bind(settings.agents_listen).await?, agents_tls, router.clone()));
+    tracing::info!("tunnel server: agents link in on {}", settings.agents_listen);
+    if let Some(addr) = settings.connect_listen {
+        tasks.spawn(server::serve_connect(bind(addr).await?, connect_tls, router.clone()));
+        tracing::info!("tunnel server: HTTP CONNECT door on {addr}");
+    }
+    if !settings.dnat_listen.is_empty() {
+        match TunnelDnat::open(&settings.dnat_pin_dir) {
+            Ok(dnat) => {
+                let dnat = Arc::new(dnat);
+                for addr in &settings.dnat_listen {
+                    tasks.spawn(server::serve_dnat(bind(*addr).await?, dnat.clone(), router.clone()));
+                    tracing::info!("tunnel server: DNAT door on {addr}");
+                }
+            }
+            Err(DnatError::NotAttached { pin_dir }) => tracing::warn!(
+                "tunnel server: no tunnel DNAT pinned under {} (netd dnat apply): DNAT doors stay closed",
+                pin_dir.display()
+            ),
+            Err(err) => return Err(err.into()),
+        }
+    }
+    if let Some(addr) = settings.metrics_listen {
+        let metrics_router = router.clone();
+        tasks.spawn(serve_metrics(bind(addr).await?, Arc::new(move || server_metrics(&metrics_router))));
+    }
+    while tasks.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// Runs a tunnel agent until the future is dropped.
+pub async fn run_agent(settings: AgentSettings) -> Result<(), TunnelError> {
+    let first = settings.servers.first().ok_or(TunnelError::NoServers)?;
+    let name = match &settings.server_name {
+        Some(name) => name.clone(),
+        None => first.rsplit_once(':').map_or(first.as_str(), |(host, _)| host).trim_matches(['[', ']']).to_string(),
+    };
+    let server_name = ServerName::try_from(name.clone()).map_err(|_| TunnelError::ServerName(name))?;
+    let loaded = settings.certs.load()?;
+    let node_addresses = if settings.node_addresses.is_empty() {
+        let leaf = loaded.chain.first().map(|c| c.as_ref()).unwrap_or_default();
+        certs::ip_sans_of(leaf)?
+    } else {
+        settings.node_addresses.clone()
+    };
+    let (tls, reload) = tls::follow(settings.certs.clone(), tls::RELOAD_POLL, tls::agent)?;
+    let mut allowed_ports: BTreeSet<u16> = KUBELET_PORTS.into_iter().collect();
+    allowed_ports.extend(&settings.extra_ports);
+    tracing::info!(
+        "tunnel agent: servers {:?}, dialling {node_addresses:?} and {:?} on ports {allowed_ports:?}",
+        settings.servers,
+        settings.pod_subnets
+    );
+    let config = AgentConfig {
+        servers: settings.servers.clone(),
+        server_name,
+        tls,
+        own_addresses: node_addresses,
+        pod_subnets: settings.pod_subnets.clone(),
+        allowed_ports,
+    };
+    let metrics = Arc::new(AgentMetrics::default());
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(reload);
+    tasks.spawn(agent::run(config, metrics.clone()));
+    if let Some(addr) = settings.metrics_listen {
+        tasks.spawn(serve_metrics(bind(addr).await?, Arc::new(move || agent_metrics(&metrics))));
+    }
+    while tasks.join_next().await.is_some() {}
+    Ok(())
+}
