@@ -285,3 +285,58 @@ async fn serve(
         metrics.bytes_out.fetch_add(from_local, Ordering::Relaxed);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn config() -> AgentConfig {
+        let roots = rustls::RootCertStore::empty();
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        AgentConfig {
+            servers: vec!["192.0.2.1:10262".into()],
+            server_name: ServerName::try_from("tunnel").unwrap(),
+            tls: super::super::tls::fixed(Arc::new(tls)),
+            own_addresses: vec!["10.0.5.7".parse().unwrap()],
+            pod_subnets: vec!["10.244.7.0/24".parse().unwrap()],
+            allowed_ports: [10250, 10255, 9100].into_iter().collect(),
+        }
+    }
+
+    #[test]
+    fn only_this_nodes_addresses_pods_and_loopback_on_allowed_ports() {
+        let config = config();
+        let at = |s: &str| refusal(&config, s.parse().unwrap());
+        assert_eq!(at("10.0.5.7:10250"), None);
+        assert_eq!(at("127.0.0.1:10255"), None);
+        assert_eq!(at("[::1]:10250"), None);
+        assert_eq!(at("10.244.7.19:9100"), None, "a pod of this node, metrics port");
+        // Another node's pod subnet, another node's address: refused.
+        assert_eq!(at("10.244.8.19:9100"), Some("address"));
+        assert_eq!(at("10.0.5.8:10250"), Some("address"));
+        // Any address on a port not allowed: the port is named first.
+        assert_eq!(at("10.0.5.7:22"), Some("port"));
+        assert_eq!(at("10.0.5.8:22"), Some("port"));
+    }
+
+    #[test]
+    fn backoff_is_full_jitter_under_a_doubling_ceiling_capped_at_30s() {
+        for attempt in 0..40 {
+            let ceiling = BACKOFF_BASE.saturating_mul(1u32 << attempt.min(16)).min(BACKOFF_CAP);
+            for _ in 0..50 {
+                let wait = backoff(attempt);
+                assert!(wait <= ceiling, "attempt {attempt}: {wait:?} > {ceiling:?}");
+            }
+        }
+        // Jitter: not the same value every time.
+        let draws: std::collections::HashSet<Duration> = (0..20).map(|_| backoff(10)).collect();
+        assert!(draws.len() > 10, "{draws:?}");
+        assert!((0..200).map(|_| backoff(30)).all(|w| w <= BACKOFF_CAP));
+    }
+}

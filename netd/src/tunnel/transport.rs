@@ -159,3 +159,92 @@ impl Drop for TunnelStream {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// What a hostile or broken peer sends instead of HTTP/2; the agent side
+    /// must fail the link with an error, never hang or panic.
+    async fn agent_fed(bytes: Vec<u8>) -> Result<(), String> {
+        let (mut peer, ours) = tokio::io::duplex(1 << 16);
+        let feed = tokio::spawn(async move {
+            let _ = peer.write_all(&bytes).await;
+            let _ = peer.shutdown().await;
+            // Keep the pipe's other end alive while the agent reads.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        });
+        let outcome: Result<(), String> = tokio::time::timeout(Duration::from_secs(5), async move {
+            let mut connection = agent_builder().handshake::<_, Bytes>(ours).await.map_err(|e| e.to_string())?;
+            match connection.accept().await {
+                Some(Ok(_)) => Err("a stream was accepted from garbage".to_string()),
+                Some(Err(e)) => Err(e.to_string()),
+                None => Err("closed".to_string()),
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("the agent hung on a hostile peer"));
+        feed.abort();
+        outcome.map(drop)
+    }
+
+    /// The same for the server side: a hostile "agent" answering with garbage.
+    async fn server_fed(bytes: Vec<u8>) -> Result<(), String> {
+        let (mut peer, ours) = tokio::io::duplex(1 << 16);
+        let feed = tokio::spawn(async move {
+            let _ = peer.write_all(&bytes).await;
+            let _ = peer.shutdown().await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        });
+        let outcome: Result<(), String> = tokio::time::timeout(Duration::from_secs(5), async move {
+            let (_link, connection) = server_builder().handshake::<_, Bytes>(ours).await.map_err(|e| e.to_string())?;
+            connection.await.map_err(|e| e.to_string())?;
+            Err("the link ended cleanly on garbage".to_string())
+        })
+        .await
+        .unwrap_or_else(|_| panic!("the server hung on a hostile agent"));
+        feed.abort();
+        outcome
+    }
+
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+    #[tokio::test]
+    async fn garbage_cut_and_corrupted_frames_fail_the_link_cleanly() {
+        let mut cases: Vec<(String, Vec<u8>)> = vec![
+            ("empty".into(), Vec::new()),
+            ("HTTP/1.1".into(), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()),
+            ("preface cut".into(), PREFACE[..10].to_vec()),
+            ("preface only".into(), PREFACE.to_vec()),
+        ];
+        // A SETTINGS frame with a length that is not a multiple of 6.
+        let mut bad_settings = PREFACE.to_vec();
+        bad_settings.extend_from_slice(&[0, 0, 5, 4, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5]);
+        cases.push(("bad SETTINGS".into(), bad_settings));
+        // A frame header promising 16 MiB, then nothing.
+        let mut huge = PREFACE.to_vec();
+        huge.extend_from_slice(&[0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 1]);
+        cases.push(("oversized frame".into(), huge));
+        // Random bytes after a valid preface, many seeds.
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        for seed in 0..64 {
+            let mut bytes = PREFACE.to_vec();
+            for _ in 0..(64 + seed * 13) {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                bytes.push(state as u8);
+            }
+            cases.push((format!("random {seed}"), bytes));
+        }
+        for (name, bytes) in cases {
+            assert!(agent_fed(bytes.clone()).await.is_err(), "{name}: accepted by the agent");
+            // The server expects no preface from an agent: the bytes after it are the test.
+            let reply = bytes.strip_prefix(PREFACE).map(<[u8]>::to_vec).unwrap_or(bytes);
+            assert!(server_fed(reply).await.is_err(), "{name}: accepted by the server");
+        }
+    }
+}
