@@ -16,6 +16,7 @@
 pub mod cni;
 pub mod daemon;
 pub mod dnat;
+pub mod http;
 pub mod kube;
 pub mod masquerade;
 pub mod model;

@@ -1,11 +1,11 @@
-//! `/healthz`, `/readyz` and Prometheus `/metrics` over plain HTTP/1.1.
+//! `/healthz`, `/readyz` and Prometheus `/metrics` over plain HTTP/1.1 (hyper, [`crate::http`]).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use http::StatusCode;
 use tokio::net::TcpListener;
 
 use crate::vxlan::StatusHandle;
@@ -143,26 +143,13 @@ pub fn dnat_metrics(pin_dir: &std::path::Path) -> String {
 
 /// Serves until the task is dropped.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
-    loop {
-        let Ok((mut stream, _)) = listener.accept().await else { continue };
+    crate::http::serve_text(listener, move |path| {
         let shared = shared.clone();
-        tokio::spawn(async move {
-            // Read the whole request head: answering and closing with unread
-            // bytes would reset the connection before the client reads.
-            let mut buf = Vec::with_capacity(1024);
-            let mut chunk = [0u8; 1024];
-            while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16 * 1024 {
-                match stream.read(&mut chunk).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                }
-            }
-            let request = String::from_utf8_lossy(&buf);
-            let path = request.split_whitespace().nth(1).unwrap_or("/");
-            let (code, body) = match path {
-                "/healthz" => ("200 OK", "ok\n".to_string()),
-                "/readyz" if shared.ready() => ("200 OK", "ready\n".to_string()),
-                "/readyz" => ("503 Service Unavailable", "overlay not programmed yet\n".to_string()),
+        async move {
+            match path.as_str() {
+                "/healthz" => (StatusCode::OK, "ok\n".to_string()),
+                "/readyz" if shared.ready() => (StatusCode::OK, "ready\n".to_string()),
+                "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "overlay not programmed yet\n".to_string()),
                 "/metrics" => {
                     let mut text = shared.metrics();
                     let dnat_pins = lock(&shared.dnat_pin_dir).clone();
@@ -172,18 +159,13 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                             &tokio::task::spawn_blocking(move || dnat_metrics(&dir)).await.unwrap_or_default(),
                         );
                     }
-                    ("200 OK", text)
+                    (StatusCode::OK, text)
                 }
-                _ => ("404 Not Found", "not found\n".to_string()),
-            };
-            let response = format!(
-                "HTTP/1.1 {code}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(response.as_bytes()).await;
-            let _ = stream.shutdown().await;
-        });
-    }
+                _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
+            }
+        }
+    })
+    .await
 }
 
 /// Binds the health listener.

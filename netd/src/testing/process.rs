@@ -94,7 +94,7 @@ pub fn http_get(ns: &NetNs, addr: &str, path: &str) -> Option<String> {
         let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
         stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
         // One write: the request must not arrive in pieces.
-        let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).ok()?;
         let mut response = String::new();
         stream.read_to_string(&mut response).ok()?;

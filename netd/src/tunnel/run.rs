@@ -9,11 +9,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use bytes::Bytes;
-use http::{Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use http::StatusCode;
 use ipnet::IpNet;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpListener;
@@ -187,32 +183,19 @@ pub fn agent_metrics(m: &AgentMetrics) -> String {
     out
 }
 
-/// `/metrics` and `/healthz` on hyper, until the task is dropped.
+/// `/metrics` and `/healthz`, until the task is dropped.
 async fn serve_metrics(listener: TcpListener, render: Arc<dyn Fn() -> String + Send + Sync>) {
-    loop {
-        let Ok((tcp, _)) = listener.accept().await else { continue };
+    crate::http::serve_text(listener, move |path| {
         let render = render.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-                let render = render.clone();
-                async move {
-                    let (status, body) = match request.uri().path() {
-                        "/metrics" => (StatusCode::OK, render()),
-                        "/healthz" => (StatusCode::OK, "ok\n".to_string()),
-                        _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
-                    };
-                    let mut response = Response::new(Full::new(Bytes::from(body)));
-                    *response.status_mut() = status;
-                    response.headers_mut().insert(
-                        http::header::CONTENT_TYPE,
-                        http::HeaderValue::from_static("text/plain; version=0.0.4"),
-                    );
-                    Ok::<_, std::convert::Infallible>(response)
-                }
-            });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service).await;
-        });
-    }
+        async move {
+            match path.as_str() {
+                "/metrics" => (StatusCode::OK, render()),
+                "/healthz" => (StatusCode::OK, "ok\n".to_string()),
+                _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
+            }
+        }
+    })
+    .await
 }
 
 /// Runs a tunnel server until the future is dropped.
