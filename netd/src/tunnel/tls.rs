@@ -94,27 +94,23 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// The agent's client settings: its node certificate, the CA for the server.
 pub fn agent(certs: &LoadedCerts) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-    let rustls_err = |source| TlsError::Rustls { what: "the agent", source };
-    let mut config = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(rustls_err)?
-        .with_root_certificates(certs.root_store()?)
-        .with_client_auth_cert(certs.chain.clone(), certs.key.clone_key())
-        .map_err(rustls_err)?;
-    config.alpn_protocols = vec![ALPN_TUNNEL.to_vec()];
-    Ok(Arc::new(config))
+    client(certs, ALPN_TUNNEL, "the agent")
 }
 
 /// A client of the CONNECT front door (kube-apiserver's egress, tests).
 pub fn connect_client(certs: &LoadedCerts) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-    let rustls_err = |source| TlsError::Rustls { what: "a CONNECT client", source };
+    client(certs, ALPN_HTTP1, "a CONNECT client")
+}
+
+fn client(certs: &LoadedCerts, alpn: &[u8], what: &'static str) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let rustls_err = |source| TlsError::Rustls { what, source };
     let mut config = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(rustls_err)?
         .with_root_certificates(certs.root_store()?)
         .with_client_auth_cert(certs.chain.clone(), certs.key.clone_key())
         .map_err(rustls_err)?;
-    config.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     Ok(Arc::new(config))
 }
 
