@@ -41,6 +41,8 @@ pub struct KubeApiServer {
     bin: PathBuf,
     port: u16,
     token: String,
+    /// Flags appended to the API server's own, see [`KubeApiServer::new_with`].
+    extra_args: Vec<String>,
     /// The API server's storage: the harness's own etcd guard.
     etcd: Option<EtcdServer>,
     apiserver: Option<Child>,
@@ -60,6 +62,15 @@ impl KubeApiServer {
     /// Like [`KubeApiServer::new`], both servers listening on `host`
     /// instead of 127.0.0.1.
     pub fn new_on(host: ServerHost) -> Result<Self, HarnessError> {
+        Self::new_with(host, &[])
+    }
+
+    /// Like [`KubeApiServer::new_on`], with `extra_args` (whole flags such
+    /// as `--egress-selector-config-file=/path`) appended to the API
+    /// server's command line on every start. Appended last, so that a flag
+    /// given here overrides the harness's own (the last occurrence wins).
+    /// Files they name must outlive the guard.
+    pub fn new_with(host: ServerHost, extra_args: &[String]) -> Result<Self, HarnessError> {
         let bin = std::env::var_os(KUBE_APISERVER_ENV).map(PathBuf::from).unwrap_or_else(|| KUBE_APISERVER_BIN.into());
         if !bin.is_file() {
             return Err(HarnessError::Usage(format!(
@@ -72,7 +83,16 @@ impl KubeApiServer {
         let dir = std::env::temp_dir().join(format!("{name}-kube"));
         std::fs::create_dir_all(dir.join("certs"))
             .map_err(|e| HarnessError::io(format!("creating {}", dir.display()), e))?;
-        let mut server = Self { host, dir, bin, port: 0, token: String::new(), etcd: None, apiserver: None };
+        let mut server = Self {
+            host,
+            dir,
+            bin,
+            port: 0,
+            token: String::new(),
+            extra_args: extra_args.to_vec(),
+            etcd: None,
+            apiserver: None,
+        };
         // From here on, Drop cleans up.
         let [port] = server.host.free_ports()?;
         server.port = port;
@@ -186,6 +206,7 @@ impl KubeApiServer {
             .arg("--service-cluster-ip-range=10.96.0.0/16")
             .arg("--profiling=false")
             .arg("--logtostderr=true")
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);

@@ -1,0 +1,221 @@
+//! The edge tunnel's test stage, shared by the tunnel test binaries
+//! (`#[path]`-included by each): a "cloud" namespace (the tunnel server)
+//! and an "edge" namespace (the agent and a kubelet stand-in on the node
+//! address 10.250.0.2, on the edge's `lo`). They share a veth link, but the
+//! cloud has no route to 10.250.0.0/16: the only way from cloud to kubelet
+//! is the link the agent dials out.
+
+// Each test binary compiles its own copy and uses only part of it.
+#![allow(dead_code)]
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use netd::testing::{NetNs, VethPair};
+use netd::tunnel::agent::{self, AgentConfig, AgentMetrics};
+use netd::tunnel::certs::{CertFiles, CertificateAuthority, IssuedCert, LoadedCerts};
+use netd::tunnel::server::{self, Router};
+use netd::tunnel::tls;
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+pub const CLOUD_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 1);
+pub const EDGE_LINK_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 2);
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 2);
+pub const NODE: &str = "edge-1";
+pub const AGENT_PORT: u16 = 10262;
+pub const CONNECT_PORT: u16 = 10265;
+pub const DAY: Duration = Duration::from_secs(86_400);
+
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+    pub ca: CertificateAuthority,
+}
+
+impl Pki {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertificateAuthority::generate("netd test tunnel CA", DAY).unwrap();
+        ca.write_cert(dir.path()).unwrap();
+        let server = ca.issue_server("tunnel-server", &[], &[IpAddr::V4(CLOUD_IP)], DAY).unwrap();
+        server.write(dir.path(), "server").unwrap();
+        let node = ca.issue_node(NODE, &[IpAddr::V4(NODE_IP)], DAY).unwrap();
+        node.write(dir.path(), NODE).unwrap();
+        let client = ca.issue_client("kube-apiserver", None, DAY).unwrap();
+        client.write(dir.path(), "client").unwrap();
+        Self { dir, ca }
+    }
+
+    pub fn files(&self, stem: &str) -> CertFiles {
+        CertFiles::in_dir(self.dir.path(), stem)
+    }
+}
+
+/// A tokio runtime on its own thread, inside a namespace, until dropped.
+pub struct Background {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Background {
+    pub fn start<F, Fut>(netns: &Path, make: F) -> Self
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let netns = std::fs::File::open(netns).unwrap();
+        let thread = std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns on a namespace file we hold open; only this thread moves.
+            assert_eq!(unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async move {
+                tokio::select! {
+                    () = make() => {}
+                    _ = stopped => {}
+                }
+            });
+        });
+        Self { stop: Some(stop), thread: Some(thread) }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+pub struct Stage {
+    pub cloud: NetNs,
+    pub edge: NetNs,
+    _link: VethPair,
+    pub pki: Pki,
+}
+
+impl Stage {
+    pub fn new() -> Self {
+        let cloud = NetNs::new().unwrap();
+        let edge = NetNs::new().unwrap();
+        let link = VethPair::new((Some(&cloud), "eth0"), (Some(&edge), "eth0")).unwrap();
+        cloud.ip(&["addr", "add", &format!("{CLOUD_IP}/24"), "dev", "eth0"]).unwrap();
+        cloud.ip(&["link", "set", "eth0", "up"]).unwrap();
+        edge.ip(&["addr", "add", &format!("{EDGE_LINK_IP}/24"), "dev", "eth0"]).unwrap();
+        edge.ip(&["link", "set", "eth0", "up"]).unwrap();
+        edge.ip(&["addr", "add", &format!("{NODE_IP}/32"), "dev", "lo"]).unwrap();
+        Self { cloud, edge, _link: link, pki: Pki::new() }
+    }
+
+    /// The tunnel server in the cloud namespace: agent door and CONNECT door.
+    pub fn server(&self, router: Arc<Router>) -> Background {
+        let certs = self.pki.files("server").load().unwrap();
+        let agents_tls = tls::fixed(tls::server(&certs, tls::ALPN_TUNNEL).unwrap());
+        let connect_tls = tls::fixed(tls::server(&certs, tls::ALPN_HTTP1).unwrap());
+        Background::start(&self.cloud.path(), move || async move {
+            let agents = TcpListener::bind((CLOUD_IP, AGENT_PORT)).await.unwrap();
+            let connect = TcpListener::bind((CLOUD_IP, CONNECT_PORT)).await.unwrap();
+            tokio::join!(
+                server::serve_agents(agents, agents_tls, router.clone()),
+                server::serve_connect(connect, connect_tls, router),
+            );
+        })
+    }
+
+    pub fn agent_config(&self, stem: &str) -> AgentConfig {
+        self.agent_config_from(self.pki.files(stem).load().unwrap())
+    }
+
+    /// An agent presenting `leaf` (whoever issued it), trusting our CA.
+    pub fn agent_config_with(&self, leaf: &IssuedCert) -> AgentConfig {
+        let mut certs = self.pki.files(NODE).load().unwrap();
+        certs.chain = vec![leaf.cert_der().clone()];
+        certs.key = leaf.key_der();
+        self.agent_config_from(certs)
+    }
+
+    pub fn agent_config_from(&self, certs: LoadedCerts) -> AgentConfig {
+        AgentConfig {
+            servers: vec![format!("{CLOUD_IP}:{AGENT_PORT}")],
+            server_name: ServerName::IpAddress(IpAddr::V4(CLOUD_IP).into()),
+            tls: tls::fixed(tls::agent(&certs).unwrap()),
+            own_addresses: vec![IpAddr::V4(NODE_IP)],
+            pod_subnets: Vec::new(),
+            allowed_ports: [10250, 10255].into_iter().collect(),
+        }
+    }
+
+    pub fn agent(&self, config: AgentConfig, metrics: Arc<AgentMetrics>) -> Background {
+        Background::start(&self.edge.path(), move || agent::run(config, metrics))
+    }
+
+    /// Kubelet stand-ins on the node address: 10250 echoes, 10255 says
+    /// hello then echoes.
+    pub fn kubelet(&self) -> Background {
+        Background::start(&self.edge.path(), || async {
+            let echo = TcpListener::bind((NODE_IP, 10250)).await.unwrap();
+            let hello = TcpListener::bind((NODE_IP, 10255)).await.unwrap();
+            let serve = |listener: TcpListener, greeting: &'static [u8]| async move {
+                loop {
+                    let (mut stream, _) = listener.accept().await.unwrap();
+                    tokio::spawn(async move {
+                        let _ = stream.write_all(greeting).await;
+                        let (mut read, mut write) = stream.split();
+                        let _ = tokio::io::copy(&mut read, &mut write).await;
+                    });
+                }
+            };
+            tokio::join!(serve(echo, b""), serve(hello, b"hello\n"));
+        })
+    }
+
+    /// Runs `f` on a fresh current-thread runtime in the cloud namespace.
+    pub fn in_cloud<F, Fut, T>(&self, f: F) -> T
+    where
+        F: FnOnce() -> Fut + Send,
+        Fut: std::future::Future<Output = T>,
+        T: Send,
+    {
+        self.cloud.block_on(f).unwrap()
+    }
+}
+
+pub fn wait_for(what: &str, timeout: Duration, check: impl Fn() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends `CONNECT authority` over TLS to the front door; the status line's
+/// code, and the stream when it is 200.
+pub async fn connect(
+    client: Arc<rustls::ClientConfig>,
+    authority: &str,
+) -> (u16, Option<tokio_rustls::client::TlsStream<TcpStream>>) {
+    let tcp = TcpStream::connect((CLOUD_IP, CONNECT_PORT)).await.unwrap();
+    let name = ServerName::IpAddress(IpAddr::V4(CLOUD_IP).into());
+    let mut tls = tokio_rustls::TlsConnector::from(client).connect(name, tcp).await.unwrap();
+    tls.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes()).await.unwrap();
+    // Read the response head byte by byte: nothing after it may be eaten.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        if tls.read(&mut byte).await.unwrap() == 0 {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    let text = String::from_utf8_lossy(&head);
+    let code: u16 = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (code, (code == 200).then_some(tls))
+}
