@@ -74,6 +74,15 @@ fn connect_door_reaches_the_edge_kubelet_and_refuses_what_it_must() {
     });
     assert_eq!(metrics.refused_port.load(Ordering::Relaxed), 1);
     assert!(metrics.streams_total.load(Ordering::Relaxed) >= 2);
+    // Bytes are counted as they pass (the 1 MiB echo, both ways, both ends).
+    for (what, counter) in [
+        ("server, to edge", &router.metrics.bytes_to_edge),
+        ("server, from edge", &router.metrics.bytes_from_edge),
+        ("agent, in", &metrics.bytes_in),
+        ("agent, out", &metrics.bytes_out),
+    ] {
+        wait_for(what, Duration::from_secs(5), || counter.load(Ordering::Relaxed) >= 1 << 20);
+    }
 }
 
 #[test]
@@ -354,4 +363,54 @@ fn netd_tunnel_server_and_agent_processes_link_and_carry_connections() {
     let server_metrics = metrics_in(&stage.cloud, "127.0.0.1:10266");
     assert!(server_metrics.contains("netd_tunnel_streams_total 1"), "{server_metrics}");
     assert!(server_metrics.contains("netd_tunnel_refused_by_agent_total 1"), "{server_metrics}");
+}
+
+#[test]
+fn a_thousand_concurrent_streams_through_one_agent() {
+    let Some(_kernel) = testing::privileged().unwrap() else { return };
+    // Four descriptors per stream live in this process (client, door, agent, kubelet).
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit read or write one rlimit that outlives the call.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    limit.rlim_cur = limit.rlim_max;
+    // SAFETY: as above.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+    assert!(limit.rlim_cur >= 4_500, "the descriptor limit {} is too low for 1 000 streams", limit.rlim_cur);
+    let stage = Stage::new();
+    let router = Arc::new(Router::default());
+    let _server = stage.server(router.clone());
+    let _kubelet = stage.kubelet();
+    let metrics = Arc::new(AgentMetrics::default());
+    let _agent = stage.agent(stage.agent_config(NODE), metrics.clone());
+    wait_for("the agent's link", Duration::from_secs(10), || !router.nodes().is_empty());
+    let client = tls::connect_client(&stage.pki.files("client").load().unwrap()).unwrap();
+    let agent_metrics = metrics.clone();
+    let server_router = router.clone();
+    stage.in_cloud(|| async move {
+        // All 1 000 open at once before any byte moves, then each echoes its own tag.
+        let mut streams = Vec::with_capacity(1000);
+        for _ in 0..1000 {
+            let (code, stream) = connect(client.clone(), &format!("{NODE_IP}:10250")).await;
+            assert_eq!(code, 200);
+            streams.push(stream.unwrap());
+        }
+        wait_for("1 000 streams open at both ends", Duration::from_secs(10), || {
+            server_router.metrics.streams_open.load(Ordering::Relaxed) == 1000
+                && agent_metrics.streams_open.load(Ordering::Relaxed) == 1000
+        });
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, mut stream) in streams.into_iter().enumerate() {
+            tasks.spawn(async move {
+                let tag = format!("stream {i:04} of 1000");
+                echo_round_trip(&mut stream, tag.as_bytes()).await;
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.unwrap();
+        }
+    });
+    wait_for("every stream closed at the agent", Duration::from_secs(10), || {
+        metrics.streams_open.load(Ordering::Relaxed) == 0
+    });
+    assert_eq!(metrics.streams_total.load(Ordering::Relaxed), 1000);
 }

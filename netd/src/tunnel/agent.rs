@@ -17,7 +17,7 @@ use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 
 use super::tls::Live;
-use super::transport::{self, TunnelStream};
+use super::transport::{self, Counted, TunnelStream};
 
 /// Backoff between reconnects: full jitter over `min(CAP, BASE * 2^attempt)`.
 pub const BACKOFF_BASE: Duration = Duration::from_millis(500);
@@ -280,10 +280,9 @@ async fn serve(
     metrics.streams_open.fetch_add(1, Ordering::Relaxed);
     let _open = Decrement(&metrics.streams_open);
     let mut tunnel = TunnelStream::new(send, request.into_body());
-    if let Ok((to_local, from_local)) = tokio::io::copy_bidirectional(&mut tunnel, &mut local).await {
-        metrics.bytes_in.fetch_add(to_local, Ordering::Relaxed);
-        metrics.bytes_out.fetch_add(from_local, Ordering::Relaxed);
-    }
+    // Written to the local end: in from the server; read from it: out.
+    let mut local = Counted::new(&mut local, &metrics.bytes_out, &metrics.bytes_in);
+    let _ = tokio::io::copy_bidirectional(&mut tunnel, &mut local).await;
 }
 
 #[cfg(test)]

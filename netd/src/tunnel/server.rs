@@ -24,7 +24,7 @@ use tokio::net::TcpListener;
 
 use super::certs;
 use super::tls::Live;
-use super::transport::{self, TunnelStream};
+use super::transport::{self, Counted, TunnelStream};
 use netd_ebpf::dnat::TunnelDnat;
 
 /// Why a connection could not be tunnelled.
@@ -189,10 +189,9 @@ impl Router {
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
         self.metrics.streams_open.fetch_add(1, Ordering::Relaxed);
-        if let Ok((to_edge, from_edge)) = tokio::io::copy_bidirectional(&mut front, &mut tunnel).await {
-            self.metrics.bytes_to_edge.fetch_add(to_edge, Ordering::Relaxed);
-            self.metrics.bytes_from_edge.fetch_add(from_edge, Ordering::Relaxed);
-        }
+        // Read from the front door: towards the edge; written to it: from the edge.
+        let mut front = Counted::new(&mut front, &self.metrics.bytes_to_edge, &self.metrics.bytes_from_edge);
+        let _ = tokio::io::copy_bidirectional(&mut front, &mut tunnel).await;
         self.metrics.streams_open.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -160,6 +160,50 @@ impl Drop for TunnelStream {
     }
 }
 
+/// A byte stream that counts what passes as it passes, so a long-lived or
+/// broken connection shows in the byte counters too, not only one that
+/// ends cleanly.
+pub struct Counted<'a, S> {
+    inner: S,
+    read: &'a std::sync::atomic::AtomicU64,
+    written: &'a std::sync::atomic::AtomicU64,
+}
+
+impl<'a, S> Counted<'a, S> {
+    /// Counts bytes read from `inner` into `read`, bytes written to it into `written`.
+    pub fn new(inner: S, read: &'a std::sync::atomic::AtomicU64, written: &'a std::sync::atomic::AtomicU64) -> Self {
+        Self { inner, read, written }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len().saturating_sub(before);
+        self.read.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        result
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = result {
+            self.written.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        result
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::panic)]
