@@ -1,5 +1,5 @@
 //! `netd tunnel-server` and `netd tunnel-agent`: the long-running processes
-//! around [`server`](super::server) and [`agent`](super::agent), with
+//! around [`server`] and [`agent`], with
 //! certificates that follow their files and a `/metrics` endpoint (hyper).
 
 use std::collections::BTreeSet;
