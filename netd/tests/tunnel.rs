@@ -20,7 +20,9 @@ use netd::tunnel::server::{self, Router};
 use netd::tunnel::tls;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tunnel_stage::{connect, wait_for, Background, Stage, AGENT_PORT, CLOUD_IP, CONNECT_PORT, DAY, NODE, NODE_IP};
+use tunnel_stage::{
+    connect, wait_for, Background, Linked, Stage, AGENT_PORT, CLOUD_IP, CONNECT_PORT, DAY, NODE, NODE_IP,
+};
 
 async fn echo_round_trip<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(stream: &mut S, payload: &[u8]) {
     stream.write_all(payload).await.unwrap();
@@ -33,15 +35,10 @@ async fn echo_round_trip<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin
 fn connect_door_reaches_the_edge_kubelet_and_refuses_what_it_must() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let stage = Stage::new();
-    let router = Arc::new(Router::default());
-    let _server = stage.server(router.clone());
-    let _kubelet = stage.kubelet();
-    let metrics = Arc::new(AgentMetrics::default());
-    let _agent = stage.agent(stage.agent_config(NODE), metrics.clone());
-    wait_for("the agent's link", Duration::from_secs(10), || router.nodes() == vec![NODE.to_string()]);
+    let linked = stage.linked();
+    let (router, metrics, client) = (linked.router.clone(), linked.metrics.clone(), linked.client.clone());
     assert_eq!(router.node_of(IpAddr::V4(NODE_IP)).as_deref(), Some(NODE), "routing from the certificate's IP SAN");
 
-    let client = tls::connect_client(&stage.pki.files("client").load().unwrap()).unwrap();
     stage.in_cloud(|| async move {
         // The cloud cannot reach the node address itself.
         let direct = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect((NODE_IP, 10250))).await;
@@ -189,12 +186,7 @@ fn a_stalled_stream_never_slows_the_others() {
 fn the_agent_comes_back_after_a_server_restart() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let stage = Stage::new();
-    let router = Arc::new(Router::default());
-    let server = stage.server(router.clone());
-    let _kubelet = stage.kubelet();
-    let metrics = Arc::new(AgentMetrics::default());
-    let _agent = stage.agent(stage.agent_config(NODE), metrics.clone());
-    wait_for("the agent's link", Duration::from_secs(10), || !router.nodes().is_empty());
+    let Linked { agent: _agent, kubelet: _kubelet, server, metrics, .. } = stage.linked();
     drop(server);
     wait_for("the agent to notice", Duration::from_secs(20), || metrics.links_up.load(Ordering::Relaxed) == 0);
     // Down for a while: backoff grows.
@@ -377,15 +369,10 @@ fn a_thousand_concurrent_streams_through_one_agent() {
     unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
     assert!(limit.rlim_cur >= 4_500, "the descriptor limit {} is too low for 1 000 streams", limit.rlim_cur);
     let stage = Stage::new();
-    let router = Arc::new(Router::default());
-    let _server = stage.server(router.clone());
-    let _kubelet = stage.kubelet();
-    let metrics = Arc::new(AgentMetrics::default());
-    let _agent = stage.agent(stage.agent_config(NODE), metrics.clone());
-    wait_for("the agent's link", Duration::from_secs(10), || !router.nodes().is_empty());
-    let client = tls::connect_client(&stage.pki.files("client").load().unwrap()).unwrap();
+    let linked = stage.linked();
+    let (metrics, client) = (linked.metrics.clone(), linked.client.clone());
     let agent_metrics = metrics.clone();
-    let server_router = router.clone();
+    let server_router = linked.router.clone();
     stage.in_cloud(|| async move {
         // All 1 000 open at once before any byte moves, then each echoes its own tag.
         let mut streams = Vec::with_capacity(1000);

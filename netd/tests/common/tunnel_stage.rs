@@ -95,6 +95,18 @@ impl Drop for Background {
     }
 }
 
+/// A server, a kubelet stand-in and a linked agent, as most tests want them.
+/// Fields drop in order: the agent first, the server last.
+pub struct Linked {
+    pub agent: Background,
+    pub kubelet: Background,
+    pub server: Background,
+    pub router: Arc<Router>,
+    pub metrics: Arc<AgentMetrics>,
+    /// A CONNECT-door client with the stage's client certificate.
+    pub client: Arc<rustls::ClientConfig>,
+}
+
 pub struct Stage {
     pub cloud: NetNs,
     pub edge: NetNs,
@@ -128,6 +140,18 @@ impl Stage {
                 server::serve_connect(connect, connect_tls, router),
             );
         })
+    }
+
+    /// Server, kubelet stand-in and the node's agent, waited on until linked.
+    pub fn linked(&self) -> Linked {
+        let router = Arc::new(Router::default());
+        let server = self.server(router.clone());
+        let kubelet = self.kubelet();
+        let metrics = Arc::new(AgentMetrics::default());
+        let agent = self.agent(self.agent_config(NODE), metrics.clone());
+        wait_for("the agent's link", Duration::from_secs(10), || router.nodes() == vec![NODE.to_string()]);
+        let client = tls::connect_client(&self.pki.files("client").load().unwrap()).unwrap();
+        Linked { agent, kubelet, server, router, metrics, client }
     }
 
     pub fn agent_config(&self, stem: &str) -> AgentConfig {
