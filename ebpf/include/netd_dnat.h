@@ -89,6 +89,27 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } dnat_edges_v1 SEC(".maps");
 
+/* An LPM trie key: an IPv4 prefix (address in network order). */
+struct dnat_net_key {
+	__u32 prefixlen;
+	__u32 ip4;
+};
+_Static_assert(sizeof(struct dnat_net_key) == 8, "dnat_net_key layout");
+
+/*
+ * Edge pod subnets (and any other edge prefixes): looked up only when the
+ * port matched and the address is no edge node, so node traffic pays one
+ * hash lookup and unrelated traffic none of this.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct dnat_net_key);
+	__type(value, __u8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} dnat_edge_nets_v1 SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
@@ -159,8 +180,11 @@ static __always_inline int dnat_redirect(struct bpf_sock_addr *ctx, __u32 dst_ip
 	/* 127.0.0.0/8: never a node's address, whatever the edge set says. */
 	if ((bpf_ntohl(dst_ip4) >> 24) == 127)
 		return 0;
-	if (!bpf_map_lookup_elem(&dnat_edges_v1, &dst_ip4))
-		return 0;
+	if (!bpf_map_lookup_elem(&dnat_edges_v1, &dst_ip4)) {
+		struct dnat_net_key key = { .prefixlen = 32, .ip4 = dst_ip4 };
+		if (!bpf_map_lookup_elem(&dnat_edge_nets_v1, &key))
+			return 0;
+	}
 	__u32 zero = 0;
 	struct dnat_config *conf = bpf_map_lookup_elem(&dnat_conf_v1, &zero);
 	if (!conf || !(conf->flags & DNAT_ENABLED) || conf->target_ip4 == 0)

@@ -30,6 +30,9 @@ const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 70, 0, 1);
 const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 70, 0, 2);
 const EDGE_A: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 5);
 const EDGE_B: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 6);
+/// A pod of an edge node whose subnet is 10.244.7.0/24, and one outside it.
+const EDGE_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 7, 19);
+const OTHER_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 8, 19);
 const TLS_PORT: u16 = 10263;
 const HTTP_PORT: u16 = 10264;
 const RULES: [(u16, u16); 3] = [(10250, TLS_PORT), (10255, HTTP_PORT), (8080, HTTP_PORT)];
@@ -167,7 +170,7 @@ impl Stage {
         let veth = VethPair::new((Some(&cloud), "eth0"), (Some(&pod), "eth0")).unwrap();
         cloud.ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", "eth0"]).unwrap();
         cloud.ip(&["link", "set", "eth0", "up"]).unwrap();
-        for edge in [EDGE_A, EDGE_B] {
+        for edge in [EDGE_A, EDGE_B, EDGE_POD, OTHER_POD] {
             cloud.ip(&["addr", "add", &format!("{edge}/32"), "dev", "lo"]).unwrap();
         }
         pod.ip(&["addr", "add", &format!("{POD_IP}/24"), "dev", "eth0"]).unwrap();
@@ -218,7 +221,7 @@ impl Stage {
             self.cloud
                 .run(|| {
                     let mut stand_ins = Vec::new();
-                    for edge in [EDGE_A, EDGE_B, NODE_IP] {
+                    for edge in [EDGE_A, EDGE_B, EDGE_POD, OTHER_POD, NODE_IP] {
                         for port in EDGE_PORTS {
                             stand_ins.push(TcpListener::bind(v4(edge, port)).unwrap());
                         }
@@ -366,6 +369,39 @@ fn the_getsockopt_answer_is_only_for_the_tunnel_servers_cgroup_and_loopback_neve
     let stream = stage.cloud.run(|| TcpStream::connect("127.0.0.1:10250").unwrap()).unwrap();
     assert_eq!(lo_accept.join().unwrap().unwrap(), "127.0.0.1:10250".parse().unwrap());
     assert_eq!(stream.peer_addr().unwrap(), "127.0.0.1:10250".parse().unwrap());
+}
+
+fn edge_pod_subnets_redirect_the_pod_ips_inside_them() {
+    let mut stage = Stage::new();
+    let mut dnat = stage.attach(Scope::AllNamespaces);
+    let (pod, other) = (v4(EDGE_POD, 8080), v4(OTHER_POD, 8080));
+    assert_eq!(stage.dial_host(pod).reply, untouched_reply(pod), "no subnet yet");
+    // Host bits are ignored: the subnet is what the map holds.
+    let changes = dnat.set_edge_subnets(["10.244.7.1/24".parse().unwrap()]).unwrap();
+    assert_eq!((changes.added, changes.removed), (1, 0));
+    assert_eq!(stage.dial_host(pod).reply, tunnel_reply(HTTP_PORT, pod));
+    assert_eq!(stage.dial_pod(pod).reply, tunnel_reply(HTTP_PORT, pod), "from a pod namespace");
+    assert_eq!(stage.dial_pod(mapped(EDGE_POD, 8080)).reply, tunnel_reply(HTTP_PORT, pod), "v4-mapped");
+    assert_eq!(stage.dial_host(other).reply, untouched_reply(other), "outside the subnet");
+    let unruled = v4(EDGE_POD, 9999);
+    assert_eq!(stage.dial_host(unruled).reply, untouched_reply(unruled), "a port no rule names");
+    assert_eq!(stage.dial_host(v4(EDGE_A, 8080)).reply, tunnel_reply(HTTP_PORT, v4(EDGE_A, 8080)), "nodes still");
+    let stats = dnat.stats().unwrap();
+    assert_eq!(stats.edge_subnets, vec!["10.244.7.0/24".parse().unwrap()]);
+    assert_eq!(stats.rules.iter().find(|r| r.port == 8080).unwrap().redirected, 4);
+    // Another process's view, and a set that changes nothing.
+    assert_eq!(TunnelDnat::open(stage.pins.path()).unwrap().stats().unwrap().edge_subnets, stats.edge_subnets);
+    assert_eq!(dnat.set_edge_subnets(["10.244.7.0/24".parse().unwrap()]).unwrap(), Default::default());
+    // The incremental calls, as a lease watch makes them.
+    let net8: ipnet::Ipv4Net = "10.244.8.0/24".parse().unwrap();
+    assert_eq!(dnat.add_edge_subnets([net8, net8]).unwrap().added, 1);
+    assert_eq!(stage.dial_host(other).reply, tunnel_reply(HTTP_PORT, other));
+    assert_eq!(dnat.remove_edge_subnets(["10.244.7.0/24".parse().unwrap()]).unwrap().removed, 1);
+    assert_eq!(stage.dial_host(pod).reply, untouched_reply(pod));
+    // Too many: refused whole, nothing changed.
+    let many = (0..70_000u32).map(|i| ipnet::Ipv4Net::new(Ipv4Addr::from(0x0b00_0000 + (i << 8)), 24).unwrap());
+    assert!(matches!(dnat.set_edge_subnets(many), Err(DnatError::TooManyEdgeSubnets { count: 70_000 })));
+    assert_eq!(dnat.stats().unwrap().edge_subnets, vec![net8]);
 }
 
 fn rule_and_node_changes_apply_to_the_next_connect() {
@@ -798,6 +834,7 @@ const CASES: &[Case] = &[
         the_getsockopt_answer_is_only_for_the_tunnel_servers_cgroup_and_loopback_never_redirects,
     ),
     ("rule_and_node_changes_apply_to_the_next_connect", rule_and_node_changes_apply_to_the_next_connect),
+    ("edge_pod_subnets_redirect_the_pod_ips_inside_them", edge_pod_subnets_redirect_the_pod_ips_inside_them),
     (
         "connects_never_fail_across_restart_upgrade_and_a_recreated_cgroup",
         connects_never_fail_across_restart_upgrade_and_a_recreated_cgroup,

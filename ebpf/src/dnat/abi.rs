@@ -70,7 +70,12 @@ pub struct Tuple {
     pub server_port: u16,
 }
 
+/// `struct dnat_net_key`: aya's `lpm_trie::Key<u32>` (prefix length, then
+/// the network-order address), the same 8 bytes.
+pub const NET_KEY_SIZE: usize = size_of::<aya::maps::lpm_trie::Key<u32>>();
+
 const _: () = assert!(size_of::<Config>() == 16);
+const _: () = assert!(NET_KEY_SIZE == 8);
 const _: () = assert!(size_of::<Rule>() == 4);
 const _: () = assert!(size_of::<Orig>() == 8);
 const _: () = assert!(size_of::<Tuple>() == 12);

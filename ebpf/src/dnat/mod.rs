@@ -40,9 +40,11 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, SkStorage};
 use aya::programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SockOps};
 use aya::{EbpfError, EbpfLoader};
+use ipnet::Ipv4Net;
 
 use crate::fs::{cgroup2_root, ensure_bpffs};
 use crate::objects;
@@ -52,20 +54,24 @@ use crate::sys::{self, AttachType};
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/netd";
 /// Most edge nodes one map holds (`dnat_edges_v1`'s `max_entries`).
 pub const MAX_EDGE_NODES: usize = 65_536;
+/// Most edge subnets one map holds (`dnat_edge_nets_v1`'s `max_entries`).
+pub const MAX_EDGE_SUBNETS: usize = 65_536;
 /// Most port rules (`dnat_ports_v1`'s `max_entries`).
 pub const MAX_PORT_RULES: usize = 1_024;
 
 const MAP_PORTS: &str = "dnat_ports_v1";
 const MAP_EDGES: &str = "dnat_edges_v1";
+const MAP_EDGE_NETS: &str = "dnat_edge_nets_v1";
 const MAP_CONF: &str = "dnat_conf_v1";
 const MAP_HITS: &str = "dnat_hits_v1";
 const MAP_STAT: &str = "dnat_stat_v1";
 const MAP_ORIG: &str = "dnat_orig_v1";
 const MAP_SHAKE: &str = "dnat_shake_v1";
 /// Every map with the key and value sizes this build's programs use.
-const MAPS: [(&str, usize, usize); 7] = [
+const MAPS: [(&str, usize, usize); 8] = [
     (MAP_PORTS, 2, std::mem::size_of::<abi::Rule>()),
     (MAP_EDGES, 4, 1),
+    (MAP_EDGE_NETS, abi::NET_KEY_SIZE, 1),
     (MAP_CONF, 4, std::mem::size_of::<abi::Config>()),
     (MAP_HITS, 2, 8),
     (MAP_STAT, 4, 8),
@@ -173,6 +179,12 @@ pub enum DnatError {
     /// More edge nodes than the map holds.
     #[error("{count} edge nodes, but the tunnel DNAT holds at most {MAX_EDGE_NODES}; nothing was changed")]
     TooManyEdgeNodes {
+        /// How many were given.
+        count: usize,
+    },
+    /// More edge subnets than the map holds.
+    #[error("{count} edge subnets, but the tunnel DNAT holds at most {MAX_EDGE_SUBNETS}; nothing was changed")]
+    TooManyEdgeSubnets {
         /// How many were given.
         count: usize,
     },
@@ -309,6 +321,8 @@ pub struct DnatStats {
     pub rules: Vec<RuleStats>,
     /// Edge node addresses, sorted.
     pub edge_nodes: Vec<Ipv4Addr>,
+    /// Edge subnets (pod subnets), sorted.
+    pub edge_subnets: Vec<Ipv4Net>,
     /// Connections between the client's SYN and the server's accept.
     pub handshakes_pending: usize,
     /// Accepted sockets that learned their original destination.
@@ -407,6 +421,7 @@ pub struct TunnelDnat {
     pin_dir: PathBuf,
     ports: HashMap<MapData, u16, abi::Rule>,
     edges: HashMap<MapData, u32, u8>,
+    edge_nets: LpmTrie<MapData, u32, u8>,
     conf: Array<MapData, abi::Config>,
     hits: PerCpuHashMap<MapData, u16, u64>,
     stat: PerCpuArray<MapData, u64>,
@@ -414,6 +429,8 @@ pub struct TunnelDnat {
     shake: HashMap<MapData, abi::Tuple, abi::Orig>,
     /// What `edges` holds, so a new set costs map writes only for the difference.
     edge_set: HashSet<u32>,
+    /// What `edge_nets` holds (prefix length, network-order address).
+    edge_net_set: HashSet<(u32, u32)>,
     /// What `ports` holds.
     rules: BTreeMap<u16, u16>,
 }
@@ -423,6 +440,7 @@ impl std::fmt::Debug for TunnelDnat {
         f.debug_struct("TunnelDnat")
             .field("pin_dir", &self.pin_dir)
             .field("edge_nodes", &self.edge_set.len())
+            .field("edge_subnets", &self.edge_net_set.len())
             .field("rules", &self.rules)
             .finish_non_exhaustive()
     }
@@ -620,6 +638,130 @@ fn sum(values: &PerCpuValues<u64>) -> u64 {
     values.iter().copied().fold(0u64, u64::wrapping_add)
 }
 
+/// An LPM key of `net` as the map holds it: (prefix length, network-order
+/// network address).
+fn net_key(net: Ipv4Net) -> (u32, u32) {
+    (u32::from(net.prefix_len()), u32_of(net.network()))
+}
+
+fn net_of((prefix_len, raw): (u32, u32)) -> Option<Ipv4Net> {
+    Ipv4Net::new(addr_of(raw), u8::try_from(prefix_len).ok()?).ok()
+}
+
+/// A map of edge keys (node addresses, subnets): the one write and one
+/// delete the set operations need, whatever the map type.
+trait KeySet<K> {
+    fn put(&mut self, key: K) -> Result<(), MapError>;
+    fn delete(&mut self, key: K) -> Result<(), MapError>;
+}
+
+impl KeySet<u32> for HashMap<MapData, u32, u8> {
+    fn put(&mut self, key: u32) -> Result<(), MapError> {
+        self.insert(key, 1, 0)
+    }
+    fn delete(&mut self, key: u32) -> Result<(), MapError> {
+        self.remove(&key)
+    }
+}
+
+impl KeySet<(u32, u32)> for LpmTrie<MapData, u32, u8> {
+    fn put(&mut self, (prefix_len, raw): (u32, u32)) -> Result<(), MapError> {
+        self.insert(&LpmKey::new(prefix_len, raw), 1, 0)
+    }
+    fn delete(&mut self, (prefix_len, raw): (u32, u32)) -> Result<(), MapError> {
+        self.remove(&LpmKey::new(prefix_len, raw))
+    }
+}
+
+/// Which set a key-set operation works on: for errors.
+struct KeyKind {
+    map: &'static str,
+    max: usize,
+    too_many: fn(usize) -> DnatError,
+    adding: &'static str,
+    removing: &'static str,
+}
+
+const NODE_KEYS: KeyKind = KeyKind {
+    map: MAP_EDGES,
+    max: MAX_EDGE_NODES,
+    too_many: |count| DnatError::TooManyEdgeNodes { count },
+    adding: "adding a node",
+    removing: "removing a node",
+};
+
+const SUBNET_KEYS: KeyKind = KeyKind {
+    map: MAP_EDGE_NETS,
+    max: MAX_EDGE_SUBNETS,
+    too_many: |count| DnatError::TooManyEdgeSubnets { count },
+    adding: "adding a subnet",
+    removing: "removing a subnet",
+};
+
+fn delete_key<K>(map: &mut impl KeySet<K>, key: K, kind: &KeyKind) -> Result<(), DnatError> {
+    match map.delete(key) {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(source) => Err(DnatError::map(kind.map, kind.removing)(source)),
+    }
+}
+
+/// Makes `map` hold exactly `wanted`, writing only the difference;
+/// `known` mirrors the map.
+fn set_exactly<K: Copy + Eq + std::hash::Hash>(
+    map: &mut impl KeySet<K>,
+    known: &mut HashSet<K>,
+    wanted: HashSet<K>,
+    kind: &KeyKind,
+) -> Result<Changes, DnatError> {
+    if wanted.len() > kind.max {
+        return Err((kind.too_many)(wanted.len()));
+    }
+    // Removals first, so a full map has room for the additions.
+    let gone: Vec<K> = known.difference(&wanted).copied().collect();
+    let removed = remove_keys(map, known, gone, kind)?.removed;
+    let added = add_keys(map, known, wanted, kind)?.added;
+    Ok(Changes { added, removed, ..Changes::default() })
+}
+
+fn add_keys<K: Copy + Eq + std::hash::Hash>(
+    map: &mut impl KeySet<K>,
+    known: &mut HashSet<K>,
+    keys: impl IntoIterator<Item = K>,
+    kind: &KeyKind,
+) -> Result<Changes, DnatError> {
+    let mut changes = Changes::default();
+    for key in keys {
+        if known.contains(&key) {
+            continue;
+        }
+        if known.len() >= kind.max {
+            return Err((kind.too_many)(known.len() + 1));
+        }
+        map.put(key).map_err(DnatError::map(kind.map, kind.adding))?;
+        known.insert(key);
+        changes.added += 1;
+    }
+    Ok(changes)
+}
+
+fn remove_keys<K: Copy + Eq + std::hash::Hash>(
+    map: &mut impl KeySet<K>,
+    known: &mut HashSet<K>,
+    keys: impl IntoIterator<Item = K>,
+    kind: &KeyKind,
+) -> Result<Changes, DnatError> {
+    let mut changes = Changes::default();
+    for key in keys {
+        if !known.contains(&key) {
+            continue;
+        }
+        delete_key(map, key, kind)?;
+        known.remove(&key);
+        changes.removed += 1;
+    }
+    Ok(changes)
+}
+
 impl TunnelDnat {
     /// Loads the six programs and makes the pinned links run them: attaches
     /// and pins where nothing is pinned, swaps the code atomically into live
@@ -672,6 +814,7 @@ impl TunnelDnat {
         }
         let ports: HashMap<MapData, u16, abi::Rule> = typed(pin_dir, MAP_PORTS)?;
         let edges: HashMap<MapData, u32, u8> = typed(pin_dir, MAP_EDGES)?;
+        let edge_nets: LpmTrie<MapData, u32, u8> = typed(pin_dir, MAP_EDGE_NETS)?;
         let conf = typed(pin_dir, MAP_CONF)?;
         let hits = typed(pin_dir, MAP_HITS)?;
         let stat = typed(pin_dir, MAP_STAT)?;
@@ -681,12 +824,30 @@ impl TunnelDnat {
         for key in edges.keys() {
             edge_set.insert(key.map_err(DnatError::map(MAP_EDGES, "listing"))?);
         }
+        let mut edge_net_set = HashSet::new();
+        for key in edge_nets.keys() {
+            let key = key.map_err(DnatError::map(MAP_EDGE_NETS, "listing"))?;
+            edge_net_set.insert((key.prefix_len(), key.data()));
+        }
         let mut rules = BTreeMap::new();
         for entry in ports.iter() {
             let (port, rule) = entry.map_err(DnatError::map(MAP_PORTS, "listing"))?;
             rules.insert(port, rule.target_port);
         }
-        Ok(Self { pin_dir: pin_dir.to_path_buf(), ports, edges, conf, hits, stat, orig, shake, edge_set, rules })
+        Ok(Self {
+            pin_dir: pin_dir.to_path_buf(),
+            ports,
+            edges,
+            edge_nets,
+            conf,
+            hits,
+            stat,
+            orig,
+            shake,
+            edge_set,
+            edge_net_set,
+            rules,
+        })
     }
 
     /// The pin directory.
@@ -722,65 +883,37 @@ impl TunnelDnat {
     /// Makes the edge-node set exactly `nodes`: only the difference is
     /// written to the kernel. The next `connect()` sees the new set.
     pub fn set_edge_nodes(&mut self, nodes: impl IntoIterator<Item = Ipv4Addr>) -> Result<Changes, DnatError> {
-        let wanted: HashSet<u32> = nodes.into_iter().map(u32_of).collect();
-        if wanted.len() > MAX_EDGE_NODES {
-            return Err(DnatError::TooManyEdgeNodes { count: wanted.len() });
-        }
-        let mut changes = Changes::default();
-        // Removals first, so a full map has room for the additions.
-        let gone: Vec<u32> = self.edge_set.difference(&wanted).copied().collect();
-        for raw in gone {
-            match self.edges.remove(&raw) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(source) => return Err(DnatError::map(MAP_EDGES, "removing a node")(source)),
-            }
-            self.edge_set.remove(&raw);
-            changes.removed += 1;
-        }
-        for raw in wanted {
-            if self.edge_set.contains(&raw) {
-                continue;
-            }
-            self.edges.insert(raw, 1, 0).map_err(DnatError::map(MAP_EDGES, "adding a node"))?;
-            self.edge_set.insert(raw);
-            changes.added += 1;
-        }
-        Ok(changes)
+        let wanted = nodes.into_iter().map(u32_of).collect();
+        set_exactly(&mut self.edges, &mut self.edge_set, wanted, &NODE_KEYS)
     }
 
     /// Adds edge nodes: one map write per node not yet present, whatever
     /// the size of the set (what a watch event calls for).
     pub fn add_edge_nodes(&mut self, nodes: impl IntoIterator<Item = Ipv4Addr>) -> Result<Changes, DnatError> {
-        let mut changes = Changes::default();
-        for raw in nodes.into_iter().map(u32_of) {
-            if self.edge_set.contains(&raw) {
-                continue;
-            }
-            if self.edge_set.len() >= MAX_EDGE_NODES {
-                return Err(DnatError::TooManyEdgeNodes { count: self.edge_set.len() + 1 });
-            }
-            self.edges.insert(raw, 1, 0).map_err(DnatError::map(MAP_EDGES, "adding a node"))?;
-            self.edge_set.insert(raw);
-            changes.added += 1;
-        }
-        Ok(changes)
+        add_keys(&mut self.edges, &mut self.edge_set, nodes.into_iter().map(u32_of), &NODE_KEYS)
     }
 
     /// Removes edge nodes: one map write per node present.
     pub fn remove_edge_nodes(&mut self, nodes: impl IntoIterator<Item = Ipv4Addr>) -> Result<Changes, DnatError> {
-        let mut changes = Changes::default();
-        for raw in nodes.into_iter().map(u32_of) {
-            if !self.edge_set.contains(&raw) {
-                continue;
-            }
-            match self.edges.remove(&raw) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(source) => return Err(DnatError::map(MAP_EDGES, "removing a node")(source)),
-            }
-            self.edge_set.remove(&raw);
-            changes.removed += 1;
-        }
-        Ok(changes)
+        remove_keys(&mut self.edges, &mut self.edge_set, nodes.into_iter().map(u32_of), &NODE_KEYS)
+    }
+
+    /// Makes the edge-subnet set exactly `subnets` (edge pod subnets: a
+    /// connect to any address inside one is redirected like one to an edge
+    /// node); only the difference is written. Host bits are ignored.
+    pub fn set_edge_subnets(&mut self, subnets: impl IntoIterator<Item = Ipv4Net>) -> Result<Changes, DnatError> {
+        let wanted = subnets.into_iter().map(net_key).collect();
+        set_exactly(&mut self.edge_nets, &mut self.edge_net_set, wanted, &SUBNET_KEYS)
+    }
+
+    /// Adds edge subnets: one map write per subnet not yet present.
+    pub fn add_edge_subnets(&mut self, subnets: impl IntoIterator<Item = Ipv4Net>) -> Result<Changes, DnatError> {
+        add_keys(&mut self.edge_nets, &mut self.edge_net_set, subnets.into_iter().map(net_key), &SUBNET_KEYS)
+    }
+
+    /// Removes edge subnets: one map write per subnet present.
+    pub fn remove_edge_subnets(&mut self, subnets: impl IntoIterator<Item = Ipv4Net>) -> Result<Changes, DnatError> {
+        remove_keys(&mut self.edge_nets, &mut self.edge_net_set, subnets.into_iter().map(net_key), &SUBNET_KEYS)
     }
 
     /// Makes the rules exactly `rules` (dialled port, tunnel port): only the
@@ -861,6 +994,8 @@ impl TunnelDnat {
         }
         let mut edge_nodes: Vec<Ipv4Addr> = self.edge_set.iter().copied().map(addr_of).collect();
         edge_nodes.sort();
+        let mut edge_subnets: Vec<Ipv4Net> = self.edge_net_set.iter().filter_map(|&key| net_of(key)).collect();
+        edge_subnets.sort();
         let stat = |index: u32| -> Result<u64, DnatError> {
             self.stat.get(&index, 0).map(|values| sum(&values)).map_err(DnatError::map(MAP_STAT, "reading"))
         };
@@ -870,6 +1005,7 @@ impl TunnelDnat {
             scope,
             rules,
             edge_nodes,
+            edge_subnets,
             handshakes_pending,
             accepted_with_origin: stat(abi::STAT_ACCEPTED)?,
             no_storage: stat(abi::STAT_NO_STORAGE)?,

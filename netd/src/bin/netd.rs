@@ -142,11 +142,24 @@ struct DnatPinArgs {
     pin_dir: PathBuf,
 }
 
-/// Comma-separated IPv4 addresses; "" is none.
+/// Comma-separated values; "" is none.
 #[derive(Debug, Clone)]
-struct EdgeNodes(Vec<Ipv4Addr>);
+struct CommaList<T>(Vec<T>);
 
-impl FromStr for EdgeNodes {
+/// What a [`CommaList`] token must be, for its error message.
+trait Noun {
+    const NOUN: &'static str;
+}
+
+impl Noun for Ipv4Addr {
+    const NOUN: &'static str = "an IPv4 address";
+}
+
+impl Noun for ipnet::Ipv4Net {
+    const NOUN: &'static str = "an IPv4 CIDR";
+}
+
+impl<T: FromStr + Noun> FromStr for CommaList<T> {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
@@ -156,7 +169,8 @@ impl FromStr for EdgeNodes {
         s.split(',')
             .enumerate()
             .map(|(i, token)| {
-                token.trim().parse().map_err(|_| format!("token {} {:?} is not an IPv4 address", i + 1, token.trim()))
+                let token = token.trim();
+                token.parse().map_err(|_| format!("token {} {token:?} is not {}", i + 1, T::NOUN))
             })
             .collect::<Result<_, _>>()
             .map(Self)
@@ -172,7 +186,10 @@ struct DnatApplyArgs {
     target: Ipv4Addr,
     /// Edge node addresses, comma-separated ("" for none).
     #[arg(long, env = "NETD_DNAT_EDGE_NODES", value_name = "IP,...")]
-    edge_nodes: EdgeNodes,
+    edge_nodes: CommaList<Ipv4Addr>,
+    /// Edge pod subnets, comma-separated: connects to pod IPs inside them are redirected too.
+    #[arg(long, env = "NETD_DNAT_EDGE_SUBNETS", value_name = "CIDR,...", default_value = "")]
+    edge_subnets: CommaList<ipnet::Ipv4Net>,
     /// Port rules, dialled=tunnel, comma-separated [default: 10250=10263,10255=10264].
     #[arg(long, env = "NETD_DNAT_PORTS", value_name = "RULES", conflicts_with = "tunnel_config")]
     ports: Option<PortRules>,
@@ -345,6 +362,7 @@ fn dnat_apply(args: DnatApplyArgs) -> Result<()> {
         target: args.target,
         scope: if args.pod_namespaces { Scope::AllNamespaces } else { Scope::HostNetwork },
         edge_nodes: args.edge_nodes.0,
+        edge_subnets: args.edge_subnets.0,
         rules,
     };
     let applied = netd::dnat::apply(&options, &desired)?;
@@ -359,6 +377,10 @@ fn dnat_apply(args: DnatApplyArgs) -> Result<()> {
                 "added": applied.edge_nodes.added, "updated": applied.edge_nodes.updated,
                 "removed": applied.edge_nodes.removed,
             },
+            "edgeSubnets": {
+                "added": applied.edge_subnets.added, "updated": applied.edge_subnets.updated,
+                "removed": applied.edge_subnets.removed,
+            },
         });
         println!("{outcome}");
     } else {
@@ -366,11 +388,13 @@ fn dnat_apply(args: DnatApplyArgs) -> Result<()> {
             println!("{}: {:?} (link {})", link.program, link.action, link.link_id);
         }
         println!(
-            "rules {} ({}), edge nodes {} ({}), target {} ({})",
+            "rules {} ({}), edge nodes {} ({}), edge subnets {} ({}), target {} ({})",
             desired.rules,
             changes(applied.rules),
             desired.edge_nodes.len(),
             changes(applied.edge_nodes),
+            desired.edge_subnets.len(),
+            changes(applied.edge_subnets),
             desired.target,
             if args.pod_namespaces { "all namespaces" } else { "host network" }
         );
@@ -595,6 +619,9 @@ struct TunnelServerArgs {
     /// /metrics and /healthz (plain HTTP).
     #[arg(long, env = "NETD_TUNNEL_METRICS_LISTEN", value_name = "IP:PORT", default_value = "127.0.0.1:10266")]
     metrics_listen: std::net::SocketAddr,
+    /// The registry whose leases route node addresses and pod IPs (none: the agents' certificate IPs only).
+    #[command(flatten)]
+    registry: netd::daemon::config::RegistryArgs,
     #[command(flatten)]
     log: LogArgs,
 }
@@ -618,7 +645,7 @@ struct TunnelAgentArgs {
     /// This node's addresses, the only ones it dials besides loopback [default: its certificate's IP SANs].
     #[arg(long, env = "NETD_TUNNEL_NODE_IPS", value_name = "IP,...", value_delimiter = ',')]
     node_ip: Vec<std::net::IpAddr>,
-    /// This node's pod subnets, also dialled (metrics of pods).
+    /// This node's pod subnets, also dialled (metrics of pods) [default: the subnet of /run/flannel/subnet.env].
     #[arg(long, env = "NETD_TUNNEL_POD_SUBNETS", value_name = "CIDR,...", value_delimiter = ',')]
     pod_subnet: Vec<ipnet::IpNet>,
     /// Ports it dials besides 10250 and 10255.
@@ -645,6 +672,7 @@ fn tunnel_server(args: TunnelServerArgs) -> Result<()> {
         dnat_pin_dir: args.dnat_pin_dir,
         certs: netd::tunnel::certs::CertFiles::in_dir(&args.certs.cert_dir, "server"),
         metrics_listen: Some(args.metrics_listen),
+        registry: tunnel_registry(args.registry)?,
     };
     tunnel_runtime()?.block_on(async {
         tokio::select! {
@@ -652,6 +680,23 @@ fn tunnel_server(args: TunnelServerArgs) -> Result<()> {
             _ = tokio::signal::ctrl_c() => Ok(()),
         }
     })
+}
+
+/// The tunnel server's registry, if one is named.
+fn tunnel_registry(
+    args: netd::daemon::config::RegistryArgs,
+) -> Result<Option<(netd::registry::RegistrySpec, netd::registry::OpenSettings)>> {
+    let Some(spec) = args.registry else { return Ok(None) };
+    if matches!(spec, netd::registry::RegistrySpec::Kubernetes(_)) && args.network.is_none() {
+        bail!("the kubernetes registry needs --network (flannel's net-conf Network)");
+    }
+    let open = netd::registry::OpenSettings {
+        network: args.network,
+        token_file: args.token_file,
+        ca_file: args.ca_file,
+        ..Default::default()
+    };
+    Ok(Some((spec, open)))
 }
 
 fn tunnel_agent(args: TunnelAgentArgs) -> Result<()> {
@@ -662,6 +707,7 @@ fn tunnel_agent(args: TunnelAgentArgs) -> Result<()> {
         certs: netd::tunnel::certs::CertFiles::in_dir(&args.certs.cert_dir, "node"),
         node_addresses: args.node_ip,
         pod_subnets: args.pod_subnet,
+        subnet_env: netd::subnet_env::DEFAULT_PATH.into(),
         extra_ports: args.extra_ports,
         metrics_listen: Some(args.metrics_listen),
     };

@@ -109,25 +109,15 @@ pub struct RunArgs {
     /// This node's name (default: $NODE_NAME, else the hostname).
     #[arg(long, env = "NETD_NODE_NAME", value_name = "NAME")]
     pub node_name: Option<String>,
-    /// The registry (see [`RegistrySpec`] for the spec's forms).
-    // The help is not the doc comment: rustdoc would read its brackets as links.
-    #[arg(
-        long,
-        env = "NETD_REGISTRY",
-        value_name = "SPEC",
-        help = "The registry: embedded[:PATH], etcd:URL[,URL…] or kubernetes[:URL] \
-                  (default: embedded:/var/lib/netd/registry.db)"
-    )]
-    pub registry: Option<RegistrySpec>,
+    /// The registry and how to reach it.
+    #[command(flatten)]
+    pub registry: RegistryArgs,
     /// Underlay interface (default: the default-route interface).
     #[arg(long, env = "NETD_IFACE", value_name = "NAME")]
     pub iface: Option<String>,
     /// Public IP (default: the interface's first IPv4 address).
     #[arg(long, env = "NETD_PUBLIC_IP", value_name = "IP", value_parser = parse_ipv4)]
     pub public_ip: Option<Ipv4Addr>,
-    /// Cluster network (flannel's net-conf Network); required with kubernetes.
-    #[arg(long, env = "NETD_NETWORK", value_name = "CIDR", value_parser = parse_cidr)]
-    pub network: Option<Ipv4Net>,
     /// Install flannel's masquerade rules (nftables); also =true|false|1|0|yes|no.
     #[arg(long, env = "NETD_MASQUERADE", value_name = "BOOL", value_parser = parse_bool,
           num_args = 0..=1, require_equals = true, default_missing_value = "true")]
@@ -145,12 +135,6 @@ pub struct RunArgs {
     /// Listener for /healthz, /readyz and /metrics (default: 127.0.0.1:9617).
     #[arg(long, env = "NETD_HEALTH_ADDR", value_name = "ADDR", value_parser = parse_socket_addr)]
     pub health_addr: Option<SocketAddr>,
-    /// Bearer token file for kubernetes:URL.
-    #[arg(long, env = "NETD_TOKEN_FILE", value_name = "FILE")]
-    pub token_file: Option<PathBuf>,
-    /// CA bundle for kubernetes:URL.
-    #[arg(long, env = "NETD_CA_FILE", value_name = "FILE")]
-    pub ca_file: Option<PathBuf>,
     /// Where to learn the pods bound to this node, to free the pinned IPs of
     /// pods that are gone: registry (default: the Kubernetes registry's
     /// client, else none), none, kubernetes or kubernetes:URL.
@@ -168,6 +152,31 @@ pub struct RunArgs {
     /// name (repeatable; comma-separated in the variable).
     #[arg(long = "ipam-store", env = "NETD_IPAM_STORE", value_name = "FILE", value_delimiter = ',')]
     pub ipam_stores: Vec<PathBuf>,
+}
+
+/// Which registry, and what reaching it takes: the options every command
+/// that reads the registry shares (`netd run`, `netd tunnel-server`, …).
+#[derive(Debug, Clone, Default, PartialEq, clap::Args)]
+pub struct RegistryArgs {
+    /// The registry (see [`RegistrySpec`] for the spec's forms).
+    // The help is not the doc comment: rustdoc would read its brackets as links.
+    #[arg(
+        long,
+        env = "NETD_REGISTRY",
+        value_name = "SPEC",
+        help = "The registry: embedded[:PATH], etcd:URL[,URL…] or kubernetes[:URL] \
+                  (netd run's default: embedded:/var/lib/netd/registry.db)"
+    )]
+    pub registry: Option<RegistrySpec>,
+    /// Cluster network (flannel's net-conf Network); required with kubernetes.
+    #[arg(long, env = "NETD_NETWORK", value_name = "CIDR", value_parser = parse_cidr)]
+    pub network: Option<Ipv4Net>,
+    /// Bearer token file for kubernetes:URL.
+    #[arg(long, env = "NETD_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// CA bundle for kubernetes:URL.
+    #[arg(long, env = "NETD_CA_FILE", value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
 }
 
 const DEFAULT_STATE_DIR: &str = "/var/lib/netd";
@@ -240,18 +249,19 @@ impl RunArgs {
             node_name,
             registry: self
                 .registry
+                .registry
                 .or(file.registry)
                 .unwrap_or_else(|| RegistrySpec::Embedded(crate::registry::embedded::DEFAULT_PATH.into())),
             iface: self.iface.or(file.iface),
             public_ip: self.public_ip.or(file.public_ip),
-            network: self.network.or(file.network),
+            network: self.registry.network.or(file.network),
             masquerade: self.masquerade.or(file.masquerade).unwrap_or(false),
             direct_routing: self.direct_routing.or(file.direct_routing).unwrap_or(false),
             state_dir: self.state_dir.or(file.state_dir).unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
             subnet_env: self.subnet_env.or(file.subnet_env).unwrap_or_else(|| crate::subnet_env::DEFAULT_PATH.into()),
             health_addr: self.health_addr.or(file.health_addr).unwrap_or(DEFAULT_HEALTH_ADDR),
-            token_file: self.token_file.or(file.token_file),
-            ca_file: self.ca_file.or(file.ca_file),
+            token_file: self.registry.token_file.or(file.token_file),
+            ca_file: self.registry.ca_file.or(file.ca_file),
             pods: self.pods.or(file.pods).unwrap_or(PodSource::Registry),
             pin_grace: match (self.pin_grace, file.pin_grace) {
                 (Some(grace), _) => grace,

@@ -9,6 +9,7 @@ use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
+use ipnet::Ipv4Net;
 use netd_ebpf::dnat::{AttachOptions, Changes, DnatError, DnatStats, LinkOutcome, PinnedLink, Scope, TunnelDnat};
 
 use self::config::{ConfigError, PortRules};
@@ -71,6 +72,8 @@ pub struct Desired {
     pub scope: Scope,
     /// Edge node addresses.
     pub edge_nodes: Vec<Ipv4Addr>,
+    /// Edge pod subnets.
+    pub edge_subnets: Vec<Ipv4Net>,
     /// Port rules.
     pub rules: PortRules,
 }
@@ -84,6 +87,8 @@ pub struct Applied {
     pub rules: Changes,
     /// Edge node changes.
     pub edge_nodes: Changes,
+    /// Edge subnet changes.
+    pub edge_subnets: Changes,
 }
 
 /// Makes the kernel state `desired`: programs loaded and their links
@@ -100,7 +105,8 @@ pub fn apply(options: &AttachOptions, desired: &Desired) -> Result<Applied, Erro
     dnat.set_target(desired.target, desired.scope)?;
     let rules = dnat.set_port_rules(desired.rules.iter())?;
     let edge_nodes = dnat.set_edge_nodes(desired.edge_nodes.iter().copied())?;
-    Ok(Applied { links, rules, edge_nodes })
+    let edge_subnets = dnat.set_edge_subnets(desired.edge_subnets.iter().copied())?;
+    Ok(Applied { links, rules, edge_nodes, edge_subnets })
 }
 
 fn scope_name(scope: Scope) -> &'static str {
@@ -108,6 +114,17 @@ fn scope_name(scope: Scope) -> &'static str {
         Scope::HostNetwork => "host-network",
         Scope::AllNamespaces => "all-namespaces",
     }
+}
+
+/// One line naming the first 20 of `items`.
+fn list_some<T: std::fmt::Display>(out: &mut String, what: &str, items: &[T]) {
+    let shown: Vec<String> = items.iter().take(20).map(T::to_string).collect();
+    let more = items.len().saturating_sub(shown.len());
+    let _ = write!(out, "{what} ({}): {}", items.len(), shown.join(", "));
+    if more > 0 {
+        let _ = write!(out, " … and {more} more (--json lists all)");
+    }
+    out.push('\n');
 }
 
 /// `netd dnat show`: for people.
@@ -124,13 +141,8 @@ pub fn render_text(pin_dir: &Path, stats: &DnatStats, links: &[PinnedLink]) -> S
     for rule in &stats.rules {
         let _ = writeln!(out, "  :{} -> :{}  redirected {}", rule.port, rule.target_port, rule.redirected);
     }
-    let shown: Vec<String> = stats.edge_nodes.iter().take(20).map(Ipv4Addr::to_string).collect();
-    let more = stats.edge_nodes.len().saturating_sub(shown.len());
-    let _ = write!(out, "edge nodes ({}): {}", stats.edge_nodes.len(), shown.join(", "));
-    if more > 0 {
-        let _ = write!(out, " … and {more} more (--json lists all)");
-    }
-    out.push('\n');
+    list_some(&mut out, "edge nodes", &stats.edge_nodes);
+    list_some(&mut out, "edge subnets", &stats.edge_subnets);
     let _ = writeln!(
         out,
         "handshakes pending {}, accepted with their origin {}, not redirected for want of socket storage {}, \
@@ -154,6 +166,7 @@ pub fn render_json(pin_dir: &Path, stats: &DnatStats, links: &[PinnedLink]) -> s
             "port": r.port, "targetPort": r.target_port, "redirected": r.redirected,
         })).collect::<Vec<_>>(),
         "edgeNodes": stats.edge_nodes.iter().map(Ipv4Addr::to_string).collect::<Vec<_>>(),
+        "edgeSubnets": stats.edge_subnets.iter().map(Ipv4Net::to_string).collect::<Vec<_>>(),
         "handshakesPending": stats.handshakes_pending,
         "acceptedWithOrigin": stats.accepted_with_origin,
         "noStorage": stats.no_storage,
@@ -180,8 +193,9 @@ pub fn render_prometheus(stats: &DnatStats) -> String {
             rule.port, rule.target_port, rule.redirected
         );
     }
-    let gauges: [(&str, &str, &str, u64); 5] = [
+    let gauges: [(&str, &str, &str, u64); 6] = [
         ("netd_dnat_edge_nodes", "gauge", "Edge node addresses redirected.", stats.edge_nodes.len() as u64),
+        ("netd_dnat_edge_subnets", "gauge", "Edge pod subnets redirected.", stats.edge_subnets.len() as u64),
         (
             "netd_dnat_handshakes_pending",
             "gauge",
@@ -226,6 +240,7 @@ mod tests {
             scope: Scope::HostNetwork,
             rules: vec![RuleStats { port: 10250, target_port: 10263, redirected: 7 }],
             edge_nodes: vec![Ipv4Addr::new(10, 0, 5, 1)],
+            edge_subnets: vec!["10.244.7.0/24".parse().unwrap(), "10.244.8.0/24".parse().unwrap()],
             handshakes_pending: 0,
             accepted_with_origin: 7,
             no_storage: 0,
@@ -238,6 +253,9 @@ mod tests {
         let text = render_prometheus(&stats());
         assert!(text.contains("netd_dnat_redirected_total{port=\"10250\",target_port=\"10263\"} 7\n"), "{text}");
         assert!(text.contains("# TYPE netd_dnat_edge_nodes gauge\nnetd_dnat_edge_nodes 1\n"), "{text}");
+        assert!(text.contains("netd_dnat_edge_subnets 2\n"), "{text}");
+        let shown = render_text(Path::new("/sys/fs/bpf/netd"), &stats(), &[]);
+        assert!(shown.contains("edge subnets (2): 10.244.7.0/24, 10.244.8.0/24\n"), "{shown}");
     }
 
     #[test]

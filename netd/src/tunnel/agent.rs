@@ -126,7 +126,7 @@ pub fn refusal(config: &AgentConfig, dest: SocketAddr) -> Option<&'static str> {
 }
 
 /// Full-jitter backoff for attempt `n` (0-based).
-fn backoff(attempt: u32) -> Duration {
+pub(super) fn backoff(attempt: u32) -> Duration {
     let ceiling = BACKOFF_BASE.saturating_mul(1u32 << attempt.min(16)).min(BACKOFF_CAP);
     // RandomState is seeded per instance by the OS: a dependency-free random draw.
     let random = std::collections::hash_map::RandomState::new().build_hasher().finish();

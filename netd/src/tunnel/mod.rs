@@ -7,10 +7,13 @@
 //! with the roles reversed carries one stream per tunnelled TCP connection,
 //! each with its own flow control ([`transport`]). [`agent`] is the edge
 //! side; [`server`] the cloud side with its front doors (DNAT'd connections,
-//! HTTP CONNECT); [`run`] the two long-running processes.
+//! HTTP CONNECT, plain HTTP by Host), routing by [`routes`] (certificate
+//! addresses and the registry's leases: node addresses and pod subnets);
+//! [`run`] the two long-running processes.
 
 pub mod agent;
 pub mod certs;
+pub mod routes;
 pub mod run;
 pub mod server;
 pub mod tls;

@@ -16,8 +16,11 @@ use tokio::net::TcpListener;
 
 use super::agent::{self, AgentConfig, AgentMetrics};
 use super::certs::{self, CertError, CertFiles};
+use super::routes::LeaseRoute;
 use super::server::{self, Router};
 use super::tls::{self, TlsError};
+use crate::registry::{AnyRegistry, OpenSettings, PeerEvent, PeerLease, Registry, RegistrySpec};
+use crate::subnet_env::{SubnetEnv, SubnetEnvError};
 use netd_ebpf::dnat::{DnatError, TunnelDnat};
 
 /// The ports an agent always allows: kubelet's API and its read-only port.
@@ -44,6 +47,9 @@ pub enum TunnelError {
     /// The tunnel DNAT's maps could not be opened.
     #[error(transparent)]
     Dnat(#[from] DnatError),
+    /// The registry settings can never work.
+    #[error("tunnel server: the registry")]
+    Registry(#[source] crate::registry::RegistryError),
     /// The agent was given no server.
     #[error("no tunnel server given (--server HOST:PORT)")]
     NoServers,
@@ -71,6 +77,9 @@ pub struct ServerSettings {
     pub certs: CertFiles,
     /// `/metrics` and `/healthz` (plain HTTP).
     pub metrics_listen: Option<SocketAddr>,
+    /// Where node addresses and pod subnets come from (the leases); without
+    /// one, only the agents' certificate addresses route.
+    pub registry: Option<(RegistrySpec, OpenSettings)>,
 }
 
 /// What a tunnel agent runs.
@@ -84,8 +93,11 @@ pub struct AgentSettings {
     pub certs: CertFiles,
     /// The node's addresses; default: its certificate's IP SANs.
     pub node_addresses: Vec<IpAddr>,
-    /// The node's pod subnets (pulling pod metrics through the tunnel).
+    /// The node's pod subnets (pulling pod metrics through the tunnel);
+    /// default: the subnet in `subnet_env`, when that file exists.
     pub pod_subnets: Vec<IpNet>,
+    /// flannel's `subnet.env`, which netd writes on this node.
+    pub subnet_env: PathBuf,
     /// Ports allowed besides 10250 and 10255.
     pub extra_ports: Vec<u16>,
     /// `/metrics` and `/healthz` (plain HTTP).
@@ -230,12 +242,76 @@ pub async fn run_server(settings: ServerSettings) -> Result<(), TunnelError> {
             Err(err) => return Err(err.into()),
         }
     }
+    if let Some((spec, open)) = &settings.registry {
+        let registry = AnyRegistry::open(spec, open).await.map_err(TunnelError::Registry)?;
+        tracing::info!("tunnel server: routes node addresses and pod subnets by the leases of {}", registry.describe());
+        tasks.spawn(follow_leases(registry, router.clone()));
+    }
     if let Some(addr) = settings.metrics_listen {
         let metrics_router = router.clone();
         tasks.spawn(serve_metrics(bind(addr).await?, Arc::new(move || server_metrics(&metrics_router))));
     }
     while tasks.join_next().await.is_some() {}
     Ok(())
+}
+
+/// The route a peer lease gives, when it names its node (agents are known
+/// by node name).
+fn lease_route(peer: &PeerLease) -> Option<LeaseRoute> {
+    let lease = &peer.lease;
+    let node = lease.node.clone().filter(|node| !node.is_empty());
+    if node.is_none() {
+        tracing::debug!("lease {} names no node: not routed", lease.subnet);
+    }
+    Some(LeaseRoute { node: node?, address: lease.public_ip, subnet: lease.subnet })
+}
+
+/// Keeps the router's lease routes equal to the registry's leases, forever;
+/// a registry that fails is retried with backoff, and what was known keeps
+/// routing meanwhile.
+async fn follow_leases(mut registry: AnyRegistry, router: Arc<Router>) {
+    // The server holds no lease: a /32 no lease has excludes nothing.
+    let no_own_subnet = ipnet::Ipv4Net::from(std::net::Ipv4Addr::UNSPECIFIED);
+    let mut failures = 0u32;
+    loop {
+        match registry.next_event(no_own_subnet).await {
+            Ok(event) => {
+                failures = 0;
+                match event {
+                    PeerEvent::Resync(peers) => {
+                        let routes: Vec<LeaseRoute> = peers.iter().filter_map(lease_route).collect();
+                        tracing::info!("tunnel server: {} leased nodes routable", routes.len());
+                        router.replace_leases(routes);
+                    }
+                    PeerEvent::Upsert(peer) => {
+                        if let Some(route) = lease_route(&peer) {
+                            router.upsert_lease(route);
+                        }
+                    }
+                    PeerEvent::Remove(subnet) => router.remove_lease(subnet),
+                }
+            }
+            Err(err) => {
+                let wait = agent::backoff(failures);
+                failures = failures.saturating_add(1);
+                tracing::warn!("tunnel server: registry {}: {err}; retrying in {wait:?}", registry.describe());
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+/// This node's pod subnet from the `subnet.env` netd writes: none when the
+/// node has no netd (no file), a warning when the file is unusable.
+fn own_pod_subnet(path: &std::path::Path) -> Option<IpNet> {
+    match SubnetEnv::read(path) {
+        Ok(env) => Some(env.subnet.trunc()),
+        Err(SubnetEnvError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => None,
+        Err(err) => {
+            tracing::warn!("tunnel agent: no pod subnet from {err}");
+            None
+        }
+    }
 }
 
 /// Runs a tunnel agent until the future is dropped.
@@ -253,20 +329,25 @@ pub async fn run_agent(settings: AgentSettings) -> Result<(), TunnelError> {
     } else {
         settings.node_addresses.clone()
     };
+    let pod_subnets = if settings.pod_subnets.is_empty() {
+        own_pod_subnet(&settings.subnet_env).into_iter().collect()
+    } else {
+        settings.pod_subnets.clone()
+    };
     let (tls, reload) = tls::follow(settings.certs.clone(), tls::RELOAD_POLL, tls::agent)?;
     let mut allowed_ports: BTreeSet<u16> = KUBELET_PORTS.into_iter().collect();
     allowed_ports.extend(&settings.extra_ports);
     tracing::info!(
         "tunnel agent: servers {:?}, dialling {node_addresses:?} and {:?} on ports {allowed_ports:?}",
         settings.servers,
-        settings.pod_subnets
+        pod_subnets
     );
     let config = AgentConfig {
         servers: settings.servers.clone(),
         server_name,
         tls,
         own_addresses: node_addresses,
-        pod_subnets: settings.pod_subnets.clone(),
+        pod_subnets,
         allowed_ports,
     };
     let metrics = Arc::new(AgentMetrics::default());

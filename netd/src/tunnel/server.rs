@@ -20,9 +20,11 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::Empty;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use ipnet::Ipv4Net;
 use tokio::net::TcpListener;
 
 use super::certs;
+use super::routes::{LeaseRoute, RouteTable};
 use super::tls::Live;
 use super::transport::{self, Counted, TunnelStream};
 use netd_ebpf::dnat::TunnelDnat;
@@ -87,11 +89,11 @@ struct Agent {
     serial: u64,
 }
 
-/// Node name → its agent's link; address → node name.
+/// Node name → its agent's link, and who owns which address ([`RouteTable`]).
 #[derive(Default)]
 pub struct Router {
     agents: Mutex<HashMap<String, Agent>>,
-    by_address: Mutex<HashMap<IpAddr, String>>,
+    routes: Mutex<RouteTable>,
     serial: AtomicU64,
     /// Counters.
     pub metrics: ServerMetrics,
@@ -104,10 +106,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Router {
     fn insert(&self, node: &str, addresses: Vec<IpAddr>, link: h2::client::SendRequest<Bytes>) -> u64 {
         let serial = self.serial.fetch_add(1, Ordering::Relaxed);
-        let mut by_address = lock(&self.by_address);
-        for address in &addresses {
-            by_address.insert(*address, node.to_string());
-        }
+        lock(&self.routes).certify(node, &addresses);
         let previous = lock(&self.agents).insert(node.to_string(), Agent { link, addresses, serial });
         if previous.is_none() {
             self.metrics.agents.fetch_add(1, Ordering::Relaxed);
@@ -119,12 +118,7 @@ impl Router {
         let mut agents = lock(&self.agents);
         if agents.get(node).is_some_and(|agent| agent.serial == serial) {
             if let Some(agent) = agents.remove(node) {
-                let mut by_address = lock(&self.by_address);
-                for address in agent.addresses {
-                    if by_address.get(&address).is_some_and(|owner| owner == node) {
-                        by_address.remove(&address);
-                    }
-                }
+                lock(&self.routes).uncertify(node, &agent.addresses);
             }
             self.metrics.agents.fetch_sub(1, Ordering::Relaxed);
         }
@@ -137,21 +131,38 @@ impl Router {
         nodes
     }
 
-    /// The node whose agent owns `ip`.
+    /// The node that owns `ip`: its node address or pod IP, by the
+    /// registry's leases or an agent's certificate.
     pub fn node_of(&self, ip: IpAddr) -> Option<String> {
-        lock(&self.by_address).get(&ip).cloned()
+        lock(&self.routes).node_of(ip).map(str::to_string)
     }
 
-    /// The first address of a node's agent (for `CONNECT <node name>:port`).
+    /// A node's address for `CONNECT <node name>:port`: its agent's first
+    /// certificate IP, else its lease's.
     pub fn address_of(&self, node: &str) -> Option<IpAddr> {
-        lock(&self.agents).get(node).and_then(|agent| agent.addresses.first().copied())
+        let certified = lock(&self.agents).get(node).and_then(|agent| agent.addresses.first().copied());
+        certified.or_else(|| lock(&self.routes).lease_address_of(node).map(IpAddr::V4))
+    }
+
+    /// The registry's whole lease set (a resync) replaces what was known.
+    pub fn replace_leases(&self, routes: impl IntoIterator<Item = LeaseRoute>) {
+        lock(&self.routes).replace_leases(routes);
+    }
+
+    /// A lease appeared or changed.
+    pub fn upsert_lease(&self, route: LeaseRoute) {
+        lock(&self.routes).upsert_lease(route);
+    }
+
+    /// The lease of `subnet` is gone.
+    pub fn remove_lease(&self, subnet: Ipv4Net) {
+        lock(&self.routes).remove_lease(subnet);
     }
 
     /// Opens a tunnelled connection to `dest` through the agent that owns it.
     pub async fn open(&self, dest: SocketAddr) -> Result<TunnelStream, RouteError> {
         let (node, link) = {
-            let by_address = lock(&self.by_address);
-            let node = by_address.get(&dest.ip()).cloned();
+            let node = self.node_of(dest.ip());
             let agents = lock(&self.agents);
             match node.and_then(|node| agents.get(&node).map(|agent| (node, agent.link.clone()))) {
                 Some(found) => found,
