@@ -159,6 +159,10 @@ impl Noun for ipnet::Ipv4Net {
     const NOUN: &'static str = "an IPv4 CIDR";
 }
 
+impl Noun for std::net::SocketAddr {
+    const NOUN: &'static str = "an IP:PORT address";
+}
+
 impl<T: FromStr + Noun> FromStr for CommaList<T> {
     type Err = String;
 
@@ -559,28 +563,6 @@ Examples:
   netd tunnel-agent --server cloud-a:10262,cloud-b:10262 --cert-dir /etc/netd/tunnel \\
       --pod-subnet 10.244.7.0/24 --extra-ports 9100";
 
-/// Comma-separated socket addresses; "" is none.
-#[derive(Debug, Clone)]
-struct AddrList(Vec<std::net::SocketAddr>);
-
-impl FromStr for AddrList {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        split_list(s, "an IP:PORT address").map(Self)
-    }
-}
-
-fn split_list<T: FromStr>(s: &str, what: &str) -> Result<Vec<T>, String> {
-    if s.trim().is_empty() {
-        return Ok(Vec::new());
-    }
-    s.split(',')
-        .enumerate()
-        .map(|(i, token)| token.trim().parse().map_err(|_| format!("token {} {:?} is not {what}", i + 1, token.trim())))
-        .collect()
-}
-
 #[derive(Debug, Args)]
 struct LogArgs {
     /// Log level.
@@ -605,14 +587,12 @@ struct TunnelServerArgs {
     /// The HTTP CONNECT door for kube-apiserver's egress selector (TLS, client certificate from the CA).
     #[arg(long, env = "NETD_TUNNEL_CONNECT_LISTEN", value_name = "IP:PORT", default_value = "0.0.0.0:10265")]
     connect_listen: std::net::SocketAddr,
-    /// The DNAT doors, opened when a tunnel DNAT is pinned ("" for none).
-    #[arg(
-        long,
-        env = "NETD_TUNNEL_DNAT_LISTEN",
-        value_name = "IP:PORT,...",
-        default_value = "0.0.0.0:10263,0.0.0.0:10264"
-    )]
-    dnat_listen: AddrList,
+    /// The DNAT doors for kubelet's TLS, opened when a tunnel DNAT is pinned ("" for none).
+    #[arg(long, env = "NETD_TUNNEL_DNAT_LISTEN", value_name = "IP:PORT,...", default_value = "0.0.0.0:10263")]
+    dnat_listen: CommaList<std::net::SocketAddr>,
+    /// The HTTP door: DNAT'd connections (when pinned) and plain HTTP routed by Host ("" for none).
+    #[arg(long, env = "NETD_TUNNEL_HTTP_LISTEN", value_name = "IP:PORT", default_value = "0.0.0.0:10264")]
+    http_listen: CommaList<std::net::SocketAddr>,
     /// Where the tunnel DNAT is pinned.
     #[arg(long, env = "NETD_DNAT_PIN_DIR", value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
     dnat_pin_dir: PathBuf,
@@ -669,6 +649,11 @@ fn tunnel_server(args: TunnelServerArgs) -> Result<()> {
         agents_listen: args.agents_listen,
         connect_listen: Some(args.connect_listen),
         dnat_listen: args.dnat_listen.0,
+        http_listen: match args.http_listen.0.as_slice() {
+            [] => None,
+            [addr] => Some(*addr),
+            more => bail!("--http-listen takes one IP:PORT, not {}", more.len()),
+        },
         dnat_pin_dir: args.dnat_pin_dir,
         certs: netd::tunnel::certs::CertFiles::in_dir(&args.certs.cert_dir, "server"),
         metrics_listen: Some(args.metrics_listen),
@@ -694,6 +679,7 @@ fn tunnel_registry(
         network: args.network,
         token_file: args.token_file,
         ca_file: args.ca_file,
+        poll: netd::registry::embedded::DEFAULT_POLL,
         ..Default::default()
     };
     Ok(Some((spec, open)))

@@ -349,7 +349,7 @@ impl Daemon {
             network: self.config.network,
             token_file: self.config.token_file.clone(),
             ca_file: self.config.ca_file.clone(),
-            poll: Duration::from_millis(250),
+            poll: crate::registry::embedded::DEFAULT_POLL,
         };
         let registry = AnyRegistry::open(&self.config.registry, &settings).await.map_err(DaemonError::Unsupported)?;
         self.start_pin_keeper(&registry)?;

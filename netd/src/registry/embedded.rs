@@ -32,6 +32,9 @@ use crate::model::Lease;
 
 /// Where the daemon looks for the embedded registry by default.
 pub const DEFAULT_PATH: &str = "/var/lib/netd/registry.db";
+/// How often an embedded registry's readers look for changes: a change
+/// reaches peers within this, at one small SQLite read per interval.
+pub const DEFAULT_POLL: std::time::Duration = std::time::Duration::from_millis(250);
 const FORMAT_VERSION: i64 = 1;
 
 /// A registry in a local SQLite file.

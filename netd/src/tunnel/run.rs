@@ -69,8 +69,12 @@ pub struct ServerSettings {
     pub agents_listen: SocketAddr,
     /// The HTTP CONNECT door (TLS, client certificates from the CA).
     pub connect_listen: Option<SocketAddr>,
-    /// The DNAT doors (10263, 10264): opened when a tunnel DNAT is pinned.
+    /// The DNAT doors for byte streams (10263, kubelet's TLS): opened when
+    /// a tunnel DNAT is pinned.
     pub dnat_listen: Vec<SocketAddr>,
+    /// The HTTP door (10264): DNAT'd connections when a tunnel DNAT is
+    /// pinned, and plain HTTP routed by `Host`.
+    pub http_listen: Option<SocketAddr>,
     /// Where the tunnel DNAT is pinned.
     pub dnat_pin_dir: PathBuf,
     /// The server's certificate, key and CA.
@@ -226,21 +230,31 @@ pub async fn run_server(settings: ServerSettings) -> Result<(), TunnelError> {
         tasks.spawn(server::serve_connect(bind(addr).await?, connect_tls, router.clone()));
         tracing::info!("tunnel server: HTTP CONNECT door on {addr}");
     }
-    if !settings.dnat_listen.is_empty() {
+    let dnat = if settings.dnat_listen.is_empty() && settings.http_listen.is_none() {
+        None
+    } else {
         match TunnelDnat::open(&settings.dnat_pin_dir) {
-            Ok(dnat) => {
-                let dnat = Arc::new(dnat);
-                for addr in &settings.dnat_listen {
-                    tasks.spawn(server::serve_dnat(bind(*addr).await?, dnat.clone(), router.clone()));
-                    tracing::info!("tunnel server: DNAT door on {addr}");
-                }
+            Ok(dnat) => Some(Arc::new(dnat)),
+            Err(DnatError::NotAttached { pin_dir }) => {
+                tracing::warn!(
+                    "tunnel server: no tunnel DNAT pinned under {} (netd dnat apply): DNAT doors stay closed",
+                    pin_dir.display()
+                );
+                None
             }
-            Err(DnatError::NotAttached { pin_dir }) => tracing::warn!(
-                "tunnel server: no tunnel DNAT pinned under {} (netd dnat apply): DNAT doors stay closed",
-                pin_dir.display()
-            ),
             Err(err) => return Err(err.into()),
         }
+    };
+    if let Some(dnat) = &dnat {
+        for addr in &settings.dnat_listen {
+            tasks.spawn(server::serve_dnat(bind(*addr).await?, dnat.clone(), router.clone()));
+            tracing::info!("tunnel server: DNAT door on {addr}");
+        }
+    }
+    if let Some(addr) = settings.http_listen {
+        tasks.spawn(server::serve_http_door(bind(addr).await?, dnat.clone(), router.clone()));
+        let redirected = if dnat.is_some() { "DNAT'd connections and " } else { "" };
+        tracing::info!("tunnel server: HTTP door on {addr} ({redirected}plain HTTP by Host)");
     }
     if let Some((spec, open)) = &settings.registry {
         let registry = AnyRegistry::open(spec, open).await.map_err(TunnelError::Registry)?;

@@ -8,7 +8,9 @@
 //! - the DNAT ports (10263/10264): connections the eBPF tunnel DNAT
 //!   redirected; the destination is their original one;
 //! - HTTP `CONNECT host:port` on a TLS listener, what kube-apiserver's
-//!   egress selector sends; no agent for the host: 503 at once.
+//!   egress selector sends; no agent for the host: 503 at once;
+//! - plain HTTP on the HTTP door (10264), by `Host`, for clients the DNAT
+//!   does not cover (Prometheus on another machine, `curl` by hand).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -279,6 +281,29 @@ pub async fn serve_agents(listener: TcpListener, tls: Live<rustls::ServerConfig>
     }
 }
 
+/// Tunnels one front-door connection to `dest`, for as long as it lasts.
+async fn tunnel_to<S>(router: &Router, front: S, dest: SocketAddr, peer: SocketAddr)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    match router.open(dest).await {
+        Ok(tunnel) => router.splice(front, tunnel).await,
+        Err(err) => tracing::info!("connection from {peer} to {dest}: {err}"),
+    }
+}
+
+/// The original destination of a connection the DNAT redirected; `None`
+/// when it was not redirected (or its record cannot be read).
+fn redirected_to(dnat: &TunnelDnat, front: &tokio::net::TcpStream, peer: SocketAddr) -> Option<SocketAddr> {
+    match dnat.original_dst(front) {
+        Ok(dest) => dest.map(SocketAddr::V4),
+        Err(err) => {
+            tracing::warn!("original destination of a connection from {peer}: {err}");
+            None
+        }
+    }
+}
+
 /// The DNAT front door: connections the eBPF tunnel DNAT redirected to this
 /// listener, tunnelled to their original destination.
 pub async fn serve_dnat(listener: TcpListener, dnat: Arc<TunnelDnat>, router: Arc<Router>) {
@@ -287,23 +312,118 @@ pub async fn serve_dnat(listener: TcpListener, dnat: Arc<TunnelDnat>, router: Ar
         let (dnat, router) = (dnat.clone(), router.clone());
         tokio::spawn(async move {
             let _ = front.set_nodelay(true);
-            let dest = match dnat.original_dst(&front) {
-                Ok(Some(dest)) => SocketAddr::V4(dest),
-                Ok(None) => {
+            match redirected_to(&dnat, &front, peer) {
+                Some(dest) => tunnel_to(&router, front, dest, peer).await,
+                None => {
                     router.metrics.not_redirected.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!("connection from {peer} was not redirected by the tunnel DNAT: closed");
-                    return;
                 }
-                Err(err) => {
-                    tracing::warn!("original destination of a connection from {peer}: {err}");
-                    return;
-                }
-            };
-            match router.open(dest).await {
-                Ok(tunnel) => router.splice(front, tunnel).await,
-                Err(err) => tracing::info!("connection from {peer} to {dest}: {err}"),
             }
         });
+    }
+}
+
+/// The plain-HTTP door (10264). A connection the DNAT redirected is
+/// tunnelled to its original destination as it is. Any other connection
+/// is HTTP/1.1 (hyper), each request sent on its own tunnel stream to the
+/// node its absolute URI or `Host` names (`node-ip:port`, `node-name:port`,
+/// a pod IP; port 80 when none): `curl -H 'Host: 10.0.5.7:10255' …/metrics`,
+/// or this door as an HTTP proxy (`curl -x http://door:10264 http://10.0.5.7:10255/…`).
+pub async fn serve_http_door(listener: TcpListener, dnat: Option<Arc<TunnelDnat>>, router: Arc<Router>) {
+    loop {
+        let Ok((front, peer)) = listener.accept().await else { continue };
+        let (dnat, router) = (dnat.clone(), router.clone());
+        tokio::spawn(async move {
+            let _ = front.set_nodelay(true);
+            if let Some(dest) = dnat.as_deref().and_then(|dnat| redirected_to(dnat, &front, peer)) {
+                return tunnel_to(&router, front, dest, peer).await;
+            }
+            let metrics = &router.metrics;
+            let front = Counted::new(front, &metrics.bytes_to_edge, &metrics.bytes_from_edge);
+            let service_router = router.clone();
+            let service = hyper::service::service_fn(move |request| proxy_by_host(service_router.clone(), request));
+            let connection = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(front), service);
+            if let Err(err) = connection.await {
+                tracing::debug!("HTTP door client {peer}: {err}");
+            }
+        });
+    }
+}
+
+type ProxyBody = http_body_util::Either<Incoming, Empty<Bytes>>;
+
+fn proxy_status(status: StatusCode) -> Response<ProxyBody> {
+    let mut response = Response::new(http_body_util::Either::Right(Empty::new()));
+    *response.status_mut() = status;
+    response
+}
+
+/// Where a plain-HTTP request goes: its absolute URI's authority, else its
+/// `Host`.
+fn request_authority(request: &Request<Incoming>) -> Option<String> {
+    let authority = match request.uri().authority() {
+        Some(authority) => authority.as_str().to_string(),
+        None => request.headers().get(http::header::HOST)?.to_str().ok()?.to_string(),
+    };
+    // `[v6]:port`, `v4:port` or `name:port`; a bare IPv6 host must be bracketed.
+    let has_port = authority
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| port.parse::<u16>().is_ok() && (!host.contains(':') || host.ends_with(']')));
+    Some(if has_port { authority } else { format!("{authority}:80") })
+}
+
+async fn proxy_by_host(
+    router: Arc<Router>,
+    mut request: Request<Incoming>,
+) -> Result<Response<ProxyBody>, hyper::Error> {
+    let Some(authority) = request_authority(&request) else {
+        return Ok(proxy_status(StatusCode::BAD_REQUEST));
+    };
+    let dest = match connect_target(&router, &authority) {
+        Ok(dest) => dest,
+        Err(err) => {
+            router.metrics.no_agent.fetch_add(1, Ordering::Relaxed);
+            tracing::info!("HTTP to {authority}: {err}");
+            return Ok(proxy_status(StatusCode::SERVICE_UNAVAILABLE));
+        }
+    };
+    let tunnel = match router.open(dest).await {
+        Ok(tunnel) => tunnel,
+        Err(err) => {
+            tracing::info!("HTTP to {authority}: {err}");
+            return Ok(proxy_status(route_status(&err)));
+        }
+    };
+    let (mut sender, connection) = match hyper::client::conn::http1::handshake(TokioIo::new(tunnel)).await {
+        Ok(pair) => pair,
+        Err(err) => {
+            tracing::info!("HTTP to {authority}: {err}");
+            return Ok(proxy_status(StatusCode::BAD_GATEWAY));
+        }
+    };
+    let open_router = router.clone();
+    tokio::spawn(async move {
+        open_router.metrics.streams_open.fetch_add(1, Ordering::Relaxed);
+        let _ = connection.await;
+        open_router.metrics.streams_open.fetch_sub(1, Ordering::Relaxed);
+    });
+    // Upstream in origin form, whichever form the client used.
+    let path = request.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
+    *request.uri_mut() = path.parse().unwrap_or_default();
+    match sender.send_request(request).await {
+        Ok(response) => Ok(response.map(http_body_util::Either::Left)),
+        Err(err) => {
+            tracing::info!("HTTP to {authority}: {err}");
+            Ok(proxy_status(StatusCode::BAD_GATEWAY))
+        }
+    }
+}
+
+fn route_status(err: &RouteError) -> StatusCode {
+    match err {
+        RouteError::NoAgent(_) | RouteError::NoNode(_) => StatusCode::SERVICE_UNAVAILABLE,
+        RouteError::Refused { .. } => StatusCode::FORBIDDEN,
+        RouteError::Link { .. } => StatusCode::BAD_GATEWAY,
     }
 }
 
@@ -347,12 +467,7 @@ async fn handle_connect(
         Ok(tunnel) => tunnel,
         Err(err) => {
             tracing::info!("CONNECT {authority}: {err}");
-            let status = match err {
-                RouteError::NoAgent(_) | RouteError::NoNode(_) => StatusCode::SERVICE_UNAVAILABLE,
-                RouteError::Refused { .. } => StatusCode::FORBIDDEN,
-                RouteError::Link { .. } => StatusCode::BAD_GATEWAY,
-            };
-            return Ok(plain(status));
+            return Ok(plain(route_status(&err)));
         }
     };
     tokio::spawn(async move {

@@ -1,0 +1,321 @@
+//! Beyond node addresses: plain HTTP routed by `Host` on the tunnel
+//! server's HTTP door, pod IPs routed by the registry's leases, and a
+//! Prometheus-style pull of an edge pod's metrics from a cloud pod through
+//! the eBPF DNAT and the tunnel — on the stage of `common/tunnel_stage.rs`
+//! (no route from the cloud to the edge, only the agent's link).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+#[path = "common/tunnel_stage.rs"]
+mod tunnel_stage;
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::StatusCode;
+use ipnet::{IpNet, Ipv4Net};
+use netd::ebpf::dnat::{AttachOptions, Scope, TunnelDnat};
+use netd::registry::embedded::EmbeddedRegistry;
+use netd::registry::{LeaseRequest, NetworkConfig, Registry};
+use netd::testing::{self, Cgroup, NetNs, PinDir, VethPair};
+use netd::tunnel::agent::{AgentConfig, AgentMetrics};
+use netd::tunnel::routes::LeaseRoute;
+use netd::tunnel::server::{self, Router};
+use tokio::net::TcpListener;
+use tunnel_stage::{wait_for, Background, Stage, AGENT_PORT, CLOUD_IP, DAY, NODE, NODE_IP};
+
+/// A pod on the edge node, inside the node's pod subnet.
+const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 7, 19);
+const POD_SUBNET: &str = "10.244.7.0/24";
+/// Another node's pod subnet, and a pod in it.
+const OTHER_SUBNET: &str = "10.244.8.0/24";
+const OTHER_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 8, 19);
+const METRICS_PORT: u16 = 9100;
+const HTTP_DOOR: u16 = 10264;
+
+fn net(text: &str) -> Ipv4Net {
+    text.parse().unwrap()
+}
+
+/// The edge's HTTP servers: kubelet's read-only port on the node address
+/// and a pod's metrics port on the pod IP; each answers with who it is and
+/// the path it was asked for.
+fn edge_http(stage: &Stage) -> Background {
+    stage.edge.ip(&["addr", "add", &format!("{POD_IP}/32"), "dev", "lo"]).unwrap();
+    Background::start(&stage.edge.path(), || async {
+        let kubelet = TcpListener::bind((NODE_IP, 10255)).await.unwrap();
+        let pod = TcpListener::bind((POD_IP, METRICS_PORT)).await.unwrap();
+        tokio::join!(
+            netd::http::serve_text(kubelet, |path| async move { (StatusCode::OK, format!("kubelet {path}\n")) }),
+            netd::http::serve_text(pod, |path| async move { (StatusCode::OK, format!("pod metrics {path}\n")) }),
+        );
+    })
+}
+
+/// The agent of this node's pod subnet, allowing the metrics port too.
+fn pod_agent_config(stage: &Stage) -> AgentConfig {
+    let mut config = stage.agent_config(NODE);
+    config.pod_subnets = vec![IpNet::V4(net(POD_SUBNET))];
+    config.allowed_ports.insert(METRICS_PORT);
+    config
+}
+
+/// `curl` in `ns`: (exit success, HTTP code as curl saw it, body).
+fn curl(ns: &NetNs, args: &[&str]) -> (bool, String, String) {
+    let mut full = vec!["-sS", "-m", "10", "-w", "\n%{http_code}"];
+    full.extend_from_slice(args);
+    // Not NetNs::exec: a failed transfer is an outcome here, not an error.
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", ns.path().display()))
+        .arg("curl")
+        .args(&full)
+        // Only the proxy a test names with -x.
+        .env_remove("http_proxy")
+        .env_remove("HTTP_PROXY")
+        .env_remove("all_proxy")
+        .env_remove("ALL_PROXY")
+        .output()
+        .unwrap();
+    eprintln!("curl {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (out.status.success(), code.to_string(), body.to_string())
+}
+
+/// The HTTP door (plain HTTP by `Host`, no DNAT) on the cloud address.
+fn http_door(stage: &Stage, router: Arc<Router>) -> Background {
+    Background::start(&stage.cloud.path(), move || async move {
+        let listener = TcpListener::bind((CLOUD_IP, HTTP_DOOR)).await.unwrap();
+        server::serve_http_door(listener, None, router).await;
+    })
+}
+
+#[test]
+fn plain_http_on_the_http_door_is_routed_by_host_and_pod_ips_by_the_leases() {
+    let Some(_kernel) = testing::privileged().unwrap() else { return };
+    let stage = Stage::new();
+    let _edge_http = edge_http(&stage);
+    let router = Arc::new(Router::default());
+    let _server = stage.server(router.clone());
+    let _door = http_door(&stage, router.clone());
+    let metrics = Arc::new(AgentMetrics::default());
+    let _agent = stage.agent(pod_agent_config(&stage), metrics.clone());
+    wait_for("the agent's link", Duration::from_secs(10), || router.nodes() == vec![NODE.to_string()]);
+    let door = format!("http://{CLOUD_IP}:{HTTP_DOOR}");
+
+    // Origin form with Host: two requests on one kept-alive connection,
+    // each its own tunnel stream.
+    let host = format!("Host: {NODE_IP}:10255");
+    let (ok, code, body) =
+        curl(&stage.cloud, &["-H", &host, &format!("{door}/stats/summary"), &format!("{door}/pods")]);
+    assert!(ok, "{code} {body}");
+    assert_eq!(body, "kubelet /stats/summary\n\n200kubelet /pods\n", "both answers, in order");
+    assert_eq!(router.metrics.streams_total.load(Ordering::Relaxed), 2);
+    // Proxy form, by node name (the certificate's address).
+    let (_, code, body) = curl(&stage.cloud, &["-x", &door, &format!("http://{NODE}:10255/healthz")]);
+    assert_eq!((code.as_str(), body.as_str()), ("200", "kubelet /healthz\n"));
+
+    // A pod IP: nothing routes it until the registry's lease says whose it is.
+    let pod_url = format!("http://{POD_IP}:{METRICS_PORT}/metrics");
+    let (_, code, _) = curl(&stage.cloud, &["-x", &door, &pod_url]);
+    assert_eq!(code, "503", "no lease holds the pod IP yet");
+    router.upsert_lease(LeaseRoute { node: NODE.into(), address: NODE_IP, subnet: net(POD_SUBNET) });
+    let (_, code, body) = curl(&stage.cloud, &["-x", &door, &pod_url]);
+    assert_eq!((code.as_str(), body.as_str()), ("200", "pod metrics /metrics\n"));
+
+    // Refusals: a port the agent does not allow (no port: 80), a node nobody
+    // serves, a Host that is no address at all.
+    for (host, want) in [
+        (format!("{NODE_IP}:22"), "403"),
+        (NODE_IP.to_string(), "403"),
+        ("edge-9:10255".to_string(), "503"),
+        ("[::1".to_string(), "400"),
+    ] {
+        let (_, code, body) = curl(&stage.cloud, &["-H", &format!("Host: {host}"), &format!("{door}/x")]);
+        assert_eq!(code, want, "Host {host}: {body}");
+    }
+    assert_eq!(metrics.refused_port.load(Ordering::Relaxed), 2);
+    // The lease is gone: so is the route.
+    router.remove_lease(net(POD_SUBNET));
+    assert_eq!(curl(&stage.cloud, &["-x", &door, &pod_url]).1, "503");
+}
+
+#[test]
+fn a_cloud_pod_pulls_an_edge_pods_metrics_through_dnat_and_the_tunnel() {
+    let Some(_kernel) = testing::privileged().unwrap() else { return };
+    let stage = Stage::new();
+    // A pod on the cloud node (Prometheus), routed through the cloud node.
+    let prometheus = NetNs::new().unwrap();
+    let _pod_link = VethPair::new((Some(&stage.cloud), "pod0"), (Some(&prometheus), "eth0")).unwrap();
+    stage.cloud.ip(&["addr", "add", "10.60.0.1/24", "dev", "pod0"]).unwrap();
+    stage.cloud.ip(&["link", "set", "pod0", "up"]).unwrap();
+    prometheus.ip(&["addr", "add", "10.60.0.2/24", "dev", "eth0"]).unwrap();
+    prometheus.ip(&["link", "set", "eth0", "up"]).unwrap();
+    prometheus.ip(&["route", "add", "default", "via", "10.60.0.1"]).unwrap();
+
+    let pins = PinDir::new().unwrap();
+    let cgroup = Cgroup::new().unwrap();
+    let options = AttachOptions {
+        pin_dir: pins.path().to_path_buf(),
+        cgroup: Some(cgroup.path().to_path_buf()),
+        original_dst_cgroup: None,
+    };
+    let (mut dnat, _) = TunnelDnat::load_or_attach(&options).unwrap();
+    stage.cloud.run(|| dnat.set_target(CLOUD_IP, Scope::AllNamespaces)).unwrap().unwrap();
+    dnat.set_port_rules([(10250, 10263), (10255, HTTP_DOOR), (METRICS_PORT, HTTP_DOOR)]).unwrap();
+    dnat.set_edge_nodes([NODE_IP]).unwrap();
+    dnat.set_edge_subnets([net(POD_SUBNET), net(OTHER_SUBNET)]).unwrap();
+
+    let router = Arc::new(Router::default());
+    router.upsert_lease(LeaseRoute { node: NODE.into(), address: NODE_IP, subnet: net(POD_SUBNET) });
+    // A registry that wrongly gives this node another node's subnet (stale
+    // or forged): the agent, which knows its own subnet, is the last word.
+    router.upsert_lease(LeaseRoute { node: NODE.into(), address: NODE_IP, subnet: net(OTHER_SUBNET) });
+    let _server = stage.server(router.clone());
+    // The door's listener is bound inside the DNAT cgroup, so sockops hands
+    // each accepted socket its original destination.
+    let listener = {
+        let _in_cgroup = cgroup.join().unwrap();
+        stage
+            .cloud
+            .run(|| {
+                let listener = std::net::TcpListener::bind((CLOUD_IP, HTTP_DOOR)).unwrap();
+                listener.set_nonblocking(true).unwrap();
+                listener
+            })
+            .unwrap()
+    };
+    let reader = Arc::new(TunnelDnat::open(pins.path()).unwrap());
+    let door_router = router.clone();
+    let _door = Background::start(&stage.cloud.path(), move || async move {
+        server::serve_http_door(TcpListener::from_std(listener).unwrap(), Some(reader), door_router).await;
+    });
+    let _edge_http = edge_http(&stage);
+    let metrics = Arc::new(AgentMetrics::default());
+    let _agent = stage.agent(pod_agent_config(&stage), metrics.clone());
+    wait_for("the agent's link", Duration::from_secs(10), || !router.nodes().is_empty());
+
+    // curl runs in the DNAT cgroup (it inherits this process's) and in the pod's namespace.
+    let _in_cgroup = cgroup.join().unwrap();
+    let (_, code, body) = curl(&prometheus, &[&format!("http://{POD_IP}:{METRICS_PORT}/metrics")]);
+    assert_eq!((code.as_str(), body.as_str()), ("200", "pod metrics /metrics\n"));
+    let (_, code, body) = curl(&prometheus, &[&format!("http://{NODE_IP}:10255/metrics/cadvisor")]);
+    assert_eq!((code.as_str(), body.as_str()), ("200", "kubelet /metrics/cadvisor\n"), "kubelet's read-only port");
+    // The other node's pod: the server sends it to this node's agent (per
+    // the bad lease), which refuses it; the client gets no answer.
+    let (ok, code, _) = curl(&prometheus, &[&format!("http://{OTHER_POD}:{METRICS_PORT}/metrics")]);
+    assert!(!ok && code == "000", "{code}");
+    assert_eq!(metrics.refused_address.load(Ordering::Relaxed), 1);
+    let stats = dnat.stats().unwrap();
+    let redirected = |port: u16| stats.rules.iter().find(|r| r.port == port).unwrap().redirected;
+    assert_eq!((redirected(METRICS_PORT), redirected(10255)), (2, 1));
+}
+
+/// Grants `node` its lease in the embedded registry at `db` (what its netd
+/// would do), the subnet it asks for.
+fn lease_in(db: &Path, node: &str, public_ip: Ipv4Addr, subnet: &str) {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let mut registry = EmbeddedRegistry::open(db, Duration::from_millis(50));
+        let config = registry.network_config().await.unwrap();
+        let request = LeaseRequest {
+            node: node.into(),
+            public_ip,
+            vtep_mac: netd::model::MacAddr([0x0e, 0, 0, 0, 0, 7]),
+            previous_subnet: Some(net(subnet)),
+        };
+        let lease = registry.acquire_lease(&config, &request).await.unwrap();
+        assert_eq!(lease.lease.subnet, net(subnet));
+    });
+}
+
+#[test]
+fn the_tunnel_server_process_routes_pod_ips_by_the_registrys_leases() {
+    let Some(_kernel) = testing::privileged().unwrap() else { return };
+    let stage = Stage::new();
+    let db = stage.pki.dir.path().join("registry.db");
+    let config = NetworkConfig { network: net("10.244.0.0/16"), subnet_len: 24, vni: 1 };
+    EmbeddedRegistry::create(&db, &config).unwrap();
+    lease_in(&db, NODE, NODE_IP, POD_SUBNET);
+    let dir = stage.pki.dir.path();
+    // A node certificate with no IP SAN: routing comes from the lease alone.
+    stage.pki.ca.issue_node(NODE, &[], DAY).unwrap().write(dir, "node").unwrap();
+    let (cert_dir, agents) = (dir.to_str().unwrap(), format!("{CLOUD_IP}:{AGENT_PORT}"));
+    let door_addr = format!("{CLOUD_IP}:{HTTP_DOOR}");
+    let registry = format!("embedded:{}", db.display());
+    let _server = spawn_in(
+        &stage.cloud.path(),
+        &[
+            "tunnel-server",
+            "--cert-dir",
+            cert_dir,
+            "--agents-listen",
+            &agents,
+            "--connect-listen",
+            &format!("{CLOUD_IP}:10265"),
+            "--dnat-listen",
+            "",
+            "--http-listen",
+            &door_addr,
+            "--metrics-listen",
+            "127.0.0.1:10266",
+            "--registry",
+            &registry,
+        ],
+    );
+    let _edge_http = edge_http(&stage);
+    let node_ip = NODE_IP.to_string();
+    let _agent = spawn_in(
+        &stage.edge.path(),
+        &[
+            "tunnel-agent",
+            "--server",
+            &agents,
+            "--cert-dir",
+            cert_dir,
+            "--node-ip",
+            &node_ip,
+            "--pod-subnet",
+            POD_SUBNET,
+            "--extra-ports",
+            &METRICS_PORT.to_string(),
+        ],
+    );
+    let door = format!("http://{door_addr}");
+    let pod_url = format!("http://{POD_IP}:{METRICS_PORT}/metrics");
+    wait_for("the pod reachable through the door", Duration::from_secs(20), || {
+        curl(&stage.cloud, &["-x", &door, &pod_url]).1 == "200"
+    });
+    let (_, code, body) = curl(&stage.cloud, &["-x", &door, &format!("http://{NODE_IP}:10255/pods")]);
+    assert_eq!((code.as_str(), body.as_str()), ("200", "kubelet /pods\n"), "the node address from the lease");
+    // The node leaves the registry: its routes go within a poll or two.
+    assert!(EmbeddedRegistry::open(&db, Duration::from_millis(50)).delete_lease(NODE).unwrap());
+    wait_for("the route gone with the lease", Duration::from_secs(10), || {
+        curl(&stage.cloud, &["-x", &door, &pod_url]).1 == "503"
+    });
+}
+
+/// A child process killed on drop.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_in(netns: &Path, args: &[&str]) -> Child {
+    let child = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .arg(env!("CARGO_BIN_EXE_netd"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    Child(child)
+}
