@@ -16,7 +16,7 @@ use netd::tunnel::agent::BACKOFF_CAP;
 use netd::tunnel::transport::{PING_INTERVAL, PING_TIMEOUT};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
-use tunnel_stage::{connect, wait_for, Background, Linked, Stage, NODE, NODE_IP};
+use tunnel_stage::{connect, Background, Linked, Stage, NODE, NODE_IP};
 
 /// How long the exec-like session is held: "works for minutes".
 const EXEC_SESSION: Duration = Duration::from_secs(120);
@@ -159,11 +159,25 @@ const VERDICT_SLACK: Duration = Duration::from_secs(2);
 /// timeout.
 const RELINK_BOUND: Duration = BACKOFF_CAP.saturating_add(Duration::from_secs(10));
 
-/// Waits until `check` holds, at most until `bound` after `since`; how long
-/// after `since` it held.
-fn wait_since(since: Instant, bound: Duration, what: &str, check: impl Fn() -> bool) -> Duration {
-    wait_for(what, bound.saturating_sub(since.elapsed()), check);
-    since.elapsed()
+/// Polls every check until each has held once, failing `bound` after
+/// `since`; when each first held, after `since`. Polled together, so that
+/// one check's wait does not hide when the other held.
+fn when_each_holds<const N: usize>(
+    since: Instant,
+    bound: Duration,
+    checks: [(&str, &dyn Fn() -> bool); N],
+) -> [Duration; N] {
+    let mut held = [None; N];
+    while held.iter().any(Option::is_none) {
+        for ((what, check), held) in checks.iter().zip(&mut held) {
+            if held.is_none() && check() {
+                *held = Some(since.elapsed());
+            }
+            assert!(held.is_some() || since.elapsed() < bound, "not within {bound:?}: {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    held.map(Option::unwrap)
 }
 
 #[test]
@@ -188,10 +202,14 @@ fn a_link_cut_for_a_minute_is_declared_dead_and_traffic_resumes_by_itself() {
     let cut = stage.cut_link();
     let cut_at = Instant::now();
     let verdict = PING_INTERVAL + PING_TIMEOUT + VERDICT_SLACK;
-    let server_verdict = wait_since(cut_at, verdict, "the server to drop the dead link", || router.nodes().is_empty());
-    let agent_verdict = wait_since(cut_at, verdict, "the agent to notice the dead link", || {
-        metrics.links_up.load(Ordering::Relaxed) == 0
-    });
+    let [server_verdict, agent_verdict] = when_each_holds(
+        cut_at,
+        verdict,
+        [
+            ("the server drops the dead link", &|| router.nodes().is_empty()),
+            ("the agent drops the dead link", &|| metrics.links_up.load(Ordering::Relaxed) == 0),
+        ],
+    );
     // The server knows: it fails fast instead of waiting on a dead link.
     let (code, _) = stage.in_cloud(|| async { connect(client.clone(), &format!("{NODE_IP}:{KUBELET_PORT}")).await });
     assert_eq!(code, 503, "CONNECT to a node whose link is dead");
@@ -199,9 +217,11 @@ fn a_link_cut_for_a_minute_is_declared_dead_and_traffic_resumes_by_itself() {
 
     drop(cut);
     let restored_at = Instant::now();
-    let relinked = wait_since(restored_at, RELINK_BOUND, "the agent to relink by itself", || {
-        router.nodes() == vec![NODE.to_string()]
-    });
+    let [relinked] = when_each_holds(
+        restored_at,
+        RELINK_BOUND,
+        [("the agent relinks by itself", &|| router.nodes() == vec![NODE.to_string()])],
+    );
     echo(b"after the cut");
     let resumed = restored_at.elapsed();
     eprintln!(

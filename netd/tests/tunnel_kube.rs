@@ -303,12 +303,14 @@ fn kube_apiserver_egress_selector_reaches_the_edge_kubelet_through_the_tunnel() 
         assert!(seen.iter().any(|p| p == path), "the kubelet stand-in never served {path}: {seen:?}");
     }
     // kube-apiserver keeps its kubelet connection alive: three requests may
-    // share one CONNECT stream, which is still open (and its bytes not yet
-    // counted: the server adds them when a stream ends).
+    // share one CONNECT stream, which is still open; its bytes are counted
+    // as they pass all the same.
     let metrics = &kube.router.metrics;
     eprintln!("    tunnel server after the three requests: {metrics:?}");
     assert!(metrics.streams_total.load(Ordering::Relaxed) >= 1, "{metrics:?}");
     assert!(metrics.streams_open.load(Ordering::Relaxed) >= 1, "{metrics:?}");
+    assert!(metrics.bytes_to_edge.load(Ordering::Relaxed) > 0, "{metrics:?}");
+    assert!(metrics.bytes_from_edge.load(Ordering::Relaxed) > 0, "{metrics:?}");
     assert_eq!(metrics.no_agent.load(Ordering::Relaxed), 0, "{metrics:?}");
 
     // No agent: the CONNECT door answers 503 at once, so kubectl fails at
