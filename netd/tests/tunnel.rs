@@ -291,9 +291,8 @@ fn plain_http_reaches_the_read_only_port_and_an_extra_port_through_dnat() {
     let Linked { router, metrics, agent: _agent, kubelet: _stand_ins, server: _server, .. } =
         stage.linked_with(config, stand_ins);
     // Extra ports go to the plain door, as `dnat-ports-pair` "9100=10264" says.
-    let rules =
-        [KUBELET_DNAT_RULES.as_slice(), &[(NODE_EXPORTER_PORT, DNAT_PLAIN_PORT), (NOT_ALLOWED_PORT, DNAT_PLAIN_PORT)]]
-            .concat();
+    let mut rules = KUBELET_DNAT_RULES.to_vec();
+    rules.extend([(NODE_EXPORTER_PORT, DNAT_PLAIN_PORT), (NOT_ALLOWED_PORT, DNAT_PLAIN_PORT)]);
     let doors = stage.dnat_doors(router.clone(), &rules);
 
     // curl, a real client, on the cloud node's host network.
@@ -333,7 +332,7 @@ impl Drop for Child {
     }
 }
 
-fn spawn_in(netns: &Path, args: &[&str]) -> Child {
+fn spawn_in(netns: &Path, args: &[impl AsRef<std::ffi::OsStr>]) -> Child {
     let net = format!("--net={}", netns.display());
     let child = std::process::Command::new("nsenter")
         .arg(net)
@@ -346,6 +345,17 @@ fn spawn_in(netns: &Path, args: &[&str]) -> Child {
     Child(child)
 }
 
+/// `netd tunnel-agent …` for the stage's node, linking to the stage's
+/// server, then `extra`; writes the node's files under the stem the
+/// command line reads.
+fn agent_args(stage: &Stage, extra: &[&str]) -> Vec<String> {
+    let dir = stage.pki.dir.path();
+    stage.pki.ca.issue_node(NODE, &[IpAddr::V4(NODE_IP)], DAY).unwrap().write(dir, "node").unwrap();
+    let fixed = ["tunnel-agent", "--server", &format!("{CLOUD_IP}:{AGENT_PORT}"), "--cert-dir", dir.to_str().unwrap()]
+        .map(String::from);
+    fixed.into_iter().chain(extra.iter().map(|arg| arg.to_string())).collect()
+}
+
 /// `GET path` on a metrics endpoint inside a namespace, with curl.
 fn metrics_in(ns: &NetNs, addr: &str) -> String {
     let out = ns.exec("curl", &["-sS", "--noproxy", "*", "-m", "5", &format!("http://{addr}/metrics")]);
@@ -356,10 +366,7 @@ fn metrics_in(ns: &NetNs, addr: &str) -> String {
 fn netd_tunnel_server_and_agent_processes_link_and_carry_connections() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let stage = Stage::new();
-    let dir = stage.pki.dir.path();
-    // The agent's files under the stem the command line reads.
-    stage.pki.ca.issue_node(NODE, &[IpAddr::V4(NODE_IP)], DAY).unwrap().write(dir, "node").unwrap();
-    let cert_dir = dir.to_str().unwrap();
+    let cert_dir = stage.pki.dir.path().to_str().unwrap();
     let agents = format!("{CLOUD_IP}:{AGENT_PORT}");
     let connect_door = format!("{CLOUD_IP}:{CONNECT_PORT}");
     let _server = spawn_in(
@@ -380,10 +387,7 @@ fn netd_tunnel_server_and_agent_processes_link_and_carry_connections() {
     );
     let _kubelet = stage.kubelet();
     // No --node-ip: the agent takes its addresses from its certificate.
-    let _agent = spawn_in(
-        &stage.edge.path(),
-        &["tunnel-agent", "--server", &agents, "--cert-dir", cert_dir, "--metrics-listen", "127.0.0.1:10267"],
-    );
+    let _agent = spawn_in(&stage.edge.path(), &agent_args(&stage, &["--metrics-listen", "127.0.0.1:10267"]));
     wait_for("the agent linked, per the server's metrics", Duration::from_secs(20), || {
         metrics_in(&stage.cloud, "127.0.0.1:10266").contains("netd_tunnel_agents 1")
     });
@@ -409,18 +413,14 @@ fn a_killed_agent_process_is_dropped_at_once_and_its_restart_carries_traffic() {
 
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let stage = Stage::new();
-    let dir = stage.pki.dir.path();
-    // The agent's files under the stem the command line reads.
-    stage.pki.ca.issue_node(NODE, &[IpAddr::V4(NODE_IP)], DAY).unwrap().write(dir, "node").unwrap();
-    let server_addr = format!("{CLOUD_IP}:{AGENT_PORT}");
-    let agent_args = ["tunnel-agent", "--server", &server_addr, "--cert-dir", dir.to_str().unwrap()];
+    let command_line = agent_args(&stage, &[]);
     let router = Arc::new(Router::default());
     let _server = stage.server(router.clone());
     let _kubelet = stage.kubelet();
-    let mut agent = Some(spawn_in(&stage.edge.path(), &agent_args));
-    wait_for("the agent process's link", Duration::from_secs(20), || router.nodes() == vec![NODE.to_string()]);
-    let client = tls::connect_client(&stage.pki.files("client").load().unwrap()).unwrap();
     let linked = || router.nodes() == vec![NODE.to_string()];
+    let mut agent = Some(spawn_in(&stage.edge.path(), &command_line));
+    wait_for("the agent process's link", Duration::from_secs(20), linked);
+    let client = tls::connect_client(&stage.pki.files("client").load().unwrap()).unwrap();
 
     let (session_ended, forgotten) = stage.in_cloud(|| async {
         // A session (exec, logs -f) open through the agent when it dies.
@@ -446,7 +446,7 @@ fn a_killed_agent_process_is_dropped_at_once_and_its_restart_carries_traffic() {
     });
 
     let restarted = Instant::now();
-    let _agent = spawn_in(&stage.edge.path(), &agent_args);
+    let _agent = spawn_in(&stage.edge.path(), &command_line);
     wait_for("the restarted agent's link", Duration::from_secs(20), linked);
     let relinked = restarted.elapsed();
     eprintln!(

@@ -247,14 +247,14 @@ impl Stage {
                 .unwrap()
         };
         let reader = dnat.clone();
-        let door = Background::start(&self.cloud.path(), move || async move {
+        let doors = Background::start(&self.cloud.path(), move || async move {
             let [tls_door, plain_door] = listeners.map(|l| TcpListener::from_std(l).unwrap());
             tokio::join!(
                 server::serve_dnat(tls_door, reader.clone(), router.clone()),
                 server::serve_dnat(plain_door, reader, router),
             );
         });
-        DnatDoors { door, dnat, cgroup, cloud: self.cloud.path(), _pins: pins }
+        DnatDoors { _doors: doors, dnat, cgroup, cloud: self.cloud.path(), _pins: pins }
     }
 
     /// Blackholes the link between cloud and edge until the guard drops:
@@ -287,7 +287,7 @@ impl Stage {
 /// Fields drop in order: the doors close, then the cgroup goes, then the
 /// programs are detached.
 pub struct DnatDoors {
-    pub door: Background,
+    _doors: Background,
     /// Its maps: rules, counters.
     pub dnat: Arc<TunnelDnat>,
     /// Sockets its members make in the cloud namespace are redirected.
