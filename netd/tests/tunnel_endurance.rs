@@ -16,7 +16,7 @@ use netd::tunnel::agent::BACKOFF_CAP;
 use netd::tunnel::transport::{PING_INTERVAL, PING_TIMEOUT};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
-use tunnel_stage::{connect, Background, Linked, Stage, NODE, NODE_IP};
+use tunnel_stage::{connect, wait_for, Background, Linked, Stage, NODE, NODE_IP};
 
 /// How long the exec-like session is held: "works for minutes".
 const EXEC_SESSION: Duration = Duration::from_secs(120);
@@ -198,20 +198,65 @@ fn a_link_cut_for_a_minute_is_declared_dead_and_traffic_resumes_by_itself() {
         })
     };
     echo(b"before the cut");
-
-    let cut = stage.cut_link();
-    let cut_at = Instant::now();
+    let kubelet = format!("{NODE_IP}:{KUBELET_PORT}");
     let verdict = PING_INTERVAL + PING_TIMEOUT + VERDICT_SLACK;
-    let [server_verdict, agent_verdict] = when_each_holds(
-        cut_at,
-        verdict,
-        [
-            ("the server drops the dead link", &|| router.nodes().is_empty()),
-            ("the agent drops the dead link", &|| metrics.links_up.load(Ordering::Relaxed) == 0),
-        ],
-    );
-    // The server knows: it fails fast instead of waiting on a dead link.
-    let (code, _) = stage.in_cloud(|| async { connect(client.clone(), &format!("{NODE_IP}:{KUBELET_PORT}")).await });
+
+    // Borrowed by the threads below, all of which end in the scope.
+    let (stage, client, kubelet) = (&stage, &client, kubelet.as_str());
+    let (cut, cut_at) = std::thread::scope(|scope| {
+        // A session open across the cut, idle as an exec shell waiting for
+        // input: it must end at the verdict, not hang for good.
+        let (open_tx, open_rx) = std::sync::mpsc::channel();
+        let session = scope.spawn(move || {
+            stage.in_cloud(|| async {
+                let (code, session) = connect(client.clone(), kubelet).await;
+                assert_eq!(code, 200);
+                let mut session = session.unwrap();
+                session.write_all(b"ready").await.unwrap();
+                session.read_exact(&mut [0; 5]).await.unwrap();
+                open_tx.send(()).unwrap();
+                let end = session.read(&mut [0; 1]).await;
+                (end.map_err(|err| err.kind()), Instant::now())
+            })
+        });
+        open_rx.recv().unwrap();
+
+        let cut = stage.cut_link();
+        let cut_at = Instant::now();
+        // A CONNECT the server sends down the link before it knows it is
+        // dead: answered at the verdict, not left waiting.
+        let in_flight = scope
+            .spawn(move || stage.in_cloud(|| async { (connect(client.clone(), kubelet).await.0, Instant::now()) }));
+        let [server_verdict, agent_verdict] = when_each_holds(
+            cut_at,
+            verdict,
+            [
+                ("the server drops the dead link", &|| router.nodes().is_empty()),
+                ("the agent drops the dead link", &|| metrics.links_up.load(Ordering::Relaxed) == 0),
+            ],
+        );
+        let (session_end, session_ended_at) = session.join().unwrap();
+        assert!(matches!(session_end, Ok(0) | Err(_)), "the session read {session_end:?} from a dead link");
+        let (in_flight_code, answered_at) = in_flight.join().unwrap();
+        assert_eq!(in_flight_code, 502, "a CONNECT sent down the link as it died");
+        eprintln!(
+            "    link cut: the server dropped the agent after {server_verdict:?}, the agent dropped the link after \
+             {agent_verdict:?}; the open session ended after {:?}, the CONNECT in flight was answered after {:?}",
+            session_ended_at - cut_at,
+            answered_at - cut_at
+        );
+        for (what, at) in [("the session's end", session_ended_at), ("the CONNECT's answer", answered_at)] {
+            assert!(at - cut_at <= verdict, "{what} came {:?} after the cut", at - cut_at);
+        }
+        // Both ends let go of the streams of the dead link.
+        wait_for("the streams of the dead link closed", Duration::from_secs(2), || {
+            router.metrics.streams_open.load(Ordering::Relaxed) == 0
+                && metrics.streams_open.load(Ordering::Relaxed) == 0
+        });
+        (cut, cut_at)
+    });
+    // The server knows now: it fails fast instead of waiting on a dead link.
+    let (code, _) = stage.in_cloud(|| async { connect(client.clone(), kubelet).await });
     assert_eq!(code, 503, "CONNECT to a node whose link is dead");
     std::thread::sleep(CUT.saturating_sub(cut_at.elapsed()));
 
@@ -224,10 +269,7 @@ fn a_link_cut_for_a_minute_is_declared_dead_and_traffic_resumes_by_itself() {
     );
     echo(b"after the cut");
     let resumed = restored_at.elapsed();
-    eprintln!(
-        "    link cut for {CUT:?}: server dropped the agent after {server_verdict:?}, the agent noticed after \
-         {agent_verdict:?}; restored: relinked after {relinked:?}, traffic through after {resumed:?}"
-    );
+    eprintln!("    link restored after {CUT:?}: relinked after {relinked:?}, traffic through after {resumed:?}");
     assert_eq!(router.metrics.agents.load(Ordering::Relaxed), 1, "{:?}", router.metrics);
     assert_eq!(metrics.links_up.load(Ordering::Relaxed), 1);
 }
