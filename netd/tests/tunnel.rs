@@ -13,15 +13,19 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
 use netd::testing::{self, NetNs};
 use netd::tunnel::agent::AgentMetrics;
 use netd::tunnel::certs::CertificateAuthority;
-use netd::tunnel::server::{self, Router};
+use netd::tunnel::server::Router;
 use netd::tunnel::tls;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tunnel_stage::{
-    connect, wait_for, Background, Linked, Stage, AGENT_PORT, CLOUD_IP, CONNECT_PORT, DAY, NODE, NODE_IP,
+    connect, wait_for, Background, Linked, Stage, AGENT_PORT, CLOUD_IP, CONNECT_PORT, DAY, DNAT_PLAIN_PORT,
+    KUBELET_DNAT_RULES, NODE, NODE_IP,
 };
 
 async fn echo_round_trip<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(stream: &mut S, payload: &[u8]) {
@@ -206,57 +210,20 @@ fn the_agent_comes_back_after_a_server_restart() {
 
 #[test]
 fn dnat_door_carries_redirected_connections_to_the_edge() {
-    use netd::ebpf::dnat::{AttachOptions, Scope, TunnelDnat};
-    use netd::testing::{Cgroup, PinDir};
     use std::io::{Read, Write};
 
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let stage = Stage::new();
-    let pins = PinDir::new().unwrap();
-    let cgroup = Cgroup::new().unwrap();
-    let options = AttachOptions {
-        pin_dir: pins.path().to_path_buf(),
-        cgroup: Some(cgroup.path().to_path_buf()),
-        original_dst_cgroup: None,
-    };
-    let (mut dnat, _) = TunnelDnat::load_or_attach(&options).unwrap();
-    stage.cloud.run(|| dnat.set_target(CLOUD_IP, Scope::HostNetwork)).unwrap().unwrap();
-    dnat.set_port_rules([(10250, 10263), (10255, 10264)]).unwrap();
-    dnat.set_edge_nodes([NODE_IP]).unwrap();
-
     let router = Arc::new(Router::default());
     let _server = stage.server(router.clone());
-    // The DNAT listeners belong to the attached cgroup, so sockops hands
-    // each accepted socket its original destination.
-    let listeners = {
-        let _in_cgroup = cgroup.join().unwrap();
-        stage
-            .cloud
-            .run(|| {
-                [10263, 10264].map(|port| {
-                    let listener = std::net::TcpListener::bind((CLOUD_IP, port)).unwrap();
-                    listener.set_nonblocking(true).unwrap();
-                    listener
-                })
-            })
-            .unwrap()
-    };
-    let reader = Arc::new(TunnelDnat::open(pins.path()).unwrap());
-    let door_router = router.clone();
-    let _door = Background::start(&stage.cloud.path(), move || async move {
-        let [tls_port, http_port] = listeners.map(|l| TcpListener::from_std(l).unwrap());
-        tokio::join!(
-            server::serve_dnat(tls_port, reader.clone(), door_router.clone()),
-            server::serve_dnat(http_port, reader, door_router),
-        );
-    });
+    let doors = stage.dnat_doors(router.clone(), &KUBELET_DNAT_RULES);
     let _kubelet = stage.kubelet();
     let _agent = stage.agent(stage.agent_config(NODE), Arc::new(AgentMetrics::default()));
     wait_for("the agent's link", Duration::from_secs(10), || !router.nodes().is_empty());
 
     // A host-network client on the cloud node dials the edge kubelet as if
     // it were reachable; DNAT + tunnel make it so.
-    let _in_cgroup = cgroup.join().unwrap();
+    let _in_cgroup = doors.cgroup.join().unwrap();
     let (echoed, hello) = stage
         .cloud
         .run(|| {
@@ -277,6 +244,84 @@ fn dnat_door_carries_redirected_connections_to_the_edge() {
     assert_eq!(router.metrics.not_redirected.load(Ordering::Relaxed), 0);
 }
 
+/// A node exporter's port, allowed by the agent and DNAT'd to the plain door.
+const NODE_EXPORTER_PORT: u16 = 9100;
+/// DNAT'd to the plain door too, but not allowed by the agent.
+const NOT_ALLOWED_PORT: u16 = 9101;
+
+/// Plain HTTP stand-ins on the node address, one per port, each answering
+/// every request with [`stand_in_body`].
+fn plain_http_stand_ins(stage: &Stage, ports: &'static [u16]) -> Background {
+    use std::convert::Infallible;
+
+    Background::start(&stage.edge.path(), move || async move {
+        let mut servers = tokio::task::JoinSet::new();
+        for &port in ports {
+            let listener = TcpListener::bind((NODE_IP, port)).await.unwrap();
+            servers.spawn(async move {
+                loop {
+                    let (tcp, _) = listener.accept().await.unwrap();
+                    let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                        let body = Bytes::from(stand_in_body(port, request.uri().path()));
+                        async move { Ok::<_, Infallible>(hyper::Response::new(Full::new(body))) }
+                    });
+                    let connection =
+                        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service);
+                    tokio::spawn(connection);
+                }
+            });
+        }
+        while servers.join_next().await.is_some() {}
+    })
+}
+
+/// What the stand-in on `port` answers for `path`: both named, so that a
+/// request which reached another port or path shows.
+fn stand_in_body(port: u16, path: &str) -> String {
+    format!("stand-in on {NODE_IP}:{port} served {path}\n")
+}
+
+#[test]
+fn plain_http_reaches_the_read_only_port_and_an_extra_port_through_dnat() {
+    let Some(_kernel) = testing::privileged().unwrap() else { return };
+    let stage = Stage::new();
+    let mut config = stage.agent_config(NODE);
+    config.allowed_ports.insert(NODE_EXPORTER_PORT);
+    let stand_ins = plain_http_stand_ins(&stage, &[10255, NODE_EXPORTER_PORT]);
+    let Linked { router, metrics, agent: _agent, kubelet: _stand_ins, server: _server, .. } =
+        stage.linked_with(config, stand_ins);
+    // Extra ports go to the plain door, as `dnat-ports-pair` "9100=10264" says.
+    let mut rules = KUBELET_DNAT_RULES.to_vec();
+    rules.extend([(NODE_EXPORTER_PORT, DNAT_PLAIN_PORT), (NOT_ALLOWED_PORT, DNAT_PLAIN_PORT)]);
+    let doors = stage.dnat_doors(router.clone(), &rules);
+
+    // curl, a real client, on the cloud node's host network.
+    let curl = |url: &str| doors.run_redirected("curl", &["-sS", "--noproxy", "*", "-m", "10", url]);
+    for (port, path) in [(10255, "/stats/summary"), (NODE_EXPORTER_PORT, "/metrics")] {
+        let out = curl(&format!("http://{NODE_IP}:{port}{path}"));
+        assert!(out.status.success(), "curl to {port}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(String::from_utf8_lossy(&out.stdout), stand_in_body(port, path));
+        assert_eq!(doors.redirected(port), 1, "the DNAT rule for {port}");
+    }
+    assert_eq!(router.metrics.streams_total.load(Ordering::Relaxed), 2);
+    assert_eq!(metrics.refused_port.load(Ordering::Relaxed), 0);
+
+    // Redirected, but the agent does not dial a port it was not given: the
+    // door closes the connection without a byte.
+    let out = curl(&format!("http://{NODE_IP}:{NOT_ALLOWED_PORT}/metrics"));
+    assert!(
+        !out.status.success(),
+        "a port the agent does not allow answered: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(out.stdout.is_empty());
+    assert_eq!(doors.redirected(NOT_ALLOWED_PORT), 1);
+    assert_eq!(metrics.refused_port.load(Ordering::Relaxed), 1);
+    assert_eq!(router.metrics.refused_by_agent.load(Ordering::Relaxed), 1);
+    assert_eq!(router.metrics.streams_total.load(Ordering::Relaxed), 2);
+    assert_eq!(router.metrics.not_redirected.load(Ordering::Relaxed), 0);
+}
+
 /// A child process killed on drop.
 struct Child(std::process::Child);
 
@@ -287,7 +332,7 @@ impl Drop for Child {
     }
 }
 
-fn spawn_in(netns: &Path, args: &[&str]) -> Child {
+fn spawn_in(netns: &Path, args: &[impl AsRef<std::ffi::OsStr>]) -> Child {
     let net = format!("--net={}", netns.display());
     let child = std::process::Command::new("nsenter")
         .arg(net)
@@ -300,6 +345,17 @@ fn spawn_in(netns: &Path, args: &[&str]) -> Child {
     Child(child)
 }
 
+/// `netd tunnel-agent …` for the stage's node, linking to the stage's
+/// server, then `extra`; writes the node's files under the stem the
+/// command line reads.
+fn agent_args(stage: &Stage, extra: &[&str]) -> Vec<String> {
+    let dir = stage.pki.dir.path();
+    stage.pki.ca.issue_node(NODE, &[IpAddr::V4(NODE_IP)], DAY).unwrap().write(dir, "node").unwrap();
+    let fixed = ["tunnel-agent", "--server", &format!("{CLOUD_IP}:{AGENT_PORT}"), "--cert-dir", dir.to_str().unwrap()]
+        .map(String::from);
+    fixed.into_iter().chain(extra.iter().map(|arg| arg.to_string())).collect()
+}
+
 /// `GET path` on a metrics endpoint inside a namespace, with curl.
 fn metrics_in(ns: &NetNs, addr: &str) -> String {
     let out = ns.exec("curl", &["-sS", "--noproxy", "*", "-m", "5", &format!("http://{addr}/metrics")]);
@@ -310,10 +366,7 @@ fn metrics_in(ns: &NetNs, addr: &str) -> String {
 fn netd_tunnel_server_and_agent_processes_link_and_carry_connections() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let stage = Stage::new();
-    let dir = stage.pki.dir.path();
-    // The agent's files under the stem the command line reads.
-    stage.pki.ca.issue_node(NODE, &[IpAddr::V4(NODE_IP)], DAY).unwrap().write(dir, "node").unwrap();
-    let cert_dir = dir.to_str().unwrap();
+    let cert_dir = stage.pki.dir.path().to_str().unwrap();
     let agents = format!("{CLOUD_IP}:{AGENT_PORT}");
     let connect_door = format!("{CLOUD_IP}:{CONNECT_PORT}");
     let _server = spawn_in(
@@ -334,10 +387,7 @@ fn netd_tunnel_server_and_agent_processes_link_and_carry_connections() {
     );
     let _kubelet = stage.kubelet();
     // No --node-ip: the agent takes its addresses from its certificate.
-    let _agent = spawn_in(
-        &stage.edge.path(),
-        &["tunnel-agent", "--server", &agents, "--cert-dir", cert_dir, "--metrics-listen", "127.0.0.1:10267"],
-    );
+    let _agent = spawn_in(&stage.edge.path(), &agent_args(&stage, &["--metrics-listen", "127.0.0.1:10267"]));
     wait_for("the agent linked, per the server's metrics", Duration::from_secs(20), || {
         metrics_in(&stage.cloud, "127.0.0.1:10266").contains("netd_tunnel_agents 1")
     });
@@ -355,6 +405,63 @@ fn netd_tunnel_server_and_agent_processes_link_and_carry_connections() {
     let server_metrics = metrics_in(&stage.cloud, "127.0.0.1:10266");
     assert!(server_metrics.contains("netd_tunnel_streams_total 1"), "{server_metrics}");
     assert!(server_metrics.contains("netd_tunnel_refused_by_agent_total 1"), "{server_metrics}");
+}
+
+#[test]
+fn a_killed_agent_process_is_dropped_at_once_and_its_restart_carries_traffic() {
+    use netd::tunnel::transport::PING_INTERVAL;
+
+    let Some(_kernel) = testing::privileged().unwrap() else { return };
+    let stage = Stage::new();
+    let command_line = agent_args(&stage, &[]);
+    let router = Arc::new(Router::default());
+    let _server = stage.server(router.clone());
+    let _kubelet = stage.kubelet();
+    let linked = || router.nodes() == vec![NODE.to_string()];
+    let mut agent = Some(spawn_in(&stage.edge.path(), &command_line));
+    wait_for("the agent process's link", Duration::from_secs(20), linked);
+    let client = tls::connect_client(&stage.pki.files("client").load().unwrap()).unwrap();
+
+    let (session_ended, forgotten) = stage.in_cloud(|| async {
+        // A session (exec, logs -f) open through the agent when it dies.
+        let (code, session) = connect(client.clone(), &format!("{NODE_IP}:10250")).await;
+        assert_eq!(code, 200);
+        let mut session = session.unwrap();
+        echo_round_trip(&mut session, b"before the crash").await;
+        let killed = Instant::now();
+        // SIGKILL, as a crash or the OOM killer does: no goodbye from the agent.
+        drop(agent.take());
+        // The kernel closes a dead process's sockets, so the server learns at
+        // once, not a ping timeout later, and ends the session rather than
+        // leaving it hanging.
+        let mut byte = [0u8; 1];
+        let end = tokio::time::timeout(PING_INTERVAL, session.read(&mut byte)).await;
+        assert!(matches!(end, Ok(Ok(0) | Err(_))), "the session outlived its agent: {end:?}");
+        let session_ended = killed.elapsed();
+        wait_for("the server to drop the killed agent", PING_INTERVAL, || router.nodes().is_empty());
+        let forgotten = killed.elapsed();
+        let (code, _) = connect(client.clone(), &format!("{NODE_IP}:10250")).await;
+        assert_eq!(code, 503, "no agent: the door must say so at once");
+        (session_ended, forgotten)
+    });
+
+    let restarted = Instant::now();
+    let _agent = spawn_in(&stage.edge.path(), &command_line);
+    wait_for("the restarted agent's link", Duration::from_secs(20), linked);
+    let relinked = restarted.elapsed();
+    eprintln!(
+        "    killed agent: session ended after {session_ended:?}, server dropped it after {forgotten:?}; \
+         restarted agent linked after {relinked:?}"
+    );
+    stage.in_cloud(|| async move {
+        let (code, stream) = connect(client, &format!("{NODE_IP}:10250")).await;
+        assert_eq!(code, 200);
+        echo_round_trip(&mut stream.unwrap(), b"after the restart").await;
+    });
+    assert_eq!(router.metrics.agents.load(Ordering::Relaxed), 1, "{:?}", router.metrics);
+    wait_for("every stream closed", Duration::from_secs(5), || {
+        router.metrics.streams_open.load(Ordering::Relaxed) == 0
+    });
 }
 
 #[test]

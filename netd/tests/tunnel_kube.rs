@@ -1,8 +1,10 @@
 //! The edge tunnel under the real kube-apiserver 1.20.2 (SPEC §3, issue
-//! 13): its egress selector sends `CONNECT 10.250.0.2:10250` to the tunnel
-//! server's CONNECT door, and through the agent it speaks TLS to a kubelet
-//! stand-in on the edge, verifying the stand-in's certificate
-//! (`--kubelet-certificate-authority`) end to end. The stage is
+//! 13), both ways it reaches kubelets: its egress selector sends `CONNECT
+//! 10.250.0.2:10250` to the tunnel server's CONNECT door; or, without one,
+//! it dials 10.250.0.2:10250 itself and the eBPF tunnel DNAT sends the
+//! connection to the server's DNAT door. Either way, through the agent it
+//! speaks TLS to a kubelet stand-in on the edge, verifying the stand-in's
+//! certificate (`--kubelet-certificate-authority`) end to end. The stage is
 //! `common/tunnel_stage.rs`: the cloud namespace (tunnel server, etcd,
 //! kube-apiserver, kubectl) has no route to the edge node address.
 
@@ -29,7 +31,9 @@ use netd::tunnel::certs::{CertificateAuthority, IssuedCert, CA_CERT_FILE};
 use netd::tunnel::server::Router;
 use serde_json::json;
 use tokio::net::TcpListener;
-use tunnel_stage::{wait_for, Background, Stage, CLOUD_IP, CONNECT_PORT, DAY, NODE, NODE_IP};
+use tunnel_stage::{
+    wait_for, Background, DnatDoors, Stage, CLOUD_IP, CONNECT_PORT, DAY, KUBELET_DNAT_RULES, NODE, NODE_IP,
+};
 
 const KUBELET_PORT: u16 = 10250;
 const POD: &str = "edge-pod";
@@ -82,6 +86,16 @@ fn kubelet(stage: &Stage, cert: &IssuedCert, seen: Seen) -> Background {
     })
 }
 
+/// How kube-apiserver reaches the kubelet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KubeletRoute {
+    /// Its egress selector sends `CONNECT` to the tunnel server's CONNECT door.
+    EgressSelector,
+    /// It dials the node address as it would without a tunnel, from inside
+    /// the tunnel DNAT's cgroup: the DNAT sends it to a DNAT door.
+    Dnat,
+}
+
 /// The API server, kubectl's files and what runs on the stage. Fields drop
 /// in order: the API server before the tunnel, the stage (namespaces and
 /// the certificate files) last.
@@ -90,6 +104,8 @@ struct KubeStage {
     kubeconfig: PathBuf,
     agent: Option<Background>,
     _kubelet: Background,
+    /// With [`KubeletRoute::Dnat`].
+    dnat: Option<DnatDoors>,
     _tunnel: Background,
     router: Arc<Router>,
     seen: Seen,
@@ -99,8 +115,9 @@ struct KubeStage {
 
 impl KubeStage {
     /// The whole stage, with the kubelet stand-in presenting `kubelet_cert`
-    /// (`None`: one from the stage's CA for the node address).
-    fn new(kubelet_cert: Option<IssuedCert>) -> Self {
+    /// (`None`: one from the stage's CA for the node address) and
+    /// kube-apiserver reaching it by `route`.
+    fn new(kubelet_cert: Option<IssuedCert>, route: KubeletRoute) -> Self {
         let stage = Stage::new();
         let router = Arc::new(Router::default());
         let tunnel = stage.server(router.clone());
@@ -110,43 +127,30 @@ impl KubeStage {
         let kubelet = kubelet(&stage, &kubelet_cert, seen.clone());
         let agent = stage.agent(stage.agent_config(NODE), Arc::new(AgentMetrics::default()));
 
-        // The egress selector's client certificate is the stage's `client`
-        // (issued by the test CA, which the CONNECT door requires).
         let files = tempfile::tempdir().unwrap();
-        let pki = stage.pki.dir.path();
-        let ca = pki.join(CA_CERT_FILE);
-        let egress = files.path().join("egress.yaml");
-        std::fs::write(
-            &egress,
-            format!(
-                "apiVersion: apiserver.k8s.io/v1beta1\n\
-                 kind: EgressSelectorConfiguration\n\
-                 egressSelections:\n\
-                 - name: cluster\n  \
-                   connection:\n    \
-                     proxyProtocol: HTTPConnect\n    \
-                     transport:\n      \
-                       tcp:\n        \
-                         url: https://{CLOUD_IP}:{CONNECT_PORT}\n        \
-                         tlsConfig:\n          \
-                           caBundle: {ca}\n          \
-                           clientKey: {key}\n          \
-                           clientCert: {cert}\n",
-                ca = ca.display(),
-                key = pki.join("client.key").display(),
-                cert = pki.join("client.crt").display(),
-            ),
-        )
-        .unwrap();
-        let server = KubeApiServer::new_with(
-            ServerHost::in_netns(&stage.cloud, CLOUD_IP),
-            &[
-                format!("--egress-selector-config-file={}", egress.display()),
-                format!("--kubelet-certificate-authority={}", ca.display()),
-                "--kubelet-preferred-address-types=InternalIP".to_string(),
-            ],
-        )
-        .unwrap();
+        let ca = stage.pki.dir.path().join(CA_CERT_FILE);
+        let mut flags = vec![
+            format!("--kubelet-certificate-authority={}", ca.display()),
+            "--kubelet-preferred-address-types=InternalIP".to_string(),
+        ];
+        let host = ServerHost::in_netns(&stage.cloud, CLOUD_IP);
+        let (server, dnat) = match route {
+            KubeletRoute::EgressSelector => {
+                flags.push(format!("--egress-selector-config-file={}", egress_selector(&stage, &files).display()));
+                (KubeApiServer::new_with(host, &flags).unwrap(), None)
+            }
+            KubeletRoute::Dnat => {
+                let doors = stage.dnat_doors(router.clone(), &KUBELET_DNAT_RULES);
+                // kube-apiserver is forked while this process is a member of
+                // the DNAT cgroup, so it is one too (etcd as well, which dials
+                // no node address) and its kubelet connections are redirected.
+                let server = {
+                    let _in_cgroup = doors.cgroup.join().unwrap();
+                    KubeApiServer::new_with(host, &flags).unwrap()
+                };
+                (server, Some(doors))
+            }
+        };
 
         // Node and pod as kubelet and the scheduler would leave them.
         let account = json!({ "apiVersion": "v1", "kind": "ServiceAccount", "metadata": { "name": "default" } });
@@ -181,7 +185,18 @@ impl KubeStage {
         .unwrap();
 
         wait_for("the agent's link", Duration::from_secs(10), || router.nodes() == vec![NODE.to_string()]);
-        Self { server, kubeconfig, agent: Some(agent), _kubelet: kubelet, _tunnel: tunnel, router, seen, files, stage }
+        Self {
+            server,
+            kubeconfig,
+            agent: Some(agent),
+            _kubelet: kubelet,
+            dnat,
+            _tunnel: tunnel,
+            router,
+            seen,
+            files,
+            stage,
+        }
     }
 
     /// `kubectl args…` in the cloud namespace with the test's kubeconfig;
@@ -224,6 +239,37 @@ impl KubeStage {
     }
 }
 
+/// The egress selector configuration (in `files`) that sends kube-apiserver's
+/// `cluster` traffic to the CONNECT door with the stage's `client`
+/// certificate (issued by the test CA, which the CONNECT door requires).
+fn egress_selector(stage: &Stage, files: &tempfile::TempDir) -> PathBuf {
+    let pki = stage.pki.dir.path();
+    let egress = files.path().join("egress.yaml");
+    std::fs::write(
+        &egress,
+        format!(
+            "apiVersion: apiserver.k8s.io/v1beta1\n\
+             kind: EgressSelectorConfiguration\n\
+             egressSelections:\n\
+             - name: cluster\n  \
+               connection:\n    \
+                 proxyProtocol: HTTPConnect\n    \
+                 transport:\n      \
+                   tcp:\n        \
+                     url: https://{CLOUD_IP}:{CONNECT_PORT}\n        \
+                     tlsConfig:\n          \
+                       caBundle: {ca}\n          \
+                       clientKey: {key}\n          \
+                       clientCert: {cert}\n",
+            ca = pki.join(CA_CERT_FILE).display(),
+            key = pki.join("client.key").display(),
+            cert = pki.join("client.crt").display(),
+        ),
+    )
+    .unwrap();
+    egress
+}
+
 fn api(server: &KubeApiServer, method: &str, path: &str, content_type: &str, body: &serde_json::Value) {
     let (status, text) = server.api(method, path, Some((content_type, &body.to_string()))).unwrap();
     assert!((200..300).contains(&status), "{method} {path}: HTTP {status}: {text}");
@@ -239,7 +285,7 @@ fn log_tail(server: &KubeApiServer, lines: usize) -> String {
 fn kube_apiserver_egress_selector_reaches_the_edge_kubelet_through_the_tunnel() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let started = Instant::now();
-    let mut kube = KubeStage::new(None);
+    let mut kube = KubeStage::new(None, KubeletRoute::EgressSelector);
     eprintln!("    stage, etcd, kube-apiserver, node and pod up in {:?}", started.elapsed());
 
     let (healthz, took) = kube.kubectl_ok(&["get", "--raw", &format!("/api/v1/nodes/{NODE}/proxy/healthz")]);
@@ -257,12 +303,14 @@ fn kube_apiserver_egress_selector_reaches_the_edge_kubelet_through_the_tunnel() 
         assert!(seen.iter().any(|p| p == path), "the kubelet stand-in never served {path}: {seen:?}");
     }
     // kube-apiserver keeps its kubelet connection alive: three requests may
-    // share one CONNECT stream, which is still open (and its bytes not yet
-    // counted: the server adds them when a stream ends).
+    // share one CONNECT stream, which is still open; its bytes are counted
+    // as they pass all the same.
     let metrics = &kube.router.metrics;
     eprintln!("    tunnel server after the three requests: {metrics:?}");
     assert!(metrics.streams_total.load(Ordering::Relaxed) >= 1, "{metrics:?}");
     assert!(metrics.streams_open.load(Ordering::Relaxed) >= 1, "{metrics:?}");
+    assert!(metrics.bytes_to_edge.load(Ordering::Relaxed) > 0, "{metrics:?}");
+    assert!(metrics.bytes_from_edge.load(Ordering::Relaxed) > 0, "{metrics:?}");
     assert_eq!(metrics.no_agent.load(Ordering::Relaxed), 0, "{metrics:?}");
 
     // No agent: the CONNECT door answers 503 at once, so kubectl fails at
@@ -302,7 +350,7 @@ fn kube_apiserver_refuses_a_kubelet_certificate_from_another_ca_through_the_tunn
     let stranger = CertificateAuthority::generate("some other CA", DAY).unwrap();
     let cert = stranger.issue_server(NODE, &[], &[IpAddr::V4(NODE_IP)], DAY).unwrap();
     let started = Instant::now();
-    let kube = KubeStage::new(Some(cert));
+    let kube = KubeStage::new(Some(cert), KubeletRoute::EgressSelector);
     eprintln!("    stage, etcd, kube-apiserver, node and pod up in {:?}", started.elapsed());
 
     let (output, _) = kube.kubectl(&["get", "--raw", &format!("/api/v1/nodes/{NODE}/proxy/healthz")]);
@@ -316,4 +364,40 @@ fn kube_apiserver_refuses_a_kubelet_certificate_from_another_ca_through_the_tunn
     // The stream did go through the tunnel; it is TLS that refused it.
     assert!(kube.router.metrics.streams_total.load(Ordering::Relaxed) >= 1);
     assert!(kube.seen().is_empty(), "the stand-in served a request: {:?}", kube.seen());
+}
+
+#[test]
+fn kube_apiserver_without_egress_selector_reaches_the_edge_kubelet_through_the_dnat() {
+    let Some(_kernel) = testing::privileged().unwrap() else { return };
+    let started = Instant::now();
+    let kube = KubeStage::new(None, KubeletRoute::Dnat);
+    eprintln!("    stage, DNAT, etcd, kube-apiserver, node and pod up in {:?}", started.elapsed());
+
+    let (metrics, took) = kube.kubectl_ok(&["get", "--raw", &format!("/api/v1/nodes/{NODE}/proxy/metrics")]);
+    assert!(metrics.contains("edge_stand_in_up 1"), "{metrics}");
+    eprintln!("    kubectl get --raw …/proxy/metrics: {took:?}");
+    let (logs, took) = kube.kubectl_ok(&["logs", POD]);
+    assert_eq!(logs, LOG_LINES);
+    eprintln!("    kubectl logs: {took:?}");
+
+    let seen = kube.seen();
+    let log_path = format!("/containerLogs/default/{POD}/{CONTAINER}");
+    for path in ["/metrics", log_path.as_str()] {
+        assert!(seen.iter().any(|p| p == path), "the kubelet stand-in never served {path}: {seen:?}");
+    }
+    // kube-apiserver dialled the node address itself: the DNAT redirected
+    // each of its kubelet connections, and each became one tunnel stream
+    // to the node that address belongs to.
+    let doors = kube.dnat.as_ref().unwrap();
+    let redirected = doors.redirected(KUBELET_PORT);
+    let metrics = &kube.router.metrics;
+    eprintln!("    {redirected} connection(s) redirected; tunnel server: {metrics:?}");
+    assert!(redirected >= 1, "no kubelet connection was redirected");
+    wait_for("a tunnel stream per redirected connection", Duration::from_secs(5), || {
+        metrics.streams_total.load(Ordering::Relaxed) == redirected
+    });
+    assert!(doors.dnat.stats().unwrap().accepted_with_origin >= redirected);
+    assert_eq!(metrics.not_redirected.load(Ordering::Relaxed), 0, "{metrics:?}");
+    assert_eq!(metrics.no_agent.load(Ordering::Relaxed), 0, "{metrics:?}");
+    assert_eq!(doors.redirected(10255), 0, "kube-apiserver dialled the read-only port");
 }

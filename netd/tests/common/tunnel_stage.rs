@@ -13,7 +13,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use netd::testing::{NetNs, VethPair};
+use netd::ebpf::dnat::{AttachOptions, Scope, TunnelDnat};
+use netd::testing::{Cgroup, NetNs, PinDir, VethPair};
 use netd::tunnel::agent::{self, AgentConfig, AgentMetrics};
 use netd::tunnel::certs::{CertFiles, CertificateAuthority, IssuedCert, LoadedCerts};
 use netd::tunnel::server::{self, Router};
@@ -28,6 +29,12 @@ pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 2);
 pub const NODE: &str = "edge-1";
 pub const AGENT_PORT: u16 = 10262;
 pub const CONNECT_PORT: u16 = 10265;
+/// The DNAT doors: where the tunnel DNAT sends kubelet's TLS port (and
+/// other TLS ports), and its read-only port (and other plain ones).
+pub const DNAT_TLS_PORT: u16 = 10263;
+pub const DNAT_PLAIN_PORT: u16 = 10264;
+/// The tunnel DNAT's default rules (SPEC §3).
+pub const KUBELET_DNAT_RULES: [(u16, u16); 2] = [(10250, DNAT_TLS_PORT), (10255, DNAT_PLAIN_PORT)];
 pub const DAY: Duration = Duration::from_secs(86_400);
 
 pub struct Pki {
@@ -144,11 +151,16 @@ impl Stage {
 
     /// Server, kubelet stand-in and the node's agent, waited on until linked.
     pub fn linked(&self) -> Linked {
+        self.linked_with(self.agent_config(NODE), self.kubelet())
+    }
+
+    /// [`Stage::linked`] with the agent's `config` and whatever stands in
+    /// for the node's services (`kubelet`, running in the edge namespace).
+    pub fn linked_with(&self, config: AgentConfig, kubelet: Background) -> Linked {
         let router = Arc::new(Router::default());
         let server = self.server(router.clone());
-        let kubelet = self.kubelet();
         let metrics = Arc::new(AgentMetrics::default());
-        let agent = self.agent(self.agent_config(NODE), metrics.clone());
+        let agent = self.agent(config, metrics.clone());
         wait_for("the agent's link", Duration::from_secs(10), || router.nodes() == vec![NODE.to_string()]);
         let client = tls::connect_client(&self.pki.files("client").load().unwrap()).unwrap();
         Linked { agent, kubelet, server, router, metrics, client }
@@ -201,6 +213,65 @@ impl Stage {
         })
     }
 
+    /// The eBPF tunnel DNAT for the cloud's host network, redirecting
+    /// `rules` (dialled port → door port) for the node address, and the
+    /// server's DNAT doors serving `router`. Only sockets made by members of
+    /// [`DnatDoors::cgroup`] are redirected.
+    pub fn dnat_doors(&self, router: Arc<Router>, rules: &[(u16, u16)]) -> DnatDoors {
+        let pins = PinDir::new().unwrap();
+        let cgroup = Cgroup::new().unwrap();
+        let options = AttachOptions {
+            pin_dir: pins.path().to_path_buf(),
+            cgroup: Some(cgroup.path().to_path_buf()),
+            original_dst_cgroup: None,
+        };
+        let (mut dnat, _) = TunnelDnat::load_or_attach(&options).unwrap();
+        // The network namespace that sets the target is the "host network".
+        self.cloud.run(|| dnat.set_target(CLOUD_IP, Scope::HostNetwork)).unwrap().unwrap();
+        dnat.set_port_rules(rules.iter().copied()).unwrap();
+        dnat.set_edge_nodes([NODE_IP]).unwrap();
+        let dnat = Arc::new(dnat);
+        // The door listeners belong to the attached cgroup (a socket's is its
+        // creator's), so sockops hands each accepted socket its original
+        // destination.
+        let listeners = {
+            let _in_cgroup = cgroup.join().unwrap();
+            self.cloud
+                .run(|| {
+                    [DNAT_TLS_PORT, DNAT_PLAIN_PORT].map(|port| {
+                        let listener = std::net::TcpListener::bind((CLOUD_IP, port)).unwrap();
+                        listener.set_nonblocking(true).unwrap();
+                        listener
+                    })
+                })
+                .unwrap()
+        };
+        let reader = dnat.clone();
+        let doors = Background::start(&self.cloud.path(), move || async move {
+            let [tls_door, plain_door] = listeners.map(|l| TcpListener::from_std(l).unwrap());
+            tokio::join!(
+                server::serve_dnat(tls_door, reader.clone(), router.clone()),
+                server::serve_dnat(plain_door, reader, router),
+            );
+        });
+        DnatDoors { _doors: doors, dnat, cgroup, cloud: self.cloud.path(), _pins: pins }
+    }
+
+    /// Blackholes the link between cloud and edge until the guard drops:
+    /// each side drops every packet that arrives on its `eth0`, without a
+    /// reset or an ICMP error, as a dead uplink or a NAT that lost its
+    /// mapping does. Neither side's own sends fail, so only the tunnel's
+    /// pings can tell.
+    pub fn cut_link(&self) -> LinkCut<'_> {
+        for ns in [&self.cloud, &self.edge] {
+            ns.exec("nft", &["add", "table", "inet", CUT_TABLE]).unwrap();
+            ns.exec("nft", &["add", "chain", "inet", CUT_TABLE, "input", "{ type filter hook input priority 0; }"])
+                .unwrap();
+            ns.exec("nft", &["add", "rule", "inet", CUT_TABLE, "input", "iifname", "eth0", "drop"]).unwrap();
+        }
+        LinkCut { stage: self }
+    }
+
     /// Runs `f` on a fresh current-thread runtime in the cloud namespace.
     pub fn in_cloud<F, Fut, T>(&self, f: F) -> T
     where
@@ -209,6 +280,54 @@ impl Stage {
         T: Send,
     {
         self.cloud.block_on(f).unwrap()
+    }
+}
+
+/// The tunnel DNAT and the server's DNAT doors; see [`Stage::dnat_doors`].
+/// Fields drop in order: the doors close, then the cgroup goes, then the
+/// programs are detached.
+pub struct DnatDoors {
+    _doors: Background,
+    /// Its maps: rules, counters.
+    pub dnat: Arc<TunnelDnat>,
+    /// Sockets its members make in the cloud namespace are redirected.
+    pub cgroup: Cgroup,
+    cloud: std::path::PathBuf,
+    _pins: PinDir,
+}
+
+impl DnatDoors {
+    /// Runs `program args…` to its end in the cloud namespace as a member of
+    /// the DNAT cgroup from its first syscall on: a cloud-node client whose
+    /// connections to the node address are redirected.
+    pub fn run_redirected(&self, program: &str, args: &[&str]) -> std::process::Output {
+        let net = format!("--net={}", self.cloud.display());
+        let mut full = vec![net.as_str(), program];
+        full.extend_from_slice(args);
+        self.cgroup.spawn("nsenter", &full).unwrap().wait_with_output().unwrap()
+    }
+
+    /// Connections the rule for `port` redirected so far.
+    pub fn redirected(&self, port: u16) -> u64 {
+        let stats = self.dnat.stats().unwrap();
+        stats.rules.iter().find(|rule| rule.port == port).map_or(0, |rule| rule.redirected)
+    }
+}
+
+const CUT_TABLE: &str = "netd_test_link_cut";
+
+/// The link is cut until this drops; see [`Stage::cut_link`].
+pub struct LinkCut<'a> {
+    stage: &'a Stage,
+}
+
+impl Drop for LinkCut<'_> {
+    fn drop(&mut self) {
+        for ns in [&self.stage.cloud, &self.stage.edge] {
+            if let Err(err) = ns.exec("nft", &["delete", "table", "inet", CUT_TABLE]) {
+                eprintln!("could not restore the link in {}: {err}", ns.name());
+            }
+        }
     }
 }
 
