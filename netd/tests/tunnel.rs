@@ -8,7 +8,6 @@
 mod tunnel_stage;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,7 +23,7 @@ use netd::tunnel::tls;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tunnel_stage::{
-    connect, wait_for, Background, Linked, Stage, AGENT_PORT, CLOUD_IP, CONNECT_PORT, DAY, DNAT_PLAIN_PORT,
+    connect, spawn_netd, wait_for, Background, Linked, Stage, AGENT_PORT, CLOUD_IP, CONNECT_PORT, DAY, DNAT_PLAIN_PORT,
     KUBELET_DNAT_RULES, NODE, NODE_IP,
 };
 
@@ -322,29 +321,6 @@ fn plain_http_reaches_the_read_only_port_and_an_extra_port_through_dnat() {
     assert_eq!(router.metrics.not_redirected.load(Ordering::Relaxed), 0);
 }
 
-/// A child process killed on drop.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_in(netns: &Path, args: &[impl AsRef<std::ffi::OsStr>]) -> Child {
-    let net = format!("--net={}", netns.display());
-    let child = std::process::Command::new("nsenter")
-        .arg(net)
-        .arg(env!("CARGO_BIN_EXE_netd"))
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    Child(child)
-}
-
 /// `netd tunnel-agent …` for the stage's node, linking to the stage's
 /// server, then `extra`; writes the node's files under the stem the
 /// command line reads.
@@ -369,7 +345,7 @@ fn netd_tunnel_server_and_agent_processes_link_and_carry_connections() {
     let cert_dir = stage.pki.dir.path().to_str().unwrap();
     let agents = format!("{CLOUD_IP}:{AGENT_PORT}");
     let connect_door = format!("{CLOUD_IP}:{CONNECT_PORT}");
-    let _server = spawn_in(
+    let _server = spawn_netd(
         &stage.cloud.path(),
         &[
             "tunnel-server",
@@ -387,7 +363,7 @@ fn netd_tunnel_server_and_agent_processes_link_and_carry_connections() {
     );
     let _kubelet = stage.kubelet();
     // No --node-ip: the agent takes its addresses from its certificate.
-    let _agent = spawn_in(&stage.edge.path(), &agent_args(&stage, &["--metrics-listen", "127.0.0.1:10267"]));
+    let _agent = spawn_netd(&stage.edge.path(), &agent_args(&stage, &["--metrics-listen", "127.0.0.1:10267"]));
     wait_for("the agent linked, per the server's metrics", Duration::from_secs(20), || {
         metrics_in(&stage.cloud, "127.0.0.1:10266").contains("netd_tunnel_agents 1")
     });
@@ -418,7 +394,7 @@ fn a_killed_agent_process_is_dropped_at_once_and_its_restart_carries_traffic() {
     let _server = stage.server(router.clone());
     let _kubelet = stage.kubelet();
     let linked = || router.nodes() == vec![NODE.to_string()];
-    let mut agent = Some(spawn_in(&stage.edge.path(), &command_line));
+    let mut agent = Some(spawn_netd(&stage.edge.path(), &command_line));
     wait_for("the agent process's link", Duration::from_secs(20), linked);
     let client = tls::connect_client(&stage.pki.files("client").load().unwrap()).unwrap();
 
@@ -446,7 +422,7 @@ fn a_killed_agent_process_is_dropped_at_once_and_its_restart_carries_traffic() {
     });
 
     let restarted = Instant::now();
-    let _agent = spawn_in(&stage.edge.path(), &command_line);
+    let _agent = spawn_netd(&stage.edge.path(), &command_line);
     wait_for("the restarted agent's link", Duration::from_secs(20), linked);
     let relinked = restarted.elapsed();
     eprintln!(

@@ -25,7 +25,7 @@ use netd::tunnel::agent::{AgentConfig, AgentMetrics};
 use netd::tunnel::routes::LeaseRoute;
 use netd::tunnel::server::{self, Router};
 use tokio::net::TcpListener;
-use tunnel_stage::{wait_for, Background, Stage, AGENT_PORT, CLOUD_IP, DAY, NODE, NODE_IP};
+use tunnel_stage::{spawn_netd, wait_for, Background, Stage, AGENT_PORT, CLOUD_IP, DAY, NODE, NODE_IP};
 
 /// A pod on the edge node, inside the node's pod subnet.
 const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 7, 19);
@@ -65,21 +65,23 @@ fn pod_agent_config(stage: &Stage) -> AgentConfig {
 
 /// `curl` in `ns`: (exit success, HTTP code as curl saw it, body).
 fn curl(ns: &NetNs, args: &[&str]) -> (bool, String, String) {
-    let mut full = vec!["-sS", "-m", "10", "-w", "\n%{http_code}"];
+    curl_in(None, ns, args)
+}
+
+/// [`curl`], run as a member of `cgroup` when one is given (so the tunnel
+/// DNAT attached there redirects its connects). Only the proxy a test names
+/// with `-x` is used.
+fn curl_in(cgroup: Option<&Cgroup>, ns: &NetNs, args: &[&str]) -> (bool, String, String) {
+    let net = format!("--net={}", ns.path().display());
+    let mut full =
+        vec![net.as_str(), "env", "-u", "http_proxy", "-u", "HTTP_PROXY", "-u", "all_proxy", "-u", "ALL_PROXY"];
+    full.extend(["curl", "-sS", "-m", "10", "-w", "\n%{http_code}"]);
     full.extend_from_slice(args);
     // Not NetNs::exec: a failed transfer is an outcome here, not an error.
-    let out = std::process::Command::new("nsenter")
-        .arg(format!("--net={}", ns.path().display()))
-        .arg("curl")
-        .args(&full)
-        // Only the proxy a test names with -x.
-        .env_remove("http_proxy")
-        .env_remove("HTTP_PROXY")
-        .env_remove("all_proxy")
-        .env_remove("ALL_PROXY")
-        .output()
-        .unwrap();
-    eprintln!("curl {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    let out = match cgroup {
+        Some(cgroup) => cgroup.spawn("nsenter", &full).unwrap().wait_with_output().unwrap(),
+        None => std::process::Command::new("nsenter").args(&full).output().unwrap(),
+    };
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
     (out.status.success(), code.to_string(), body.to_string())
@@ -198,15 +200,17 @@ fn a_cloud_pod_pulls_an_edge_pods_metrics_through_dnat_and_the_tunnel() {
     let _agent = stage.agent(pod_agent_config(&stage), metrics.clone());
     wait_for("the agent's link", Duration::from_secs(10), || !router.nodes().is_empty());
 
-    // curl runs in the DNAT cgroup (it inherits this process's) and in the pod's namespace.
-    let _in_cgroup = cgroup.join().unwrap();
-    let (_, code, body) = curl(&prometheus, &[&format!("http://{POD_IP}:{METRICS_PORT}/metrics")]);
+    // curl runs in the pod's namespace, in the DNAT cgroup. (Not this whole
+    // process: the agent's own dials, in the edge namespace here, would be
+    // redirected too — on a real edge node no DNAT is attached.)
+    let pull = |url: &str| curl_in(Some(&cgroup), &prometheus, &[url]);
+    let (_, code, body) = pull(&format!("http://{POD_IP}:{METRICS_PORT}/metrics"));
     assert_eq!((code.as_str(), body.as_str()), ("200", "pod metrics /metrics\n"));
-    let (_, code, body) = curl(&prometheus, &[&format!("http://{NODE_IP}:10255/metrics/cadvisor")]);
+    let (_, code, body) = pull(&format!("http://{NODE_IP}:10255/metrics/cadvisor"));
     assert_eq!((code.as_str(), body.as_str()), ("200", "kubelet /metrics/cadvisor\n"), "kubelet's read-only port");
     // The other node's pod: the server sends it to this node's agent (per
     // the bad lease), which refuses it; the client gets no answer.
-    let (ok, code, _) = curl(&prometheus, &[&format!("http://{OTHER_POD}:{METRICS_PORT}/metrics")]);
+    let (ok, code, _) = pull(&format!("http://{OTHER_POD}:{METRICS_PORT}/metrics"));
     assert!(!ok && code == "000", "{code}");
     assert_eq!(metrics.refused_address.load(Ordering::Relaxed), 1);
     let stats = dnat.stats().unwrap();
@@ -246,7 +250,7 @@ fn the_tunnel_server_process_routes_pod_ips_by_the_registrys_leases() {
     let (cert_dir, agents) = (dir.to_str().unwrap(), format!("{CLOUD_IP}:{AGENT_PORT}"));
     let door_addr = format!("{CLOUD_IP}:{HTTP_DOOR}");
     let registry = format!("embedded:{}", db.display());
-    let _server = spawn_in(
+    let _server = spawn_netd(
         &stage.cloud.path(),
         &[
             "tunnel-server",
@@ -268,7 +272,7 @@ fn the_tunnel_server_process_routes_pod_ips_by_the_registrys_leases() {
     );
     let _edge_http = edge_http(&stage);
     let node_ip = NODE_IP.to_string();
-    let _agent = spawn_in(
+    let _agent = spawn_netd(
         &stage.edge.path(),
         &[
             "tunnel-agent",
@@ -296,26 +300,4 @@ fn the_tunnel_server_process_routes_pod_ips_by_the_registrys_leases() {
     wait_for("the route gone with the lease", Duration::from_secs(10), || {
         curl(&stage.cloud, &["-x", &door, &pod_url]).1 == "503"
     });
-}
-
-/// A child process killed on drop.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_in(netns: &Path, args: &[&str]) -> Child {
-    let child = std::process::Command::new("nsenter")
-        .arg(format!("--net={}", netns.display()))
-        .arg(env!("CARGO_BIN_EXE_netd"))
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    Child(child)
 }

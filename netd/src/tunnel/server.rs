@@ -358,18 +358,15 @@ fn proxy_status(status: StatusCode) -> Response<ProxyBody> {
     response
 }
 
-/// Where a plain-HTTP request goes: its absolute URI's authority, else its
-/// `Host`.
+/// Where a plain-HTTP request goes, `host:port`: its absolute URI's
+/// authority, else its `Host` (port 80 when it names none); `None` when
+/// neither is a valid authority.
 fn request_authority(request: &Request<Incoming>) -> Option<String> {
-    let authority = match request.uri().authority() {
-        Some(authority) => authority.as_str().to_string(),
-        None => request.headers().get(http::header::HOST)?.to_str().ok()?.to_string(),
+    let authority: http::uri::Authority = match request.uri().authority() {
+        Some(authority) => authority.clone(),
+        None => request.headers().get(http::header::HOST)?.to_str().ok()?.parse().ok()?,
     };
-    // `[v6]:port`, `v4:port` or `name:port`; a bare IPv6 host must be bracketed.
-    let has_port = authority
-        .rsplit_once(':')
-        .is_some_and(|(host, port)| port.parse::<u16>().is_ok() && (!host.contains(':') || host.ends_with(']')));
-    Some(if has_port { authority } else { format!("{authority}:80") })
+    Some(format!("{}:{}", authority.host(), authority.port_u16().unwrap_or(80)))
 }
 
 async fn proxy_by_host(

@@ -331,6 +331,29 @@ impl Drop for LinkCut<'_> {
     }
 }
 
+/// A `netd` process, killed on drop.
+pub struct NetdChild(std::process::Child);
+
+impl Drop for NetdChild {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the `netd` binary under test with `args` in the namespace `netns`.
+pub fn spawn_netd(netns: &Path, args: &[impl AsRef<std::ffi::OsStr>]) -> NetdChild {
+    let child = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .arg(env!("CARGO_BIN_EXE_netd"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    NetdChild(child)
+}
+
 pub fn wait_for(what: &str, timeout: Duration, check: impl Fn() -> bool) {
     let deadline = Instant::now() + timeout;
     while !check() {
