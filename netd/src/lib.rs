@@ -17,6 +17,7 @@ pub mod cni;
 pub mod daemon;
 pub mod dnat;
 pub mod http;
+pub mod join;
 pub mod kube;
 pub mod masquerade;
 pub mod model;
