@@ -15,19 +15,14 @@
 //!    same kubeconfig.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
-use bytes::Bytes;
-use http_body_util::{BodyExt as _, Empty};
-use hyper_util::rt::TokioIo;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::CertificateDer;
 
 use super::token::BootstrapToken;
+use crate::kube::KubeClient;
 
 /// Where the discovery data lives.
 pub const CLUSTER_INFO_PATH: &str = "/api/v1/namespaces/kube-public/configmaps/cluster-info";
@@ -203,88 +198,23 @@ pub fn verify_cluster_info(
     Err(DiscoveryError::PinMismatch { found })
 }
 
-/// Accepts any server certificate: for the first fetch only, whose answer
-/// is trusted by its signature and pin, never by the connection.
-#[derive(Debug)]
-struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for AnyServer {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
 fn fetch_err(server: &str, reason: impl std::fmt::Display) -> DiscoveryError {
     DiscoveryError::Fetch { server: server.to_string(), reason: reason.to_string() }
 }
 
-/// GET cluster-info's `data` from `server` (`https://host:port`) over `tls`.
-async fn fetch(server: &str, tls: rustls::ClientConfig) -> Result<BTreeMap<String, String>, DiscoveryError> {
-    let uri: http::Uri = server.parse().map_err(|e| fetch_err(server, format!("not a URL: {e}")))?;
-    if uri.scheme_str() != Some("https") {
+/// GET cluster-info's `data` from `server`, trusting `ca_pem` (or, for the
+/// first read, nothing: see [`KubeClient::for_discovery`]).
+async fn fetch(server: &str, ca_pem: Option<&[u8]>) -> Result<BTreeMap<String, String>, DiscoveryError> {
+    if !server.starts_with("https://") {
         return Err(fetch_err(server, "the API server URL must be https://"));
     }
-    let host = uri.host().ok_or_else(|| fetch_err(server, "no host"))?.trim_matches(['[', ']']).to_string();
-    let port = uri.port_u16().unwrap_or(443);
-    let name = ServerName::try_from(host.clone()).map_err(|e| fetch_err(server, e))?;
-    let tcp = tokio::time::timeout(std::time::Duration::from_secs(10), tokio::net::TcpStream::connect((host, port)))
+    let client = KubeClient::for_discovery(server, ca_pem).map_err(|e| fetch_err(server, e))?;
+    let request = http::Request::get(CLUSTER_INFO_PATH).body(Vec::new()).map_err(|e| fetch_err(server, e))?;
+    let object: serde_json::Value = crate::kube::call("reading cluster-info", client.client().request(request))
         .await
-        .map_err(|_| fetch_err(server, "connect timed out"))?
         .map_err(|e| fetch_err(server, e))?;
-    let stream =
-        tokio_rustls::TlsConnector::from(Arc::new(tls)).connect(name, tcp).await.map_err(|e| fetch_err(server, e))?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| fetch_err(server, e))?;
-    let driver = tokio::spawn(connection);
-    let request = http::Request::get(CLUSTER_INFO_PATH)
-        .header(http::header::HOST, uri.authority().map_or("", |a| a.as_str()))
-        .header(http::header::ACCEPT, "application/json")
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| fetch_err(server, e))?;
-    let response = sender.send_request(request).await.map_err(|e| fetch_err(server, e))?;
-    let status = response.status();
-    let body = response.into_body().collect().await.map_err(|e| fetch_err(server, e))?.to_bytes();
-    driver.abort();
-    if !status.is_success() {
-        let text = String::from_utf8_lossy(&body);
-        return Err(fetch_err(server, format!("{status}: {}", text.chars().take(200).collect::<String>())));
-    }
-    let object: serde_json::Value = serde_json::from_slice(&body).map_err(|e| fetch_err(server, e))?;
     serde_json::from_value(object.get("data").cloned().unwrap_or_default())
         .map_err(|e| fetch_err(server, format!("cluster-info's data: {e}")))
-}
-
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
 }
 
 /// Token discovery against `server`: unverified fetch, signature and pin
@@ -293,23 +223,8 @@ pub async fn discover(server: &str, token: &BootstrapToken, pins: &[CaPin]) -> R
     if pins.is_empty() {
         return Err(DiscoveryError::NoPin);
     }
-    let insecure = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| fetch_err(server, e))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyServer(provider())))
-        .with_no_client_auth();
-    let info = verify_cluster_info(&fetch(server, insecure).await?, token, pins)?;
-    let mut roots = rustls::RootCertStore::empty();
-    for der in &info.ca_certs {
-        roots.add(CertificateDer::from(der.clone())).map_err(|e| DiscoveryError::BadKubeconfig(e.to_string()))?;
-    }
-    let verified = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| fetch_err(server, e))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let again = fetch(server, verified).await?;
+    let info = verify_cluster_info(&fetch(server, None).await?, token, pins)?;
+    let again = fetch(server, Some(info.ca_pem.as_bytes())).await?;
     if again.get("kubeconfig") != Some(&info.kubeconfig) {
         return Err(DiscoveryError::Changed);
     }

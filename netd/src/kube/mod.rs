@@ -221,18 +221,59 @@ impl KubeClient {
     /// reads the token file (a missing or empty one is an error); nothing
     /// is contacted.
     pub fn new(config: &KubeConfig) -> Result<Self, KubeError> {
-        let server = config.server.trim_end_matches('/').to_string();
-        if !(server.starts_with("https://") || server.starts_with("http://")) {
-            return Err(KubeError::BadConfig(format!("API server {:?} is not an http(s) URL", config.server)));
+        let root_cert = config.ca_cert_pem.as_deref().map(parse_ca_pem).transpose()?;
+        let token = token::TokenSource::new(config.token.clone(), config.token_file.clone())?;
+        Self::build(&config.server, root_cert, false, token, None)
+    }
+
+    /// An anonymous client for a joining node's discovery of the cluster
+    /// (`kube-public/cluster-info`, which anyone may read). With `ca_pem`,
+    /// the server must chain to it. Without, **any** server certificate is
+    /// accepted: only for the first read of cluster-info, whose content the
+    /// caller trusts by its token signature and CA pin, never by the
+    /// connection (`netd::join::discovery`).
+    pub fn for_discovery(server: &str, ca_pem: Option<&[u8]>) -> Result<Self, KubeError> {
+        let root_cert = ca_pem.map(parse_ca_pem).transpose()?;
+        let accept_any = root_cert.is_none();
+        Self::build(server, root_cert, accept_any, token::TokenSource::new(None, None)?, None)
+    }
+
+    /// A client that authenticates with a client certificate (a joined
+    /// node's `system:node:<name>` identity), trusting `ca_pem`.
+    pub fn with_identity(server: &str, ca_pem: &[u8], cert_pem: &str, key_pem: &str) -> Result<Self, KubeError> {
+        use base64::Engine as _;
+        let b64 = |pem: &str| base64::engine::general_purpose::STANDARD.encode(pem);
+        // Through the kubeconfig's own fields: kube-rs builds the TLS
+        // identity from them, and the key stays a secret string there.
+        let auth_info: kube::config::AuthInfo = serde_json::from_value(serde_json::json!({
+            "client-certificate-data": b64(cert_pem),
+            "client-key-data": b64(key_pem),
+        }))
+        .map_err(|e| KubeError::BadConfig(format!("client certificate: {e}")))?;
+        let root_cert = Some(parse_ca_pem(ca_pem)?);
+        Self::build(server, root_cert, false, token::TokenSource::new(None, None)?, Some(auth_info))
+    }
+
+    fn build(
+        server: &str,
+        root_cert: Option<Vec<Vec<u8>>>,
+        accept_invalid_certs: bool,
+        token: token::TokenSource,
+        auth_info: Option<kube::config::AuthInfo>,
+    ) -> Result<Self, KubeError> {
+        let trimmed = server.trim_end_matches('/').to_string();
+        if !(trimmed.starts_with("https://") || trimmed.starts_with("http://")) {
+            return Err(KubeError::BadConfig(format!("API server {server:?} is not an http(s) URL")));
         }
-        let uri: http::Uri = server
+        let uri: http::Uri = trimmed
             .parse()
-            .map_err(|e| KubeError::BadConfig(format!("API server {:?} is not a valid URL: {e}", config.server)))?;
+            .map_err(|e| KubeError::BadConfig(format!("API server {server:?} is not a valid URL: {e}")))?;
         let mut kube_config = kube::Config::new(uri);
-        kube_config.root_cert = match &config.ca_cert_pem {
-            Some(pem) => Some(parse_ca_pem(pem)?),
-            None => None,
-        };
+        kube_config.root_cert = root_cert;
+        kube_config.accept_invalid_certs = accept_invalid_certs;
+        if let Some(auth_info) = auth_info {
+            kube_config.auth_info = auth_info;
+        }
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(CONNECT_TIMEOUT));
@@ -241,10 +282,9 @@ impl KubeClient {
         let https = kube_config
             .rustls_https_connector_with_connector(http)
             .map_err(|e| KubeError::BadConfig(format!("TLS settings: {}", error_chain(&e))))?;
-        let token = token::TokenSource::new(config.token.clone(), config.token_file.clone())?;
         Ok(Self {
             inner: Arc::new(Inner {
-                server,
+                server: trimmed,
                 config: kube_config,
                 https,
                 token: Arc::new(token),

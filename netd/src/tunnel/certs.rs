@@ -396,6 +396,31 @@ impl CertificateAuthority {
     }
 }
 
+/// A node's certificate signing request and the key it is for.
+pub struct NodeCsr {
+    /// `-----BEGIN CERTIFICATE REQUEST-----`.
+    pub csr_pem: String,
+    /// The private key (PKCS#8 PEM): stays on the node.
+    pub key_pem: String,
+}
+
+/// A request for a node's tunnel identity, shaped as kubelet's client CSR
+/// (`CN=system:node:<name>`, `O=system:nodes`, no SANs) so that
+/// Kubernetes' `kubernetes.io/kube-apiserver-client-kubelet` signer, which
+/// forbids SANs, signs it. The tunnel server then routes by the node's
+/// lease rather than by IP SANs.
+pub fn node_csr(node_name: &str) -> Result<NodeCsr, CertError> {
+    validate_node_name(node_name)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = name(&format!("{NODE_CN_PREFIX}{node_name}"), Some(NODES_ORGANIZATION));
+    let key = KeyPair::generate().map_err(|source| CertError::Generate { action: "generate a key", source })?;
+    let csr = params
+        .serialize_request(&key)
+        .map_err(|source| CertError::Generate { action: "make the signing request", source })?;
+    let csr_pem = csr.pem().map_err(|source| CertError::Generate { action: "encode the signing request", source })?;
+    Ok(NodeCsr { csr_pem, key_pem: key.serialize_pem() })
+}
+
 /// A certificate and its private key, as a CA issued them.
 pub struct IssuedCert {
     cert_pem: String,

@@ -1,0 +1,126 @@
+//! `netd-join`: makes this machine a netd edge node of a cluster, with
+//! edgeadm's node-spec. The logic is `netd::join`.
+
+use std::io::{BufRead as _, IsTerminal as _, Write as _};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use clap::{ArgGroup, Parser};
+use netd::daemon::config::{parse_command_line, parse_duration};
+use netd::join::{BootstrapToken, CaPin, JoinError, JoinOptions, JoinPaths, Outcome, Plan};
+use netd::registry::RegistrySpec;
+
+const EXAMPLES: &str = "Examples:
+  netd-join --token abcdef.0123456789abcdef --registry kubernetes:https://192.168.0.10:6443 \\
+      --discovery-token-ca-cert-hash sha256:<hex> \\
+      --node-spec '{\"flannelface\":\"eth1\",\"enableIptables\":true,\"quiet\":true,\"nodeNameOverride\":\"*.edge\"}'
+  netd-join ... --node-spec-file /etc/netd/node-spec.json --dry-run";
+
+/// Joins this machine to a cluster as a netd edge node.
+#[derive(Debug, Parser)]
+#[command(name = "netd-join", version, after_help = EXAMPLES)]
+#[command(group(ArgGroup::new("spec").required(true).args(["node_spec", "node_spec_file"])))]
+struct Cli {
+    /// The bootstrap token, id.secret ([a-z0-9]{6}.[a-z0-9]{16}).
+    #[arg(long, env = "NETD_JOIN_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    token: BootstrapToken,
+    /// The registry to join: kubernetes:https://HOST:PORT.
+    #[arg(long, env = "NETD_REGISTRY", value_name = "SPEC")]
+    registry: RegistrySpec,
+    /// The node-spec JSON, as edgeadm takes it.
+    #[arg(long, env = "NETD_JOIN_NODE_SPEC", value_name = "JSON")]
+    node_spec: Option<String>,
+    /// A file holding the node-spec JSON.
+    #[arg(long, env = "NETD_JOIN_NODE_SPEC_FILE", value_name = "FILE")]
+    node_spec_file: Option<PathBuf>,
+    /// The cluster CA's pin, sha256:<hex of its SubjectPublicKeyInfo> (repeatable).
+    #[arg(
+        long = "discovery-token-ca-cert-hash",
+        env = "NETD_JOIN_CA_CERT_HASH",
+        value_name = "sha256:HEX",
+        value_delimiter = ','
+    )]
+    pins: Vec<CaPin>,
+    /// Check everything and print what would change; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Join again although an earlier join used another node-spec or registry.
+    #[arg(long)]
+    force: bool,
+    /// Where netd's settings, the tunnel certificate and the join record go.
+    #[arg(long, env = "NETD_CONFIG_DIR", value_name = "DIR", default_value = "/etc/netd")]
+    config_dir: PathBuf,
+    /// How long to wait for the cluster to sign the node's certificate (e.g. 120, 2m).
+    #[arg(long, env = "NETD_JOIN_CSR_TIMEOUT", value_name = "DURATION", value_parser = parse_duration, default_value = "120")]
+    csr_timeout: Duration,
+}
+
+/// Without `quiet`, join asks before it changes anything — and refuses to
+/// ask when nobody can answer.
+fn ask(plan: &Plan, paths: &JoinPaths) -> Result<bool, JoinError> {
+    if !std::io::stdin().is_terminal() {
+        return Err(JoinError::NotConfirmed(
+            "join would ask before changing this node, but stdin is not a terminal: set \"quiet\": true in the \
+             node-spec to join without asking (nothing was changed)"
+                .into(),
+        ));
+    }
+    println!("{}", plan.describe(paths));
+    print!("Go ahead? [y/N] ");
+    let _ = std::io::stdout().flush();
+    let mut answer = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut answer);
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
+}
+
+fn run(cli: Cli) -> Result<()> {
+    // clap's group gives exactly one of the two.
+    let spec_text = match &cli.node_spec_file {
+        Some(file) => {
+            std::fs::read_to_string(file).with_context(|| format!("reading the node-spec {}", file.display()))?
+        }
+        None => cli.node_spec.clone().unwrap_or_default(),
+    };
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let paths = JoinPaths { config_dir: cli.config_dir };
+    let options = JoinOptions {
+        token: cli.token,
+        registry: cli.registry,
+        spec_text,
+        pins: cli.pins,
+        dry_run: cli.dry_run,
+        force: cli.force,
+        paths: paths.clone(),
+        hostname,
+        sys_class_net: "/sys/class/net".into(),
+        csr_timeout: cli.csr_timeout,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    match runtime.block_on(netd::join::join(&options, |plan| ask(plan, &paths)))? {
+        Outcome::AlreadyJoined { node } => {
+            println!("already joined as node {node} with this node-spec: nothing changed")
+        }
+        Outcome::DryRun(plan) => println!("{}\n(dry run: nothing changed)", plan.describe(&paths)),
+        Outcome::Joined { plan, registered, files } => {
+            println!("{}", plan.describe(&paths));
+            println!("joined: node {} {:?}; wrote {} files", plan.node, registered, files.len());
+            for file in files {
+                println!("  {}", file.display());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli: Cli = parse_command_line(std::env::args_os()).unwrap_or_else(|error| error.exit());
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("netd-join: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! What a join leaves on the node, and how it is taken back when a later
+//! step fails: files are written whole (temporary file, then rename) and
+//! each one written is remembered until the join commits; the join record
+//! (`join.json`) is written last, so its presence means "joined".
+
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::spec::NodeSpec;
+
+/// The version of [`JoinRecord`]'s layout.
+pub const RECORD_VERSION: u32 = 1;
+
+/// Where a join writes (default `/etc/netd`).
+#[derive(Debug, Clone)]
+pub struct JoinPaths {
+    /// The directory.
+    pub config_dir: PathBuf,
+}
+
+impl JoinPaths {
+    /// `join.json`: what was joined, with which spec.
+    pub fn record(&self) -> PathBuf {
+        self.config_dir.join("join.json")
+    }
+
+    /// `config.json`: `netd run --config`.
+    pub fn netd_config(&self) -> PathBuf {
+        self.config_dir.join("config.json")
+    }
+
+    /// `tunnel/`: the tunnel agent's `--cert-dir` (`node.crt`, `node.key`, `ca.crt`).
+    pub fn tunnel_dir(&self) -> PathBuf {
+        self.config_dir.join("tunnel")
+    }
+}
+
+/// Why the node's files could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    /// A file could not be written, read or removed.
+    #[error("{action} {path}")]
+    Io {
+        /// What was attempted.
+        action: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The join record is not one this netd reads.
+    #[error("{path} is not a netd join record ({reason}); move it away to join again")]
+    BadRecord {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// `join.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JoinRecord {
+    /// [`RECORD_VERSION`].
+    pub version: u32,
+    /// The node's name (a drawn one is kept across re-runs).
+    pub node_name: String,
+    /// The registry spec joined.
+    pub registry: String,
+    /// The API server, for a Kubernetes join.
+    pub server: Option<String>,
+    /// The node-spec as given.
+    pub spec: serde_json::Value,
+}
+
+impl JoinRecord {
+    /// The node-spec it was made with.
+    pub fn node_spec(&self) -> Option<NodeSpec> {
+        NodeSpec::parse(&self.spec.to_string()).ok()
+    }
+}
+
+/// The record of an earlier join, if any.
+pub fn read_record(paths: &JoinPaths) -> Result<Option<JoinRecord>, LocalError> {
+    let path = paths.record();
+    let text = match std::fs::read(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(LocalError::Io { action: "reading", path, source }),
+    };
+    let record: JoinRecord = serde_json::from_slice(&text)
+        .map_err(|e| LocalError::BadRecord { path: path.clone(), reason: e.to_string() })?;
+    if record.version != RECORD_VERSION {
+        return Err(LocalError::BadRecord { path, reason: format!("layout version {}", record.version) });
+    }
+    Ok(Some(record))
+}
+
+/// Files written so far; removed on drop unless [`Written::commit`]ted, so
+/// a join that fails midway leaves the node as it was.
+#[derive(Debug, Default)]
+pub struct Written {
+    created: Vec<PathBuf>,
+    dirs: Vec<PathBuf>,
+    committed: bool,
+}
+
+impl Written {
+    /// Writes `contents` to `path` whole (temporary file, fsync, rename),
+    /// with permission `mode`; creates missing parent directories.
+    pub fn write(&mut self, path: &Path, contents: &[u8], mode: u32) -> Result<(), LocalError> {
+        if let Some(parent) = path.parent() {
+            self.create_dirs(parent)?;
+        }
+        let existed = path.exists();
+        let tmp = path.with_extension("tmp-netd-join");
+        let io = |action, source| LocalError::Io { action, path: path.to_path_buf(), source };
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)
+            .map_err(|e| io("creating", e))?;
+        file.write_all(contents).and_then(|()| file.sync_all()).map_err(|e| io("writing", e))?;
+        std::fs::rename(&tmp, path).map_err(|e| io("renaming into place", e))?;
+        if !existed {
+            self.created.push(path.to_path_buf());
+        }
+        Ok(())
+    }
+
+    fn create_dirs(&mut self, dir: &Path) -> Result<(), LocalError> {
+        if dir.as_os_str().is_empty() || dir.is_dir() {
+            return Ok(());
+        }
+        if let Some(parent) = dir.parent() {
+            self.create_dirs(parent)?;
+        }
+        std::fs::create_dir(dir).map_err(|source| LocalError::Io { action: "creating", path: dir.into(), source })?;
+        self.dirs.push(dir.to_path_buf());
+        Ok(())
+    }
+
+    /// The join succeeded: keep everything.
+    pub fn commit(mut self) -> Vec<PathBuf> {
+        self.committed = true;
+        std::mem::take(&mut self.created)
+    }
+}
+
+impl Drop for Written {
+    fn drop(&mut self) {
+        if self.committed {
+            return;
+        }
+        for path in self.created.iter().rev() {
+            if let Err(e) = std::fs::remove_file(path) {
+                tracing::warn!("join: could not remove {} after the failure: {e}", path.display());
+            }
+        }
+        for dir in self.dirs.iter().rev() {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn an_uncommitted_join_takes_back_only_what_it_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = JoinPaths { config_dir: dir.path().join("etc/netd") };
+        std::fs::create_dir_all(dir.path().join("etc")).unwrap();
+        let kept = dir.path().join("etc/kept.conf");
+        std::fs::write(&kept, "theirs").unwrap();
+        {
+            let mut written = Written::default();
+            written.write(&paths.tunnel_dir().join("node.key"), b"key", 0o600).unwrap();
+            written.write(&paths.netd_config(), b"{}", 0o644).unwrap();
+            written.write(&kept, b"ours", 0o644).unwrap();
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::metadata(paths.tunnel_dir().join("node.key")).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        assert!(!paths.config_dir.exists(), "the directories it made are gone too");
+        assert!(dir.path().join("etc").is_dir(), "what was there before stays");
+        assert_eq!(std::fs::read_to_string(&kept).unwrap(), "ours", "an existing file is replaced, not deleted");
+        let mut written = Written::default();
+        written
+            .write(
+                &paths.record(),
+                br#"{"version":1,"nodeName":"edge-a","registry":"kubernetes:https://x","server":null,"spec":{}}"#,
+                0o644,
+            )
+            .unwrap();
+        assert_eq!(written.commit(), vec![paths.record()]);
+        let record = read_record(&paths).unwrap().unwrap();
+        assert_eq!(record.node_name, "edge-a");
+        assert_eq!(record.node_spec(), Some(NodeSpec::default()));
+        std::fs::write(paths.record(), r#"{"version":2}"#).unwrap();
+        assert!(read_record(&paths).unwrap_err().to_string().contains("is not a netd join record"));
+    }
+}
