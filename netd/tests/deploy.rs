@@ -611,6 +611,9 @@ fn deploy_applies_and_netd_runs_with_its_service_account_under_rbac() {
         args.push(value.into());
     }
     args.extend(["--network".into(), network.clone().into()]);
+    // The pin keeper refreshes its metrics every grace / 4 (at most 30 s):
+    // a short grace makes the pod watch visible in seconds.
+    args.extend(["--pin-grace".into(), "8s".into()]);
     let log = files.path().join("netd.log");
     let netd = NetdProcess::spawn(&node.ns, Path::new(NETD), args, &log).unwrap();
     let netd_log = || netd.log();
