@@ -673,14 +673,22 @@ fn tunnel_registry(
 ) -> Result<Option<(netd::registry::RegistrySpec, netd::registry::OpenSettings)>> {
     let Some(spec) = args.registry else { return Ok(None) };
     if matches!(spec, netd::registry::RegistrySpec::Kubernetes(_)) && args.network.is_none() {
-        bail!("the kubernetes registry needs --network (flannel's net-conf Network)");
+        netd::daemon::config::kubernetes_network_source().map_err(anyhow::Error::msg)?;
     }
+    // The Kubernetes registry needs a node name (its own Node is never a
+    // route); in a pod it is NODE_NAME, as for `netd run`, else the host name.
+    let node_name = std::env::var("NODE_NAME")
+        .ok()
+        .filter(|name| !name.trim().is_empty())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|name| name.trim().to_lowercase())
+        .unwrap_or_default();
     let open = netd::registry::OpenSettings {
+        node_name,
         network: args.network,
         token_file: args.token_file,
         ca_file: args.ca_file,
         poll: netd::registry::embedded::DEFAULT_POLL,
-        ..Default::default()
     };
     Ok(Some((spec, open)))
 }

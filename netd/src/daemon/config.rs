@@ -168,7 +168,9 @@ pub struct RegistryArgs {
                   (netd run's default: embedded:/var/lib/netd/registry.db)"
     )]
     pub registry: Option<RegistrySpec>,
-    /// Cluster network (flannel's net-conf Network); required with kubernetes.
+    /// Cluster network (flannel's net-conf Network); with kubernetes, required
+    /// unless flannel's /etc/kube-flannel/net-conf.json is there (then read
+    /// with its SubnetLen and VNI; this option overrides the whole file).
     #[arg(long, env = "NETD_NETWORK", value_name = "CIDR", value_parser = parse_cidr)]
     pub network: Option<Ipv4Net>,
     /// Bearer token file for kubernetes:URL.
@@ -337,7 +339,7 @@ impl DaemonConfig {
             }
         }
         if matches!(self.registry, RegistrySpec::Kubernetes(_)) && self.network.is_none() {
-            return Err("the kubernetes registry needs --network (flannel's net-conf Network)".into());
+            kubernetes_network_source()?;
         }
         Ok(())
     }
@@ -375,6 +377,19 @@ impl DaemonConfig {
             ipam_stores: Some(self.ipam_stores.clone()),
         };
         serde_json::to_string_pretty(&file).map_err(|e| format!("configuration as JSON: {e}"))
+    }
+}
+
+/// Without `--network`, the Kubernetes registry reads flannel's
+/// `net-conf.json` where flannel's DaemonSet mounts it
+/// ([`NET_CONF_PATH`](crate::registry::kubernetes::NET_CONF_PATH)), with its
+/// `SubnetLen` and `Backend.VNI`; `Err` when that file is not there either.
+pub fn kubernetes_network_source() -> Result<(), String> {
+    let path = Path::new(crate::registry::kubernetes::NET_CONF_PATH);
+    if path.is_file() {
+        Ok(())
+    } else {
+        Err(format!("the kubernetes registry needs --network or flannel's {} (net-conf Network)", path.display()))
     }
 }
 

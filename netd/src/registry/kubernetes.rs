@@ -10,7 +10,7 @@
 //! - **own lease**: this node's `spec.podCIDRs` (first IPv4 entry) or
 //!   `spec.podCIDR`, assigned by the controller-manager; netd never invents
 //!   one. Acquiring publishes the lease by patching the node's annotations
-//!   (JSON merge patch) with `flannel.alpha.coreos.com/backend-type: vxlan`,
+//!   (JSON merge patch, on the `status` subresource as flannel does) with `flannel.alpha.coreos.com/backend-type: vxlan`,
 //!   `…/backend-data: {"VNI":1,"VtepMAC":"…"}` (byte-exact, see
 //!   [`flannel::backend_data`]), `…/public-ip` and
 //!   `…/kube-subnet-manager: "true"`, and sets the node condition
@@ -40,7 +40,9 @@
 //!   `node.beta.alibabacloud.com/autonomy`.
 //!
 //! RBAC needed (the same as flannel's ClusterRole): `nodes`: get, list,
-//! watch, patch; `nodes/status`: patch.
+//! watch; `nodes/status`: patch (the annotations and the condition both
+//! go through the status subresource). [`Registry::set_autonomy`], which
+//! the daemon never calls, patches the node itself: `nodes`: patch.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::Ipv4Addr;
@@ -257,12 +259,16 @@ impl KubernetesRegistry {
         if !stale.is_empty() {
             // A JSON merge patch of string values: the API server stores
             // each annotation exactly as given (flannel's byte-exact
-            // backend-data included).
+            // backend-data included). Sent to the `status` subresource,
+            // as flannel does: the node status strategy keeps metadata
+            // changes and drops spec changes, so RBAC can grant
+            // `nodes/status: patch` and never `nodes: patch` (which would
+            // let netd change taints, unschedulable, podCIDR…).
             let patch = json!({ "metadata": { "annotations": stale } });
             let api = self.nodes::<NodeLease>();
             call(
-                &format!("PATCH /api/v1/nodes/{node}"),
-                api.patch(node, &PatchParams::default(), &Patch::Merge(&patch)),
+                &format!("PATCH /api/v1/nodes/{node}/status"),
+                api.patch_status(node, &PatchParams::default(), &Patch::Merge(&patch)),
             )
             .await?;
             tracing::info!(%node, %subnet, "published lease annotations");

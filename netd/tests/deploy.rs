@@ -1,0 +1,709 @@
+//! The `deploy/` manifests: what each object is (no root needed), and
+//! against a real kube-apiserver 1.20.2 with RBAC enforced: a server-side
+//! dry run and a real `kubectl apply -f deploy/`, the exact permissions the
+//! ServiceAccounts end up with, and the real `netd run` and `netd
+//! tunnel-server` started with their ServiceAccounts' tokens, so a missing
+//! permission fails here and a superfluous one shows in the rule sets.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use netd::testing::{self, Cluster, KubeApiServer, NetdProcess, Node, HEALTH_ADDR, KUBE_APISERVER_BIN};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+const NETD: &str = env!("CARGO_BIN_EXE_netd");
+const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
+const KUBECTL: &str = "/usr/bin/kubectl";
+const NS: &str = "kube-system";
+
+/// (API group, resource, verb).
+type Rule = (String, String, String);
+
+fn rules(list: &[(&str, &str, &[&str])]) -> BTreeSet<Rule> {
+    list.iter()
+        .flat_map(|(group, resource, verbs)| {
+            verbs.iter().map(|v| (group.to_string(), resource.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+/// What `netd run` calls (netd/src/registry/kubernetes.rs, netd/src/kube/pods.rs).
+fn netd_rules() -> BTreeSet<Rule> {
+    rules(&[
+        ("", "nodes", &["get", "list", "watch"]),
+        ("", "nodes/status", &["patch"]),
+        ("", "pods", &["get", "list", "watch"]),
+    ])
+}
+
+/// What `netd tunnel-server --registry kubernetes` calls: one list + watch.
+fn tunnel_server_rules() -> BTreeSet<Rule> {
+    rules(&[("", "nodes", &["list", "watch"])])
+}
+
+/// The manifest files in the order `kubectl apply -f deploy/` takes them.
+fn files() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(DEPLOY)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml" || x == "json"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// Every object of every manifest, with its file's name.
+fn objects() -> Vec<(String, Value)> {
+    let mut objects = Vec::new();
+    for file in files() {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let name = file.file_name().unwrap().to_string_lossy().into_owned();
+        for document in serde_yaml::Deserializer::from_str(&text) {
+            let value = Value::deserialize(document).unwrap_or_else(|e| panic!("{name}: {e}"));
+            if !value.is_null() {
+                objects.push((name.clone(), value));
+            }
+        }
+    }
+    objects
+}
+
+fn find<'a>(objects: &'a [(String, Value)], kind: &str, name: &str) -> &'a Value {
+    objects
+        .iter()
+        .map(|(_, o)| o)
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} in deploy/"))
+}
+
+/// A ClusterRole's rules as triples; resourceNames and nonResourceURLs
+/// are refused (none is meant to be there).
+fn role_rules(role: &Value) -> BTreeSet<Rule> {
+    let mut out = BTreeSet::new();
+    for rule in role["rules"].as_array().unwrap() {
+        assert!(rule.get("resourceNames").is_none() && rule.get("nonResourceURLs").is_none(), "{rule}");
+        for group in rule["apiGroups"].as_array().unwrap() {
+            for resource in rule["resources"].as_array().unwrap() {
+                for verb in rule["verbs"].as_array().unwrap() {
+                    let text = |v: &Value| v.as_str().unwrap().to_string();
+                    out.insert((text(group), text(resource), text(verb)));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn strings(value: &Value) -> Vec<&str> {
+    value.as_array().map(|a| a.iter().map(|v| v.as_str().unwrap()).collect()).unwrap_or_default()
+}
+
+fn env_of(container: &Value) -> Vec<(String, Option<String>)> {
+    container["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap().to_string(), e["value"].as_str().map(String::from)))
+        .collect()
+}
+
+fn env_value(container: &Value, name: &str) -> String {
+    env_of(container).into_iter().find(|(n, _)| n == name).and_then(|(_, v)| v).unwrap_or_else(|| panic!("no {name}"))
+}
+
+/// `netd <command> --help`.
+fn help(command: &str) -> String {
+    let out = Command::new(NETD).args([command, "--help"]).output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Every hostPath volume is mounted at its own host path (netd reads paths
+/// that name host files: the conflist's dataDir, subnet.env for netd-ipam).
+fn check_mounts(pod: &Value, container: &Value, expect: &[(&str, bool)]) {
+    let volumes = pod["volumes"].as_array().unwrap();
+    let mounts = container["volumeMounts"].as_array().unwrap();
+    let got: BTreeSet<(String, bool)> = mounts
+        .iter()
+        .map(|m| (m["mountPath"].as_str().unwrap().to_string(), m["readOnly"].as_bool().unwrap_or(false)))
+        .collect();
+    let want: BTreeSet<(String, bool)> = expect.iter().map(|(p, ro)| (p.to_string(), *ro)).collect();
+    assert_eq!(got, want, "mounts of {}", container["name"]);
+    for mount in mounts {
+        let volume = volumes.iter().find(|v| v["name"] == mount["name"]).unwrap_or_else(|| panic!("{mount}"));
+        if let Some(host) = volume["hostPath"]["path"].as_str() {
+            let path = mount["mountPath"].as_str().unwrap();
+            assert!(path == host || path == format!("/host{host}"), "{path} mounts host {host}");
+        }
+    }
+}
+
+#[test]
+fn manifests_are_what_they_should_be() {
+    let names: Vec<String> = files().iter().map(|f| f.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    assert_eq!(names, ["10-rbac.yaml", "20-net-conf.yaml", "30-daemonset.yaml", "40-tunnel-server.yaml"]);
+    let objects = objects();
+    let found: Vec<(String, String, String)> = objects
+        .iter()
+        .map(|(file, o)| {
+            (file.clone(), o["kind"].as_str().unwrap().to_string(), o["metadata"]["name"].as_str().unwrap().to_string())
+        })
+        .collect();
+    let expected = [
+        ("10-rbac.yaml", "ServiceAccount", "netd"),
+        ("10-rbac.yaml", "ClusterRole", "netd"),
+        ("10-rbac.yaml", "ClusterRoleBinding", "netd"),
+        ("10-rbac.yaml", "ServiceAccount", "netd-tunnel-server"),
+        ("10-rbac.yaml", "ClusterRole", "netd-tunnel-server"),
+        ("10-rbac.yaml", "ClusterRoleBinding", "netd-tunnel-server"),
+        ("20-net-conf.yaml", "ConfigMap", "netd-cfg"),
+        ("30-daemonset.yaml", "DaemonSet", "netd"),
+        ("40-tunnel-server.yaml", "DaemonSet", "netd-tunnel-server"),
+    ];
+    let expected: Vec<(String, String, String)> =
+        expected.iter().map(|(f, k, n)| (f.to_string(), k.to_string(), n.to_string())).collect();
+    assert_eq!(found, expected);
+    for (_, object) in &objects {
+        let namespaced = !object["kind"].as_str().unwrap().starts_with("Cluster");
+        assert_eq!(object["metadata"].get("namespace").is_some(), namespaced, "{}", object["metadata"]);
+        if namespaced {
+            assert_eq!(object["metadata"]["namespace"], NS);
+        }
+    }
+
+    // RBAC: exactly what the code calls, bound to the right accounts.
+    assert_eq!(role_rules(find(&objects, "ClusterRole", "netd")), netd_rules());
+    assert_eq!(role_rules(find(&objects, "ClusterRole", "netd-tunnel-server")), tunnel_server_rules());
+    for name in ["netd", "netd-tunnel-server"] {
+        let binding = find(&objects, "ClusterRoleBinding", name);
+        assert_eq!(
+            binding["roleRef"],
+            json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name})
+        );
+        assert_eq!(binding["subjects"], json!([{"kind": "ServiceAccount", "name": name, "namespace": NS}]));
+    }
+
+    // net-conf.json as netd's own parser reads it; the conflist as the pin
+    // keeper discovers it.
+    let config = find(&objects, "ConfigMap", "netd-cfg");
+    let net_conf = config["data"]["net-conf.json"].as_str().unwrap();
+    let network = netd::model::flannel::parse_network_config(net_conf.as_bytes()).unwrap();
+    assert_eq!((network.network.to_string().as_str(), network.subnet_len, network.vni), ("10.244.0.0/16", 24, 1));
+    let cni_conf: Value = serde_json::from_str(config["data"]["cni-conf.json"].as_str().unwrap()).unwrap();
+    assert_eq!(cni_conf["name"], "cbr0", "flannel's network name: netd-ipam imports host-local's cbr0 directory");
+    assert_eq!(cni_conf["plugins"][0]["type"], "bridge");
+    assert_eq!(cni_conf["plugins"][0]["mtu"], 1450, "FLANNEL_MTU on a 1500-byte underlay");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("10-netd.conflist"), cni_conf.to_string()).unwrap();
+    let discovered = netd::cni::discover::discover(dir.path());
+    assert!(discovered.problems.is_empty(), "{:?}", discovered.problems);
+    assert_eq!(
+        discovered.stores.into_iter().collect::<Vec<_>>(),
+        [PathBuf::from("/var/lib/cni/networks/cbr0/netd-ipam.db")]
+    );
+
+    // The netd DaemonSet.
+    let ds = find(&objects, "DaemonSet", "netd");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(ds["spec"]["updateStrategy"], json!({"type": "OnDelete"}));
+    assert_eq!(ds["spec"]["selector"]["matchLabels"], ds["spec"]["template"]["metadata"]["labels"]);
+    assert_eq!(pod["serviceAccountName"], "netd");
+    assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(pod["priorityClassName"], "system-node-critical");
+    assert_eq!(
+        pod["tolerations"],
+        json!([{"operator": "Exists", "effect": "NoSchedule"}, {"operator": "Exists", "effect": "NoExecute"}])
+    );
+    assert!(pod.get("hostPID").is_none() && pod.get("hostIPC").is_none());
+    let [init] = pod["initContainers"].as_array().unwrap().as_slice() else { panic!("one init container") };
+    let [netd] = pod["containers"].as_array().unwrap().as_slice() else { panic!("one container") };
+    assert_eq!(init["image"], netd["image"]);
+    assert_eq!(strings(&netd["command"]), ["/usr/local/bin/netd", "run"]);
+    let run_help = help("run");
+    for (name, _) in env_of(netd) {
+        assert!(name == "NODE_NAME" || run_help.contains(&format!("[env: {name}=")), "netd run reads no {name}");
+    }
+    assert_eq!(env_value(netd, "NETD_REGISTRY"), "kubernetes");
+    let health = env_value(netd, "NETD_HEALTH_ADDR");
+    let health_port: u16 = health.rsplit_once(':').unwrap().1.parse().unwrap();
+    for (probe, path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
+        let get = &netd[probe]["httpGet"];
+        assert_eq!(
+            (get["host"].as_str(), get["port"].as_u64(), get["path"].as_str()),
+            (Some("127.0.0.1"), Some(u64::from(health_port)), Some(path))
+        );
+    }
+    assert!(health.starts_with("127.0.0.1:"), "probes dial 127.0.0.1, so netd must listen there");
+    // The environment is one netd accepts (its network as net-conf.json says;
+    // in the pod netd reads the mounted file).
+    let mut print = Command::new(NETD);
+    print.args(["run", "--print-config"]).env_clear().env("NODE_NAME", "node-1").env("NETD_NETWORK", "10.244.0.0/16");
+    for (name, value) in env_of(netd) {
+        if let Some(value) = value {
+            print.env(name, value);
+        }
+    }
+    let printed = print.output().unwrap();
+    assert!(printed.status.success(), "{}", String::from_utf8_lossy(&printed.stderr));
+    let printed: Value = serde_json::from_slice(&printed.stdout).unwrap();
+    assert_eq!(
+        (&printed["registry"], &printed["healthAddr"], &printed["masquerade"]),
+        (&json!("kubernetes"), &json!(health), &json!(true))
+    );
+    assert_eq!(
+        netd["securityContext"]["capabilities"],
+        json!({"drop": ["ALL"], "add": ["NET_ADMIN"]}),
+        "rtnetlink and nftables need NET_ADMIN, nothing else"
+    );
+    assert_eq!(netd["securityContext"]["privileged"], false);
+    assert_eq!(init["securityContext"]["capabilities"], json!({"drop": ["ALL"]}));
+    check_mounts(
+        pod,
+        netd,
+        &[
+            ("/run/flannel", false),
+            ("/var/lib/netd", false),
+            ("/etc/cni/net.d", true),
+            ("/var/lib/cni/networks", false),
+            ("/etc/kube-flannel", true),
+        ],
+    );
+    check_mounts(pod, init, &[("/host/opt/cni/bin", false), ("/host/etc/cni/net.d", false), ("/etc/netd", true)]);
+    let script = strings(&init["command"]).join(" ");
+    for needle in [
+        "/usr/local/bin/netd-ipam",
+        "/host/opt/cni/bin/netd-ipam",
+        "/etc/netd/cni-conf.json",
+        "/host/etc/cni/net.d/10-netd.conflist",
+    ] {
+        assert!(script.contains(needle), "the init container installs {needle}: {script}");
+    }
+
+    // The tunnel server: cloud nodes only, BPF for the pinned DNAT.
+    let ds = find(&objects, "DaemonSet", "netd-tunnel-server");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], "netd-tunnel-server");
+    assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(pod["nodeSelector"], json!({"alibabacloud.com/is-edge-worker": "false"}));
+    assert_eq!(
+        pod["tolerations"],
+        json!([{"key": "node-role.alibabacloud.com/addon", "operator": "Exists", "effect": "NoSchedule"}])
+    );
+    let [server] = pod["containers"].as_array().unwrap().as_slice() else { panic!("one container") };
+    assert_eq!(strings(&server["command"]), ["/usr/local/bin/netd", "tunnel-server"]);
+    let server_help = help("tunnel-server");
+    for (name, _) in env_of(server) {
+        assert!(
+            name == "NODE_NAME" || server_help.contains(&format!("[env: {name}=")),
+            "tunnel-server reads no {name}"
+        );
+    }
+    let metrics = env_value(server, "NETD_TUNNEL_METRICS_LISTEN");
+    let get = &server["readinessProbe"]["httpGet"];
+    assert_eq!(format!("{}:{}", get["host"].as_str().unwrap(), get["port"]), metrics);
+    assert_eq!(server["securityContext"]["capabilities"], json!({"drop": ["ALL"], "add": ["BPF", "NET_ADMIN"]}));
+    check_mounts(pod, server, &[("/etc/netd/tunnel", true), ("/etc/kube-flannel", true), ("/sys/fs/bpf", false)]);
+    let certs = pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "certs").unwrap();
+    assert_eq!(certs["secret"]["secretName"], "netd-tunnel-server");
+}
+
+// ---------------------------------------------------------------------------
+// Against kube-apiserver with RBAC.
+
+struct Kube<'a> {
+    server: &'a KubeApiServer,
+    kubeconfig: PathBuf,
+    cache: PathBuf,
+}
+
+impl Kube<'_> {
+    /// `kubectl args…` where the API server listens.
+    fn kubectl(&self, args: &[&str]) -> Output {
+        let mut command = Command::new(KUBECTL);
+        command
+            .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+            .arg(format!("--cache-dir={}", self.cache.display()))
+            .args(args)
+            .env_remove("HTTPS_PROXY")
+            .env_remove("https_proxy")
+            .env_remove("HTTP_PROXY")
+            .env_remove("http_proxy")
+            .env_remove("ALL_PROXY")
+            .env_remove("all_proxy");
+        self.server.host().run(move || command.output().unwrap()).unwrap()
+    }
+
+    fn kubectl_ok(&self, args: &[&str]) -> String {
+        let out = self.kubectl(args);
+        assert!(
+            out.status.success(),
+            "kubectl {args:?}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn api(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let text = body.map(|b| b.to_string());
+        let (status, reply) = self.server.api(method, path, text.as_deref().map(|t| ("application/json", t))).unwrap();
+        (status, serde_json::from_str(&reply).unwrap_or(Value::String(reply)))
+    }
+
+    fn api_ok(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let (status, reply) = self.api(method, path, body);
+        assert!((200..300).contains(&status), "{method} {path}: HTTP {status}: {reply}");
+        reply
+    }
+
+    /// A token of ServiceAccount kube-system/`account` from the TokenRequest API.
+    fn token(&self, account: &str) -> String {
+        let request = json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                             "spec": {"expirationSeconds": 3600}});
+        let reply =
+            self.api_ok("POST", &format!("/api/v1/namespaces/{NS}/serviceaccounts/{account}/token"), Some(request));
+        reply["status"]["token"].as_str().unwrap().to_string()
+    }
+
+    /// SelfSubjectRulesReview in kube-system as the token's owner:
+    /// resource rules as triples, and the non-resource rules.
+    fn rules_of(&self, token: &str, files: &Path) -> (BTreeSet<Rule>, BTreeSet<(String, String)>) {
+        let review = files.join("review.json");
+        let body = json!({"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectRulesReview",
+                          "spec": {"namespace": NS}});
+        std::fs::write(&review, body.to_string()).unwrap();
+        let reply = self.kubectl_ok(&[
+            "--token",
+            token,
+            "create",
+            "--raw",
+            "/apis/authorization.k8s.io/v1/selfsubjectrulesreviews",
+            "-f",
+            review.to_str().unwrap(),
+        ]);
+        let reply: Value = serde_json::from_str(&reply).unwrap();
+        assert_eq!(reply["status"]["incomplete"], false, "{reply}");
+        let mut resources = BTreeSet::new();
+        for rule in reply["status"]["resourceRules"].as_array().unwrap() {
+            assert!(rule.get("resourceNames").is_none(), "{rule}");
+            for group in strings(&rule["apiGroups"]) {
+                for resource in strings(&rule["resources"]) {
+                    for verb in strings(&rule["verbs"]) {
+                        resources.insert((group.to_string(), resource.to_string(), verb.to_string()));
+                    }
+                }
+            }
+        }
+        let mut urls = BTreeSet::new();
+        for rule in reply["status"]["nonResourceRules"].as_array().unwrap() {
+            for url in strings(&rule["nonResourceURLs"]) {
+                for verb in strings(&rule["verbs"]) {
+                    urls.insert((url.to_string(), verb.to_string()));
+                }
+            }
+        }
+        (resources, urls)
+    }
+
+    fn can_i(&self, token: &str, args: &[&str]) -> bool {
+        let mut all = vec!["--token", token, "auth", "can-i"];
+        all.extend_from_slice(args);
+        let out = self.kubectl(&all);
+        let answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(
+            answer == "yes" || answer == "no",
+            "kubectl auth can-i {args:?}: {answer:?} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        answer == "yes"
+    }
+}
+
+fn wait_for(what: &str, logs: &dyn Fn() -> String, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(45);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}; log:\n{}", logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn has_route(node: &Node, dst: &str) -> bool {
+    node.ns.ip(&["route", "show", dst]).is_ok_and(|r| r.contains("dev flannel.1"))
+}
+
+/// The flag of a `NETD_*` variable of `netd run` (`NETD_HEALTH_ADDR` →
+/// `--health-addr`), so the test runs netd with the DaemonSet's settings
+/// without touching its own environment.
+fn flag_of(variable: &str) -> String {
+    format!("--{}", variable.trim_start_matches("NETD_").to_lowercase().replace('_', "-"))
+}
+
+/// kube-apiserver with `--authorization-mode=RBAC` and nothing else.
+///
+/// The harness starts it with `--authorization-mode=AlwaysAllow`, and a
+/// second `--authorization-mode` does not replace that: the flag is a list
+/// and repeating it appends, so `new_with(…RBAC)` alone authorises
+/// `AlwaysAllow,RBAC`, i.e. everything (a check below found a ServiceAccount
+/// bound to nothing allowed to read Secrets). Until the harness can
+/// replace its own flags, the server is started through a wrapper (the
+/// harness's `NETD_KUBE_APISERVER`) that drops `AlwaysAllow` and keeps
+/// the `RBAC` given here.
+fn rbac_apiserver(cluster: &Cluster, dir: &Path) -> KubeApiServer {
+    use std::os::unix::fs::PermissionsExt;
+    let given = std::env::var_os(testing::KUBE_APISERVER_ENV);
+    let real = given.clone().map(PathBuf::from).unwrap_or(KUBE_APISERVER_BIN.into());
+    let wrapper = dir.join("kube-apiserver-rbac");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nfor arg; do shift; [ \"$arg\" = --authorization-mode=AlwaysAllow ] || set -- \"$@\" \"$arg\"; done\n\
+             exec '{}' \"$@\"\n",
+            real.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Read by the harness when it starts the server; no other test of this
+    // file starts one.
+    std::env::set_var(testing::KUBE_APISERVER_ENV, &wrapper);
+    let server = KubeApiServer::new_with(cluster.control_plane(), &["--authorization-mode=RBAC".into()]);
+    match given {
+        Some(given) => std::env::set_var(testing::KUBE_APISERVER_ENV, given),
+        None => std::env::remove_var(testing::KUBE_APISERVER_ENV),
+    }
+    server.unwrap()
+}
+
+#[test]
+fn deploy_applies_and_netd_runs_with_its_service_account_under_rbac() {
+    let Some(_kernel) = testing::privileged().unwrap() else { return };
+    let required = std::env::var_os(testing::REQUIRE_ENV).is_some();
+    for tool in [KUBE_APISERVER_BIN, KUBECTL] {
+        let present = Path::new(tool).is_file()
+            || (tool == KUBE_APISERVER_BIN && std::env::var_os(testing::KUBE_APISERVER_ENV).is_some());
+        if !present {
+            assert!(!required, "{tool} is missing ({} is set)", testing::REQUIRE_ENV);
+            eprintln!("skipping: {tool} is missing (`cargo xtask setup` builds kube-apiserver)");
+            return;
+        }
+    }
+    let objects = objects();
+    let net_conf = find(&objects, "ConfigMap", "netd-cfg")["data"]["net-conf.json"].as_str().unwrap().to_string();
+    let network = netd::model::flannel::parse_network_config(net_conf.as_bytes()).unwrap().network.to_string();
+
+    let files = tempfile::tempdir().unwrap();
+    let cluster = Cluster::bare(1).unwrap();
+    let server = rbac_apiserver(&cluster, files.path());
+    assert!(!server.log().contains("AlwaysAllow"), "the API server must authorise by RBAC alone");
+    let ca = files.path().join("ca.crt");
+    std::fs::write(&ca, server.ca_cert_pem().unwrap()).unwrap();
+    let kubeconfig = files.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\n\
+             clusters:\n- name: t\n  cluster:\n    server: {}\n    certificate-authority: {}\n\
+             users:\n- name: admin\n  user:\n    token: {}\n\
+             contexts:\n- name: t\n  context:\n    cluster: t\n    user: admin\n\
+             current-context: t\n",
+            server.url(),
+            ca.display(),
+            server.token()
+        ),
+    )
+    .unwrap();
+    let kube = Kube { server: &server, kubeconfig, cache: files.path().join("kube-cache") };
+
+    // A server-side dry run of the whole directory: validated and admitted,
+    // nothing stored.
+    let dry = kube.kubectl_ok(&["apply", "--dry-run=server", "-f", DEPLOY]);
+    assert_eq!(dry.lines().filter(|l| l.ends_with("(server dry run)")).count(), objects.len(), "{dry}");
+    assert_eq!(kube.api("GET", &format!("/api/v1/namespaces/{NS}/serviceaccounts/netd"), None).0, 404);
+    // The real apply, then again: nothing left to change.
+    let applied = kube.kubectl_ok(&["apply", "-f", DEPLOY]);
+    assert_eq!(applied.lines().filter(|l| l.ends_with(" created")).count(), objects.len(), "{applied}");
+    let again = kube.kubectl_ok(&["apply", "-f", DEPLOY]);
+    assert_eq!(again.lines().filter(|l| l.ends_with(" unchanged")).count(), objects.len(), "{again}");
+    let ds = kube.api_ok("GET", &format!("/apis/apps/v1/namespaces/{NS}/daemonsets/netd"), None);
+    assert_eq!(ds["spec"]["updateStrategy"]["type"], "OnDelete");
+
+    // What each ServiceAccount may do: its ClusterRole's rules exactly, over
+    // what any authenticated account has (measured on an account bound to
+    // nothing).
+    kube.api_ok(
+        "POST",
+        &format!("/api/v1/namespaces/{NS}/serviceaccounts"),
+        Some(json!({"metadata": {"name": "nobody"}})),
+    );
+    let (base_resources, base_urls) = kube.rules_of(&kube.token("nobody"), files.path());
+    let reviews = rules(&[
+        ("authorization.k8s.io", "selfsubjectaccessreviews", &["create"]),
+        ("authorization.k8s.io", "selfsubjectrulesreviews", &["create"]),
+    ]);
+    assert_eq!(base_resources, reviews, "an account bound to nothing may only ask what it may do");
+    assert!(!base_urls.iter().any(|(url, _)| url == "*"), "{base_urls:?}");
+    let netd_token = kube.token("netd");
+    for (account, token, expected) in [
+        ("netd", netd_token.clone(), netd_rules()),
+        ("netd-tunnel-server", kube.token("netd-tunnel-server"), tunnel_server_rules()),
+    ] {
+        let (resources, urls) = kube.rules_of(&token, files.path());
+        let extra: BTreeSet<Rule> = resources.difference(&base_resources).cloned().collect();
+        assert_eq!(extra, expected, "{account}'s permissions beyond any account's");
+        assert!(resources.is_superset(&base_resources));
+        assert_eq!(urls, base_urls, "{account} gets no non-resource URL beyond any account's");
+        let list = kube.kubectl_ok(&["--token", &token, "auth", "can-i", "--list", "-n", NS]);
+        assert!(list.lines().any(|l| l.starts_with("nodes ")), "{list}");
+        for forbidden in ["secrets", "pods/exec", "configmaps", "leases"] {
+            assert!(!list.lines().any(|l| l.starts_with(&format!("{forbidden} "))), "{account}: {list}");
+        }
+        for args in [
+            &["get", "secrets"][..],
+            &["create", "pods", "--subresource=exec"],
+            &["get", "pods", "--subresource=log"],
+            &["delete", "nodes"],
+            &["patch", "nodes"],
+            &["update", "nodes", "--subresource=status"],
+            &["create", "pods"],
+            &["create", "events"],
+        ] {
+            assert!(!kube.can_i(&token, &[args, &["-n", NS]].concat()), "{account} may {args:?}");
+        }
+    }
+    assert!(kube.can_i(&netd_token, &["patch", "nodes", "--subresource=status"]));
+    assert!(kube.can_i(&netd_token, &["watch", "pods", "--all-namespaces"]));
+
+    // netd run, as the DaemonSet runs it, with the netd ServiceAccount's token.
+    let node = &cluster.nodes[0];
+    let cidr = "10.244.1.0/24";
+    kube.api_ok(
+        "POST",
+        "/api/v1/nodes",
+        Some(json!({"metadata": {"name": node.name}, "spec": {"podCIDR": cidr, "podCIDRs": [cidr]}})),
+    );
+    let state = files.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let token_file = files.path().join("netd.token");
+    std::fs::write(&token_file, &netd_token).unwrap();
+    // The conflist the init container installs, its stores in the temp dir.
+    let cni_dir = files.path().join("net.d");
+    std::fs::create_dir_all(&cni_dir).unwrap();
+    let mut cni_conf: Value =
+        serde_json::from_str(find(&objects, "ConfigMap", "netd-cfg")["data"]["cni-conf.json"].as_str().unwrap())
+            .unwrap();
+    cni_conf["plugins"][0]["ipam"]["dataDir"] = json!(files.path().join("networks"));
+    std::fs::write(cni_dir.join("10-netd.conflist"), cni_conf.to_string()).unwrap();
+    let ds = find(&objects, "DaemonSet", "netd");
+    let container = &ds["spec"]["template"]["spec"]["containers"][0];
+    let mut args = testing::netd_run_args(&node.name, &format!("kubernetes:{}", server.url()), &state);
+    for (name, value) in env_of(container) {
+        if let (Some(value), true) = (value, name.starts_with("NETD_") && name != "NETD_REGISTRY") {
+            args.push(format!("{}={value}", flag_of(&name)).into());
+        }
+    }
+    for (flag, value) in [("--token-file", &token_file), ("--ca-file", &ca), ("--cni-conf-dir", &cni_dir)] {
+        args.push(flag.into());
+        args.push(value.into());
+    }
+    args.extend(["--network".into(), network.clone().into()]);
+    // The pin keeper refreshes its metrics every grace / 4 (at most 30 s):
+    // a short grace makes the pod watch visible in seconds.
+    args.extend(["--pin-grace".into(), "8s".into()]);
+    let log = files.path().join("netd.log");
+    let netd = NetdProcess::spawn(&node.ns, Path::new(NETD), args, &log).unwrap();
+    let netd_log = || netd.log();
+
+    // Start-up: lease published on the Node, subnet.env written, ready.
+    wait_for("/readyz", &netd_log, || {
+        testing::http_get(&node.ns, HEALTH_ADDR, "/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+    });
+    let object = kube.api_ok("GET", &format!("/api/v1/nodes/{}", node.name), None);
+    let annotation = |key: &str| object["metadata"]["annotations"][format!("flannel.alpha.coreos.com/{key}")].clone();
+    assert_eq!(annotation("backend-type"), "vxlan");
+    assert_eq!(annotation("kube-subnet-manager"), "true");
+    assert_eq!(annotation("public-ip"), node.public_ip().to_string());
+    assert!(annotation("backend-data").as_str().unwrap().starts_with(r#"{"VNI":1,"VtepMAC":""#));
+    let condition = object["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "NetworkUnavailable")
+        .cloned()
+        .unwrap_or_else(|| panic!("no NetworkUnavailable condition: {object}"));
+    assert_eq!(condition["status"], "False");
+    let subnet_env = std::fs::read_to_string(state.join("subnet.env")).unwrap();
+    assert!(subnet_env.contains(&format!("FLANNEL_NETWORK={network}\n")), "{subnet_env}");
+    assert!(subnet_env.contains("FLANNEL_SUBNET=10.244.1.1/24\n"), "{subnet_env}");
+    // The pod watch listed this node's pods (pods list is granted).
+    let metric = |name: &str| testing::metric(&node.ns, name);
+    wait_for("the pod list", &netd_log, || metric("netd_pods_synced") == Some(1.0));
+
+    // Watches: a flannel node joining becomes a peer, a pod bound here shows up.
+    kube.api_ok(
+        "POST",
+        "/api/v1/nodes",
+        Some(json!({
+            "metadata": {"name": "flannel-2", "annotations": {
+                "flannel.alpha.coreos.com/backend-type": "vxlan",
+                "flannel.alpha.coreos.com/backend-data": r#"{"VNI":1,"VtepMAC":"62:a4:3c:2f:18:d1"}"#,
+                "flannel.alpha.coreos.com/public-ip": "192.168.50.12",
+                "flannel.alpha.coreos.com/kube-subnet-manager": "true"}},
+            "spec": {"podCIDR": "10.244.2.0/24", "podCIDRs": ["10.244.2.0/24"]},
+        })),
+    );
+    wait_for("the new node's route", &netd_log, || has_route(node, "10.244.2.0/24"));
+    assert_eq!(metric("netd_peers_programmed"), Some(1.0));
+    kube.api_ok(
+        "POST",
+        &format!("/api/v1/namespaces/{NS}/pods"),
+        Some(json!({"metadata": {"name": "web-1"}, "spec": {
+            "nodeName": node.name, "serviceAccountName": "nobody", "automountServiceAccountToken": false,
+            "containers": [{"name": "web", "image": "example.invalid/web:1"}]}})),
+    );
+    wait_for("the pod watch", &netd_log, || metric("netd_pods_bound") == Some(1.0));
+    kube.api_ok("DELETE", "/api/v1/nodes/flannel-2", None);
+    wait_for("the departed node's route removed", &netd_log, || !has_route(node, "10.244.2.0/24"));
+    let text = netd.log();
+    assert!(!text.contains("forbidden") && !text.contains("403"), "netd was refused something:\n{text}");
+
+    // The tunnel server with its own token: reads the leases, nothing else.
+    let tunnel_token = files.path().join("tunnel.token");
+    std::fs::write(&tunnel_token, kube.token("netd-tunnel-server")).unwrap();
+    let certs = files.path().join("tunnel");
+    let run = |args: &[&str]| {
+        let out = Command::new(NETD).args(args).output().unwrap();
+        assert!(out.status.success(), "netd {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let (ca_dir, cert_dir) = (files.path().join("tunnel-ca"), certs.to_str().unwrap());
+    run(&["certs", "ca", "--out", ca_dir.to_str().unwrap()]);
+    run(&["certs", "server", "--ca-dir", ca_dir.to_str().unwrap(), "--ip", "192.168.50.11", "--out", cert_dir]);
+    let tunnel_log = files.path().join("tunnel.log");
+    let mut tunnel_args: Vec<std::ffi::OsString> = vec!["tunnel-server".into()];
+    for (flag, value) in [
+        ("--cert-dir", cert_dir.to_string()),
+        ("--registry", format!("kubernetes:{}", server.url())),
+        ("--network", network.clone()),
+        ("--token-file", tunnel_token.display().to_string()),
+        ("--ca-file", ca.display().to_string()),
+        // No DNAT is pinned here; its doors would need bpffs.
+        ("--dnat-listen", String::new()),
+        ("--http-listen", String::new()),
+    ] {
+        tunnel_args.push(flag.into());
+        tunnel_args.push(value.into());
+    }
+    let tunnel = NetdProcess::spawn(&node.ns, Path::new(NETD), tunnel_args, &tunnel_log).unwrap();
+    wait_for("the tunnel server's lease list", &|| tunnel.log(), || tunnel.log().contains("leased nodes routable"));
+    let text = tunnel.log();
+    assert!(text.contains("tunnel server: 1 leased nodes routable"), "{text}");
+    assert!(!text.contains("forbidden") && !text.contains("403") && !text.contains("retrying"), "{text}");
+    drop(tunnel);
+    drop(netd);
+    // netd cleanup of the node namespace is the namespace's removal.
+    drop(server);
+}
