@@ -24,8 +24,9 @@ const EXAMPLES: &str = "Examples:
 #[command(group(ArgGroup::new("spec").required(true).args(["node_spec", "node_spec_file"])))]
 struct Cli {
     /// The bootstrap token, id.secret ([a-z0-9]{6}.[a-z0-9]{16}).
+    // A String, checked by `run`: clap would quote a bad value (a secret) in its error.
     #[arg(long, env = "NETD_JOIN_TOKEN", value_name = "TOKEN", hide_env_values = true)]
-    token: BootstrapToken,
+    token: String,
     /// The registry to join: kubernetes:https://HOST:PORT.
     #[arg(long, env = "NETD_REGISTRY", value_name = "SPEC")]
     registry: RegistrySpec,
@@ -76,6 +77,7 @@ fn ask(plan: &Plan, paths: &JoinPaths) -> Result<bool, JoinError> {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    let token: BootstrapToken = cli.token.parse()?;
     // clap's group gives exactly one of the two.
     let spec_text = match &cli.node_spec_file {
         Some(file) => {
@@ -86,7 +88,7 @@ fn run(cli: Cli) -> Result<()> {
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let paths = JoinPaths { config_dir: cli.config_dir };
     let options = JoinOptions {
-        token: cli.token,
+        token,
         registry: cli.registry,
         spec_text,
         pins: cli.pins,
