@@ -17,15 +17,17 @@ use std::time::Duration;
 
 use http::StatusCode;
 use ipnet::{IpNet, Ipv4Net};
-use netd::ebpf::dnat::{AttachOptions, Scope, TunnelDnat};
+use netd::ebpf::dnat::Scope;
 use netd::registry::embedded::EmbeddedRegistry;
 use netd::registry::{LeaseRequest, NetworkConfig, Registry};
-use netd::testing::{self, Cgroup, NetNs, PinDir, VethPair};
+use netd::testing::{self, Cgroup, NetNs, VethPair};
 use netd::tunnel::agent::{AgentConfig, AgentMetrics};
 use netd::tunnel::routes::LeaseRoute;
 use netd::tunnel::server::{self, Router};
 use tokio::net::TcpListener;
-use tunnel_stage::{spawn_netd, wait_for, Background, Stage, AGENT_PORT, CLOUD_IP, DAY, NODE, NODE_IP};
+use tunnel_stage::{
+    spawn_netd, wait_for, Background, Stage, AGENT_PORT, CLOUD_IP, DAY, DNAT_PLAIN_PORT, DNAT_TLS_PORT, NODE, NODE_IP,
+};
 
 /// A pod on the edge node, inside the node's pod subnet.
 const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 7, 19);
@@ -34,7 +36,6 @@ const POD_SUBNET: &str = "10.244.7.0/24";
 const OTHER_SUBNET: &str = "10.244.8.0/24";
 const OTHER_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 8, 19);
 const METRICS_PORT: u16 = 9100;
-const HTTP_DOOR: u16 = 10264;
 
 fn net(text: &str) -> Ipv4Net {
     text.parse().unwrap()
@@ -90,7 +91,7 @@ fn curl_in(cgroup: Option<&Cgroup>, ns: &NetNs, args: &[&str]) -> (bool, String,
 /// The HTTP door (plain HTTP by `Host`, no DNAT) on the cloud address.
 fn http_door(stage: &Stage, router: Arc<Router>) -> Background {
     Background::start(&stage.cloud.path(), move || async move {
-        let listener = TcpListener::bind((CLOUD_IP, HTTP_DOOR)).await.unwrap();
+        let listener = TcpListener::bind((CLOUD_IP, DNAT_PLAIN_PORT)).await.unwrap();
         server::serve_http_door(listener, None, router).await;
     })
 }
@@ -106,7 +107,7 @@ fn plain_http_on_the_http_door_is_routed_by_host_and_pod_ips_by_the_leases() {
     let metrics = Arc::new(AgentMetrics::default());
     let _agent = stage.agent(pod_agent_config(&stage), metrics.clone());
     wait_for("the agent's link", Duration::from_secs(10), || router.nodes() == vec![NODE.to_string()]);
-    let door = format!("http://{CLOUD_IP}:{HTTP_DOOR}");
+    let door = format!("http://{CLOUD_IP}:{DNAT_PLAIN_PORT}");
 
     // Origin form with Host: two requests on one kept-alive connection,
     // each its own tunnel stream.
@@ -158,43 +159,15 @@ fn a_cloud_pod_pulls_an_edge_pods_metrics_through_dnat_and_the_tunnel() {
     prometheus.ip(&["link", "set", "eth0", "up"]).unwrap();
     prometheus.ip(&["route", "add", "default", "via", "10.60.0.1"]).unwrap();
 
-    let pins = PinDir::new().unwrap();
-    let cgroup = Cgroup::new().unwrap();
-    let options = AttachOptions {
-        pin_dir: pins.path().to_path_buf(),
-        cgroup: Some(cgroup.path().to_path_buf()),
-        original_dst_cgroup: None,
-    };
-    let (mut dnat, _) = TunnelDnat::load_or_attach(&options).unwrap();
-    stage.cloud.run(|| dnat.set_target(CLOUD_IP, Scope::AllNamespaces)).unwrap().unwrap();
-    dnat.set_port_rules([(10250, 10263), (10255, HTTP_DOOR), (METRICS_PORT, HTTP_DOOR)]).unwrap();
-    dnat.set_edge_nodes([NODE_IP]).unwrap();
-    dnat.set_edge_subnets([net(POD_SUBNET), net(OTHER_SUBNET)]).unwrap();
-
     let router = Arc::new(Router::default());
     router.upsert_lease(LeaseRoute { node: NODE.into(), address: NODE_IP, subnet: net(POD_SUBNET) });
     // A registry that wrongly gives this node another node's subnet (stale
     // or forged): the agent, which knows its own subnet, is the last word.
     router.upsert_lease(LeaseRoute { node: NODE.into(), address: NODE_IP, subnet: net(OTHER_SUBNET) });
     let _server = stage.server(router.clone());
-    // The door's listener is bound inside the DNAT cgroup, so sockops hands
-    // each accepted socket its original destination.
-    let listener = {
-        let _in_cgroup = cgroup.join().unwrap();
-        stage
-            .cloud
-            .run(|| {
-                let listener = std::net::TcpListener::bind((CLOUD_IP, HTTP_DOOR)).unwrap();
-                listener.set_nonblocking(true).unwrap();
-                listener
-            })
-            .unwrap()
-    };
-    let reader = Arc::new(TunnelDnat::open(pins.path()).unwrap());
-    let door_router = router.clone();
-    let _door = Background::start(&stage.cloud.path(), move || async move {
-        server::serve_http_door(TcpListener::from_std(listener).unwrap(), Some(reader), door_router).await;
-    });
+    let rules = [(10250, DNAT_TLS_PORT), (10255, DNAT_PLAIN_PORT), (METRICS_PORT, DNAT_PLAIN_PORT)];
+    let doors = stage.dnat_doors_for(router.clone(), &rules, Scope::AllNamespaces);
+    doors.maps().set_edge_subnets([net(POD_SUBNET), net(OTHER_SUBNET)]).unwrap();
     let _edge_http = edge_http(&stage);
     let metrics = Arc::new(AgentMetrics::default());
     let _agent = stage.agent(pod_agent_config(&stage), metrics.clone());
@@ -203,7 +176,7 @@ fn a_cloud_pod_pulls_an_edge_pods_metrics_through_dnat_and_the_tunnel() {
     // curl runs in the pod's namespace, in the DNAT cgroup. (Not this whole
     // process: the agent's own dials, in the edge namespace here, would be
     // redirected too — on a real edge node no DNAT is attached.)
-    let pull = |url: &str| curl_in(Some(&cgroup), &prometheus, &[url]);
+    let pull = |url: &str| curl_in(Some(&doors.cgroup), &prometheus, &[url]);
     let (_, code, body) = pull(&format!("http://{POD_IP}:{METRICS_PORT}/metrics"));
     assert_eq!((code.as_str(), body.as_str()), ("200", "pod metrics /metrics\n"));
     let (_, code, body) = pull(&format!("http://{NODE_IP}:10255/metrics/cadvisor"));
@@ -213,9 +186,7 @@ fn a_cloud_pod_pulls_an_edge_pods_metrics_through_dnat_and_the_tunnel() {
     let (ok, code, _) = pull(&format!("http://{OTHER_POD}:{METRICS_PORT}/metrics"));
     assert!(!ok && code == "000", "{code}");
     assert_eq!(metrics.refused_address.load(Ordering::Relaxed), 1);
-    let stats = dnat.stats().unwrap();
-    let redirected = |port: u16| stats.rules.iter().find(|r| r.port == port).unwrap().redirected;
-    assert_eq!((redirected(METRICS_PORT), redirected(10255)), (2, 1));
+    assert_eq!((doors.redirected(METRICS_PORT), doors.redirected(10255)), (2, 1));
 }
 
 /// Grants `node` its lease in the embedded registry at `db` (what its netd
@@ -248,7 +219,7 @@ fn the_tunnel_server_process_routes_pod_ips_by_the_registrys_leases() {
     // A node certificate with no IP SAN: routing comes from the lease alone.
     stage.pki.ca.issue_node(NODE, &[], DAY).unwrap().write(dir, "node").unwrap();
     let (cert_dir, agents) = (dir.to_str().unwrap(), format!("{CLOUD_IP}:{AGENT_PORT}"));
-    let door_addr = format!("{CLOUD_IP}:{HTTP_DOOR}");
+    let door_addr = format!("{CLOUD_IP}:{DNAT_PLAIN_PORT}");
     let registry = format!("embedded:{}", db.display());
     let _server = spawn_netd(
         &stage.cloud.path(),

@@ -218,6 +218,12 @@ impl Stage {
     /// server's DNAT doors serving `router`. Only sockets made by members of
     /// [`DnatDoors::cgroup`] are redirected.
     pub fn dnat_doors(&self, router: Arc<Router>, rules: &[(u16, u16)]) -> DnatDoors {
+        self.dnat_doors_for(router, rules, Scope::HostNetwork)
+    }
+
+    /// [`Stage::dnat_doors`] redirecting the sockets `scope` names (pods'
+    /// too with [`Scope::AllNamespaces`]).
+    pub fn dnat_doors_for(&self, router: Arc<Router>, rules: &[(u16, u16)], scope: Scope) -> DnatDoors {
         let pins = PinDir::new().unwrap();
         let cgroup = Cgroup::new().unwrap();
         let options = AttachOptions {
@@ -227,7 +233,7 @@ impl Stage {
         };
         let (mut dnat, _) = TunnelDnat::load_or_attach(&options).unwrap();
         // The network namespace that sets the target is the "host network".
-        self.cloud.run(|| dnat.set_target(CLOUD_IP, Scope::HostNetwork)).unwrap().unwrap();
+        self.cloud.run(|| dnat.set_target(CLOUD_IP, scope)).unwrap().unwrap();
         dnat.set_port_rules(rules.iter().copied()).unwrap();
         dnat.set_edge_nodes([NODE_IP]).unwrap();
         let dnat = Arc::new(dnat);
@@ -251,7 +257,7 @@ impl Stage {
             let [tls_door, plain_door] = listeners.map(|l| TcpListener::from_std(l).unwrap());
             tokio::join!(
                 server::serve_dnat(tls_door, reader.clone(), router.clone()),
-                server::serve_dnat(plain_door, reader, router),
+                server::serve_http_door(plain_door, Some(reader), router),
             );
         });
         DnatDoors { _doors: doors, dnat, cgroup, cloud: self.cloud.path(), _pins: pins }
@@ -305,6 +311,11 @@ impl DnatDoors {
         let mut full = vec![net.as_str(), program];
         full.extend_from_slice(args);
         self.cgroup.spawn("nsenter", &full).unwrap().wait_with_output().unwrap()
+    }
+
+    /// The maps again, writable (rules, edge nodes and subnets).
+    pub fn maps(&self) -> TunnelDnat {
+        TunnelDnat::open(self._pins.path()).unwrap()
     }
 
     /// Connections the rule for `port` redirected so far.
