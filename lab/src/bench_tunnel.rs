@@ -18,8 +18,9 @@
 //!   cloud's loopback (one port range each).
 //!
 //! Measured: single-stream iperf3 throughput (loopback = the veth without
-//! any qdisc; WAN = netem `delay 25ms rate 1gbit` on both veth ends, 50 ms
-//! RTT), wrk latency at one connection and requests/s at 16 connections to
+//! any qdisc; WAN = the same addresses routed through [`DelayLine`], 25 ms
+//! each way (50 ms RTT) at 1 Gbit/s, as netem `delay 25ms rate 1gbit` would
+//! on both veth ends: this kernel has no netem), wrk latency at one connection and requests/s at 16 connections to
 //! a small HTTP server on the edge (in this process), resident memory of
 //! each tunnel's two processes with 0 and [`IDLE_STREAMS`] idle streams, and
 //! the time from a cut link coming back to traffic flowing through netd.
@@ -44,6 +45,7 @@ use netd::testing::{self, http_get, run_command, Cgroup, NetNs, NetdProcess, Pin
 
 use crate::bench::machine;
 use crate::bench_vxlan::cpu_pressure_us;
+use crate::delay_line::{DelayLine, Shape};
 
 /// iperf3 rounds per variant and network, seconds per run (the issue's figures: `-t 4`, two rounds).
 const IPERF_ROUNDS: usize = 2;
@@ -55,8 +57,16 @@ const WRK_RATE_SECONDS: u32 = 2;
 const WRK_CONNECTIONS: u32 = 16;
 /// Idle streams held open for the memory figures.
 const IDLE_STREAMS: usize = 1_000;
+/// The longest the idle streams may take to reach the edge.
+const IDLE_WAIT: Duration = Duration::from_secs(30);
 /// Link cuts timed (each takes up to 15 s for the agent to notice).
 const RELINK_TRIALS: usize = 3;
+
+/// The emulated WAN: 25 ms each way (50 ms RTT) at 1 Gbit/s; the queue
+/// holds well over one bandwidth-delay product (1 Gbit/s × 50 ms ≈ 6 MB,
+/// ~100 of the relay's 64 KiB segments or ~4 200 full-size packets), so the
+/// emulator itself drops nothing.
+const WAN: Shape = Shape { delay: Duration::from_millis(25), rate: 1_000_000_000, limit: 20_000 };
 
 const CLOUD_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 61, 1);
 const EDGE_LINK_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 61, 2);
@@ -382,6 +392,20 @@ fn wait_ready(stage: &Stage, way: Way, limit: Duration) -> Result<()> {
     Ok(())
 }
 
+/// Waits up to 10 s until `addr` in `ns` accepts a connection.
+fn wait_listening(ns: &NetNs, addr: SocketAddr) -> Result<()> {
+    let started = Instant::now();
+    while ns.run(|| TcpStream::connect_timeout(&addr, Duration::from_millis(200)))?.is_err() {
+        ensure!(started.elapsed() < Duration::from_secs(10), "nothing listens on {addr} after 10 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn sshd_log(dir: &Path) -> String {
+    format!("sshd: {}", std::fs::read_to_string(dir.join("sshd.log")).unwrap_or_default())
+}
+
 fn status_kib(pid: u32, field: &str) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
@@ -592,6 +616,8 @@ impl Stage {
             "/usr/sbin/sshd",
             &strings(&["-D", "-e", "-f", &path(&d.join("sshd_config"))]),
         )?;
+        // ssh tries once: start it only when sshd listens.
+        wait_listening(&cloud, v4(CLOUD_IP, SSH_PORT)).with_context(|| sshd_log(d))?;
         let mut ssh_args = strings(&[
             "-N",
             "-v",
@@ -690,33 +716,6 @@ impl Stage {
             }
             Way::Ssh => (tree_rss(self.sshd_pid)?, status_kib(self.ssh_pid, "VmRSS:")?),
         })
-    }
-
-    fn tc(&self, ns: &NetNs, args: &[&str]) -> Result<()> {
-        let mut full = vec!["-n", ns.name()];
-        full.extend_from_slice(args);
-        run_command("tc", &full)?;
-        Ok(())
-    }
-
-    /// netem on both veth ends: 25 ms each way (50 ms RTT) at 1 Gbit/s. The
-    /// queue limit holds well over one bandwidth-delay product (1 Gbit/s ×
-    /// 50 ms ≈ 4 200 full-size packets), so netem itself drops nothing.
-    fn wan(&self, on: bool) -> Result<()> {
-        for ns in [&self.cloud, &self.edge] {
-            if on {
-                self.tc(
-                    ns,
-                    &[
-                        "qdisc", "add", "dev", "eth0", "root", "netem", "delay", "25ms", "rate", "1gbit", "limit",
-                        "20000",
-                    ],
-                )?;
-            } else {
-                self.tc(ns, &["qdisc", "del", "dev", "eth0", "root"])?;
-            }
-        }
-        Ok(())
     }
 }
 
@@ -821,25 +820,21 @@ fn wrk(stage: &Stage, way: Way, connections: u32, seconds: u32) -> Result<WrkRun
 }
 
 /// Opens `n` connections through `way` to the edge's idle listener and
-/// waits until all are accepted there (so each tunnel holds `n` streams).
-fn open_idle(stage: &Stage, way: Way, n: usize) -> Result<Vec<TcpStream>> {
+/// waits until all are accepted there (so the tunnel holds `n` streams), at
+/// most [`IDLE_WAIT`]: the streams, how many reached the edge, and how long
+/// that took.
+fn open_idle(stage: &Stage, way: Way, n: usize) -> Result<(Vec<TcpStream>, u64, Duration)> {
     let before = stage.idle.count();
     let addr = way.addr(Service::Idle);
+    let started = Instant::now();
     let streams = {
         let _in_cgroup = stage.cgroup_of(way).join()?;
         stage.cloud.run(|| (0..n).map(|_| TcpStream::connect(addr)).collect::<std::io::Result<Vec<_>>>())??
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while stage.idle.count() < before + n as u64 {
-        ensure!(
-            Instant::now() < deadline,
-            "{}: {} of {n} idle streams reached the edge",
-            way.label(),
-            stage.idle.count() - before
-        );
-        std::thread::sleep(Duration::from_millis(20));
+    while stage.idle.count() < before + n as u64 && started.elapsed() < IDLE_WAIT {
+        std::thread::sleep(Duration::from_millis(10));
     }
-    Ok(streams)
+    Ok((streams, stage.idle.count() - before, started.elapsed()))
 }
 
 /// Memory of one tunnel: idle at start, with the idle streams, idle after the runs.
@@ -848,6 +843,9 @@ struct Memory {
     fresh: (u64, u64),
     streams: (u64, u64),
     after: (u64, u64),
+    /// Idle streams that reached the edge, and how long they took.
+    reached: u64,
+    took: Duration,
 }
 
 /// One link cut: seconds until the agent noticed, and ms from the link
@@ -928,10 +926,12 @@ pub fn run(bin_dir: &Path) -> Result<()> {
     // Throughput, loopback then WAN.
     let mut gbits = [[Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new()], Default::default()];
     let mut retransmits = [[0u64; 5]; 2];
+    let mut wan_dropped = 0;
     for (net, wan) in [false, true].into_iter().enumerate() {
-        stage.wan(wan)?;
+        let line =
+            if wan { Some(DelayLine::start(&stage.cloud, CLOUD_IP, &stage.edge, EDGE_LINK_IP, WAN)?) } else { None };
         if wan {
-            // The tunnels' links are long-lived connections: let them see the new RTT first.
+            // The tunnels' links are long-lived connections: they see the new path at their next packet.
             for way in WAYS {
                 wait_ready(&stage, way, Duration::from_secs(10))?;
             }
@@ -943,51 +943,15 @@ pub fn run(bin_dir: &Path) -> Result<()> {
             retransmits[net][i] += lost;
             Ok(())
         })?;
-        if wan {
-            stage.wan(false)?;
-        }
+        wan_dropped += line.as_ref().map_or(0, DelayLine::dropped);
     }
-
-    // HTTP through each way, loopback.
-    let mut latency: [Vec<WrkRun>; 5] = Default::default();
-    let mut rates: [Vec<f64>; 5] = Default::default();
-    interleave(WRK_ROUNDS, |way| {
-        let i = WAYS.iter().position(|w| *w == way).unwrap_or(0);
-        latency[i].push(wrk(&stage, way, 1, WRK_LATENCY_SECONDS)?);
-        rates[i].push(wrk(&stage, way, WRK_CONNECTIONS, WRK_RATE_SECONDS)?.rate);
-        Ok(())
-    })?;
-
-    // Idle streams: one tunnel at a time, the streams closed before the next.
-    for (i, way) in WAYS.into_iter().enumerate().skip(1) {
-        let streams = open_idle(&stage, way, IDLE_STREAMS)?;
-        // Let every stream's state settle (buffers handed out, tasks parked).
-        std::thread::sleep(Duration::from_millis(500));
-        memory[i].streams = stage.rss(way)?;
-        drop(streams);
-        stage.idle_held.lock().unwrap_or_else(PoisonError::into_inner).clear();
-    }
-    std::thread::sleep(Duration::from_secs(1));
-    for (i, way) in WAYS.into_iter().enumerate() {
-        memory[i].after = stage.rss(way)?;
-    }
-    let pressure = pressure_since(timed_from);
-
-    // Link cuts, last: they leave the agent's backoff state behind.
-    let mut noticed = Vec::new();
-    let mut back = Vec::new();
-    for _ in 0..RELINK_TRIALS {
-        let (n, b) = relink(&stage)?;
-        noticed.push(n);
-        back.push(b);
-    }
-    let took = started.elapsed();
-
     println!(
         "\niperf3 single stream towards the edge, -t {IPERF_SECONDS}, Gbit/s, median (min–max) of {IPERF_ROUNDS} rounds, \
          ways alternating; ratios per round:\n"
     );
-    println!("| way | loopback (veth, no qdisc) | ÷ direct | WAN (netem 25 ms each way, 1 Gbit/s) | ÷ direct | retransmits loopback / WAN |");
+    println!(
+        "| way | loopback (veth, no qdisc) | ÷ direct | WAN (25 ms each way, 1 Gbit/s) | ÷ direct | retransmits loopback / WAN |"
+    );
     println!("| --- | ---: | ---: | ---: | ---: | ---: |");
     for (i, way) in WAYS.into_iter().enumerate() {
         println!(
@@ -1001,12 +965,25 @@ pub fn run(bin_dir: &Path) -> Result<()> {
             retransmits[1][i]
         );
     }
+    println!("\n(packets the WAN emulator dropped, queue full: {wan_dropped})");
 
+    // HTTP through each way, loopback.
+    let mut latency: [Vec<WrkRun>; 5] = Default::default();
+    let mut rates: [Vec<f64>; 5] = Default::default();
+    interleave(WRK_ROUNDS, |way| {
+        let i = WAYS.iter().position(|w| *w == way).unwrap_or(0);
+        latency[i].push(wrk(&stage, way, 1, WRK_LATENCY_SECONDS)?);
+        rates[i].push(wrk(&stage, way, WRK_CONNECTIONS, WRK_RATE_SECONDS)?.rate);
+        Ok(())
+    })?;
     println!(
         "\nwrk to a small HTTP server on the edge, loopback, {WRK_ROUNDS} rounds: one connection for {WRK_LATENCY_SECONDS} s \
-         (latency), {WRK_CONNECTIONS} connections for {WRK_RATE_SECONDS} s (requests/s); median (min–max):\n"
+         (latency), {WRK_CONNECTIONS} connections for {WRK_RATE_SECONDS} s (requests/s); median (min–max); added = \
+         minus direct's in the same round:\n"
     );
-    println!("| way | p50 µs, 1 conn | p99 µs, 1 conn | added p50 µs | added p99 µs | requests/s, 1 conn | requests/s, {WRK_CONNECTIONS} conns | ÷ direct |");
+    println!(
+        "| way | p50 µs, 1 conn | p99 µs, 1 conn | added p50 µs | added p99 µs | requests/s, 1 conn | requests/s, {WRK_CONNECTIONS} conns | ÷ direct |"
+    );
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     let p50 = |i: usize| latency[i].iter().map(|r| r.p50_us).collect::<Vec<_>>();
     let p99 = |i: usize| latency[i].iter().map(|r| r.p99_us).collect::<Vec<_>>();
@@ -1029,12 +1006,28 @@ pub fn run(bin_dir: &Path) -> Result<()> {
         );
     }
 
+    // Idle streams: one tunnel at a time, the streams closed before the next.
+    for (i, way) in WAYS.into_iter().enumerate().skip(1) {
+        let (streams, reached, took) = open_idle(&stage, way, IDLE_STREAMS)?;
+        // Let every stream's state settle (buffers handed out, tasks parked).
+        std::thread::sleep(Duration::from_millis(500));
+        memory[i].streams = stage.rss(way)?;
+        (memory[i].reached, memory[i].took) = (reached, took);
+        drop(streams);
+        stage.idle_held.lock().unwrap_or_else(PoisonError::into_inner).clear();
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    for (i, way) in WAYS.into_iter().enumerate() {
+        memory[i].after = stage.rss(way)?;
+    }
     println!(
-        "\nresident memory (VmRSS, MiB) of the cloud side / the edge side; {IDLE_STREAMS} idle streams open through one \
-         tunnel at a time:\n"
+        "\nresident memory (VmRSS, MiB) of the cloud side / the edge side; {IDLE_STREAMS} idle streams opened at once \
+         through one tunnel at a time:\n"
     );
-    println!("| way | processes | idle, before any run | {IDLE_STREAMS} idle streams | KiB per stream (both sides) | idle, after the runs |");
-    println!("| --- | --- | ---: | ---: | ---: | ---: |");
+    println!(
+        "| way | processes | idle, before any run | {IDLE_STREAMS} idle streams | KiB per stream (both sides) | idle, after the runs | all {IDLE_STREAMS} at the edge after |"
+    );
+    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: |");
     let mib = |(a, b): (u64, u64)| format!("{:.1} / {:.1}", a as f64 / 1024.0, b as f64 / 1024.0);
     for (i, way) in WAYS.into_iter().enumerate().skip(1) {
         let m = memory[i];
@@ -1044,17 +1037,34 @@ pub fn run(bin_dir: &Path) -> Result<()> {
             Way::RatholeTcp | Way::RatholeNoise => "`rathole -s` / `rathole -c`",
             _ => "sshd (listener + session processes, summed) / ssh",
         };
+        let reached = if m.reached >= IDLE_STREAMS as u64 {
+            format!("{:.2} s", m.took.as_secs_f64())
+        } else {
+            format!("only {} within {} s", m.reached, IDLE_WAIT.as_secs())
+        };
         println!(
-            "| {} | {processes} | {} | {} | {:.1} | {} |",
+            "| {} | {processes} | {} | {} | {:.1} | {} | {reached} |",
             way.label(),
             mib(m.fresh),
             mib(m.streams),
-            grown as f64 / IDLE_STREAMS as f64,
+            grown as f64 / m.reached.max(1) as f64,
             mib(m.after)
         );
     }
+    let pressure = pressure_since(timed_from);
 
-    println!("\nlink cut (edge's veth end down) → agent noticed → link up → first GET through netd, {RELINK_TRIALS} trials:\n");
+    // Link cuts, last: they leave the agent's backoff state behind.
+    let mut noticed = Vec::new();
+    let mut back = Vec::new();
+    for _ in 0..RELINK_TRIALS {
+        let (n, b) = relink(&stage)?;
+        noticed.push(n);
+        back.push(b);
+    }
+    println!(
+        "\nlink cut (edge's veth end down) → agent noticed → link up at once → first GET through netd, {RELINK_TRIALS} trials, \
+         median (min–max):\n"
+    );
     println!("| cut → agent noticed, s | link up → GET through the tunnel, ms |");
     println!("| ---: | ---: |");
     println!("| {} | **{}** |", spread(&noticed, 1), spread(&back, 0));
@@ -1062,7 +1072,7 @@ pub fn run(bin_dir: &Path) -> Result<()> {
     println!(
         "\n- CPU pressure (some task waiting for a CPU, system-wide) during the throughput, HTTP and memory runs: {pressure}"
     );
-    println!("- the whole run took {:.0} s", took.as_secs_f64());
+    println!("- the whole run took {:.0} s", started.elapsed().as_secs_f64());
     drop(stage);
     Ok(())
 }

@@ -13,6 +13,7 @@ mod bench_rss;
 mod bench_scenario;
 mod bench_tunnel;
 mod bench_vxlan;
+mod delay_line;
 mod demo;
 
 use std::path::PathBuf;
