@@ -68,6 +68,13 @@ const RELINK_TRIALS: usize = 3;
 /// emulator itself drops nothing.
 const WAN: Shape = Shape { delay: Duration::from_millis(25), rate: 1_000_000_000, limit: 20_000 };
 
+/// TCP buffer limits in both namespaces: the defaults' maxima (6 MiB
+/// receive, 4 MiB send) would cap one connection near 0.5 Gbit/s at 50 ms
+/// before the emulated 1 Gbit/s link does; 32 MiB leaves the link (and each
+/// tunnel's own windows) as the limit, as on a host tuned for long fat links.
+const SOCKET_BUFFERS: [(&str, &str); 2] =
+    [("/proc/sys/net/ipv4/tcp_rmem", "4096 131072 33554432"), ("/proc/sys/net/ipv4/tcp_wmem", "4096 16384 33554432")];
+
 const CLOUD_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 61, 1);
 const EDGE_LINK_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 61, 2);
 /// The edge node's address, on the edge's `lo`; the cloud has no route to it.
@@ -491,6 +498,14 @@ impl Stage {
         cloud.ip(&["addr", "add", &format!("{CLOUD_IP}/24"), "dev", "eth0"])?;
         edge.ip(&["addr", "add", &format!("{EDGE_LINK_IP}/24"), "dev", "eth0"])?;
         edge.ip(&["addr", "add", &format!("{NODE_IP}/32"), "dev", "lo"])?;
+        for ns in [&cloud, &edge] {
+            ns.run(|| -> Result<()> {
+                for (file, value) in SOCKET_BUFFERS {
+                    std::fs::write(file, value).with_context(|| format!("writing {file}"))?;
+                }
+                Ok(())
+            })??;
+        }
 
         // The tunnel DNAT, as bench_dnat attaches it: programs on `attached`,
         // the server (whose DNAT door must see the original destination) in
@@ -923,6 +938,16 @@ pub fn run(bin_dir: &Path) -> Result<()> {
         memory[i].fresh = stage.rss(way)?;
     }
 
+    // Idle streams first, on fresh processes: one tunnel at a time, closed before the next.
+    for (i, way) in WAYS.into_iter().enumerate().skip(1) {
+        let (streams, reached, took) = open_idle(&stage, way, IDLE_STREAMS)?;
+        // Let every stream's state settle (buffers handed out, tasks parked).
+        std::thread::sleep(Duration::from_millis(500));
+        memory[i].streams = stage.rss(way)?;
+        (memory[i].reached, memory[i].took) = (reached, took);
+        drop(streams);
+        stage.idle_held.lock().unwrap_or_else(PoisonError::into_inner).clear();
+    }
     // Throughput, loopback then WAN.
     let mut gbits = [[Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new()], Default::default()];
     let mut retransmits = [[0u64; 5]; 2];
@@ -1006,16 +1031,6 @@ pub fn run(bin_dir: &Path) -> Result<()> {
         );
     }
 
-    // Idle streams: one tunnel at a time, the streams closed before the next.
-    for (i, way) in WAYS.into_iter().enumerate().skip(1) {
-        let (streams, reached, took) = open_idle(&stage, way, IDLE_STREAMS)?;
-        // Let every stream's state settle (buffers handed out, tasks parked).
-        std::thread::sleep(Duration::from_millis(500));
-        memory[i].streams = stage.rss(way)?;
-        (memory[i].reached, memory[i].took) = (reached, took);
-        drop(streams);
-        stage.idle_held.lock().unwrap_or_else(PoisonError::into_inner).clear();
-    }
     std::thread::sleep(Duration::from_secs(1));
     for (i, way) in WAYS.into_iter().enumerate() {
         memory[i].after = stage.rss(way)?;
