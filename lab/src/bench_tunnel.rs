@@ -831,6 +831,7 @@ fn wrk(stage: &Stage, way: Way, connections: u32, seconds: u32) -> Result<WrkRun
         .find_map(|l| l.strip_prefix("Requests/sec:").map(str::trim))
         .and_then(|r| r.parse().ok())
         .with_context(|| format!("no Requests/sec in wrk's output:\n{out}"))?;
+    ensure!(rate > 0.0, "{}: wrk completed no request:\n{out}", way.label());
     Ok(WrkRun { p50_us: percentile("50%")?, p99_us: percentile("99%")?, rate })
 }
 
@@ -947,6 +948,8 @@ pub fn run(bin_dir: &Path) -> Result<()> {
         (memory[i].reached, memory[i].took) = (reached, took);
         drop(streams);
         stage.idle_held.lock().unwrap_or_else(PoisonError::into_inner).clear();
+        // A tunnel still choking on the burst would spoil the runs after it.
+        wait_ready(&stage, way, Duration::from_secs(60))?;
     }
     // Throughput, loopback then WAN.
     let mut gbits = [[Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new()], Default::default()];
