@@ -786,8 +786,24 @@ fn iperf(stage: &Stage, way: Way) -> Result<(f64, u64)> {
         &IPERF_SECONDS.to_string(),
         "-J",
     ]);
-    let out = client(&stage.cloud, stage.cgroup_of(way), "iperf3", &args).with_context(|| way.label())?;
-    let json: serde_json::Value = serde_json::from_str(&out).context("iperf3 -J output")?;
+    // iperf3's server takes a moment after a test to accept the next one
+    // (longer when the last close crosses a tunnel): "busy" is retried.
+    let mut tries = 0;
+    let json: serde_json::Value = loop {
+        let run = client(&stage.cloud, stage.cgroup_of(way), "iperf3", &args);
+        let busy = match &run {
+            Ok(out) => out.contains("server is busy"),
+            Err(err) => err.to_string().contains("server is busy"),
+        };
+        if busy && tries < 20 {
+            tries += 1;
+            std::thread::sleep(Duration::from_millis(250));
+            continue;
+        }
+        let out = run.with_context(|| way.label())?;
+        break serde_json::from_str(&out).context("iperf3 -J output")?;
+    };
+    let out = json.to_string();
     let bits = json["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .with_context(|| format!("no end.sum_received in iperf3's output: {out}"))?;
