@@ -20,15 +20,17 @@ pub fn run(which: &str, bin_dir: &Path) -> Result<()> {
         "rss" => crate::bench_rss::run(1_000, bin_dir),
         "scenario" => crate::bench_scenario::run(5, bin_dir),
         "dnat" => crate::bench_dnat::run(DNAT_ROUNDS, DNAT_PER_ROUND),
+        "tunnel" => crate::bench_tunnel::run(bin_dir),
         "all" => {
             cni(200, bin_dir)?;
             crate::bench_vxlan::run(5, bin_dir)?;
             crate::bench_events::run(200)?;
             crate::bench_rss::run(1_000, bin_dir)?;
             crate::bench_scenario::run(5, bin_dir)?;
-            crate::bench_dnat::run(DNAT_ROUNDS, DNAT_PER_ROUND)
+            crate::bench_dnat::run(DNAT_ROUNDS, DNAT_PER_ROUND)?;
+            crate::bench_tunnel::run(bin_dir)
         }
-        other => bail!("unknown benchmark `{other}` (known: cni, vxlan, events, rss, scenario, dnat, all)"),
+        other => bail!("unknown benchmark `{other}` (known: cni, vxlan, events, rss, scenario, dnat, tunnel, all)"),
     }
 }
 

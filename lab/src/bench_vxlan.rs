@@ -144,7 +144,7 @@ pub(crate) struct Settle {
 }
 
 /// Total microseconds some task has waited for a CPU since boot.
-fn cpu_pressure_us() -> Option<u64> {
+pub(crate) fn cpu_pressure_us() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/pressure/cpu").ok()?;
     text.lines().find(|l| l.starts_with("some"))?.split("total=").nth(1)?.trim().parse().ok()
 }

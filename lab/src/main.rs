@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! netd-lab demo --bin-dir target/release
-//! netd-lab bench <cni|vxlan|events|rss|scenario|dnat|all> --bin-dir target/release
+//! netd-lab bench <cni|vxlan|events|rss|scenario|dnat|tunnel|all> --bin-dir target/release
 //! ```
 
 mod bench;
@@ -11,7 +11,9 @@ mod bench_dnat;
 mod bench_events;
 mod bench_rss;
 mod bench_scenario;
+mod bench_tunnel;
 mod bench_vxlan;
+mod delay_line;
 mod demo;
 
 use std::path::PathBuf;
@@ -19,7 +21,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 
 const USAGE: &str =
-    "usage: netd-lab <demo | bench <cni|vxlan|events|rss|scenario|dnat|all>> --bin-dir DIR (run through `cargo xtask`)";
+    "usage: netd-lab <demo | bench <cni|vxlan|events|rss|scenario|dnat|tunnel|all>> --bin-dir DIR (run through `cargo xtask`)";
 
 fn main() -> Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();

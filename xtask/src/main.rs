@@ -24,7 +24,7 @@ tasks:
   setup   install (idempotently) the Debian packages netd needs to build, test and demo
   test    run every test, unprivileged and privileged (root; network namespaces),
           and check that no namespace, link or cgroup is left behind
-  bench [cni|vxlan|events|rss|scenario|dnat|all]
+  bench [cni|vxlan|events|rss|scenario|dnat|tunnel|all]
           side-by-side benchmarks needing namespaces or external tools (root)
   ci      setup, fmt check, clippy, build, test, bench --no-run, doc: what CI runs
 ";
@@ -151,7 +151,7 @@ fn demo() -> Result<()> {
 }
 
 fn bench(which: &str) -> Result<()> {
-    const KNOWN: [&str; 7] = ["cni", "vxlan", "events", "rss", "scenario", "dnat", "all"];
+    const KNOWN: [&str; 8] = ["cni", "vxlan", "events", "rss", "scenario", "dnat", "tunnel", "all"];
     if !KNOWN.contains(&which) {
         eprint!("{USAGE}");
         bail!("unknown benchmark `{which}` (known: {})", KNOWN.join(", "));
@@ -161,6 +161,9 @@ fn bench(which: &str) -> Result<()> {
         setup::run()?;
     } else {
         setup::packages()?;
+        if which == "tunnel" {
+            setup::rathole()?;
+        }
     }
     lab(&["bench", which])
 }

@@ -1,5 +1,6 @@
 //! `cargo xtask setup`: idempotent install of the Debian packages netd needs.
 
+use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
@@ -19,6 +20,8 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("nftables", "masquerade rules and their checks"),
     ("iperf3", "throughput benchmarks across namespaces"),
     ("wrk", "HTTP load for tunnel benchmarks"),
+    ("openssh-server", "sshd, the `ssh -R` anchor of the tunnel benchmark"),
+    ("openssh-client", "ssh -R and ssh-keygen for the tunnel benchmark"),
     ("curl", "real HTTP client in tests"),
     ("openssl", "the test kube-apiserver's service-account key"),
     ("iputils-ping", "ping between test namespaces"),
@@ -44,11 +47,40 @@ fn apt(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// Everything the tests need: the Debian packages, then the cached
-/// kube-apiserver for the Kubernetes registry tests.
+/// Everything the tests and benchmarks need: the Debian packages, rathole,
+/// then the cached kube-apiserver for the Kubernetes registry tests.
 pub fn run() -> Result<()> {
     packages()?;
+    rathole()?;
     crate::kube::ensure_kube_apiserver().map(|_| ())
+}
+
+/// The rathole release the tunnel benchmark compares against.
+pub const RATHOLE_VERSION: &str = "0.5.0";
+
+/// `rathole` on PATH or in cargo's bin directory, where `cargo install` puts it.
+pub fn rathole_path() -> Option<PathBuf> {
+    let on_path = std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).map(|dir| dir.join("rathole")).collect::<Vec<_>>())
+        .unwrap_or_default();
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cargo")));
+    on_path.into_iter().chain(cargo_home.map(|home| home.join("bin/rathole"))).find(|p| p.is_file())
+}
+
+/// Installs rathole (the tunnel benchmark's anchor; Debian has no package)
+/// with `cargo install` unless it is there already: a few minutes, once.
+pub fn rathole() -> Result<()> {
+    if let Some(path) = rathole_path() {
+        println!("setup: rathole already installed ({})", path.display());
+        return Ok(());
+    }
+    println!("setup: cargo install rathole {RATHOLE_VERSION} (for the tunnel benchmark; a few minutes, once)");
+    // Not --locked: rathole 0.5.0's lockfile pins a `time` 0.3 release that
+    // current compilers reject (E0282 in time's own code); the newest
+    // semver-compatible dependencies build.
+    crate::cargo(&["install", "rathole", "--version", RATHOLE_VERSION], &[])
 }
 
 /// Installs the missing Debian packages and says which (all the demo needs).

@@ -14,7 +14,7 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -31,6 +31,16 @@ pub const CONNECTION_WINDOW: u32 = (1 << 31) - 1;
 pub const MAX_FRAME: u32 = 1 << 20;
 /// How much a stream buffers for sending before its writer waits.
 pub const SEND_BUFFER: usize = 1 << 20;
+/// Writes gather up to this much before they go to h2 as one DATA frame
+/// (sooner on flush, which `copy_bidirectional` calls whenever its reader
+/// has nothing more, so interactive bytes never wait). Every hand-over to
+/// h2 takes the connection's lock and wakes its task: with the 8 KiB writes
+/// of `copy_bidirectional`, that per-write cost, not the bytes, bounded a
+/// bulk stream.
+const WRITE_CHUNK: usize = 128 << 10;
+/// Received bytes are credited back to the sender in batches of at least
+/// this much (or when a DATA frame is used up), for the same reason.
+const RELEASE_BATCH: usize = 64 << 10;
 /// Most concurrent tunnelled connections one agent serves.
 pub const MAX_STREAMS: u32 = 10_000;
 /// Ping interval; a link is dead after [`PING_TIMEOUT`] without a pong
@@ -74,18 +84,45 @@ fn h2_io(err: h2::Error) -> io::Error {
 
 /// One tunnelled TCP connection as a byte stream: an HTTP/2 stream's two
 /// halves behind `AsyncRead` + `AsyncWrite`, for `copy_bidirectional`.
+/// Writes are buffered (up to [`WRITE_CHUNK`]) like a `BufWriter`'s: they
+/// leave on `flush` or `shutdown`, which `copy_bidirectional` calls.
 pub struct TunnelStream {
     send: SendStream<Bytes>,
     recv: RecvStream,
     /// Received bytes not yet handed to the reader.
     pending: Bytes,
+    /// Bytes the reader took whose credit is not yet released.
+    unreleased: usize,
     recv_done: bool,
+    /// Written bytes not yet handed to h2 (at most [`WRITE_CHUNK`]).
+    outgoing: BytesMut,
 }
 
 impl TunnelStream {
     /// Wraps the halves of an accepted or opened stream.
     pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
-        Self { send, recv, pending: Bytes::new(), recv_done: false }
+        Self { send, recv, pending: Bytes::new(), unreleased: 0, recv_done: false, outgoing: BytesMut::new() }
+    }
+
+    /// Hands every gathered byte to h2 as stream capacity allows.
+    fn poll_send_outgoing(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.outgoing.is_empty() {
+            // Counted on top of what h2 already buffers for this stream.
+            self.send.reserve_capacity(self.outgoing.len());
+            // poll_capacity answers only when capacity grew since it last
+            // did: capacity already assigned is read directly.
+            let capacity = match self.send.capacity() {
+                0 => match ready!(self.send.poll_capacity(cx)) {
+                    Some(Ok(capacity)) => capacity,
+                    Some(Err(err)) => return Poll::Ready(Err(h2_io(err))),
+                    None => return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "tunnel stream closed"))),
+                },
+                capacity => capacity,
+            };
+            let chunk = self.outgoing.split_to(capacity.min(self.outgoing.len())).freeze();
+            self.send.send_data(chunk, false).map_err(h2_io)?;
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -98,8 +135,12 @@ impl AsyncRead for TunnelStream {
                 self.pending.advance(n);
                 // Credit goes back only as the reader takes bytes: a reader
                 // that stops reading holds one window, and its stream alone waits.
-                if let Err(err) = self.recv.flow_control().release_capacity(n) {
-                    return Poll::Ready(Err(h2_io(err)));
+                self.unreleased += n;
+                if self.unreleased >= RELEASE_BATCH || self.pending.is_empty() {
+                    let released = std::mem::take(&mut self.unreleased);
+                    if let Err(err) = self.recv.flow_control().release_capacity(released) {
+                        return Poll::Ready(Err(h2_io(err)));
+                    }
                 }
                 return Poll::Ready(Ok(()));
             }
@@ -120,27 +161,25 @@ impl AsyncWrite for TunnelStream {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        self.send.reserve_capacity(buf.len());
-        loop {
-            match ready!(self.send.poll_capacity(cx)) {
-                Some(Ok(0)) => continue,
-                Some(Ok(capacity)) => {
-                    let n = capacity.min(buf.len());
-                    let chunk = Bytes::copy_from_slice(&buf[..n]);
-                    return Poll::Ready(self.send.send_data(chunk, false).map(|()| n).map_err(h2_io));
-                }
-                Some(Err(err)) => return Poll::Ready(Err(h2_io(err))),
-                None => return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "tunnel stream closed"))),
-            }
+        if self.outgoing.len() >= WRITE_CHUNK {
+            ready!(self.poll_send_outgoing(cx))?;
         }
+        let n = buf.len().min(WRITE_CHUNK - self.outgoing.len());
+        if self.outgoing.capacity() - self.outgoing.len() < n {
+            // In whole chunks: one allocation per DATA frame, not per write.
+            self.outgoing.reserve(WRITE_CHUNK);
+        }
+        self.outgoing.extend_from_slice(&buf[..n]);
+        Poll::Ready(Ok(n))
     }
 
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // h2 sends buffered data as the connection is polled.
-        Poll::Ready(Ok(()))
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Handed to h2, which sends buffered data as the connection is polled.
+        self.poll_send_outgoing(cx)
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_send_outgoing(cx))?;
         // A TCP half-close becomes END_STREAM; the other direction goes on.
         match self.send.send_data(Bytes::new(), true) {
             Ok(()) => Poll::Ready(Ok(())),
