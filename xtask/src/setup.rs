@@ -45,10 +45,12 @@ fn apt(args: &[&str]) -> Result<()> {
 }
 
 /// Everything the tests need: the Debian packages, then the cached
-/// kube-apiserver for the Kubernetes registry tests.
+/// kube-apiserver (Kubernetes registry tests) and kube-controller-manager
+/// (join, node lifecycle and rollout tests), built from one source tree.
 pub fn run() -> Result<()> {
     packages()?;
-    crate::kube::ensure_kube_apiserver().map(|_| ())
+    crate::kube::ensure_kube_apiserver()?;
+    crate::kube::ensure_kube_controller_manager().map(|_| ())
 }
 
 /// Installs the missing Debian packages and says which (all the demo needs).
