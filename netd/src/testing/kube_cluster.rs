@@ -5,22 +5,6 @@
 //! setup` from the same Debian source) that signs CSRs with the cluster CA,
 //! approves node client certificates, signs `cluster-info`, watches node
 //! health and hands out pod CIDRs.
-//!
-//! ```no_run
-//! use netd::testing::{self, KubeCluster};
-//!
-//! # fn main() -> Result<(), testing::HarnessError> {
-//! let Some(_kernel) = testing::privileged()? else { return Ok(()) };
-//! let builder = KubeCluster::builder().rbac(true).bootstrap_tokens(true).controller_manager(true);
-//! if !builder.binaries_available()? {
-//!     return Ok(());
-//! }
-//! let cluster = builder.start()?;
-//! let (status, _) = cluster.api().api("GET", "/api/v1/nodes", None)?;
-//! assert_eq!(status, 200);
-//! # Ok(())
-//! # }
-//! ```
 
 use std::io::Read;
 use std::net::Ipv4Addr;
@@ -339,9 +323,27 @@ impl KubeClusterBuilder {
     }
 }
 
-/// An API server (with its etcd) and optionally a controller-manager; see
-/// the [module docs](self). Dropping it stops the controller-manager first,
-/// then the API server.
+/// A small Kubernetes control plane for join, node lifecycle and rollout
+/// tests: an API server (with its etcd), with the switches kubeadm turns on
+/// if asked (RBAC and the Node authorizer, bootstrap-token authentication),
+/// and optionally a real [`KubeControllerManager`] beside it. Dropping it
+/// stops the controller-manager first, then the API server.
+///
+/// ```no_run
+/// use netd::testing::{self, KubeCluster};
+///
+/// # fn main() -> Result<(), testing::HarnessError> {
+/// let Some(_kernel) = testing::privileged()? else { return Ok(()) };
+/// let builder = KubeCluster::builder().rbac(true).bootstrap_tokens(true).controller_manager(true);
+/// if !builder.binaries_available()? {
+///     return Ok(());
+/// }
+/// let cluster = builder.start()?;
+/// let (status, _) = cluster.api().api("GET", "/api/v1/nodes", None)?;
+/// assert_eq!(status, 200);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct KubeCluster {
     // Declared first: fields drop in order, and the controllers go before
