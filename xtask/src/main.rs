@@ -142,7 +142,7 @@ fn lab(args: &[&str]) -> Result<()> {
     let mut full = vec!["run", "--release", "--quiet", "-p", "netd-lab", "--"];
     full.extend_from_slice(args);
     full.extend(["--bin-dir", &bin_dir]);
-    cargo(&full, &[("NETD_KUBE_APISERVER", kube::KUBE_APISERVER_BIN)])
+    cargo(&full, &kube::test_env())
 }
 
 fn demo() -> Result<()> {

@@ -48,11 +48,14 @@ fn apt(args: &[&str]) -> Result<()> {
 }
 
 /// Everything the tests and benchmarks need: the Debian packages, rathole,
-/// then the cached kube-apiserver for the Kubernetes registry tests.
+/// then the cached kube-apiserver (Kubernetes registry tests) and
+/// kube-controller-manager (join, node lifecycle and rollout tests), built
+/// from one source tree.
 pub fn run() -> Result<()> {
     packages()?;
     rathole()?;
-    crate::kube::ensure_kube_apiserver().map(|_| ())
+    crate::kube::ensure_kube_apiserver()?;
+    crate::kube::ensure_kube_controller_manager().map(|_| ())
 }
 
 /// The rathole release the tunnel benchmark compares against.

@@ -86,9 +86,10 @@ fn describe(kind: &str, before: &BTreeSet<String>, after: &BTreeSet<String>) -> 
 pub fn run() -> Result<()> {
     let before = snapshot()?;
     // Privileged tests must fail, not skip, when they cannot run.
+    let [apiserver, controller_manager] = crate::kube::test_env();
     let result = cargo(
         &["test", "--workspace", "--all-features"],
-        &[("NETD_REQUIRE_PRIVILEGED", "1"), ("NETD_KUBE_APISERVER", crate::kube::KUBE_APISERVER_BIN)],
+        &[("NETD_REQUIRE_PRIVILEGED", "1"), apiserver, controller_manager],
     );
     let after = snapshot()?;
     result?;

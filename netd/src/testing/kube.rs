@@ -4,13 +4,19 @@
 //! on an address inside a harness namespace, see [`ServerHost`]), on free
 //! ports, with their data in a fresh directory.
 //!
-//! The API server authenticates one static token (user `admin`, group
-//! `system:masters`), authorises everything (`AlwaysAllow`) and serves TLS
-//! with a certificate it generates itself into `--cert-dir`: a serving
-//! certificate for its address followed by the CA that signed it, which
-//! [`KubeApiServer::ca_cert_pem`] hands to clients so they verify the server
-//! for real. Dropping the guard kills both processes and removes the
-//! directory.
+//! The harness mints a cluster CA per server, as kubeadm does: it signs the
+//! API server's serving certificate (so clients given
+//! [`KubeApiServer::ca_cert_pem`] verify the server for real) and is its
+//! `--client-ca-file` (so client certificates it signs, such as those
+//! kube-controller-manager issues for approved CSRs, authenticate). The API
+//! server authenticates one static token for tests (user `admin`, group
+//! `system:masters`, full power whatever the authorizer) and one for
+//! kube-controller-manager, and authorises everything (`AlwaysAllow`) unless
+//! started through [`KubeCluster::builder`] with RBAC. Service-account
+//! tokens are signed with a harness key, so `TokenRequest` works. Dropping
+//! the guard kills both processes and removes the directory.
+//!
+//! [`KubeCluster::builder`]: super::KubeCluster::builder
 
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
@@ -19,6 +25,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::{run_command, unique_name, EtcdServer, HarnessError, ServerHost};
+use crate::tunnel::certs::{CertificateAuthority, CA_CERT_FILE, CA_KEY_FILE};
 
 /// Kubernetes version of the test API server (Debian 12's `kubernetes` source).
 pub const KUBE_APISERVER_VERSION: &str = "1.20.2";
@@ -29,8 +36,51 @@ pub const KUBE_APISERVER_ENV: &str = "NETD_KUBE_APISERVER";
 
 /// The service-account issuer the server is started with.
 const SA_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+/// The Service range; its first address is the `kubernetes` Service, which
+/// the serving certificate names as kubeadm's does.
+pub(crate) const SERVICE_CIDR: &str = "10.96.0.0/16";
+const KUBERNETES_SERVICE_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 96, 0, 1);
 /// How long a start may take until the server reports ready.
 const START_TIMEOUT: Duration = Duration::from_secs(90);
+/// Validity of the cluster CA and the serving certificate: far beyond any
+/// test, and beyond kube-controller-manager's default signing duration (a
+/// year), which it clamps to the CA's expiry.
+const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+const SERVING_VALIDITY: Duration = Duration::from_secs(2 * 365 * 24 * 3600);
+/// The kube-controller-manager's static-token user; its token is never
+/// rotated, so [`KubeApiServer::rotate_token`] does not cut the controllers off.
+const CONTROLLER_MANAGER_USER: &str = "system:kube-controller-manager";
+
+/// Switches of the API server beyond the harness defaults, set through
+/// [`KubeCluster::builder`](super::KubeCluster::builder).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ApiServerOptions {
+    /// `--authorization-mode=Node,RBAC` instead of `AlwaysAllow`.
+    pub(crate) rbac: bool,
+    /// `--enable-bootstrap-token-auth`.
+    pub(crate) bootstrap_tokens: bool,
+    /// The `NodeRestriction` admission plugin (kubeadm enables it with RBAC).
+    pub(crate) node_restriction: bool,
+    /// Whole flags appended last, so they override the harness's own.
+    pub(crate) extra_args: Vec<String>,
+}
+
+/// Who a request made with [`KubeApiServer::api_as`] authenticates as.
+#[derive(Debug, Clone, Copy)]
+pub enum ApiAuth<'a> {
+    /// `Authorization: Bearer <token>`: a static, bootstrap
+    /// (`<id>.<secret>`) or service-account token.
+    Bearer(&'a str),
+    /// A TLS client certificate and its private key, PEM files.
+    ClientCert {
+        /// The certificate (chain).
+        cert: &'a Path,
+        /// Its private key.
+        key: &'a Path,
+    },
+    /// No credentials: `system:anonymous`.
+    Anonymous,
+}
 
 /// A running etcd + kube-apiserver pair; both killed and their data removed
 /// on drop.
@@ -41,8 +91,11 @@ pub struct KubeApiServer {
     bin: PathBuf,
     port: u16,
     token: String,
-    /// Flags appended to the API server's own, see [`KubeApiServer::new_with`].
-    extra_args: Vec<String>,
+    /// kube-controller-manager's token, fixed for the guard's life.
+    controller_manager_token: String,
+    options: ApiServerOptions,
+    /// The cluster CA: serving certificate, client certificates, CSR signing.
+    ca: CertificateAuthority,
     /// The API server's storage: the harness's own etcd guard.
     etcd: Option<EtcdServer>,
     apiserver: Option<Child>,
@@ -71,7 +124,11 @@ impl KubeApiServer {
     /// given here overrides the harness's own (the last occurrence wins).
     /// Files they name must outlive the guard.
     pub fn new_with(host: ServerHost, extra_args: &[String]) -> Result<Self, HarnessError> {
-        let bin = std::env::var_os(KUBE_APISERVER_ENV).map(PathBuf::from).unwrap_or_else(|| KUBE_APISERVER_BIN.into());
+        Self::with_options(host, ApiServerOptions { extra_args: extra_args.to_vec(), ..ApiServerOptions::default() })
+    }
+
+    pub(crate) fn with_options(host: ServerHost, options: ApiServerOptions) -> Result<Self, HarnessError> {
+        let bin = kube_binary(KUBE_APISERVER_ENV, KUBE_APISERVER_BIN);
         if !bin.is_file() {
             return Err(HarnessError::Usage(format!(
                 "kube-apiserver {KUBE_APISERVER_VERSION} is not built at {}: run `sudo cargo xtask setup` \
@@ -81,23 +138,25 @@ impl KubeApiServer {
         }
         let name = unique_name();
         let dir = std::env::temp_dir().join(format!("{name}-kube"));
-        std::fs::create_dir_all(dir.join("certs"))
-            .map_err(|e| HarnessError::io(format!("creating {}", dir.display()), e))?;
+        std::fs::create_dir_all(&dir).map_err(|e| HarnessError::io(format!("creating {}", dir.display()), e))?;
         let mut server = Self {
             host,
             dir,
             bin,
             port: 0,
             token: String::new(),
-            extra_args: extra_args.to_vec(),
+            controller_manager_token: random_hex(16)?,
+            options,
+            ca: CertificateAuthority::generate("netd-test-cluster-ca", CA_VALIDITY)?,
             etcd: None,
             apiserver: None,
         };
         // From here on, Drop cleans up.
         let [port] = server.host.free_ports()?;
         server.port = port;
+        server.write_pki()?;
         server.write_new_token()?;
-        let key = server.dir.join("sa.key");
+        let key = server.sa_key_path();
         let key_arg = key.to_string_lossy().into_owned();
         run_command("openssl", &["genrsa", "-out", &key_arg, "2048"])?;
         server.etcd = Some(EtcdServer::new_on(server.host.clone())?);
@@ -120,6 +179,88 @@ impl KubeApiServer {
         &self.token
     }
 
+    /// The cluster CA, to issue client or server certificates the cluster
+    /// trusts (the API server takes client certificates it signed).
+    pub fn ca(&self) -> &CertificateAuthority {
+        &self.ca
+    }
+
+    /// The cluster CA certificate file (PEM): what clients verify the API
+    /// server with, and `--client-ca-file`.
+    pub fn ca_cert_path(&self) -> PathBuf {
+        self.dir.join("pki").join(CA_CERT_FILE)
+    }
+
+    /// The cluster CA's private key file (PEM, PKCS#8 ECDSA P-256): what
+    /// kube-controller-manager signs CSRs with.
+    pub fn ca_key_path(&self) -> PathBuf {
+        self.dir.join("pki").join(CA_KEY_FILE)
+    }
+
+    /// The RSA key that signs and verifies service-account tokens
+    /// (kube-controller-manager's `--service-account-private-key-file`).
+    pub fn sa_key_path(&self) -> PathBuf {
+        self.dir.join("sa.key")
+    }
+
+    /// A kubeconfig file for `admin` (server URL, cluster CA, the current
+    /// token), for kubectl and other real clients. Rewritten by
+    /// [`KubeApiServer::rotate_token`].
+    pub fn admin_kubeconfig(&self) -> PathBuf {
+        self.dir.join("admin.kubeconfig")
+    }
+
+    /// Runs `kubectl --kubeconfig <admin> args…` where the server lives;
+    /// a non-zero exit is an error carrying stderr.
+    pub fn kubectl(&self, args: &[&str]) -> Result<std::process::Output, HarnessError> {
+        let kubeconfig = format!("--kubeconfig={}", self.admin_kubeconfig().display());
+        let mut all = vec![kubeconfig.as_str()];
+        all.extend_from_slice(args);
+        self.host.command("kubectl", &all)
+    }
+
+    /// A kubeconfig for `user` authenticating with `token` against this
+    /// server, verifying it with the cluster CA.
+    pub(crate) fn kubeconfig_for(&self, user: &str, token: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\n\
+             clusters:\n- name: netd-test\n  cluster:\n    server: {url}\n    certificate-authority: {ca}\n\
+             users:\n- name: {user}\n  user:\n    token: {token}\n\
+             contexts:\n- name: {user}@netd-test\n  context:\n    cluster: netd-test\n    user: {user}\n\
+             current-context: {user}@netd-test\n",
+            url = self.url(),
+            ca = self.ca_cert_path().display(),
+        )
+    }
+
+    /// kube-controller-manager's credentials: user and token.
+    pub(crate) fn controller_manager_credentials(&self) -> (&str, &str) {
+        (CONTROLLER_MANAGER_USER, &self.controller_manager_token)
+    }
+
+    /// The cluster CA and a serving certificate it signs for every name
+    /// clients use: the listen address, loopback and the `kubernetes`
+    /// Service's names and address, as kubeadm's has.
+    fn write_pki(&self) -> Result<(), HarnessError> {
+        let pki = self.dir.join("pki");
+        self.ca.write(&pki)?;
+        let dns: Vec<String> = [
+            "localhost",
+            "kubernetes",
+            "kubernetes.default",
+            "kubernetes.default.svc",
+            "kubernetes.default.svc.cluster.local",
+        ]
+        .map(String::from)
+        .to_vec();
+        let mut ips = vec![std::net::IpAddr::V4(self.host.ip()), std::net::IpAddr::V4(KUBERNETES_SERVICE_IP)];
+        if !self.host.ip().is_loopback() {
+            ips.push(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+        }
+        self.ca.issue_server("kube-apiserver", &dns, &ips, SERVING_VALIDITY)?.write(&pki, "apiserver")?;
+        Ok(())
+    }
+
     /// Replaces the token with a new one (the old one stops working) and
     /// restarts the API server with it, as a credential rotation does.
     /// Returns the new token. The restarted server dies with the calling
@@ -131,23 +272,26 @@ impl KubeApiServer {
         Ok(self.token.clone())
     }
 
+    /// A new admin token in the token file (kube-controller-manager's
+    /// stays) and in the admin kubeconfig.
     fn write_new_token(&mut self) -> Result<(), HarnessError> {
         self.token = random_hex(16)?;
         let tokens = self.dir.join("tokens.csv");
-        std::fs::write(&tokens, format!("{},admin,admin,\"system:masters\"\n", self.token))
-            .map_err(|e| HarnessError::io(format!("writing {}", tokens.display()), e))
+        let lines = format!(
+            "{},admin,admin,\"system:masters\"\n{token},{user},{user},\"system:masters\"\n",
+            self.token,
+            token = self.controller_manager_token,
+            user = CONTROLLER_MANAGER_USER,
+        );
+        std::fs::write(&tokens, lines).map_err(|e| HarnessError::io(format!("writing {}", tokens.display()), e))?;
+        let kubeconfig = self.admin_kubeconfig();
+        std::fs::write(&kubeconfig, self.kubeconfig_for("admin", &self.token))
+            .map_err(|e| HarnessError::io(format!("writing {}", kubeconfig.display()), e))
     }
 
-    /// PEM of the CA that signed the serving certificate (the last
-    /// certificate of the server's self-generated `apiserver.crt`).
+    /// PEM of the cluster CA, which signed the serving certificate.
     pub fn ca_cert_pem(&self) -> Result<Vec<u8>, HarnessError> {
-        let path = self.cert_path();
-        let text =
-            std::fs::read_to_string(&path).map_err(|e| HarnessError::io(format!("reading {}", path.display()), e))?;
-        let begin = "-----BEGIN CERTIFICATE-----";
-        let start =
-            text.rfind(begin).ok_or_else(|| HarnessError::Usage(format!("{} holds no certificate", path.display())))?;
-        Ok(text[start..].trim_end().as_bytes().iter().copied().chain(*b"\n").collect())
+        Ok(self.ca.cert_pem().as_bytes().to_vec())
     }
 
     /// The API server's etcd, for writing objects behind the API server's
@@ -190,6 +334,7 @@ impl KubeApiServer {
         }
         let log = self.log_file("apiserver.log")?;
         let path = |name: &str| self.dir.join(name).to_string_lossy().into_owned();
+        let options = &self.options;
         let mut command = Command::new(&self.bin);
         command
             .arg(format!("--etcd-servers={}", self.etcd.as_ref().map(EtcdServer::endpoint).unwrap_or_default()))
@@ -197,37 +342,60 @@ impl KubeApiServer {
             .arg(format!("--advertise-address={}", self.host.ip()))
             .arg(format!("--secure-port={}", self.port))
             .arg("--insecure-port=0")
-            .arg(format!("--cert-dir={}", path("certs")))
+            .arg(format!("--tls-cert-file={}", path("pki/apiserver.crt")))
+            .arg(format!("--tls-private-key-file={}", path("pki/apiserver.key")))
+            .arg(format!("--client-ca-file={}", self.ca_cert_path().display()))
             .arg(format!("--token-auth-file={}", path("tokens.csv")))
-            .arg("--authorization-mode=AlwaysAllow")
+            .arg(if options.rbac { "--authorization-mode=Node,RBAC" } else { "--authorization-mode=AlwaysAllow" })
+            .arg(format!("--enable-bootstrap-token-auth={}", options.bootstrap_tokens))
             .arg(format!("--service-account-issuer={SA_ISSUER}"))
-            .arg(format!("--service-account-key-file={}", path("sa.key")))
-            .arg(format!("--service-account-signing-key-file={}", path("sa.key")))
-            .arg("--service-cluster-ip-range=10.96.0.0/16")
+            .arg(format!("--service-account-key-file={}", self.sa_key_path().display()))
+            .arg(format!("--service-account-signing-key-file={}", self.sa_key_path().display()))
+            .arg(format!("--service-cluster-ip-range={SERVICE_CIDR}"))
             .arg("--profiling=false")
-            .arg("--logtostderr=true")
-            .args(&self.extra_args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
+            .arg("--logtostderr=true");
+        if options.node_restriction {
+            command.arg("--enable-admission-plugins=NodeRestriction");
+        }
+        command.args(&options.extra_args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
         die_with_parent(&mut command);
         self.apiserver = Some(self.host.spawn(&mut command, &self.bin.display().to_string())?);
         self.wait_ready()
     }
 
     /// Calls the API with `curl` as `admin`: `method` on `path` (e.g.
-    /// `/api/v1/nodes`) with an optional JSON body sent as `content_type`.
-    /// Returns the HTTP status and the body.
+    /// `/api/v1/nodes`) with an optional body sent as `content_type`
+    /// (`(content_type, body)`). Returns the HTTP status and the body.
     pub fn api(&self, method: &str, path: &str, body: Option<(&str, &str)>) -> Result<(u16, String), HarnessError> {
-        let ca = self.dir.join("ca.pem");
-        if !ca.exists() {
-            std::fs::write(&ca, self.ca_cert_pem()?)
-                .map_err(|e| HarnessError::io(format!("writing {}", ca.display()), e))?;
-        }
-        let auth = format!("Authorization: Bearer {}", self.token);
+        self.api_as(ApiAuth::Bearer(&self.token), method, path, body)
+    }
+
+    /// [`KubeApiServer::api`] authenticating as `auth` instead of `admin`:
+    /// what a bootstrapping node, a node with its issued certificate or a
+    /// service account gets, 401 and 403 included.
+    pub fn api_as(
+        &self,
+        auth: ApiAuth<'_>,
+        method: &str,
+        path: &str,
+        body: Option<(&str, &str)>,
+    ) -> Result<(u16, String), HarnessError> {
         let url = format!("{}{path}", self.url());
-        let ca_arg = ca.to_string_lossy().into_owned();
-        let mut args = vec!["-sS", "--noproxy", "*", "--cacert", &ca_arg, "-H", &auth, "-X", method];
+        let ca_arg = self.ca_cert_path().to_string_lossy().into_owned();
+        let mut args = vec!["-sS", "--noproxy", "*", "--cacert", &ca_arg, "-X", method];
+        let (header, cert, key);
+        match auth {
+            ApiAuth::Bearer(token) => {
+                header = format!("Authorization: Bearer {token}");
+                args.extend(["-H", &header]);
+            }
+            ApiAuth::ClientCert { cert: cert_path, key: key_path } => {
+                cert = cert_path.to_string_lossy().into_owned();
+                key = key_path.to_string_lossy().into_owned();
+                args.extend(["--cert", &cert, "--key", &key]);
+            }
+            ApiAuth::Anonymous => {}
+        }
         let content_type;
         if let Some((kind, _)) = body {
             content_type = format!("Content-Type: {kind}");
@@ -263,10 +431,6 @@ impl KubeApiServer {
         Ok((code, body.to_string()))
     }
 
-    fn cert_path(&self) -> PathBuf {
-        self.dir.join("certs").join("apiserver.crt")
-    }
-
     fn log_file(&self, name: &str) -> Result<std::fs::File, HarnessError> {
         let path = self.dir.join(name);
         std::fs::OpenOptions::new()
@@ -287,9 +451,7 @@ impl KubeApiServer {
                     stderr: tail(&self.log()),
                 });
             }
-            if self.cert_path().exists()
-                && matches!(self.api("GET", "/readyz", None), Ok((200, ref body)) if body.trim() == "ok")
-            {
+            if matches!(self.api("GET", "/readyz", None), Ok((200, ref body)) if body.trim() == "ok") {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -314,15 +476,20 @@ impl Drop for KubeApiServer {
     }
 }
 
-fn kill(child: &mut Option<Child>, what: &str) -> Result<(), HarnessError> {
+pub(crate) fn kill(child: &mut Option<Child>, what: &str) -> Result<(), HarnessError> {
     let Some(mut child) = child.take() else { return Ok(()) };
     child.kill().map_err(|e| HarnessError::io(format!("killing {what}"), e))?;
     child.wait().map_err(|e| HarnessError::io(format!("waiting for {what}"), e))?;
     Ok(())
 }
 
+/// The binary named by environment variable `env`, else `default`.
+pub(crate) fn kube_binary(env: &str, default: &str) -> PathBuf {
+    std::env::var_os(env).map(PathBuf::from).unwrap_or_else(|| default.into())
+}
+
 /// SIGKILL for the child when the spawning thread ends.
-fn die_with_parent(command: &mut Command) {
+pub(crate) fn die_with_parent(command: &mut Command) {
     // SAFETY: the closure runs in the forked child before exec and only
     // calls prctl(2), which is async-signal-safe.
     unsafe {
@@ -336,7 +503,7 @@ fn die_with_parent(command: &mut Command) {
 }
 
 /// `bytes` random bytes from the kernel, hex-encoded.
-fn random_hex(bytes: usize) -> Result<String, HarnessError> {
+pub(crate) fn random_hex(bytes: usize) -> Result<String, HarnessError> {
     let mut buf = vec![0u8; bytes];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut buf))
@@ -344,7 +511,7 @@ fn random_hex(bytes: usize) -> Result<String, HarnessError> {
     Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-fn tail(log: &str) -> String {
+pub(crate) fn tail(log: &str) -> String {
     let lines: Vec<&str> = log.lines().collect();
     lines[lines.len().saturating_sub(8)..].join("\n")
 }

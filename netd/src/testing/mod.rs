@@ -34,6 +34,7 @@ mod cluster;
 mod cni;
 mod etcd;
 mod kube;
+mod kube_cluster;
 mod links;
 mod netns;
 mod process;
@@ -46,7 +47,11 @@ pub use cgroup::{Cgroup, CgroupMembership};
 pub use cluster::{Cluster, Node, Pod, CLUSTER_NETWORK, CONTROL_PLANE_IP};
 pub use cni::{plugin_dir_of, CniCall, CniRunner, DEBIAN_CNI_DIR};
 pub use etcd::EtcdServer;
-pub use kube::{KubeApiServer, KUBE_APISERVER_BIN, KUBE_APISERVER_ENV, KUBE_APISERVER_VERSION};
+pub use kube::{ApiAuth, KubeApiServer, KUBE_APISERVER_BIN, KUBE_APISERVER_ENV, KUBE_APISERVER_VERSION};
+pub use kube_cluster::{
+    BootstrapToken, ControllerManagerOptions, KubeCluster, KubeClusterBuilder, KubeControllerManager,
+    KUBE_CONTROLLER_MANAGER_BIN, KUBE_CONTROLLER_MANAGER_ENV,
+};
 pub use links::{unique_ifname, Bridge, VethPair};
 pub use netns::{NetNs, NetNsGuard};
 pub use process::{http_get, metric, netd_run_args, NetdProcess, HEALTH_ADDR};
@@ -113,6 +118,9 @@ pub enum HarnessError {
     /// A step of a [`Scenario`] did not turn out as the story says.
     #[error("scenario failed: {0}")]
     Scenario(String),
+    /// A test certificate or key could not be minted or written.
+    #[error("test certificate")]
+    Cert(#[from] crate::tunnel::certs::CertError),
     /// No cgroup v2 hierarchy is mounted.
     #[error("no cgroup v2 mount found in /proc/self/mounts")]
     NoCgroup2,
