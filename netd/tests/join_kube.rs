@@ -1,0 +1,153 @@
+//! `netd-join` against the real kube-apiserver 1.20.2 (RBAC with the Node
+//! authorizer, NodeRestriction, bootstrap-token authentication) and the
+//! real kube-controller-manager 1.20.2, whose bootstrapsigner signs
+//! cluster-info and whose csrapproving/csrsigning controllers approve and
+//! sign the node's certificate request.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use netd::join::CaPin;
+use netd::testing::{self, BootstrapToken, KubeApiServer, KubeCluster};
+use serde_json::{json, Value};
+
+fn join(api: &KubeApiServer, config_dir: &Path, token: &str, pin: &str, spec: &str) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_netd-join"))
+        .args(["--token", token, "--registry", &format!("kubernetes:{}", api.url())])
+        .args(["--discovery-token-ca-cert-hash", pin, "--node-spec", spec])
+        .args(["--config-dir", config_dir.to_str().unwrap(), "--csr-timeout", "60"])
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+fn get(api: &KubeApiServer, path: &str) -> Value {
+    let (status, body) = api.api("GET", path, None).unwrap();
+    assert_eq!(status, 200, "GET {path}: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// What kubeadm sets up for token discovery: anonymous may read
+/// cluster-info, and nothing else.
+fn allow_anonymous_cluster_info(api: &KubeApiServer) {
+    let role = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": { "name": "kubeadm:bootstrap-signer-clusterinfo", "namespace": "kube-public" },
+        "rules": [{ "apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["cluster-info"], "verbs": ["get"] }],
+    });
+    let binding = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": { "name": "kubeadm:bootstrap-signer-clusterinfo", "namespace": "kube-public" },
+        "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "kubeadm:bootstrap-signer-clusterinfo" },
+        "subjects": [{ "apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "system:anonymous" }],
+    });
+    for (path, object) in [
+        ("/apis/rbac.authorization.k8s.io/v1/namespaces/kube-public/roles", role),
+        ("/apis/rbac.authorization.k8s.io/v1/namespaces/kube-public/rolebindings", binding),
+    ] {
+        let (status, body) = api.api("POST", path, Some(("application/json", &object.to_string()))).unwrap();
+        assert_eq!(status, 201, "{path}: {body}");
+    }
+}
+
+#[test]
+fn a_node_joins_with_its_bootstrap_token_and_pinned_ca_and_bad_ones_change_nothing() {
+    let Some(_kernel) = testing::privileged().unwrap() else { return };
+    let builder =
+        KubeCluster::builder().rbac(true).bootstrap_tokens(true).node_restriction(true).controller_manager(true);
+    if !builder.binaries_available().unwrap() {
+        return;
+    }
+    let cluster = builder.start().unwrap();
+    let api = cluster.api();
+    let token = BootstrapToken::generate().unwrap();
+    api.create_bootstrap_token(&token, &[BootstrapToken::KUBEADM_GROUP]).unwrap();
+    api.bind_node_bootstrappers(BootstrapToken::KUBEADM_GROUP).unwrap();
+    api.publish_cluster_info().unwrap();
+    allow_anonymous_cluster_info(api);
+    let signed = format!("jws-kubeconfig-{}", token.id);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while get(api, "/api/v1/namespaces/kube-public/configmaps/cluster-info")["data"].get(&signed).is_none() {
+        assert!(Instant::now() < deadline, "the bootstrapsigner never signed cluster-info");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let ca_pem = api.ca_cert_pem().unwrap();
+    let ca_der = rustls_pki_types::pem::PemObject::from_pem_slice(&ca_pem)
+        .map(|der: rustls_pki_types::CertificateDer<'static>| der.to_vec())
+        .unwrap();
+    let pin = CaPin::of_cert(&ca_der).unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let config_dir = dir.path().join("etc-netd");
+    let spec = r#"{"flannelface":"lo","enableIptables":true,"quiet":true,"nodeNameOverride":"*.edge",
+                  "allowedClusterAddons":["kube-proxy","coredns"],"gpuVersion":"Nvidia_Tesla_P4",
+                  "labels":{"site":"shop-17"},"annotations":{"example.com/owner":"ops"}}"#;
+
+    // A token the cluster does not know: no signature for its id.
+    let (ok, text) = join(api, &config_dir, "zzzzzz.0123456789abcdef", &pin, spec);
+    assert!(!ok && text.contains("no \"jws-kubeconfig-zzzzzz\""), "{text}");
+    assert!(!config_dir.exists(), "a refused join wrote something");
+    // The right token, the wrong CA pin: refused before any change.
+    let wrong = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+    let (ok, text) = join(api, &config_dir, &token.token(), wrong, spec);
+    assert!(!ok && text.contains("matches no --discovery-token-ca-cert-hash"), "{text}");
+    assert!(text.contains(&pin), "the error names the CA's real pin: {text}");
+    assert!(!config_dir.exists());
+    assert_eq!(get(api, "/api/v1/nodes")["items"].as_array().unwrap().len(), 0, "nothing registered");
+
+    // A good join.
+    let (ok, text) = join(api, &config_dir, &token.token(), &pin, spec);
+    assert!(ok, "{text}");
+    let record: Value = serde_json::from_slice(&std::fs::read(config_dir.join("join.json")).unwrap()).unwrap();
+    let node = record["nodeName"].as_str().unwrap().to_string();
+    assert!(node.ends_with(".edge") && node.len() == 11, "{node}");
+    // The certificate: the cluster CA signed CN=system:node:<name>, O=system:nodes for this key.
+    let tunnel = config_dir.join("tunnel");
+    let verify = Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(tunnel.join("ca.crt"))
+        .arg(tunnel.join("node.crt"))
+        .output()
+        .unwrap();
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+    let loaded = netd::tunnel::certs::CertFiles::in_dir(&tunnel, "node").load().unwrap();
+    assert_eq!(netd::tunnel::certs::node_name_of(loaded.chain[0].as_ref()).unwrap(), node);
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(std::fs::metadata(tunnel.join("node.key")).unwrap().permissions().mode() & 0o777, 0o600);
+    let csrs = get(api, "/apis/certificates.k8s.io/v1/certificatesigningrequests");
+    let csr = csrs["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["spec"]["username"] == json!(format!("system:bootstrap:{}", token.id)))
+        .unwrap();
+    assert_eq!(csr["spec"]["signerName"], "kubernetes.io/kube-apiserver-client-kubelet");
+    assert!(csr["status"]["conditions"].to_string().contains("AutoApproved"), "{csr}");
+    // netd's settings from the spec.
+    let settings: Value = serde_json::from_slice(&std::fs::read(config_dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!((settings["nodeName"].as_str(), settings["iface"].as_str()), (Some(node.as_str()), Some("lo")));
+    assert_eq!(settings["masquerade"], json!(true));
+    // The Node, registered by the node itself, with every label and annotation.
+    let object = get(api, &format!("/api/v1/nodes/{node}"));
+    let labels = &object["metadata"]["labels"];
+    assert_eq!(labels["alibabacloud.com/is-edge-worker"], "true");
+    assert_eq!(labels["alibabacloud.com/gpu-version"], "Nvidia_Tesla_P4");
+    assert_eq!(labels["site"], "shop-17");
+    let annotations = &object["metadata"]["annotations"];
+    assert_eq!(annotations["alibabacloud.com/allowed-cluster-addons"], "kube-proxy,coredns");
+    assert_eq!(annotations["example.com/owner"], "ops");
+    assert!(annotations.get("node.beta.alibabacloud.com/autonomy").is_none(), "new nodes start non-autonomous");
+
+    // Again with the same spec: nothing changes, and it says so.
+    let before = std::fs::read(config_dir.join("tunnel/node.crt")).unwrap();
+    let (ok, text) = join(api, &config_dir, &token.token(), &pin, spec);
+    assert!(ok && text.contains(&format!("already joined as node {node}")), "{text}");
+    assert_eq!(std::fs::read(config_dir.join("tunnel/node.crt")).unwrap(), before);
+    assert_eq!(
+        get(api, "/apis/certificates.k8s.io/v1/certificatesigningrequests")["items"].as_array().unwrap().len(),
+        1
+    );
+}
