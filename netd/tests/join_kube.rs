@@ -98,6 +98,30 @@ fn a_node_joins_with_its_bootstrap_token_and_pinned_ca_and_bad_ones_change_nothi
     assert!(!config_dir.exists());
     assert_eq!(get(api, "/api/v1/nodes")["items"].as_array().unwrap().len(), 0, "nothing registered");
 
+    // Without "quiet" join would ask, and nobody can answer here (stdin is
+    // not a terminal): refused after the checks, before any change.
+    let asking = spec.replace(r#""quiet":true"#, r#""quiet":false"#);
+    let (ok, text) = join(api, &config_dir, &token.token(), &pin, &asking);
+    assert!(!ok && text.contains("stdin is not a terminal"), "{text}");
+    assert!(!config_dir.exists());
+    // A token the cluster knows but that may not request node certificates
+    // (not in the group the bootstrap bindings name): the join fails
+    // midway, after discovery, and leaves nothing behind.
+    let stranger = BootstrapToken::generate().unwrap();
+    api.create_bootstrap_token(&stranger, &[]).unwrap();
+    let signed_too = format!("jws-kubeconfig-{}", stranger.id);
+    while get(api, "/api/v1/namespaces/kube-public/configmaps/cluster-info")["data"].get(&signed_too).is_none() {
+        assert!(
+            Instant::now() < deadline + Duration::from_secs(60),
+            "the bootstrapsigner never signed for the second token"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let (ok, text) = join(api, &config_dir, &stranger.token(), &pin, spec);
+    assert!(!ok && text.contains("creating the node's certificate request"), "{text}");
+    assert!(!config_dir.exists(), "a join that failed midway left files");
+    assert_eq!(get(api, "/api/v1/nodes")["items"].as_array().unwrap().len(), 0, "nothing half-registered");
+
     // A good join.
     let (ok, text) = join(api, &config_dir, &token.token(), &pin, spec);
     assert!(ok, "{text}");
