@@ -631,8 +631,10 @@ mod tests {
         for variable in ["NETD_CONFIG", "NETD_IFACE", "NETD_MASQUERADE", "NETD_HEALTH_ADDR", "NETD_CA_FILE"] {
             assert!(help.contains(&format!("[env: {variable}")), "{variable} missing from\n{help}");
         }
+        // The registry's default is netd run's; the tunnel server shares the option and has none.
+        let registry_default = format!("(netd run's default: embedded:{})", crate::registry::embedded::DEFAULT_PATH);
+        assert!(help.contains(&registry_default), "{registry_default} missing from\n{help}");
         let defaults = [
-            format!("embedded:{}", crate::registry::embedded::DEFAULT_PATH),
             crate::subnet_env::DEFAULT_PATH.to_string(),
             DEFAULT_STATE_DIR.to_string(),
             DEFAULT_HEALTH_ADDR.to_string(),
