@@ -23,9 +23,15 @@ const EXAMPLES: &str = "Examples:
 #[command(name = "netd-join", version, after_help = EXAMPLES)]
 #[command(group(ArgGroup::new("spec").required(true).args(["node_spec", "node_spec_file"])))]
 struct Cli {
-    /// The bootstrap token, id.secret ([a-z0-9]{6}.[a-z0-9]{16}).
     // A String, checked by `run`: clap would quote a bad value (a secret) in its error.
-    #[arg(long, env = "NETD_JOIN_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    // The help is not a doc comment: rustdoc would read its brackets as links.
+    #[arg(
+        long,
+        env = "NETD_JOIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true,
+        help = "The bootstrap token, id.secret ([a-z0-9]{6}.[a-z0-9]{16})"
+    )]
     token: String,
     /// The registry to join: kubernetes:https://HOST:PORT.
     #[arg(long, env = "NETD_REGISTRY", value_name = "SPEC")]
@@ -36,7 +42,7 @@ struct Cli {
     /// A file holding the node-spec JSON.
     #[arg(long, env = "NETD_JOIN_NODE_SPEC_FILE", value_name = "FILE")]
     node_spec_file: Option<PathBuf>,
-    /// The cluster CA's pin, sha256:<hex of its SubjectPublicKeyInfo> (repeatable).
+    /// The cluster CA's pin: `sha256:` and the hex SHA-256 of its SubjectPublicKeyInfo (repeatable).
     #[arg(
         long = "discovery-token-ca-cert-hash",
         env = "NETD_JOIN_CA_CERT_HASH",

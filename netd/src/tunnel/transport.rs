@@ -37,7 +37,7 @@ pub const SEND_BUFFER: usize = 1 << 20;
 /// h2 takes the connection's lock and wakes its task: with the 8 KiB writes
 /// of `copy_bidirectional`, that per-write cost, not the bytes, bounded a
 /// bulk stream.
-const WRITE_CHUNK: usize = 128 << 10;
+pub const WRITE_CHUNK: usize = 128 << 10;
 /// Received bytes are credited back to the sender in batches of at least
 /// this much (or when a DATA frame is used up), for the same reason.
 const RELEASE_BATCH: usize = 64 << 10;
