@@ -17,7 +17,8 @@ use netd::testing::{
 
 use crate::bench::machine;
 
-fn status_kib(pid: u32, field: &str) -> Result<u64> {
+/// A `kB` field of `/proc/<pid>/status` (`VmRSS:`, `VmHWM:` …).
+pub(crate) fn status_kib(pid: u32, field: &str) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()

@@ -44,6 +44,7 @@ use netd::ebpf::dnat::{AttachOptions, Scope, TunnelDnat};
 use netd::testing::{self, http_get, run_command, Cgroup, NetNs, NetdProcess, PinDir, VethPair};
 
 use crate::bench::machine;
+use crate::bench_rss::status_kib;
 use crate::bench_vxlan::cpu_pressure_us;
 use crate::delay_line::{DelayLine, Shape};
 
@@ -411,14 +412,6 @@ fn wait_listening(ns: &NetNs, addr: SocketAddr) -> Result<()> {
 
 fn sshd_log(dir: &Path) -> String {
     format!("sshd: {}", std::fs::read_to_string(dir.join("sshd.log")).unwrap_or_default())
-}
-
-fn status_kib(pid: u32, field: &str) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.trim().strip_suffix("kB")?.trim().parse().ok())
-        .with_context(|| format!("{field} missing from /proc/{pid}/status"))
 }
 
 /// `pid` and all its descendants (sshd forks a session process per login).

@@ -502,21 +502,7 @@ fn deploy_applies_and_netd_runs_with_its_service_account_under_rbac() {
     assert!(!server.log().contains("AlwaysAllow"), "the API server must authorise by RBAC alone");
     let ca = files.path().join("ca.crt");
     std::fs::write(&ca, server.ca_cert_pem().unwrap()).unwrap();
-    let kubeconfig = files.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\n\
-             clusters:\n- name: t\n  cluster:\n    server: {}\n    certificate-authority: {}\n\
-             users:\n- name: admin\n  user:\n    token: {}\n\
-             contexts:\n- name: t\n  context:\n    cluster: t\n    user: admin\n\
-             current-context: t\n",
-            server.url(),
-            ca.display(),
-            server.token()
-        ),
-    )
-    .unwrap();
+    let kubeconfig = server.admin_kubeconfig();
     let kube = Kube { server: &server, kubeconfig, cache: files.path().join("kube-cache") };
 
     // A server-side dry run of the whole directory: validated and admitted,

@@ -166,23 +166,7 @@ impl KubeStage {
                       "containers": [{ "name": CONTAINER, "image": "registry.invalid/pause:3" }] } });
         api(&server, "POST", "/api/v1/namespaces/default/pods", "application/json", &pod);
 
-        let server_ca = files.path().join("apiserver-ca.pem");
-        std::fs::write(&server_ca, server.ca_cert_pem().unwrap()).unwrap();
-        let kubeconfig = files.path().join("kubeconfig");
-        std::fs::write(
-            &kubeconfig,
-            format!(
-                "apiVersion: v1\nkind: Config\n\
-                 clusters:\n- name: edge-test\n  cluster:\n    server: {url}\n    certificate-authority: {ca}\n\
-                 users:\n- name: admin\n  user:\n    token: {token}\n\
-                 contexts:\n- name: edge-test\n  context:\n    cluster: edge-test\n    user: admin\n    namespace: default\n\
-                 current-context: edge-test\n",
-                url = server.url(),
-                ca = server_ca.display(),
-                token = server.token(),
-            ),
-        )
-        .unwrap();
+        let kubeconfig = server.admin_kubeconfig();
 
         wait_for("the agent's link", Duration::from_secs(10), || router.nodes() == vec![NODE.to_string()]);
         Self {
