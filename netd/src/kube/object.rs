@@ -55,6 +55,7 @@ impl Kind for NodeLease {
         "/metadata/annotations/flannel.alpha.coreos.com~1kube-subnet-manager",
         "/metadata/annotations/node.beta.alibabacloud.com~1autonomy",
         "/metadata/annotations/node.beta.openyurt.io~1autonomy",
+        "/metadata/annotations/node.openyurt.io~1autonomy-duration",
         "/spec/podCIDR",
         "/spec/podCIDRs",
     ];
@@ -247,6 +248,7 @@ mod tests {
             flannel::ANNOTATION_KUBE_SUBNET_MANAGER,
             autonomy::ANNOTATION_AUTONOMY,
             autonomy::ANNOTATION_AUTONOMY_OPENYURT,
+            autonomy::ANNOTATION_AUTONOMY_DURATION,
         ];
         let annotations: serde_json::Map<String, Value> = keys.iter().map(|k| (k.to_string(), json!(k))).collect();
         let node = Object::<NodeLease>::from_value(json!({ "metadata": { "annotations": annotations } }));

@@ -23,8 +23,9 @@
 //!   without it are not flannel nodes and are ignored, as flannel does), a
 //!   pod CIDR inside the network and valid `backend-type`, `backend-data`
 //!   and `public-ip` annotations. A node failing any check is skipped with a
-//!   logged reason. `node.beta.alibabacloud.com/autonomy=true` or
-//!   `node.beta.openyurt.io/autonomy=true` marks a peer autonomous.
+//!   logged reason. `node.beta.alibabacloud.com/autonomy=true`,
+//!   `node.beta.openyurt.io/autonomy=true` or
+//!   `node.openyurt.io/autonomy-duration` marks a peer autonomous.
 //! - **events**: a paginated list of the nodes gives the
 //!   [`PeerEvent::Resync`]; a watch from the list's `resourceVersion` then
 //!   gives [`PeerEvent::Upsert`] / [`PeerEvent::Remove`] (a deleted node,
@@ -318,8 +319,8 @@ impl KubernetesRegistry {
         }
         match peer_of(name, node, network, own_subnet) {
             Ok(lease) => {
-                let on = |key: &str| autonomy::autonomy_on(annotation(key).and_then(Value::as_str));
-                let autonomous = on(autonomy::ANNOTATION_AUTONOMY) || on(autonomy::ANNOTATION_AUTONOMY_OPENYURT);
+                let status = autonomy::AutonomyStatus::from_annotations(|key| annotation(key).and_then(Value::as_str));
+                let autonomous = status.autonomy.is_on();
                 NodeView::Peer(PeerLease { lease, autonomous })
             }
             Err(reason) => NodeView::Bad(reason),

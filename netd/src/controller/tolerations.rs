@@ -1,0 +1,1 @@
+//! Pod tolerations of autonomous nodes (being built).

@@ -1,0 +1,1 @@
+//! The tunnel DNAT configuration from node sets and the ConfigMap (being built).
