@@ -16,7 +16,9 @@ const EXAMPLES: &str = "Examples:
   netd-join --token abcdef.0123456789abcdef --registry kubernetes:https://192.168.0.10:6443 \\
       --discovery-token-ca-cert-hash sha256:<hex> \\
       --node-spec '{\"flannelface\":\"eth1\",\"enableIptables\":true,\"quiet\":true,\"nodeNameOverride\":\"*.edge\"}'
-  netd-join ... --node-spec-file /etc/netd/node-spec.json --dry-run";
+  netd-join ... --node-spec-file /etc/netd/node-spec.json --dry-run
+  netd-join --token \"$(netd registry token create --registry etcd:http://10.0.0.2:2379)\" \\
+      --registry etcd:http://10.0.0.2:2379 --node-spec '{\"quiet\":true}'";
 
 /// Joins this machine to a cluster as a netd edge node.
 #[derive(Debug, Parser)]
@@ -33,7 +35,7 @@ struct Cli {
         help = "The bootstrap token, id.secret ([a-z0-9]{6}.[a-z0-9]{16})"
     )]
     token: String,
-    /// The registry to join: kubernetes:https://HOST:PORT.
+    /// The registry to join: kubernetes:https://HOST:PORT, or embedded:PATH / etcd:URL (tokens from `netd registry token create`).
     #[arg(long, env = "NETD_REGISTRY", value_name = "SPEC")]
     registry: RegistrySpec,
     /// The node-spec JSON, as edgeadm takes it.
@@ -113,9 +115,15 @@ fn run(cli: Cli) -> Result<()> {
         Outcome::DryRun(plan) => println!("{}\n(dry run: nothing changed)", plan.describe(&paths)),
         Outcome::Joined { plan, registered, files } => {
             println!("{}", plan.describe(&paths));
-            println!("joined: node {} {:?}; wrote {} files", plan.node, registered, files.len());
+            match registered {
+                Some(registered) => println!("joined: node {} {registered:?}; wrote {} files", plan.node, files.len()),
+                None => println!("joined: node {}; wrote {} files", plan.node, files.len()),
+            }
             for file in files {
                 println!("  {}", file.display());
+            }
+            if registered.is_none() {
+                println!("next: sign the node's tunnel certificate: {}", netd::join::sign_command(&paths));
             }
         }
     }

@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::str::FromStr;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context as _, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use netd::daemon::config::{parse_bool, parse_command_line, RunArgs};
 use netd::dnat::config::PortRules;
@@ -232,6 +232,48 @@ enum RegistryCommand {
     /// Create an embedded registry file.
     #[command(after_help = "Example:\n  netd registry init --db /var/lib/netd/registry.db --network 10.244.0.0/16")]
     Init(RegistryInitArgs),
+    /// Bootstrap tokens of an embedded or etcd registry, which netd-join checks.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Make a token; prints it (id.secret) alone on stdout. The registry keeps only its hash.
+    #[command(after_help = "Example:\n  netd registry token create --registry etcd:http://10.0.0.2:2379 --ttl 2h")]
+    Create(TokenCreateArgs),
+    /// List tokens: id, time left, description (never the secret).
+    List(TokenRegistryArgs),
+    /// Delete a token: nodes can no longer join with it.
+    Delete(TokenDeleteArgs),
+}
+
+#[derive(Debug, Args)]
+struct TokenRegistryArgs {
+    #[command(flatten)]
+    registry: netd::daemon::config::RegistryArgs,
+}
+
+#[derive(Debug, Args)]
+struct TokenCreateArgs {
+    #[command(flatten)]
+    registry: TokenRegistryArgs,
+    /// How long the token joins nodes (a Go duration as kubeadm takes it: 24h, 90m; 0 = never expires).
+    #[arg(long, env = "NETD_TOKEN_TTL", value_name = "DURATION", default_value = "24h",
+          value_parser = |s: &str| netd::model::autonomy::parse_go_duration(s).map_err(|e| e.to_string()))]
+    ttl: std::time::Duration,
+    /// What the token is for.
+    #[arg(long, env = "NETD_TOKEN_DESCRIPTION", value_name = "TEXT", default_value = "")]
+    description: String,
+}
+
+#[derive(Debug, Args)]
+struct TokenDeleteArgs {
+    #[command(flatten)]
+    registry: TokenRegistryArgs,
+    /// The token's id (the part before the '.').
+    #[arg(value_name = "ID")]
+    id: String,
 }
 
 #[derive(Debug, Args)]
@@ -349,6 +391,45 @@ fn registry_init(args: RegistryInitArgs) -> Result<()> {
     EmbeddedRegistry::create(&db, &config)?;
     println!("embedded registry {} ready: network {network}, /{subnet_len} subnets, VNI {vni}", db.display());
     Ok(())
+}
+
+fn registry_token(command: TokenCommand) -> Result<()> {
+    use netd::registry::{AnyTokenStore, TokenRecord, TokenStore as _};
+    let spec = |args: &TokenRegistryArgs| {
+        args.registry.registry.clone().context("--registry is required: embedded:PATH or etcd:URL")
+    };
+    tunnel_runtime()?.block_on(async {
+        match command {
+            TokenCommand::Create(args) => {
+                let mut store = AnyTokenStore::open(&spec(&args.registry)?).await?;
+                let (id, secret) = netd::registry::tokens::generate_token()?;
+                let ttl = Some(args.ttl).filter(|ttl| !ttl.is_zero());
+                let record = TokenRecord::new(&id, &secret, ttl, &args.description, std::time::SystemTime::now());
+                store.put_token(&record).await?;
+                println!("{id}.{secret}");
+            }
+            TokenCommand::List(args) => {
+                let mut store = AnyTokenStore::open(&spec(&args)?).await?;
+                println!("{:<8} {:<12} DESCRIPTION", "ID", "TTL");
+                for record in store.tokens().await? {
+                    let ttl = match record.remaining(std::time::SystemTime::now()) {
+                        None => "<forever>".to_string(),
+                        Some(0) => "<expired>".to_string(),
+                        Some(secs) => netd::model::autonomy::format_go_duration(std::time::Duration::from_secs(secs)),
+                    };
+                    println!("{:<8} {ttl:<12} {}", record.id, record.description);
+                }
+            }
+            TokenCommand::Delete(args) => {
+                let mut store = AnyTokenStore::open(&spec(&args.registry)?).await?;
+                if !store.delete_token(&args.id).await? {
+                    bail!("no bootstrap token {} in the registry", args.id);
+                }
+                println!("bootstrap token {} deleted", args.id);
+            }
+        }
+        Ok(())
+    })
 }
 
 fn dnat_apply(args: DnatApplyArgs) -> Result<()> {
@@ -478,12 +559,17 @@ struct CertsIssueArgs {
 struct CertsNodeArgs {
     #[command(flatten)]
     issue: CertsIssueArgs,
-    /// The Kubernetes node name.
-    #[arg(long, env = "NETD_CERTS_NODE", value_name = "NODE")]
-    name: String,
-    /// The node's addresses, comma-separated.
-    #[arg(long, env = "NETD_CERTS_IP", value_name = "IP,...", value_delimiter = ',', required = true)]
+    /// The Kubernetes node name (with --csr: taken from the request, and checked if given).
+    #[arg(long, env = "NETD_CERTS_NODE", value_name = "NODE", required_unless_present = "csr")]
+    name: Option<String>,
+    /// The node's addresses, comma-separated (optional with --csr: the tunnel server also routes by lease).
+    #[arg(long, env = "NETD_CERTS_IP", value_name = "IP,...", value_delimiter = ',', required_unless_present = "csr")]
     ip: Vec<std::net::IpAddr>,
+    /// Sign this node's certificate signing request (netd-join writes it to
+    /// /etc/netd/tunnel/node.csr) instead of making a key: writes only
+    /// node.crt and ca.crt, the key stays on the node.
+    #[arg(long, env = "NETD_CERTS_CSR", value_name = "FILE")]
+    csr: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -530,7 +616,11 @@ fn certs(command: CertsCommand) -> Result<()> {
         }
         CertsCommand::Node(a) => {
             let ca = CertificateAuthority::load_dir(&a.issue.ca_dir)?;
-            let cert = ca.issue_node(&a.name, &a.ip, days(a.issue.days))?;
+            if let Some(csr) = &a.csr {
+                return sign_node_csr(&ca, csr, &a, days(a.issue.days));
+            }
+            let Some(name) = &a.name else { bail!("--name is required without --csr") };
+            let cert = ca.issue_node(name, &a.ip, days(a.issue.days))?;
             (a.issue, "node", ca, cert)
         }
         CertsCommand::Server(a) => {
@@ -547,6 +637,30 @@ fn certs(command: CertsCommand) -> Result<()> {
     let (cert_path, key_path) = cert.write(&issue.out, stem)?;
     ca.write_cert(&issue.out)?;
     println!("wrote {}, {} and {}/ca.crt", cert_path.display(), key_path.display(), issue.out.display());
+    Ok(())
+}
+
+/// `netd certs node --csr`: signs what the node asked for; the key stays there.
+fn sign_node_csr(
+    ca: &netd::tunnel::certs::CertificateAuthority,
+    csr: &std::path::Path,
+    args: &CertsNodeArgs,
+    validity: std::time::Duration,
+) -> Result<()> {
+    let text = std::fs::read_to_string(csr).with_context(|| format!("reading {}", csr.display()))?;
+    let (node, cert_pem) = ca.sign_node_csr(&text, &args.ip, validity).with_context(|| csr.display().to_string())?;
+    if let Some(name) = args.name.as_deref().filter(|name| *name != node) {
+        bail!("{} asks for node {node:?}, not {name:?}: nothing written", csr.display());
+    }
+    let cert_path = args.issue.out.join("node.crt");
+    netd::tunnel::certs::write_file(&cert_path, cert_pem.as_bytes(), 0o644)?;
+    ca.write_cert(&args.issue.out)?;
+    println!(
+        "signed {} for node {node}: wrote {} and {}/ca.crt",
+        csr.display(),
+        cert_path.display(),
+        args.issue.out.display()
+    );
     Ok(())
 }
 
@@ -735,6 +849,7 @@ fn main() -> ExitCode {
         Command::Run { args, print_config, log } => run(args, print_config, log),
         Command::Cleanup { args, purge_state } => cleanup(args, purge_state),
         Command::Registry(RegistryCommand::Init(args)) => registry_init(args),
+        Command::Registry(RegistryCommand::Token(command)) => registry_token(command),
         Command::Restore(args) => restore(args),
         Command::Dnat(DnatCommand::Apply(args)) => dnat_apply(args),
         Command::Dnat(DnatCommand::Show(args)) => dnat_show(args),

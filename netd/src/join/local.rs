@@ -36,6 +36,12 @@ impl JoinPaths {
     pub fn tunnel_dir(&self) -> PathBuf {
         self.config_dir.join("tunnel")
     }
+
+    /// `tunnel/node.csr`: the node's certificate signing request, for
+    /// registries without a signer.
+    pub fn tunnel_csr(&self) -> PathBuf {
+        self.tunnel_dir().join("node.csr")
+    }
 }
 
 /// Why the node's files could not be read or written.

@@ -12,14 +12,15 @@ pub mod spec;
 pub mod token;
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 pub use discovery::{CaPin, ClusterInfo, DiscoveryError};
 pub use local::{JoinPaths, JoinRecord, LocalError};
 pub use spec::{NodeNameRule, NodeSpec, SpecError};
 pub use token::{BootstrapToken, TokenError};
 
-use crate::registry::RegistrySpec;
+use crate::registry::{AnyTokenStore, RegistryError, RegistrySpec, TokenRefused};
+use crate::tunnel::certs;
 
 /// Container runtime sockets `manageRuntime` looks for, with their names.
 pub const RUNTIME_SOCKETS: [(&str, &str); 3] = [
@@ -58,6 +59,12 @@ pub enum JoinError {
     /// Trust could not be established.
     #[error(transparent)]
     Discovery(#[from] DiscoveryError),
+    /// The registry refused the token.
+    #[error("{0} (nothing was changed)")]
+    Token(#[from] TokenRefused),
+    /// The registry could not check the token.
+    #[error("checking the bootstrap token: {0}")]
+    Store(#[from] RegistryError),
     /// Asked, the operator said no (or could not be asked).
     #[error("{0}")]
     NotConfirmed(String),
@@ -94,6 +101,17 @@ pub struct JoinOptions {
     pub csr_timeout: Duration,
 }
 
+/// Who vouched for the token, and so for the cluster.
+#[derive(Debug, Clone)]
+pub enum Trust {
+    /// kube-apiserver, through kubeadm's discovery: the cluster's CA is
+    /// pinned.
+    Kubernetes(ClusterInfo),
+    /// An embedded or etcd registry that holds the token (see
+    /// [`crate::registry::tokens`]).
+    Registry(String),
+}
+
 /// What join found it must do.
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -101,13 +119,16 @@ pub struct Plan {
     pub node: String,
     /// The validated spec.
     pub spec: NodeSpec,
-    /// The trusted cluster (a Kubernetes join).
-    pub cluster: ClusterInfo,
+    /// How the token was checked.
+    pub trust: Trust,
 }
 
 impl Plan {
     /// For people: what join will change.
     pub fn describe(&self, paths: &JoinPaths) -> String {
+        let Trust::Kubernetes(cluster) = &self.trust else {
+            return self.describe_registry_join(paths);
+        };
         let labels: Vec<String> = self.spec.node_labels().iter().map(|(k, v)| format!("{k}={v}")).collect();
         let annotations: Vec<String> = self.spec.node_annotations().keys().cloned().collect();
         format!(
@@ -117,7 +138,7 @@ impl Plan {
              - Node {node} labelled {labels}{annotations}\n\
              - record in {record}",
             node = self.node,
-            server = self.cluster.server,
+            server = cluster.server,
             signer = kube::SIGNER,
             tunnel = paths.tunnel_dir().display(),
             config = paths.netd_config().display(),
@@ -128,6 +149,38 @@ impl Plan {
             record = paths.record().display(),
         )
     }
+
+    fn describe_registry_join(&self, paths: &JoinPaths) -> String {
+        let registry = match &self.trust {
+            Trust::Registry(registry) => registry.as_str(),
+            Trust::Kubernetes(cluster) => cluster.server.as_str(),
+        };
+        format!(
+            "join node {node} to {registry} (token checked by the registry)\n\
+             - a key and a certificate signing request for CN=system:node:{node}, O=system:nodes in {tunnel} \
+             (the tunnel CA signs it: {sign})\n\
+             - netd settings in {config}: iface {iface}, masquerade {masq}\n\
+             - no node object: the node appears with its lease when netd runs\n\
+             - record in {record}",
+            node = self.node,
+            tunnel = paths.tunnel_dir().display(),
+            sign = sign_command(paths),
+            config = paths.netd_config().display(),
+            iface = self.spec.flannel_iface.as_deref().unwrap_or("(the default-route interface)"),
+            masq = self.spec.enable_iptables,
+            record = paths.record().display(),
+        )
+    }
+}
+
+/// The documented way a node certificate is made for a registry without a
+/// signer: on a machine holding the tunnel CA (see `netd certs`).
+pub fn sign_command(paths: &JoinPaths) -> String {
+    format!(
+        "netd certs node --ca-dir <tunnel CA dir> --csr {csr} --out <dir>, then put node.crt and ca.crt from <dir> into {tunnel}",
+        csr = paths.tunnel_csr().display(),
+        tunnel = paths.tunnel_dir().display()
+    )
 }
 
 /// How a join ended.
@@ -144,8 +197,10 @@ pub enum Outcome {
     Joined {
         /// The plan carried out.
         plan: Plan,
-        /// Whether the Node object was created or merged.
-        registered: kube::Registered,
+        /// Whether the Node object was created or merged (`None`: the
+        /// registry has no node objects; the node appears with its lease
+        /// when netd runs).
+        registered: Option<kube::Registered>,
         /// Files created.
         files: Vec<PathBuf>,
     },
@@ -187,30 +242,102 @@ pub async fn join(
                 "join needs the API server's URL: --registry kubernetes:https://HOST:PORT".into(),
             ))
         }
-        other => {
-            return Err(JoinError::Registry(format!(
-                "joining through the {other} registry is not built yet: only kubernetes:URL joins; for the \
-                 embedded and etcd registries write netd's settings with `netd run --print-config`"
-            )))
+        RegistrySpec::Embedded(_) | RegistrySpec::Etcd(_) => {
+            return join_registry(options, spec, node, registry, confirm).await
         }
     };
     if options.pins.is_empty() {
         return Err(DiscoveryError::NoPin.into());
     }
     let cluster = discovery::discover(&server, &options.token, &options.pins).await?;
-    let plan = Plan { node, spec, cluster };
+    let plan = Plan { node, spec, trust: Trust::Kubernetes(cluster.clone()) };
     if options.dry_run {
         return Ok(Outcome::DryRun(plan));
     }
     if !plan.spec.quiet && !confirm(&plan)? {
         return Err(JoinError::NotConfirmed("join cancelled: nothing was changed".into()));
     }
-    let cert = kube::request_node_certificate(&plan.cluster, &options.token, &plan.node, options.csr_timeout).await?;
+    let cert = kube::request_node_certificate(&cluster, &options.token, &plan.node, options.csr_timeout).await?;
     let mut written = local::Written::default();
     let tunnel = options.paths.tunnel_dir();
-    written.write(&tunnel.join("ca.crt"), plan.cluster.ca_pem.as_bytes(), 0o644)?;
+    written.write(&tunnel.join("ca.crt"), cluster.ca_pem.as_bytes(), 0o644)?;
     written.write(&tunnel.join("node.key"), cert.key_pem.as_bytes(), 0o600)?;
     written.write(&tunnel.join("node.crt"), cert.cert_pem.as_bytes(), 0o644)?;
+    write_netd_config(&mut written, options, &plan, &registry)?;
+    let labels = plan.spec.node_labels();
+    let annotations = plan.spec.node_annotations();
+    let registered = kube::register_node(&cluster, &cert, &plan.node, &labels, &annotations).await?;
+    if let Err(err) = write_record(&mut written, options, &plan, registry, Some(cluster.server.clone())) {
+        if registered == kube::Registered::Created {
+            if let Err(undo) = kube::unregister_node(&cluster, &cert, &plan.node).await {
+                tracing::warn!("join: could not remove node {} after the failure: {undo}", plan.node);
+            }
+        }
+        return Err(err);
+    }
+    Ok(Outcome::Joined { plan, registered: Some(registered), files: written.commit() })
+}
+
+/// A join through an embedded or etcd registry: the token is checked
+/// against the tokens the registry holds; the node makes its key and a
+/// certificate signing request for the tunnel CA to sign (no signer runs
+/// in these registries); there is no node object to register.
+async fn join_registry(
+    options: &JoinOptions,
+    spec: NodeSpec,
+    node: String,
+    registry: String,
+    confirm: impl FnOnce(&Plan) -> Result<bool, JoinError>,
+) -> Result<Outcome, JoinError> {
+    if !options.pins.is_empty() {
+        return Err(JoinError::Registry(format!(
+            "--discovery-token-ca-cert-hash pins a Kubernetes API server's CA; the {registry} registry has none"
+        )));
+    }
+    let mut node_metadata = Vec::new();
+    for (field, given) in [
+        ("labels", !spec.labels.is_empty()),
+        ("annotations", !spec.annotations.is_empty()),
+        ("gpuVersion", spec.gpu.is_some()),
+        ("allowedClusterAddons", !spec.allowed_cluster_addons.is_empty()),
+    ] {
+        if given {
+            node_metadata.push(field);
+        }
+    }
+    if !node_metadata.is_empty() {
+        return Err(JoinError::Registry(format!(
+            "node-spec: {}: the {registry} registry keeps no node labels or annotations; join through \
+             kubernetes:URL, or leave them out",
+            node_metadata.join(", ")
+        )));
+    }
+    let mut store = AnyTokenStore::open(&options.registry).await?;
+    crate::registry::tokens::verify_token(&mut store, options.token.id(), options.token.secret(), SystemTime::now())
+        .await??;
+    let plan = Plan { node, spec, trust: Trust::Registry(registry.clone()) };
+    if options.dry_run {
+        return Ok(Outcome::DryRun(plan));
+    }
+    if !plan.spec.quiet && !confirm(&plan)? {
+        return Err(JoinError::NotConfirmed("join cancelled: nothing was changed".into()));
+    }
+    let request = certs::node_csr(&plan.node).map_err(|e| JoinError::Registry(format!("the node's key: {e}")))?;
+    let mut written = local::Written::default();
+    written.write(&options.paths.tunnel_dir().join("node.key"), request.key_pem.as_bytes(), 0o600)?;
+    written.write(&options.paths.tunnel_csr(), request.csr_pem.as_bytes(), 0o644)?;
+    write_netd_config(&mut written, options, &plan, &registry)?;
+    write_record(&mut written, options, &plan, registry, None)?;
+    Ok(Outcome::Joined { plan, registered: None, files: written.commit() })
+}
+
+/// `config.json`: what `netd run --config` reads.
+fn write_netd_config(
+    written: &mut local::Written,
+    options: &JoinOptions,
+    plan: &Plan,
+    registry: &str,
+) -> Result<(), JoinError> {
     let netd_config = serde_json::json!({
         "nodeName": plan.node,
         "registry": registry,
@@ -218,29 +345,24 @@ pub async fn join(
         "masquerade": plan.spec.enable_iptables,
     });
     written.write(&options.paths.netd_config(), format!("{netd_config:#}\n").as_bytes(), 0o644)?;
-    let labels = plan.spec.node_labels();
-    let annotations = plan.spec.node_annotations();
-    let registered = kube::register_node(&plan.cluster, &cert, &plan.node, &labels, &annotations).await?;
-    let spec_value: serde_json::Value =
+    Ok(())
+}
+
+/// `join.json`, last: its presence means "joined".
+fn write_record(
+    written: &mut local::Written,
+    options: &JoinOptions,
+    plan: &Plan,
+    registry: String,
+    server: Option<String>,
+) -> Result<(), JoinError> {
+    let spec: serde_json::Value =
         serde_json::from_str(&options.spec_text).map_err(|e| SpecError::NotJson(e.to_string()))?;
-    let record = JoinRecord {
-        version: local::RECORD_VERSION,
-        node_name: plan.node.clone(),
-        registry,
-        server: Some(plan.cluster.server.clone()),
-        spec: spec_value,
-    };
+    let record = JoinRecord { version: local::RECORD_VERSION, node_name: plan.node.clone(), registry, server, spec };
     let record_text = serde_json::to_vec_pretty(&record)
         .map_err(|e| LocalError::BadRecord { path: options.paths.record(), reason: e.to_string() })?;
-    if let Err(err) = written.write(&options.paths.record(), &record_text, 0o644) {
-        if registered == kube::Registered::Created {
-            if let Err(undo) = kube::unregister_node(&plan.cluster, &cert, &plan.node).await {
-                tracing::warn!("join: could not remove node {} after the failure: {undo}", plan.node);
-            }
-        }
-        return Err(err.into());
-    }
-    Ok(Outcome::Joined { plan, registered, files: written.commit() })
+    written.write(&options.paths.record(), &record_text, 0o644)?;
+    Ok(())
 }
 
 /// Characters of a drawn node name (`nodeNameOverride: "*"`): lowercase

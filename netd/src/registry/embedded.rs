@@ -15,7 +15,8 @@
 //! Format (version 1, `PRAGMA user_version`): `meta(key, value)` with the
 //! network config JSON under `config`; `lease(subnet PK '10.244.3.0-24',
 //! node UNIQUE, attrs, expires_at unix seconds)`; `autonomy(node PK,
-//! autonomous)`.
+//! autonomous)`; and, once a token is stored, `bootstrap_token(id PK,
+//! record)` (see [`super::tokens`]).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
@@ -337,6 +338,89 @@ fn acquire(path: &Path, config: &NetworkConfig, request: &LeaseRequest) -> Resul
         lease: request.lease_for(subnet),
         expires_at: Some(UNIX_EPOCH + Duration::from_secs(expires as u64)),
     })
+}
+
+/// The token table: created by the first token written, so a registry
+/// without tokens is byte-for-byte what `netd registry init` made and
+/// older netds read it unchanged (they never look at this table).
+const TOKEN_TABLE: &str = "CREATE TABLE IF NOT EXISTS bootstrap_token(id TEXT PRIMARY KEY, record TEXT NOT NULL)";
+
+fn has_token_table(conn: &Connection, path: &Path) -> Result<bool, RegistryError> {
+    conn.query_row("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'bootstrap_token'", [], |_| Ok(()))
+        .optional()
+        .map(|found| found.is_some())
+        .map_err(|e| store_err(path, e))
+}
+
+impl super::TokenStore for EmbeddedRegistry {
+    async fn put_token(&mut self, record: &super::TokenRecord) -> Result<(), RegistryError> {
+        let (id, json) = (record.id.clone(), record.to_json());
+        blocking(&self.path, move |path| {
+            let conn = connect(path)?;
+            conn.execute(TOKEN_TABLE, []).map_err(|e| store_err(path, e))?;
+            conn.execute(
+                "INSERT INTO bootstrap_token(id, record) VALUES(?1, ?2) ON CONFLICT(id) DO UPDATE SET record = ?2",
+                params![id, json],
+            )
+            .map_err(|e| store_err(path, e))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn token(&mut self, id: &str) -> Result<Option<super::TokenRecord>, RegistryError> {
+        let id = id.to_string();
+        blocking(&self.path, move |path| {
+            let conn = connect(path)?;
+            if !has_token_table(&conn, path)? {
+                return Ok(None);
+            }
+            let text: Option<String> = conn
+                .query_row("SELECT record FROM bootstrap_token WHERE id = ?1", [&id], |r| r.get(0))
+                .optional()
+                .map_err(|e| store_err(path, e))?;
+            text.map(|t| super::TokenRecord::from_json(&id, t.as_bytes()).map_err(super::tokens::bad_record))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn tokens(&mut self) -> Result<Vec<super::TokenRecord>, RegistryError> {
+        blocking(&self.path, move |path| {
+            let conn = connect(path)?;
+            if !has_token_table(&conn, path)? {
+                return Ok(Vec::new());
+            }
+            let mut statement =
+                conn.prepare("SELECT id, record FROM bootstrap_token ORDER BY id").map_err(|e| store_err(path, e))?;
+            let rows = statement
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+                .map_err(|e| store_err(path, e))?;
+            let mut records = Vec::new();
+            for row in rows {
+                let (id, text) = row.map_err(|e| store_err(path, e))?;
+                match super::TokenRecord::from_json(&id, text.as_bytes()) {
+                    Ok(record) => records.push(record),
+                    Err(error) => tracing::warn!("{}: skipping: {error}", path.display()),
+                }
+            }
+            Ok(records)
+        })
+        .await
+    }
+
+    async fn delete_token(&mut self, id: &str) -> Result<bool, RegistryError> {
+        let id = id.to_string();
+        blocking(&self.path, move |path| {
+            let conn = connect(path)?;
+            if !has_token_table(&conn, path)? {
+                return Ok(false);
+            }
+            let n = conn.execute("DELETE FROM bootstrap_token WHERE id = ?1", [&id]).map_err(|e| store_err(path, e))?;
+            Ok(n > 0)
+        })
+        .await
+    }
 }
 
 impl EmbeddedRegistry {

@@ -12,6 +12,7 @@
 //! | `<prefix>/subnets/10.244.3.0-24` | `{"PublicIP":"192.0.2.7","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"…"}}` | 24 h | yes |
 //! | `<prefix>/nodes/10.244.3.0-24` | the node name, e.g. `edge-7` | the subnet key's | no |
 //! | `<prefix>/autonomy/<node>` | `true` or `false` | none | no |
+//! | `<prefix>/bootstrap-tokens/<id>` | a [`TokenRecord`](super::TokenRecord) (JSON) | until it expires | no |
 //!
 //! The first two are flannel's own and byte-exact (netd writes no other
 //! fields, and reads flannel's additional ones, e.g. `"PublicIPv6":null`).
@@ -56,7 +57,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::future::Future;
 use std::net::Ipv4Addr;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::model::MacAddr;
 use etcd_client::{
@@ -94,6 +95,7 @@ struct Keys {
     subnets: String,
     nodes: String,
     autonomy: String,
+    tokens: String,
 }
 
 /// What a key under the prefix is.
@@ -116,6 +118,7 @@ impl Keys {
             subnets: rebase(SUBNETS_PREFIX),
             nodes: format!("{prefix}/nodes/"),
             autonomy: format!("{prefix}/autonomy/"),
+            tokens: format!("{prefix}/bootstrap-tokens/"),
             prefix,
         }
     }
@@ -560,6 +563,70 @@ impl Registry for EtcdRegistry {
         let value = if autonomous { "true" } else { "false" };
         rpc(&self.endpoints, &what, self.kv.put(key.clone(), value, None)).await?;
         Ok(())
+    }
+}
+
+impl EtcdRegistry {
+    fn token_key(&self, id: &str) -> Result<String, RegistryError> {
+        if id.is_empty() || id.contains('/') {
+            return Err(RegistryError::Refused {
+                what: format!("naming bootstrap token {id:?}"),
+                reason: "a token id must be non-empty and without '/'".into(),
+            });
+        }
+        Ok(format!("{}{id}", self.keys.tokens))
+    }
+}
+
+impl super::TokenStore for EtcdRegistry {
+    async fn put_token(&mut self, record: &super::TokenRecord) -> Result<(), RegistryError> {
+        let key = self.token_key(&record.id)?;
+        let what = format!("writing {key}");
+        let options = match record.expires_at {
+            None => None,
+            Some(at) => {
+                let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+                let ttl = i64::try_from(at.saturating_sub(now).max(1)).unwrap_or(i64::MAX);
+                let lease = rpc(&self.endpoints, &what, self.leases.grant(ttl, None)).await?;
+                Some(PutOptions::new().with_lease(lease.id()))
+            }
+        };
+        rpc(&self.endpoints, &what, self.kv.put(key.clone(), record.to_json(), options)).await?;
+        Ok(())
+    }
+
+    async fn token(&mut self, id: &str) -> Result<Option<super::TokenRecord>, RegistryError> {
+        let key = self.token_key(id)?;
+        let what = format!("reading {key}");
+        let response = rpc(&self.endpoints, &what, self.kv.get(key.clone(), None)).await?;
+        response
+            .kvs()
+            .first()
+            .map(|kv| super::TokenRecord::from_json(id, kv.value()).map_err(super::tokens::bad_record))
+            .transpose()
+    }
+
+    async fn tokens(&mut self) -> Result<Vec<super::TokenRecord>, RegistryError> {
+        let prefix = self.keys.tokens.clone();
+        let what = format!("listing {prefix}");
+        let response =
+            rpc(&self.endpoints, &what, self.kv.get(prefix.clone(), Some(GetOptions::new().with_prefix()))).await?;
+        let mut records = Vec::new();
+        for kv in response.kvs() {
+            let id = String::from_utf8_lossy(kv.key()).strip_prefix(&prefix).unwrap_or_default().to_string();
+            match super::TokenRecord::from_json(&id, kv.value()) {
+                Ok(record) => records.push(record),
+                Err(error) => tracing::warn!("etcd at {}: skipping: {error}", self.endpoints),
+            }
+        }
+        Ok(records)
+    }
+
+    async fn delete_token(&mut self, id: &str) -> Result<bool, RegistryError> {
+        let key = self.token_key(id)?;
+        let what = format!("deleting {key}");
+        let response = rpc(&self.endpoints, &what, self.kv.delete(key.clone(), None)).await?;
+        Ok(response.deleted() > 0)
     }
 }
 

@@ -20,6 +20,7 @@ mod any;
 pub mod embedded;
 pub mod etcd;
 pub mod kubernetes;
+pub mod tokens;
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -31,6 +32,7 @@ use ipnet::Ipv4Net;
 
 pub use crate::model::NetworkConfig;
 pub use any::{AnyRegistry, OpenSettings, RegistrySpec};
+pub use tokens::{AnyTokenStore, TokenRecord, TokenRefused, TokenStore};
 
 /// Lease lifetime, as flannel uses: 24 h, renewed ahead of expiry.
 pub const LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);

@@ -370,6 +370,34 @@ impl CertificateAuthority {
         Ok((now.checked_sub(BACKDATE).unwrap_or(now), not_after))
     }
 
+    /// Signs a node's certificate signing request (as [`node_csr`] makes
+    /// on the node, so the private key never leaves it): the request must
+    /// name a node (`CN=system:node:<name>`, `O=system:nodes`) and carry a
+    /// valid signature; only its subject and public key are taken — the
+    /// extensions, usages and SANs are this CA's own (`ips` as IP SANs), as
+    /// for [`CertificateAuthority::issue_node`]. Returns the node's name and
+    /// the certificate (PEM).
+    pub fn sign_node_csr(
+        &self,
+        csr_pem: &str,
+        ips: &[IpAddr],
+        validity: Duration,
+    ) -> Result<(String, String), CertError> {
+        let what = "certificate signing request";
+        let der = rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
+            .map_err(|e| CertError::Pem { what: what.to_owned(), reason: e.to_string() })?;
+        let request = rcgen::CertificateSigningRequestParams::from_der(&der)
+            .map_err(|e| CertError::Certificate { what: what.to_owned(), reason: e.to_string() })?;
+        use x509_parser::prelude::FromDer as _;
+        let (_, parsed) = x509_parser::certification_request::X509CertificationRequest::from_der(&der)
+            .map_err(|e| CertError::Certificate { what: what.to_owned(), reason: e.to_string() })?;
+        let node = node_name_of_subject(what, parsed.certification_request_info.subject.clone())?;
+        let (not_before, not_after) = self.window(validity)?;
+        let subject = name(&format!("{NODE_CN_PREFIX}{node}"), Some(NODES_ORGANIZATION));
+        let cert = self.sign_key(subject, ip_sans(ips), not_before, not_after, &request.public_key)?;
+        Ok((node, cert.pem()))
+    }
+
     /// Every leaf is client and server capable: one certificate serves an
     /// endpoint whichever side of the TLS connection it ends up on.
     fn sign(
@@ -379,6 +407,21 @@ impl CertificateAuthority {
         not_before: SystemTime,
         not_after: SystemTime,
     ) -> Result<IssuedCert, CertError> {
+        let key = KeyPair::generate().map_err(|source| CertError::Generate { action: "generate a key", source })?;
+        let cert = self.sign_key(subject, sans, not_before, not_after, &key)?;
+        let key_der = PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        Ok(IssuedCert { cert_pem: cert.pem(), key_pem: key.serialize_pem(), cert_der: cert.der().clone(), key_der })
+    }
+
+    /// A leaf certificate for `public_key`.
+    fn sign_key(
+        &self,
+        subject: DistinguishedName,
+        sans: Vec<SanType>,
+        not_before: SystemTime,
+        not_after: SystemTime,
+        public_key: &impl PublicKeyData,
+    ) -> Result<rcgen::Certificate, CertError> {
         let mut params = CertificateParams::default();
         params.distinguished_name = subject;
         params.subject_alt_names = sans;
@@ -387,12 +430,9 @@ impl CertificateAuthority {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth, ExtendedKeyUsagePurpose::ServerAuth];
         params.use_authority_key_identifier_extension = true;
         set_validity(&mut params, not_before, not_after)?;
-        let key = KeyPair::generate().map_err(|source| CertError::Generate { action: "generate a key", source })?;
-        let cert = params
-            .signed_by(&key, &self.issuer)
-            .map_err(|source| CertError::Generate { action: "sign the certificate", source })?;
-        let key_der = PrivateKeyDer::Pkcs8(key.serialize_der().into());
-        Ok(IssuedCert { cert_pem: cert.pem(), key_pem: key.serialize_pem(), cert_der: cert.der().clone(), key_der })
+        params
+            .signed_by(public_key, &self.issuer)
+            .map_err(|source| CertError::Generate { action: "sign the certificate", source })
     }
 }
 
@@ -501,12 +541,17 @@ pub fn validate_node_name(name: &str) -> Result<(), CertError> {
 /// includes `O=system:nodes`. Only meaningful for a certificate the TLS
 /// layer has verified against the tunnel CA.
 pub fn node_name_of(cert_der: &[u8]) -> Result<String, CertError> {
-    let cert = parse_cert("peer certificate", cert_der)?;
-    let subject = cert.subject();
+    let what = "peer certificate";
+    let cert = parse_cert(what, cert_der)?;
+    node_name_of_subject(what, cert.subject().clone())
+}
+
+/// The node `subject` names (see [`node_name_of`]); `what` for errors.
+fn node_name_of_subject(what: &str, subject: x509_parser::x509::X509Name<'_>) -> Result<String, CertError> {
     let mut common_names = Vec::new();
     for attribute in subject.iter_common_name() {
         let cn = attribute.as_str().map_err(|e| CertError::Certificate {
-            what: "peer certificate".to_owned(),
+            what: what.to_owned(),
             reason: format!("its CN is not a string: {e}"),
         })?;
         common_names.push(cn);
@@ -836,6 +881,16 @@ fn pem_error(what: &str, kind: &str, error: pem::Error) -> CertError {
         other => other.to_string(),
     };
     CertError::Pem { what: what.to_owned(), reason }
+}
+
+/// Writes one certificate file as this module writes its own: its
+/// directory created (0700) if needed, the file replaced atomically with
+/// `mode`.
+pub fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), CertError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        create_dir(dir)?;
+    }
+    write_atomic(path, contents, mode)
 }
 
 fn create_dir(dir: &Path) -> Result<(), CertError> {
@@ -1194,6 +1249,33 @@ mod tests {
         let error = node_name_of(b"garbage").unwrap_err().to_string();
         assert!(error.starts_with("peer certificate: not a valid X.509 certificate"), "{error}");
         assert!(ip_sans_of(b"garbage").is_err());
+    }
+
+    #[test]
+    fn a_node_csr_is_signed_for_its_own_key_and_only_for_a_node() {
+        let ca = ca();
+        let request = node_csr("edge-9").unwrap();
+        let (node, cert_pem) = ca.sign_node_csr(&request.csr_pem, &[ip("10.0.5.9")], DAY).unwrap();
+        assert_eq!(node, "edge-9");
+        let der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap();
+        assert_eq!(node_name_of(&der).unwrap(), "edge-9");
+        assert_eq!(ip_sans_of(&der).unwrap(), [ip("10.0.5.9")]);
+        // The certificate is for the node's key: the pair loads as one identity.
+        let key = KeyPair::from_pem(&request.key_pem).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        assert_eq!(cert.public_key().raw, key.subject_public_key_info().as_slice());
+
+        // A request for anything but a node is refused, as is garbage.
+        let mut params = CertificateParams::default();
+        params.distinguished_name = name("kube-apiserver", Some("system:masters"));
+        let other = params.serialize_request(&KeyPair::generate().unwrap()).unwrap().pem().unwrap();
+        let error = ca.sign_node_csr(&other, &[], DAY).unwrap_err().to_string();
+        assert_eq!(error, "certificate CN \"kube-apiserver\" is not system:node:<name>");
+        let error = ca.sign_node_csr("garbage", &[], DAY).unwrap_err().to_string();
+        assert!(error.starts_with("certificate signing request:"), "{error}");
+        let mut truncated = request.csr_pem.clone();
+        truncated.truncate(truncated.len() / 2);
+        assert!(ca.sign_node_csr(&truncated, &[], DAY).is_err());
     }
 
     #[test]
