@@ -23,7 +23,7 @@ pub const KEYS: [&str; 9] = [
 ];
 
 /// Node label every joined edge node carries (SPEC §4).
-pub const LABEL_EDGE_WORKER: &str = "alibabacloud.com/is-edge-worker";
+pub use crate::model::roles::LABEL_EDGE_WORKER;
 /// Node label carrying `gpuVersion`.
 pub const LABEL_GPU_VERSION: &str = "alibabacloud.com/gpu-version";
 /// Node annotation recording `allowedClusterAddons` for the addon installer

@@ -9,6 +9,7 @@
 
 pub mod autonomy;
 pub mod flannel;
+pub mod roles;
 
 use std::net::Ipv4Addr;
 

@@ -77,6 +77,28 @@ pub enum AnyRegistry {
     Kubernetes(Box<KubernetesRegistry>),
 }
 
+/// How to reach the API server of `kubernetes[:server]`: in-cluster
+/// (service account, `KUBERNETES_SERVICE_HOST`) without a server, else the
+/// server with `settings`' token and CA files.
+pub fn kube_config(server: Option<&str>, settings: &OpenSettings) -> Result<KubeConfig, RegistryError> {
+    let Some(server) = server else { return Ok(KubeConfig::in_cluster()?) };
+    let ca_cert_pem = match &settings.ca_file {
+        Some(path) => Some(
+            std::fs::read(path)
+                .map_err(|e| RegistryError::BadConfig(format!("reading the CA file {}: {e}", path.display())))?,
+        ),
+        None => None,
+    };
+    Ok(KubeConfig {
+        server: server.to_string(),
+        token: None,
+        token_file: settings.token_file.clone(),
+        ca_cert_pem,
+        node_name: settings.node_name.clone(),
+        network: None,
+    })
+}
+
 impl AnyRegistry {
     /// Builds the backend `spec` names. Nothing is contacted yet: a registry
     /// that is down now is just unreachable, retried by the caller; only
@@ -87,25 +109,7 @@ impl AnyRegistry {
             RegistrySpec::Embedded(path) => Ok(Self::Embedded(EmbeddedRegistry::open(path.clone(), settings.poll))),
             RegistrySpec::Etcd(endpoints) => Ok(Self::Etcd(Box::new(EtcdRegistry::connect_lazy(endpoints).await?))),
             RegistrySpec::Kubernetes(server) => {
-                let config = match server {
-                    None => KubeConfig::in_cluster()?,
-                    Some(server) => {
-                        let ca_cert_pem = match &settings.ca_file {
-                            Some(path) => Some(std::fs::read(path).map_err(|e| {
-                                RegistryError::BadConfig(format!("reading the CA file {}: {e}", path.display()))
-                            })?),
-                            None => None,
-                        };
-                        KubeConfig {
-                            server: server.clone(),
-                            token: None,
-                            token_file: settings.token_file.clone(),
-                            ca_cert_pem,
-                            node_name: settings.node_name.clone(),
-                            network: None,
-                        }
-                    }
-                };
+                let config = kube_config(server.as_deref(), settings)?;
                 // The daemon's node name wins over in-cluster discovery's
                 // (NODE_NAME or the host name), so `--node-name` means the
                 // same with every registry.

@@ -31,7 +31,7 @@ use crate::model::{Lease, MacAddr, ModelError};
 use ipnet::Ipv4Net;
 
 pub use crate::model::NetworkConfig;
-pub use any::{AnyRegistry, OpenSettings, RegistrySpec};
+pub use any::{kube_config, AnyRegistry, OpenSettings, RegistrySpec};
 pub use tokens::{AnyTokenStore, TokenRecord, TokenRefused, TokenStore};
 
 /// Lease lifetime, as flannel uses: 24 h, renewed ahead of expiry.

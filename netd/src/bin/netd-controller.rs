@@ -1,0 +1,190 @@
+//! `netd-controller`: the cloud side of netd's node lifecycle — cloud and
+//! edge node roles, pod CIDRs that survive a node's re-registration, leader
+//! election among replicas. The logic is `netd::controller`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Args, Parser, Subcommand};
+use netd::controller::leader::ElectionConfig;
+use netd::controller::nodes::NodeOptions;
+use netd::controller::{ControllerMetrics, ControllerOptions};
+use netd::daemon::config::{parse_command_line, parse_duration};
+use netd::kube::KubeClient;
+use netd::registry::{NetworkConfig, OpenSettings};
+
+const EXAMPLES: &str = "Examples:
+  netd-controller run                                   # in a pod: in-cluster credentials
+  netd-controller run --kubernetes https://10.0.0.1:6443 --token-file t --ca-file ca.crt \\
+      --allocate-node-cidrs --cluster-cidr 10.244.0.0/16";
+
+/// The cloud side of netd.
+#[derive(Debug, Parser)]
+#[command(name = "netd-controller", version, after_help = EXAMPLES)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the controller (one replica leads; the others wait).
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// The API server (default: in-cluster, from the service account).
+    #[arg(long, env = "NETD_KUBERNETES", value_name = "URL")]
+    kubernetes: Option<String>,
+    /// Bearer token file for --kubernetes.
+    #[arg(long, env = "NETD_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// CA bundle for --kubernetes.
+    #[arg(long, env = "NETD_CA_FILE", value_name = "FILE")]
+    ca_file: Option<PathBuf>,
+    /// This replica's name in leader election (default: $POD_NAME, else host name and pid).
+    #[arg(long, env = "NETD_CONTROLLER_IDENTITY", value_name = "NAME")]
+    identity: Option<String>,
+    /// Namespace of the leader Lease.
+    #[arg(long, env = "NETD_LEADER_ELECT_NAMESPACE", value_name = "NS", default_value = "kube-system")]
+    leader_elect_namespace: String,
+    /// Name of the leader Lease.
+    #[arg(long, env = "NETD_LEADER_ELECT_NAME", value_name = "NAME", default_value = "netd-controller")]
+    leader_elect_name: String,
+    /// How long a silent leader's lease is honoured (e.g. 15, 15s).
+    #[arg(long, env = "NETD_LEASE_DURATION", value_name = "DURATION", value_parser = parse_duration, default_value = "15")]
+    lease_duration: Duration,
+    /// How long a leader tries to renew before it stops acting.
+    #[arg(long, env = "NETD_RENEW_DEADLINE", value_name = "DURATION", value_parser = parse_duration, default_value = "10")]
+    renew_deadline: Duration,
+    /// How often candidates try and the leader renews.
+    #[arg(long, env = "NETD_RETRY_PERIOD", value_name = "DURATION", value_parser = parse_duration, default_value = "2")]
+    retry_period: Duration,
+    /// Assign node pod CIDRs (run kube-controller-manager with --allocate-node-cidrs=false).
+    #[arg(long, env = "NETD_ALLOCATE_NODE_CIDRS")]
+    allocate_node_cidrs: bool,
+    /// The network pod CIDRs come from (with --allocate-node-cidrs).
+    #[arg(long, env = "NETD_CLUSTER_CIDR", value_name = "CIDR", required_if_eq("allocate_node_cidrs", "true"))]
+    cluster_cidr: Option<ipnet::Ipv4Net>,
+    /// Prefix length of each node's pod CIDR.
+    #[arg(long, env = "NETD_NODE_CIDR_MASK_SIZE", value_name = "N", default_value_t = 24)]
+    node_cidr_mask_size: u8,
+    /// VXLAN network identifier (for VTEP MACs given back to re-registered nodes).
+    #[arg(long, env = "NETD_VNI", value_name = "N", default_value_t = 1)]
+    vni: u32,
+    /// How long a deleted, non-autonomous node's pod CIDR stays reserved (autonomous: for ever).
+    #[arg(long, env = "NETD_RECLAIM_AFTER", value_name = "DURATION", value_parser = parse_duration, default_value = "1h")]
+    reclaim_after: Duration,
+    /// Where /healthz, /readyz and /metrics are served ('' = nowhere).
+    #[arg(long, env = "NETD_METRICS_LISTEN", value_name = "ADDR:PORT", default_value = "0.0.0.0:10266",
+          value_parser = parse_listen)]
+    metrics_listen: Listen,
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long, env = "NETD_LOG", value_name = "LEVEL", default_value = "info")]
+    log: tracing::Level,
+}
+
+/// A listen address, or none.
+#[derive(Debug, Clone, Copy)]
+struct Listen(Option<SocketAddr>);
+
+fn parse_listen(text: &str) -> Result<Listen, String> {
+    if text.is_empty() {
+        return Ok(Listen(None));
+    }
+    text.parse().map(|addr| Listen(Some(addr))).map_err(|_| "not ADDR:PORT (or '' for none)".into())
+}
+
+fn identity(given: Option<String>) -> String {
+    given.or_else(|| std::env::var("POD_NAME").ok().filter(|n| !n.is_empty())).unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}_{}", host.trim(), std::process::id())
+    })
+}
+
+fn run(args: RunArgs) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_max_level(args.log)
+        .with_target(false)
+        .with_ansi(false)
+        .with_writer(std::io::stderr)
+        .init();
+    let settings =
+        OpenSettings { token_file: args.token_file.clone(), ca_file: args.ca_file.clone(), ..Default::default() };
+    let config = netd::registry::kube_config(args.kubernetes.as_deref(), &settings)?;
+    let client = KubeClient::new(&config).context("the API server settings")?;
+    let election = ElectionConfig {
+        lease_duration: args.lease_duration,
+        renew_deadline: args.renew_deadline,
+        retry_period: args.retry_period,
+        ..ElectionConfig::new(&args.leader_elect_namespace, &args.leader_elect_name, &identity(args.identity))
+    };
+    election.check()?;
+    let allocate = match (args.allocate_node_cidrs, args.cluster_cidr) {
+        (true, Some(network)) => {
+            let config =
+                NetworkConfig { network: network.trunc(), subnet_len: args.node_cidr_mask_size, vni: args.vni };
+            config.check()?;
+            Some(config)
+        }
+        (true, None) => bail!("--allocate-node-cidrs needs --cluster-cidr"),
+        (false, _) => None,
+    };
+    let options = ControllerOptions {
+        client,
+        election,
+        nodes: NodeOptions { allocate, reclaim_after: args.reclaim_after },
+        metrics_listen: args.metrics_listen.0,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(async {
+        let metrics = Arc::new(ControllerMetrics::default());
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let shutdown = async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        };
+        netd::controller::run(options, metrics, shutdown).await?;
+        Ok(())
+    })
+}
+
+fn main() -> ExitCode {
+    let cli: Cli = parse_command_line(std::env::args_os()).unwrap_or_else(|error| error.exit());
+    let outcome = match cli.command {
+        Command::Run(args) => run(args),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("netd-controller: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use netd::controller::leader;
+    use netd::controller::nodes::DEFAULT_RECLAIM_AFTER;
+
+    #[test]
+    fn defaults_are_the_library_s() {
+        let cli = Cli::try_parse_from(["netd-controller", "run"]).unwrap_or_else(|e| panic!("{e}"));
+        let Command::Run(args) = cli.command;
+        assert_eq!(args.reclaim_after, DEFAULT_RECLAIM_AFTER);
+        assert_eq!(args.lease_duration, leader::DEFAULT_LEASE_DURATION);
+        assert_eq!(args.renew_deadline, leader::DEFAULT_RENEW_DEADLINE);
+        assert_eq!(args.retry_period, leader::DEFAULT_RETRY_PERIOD);
+        let error = Cli::try_parse_from(["netd-controller", "run", "--allocate-node-cidrs"]).unwrap_err().to_string();
+        assert!(error.contains("--cluster-cidr"), "{error}");
+    }
+}
