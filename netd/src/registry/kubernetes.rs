@@ -731,7 +731,7 @@ fn pod_cidr<K: Kind>(node: &Object<K>) -> Result<Option<Ipv4Net>, String> {
 }
 
 /// `2024-05-01T12:00:00Z`.
-fn rfc3339(time: SystemTime) -> String {
+pub(crate) fn rfc3339(time: SystemTime) -> String {
     let secs = time.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let (year, month, day) = civil_from_days((secs / 86_400) as i64);
     let rem = secs % 86_400;
