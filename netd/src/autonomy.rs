@@ -247,7 +247,9 @@ impl Report {
         }
         let lease = format!("kube-node-lease/{}", self.node.node);
         parts.push(match &state.heartbeat {
-            NodeHeartbeat::Renewed { renewed: Some(at), .. } => format!("heartbeat {lease} renewed {}", when(*at, self.now)),
+            NodeHeartbeat::Renewed { renewed: Some(at), .. } => {
+                format!("heartbeat {lease} renewed {}", when(*at, self.now))
+            }
             NodeHeartbeat::Renewed { renewed: None, .. } => format!("heartbeat {lease} never renewed"),
             NodeHeartbeat::Missing => format!("no heartbeat Lease {lease} (no kubelet has run there)"),
             NodeHeartbeat::Unreadable(reason) => format!("heartbeat {lease} unreadable: {reason}"),
@@ -268,11 +270,13 @@ impl Report {
         let on = self.node.autonomy.is_on();
         let Some(NodeLeaseState { subnet, public_ip, expires_at }) = &self.node.lease else {
             return match self.kind {
-                RegistryKind::Kubernetes => "none: the Node has no pod CIDR (kube-controller-manager assigns one)".into(),
+                RegistryKind::Kubernetes => {
+                    "none: the Node has no pod CIDR (kube-controller-manager assigns one)".into()
+                }
                 _ => "none held (the node has not joined, or its lease lapsed and was removed)".into(),
             };
         };
-        let ip = public_ip.map(|ip| format!(", public IP {ip}")).unwrap_or_default();
+        let ip = public_ip.map(|ip| format!(" (public IP {ip})")).unwrap_or_default();
         match (self.kind, expires_at) {
             (RegistryKind::Kubernetes, _) => format!(
                 "pod CIDR {subnet}{ip}: it stays with the Node object while the node is silent \
@@ -435,6 +439,11 @@ impl Report {
     }
 }
 
+/// Writes a time as [`Report::json`] does (RFC 3339, UTC, whole seconds).
+pub fn format_time(time: SystemTime) -> String {
+    rfc3339(time)
+}
+
 /// Reads an RFC 3339 time as [`Report::json`] writes them.
 pub fn parse_time(text: &str) -> Option<SystemTime> {
     parse_rfc3339(text)
@@ -509,7 +518,7 @@ mod tests {
         assert!(text.starts_with("node edge-1 in test registry\n"), "{text}");
         assert!(text.contains("autonomy: on (no time limit), from the autonomy row of edge-1 in /x.db\n"), "{text}");
         assert!(
-            text.contains("lease: 10.244.3.0/24, public IP 192.0.2.7 lapses 2027-01-15T10:00:00Z (in 2h0m0s) unless"),
+            text.contains("lease: 10.244.3.0/24 (public IP 192.0.2.7) lapses 2027-01-15T10:00:00Z (in 2h0m0s) unless"),
             "{text}"
         );
         assert!(text.contains("autonomy does not extend it"), "{text}");
@@ -543,11 +552,21 @@ mod tests {
             ),
             "{text}"
         );
-        assert!(text.contains("node: Ready=Unknown (NodeStatusUnknown) since 2027-01-15T07:59:00Z (1m0s ago)"), "{text}");
+        assert!(
+            text.contains("node: Ready=Unknown (NodeStatusUnknown) since 2027-01-15T07:59:00Z (1m0s ago)"),
+            "{text}"
+        );
         assert!(text.contains("heartbeat kube-node-lease/edge-1 renewed 2027-01-15T07:50:00Z (10m0s ago)"), "{text}");
-        assert!(text.contains("cut off since 2027-01-15T07:50:00Z; the 2h0m0s bound ends 2027-01-15T09:50:00Z (in 1h50m0s)"), "{text}");
-        assert!(text.contains("lease: pod CIDR 10.244.3.0/24, public IP 192.0.2.7: it stays with the Node"), "{text}");
-        assert!(text.contains("eviction: netd-controller, while it runs, lengthens") && text.contains("pods to 2h0m0s"));
+        assert!(
+            text.contains(
+                "cut off since 2027-01-15T07:50:00Z; the 2h0m0s bound ends 2027-01-15T09:50:00Z (in 1h50m0s)"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("lease: pod CIDR 10.244.3.0/24 (public IP 192.0.2.7): it stays with the Node"), "{text}");
+        assert!(
+            text.contains("eviction: netd-controller, while it runs, lengthens") && text.contains("pods to 2h0m0s")
+        );
         assert!(text.contains("the 2h0m0s bound does not apply to routes"), "{text}");
 
         let json = bounded.json();

@@ -318,7 +318,10 @@ impl Registry for EmbeddedRegistry {
         let bound_ns: Option<i64> = match autonomy {
             Autonomy::For(bound) => Some(i64::try_from(bound.as_nanos()).map_err(|_| RegistryError::Refused {
                 what: format!("setting the autonomy of node {node}"),
-                reason: format!("{} is longer than a Go duration can be (use 0 for no time limit)", format_go_duration(bound)),
+                reason: format!(
+                    "{} is longer than a Go duration can be (use 0 for no time limit)",
+                    format_go_duration(bound)
+                ),
             })?),
             Autonomy::Off | Autonomy::Forever => None,
         };
@@ -338,8 +341,14 @@ impl Registry for EmbeddedRegistry {
             tx.commit().map_err(err)?;
             let row = format!("autonomy row of {node}");
             Ok(vec![
-                AutonomyChange { field: format!("{row}: autonomous"), value: Some(i64::from(autonomy.is_on()).to_string()) },
-                AutonomyChange { field: format!("{row}: bound_ns"), value: bound_ns.map(|ns| ns.to_string()) },
+                AutonomyChange {
+                    field: format!("{row}: autonomous"),
+                    value: Some(i64::from(autonomy.is_on()).to_string()),
+                },
+                AutonomyChange {
+                    field: format!("{row}: bound_ns"),
+                    value: Some(bound_ns.map_or_else(|| "NULL".to_string(), |ns| ns.to_string())),
+                },
             ])
         })
         .await
@@ -363,10 +372,12 @@ fn known_node(conn: &Connection, node: &str) -> Result<bool, rusqlite::Error> {
 /// The error for a node that is not there, naming the nodes that are.
 fn unknown_node(conn: &Connection, node: &str, registry: String) -> Result<RegistryError, rusqlite::Error> {
     let mut stmt = conn.prepare("SELECT node FROM lease UNION SELECT node FROM autonomy ORDER BY 1 LIMIT ?1")?;
-    let names = stmt
-        .query_map([NAMES_SHOWN as i64 + 1], |r| r.get::<_, String>(0))?
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(RegistryError::UnknownNode { node: node.to_string(), registry, reason: known_names("no lease and no autonomy row", &names) })
+    let names = stmt.query_map([NAMES_SHOWN as i64 + 1], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
+    Ok(RegistryError::UnknownNode {
+        node: node.to_string(),
+        registry,
+        reason: known_names("no lease and no autonomy row", &names),
+    })
 }
 
 /// `what` and the names that are there instead (at most [`NAMES_SHOWN`]).

@@ -679,7 +679,8 @@ impl EtcdRegistry {
     async fn check_known(&mut self, node: &str) -> Result<(), RegistryError> {
         let flag = self.keys.autonomy(node);
         let what = format!("reading {flag}");
-        let response = rpc(&self.endpoints, &what, self.kv.get(flag, Some(GetOptions::new().with_count_only()))).await?;
+        let response =
+            rpc(&self.endpoints, &what, self.kv.get(flag, Some(GetOptions::new().with_count_only()))).await?;
         if response.count() > 0 || self.subnet_of(node).await?.is_some() {
             return Ok(());
         }
@@ -694,7 +695,10 @@ impl EtcdRegistry {
         let options = GetOptions::new().with_prefix().with_keys_only();
         let response = rpc(&self.endpoints, &what, self.kv.get(prefix.clone(), Some(options))).await?;
         names.extend(
-            response.kvs().iter().filter_map(|kv| std::str::from_utf8(kv.key()).ok()?.strip_prefix(&prefix).map(String::from)),
+            response
+                .kvs()
+                .iter()
+                .filter_map(|kv| std::str::from_utf8(kv.key()).ok()?.strip_prefix(&prefix).map(String::from)),
         );
         let names: Vec<String> = names.into_iter().collect();
         let what = format!("no {} key names it and there is no {}", self.keys.nodes, self.keys.autonomy(node));

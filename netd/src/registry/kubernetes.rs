@@ -630,10 +630,7 @@ impl KubernetesRegistry {
         match call(&what, api.get(node)).await {
             Ok(lease) => Ok(NodeHeartbeat::Renewed {
                 renewed: lease.get("/spec/renewTime").and_then(Value::as_str).and_then(parse_rfc3339),
-                duration: lease
-                    .get("/spec/leaseDurationSeconds")
-                    .and_then(Value::as_u64)
-                    .map(Duration::from_secs),
+                duration: lease.get("/spec/leaseDurationSeconds").and_then(Value::as_u64).map(Duration::from_secs),
             }),
             Err(KubeError::NotFound { .. }) => Ok(NodeHeartbeat::Missing),
             Err(KubeError::Unreachable(reason)) => Err(RegistryError::Unreachable(reason)),
@@ -758,8 +755,7 @@ pub(crate) fn parse_rfc3339(text: &str) -> Option<SystemTime> {
     };
     let (whole, fraction) = clock.split_once('.').unwrap_or((clock, ""));
     let mut hms = whole.splitn(3, ':');
-    let (h, m, s): (i64, i64, i64) =
-        (hms.next()?.parse().ok()?, hms.next()?.parse().ok()?, hms.next()?.parse().ok()?);
+    let (h, m, s): (i64, i64, i64) = (hms.next()?.parse().ok()?, hms.next()?.parse().ok()?, hms.next()?.parse().ok()?);
     if !(1..=12).contains(&month) || !(1..=31).contains(&day) || h > 23 || m > 59 || s > 60 {
         return None;
     }
@@ -837,7 +833,9 @@ mod tests {
         let micro = parse_rfc3339("2024-05-01T12:00:00.123456Z").unwrap();
         assert_eq!(micro.duration_since(UNIX_EPOCH).unwrap().subsec_micros(), 123_456);
         assert_eq!(parse_rfc3339("2024-05-01T14:00:00+02:00"), parse_rfc3339("2024-05-01T12:00:00Z"));
-        for bad in ["", "2024-05-01", "2024-13-01T00:00:00Z", "2024-05-01T12:00Z", "yesterday", "2024-05-01T12:00:00.x1Z"] {
+        for bad in
+            ["", "2024-05-01", "2024-13-01T00:00:00Z", "2024-05-01T12:00Z", "yesterday", "2024-05-01T12:00:00.x1Z"]
+        {
             assert_eq!(parse_rfc3339(bad), None, "{bad:?}");
         }
     }
@@ -847,13 +845,9 @@ mod tests {
         let node = |pairs: &'static [(&'static str, &'static str)]| {
             move |key: &str| pairs.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
         };
-        let fields = |changes: Vec<AutonomyChange>| {
-            changes.into_iter().map(|c| (c.field, c.value)).collect::<Vec<_>>()
-        };
-        let yurt = node(&[
-            (autonomy::ANNOTATION_AUTONOMY_OPENYURT, "true"),
-            (autonomy::ANNOTATION_AUTONOMY_DURATION, "2h"),
-        ]);
+        let fields = |changes: Vec<AutonomyChange>| changes.into_iter().map(|c| (c.field, c.value)).collect::<Vec<_>>();
+        let yurt =
+            node(&[(autonomy::ANNOTATION_AUTONOMY_OPENYURT, "true"), (autonomy::ANNOTATION_AUTONOMY_DURATION, "2h")]);
         assert_eq!(
             fields(autonomy_changes(yurt, Autonomy::Off)),
             vec![
