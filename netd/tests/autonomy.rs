@@ -341,7 +341,10 @@ async fn kubernetes_registry() {
     let text = autonomy(&reg, &["status", "edge-1"]).ok();
     assert!(text.contains("\nautonomy: off\n"), "{text}");
     assert!(text.contains("node: Ready=Unknown (Test) since"), "{text}");
-    assert!(text.contains("heartbeat kube-node-lease/edge-1 renewed") && text.contains("ago); cut off since"), "{text}");
+    assert!(
+        text.contains("heartbeat kube-node-lease/edge-1 renewed") && text.contains("ago); cut off since"),
+        "{text}"
+    );
     assert!(text.contains("; cut off since"), "{text}");
     assert!(
         text.contains("lease: pod CIDR 10.244.7.0/24 (public IP 192.0.2.1): it stays with the Node object"),
