@@ -51,8 +51,6 @@ pub const DEFAULT_PATH: &str = "/var/lib/netd/registry.db";
 /// reaches peers within this, at one small SQLite read per interval.
 pub const DEFAULT_POLL: std::time::Duration = std::time::Duration::from_millis(250);
 const FORMAT_VERSION: i64 = 2;
-/// How many node names an unknown-node error lists.
-const NAMES_SHOWN: usize = 10;
 
 /// A registry in a local SQLite file.
 pub struct EmbeddedRegistry {
@@ -372,21 +370,13 @@ fn known_node(conn: &Connection, node: &str) -> Result<bool, rusqlite::Error> {
 /// The error for a node that is not there, naming the nodes that are.
 fn unknown_node(conn: &Connection, node: &str, registry: String) -> Result<RegistryError, rusqlite::Error> {
     let mut stmt = conn.prepare("SELECT node FROM lease UNION SELECT node FROM autonomy ORDER BY 1 LIMIT ?1")?;
-    let names = stmt.query_map([NAMES_SHOWN as i64 + 1], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
+    let names =
+        stmt.query_map([super::NAMES_SHOWN as i64 + 1], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
     Ok(RegistryError::UnknownNode {
         node: node.to_string(),
         registry,
-        reason: known_names("no lease and no autonomy row", &names),
+        reason: super::known_names("no lease and no autonomy row", &names),
     })
-}
-
-/// `what` and the names that are there instead (at most [`NAMES_SHOWN`]).
-pub(super) fn known_names(what: &str, names: &[String]) -> String {
-    match names {
-        [] => format!("{what} (no node is registered)"),
-        names if names.len() > NAMES_SHOWN => format!("{what} (nodes: {}, …)", names[..NAMES_SHOWN].join(", ")),
-        names => format!("{what} (nodes: {})", names.join(", ")),
-    }
 }
 
 fn read_node_autonomy(path: &Path, node: &str, registry: String) -> Result<NodeAutonomy, RegistryError> {

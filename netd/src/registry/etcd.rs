@@ -567,7 +567,7 @@ impl Registry for EtcdRegistry {
     }
 
     async fn set_autonomy(&mut self, node: &str, autonomy: Autonomy) -> Result<Vec<AutonomyChange>, RegistryError> {
-        check_node(node)?;
+        check_node(node, "setting the autonomy")?;
         self.check_known(node).await?;
         let (flag, bound) = (self.keys.autonomy(node), self.keys.autonomy_duration(node));
         let value = if autonomy.is_on() { "true" } else { "false" };
@@ -590,7 +590,7 @@ impl Registry for EtcdRegistry {
     }
 
     async fn node_autonomy(&mut self, node: &str) -> Result<NodeAutonomy, RegistryError> {
-        check_node(node)?;
+        check_node(node, "reading the autonomy")?;
         let (flag_key, bound_key) = (self.keys.autonomy(node), self.keys.autonomy_duration(node));
         let what = format!("reading {flag_key}");
         let flag = rpc(&self.endpoints, &what, self.kv.get(flag_key.clone(), None)).await?;
@@ -643,10 +643,10 @@ impl Registry for EtcdRegistry {
 }
 
 /// netd's keys put the node name in a key: it must be one path segment.
-fn check_node(node: &str) -> Result<(), RegistryError> {
+fn check_node(node: &str, what: &str) -> Result<(), RegistryError> {
     if node.is_empty() || node.contains('/') {
         return Err(RegistryError::Refused {
-            what: format!("setting the autonomy of node {node:?}"),
+            what: format!("{what} of node {node:?}"),
             reason: "a node name must be non-empty and without '/'".into(),
         });
     }
@@ -702,7 +702,7 @@ impl EtcdRegistry {
         );
         let names: Vec<String> = names.into_iter().collect();
         let what = format!("no {} key names it and there is no {}", self.keys.nodes, self.keys.autonomy(node));
-        let reason = super::embedded::known_names(&what, &names)
+        let reason = super::known_names(&what, &names)
             + "; flannel nodes carry no name in etcd, so only netd nodes are known by name";
         Ok(RegistryError::UnknownNode { node: node.to_string(), registry: self.describe(), reason })
     }

@@ -289,6 +289,18 @@ pub fn pick_subnet(
     config.network.subnets(config.subnet_len).map_err(|_| no_free())?.find(valid).ok_or_else(no_free)
 }
 
+/// How many node names an unknown-node error lists.
+pub(crate) const NAMES_SHOWN: usize = 10;
+
+/// `what` and the names that are there instead (at most [`NAMES_SHOWN`]).
+pub(crate) fn known_names(what: &str, names: &[String]) -> String {
+    match names {
+        [] => format!("{what} (no node is registered)"),
+        names if names.len() > NAMES_SHOWN => format!("{what} (nodes: {}, …)", names[..NAMES_SHOWN].join(", ")),
+        names => format!("{what} (nodes: {})", names.join(", ")),
+    }
+}
+
 fn overlaps(taken: &BTreeSet<Ipv4Net>, s: &Ipv4Net) -> bool {
     taken.iter().any(|t| crate::model::overlaps(*t, *s))
 }
