@@ -447,3 +447,31 @@ async fn kubernetes_registry() {
     autonomy(&reg, &["status", "edge-1", "--json"]).ok();
     assert_eq!(version(&server), before);
 }
+
+#[test]
+fn help_names_the_commands_and_the_registry_comes_from_the_environment_too() {
+    let help = autonomy(&[], &["--help"]).ok();
+    for word in ["set", "unset", "status", "--duration", "Exit status: 0 done"] {
+        assert!(help.contains(word), "{word} missing from:\n{help}");
+    }
+    let set = autonomy(&[], &["set", "--help"]).ok();
+    assert!(set.contains("--registry <SPEC>") && set.contains("[env: NETD_REGISTRY=]"), "{set}");
+    assert!(autonomy(&[], &["status"]).fails(2).contains("<NODE>"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("registry.db");
+    EmbeddedRegistry::create(&path, &config()).unwrap();
+    let raw = r#"{"PublicIP":"192.0.2.5","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:00:00:00:00:05"}}"#;
+    EmbeddedRegistry::open(&path, Duration::from_secs(1))
+        .put_raw_lease("10.244.5.0-24", "edge-5", raw, Duration::from_secs(3600))
+        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_netd-autonomy"))
+        .args(["set", "edge-5", "--duration", "1h"])
+        .env("NETD_REGISTRY", format!("embedded:{}", path.display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("autonomy: on for 1h0m0s after the node is cut off"), "{text}");
+    assert!(text.contains("lease: 10.244.5.0/24 (public IP 192.0.2.5) lapses"), "{text}");
+}
