@@ -13,6 +13,7 @@
 //! With the `test-harness` feature, [`testing`] provides RAII guards for
 //! network namespaces, veth pairs, bridges and cgroups for privileged tests.
 
+pub mod autonomy;
 pub mod cni;
 pub mod controller;
 pub mod daemon;

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use netd::model::autonomy::Autonomy;
 use netd::registry::embedded::EmbeddedRegistry;
 use netd::registry::{LeaseRequest, NetworkConfig, PeerEvent, Registry, RegistryError};
 
@@ -70,7 +71,7 @@ async fn leases_watch_and_bad_data() {
         Duration::from_secs(60),
     )
     .unwrap();
-    b.set_autonomy("c", true).await.unwrap();
+    b.set_autonomy("c", Autonomy::Forever).await.unwrap();
     match tokio::time::timeout(Duration::from_secs(5), b.next_event(lease_b.lease.subnet)).await.unwrap().unwrap() {
         PeerEvent::Upsert(peer) => {
             assert_eq!(peer.lease.subnet.to_string(), "10.244.3.0/24");

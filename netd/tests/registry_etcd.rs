@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use etcd_client::{Client, PutOptions};
 use ipnet::Ipv4Net;
+use netd::model::autonomy::Autonomy;
 use netd::model::flannel::CONFIG_KEY;
 use netd::registry::etcd::EtcdRegistry;
 use netd::registry::{LeaseRequest, NetworkConfig, PeerEvent, PeerLease, Registry, RegistryError};
@@ -271,13 +272,13 @@ async fn watch_delivers_resync_then_changes_and_skips_bad_data() {
     assert_eq!(subnets, [lease_a.lease.subnet, net("10.244.3.0/24"), net("10.244.4.0/24"), net("10.244.5.0/24")]);
 
     // Autonomy: stored beside flannel's keys, read into the peer.
-    b.set_autonomy("a", true).await.unwrap();
+    b.set_autonomy("a", Autonomy::Forever).await.unwrap();
     assert_eq!(value_of(&mut c, "/coreos.com/network/autonomy/a").await.unwrap().0, b"true");
     match next(&mut b, own).await {
         PeerEvent::Upsert(peer) => assert!(peer.autonomous && peer.lease.subnet == lease_a.lease.subnet),
         other => panic!("expected a's autonomy, got {other:?}"),
     }
-    assert!(b.set_autonomy("", true).await.is_err());
+    assert!(b.set_autonomy("", Autonomy::Forever).await.is_err());
 
     // Delete, and a value that turns bad: both remove the peer.
     c.delete(format!("{SUBNETS}10.244.4.0-24"), None).await.unwrap();

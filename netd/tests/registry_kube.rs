@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use ipnet::Ipv4Net;
+use netd::model::autonomy::Autonomy;
 use netd::registry::kubernetes::{KubeConfig, KubernetesRegistry};
 use netd::registry::{LeaseRequest, PeerEvent, PeerLease, Registry, RegistryError};
 use netd::testing::KubeApiServer;
@@ -206,14 +207,14 @@ async fn acquire_publishes_flannels_annotations_and_the_condition() {
     );
 
     // Autonomy: the Alibaba annotation; switching off also clears OpenYurt's.
-    reg.set_autonomy("edge-a", true).await.unwrap();
+    reg.set_autonomy("edge-a", Autonomy::Forever).await.unwrap();
     assert_eq!(annotation(&node(&server, "edge-a"), "node.beta.alibabacloud.com/autonomy").as_deref(), Some("true"));
     annotate(&server, "edge-a", json!({ "node.beta.openyurt.io/autonomy": "true" }));
-    reg.set_autonomy("edge-a", false).await.unwrap();
+    reg.set_autonomy("edge-a", Autonomy::Off).await.unwrap();
     let object = node(&server, "edge-a");
     assert_eq!(annotation(&object, "node.beta.alibabacloud.com/autonomy").as_deref(), Some("false"));
     assert_eq!(annotation(&object, "node.beta.openyurt.io/autonomy").as_deref(), Some("false"));
-    let err = reg.set_autonomy("nobody", true).await.unwrap_err().to_string();
+    let err = reg.set_autonomy("nobody", Autonomy::Forever).await.unwrap_err().to_string();
     assert!(err.contains("no such Node"), "{err}");
 
     // A pod CIDR outside the configured network is a configuration error.
@@ -310,7 +311,7 @@ async fn watch_reads_flannel_peers_and_skips_bad_ones() {
     assert_eq!(next(&mut reg, own).await, PeerEvent::Remove(net("10.244.3.0/24")));
 
     // Autonomy switched through the registry shows in the peer.
-    reg.set_autonomy("flannel-b", true).await.unwrap();
+    reg.set_autonomy("flannel-b", Autonomy::Forever).await.unwrap();
     let peer = upsert(next(&mut reg, own).await);
     assert!(peer.autonomous && peer.lease.subnet == net("10.244.2.0/24"));
 

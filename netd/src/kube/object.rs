@@ -193,6 +193,17 @@ impl<K: Kind> kube::Resource for Object<K> {
     }
 }
 
+/// Fields of a node's heartbeat, the Lease `kube-node-lease/<node>` its
+/// kubelet renews: what `netd-autonomy status` reports of the node's
+/// silence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeHeartbeatLease;
+
+impl Kind for NodeHeartbeatLease {
+    type Api = k8s_openapi::api::coordination::v1::Lease;
+    const KEEP: &'static [&'static str] = &["/metadata/name", "/spec/renewTime", "/spec/leaseDurationSeconds"];
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,8 @@ use ipnet::Ipv4Net;
 use super::embedded::EmbeddedRegistry;
 use super::etcd::EtcdRegistry;
 use super::kubernetes::{KubeConfig, KubernetesRegistry};
-use super::{LeaseRequest, NetworkConfig, OwnLease, PeerEvent, Registry, RegistryError};
+use super::{AutonomyChange, LeaseRequest, NetworkConfig, NodeAutonomy, OwnLease, PeerEvent, Registry, RegistryError};
+use crate::model::autonomy::Autonomy;
 
 /// Which registry to talk to, as `--registry` spells it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -167,11 +168,19 @@ impl Registry for AnyRegistry {
         }
     }
 
-    async fn set_autonomy(&mut self, node: &str, autonomous: bool) -> Result<(), RegistryError> {
+    async fn set_autonomy(&mut self, node: &str, autonomy: Autonomy) -> Result<Vec<AutonomyChange>, RegistryError> {
         match self {
-            Self::Embedded(r) => r.set_autonomy(node, autonomous).await,
-            Self::Etcd(r) => r.set_autonomy(node, autonomous).await,
-            Self::Kubernetes(r) => r.set_autonomy(node, autonomous).await,
+            Self::Embedded(r) => r.set_autonomy(node, autonomy).await,
+            Self::Etcd(r) => r.set_autonomy(node, autonomy).await,
+            Self::Kubernetes(r) => r.set_autonomy(node, autonomy).await,
+        }
+    }
+
+    async fn node_autonomy(&mut self, node: &str) -> Result<NodeAutonomy, RegistryError> {
+        match self {
+            Self::Embedded(r) => r.node_autonomy(node).await,
+            Self::Etcd(r) => r.node_autonomy(node).await,
+            Self::Kubernetes(r) => r.node_autonomy(node).await,
         }
     }
 }

@@ -12,11 +12,25 @@
 //! reads every backend; watching is a poll of the lease table, diffed
 //! against what was seen.
 //!
-//! Format (version 1, `PRAGMA user_version`): `meta(key, value)` with the
-//! network config JSON under `config`; `lease(subnet PK '10.244.3.0-24',
-//! node UNIQUE, attrs, expires_at unix seconds)`; `autonomy(node PK,
-//! autonomous)`; and, once a token is stored, `bootstrap_token(id PK,
-//! record)` (see [`super::tokens`]).
+//! # Format
+//!
+//! The version is SQLite's `PRAGMA user_version`.
+//!
+//! - **Version 2** (this netd): `meta(key, value)` with the network config
+//!   JSON under `config`; `lease(subnet PK '10.244.3.0-24', node UNIQUE,
+//!   attrs, expires_at unix seconds)`; `autonomy(node PK, autonomous 0|1,
+//!   bound_ns)`, where `bound_ns` bounds the autonomy (nanoseconds after
+//!   the node is cut off, as OpenYurt's `node.openyurt.io/autonomy-duration`)
+//!   and `NULL` means no time limit.
+//! - **Version 1**: the same without `autonomy.bound_ns`. The first open by
+//!   this netd upgrades such a file in place (one immediate transaction
+//!   adds the column, every row keeping its flag with no time limit). netd
+//!   builds that read only version 1 refuse the upgraded file ("format
+//!   version 2"): upgrade every netd sharing a file together.
+//!
+//! A file of a later version is refused, never downgraded. Either
+//! version may also hold `bootstrap_token(id PK, record)`, created by the
+//! first token stored (see [`super::tokens`]); older netds ignore it.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
@@ -26,8 +40,10 @@ use ipnet::Ipv4Net;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
 use super::{
-    pick_subnet, LeaseRequest, NetworkConfig, OwnLease, PeerEvent, PeerLease, Registry, RegistryError, LEASE_TTL,
+    pick_subnet, AutonomyChange, LeaseRequest, NetworkConfig, NodeAutonomy, NodeLeaseState, OwnLease, PeerEvent,
+    PeerLease, Registry, RegistryError, LEASE_TTL,
 };
+use crate::model::autonomy::{format_go_duration, Autonomy};
 use crate::model::flannel::{self, LeaseAttrs};
 use crate::model::Lease;
 
@@ -36,7 +52,7 @@ pub const DEFAULT_PATH: &str = "/var/lib/netd/registry.db";
 /// How often an embedded registry's readers look for changes: a change
 /// reaches peers within this, at one small SQLite read per interval.
 pub const DEFAULT_POLL: std::time::Duration = std::time::Duration::from_millis(250);
-const FORMAT_VERSION: i64 = 1;
+const FORMAT_VERSION: i64 = 2;
 
 /// A registry in a local SQLite file.
 pub struct EmbeddedRegistry {
@@ -64,14 +80,24 @@ impl EmbeddedRegistry {
         conn.busy_timeout(Duration::from_secs(10)).map_err(|e| store_err(e.to_string()))?;
         let tx =
             conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| store_err(e.to_string()))?;
-        tx.execute_batch(
-            "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS lease(subnet TEXT PRIMARY KEY, node TEXT NOT NULL UNIQUE,
-                                              attrs TEXT NOT NULL, expires_at INTEGER NOT NULL);
-             CREATE TABLE IF NOT EXISTS autonomy(node TEXT PRIMARY KEY, autonomous INTEGER NOT NULL);",
-        )
-        .map_err(|e| store_err(e.to_string()))?;
-        tx.pragma_update(None, "user_version", FORMAT_VERSION).map_err(|e| store_err(e.to_string()))?;
+        let version: i64 =
+            tx.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(|e| store_err(e.to_string()))?;
+        match version {
+            0 => {
+                tx.execute_batch(
+                    "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+                     CREATE TABLE IF NOT EXISTS lease(subnet TEXT PRIMARY KEY, node TEXT NOT NULL UNIQUE,
+                                                      attrs TEXT NOT NULL, expires_at INTEGER NOT NULL);
+                     CREATE TABLE IF NOT EXISTS autonomy(node TEXT PRIMARY KEY, autonomous INTEGER NOT NULL,
+                                                         bound_ns INTEGER);",
+                )
+                .map_err(|e| store_err(e.to_string()))?;
+                tx.pragma_update(None, "user_version", FORMAT_VERSION).map_err(|e| store_err(e.to_string()))?;
+            }
+            1 => upgrade_v1(&tx).map_err(|e| store_err(e.to_string()))?,
+            FORMAT_VERSION => {}
+            later => return Err(store_err(format!("format version {later}, this netd reads {FORMAT_VERSION}"))),
+        }
         let want = flannel::network_config_json(config);
         let stored: Option<String> = tx
             .query_row("SELECT value FROM meta WHERE key = 'config'", [], |r| r.get(0))
@@ -133,13 +159,36 @@ fn connect(path: &Path) -> Result<Connection, RegistryError> {
         .map_err(|e| RegistryError::Unreachable(format!("opening {}: {e}", path.display())))?;
     conn.busy_timeout(Duration::from_secs(10)).map_err(|e| store_err(path, e))?;
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(|e| store_err(path, e))?;
-    if version != FORMAT_VERSION {
-        return Err(RegistryError::Store {
+    match version {
+        FORMAT_VERSION => Ok(conn),
+        1 => upgrade(path, conn),
+        other => Err(RegistryError::Store {
             path: path.to_path_buf(),
-            reason: format!("format version {version}, this netd reads {FORMAT_VERSION}"),
-        });
+            reason: format!("format version {other}, this netd reads {FORMAT_VERSION} (and upgrades 1)"),
+        }),
+    }
+}
+
+/// Upgrades a version 1 file to this version (see the module docs). Other
+/// processes may race to do the same: the version is read again under the
+/// write lock.
+fn upgrade(path: &Path, mut conn: Connection) -> Result<Connection, RegistryError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| store_err(path, e))?;
+    let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(|e| store_err(path, e))?;
+    if version == 1 {
+        upgrade_v1(&tx).map_err(|e| store_err(path, e))?;
+        tx.commit().map_err(|e| store_err(path, e))?;
+        tracing::info!(path = %path.display(), "upgraded the embedded registry from format version 1 to {FORMAT_VERSION}");
+    } else {
+        drop(tx);
     }
     Ok(conn)
+}
+
+/// Version 1 to 2: autonomy gains its time bound.
+fn upgrade_v1(tx: &rusqlite::Transaction<'_>) -> Result<(), rusqlite::Error> {
+    tx.execute_batch("ALTER TABLE autonomy ADD COLUMN bound_ns INTEGER;")?;
+    tx.pragma_update(None, "user_version", FORMAT_VERSION)
 }
 
 /// Every live lease but `own_subnet`'s, with its autonomy; bad rows skipped
@@ -264,20 +313,118 @@ impl Registry for EmbeddedRegistry {
         }
     }
 
-    async fn set_autonomy(&mut self, node: &str, autonomous: bool) -> Result<(), RegistryError> {
-        let node = node.to_string();
+    async fn set_autonomy(&mut self, node: &str, autonomy: Autonomy) -> Result<Vec<AutonomyChange>, RegistryError> {
+        let (node, registry) = (node.to_string(), self.describe());
+        let bound_ns: Option<i64> = match autonomy {
+            Autonomy::For(bound) => Some(i64::try_from(bound.as_nanos()).map_err(|_| RegistryError::Refused {
+                what: format!("setting the autonomy of node {node}"),
+                reason: format!(
+                    "{} is longer than a Go duration can be (use 0 for no time limit)",
+                    format_go_duration(bound)
+                ),
+            })?),
+            Autonomy::Off | Autonomy::Forever => None,
+        };
         blocking(&self.path, move |path| {
-            connect(path)?
-                .execute(
-                    "INSERT INTO autonomy(node, autonomous) VALUES(?1, ?2)
-                     ON CONFLICT(node) DO UPDATE SET autonomous = ?2",
-                    params![node, i64::from(autonomous)],
-                )
-                .map_err(|e| store_err(path, e))?;
-            Ok(())
+            let mut conn = connect(path)?;
+            let err = |e: rusqlite::Error| store_err(path, e);
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
+            if !known_node(&tx, &node).map_err(err)? {
+                return Err(unknown_node(&tx, &node, registry).map_err(err)?);
+            }
+            tx.execute(
+                "INSERT INTO autonomy(node, autonomous, bound_ns) VALUES(?1, ?2, ?3)
+                 ON CONFLICT(node) DO UPDATE SET autonomous = ?2, bound_ns = ?3",
+                params![node, i64::from(autonomy.is_on()), bound_ns],
+            )
+            .map_err(err)?;
+            tx.commit().map_err(err)?;
+            let row = format!("autonomy row of {node}");
+            Ok(vec![
+                AutonomyChange {
+                    field: format!("{row}: autonomous"),
+                    value: Some(i64::from(autonomy.is_on()).to_string()),
+                },
+                AutonomyChange {
+                    field: format!("{row}: bound_ns"),
+                    value: Some(bound_ns.map_or_else(|| "NULL".to_string(), |ns| ns.to_string())),
+                },
+            ])
         })
         .await
     }
+
+    async fn node_autonomy(&mut self, node: &str) -> Result<NodeAutonomy, RegistryError> {
+        let (node, registry) = (node.to_string(), self.describe());
+        blocking(&self.path, move |path| read_node_autonomy(path, &node, registry)).await
+    }
+}
+
+/// True when `node` holds a lease (live or lapsed) or has an autonomy row.
+fn known_node(conn: &Connection, node: &str) -> Result<bool, rusqlite::Error> {
+    conn.query_row(
+        "SELECT EXISTS(SELECT 1 FROM lease WHERE node = ?1) OR EXISTS(SELECT 1 FROM autonomy WHERE node = ?1)",
+        [node],
+        |r| r.get(0),
+    )
+}
+
+/// The error for a node that is not there, naming the nodes that are.
+fn unknown_node(conn: &Connection, node: &str, registry: String) -> Result<RegistryError, rusqlite::Error> {
+    let mut stmt = conn.prepare("SELECT node FROM lease UNION SELECT node FROM autonomy ORDER BY 1 LIMIT ?1")?;
+    let names =
+        stmt.query_map([super::NAMES_SHOWN as i64 + 1], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
+    Ok(RegistryError::UnknownNode {
+        node: node.to_string(),
+        registry,
+        reason: super::known_names("no lease and no autonomy row", &names),
+    })
+}
+
+fn read_node_autonomy(path: &Path, node: &str, registry: String) -> Result<NodeAutonomy, RegistryError> {
+    let conn = connect(path)?;
+    let err = |e: rusqlite::Error| store_err(path, e);
+    let row: Option<(i64, Option<i64>)> = conn
+        .query_row("SELECT autonomous, bound_ns FROM autonomy WHERE node = ?1", [node], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()
+        .map_err(err)?;
+    let lease: Option<(String, String, i64)> = conn
+        .query_row("SELECT subnet, attrs, expires_at FROM lease WHERE node = ?1", [node], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .optional()
+        .map_err(err)?;
+    if row.is_none() && lease.is_none() {
+        return Err(unknown_node(&conn, node, registry).map_err(err)?);
+    }
+    let source = format!("the autonomy row of {node} in {}", path.display());
+    let mut problem = None;
+    let autonomy = match row {
+        None | Some((0, _)) => Autonomy::Off,
+        Some((_, None)) => Autonomy::Forever,
+        Some((_, Some(ns))) if ns > 0 => Autonomy::For(Duration::from_nanos(ns as u64)),
+        Some((_, Some(0))) => Autonomy::Forever,
+        Some((_, Some(ns))) => {
+            problem = Some(format!("{source}: bound_ns {ns} is negative; taken as no time limit"));
+            Autonomy::Forever
+        }
+    };
+    let sources = if autonomy.is_on() { vec![source] } else { Vec::new() };
+    let lease = match lease {
+        None => None,
+        Some((key, attrs, expires_at)) => match flannel::parse_subnet_key(&key) {
+            Ok(subnet) => Some(NodeLeaseState {
+                subnet,
+                public_ip: LeaseAttrs::parse(attrs.as_bytes()).ok().map(|a| a.public_ip),
+                expires_at: Some(UNIX_EPOCH + Duration::from_secs(expires_at.max(0) as u64)),
+            }),
+            Err(reason) => {
+                tracing::warn!(%key, %node, %reason, "the node's lease row is unreadable");
+                None
+            }
+        },
+    };
+    Ok(NodeAutonomy { node: node.to_string(), autonomy, sources, problem, lease, kubernetes: None })
 }
 
 fn read_network_config(path: &Path) -> Result<NetworkConfig, RegistryError> {

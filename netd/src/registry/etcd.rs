@@ -12,17 +12,28 @@
 //! | `<prefix>/subnets/10.244.3.0-24` | `{"PublicIP":"192.0.2.7","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"…"}}` | 24 h | yes |
 //! | `<prefix>/nodes/10.244.3.0-24` | the node name, e.g. `edge-7` | the subnet key's | no |
 //! | `<prefix>/autonomy/<node>` | `true` or `false` | none | no |
+//! | `<prefix>/autonomy-duration/<node>` | a Go duration, e.g. `2h0m0s` | none | no |
 //! | `<prefix>/bootstrap-tokens/<id>` | a [`TokenRecord`](super::TokenRecord) (JSON) | until it expires | no |
 //!
 //! The first two are flannel's own and byte-exact (netd writes no other
 //! fields, and reads flannel's additional ones, e.g. `"PublicIPv6":null`).
-//! The last two are netd's: flannel reads only `config` and `subnets/`, so
+//! The last three are netd's: flannel reads only `config` and `subnets/`, so
 //! they are invisible to it. flannel's lease carries no node name, so netd
 //! stores its node name beside the lease in `nodes/<subnet>`, attached to the
 //! same etcd lease so both vanish together; peers that are flannel nodes
 //! (no `nodes/` key) have `Lease::node == None` and are never autonomous.
 //! `autonomy/<node>` holds the flag [`Registry::set_autonomy`] sets; it has
 //! no etcd lease, as autonomy must outlive a node's silence.
+//!
+//! Layout versions of netd's keys: version 1 had `nodes/` and `autonomy/`;
+//! version 2 (this netd) adds `autonomy-duration/<node>`, which bounds an
+//! autonomy that `autonomy/<node>` switches on (OpenYurt's
+//! `node.openyurt.io/autonomy-duration`; `0` or no key: no time limit). The
+//! flag keeps its version 1 values, so netd builds that know only version
+//! 1 read it as before (they see a bounded node as autonomous with no
+//! limit, which is how every netd keeps peers' routes anyway). The bound
+//! alone does not switch autonomy on, and turning autonomy off writes
+//! `false` and deletes the bound in one transaction.
 //!
 //! # Semantics
 //!
@@ -67,9 +78,10 @@ use etcd_client::{
 use ipnet::Ipv4Net;
 
 use super::{
-    pick_subnet, LeaseRequest, NetworkConfig, OwnLease, PeerEvent, PeerLease, Registry, RegistryError, LEASE_TTL,
+    pick_subnet, AutonomyChange, LeaseRequest, NetworkConfig, NodeAutonomy, NodeLeaseState, OwnLease, PeerEvent,
+    PeerLease, Registry, RegistryError, LEASE_TTL,
 };
-use crate::model::autonomy;
+use crate::model::autonomy::{self, format_go_duration, parse_go_duration, Autonomy};
 use crate::model::flannel::{self, LeaseAttrs, CONFIG_KEY, SUBNETS_PREFIX};
 use crate::model::Lease;
 
@@ -95,6 +107,7 @@ struct Keys {
     subnets: String,
     nodes: String,
     autonomy: String,
+    autonomy_duration: String,
     tokens: String,
 }
 
@@ -118,6 +131,7 @@ impl Keys {
             subnets: rebase(SUBNETS_PREFIX),
             nodes: format!("{prefix}/nodes/"),
             autonomy: format!("{prefix}/autonomy/"),
+            autonomy_duration: format!("{prefix}/autonomy-duration/"),
             tokens: format!("{prefix}/bootstrap-tokens/"),
             prefix,
         }
@@ -133,6 +147,10 @@ impl Keys {
 
     fn autonomy(&self, node: &str) -> String {
         format!("{}{node}", self.autonomy)
+    }
+
+    fn autonomy_duration(&self, node: &str) -> String {
+        format!("{}{node}", self.autonomy_duration)
     }
 
     fn classify<'k>(&self, key: &'k str) -> KeyKind<'k> {
@@ -551,18 +569,163 @@ impl Registry for EtcdRegistry {
         }
     }
 
-    async fn set_autonomy(&mut self, node: &str, autonomous: bool) -> Result<(), RegistryError> {
-        if node.is_empty() || node.contains('/') {
-            return Err(RegistryError::Refused {
-                what: format!("setting the autonomy of node {node:?}"),
-                reason: "a node name must be non-empty and without '/'".into(),
-            });
+    async fn set_autonomy(&mut self, node: &str, autonomy: Autonomy) -> Result<Vec<AutonomyChange>, RegistryError> {
+        check_node(node, "setting the autonomy")?;
+        self.check_known(node).await?;
+        let (flag, bound) = (self.keys.autonomy(node), self.keys.autonomy_duration(node));
+        let value = if autonomy.is_on() { "true" } else { "false" };
+        let mut ops = vec![TxnOp::put(flag.clone(), value, None)];
+        let mut changes = vec![AutonomyChange { field: flag.clone(), value: Some(value.into()) }];
+        match autonomy {
+            Autonomy::For(duration) => {
+                let text = format_go_duration(duration);
+                ops.push(TxnOp::put(bound.clone(), text.clone(), None));
+                changes.push(AutonomyChange { field: bound, value: Some(text) });
+            }
+            Autonomy::Off | Autonomy::Forever => {
+                ops.push(TxnOp::delete(bound.clone(), None));
+                changes.push(AutonomyChange { field: bound, value: None });
+            }
         }
-        let key = self.keys.autonomy(node);
-        let what = format!("writing {key}");
-        let value = if autonomous { "true" } else { "false" };
-        rpc(&self.endpoints, &what, self.kv.put(key.clone(), value, None)).await?;
-        Ok(())
+        let what = format!("writing {flag}");
+        rpc(&self.endpoints, &what, self.kv.txn(Txn::new().and_then(ops))).await?;
+        Ok(changes)
+    }
+
+    async fn node_autonomy(&mut self, node: &str) -> Result<NodeAutonomy, RegistryError> {
+        check_node(node, "reading the autonomy")?;
+        let (flag_key, bound_key) = (self.keys.autonomy(node), self.keys.autonomy_duration(node));
+        let what = format!("reading {flag_key}");
+        let flag = rpc(&self.endpoints, &what, self.kv.get(flag_key.clone(), None)).await?;
+        let flag = flag.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).into_owned());
+        let what = format!("reading {bound_key}");
+        let bound = rpc(&self.endpoints, &what, self.kv.get(bound_key.clone(), None)).await?;
+        let bound = bound.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).into_owned());
+        let subnet = self.subnet_of(node).await?;
+        if flag.is_none() && subnet.is_none() {
+            return Err(self.unknown(node).await?);
+        }
+        let mut problem = None;
+        let mut sources = Vec::new();
+        let on = match flag.as_deref().map(str::trim) {
+            None => false,
+            Some(text) if text.eq_ignore_ascii_case("true") => true,
+            Some(text) if text.eq_ignore_ascii_case("false") => false,
+            Some(text) => {
+                problem = Some(format!("{flag_key}={text:?} is neither true nor false; taken as false"));
+                false
+            }
+        };
+        let autonomy = if !on {
+            Autonomy::Off
+        } else {
+            sources.push(flag_key);
+            match bound.as_deref() {
+                None => Autonomy::Forever,
+                Some(text) => {
+                    sources.push(bound_key.clone());
+                    match parse_go_duration(text) {
+                        Ok(d) if d.is_zero() => Autonomy::Forever,
+                        Ok(d) => Autonomy::For(d),
+                        Err(reason) => {
+                            problem = Some(format!(
+                                "{bound_key}={text:?} is not a duration ({reason}); taken as no time limit"
+                            ));
+                            Autonomy::Forever
+                        }
+                    }
+                }
+            }
+        };
+        let lease = match subnet {
+            Some(subnet) => self.lease_state(subnet).await?,
+            None => None,
+        };
+        Ok(NodeAutonomy { node: node.to_string(), autonomy, sources, problem, lease, kubernetes: None })
+    }
+}
+
+/// netd's keys put the node name in a key: it must be one path segment.
+fn check_node(node: &str, what: &str) -> Result<(), RegistryError> {
+    if node.is_empty() || node.contains('/') {
+        return Err(RegistryError::Refused {
+            what: format!("{what} of node {node:?}"),
+            reason: "a node name must be non-empty and without '/'".into(),
+        });
+    }
+    Ok(())
+}
+
+impl EtcdRegistry {
+    /// The node names of `nodes/` by subnet.
+    async fn names(&mut self) -> Result<BTreeMap<Ipv4Net, String>, RegistryError> {
+        let prefix = self.keys.nodes.clone();
+        let what = format!("listing {prefix}");
+        let response = rpc(&self.endpoints, &what, self.kv.get(prefix, Some(GetOptions::new().with_prefix()))).await?;
+        let mut names = BTreeMap::new();
+        for kv in response.kvs() {
+            let Ok(key) = std::str::from_utf8(kv.key()) else { continue };
+            let KeyKind::Node(rest) = self.keys.classify(key) else { continue };
+            if let (Ok(subnet), Ok(name)) = (flannel::parse_subnet_key(rest), std::str::from_utf8(kv.value())) {
+                names.insert(subnet, name.to_string());
+            }
+        }
+        Ok(names)
+    }
+
+    /// The subnet whose lease `node` holds, by its `nodes/` key.
+    async fn subnet_of(&mut self, node: &str) -> Result<Option<Ipv4Net>, RegistryError> {
+        Ok(self.names().await?.into_iter().find(|(_, name)| name == node).map(|(subnet, _)| subnet))
+    }
+
+    /// `Ok` when `node` holds a lease or has an autonomy flag.
+    async fn check_known(&mut self, node: &str) -> Result<(), RegistryError> {
+        let flag = self.keys.autonomy(node);
+        let what = format!("reading {flag}");
+        let response =
+            rpc(&self.endpoints, &what, self.kv.get(flag, Some(GetOptions::new().with_count_only()))).await?;
+        if response.count() > 0 || self.subnet_of(node).await?.is_some() {
+            return Ok(());
+        }
+        Err(self.unknown(node).await?)
+    }
+
+    /// The error for a node that is not there, naming the nodes that are.
+    async fn unknown(&mut self, node: &str) -> Result<RegistryError, RegistryError> {
+        let mut names: BTreeSet<String> = self.names().await?.into_values().collect();
+        let prefix = self.keys.autonomy.clone();
+        let what = format!("listing {prefix}");
+        let options = GetOptions::new().with_prefix().with_keys_only();
+        let response = rpc(&self.endpoints, &what, self.kv.get(prefix.clone(), Some(options))).await?;
+        names.extend(
+            response
+                .kvs()
+                .iter()
+                .filter_map(|kv| std::str::from_utf8(kv.key()).ok()?.strip_prefix(&prefix).map(String::from)),
+        );
+        let names: Vec<String> = names.into_iter().collect();
+        let what = format!("no {} key names it and there is no {}", self.keys.nodes, self.keys.autonomy(node));
+        let reason = super::known_names(&what, &names)
+            + "; flannel nodes carry no name in etcd, so only netd nodes are known by name";
+        Ok(RegistryError::UnknownNode { node: node.to_string(), registry: self.describe(), reason })
+    }
+
+    /// The lease on `subnet` now: its public IP and when its etcd lease ends.
+    async fn lease_state(&mut self, subnet: Ipv4Net) -> Result<Option<NodeLeaseState>, RegistryError> {
+        let key = self.keys.subnet(subnet);
+        let what = format!("reading {key}");
+        let response = rpc(&self.endpoints, &what, self.kv.get(key.clone(), None)).await?;
+        let Some(kv) = response.kvs().first() else { return Ok(None) };
+        let public_ip = LeaseAttrs::parse(kv.value()).ok().map(|a| a.public_ip);
+        let expires_at = match kv.lease() {
+            0 => None,
+            id => {
+                let what = format!("reading etcd lease {id:x}");
+                let status = rpc(&self.endpoints, &what, self.leases.time_to_live(id, None)).await?;
+                Some(SystemTime::now() + Duration::from_secs(status.ttl().max(0) as u64))
+            }
+        };
+        Ok(Some(NodeLeaseState { subnet, public_ip, expires_at }))
     }
 }
 

@@ -37,13 +37,24 @@
 //!   error, and the next call lists again.
 //! - **client**: the shared [`KubeClient`] (kube-rs on hyper + rustls),
 //!   with its bearer token re-read every minute and right after a 401.
-//! - **autonomy**: [`Registry::set_autonomy`] patches
-//!   `node.beta.alibabacloud.com/autonomy`.
+//! - **autonomy**: [`Registry::set_autonomy`] patches the node's
+//!   annotations (a JSON merge patch with the node's `resourceVersion`, read
+//!   again and retried on a conflict): on is
+//!   `node.beta.alibabacloud.com/autonomy=true`, bounded or not by
+//!   `node.openyurt.io/autonomy-duration` (a bound is written as a Go
+//!   duration; no bound removes it); off writes `false` to both flags (the
+//!   OpenYurt one only when present) and removes the duration, whose
+//!   presence alone would switch autonomy on. [`Registry::node_autonomy`]
+//!   reads the three annotations ([`autonomy::AutonomyStatus`]), the pod
+//!   CIDR, the `Ready` condition and the kubelet's heartbeat Lease
+//!   `kube-node-lease/<node>`.
 //!
 //! RBAC needed (the same as flannel's ClusterRole): `nodes`: get, list,
 //! watch; `nodes/status`: patch (the annotations and the condition both
 //! go through the status subresource). [`Registry::set_autonomy`], which
-//! the daemon never calls, patches the node itself: `nodes`: patch.
+//! the daemon never calls, patches the node itself: `nodes`: patch;
+//! [`Registry::node_autonomy`] reads `leases` in `kube-node-lease` (get),
+//! and reports the heartbeat as unreadable without it.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::Ipv4Addr;
@@ -54,11 +65,14 @@ use kube::api::{Patch, PatchParams};
 use kube::Api;
 use serde_json::{json, Value};
 
-use super::{LeaseRequest, NetworkConfig, OwnLease, PeerEvent, PeerLease, Registry, RegistryError, LEASE_TTL};
-use crate::kube::object::{Kind, NodeLease, NodeWithConditions, Object};
+use super::{
+    AutonomyChange, KubeNodeState, LeaseRequest, NetworkConfig, NodeAutonomy, NodeCondition, NodeHeartbeat,
+    NodeLeaseState, OwnLease, PeerEvent, PeerLease, Registry, RegistryError, LEASE_TTL,
+};
+use crate::kube::object::{Kind, NodeHeartbeatLease, NodeLease, NodeWithConditions, Object};
 use crate::kube::watch::{ListWatch, WatchEvent};
-use crate::kube::{call, check_node_name, KubeClient, KubeError};
-use crate::model::autonomy;
+use crate::kube::{call, check_node_name, KubeClient, KubeError, REQUEST_TIMEOUT};
+use crate::model::autonomy::{self, Autonomy};
 use crate::model::flannel;
 use crate::model::{Lease, MacAddr};
 
@@ -67,6 +81,10 @@ pub use crate::kube::{KubeConfig, SERVICE_ACCOUNT_DIR, TOKEN_RELOAD};
 
 /// Where flannel's DaemonSet mounts `net-conf.json` from its ConfigMap.
 pub const NET_CONF_PATH: &str = "/etc/kube-flannel/net-conf.json";
+/// Where kubelets keep their heartbeat Leases.
+pub const NODE_LEASE_NAMESPACE: &str = "kube-node-lease";
+/// Conflicting writers an autonomy change outlasts before giving up.
+const CONFLICT_ATTEMPTS: usize = 5;
 /// The node condition netd sets to `False` once it runs.
 pub const CONDITION_NETWORK_UNAVAILABLE: &str = "NetworkUnavailable";
 /// The reason netd gives on that condition.
@@ -501,29 +519,154 @@ impl Registry for KubernetesRegistry {
         result
     }
 
-    async fn set_autonomy(&mut self, node: &str, autonomous: bool) -> Result<(), RegistryError> {
+    async fn set_autonomy(&mut self, node: &str, autonomy: Autonomy) -> Result<Vec<AutonomyChange>, RegistryError> {
         check_node_name(node)?;
-        let value = if autonomous { "true" } else { "false" };
-        let mut annotations = serde_json::Map::new();
-        annotations.insert(autonomy::ANNOTATION_AUTONOMY.into(), Value::String(value.into()));
-        if !autonomous {
-            // The OpenYurt flag would keep the node autonomous: clear it too.
-            let object = self.get_node(node).await?;
-            let openyurt = object.annotation(autonomy::ANNOTATION_AUTONOMY_OPENYURT).and_then(Value::as_str);
-            if autonomy::autonomy_on(openyurt) {
-                annotations.insert(autonomy::ANNOTATION_AUTONOMY_OPENYURT.into(), Value::String(value.into()));
+        let what = format!("setting the autonomy of node {node}");
+        for _ in 0..CONFLICT_ATTEMPTS {
+            let object = self.known_node(node).await?;
+            let changes = autonomy_changes(|key| object.annotation(key).and_then(Value::as_str), autonomy);
+            let annotations: serde_json::Map<String, Value> = changes
+                .iter()
+                .map(|c| (c.field.clone(), c.value.clone().map(Value::String).unwrap_or(Value::Null)))
+                .collect();
+            // The version read: a writer in between (a yurt tool flipping
+            // the same annotations) makes this a conflict, and the change
+            // is worked out again from what it wrote.
+            let mut metadata = json!({ "annotations": annotations });
+            if let Some(version) = object.resource_version() {
+                metadata["resourceVersion"] = Value::String(version.to_string());
+            }
+            let patch = json!({ "metadata": metadata });
+            let api = self.nodes::<NodeLease>();
+            match tokio::time::timeout(REQUEST_TIMEOUT, api.patch(node, &PatchParams::default(), &Patch::Merge(&patch)))
+                .await
+            {
+                Ok(Ok(_)) => return Ok(changes),
+                Ok(Err(kube::Error::Api(status))) if status.code == 409 => {
+                    tracing::debug!(%node, "node changed while setting its autonomy; reading it again");
+                }
+                Ok(Err(error)) => return Err(self.node_error(node, KubeError::from_client(&what, error))),
+                Err(_) => {
+                    return Err(RegistryError::Unreachable(format!(
+                        "{what}: no answer within {}s",
+                        REQUEST_TIMEOUT.as_secs()
+                    )))
+                }
             }
         }
-        let patch = json!({ "metadata": { "annotations": annotations } });
-        let what = format!("setting autonomy of node {node}");
-        match call(&what, self.nodes::<NodeLease>().patch(node, &PatchParams::default(), &Patch::Merge(&patch))).await {
-            Ok(_) => Ok(()),
-            Err(KubeError::NotFound { what }) => {
-                Err(RegistryError::Refused { what, reason: "there is no such Node object".into() })
+        Err(RegistryError::Refused {
+            what,
+            reason: format!("the node changed under every one of {CONFLICT_ATTEMPTS} attempts"),
+        })
+    }
+
+    async fn node_autonomy(&mut self, node: &str) -> Result<NodeAutonomy, RegistryError> {
+        check_node_name(node)?;
+        let object = self.known_node(node).await?;
+        let status = autonomy::AutonomyStatus::from_annotations(|key| object.annotation(key).and_then(Value::as_str));
+        let lease = match pod_cidr(&object) {
+            Ok(Some(subnet)) => Some(NodeLeaseState {
+                subnet,
+                public_ip: object
+                    .annotation(flannel::ANNOTATION_PUBLIC_IP)
+                    .and_then(Value::as_str)
+                    .and_then(|ip| ip.trim().parse().ok()),
+                expires_at: None,
+            }),
+            Ok(None) => None,
+            Err(reason) => {
+                tracing::warn!(%node, %reason, "the node's pod CIDR is unreadable");
+                None
             }
-            Err(error) => Err(error.into()),
+        };
+        let ready = object
+            .get("/status/conditions")
+            .and_then(Value::as_array)
+            .and_then(|list| list.iter().find(|c| c.get("type").and_then(Value::as_str) == Some("Ready")))
+            .map(|c| {
+                let time = |key: &str| c.get(key).and_then(Value::as_str).and_then(parse_rfc3339);
+                NodeCondition {
+                    status: c.get("status").and_then(Value::as_str).unwrap_or("Unknown").to_string(),
+                    reason: c.get("reason").and_then(Value::as_str).map(String::from),
+                    since: time("lastTransitionTime"),
+                    heartbeat: time("lastHeartbeatTime"),
+                }
+            });
+        let heartbeat = self.heartbeat(node).await?;
+        Ok(NodeAutonomy {
+            node: node.to_string(),
+            autonomy: status.autonomy,
+            sources: status.sources.iter().map(|s| s.to_string()).collect(),
+            problem: status.problem,
+            lease,
+            kubernetes: Some(KubeNodeState { ready, heartbeat }),
+        })
+    }
+}
+
+impl KubernetesRegistry {
+    /// The node object; its absence is [`RegistryError::UnknownNode`].
+    async fn known_node(&self, node: &str) -> Result<Object<NodeWithConditions>, RegistryError> {
+        let what = format!("reading node {node}");
+        call(&what, self.nodes::<NodeWithConditions>().get(node)).await.map_err(|e| self.node_error(node, e))
+    }
+
+    fn node_error(&self, node: &str, error: KubeError) -> RegistryError {
+        match error {
+            KubeError::NotFound { .. } => RegistryError::UnknownNode {
+                node: node.to_string(),
+                registry: format!("kubernetes {}", self.client.server()),
+                reason: "there is no such Node object (has its kubelet registered it?)".into(),
+            },
+            other => other.into(),
         }
     }
+
+    /// The kubelet's heartbeat Lease; read errors other than the API server
+    /// being away are reported in it rather than failing the whole read.
+    async fn heartbeat(&self, node: &str) -> Result<NodeHeartbeat, RegistryError> {
+        let api: Api<Object<NodeHeartbeatLease>> = Api::namespaced(self.client.client(), NODE_LEASE_NAMESPACE);
+        let what = format!("reading Lease {NODE_LEASE_NAMESPACE}/{node}");
+        match call(&what, api.get(node)).await {
+            Ok(lease) => Ok(NodeHeartbeat::Renewed {
+                renewed: lease.get("/spec/renewTime").and_then(Value::as_str).and_then(parse_rfc3339),
+                duration: lease.get("/spec/leaseDurationSeconds").and_then(Value::as_u64).map(Duration::from_secs),
+            }),
+            Err(KubeError::NotFound { .. }) => Ok(NodeHeartbeat::Missing),
+            Err(KubeError::Unreachable(reason)) => Err(RegistryError::Unreachable(reason)),
+            Err(other) => Ok(NodeHeartbeat::Unreadable(other.to_string())),
+        }
+    }
+}
+
+/// The annotation changes that give a node with annotations `get`
+/// the autonomy `want` (see the module docs).
+fn autonomy_changes<'a>(get: impl Fn(&str) -> Option<&'a str>, want: Autonomy) -> Vec<AutonomyChange> {
+    let set = |key: &str, value: &str| AutonomyChange { field: key.to_string(), value: Some(value.to_string()) };
+    let remove = |key: &str| AutonomyChange { field: key.to_string(), value: None };
+    let mut changes = Vec::new();
+    match want {
+        Autonomy::Off => {
+            changes.push(set(autonomy::ANNOTATION_AUTONOMY, "false"));
+            if get(autonomy::ANNOTATION_AUTONOMY_OPENYURT).is_some_and(|v| v != "false") {
+                changes.push(set(autonomy::ANNOTATION_AUTONOMY_OPENYURT, "false"));
+            }
+            if get(autonomy::ANNOTATION_AUTONOMY_DURATION).is_some() {
+                changes.push(remove(autonomy::ANNOTATION_AUTONOMY_DURATION));
+            }
+        }
+        Autonomy::Forever => {
+            changes.push(set(autonomy::ANNOTATION_AUTONOMY, "true"));
+            if get(autonomy::ANNOTATION_AUTONOMY_DURATION).is_some() {
+                changes.push(remove(autonomy::ANNOTATION_AUTONOMY_DURATION));
+            }
+        }
+        Autonomy::For(bound) => {
+            changes.push(set(autonomy::ANNOTATION_AUTONOMY, "true"));
+            changes.push(set(autonomy::ANNOTATION_AUTONOMY_DURATION, &autonomy::format_go_duration(bound)));
+        }
+    }
+    changes
 }
 
 /// The peer lease a flannel node publishes, or why it is unusable.
@@ -585,11 +728,56 @@ fn pod_cidr<K: Kind>(node: &Object<K>) -> Result<Option<Ipv4Net>, String> {
 }
 
 /// `2024-05-01T12:00:00Z`.
-fn rfc3339(time: SystemTime) -> String {
+pub(crate) fn rfc3339(time: SystemTime) -> String {
     let secs = time.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let (year, month, day) = civil_from_days((secs / 86_400) as i64);
     let rem = secs % 86_400;
     format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// An RFC 3339 time as the API server writes them (`2024-05-01T12:00:00Z`,
+/// with a fraction for MicroTime, or an offset); `None` when it is not one.
+pub(crate) fn parse_rfc3339(text: &str) -> Option<SystemTime> {
+    let text = text.trim();
+    let (date, time) = text.split_once(['T', 't'])?;
+    let mut date_parts = date.splitn(3, '-');
+    let year: i64 = date_parts.next()?.parse().ok()?;
+    let month: u32 = date_parts.next()?.parse().ok()?;
+    let day: u32 = date_parts.next()?.parse().ok()?;
+    let (clock, offset_secs) = if let Some(clock) = time.strip_suffix(['Z', 'z']) {
+        (clock, 0i64)
+    } else {
+        let at = time.rfind(['+', '-'])?;
+        let (clock, offset) = time.split_at(at);
+        let sign = if offset.starts_with('-') { -1 } else { 1 };
+        let (h, m) = offset[1..].split_once(':')?;
+        (clock, sign * (h.parse::<i64>().ok()? * 3600 + m.parse::<i64>().ok()? * 60))
+    };
+    let (whole, fraction) = clock.split_once('.').unwrap_or((clock, ""));
+    let mut hms = whole.splitn(3, ':');
+    let (h, m, s): (i64, i64, i64) = (hms.next()?.parse().ok()?, hms.next()?.parse().ok()?, hms.next()?.parse().ok()?);
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || h > 23 || m > 59 || s > 60 {
+        return None;
+    }
+    if !fraction.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let nanos: u32 = format!("{:0<9}", &fraction[..fraction.len().min(9)]).parse().ok()?;
+    let secs = days_from_civil(year, month, day) * 86_400 + h * 3600 + m * 60 + s - offset_secs;
+    let secs = u64::try_from(secs).ok()?;
+    Some(UNIX_EPOCH + Duration::new(secs, nanos))
+}
+
+/// (year, month, day) to days since 1970-01-01: the inverse of
+/// [`civil_from_days`].
+fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let yoe = year.rem_euclid(400);
+    let month = i64::from(month);
+    let doy = (153 * (if month > 2 { month - 3 } else { month + 9 }) + 2) / 5 + i64::from(day) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
 }
 
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian
@@ -634,6 +822,50 @@ mod tests {
             "flannel.alpha.coreos.com/public-ip": "192.0.2.7",
             "flannel.alpha.coreos.com/kube-subnet-manager": "true",
         })
+    }
+
+    #[test]
+    fn rfc3339_times_parse_back() {
+        for secs in [0u64, 951_782_400 + 3661, 1_735_689_599, 4_102_444_800] {
+            let time = UNIX_EPOCH + Duration::from_secs(secs);
+            assert_eq!(parse_rfc3339(&rfc3339(time)), Some(time), "{}", rfc3339(time));
+        }
+        let micro = parse_rfc3339("2024-05-01T12:00:00.123456Z").unwrap();
+        assert_eq!(micro.duration_since(UNIX_EPOCH).unwrap().subsec_micros(), 123_456);
+        assert_eq!(parse_rfc3339("2024-05-01T14:00:00+02:00"), parse_rfc3339("2024-05-01T12:00:00Z"));
+        for bad in
+            ["", "2024-05-01", "2024-13-01T00:00:00Z", "2024-05-01T12:00Z", "yesterday", "2024-05-01T12:00:00.x1Z"]
+        {
+            assert_eq!(parse_rfc3339(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn autonomy_changes_clear_whatever_switched_it_on() {
+        let node = |pairs: &'static [(&'static str, &'static str)]| {
+            move |key: &str| pairs.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
+        };
+        let fields = |changes: Vec<AutonomyChange>| changes.into_iter().map(|c| (c.field, c.value)).collect::<Vec<_>>();
+        let yurt =
+            node(&[(autonomy::ANNOTATION_AUTONOMY_OPENYURT, "true"), (autonomy::ANNOTATION_AUTONOMY_DURATION, "2h")]);
+        assert_eq!(
+            fields(autonomy_changes(yurt, Autonomy::Off)),
+            vec![
+                (autonomy::ANNOTATION_AUTONOMY.to_string(), Some("false".to_string())),
+                (autonomy::ANNOTATION_AUTONOMY_OPENYURT.to_string(), Some("false".to_string())),
+                (autonomy::ANNOTATION_AUTONOMY_DURATION.to_string(), None),
+            ]
+        );
+        assert_eq!(fields(autonomy_changes(node(&[]), Autonomy::Off)).len(), 1, "nothing else to clear");
+        assert_eq!(
+            fields(autonomy_changes(yurt, Autonomy::Forever))[1],
+            (autonomy::ANNOTATION_AUTONOMY_DURATION.to_string(), None),
+            "no time limit drops the bound"
+        );
+        assert_eq!(
+            fields(autonomy_changes(node(&[]), Autonomy::For(Duration::from_secs(5400))))[1],
+            (autonomy::ANNOTATION_AUTONOMY_DURATION.to_string(), Some("1h30m0s".to_string()))
+        );
     }
 
     #[test]

@@ -25,8 +25,9 @@ pub mod tokens;
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::Ipv4Addr;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
+use crate::model::autonomy::Autonomy;
 use crate::model::{Lease, MacAddr, ModelError};
 use ipnet::Ipv4Net;
 
@@ -82,6 +83,85 @@ pub struct PeerLease {
     pub autonomous: bool,
 }
 
+/// One field a registry wrote when setting a node's autonomy: an
+/// annotation, an etcd key or a database column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AutonomyChange {
+    /// What was written, e.g. `node.openyurt.io/autonomy-duration`.
+    pub field: String,
+    /// The new value; `None`: removed.
+    pub value: Option<String>,
+}
+
+/// A node's lease as a registry holds it now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeLeaseState {
+    /// The node's subnet.
+    pub subnet: Ipv4Net,
+    /// The public IP it publishes, when readable.
+    pub public_ip: Option<Ipv4Addr>,
+    /// When it lapses unless renewed (`None`: it does not expire, as a
+    /// Kubernetes pod CIDR).
+    pub expires_at: Option<SystemTime>,
+}
+
+/// A node condition as the API server reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeCondition {
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// The reason given, if any.
+    pub reason: Option<String>,
+    /// `lastTransitionTime`.
+    pub since: Option<SystemTime>,
+    /// `lastHeartbeatTime`.
+    pub heartbeat: Option<SystemTime>,
+}
+
+/// The node's `kube-node-lease` Lease, which the kubelet renews.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeHeartbeat {
+    /// Last renewed at `renewed` (`None`: no `spec.renewTime`).
+    Renewed {
+        /// `spec.renewTime`.
+        renewed: Option<SystemTime>,
+        /// `spec.leaseDurationSeconds`.
+        duration: Option<Duration>,
+    },
+    /// There is no such Lease (no kubelet ever ran there).
+    Missing,
+    /// It could not be read (permission, a broken object); why.
+    Unreadable(String),
+}
+
+/// What the Kubernetes API knows of a node's health.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubeNodeState {
+    /// The `Ready` condition, if reported.
+    pub ready: Option<NodeCondition>,
+    /// The kubelet's heartbeat.
+    pub heartbeat: NodeHeartbeat,
+}
+
+/// A node's autonomy as a registry holds it, and what the registry knows
+/// of the node now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeAutonomy {
+    /// The node.
+    pub node: String,
+    /// The effect.
+    pub autonomy: Autonomy,
+    /// Where it came from: the annotations (Kubernetes), the etcd keys or
+    /// the database row that switched it on or bound it; empty when off.
+    pub sources: Vec<String>,
+    /// A stored value that is unusable, and how it was taken.
+    pub problem: Option<String>,
+    /// The node's lease, if it holds one.
+    pub lease: Option<NodeLeaseState>,
+    /// Health as the API server reports it (Kubernetes only).
+    pub kubernetes: Option<KubeNodeState>,
+}
+
 /// A change to the peer set.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeerEvent {
@@ -116,6 +196,16 @@ pub enum RegistryError {
         /// What was attempted.
         what: String,
         /// Why.
+        reason: String,
+    },
+    /// The registry knows no such node.
+    #[error("unknown node {node:?} in {registry}: {reason}")]
+    UnknownNode {
+        /// The node asked for.
+        node: String,
+        /// The registry, as [`Registry::describe`] gives it.
+        registry: String,
+        /// What was looked for, and what is there instead.
         reason: String,
     },
     /// Local storage of the embedded registry failed.
@@ -167,8 +257,19 @@ pub trait Registry: Send {
     /// Waits for the next change to the peer set (see the module contract).
     fn next_event(&mut self, own_subnet: Ipv4Net) -> impl Future<Output = Result<PeerEvent, RegistryError>> + Send;
 
-    /// Sets a node's autonomy flag.
-    fn set_autonomy(&mut self, node: &str, autonomous: bool) -> impl Future<Output = Result<(), RegistryError>> + Send;
+    /// Sets a node's autonomy ([`Autonomy::Off`] turns it off whatever
+    /// switched it on) and returns what was written. A node the registry
+    /// does not know is [`RegistryError::UnknownNode`].
+    fn set_autonomy(
+        &mut self,
+        node: &str,
+        autonomy: Autonomy,
+    ) -> impl Future<Output = Result<Vec<AutonomyChange>, RegistryError>> + Send;
+
+    /// Reads a node's autonomy, where it came from, and the node's lease
+    /// (and, on Kubernetes, its health). A node the registry does not know
+    /// is [`RegistryError::UnknownNode`].
+    fn node_autonomy(&mut self, node: &str) -> impl Future<Output = Result<NodeAutonomy, RegistryError>> + Send;
 }
 
 /// The subnet to lease: `preferred` if it is a valid free subnet, else the
@@ -188,6 +289,18 @@ pub fn pick_subnet(
     }
     let no_free = || RegistryError::NoFreeSubnet { network: config.network, subnet_len: config.subnet_len };
     config.network.subnets(config.subnet_len).map_err(|_| no_free())?.find(valid).ok_or_else(no_free)
+}
+
+/// How many node names an unknown-node error lists.
+pub(crate) const NAMES_SHOWN: usize = 10;
+
+/// `what` and the names that are there instead (at most [`NAMES_SHOWN`]).
+pub(crate) fn known_names(what: &str, names: &[String]) -> String {
+    match names {
+        [] => format!("{what} (no node is registered)"),
+        names if names.len() > NAMES_SHOWN => format!("{what} (nodes: {}, …)", names[..NAMES_SHOWN].join(", ")),
+        names => format!("{what} (nodes: {})", names.join(", ")),
+    }
 }
 
 fn overlaps(taken: &BTreeSet<Ipv4Net>, s: &Ipv4Net) -> bool {
