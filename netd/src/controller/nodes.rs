@@ -470,6 +470,8 @@ impl NodeController {
                     self.restore_mac(&name, config.vni).await;
                 }
             }
+            // An event from before our own patch landed: it is assigned.
+            None if self.live.contains_key(&name) => {}
             None => self.assign(&name, &config, autonomous).await,
         }
     }
