@@ -31,7 +31,9 @@ pub fn run(which: &str, bin_dir: &Path) -> Result<()> {
             crate::bench_dnat::run(DNAT_ROUNDS, DNAT_PER_ROUND)?;
             crate::bench_tunnel::run(bin_dir)
         }
-        other => bail!("unknown benchmark `{other}` (known: cni, vxlan, events, rss, scenario, dnat, tunnel, tunnel-config, all)"),
+        other => bail!(
+            "unknown benchmark `{other}` (known: cni, vxlan, events, rss, scenario, dnat, tunnel, tunnel-config, all)"
+        ),
     }
 }
 

@@ -235,9 +235,10 @@ pub fn run(rounds: usize) -> Result<()> {
          yurt-tunnel (iptables resync, cited, not run) |"
     );
     let _ = writeln!(out, "|---|---|---|---|---|");
-    for (what, times, writes) in
-        [("node label edge ↔ cloud", &label, label_writes), ("ConfigMap `dnat-ports-pair` edit", &config_map, rule_writes)]
-    {
+    for (what, times, writes) in [
+        ("node label edge ↔ cloud", &label, label_writes),
+        ("ConfigMap `dnat-ports-pair` edit", &config_map, rule_writes),
+    ] {
         let mut from_edit: Vec<Duration> = times.iter().map(|r| r.from_edit).collect();
         let mut from_answer: Vec<Duration> = times.iter().map(|r| r.from_answer).collect();
         let _ = writeln!(

@@ -79,7 +79,7 @@ use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::Event;
 use kube::api::PostParams;
 use kube::Api;
-use netd_ebpf::dnat::{Changes, DnatError, TunnelDnat};
+use netd_ebpf::dnat::{Changes, DnatError, TunnelDnat, MAX_PORT_RULES};
 use serde_json::Value;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -456,10 +456,13 @@ enum Write {
     Rules(PortRules),
 }
 
+/// What the maps hold after a write: edge nodes, edge subnets, rules.
+type Sizes = (usize, usize, usize);
+
 /// Runs `write` on the blocking pool: a complete list of a large cluster
 /// is tens of thousands of map syscalls, which must not hold a runtime
 /// thread.
-async fn write_maps(dnat: &Arc<Mutex<TunnelDnat>>, write: Write) -> Result<Changes, DnatError> {
+async fn write_maps(dnat: &Arc<Mutex<TunnelDnat>>, write: Write) -> Result<(Changes, Sizes), DnatError> {
     let dnat = dnat.clone();
     let job = tokio::task::spawn_blocking(move || {
         let mut dnat = dnat.lock().unwrap_or_else(PoisonError::into_inner);
@@ -483,7 +486,8 @@ async fn write_maps(dnat: &Arc<Mutex<TunnelDnat>>, write: Write) -> Result<Chang
             }
             Write::Rules(rules) => sum(dnat.set_port_rules(rules.iter())?),
         }
-        Ok(total)
+        let stats = dnat.stats()?;
+        Ok((total, (stats.edge_nodes.len(), stats.edge_subnets.len(), stats.rules.len())))
     });
     match job.await {
         Ok(result) => result,
@@ -505,8 +509,15 @@ struct Driver {
     edges: EdgeSet,
     /// Whether the first node list is in (the edge set means something).
     nodes_known: bool,
-    /// The rules in force, once decided by this run.
+    /// The rules in force, once written by this run.
     rules: Option<PortRules>,
+    /// The rules to be in force (differs from `rules` while a write is
+    /// pending or failed).
+    wanted_rules: Option<PortRules>,
+    /// How many rules were pinned when this run started.
+    pinned_rules: usize,
+    /// The ConfigMap last seen, for Events about it.
+    config_ref: Option<ConfigMapRef>,
     /// The reason last posted for the ConfigMap as refused, while it is.
     refused: Option<String>,
     /// Set after a failed write: write everything again at this instant.
@@ -607,6 +618,7 @@ impl Driver {
             uid: cm.uid().map(str::to_string),
             resource_version: cm.resource_version().map(str::to_string),
         };
+        self.config_ref = Some(reference.clone());
         match config_map_rules(&cm) {
             Ok(rules) => {
                 self.metrics.config_valid.store(1, Ordering::Relaxed);
@@ -624,7 +636,8 @@ impl Driver {
         self.metrics.config_valid.store(0, Ordering::Relaxed);
         let kept = match &self.rules {
             Some(rules) => format!("keeping {rules}"),
-            None => "keeping the rules pinned before this start".to_string(),
+            None if self.pinned_rules > 0 => "keeping the rules pinned before this start".to_string(),
+            None => "setting the kubelet rules meanwhile (none were pinned)".to_string(),
         };
         if self.refused.as_deref() != Some(reason.as_str()) {
             self.metrics.config_refused.fetch_add(1, Ordering::Relaxed);
@@ -635,34 +648,19 @@ impl Driver {
             self.post_event(reference, "Warning", REASON_REFUSED, message);
             self.refused = Some(reason);
         }
-        if self.rules.is_some() {
+        if self.wanted_rules.is_some() || self.pinned_rules > 0 {
             return None;
         }
-        // First decision of this run: what is pinned stays, unless nothing
-        // is, where the kubelet rules are better than no redirection.
-        let pinned = self.dnat.lock().unwrap_or_else(PoisonError::into_inner).stats().map(|s| s.rules.len());
-        match pinned {
-            Ok(0) => {
-                tracing::warn!("tunnel config: no rules were pinned; setting the kubelet rules meanwhile");
-                self.set_rules(config::from_tunnel_config(&BTreeMap::new()).ok()?)
-            }
-            Ok(count) => {
-                self.metrics.port_rules.store(count as u64, Ordering::Relaxed);
-                None
-            }
-            Err(err) => {
-                tracing::warn!("tunnel config: reading the pinned rules: {err}");
-                None
-            }
-        }
+        // Refused before anything was in force, and nothing is pinned: the
+        // kubelet rules are better than no redirection at all.
+        self.set_rules(config::from_tunnel_config(&BTreeMap::new()).ok()?)
     }
 
     fn set_rules(&mut self, rules: PortRules) -> Option<Write> {
-        if self.rules.as_ref() == Some(&rules) {
+        if self.wanted_rules.as_ref() == Some(&rules) {
             return None;
         }
-        tracing::info!("tunnel config: port rules {rules}");
-        self.rules = Some(rules.clone());
+        self.wanted_rules = Some(rules.clone());
         Some(Write::Rules(rules))
     }
 
@@ -687,18 +685,28 @@ impl Driver {
     }
 
     async fn apply(&mut self, write: Write) {
-        let rules = matches!(write, Write::Rules(_));
+        let rules = match &write {
+            Write::Rules(rules) => Some(rules.clone()),
+            Write::Delta(_) | Write::Exactly { .. } => None,
+        };
         match write_maps(&self.dnat, write).await {
-            Ok(changes) => {
+            Ok((changes, (nodes, subnets, rule_count))) => {
                 TunnelConfigMetrics::add(&self.metrics.map_writes, changes);
+                self.metrics.edge_nodes.store(nodes as u64, Ordering::Relaxed);
+                self.metrics.edge_subnets.store(subnets as u64, Ordering::Relaxed);
+                self.metrics.port_rules.store(rule_count as u64, Ordering::Relaxed);
                 self.backoff.reset();
-                self.publish_sizes();
+                if let Some(rules) = rules {
+                    tracing::info!("tunnel config: port rules {rules}");
+                    self.rules = Some(rules);
+                }
             }
-            Err(DnatError::TooManyPortRules { count }) if rules => {
-                // Checked before any write: a configuration problem, refused as such.
-                self.rules = None;
-                let reason = format!("{count} port rules, but the tunnel DNAT holds at most 1024");
-                let reference = ConfigMapRef { uid: None, resource_version: None };
+            Err(DnatError::TooManyPortRules { count }) if rules.is_some() => {
+                // Checked before any write: a configuration problem, refused
+                // as such; what was in force stays wanted.
+                self.wanted_rules = self.rules.clone();
+                let reason = format!("{count} port rules, but the tunnel DNAT holds at most {MAX_PORT_RULES}");
+                let reference = self.config_ref.clone().unwrap_or(ConfigMapRef { uid: None, resource_version: None });
                 let _ = self.refuse(reference, reason);
             }
             Err(err) => {
@@ -713,15 +721,6 @@ impl Driver {
         }
     }
 
-    fn publish_sizes(&self) {
-        let dnat = self.dnat.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Ok(stats) = dnat.stats() {
-            self.metrics.edge_nodes.store(stats.edge_nodes.len() as u64, Ordering::Relaxed);
-            self.metrics.edge_subnets.store(stats.edge_subnets.len() as u64, Ordering::Relaxed);
-            self.metrics.port_rules.store(stats.rules.len() as u64, Ordering::Relaxed);
-        }
-    }
-
     /// After a failed write: the whole desired state again (the loader
     /// knows what the maps hold, so only differences are written).
     async fn retry(&mut self) {
@@ -729,7 +728,7 @@ impl Driver {
         if self.nodes_known {
             self.apply(self.everything()).await;
         }
-        if let Some(rules) = self.rules.clone() {
+        if let Some(rules) = self.wanted_rules.clone() {
             if self.retry_at.is_none() {
                 self.apply(Write::Rules(rules)).await;
             }
@@ -790,9 +789,14 @@ pub async fn run(
     if options.address_types.is_empty() {
         return Err(TunnelConfigError::NoAddressTypes);
     }
-    if dnat.stats()?.target.is_none() {
+    let stats = dnat.stats()?;
+    if stats.target.is_none() {
         return Err(TunnelConfigError::NoTarget { pin_dir: dnat.pin_dir().to_path_buf() });
     }
+    metrics.edge_nodes.store(stats.edge_nodes.len() as u64, Ordering::Relaxed);
+    metrics.edge_subnets.store(stats.edge_subnets.len() as u64, Ordering::Relaxed);
+    metrics.port_rules.store(stats.rules.len() as u64, Ordering::Relaxed);
+    metrics.config_valid.store(1, Ordering::Relaxed);
     let mut nodes: ListWatch<Object<NodeEdgeRole>> = ListWatch::new(&client, None, "node");
     let mut config_maps: ListWatch<Object<ConfigMapData>> = ListWatch::namespaced(
         &client,
@@ -808,6 +812,9 @@ pub async fn run(
         edges: EdgeSet::default(),
         nodes_known: false,
         rules: None,
+        wanted_rules: None,
+        pinned_rules: stats.rules.len(),
+        config_ref: None,
         refused: None,
         retry_at: None,
         backoff: Backoff::default(),
