@@ -444,5 +444,24 @@ fn nodes_and_the_config_map_drive_the_next_connect() {
     let text = stage.metrics.render_prometheus();
     assert!(text.contains("netd_tunnel_config_refused_total 2\n"), "{text}");
     assert!(text.contains("netd_tunnel_config_events_posted_total 3\n"), "{text}");
+
+    // A restart that finds a bad ConfigMap keeps the rules the last run
+    // pinned, and says so.
+    stage.put_config(json!({ "dnat-ports-pair": "9100=10264" }));
+    wait_for("rule 9100 again", || stage.rule(9100) == Some(PLAIN_DOOR));
+    drop(stage.driver.take());
+    stage.put_config(json!({ "http-proxy-ports": "9100," }));
+    stage.metrics = Arc::new(TunnelConfigMetrics::default());
+    stage.start_driver();
+    wait_for("the restart's refusal", || stage.counter(|m| m.config_refused.load(Ordering::Relaxed)) == 1);
+    wait_for("its Event", || stage.events("InvalidTunnelConfig").len() == 3);
+    let third = stage.events("InvalidTunnelConfig")[2]["message"].as_str().unwrap().to_string();
+    assert!(third.contains(r#"http-proxy-ports: token 2 "": empty token"#), "{third}");
+    assert!(third.contains("keeping the rules pinned before this start"), "{third}");
+    assert_eq!(stage.rule(9100), Some(PLAIN_DOOR));
+    assert_eq!(stage.dial(EDGE_IP, 9100), direct(EDGE_IP, 9100), "edge-1 is a cloud node now");
+    stage.label("edge-1", "true");
+    wait_for("edge-1 back", || stage.is_edge(EDGE_IP));
+    assert_eq!(stage.dial(EDGE_IP, 9100), door(PLAIN_DOOR, EDGE_IP, 9100), "the pinned rules still redirect");
     drop(stage.driver.take());
 }
