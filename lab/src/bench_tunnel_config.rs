@@ -14,8 +14,11 @@
 //! - **ConfigMap**: `dnat-ports-pair` switched between `9100=10264` and
 //!   `9101=10264` (one rule leaves, one enters).
 //!
-//! Two times per round: from the start of the edit (curl's own start and
-//! TLS handshake included) and from the API server's answer to it. The
+//! Timed from the start of the edit command (curl's own start and TLS
+//! handshake included: end to end, as an operator sees it); the table also
+//! counts the rounds whose map showed the change before curl had even
+//! exited, and the map entries written per change (from the driver's
+//! counters: proportional to the change, not to the cluster). The
 //! anchor is not run: yurt-tunnel rewrites its iptables DNAT chains on a
 //! resync period of 15–60 s (SPEC §3), so a change waits up to that long.
 
@@ -104,11 +107,13 @@ impl Drop for Driver {
     }
 }
 
-/// One round's two times.
+/// One round.
 #[derive(Debug, Clone, Copy)]
 struct Round {
+    /// From the start of the edit command to the map showing it.
     from_edit: Duration,
-    from_answer: Duration,
+    /// The map showed it already when the edit command returned.
+    before_answer: bool,
 }
 
 fn api(server: &KubeApiServer, method: &str, path: &str, body: Option<(&str, &str)>) -> Result<()> {
@@ -121,17 +126,33 @@ fn api(server: &KubeApiServer, method: &str, path: &str, body: Option<(&str, &st
 fn timed(edit: impl FnOnce() -> Result<()>, done: impl Fn() -> Result<bool>) -> Result<Round> {
     let start = Instant::now();
     edit()?;
-    let answered = Instant::now();
+    if done()? {
+        return Ok(Round { from_edit: start.elapsed(), before_answer: true });
+    }
     loop {
         if done()? {
-            let now = Instant::now();
-            return Ok(Round { from_edit: now - start, from_answer: now.saturating_duration_since(answered) });
+            return Ok(Round { from_edit: start.elapsed(), before_answer: false });
         }
         if start.elapsed() > ROUND_LIMIT {
             bail!("the change did not reach the BPF map within {ROUND_LIMIT:?}");
         }
         std::thread::sleep(Duration::from_micros(200));
     }
+}
+
+/// Waits until `counter` has not moved for 200 ms: the driver counts a
+/// write after the kernel has it, so a poll can see the map first.
+fn quiet(counter: &std::sync::atomic::AtomicU64) -> u64 {
+    let mut last = counter.load(Ordering::Relaxed);
+    let mut since = Instant::now();
+    while since.elapsed() < Duration::from_millis(200) {
+        std::thread::sleep(Duration::from_millis(10));
+        let now = counter.load(Ordering::Relaxed);
+        if now != last {
+            (last, since) = (now, Instant::now());
+        }
+    }
+    last
 }
 
 /// Median, min and max in ms.
@@ -197,10 +218,10 @@ pub fn run(rounds: usize) -> Result<()> {
                 && maps.lookup_edge_node(nth(Ipv4Addr::new(10, 99, 0, 1), EDGE_NODES - 1))?)
         },
     )?;
-    let initial_writes = metrics.map_writes.load(Ordering::Relaxed);
+    let initial_writes = quiet(&metrics.map_writes);
 
     let mut label = Vec::with_capacity(rounds);
-    let writes_before = metrics.map_writes.load(Ordering::Relaxed);
+    let writes_before = initial_writes;
     for round in 0..rounds {
         let edge = round % 2 == 0;
         let patch = json!({ "metadata": { "labels": { "alibabacloud.com/is-edge-worker": edge.to_string() } } });
@@ -210,10 +231,11 @@ pub fn run(rounds: usize) -> Result<()> {
             || Ok(maps.lookup_edge_node(TOGGLED_IP)? == edge),
         )?);
     }
-    let label_writes = metrics.map_writes.load(Ordering::Relaxed) - writes_before;
+    let writes_after = quiet(&metrics.map_writes);
+    let label_writes = writes_after - writes_before;
 
     let mut config_map = Vec::with_capacity(rounds);
-    let writes_before = metrics.map_writes.load(Ordering::Relaxed);
+    let writes_before = writes_after;
     for round in 0..rounds {
         let (new, old) = if round % 2 == 0 { (9100, 9101) } else { (9101, 9100) };
         let patch = json!({ "data": { "dnat-ports-pair": format!("{new}=10264") } });
@@ -222,7 +244,7 @@ pub fn run(rounds: usize) -> Result<()> {
             || Ok(maps.lookup_port_rule(new)?.is_some() && maps.lookup_port_rule(old)?.is_none()),
         )?);
     }
-    let rule_writes = metrics.map_writes.load(Ordering::Relaxed) - writes_before;
+    let rule_writes = quiet(&metrics.map_writes) - writes_before;
     drop(driver);
 
     let nodes = EDGE_NODES + CLOUD_NODES + 1;
@@ -231,8 +253,8 @@ pub fn run(rounds: usize) -> Result<()> {
     let _ = writeln!(out, "Machine: {}\n", machine());
     let _ = writeln!(
         out,
-        "| change | edit start → BPF map, ms median (min–max) | API answer → BPF map, ms | map entries written per change | \
-         yurt-tunnel (iptables resync, cited, not run) |"
+        "| change | edit start → BPF map, ms median (min–max) | in the map before the edit command returned | \
+         map entries written per change | yurt-tunnel (iptables resync, cited, not run), ms |"
     );
     let _ = writeln!(out, "|---|---|---|---|---|");
     for (what, times, writes) in [
@@ -240,12 +262,12 @@ pub fn run(rounds: usize) -> Result<()> {
         ("ConfigMap `dnat-ports-pair` edit", &config_map, rule_writes),
     ] {
         let mut from_edit: Vec<Duration> = times.iter().map(|r| r.from_edit).collect();
-        let mut from_answer: Vec<Duration> = times.iter().map(|r| r.from_answer).collect();
+        let early = times.iter().filter(|r| r.before_answer).count();
         let _ = writeln!(
             out,
-            "| {what} | {} | {} | {:.1} | 15 000–60 000 (next resync) |",
+            "| {what} | {} | {early}/{} | {:.1} | up to 15 000–60 000 (next resync) |",
             summary(&mut from_edit),
-            summary(&mut from_answer),
+            times.len(),
             writes as f64 / rounds as f64
         );
     }
