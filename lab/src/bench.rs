@@ -21,6 +21,7 @@ pub fn run(which: &str, bin_dir: &Path) -> Result<()> {
         "scenario" => crate::bench_scenario::run(5, bin_dir),
         "dnat" => crate::bench_dnat::run(DNAT_ROUNDS, DNAT_PER_ROUND),
         "tunnel" => crate::bench_tunnel::run(bin_dir),
+        "tunnel-config" => crate::bench_tunnel_config::run(20),
         "all" => {
             cni(200, bin_dir)?;
             crate::bench_vxlan::run(5, bin_dir)?;
@@ -30,7 +31,9 @@ pub fn run(which: &str, bin_dir: &Path) -> Result<()> {
             crate::bench_dnat::run(DNAT_ROUNDS, DNAT_PER_ROUND)?;
             crate::bench_tunnel::run(bin_dir)
         }
-        other => bail!("unknown benchmark `{other}` (known: cni, vxlan, events, rss, scenario, dnat, tunnel, all)"),
+        other => bail!(
+            "unknown benchmark `{other}` (known: cni, vxlan, events, rss, scenario, dnat, tunnel, tunnel-config, all)"
+        ),
     }
 }
 

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! netd-lab demo --bin-dir target/release
-//! netd-lab bench <cni|vxlan|events|rss|scenario|dnat|tunnel|all> --bin-dir target/release
+//! netd-lab bench <cni|vxlan|events|rss|scenario|dnat|tunnel|tunnel-config|all> --bin-dir target/release
 //! ```
 
 mod bench;
@@ -12,6 +12,7 @@ mod bench_events;
 mod bench_rss;
 mod bench_scenario;
 mod bench_tunnel;
+mod bench_tunnel_config;
 mod bench_vxlan;
 mod delay_line;
 mod demo;
@@ -21,7 +22,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 
 const USAGE: &str =
-    "usage: netd-lab <demo | bench <cni|vxlan|events|rss|scenario|dnat|tunnel|all>> --bin-dir DIR (run through `cargo xtask`)";
+    "usage: netd-lab <demo | bench <cni|vxlan|events|rss|scenario|dnat|tunnel|tunnel-config|all>> --bin-dir DIR (run through `cargo xtask`)";
 
 fn main() -> Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();

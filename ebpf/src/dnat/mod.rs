@@ -977,6 +977,27 @@ impl TunnelDnat {
         }
     }
 
+    /// Whether the kernel's edge-node map holds `node` now: a lookup in the
+    /// map itself, not in what this handle wrote, so it sees another
+    /// process's writes (how a benchmark or a test watches a controller).
+    pub fn lookup_edge_node(&self, node: Ipv4Addr) -> Result<bool, DnatError> {
+        match self.edges.get(&u32_of(node), 0) {
+            Ok(_) => Ok(true),
+            Err(MapError::KeyNotFound) => Ok(false),
+            Err(source) => Err(DnatError::map(MAP_EDGES, "looking up a node")(source)),
+        }
+    }
+
+    /// The tunnel port the kernel's rule map gives dialled port `port` now
+    /// (a lookup in the map, like [`lookup_edge_node`](Self::lookup_edge_node)).
+    pub fn lookup_port_rule(&self, port: u16) -> Result<Option<u16>, DnatError> {
+        match self.ports.get(&port, 0) {
+            Ok(rule) => Ok(Some(rule.target_port)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(DnatError::map(MAP_PORTS, "looking up a rule")(source)),
+        }
+    }
+
     /// Counters and contents.
     pub fn stats(&self) -> Result<DnatStats, DnatError> {
         let config = self.conf.get(&0, 0).map_err(DnatError::map(MAP_CONF, "reading"))?;

@@ -88,6 +88,33 @@ impl Kind for PodPlacement {
     ];
 }
 
+/// Node fields the tunnel DNAT configuration reads: name, the edge-worker
+/// label (SPEC §4), pod CIDRs and addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeEdgeRole;
+
+impl Kind for NodeEdgeRole {
+    type Api = k8s_openapi::api::core::v1::Node;
+    // The label key is `join::spec::LABEL_EDGE_WORKER` (checked by a test
+    // in `controller::tunnel_config`).
+    const KEEP: &'static [&'static str] = &[
+        "/metadata/name",
+        "/metadata/labels/alibabacloud.com~1is-edge-worker",
+        "/spec/podCIDR",
+        "/spec/podCIDRs",
+        "/status/addresses",
+    ];
+}
+
+/// ConfigMap fields a configuration watch reads: identity and `data`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConfigMapData;
+
+impl Kind for ConfigMapData {
+    type Api = k8s_openapi::api::core::v1::ConfigMap;
+    const KEEP: &'static [&'static str] = &["/metadata/name", "/metadata/namespace", "/data"];
+}
+
 /// An object of kind `K`, decoded from any JSON; see the module docs.
 #[derive(Clone, Debug)]
 pub struct Object<K: Kind> {
@@ -150,6 +177,11 @@ impl<K: Kind> Object<K> {
     /// `metadata.resourceVersion`, when it is a string.
     pub fn resource_version(&self) -> Option<&str> {
         self.metadata.resource_version.as_deref()
+    }
+
+    /// `metadata.uid`, when it is a string.
+    pub fn uid(&self) -> Option<&str> {
+        self.metadata.uid.as_deref()
     }
 }
 

@@ -83,6 +83,10 @@ type EventStream<K> = SyncWrapper<BoxStream<'static, Result<watcher::Event<K>, w
 /// `try_next` future (a `select!`) loses nothing.
 pub struct ListWatch<K: 'static> {
     client: KubeClient,
+    /// Makes the API handle on the runtime (the kube-rs client is made
+    /// there): all namespaces, or the one in `namespace`.
+    api: fn(kube::Client, Option<&str>) -> Api<K>,
+    namespace: Option<String>,
     fields: Option<String>,
     timeout: Duration,
     what: String,
@@ -126,6 +130,8 @@ where
     pub fn new(client: &KubeClient, fields: Option<String>, what: impl Into<String>) -> Self {
         Self {
             client: client.clone(),
+            api: |client, _| Api::all(client),
+            namespace: None,
             fields,
             timeout: DEFAULT_WATCH_TIMEOUT,
             what: what.into(),
@@ -133,6 +139,29 @@ where
             listing: None,
             backoff: Backoff::default(),
             retry_at: None,
+        }
+    }
+
+    /// [`ListWatch::new`] for the objects of one namespace only: what a
+    /// component allowed to read one namespace (a Role, not a ClusterRole)
+    /// can watch, and the only way to watch one namespace's object by name
+    /// (`metadata.name=…` alone would match that name in every namespace).
+    pub fn namespaced(
+        client: &KubeClient,
+        namespace: impl Into<String>,
+        fields: Option<String>,
+        what: impl Into<String>,
+    ) -> Self
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    {
+        Self {
+            api: |client, namespace| match namespace {
+                Some(namespace) => Api::namespaced(client, namespace),
+                None => Api::all(client),
+            },
+            namespace: Some(namespace.into()),
+            ..Self::new(client, fields, what)
         }
     }
 
@@ -158,7 +187,7 @@ where
                 Some(stream) => stream.get_mut(),
                 None => {
                     let config = watch_config(self.timeout, self.fields.as_deref());
-                    let api: Api<K> = Api::all(self.client.client());
+                    let api = (self.api)(self.client.client(), self.namespace.as_deref());
                     self.stream.insert(SyncWrapper::new(watcher(api, config).boxed())).get_mut()
                 }
             };
