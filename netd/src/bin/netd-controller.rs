@@ -19,6 +19,7 @@ use netd::registry::{NetworkConfig, OpenSettings};
 
 const EXAMPLES: &str = "Examples:
   netd-controller run                                   # in a pod: in-cluster credentials
+  netd-controller run --dnat-target 192.168.0.10       # also drive this cloud node's tunnel DNAT
   netd-controller run --kubernetes https://10.0.0.1:6443 --token-file t --ca-file ca.crt \\
       --allocate-node-cidrs --cluster-cidr 10.244.0.0/16";
 
@@ -80,8 +81,25 @@ struct RunArgs {
     /// How long a deleted, non-autonomous node's pod CIDR stays reserved (autonomous: for ever).
     #[arg(long, env = "NETD_RECLAIM_AFTER", value_name = "DURATION", value_parser = parse_duration, default_value = "1h")]
     reclaim_after: Duration,
+    /// Drive this node's tunnel DNAT, redirecting to the tunnel server at this address (unset: no DNAT here).
+    #[arg(long, env = "NETD_DNAT_TARGET", value_name = "IP")]
+    dnat_target: Option<std::net::Ipv4Addr>,
+    #[command(flatten)]
+    dnat: netd::dnat::AttachArgs,
+    /// Edge node address types redirected, comma-separated (kube-apiserver's --kubelet-preferred-address-types).
+    #[arg(
+        long,
+        env = "NETD_DNAT_ADDRESS_TYPES",
+        value_name = "TYPE,...",
+        value_delimiter = ',',
+        default_value = "InternalIP"
+    )]
+    dnat_address_types: Vec<String>,
+    /// This node's name, in the Events of the tunnel configuration (default: $NODE_NAME, else the host name).
+    #[arg(long, env = "NETD_NODE_NAME", value_name = "NAME")]
+    node_name: Option<String>,
     /// Where /healthz, /readyz and /metrics are served ('' = nowhere).
-    #[arg(long, env = "NETD_METRICS_LISTEN", value_name = "ADDR:PORT", default_value = "0.0.0.0:10266",
+    #[arg(long, env = "NETD_METRICS_LISTEN", value_name = "ADDR:PORT", default_value = "0.0.0.0:10267",
           value_parser = parse_listen)]
     metrics_listen: Listen,
     /// Log level: error, warn, info, debug or trace.
@@ -135,11 +153,29 @@ fn run(args: RunArgs) -> Result<()> {
         (true, None) => bail!("--allocate-node-cidrs needs --cluster-cidr"),
         (false, _) => None,
     };
+    let tunnel = match args.dnat_target {
+        None => None,
+        Some(target) => {
+            let (mut dnat, links) = netd::ebpf::dnat::TunnelDnat::load_or_attach(&args.dnat.attach_options())
+                .context("attaching the tunnel DNAT")?;
+            for link in links {
+                tracing::info!("tunnel DNAT: {link:?}");
+            }
+            dnat.set_target(target, args.dnat.scope()).context("setting the tunnel DNAT's target")?;
+            let node = args.node_name.clone().or_else(|| std::env::var("NODE_NAME").ok()).unwrap_or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string()
+            });
+            let mut options = netd::controller::tunnel_config::TunnelConfigOptions::new(node);
+            options.address_types = args.dnat_address_types.clone();
+            Some(netd::controller::TunnelPart { dnat, options })
+        }
+    };
     let options = ControllerOptions {
         client,
         election,
         nodes: NodeOptions { allocate, reclaim_after: args.reclaim_after },
         metrics_listen: args.metrics_listen.0,
+        tunnel,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async {

@@ -23,9 +23,9 @@ use std::str::FromStr;
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use netd::daemon::config::{parse_bool, parse_command_line, RunArgs};
+use netd::daemon::config::{parse_command_line, RunArgs};
 use netd::dnat::config::PortRules;
-use netd::ebpf::dnat::{AttachOptions, Scope, TunnelDnat, DEFAULT_PIN_DIR};
+use netd::ebpf::dnat::{TunnelDnat, DEFAULT_PIN_DIR};
 use netd::registry::embedded::EmbeddedRegistry;
 use netd::registry::NetworkConfig;
 use netd::vxlan::snapshot::{self, Snapshot};
@@ -135,12 +135,7 @@ enum DnatCommand {
     Detach(DnatPinArgs),
 }
 
-#[derive(Debug, Args)]
-struct DnatPinArgs {
-    /// Where the links and maps are pinned (on bpffs).
-    #[arg(long, env = "NETD_DNAT_PIN_DIR", value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
-    pin_dir: PathBuf,
-}
+type DnatPinArgs = netd::dnat::PinArgs;
 
 /// Comma-separated values; "" is none.
 #[derive(Debug, Clone)]
@@ -184,7 +179,7 @@ impl<T: FromStr + Noun> FromStr for CommaList<T> {
 #[derive(Debug, Args)]
 struct DnatApplyArgs {
     #[command(flatten)]
-    pins: DnatPinArgs,
+    attach: netd::dnat::AttachArgs,
     /// Tunnel server address redirected connections go to.
     #[arg(long, env = "NETD_DNAT_TARGET", value_name = "IP")]
     target: Ipv4Addr,
@@ -200,16 +195,6 @@ struct DnatApplyArgs {
     /// The rules from ConfigMap edge-tunnel-server-cfg (`kubectl get -o json`, or its data).
     #[arg(long, env = "NETD_DNAT_TUNNEL_CONFIG", value_name = "FILE")]
     tunnel_config: Option<PathBuf>,
-    /// Also redirect sockets in pod network namespaces; also =true|false.
-    #[arg(long, env = "NETD_DNAT_POD_NAMESPACES", value_name = "BOOL", value_parser = parse_bool,
-          num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false")]
-    pod_namespaces: bool,
-    /// The cgroup v2 directory whose sockets are redirected [default: the cgroup v2 root].
-    #[arg(long, env = "NETD_DNAT_CGROUP", value_name = "DIR")]
-    cgroup: Option<PathBuf>,
-    /// The tunnel server's cgroup, where getsockopt(SO_ORIGINAL_DST) is answered.
-    #[arg(long, env = "NETD_DNAT_ORIGINAL_DST_CGROUP", value_name = "DIR")]
-    original_dst_cgroup: Option<PathBuf>,
     /// Print the outcome as one JSON object.
     #[arg(long)]
     json: bool,
@@ -438,14 +423,10 @@ fn dnat_apply(args: DnatApplyArgs) -> Result<()> {
         (None, Some(file)) => netd::dnat::rules_from_config_map_file(file)?,
         (None, None) => netd::dnat::config::from_tunnel_config(&Default::default())?,
     };
-    let options = AttachOptions {
-        pin_dir: args.pins.pin_dir.clone(),
-        cgroup: args.cgroup,
-        original_dst_cgroup: args.original_dst_cgroup,
-    };
+    let options = args.attach.attach_options();
     let desired = netd::dnat::Desired {
         target: args.target,
-        scope: if args.pod_namespaces { Scope::AllNamespaces } else { Scope::HostNetwork },
+        scope: args.attach.scope(),
         edge_nodes: args.edge_nodes.0,
         edge_subnets: args.edge_subnets.0,
         rules,
@@ -481,7 +462,7 @@ fn dnat_apply(args: DnatApplyArgs) -> Result<()> {
             desired.edge_subnets.len(),
             changes(applied.edge_subnets),
             desired.target,
-            if args.pod_namespaces { "all namespaces" } else { "host network" }
+            if args.attach.pod_namespaces { "all namespaces" } else { "host network" }
         );
     }
     Ok(())

@@ -34,6 +34,9 @@ pub enum ControllerError {
     /// The node controller stopped.
     #[error(transparent)]
     Nodes(#[from] nodes::NodesError),
+    /// The tunnel configuration driver stopped.
+    #[error(transparent)]
+    Tunnel(#[from] tunnel_config::TunnelConfigError),
     /// A part ended that should run for ever.
     #[error("{0} stopped: {1}")]
     PartStopped(&'static str, String),
@@ -47,8 +50,15 @@ pub enum ControllerError {
     },
 }
 
+/// This cloud node's tunnel DNAT, driven on every replica.
+pub struct TunnelPart {
+    /// The attached DNAT, its target set.
+    pub dnat: crate::ebpf::dnat::TunnelDnat,
+    /// Which addresses and whose Events.
+    pub options: tunnel_config::TunnelConfigOptions,
+}
+
 /// What `netd-controller run` runs.
-#[derive(Debug, Clone)]
 pub struct ControllerOptions {
     /// The API server.
     pub client: KubeClient,
@@ -58,6 +68,8 @@ pub struct ControllerOptions {
     pub nodes: nodes::NodeOptions,
     /// `/healthz`, `/readyz` and `/metrics` (`None`: not served).
     pub metrics_listen: Option<SocketAddr>,
+    /// The tunnel DNAT of this node (`None`: not driven here).
+    pub tunnel: Option<TunnelPart>,
 }
 
 /// Every part's counters, for `/metrics`.
@@ -67,6 +79,8 @@ pub struct ControllerMetrics {
     pub leader: AtomicBool,
     /// The node controller's.
     pub nodes: Arc<nodes::NodeMetrics>,
+    /// The tunnel configuration's.
+    pub tunnel: Arc<tunnel_config::TunnelConfigMetrics>,
 }
 
 impl ControllerMetrics {
@@ -78,6 +92,7 @@ impl ControllerMetrics {
         );
         out.push_str(&format!("netd_controller_leader {}\n", u8::from(self.leader.load(Ordering::Relaxed))));
         out.push_str(&self.nodes.render_prometheus());
+        out.push_str(&self.tunnel.render_prometheus());
         out
     }
 }
@@ -107,9 +122,23 @@ pub async fn run(
         }));
     }
     let mut elector = leader::LeaderElector::new(&options.client, options.election.clone())?;
+    // Node-local: every replica drives its own node's DNAT, leader or not.
+    let mut everywhere = tokio::task::JoinSet::new();
+    if let Some(TunnelPart { dnat, options: tunnel }) = options.tunnel {
+        let (client, counters) = (options.client.clone(), metrics.tunnel.clone());
+        everywhere.spawn(async move { tunnel_config::run(client, dnat, tunnel, counters).await });
+    }
+    let stopped =
+        |ended: Option<Result<Result<(), tunnel_config::TunnelConfigError>, tokio::task::JoinError>>| match ended {
+            Some(Ok(Err(error))) => ControllerError::Tunnel(error),
+            Some(Ok(Ok(()))) => ControllerError::PartStopped("the tunnel configuration", "it returned".into()),
+            Some(Err(join)) => ControllerError::PartStopped("the tunnel configuration", join.to_string()),
+            None => ControllerError::PartStopped("the tunnel configuration", "not running".into()),
+        };
     tokio::pin!(shutdown);
     tokio::select! {
         acquired = elector.acquire() => acquired?,
+        ended = everywhere.join_next(), if !everywhere.is_empty() => return Err(stopped(ended)),
         () = &mut shutdown => return Ok(()),
     }
     metrics.leader.store(true, Ordering::Relaxed);
@@ -126,6 +155,7 @@ pub async fn run(
             Some(Err(join)) => ControllerError::PartStopped("a leader task", join.to_string()),
             None => ControllerError::PartStopped("the leader tasks", "none ran".into()),
         }),
+        ended = everywhere.join_next(), if !everywhere.is_empty() => Err(stopped(ended)),
         () = &mut shutdown => Ok(()),
     };
     // Stop writing before anyone else may start.
