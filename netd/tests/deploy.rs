@@ -46,6 +46,18 @@ fn tunnel_server_rules() -> BTreeSet<Rule> {
     rules(&[("", "nodes", &["list", "watch"])])
 }
 
+/// What `netd-controller run` calls (netd/src/controller/): cluster-wide
+/// nodes and pods, in kube-system its Lease, ConfigMaps and Events.
+fn controller_rules() -> BTreeSet<Rule> {
+    rules(&[
+        ("", "nodes", &["list", "watch", "patch"]),
+        ("", "pods", &["list", "watch", "patch"]),
+        ("coordination.k8s.io", "leases", &["get", "create", "update"]),
+        ("", "configmaps", &["get", "list", "watch", "create", "update"]),
+        ("", "events", &["create"]),
+    ])
+}
+
 /// The manifest files in the order `kubectl apply -f deploy/` takes them.
 fn files() -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(DEPLOY)
@@ -146,7 +158,10 @@ fn check_mounts(pod: &Value, container: &Value, expect: &[(&str, bool)]) {
 #[test]
 fn manifests_are_what_they_should_be() {
     let names: Vec<String> = files().iter().map(|f| f.file_name().unwrap().to_string_lossy().into_owned()).collect();
-    assert_eq!(names, ["10-rbac.yaml", "20-net-conf.yaml", "30-daemonset.yaml", "40-tunnel-server.yaml"]);
+    assert_eq!(
+        names,
+        ["10-rbac.yaml", "20-net-conf.yaml", "30-daemonset.yaml", "40-tunnel-server.yaml", "50-controller.yaml"]
+    );
     let objects = objects();
     let found: Vec<(String, String, String)> = objects
         .iter()
@@ -161,15 +176,22 @@ fn manifests_are_what_they_should_be() {
         ("10-rbac.yaml", "ServiceAccount", "netd-tunnel-server"),
         ("10-rbac.yaml", "ClusterRole", "netd-tunnel-server"),
         ("10-rbac.yaml", "ClusterRoleBinding", "netd-tunnel-server"),
+        ("10-rbac.yaml", "ServiceAccount", "netd-controller"),
+        ("10-rbac.yaml", "ClusterRole", "netd-controller"),
+        ("10-rbac.yaml", "ClusterRoleBinding", "netd-controller"),
+        ("10-rbac.yaml", "Role", "netd-controller"),
+        ("10-rbac.yaml", "RoleBinding", "netd-controller"),
         ("20-net-conf.yaml", "ConfigMap", "netd-cfg"),
         ("30-daemonset.yaml", "DaemonSet", "netd"),
         ("40-tunnel-server.yaml", "DaemonSet", "netd-tunnel-server"),
+        ("50-controller.yaml", "DaemonSet", "netd-controller"),
     ];
     let expected: Vec<(String, String, String)> =
         expected.iter().map(|(f, k, n)| (f.to_string(), k.to_string(), n.to_string())).collect();
     assert_eq!(found, expected);
     for (_, object) in &objects {
         let namespaced = !object["kind"].as_str().unwrap().starts_with("Cluster");
+        // (A Role's and RoleBinding's namespace is theirs, kube-system too.)
         assert_eq!(object["metadata"].get("namespace").is_some(), namespaced, "{}", object["metadata"]);
         if namespaced {
             assert_eq!(object["metadata"]["namespace"], NS);
@@ -310,6 +332,33 @@ fn manifests_are_what_they_should_be() {
     check_mounts(pod, server, &[("/etc/netd/tunnel", true), ("/etc/kube-flannel", true), ("/sys/fs/bpf", false)]);
     let certs = pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "certs").unwrap();
     assert_eq!(certs["secret"]["secretName"], "netd-tunnel-server");
+
+    // The controller: every cloud node (its own DNAT), one leader.
+    let mut role = role_rules(find(&objects, "ClusterRole", "netd-controller"));
+    role.extend(role_rules(find(&objects, "Role", "netd-controller")));
+    assert_eq!(role, controller_rules());
+    let ds = find(&objects, "DaemonSet", "netd-controller");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], "netd-controller");
+    assert_eq!(
+        (&pod["hostNetwork"], &pod["nodeSelector"]),
+        (&json!(true), &json!({"alibabacloud.com/is-edge-worker": "false"}))
+    );
+    let [controller] = pod["containers"].as_array().unwrap().as_slice() else { panic!("one container") };
+    assert_eq!(strings(&controller["command"]), ["/usr/local/bin/netd-controller", "run"]);
+    let help = Command::new(env!("CARGO_BIN_EXE_netd-controller")).args(["run", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout).into_owned();
+    for (name, _) in env_of(controller) {
+        assert!(
+            name == "NODE_NAME" || name == "POD_NAME" || help.contains(&format!("[env: {name}=")),
+            "netd-controller run reads no {name}"
+        );
+    }
+    let metrics = env_value(controller, "NETD_METRICS_LISTEN");
+    let get = &controller["readinessProbe"]["httpGet"];
+    assert_eq!(format!("{}:{}", get["host"].as_str().unwrap(), get["port"]), metrics);
+    assert_eq!(controller["securityContext"]["capabilities"], json!({"drop": ["ALL"], "add": ["BPF", "NET_ADMIN"]}));
+    check_mounts(pod, controller, &[("/sys/fs/bpf", false), ("/sys/fs/cgroup", true)]);
 }
 
 // ---------------------------------------------------------------------------
@@ -544,6 +593,7 @@ fn deploy_applies_and_netd_runs_with_its_service_account_under_rbac() {
         assert!(resources.is_superset(&base_resources));
         assert_eq!(urls, base_urls, "{account} gets no non-resource URL beyond any account's");
         let list = kube.kubectl_ok(&["--token", &token, "auth", "can-i", "--list", "-n", NS]);
+        // (netd-controller's own check is below: it may patch nodes and write ConfigMaps.)
         assert!(list.lines().any(|l| l.starts_with("nodes ")), "{list}");
         for forbidden in ["secrets", "pods/exec", "configmaps", "leases"] {
             assert!(!list.lines().any(|l| l.starts_with(&format!("{forbidden} "))), "{account}: {list}");
@@ -563,6 +613,25 @@ fn deploy_applies_and_netd_runs_with_its_service_account_under_rbac() {
     }
     assert!(kube.can_i(&netd_token, &["patch", "nodes", "--subresource=status"]));
     assert!(kube.can_i(&netd_token, &["watch", "pods", "--all-namespaces"]));
+    // netd-controller: what its parts call, no more (no secrets, no deletes,
+    // no exec, nothing outside kube-system but nodes and pods).
+    let controller_token = kube.token("netd-controller");
+    let (resources, urls) = kube.rules_of(&controller_token, files.path());
+    let extra: BTreeSet<Rule> = resources.difference(&base_resources).cloned().collect();
+    assert_eq!(extra, controller_rules(), "netd-controller's permissions beyond any account's");
+    assert_eq!(urls, base_urls);
+    for args in [
+        &["get", "secrets", "-n", NS][..],
+        &["delete", "nodes"],
+        &["delete", "pods", "-n", NS],
+        &["create", "pods", "--subresource=exec", "-n", NS],
+        &["update", "nodes", "--subresource=status"],
+        &["create", "configmaps", "-n", "default"],
+        &["update", "leases", "-n", "kube-node-lease"],
+    ] {
+        assert!(!kube.can_i(&controller_token, args), "netd-controller may {args:?}");
+    }
+    assert!(kube.can_i(&controller_token, &["patch", "pods", "--all-namespaces"]));
 
     // netd run, as the DaemonSet runs it, with the netd ServiceAccount's token.
     let node = &cluster.nodes[0];
@@ -655,7 +724,7 @@ fn deploy_applies_and_netd_runs_with_its_service_account_under_rbac() {
     kube.api_ok("DELETE", "/api/v1/nodes/flannel-2", None);
     wait_for("the departed node's route removed", &netd_log, || !has_route(node, "10.244.2.0/24"));
     let text = netd.log();
-    assert!(!text.contains("forbidden") && !text.contains("403"), "netd was refused something:\n{text}");
+    assert!(!text.contains("forbidden") && !text.contains("HTTP 403"), "netd was refused something:\n{text}");
 
     // The tunnel server with its own token: reads the leases, nothing else.
     let tunnel_token = files.path().join("tunnel.token");
@@ -687,7 +756,7 @@ fn deploy_applies_and_netd_runs_with_its_service_account_under_rbac() {
     wait_for("the tunnel server's lease list", &|| tunnel.log(), || tunnel.log().contains("leased nodes routable"));
     let text = tunnel.log();
     assert!(text.contains("tunnel server: 1 leased nodes routable"), "{text}");
-    assert!(!text.contains("forbidden") && !text.contains("403") && !text.contains("retrying"), "{text}");
+    assert!(!text.contains("forbidden") && !text.contains("HTTP 403") && !text.contains("retrying"), "{text}");
     drop(tunnel);
     drop(netd);
     // netd cleanup of the node namespace is the namespace's removal.
