@@ -797,8 +797,12 @@ impl Controller {
 
     fn set_node(&mut self, name: String, autonomy: Autonomy) {
         let pods: Vec<PodKey> = self.by_node.get(&name).map(|p| p.iter().cloned().collect()).unwrap_or_default();
-        let what = if autonomy.is_on() { "making their tolerations last" } else { "giving back saved tolerations" };
-        tracing::info!(node = %name, %autonomy, pods = pods.len(), "node autonomy changed: {what}");
+        if self.nodes.contains_key(&name) || autonomy.is_on() {
+            let what = if autonomy.is_on() { "making their tolerations last" } else { "giving back saved tolerations" };
+            tracing::info!(node = %name, %autonomy, pods = pods.len(), "node autonomy changed: {what}");
+        } else {
+            tracing::debug!(node = %name, pods = pods.len(), "node seen, not autonomous");
+        }
         self.nodes.insert(name, autonomy);
         for key in pods {
             self.consider(key);
