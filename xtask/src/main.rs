@@ -24,7 +24,7 @@ tasks:
   setup   install (idempotently) the Debian packages netd needs to build, test and demo
   test    run every test, unprivileged and privileged (root; network namespaces),
           and check that no namespace, link or cgroup is left behind
-  bench [cni|vxlan|events|rss|scenario|dnat|tunnel|all]
+  bench [cni|vxlan|events|rss|scenario|dnat|tunnel|autonomy|all]
           side-by-side benchmarks needing namespaces or external tools (root)
   ci      setup, fmt check, clippy, build, test, bench --no-run, doc: what CI runs
 ";
@@ -151,13 +151,13 @@ fn demo() -> Result<()> {
 }
 
 fn bench(which: &str) -> Result<()> {
-    const KNOWN: [&str; 8] = ["cni", "vxlan", "events", "rss", "scenario", "dnat", "tunnel", "all"];
+    const KNOWN: [&str; 9] = ["cni", "vxlan", "events", "rss", "scenario", "dnat", "tunnel", "autonomy", "all"];
     if !KNOWN.contains(&which) {
         eprint!("{USAGE}");
         bail!("unknown benchmark `{which}` (known: {})", KNOWN.join(", "));
     }
-    if matches!(which, "scenario" | "all") {
-        // The scenario runs on a kube-apiserver too.
+    if matches!(which, "scenario" | "autonomy" | "all") {
+        // The scenario and autonomy run on a kube-apiserver too.
         setup::run()?;
     } else {
         setup::packages()?;

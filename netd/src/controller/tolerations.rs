@@ -757,12 +757,10 @@ impl Controller {
                         seen.insert(name.to_string(), self.judge_node(name, node));
                     }
                 }
-                let old = std::mem::take(&mut self.nodes);
+                self.nodes.retain(|name, _| seen.contains_key(name));
                 for (name, autonomy) in seen {
-                    if old.get(&name) != Some(&autonomy) {
+                    if self.nodes.get(&name) != Some(&autonomy) {
                         self.set_node(name, autonomy);
-                    } else {
-                        self.nodes.insert(name, autonomy);
                     }
                 }
             }
