@@ -35,7 +35,9 @@ pub fn run(which: &str, bin_dir: &Path) -> Result<()> {
             crate::bench_tunnel::run(bin_dir)?;
             crate::bench_autonomy::run(AUTONOMY_ROUNDS, AUTONOMY_PODS)
         }
-        other => bail!("unknown benchmark `{other}` (known: cni, vxlan, events, rss, scenario, dnat, tunnel, autonomy, all)"),
+        other => {
+            bail!("unknown benchmark `{other}` (known: cni, vxlan, events, rss, scenario, dnat, tunnel, autonomy, all)")
+        }
     }
 }
 

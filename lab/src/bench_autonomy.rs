@@ -47,16 +47,13 @@ pub fn run(rounds: usize, pods: usize) -> Result<()> {
     println!("\nnetd-controller, {pods} pods on one node, {CONCURRENCY} patches in flight, kube-apiserver 1.20.2 on loopback; {rounds} rounds (ms):\n");
     println!("| step | median | min | max | pods/s (median) |");
     println!("| --- | ---: | ---: | ---: | ---: |");
-    for (label, mut times) in [("autonomy set → all pods rewritten", rewrite), ("autonomy unset → all pods restored", restore)] {
+    for (label, mut times) in
+        [("autonomy set → all pods rewritten", rewrite), ("autonomy unset → all pods restored", restore)]
+    {
         times.sort();
         let median = percentile(&times, 0.5);
         let rate = pods as f64 / median.as_secs_f64().max(1e-9);
-        println!(
-            "| {label} | {} | {} | {} | {rate:.0} |",
-            ms(median),
-            ms(times[0]),
-            ms(times[times.len() - 1])
-        );
+        println!("| {label} | {} | {} | {} | {rate:.0} |", ms(median), ms(times[0]), ms(times[times.len() - 1]));
     }
     Ok(())
 }
@@ -107,17 +104,35 @@ async fn measure(server: &KubeApiServer, rounds: usize, pods: usize) -> Result<(
             nodes.patch(NODE, &PatchParams::default(), &Patch::Merge(&patch)).await?;
             while counter() < before + pods as u64 {
                 ensure!(!controller.is_finished(), "the controller stopped");
-                ensure!(started.elapsed() < STEP_LIMIT, "not all pods patched within {STEP_LIMIT:?}: {}", metrics.render_prometheus());
+                ensure!(
+                    started.elapsed() < STEP_LIMIT,
+                    "not all pods patched within {STEP_LIMIT:?}: {}",
+                    metrics.render_prometheus()
+                );
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
             let took = started.elapsed();
             let listed = all_pods.list(&ListParams::default()).await?;
             let saved = listed.items.iter().filter(|p| p.annotation(ANNOTATION_SAVED).is_some()).count();
-            ensure!(saved == if on { pods } else { 0 }, "{saved} of {pods} pods carry {ANNOTATION_SAVED} after autonomy {}", if on { "set" } else { "unset" });
+            ensure!(
+                saved == if on { pods } else { 0 },
+                "{saved} of {pods} pods carry {ANNOTATION_SAVED} after autonomy {}",
+                if on { "set" } else { "unset" }
+            );
             if round > 0 {
-                if on { rewrite.push(took) } else { restore.push(took) }
+                if on {
+                    rewrite.push(took)
+                } else {
+                    restore.push(took)
+                }
             }
-            println!("round {round}: autonomy {} → {} pods {} in {} ms", if on { "set" } else { "unset" }, pods, if on { "rewritten" } else { "restored" }, ms(took));
+            println!(
+                "round {round}: autonomy {} → {} pods {} in {} ms",
+                if on { "set" } else { "unset" },
+                pods,
+                if on { "rewritten" } else { "restored" },
+                ms(took)
+            );
         }
     }
     ensure!(metrics.errors() == 0, "errors: {}", metrics.render_prometheus());

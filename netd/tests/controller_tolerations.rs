@@ -66,8 +66,11 @@ async fn create_node(client: &kube::Client, name: &str, edge: bool, annotations:
     let labels = json!({ EDGE_LABEL: edge.to_string() });
     create(&nodes, json!({ "metadata": { "name": name, "labels": labels, "annotations": annotations } })).await;
     let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
-    create(&leases, json!({ "metadata": { "name": name }, "spec": { "holderIdentity": name, "leaseDurationSeconds": 40 } }))
-        .await;
+    create(
+        &leases,
+        json!({ "metadata": { "name": name }, "spec": { "holderIdentity": name, "leaseDurationSeconds": 40 } }),
+    )
+    .await;
     renew(client, name).await;
 }
 
@@ -82,7 +85,8 @@ async fn create_pod(pods: &Api<Pod>, name: &str, node: Option<&str>, tolerations
         spec["nodeName"] = json!(node);
     }
     let labels = json!({ "app": name });
-    create(pods, json!({ "metadata": { "name": name, "labels": labels, "ownerReferences": owners }, "spec": spec })).await
+    create(pods, json!({ "metadata": { "name": name, "labels": labels, "ownerReferences": owners }, "spec": spec }))
+        .await
 }
 
 fn tolerations_of(pod: &Pod) -> Value {
@@ -241,7 +245,11 @@ async fn autonomous_pods_stay_and_get_their_tolerations_back() {
     let binding = json!({ "apiVersion": "v1", "kind": "Binding", "metadata": { "name": "auto-bound-later" },
                           "target": { "apiVersion": "v1", "kind": "Node", "name": AUTO } });
     let (status, body) = api
-        .api("POST", "/api/v1/namespaces/default/pods/auto-bound-later/binding", Some(("application/json", &binding.to_string())))
+        .api(
+            "POST",
+            "/api/v1/namespaces/default/pods/auto-bound-later/binding",
+            Some(("application/json", &binding.to_string())),
+        )
         .unwrap();
     assert_eq!(status, 201, "{body}");
     let protected = ["auto-default", "auto-user", "auto-odd", "auto-created-later", "auto-bound-later"];
@@ -303,7 +311,10 @@ async fn autonomous_pods_stay_and_get_their_tolerations_back() {
         let original = originals[name].as_array().unwrap();
         if name == "auto-odd" {
             assert_eq!(&now.as_array().unwrap()[..original.len()], original.as_slice());
-            assert_eq!(now[original.len()], json!({ "key": TAINT_NOT_READY, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 0 }));
+            assert_eq!(
+                now[original.len()],
+                json!({ "key": TAINT_NOT_READY, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 0 })
+            );
         } else {
             assert_eq!(now, originals[name], "{name} not restored exactly");
         }

@@ -355,11 +355,14 @@ fn parse_saved(text: &str) -> Result<Vec<SavedToleration>, TolerationError> {
     match value.get("version").and_then(Value::as_u64) {
         Some(SAVED_VERSION) => {}
         Some(other) => {
-            return Err(bad(format!("version {other}; this netd reads version {SAVED_VERSION} (written by a newer one?)")))
+            return Err(bad(format!(
+                "version {other}; this netd reads version {SAVED_VERSION} (written by a newer one?)"
+            )))
         }
         None => return Err(bad("no numeric \"version\"".into())),
     }
-    let saved: Saved = serde_path_to_error::deserialize(value).map_err(|e| bad(format!("at {}: {}", e.path(), e.inner())))?;
+    let saved: Saved =
+        serde_path_to_error::deserialize(value).map_err(|e| bad(format!("at {}: {}", e.path(), e.inner())))?;
     let mut indexes = HashSet::new();
     for entry in &saved.tolerations {
         if entry.toleration.contains_key("tolerationSeconds") {
@@ -419,7 +422,8 @@ fn without_seconds(toleration: &Value) -> Map<String, Value> {
 /// the first unclaimed equal one.
 fn resolve(tolerations: &[Value], entry: &SavedToleration, claimed: &BTreeMap<usize, Original>) -> Option<usize> {
     let fits = |i: usize| {
-        !claimed.contains_key(&i) && tolerations.get(i).is_some_and(|t| t.is_object() && without_seconds(t) == entry.toleration)
+        !claimed.contains_key(&i)
+            && tolerations.get(i).is_some_and(|t| t.is_object() && without_seconds(t) == entry.toleration)
     };
     let index = if fits(entry.index) { Some(entry.index) } else { (0..tolerations.len()).find(|&i| fits(i)) }?;
     // Seconds go only on NoExecute tolerations (API validation).
@@ -517,11 +521,9 @@ pub fn plan(pod: &PodFacts<'_>, autonomy: Autonomy) -> Result<Plan, TolerationEr
         )
     };
     let tolerations = (desired.as_slice() != current).then_some(desired);
-    let patch = (tolerations.is_some() || saved_change != SavedChange::Keep).then(|| PodPatch {
-        direction: if on { Direction::Rewrite } else { Direction::Restore },
-        tolerations,
-        saved: saved_change,
-    });
+    let changed = tolerations.is_some() || saved_change != SavedChange::Keep;
+    let direction = if on { Direction::Rewrite } else { Direction::Restore };
+    let patch = changed.then_some(PodPatch { direction, tolerations, saved: saved_change });
     Ok(Plan { patch, skipped: None, problems })
 }
 
@@ -1089,7 +1091,9 @@ mod tests {
                 all.push(tol(key, "Exists", "NoExecute", seconds));
             }
             all.push(tol(key, "Exists", "", None));
-            all.push(json!({ "key": key, "operator": "Equal", "value": "x", "effect": "NoExecute", "tolerationSeconds": 9 }));
+            all.push(
+                json!({ "key": key, "operator": "Equal", "value": "x", "effect": "NoExecute", "tolerationSeconds": 9 }),
+            );
         }
         all.push(tol("", "Exists", "", None));
         all.push(tol("", "Exists", "NoExecute", Some(60)));
@@ -1118,7 +1122,11 @@ mod tests {
         let sequences = [
             vec![Autonomy::Forever],
             vec![Autonomy::For(Duration::from_secs(100))],
-            vec![Autonomy::For(Duration::from_millis(1500)), Autonomy::Forever, Autonomy::For(Duration::from_secs(600))],
+            vec![
+                Autonomy::For(Duration::from_millis(1500)),
+                Autonomy::Forever,
+                Autonomy::For(Duration::from_secs(600)),
+            ],
             vec![Autonomy::Forever, Autonomy::Off, Autonomy::For(Duration::from_secs(7))],
         ];
         for original in &lists {
@@ -1130,7 +1138,9 @@ mod tests {
                     for (i, taint) in TAINTS.iter().enumerate() {
                         let now = eviction(&tolerations, taint);
                         match autonomy {
-                            Autonomy::Forever => assert_eq!(now, Some(None), "{taint}: {original:?} -> {tolerations:?}"),
+                            Autonomy::Forever => {
+                                assert_eq!(now, Some(None), "{taint}: {original:?} -> {tolerations:?}")
+                            }
                             Autonomy::For(bound) => {
                                 let bound = bound_seconds(bound);
                                 let ok = match (before[i], now) {
@@ -1182,7 +1192,10 @@ mod tests {
             ]})
         );
         // A bound longer than the originals, then back to forever.
-        assert_eq!(step(&mut tolerations, &mut saved, Autonomy::For(Duration::from_secs(3600))), Some(Direction::Rewrite));
+        assert_eq!(
+            step(&mut tolerations, &mut saved, Autonomy::For(Duration::from_secs(3600))),
+            Some(Direction::Rewrite)
+        );
         assert_eq!(seconds(&tolerations[2]), Some(3600));
         assert_eq!(step(&mut tolerations, &mut saved, Autonomy::Off), Some(Direction::Restore));
         assert_eq!((&tolerations, &saved), (&original, &None));
