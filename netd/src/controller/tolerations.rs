@@ -91,7 +91,8 @@
 //! changes, with at most [`CONCURRENCY`] patches in flight. Each patch is a
 //! JSON merge patch carrying the `resourceVersion` it was planned from: on a
 //! conflict the pod is read again and planned again; transient errors are
-//! retried with backoff, then left to the next event or relist. It is
+//! retried with backoff, and a pod that still failed is tried again
+//! [`RETRY_AFTER`] later (one the API server refuses, on its next change). It is
 //! cancel-safe: the caller aborts it when it loses leadership, and because
 //! every patch changes tolerations and annotation together, whatever was in
 //! flight was applied whole or not at all; the next leader plans from
@@ -136,6 +137,9 @@ pub const CONCURRENCY: usize = 32;
 pub const FIELD_MANAGER: &str = "netd-controller";
 /// Attempts per pod and event (conflicts and transient errors).
 const ATTEMPTS: usize = 5;
+/// When a pod whose patch kept failing for a transient reason (conflicts,
+/// an unreachable API server) is tried again.
+pub const RETRY_AFTER: Duration = Duration::from_secs(30);
 /// Pods that can no longer be evicted are not watched.
 const POD_FIELDS: &str = "status.phase!=Succeeded,status.phase!=Failed";
 
@@ -699,8 +703,8 @@ enum Outcome {
     Unchanged,
     /// The pod is gone.
     Gone,
-    /// Given up; why.
-    Failed(String),
+    /// Given up; why, and whether trying again later may help.
+    Failed { reason: String, transient: bool },
 }
 
 struct Controller {
@@ -717,6 +721,8 @@ struct Controller {
     /// What was last logged per pod (problems, unreadable annotations), so
     /// a pod's status updates do not repeat it.
     logged: HashMap<PodKey, String>,
+    /// Pods to try again, by when.
+    retries: BTreeMap<Instant, Vec<PodKey>>,
 }
 
 /// Runs the controller until aborted; see the module docs. Returns only
@@ -735,10 +741,13 @@ pub async fn run(client: KubeClient, metrics: Arc<TolerationMetrics>) -> Result<
         in_flight: HashMap::new(),
         tasks: JoinSet::new(),
         logged: HashMap::new(),
+        retries: BTreeMap::new(),
     };
     loop {
         controller.dispatch();
+        let retry_at = controller.retries.keys().next().copied();
         tokio::select! {
+            _ = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => controller.retry_due(),
             event = node_watch.next() => controller.on_nodes(event?),
             event = pod_watch.next() => controller.on_pods(event?),
             Some(done) = controller.tasks.join_next(), if !controller.tasks.is_empty() => match done {
@@ -921,6 +930,18 @@ impl Controller {
         }
     }
 
+    fn retry_due(&mut self) {
+        let now = Instant::now();
+        while let Some(entry) = self.retries.first_entry() {
+            if *entry.key() > now {
+                return;
+            }
+            for key in entry.remove() {
+                self.consider(key);
+            }
+        }
+    }
+
     fn finished(&mut self, key: PodKey, outcome: Outcome) {
         let dirty = self.in_flight.remove(&key).unwrap_or(false);
         match outcome {
@@ -939,9 +960,15 @@ impl Controller {
                 }
             }
             Outcome::Unchanged | Outcome::Gone => {}
-            Outcome::Failed(reason) => {
+            Outcome::Failed { reason, transient } => {
                 self.metrics.errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(pod = %key, %reason, "tolerations not patched; trying again on the pod's next change or relist");
+                if transient {
+                    let secs = RETRY_AFTER.as_secs();
+                    tracing::warn!(pod = %key, %reason, "tolerations not patched; trying again in {secs} s");
+                    self.retries.entry(Instant::now() + RETRY_AFTER).or_default().push(key.clone());
+                } else {
+                    tracing::warn!(pod = %key, %reason, "tolerations not patched; trying again on the pod's next change");
+                }
             }
         }
         if dirty {
@@ -985,7 +1012,7 @@ async fn reconcile(client: kube::Client, key: &PodKey, mut pod: Object<PodTolera
         let patch = match planned {
             Ok(Plan { patch: Some(patch), .. }) => patch,
             Ok(_) => return Outcome::Unchanged,
-            Err(error) => return Outcome::Failed(error.to_string()),
+            Err(error) => return Outcome::Failed { reason: error.to_string(), transient: false },
         };
         let planned_from = pod.resource_version().map(String::from);
         match send(&api, key, &patch.to_merge_patch(planned_from.as_deref())).await {
@@ -1012,10 +1039,10 @@ async fn reconcile(client: kube::Client, key: &PodKey, mut pod: Object<PodTolera
                 last = error.to_string();
                 tokio::time::sleep(backoff.next_delay()).await;
             }
-            Err(SendError::Other(error)) => return Outcome::Failed(error.to_string()),
+            Err(SendError::Other(error)) => return Outcome::Failed { reason: error.to_string(), transient: false },
         }
     }
-    Outcome::Failed(format!("gave up after {ATTEMPTS} attempts; last: {last}"))
+    Outcome::Failed { reason: format!("gave up after {ATTEMPTS} attempts; last: {last}"), transient: true }
 }
 
 #[cfg(test)]
