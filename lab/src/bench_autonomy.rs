@@ -27,6 +27,18 @@ use serde_json::json;
 use crate::bench::{machine, ms, percentile};
 
 const NODE: &str = "bench-edge";
+/// CPU time of this process (the controller, and the bench's 1 ms polling
+/// loop) so far, from `/proc/self/stat` (clock ticks of 10 ms).
+fn own_cpu() -> Result<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    // utime and stime are the 14th and 15th fields of the whole line, the
+    // 12th and 13th after the parenthesised command name.
+    let rest = stat.rsplit_once(')').map(|(_, rest)| rest).context("/proc/self/stat has no command name")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<u64> { Ok(fields.get(i).context("short /proc/self/stat")?.parse()?) };
+    Ok(Duration::from_millis((ticks(11)? + ticks(12)?) * 10))
+}
+
 /// The longest one step may take before the benchmark gives up.
 const STEP_LIMIT: Duration = Duration::from_secs(120);
 
@@ -43,17 +55,20 @@ pub fn run(rounds: usize, pods: usize) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let (rewrite, restore) = runtime.block_on(measure(&server, rounds, pods))?;
+    let [rewrite, restore] = runtime.block_on(measure(&server, rounds, pods))?;
     println!("\nnetd-controller, {pods} pods on one node, {CONCURRENCY} patches in flight, kube-apiserver 1.20.2 on loopback; {rounds} rounds (ms):\n");
-    println!("| step | median | min | max | pods/s (median) |");
-    println!("| --- | ---: | ---: | ---: | ---: |");
-    for (label, mut times) in
+    println!("| step | median | min | max | pods/s (median) | controller CPU (median) |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    for (label, samples) in
         [("autonomy set → all pods rewritten", rewrite), ("autonomy unset → all pods restored", restore)]
     {
+        let (mut times, mut cpu): (Vec<Duration>, Vec<Duration>) = samples.into_iter().unzip();
         times.sort();
+        cpu.sort();
         let median = percentile(&times, 0.5);
         let rate = pods as f64 / median.as_secs_f64().max(1e-9);
-        println!("| {label} | {} | {} | {} | {rate:.0} |", ms(median), ms(times[0]), ms(times[times.len() - 1]));
+        let (min, max, cpu) = (ms(times[0]), ms(times[times.len() - 1]), ms(percentile(&cpu, 0.5)));
+        println!("| {label} | {} | {min} | {max} | {rate:.0} | {cpu} |", ms(median));
     }
     Ok(())
 }
@@ -80,7 +95,9 @@ fn populate(server: &KubeApiServer, pods: usize) -> Result<()> {
     Ok(())
 }
 
-async fn measure(server: &KubeApiServer, rounds: usize, pods: usize) -> Result<(Vec<Duration>, Vec<Duration>)> {
+/// Per timed round, the wall time and this process's CPU time of the
+/// rewrite (first) and of the restore (second).
+async fn measure(server: &KubeApiServer, rounds: usize, pods: usize) -> Result<[Vec<(Duration, Duration)>; 2]> {
     let client = KubeClient::new(&KubeConfig {
         server: server.url(),
         token: Some(server.token().to_string()),
@@ -93,13 +110,14 @@ async fn measure(server: &KubeApiServer, rounds: usize, pods: usize) -> Result<(
     let controller = tokio::spawn(tolerations::run(client.clone(), metrics.clone()));
     let nodes: Api<Object<NodeAutonomy>> = Api::all(client.client());
     let all_pods: Api<Object<PodTolerations>> = Api::namespaced(client.client(), "default");
-    let (mut rewrite, mut restore) = (Vec::new(), Vec::new());
+    let mut samples = [Vec::new(), Vec::new()];
     for round in 0..=rounds {
         for on in [true, false] {
             let counter = || if on { metrics.rewritten() } else { metrics.restored() };
             let before = counter();
             let value = if on { json!("true") } else { json!(null) };
             let patch = json!({ "metadata": { "annotations": { ANNOTATION_AUTONOMY: value } } });
+            let cpu_before = own_cpu()?;
             let started = Instant::now();
             nodes.patch(NODE, &PatchParams::default(), &Patch::Merge(&patch)).await?;
             while counter() < before + pods as u64 {
@@ -112,6 +130,7 @@ async fn measure(server: &KubeApiServer, rounds: usize, pods: usize) -> Result<(
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
             let took = started.elapsed();
+            let cpu = own_cpu()?.saturating_sub(cpu_before);
             let listed = all_pods.list(&ListParams::default()).await?;
             let saved = listed.items.iter().filter(|p| p.annotation(ANNOTATION_SAVED).is_some()).count();
             ensure!(
@@ -120,22 +139,19 @@ async fn measure(server: &KubeApiServer, rounds: usize, pods: usize) -> Result<(
                 if on { "set" } else { "unset" }
             );
             if round > 0 {
-                if on {
-                    rewrite.push(took)
-                } else {
-                    restore.push(took)
-                }
+                samples[usize::from(!on)].push((took, cpu));
             }
             println!(
-                "round {round}: autonomy {} → {} pods {} in {} ms",
+                "round {round}: autonomy {} → {} pods {} in {} ms ({} ms CPU here)",
                 if on { "set" } else { "unset" },
                 pods,
                 if on { "rewritten" } else { "restored" },
-                ms(took)
+                ms(took),
+                ms(cpu)
             );
         }
     }
     ensure!(metrics.errors() == 0, "errors: {}", metrics.render_prometheus());
     controller.abort();
-    Ok((rewrite, restore))
+    Ok(samples)
 }
