@@ -338,3 +338,98 @@ async fn autonomous_pods_stay_and_get_their_tolerations_back() {
     kubelet.abort();
     eprintln!("test took {:?}", started.elapsed());
 }
+
+/// Two controllers at once (a leadership hand-over where both briefly run)
+/// race on the same pods: conflicts are read again and planned again, and
+/// the pods end up rewritten once, not twice. Then one is aborted, autonomy
+/// is unset and a fresh one (the next leader) gives everything back. A pod
+/// with a garbage annotation is left alone throughout, with an error
+/// counted, until the annotation is removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_and_restarted_controllers_converge_and_garbage_is_left_alone() {
+    let Some(_kernel) = testing::privileged().unwrap() else { return };
+    let builder = KubeCluster::builder();
+    if !builder.binaries_available().unwrap() {
+        return;
+    }
+    let cluster = builder.start().unwrap();
+    let api = cluster.api();
+    let client = KubeClient::new(&KubeConfig {
+        server: api.url(),
+        token: Some(api.token().to_string()),
+        token_file: None,
+        ca_cert_pem: Some(api.ca_cert_pem().unwrap()),
+        node_name: "controller".into(),
+        network: None,
+    })
+    .unwrap();
+    let kube = client.client();
+    let nodes: Api<Node> = Api::all(kube.clone());
+    create(&nodes, json!({ "metadata": { "name": AUTO, "annotations": { ANNOTATION_AUTONOMY: "true" } } })).await;
+    let accounts: Api<ServiceAccount> = Api::namespaced(kube.clone(), "default");
+    create(&accounts, json!({ "metadata": { "name": "default" } })).await;
+    let pods: Api<Pod> = Api::namespaced(kube.clone(), "default");
+    let count = 60;
+    let mut originals = BTreeMap::new();
+    for i in 0..count {
+        let name = format!("app-{i:02}");
+        let pod = create_pod(&pods, &name, Some(AUTO), json!([]), json!([])).await;
+        originals.insert(name, tolerations_of(&pod));
+    }
+    let garbage = create_pod(&pods, "garbage", Some(AUTO), json!([]), json!([])).await;
+    let annotate =
+        json!({ "metadata": { "annotations": { ANNOTATION_SAVED: "{\"version\": 1, \"tolerations\": [oops" } } });
+    pods.patch("garbage", &PatchParams::default(), &Patch::Merge(&annotate)).await.unwrap();
+
+    let (first, second) = (Arc::new(TolerationMetrics::default()), Arc::new(TolerationMetrics::default()));
+    let a = tokio::spawn(tolerations::run(client.clone(), first.clone()));
+    let b = tokio::spawn(tolerations::run(client.clone(), second.clone()));
+    let all_saved = |want: bool| {
+        let (pods, originals) = (pods.clone(), originals.clone());
+        async move {
+            for name in originals.keys() {
+                if saved(&get(&pods, name).await).is_some() != want {
+                    return None;
+                }
+            }
+            Some(())
+        }
+    };
+    wait_for("every pod rewritten", Duration::from_secs(30), || all_saved(true)).await;
+    // Give the slower one time to finish what it started.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(first.rewritten() + second.rewritten(), count as u64, "a pod was patched twice");
+    for name in originals.keys() {
+        let now = tolerations_of(&get(&pods, name).await);
+        assert_eq!(eviction(&now, TAINT_UNREACHABLE), Some(None), "{name}: {now}");
+    }
+    let untouched = get(&pods, "garbage").await;
+    assert_eq!(tolerations_of(&untouched), tolerations_of(&garbage), "the garbage pod was rewritten");
+    assert!(saved(&untouched).unwrap().ends_with("[oops"), "the garbage annotation was changed");
+    assert_eq!((first.errors(), second.errors()), (1, 1));
+
+    // The leader goes; autonomy ends; the next leader gives it all back.
+    a.abort();
+    b.abort();
+    let off = json!({ "metadata": { "annotations": { ANNOTATION_AUTONOMY: null } } });
+    nodes.patch(AUTO, &PatchParams::default(), &Patch::Merge(&off)).await.unwrap();
+    let next = Arc::new(TolerationMetrics::default());
+    let c = tokio::spawn(tolerations::run(client.clone(), next.clone()));
+    wait_for("every pod restored", Duration::from_secs(30), || all_saved(false)).await;
+    for (name, original) in &originals {
+        assert_eq!(&tolerations_of(&get(&pods, name).await), original, "{name}");
+    }
+    assert_eq!(next.restored(), count as u64);
+    assert!(saved(&get(&pods, "garbage").await).is_some());
+
+    // Removing the garbage makes the current tolerations the originals.
+    let clear = json!({ "metadata": { "annotations": { ANNOTATION_SAVED: null } } });
+    pods.patch("garbage", &PatchParams::default(), &Patch::Merge(&clear)).await.unwrap();
+    let on = json!({ "metadata": { "annotations": { ANNOTATION_AUTONOMY: "true" } } });
+    nodes.patch(AUTO, &PatchParams::default(), &Patch::Merge(&on)).await.unwrap();
+    wait_for("the cleaned pod rewritten", Duration::from_secs(30), || async {
+        saved(&get(&pods, "garbage").await).map(|_| ())
+    })
+    .await;
+    c.abort();
+}
