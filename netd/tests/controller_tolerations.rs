@@ -8,6 +8,10 @@
 //! exactly (300 s from admission, a user's 5 s, forever), and eviction
 //! resumes as those tolerations say. DaemonSet pods and a cloud node's pods
 //! are not touched; pods created, or bound, after autonomy is set are covered.
+//!
+//! Without the controller-manager: two controllers racing on the same pods
+//! (conflicts) patch each pod once; a restarted one restores; a pod with a
+//! garbage annotation is left alone until the annotation is removed.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
