@@ -10,6 +10,9 @@ use netd::testing::{self, CniCall, CniRunner, NetNs, DEBIAN_CNI_DIR};
 /// DNAT benchmark rounds per variant and size, and connections per round.
 const DNAT_ROUNDS: usize = 31;
 const DNAT_PER_ROUND: usize = 1_000;
+/// Autonomy benchmark: timed rounds, and pods on the node.
+const AUTONOMY_ROUNDS: usize = 5;
+const AUTONOMY_PODS: usize = 1_000;
 
 /// Runs the named benchmark (or all) with the release binaries in `bin_dir`.
 pub fn run(which: &str, bin_dir: &Path) -> Result<()> {
@@ -22,6 +25,7 @@ pub fn run(which: &str, bin_dir: &Path) -> Result<()> {
         "dnat" => crate::bench_dnat::run(DNAT_ROUNDS, DNAT_PER_ROUND),
         "tunnel" => crate::bench_tunnel::run(bin_dir),
         "tunnel-config" => crate::bench_tunnel_config::run(20),
+        "autonomy" => crate::bench_autonomy::run(AUTONOMY_ROUNDS, AUTONOMY_PODS),
         "all" => {
             cni(200, bin_dir)?;
             crate::bench_vxlan::run(5, bin_dir)?;
@@ -29,10 +33,12 @@ pub fn run(which: &str, bin_dir: &Path) -> Result<()> {
             crate::bench_rss::run(1_000, bin_dir)?;
             crate::bench_scenario::run(5, bin_dir)?;
             crate::bench_dnat::run(DNAT_ROUNDS, DNAT_PER_ROUND)?;
-            crate::bench_tunnel::run(bin_dir)
+            crate::bench_tunnel::run(bin_dir)?;
+            crate::bench_tunnel_config::run(20)?;
+            crate::bench_autonomy::run(AUTONOMY_ROUNDS, AUTONOMY_PODS)
         }
         other => bail!(
-            "unknown benchmark `{other}` (known: cni, vxlan, events, rss, scenario, dnat, tunnel, tunnel-config, all)"
+            "unknown benchmark `{other}` (known: cni, vxlan, events, rss, scenario, dnat, tunnel, tunnel-config, autonomy, all)"
         ),
     }
 }

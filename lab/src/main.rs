@@ -3,10 +3,11 @@
 //!
 //! ```text
 //! netd-lab demo --bin-dir target/release
-//! netd-lab bench <cni|vxlan|events|rss|scenario|dnat|tunnel|tunnel-config|all> --bin-dir target/release
+//! netd-lab bench <cni|vxlan|events|rss|scenario|dnat|tunnel|tunnel-config|autonomy|all> --bin-dir target/release
 //! ```
 
 mod bench;
+mod bench_autonomy;
 mod bench_dnat;
 mod bench_events;
 mod bench_rss;
@@ -22,7 +23,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 
 const USAGE: &str =
-    "usage: netd-lab <demo | bench <cni|vxlan|events|rss|scenario|dnat|tunnel|tunnel-config|all>> --bin-dir DIR (run through `cargo xtask`)";
+    "usage: netd-lab <demo | bench <cni|vxlan|events|rss|scenario|dnat|tunnel|tunnel-config|autonomy|all>> --bin-dir DIR (run through `cargo xtask`)";
 
 fn main() -> Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();

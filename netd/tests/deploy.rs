@@ -51,7 +51,7 @@ fn tunnel_server_rules() -> BTreeSet<Rule> {
 fn controller_rules() -> BTreeSet<Rule> {
     rules(&[
         ("", "nodes", &["list", "watch", "patch"]),
-        ("", "pods", &["list", "watch", "patch"]),
+        ("", "pods", &["get", "list", "watch", "patch"]),
         ("coordination.k8s.io", "leases", &["get", "create", "update"]),
         ("", "configmaps", &["get", "list", "watch", "create", "update"]),
         ("", "events", &["create"]),

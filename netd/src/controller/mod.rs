@@ -81,6 +81,8 @@ pub struct ControllerMetrics {
     pub nodes: Arc<nodes::NodeMetrics>,
     /// The tunnel configuration's.
     pub tunnel: Arc<tunnel_config::TunnelConfigMetrics>,
+    /// The toleration controller's.
+    pub tolerations: Arc<tolerations::TolerationMetrics>,
 }
 
 impl ControllerMetrics {
@@ -93,6 +95,7 @@ impl ControllerMetrics {
         out.push_str(&format!("netd_controller_leader {}\n", u8::from(self.leader.load(Ordering::Relaxed))));
         out.push_str(&self.nodes.render_prometheus());
         out.push_str(&self.tunnel.render_prometheus());
+        out.push_str(&self.tolerations.render_prometheus());
         out
     }
 }
@@ -146,6 +149,10 @@ pub async fn run(
     leading.spawn({
         let (client, nodes, counters) = (options.client.clone(), options.nodes.clone(), metrics.nodes.clone());
         async move { ("node controller", nodes::run(client, nodes, counters).await.map_err(|e| e.to_string())) }
+    });
+    leading.spawn({
+        let (client, counters) = (options.client.clone(), metrics.tolerations.clone());
+        async move { ("toleration controller", tolerations::run(client, counters).await.map_err(|e| e.to_string())) }
     });
     let outcome = tokio::select! {
         lost = elector.hold() => Err(ControllerError::LostLeadership(lost)),

@@ -115,6 +115,45 @@ impl Kind for ConfigMapData {
     const KEEP: &'static [&'static str] = &["/metadata/name", "/metadata/namespace", "/data"];
 }
 
+/// Node fields the toleration controller reads: name, the autonomy
+/// annotations and the edge-worker label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeAutonomy;
+
+impl Kind for NodeAutonomy {
+    type Api = k8s_openapi::api::core::v1::Node;
+    // The keys of `model::autonomy` and `join::spec::LABEL_EDGE_WORKER`
+    // (checked by a test).
+    const KEEP: &'static [&'static str] = &[
+        "/metadata/name",
+        "/metadata/labels/alibabacloud.com~1is-edge-worker",
+        "/metadata/annotations/node.beta.alibabacloud.com~1autonomy",
+        "/metadata/annotations/node.beta.openyurt.io~1autonomy",
+        "/metadata/annotations/node.openyurt.io~1autonomy-duration",
+    ];
+}
+
+/// Pod fields the toleration controller reads: identity, owners, the
+/// mirror-pod annotation and netd's saved tolerations, node, tolerations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PodTolerations;
+
+impl Kind for PodTolerations {
+    type Api = k8s_openapi::api::core::v1::Pod;
+    // The annotation keys of `controller::tolerations` (checked by a test).
+    const KEEP: &'static [&'static str] = &[
+        "/metadata/name",
+        "/metadata/namespace",
+        "/metadata/uid",
+        "/metadata/deletionTimestamp",
+        "/metadata/ownerReferences",
+        "/metadata/annotations/kubernetes.io~1config.mirror",
+        "/metadata/annotations/netd.io~1saved-tolerations",
+        "/spec/nodeName",
+        "/spec/tolerations",
+    ];
+}
+
 /// An object of kind `K`, decoded from any JSON; see the module docs.
 #[derive(Clone, Debug)]
 pub struct Object<K: Kind> {

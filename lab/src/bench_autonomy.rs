@@ -1,0 +1,157 @@
+//! `cargo xtask bench autonomy`: how long `netd::controller::tolerations`
+//! takes to rewrite the tolerations of every pod of a node once its
+//! autonomy annotation is set, and to give them all back once it is
+//! removed, with 1 000 pods on the node and a real kube-apiserver 1.20.2 on
+//! loopback (same machine, so the API server's own work is in the figures).
+//!
+//! Each round: the annotation is patched onto the Node (the clock starts
+//! before the request) and the clock stops when the controller has counted
+//! every pod patched (the API server accepted each patch); a list then
+//! checks that every pod carries (or no longer carries) the saved
+//! tolerations. A first round warms up (watches listed, connections open)
+//! and is not counted.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::Api;
+use netd::controller::tolerations::{self, TolerationMetrics, ANNOTATION_SAVED, CONCURRENCY};
+use netd::kube::object::{NodeAutonomy, Object, PodTolerations};
+use netd::kube::{KubeClient, KubeConfig};
+use netd::model::autonomy::ANNOTATION_AUTONOMY;
+use netd::testing::{KubeApiServer, KubeCluster};
+use serde_json::json;
+
+use crate::bench::{machine, ms, percentile};
+
+const NODE: &str = "bench-edge";
+/// CPU time of this process (the controller, and the bench's 1 ms polling
+/// loop) so far, from `/proc/self/stat` (clock ticks of 10 ms).
+fn own_cpu() -> Result<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    // utime and stime are the 14th and 15th fields of the whole line, the
+    // 12th and 13th after the parenthesised command name.
+    let rest = stat.rsplit_once(')').map(|(_, rest)| rest).context("/proc/self/stat has no command name")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<u64> { Ok(fields.get(i).context("short /proc/self/stat")?.parse()?) };
+    Ok(Duration::from_millis((ticks(11)? + ticks(12)?) * 10))
+}
+
+/// The longest one step may take before the benchmark gives up.
+const STEP_LIMIT: Duration = Duration::from_secs(120);
+
+/// Runs `rounds` timed rounds with `pods` pods on one node.
+pub fn run(rounds: usize, pods: usize) -> Result<()> {
+    if !KubeCluster::builder().binaries_available()? {
+        bail!("the autonomy benchmark needs kube-apiserver (`cargo xtask setup` builds it)");
+    }
+    println!("machine: {}", machine());
+    let server = KubeApiServer::new()?;
+    populate(&server, pods)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let [rewrite, restore] = runtime.block_on(measure(&server, rounds, pods))?;
+    println!("\nnetd-controller, {pods} pods on one node, {CONCURRENCY} patches in flight, kube-apiserver 1.20.2 on loopback; {rounds} rounds (ms):\n");
+    println!("| step | median | min | max | pods/s (median) | controller CPU (median) |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    for (label, samples) in
+        [("autonomy set → all pods rewritten", rewrite), ("autonomy unset → all pods restored", restore)]
+    {
+        let (mut times, mut cpu): (Vec<Duration>, Vec<Duration>) = samples.into_iter().unzip();
+        times.sort();
+        cpu.sort();
+        let median = percentile(&times, 0.5);
+        let rate = pods as f64 / median.as_secs_f64().max(1e-9);
+        let (min, max, cpu) = (ms(times[0]), ms(times[times.len() - 1]), ms(percentile(&cpu, 0.5)));
+        println!("| {label} | {} | {min} | {max} | {rate:.0} | {cpu} |", ms(median));
+    }
+    Ok(())
+}
+
+/// The node and `pods` pods bound to it (DefaultTolerationSeconds gives
+/// each 300 s for both taints), created with kubectl from one list.
+fn populate(server: &KubeApiServer, pods: usize) -> Result<()> {
+    let items: Vec<_> = std::iter::once(json!({ "apiVersion": "v1", "kind": "ServiceAccount", "metadata": { "name": "default" } }))
+        .chain(std::iter::once(json!({ "apiVersion": "v1", "kind": "Node",
+            "metadata": { "name": NODE, "labels": { "alibabacloud.com/is-edge-worker": "true" } } })))
+        .chain((0..pods).map(|i| {
+            json!({ "apiVersion": "v1", "kind": "Pod", "metadata": { "name": format!("app-{i:04}"), "namespace": "default" },
+                "spec": { "nodeName": NODE, "automountServiceAccountToken": false,
+                          "containers": [{ "name": "c", "image": "registry.invalid/pause:3" }] } })
+        }))
+        .collect();
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("objects.json");
+    std::fs::write(&file, json!({ "apiVersion": "v1", "kind": "List", "items": items }).to_string())?;
+    let started = Instant::now();
+    let out = server.kubectl(&["create", "-f", &file.display().to_string()])?;
+    ensure!(out.status.success(), "kubectl create: {}", String::from_utf8_lossy(&out.stderr));
+    println!("created {pods} pods in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Per timed round, the wall time and this process's CPU time of the
+/// rewrite (first) and of the restore (second).
+async fn measure(server: &KubeApiServer, rounds: usize, pods: usize) -> Result<[Vec<(Duration, Duration)>; 2]> {
+    let client = KubeClient::new(&KubeConfig {
+        server: server.url(),
+        token: Some(server.token().to_string()),
+        token_file: None,
+        ca_cert_pem: Some(server.ca_cert_pem()?),
+        node_name: "bench-controller".into(),
+        network: None,
+    })?;
+    let metrics = Arc::new(TolerationMetrics::default());
+    let controller = tokio::spawn(tolerations::run(client.clone(), metrics.clone()));
+    let nodes: Api<Object<NodeAutonomy>> = Api::all(client.client());
+    let all_pods: Api<Object<PodTolerations>> = Api::namespaced(client.client(), "default");
+    let mut samples = [Vec::new(), Vec::new()];
+    for round in 0..=rounds {
+        for on in [true, false] {
+            let counter = || if on { metrics.rewritten() } else { metrics.restored() };
+            let before = counter();
+            let value = if on { json!("true") } else { json!(null) };
+            let patch = json!({ "metadata": { "annotations": { ANNOTATION_AUTONOMY: value } } });
+            let cpu_before = own_cpu()?;
+            let started = Instant::now();
+            nodes.patch(NODE, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+            while counter() < before + pods as u64 {
+                ensure!(!controller.is_finished(), "the controller stopped");
+                ensure!(
+                    started.elapsed() < STEP_LIMIT,
+                    "not all pods patched within {STEP_LIMIT:?}: {}",
+                    metrics.render_prometheus()
+                );
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let took = started.elapsed();
+            let cpu = own_cpu()?.saturating_sub(cpu_before);
+            let listed = all_pods.list(&ListParams::default()).await?;
+            let saved = listed.items.iter().filter(|p| p.annotation(ANNOTATION_SAVED).is_some()).count();
+            ensure!(
+                saved == if on { pods } else { 0 },
+                "{saved} of {pods} pods carry {ANNOTATION_SAVED} after autonomy {}",
+                if on { "set" } else { "unset" }
+            );
+            if round > 0 {
+                samples[usize::from(!on)].push((took, cpu));
+            }
+            println!(
+                "round {round}: autonomy {} → {} pods {} in {} ms ({} ms CPU here)",
+                if on { "set" } else { "unset" },
+                pods,
+                if on { "rewritten" } else { "restored" },
+                ms(took),
+                ms(cpu)
+            );
+        }
+    }
+    ensure!(metrics.errors() == 0, "errors: {}", metrics.render_prometheus());
+    controller.abort();
+    Ok(samples)
+}
