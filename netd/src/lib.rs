@@ -25,6 +25,7 @@ pub mod masquerade;
 pub mod model;
 pub mod netlink;
 pub mod registry;
+pub mod rollout;
 pub mod subnet_env;
 pub mod tunnel;
 pub mod vxlan;

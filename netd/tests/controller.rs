@@ -202,3 +202,24 @@ fn one_leader_writes_nodes_keep_their_cidr_and_mac_and_a_killed_leader_hands_ove
         get(api, "/api/v1/nodes/cloud-2").filter(has_addon_taint)
     });
 }
+
+#[test]
+fn rollout_plan_prints_the_batches_one_per_line() {
+    let plan = |args: &[&str]| {
+        let out =
+            Command::new(env!("CARGO_BIN_EXE_netd-controller")).args(["rollout", "plan"]).args(args).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert_eq!(plan(&["--nodes", "100"]).1, "1\n2\n4\n8\n10\n10\n10\n10\n10\n10\n10\n10\n5\n");
+    assert_eq!(plan(&["--nodes", "100", "--remaining", "20"]).1, "1\n2\n4\n8\n5\n");
+    assert_eq!(plan(&["--nodes", "0"]), (Some(0), String::new(), String::new()));
+    let (code, _, stderr) = plan(&["--nodes", "10", "--remaining", "11"]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("--remaining 11 is more than --nodes 10"), "{stderr}");
+    let (code, _, stderr) = plan(&["--nodes", "-3"]);
+    assert_eq!(code, Some(2), "{stderr}");
+}

@@ -35,6 +35,28 @@ struct Cli {
 enum Command {
     /// Run the controller (one replica leads; the others wait).
     Run(RunArgs),
+    /// Batched rollouts of netd.
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum RolloutCommand {
+    /// Print the batch sizes of a rollout, one per line: 1, then doubling, never above 10 % of the nodes.
+    #[command(
+        after_help = "Example:\n  netd-controller rollout plan --nodes 100\n  netd-controller rollout plan --nodes 100 --remaining 20   # after a resume"
+    )]
+    Plan(PlanArgs),
+}
+
+#[derive(Debug, Args)]
+struct PlanArgs {
+    /// How many nodes the rollout covers.
+    #[arg(long, value_name = "N")]
+    nodes: usize,
+    /// How many are still to upgrade (a resumed rollout starts again at 1); default: all.
+    #[arg(long, value_name = "N")]
+    remaining: Option<usize>,
 }
 
 #[derive(Debug, Args)]
@@ -196,6 +218,20 @@ fn main() -> ExitCode {
     let cli: Cli = parse_command_line(std::env::args_os()).unwrap_or_else(|error| error.exit());
     let outcome = match cli.command {
         Command::Run(args) => run(args),
+        Command::Rollout(RolloutCommand::Plan(args)) => {
+            if args.remaining.is_some_and(|left| left > args.nodes) {
+                eprintln!(
+                    "netd-controller: --remaining {} is more than --nodes {}",
+                    args.remaining.unwrap_or(0),
+                    args.nodes
+                );
+                return ExitCode::from(2);
+            }
+            for size in netd::rollout::Batches::new(args.nodes, args.remaining.unwrap_or(args.nodes)) {
+                println!("{size}");
+            }
+            Ok(())
+        }
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -215,7 +251,7 @@ mod tests {
     #[test]
     fn defaults_are_the_library_s() {
         let cli = Cli::try_parse_from(["netd-controller", "run"]).unwrap_or_else(|e| panic!("{e}"));
-        let Command::Run(args) = cli.command;
+        let Command::Run(args) = cli.command else { panic!("run") };
         assert_eq!(args.reclaim_after, DEFAULT_RECLAIM_AFTER);
         assert_eq!(args.lease_duration, leader::DEFAULT_LEASE_DURATION);
         assert_eq!(args.renew_deadline, leader::DEFAULT_RENEW_DEADLINE);
