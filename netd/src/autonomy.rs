@@ -12,10 +12,13 @@
 //!
 //! - **lease**: on Kubernetes the lease is the node's pod CIDR, which stays
 //!   with the Node object (kube-controller-manager frees it only when the
-//!   Node is deleted), autonomous or not. On etcd and the embedded registry
-//!   the lease lapses 24 h after its last renewal and autonomy does not
-//!   extend it: etcd deletes the key with its etcd lease, and the embedded
-//!   registry deletes a lapsed row when the next node takes a lease.
+//!   Node is deleted), autonomous or not (with `netd-controller
+//!   --allocate-node-cidrs` it outlives the Node). On etcd the lease lapses
+//!   24 h after its last renewal and autonomy does not extend it: etcd
+//!   deletes the key with its etcd lease. The embedded registry keeps an
+//!   autonomous node's lapsed lease (for ever, or for its bound after the
+//!   last renewal): no other node gets its subnet; a non-autonomous node's
+//!   lapsed row is deleted when the next node takes a lease.
 //! - **eviction**: only Kubernetes has pods. There `netd-controller`, while
 //!   it runs, lengthens the `not-ready`/`unreachable` tolerations of the pods
 //!   of an autonomous node (to the bound, or with no limit); without it the
@@ -285,6 +288,14 @@ impl Report {
             (RegistryKind::Etcd, None) => {
                 format!("{subnet}{ip}: its key has no etcd lease, so it does not lapse")
             }
+            (RegistryKind::Embedded, Some(at)) if on => {
+                let lapse = if *at > self.now { "lapses" } else { "lapsed" };
+                format!(
+                    "{subnet}{ip} {lapse} {} unless the node renews it, and is kept while the node is \
+                     autonomous: no other node gets this subnet",
+                    when(*at, self.now)
+                )
+            }
             (kind, Some(at)) => {
                 let lapse = if *at > self.now { "lapses" } else { "lapsed" };
                 let removal = match kind {
@@ -521,7 +532,7 @@ mod tests {
             text.contains("lease: 10.244.3.0/24 (public IP 192.0.2.7) lapses 2027-01-15T10:00:00Z (in 2h0m0s) unless"),
             "{text}"
         );
-        assert!(text.contains("autonomy does not extend it"), "{text}");
+        assert!(text.contains("kept while the node is autonomous: no other node gets this subnet"), "{text}");
         assert!(text.contains("eviction: none from this registry: the embedded registry has no pods"), "{text}");
         assert!(text.contains("peers: netd peers keep this node's routes after its lease lapses"), "{text}");
         assert!(!text.contains("node: "), "no health line without Kubernetes: {text}");

@@ -100,3 +100,39 @@ async fn leases_watch_and_bad_data() {
     let err = r.acquire_lease(&tiny, &request("y", "192.168.50.22", 10)).await.unwrap_err();
     assert!(matches!(err, RegistryError::NoFreeSubnet { .. }), "{err}");
 }
+
+#[tokio::test]
+async fn an_autonomous_nodes_lapsed_lease_is_never_given_to_another_node() {
+    use netd::model::flannel::LeaseAttrs;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("registry.db");
+    let config = NetworkConfig { network: "10.244.0.0/16".parse().unwrap(), subnet_len: 24, vni: 1 };
+    EmbeddedRegistry::create(&path, &config).unwrap();
+    let mut registry = EmbeddedRegistry::open(&path, Duration::from_millis(20));
+    let attrs = |ip: &str, last: u8| {
+        LeaseAttrs::vxlan(ip.parse().unwrap(), 1, netd::ipam::MacAddr([0x0e, 0, 0, 0, 0, last])).to_json()
+    };
+    // Three nodes whose leases lapsed (cut off for more than a day).
+    registry.put_raw_lease("10.244.5.0-24", "auto", &attrs("192.168.50.15", 5), Duration::ZERO).unwrap();
+    registry.put_raw_lease("10.244.6.0-24", "plain", &attrs("192.168.50.16", 6), Duration::ZERO).unwrap();
+    registry.put_raw_lease("10.244.7.0-24", "bounded", &attrs("192.168.50.17", 7), Duration::ZERO).unwrap();
+    registry.set_autonomy("auto", Autonomy::Forever).await.unwrap();
+    // Autonomous for an hour after it was cut off: that hour is long over.
+    registry.set_autonomy("bounded", Autonomy::For(Duration::from_secs(3600))).await.unwrap();
+
+    let ask = |node: &str, last: u8, subnet: &str| {
+        let mut request = request(node, &format!("192.168.50.{}", 100 + last), last);
+        request.previous_subnet = Some(subnet.parse().unwrap());
+        request
+    };
+    let granted = |lease: netd::registry::OwnLease| lease.lease.subnet.to_string();
+    let newcomer = registry.acquire_lease(&config, &ask("new-1", 1, "10.244.5.0/24")).await.unwrap();
+    assert_ne!(granted(newcomer), "10.244.5.0/24", "the autonomous node's subnet went to another node");
+    let reclaimed = registry.acquire_lease(&config, &ask("new-2", 2, "10.244.6.0/24")).await.unwrap();
+    assert_eq!(granted(reclaimed), "10.244.6.0/24", "a non-autonomous node's lapsed lease is reclaimed");
+    let past_bound = registry.acquire_lease(&config, &ask("new-3", 3, "10.244.7.0/24")).await.unwrap();
+    assert_eq!(granted(past_bound), "10.244.7.0/24", "past its bound, a bounded node's lease is reclaimed");
+    // The autonomous node is back: its own subnet.
+    let back = registry.acquire_lease(&config, &request("auto", "192.168.50.15", 5)).await.unwrap();
+    assert_eq!(granted(back), "10.244.5.0/24");
+}

@@ -445,7 +445,16 @@ fn acquire(path: &Path, config: &NetworkConfig, request: &LeaseRequest) -> Resul
     let err = |e: rusqlite::Error| store_err(path, e);
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
     let now = now_secs();
-    tx.execute("DELETE FROM lease WHERE expires_at <= ?1", [now]).map_err(err)?;
+    // A lapsed lease is reclaimed, except an autonomous node's (SPEC §4: its
+    // subnet is its own while it serves from local state, cut off): kept
+    // for ever, or for its bound after the last renewal.
+    tx.execute(
+        "DELETE FROM lease WHERE expires_at <= ?1 AND NOT EXISTS (
+             SELECT 1 FROM autonomy a WHERE a.node = lease.node AND a.autonomous = 1
+               AND (a.bound_ns IS NULL OR lease.expires_at - ?2 + a.bound_ns / 1000000000 > ?1))",
+        params![now, LEASE_TTL.as_secs() as i64],
+    )
+    .map_err(err)?;
     let mut held: Option<Ipv4Net> = None;
     let mut taken = BTreeSet::new();
     {
