@@ -14,6 +14,7 @@
 //! network namespaces, veth pairs, bridges and cgroups for privileged tests.
 
 pub mod autonomy;
+pub mod cli;
 pub mod cni;
 pub mod controller;
 pub mod daemon;

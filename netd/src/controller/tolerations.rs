@@ -112,7 +112,7 @@ use serde_json::{json, Map, Value};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::join::spec::LABEL_EDGE_WORKER;
+use crate::model::roles::LABEL_EDGE_WORKER;
 use crate::kube::object::{NodeAutonomy, Object, PodTolerations};
 use crate::kube::watch::{Backoff, ListWatch, WatchEvent};
 use crate::kube::{error_chain, KubeClient, KubeError, REQUEST_TIMEOUT};

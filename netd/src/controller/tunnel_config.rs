@@ -85,7 +85,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::dnat::config::{self, PortRules, CONFIG_MAP_NAME, CONFIG_MAP_NAMESPACE};
-use crate::join::spec::LABEL_EDGE_WORKER;
+use crate::model::roles::LABEL_EDGE_WORKER;
 use crate::kube::object::{ConfigMapData, NodeEdgeRole, Object};
 use crate::kube::watch::{Backoff, ListWatch, WatchEvent};
 use crate::kube::{call, KubeClient};

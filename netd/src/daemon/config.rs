@@ -188,14 +188,7 @@ const DEFAULT_HEALTH_ADDR: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv
 // The value parsers say what is wrong, not what was given: clap's message
 // already quotes the value and names the flag.
 
-/// clap value parser for `--flag[=BOOL]` options: true|false|1|0|yes|no.
-pub fn parse_bool(text: &str) -> Result<bool, String> {
-    match text {
-        "true" | "1" | "yes" => Ok(true),
-        "false" | "0" | "no" => Ok(false),
-        _ => Err("not a boolean (true|false|1|0|yes|no)".into()),
-    }
-}
+pub use crate::cli::parse_bool;
 
 fn parse_ipv4(text: &str) -> Result<Ipv4Addr, String> {
     text.parse().map_err(|_| "not an IPv4 address".into())

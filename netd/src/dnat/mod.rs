@@ -31,7 +31,7 @@ pub struct AttachArgs {
     #[command(flatten)]
     pub pins: PinArgs,
     /// Also redirect sockets in pod network namespaces; also =true|false.
-    #[arg(long, env = "NETD_DNAT_POD_NAMESPACES", value_name = "BOOL", value_parser = crate::daemon::config::parse_bool,
+    #[arg(long, env = "NETD_DNAT_POD_NAMESPACES", value_name = "BOOL", value_parser = crate::cli::parse_bool,
           num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false")]
     pub pod_namespaces: bool,
     /// The cgroup v2 directory whose sockets are redirected [default: the cgroup v2 root].

@@ -95,7 +95,7 @@ pub struct NodeEdgeRole;
 
 impl Kind for NodeEdgeRole {
     type Api = k8s_openapi::api::core::v1::Node;
-    // The label key is `join::spec::LABEL_EDGE_WORKER` (checked by a test
+    // The label key is `model::roles::LABEL_EDGE_WORKER` (checked by a test
     // in `controller::tunnel_config`).
     const KEEP: &'static [&'static str] = &[
         "/metadata/name",
@@ -122,7 +122,7 @@ pub struct NodeAutonomy;
 
 impl Kind for NodeAutonomy {
     type Api = k8s_openapi::api::core::v1::Node;
-    // The keys of `model::autonomy` and `join::spec::LABEL_EDGE_WORKER`
+    // The keys of `model::autonomy` and `model::roles::LABEL_EDGE_WORKER`
     // (checked by a test).
     const KEEP: &'static [&'static str] = &[
         "/metadata/name",
