@@ -112,11 +112,11 @@ use serde_json::{json, Map, Value};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::model::roles::LABEL_EDGE_WORKER;
 use crate::kube::object::{NodeAutonomy, Object, PodTolerations};
 use crate::kube::watch::{Backoff, ListWatch, WatchEvent};
 use crate::kube::{error_chain, KubeClient, KubeError, REQUEST_TIMEOUT};
 use crate::model::autonomy::{Autonomy, AutonomyStatus};
+use crate::model::roles::LABEL_EDGE_WORKER;
 
 /// The pod annotation holding the originals of the tolerations this
 /// controller changed or added (versioned JSON, see the module docs).

@@ -85,10 +85,10 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::dnat::config::{self, PortRules, CONFIG_MAP_NAME, CONFIG_MAP_NAMESPACE};
-use crate::model::roles::LABEL_EDGE_WORKER;
 use crate::kube::object::{ConfigMapData, NodeEdgeRole, Object};
 use crate::kube::watch::{Backoff, ListWatch, WatchEvent};
 use crate::kube::{call, KubeClient};
+use crate::model::roles::LABEL_EDGE_WORKER;
 
 /// `reason` of the Warning Event posted on a refused ConfigMap.
 pub const REASON_REFUSED: &str = "InvalidTunnelConfig";
