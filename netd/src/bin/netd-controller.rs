@@ -34,7 +34,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the controller (one replica leads; the others wait).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Batched rollouts of netd.
     #[command(subcommand)]
     Rollout(RolloutCommand),
@@ -217,7 +217,7 @@ fn run(args: RunArgs) -> Result<()> {
 fn main() -> ExitCode {
     let cli: Cli = parse_command_line(std::env::args_os()).unwrap_or_else(|error| error.exit());
     let outcome = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Rollout(RolloutCommand::Plan(args)) => {
             if args.remaining.is_some_and(|left| left > args.nodes) {
                 eprintln!(
