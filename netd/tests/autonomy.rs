@@ -125,7 +125,7 @@ async fn embedded_registry() {
         text.starts_with("wrote autonomy row of edge-1: autonomous=1\nwrote autonomy row of edge-1: bound_ns=NULL\n")
     );
     assert!(text.contains("autonomy: on (no time limit), from the autonomy row of edge-1 in"), "{text}");
-    assert!(text.contains("autonomy does not extend it"), "{text}");
+    assert!(text.contains("is kept while the node is autonomous: no other node gets this subnet"), "{text}");
     assert!(text.contains("peers: netd peers keep this node's routes"), "{text}");
     let json = autonomy(&reg, &["status", "edge-1", "--json"]).json();
     assert_eq!(json["version"], 1);
