@@ -45,6 +45,19 @@ fn stamp(micros: bool) -> String {
     format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}{fraction}Z", t.hour(), t.minute(), t.second())
 }
 
+/// The API server's admin credentials, as node `node` (`network`: the
+/// cluster network a registry needs).
+fn admin(api: &netd::testing::KubeApiServer, node: &str, network: Option<ipnet::Ipv4Net>) -> KubeConfig {
+    KubeConfig {
+        server: api.url(),
+        token: Some(api.token().to_string()),
+        token_file: None,
+        ca_cert_pem: Some(api.ca_cert_pem().unwrap()),
+        node_name: node.into(),
+        network,
+    }
+}
+
 async fn create<K>(api: &Api<K>, object: Value) -> K
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
@@ -162,15 +175,7 @@ async fn autonomous_pods_stay_and_get_their_tolerations_back() {
     let started = Instant::now();
     let cluster = builder.start().unwrap();
     let api = cluster.api();
-    let client = KubeClient::new(&KubeConfig {
-        server: api.url(),
-        token: Some(api.token().to_string()),
-        token_file: None,
-        ca_cert_pem: Some(api.ca_cert_pem().unwrap()),
-        node_name: "controller".into(),
-        network: None,
-    })
-    .unwrap();
+    let client = KubeClient::new(&admin(api, "controller", None)).unwrap();
     let kube = client.client();
 
     // The nodes, kept alive by the "kubelet" below; the cloud node asks for
@@ -319,15 +324,7 @@ async fn autonomous_pods_stay_and_get_their_tolerations_back() {
     // Its subnet stays, and a peer netd (its registry, what the daemon
     // programs routes from) still has it, autonomous, with that subnet.
     assert_eq!(nodes.get(AUTO).await.unwrap().spec.unwrap().pod_cidr, Some(auto_cidr.clone()));
-    let mut peer = KubernetesRegistry::new(KubeConfig {
-        server: api.url(),
-        token: Some(api.token().to_string()),
-        token_file: None,
-        ca_cert_pem: Some(api.ca_cert_pem().unwrap()),
-        node_name: PLAIN.into(),
-        network: Some("10.244.0.0/16".parse().unwrap()),
-    })
-    .unwrap();
+    let mut peer = KubernetesRegistry::new(admin(api, PLAIN, Some("10.244.0.0/16".parse().unwrap()))).unwrap();
     let PeerEvent::Resync(peers) = peer.next_event("10.244.250.0/24".parse().unwrap()).await.unwrap() else {
         panic!("the first event is a resync")
     };
@@ -395,15 +392,7 @@ async fn racing_and_restarted_controllers_converge_and_garbage_is_left_alone() {
     }
     let cluster = builder.start().unwrap();
     let api = cluster.api();
-    let client = KubeClient::new(&KubeConfig {
-        server: api.url(),
-        token: Some(api.token().to_string()),
-        token_file: None,
-        ca_cert_pem: Some(api.ca_cert_pem().unwrap()),
-        node_name: "controller".into(),
-        network: None,
-    })
-    .unwrap();
+    let client = KubeClient::new(&admin(api, "controller", None)).unwrap();
     let kube = client.client();
     let nodes: Api<Node> = Api::all(kube.clone());
     create(&nodes, json!({ "metadata": { "name": AUTO, "annotations": { ANNOTATION_AUTONOMY: "true" } } })).await;

@@ -200,6 +200,14 @@ fn tokens_in_etcd_expire_with_an_etcd_lease_and_gate_the_join() {
     assert_eq!(config["iface"], serde_json::Value::Null, "no flannelface: the default-route interface");
 }
 
+/// `netd-join` run inside `node`'s network namespace (`ip netns exec`
+/// mounts its /sys, so flannelface is checked against the node's links).
+fn join_inside(node: &netd::testing::Node, registry: &str, token: &str, dir: &Path, spec: &str) -> Run {
+    let dir = dir.to_str().unwrap();
+    let args = ["netns", "exec", node.ns.name(), NETD_JOIN, "--registry", registry, "--token", token];
+    run("ip", &[&args[..], &["--config-dir", dir, "--node-spec", spec]].concat())
+}
+
 /// `ip -d link show flannel.1` in `ns`.
 fn vxlan_details(cluster: &Cluster) -> String {
     cluster.nodes[0].ns.ip(&["-d", "link", "show", "flannel.1"]).unwrap_or_default()
@@ -223,45 +231,13 @@ fn netd_runs_from_the_config_join_wrote_with_each_field_in_effect() {
     let node_dir = tmp.path().join("etc-netd");
     let spec = r#"{"quiet":true,"nodeNameOverride":"*.edge","flannelface":"wan1","enableIptables":true,"manageRuntime":false}"#;
     // Joined from inside the node: flannelface is checked against the node's interfaces.
-    let out = run(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            node.ns.name(),
-            NETD_JOIN,
-            "--registry",
-            &registry,
-            "--token",
-            &token,
-            "--config-dir",
-            node_dir.to_str().unwrap(),
-            "--node-spec",
-            spec,
-        ],
-    );
+    let out = join_inside(node, &registry, &token, &node_dir, spec);
     assert!(out.ok, "{}", out.stderr);
     let record: serde_json::Value =
         serde_json::from_slice(&std::fs::read(node_dir.join("join.json")).unwrap()).unwrap();
     let name = record["nodeName"].as_str().unwrap().to_string();
     assert!(name.len() == 11 && name.ends_with(".edge"), "nodeNameOverride \"*.edge\" drew {name}");
-    let absent = run(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            node.ns.name(),
-            NETD_JOIN,
-            "--registry",
-            &registry,
-            "--token",
-            &token,
-            "--config-dir",
-            tmp.path().join("x").to_str().unwrap(),
-            "--node-spec",
-            r#"{"quiet":true,"flannelface":"wan9"}"#,
-        ],
-    );
+    let absent = join_inside(node, &registry, &token, &tmp.path().join("x"), r#"{"quiet":true,"flannelface":"wan9"}"#);
     assert!(!absent.ok && absent.stderr.contains("flannelface: no interface \"wan9\""), "{}", absent.stderr);
 
     let state = tmp.path().join("state");
