@@ -16,6 +16,8 @@ use netd::controller::{ControllerMetrics, ControllerOptions};
 use netd::daemon::config::{parse_command_line, parse_duration};
 use netd::kube::KubeClient;
 use netd::registry::{NetworkConfig, OpenSettings};
+use netd::rollout::kubernetes::{self as rollouts, DaemonSetRef, ExecutorOptions, StartOptions, DEFAULT_DAEMONSET};
+use netd::rollout::{Phase, Request};
 
 const EXAMPLES: &str = "Examples:
   netd-controller run                                   # in a pod: in-cluster credentials
@@ -47,6 +49,55 @@ enum RolloutCommand {
         after_help = "Example:\n  netd-controller rollout plan --nodes 100\n  netd-controller rollout plan --nodes 100 --remaining 20   # after a resume"
     )]
     Plan(PlanArgs),
+    /// Pre-check, then start rolling the netd DaemonSet's new template out, batch by batch (the leader executes).
+    #[command(
+        after_help = "Example:\n  kubectl -n kube-system set image ds/netd netd=netd:v2   # OnDelete: nothing restarts yet\n  netd-controller rollout start\n  netd-controller rollout status"
+    )]
+    Start(StartArgs),
+    /// Show the rollout; by default follow it until it finishes, pauses or is cancelled.
+    Status(StatusArgs),
+    /// Let the running batch finish, then start nothing new.
+    Pause(RequestArgs),
+    /// Start a paused rollout again at a batch of one.
+    Resume(RequestArgs),
+    /// Let the running batch finish, then stop; upgraded nodes stay upgraded.
+    Cancel(RequestArgs),
+}
+
+#[derive(Debug, Args)]
+struct StartArgs {
+    /// The netd DaemonSet, NAMESPACE/NAME (its updateStrategy must be OnDelete).
+    #[arg(long, env = "NETD_DAEMONSET", value_name = "NS/NAME", default_value = DEFAULT_DAEMONSET)]
+    daemonset: DaemonSetRef,
+    /// How long each node may take to come back Ready before the rollout pauses.
+    #[arg(long, env = "NETD_ROLLOUT_NODE_TIMEOUT", value_name = "DURATION", value_parser = parse_duration, default_value = "5m")]
+    node_timeout: Duration,
+    /// Also require the new image on every online target node (edge nodes that cannot pull while cut off).
+    #[arg(long, env = "NETD_ROLLOUT_REQUIRE_IMAGE")]
+    require_image_present: bool,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+#[derive(Debug, Args)]
+struct StatusArgs {
+    /// Follow the rollout until it is over (kubectl's --watch).
+    #[arg(short, long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    watch: bool,
+    /// Give up following after this long (0: never).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "0")]
+    timeout: Duration,
+    #[command(flatten)]
+    request: RequestArgs,
+}
+
+#[derive(Debug, Args)]
+struct RequestArgs {
+    /// Where rollouts are recorded (the netd DaemonSet's namespace).
+    #[arg(long, env = "NETD_ROLLOUT_NAMESPACE", value_name = "NS", default_value = "kube-system")]
+    namespace: String,
+    #[command(flatten)]
+    api: ApiArgs,
 }
 
 #[derive(Debug, Args)]
@@ -59,8 +110,9 @@ struct PlanArgs {
     remaining: Option<usize>,
 }
 
+/// How to reach the API server.
 #[derive(Debug, Args)]
-struct RunArgs {
+struct ApiArgs {
     /// The API server (default: in-cluster, from the service account).
     #[arg(long, env = "NETD_KUBERNETES", value_name = "URL")]
     kubernetes: Option<String>,
@@ -70,6 +122,21 @@ struct RunArgs {
     /// CA bundle for --kubernetes.
     #[arg(long, env = "NETD_CA_FILE", value_name = "FILE")]
     ca_file: Option<PathBuf>,
+}
+
+impl ApiArgs {
+    fn client(&self) -> Result<KubeClient> {
+        let settings =
+            OpenSettings { token_file: self.token_file.clone(), ca_file: self.ca_file.clone(), ..Default::default() };
+        let config = netd::registry::kube_config(self.kubernetes.as_deref(), &settings)?;
+        KubeClient::new(&config).context("the API server settings")
+    }
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    #[command(flatten)]
+    api: ApiArgs,
     /// This replica's name in leader election (default: $POD_NAME, else host name and pid).
     #[arg(long, env = "NETD_CONTROLLER_IDENTITY", value_name = "NAME")]
     identity: Option<String>,
@@ -124,6 +191,12 @@ struct RunArgs {
     #[arg(long, env = "NETD_METRICS_LISTEN", value_name = "ADDR:PORT", default_value = "0.0.0.0:10267",
           value_parser = parse_listen)]
     metrics_listen: Listen,
+    /// Where rollouts are recorded (the netd DaemonSet's namespace).
+    #[arg(long, env = "NETD_ROLLOUT_NAMESPACE", value_name = "NS", default_value = "kube-system")]
+    rollout_namespace: String,
+    /// A rollout paused this long is closed and its state removed (seed: 15 days).
+    #[arg(long, env = "NETD_ROLLOUT_PAUSED_TTL", value_name = "DURATION", value_parser = parse_duration, default_value = "360h")]
+    rollout_paused_ttl: Duration,
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, env = "NETD_LOG", value_name = "LEVEL", default_value = "info")]
     log: tracing::Level,
@@ -154,10 +227,7 @@ fn run(args: RunArgs) -> Result<()> {
         .with_ansi(false)
         .with_writer(std::io::stderr)
         .init();
-    let settings =
-        OpenSettings { token_file: args.token_file.clone(), ca_file: args.ca_file.clone(), ..Default::default() };
-    let config = netd::registry::kube_config(args.kubernetes.as_deref(), &settings)?;
-    let client = KubeClient::new(&config).context("the API server settings")?;
+    let client = args.api.client()?;
     let election = ElectionConfig {
         lease_duration: args.lease_duration,
         renew_deadline: args.renew_deadline,
@@ -198,6 +268,7 @@ fn run(args: RunArgs) -> Result<()> {
         nodes: NodeOptions { allocate, reclaim_after: args.reclaim_after },
         metrics_listen: args.metrics_listen.0,
         tunnel,
+        rollout: ExecutorOptions { namespace: args.rollout_namespace.clone(), paused_ttl: args.rollout_paused_ttl },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async {
@@ -214,27 +285,111 @@ fn run(args: RunArgs) -> Result<()> {
     })
 }
 
+fn plan(args: PlanArgs) -> ExitCode {
+    if args.remaining.is_some_and(|left| left > args.nodes) {
+        eprintln!("netd-controller: --remaining {} is more than --nodes {}", args.remaining.unwrap_or(0), args.nodes);
+        return ExitCode::from(2);
+    }
+    for size in netd::rollout::Batches::new(args.nodes, args.remaining.unwrap_or(args.nodes)) {
+        println!("{size}");
+    }
+    ExitCode::SUCCESS
+}
+
+/// A one-shot command's runtime: one thread is plenty.
+fn block_on<T>(work: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(work)
+}
+
+fn rollout_start(args: StartArgs) -> Result<()> {
+    let client = args.api.client()?;
+    let options = StartOptions {
+        daemonset: args.daemonset.clone(),
+        node_timeout: args.node_timeout,
+        require_image: args.require_image_present,
+    };
+    let state = block_on(async { Ok(rollouts::start(&client, &options).await?) })?;
+    let sizes: Vec<String> = netd::rollout::plan(state.total()).iter().map(usize::to_string).collect();
+    println!(
+        "daemon set \"{}\" rollout started: {} node(s) from {} to {}; batches {}",
+        args.daemonset,
+        state.total(),
+        state.from,
+        state.target_label,
+        sizes.join(", ")
+    );
+    if !state.deferred.is_empty() {
+        println!("offline nodes are deferred until they come back");
+    }
+    Ok(())
+}
+
+/// Prints the status (each new line once); with `watch`, until the
+/// rollout is over: exit 0 when complete, 1 when paused or cancelled (as
+/// kubectl fails on a paused Deployment).
+fn rollout_status(args: StatusArgs) -> Result<ExitCode> {
+    let client = args.request.api.client()?;
+    let namespace = args.request.namespace.clone();
+    block_on(async move {
+        let started = std::time::Instant::now();
+        let mut last = String::new();
+        loop {
+            let Some((state, _, ds, _)) = rollouts::load(&client, &namespace).await? else {
+                bail!("no rollout is recorded in {namespace}/{}", rollouts::STATE_CONFIG_MAP);
+            };
+            let line = state.status_line(&format!("daemon set \"{ds}\""));
+            if line != last {
+                println!("{line}");
+                last = line;
+            }
+            match state.phase {
+                _ if !args.watch => return Ok(ExitCode::SUCCESS),
+                Phase::Complete => return Ok(ExitCode::SUCCESS),
+                Phase::Paused | Phase::Cancelled => return Ok(ExitCode::FAILURE),
+                Phase::Running => {}
+            }
+            if !args.timeout.is_zero() && started.elapsed() > args.timeout {
+                bail!("timed out after {:?} following the rollout", args.timeout);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })
+}
+
+fn rollout_request(args: RequestArgs, request: Request) -> Result<()> {
+    let client = args.api.client()?;
+    let state = block_on(async { Ok(rollouts::ask(&client, &args.namespace, request).await?) })?;
+    let batch = state.batch.as_ref().map(|b| b.number);
+    let text = match (request, batch) {
+        (Request::Pause, Some(n)) => format!("pausing: batch {n} finishes, then nothing new starts"),
+        (Request::Cancel, Some(n)) => format!("cancelling: batch {n} finishes, then the rollout stops"),
+        (Request::Pause, None) => "pausing: nothing new starts".into(),
+        (Request::Cancel, None) => "cancelling".into(),
+        (Request::Resume, _) => "resuming: batches start again at one node".into(),
+    };
+    println!("rollout to {}: {text}", state.target_label);
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli: Cli = parse_command_line(std::env::args_os()).unwrap_or_else(|error| error.exit());
     let outcome = match cli.command {
-        Command::Run(args) => run(*args),
-        Command::Rollout(RolloutCommand::Plan(args)) => {
-            if args.remaining.is_some_and(|left| left > args.nodes) {
-                eprintln!(
-                    "netd-controller: --remaining {} is more than --nodes {}",
-                    args.remaining.unwrap_or(0),
-                    args.nodes
-                );
-                return ExitCode::from(2);
-            }
-            for size in netd::rollout::Batches::new(args.nodes, args.remaining.unwrap_or(args.nodes)) {
-                println!("{size}");
-            }
-            Ok(())
+        Command::Run(args) => run(*args).map(|()| ExitCode::SUCCESS),
+        Command::Rollout(RolloutCommand::Plan(args)) => return plan(args),
+        Command::Rollout(RolloutCommand::Start(args)) => rollout_start(args).map(|()| ExitCode::SUCCESS),
+        Command::Rollout(RolloutCommand::Status(args)) => rollout_status(args),
+        Command::Rollout(RolloutCommand::Pause(args)) => {
+            rollout_request(args, Request::Pause).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Rollout(RolloutCommand::Resume(args)) => {
+            rollout_request(args, Request::Resume).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Rollout(RolloutCommand::Cancel(args)) => {
+            rollout_request(args, Request::Cancel).map(|()| ExitCode::SUCCESS)
         }
     };
     match outcome {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(err) => {
             eprintln!("netd-controller: {err:#}");
             ExitCode::FAILURE

@@ -134,7 +134,10 @@ impl LeaderElector {
                     return Ok(());
                 }
                 Ok(false) => {}
-                Err(error) if error.is_transient() || matches!(error, KubeError::Refused { .. }) => {
+                Err(error)
+                    if error.is_transient()
+                        || matches!(error, KubeError::Refused { .. } | KubeError::Conflict { .. }) =>
+                {
                     tracing::warn!("leader election: {error}; retrying");
                 }
                 Err(error) => return Err(error.into()),
@@ -206,7 +209,7 @@ impl LeaderElector {
             return match call(&self.what, self.api.create(&PostParams::default(), &lease)).await {
                 Ok(_) => Ok(true),
                 // Someone else created it first.
-                Err(KubeError::Refused { reason, .. }) if reason.contains("Conflict") => Ok(false),
+                Err(KubeError::Conflict { .. }) => Ok(false),
                 Err(error) => Err(error),
             };
         };
@@ -243,7 +246,7 @@ impl LeaderElector {
                 Ok(true)
             }
             // The resourceVersion moved: another replica wrote first.
-            Err(KubeError::Refused { reason, .. }) if reason.contains("Conflict") => Ok(false),
+            Err(KubeError::Conflict { .. }) => Ok(false),
             Err(error) => Err(error),
         }
     }

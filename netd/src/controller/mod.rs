@@ -7,6 +7,8 @@
 //!   writes cluster state.
 //! - [`tunnel_config`]: the edge/cloud node sets and the
 //!   `edge-tunnel-server-cfg` ConfigMap drive this cloud node's eBPF DNAT.
+//! - The rollout executor ([`crate::rollout::kubernetes`]): batched
+//!   upgrades of the netd DaemonSet.
 //!
 //! Cluster-wide writers run only on the elected leader; the DNAT of a cloud
 //! node is that node's own, so every replica drives its own.
@@ -70,6 +72,8 @@ pub struct ControllerOptions {
     pub metrics_listen: Option<SocketAddr>,
     /// The tunnel DNAT of this node (`None`: not driven here).
     pub tunnel: Option<TunnelPart>,
+    /// The rollout executor.
+    pub rollout: crate::rollout::kubernetes::ExecutorOptions,
 }
 
 /// Every part's counters, for `/metrics`.
@@ -83,6 +87,8 @@ pub struct ControllerMetrics {
     pub tunnel: Arc<tunnel_config::TunnelConfigMetrics>,
     /// The toleration controller's.
     pub tolerations: Arc<tolerations::TolerationMetrics>,
+    /// The rollout executor's.
+    pub rollout: Arc<crate::rollout::kubernetes::RolloutMetrics>,
 }
 
 impl ControllerMetrics {
@@ -96,6 +102,7 @@ impl ControllerMetrics {
         out.push_str(&self.nodes.render_prometheus());
         out.push_str(&self.tunnel.render_prometheus());
         out.push_str(&self.tolerations.render_prometheus());
+        out.push_str(&self.rollout.render_prometheus());
         out
     }
 }
@@ -153,6 +160,15 @@ pub async fn run(
     leading.spawn({
         let (client, counters) = (options.client.clone(), metrics.tolerations.clone());
         async move { ("toleration controller", tolerations::run(client, counters).await.map_err(|e| e.to_string())) }
+    });
+    leading.spawn({
+        let (client, rollout, counters) = (options.client.clone(), options.rollout.clone(), metrics.rollout.clone());
+        async move {
+            (
+                "rollout executor",
+                crate::rollout::kubernetes::run(client, rollout, counters).await.map_err(|e| e.to_string()),
+            )
+        }
     });
     let outcome = tokio::select! {
         lost = elector.hold() => Err(ControllerError::LostLeadership(lost)),

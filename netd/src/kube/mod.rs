@@ -68,6 +68,14 @@ pub enum KubeError {
         /// Why it failed: `HTTP <status>: <message>`.
         reason: String,
     },
+    /// The object changed since it was read (409): read it again.
+    #[error("{what}: the object changed meanwhile (HTTP 409 Conflict: {message})")]
+    Conflict {
+        /// What was attempted.
+        what: String,
+        /// The API server's message.
+        message: String,
+    },
     /// The object does not exist (404).
     #[error("{what}: there is no such object")]
     NotFound {
@@ -92,6 +100,8 @@ impl KubeError {
                 let reason = format!("HTTP {name}: {message}");
                 if code == 404 {
                     Self::NotFound { what: what.to_string() }
+                } else if code == 409 {
+                    Self::Conflict { what: what.to_string(), message: message.to_string() }
                 } else if code >= 500 || code == 429 {
                     Self::Unreachable(format!("{what}: {reason}"))
                 } else {

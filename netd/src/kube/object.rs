@@ -154,6 +154,54 @@ impl Kind for PodTolerations {
     ];
 }
 
+/// Pod fields a rollout reads: identity, owners, the DaemonSet revision
+/// label, node (or, before it is bound, the node its affinity names), and
+/// readiness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PodRevision;
+
+impl Kind for PodRevision {
+    type Api = k8s_openapi::api::core::v1::Pod;
+    const KEEP: &'static [&'static str] = &[
+        "/metadata/name",
+        "/metadata/namespace",
+        "/metadata/uid",
+        "/metadata/deletionTimestamp",
+        "/metadata/ownerReferences",
+        "/metadata/labels/controller-revision-hash",
+        "/spec/nodeName",
+        "/spec/affinity/nodeAffinity",
+        "/status/phase",
+        "/status/conditions",
+        "/status/containerStatuses",
+    ];
+}
+
+/// Node fields a rollout reads: name, the autonomy annotations, conditions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeReadiness;
+
+impl Kind for NodeReadiness {
+    type Api = k8s_openapi::api::core::v1::Node;
+    const KEEP: &'static [&'static str] = &[
+        "/metadata/name",
+        "/metadata/annotations/node.beta.alibabacloud.com~1autonomy",
+        "/metadata/annotations/node.beta.openyurt.io~1autonomy",
+        "/metadata/annotations/node.openyurt.io~1autonomy-duration",
+        "/status/conditions",
+    ];
+}
+
+/// Node fields the rollout pre-check reads: name and the images the
+/// kubelet reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeImages;
+
+impl Kind for NodeImages {
+    type Api = k8s_openapi::api::core::v1::Node;
+    const KEEP: &'static [&'static str] = &["/metadata/name", "/status/images"];
+}
+
 /// An object of kind `K`, decoded from any JSON; see the module docs.
 #[derive(Clone, Debug)]
 pub struct Object<K: Kind> {

@@ -142,6 +142,9 @@ impl From<KubeError> for RegistryError {
             KubeError::Unreachable(reason) => Self::Unreachable(reason),
             KubeError::Refused { what, reason } => Self::Refused { what, reason },
             KubeError::NotFound { what } => Self::Refused { what, reason: "there is no such object".into() },
+            KubeError::Conflict { what, message } => {
+                Self::Refused { what, reason: format!("HTTP 409 Conflict: {message}") }
+            }
         }
     }
 }

@@ -7,11 +7,20 @@
 //! after a pause starts again at one node and doubles, over the nodes not
 //! yet upgraded, still capped by 10 % of all nodes ([`plan_remaining`]).
 //!
+//! [`state`] holds a rollout's persisted state and the pure state machine
+//! that moves it on (pause, resume, cancel, the health gate, offline nodes
+//! deferred); [`kubernetes`] runs it over the netd DaemonSet.
+//!
 //! ```
 //! use netd::rollout::plan;
 //! assert_eq!(plan(25), [1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2]);
 //! assert_eq!(plan(100), [1, 2, 4, 8, 10, 10, 10, 10, 10, 10, 10, 10, 5]);
 //! ```
+
+pub mod kubernetes;
+pub mod state;
+
+pub use state::{NodeProgress, NodeView, Phase, Request, RolloutState, Step};
 
 /// The largest batch of a rollout over `total` nodes: 10 % of them,
 /// rounded down, and at least one.
