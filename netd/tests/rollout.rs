@@ -438,7 +438,8 @@ async fn twenty_nodes_pause_resume_cancel_restart_health_gate_and_offline_nodes(
     let reason = failed.reason.clone().unwrap_or_default();
     assert!(
         reason.starts_with(&format!("{first}: not Ready on netd:v2 ("))
-            && reason.contains("within 3s: its netd on netd:v2 is not Ready"),
+            && reason.contains(") within 3s: its netd on netd:v2 (")
+            && reason.contains(") is not Ready (pod netd-"),
         "{reason}"
     );
     assert_eq!(failed.updated(), 0);
