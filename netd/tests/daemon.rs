@@ -315,15 +315,23 @@ fn etcd_stopped_for_a_while_traffic_continues_restart_restores_changes_are_picke
     drop(registry);
 }
 
-/// The demo's scenario (see `netd::testing::Scenario`) on the registry
-/// `make` starts on the cluster's control plane.
+/// The demo's scenario (see `netd::testing::Scenario`), with its rollout
+/// chapter (a copy of netd rolled over the nodes under a ping loop), on the
+/// registry `make` starts on the cluster's control plane.
 fn demo_scenario<R: ScenarioRegistry>(make: impl FnOnce(&Cluster) -> R) -> ScenarioReport {
     let state = tempfile::tempdir().unwrap();
     let cluster = Cluster::bare(3).unwrap();
     let registry = make(&cluster);
     let bin_dir = testing::plugin_dir_of(NETD);
-    let scenario = Scenario::new(cluster, registry, &bin_dir, state.path(), |line| eprintln!("{line}")).unwrap();
+    let next = state.path().join("netd-next");
+    std::fs::copy(NETD, &next).unwrap();
+    let scenario = Scenario::new(cluster, registry, &bin_dir, state.path(), |line| eprintln!("{line}"))
+        .unwrap()
+        .with_rollout(&next);
     let report = scenario.run().unwrap();
+    let rollout = report.rollout.clone().expect("the rollout chapter ran");
+    assert_eq!((rollout.pings_lost, rollout.restart_to_ready.len()), (0, 3), "{rollout:?}");
+    assert!(rollout.pings_sent > 3 * 200, "pings across the whole rollout: {rollout:?}");
     assert_eq!(report.peers_after_resync, 2.0);
     assert!(report.traffic_back >= report.restored, "{report:?}");
     report

@@ -46,14 +46,15 @@ fn tunnel_server_rules() -> BTreeSet<Rule> {
     rules(&[("", "nodes", &["list", "watch"])])
 }
 
-/// What `netd-controller run` calls (netd/src/controller/): cluster-wide
-/// nodes and pods, in kube-system its Lease, ConfigMaps and Events.
+/// What `netd-controller run` calls (netd/src/controller/, and the
+/// rollout executor in netd/src/rollout/): cluster-wide nodes and pods, in
+/// kube-system its Lease, ConfigMaps, Events and deleting (netd) pods.
 fn controller_rules() -> BTreeSet<Rule> {
     rules(&[
         ("", "nodes", &["list", "watch", "patch"]),
-        ("", "pods", &["get", "list", "watch", "patch"]),
+        ("", "pods", &["get", "list", "watch", "patch", "delete"]),
         ("coordination.k8s.io", "leases", &["get", "create", "update"]),
-        ("", "configmaps", &["get", "list", "watch", "create", "update"]),
+        ("", "configmaps", &["get", "list", "watch", "create", "update", "delete"]),
         ("", "events", &["create"]),
     ])
 }
@@ -613,8 +614,9 @@ fn deploy_applies_and_netd_runs_with_its_service_account_under_rbac() {
     }
     assert!(kube.can_i(&netd_token, &["patch", "nodes", "--subresource=status"]));
     assert!(kube.can_i(&netd_token, &["watch", "pods", "--all-namespaces"]));
-    // netd-controller: what its parts call, no more (no secrets, no deletes,
-    // no exec, nothing outside kube-system but nodes and pods).
+    // netd-controller: what its parts call, no more (no secrets, no deletes
+    // but kube-system's pods and ConfigMaps, no exec, nothing outside
+    // kube-system but nodes and pods).
     let controller_token = kube.token("netd-controller");
     let (resources, urls) = kube.rules_of(&controller_token, files.path());
     let extra: BTreeSet<Rule> = resources.difference(&base_resources).cloned().collect();
@@ -623,7 +625,8 @@ fn deploy_applies_and_netd_runs_with_its_service_account_under_rbac() {
     for args in [
         &["get", "secrets", "-n", NS][..],
         &["delete", "nodes"],
-        &["delete", "pods", "-n", NS],
+        &["delete", "pods", "-n", "default"],
+        &["delete", "daemonsets", "-n", NS],
         &["create", "pods", "--subresource=exec", "-n", NS],
         &["update", "nodes", "--subresource=status"],
         &["create", "configmaps", "-n", "default"],

@@ -6,6 +6,13 @@
 //! IP and the node its VTEP MAC, traffic comes back; then the registry
 //! returns and every node resyncs.
 //!
+//! With [`Scenario::with_rollout`], a last chapter rolls a new netd binary
+//! over the three nodes through the rollout state machine
+//! ([`crate::rollout::RolloutState`]: batches, health gate, state saved
+//! before each restart) while every pod pings the next one 100 times a
+//! second; not one ping may be lost (netd's SIGTERM leaves the data plane,
+//! the new netd takes it over from its snapshot).
+//!
 //! `cargo xtask demo` narrates it on the embedded registry; the daemon tests
 //! run it against a real etcd and a real kube-apiserver, which live on the
 //! cluster's control-plane address ([`Cluster::control_plane`]).
@@ -26,6 +33,10 @@ use super::{
     http_get, metric, netd_run_args, Cluster, CniCall, CniRunner, EtcdServer, HarnessError, KubeApiServer, NetNs,
     NetdProcess, CLUSTER_NETWORK, DEBIAN_CNI_DIR, HEALTH_ADDR,
 };
+
+/// How long the rollout chapter keeps each upgraded node under traffic
+/// before the next batch.
+const SOAK: Duration = Duration::from_secs(1);
 
 /// How long any one step may take before the run fails.
 const STEP_TIMEOUT: Duration = Duration::from_secs(45);
@@ -217,6 +228,21 @@ pub struct ScenarioReport {
     pub resynced: Duration,
     /// Peers node 2 programs after the resync.
     pub peers_after_resync: f64,
+    /// The rollout chapter, when run.
+    pub rollout: Option<RolloutReport>,
+}
+
+/// What the rollout chapter measured.
+#[derive(Debug, Clone)]
+pub struct RolloutReport {
+    /// Per node: old netd stopped -> new netd Ready.
+    pub restart_to_ready: Vec<Duration>,
+    /// Pings sent across the rollout (all pod pairs).
+    pub pings_sent: u64,
+    /// Pings that got no answer.
+    pub pings_lost: u64,
+    /// The whole rollout.
+    pub took: Duration,
 }
 
 /// A run of the story; see the module docs.
@@ -231,6 +257,10 @@ pub struct Scenario<'a, R: ScenarioRegistry> {
     bin_dir: PathBuf,
     started: Instant,
     narrate: Box<dyn FnMut(&str) + 'a>,
+    /// The new netd of the rollout chapter.
+    rollout_to: Option<PathBuf>,
+    /// Which binary each node's netd runs.
+    running: Vec<PathBuf>,
 }
 
 fn ms(d: Duration) -> String {
@@ -264,7 +294,16 @@ impl<'a, R: ScenarioRegistry> Scenario<'a, R> {
             bin_dir: bin_dir.to_path_buf(),
             started: Instant::now(),
             narrate: Box::new(narrate),
+            rollout_to: None,
+            running: vec![bin_dir.join("netd"); 3],
         })
+    }
+
+    /// Adds the rollout chapter: netd replaced by `new_netd` on every node,
+    /// batch by batch, under a ping loop that must lose nothing.
+    pub fn with_rollout(mut self, new_netd: &Path) -> Self {
+        self.rollout_to = Some(new_netd.to_path_buf());
+        self
     }
 
     /// The registry (to inspect it after the run).
@@ -292,7 +331,8 @@ impl<'a, R: ScenarioRegistry> Scenario<'a, R> {
         let mut args = netd_run_args(&node.name, &self.registry.registry_spec(), &dir);
         args.extend(self.registry.extra_args());
         let started = Instant::now();
-        let process = NetdProcess::spawn(&node.ns, &self.bin_dir.join("netd"), args, &dir.join("netd.log"))?;
+        let program = self.running[usize::from(number - 1)].clone();
+        let process = NetdProcess::spawn(&node.ns, &program, args, &dir.join("netd.log"))?;
         self.daemons[usize::from(number - 1)] = Some(process);
         Ok(started)
     }
@@ -479,6 +519,13 @@ impl<'a, R: ScenarioRegistry> Scenario<'a, R> {
             }
         }
         self.say("all pods reach each other");
+        let rollout = match self.rollout_to.clone() {
+            Some(new_netd) => {
+                (self.narrate)("");
+                Some(self.roll_out(&new_netd)?)
+            }
+            None => None,
+        };
 
         (self.narrate)("");
         for number in 1..=3u8 {
@@ -499,7 +546,119 @@ impl<'a, R: ScenarioRegistry> Scenario<'a, R> {
             registry_start,
             resynced,
             peers_after_resync,
+            rollout,
         })
+    }
+
+    /// The rollout chapter; see the module docs.
+    fn roll_out(&mut self, new_netd: &Path) -> Result<RolloutReport, HarnessError> {
+        use crate::rollout::{Phase, RolloutState};
+        let target = new_netd.display().to_string();
+        let label = new_netd.file_name().map_or(target.clone(), |n| n.to_string_lossy().into_owned());
+        let from = self.running[0].display().to_string();
+        let nodes: Vec<String> = (1..=3u8).map(|n| format!("node-{n}")).collect();
+        let mut state =
+            RolloutState::new(&target, &label, &from, nodes, STEP_TIMEOUT, crate::rollout::state::unix_now());
+        let state_file = self.state.join("rollout.json");
+        let save = |state: &RolloutState| {
+            std::fs::write(&state_file, state.to_json())
+                .map_err(|e| HarnessError::io(format!("writing {}", state_file.display()), e))
+        };
+        save(&state)?;
+        self.say(&format!(
+            "rolling out {label} ({target}) in batches of {:?}; every pod pings the next every 10 ms",
+            crate::rollout::plan(3)
+        ));
+        let mut pings = Vec::new();
+        for (from, to) in [(0, 1), (1, 2), (2, 0)] {
+            let target = self.pods[to].2.to_string();
+            let child = self.pods[from]
+                .1
+                .run(|| {
+                    Command::new("ping")
+                        .args(["-i", "0.01", "-W", "1", "-q", &target])
+                        .stdout(std::process::Stdio::piped())
+                        .stderr(std::process::Stdio::null())
+                        .spawn()
+                })?
+                .map_err(|source| HarnessError::Spawn { command: "ping".into(), source })?;
+            pings.push(Pinger(Some(child)));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let began = Instant::now();
+        let mut restart_to_ready = Vec::new();
+        let mut last_line = String::new();
+        while state.phase == Phase::Running {
+            let mut views = std::collections::BTreeMap::new();
+            for number in 1..=3u8 {
+                let ns = self.node_ns(number)?;
+                let ready = http_get(ns, HEALTH_ADDR, "/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 200"));
+                let running = self.daemons[usize::from(number - 1)].as_ref().and_then(NetdProcess::pid).is_some();
+                let version = running.then(|| self.running[usize::from(number - 1)].display().to_string());
+                views.insert(
+                    format!("node-{number}"),
+                    crate::rollout::NodeView { version, ready, offline: None, detail: "readyz not 200".into() },
+                );
+            }
+            let step = state.step(&views, crate::rollout::state::unix_now(), crate::rollout::state::DEFAULT_PAUSED_TTL);
+            if step.changed {
+                save(&state)?;
+            }
+            for line in &step.lines {
+                self.say(&format!("rollout: {line}"));
+            }
+            let status = state.status_line("netd");
+            if status != last_line {
+                self.say(&status);
+                last_line = status;
+            }
+            for node in &step.upgrade {
+                let number: u8 =
+                    node.trim_start_matches("node-").parse().map_err(|_| failed(format!("node {node}")))?;
+                let index = usize::from(number - 1);
+                let stopped = Instant::now();
+                if let Some(mut old) = self.daemons[index].take() {
+                    let status = old.signal(libc::SIGTERM)?;
+                    if !status.is_some_and(|s| s.success()) {
+                        return Err(failed(format!("{node}: netd exited with {status:?} on SIGTERM")));
+                    }
+                }
+                self.running[index] = new_netd.to_path_buf();
+                self.start_daemon(number)?;
+                self.wait("readiness on the new netd", number, |ns| {
+                    http_get(ns, HEALTH_ADDR, "/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+                })?;
+                restart_to_ready.push(stopped.elapsed());
+                self.say(&format!("{node}: old netd stopped (SIGTERM), new netd Ready in {}", ms(stopped.elapsed())));
+                // A second under traffic before the health gate looks again.
+                std::thread::sleep(SOAK);
+            }
+            if step.upgrade.is_empty() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        if state.phase != Phase::Complete {
+            return Err(failed(format!("the rollout stopped: {}", state.status_line("netd"))));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let took = began.elapsed();
+        let (mut sent, mut lost) = (0, 0);
+        for (pinger, (from, to)) in pings.iter_mut().zip([(0usize, 1usize), (1, 2), (2, 0)]) {
+            let (s, received) = pinger.finish()?;
+            self.say(&format!(
+                "ping {} -> {}: {s} sent, {received} answered, {} lost",
+                self.pods[from].0,
+                self.pods[to].0,
+                s - received
+            ));
+            sent += s;
+            lost += s - received;
+        }
+        if lost > 0 || sent == 0 {
+            return Err(failed(format!("traffic was interrupted by the rollout: {lost} of {sent} pings lost")));
+        }
+        self.say(&format!("rollout done in {}: {sent} pings, none lost", ms(took)));
+        Ok(RolloutReport { restart_to_ready, pings_sent: sent, pings_lost: lost, took })
     }
 
     fn cleanup(&self, number: u8) -> Result<(), HarnessError> {
@@ -519,5 +678,40 @@ impl<'a, R: ScenarioRegistry> Scenario<'a, R> {
             return Err(failed(format!("netd cleanup on node-{number}: {}", String::from_utf8_lossy(&out.stderr))));
         }
         Ok(())
+    }
+}
+
+/// A `ping` running in the background, stopped (SIGINT) and reaped on
+/// drop if not finished.
+struct Pinger(Option<std::process::Child>);
+
+impl Pinger {
+    /// SIGINT, then ping's summary: (transmitted, received).
+    fn finish(&mut self) -> Result<(u64, u64), HarnessError> {
+        let Some(child) = self.0.take() else { return Err(failed("ping already finished".into())) };
+        // SAFETY: kill(2) on the pid of a child we have not reaped yet.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let out = child.wait_with_output().map_err(|e| HarnessError::io("waiting for ping", e))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        // "N packets transmitted, M received, ..."
+        let line = text.lines().find(|l| l.contains("packets transmitted")).unwrap_or_default();
+        let number = |word: &str| {
+            line.split(", ")
+                .find(|part| part.contains(word))
+                .and_then(|part| part.split(' ').next()?.parse::<u64>().ok())
+        };
+        match (number("transmitted"), number("received")) {
+            (Some(sent), Some(received)) => Ok((sent, received)),
+            _ => Err(failed(format!("ping printed no summary: {text}"))),
+        }
+    }
+}
+
+impl Drop for Pinger {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
