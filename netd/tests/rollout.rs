@@ -28,7 +28,7 @@ use kube::Api;
 use netd::kube::{KubeClient, KubeConfig};
 use netd::rollout::{NodeProgress, Phase, RolloutState};
 use netd::testing::{self, KubeApiServer, KubeCluster};
-use serde_json::{json, Value};
+use serde_json::json;
 
 const NODES: usize = 20;
 const NS: &str = "kube-system";
@@ -285,7 +285,7 @@ async fn twenty_nodes_pause_resume_cancel_restart_health_gate_and_offline_nodes(
         async move {
             let mut pass = 0u64;
             loop {
-                play(&kube, &fleet, pass % 20 == 0).await;
+                play(&kube, &fleet, pass.is_multiple_of(20)).await;
                 pass += 1;
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -378,7 +378,7 @@ async fn twenty_nodes_pause_resume_cancel_restart_health_gate_and_offline_nodes(
     assert!(out.status.success(), "{}", text(&out));
     let resumed =
         wait_state(&kube, "resumed batch", &controller, |s| s.phase == Phase::Running && s.batch.is_some()).await;
-    assert_eq!(resumed.batch.as_ref().unwrap().nodes, [held.clone()], "a resume starts at one node");
+    assert_eq!(resumed.batch.as_ref().unwrap().nodes, std::slice::from_ref(&held), "a resume starts at one node");
     wait_state(&kube, "held node's pod replaced", &controller, |_| {
         images_per_node(&fleet).get(&held).is_some_and(|i| count(i, "netd:v2") == 1)
     })

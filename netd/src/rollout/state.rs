@@ -644,6 +644,10 @@ mod tests {
             Self { views, broken: Vec::new(), upgrades: BTreeMap::new() }
         }
 
+        fn node(&mut self, name: &str) -> &mut NodeView {
+            self.views.get_mut(name).expect("known node")
+        }
+
         fn names(&self) -> Vec<String> {
             self.views.keys().cloned().collect()
         }
@@ -773,7 +777,7 @@ mod tests {
         );
         assert_eq!(state.updated(), 2);
         // Fixed by hand, then resumed: edge-02 is waited for, not upgraded again.
-        fleet.views.get_mut("edge-02").map(|v| v.ready = true);
+        fleet.node("edge-02").ready = true;
         fleet.broken.clear();
         state.ask(Request::Resume).expect("resume");
         run(&mut state, &mut fleet, &mut now);
@@ -784,10 +788,9 @@ mod tests {
     #[test]
     fn offline_nodes_are_deferred_to_the_end_and_reported_not_failed() {
         let mut fleet = Fleet::new(7);
-        fleet.views.get_mut("edge-01").map(|v| {
-            v.offline = Some("autonomous, NotReady since 2026-12-01T10:00:00Z".into());
-            v.ready = false
-        });
+        let node = fleet.node("edge-01");
+        node.offline = Some("autonomous, NotReady since 2026-12-01T10:00:00Z".into());
+        node.ready = false;
         let mut state = start(&fleet);
         let mut now = 1_000;
         run(&mut state, &mut fleet, &mut now);
@@ -801,10 +804,9 @@ mod tests {
             "Waiting for rollout to finish: 6 of 7 nodes updated... (1 offline node(s) deferred: edge-01)"
         );
         // Back online: upgraded last.
-        fleet.views.get_mut("edge-01").map(|v| {
-            v.offline = None;
-            v.ready = true
-        });
+        let node = fleet.node("edge-01");
+        node.offline = None;
+        node.ready = true;
         run(&mut state, &mut fleet, &mut now);
         assert_eq!(state.phase, Phase::Complete);
         assert!(state.deferred.is_empty());
@@ -821,10 +823,9 @@ mod tests {
         let step = state.step(&fleet.views, now, TTL);
         assert_eq!(state.updated(), 1);
         fleet.act(&step);
-        fleet.views.get_mut("edge-01").map(|v| {
-            v.ready = false;
-            v.detail = "Readiness probe failed: HTTP 503".into()
-        });
+        let node = fleet.node("edge-01");
+        node.ready = false;
+        node.detail = "Readiness probe failed: HTTP 503".into();
         now += 1;
         state.step(&fleet.views, now, TTL);
         assert_eq!(state.phase, Phase::Paused);
@@ -864,7 +865,7 @@ mod tests {
         assert_eq!(step.upgrade.len(), 3, "1, 2, then 3 (the cap of 30 nodes)");
         let saved = state.to_json();
         fleet.act(&Step { upgrade: step.upgrade[..1].to_vec(), ..Default::default() });
-        fleet.views.get_mut(&step.upgrade[0]).map(|v| v.ready = false); // still starting
+        fleet.node(&step.upgrade[0]).ready = false; // still starting
         let mut restarted = RolloutState::from_json(&saved).expect("state reads back");
         assert_eq!(restarted, state);
         let again = restarted.step(&fleet.views, now + 1, TTL);
