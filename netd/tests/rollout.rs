@@ -469,6 +469,30 @@ async fn twenty_nodes_pause_resume_cancel_restart_health_gate_and_offline_nodes(
         assert_eq!((count(seen, "netd:v1"), count(seen, "netd:v2")), (1, 1), "{node}: {seen:?}");
     }
 
+    // Its turning points are Events on the DaemonSet (`kubectl describe ds`).
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(kube.clone(), NS);
+    let listed = events
+        .list(&ListParams::default().fields("involvedObject.kind=DaemonSet,involvedObject.name=netd"))
+        .await
+        .unwrap();
+    let seen: BTreeSet<(String, String)> = listed
+        .items
+        .iter()
+        .filter(|e| e.source.as_ref().and_then(|s| s.component.as_deref()) == Some("netd-controller"))
+        .map(|e| (e.type_.clone().unwrap_or_default(), e.reason.clone().unwrap_or_default()))
+        .collect();
+    for wanted in [
+        ("Normal", "RolloutBatchStarted"),
+        ("Normal", "RolloutPaused"),
+        ("Normal", "RolloutResumed"),
+        ("Normal", "RolloutCancelled"),
+        ("Warning", "NodeUpgradeFailed"),
+        ("Warning", "RolloutPaused"),
+        ("Normal", "RolloutComplete"),
+    ] {
+        assert!(seen.contains(&(wanted.0.to_string(), wanted.1.to_string())), "no {wanted:?} Event: {seen:?}");
+    }
+
     // Nothing left to roll out; then a paused rollout outlives its TTL.
     let out = rollout(api, dir.path(), &["start"]);
     assert!(!out.status.success() && text(&out).contains("nothing to roll out"), "{}", text(&out));

@@ -184,7 +184,7 @@ struct RunArgs {
         default_value = "InternalIP"
     )]
     dnat_address_types: Vec<String>,
-    /// This node's name, in the Events of the tunnel configuration (default: $NODE_NAME, else the host name).
+    /// This node's name, in the Events of the tunnel configuration and of rollouts (default: $NODE_NAME, else the host name).
     #[arg(long, env = "NETD_NODE_NAME", value_name = "NAME")]
     node_name: Option<String>,
     /// Where /healthz, /readyz and /metrics are served ('' = nowhere).
@@ -245,6 +245,10 @@ fn run(args: RunArgs) -> Result<()> {
         (true, None) => bail!("--allocate-node-cidrs needs --cluster-cidr"),
         (false, _) => None,
     };
+    let node =
+        args.node_name.clone().or_else(|| std::env::var("NODE_NAME").ok()).unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string()
+        });
     let tunnel = match args.dnat_target {
         None => None,
         Some(target) => {
@@ -254,10 +258,7 @@ fn run(args: RunArgs) -> Result<()> {
                 tracing::info!("tunnel DNAT: {link:?}");
             }
             dnat.set_target(target, args.dnat.scope()).context("setting the tunnel DNAT's target")?;
-            let node = args.node_name.clone().or_else(|| std::env::var("NODE_NAME").ok()).unwrap_or_else(|| {
-                std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string()
-            });
-            let mut options = netd::controller::tunnel_config::TunnelConfigOptions::new(node);
+            let mut options = netd::controller::tunnel_config::TunnelConfigOptions::new(node.clone());
             options.address_types = args.dnat_address_types.clone();
             Some(netd::controller::TunnelPart { dnat, options })
         }
@@ -268,7 +269,11 @@ fn run(args: RunArgs) -> Result<()> {
         nodes: NodeOptions { allocate, reclaim_after: args.reclaim_after },
         metrics_listen: args.metrics_listen.0,
         tunnel,
-        rollout: ExecutorOptions { namespace: args.rollout_namespace.clone(), paused_ttl: args.rollout_paused_ttl },
+        rollout: ExecutorOptions {
+            namespace: args.rollout_namespace.clone(),
+            paused_ttl: args.rollout_paused_ttl,
+            host: node,
+        },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async {

@@ -85,6 +85,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::dnat::config::{self, PortRules, CONFIG_MAP_NAME, CONFIG_MAP_NAMESPACE};
+use crate::kube::events::{self, Regarding, Reporter};
 use crate::kube::object::{ConfigMapData, NodeEdgeRole, Object};
 use crate::kube::watch::{Backoff, ListWatch, WatchEvent};
 use crate::kube::{call, KubeClient};
@@ -668,11 +669,9 @@ impl Driver {
     /// server must not delay the next map write.
     fn post_event(&mut self, reference: ConfigMapRef, kind: &str, reason: &str, message: String) {
         let event = config_map_event(&self.options.node_name, &reference, kind, reason, &message);
-        let (client, metrics, reason) = (self.client.clone(), self.metrics.clone(), reason.to_string());
+        let (client, metrics) = (self.client.clone(), self.metrics.clone());
         self.events.spawn(async move {
-            let api: Api<Event> = Api::namespaced(client.client(), CONFIG_MAP_NAMESPACE);
-            let what = format!("posting Event {reason} on {CONFIG_MAP_NAMESPACE}/{CONFIG_MAP_NAME}");
-            match call(&what, api.create(&PostParams::default(), &event)).await {
+            match events::post(&client, &event).await {
                 Ok(_) => {
                     metrics.events_posted.fetch_add(1, Ordering::Relaxed);
                 }
@@ -738,37 +737,15 @@ impl Driver {
 
 /// A core/v1 Event about the ConfigMap.
 fn config_map_event(node: &str, reference: &ConfigMapRef, kind: &str, reason: &str, message: &str) -> Event {
-    use k8s_openapi::api::core::v1::{EventSource, ObjectReference};
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
-    let now = k8s_openapi::jiff::Timestamp::now();
-    // Kubernetes' own recorders name Events `<object>.<nanoseconds, hex>`.
-    let name = format!("{CONFIG_MAP_NAME}.{:x}", now.as_nanosecond());
-    Event {
-        metadata: ObjectMeta {
-            name: Some(name),
-            namespace: Some(CONFIG_MAP_NAMESPACE.to_string()),
-            ..ObjectMeta::default()
-        },
-        involved_object: ObjectReference {
-            api_version: Some("v1".to_string()),
-            kind: Some("ConfigMap".to_string()),
-            namespace: Some(CONFIG_MAP_NAMESPACE.to_string()),
-            name: Some(CONFIG_MAP_NAME.to_string()),
-            uid: reference.uid.clone(),
-            resource_version: reference.resource_version.clone(),
-            ..ObjectReference::default()
-        },
-        reason: Some(reason.to_string()),
-        message: Some(message.to_string()),
-        type_: Some(kind.to_string()),
-        source: Some(EventSource { component: Some(COMPONENT.to_string()), host: Some(node.to_string()) }),
-        reporting_component: Some(COMPONENT.to_string()),
-        reporting_instance: Some(node.to_string()),
-        first_timestamp: Some(Time(now)),
-        last_timestamp: Some(Time(now)),
-        count: Some(1),
-        ..Event::default()
-    }
+    let regarding = Regarding {
+        api_version: "v1".into(),
+        kind: "ConfigMap".into(),
+        namespace: CONFIG_MAP_NAMESPACE.into(),
+        name: CONFIG_MAP_NAME.into(),
+        uid: reference.uid.clone(),
+        resource_version: reference.resource_version.clone(),
+    };
+    events::event(&regarding, Reporter { component: COMPONENT, host: node }, kind, reason, message)
 }
 
 /// Drives `dnat` (attached and targeted: `netd dnat apply`, or

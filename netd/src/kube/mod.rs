@@ -26,6 +26,7 @@
 //! Layering: this module imports only [`crate::model`] and `netd_ipam`'s
 //! pod identity; `registry` and `daemon` build on it.
 
+pub mod events;
 pub mod object;
 pub mod pods;
 mod token;

@@ -32,6 +32,7 @@ use kube::api::{Api, DeleteParams, ListParams, PostParams, Preconditions};
 use serde_json::Value;
 
 use super::state::{phase_name, unix_now, NodeView, Phase, Request, RolloutState, StateError};
+use crate::kube::events::{self, Regarding, Reporter};
 use crate::kube::object::{NodeImages, NodeReadiness, Object, PodRevision};
 use crate::kube::watch::{ListWatch, WatchEvent};
 use crate::kube::{call, KubeClient, KubeError};
@@ -507,11 +508,40 @@ pub struct ExecutorOptions {
     pub namespace: String,
     /// A rollout paused this long is closed.
     pub paused_ttl: Duration,
+    /// Who posts the rollout's Events (the controller's node).
+    pub host: String,
 }
 
 impl Default for ExecutorOptions {
     fn default() -> Self {
-        Self { namespace: "kube-system".into(), paused_ttl: super::state::DEFAULT_PAUSED_TTL }
+        Self { namespace: "kube-system".into(), paused_ttl: super::state::DEFAULT_PAUSED_TTL, host: String::new() }
+    }
+}
+
+/// The component name on the rollout's Events.
+pub const COMPONENT: &str = "netd-controller";
+
+/// Posts the step's turning points as Events on the DaemonSet (what
+/// `kubectl describe ds` shows), in the background.
+fn post_events(client: &KubeClient, ds: &DaemonSetRef, uid: &str, host: &str, step: &super::Step) {
+    let regarding = Regarding {
+        api_version: "apps/v1".into(),
+        kind: "DaemonSet".into(),
+        namespace: ds.namespace.clone(),
+        name: ds.name.clone(),
+        uid: Some(uid.to_string()),
+        resource_version: None,
+    };
+    for note in &step.events {
+        let kind = if note.warning { "Warning" } else { "Normal" };
+        let event =
+            events::event(&regarding, Reporter { component: COMPONENT, host }, kind, note.reason, &note.message);
+        let client = client.clone();
+        tokio::spawn(async move {
+            if let Err(error) = events::post(&client, &event).await {
+                tracing::warn!("rollout: {error}");
+            }
+        });
     }
 }
 
@@ -627,6 +657,7 @@ pub async fn run(client: KubeClient, options: ExecutorOptions, metrics: Arc<Roll
             tracing::info!(daemonset = %ds, "rollout: {line}");
         }
         if step.close {
+            post_events(&client, &ds, &uid, &options.host, &step);
             let what = format!("removing {}/{STATE_CONFIG_MAP}", ds.namespace);
             let params = DeleteParams {
                 preconditions: Some(Preconditions { resource_version: Some(version), uid: None }),
@@ -640,7 +671,10 @@ pub async fn run(client: KubeClient, options: ExecutorOptions, metrics: Arc<Roll
         }
         if step.changed {
             match save(&client, &state, &ds, &uid, Some(version)).await {
-                Ok(version) => recorded = Some(encode(&state, &ds, &uid, Some(version))),
+                Ok(version) => {
+                    recorded = Some(encode(&state, &ds, &uid, Some(version)));
+                    post_events(&client, &ds, &uid, &options.host, &step);
+                }
                 Err(error) => {
                     // Someone (an operator's request) wrote first: read it
                     // again and step on that; nothing is acted on.

@@ -20,7 +20,7 @@
 pub mod kubernetes;
 pub mod state;
 
-pub use state::{NodeProgress, NodeView, Phase, Request, RolloutState, Step};
+pub use state::{Announcement, NodeProgress, NodeView, Phase, Request, RolloutState, Step};
 
 /// The largest batch of a rollout over `total` nodes: 10 % of them,
 /// rounded down, and at least one.

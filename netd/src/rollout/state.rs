@@ -182,6 +182,20 @@ pub struct Step {
     pub close: bool,
     /// Lines for the log (also appended to the state's log).
     pub lines: Vec<String>,
+    /// The lines worth an Event on the rolled-out object: batches, pauses,
+    /// failures, the end.
+    pub events: Vec<Announcement>,
+}
+
+/// A line of [`Step::lines`] that is a turning point of the rollout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Announcement {
+    /// A CamelCase reason, e.g. `RolloutPaused`.
+    pub reason: &'static str,
+    /// Something went wrong (a `Warning` Event, else `Normal`).
+    pub warning: bool,
+    /// The line.
+    pub message: String,
 }
 
 /// Why a stored state cannot be used.
@@ -304,6 +318,11 @@ impl RolloutState {
         step.lines.push(line);
     }
 
+    fn announce(&mut self, step: &mut Step, now: u64, reason: &'static str, warning: bool, line: String) {
+        step.events.push(Announcement { reason, warning, message: line.clone() });
+        self.say(step, now, line);
+    }
+
     fn set_phase(&mut self, phase: Phase, reason: Option<String>, now: u64) {
         self.phase = phase;
         self.reason = reason;
@@ -326,7 +345,7 @@ impl RolloutState {
                 self.total(),
                 self.target_label
             );
-            self.say(&mut step, now, line);
+            self.announce(&mut step, now, "RolloutClosed", false, line);
             step.close = true;
             step.changed = true;
             return step;
@@ -373,13 +392,14 @@ impl RolloutState {
                 self.set_phase(Phase::Running, None, now);
                 let retry =
                     if retried.is_empty() { String::new() } else { format!(" (again: {})", retried.join(", ")) };
-                self.say(step, now, format!("resumed: {remaining} nodes left, batches start again at 1{retry}"));
+                let line = format!("resumed: {remaining} nodes left, batches start again at 1{retry}");
+                self.announce(step, now, "RolloutResumed", false, line);
             }
             (Phase::Paused, Request::Cancel) => {
                 self.request = None;
                 self.set_phase(Phase::Cancelled, Some("cancelled by request".into()), now);
                 let line = self.cancelled_line();
-                self.say(step, now, line);
+                self.announce(step, now, "RolloutCancelled", false, line);
             }
             (Phase::Running, Request::Pause | Request::Cancel) => {} // at the batch's end
             _ => self.request = None,
@@ -470,7 +490,11 @@ impl RolloutState {
             }
         }
         for line in lines {
-            self.say(step, now, line);
+            if line.contains(": FAILED: ") {
+                self.announce(step, now, "NodeUpgradeFailed", true, line);
+            } else {
+                self.say(step, now, line);
+            }
         }
         self.deferred = self
             .nodes
@@ -505,19 +529,19 @@ impl RolloutState {
             .collect();
         if !failed.is_empty() {
             let reason = failed.join("; ");
-            self.say(step, now, format!("paused after a failure: {reason}"));
+            self.announce(step, now, "RolloutPaused", true, format!("paused after a failure: {reason}"));
             self.set_phase(Phase::Paused, Some(reason), now);
         } else if self.request == Some(Request::Pause) {
             self.request = None;
             self.set_phase(Phase::Paused, Some("paused by request".into()), now);
             let line =
                 format!("paused by request: {} of {} nodes on {}", self.updated(), self.total(), self.target_label);
-            self.say(step, now, line);
+            self.announce(step, now, "RolloutPaused", false, line);
         } else if self.request == Some(Request::Cancel) {
             self.request = None;
             self.set_phase(Phase::Cancelled, Some("cancelled by request".into()), now);
             let line = self.cancelled_line();
-            self.say(step, now, line);
+            self.announce(step, now, "RolloutCancelled", false, line);
         }
     }
 
@@ -539,7 +563,7 @@ impl RolloutState {
                     self.total(),
                     self.target_label
                 );
-                self.say(step, now, line);
+                self.announce(step, now, "RolloutComplete", false, line);
             }
             // Otherwise only offline nodes are left: they start when they
             // come back.
@@ -555,7 +579,7 @@ impl RolloutState {
         let number = self.batches_done + 1;
         let line = format!("batch {number}: upgrading {} node(s): {}", chosen.len(), chosen.join(", "));
         self.batch = Some(Batch { number, nodes: chosen, started: now });
-        self.say(step, now, line);
+        self.announce(step, now, "RolloutBatchStarted", false, line);
     }
 
     /// The status line, in kubectl's wording.
@@ -694,6 +718,16 @@ mod tests {
         let mut now = 1_000;
         let sizes = run(&mut state, &mut fleet, &mut now);
         assert_eq!(sizes, super::super::plan(20));
+        let mut fresh = start(&fleet);
+        let first = fresh.step(&Fleet::new(20).views, 1_000, TTL);
+        assert_eq!(
+            first.events,
+            [Announcement {
+                reason: "RolloutBatchStarted",
+                warning: false,
+                message: "batch 1: upgrading 1 node(s): edge-01".into()
+            }]
+        );
         assert_eq!(state.phase, Phase::Complete);
         assert_eq!(state.updated(), 20);
         assert!(fleet.upgrades.values().all(|&n| n == 1), "{:?}", fleet.upgrades);
@@ -765,8 +799,12 @@ mod tests {
         let mut now = 1_000;
         run(&mut state, &mut fleet, &mut now);
         // Batch 1 (edge-01) went fine; batch 2 (edge-02, edge-03) waits out
-        // the timeout on edge-02.
-        let _ = state.step(&fleet.views, now + 61, TTL);
+        // the timeout on edge-02: a Warning for the node, one for the pause.
+        let step = state.step(&fleet.views, now + 61, TTL);
+        let warnings: Vec<&str> = step.events.iter().filter(|e| e.warning).map(|e| e.reason).collect();
+        assert_eq!(warnings, ["NodeUpgradeFailed", "RolloutPaused"], "{step:?}");
+        let step = state.step(&fleet.views, now + 62, TTL);
+        assert!(step.events.is_empty(), "announced once: {step:?}");
         assert_eq!(state.phase, Phase::Paused, "{state:?}");
         let reason = state.reason.clone().unwrap_or_default();
         assert!(

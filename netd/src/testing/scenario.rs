@@ -564,6 +564,25 @@ impl<'a, R: ScenarioRegistry> Scenario<'a, R> {
             std::fs::write(&state_file, state.to_json())
                 .map_err(|e| HarnessError::io(format!("writing {}", state_file.display()), e))
         };
+        // The pre-check: the new binary runs, every node's netd is ready.
+        let version = Command::new(new_netd)
+            .arg("--version")
+            .output()
+            .map_err(|source| HarnessError::Spawn { command: format!("{} --version", new_netd.display()), source })?;
+        if !version.status.success() {
+            return Err(failed(format!("pre-check: {} --version failed", new_netd.display())));
+        }
+        for number in 1..=3u8 {
+            let ns = self.node_ns(number)?;
+            if !http_get(ns, HEALTH_ADDR, "/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 200")) {
+                return Err(failed(format!("pre-check: node-{number}: netd is not ready; nothing started")));
+            }
+        }
+        self.say(&format!(
+            "pre-check: {} runs ({}), netd ready on all 3 nodes",
+            label,
+            String::from_utf8_lossy(&version.stdout).trim()
+        ));
         save(&state)?;
         self.say(&format!(
             "rolling out {label} ({target}) in batches of {:?}; every pod pings the next every 10 ms",
