@@ -77,8 +77,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::Event;
-use kube::api::PostParams;
-use kube::Api;
 use netd_ebpf::dnat::{Changes, DnatError, TunnelDnat, MAX_PORT_RULES};
 use serde_json::Value;
 use tokio::task::JoinSet;
@@ -88,7 +86,7 @@ use crate::dnat::config::{self, PortRules, CONFIG_MAP_NAME, CONFIG_MAP_NAMESPACE
 use crate::kube::events::{self, Regarding, Reporter};
 use crate::kube::object::{ConfigMapData, NodeEdgeRole, Object};
 use crate::kube::watch::{Backoff, ListWatch, WatchEvent};
-use crate::kube::{call, KubeClient};
+use crate::kube::KubeClient;
 use crate::model::roles::LABEL_EDGE_WORKER;
 
 /// `reason` of the Warning Event posted on a refused ConfigMap.
