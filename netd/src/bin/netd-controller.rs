@@ -339,10 +339,10 @@ fn rollout_status(args: StatusArgs) -> Result<ExitCode> {
         let started = std::time::Instant::now();
         let mut last = String::new();
         loop {
-            let Some((state, _, ds, _)) = rollouts::load(&client, &namespace).await? else {
+            let Some((state, _, target)) = rollouts::load(&client, &namespace).await? else {
                 bail!("no rollout is recorded in {namespace}/{}", rollouts::STATE_CONFIG_MAP);
             };
-            let line = state.status_line(&format!("daemon set \"{ds}\""));
+            let line = state.status_line(&format!("daemon set \"{}\"", target.daemonset));
             if line != last {
                 println!("{line}");
                 last = line;

@@ -88,6 +88,7 @@ pub struct ListWatch<K: 'static> {
     api: fn(kube::Client, Option<&str>) -> Api<K>,
     namespace: Option<String>,
     fields: Option<String>,
+    labels: Option<String>,
     timeout: Duration,
     what: String,
     stream: Option<EventStream<K>>,
@@ -106,14 +107,17 @@ impl<K: Debug> Debug for ListWatch<K> {
 /// The watcher settings netd uses: consistent paginated lists, bookmarks,
 /// `timeout` as the watch's `timeoutSeconds` (at least 1 s), and the field
 /// selector if any.
-fn watch_config(timeout: Duration, fields: Option<&str>) -> watcher::Config {
+fn watch_config(timeout: Duration, fields: Option<&str>, labels: Option<&str>) -> watcher::Config {
     let secs = u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX).max(1);
-    let config =
+    let mut config =
         watcher::Config::default().timeout(secs).page_size(PAGE_SIZE).list_semantic(watcher::ListSemantic::MostRecent);
-    match fields {
-        Some(selector) => config.fields(selector),
-        None => config,
+    if let Some(selector) = fields {
+        config = config.fields(selector);
     }
+    if let Some(selector) = labels {
+        config = config.labels(selector);
+    }
+    config
 }
 
 impl<K> ListWatch<K>
@@ -133,6 +137,7 @@ where
             api: |client, _| Api::all(client),
             namespace: None,
             fields,
+            labels: None,
             timeout: DEFAULT_WATCH_TIMEOUT,
             what: what.into(),
             stream: None,
@@ -165,6 +170,14 @@ where
         }
     }
 
+    /// Watches only the objects matching the label selector `selector`
+    /// (e.g. `app=netd`), from the next (re)start on.
+    pub fn with_labels(mut self, selector: impl Into<String>) -> Self {
+        self.labels = Some(selector.into());
+        self.restart();
+        self
+    }
+
     /// Sets the `timeoutSeconds` of watches (at least one second) from the
     /// next (re)start on; a watch silent for longer than this plus 5 s
     /// counts as a dead connection.
@@ -186,7 +199,7 @@ where
             let stream = match &mut self.stream {
                 Some(stream) => stream.get_mut(),
                 None => {
-                    let config = watch_config(self.timeout, self.fields.as_deref());
+                    let config = watch_config(self.timeout, self.fields.as_deref(), self.labels.as_deref());
                     let api = (self.api)(self.client.client(), self.namespace.as_deref());
                     self.stream.insert(SyncWrapper::new(watcher(api, config).boxed())).get_mut()
                 }

@@ -47,6 +47,8 @@ pub const DAEMONSET_KEY: &str = "daemonset";
 /// Its key holding the DaemonSet's UID (a DaemonSet deleted and made again
 /// is another one).
 pub const DAEMONSET_UID_KEY: &str = "daemonsetUID";
+/// Its key holding the DaemonSet's pod label selector.
+pub const SELECTOR_KEY: &str = "selector";
 /// The netd DaemonSet of deploy/.
 pub const DEFAULT_DAEMONSET: &str = "kube-system/netd";
 /// The label a DaemonSet's pods and ControllerRevisions carry.
@@ -236,6 +238,7 @@ fn views(pods: &[NetdPod], nodes: &[Object<NodeReadiness>], target: &str) -> BTr
 /// What a rollout of the DaemonSet would do now.
 struct Observed {
     uid: String,
+    selector: String,
     target: String,
     image: String,
     pods: Vec<NetdPod>,
@@ -295,16 +298,27 @@ async fn observe(client: &KubeClient, ds: &DaemonSetRef) -> Result<Observed, Rol
     let listed =
         call(&format!("listing the pods of {ds}"), pods.list(&ListParams::default().labels(&selector))).await?;
     let pods = listed.items.iter().filter_map(|p| NetdPod::from_object(p, &uid)).collect();
-    Ok(Observed { uid, target, image, pods })
+    Ok(Observed { uid, selector, target, image, pods })
 }
 
 fn config_maps(client: &KubeClient, namespace: &str) -> Api<ConfigMap> {
     Api::namespaced(client.client(), namespace)
 }
 
-/// A rollout as recorded: its state, the ConfigMap's resourceVersion, the
-/// DaemonSet and its UID.
-pub type Recorded = (RolloutState, String, DaemonSetRef, String);
+/// The DaemonSet a rollout is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// Its name.
+    pub daemonset: DaemonSetRef,
+    /// Its UID (a DaemonSet deleted and made again is another one).
+    pub uid: String,
+    /// Its pod label selector (`app=netd`), so only its pods are watched.
+    pub selector: String,
+}
+
+/// A rollout as recorded: its state, the ConfigMap's resourceVersion and
+/// the DaemonSet.
+pub type Recorded = (RolloutState, String, Target);
 
 /// The recorded rollout of `namespace`, if any.
 pub async fn load(client: &KubeClient, namespace: &str) -> Result<Option<Recorded>, RolloutError> {
@@ -320,12 +334,16 @@ fn decode(cm: &ConfigMap) -> Result<Recorded, RolloutError> {
     let data = cm.data.clone().unwrap_or_default();
     let key = |key: &str| data.get(key).ok_or_else(|| StateError::Unreadable(format!("no key {key}")));
     let state = RolloutState::from_json(key(STATE_KEY)?)?;
-    let ds = key(DAEMONSET_KEY)?.parse()?;
-    let uid = key(DAEMONSET_UID_KEY)?.clone();
-    Ok((state, cm.metadata.resource_version.clone().unwrap_or_default(), ds, uid))
+    let target = Target {
+        daemonset: key(DAEMONSET_KEY)?.parse()?,
+        uid: key(DAEMONSET_UID_KEY)?.clone(),
+        selector: key(SELECTOR_KEY)?.clone(),
+    };
+    Ok((state, cm.metadata.resource_version.clone().unwrap_or_default(), target))
 }
 
-fn encode(state: &RolloutState, ds: &DaemonSetRef, uid: &str, version: Option<String>) -> ConfigMap {
+fn encode(state: &RolloutState, target: &Target, version: Option<String>) -> ConfigMap {
+    let ds = &target.daemonset;
     ConfigMap {
         metadata: kube::api::ObjectMeta {
             name: Some(STATE_CONFIG_MAP.into()),
@@ -338,7 +356,8 @@ fn encode(state: &RolloutState, ds: &DaemonSetRef, uid: &str, version: Option<St
             [
                 (STATE_KEY.to_string(), state.to_json()),
                 (DAEMONSET_KEY.to_string(), ds.to_string()),
-                (DAEMONSET_UID_KEY.to_string(), uid.to_string()),
+                (DAEMONSET_UID_KEY.to_string(), target.uid.clone()),
+                (SELECTOR_KEY.to_string(), target.selector.clone()),
             ]
             .into_iter()
             .collect(),
@@ -353,13 +372,13 @@ fn encode(state: &RolloutState, ds: &DaemonSetRef, uid: &str, version: Option<St
 async fn save(
     client: &KubeClient,
     state: &RolloutState,
-    ds: &DaemonSetRef,
-    uid: &str,
+    target: &Target,
     version: Option<String>,
 ) -> Result<String, KubeError> {
-    let what = format!("writing {}/{STATE_CONFIG_MAP}", ds.namespace);
-    let api = config_maps(client, &ds.namespace);
-    let cm = encode(state, ds, uid, version.clone());
+    let namespace = &target.daemonset.namespace;
+    let what = format!("writing {namespace}/{STATE_CONFIG_MAP}");
+    let api = config_maps(client, namespace);
+    let cm = encode(state, target, version.clone());
     let stored = match version {
         None => call(&what, api.create(&PostParams::default(), &cm)).await?,
         Some(_) => call(&what, api.replace(STATE_CONFIG_MAP, &PostParams::default(), &cm)).await?,
@@ -376,15 +395,16 @@ pub async fn start(client: &KubeClient, options: &StartOptions) -> Result<Rollou
     let ds = &options.daemonset;
     let existing = load(client, &ds.namespace).await;
     let version = match &existing {
-        Ok(Some((state, _, other, _))) if state.phase.is_open() => {
+        Ok(Some((state, _, other))) if state.phase.is_open() => {
             return Err(RolloutError::PreCheck(vec![format!(
-                "another rollout is {} (daemon set {other}, to {}, started {}): cancel it first",
+                "another rollout is {} (daemon set {}, to {}, started {}): cancel it first",
                 phase_name(state.phase),
+                other.daemonset,
                 state.target_label,
                 super::state::format_unix(state.started)
             )]));
         }
-        Ok(Some((_, version, _, _))) => Some(version.clone()),
+        Ok(Some((_, version, _))) => Some(version.clone()),
         Ok(None) => None,
         // A state this netd cannot read is not overwritten blindly.
         Err(error) => return Err(RolloutError::PreCheck(vec![format!("the recorded rollout: {error}")])),
@@ -446,7 +466,8 @@ pub async fn start(client: &KubeClient, options: &StartOptions) -> Result<Rollou
     let from = from.into_keys().next().unwrap_or_default();
     let label = format!("{} ({})", observed.image, observed.target);
     let state = RolloutState::new(&observed.target, &label, &from, targets, options.node_timeout, unix_now());
-    save(client, &state, ds, &observed.uid, version).await.map_err(|error| match error {
+    let recorded = Target { daemonset: ds.clone(), uid: observed.uid.clone(), selector: observed.selector.clone() };
+    save(client, &state, &recorded, version).await.map_err(|error| match error {
         KubeError::Conflict { .. } => {
             RolloutError::PreCheck(vec!["another rollout was recorded meanwhile: see `rollout status`".into()])
         }
@@ -459,11 +480,11 @@ pub async fn start(client: &KubeClient, options: &StartOptions) -> Result<Rollou
 /// executor writes meanwhile; the state as saved.
 pub async fn ask(client: &KubeClient, namespace: &str, request: Request) -> Result<RolloutState, RolloutError> {
     loop {
-        let (mut state, version, ds, uid) = load(client, namespace)
+        let (mut state, version, target) = load(client, namespace)
             .await?
             .ok_or_else(|| RolloutError::NoRollout(format!("{namespace}/{STATE_CONFIG_MAP}")))?;
         state.ask(request)?;
-        match save(client, &state, &ds, &uid, Some(version)).await {
+        match save(client, &state, &target, Some(version)).await {
             Ok(_) => return Ok(state),
             Err(KubeError::Conflict { .. }) => continue,
             Err(error) => return Err(error.into()),
@@ -523,13 +544,13 @@ pub const COMPONENT: &str = "netd-controller";
 
 /// Posts the step's turning points as Events on the DaemonSet (what
 /// `kubectl describe ds` shows), in the background.
-fn post_events(client: &KubeClient, ds: &DaemonSetRef, uid: &str, host: &str, step: &super::Step) {
+fn post_events(client: &KubeClient, target: &Target, host: &str, step: &super::Step) {
     let regarding = Regarding {
         api_version: "apps/v1".into(),
         kind: "DaemonSet".into(),
-        namespace: ds.namespace.clone(),
-        name: ds.name.clone(),
-        uid: Some(uid.to_string()),
+        namespace: target.daemonset.namespace.clone(),
+        name: target.daemonset.name.clone(),
+        uid: Some(target.uid.clone()),
         resource_version: None,
     };
     for note in &step.events {
@@ -547,7 +568,7 @@ fn post_events(client: &KubeClient, ds: &DaemonSetRef, uid: &str, host: &str, st
 
 /// The watches of an open rollout.
 struct Open {
-    ds: DaemonSetRef,
+    target: Target,
     pods: ListWatch<Object<PodRevision>>,
     nodes: ListWatch<Object<NodeReadiness>>,
     pod_cache: BTreeMap<String, Object<PodRevision>>,
@@ -559,10 +580,11 @@ struct Open {
 }
 
 impl Open {
-    fn new(client: &KubeClient, ds: &DaemonSetRef) -> Self {
+    fn new(client: &KubeClient, target: &Target) -> Self {
+        let pods = ListWatch::namespaced(client, target.daemonset.namespace.clone(), None, "netd pod");
         Self {
-            ds: ds.clone(),
-            pods: ListWatch::namespaced(client, ds.namespace.clone(), None, "netd pod"),
+            target: target.clone(),
+            pods: if target.selector.is_empty() { pods } else { pods.with_labels(target.selector.clone()) },
             nodes: ListWatch::new(client, None, "node"),
             pod_cache: BTreeMap::new(),
             node_cache: BTreeMap::new(),
@@ -641,23 +663,24 @@ pub async fn run(client: KubeClient, options: ExecutorOptions, metrics: Arc<Roll
                 None
             }
         };
-        let Some((mut state, version, ds, uid)) = decoded.filter(|(state, ..)| state.phase.is_open()) else {
+        let Some((mut state, version, target)) = decoded.filter(|(state, ..)| state.phase.is_open()) else {
             open = None;
             metrics.phase.store(0, Ordering::Relaxed);
             continue;
         };
-        if open.as_ref().is_none_or(|o| o.ds != ds) {
-            open = Some(Open::new(&client, &ds));
+        if open.as_ref().is_none_or(|o| o.target != target) {
+            open = Some(Open::new(&client, &target));
         }
+        let (ds, uid) = (&target.daemonset, &target.uid);
         let Some(o) = open.as_mut().filter(|o| o.pods_listed && o.nodes_listed) else { continue };
-        let pods: Vec<NetdPod> = o.pod_cache.values().filter_map(|p| NetdPod::from_object(p, &uid)).collect();
+        let pods: Vec<NetdPod> = o.pod_cache.values().filter_map(|p| NetdPod::from_object(p, uid)).collect();
         let nodes: Vec<Object<NodeReadiness>> = o.node_cache.values().cloned().collect();
         let step = state.step(&views(&pods, &nodes, &state.target), unix_now(), options.paused_ttl);
         for line in &step.lines {
             tracing::info!(daemonset = %ds, "rollout: {line}");
         }
         if step.close {
-            post_events(&client, &ds, &uid, &options.host, &step);
+            post_events(&client, &target, &options.host, &step);
             let what = format!("removing {}/{STATE_CONFIG_MAP}", ds.namespace);
             let params = DeleteParams {
                 preconditions: Some(Preconditions { resource_version: Some(version), uid: None }),
@@ -670,10 +693,10 @@ pub async fn run(client: KubeClient, options: ExecutorOptions, metrics: Arc<Roll
             continue;
         }
         if step.changed {
-            match save(&client, &state, &ds, &uid, Some(version)).await {
+            match save(&client, &state, &target, Some(version)).await {
                 Ok(version) => {
-                    recorded = Some(encode(&state, &ds, &uid, Some(version)));
-                    post_events(&client, &ds, &uid, &options.host, &step);
+                    recorded = Some(encode(&state, &target, Some(version)));
+                    post_events(&client, &target, &options.host, &step);
                 }
                 Err(error) => {
                     // Someone (an operator's request) wrote first: read it
@@ -747,6 +770,29 @@ mod tests {
             let error = bad.parse::<DaemonSetRef>().expect_err(bad);
             assert!(error.to_string().contains("expected NAMESPACE/NAME"), "{error}");
         }
+    }
+
+    #[test]
+    fn the_state_config_map_round_trips_and_missing_keys_are_named() {
+        let target = Target {
+            daemonset: DaemonSetRef { namespace: "kube-system".into(), name: "netd".into() },
+            uid: "0b6e1b6c-1d2e-4f5a-9b8c-7d6e5f4a3b2c".into(),
+            selector: "app=netd".into(),
+        };
+        let state = RolloutState::new(
+            "6b9d4c5f7",
+            "netd:v2 (6b9d4c5f7)",
+            "5d4f8b7c9",
+            ["edge-1".to_string()],
+            Duration::from_secs(300),
+            1_764_590_400,
+        );
+        let mut cm = encode(&state, &target, Some("42".into()));
+        let (read, version, read_target) = decode(&cm).expect("decodes");
+        assert_eq!((read, version.as_str(), read_target), (state, "42", target));
+        cm.data.as_mut().map(|d| d.remove(DAEMONSET_UID_KEY));
+        let error = decode(&cm).expect_err("no UID");
+        assert_eq!(error.to_string(), "the rollout state is unreadable: no key daemonsetUID");
     }
 
     fn pod(value: Value) -> Object<PodRevision> {
