@@ -23,7 +23,9 @@ const EXAMPLES: &str = "Examples:
   netd-controller run                                   # in a pod: in-cluster credentials
   netd-controller run --dnat-target 192.168.0.10       # also drive this cloud node's tunnel DNAT
   netd-controller run --kubernetes https://10.0.0.1:6443 --token-file t --ca-file ca.crt \\
-      --allocate-node-cidrs --cluster-cidr 10.244.0.0/16";
+      --allocate-node-cidrs --cluster-cidr 10.244.0.0/16
+  netd-controller rollout start                          # after a new netd image in the OnDelete DaemonSet
+  netd-controller rollout status                         # follow it; pause | resume | cancel";
 
 /// The cloud side of netd.
 #[derive(Debug, Parser)]
@@ -93,11 +95,23 @@ struct StatusArgs {
 
 #[derive(Debug, Args)]
 struct RequestArgs {
-    /// Where rollouts are recorded (the netd DaemonSet's namespace).
-    #[arg(long, env = "NETD_ROLLOUT_NAMESPACE", value_name = "NS", default_value = "kube-system")]
-    namespace: String,
+    #[command(flatten)]
+    rollouts: RolloutNamespace,
     #[command(flatten)]
     api: ApiArgs,
+}
+
+/// Where rollouts are recorded.
+#[derive(Debug, Args)]
+struct RolloutNamespace {
+    /// Where rollouts are recorded (the netd DaemonSet's namespace).
+    #[arg(
+        long = "rollout-namespace",
+        env = "NETD_ROLLOUT_NAMESPACE",
+        value_name = "NS",
+        default_value = "kube-system"
+    )]
+    namespace: String,
 }
 
 #[derive(Debug, Args)]
@@ -191,9 +205,8 @@ struct RunArgs {
     #[arg(long, env = "NETD_METRICS_LISTEN", value_name = "ADDR:PORT", default_value = "0.0.0.0:10267",
           value_parser = parse_listen)]
     metrics_listen: Listen,
-    /// Where rollouts are recorded (the netd DaemonSet's namespace).
-    #[arg(long, env = "NETD_ROLLOUT_NAMESPACE", value_name = "NS", default_value = "kube-system")]
-    rollout_namespace: String,
+    #[command(flatten)]
+    rollouts: RolloutNamespace,
     /// A rollout paused this long is closed and its state removed (seed: 15 days).
     #[arg(long, env = "NETD_ROLLOUT_PAUSED_TTL", value_name = "DURATION", value_parser = parse_duration, default_value = "360h")]
     rollout_paused_ttl: Duration,
@@ -270,7 +283,7 @@ fn run(args: RunArgs) -> Result<()> {
         metrics_listen: args.metrics_listen.0,
         tunnel,
         rollout: ExecutorOptions {
-            namespace: args.rollout_namespace.clone(),
+            namespace: args.rollouts.namespace.clone(),
             paused_ttl: args.rollout_paused_ttl,
             host: node,
         },
@@ -334,7 +347,7 @@ fn rollout_start(args: StartArgs) -> Result<()> {
 /// kubectl fails on a paused Deployment).
 fn rollout_status(args: StatusArgs) -> Result<ExitCode> {
     let client = args.request.api.client()?;
-    let namespace = args.request.namespace.clone();
+    let namespace = args.request.rollouts.namespace.clone();
     block_on(async move {
         let started = std::time::Instant::now();
         let mut last = String::new();
@@ -363,7 +376,7 @@ fn rollout_status(args: StatusArgs) -> Result<ExitCode> {
 
 fn rollout_request(args: RequestArgs, request: Request) -> Result<()> {
     let client = args.api.client()?;
-    let state = block_on(async { Ok(rollouts::ask(&client, &args.namespace, request).await?) })?;
+    let state = block_on(async { Ok(rollouts::ask(&client, &args.rollouts.namespace, request).await?) })?;
     let batch = state.batch.as_ref().map(|b| b.number);
     let text = match (request, batch) {
         (Request::Pause, Some(n)) => format!("pausing: batch {n} finishes, then nothing new starts"),
@@ -418,5 +431,31 @@ mod tests {
         assert_eq!(args.retry_period, leader::DEFAULT_RETRY_PERIOD);
         let error = Cli::try_parse_from(["netd-controller", "run", "--allocate-node-cidrs"]).unwrap_err().to_string();
         assert!(error.contains("--cluster-cidr"), "{error}");
+        assert_eq!(args.rollout_paused_ttl, netd::rollout::state::DEFAULT_PAUSED_TTL);
+        assert_eq!(args.rollouts.namespace, "kube-system");
+    }
+
+    #[test]
+    fn rollout_commands_share_the_api_and_namespace_options() {
+        let parse = |args: &[&str]| Cli::try_parse_from(["netd-controller", "rollout"].iter().chain(args));
+        let cli = parse(&["start"]).unwrap_or_else(|e| panic!("{e}"));
+        let Command::Rollout(RolloutCommand::Start(start)) = cli.command else { panic!("start") };
+        assert_eq!(start.daemonset.to_string(), DEFAULT_DAEMONSET);
+        assert_eq!(start.node_timeout, netd::rollout::state::DEFAULT_NODE_TIMEOUT);
+        let cli = parse(&[
+            "status",
+            "--watch=false",
+            "--rollout-namespace",
+            "netd",
+            "--kubernetes",
+            "https://127.0.0.1:6443",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        let Command::Rollout(RolloutCommand::Status(status)) = cli.command else { panic!("status") };
+        assert!(!status.watch);
+        assert_eq!(status.request.rollouts.namespace, "netd");
+        assert_eq!(status.request.api.kubernetes.as_deref(), Some("https://127.0.0.1:6443"));
+        let error = parse(&["start", "--daemonset", "netd"]).unwrap_err().to_string();
+        assert!(error.contains("expected NAMESPACE/NAME"), "{error}");
     }
 }

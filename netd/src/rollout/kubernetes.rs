@@ -668,14 +668,27 @@ pub async fn run(client: KubeClient, options: ExecutorOptions, metrics: Arc<Roll
             metrics.phase.store(0, Ordering::Relaxed);
             continue;
         };
-        if open.as_ref().is_none_or(|o| o.target != target) {
+        // A paused rollout observes nothing (it only ages, or is resumed or
+        // cancelled): no watches for the days it may stay paused.
+        let observing = state.phase == Phase::Running || state.request == Some(Request::Resume);
+        if !observing {
+            open = None;
+        } else if open.as_ref().is_none_or(|o| o.target != target) {
             open = Some(Open::new(&client, &target));
         }
         let (ds, uid) = (&target.daemonset, &target.uid);
-        let Some(o) = open.as_mut().filter(|o| o.pods_listed && o.nodes_listed) else { continue };
-        let pods: Vec<NetdPod> = o.pod_cache.values().filter_map(|p| NetdPod::from_object(p, uid)).collect();
-        let nodes: Vec<Object<NodeReadiness>> = o.node_cache.values().cloned().collect();
-        let step = state.step(&views(&pods, &nodes, &state.target), unix_now(), options.paused_ttl);
+        let (pods, seen) = match open.as_ref() {
+            None => (Vec::new(), BTreeMap::new()),
+            Some(o) if o.pods_listed && o.nodes_listed => {
+                let pods: Vec<NetdPod> = o.pod_cache.values().filter_map(|p| NetdPod::from_object(p, uid)).collect();
+                let nodes: Vec<Object<NodeReadiness>> = o.node_cache.values().cloned().collect();
+                let seen = views(&pods, &nodes, &state.target);
+                (pods, seen)
+            }
+            // Not a complete picture yet: a node missing from it would count as gone.
+            Some(_) => continue,
+        };
+        let step = state.step(&seen, unix_now(), options.paused_ttl);
         for line in &step.lines {
             tracing::info!(daemonset = %ds, "rollout: {line}");
         }
@@ -713,6 +726,15 @@ pub async fn run(client: KubeClient, options: ExecutorOptions, metrics: Arc<Roll
                 }
             }
         }
+        let phase = match state.phase {
+            Phase::Running => 1,
+            Phase::Paused => 2,
+            Phase::Cancelled | Phase::Complete => 0,
+        };
+        metrics.phase.store(phase, Ordering::Relaxed);
+        metrics.nodes_updated.store(state.updated() as u64, Ordering::Relaxed);
+        metrics.nodes_total.store(state.total() as u64, Ordering::Relaxed);
+        let Some(o) = open.as_mut() else { continue };
         for node in &step.upgrade {
             for pod in pods.iter().filter(|p| p.node.as_ref() == Some(node)) {
                 if pod.terminating
@@ -742,18 +764,6 @@ pub async fn run(client: KubeClient, options: ExecutorOptions, metrics: Arc<Roll
                 }
             }
         }
-        metrics.phase.store(
-            if state.phase == Phase::Paused {
-                2
-            } else if state.phase == Phase::Running {
-                1
-            } else {
-                0
-            },
-            Ordering::Relaxed,
-        );
-        metrics.nodes_updated.store(state.updated() as u64, Ordering::Relaxed);
-        metrics.nodes_total.store(state.total() as u64, Ordering::Relaxed);
     }
 }
 
