@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt as _;
 use k8s_openapi::api::apps::v1::{ControllerRevision, DaemonSet};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, DeleteParams, ListParams, PostParams, Preconditions};
@@ -55,6 +56,8 @@ pub const DEFAULT_DAEMONSET: &str = "kube-system/netd";
 const REVISION_LABEL: &str = "controller-revision-hash";
 /// How often the executor steps when nothing changes (timeouts, TTL).
 const TICK: Duration = Duration::from_secs(1);
+/// Events folded in at most before a step.
+const BURST: usize = 1000;
 
 /// Errors of rollouts on Kubernetes.
 #[derive(Debug, thiserror::Error)]
@@ -645,7 +648,17 @@ pub async fn run(client: KubeClient, options: ExecutorOptions, metrics: Arc<Roll
                     Some(o) => o.next().await,
                     None => std::future::pending().await,
                 }
-            } => {}
+            } => {
+                // Fold in what has already arrived too, so a burst (a relist,
+                // a batch's pods being replaced) costs one step, not one each.
+                if let Some(o) = open.as_mut() {
+                    for _ in 0..BURST {
+                        if o.next().now_or_never().is_none() {
+                            break;
+                        }
+                    }
+                }
+            }
             _ = tick.tick() => {}
         }
         let decoded = match recorded.as_ref().map(decode) {
