@@ -31,7 +31,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
@@ -173,10 +173,6 @@ pub struct SubnetRecord {
     /// Unix seconds when its Node was deleted (`None`: it exists).
     #[serde(default)]
     pub deleted_at: Option<u64>,
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// The cloud/edge patch a node needs, if any (a merge patch carrying the
@@ -537,7 +533,7 @@ impl NodeController {
         if record.deleted_at.is_some() {
             return;
         }
-        record.deleted_at = Some(unix_now());
+        record.deleted_at = Some(crate::model::unix_now());
         if let Some(autonomous) = autonomous {
             record.autonomous = autonomous;
         }
@@ -549,7 +545,7 @@ impl NodeController {
         if self.options.allocate.is_none() {
             return;
         }
-        let reclaim = self.memory.reclaimable(unix_now(), self.options.reclaim_after);
+        let reclaim = self.memory.reclaimable(crate::model::unix_now(), self.options.reclaim_after);
         if reclaim.is_empty() {
             return;
         }

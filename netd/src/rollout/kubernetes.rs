@@ -220,7 +220,11 @@ fn offline_reason(node: &Object<NodeReadiness>) -> Option<String> {
 
 /// Every node with what its netd runs: the DaemonSet's live (not
 /// terminating) pod on it, preferring one on `target`.
-fn views(pods: &[NetdPod], nodes: &[Object<NodeReadiness>], target: &str) -> BTreeMap<String, NodeView> {
+fn views<'a>(
+    pods: &[NetdPod],
+    nodes: impl IntoIterator<Item = &'a Object<NodeReadiness>>,
+    target: &str,
+) -> BTreeMap<String, NodeView> {
     let mut out: BTreeMap<String, NodeView> = BTreeMap::new();
     for node in nodes {
         let Some(name) = node.name() else { continue };
@@ -694,8 +698,7 @@ pub async fn run(client: KubeClient, options: ExecutorOptions, metrics: Arc<Roll
             None => (Vec::new(), BTreeMap::new()),
             Some(o) if o.pods_listed && o.nodes_listed => {
                 let pods: Vec<NetdPod> = o.pod_cache.values().filter_map(|p| NetdPod::from_object(p, uid)).collect();
-                let nodes: Vec<Object<NodeReadiness>> = o.node_cache.values().cloned().collect();
-                let seen = views(&pods, &nodes, &state.target);
+                let seen = views(&pods, o.node_cache.values(), &state.target);
                 (pods, seen)
             }
             // Not a complete picture yet: a node missing from it would count as gone.

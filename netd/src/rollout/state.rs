@@ -639,10 +639,7 @@ pub fn format_unix(secs: u64) -> String {
         .unwrap_or_else(|| secs.to_string())
 }
 
-/// Now, in Unix seconds.
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
+pub use crate::model::unix_now;
 
 #[cfg(test)]
 mod tests {
