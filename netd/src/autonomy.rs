@@ -13,12 +13,14 @@
 //! - **lease**: on Kubernetes the lease is the node's pod CIDR, which stays
 //!   with the Node object (kube-controller-manager frees it only when the
 //!   Node is deleted), autonomous or not (with `netd-controller
-//!   --allocate-node-cidrs` it outlives the Node). On etcd the lease lapses
-//!   24 h after its last renewal and autonomy does not extend it: etcd
-//!   deletes the key with its etcd lease. The embedded registry keeps an
-//!   autonomous node's lapsed lease (for ever, or for its bound after the
-//!   last renewal): no other node gets its subnet; a non-autonomous node's
-//!   lapsed row is deleted when the next node takes a lease.
+//!   --allocate-node-cidrs` it outlives the Node). On etcd the lease key
+//!   lapses 24 h after its last renewal (etcd deletes it with its etcd
+//!   lease), but an autonomous node's subnet is reserved for it
+//!   (`reserved/<node>`), so no netd node takes it. The embedded registry
+//!   keeps an autonomous node's lapsed lease. Both keep the subnet for ever,
+//!   or for the bound after the last renewal. A non-autonomous node's lapsed
+//!   lease goes (etcd: with its key; embedded: when the next node takes a
+//!   lease).
 //! - **eviction**: only Kubernetes has pods. There `netd-controller`, while
 //!   it runs, lengthens the `not-ready`/`unreachable` tolerations of the pods
 //!   of an autonomous node (to the bound, or with no limit); without it the
@@ -271,7 +273,7 @@ impl Report {
 
     fn lease_line(&self) -> String {
         let on = self.node.autonomy.is_on();
-        let Some(NodeLeaseState { subnet, public_ip, expires_at }) = &self.node.lease else {
+        let Some(NodeLeaseState { subnet, public_ip, expires_at, kept_while_autonomous }) = &self.node.lease else {
             return match self.kind {
                 RegistryKind::Kubernetes => {
                     "none: the Node has no pod CIDR (kube-controller-manager assigns one)".into()
@@ -288,11 +290,18 @@ impl Report {
             (RegistryKind::Etcd, None) => {
                 format!("{subnet}{ip}: its key has no etcd lease, so it does not lapse")
             }
-            (RegistryKind::Embedded, Some(at)) if on => {
+            (kind, Some(at)) if on && *kept_while_autonomous => {
                 let lapse = if *at > self.now { "lapses" } else { "lapsed" };
+                let flannel = match kind {
+                    RegistryKind::Etcd => {
+                        " (etcd drops the key, netd's reservation keeps the subnet; flannel nodes \
+                                           do not read it)"
+                    }
+                    _ => "",
+                };
                 format!(
                     "{subnet}{ip} {lapse} {} unless the node renews it, and is kept while the node is \
-                     autonomous: no other node gets this subnet",
+                     autonomous: no other node gets this subnet{flannel}",
                     when(*at, self.now)
                 )
             }
@@ -302,7 +311,13 @@ impl Report {
                     RegistryKind::Etcd => "etcd then deletes the key with its etcd lease",
                     _ => "the next node to take a lease then deletes it",
                 };
-                let autonomy = if on { "; autonomy does not extend it" } else { "" };
+                let autonomy = match (on, kind) {
+                    (false, _) => "",
+                    (true, RegistryKind::Etcd) => {
+                        "; autonomy does not keep it yet: the node's next renewal (or netd-autonomy set) reserves it"
+                    }
+                    (true, _) => "; autonomy does not extend it",
+                };
                 format!(
                     "{subnet}{ip} {lapse} {} unless the node renews it; {removal} and the subnet may go \
                      to a new node (the node, back, takes a subnet again, its old one first){autonomy}",
@@ -488,6 +503,7 @@ mod tests {
                     subnet: "10.244.3.0/24".parse().unwrap(),
                     public_ip: Some("192.0.2.7".parse().unwrap()),
                     expires_at: Some(at(NOW + 7200)),
+                    kept_while_autonomous: false,
                 }),
                 kubernetes: None,
             },
@@ -524,7 +540,8 @@ mod tests {
 
     #[test]
     fn embedded_and_etcd_reports_say_the_lease_lapses_and_nothing_is_evicted() {
-        let on = report(RegistryKind::Embedded, Autonomy::Forever, &["the autonomy row of edge-1 in /x.db"]);
+        let mut on = report(RegistryKind::Embedded, Autonomy::Forever, &["the autonomy row of edge-1 in /x.db"]);
+        on.node.lease.as_mut().unwrap().kept_while_autonomous = true;
         let text = on.text();
         assert!(text.starts_with("node edge-1 in test registry\n"), "{text}");
         assert!(text.contains("autonomy: on (no time limit), from the autonomy row of edge-1 in /x.db\n"), "{text}");
@@ -549,6 +566,16 @@ mod tests {
         assert!(text.contains("flannel peers do not read autonomy"), "{text}");
         off.node.lease = None;
         assert!(off.text().contains("lease: none held"));
+
+        // etcd: kept by netd's reservation, or not yet reserved.
+        let mut reserved = report(RegistryKind::Etcd, Autonomy::Forever, &["/coreos.com/network/autonomy/edge-1"]);
+        reserved.node.lease.as_mut().unwrap().kept_while_autonomous = true;
+        let text = reserved.text();
+        assert!(text.contains("no other node gets this subnet (etcd drops the key, netd's reservation"), "{text}");
+        reserved.node.lease.as_mut().unwrap().kept_while_autonomous = false;
+        let text = reserved.text();
+        assert!(text.contains("the subnet may go to a new node"), "{text}");
+        assert!(text.contains("the node's next renewal (or netd-autonomy set) reserves it"), "{text}");
     }
 
     #[test]

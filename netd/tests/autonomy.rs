@@ -247,7 +247,10 @@ async fn etcd_registry() {
         (get("/coreos.com/network/autonomy/edge-1"), get("/coreos.com/network/autonomy-duration/edge-1")),
         ("true".into(), "2h0m0s".into())
     );
+    // The subnet edge-1 holds is reserved beside it, so it outlives the lease key.
+    assert!(text.contains("wrote /coreos.com/network/reserved/edge-1={\"version\":1,\"subnet\":"), "{text}");
     let json = autonomy(&reg, &["status", "edge-1", "--json"]).json();
+    assert!(json["implies"]["lease"].as_str().unwrap().contains("no other node gets this subnet"), "{json}");
     assert_eq!(json["autonomy"]["limit"], "2h0m0s");
     assert_eq!(
         strings(&json["autonomy"]["sources"]),
@@ -264,6 +267,8 @@ async fn etcd_registry() {
     // Unset: `false`, the bound deleted, in one transaction.
     let text = autonomy(&reg, &["unset", "edge-1"]).ok();
     assert!(text.contains("removed /coreos.com/network/autonomy-duration/edge-1\n"), "{text}");
+    assert!(text.contains("removed /coreos.com/network/reserved/edge-1\n"), "{text}");
+    assert_eq!(get("/coreos.com/network/reserved/edge-1"), "");
     assert!(text.contains("\nautonomy: off\n"), "{text}");
     assert_eq!(get("/coreos.com/network/autonomy/edge-1"), "false");
     assert_eq!(get("/coreos.com/network/autonomy-duration/edge-1"), "");

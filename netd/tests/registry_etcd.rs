@@ -377,3 +377,86 @@ async fn a_silent_etcd_is_noticed_by_keepalive() {
     assert!(err.is_transient(), "{err}");
     assert!(resync_subnets(next(&mut b, own).await).is_empty());
 }
+
+/// SPEC §4: an autonomous node's subnet is never given to another node, even
+/// after etcd has dropped its lease key (24 h of silence, here a revoke);
+/// bounded autonomy keeps it for the bound after the last renewal only.
+#[tokio::test]
+async fn an_autonomous_nodes_subnet_outlives_its_lease_key() {
+    let Some(_kernel) = netd::testing::privileged().unwrap() else { return };
+    init_logs();
+    let etcd = configured_etcd();
+    let mut c = client(&etcd).await;
+    const RESERVED_A: &str = "/coreos.com/network/reserved/a";
+    let mut a = registry(&etcd).await;
+    let subnet = a.acquire_lease(&config(), &request("a", "192.0.2.1", 1)).await.unwrap().lease.subnet;
+    let key = format!("{SUBNETS}{}", netd::model::flannel::subnet_key(subnet));
+    assert!(value_of(&mut c, RESERVED_A).await.is_none(), "a node that is not autonomous reserves nothing");
+
+    let changes = a.set_autonomy("a", Autonomy::Forever).await.unwrap();
+    assert!(changes.iter().any(|c| c.field == RESERVED_A), "{changes:?}");
+    let (value, etcd_lease) = value_of(&mut c, RESERVED_A).await.unwrap();
+    assert_eq!(etcd_lease, 0, "the reservation must outlive the node's silence");
+    let value: serde_json::Value = serde_json::from_slice(&value).unwrap();
+    assert_eq!((value["version"].as_u64(), value["subnet"].as_str()), (Some(1), Some(subnet.to_string().as_str())));
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+    let renewed = value["renewedAt"].as_u64().unwrap();
+    assert!(now.abs_diff(renewed) <= 5, "renewedAt {renewed} is the lease's last renewal, now {now}");
+
+    // The lease lapses: etcd drops the key with its etcd lease.
+    let (_, id) = value_of(&mut c, &key).await.unwrap();
+    c.lease_revoke(id).await.unwrap();
+    assert!(value_of(&mut c, &key).await.is_none());
+    // A new node asking for exactly that subnet gets another one.
+    let mut b = registry(&etcd).await;
+    let mut wants = request("b", "192.0.2.2", 2);
+    wants.previous_subnet = Some(subnet);
+    let b_subnet = b.acquire_lease(&config(), &wants).await.unwrap().lease.subnet;
+    assert_ne!(b_subnet, subnet, "a lapsed autonomous node's subnet was given away");
+    let report = b.node_autonomy("a").await.unwrap();
+    let lease = report.lease.clone().expect("the reserved subnet is reported");
+    assert!(lease.subnet == subnet && lease.kept_while_autonomous, "{lease:?}");
+    let report = netd::autonomy::Report {
+        kind: netd::autonomy::RegistryKind::Etcd,
+        registry: b.describe(),
+        node: report,
+        now: SystemTime::now(),
+    };
+    let lease_line = report.implications().lease;
+    assert!(lease_line.contains("lapsed") && lease_line.contains("no other node gets this subnet"), "{lease_line}");
+
+    // a, back after a reboot that lost its snapshot, gets its own subnet.
+    let back = a.acquire_lease(&config(), &request("a", "192.0.2.1", 1)).await.unwrap();
+    assert_eq!(back.lease.subnet, subnet);
+
+    // Bounded: once the bound has run from the last renewal, the subnet is
+    // free for others again.
+    a.set_autonomy("a", Autonomy::For(Duration::from_secs(5))).await.unwrap();
+    let (_, id) = value_of(&mut c, &key).await.unwrap();
+    c.lease_revoke(id).await.unwrap();
+    let mut wants = request("c", "192.0.2.3", 3);
+    wants.previous_subnet = Some(subnet);
+    let mut other = registry(&etcd).await;
+    assert_ne!(other.acquire_lease(&config(), &wants).await.unwrap().lease.subnet, subnet, "within the bound");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let mut d = registry(&etcd).await;
+    let mut wants = request("d", "192.0.2.4", 4);
+    wants.previous_subnet = Some(subnet);
+    assert_eq!(d.acquire_lease(&config(), &wants).await.unwrap().lease.subnet, subnet, "after the bound");
+
+    // Off: the reservation goes with the flag.
+    a.set_autonomy("a", Autonomy::Off).await.unwrap();
+    assert!(value_of(&mut c, RESERVED_A).await.is_none());
+
+    // An unreadable reservation is skipped (with a warning) and blocks nothing;
+    // a newer format is not guessed at.
+    c.put("/coreos.com/network/reserved/x", "{not json", None).await.unwrap();
+    c.put("/coreos.com/network/reserved/y", r#"{"version":2,"subnet":"10.244.9.0/24","renewedAt":1}"#, None)
+        .await
+        .unwrap();
+    c.put("/coreos.com/network/autonomy/y", "true", None).await.unwrap();
+    let mut e = registry(&etcd).await;
+    let mut wants = request("e", "192.0.2.5", 5);
+    wants.previous_subnet = Some(net("10.244.9.0/24"));
+    assert_eq!(e.acquire_lease(&config(), &wants).await.unwrap().lease.subnet, net("10.244.9.0/24"));
+}

@@ -44,6 +44,18 @@ impl Autonomy {
     pub fn is_on(self) -> bool {
         !matches!(self, Self::Off)
     }
+
+    /// Whether a node last heard from (its lease renewed) at `renewed_at`
+    /// still counts as autonomous at `now`: always when [`Forever`](Self::Forever),
+    /// until the bound has run from the last renewal when [`For`](Self::For).
+    /// A registry keeps the node's subnet exactly that long.
+    pub fn holds_at(self, renewed_at: std::time::SystemTime, now: std::time::SystemTime) -> bool {
+        match self {
+            Self::Off => false,
+            Self::Forever => true,
+            Self::For(bound) => bound.is_zero() || renewed_at.checked_add(bound).is_none_or(|end| end > now),
+        }
+    }
 }
 
 impl std::fmt::Display for Autonomy {
@@ -204,6 +216,21 @@ mod tests {
 
     use super::*;
     use std::collections::HashMap;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    #[test]
+    fn autonomy_holds_for_its_bound_after_the_last_renewal() {
+        let renewed = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let later = |secs| renewed + Duration::from_secs(secs);
+        assert!(!Autonomy::Off.holds_at(renewed, renewed));
+        assert!(Autonomy::Forever.holds_at(renewed, later(10 * 365 * 86_400)));
+        let two_hours = Autonomy::For(Duration::from_secs(7200));
+        assert!(two_hours.holds_at(renewed, later(7199)));
+        assert!(!two_hours.holds_at(renewed, later(7200)));
+        assert!(Autonomy::For(Duration::ZERO).holds_at(renewed, later(1 << 40)), "0 is no limit");
+        let far = Autonomy::For(Duration::MAX);
+        assert!(far.holds_at(SystemTime::now(), SystemTime::now()), "an overflowing end never comes");
+    }
 
     #[test]
     fn go_durations_parse_as_go_does() {

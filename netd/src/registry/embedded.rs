@@ -417,6 +417,11 @@ fn read_node_autonomy(path: &Path, node: &str, registry: String) -> Result<NodeA
                 subnet,
                 public_ip: LeaseAttrs::parse(attrs.as_bytes()).ok().map(|a| a.public_ip),
                 expires_at: Some(UNIX_EPOCH + Duration::from_secs(expires_at.max(0) as u64)),
+                // What `acquire` keeps: the bound runs from the last renewal.
+                kept_while_autonomous: autonomy.holds_at(
+                    UNIX_EPOCH + Duration::from_secs((expires_at - LEASE_TTL.as_secs() as i64).max(0) as u64),
+                    SystemTime::now(),
+                ),
             }),
             Err(reason) => {
                 tracing::warn!(%key, %node, %reason, "the node's lease row is unreadable");

@@ -13,11 +13,12 @@
 //! | `<prefix>/nodes/10.244.3.0-24` | the node name, e.g. `edge-7` | the subnet key's | no |
 //! | `<prefix>/autonomy/<node>` | `true` or `false` | none | no |
 //! | `<prefix>/autonomy-duration/<node>` | a Go duration, e.g. `2h0m0s` | none | no |
+//! | `<prefix>/reserved/<node>` | `{"version":1,"subnet":"10.244.3.0/24","renewedAt":1764636000}` | none | no |
 //! | `<prefix>/bootstrap-tokens/<id>` | a [`TokenRecord`](super::TokenRecord) (JSON) | until it expires | no |
 //!
 //! The first two are flannel's own and byte-exact (netd writes no other
 //! fields, and reads flannel's additional ones, e.g. `"PublicIPv6":null`).
-//! The last three are netd's: flannel reads only `config` and `subnets/`, so
+//! The others are netd's: flannel reads only `config` and `subnets/`, so
 //! they are invisible to it. flannel's lease carries no node name, so netd
 //! stores its node name beside the lease in `nodes/<subnet>`, attached to the
 //! same etcd lease so both vanish together; peers that are flannel nodes
@@ -33,15 +34,30 @@
 //! 1 read it as before (they see a bounded node as autonomous with no
 //! limit, which is how every netd keeps peers' routes anyway). The bound
 //! alone does not switch autonomy on, and turning autonomy off writes
-//! `false` and deletes the bound in one transaction.
+//! `false` and deletes the bound in one transaction. Version 3 adds
+//! `reserved/<node>` (below); older netd builds ignore it, so they may give a
+//! lapsed autonomous node's subnet away as before.
+//!
+//! An autonomous node cut off for more than 24 h loses its lease key (etcd
+//! deletes it with its etcd lease), yet it keeps serving its pods from that
+//! subnet. So while a node is autonomous netd also keeps `reserved/<node>`:
+//! the subnet and when the node last renewed (unix seconds), with no etcd
+//! lease. It is written with every acquire and renewal of an autonomous
+//! node and by [`Registry::set_autonomy`] (for the subnet the node holds),
+//! and deleted when autonomy is turned off. Acquiring never picks a subnet
+//! reserved for another node whose autonomy still holds
+//! ([`Autonomy::holds_at`]: always, or until its bound has run from
+//! `renewedAt`), and the node itself, back, takes its reserved subnet first.
+//! flannel nodes do not read it.
 //!
 //! # Semantics
 //!
 //! - **Acquire** (flannel's order): a lease already held by this public IP
 //!   (as flannel reuses it) or by this node name (`nodes/` key) is kept and
 //!   re-published; other leases held by either are stale copies and removed;
-//!   otherwise `previous_subnet` if free, else the first free subnet
-//!   ([`pick_subnet`]). A new key is created in a transaction that compares
+//!   otherwise `previous_subnet` (or the subnet reserved for this node) if
+//!   free, else the first free subnet ([`pick_subnet`]) that no autonomous
+//!   node has reserved. A new key is created in a transaction that compares
 //!   the key's version with 0 (compare-and-swap); losing the race to another
 //!   node means reading again and trying another subnet.
 //! - **Renew**: the key's etcd lease gets a keep-alive (back to 24 h) and the
@@ -97,6 +113,75 @@ const MAX_MESSAGE: usize = 256 << 20;
 /// Compare-and-swap rounds lost in a row before acquiring gives up.
 const CAS_ATTEMPTS: usize = 16;
 
+/// The format of a `reserved/<node>` value this netd writes and reads.
+const RESERVATION_VERSION: u32 = 1;
+
+/// `reserved/<node>` (layout version 3): the subnet kept for an autonomous
+/// node whose lease may lapse, and when the node last renewed it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Reservation {
+    version: u32,
+    subnet: Ipv4Net,
+    /// Unix seconds of the node's last acquire or renewal.
+    #[serde(rename = "renewedAt")]
+    renewed_at: u64,
+}
+
+impl Reservation {
+    fn new(subnet: Ipv4Net, renewed_at: SystemTime) -> Self {
+        let renewed_at = renewed_at.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        Self { version: RESERVATION_VERSION, subnet, renewed_at }
+    }
+
+    fn to_json(&self) -> String {
+        // A struct of a number, a subnet and a number always serialises.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    fn parse(value: &[u8]) -> Result<Self, String> {
+        let reservation: Self = serde_json::from_slice(value).map_err(|e| format!("not a reservation: {e}"))?;
+        if reservation.version != RESERVATION_VERSION {
+            return Err(format!("format version {}, this netd reads {RESERVATION_VERSION}", reservation.version));
+        }
+        Ok(reservation)
+    }
+
+    fn renewed_at(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(self.renewed_at)
+    }
+}
+
+/// A node's autonomy from the texts of its `autonomy/` and
+/// `autonomy-duration/` keys (`None`: no key), and what was wrong with
+/// them: an unreadable flag is off, an unreadable bound no time limit.
+fn read_autonomy(
+    flag: Option<&str>,
+    bound: Option<&str>,
+    flag_key: &str,
+    bound_key: &str,
+) -> (Autonomy, Option<String>) {
+    let on = match flag.map(str::trim) {
+        None => false,
+        Some(text) if text.eq_ignore_ascii_case("true") => true,
+        Some(text) if text.eq_ignore_ascii_case("false") => false,
+        Some(text) => {
+            return (Autonomy::Off, Some(format!("{flag_key}={text:?} is neither true nor false; taken as false")))
+        }
+    };
+    if !on {
+        return (Autonomy::Off, None);
+    }
+    match bound.map(parse_go_duration) {
+        None => (Autonomy::Forever, None),
+        Some(Ok(d)) if d.is_zero() => (Autonomy::Forever, None),
+        Some(Ok(d)) => (Autonomy::For(d), None),
+        Some(Err(reason)) => (
+            Autonomy::Forever,
+            Some(format!("{bound_key}={:?} is not a duration ({reason}); taken as no time limit", bound.unwrap_or(""))),
+        ),
+    }
+}
+
 /// The keys of one prefix.
 #[derive(Debug, Clone)]
 struct Keys {
@@ -108,6 +193,7 @@ struct Keys {
     nodes: String,
     autonomy: String,
     autonomy_duration: String,
+    reserved: String,
     tokens: String,
 }
 
@@ -117,6 +203,8 @@ enum KeyKind<'k> {
     Subnet(&'k str),
     Node(&'k str),
     Autonomy(&'k str),
+    AutonomyDuration(&'k str),
+    Reserved(&'k str),
     Other,
 }
 
@@ -132,6 +220,7 @@ impl Keys {
             nodes: format!("{prefix}/nodes/"),
             autonomy: format!("{prefix}/autonomy/"),
             autonomy_duration: format!("{prefix}/autonomy-duration/"),
+            reserved: format!("{prefix}/reserved/"),
             tokens: format!("{prefix}/bootstrap-tokens/"),
             prefix,
         }
@@ -153,6 +242,10 @@ impl Keys {
         format!("{}{node}", self.autonomy_duration)
     }
 
+    fn reserved(&self, node: &str) -> String {
+        format!("{}{node}", self.reserved)
+    }
+
     fn classify<'k>(&self, key: &'k str) -> KeyKind<'k> {
         if key == self.config {
             KeyKind::Config
@@ -162,6 +255,10 @@ impl Keys {
             KeyKind::Node(rest)
         } else if let Some(rest) = key.strip_prefix(&self.autonomy) {
             KeyKind::Autonomy(rest)
+        } else if let Some(rest) = key.strip_prefix(&self.autonomy_duration) {
+            KeyKind::AutonomyDuration(rest)
+        } else if let Some(rest) = key.strip_prefix(&self.reserved) {
+            KeyKind::Reserved(rest)
         } else {
             KeyKind::Other
         }
@@ -331,6 +428,8 @@ impl EtcdRegistry {
         let mut names: BTreeMap<Ipv4Net, String> = BTreeMap::new();
         // (subnet, mod revision, etcd lease id, public IP when parseable)
         let mut held: Vec<(Ipv4Net, i64, i64, Option<Ipv4Addr>)> = Vec::new();
+        let (mut flags, mut bounds) = (BTreeMap::new(), BTreeMap::new());
+        let mut reservations: BTreeMap<&str, Reservation> = BTreeMap::new();
         for kv in &kvs {
             let Ok(key) = std::str::from_utf8(kv.key()) else { continue };
             match self.keys.classify(key) {
@@ -344,9 +443,40 @@ impl EtcdRegistry {
                         names.insert(subnet, name.to_string());
                     }
                 }
+                KeyKind::Autonomy(node) => {
+                    flags.insert(node, String::from_utf8_lossy(kv.value()));
+                }
+                KeyKind::AutonomyDuration(node) => {
+                    bounds.insert(node, String::from_utf8_lossy(kv.value()));
+                }
+                KeyKind::Reserved(node) => match Reservation::parse(kv.value()) {
+                    Ok(reservation) => {
+                        reservations.insert(node, reservation);
+                    }
+                    Err(reason) => tracing::warn!(%key, %reason, "skipping an unreadable subnet reservation"),
+                },
                 _ => {}
             }
         }
+        let now = SystemTime::now();
+        let autonomy_of = |node: &str| {
+            let (flag, bound) = (flags.get(node).map(|t| t.as_ref()), bounds.get(node).map(|t| t.as_ref()));
+            read_autonomy(flag, bound, "", "").0
+        };
+        // Subnets of autonomous nodes cut off long enough for etcd to have
+        // dropped their lease keys: still theirs.
+        let reserved_elsewhere: BTreeSet<Ipv4Net> = reservations
+            .iter()
+            .filter(|(node, r)| **node != request.node && autonomy_of(node).holds_at(r.renewed_at(), now))
+            .map(|(_, r)| r.subnet)
+            .collect();
+        let own_reservation = reservations.get(request.node.as_str()).filter(|_| !request.node.is_empty());
+        let reserve = !request.node.is_empty() && autonomy_of(&request.node).is_on();
+        let reservation_ops = |keys: &Keys, subnet: Ipv4Net| match (reserve, own_reservation) {
+            (true, _) => vec![TxnOp::put(keys.reserved(&request.node), Reservation::new(subnet, now).to_json(), None)],
+            (false, Some(_)) => vec![TxnOp::delete(keys.reserved(&request.node), None)],
+            (false, None) => Vec::new(),
+        };
         let is_ours = |subnet: &Ipv4Net, ip: Option<Ipv4Addr>| {
             ip == Some(request.public_ip) || (!request.node.is_empty() && names.get(subnet) == Some(&request.node))
         };
@@ -361,7 +491,6 @@ impl EtcdRegistry {
         for &(subnet, revision, _, _) in ours.iter().filter(|o| Some(**o) != keep) {
             self.remove_stale(subnet, revision).await?;
         }
-        let now = SystemTime::now();
         if let Some((subnet, revision, id, _)) = keep {
             let refreshed = if id != 0 { self.refresh(id).await? } else { None };
             let (id, ttl) = match refreshed {
@@ -372,9 +501,9 @@ impl EtcdRegistry {
                 },
             };
             let key = self.keys.subnet(subnet);
-            let txn = Txn::new()
-                .when([Compare::mod_revision(key.clone(), CompareOp::Equal, revision)])
-                .and_then(self.lease_puts(subnet, attrs, &request.node, id));
+            let mut ops = self.lease_puts(subnet, attrs, &request.node, id);
+            ops.extend(reservation_ops(&self.keys, subnet));
+            let txn = Txn::new().when([Compare::mod_revision(key.clone(), CompareOp::Equal, revision)]).and_then(ops);
             let what = format!("re-publishing {key}");
             if !rpc(&self.endpoints, &what, self.kv.txn(txn)).await?.succeeded() {
                 if refreshed.is_none() {
@@ -384,19 +513,18 @@ impl EtcdRegistry {
             }
             return Ok(Some(own_lease(subnet, request, now, ttl)));
         }
-        let taken: BTreeSet<Ipv4Net> = held.iter().filter(|h| !ours.contains(*h)).map(|h| h.0).collect();
-        let subnet = pick_subnet(config, &taken, request.previous_subnet)?;
+        let mut taken: BTreeSet<Ipv4Net> = held.iter().filter(|h| !ours.contains(*h)).map(|h| h.0).collect();
+        taken.extend(reserved_elsewhere);
+        let preferred = request.previous_subnet.or(own_reservation.map(|r| r.subnet));
+        let subnet = pick_subnet(config, &taken, preferred)?;
         let (id, ttl) = match spare.take() {
             Some(granted) => granted,
             None => self.grant().await?,
         };
         let key = self.keys.subnet(subnet);
-        let txn = Txn::new().when([Compare::version(key.clone(), CompareOp::Equal, 0)]).and_then(self.lease_puts(
-            subnet,
-            attrs,
-            &request.node,
-            id,
-        ));
+        let mut ops = self.lease_puts(subnet, attrs, &request.node, id);
+        ops.extend(reservation_ops(&self.keys, subnet));
+        let txn = Txn::new().when([Compare::version(key.clone(), CompareOp::Equal, 0)]).and_then(ops);
         let what = format!("creating {key}");
         if !rpc(&self.endpoints, &what, self.kv.txn(txn)).await?.succeeded() {
             *spare = Some((id, ttl));
@@ -587,6 +715,22 @@ impl Registry for EtcdRegistry {
                 changes.push(AutonomyChange { field: bound, value: None });
             }
         }
+        // The subnet the node holds is reserved from now on (renewed at what
+        // its lease says), so it survives the lease lapsing; a node holding
+        // none keeps the reservation it has, and its next acquire writes one.
+        let reserved = self.keys.reserved(node);
+        if !autonomy.is_on() {
+            ops.push(TxnOp::delete(reserved.clone(), None));
+            changes.push(AutonomyChange { field: reserved, value: None });
+        } else if let Some(subnet) = self.subnet_of(node).await? {
+            let renewed_at = match self.lease_state(subnet).await? {
+                Some(NodeLeaseState { expires_at: Some(at), .. }) => at.checked_sub(LEASE_TTL).unwrap_or(at),
+                _ => SystemTime::now(),
+            };
+            let json = Reservation::new(subnet, renewed_at).to_json();
+            ops.push(TxnOp::put(reserved.clone(), json.clone(), None));
+            changes.push(AutonomyChange { field: reserved, value: Some(json) });
+        }
         let what = format!("writing {flag}");
         rpc(&self.endpoints, &what, self.kv.txn(Txn::new().and_then(ops))).await?;
         Ok(changes)
@@ -601,45 +745,47 @@ impl Registry for EtcdRegistry {
         let what = format!("reading {bound_key}");
         let bound = rpc(&self.endpoints, &what, self.kv.get(bound_key.clone(), None)).await?;
         let bound = bound.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).into_owned());
-        let subnet = self.subnet_of(node).await?;
-        if flag.is_none() && subnet.is_none() {
+        let reserved_key = self.keys.reserved(node);
+        let what = format!("reading {reserved_key}");
+        let reserved = rpc(&self.endpoints, &what, self.kv.get(reserved_key.clone(), None)).await?;
+        let reservation = match reserved.kvs().first().map(|kv| Reservation::parse(kv.value())) {
+            None => None,
+            Some(Ok(reservation)) => Some(reservation),
+            Some(Err(reason)) => {
+                tracing::warn!(key = %reserved_key, %reason, "the node's subnet reservation is unreadable");
+                None
+            }
+        };
+        let held = self.subnet_of(node).await?;
+        if flag.is_none() && held.is_none() {
             return Err(self.unknown(node).await?);
         }
-        let mut problem = None;
+        let (autonomy, problem) = read_autonomy(flag.as_deref(), bound.as_deref(), &flag_key, &bound_key);
         let mut sources = Vec::new();
-        let on = match flag.as_deref().map(str::trim) {
-            None => false,
-            Some(text) if text.eq_ignore_ascii_case("true") => true,
-            Some(text) if text.eq_ignore_ascii_case("false") => false,
-            Some(text) => {
-                problem = Some(format!("{flag_key}={text:?} is neither true nor false; taken as false"));
-                false
-            }
-        };
-        let autonomy = if !on {
-            Autonomy::Off
-        } else {
+        if autonomy.is_on() {
             sources.push(flag_key);
-            match bound.as_deref() {
-                None => Autonomy::Forever,
-                Some(text) => {
-                    sources.push(bound_key.clone());
-                    match parse_go_duration(text) {
-                        Ok(d) if d.is_zero() => Autonomy::Forever,
-                        Ok(d) => Autonomy::For(d),
-                        Err(reason) => {
-                            problem = Some(format!(
-                                "{bound_key}={text:?} is not a duration ({reason}); taken as no time limit"
-                            ));
-                            Autonomy::Forever
-                        }
-                    }
-                }
+            if bound.is_some() {
+                sources.push(bound_key);
             }
+        }
+        let now = SystemTime::now();
+        let kept = |subnet: Ipv4Net| {
+            reservation.as_ref().is_some_and(|r| r.subnet == subnet && autonomy.holds_at(r.renewed_at(), now))
         };
-        let lease = match subnet {
-            Some(subnet) => self.lease_state(subnet).await?,
-            None => None,
+        let lease = match (held, &reservation) {
+            (Some(subnet), _) => self
+                .lease_state(subnet)
+                .await?
+                .map(|state| NodeLeaseState { kept_while_autonomous: kept(subnet), ..state }),
+            // Lapsed (or deleted), and etcd dropped the key: the reservation
+            // still says which subnet is the node's.
+            (None, Some(r)) if kept(r.subnet) => Some(NodeLeaseState {
+                subnet: r.subnet,
+                public_ip: None,
+                expires_at: Some((r.renewed_at() + LEASE_TTL).min(now)),
+                kept_while_autonomous: true,
+            }),
+            (None, _) => None,
         };
         Ok(NodeAutonomy { node: node.to_string(), autonomy, sources, problem, lease, kubernetes: None })
     }
@@ -725,7 +871,7 @@ impl EtcdRegistry {
                 Some(SystemTime::now() + Duration::from_secs(status.ttl().max(0) as u64))
             }
         };
-        Ok(Some(NodeLeaseState { subnet, public_ip, expires_at }))
+        Ok(Some(NodeLeaseState { subnet, public_ip, expires_at, kept_while_autonomous: false }))
     }
 }
 
@@ -889,7 +1035,7 @@ impl View {
                 }
                 self.names.iter().filter(|(_, name)| *name == node).map(|(subnet, _)| *subnet).collect()
             }
-            KeyKind::Other => Vec::new(),
+            KeyKind::AutonomyDuration(_) | KeyKind::Reserved(_) | KeyKind::Other => Vec::new(),
         }
     }
 

@@ -575,6 +575,7 @@ impl Registry for KubernetesRegistry {
                     .and_then(Value::as_str)
                     .and_then(|ip| ip.trim().parse().ok()),
                 expires_at: None,
+                kept_while_autonomous: false,
             }),
             Ok(None) => None,
             Err(reason) => {

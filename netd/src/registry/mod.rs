@@ -103,6 +103,9 @@ pub struct NodeLeaseState {
     /// When it lapses unless renewed (`None`: it does not expire, as a
     /// Kubernetes pod CIDR).
     pub expires_at: Option<SystemTime>,
+    /// The registry keeps this subnet for the node while it is autonomous,
+    /// lapsed or not, so no other node is given it.
+    pub kept_while_autonomous: bool,
 }
 
 /// A node condition as the API server reports it.
