@@ -10,6 +10,13 @@
 //! checks that every pod carries (or no longer carries) the saved
 //! tolerations. A first round warms up (watches listed, connections open)
 //! and is not counted.
+//!
+//! The floor, in the same run on the same API server once the controller is
+//! stopped: a plain client sending the very patches the controller plans
+//! (`tolerations::plan`, the same bodies without the resourceVersion
+//! precondition), [`CONCURRENCY`] in flight, no watch, no Node patch. Our
+//! time ÷ the floor's is what watching and planning add to the writes
+//! themselves. The anchor (OpenYurt's toleration rewrite) is not run here.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,12 +24,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::Api;
-use netd::controller::tolerations::{self, TolerationMetrics, ANNOTATION_SAVED, CONCURRENCY};
+use netd::controller::tolerations::{self, PodFacts, TolerationMetrics, ANNOTATION_SAVED, CONCURRENCY};
 use netd::kube::object::{NodeAutonomy, Object, PodTolerations};
 use netd::kube::{KubeClient, KubeConfig};
-use netd::model::autonomy::ANNOTATION_AUTONOMY;
+use netd::model::autonomy::{Autonomy, ANNOTATION_AUTONOMY};
 use netd::testing::{KubeApiServer, KubeCluster};
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::bench::{machine, ms, percentile};
 
@@ -55,22 +62,76 @@ pub fn run(rounds: usize, pods: usize) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let [rewrite, restore] = runtime.block_on(measure(&server, rounds, pods))?;
-    println!("\nnetd-controller, {pods} pods on one node, {CONCURRENCY} patches in flight, kube-apiserver 1.20.2 on loopback; {rounds} rounds (ms):\n");
-    println!("| step | median | min | max | pods/s (median) | controller CPU (median) |");
+    let [rewrite, restore, floor_rewrite, floor_restore] = runtime.block_on(measure(&server, rounds, pods))?;
+    println!("\n{pods} pods on one node, {CONCURRENCY} patches in flight, kube-apiserver 1.20.2 on loopback; {rounds} rounds each (ms):\n");
+    println!("| step | netd-controller median (min–max) | floor: the same patches, plain client, median (min–max) | netd ÷ floor | netd pods/s | netd CPU (median) |");
     println!("| --- | ---: | ---: | ---: | ---: | ---: |");
-    for (label, samples) in
-        [("autonomy set → all pods rewritten", rewrite), ("autonomy unset → all pods restored", restore)]
-    {
+    let summary = |samples: Vec<(Duration, Duration)>| {
         let (mut times, mut cpu): (Vec<Duration>, Vec<Duration>) = samples.into_iter().unzip();
         times.sort();
         cpu.sort();
-        let median = percentile(&times, 0.5);
+        (percentile(&times, 0.5), times[0], times[times.len() - 1], percentile(&cpu, 0.5))
+    };
+    for (label, ours, floor) in [
+        ("autonomy set → all pods rewritten", rewrite, floor_rewrite),
+        ("autonomy unset → all pods restored", restore, floor_restore),
+    ] {
+        let (median, min, max, cpu) = summary(ours);
+        let (floor_median, floor_min, floor_max, _) = summary(floor);
         let rate = pods as f64 / median.as_secs_f64().max(1e-9);
-        let (min, max, cpu) = (ms(times[0]), ms(times[times.len() - 1]), ms(percentile(&cpu, 0.5)));
-        println!("| {label} | {} | {min} | {max} | {rate:.0} | {cpu} |", ms(median));
+        let ratio = median.as_secs_f64() / floor_median.as_secs_f64().max(1e-9);
+        println!(
+            "| {label} | {} ({}–{}) | {} ({}–{}) | {ratio:.2}× | {rate:.0} | {} |",
+            ms(median),
+            ms(min),
+            ms(max),
+            ms(floor_median),
+            ms(floor_min),
+            ms(floor_max),
+            ms(cpu)
+        );
     }
     Ok(())
+}
+
+/// The two patches the controller plans for a pod, as merge patches
+/// without a precondition: the rewrite from its state now, and the restore
+/// from the state the rewrite leaves.
+fn planned_patches(pod: &Object<PodTolerations>) -> Result<[Value; 2]> {
+    let facts = PodFacts::of(pod)?;
+    let rewrite = tolerations::plan(&facts, Autonomy::Forever)?.patch.context("nothing to rewrite")?;
+    let rewritten = rewrite.tolerations.clone().context("the rewrite leaves the tolerations")?;
+    let saved = match &rewrite.saved {
+        tolerations::SavedChange::Set(text) => text.clone(),
+        other => bail!("the rewrite does not save the originals: {other:?}"),
+    };
+    let after = PodFacts { tolerations: &rewritten, saved: Some(&saved), ..facts };
+    let restore = tolerations::plan(&after, Autonomy::Off)?.patch.context("nothing to restore")?;
+    Ok([rewrite.to_merge_patch(None), restore.to_merge_patch(None)])
+}
+
+/// The floor: every pod patched with `patches[direction]`, [`CONCURRENCY`]
+/// workers each taking every CONCURRENCY-th pod; the wall time.
+async fn floor_step(
+    pods: &Api<Object<PodTolerations>>,
+    patches: &Arc<Vec<(String, [Value; 2])>>,
+    direction: usize,
+) -> Result<Duration> {
+    let started = Instant::now();
+    let mut workers = tokio::task::JoinSet::new();
+    for worker in 0..CONCURRENCY {
+        let (pods, patches) = (pods.clone(), patches.clone());
+        workers.spawn(async move {
+            for (name, patch) in patches.iter().skip(worker).step_by(CONCURRENCY) {
+                pods.patch(name, &PatchParams::default(), &Patch::Merge(&patch[direction])).await?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(done) = workers.join_next().await {
+        done.context("a floor worker panicked")??;
+    }
+    Ok(started.elapsed())
 }
 
 /// The node and `pods` pods bound to it (DefaultTolerationSeconds gives
@@ -96,8 +157,8 @@ fn populate(server: &KubeApiServer, pods: usize) -> Result<()> {
 }
 
 /// Per timed round, the wall time and this process's CPU time of the
-/// rewrite (first) and of the restore (second).
-async fn measure(server: &KubeApiServer, rounds: usize, pods: usize) -> Result<[Vec<(Duration, Duration)>; 2]> {
+/// rewrite, of the restore, and of the floor's rewrite and restore.
+async fn measure(server: &KubeApiServer, rounds: usize, pods: usize) -> Result<[Vec<(Duration, Duration)>; 4]> {
     let client = KubeClient::new(&KubeConfig {
         server: server.url(),
         token: Some(server.token().to_string()),
@@ -110,7 +171,7 @@ async fn measure(server: &KubeApiServer, rounds: usize, pods: usize) -> Result<[
     let controller = tokio::spawn(tolerations::run(client.clone(), metrics.clone()));
     let nodes: Api<Object<NodeAutonomy>> = Api::all(client.client());
     let all_pods: Api<Object<PodTolerations>> = Api::namespaced(client.client(), "default");
-    let mut samples = [Vec::new(), Vec::new()];
+    let mut samples = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
     for round in 0..=rounds {
         for on in [true, false] {
             let counter = || if on { metrics.rewritten() } else { metrics.restored() };
@@ -153,5 +214,34 @@ async fn measure(server: &KubeApiServer, rounds: usize, pods: usize) -> Result<[
     }
     ensure!(metrics.errors() == 0, "errors: {}", metrics.render_prometheus());
     controller.abort();
+    let _ = controller.await;
+
+    // The floor, on the pods as the last restore left them (originals).
+    let listed = all_pods.list(&ListParams::default()).await?;
+    let patches: Vec<(String, [Value; 2])> = listed
+        .items
+        .iter()
+        .map(|pod| Ok((pod.name().context("a pod without a name")?.to_string(), planned_patches(pod)?)))
+        .collect::<Result<_>>()?;
+    ensure!(patches.len() == pods, "{} pods listed, {pods} expected", patches.len());
+    let patches = Arc::new(patches);
+    for round in 0..=rounds {
+        for direction in [0, 1] {
+            let cpu_before = own_cpu()?;
+            let took = floor_step(&all_pods, &patches, direction).await?;
+            let cpu = own_cpu()?.saturating_sub(cpu_before);
+            let listed = all_pods.list(&ListParams::default()).await?;
+            let saved = listed.items.iter().filter(|p| p.annotation(ANNOTATION_SAVED).is_some()).count();
+            ensure!(saved == if direction == 0 { pods } else { 0 }, "the floor left {saved} of {pods} pods saved");
+            if round > 0 {
+                samples[2 + direction].push((took, cpu));
+            }
+            println!(
+                "round {round}: floor, {pods} plain patches ({}) in {} ms",
+                if direction == 0 { "rewrite" } else { "restore" },
+                ms(took)
+            );
+        }
+    }
     Ok(samples)
 }
