@@ -169,3 +169,58 @@ fn a_recorded_join_with_the_same_spec_is_a_no_op_and_another_spec_needs_force() 
         serde_json::from_slice(&std::fs::read(config_dir.join("join.json")).unwrap()).unwrap();
     assert_eq!(kept, record);
 }
+
+/// `manageRuntime`: the runtime's socket must be there, be a socket and
+/// answer; each failure says which, before anything is contacted or
+/// written. A runtime that answers lets the join go on to the cluster.
+#[test]
+fn manage_runtime_needs_a_runtime_that_answers() {
+    let api = TcpListener::bind("127.0.0.1:0").unwrap();
+    api.set_nonblocking(true).unwrap();
+    let server = format!("https://{}", api.local_addr().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let config_dir = dir.path().join("etc-netd");
+    let socket = dir.path().join("containerd.sock");
+    let spec = r#"{"quiet":true,"manageRuntime":true}"#;
+    let with_socket = |path: &str| {
+        join(
+            &server,
+            &config_dir,
+            &["--token", TOKEN, "--node-spec", spec, "--discovery-token-ca-cert-hash", PIN, "--cri-socket", path],
+        )
+    };
+    let socket_arg = format!("unix://{}", socket.display());
+    let refused = |run: Run, state: &str| {
+        assert_ne!(run.code, Some(0));
+        assert!(
+            run.stderr.contains("manageRuntime: no container runtime answers (the --cri-socket runtime at")
+                && run.stderr.contains(state),
+            "wanted {state:?}: {}",
+            run.stderr
+        );
+        assert!(api.accept().is_err(), "the API server was contacted");
+        assert!(!config_dir.exists(), "something was written");
+    };
+    refused(with_socket(&socket_arg), "containerd.sock: absent");
+    std::fs::write(&socket, "").unwrap();
+    refused(with_socket(&socket_arg), "containerd.sock: not a socket");
+    std::fs::remove_file(&socket).unwrap();
+    // A socket left behind by a runtime that is gone.
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    refused(with_socket(&socket_arg), "containerd.sock: nothing answers: Connection refused");
+    std::fs::remove_file(&socket).unwrap();
+    let run = with_socket("containerd.sock");
+    assert!(run.stderr.contains("is not an absolute path (or unix:///path)"), "{}", run.stderr);
+
+    // A runtime listening: the checks pass and the join contacts the cluster.
+    let _runtime = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    api.set_nonblocking(false).unwrap();
+    // The stand-in takes the connection and hangs up: the join fails there.
+    let contacted = std::thread::spawn(move || api.accept().map(drop).is_ok());
+    let run = with_socket(socket.to_str().unwrap());
+    assert!(contacted.join().unwrap(), "the join went on to the API server");
+    assert_ne!(run.code, Some(0), "the stand-in API server speaks no TLS");
+    assert!(!run.stderr.contains("manageRuntime"), "{}", run.stderr);
+    assert!(run.stderr.contains("fetching cluster-info"), "{}", run.stderr);
+    assert!(!config_dir.exists());
+}

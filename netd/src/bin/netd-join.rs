@@ -64,6 +64,18 @@ struct Cli {
     /// How long to wait for the cluster to sign the node's certificate (e.g. 120, 2m).
     #[arg(long, env = "NETD_JOIN_CSR_TIMEOUT", value_name = "DURATION", value_parser = parse_duration, default_value = "120")]
     csr_timeout: Duration,
+    /// The container runtime's socket that `manageRuntime` checks (default: containerd's, CRI-O's, cri-dockerd's); `unix://` optional, as kubeadm's --cri-socket.
+    #[arg(long, env = "NETD_CRI_SOCKET", value_name = "PATH", value_parser = parse_cri_socket)]
+    cri_socket: Option<PathBuf>,
+}
+
+/// kubeadm writes the socket as `unix:///run/…`; a plain path is the same.
+fn parse_cri_socket(text: &str) -> Result<PathBuf, String> {
+    let path = text.strip_prefix("unix://").unwrap_or(text);
+    if !path.starts_with('/') {
+        return Err(format!("{text:?} is not an absolute path (or unix:///path)"));
+    }
+    Ok(PathBuf::from(path))
 }
 
 /// Without `quiet`, join asks before it changes anything — and refuses to
@@ -106,6 +118,7 @@ fn run(cli: Cli) -> Result<()> {
         hostname,
         sys_class_net: "/sys/class/net".into(),
         csr_timeout: cli.csr_timeout,
+        cri_socket: cli.cri_socket,
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     match runtime.block_on(netd::join::join(&options, |plan| ask(plan, &paths)))? {

@@ -42,8 +42,11 @@ pub enum JoinError {
     /// `flannelface` names no interface here.
     #[error("node-spec: flannelface: no interface {0:?} on this machine")]
     NoInterface(String),
-    /// `manageRuntime` found no container runtime.
-    #[error("node-spec: manageRuntime: no container runtime socket found (looked for {0}); install and start one")]
+    /// `manageRuntime` found no container runtime answering.
+    #[error(
+        "node-spec: manageRuntime: no container runtime answers ({0}); install and start one, or name its socket \
+         with --cri-socket"
+    )]
     NoRuntime(String),
     /// Joined before with another spec or registry.
     #[error("already joined as {node} with {what}; re-run with --force to join again with the new one")]
@@ -99,6 +102,30 @@ pub struct JoinOptions {
     pub sys_class_net: PathBuf,
     /// How long to wait for the certificate.
     pub csr_timeout: Duration,
+    /// The container runtime's socket (`--cri-socket`, as kubeadm's);
+    /// `None`: the usual ones, [`RUNTIME_SOCKETS`].
+    pub cri_socket: Option<PathBuf>,
+}
+
+/// `manageRuntime`: the first of `candidates` that is a socket something
+/// listens on, by name; otherwise, for each, what is wrong with it (absent,
+/// not a socket, nobody answering).
+pub async fn check_runtime(candidates: &[(String, PathBuf)]) -> Result<String, JoinError> {
+    use std::os::unix::fs::FileTypeExt as _;
+    let mut found = Vec::new();
+    for (name, path) in candidates {
+        let state = match std::fs::metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => "absent".to_string(),
+            Err(e) => format!("unreadable: {e}"),
+            Ok(meta) if !meta.file_type().is_socket() => "not a socket".to_string(),
+            Ok(_) => match tokio::net::UnixStream::connect(path).await {
+                Ok(_) => return Ok(format!("{name} at {}", path.display())),
+                Err(e) => format!("nothing answers: {e}"),
+            },
+        };
+        found.push(format!("{name} at {}: {state}", path.display()));
+    }
+    Err(JoinError::NoRuntime(found.join("; ")))
 }
 
 /// Who vouched for the token, and so for the cluster.
@@ -231,9 +258,13 @@ pub async fn join(
             return Err(JoinError::NoInterface(iface.clone()));
         }
     }
-    if spec.manage_runtime && !RUNTIME_SOCKETS.iter().any(|(_, path)| std::path::Path::new(path).exists()) {
-        let looked: Vec<String> = RUNTIME_SOCKETS.iter().map(|(name, path)| format!("{name} at {path}")).collect();
-        return Err(JoinError::NoRuntime(looked.join(", ")));
+    if spec.manage_runtime {
+        let candidates: Vec<(String, PathBuf)> = match &options.cri_socket {
+            Some(path) => vec![("the --cri-socket runtime".to_string(), path.clone())],
+            None => RUNTIME_SOCKETS.iter().map(|(name, path)| (name.to_string(), PathBuf::from(path))).collect(),
+        };
+        let runtime = check_runtime(&candidates).await?;
+        tracing::info!(%runtime, "manageRuntime: the container runtime answers");
     }
     let server = match &options.registry {
         RegistrySpec::Kubernetes(Some(server)) => server.clone(),
