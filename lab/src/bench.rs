@@ -25,7 +25,7 @@ pub fn run(which: &str, bin_dir: &Path) -> Result<()> {
         "dnat" => crate::bench_dnat::run(DNAT_ROUNDS, DNAT_PER_ROUND),
         "tunnel" => crate::bench_tunnel::run(bin_dir),
         "tunnel-config" => crate::bench_tunnel_config::run(20),
-        "autonomy" => crate::bench_autonomy::run(AUTONOMY_ROUNDS, AUTONOMY_PODS),
+        "autonomy" => crate::bench_autonomy::run(AUTONOMY_ROUNDS, AUTONOMY_PODS, bin_dir),
         "all" => {
             cni(200, bin_dir)?;
             crate::bench_vxlan::run(5, bin_dir)?;
@@ -35,7 +35,7 @@ pub fn run(which: &str, bin_dir: &Path) -> Result<()> {
             crate::bench_dnat::run(DNAT_ROUNDS, DNAT_PER_ROUND)?;
             crate::bench_tunnel::run(bin_dir)?;
             crate::bench_tunnel_config::run(20)?;
-            crate::bench_autonomy::run(AUTONOMY_ROUNDS, AUTONOMY_PODS)
+            crate::bench_autonomy::run(AUTONOMY_ROUNDS, AUTONOMY_PODS, bin_dir)
         }
         other => bail!(
             "unknown benchmark `{other}` (known: cni, vxlan, events, rss, scenario, dnat, tunnel, tunnel-config, autonomy, all)"

@@ -20,7 +20,13 @@
 //! only for pods of known nodes). Our time ÷ the floor's is what watching,
 //! planning and the Node patch add to the writes themselves. The anchor
 //! (OpenYurt's toleration rewrite) is not run here.
+//!
+//! Last, the memory of the real `netd-controller run` (release binary,
+//! leader of its own Lease) on the same cluster: VmRSS once it has listed
+//! the 2 000 pods, after it has rewritten the node's 1 000, and its peak.
 
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,6 +41,7 @@ use netd::testing::{KubeApiServer, KubeCluster};
 use serde_json::{json, Value};
 
 use crate::bench::{machine, ms, percentile};
+use crate::bench_rss::status_kib;
 
 const NODE: &str = "bench-edge";
 /// The floor's pods are bound to this name; no Node object has it.
@@ -54,8 +61,9 @@ fn own_cpu() -> Result<Duration> {
 /// The longest one step may take before the benchmark gives up.
 const STEP_LIMIT: Duration = Duration::from_secs(120);
 
-/// Runs `rounds` timed rounds with `pods` pods on one node.
-pub fn run(rounds: usize, pods: usize) -> Result<()> {
+/// Runs `rounds` timed rounds with `pods` pods on one node, then measures
+/// the memory of `bin_dir`'s `netd-controller`.
+pub fn run(rounds: usize, pods: usize, bin_dir: &Path) -> Result<()> {
     if !KubeCluster::builder().binaries_available()? {
         bail!("the autonomy benchmark needs kube-apiserver (`cargo xtask setup` builds it)");
     }
@@ -96,7 +104,93 @@ pub fn run(rounds: usize, pods: usize) -> Result<()> {
             ms(cpu)
         );
     }
+    let memory = runtime.block_on(controller_memory(&server, pods, bin_dir))?;
+    println!(
+        "\nnetd-controller run (release), leader, 1 node + {} pods watched: VmRSS {:.1} MiB listed and idle, \
+         {:.1} MiB after rewriting {pods} pods' tolerations, peak (VmHWM) {:.1} MiB",
+        2 * pods,
+        memory[0] as f64 / 1024.0,
+        memory[1] as f64 / 1024.0,
+        memory[2] as f64 / 1024.0
+    );
     Ok(())
+}
+
+/// The real `netd-controller run` on `server`: VmRSS (KiB) once it is idle
+/// after its first lists, VmRSS once it has rewritten every pod of [`NODE`]
+/// (autonomy set), and VmHWM then. It is stopped after giving the pods back.
+async fn controller_memory(server: &KubeApiServer, pods: usize, bin_dir: &Path) -> Result<[u64; 3]> {
+    let dir = tempfile::tempdir()?;
+    let (token, ca) = (dir.path().join("token"), dir.path().join("ca.pem"));
+    std::fs::write(&token, server.token())?;
+    std::fs::write(&ca, server.ca_cert_pem()?)?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let binary = bin_dir.join("netd-controller");
+    let mut child = Command::new(&binary)
+        .arg("run")
+        .args(["--kubernetes", &server.url()])
+        .arg("--token-file")
+        .arg(&token)
+        .arg("--ca-file")
+        .arg(&ca)
+        .args(["--identity", "bench", "--metrics-listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("controller.log"))?)
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))?;
+    let result = async {
+        let client = KubeClient::new(&KubeConfig {
+            server: server.url(),
+            token: Some(server.token().to_string()),
+            token_file: None,
+            ca_cert_pem: Some(server.ca_cert_pem()?),
+            node_name: "bench-controller".into(),
+            network: None,
+        })?;
+        let nodes: Api<Object<NodeAutonomy>> = Api::all(client.client());
+        let all_pods: Api<Object<PodTolerations>> = Api::namespaced(client.client(), "default");
+        let on_node = ListParams::default().fields(&format!("spec.nodeName={NODE}"));
+        // Leader, lists done and settled: the resident size no longer moves.
+        let started = Instant::now();
+        let mut last = 0;
+        loop {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            ensure!(child.try_wait()?.is_none(), "netd-controller exited: see its log");
+            let rss = status_kib(child.id(), "VmRSS:")?;
+            if rss == last || started.elapsed() > STEP_LIMIT {
+                break;
+            }
+            last = rss;
+        }
+        let idle = status_kib(child.id(), "VmRSS:")?;
+        for on in [true, false] {
+            let value = if on { json!("true") } else { json!(null) };
+            let patch = json!({ "metadata": { "annotations": { ANNOTATION_AUTONOMY: value } } });
+            nodes.patch(NODE, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+            let step = Instant::now();
+            loop {
+                let listed = all_pods.list(&on_node).await?;
+                let saved = listed.items.iter().filter(|p| p.annotation(ANNOTATION_SAVED).is_some()).count();
+                if saved == if on { pods } else { 0 } {
+                    break;
+                }
+                ensure!(step.elapsed() < STEP_LIMIT, "netd-controller patched {saved} of {pods} pods");
+                ensure!(child.try_wait()?.is_none(), "netd-controller exited: see its log");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            if on {
+                last = status_kib(child.id(), "VmRSS:")?;
+            }
+        }
+        Ok([idle, last, status_kib(child.id(), "VmHWM:")?])
+    }
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    if result.is_err() {
+        eprintln!("{}", std::fs::read_to_string(dir.path().join("controller.log")).unwrap_or_default());
+    }
+    result
 }
 
 /// The two patches the controller plans for a pod, as merge patches

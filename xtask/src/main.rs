@@ -166,6 +166,11 @@ fn bench(which: &str) -> Result<()> {
             setup::rathole()?;
         }
     }
+    if matches!(which, "autonomy" | "all") {
+        // The autonomy bench measures the real controller's memory.
+        println!("==> building netd-controller (release)");
+        cargo(&["build", "--release", "-p", "netd", "--bin", "netd-controller"], &[])?;
+    }
     lab(&["bench", which])
 }
 
