@@ -35,7 +35,7 @@ use kube::api::{ListParams, Patch, PatchParams};
 use kube::Api;
 use netd::controller::tolerations::{self, PodFacts, TolerationMetrics, ANNOTATION_SAVED, CONCURRENCY};
 use netd::kube::object::{NodeAutonomy, Object, PodTolerations};
-use netd::kube::{KubeClient, KubeConfig};
+use netd::kube::KubeClient;
 use netd::model::autonomy::{Autonomy, ANNOTATION_AUTONOMY};
 use netd::testing::{KubeApiServer, KubeCluster};
 use serde_json::{json, Value};
@@ -139,14 +139,7 @@ async fn controller_memory(server: &KubeApiServer, pods: usize, bin_dir: &Path) 
         .spawn()
         .with_context(|| format!("starting {}", binary.display()))?;
     let result = async {
-        let client = KubeClient::new(&KubeConfig {
-            server: server.url(),
-            token: Some(server.token().to_string()),
-            token_file: None,
-            ca_cert_pem: Some(server.ca_cert_pem()?),
-            node_name: "bench-controller".into(),
-            network: None,
-        })?;
+        let client = KubeClient::new(&server.kube_config("bench-controller")?)?;
         let nodes: Api<Object<NodeAutonomy>> = Api::all(client.client());
         let all_pods: Api<Object<PodTolerations>> = Api::namespaced(client.client(), "default");
         let on_node = ListParams::default().fields(&format!("spec.nodeName={NODE}"));
@@ -261,14 +254,7 @@ fn populate(server: &KubeApiServer, pods: usize) -> Result<()> {
 /// Per timed round, the wall time and this process's CPU time of the
 /// rewrite, of the restore, and of the floor's rewrite and restore.
 async fn measure(server: &KubeApiServer, rounds: usize, pods: usize) -> Result<[Vec<(Duration, Duration)>; 4]> {
-    let client = KubeClient::new(&KubeConfig {
-        server: server.url(),
-        token: Some(server.token().to_string()),
-        token_file: None,
-        ca_cert_pem: Some(server.ca_cert_pem()?),
-        node_name: "bench-controller".into(),
-        network: None,
-    })?;
+    let client = KubeClient::new(&server.kube_config("bench-controller")?)?;
     let metrics = Arc::new(TolerationMetrics::default());
     let controller = tokio::spawn(tolerations::run(client.clone(), metrics.clone()));
     let nodes: Api<Object<NodeAutonomy>> = Api::all(client.client());

@@ -200,14 +200,7 @@ pub fn run(rounds: usize) -> Result<()> {
     });
     api(&server, "POST", "/api/v1/namespaces/kube-system/configmaps", Some(("application/json", &cm.to_string())))?;
 
-    let config = KubeConfig {
-        server: server.url(),
-        token: Some(server.token().to_string()),
-        token_file: None,
-        ca_cert_pem: Some(server.ca_cert_pem()?),
-        node_name: "bench-cloud".into(),
-        network: None,
-    };
+    let config = server.kube_config("bench-cloud")?;
     let metrics = Arc::new(TunnelConfigMetrics::default());
     let maps = TunnelDnat::open(pins.path())?;
     let driver = Driver::start(config, TunnelDnat::open(pins.path())?, metrics.clone());

@@ -48,14 +48,7 @@ fn stamp(micros: bool) -> String {
 /// The API server's admin credentials, as node `node` (`network`: the
 /// cluster network a registry needs).
 fn admin(api: &netd::testing::KubeApiServer, node: &str, network: Option<ipnet::Ipv4Net>) -> KubeConfig {
-    KubeConfig {
-        server: api.url(),
-        token: Some(api.token().to_string()),
-        token_file: None,
-        ca_cert_pem: Some(api.ca_cert_pem().unwrap()),
-        node_name: node.into(),
-        network,
-    }
+    KubeConfig { network, ..api.kube_config(node).unwrap() }
 }
 
 async fn create<K>(api: &Api<K>, object: Value) -> K

@@ -21,14 +21,7 @@ use serde_json::json;
 const NODE: &str = "edge-a";
 
 fn kube_config(server: &KubeApiServer) -> KubeConfig {
-    KubeConfig {
-        server: server.url(),
-        token: Some(server.token().to_string()),
-        token_file: None,
-        ca_cert_pem: Some(server.ca_cert_pem().unwrap()),
-        node_name: NODE.into(),
-        network: None,
-    }
+    server.kube_config(NODE).unwrap()
 }
 
 fn client(server: &KubeApiServer) -> KubeClient {

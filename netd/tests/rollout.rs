@@ -25,7 +25,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, ServiceAccount};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::Api;
-use netd::kube::{KubeClient, KubeConfig};
+use netd::kube::KubeClient;
 use netd::rollout::{NodeProgress, Phase, RolloutState};
 use netd::testing::{self, KubeApiServer, KubeCluster};
 use serde_json::json;
@@ -258,14 +258,7 @@ async fn twenty_nodes_pause_resume_cancel_restart_health_gate_and_offline_nodes(
     let cluster = builder.start().unwrap();
     let api = cluster.api();
     let dir = tempfile::tempdir().unwrap();
-    let config = KubeConfig {
-        server: api.url(),
-        token: Some(api.token().to_string()),
-        token_file: None,
-        ca_cert_pem: Some(api.ca_cert_pem().unwrap()),
-        node_name: "test".into(),
-        network: None,
-    };
+    let config = api.kube_config("test").unwrap();
     let kube = KubeClient::new(&config).unwrap().client();
     let nodes: Api<Node> = Api::all(kube.clone());
     let leases: Api<Lease> = Api::namespaced(kube.clone(), "kube-node-lease");

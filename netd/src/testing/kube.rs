@@ -294,6 +294,20 @@ impl KubeApiServer {
         Ok(self.ca.cert_pem().as_bytes().to_vec())
     }
 
+    /// Settings for netd's Kubernetes client with the admin token, acting
+    /// for node `node_name` (no cluster network: set `network` for a
+    /// registry that needs one).
+    pub fn kube_config(&self, node_name: &str) -> Result<crate::kube::KubeConfig, HarnessError> {
+        Ok(crate::kube::KubeConfig {
+            server: self.url(),
+            token: Some(self.token().to_string()),
+            token_file: None,
+            ca_cert_pem: Some(self.ca_cert_pem()?),
+            node_name: node_name.into(),
+            network: None,
+        })
+    }
+
     /// The API server's etcd, for writing objects behind the API server's
     /// back (under `/registry/…`, as JSON it decodes without validating):
     /// what a broken controller or an old backup could leave.
