@@ -417,6 +417,7 @@ impl Report {
                 "subnet": l.subnet.to_string(),
                 "publicIP": l.public_ip.map(|ip| ip.to_string()),
                 "expiresAt": time(l.expires_at),
+                "keptWhileAutonomous": l.kept_while_autonomous,
             })
         });
         let kubernetes = node.kubernetes.as_ref().map(|k| {
@@ -615,6 +616,7 @@ mod tests {
         assert_eq!(json["autonomy"]["sources"], json!(sources));
         assert_eq!(json["lease"]["subnet"], "10.244.3.0/24");
         assert_eq!(json["lease"]["expiresAt"], Value::Null);
+        assert_eq!(json["lease"]["keptWhileAutonomous"], false);
         assert_eq!(json["kubernetes"]["heartbeat"]["state"], "renewed");
         assert_eq!(json["kubernetes"]["heartbeat"]["durationSeconds"], 40);
         assert_eq!(json["kubernetes"]["silentSince"], "2027-01-15T07:50:00Z");

@@ -251,6 +251,7 @@ async fn etcd_registry() {
     assert!(text.contains("wrote /coreos.com/network/reserved/edge-1={\"version\":1,\"subnet\":"), "{text}");
     let json = autonomy(&reg, &["status", "edge-1", "--json"]).json();
     assert!(json["implies"]["lease"].as_str().unwrap().contains("no other node gets this subnet"), "{json}");
+    assert_eq!(json["lease"]["keptWhileAutonomous"], true);
     assert_eq!(json["autonomy"]["limit"], "2h0m0s");
     assert_eq!(
         strings(&json["autonomy"]["sources"]),
@@ -377,7 +378,11 @@ async fn kubernetes_registry() {
         strings(&json["autonomy"]["sources"]),
         ["node.beta.alibabacloud.com/autonomy", "node.openyurt.io/autonomy-duration"]
     );
-    assert_eq!(json["lease"], json!({ "subnet": "10.244.7.0/24", "publicIP": "192.0.2.1", "expiresAt": null }));
+    // A pod CIDR stays with the Node anyway: not something autonomy keeps.
+    assert_eq!(
+        json["lease"],
+        json!({ "subnet": "10.244.7.0/24", "publicIP": "192.0.2.1", "expiresAt": null, "keptWhileAutonomous": false })
+    );
     assert_eq!(json["kubernetes"]["ready"]["status"], "Unknown");
     assert_eq!(json["kubernetes"]["heartbeat"]["state"], "renewed");
     assert_eq!(json["kubernetes"]["heartbeat"]["durationSeconds"], 40);
