@@ -1154,6 +1154,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_reservation_is_exact_json_and_refuses_what_it_cannot_read() {
+        const EXAMPLE: &str = r#"{"version":1,"subnet":"10.244.3.0/24","renewedAt":1764636000}"#;
+        let subnet: Ipv4Net = "10.244.3.0/24".parse().unwrap_or_default();
+        let reservation = Reservation::new(subnet, UNIX_EPOCH + Duration::from_secs(1_764_636_000));
+        assert_eq!(reservation.to_json(), EXAMPLE);
+        assert_eq!(Reservation::parse(EXAMPLE.as_bytes()), Ok(reservation.clone()));
+        assert_eq!(reservation.renewed_at(), UNIX_EPOCH + Duration::from_secs(1_764_636_000));
+        let newer = EXAMPLE.replace("\"version\":1", "\"version\":2");
+        assert_eq!(Reservation::parse(newer.as_bytes()), Err("format version 2, this netd reads 1".into()));
+        for bad in ["", "{", "[]", r#"{"version":1,"subnet":"10.244.3.0/33","renewedAt":1}"#, r#"{"version":1}"#] {
+            let err = Reservation::parse(bad.as_bytes()).unwrap_err();
+            assert!(err.starts_with("not a reservation: "), "{bad}: {err}");
+        }
+        let key = Keys::new(DEFAULT_PREFIX).reserved("edge-7");
+        assert_eq!(key, "/coreos.com/network/reserved/edge-7");
+        assert!(matches!(Keys::new(DEFAULT_PREFIX).classify(&key), KeyKind::Reserved("edge-7")));
+    }
+
+    #[test]
     fn keys_follow_flannels_layout_under_any_prefix() {
         let keys = Keys::new(DEFAULT_PREFIX);
         let subnet: Ipv4Net = "10.244.3.0/24".parse().unwrap();
