@@ -151,21 +151,18 @@ impl Reservation {
     }
 }
 
-/// A node's autonomy from the texts of its `autonomy/` and
+/// `node`'s autonomy from the texts of its `autonomy/` and
 /// `autonomy-duration/` keys (`None`: no key), and what was wrong with
-/// them: an unreadable flag is off, an unreadable bound no time limit.
-fn read_autonomy(
-    flag: Option<&str>,
-    bound: Option<&str>,
-    flag_key: &str,
-    bound_key: &str,
-) -> (Autonomy, Option<String>) {
+/// them, naming the key: an unreadable flag is off, an unreadable bound no
+/// time limit.
+fn read_autonomy(keys: &Keys, node: &str, flag: Option<&str>, bound: Option<&str>) -> (Autonomy, Option<String>) {
     let on = match flag.map(str::trim) {
         None => false,
         Some(text) if text.eq_ignore_ascii_case("true") => true,
         Some(text) if text.eq_ignore_ascii_case("false") => false,
         Some(text) => {
-            return (Autonomy::Off, Some(format!("{flag_key}={text:?} is neither true nor false; taken as false")))
+            let key = keys.autonomy(node);
+            return (Autonomy::Off, Some(format!("{key}={text:?} is neither true nor false; taken as false")));
         }
     };
     if !on {
@@ -175,10 +172,11 @@ fn read_autonomy(
         None => (Autonomy::Forever, None),
         Some(Ok(d)) if d.is_zero() => (Autonomy::Forever, None),
         Some(Ok(d)) => (Autonomy::For(d), None),
-        Some(Err(reason)) => (
-            Autonomy::Forever,
-            Some(format!("{bound_key}={:?} is not a duration ({reason}); taken as no time limit", bound.unwrap_or(""))),
-        ),
+        Some(Err(reason)) => {
+            let key = keys.autonomy_duration(node);
+            let text = bound.unwrap_or_default();
+            (Autonomy::Forever, Some(format!("{key}={text:?} is not a duration ({reason}); taken as no time limit")))
+        }
     }
 }
 
@@ -461,7 +459,7 @@ impl EtcdRegistry {
         let now = SystemTime::now();
         let autonomy_of = |node: &str| {
             let (flag, bound) = (flags.get(node).map(|t| t.as_ref()), bounds.get(node).map(|t| t.as_ref()));
-            read_autonomy(flag, bound, "", "").0
+            read_autonomy(&self.keys, node, flag, bound).0
         };
         // Subnets of autonomous nodes cut off long enough for etcd to have
         // dropped their lease keys: still theirs.
@@ -760,7 +758,7 @@ impl Registry for EtcdRegistry {
         if flag.is_none() && held.is_none() {
             return Err(self.unknown(node).await?);
         }
-        let (autonomy, problem) = read_autonomy(flag.as_deref(), bound.as_deref(), &flag_key, &bound_key);
+        let (autonomy, problem) = read_autonomy(&self.keys, node, flag.as_deref(), bound.as_deref());
         let mut sources = Vec::new();
         if autonomy.is_on() {
             sources.push(flag_key);
