@@ -255,18 +255,8 @@ fn egress_selector(stage: &Stage, files: &tempfile::TempDir) -> PathBuf {
 }
 
 fn api(server: &KubeApiServer, method: &str, path: &str, content_type: &str, body: &serde_json::Value) {
-    // The API server makes the `default` namespace shortly after it starts
-    // serving: a 404 for the namespace right after start-up is retried.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let (status, text) = server.api(method, path, Some((content_type, &body.to_string()))).unwrap();
-        if status == 404 && text.contains("namespaces \"default\" not found") && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(200));
-            continue;
-        }
-        assert!((200..300).contains(&status), "{method} {path}: HTTP {status}: {text}");
-        return;
-    }
+    let (status, text) = server.api(method, path, Some((content_type, &body.to_string()))).unwrap();
+    assert!((200..300).contains(&status), "{method} {path}: HTTP {status}: {text}");
 }
 
 fn log_tail(server: &KubeApiServer, lines: usize) -> String {

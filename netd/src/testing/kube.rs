@@ -465,7 +465,11 @@ impl KubeApiServer {
                     stderr: tail(&self.log()),
                 });
             }
-            if matches!(self.api("GET", "/readyz", None), Ok((200, ref body)) if body.trim() == "ok") {
+            // Ready, and the `default` namespace made: the API server creates
+            // it shortly after it starts serving, and tests post into it.
+            if matches!(self.api("GET", "/readyz", None), Ok((200, ref body)) if body.trim() == "ok")
+                && matches!(self.api("GET", "/api/v1/namespaces/default", None), Ok((200, _)))
+            {
                 return Ok(());
             }
             if Instant::now() > deadline {
