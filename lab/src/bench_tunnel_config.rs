@@ -9,8 +9,9 @@
 //! operator's edit or a join would, and polls the pinned map (a kernel
 //! lookup through the loader, not the driver's own bookkeeping) until it
 //! shows the change:
-//! - **node label**: one node's `alibabacloud.com/is-edge-worker`
-//!   toggled `true` ↔ `false` (its address enters or leaves the edge map);
+//! - **node label**: one node's trusted role label
+//!   (`node-restriction.kubernetes.io/netd-role`) removed ↔ set to `cloud`,
+//!   as an operator does (its address enters or leaves the edge map);
 //! - **ConfigMap**: `dnat-ports-pair` switched between `9100=10264` and
 //!   `9101=10264` (one rule leaves, one enters).
 //!
@@ -33,6 +34,7 @@ use anyhow::{bail, ensure, Context, Result};
 use netd::controller::tunnel_config::{self, TunnelConfigMetrics, TunnelConfigOptions};
 use netd::ebpf::dnat::{AttachOptions, Scope, TunnelDnat};
 use netd::kube::{KubeClient, KubeConfig};
+use netd::model::roles::{LABEL_ROLE, ROLE_CLOUD};
 use netd::testing::{self, Cgroup, KubeApiServer, PinDir};
 use serde_json::{json, Value};
 
@@ -53,10 +55,16 @@ fn nth(base: Ipv4Addr, i: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(base) + i)
 }
 
+/// The role labels of a merge patch: an edge node's `null` removes the
+/// trusted role label (edge is the default), a cloud node's sets it.
+fn role_labels(edge: bool) -> Value {
+    json!({ LABEL_ROLE: (!edge).then_some(ROLE_CLOUD) })
+}
+
 fn node(name: &str, edge: bool, ip: Ipv4Addr, cidr: Option<String>) -> Value {
     let mut node = json!({
         "apiVersion": "v1", "kind": "Node",
-        "metadata": { "name": name, "labels": { "alibabacloud.com/is-edge-worker": edge.to_string() } },
+        "metadata": { "name": name, "labels": if edge { json!({}) } else { json!({ LABEL_ROLE: ROLE_CLOUD }) } },
         "status": { "addresses": [{ "type": "InternalIP", "address": ip.to_string() }] },
     });
     if let Some(cidr) = cidr {
@@ -217,7 +225,8 @@ pub fn run(rounds: usize) -> Result<()> {
     let writes_before = initial_writes;
     for round in 0..rounds {
         let edge = round % 2 == 0;
-        let patch = json!({ "metadata": { "labels": { "alibabacloud.com/is-edge-worker": edge.to_string() } } });
+        // A merge patch: `null` removes the label.
+        let patch = json!({ "metadata": { "labels": role_labels(edge) } });
         let path = format!("/api/v1/nodes/{TOGGLED}");
         label.push(timed(
             || api(&server, "PATCH", &path, Some((MERGE, &patch.to_string()))),

@@ -18,6 +18,8 @@ use serde_json::{json, Value};
 const LEASE_DURATION: u64 = 4;
 const RETRY_PERIOD: u64 = 1;
 const MAC: &str = "0e:11:22:33:44:55";
+/// The trusted role label an operator sets on cloud nodes.
+const CLOUD_LABEL: &str = netd::model::roles::LABEL_ROLE;
 
 /// A `netd-controller run` process, killed on drop.
 struct Replica {
@@ -129,9 +131,11 @@ fn one_leader_writes_nodes_keep_their_cidr_and_mac_and_a_killed_leader_hands_ove
     let leader = wait_for("a leader", Duration::from_secs(30), &replicas(), || holder(api));
     assert!(leader == "ctl-a" || leader == "ctl-b", "{leader}");
 
-    // Roles: a node without the edge label is a cloud node.
-    create_node(api, "cloud-1", json!({}));
+    // Roles: a node an operator labelled with the trusted label is a cloud
+    // node; every other node is an edge node, whatever it says itself.
+    create_node(api, "cloud-1", json!({CLOUD_LABEL: "cloud"}));
     create_node(api, "edge-a", json!({"alibabacloud.com/is-edge-worker": "true"}));
+    create_node(api, "claims-cloud", json!({"alibabacloud.com/is-edge-worker": "false"}));
     let cloud = wait_for("cloud-1 tainted", Duration::from_secs(20), &replicas(), || {
         get(api, "/api/v1/nodes/cloud-1").filter(has_addon_taint)
     });
@@ -139,6 +143,11 @@ fn one_leader_writes_nodes_keep_their_cidr_and_mac_and_a_killed_leader_hands_ove
     let edge_cidr = wait_for("edge-a's pod CIDR", Duration::from_secs(20), &replicas(), || pod_cidr(api, "edge-a"));
     let edge = get(api, "/api/v1/nodes/edge-a").unwrap();
     assert!(!has_addon_taint(&edge), "an edge node is not tainted: {edge}");
+    let claims = wait_for("claims-cloud relabelled edge", Duration::from_secs(20), &replicas(), || {
+        get(api, "/api/v1/nodes/claims-cloud")
+            .filter(|n| n["metadata"]["labels"]["alibabacloud.com/is-edge-worker"] == "true")
+    });
+    assert!(!has_addon_taint(&claims), "a node's own is-edge-worker=false grants nothing: {claims}");
     // Its netd publishes its VTEP MAC; the controller remembers it.
     let backend = format!(r#"{{"VNI":1,"VtepMAC":"{MAC}"}}"#);
     let patch = json!({"metadata":{"annotations":{"flannel.alpha.coreos.com/backend-data": backend}}});
@@ -197,7 +206,7 @@ fn one_leader_writes_nodes_keep_their_cidr_and_mac_and_a_killed_leader_hands_ove
     wait_for("the survivor leads", Duration::from_secs(10), &[survivor], || {
         (survivor.metric("netd_controller_leader") == Some(1.0)).then_some(())
     });
-    create_node(api, "cloud-2", json!({}));
+    create_node(api, "cloud-2", json!({CLOUD_LABEL: "cloud"}));
     wait_for("cloud-2 tainted by the new leader", Duration::from_secs(20), &[survivor], || {
         get(api, "/api/v1/nodes/cloud-2").filter(has_addon_taint)
     });

@@ -36,6 +36,9 @@ const AUTO: &str = "edge-auto";
 const PLAIN: &str = "edge-plain";
 const CLOUD: &str = "cloud-1";
 const EDGE_LABEL: &str = "alibabacloud.com/is-edge-worker";
+/// The trusted role label: what makes a cloud node (the seed's label is
+/// only an output).
+const CLOUD_LABEL: &str = netd::model::roles::LABEL_ROLE;
 
 /// `2006-01-02T15:04:05Z`, or with microseconds (a Lease's MicroTime).
 fn stamp(micros: bool) -> String {
@@ -75,7 +78,7 @@ async fn renew(client: &kube::Client, node: &str) {
 
 async fn create_node(client: &kube::Client, name: &str, edge: bool, annotations: Value) {
     let nodes: Api<Node> = Api::all(client.clone());
-    let labels = json!({ EDGE_LABEL: edge.to_string() });
+    let labels = if edge { json!({ EDGE_LABEL: "true" }) } else { json!({ CLOUD_LABEL: "cloud" }) };
     create(&nodes, json!({ "metadata": { "name": name, "labels": labels, "annotations": annotations } })).await;
     let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
     create(

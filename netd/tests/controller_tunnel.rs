@@ -32,6 +32,8 @@ use netd::testing::{self, Cgroup, KubeApiServer, NetNs, PinDir};
 use serde_json::{json, Value};
 
 /// The tunnel server's address on the cloud node (the DNAT target).
+/// The trusted role label (only `cloud` makes a cloud node).
+const ROLE_LABEL: &str = netd::model::roles::LABEL_ROLE;
 const CLOUD_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 1);
 /// The other cloud node's InternalIP: never redirected.
 const CLOUD_NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
@@ -245,6 +247,7 @@ impl Stage {
             token: Some(self.server.token().to_string()),
             token_file: None,
             ca_cert_pem: Some(self.server.ca_cert_pem().unwrap()),
+            client_cert: None,
             node_name: "cloud-0".into(),
             network: None,
         };
@@ -272,8 +275,9 @@ impl Stage {
         serde_json::from_str(&text).unwrap()
     }
 
-    fn create_node(&self, name: &str, label: Option<&str>, addresses: &[(&str, Ipv4Addr)]) {
-        let labels = label.map_or(json!({}), |v| json!({ "alibabacloud.com/is-edge-worker": v }));
+    /// A node; `role`: the trusted role label's value, if any.
+    fn create_node(&self, name: &str, role: Option<&str>, addresses: &[(&str, Ipv4Addr)]) {
+        let labels = role.map_or(json!({}), |v| json!({ ROLE_LABEL: v }));
         let addresses: Vec<Value> =
             addresses.iter().map(|(kind, ip)| json!({ "type": kind, "address": ip.to_string() })).collect();
         let node = json!({
@@ -289,8 +293,10 @@ impl Stage {
         self.api("PATCH", &format!("/api/v1/nodes/{name}"), Some((MERGE, &patch.to_string())));
     }
 
-    fn label(&self, name: &str, value: &str) {
-        self.patch_node(name, json!({ "metadata": { "labels": { "alibabacloud.com/is-edge-worker": value } } }));
+    /// Sets (or, with `None`, removes) the trusted role label, as an
+    /// operator does.
+    fn set_role(&self, name: &str, value: Option<&str>) {
+        self.patch_node(name, json!({ "metadata": { "labels": { ROLE_LABEL: value } } }));
     }
 
     /// Creates or replaces the ConfigMap with `data`, in one write as an
@@ -351,11 +357,12 @@ fn nodes_and_the_config_map_drive_the_next_connect() {
     tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).init();
     let mut stage = Stage::new();
 
-    // A cloud node, an edge node not yet labelled, and an "edge" node whose
-    // only address is loopback.
-    stage.create_node("cloud-1", Some("false"), &[("InternalIP", CLOUD_NODE_IP)]);
-    stage.create_node("edge-1", None, &[("InternalIP", EDGE_IP), ("ExternalIP", EDGE_EXTERNAL_IP)]);
-    stage.create_node("edge-lo", Some("true"), &[("InternalIP", Ipv4Addr::LOCALHOST)]);
+    // A cloud node, a node still labelled cloud by an operator (edge-1, to
+    // become an edge node), and an edge node whose only address is
+    // loopback.
+    stage.create_node("cloud-1", Some("cloud"), &[("InternalIP", CLOUD_NODE_IP)]);
+    stage.create_node("edge-1", Some("cloud"), &[("InternalIP", EDGE_IP), ("ExternalIP", EDGE_EXTERNAL_IP)]);
+    stage.create_node("edge-lo", None, &[("InternalIP", Ipv4Addr::LOCALHOST)]);
     stage.start_driver();
 
     // No ConfigMap: the kubelet rules; no edge node with a usable address.
@@ -366,9 +373,10 @@ fn nodes_and_the_config_map_drive_the_next_connect() {
     assert_eq!(stage.dial(Ipv4Addr::LOCALHOST, 10250), direct(Ipv4Addr::LOCALHOST, 10250));
     assert!(log.text().contains("127.0.0.1 is never redirected"), "the loopback node is reported");
 
-    // Labelled edge: its InternalIP is redirected, with the original
-    // destination; its ExternalIP and the cloud node are not.
-    stage.label("edge-1", "true");
+    // The cloud label removed, so an edge node: its InternalIP is
+    // redirected, with the original destination; its ExternalIP and the
+    // cloud node are not.
+    stage.set_role("edge-1", None);
     wait_for("edge-1 in the DNAT", || stage.is_edge(EDGE_IP));
     assert_eq!(stage.dial(EDGE_IP, 10250), door(TLS_DOOR, EDGE_IP, 10250));
     assert_eq!(stage.dial(EDGE_IP, 10255), door(PLAIN_DOOR, EDGE_IP, 10255));
@@ -429,8 +437,8 @@ fn nodes_and_the_config_map_drive_the_next_connect() {
     assert_eq!(stage.dial(EDGE_IP, 9100), direct(EDGE_IP, 9100));
     wait_for("the Normal Event", || !stage.events("TunnelConfigApplied").is_empty());
 
-    // Relabelled cloud: neither the node nor its pods are redirected.
-    stage.label("edge-1", "false");
+    // Labelled cloud again: neither the node nor its pods are redirected.
+    stage.set_role("edge-1", Some("cloud"));
     wait_for("edge-1 out of the DNAT", || !stage.is_edge(EDGE_IP));
     assert_eq!(stage.dial(EDGE_IP, 10250), direct(EDGE_IP, 10250));
     wait_for("its pod CIDR out", || stage.counter(|m| m.edge_subnets.load(Ordering::Relaxed)) == 0);
@@ -460,7 +468,7 @@ fn nodes_and_the_config_map_drive_the_next_connect() {
     assert!(third.contains("keeping the rules pinned before this start"), "{third}");
     assert_eq!(stage.rule(9100), Some(PLAIN_DOOR));
     assert_eq!(stage.dial(EDGE_IP, 9100), direct(EDGE_IP, 9100), "edge-1 is a cloud node now");
-    stage.label("edge-1", "true");
+    stage.set_role("edge-1", Some("edge"));
     wait_for("edge-1 back", || stage.is_edge(EDGE_IP));
     assert_eq!(stage.dial(EDGE_IP, 9100), door(PLAIN_DOOR, EDGE_IP, 9100), "the pinned rules still redirect");
     drop(stage.driver.take());

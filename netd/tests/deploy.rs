@@ -1,9 +1,12 @@
 //! The `deploy/` manifests: what each object is (no root needed), and
-//! against a real kube-apiserver 1.20.2 with RBAC enforced: a server-side
-//! dry run and a real `kubectl apply -f deploy/`, the exact permissions the
-//! ServiceAccounts end up with, and the real `netd run` and `netd
-//! tunnel-server` started with their ServiceAccounts' tokens, so a missing
-//! permission fails here and a superfluous one shows in the rule sets.
+//! against a real kube-apiserver 1.20.2 with `--authorization-mode=Node,RBAC`
+//! and NodeRestriction, as kubeadm runs it: a server-side dry run and a real
+//! `kubectl apply -f deploy/`, the exact permissions the ServiceAccounts end
+//! up with (netd's: none), what the Node authorizer grants a node, and the
+//! real `netd run` started as its node (a client certificate of
+//! `system:node:<name>`, as the DaemonSet uses the kubelet's) and `netd
+//! tunnel-server` with its ServiceAccount's token, so a missing permission
+//! fails here and a superfluous one shows in the rule sets.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -12,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use netd::testing::{self, Cluster, KubeApiServer, NetdProcess, Node, HEALTH_ADDR, KUBE_APISERVER_BIN};
+use netd::testing::{self, Cluster, KubeApiServer, KubeCluster, NetdProcess, Node, HEALTH_ADDR, KUBE_APISERVER_BIN};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -32,7 +35,9 @@ fn rules(list: &[(&str, &str, &[&str])]) -> BTreeSet<Rule> {
         .collect()
 }
 
-/// What `netd run` calls (netd/src/registry/kubernetes.rs, netd/src/kube/pods.rs).
+/// What `netd run` calls (netd/src/registry/kubernetes.rs, netd/src/kube/pods.rs):
+/// all of it granted to `system:node:<name>` by the Node authorizer, none of
+/// it to netd's ServiceAccount.
 fn netd_rules() -> BTreeSet<Rule> {
     rules(&[
         ("", "nodes", &["get", "list", "watch"]),
@@ -172,8 +177,6 @@ fn manifests_are_what_they_should_be() {
         .collect();
     let expected = [
         ("10-rbac.yaml", "ServiceAccount", "netd"),
-        ("10-rbac.yaml", "ClusterRole", "netd"),
-        ("10-rbac.yaml", "ClusterRoleBinding", "netd"),
         ("10-rbac.yaml", "ServiceAccount", "netd-tunnel-server"),
         ("10-rbac.yaml", "ClusterRole", "netd-tunnel-server"),
         ("10-rbac.yaml", "ClusterRoleBinding", "netd-tunnel-server"),
@@ -199,10 +202,17 @@ fn manifests_are_what_they_should_be() {
         }
     }
 
-    // RBAC: exactly what the code calls, bound to the right accounts.
-    assert_eq!(role_rules(find(&objects, "ClusterRole", "netd")), netd_rules());
+    // RBAC: exactly what the code calls, bound to the right accounts; netd's
+    // account is bound to nothing and its token never mounted (netd acts as
+    // its node).
     assert_eq!(role_rules(find(&objects, "ClusterRole", "netd-tunnel-server")), tunnel_server_rules());
-    for name in ["netd", "netd-tunnel-server"] {
+    assert_eq!(find(&objects, "ServiceAccount", "netd")["automountServiceAccountToken"], false);
+    for (_, object) in &objects {
+        for subject in object["subjects"].as_array().into_iter().flatten() {
+            assert!(subject["name"] != "netd", "netd's ServiceAccount is bound: {object}");
+        }
+    }
+    for name in ["netd-tunnel-server"] {
         let binding = find(&objects, "ClusterRoleBinding", name);
         assert_eq!(
             binding["roleRef"],
@@ -236,6 +246,7 @@ fn manifests_are_what_they_should_be() {
     assert_eq!(ds["spec"]["updateStrategy"], json!({"type": "OnDelete"}));
     assert_eq!(ds["spec"]["selector"]["matchLabels"], ds["spec"]["template"]["metadata"]["labels"]);
     assert_eq!(pod["serviceAccountName"], "netd");
+    assert_eq!(pod["automountServiceAccountToken"], false, "no ServiceAccount token on any node");
     assert_eq!(pod["hostNetwork"], true);
     assert_eq!(pod["priorityClassName"], "system-node-critical");
     assert_eq!(
@@ -252,6 +263,17 @@ fn manifests_are_what_they_should_be() {
         assert!(name == "NODE_NAME" || run_help.contains(&format!("[env: {name}=")), "netd run reads no {name}");
     }
     assert_eq!(env_value(netd, "NETD_REGISTRY"), "kubernetes");
+    // As its node: the kubelet's client certificate, from the directory
+    // mounted read-only (a re-pointed symlink is seen); the CA from the
+    // kube-root-ca.crt ConfigMap.
+    assert_eq!(env_value(netd, "NETD_CLIENT_CERT"), "/var/lib/kubelet/pki/kubelet-client-current.pem");
+    let ca_file = env_value(netd, "NETD_CA_FILE");
+    let ca_volume = pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "kube-ca").unwrap();
+    assert_eq!(ca_volume["configMap"]["name"], "kube-root-ca.crt");
+    assert_eq!(
+        ca_file,
+        format!("/var/run/netd/kube-ca/{}", ca_volume["configMap"]["items"][0]["path"].as_str().unwrap())
+    );
     let health = env_value(netd, "NETD_HEALTH_ADDR");
     let health_port: u16 = health.rsplit_once(':').unwrap().1.parse().unwrap();
     for (probe, path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
@@ -279,6 +301,10 @@ fn manifests_are_what_they_should_be() {
         (&json!("kubernetes"), &json!(health), &json!(true))
     );
     assert_eq!(
+        (&printed["clientCert"], &printed["clientKey"], &printed["caFile"]),
+        (&json!("/var/lib/kubelet/pki/kubelet-client-current.pem"), &Value::Null, &json!(ca_file))
+    );
+    assert_eq!(
         netd["securityContext"]["capabilities"],
         json!({"drop": ["ALL"], "add": ["NET_ADMIN"]}),
         "rtnetlink and nftables need NET_ADMIN, nothing else"
@@ -294,6 +320,8 @@ fn manifests_are_what_they_should_be() {
             ("/etc/cni/net.d", true),
             ("/var/lib/cni/networks", false),
             ("/etc/kube-flannel", true),
+            ("/var/lib/kubelet/pki", true),
+            ("/var/run/netd/kube-ca", true),
         ],
     );
     check_mounts(pod, init, &[("/host/opt/cni/bin", false), ("/host/etc/cni/net.d", false), ("/etc/netd", true)]);
@@ -312,7 +340,8 @@ fn manifests_are_what_they_should_be() {
     let pod = &ds["spec"]["template"]["spec"];
     assert_eq!(pod["serviceAccountName"], "netd-tunnel-server");
     assert_eq!(pod["hostNetwork"], true);
-    assert_eq!(pod["nodeSelector"], json!({"alibabacloud.com/is-edge-worker": "false"}));
+    // Cloud nodes by the label kubelets cannot set (SPEC §3b).
+    assert_eq!(pod["nodeSelector"], json!({"node-restriction.kubernetes.io/netd-role": "cloud"}));
     assert_eq!(
         pod["tolerations"],
         json!([{"key": "node-role.alibabacloud.com/addon", "operator": "Exists", "effect": "NoSchedule"}])
@@ -343,7 +372,7 @@ fn manifests_are_what_they_should_be() {
     assert_eq!(pod["serviceAccountName"], "netd-controller");
     assert_eq!(
         (&pod["hostNetwork"], &pod["nodeSelector"]),
-        (&json!(true), &json!({"alibabacloud.com/is-edge-worker": "false"}))
+        (&json!(true), &json!({"node-restriction.kubernetes.io/netd-role": "cloud"}))
     );
     let [controller] = pod["containers"].as_array().unwrap().as_slice() else { panic!("one container") };
     assert_eq!(strings(&controller["command"]), ["/usr/local/bin/netd-controller", "run"]);
@@ -493,44 +522,8 @@ fn flag_of(variable: &str) -> String {
     format!("--{}", variable.trim_start_matches("NETD_").to_lowercase().replace('_', "-"))
 }
 
-/// kube-apiserver with `--authorization-mode=RBAC` and nothing else.
-///
-/// The harness starts it with `--authorization-mode=AlwaysAllow`, and a
-/// second `--authorization-mode` does not replace that: the flag is a list
-/// and repeating it appends, so `new_with(…RBAC)` alone authorises
-/// `AlwaysAllow,RBAC`, i.e. everything (a check below found a ServiceAccount
-/// bound to nothing allowed to read Secrets). Until the harness can
-/// replace its own flags, the server is started through a wrapper (the
-/// harness's `NETD_KUBE_APISERVER`) that drops `AlwaysAllow` and keeps
-/// the `RBAC` given here.
-fn rbac_apiserver(cluster: &Cluster, dir: &Path) -> KubeApiServer {
-    use std::os::unix::fs::PermissionsExt;
-    let given = std::env::var_os(testing::KUBE_APISERVER_ENV);
-    let real = given.clone().map(PathBuf::from).unwrap_or(KUBE_APISERVER_BIN.into());
-    let wrapper = dir.join("kube-apiserver-rbac");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\nfor arg; do shift; [ \"$arg\" = --authorization-mode=AlwaysAllow ] || set -- \"$@\" \"$arg\"; done\n\
-             exec '{}' \"$@\"\n",
-            real.display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
-    // Read by the harness when it starts the server; no other test of this
-    // file starts one.
-    std::env::set_var(testing::KUBE_APISERVER_ENV, &wrapper);
-    let server = KubeApiServer::new_with(cluster.control_plane(), &["--authorization-mode=RBAC".into()]);
-    match given {
-        Some(given) => std::env::set_var(testing::KUBE_APISERVER_ENV, given),
-        None => std::env::remove_var(testing::KUBE_APISERVER_ENV),
-    }
-    server.unwrap()
-}
-
 #[test]
-fn deploy_applies_and_netd_runs_with_its_service_account_under_rbac() {
+fn deploy_applies_and_netd_runs_as_its_node_under_node_rbac_and_node_restriction() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let required = std::env::var_os(testing::REQUIRE_ENV).is_some();
     for tool in [KUBE_APISERVER_BIN, KUBECTL] {
@@ -548,12 +541,14 @@ fn deploy_applies_and_netd_runs_with_its_service_account_under_rbac() {
 
     let files = tempfile::tempdir().unwrap();
     let cluster = Cluster::bare(1).unwrap();
-    let server = rbac_apiserver(&cluster, files.path());
-    assert!(!server.log().contains("AlwaysAllow"), "the API server must authorise by RBAC alone");
+    // As kubeadm runs it: the Node authorizer, RBAC and NodeRestriction.
+    let kube_cluster =
+        KubeCluster::builder().host(cluster.control_plane()).rbac(true).node_restriction(true).start().unwrap();
+    let server = kube_cluster.api();
     let ca = files.path().join("ca.crt");
     std::fs::write(&ca, server.ca_cert_pem().unwrap()).unwrap();
     let kubeconfig = server.admin_kubeconfig();
-    let kube = Kube { server: &server, kubeconfig, cache: files.path().join("kube-cache") };
+    let kube = Kube { server, kubeconfig, cache: files.path().join("kube-cache") };
 
     // A server-side dry run of the whole directory: validated and admitted,
     // nothing stored.
@@ -583,11 +578,16 @@ fn deploy_applies_and_netd_runs_with_its_service_account_under_rbac() {
     ]);
     assert_eq!(base_resources, reviews, "an account bound to nothing may only ask what it may do");
     assert!(!base_urls.iter().any(|(url, _)| url == "*"), "{base_urls:?}");
+    // netd's account: nothing beyond any account's (a token of it, were one
+    // ever made, could not touch a Node).
     let netd_token = kube.token("netd");
-    for (account, token, expected) in [
-        ("netd", netd_token.clone(), netd_rules()),
-        ("netd-tunnel-server", kube.token("netd-tunnel-server"), tunnel_server_rules()),
-    ] {
+    let (resources, urls) = kube.rules_of(&netd_token, files.path());
+    assert_eq!(resources, base_resources, "netd's ServiceAccount has no permission of its own");
+    assert_eq!(urls, base_urls);
+    assert!(!kube.can_i(&netd_token, &["patch", "nodes", "--subresource=status"]));
+    assert!(!kube.can_i(&netd_token, &["list", "nodes"]));
+    for (account, token, expected) in [("netd-tunnel-server", kube.token("netd-tunnel-server"), tunnel_server_rules())]
+    {
         let (resources, urls) = kube.rules_of(&token, files.path());
         let extra: BTreeSet<Rule> = resources.difference(&base_resources).cloned().collect();
         assert_eq!(extra, expected, "{account}'s permissions beyond any account's");
@@ -612,8 +612,29 @@ fn deploy_applies_and_netd_runs_with_its_service_account_under_rbac() {
             assert!(!kube.can_i(&token, &[args, &["-n", NS]].concat()), "{account} may {args:?}");
         }
     }
-    assert!(kube.can_i(&netd_token, &["patch", "nodes", "--subresource=status"]));
-    assert!(kube.can_i(&netd_token, &["watch", "pods", "--all-namespaces"]));
+    // What a node may do, by the Node authorizer alone (no binding): every
+    // call of `netd run`. (The authorizer does not look at names; which Node
+    // a node may write is NodeRestriction's, checked below for real.)
+    let node = &cluster.nodes[0];
+    let as_node = |args: &[&str]| {
+        let user = format!("--as=system:node:{}", node.name);
+        let all = [&["auth", "can-i", &user, "--as-group=system:nodes"][..], args].concat();
+        let out = kube.kubectl(&all);
+        String::from_utf8_lossy(&out.stdout).trim() == "yes"
+    };
+    for (group, resource, verb) in netd_rules() {
+        assert!(group.is_empty());
+        let (resource, sub) = resource.split_once('/').map_or((resource.as_str(), None), |(r, s)| (r, Some(s)));
+        let mut args = vec![verb.as_str(), resource, "--all-namespaces"];
+        let sub = sub.map(|s| format!("--subresource={s}"));
+        args.extend(sub.as_deref());
+        assert!(as_node(&args), "the Node authorizer does not grant {verb} {resource} {sub:?}");
+    }
+    for args in
+        [&["get", "secrets", "-n", NS][..], &["delete", "nodes"], &["create", "pods", "--subresource=exec", "-n", NS]]
+    {
+        assert!(!as_node(args), "a node may {args:?}");
+    }
     // netd-controller: what its parts call, no more (no secrets, no deletes
     // but kube-system's pods and ConfigMaps, no exec, nothing outside
     // kube-system but nodes and pods).
@@ -636,8 +657,9 @@ fn deploy_applies_and_netd_runs_with_its_service_account_under_rbac() {
     }
     assert!(kube.can_i(&controller_token, &["patch", "pods", "--all-namespaces"]));
 
-    // netd run, as the DaemonSet runs it, with the netd ServiceAccount's token.
-    let node = &cluster.nodes[0];
+    // netd run, as the DaemonSet runs it: as its node, with a client
+    // certificate and key in one file (the form of kubelet's
+    // kubelet-client-current.pem) issued by the cluster CA.
     let cidr = "10.244.1.0/24";
     kube.api_ok(
         "POST",
@@ -646,8 +668,9 @@ fn deploy_applies_and_netd_runs_with_its_service_account_under_rbac() {
     );
     let state = files.path().join("state");
     std::fs::create_dir_all(&state).unwrap();
-    let token_file = files.path().join("netd.token");
-    std::fs::write(&token_file, &netd_token).unwrap();
+    let issued = server.ca().issue_node(&node.name, &[], Duration::from_secs(3600)).unwrap();
+    let node_pem = files.path().join("kubelet-client-current.pem");
+    std::fs::write(&node_pem, format!("{}{}", issued.cert_pem(), issued.key_pem())).unwrap();
     // The conflist the init container installs, its stores in the temp dir.
     let cni_dir = files.path().join("net.d");
     std::fs::create_dir_all(&cni_dir).unwrap();
@@ -659,12 +682,14 @@ fn deploy_applies_and_netd_runs_with_its_service_account_under_rbac() {
     let ds = find(&objects, "DaemonSet", "netd");
     let container = &ds["spec"]["template"]["spec"]["containers"][0];
     let mut args = testing::netd_run_args(&node.name, &format!("kubernetes:{}", server.url()), &state);
+    // The pod's paths (certificate, CA) are the test's files here.
+    let own = ["NETD_REGISTRY", "NETD_CLIENT_CERT", "NETD_CA_FILE"];
     for (name, value) in env_of(container) {
-        if let (Some(value), true) = (value, name.starts_with("NETD_") && name != "NETD_REGISTRY") {
+        if let (Some(value), true) = (value, name.starts_with("NETD_") && !own.contains(&name.as_str())) {
             args.push(format!("{}={value}", flag_of(&name)).into());
         }
     }
-    for (flag, value) in [("--token-file", &token_file), ("--ca-file", &ca), ("--cni-conf-dir", &cni_dir)] {
+    for (flag, value) in [("--client-cert", &node_pem), ("--ca-file", &ca), ("--cni-conf-dir", &cni_dir)] {
         args.push(flag.into());
         args.push(value.into());
     }
@@ -728,6 +753,26 @@ fn deploy_applies_and_netd_runs_with_its_service_account_under_rbac() {
     wait_for("the departed node's route removed", &netd_log, || !has_route(node, "10.244.2.0/24"));
     let text = netd.log();
     assert!(!text.contains("forbidden") && !text.contains("HTTP 403"), "netd was refused something:\n{text}");
+    // Its credential writes its own Node only: another node's lease, with
+    // the same certificate, is refused by NodeRestriction.
+    kube.api_ok(
+        "POST",
+        "/api/v1/nodes",
+        Some(json!({"metadata": {"name": "other"}, "spec": {"podCIDR": "10.244.3.0/24"}})),
+    );
+    let cert_file = files.path().join("node.crt");
+    let key_file = files.path().join("node.key");
+    std::fs::write(&cert_file, issued.cert_pem()).unwrap();
+    std::fs::write(&key_file, issued.key_pem()).unwrap();
+    let hijack = json!({"metadata": {"annotations": {"flannel.alpha.coreos.com/public-ip": "192.168.50.11"}}});
+    let auth = testing::ApiAuth::ClientCert { cert: &cert_file, key: &key_file };
+    let patch = |name: &str| {
+        let path = format!("/api/v1/nodes/{name}/status");
+        server.api_as(auth, "PATCH", &path, Some(("application/merge-patch+json", &hijack.to_string()))).unwrap()
+    };
+    let (status, body) = patch("other");
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(patch(&node.name).0, 200, "its own Node's status is its to write");
 
     // The tunnel server with its own token: reads the leases, nothing else.
     let tunnel_token = files.path().join("tunnel.token");
@@ -763,5 +808,6 @@ fn deploy_applies_and_netd_runs_with_its_service_account_under_rbac() {
     drop(tunnel);
     drop(netd);
     // netd cleanup of the node namespace is the namespace's removal.
-    drop(server);
+    drop(kube);
+    drop(kube_cluster);
 }

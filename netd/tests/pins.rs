@@ -188,6 +188,7 @@ async fn pins_of_pods_that_are_gone_are_freed_on_the_control_planes_word_only() 
         token: Some(server.token().to_string()),
         token_file: None,
         ca_cert_pem: Some(server.ca_cert_pem().unwrap()),
+        client_cert: None,
         node_name: NODE.into(),
         network: None,
     })

@@ -24,6 +24,7 @@ fn config(server: &KubeApiServer, node: &str) -> KubeConfig {
         token: Some(server.token().to_string()),
         token_file: None,
         ca_cert_pem: Some(server.ca_cert_pem().unwrap()),
+        client_cert: None,
         node_name: node.into(),
         network: Some(NETWORK.parse().unwrap()),
     }

@@ -83,6 +83,7 @@ fn open_settings(node: &str, args: &RegistryArgs) -> OpenSettings {
         network: args.network,
         token_file: args.token_file.clone(),
         ca_file: args.ca_file.clone(),
+        client_cert: args.client_cert_files(),
         poll: embedded::DEFAULT_POLL,
     }
 }

@@ -781,6 +781,7 @@ fn tunnel_registry(
     let open = netd::registry::OpenSettings {
         node_name,
         network: args.network,
+        client_cert: args.client_cert.map(|cert| netd::kube::ClientCertFiles { cert, key: args.client_key }),
         token_file: args.token_file,
         ca_file: args.ca_file,
         poll: netd::registry::embedded::DEFAULT_POLL,

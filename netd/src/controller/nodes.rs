@@ -1,13 +1,18 @@
 //! The leader's node work: cloud and edge roles, and node pod CIDRs that
 //! outlive the Node object.
 //!
-//! **Roles** (SPEC §4). A node labelled `alibabacloud.com/is-edge-worker=true`
-//! is an edge node (`netd-join` labels it when it creates the Node, before
-//! kubelet registers). Any other node is a cloud node: it gets the label as
-//! `false` and the taint `node-role.alibabacloud.com/addon:NoSchedule`. The
-//! controller records that it added the taint
-//! ([`ANNOTATION_TAINTED`]); should the node later turn out to be an edge
-//! node (relabelled), that taint — and only one it added — is taken away.
+//! **Roles** (SPEC §3b, §4; [`crate::model::roles`]). The role is read from
+//! one label only, `node-restriction.kubernetes.io/netd-role`, which
+//! kubelets cannot set (NodeRestriction): `cloud` makes a cloud node, and
+//! every other node is an edge node. The controller publishes the role in
+//! the seed's vocabulary: `alibabacloud.com/is-edge-worker=false` and the
+//! taint `node-role.alibabacloud.com/addon:NoSchedule` on cloud nodes,
+//! `alibabacloud.com/is-edge-worker=true` on edge nodes, overwriting what a
+//! node wrote there itself (a kubelet may set that label on its own Node;
+//! it grants nothing). The controller records that it added the taint
+//! ([`ANNOTATION_TAINTED`]); should the node later be an edge node (the
+//! trusted label removed), that taint — and only one it added — is taken
+//! away.
 //!
 //! **Pod CIDRs** (`--allocate-node-cidrs`, with kube-controller-manager's
 //! node IPAM off). kube-controller-manager forgets a node's pod CIDR when
@@ -44,7 +49,9 @@ use crate::kube::watch::{ListWatch, WatchEvent};
 use crate::kube::{call, KubeClient, KubeError};
 use crate::model::autonomy::AutonomyStatus;
 use crate::model::flannel;
-use crate::model::roles::{LABEL_EDGE_WORKER, TAINT_ADDON_EFFECT, TAINT_ADDON_KEY};
+use crate::model::roles::{
+    NodeRole, LABEL_EDGE_WORKER, LABEL_ROLE, LABEL_ROLE_POINTER, TAINT_ADDON_EFFECT, TAINT_ADDON_KEY,
+};
 use crate::registry::{pick_subnet, NetworkConfig, RegistryError};
 
 /// Annotation the controller puts on a node it tainted as a cloud node.
@@ -84,6 +91,8 @@ pub struct NodeOptions {
 pub struct NodeMetrics {
     /// Nodes labelled or tainted as cloud nodes.
     pub cloud_marked: AtomicU64,
+    /// Nodes labelled as edge nodes (`alibabacloud.com/is-edge-worker=true`).
+    pub edge_marked: AtomicU64,
     /// Taints taken back from nodes that turned out to be edge nodes.
     pub taints_removed: AtomicU64,
     /// Pod CIDRs given to nodes.
@@ -107,6 +116,11 @@ impl NodeMetrics {
                 "netd_controller_cloud_nodes_marked_total",
                 "Nodes labelled or tainted as cloud nodes.",
                 &self.cloud_marked,
+            ),
+            (
+                "netd_controller_edge_nodes_marked_total",
+                "Nodes labelled as edge nodes (the trusted role label absent).",
+                &self.edge_marked,
             ),
             (
                 "netd_controller_addon_taints_removed_total",
@@ -144,6 +158,10 @@ impl Kind for NodeRoleView {
     type Api = Node;
     const KEEP: &'static [&'static str] = &[
         "/metadata/name",
+        // `model::roles::LABEL_ROLE_POINTER` (the input) and
+        // `LABEL_EDGE_WORKER` (the output, read to write it only when it
+        // differs); checked by a test.
+        "/metadata/labels/node-restriction.kubernetes.io~1netd-role",
         "/metadata/labels/alibabacloud.com~1is-edge-worker",
         "/metadata/annotations/netd.alibabacloud.com~1addon-taint-added",
         "/metadata/annotations/flannel.alpha.coreos.com~1backend-data",
@@ -175,38 +193,51 @@ pub struct SubnetRecord {
     pub deleted_at: Option<u64>,
 }
 
-/// The cloud/edge patch a node needs, if any (a merge patch carrying the
-/// node's `resourceVersion`, so a concurrent change to its taints makes it
-/// fail and be planned again).
+/// The cloud/edge patch a node needs, if any, from its trusted role label
+/// alone (a merge patch; one that changes the taints carries the node's
+/// `resourceVersion`, so a concurrent change to them makes it fail and be
+/// planned again).
 pub fn role_patch(node: &Object<NodeRoleView>) -> Option<Value> {
-    let label = node.get("/metadata/labels/alibabacloud.com~1is-edge-worker").and_then(Value::as_str);
+    let (role, _) = node_role(node);
+    let label = node.get(EDGE_WORKER_POINTER).and_then(Value::as_str);
     let taints: Vec<Value> = node.get("/spec/taints").and_then(Value::as_array).cloned().unwrap_or_default();
     let is_addon = |t: &Value| t.get("key").and_then(Value::as_str) == Some(TAINT_ADDON_KEY);
     let has_taint = taints.iter().any(is_addon);
     let tainted_by_us = node.annotation(ANNOTATION_TAINTED).and_then(Value::as_str) == Some("true");
     let version = node.resource_version().map(str::to_string);
-    if label == Some("true") {
-        if !(has_taint && tainted_by_us) {
-            return None;
+    let mut patch = json!({});
+    let published = role.edge_worker_label();
+    if label != Some(published) {
+        patch["metadata"] = json!({ "labels": { LABEL_EDGE_WORKER: published } });
+    }
+    match role {
+        NodeRole::Cloud if !has_taint => {
+            let mut with = taints;
+            with.push(json!({ "key": TAINT_ADDON_KEY, "effect": TAINT_ADDON_EFFECT }));
+            patch["metadata"]["resourceVersion"] = json!(version);
+            patch["metadata"]["annotations"] = json!({ ANNOTATION_TAINTED: "true" });
+            patch["spec"] = json!({ "taints": with });
         }
-        let kept: Vec<Value> = taints.into_iter().filter(|t| !is_addon(t)).collect();
-        return Some(json!({
-            "metadata": { "resourceVersion": version, "annotations": { ANNOTATION_TAINTED: null } },
-            "spec": { "taints": kept },
-        }));
+        // Only a taint this controller added is taken back: one an operator
+        // put there by hand is theirs.
+        NodeRole::Edge if has_taint && tainted_by_us => {
+            let kept: Vec<Value> = taints.into_iter().filter(|t| !is_addon(t)).collect();
+            patch["metadata"]["resourceVersion"] = json!(version);
+            patch["metadata"]["annotations"] = json!({ ANNOTATION_TAINTED: null });
+            patch["spec"] = json!({ "taints": kept });
+        }
+        NodeRole::Cloud | NodeRole::Edge => {}
     }
-    if label == Some("false") && has_taint {
-        return None;
-    }
-    let mut patch = json!({ "metadata": { "labels": { LABEL_EDGE_WORKER: "false" } } });
-    if !has_taint {
-        let mut with = taints;
-        with.push(json!({ "key": TAINT_ADDON_KEY, "effect": TAINT_ADDON_EFFECT }));
-        patch["metadata"]["resourceVersion"] = json!(version);
-        patch["metadata"]["annotations"] = json!({ ANNOTATION_TAINTED: "true" });
-        patch["spec"] = json!({ "taints": with });
-    }
-    Some(patch)
+    (patch != json!({})).then_some(patch)
+}
+
+/// The JSON pointer of the seed's edge-worker label (an output).
+const EDGE_WORKER_POINTER: &str = "/metadata/labels/alibabacloud.com~1is-edge-worker";
+
+/// A node's role from the trusted label, and why an odd value was read as
+/// edge.
+pub fn node_role(node: &Object<NodeRoleView>) -> (NodeRole, Option<String>) {
+    NodeRole::from_label(node.get(LABEL_ROLE_POINTER).and_then(Value::as_str))
 }
 
 /// The pod CIDR memory: records by node name.
@@ -426,15 +457,35 @@ impl NodeController {
     async fn reconcile(&mut self, node: &Object<NodeRoleView>) {
         let Some(name) = node.name().map(str::to_string) else { return };
         if let Some(patch) = role_patch(node) {
+            let (role, odd) = node_role(node);
+            if let Some(why) = odd {
+                tracing::warn!(node = %name, "{why}");
+            }
             let removing = patch["metadata"]["annotations"].get(ANNOTATION_TAINTED).is_some_and(Value::is_null);
+            let claimed_cloud = node.get(EDGE_WORKER_POINTER).and_then(Value::as_str) == Some("false");
             match self.patch_node(&name, patch).await {
-                Ok(()) if removing => {
-                    self.metrics.taints_removed.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(node = %name, "edge node: took back the cloud taint netd-controller had added");
-                }
                 Ok(()) => {
-                    self.metrics.cloud_marked.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(node = %name, "cloud node: labelled {LABEL_EDGE_WORKER}=false, tainted {TAINT_ADDON_KEY}:{TAINT_ADDON_EFFECT}");
+                    if removing {
+                        self.metrics.taints_removed.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(node = %name, "edge node: took back the cloud taint netd-controller had added");
+                    }
+                    match role {
+                        NodeRole::Cloud => {
+                            self.metrics.cloud_marked.fetch_add(1, Ordering::Relaxed);
+                            tracing::info!(node = %name, "cloud node ({LABEL_ROLE}=cloud): labelled {LABEL_EDGE_WORKER}=false, tainted {TAINT_ADDON_KEY}:{TAINT_ADDON_EFFECT}");
+                        }
+                        NodeRole::Edge => {
+                            self.metrics.edge_marked.fetch_add(1, Ordering::Relaxed);
+                            // Loud: either a node claimed the cloud role for
+                            // itself, or an operator has not labelled a real
+                            // cloud node yet (README, "Upgrading").
+                            if claimed_cloud {
+                                tracing::warn!(node = %name, "labelled {LABEL_EDGE_WORKER}=false without {LABEL_ROLE}=cloud: an edge node, relabelled {LABEL_EDGE_WORKER}=true (if it is a cloud node, an operator labels it {LABEL_ROLE}=cloud)");
+                            } else {
+                                tracing::info!(node = %name, "edge node: labelled {LABEL_EDGE_WORKER}=true");
+                            }
+                        }
+                    }
                 }
                 // A conflict: the node changed; its next event plans again.
                 Err(error) => self.failed(&error),
@@ -585,25 +636,31 @@ mod tests {
 
     #[test]
     fn cloud_nodes_are_labelled_and_tainted_once_and_edge_nodes_lose_only_our_taint() {
-        let bare = node(json!({"metadata":{"name":"c1","resourceVersion":"7"},"spec":{}}));
+        let cloud = json!({ LABEL_ROLE: "cloud" });
+        let bare = node(json!({"metadata":{"name":"c1","resourceVersion":"7","labels":cloud},"spec":{}}));
         let patch = role_patch(&bare).unwrap();
         assert_eq!(patch["metadata"]["labels"][LABEL_EDGE_WORKER], "false");
         assert_eq!(patch["metadata"]["resourceVersion"], "7");
         assert_eq!(patch["spec"]["taints"], json!([{"key": TAINT_ADDON_KEY, "effect": "NoSchedule"}]));
+        assert_eq!(patch["metadata"]["annotations"][ANNOTATION_TAINTED], "true");
         // Other taints are kept.
-        let other = node(json!({"metadata":{"name":"c1"},"spec":{"taints":[{"key":"x","effect":"NoExecute"}]}}));
+        let other =
+            node(json!({"metadata":{"name":"c1","labels":cloud},"spec":{"taints":[{"key":"x","effect":"NoExecute"}]}}));
         assert_eq!(role_patch(&other).unwrap()["spec"]["taints"].as_array().unwrap().len(), 2);
         // Done: nothing more.
-        let done = node(json!({"metadata":{"name":"c1","labels":{LABEL_EDGE_WORKER:"false"}},
+        let done = node(json!({"metadata":{"name":"c1","labels":{LABEL_ROLE:"cloud",LABEL_EDGE_WORKER:"false"}},
             "spec":{"taints":[{"key":TAINT_ADDON_KEY,"effect":"NoSchedule"}]}}));
         assert_eq!(role_patch(&done), None);
-        // Tainted by hand, label missing: only the label is added.
-        let by_hand =
-            node(json!({"metadata":{"name":"c1"},"spec":{"taints":[{"key":TAINT_ADDON_KEY,"effect":"NoSchedule"}]}}));
+        // Tainted by hand, output label missing: only the label is added.
+        let by_hand = node(json!({"metadata":{"name":"c1","labels":cloud},
+            "spec":{"taints":[{"key":TAINT_ADDON_KEY,"effect":"NoSchedule"}]}}));
         assert_eq!(role_patch(&by_hand).unwrap(), json!({"metadata":{"labels":{LABEL_EDGE_WORKER:"false"}}}));
-        // Edge nodes: untouched, unless they carry the taint we added.
+
+        // Edge nodes: labelled true, never tainted.
         let edge = node(json!({"metadata":{"name":"e1","labels":{LABEL_EDGE_WORKER:"true"}},"spec":{}}));
         assert_eq!(role_patch(&edge), None);
+        let unlabelled = node(json!({"metadata":{"name":"n1"},"spec":{}}));
+        assert_eq!(role_patch(&unlabelled).unwrap(), json!({"metadata":{"labels":{LABEL_EDGE_WORKER:"true"}}}));
         let hand_tainted_edge = node(json!({"metadata":{"name":"e1","labels":{LABEL_EDGE_WORKER:"true"}},
             "spec":{"taints":[{"key":TAINT_ADDON_KEY,"effect":"NoSchedule"}]}}));
         assert_eq!(role_patch(&hand_tainted_edge), None, "a taint someone else put there stays");
@@ -613,6 +670,33 @@ mod tests {
         let patch = role_patch(&ours).unwrap();
         assert_eq!(patch["spec"]["taints"], json!([{"key":"x","effect":"NoExecute"}]));
         assert_eq!(patch["metadata"]["annotations"][ANNOTATION_TAINTED], Value::Null);
+        assert!(patch["metadata"].get("labels").is_none(), "the label was right already");
+    }
+
+    #[test]
+    fn the_seed_label_a_node_may_write_itself_grants_nothing() {
+        // What a kubelet may write on its own Node (NodeRestriction allows
+        // it): the old role label, even with a taint to look the part.
+        let claims = node(json!({"metadata":{"name":"e1","resourceVersion":"3","labels":{LABEL_EDGE_WORKER:"false"}},
+            "spec":{"taints":[{"key":TAINT_ADDON_KEY,"effect":"NoSchedule"}]}}));
+        assert_eq!(node_role(&claims).0, NodeRole::Edge);
+        assert_eq!(role_patch(&claims).unwrap(), json!({"metadata":{"labels":{LABEL_EDGE_WORKER:"true"}}}));
+        // The trusted label, which only an operator can set, is what counts;
+        // an odd value is edge, with a reason to log.
+        let operator = node(json!({"metadata":{"name":"c1","labels":{LABEL_ROLE:"cloud",LABEL_EDGE_WORKER:"true"}}}));
+        assert_eq!(node_role(&operator).0, NodeRole::Cloud);
+        assert_eq!(role_patch(&operator).unwrap()["metadata"]["labels"][LABEL_EDGE_WORKER], "false");
+        let odd = node(json!({"metadata":{"name":"o1","labels":{LABEL_ROLE:"yes"}}}));
+        let (role, why) = node_role(&odd);
+        assert_eq!(role, NodeRole::Edge);
+        assert!(why.unwrap().contains("counted as an edge node"));
+    }
+
+    #[test]
+    fn the_view_keeps_the_labels_read_here() {
+        assert!(NodeRoleView::KEEP.contains(&LABEL_ROLE_POINTER));
+        assert!(NodeRoleView::KEEP.contains(&EDGE_WORKER_POINTER));
+        assert_eq!(EDGE_WORKER_POINTER, format!("/metadata/labels/{}", LABEL_EDGE_WORKER.replace('/', "~1")));
     }
 
     #[test]

@@ -78,10 +78,12 @@
 //!
 //! Autonomy is read from the node's annotations
 //! ([`AutonomyStatus::from_annotations`]) on every node, edge-labelled or not
-//! (an OpenYurt node carries its own label), **except** a node labelled
-//! `alibabacloud.com/is-edge-worker=false`: a cloud node's pods are the ones
-//! that must be rescheduled when it dies, so its autonomy annotation is
-//! ignored (with a warning).
+//! (an OpenYurt node carries its own label), **except** a cloud node, one
+//! labelled `node-restriction.kubernetes.io/netd-role=cloud`
+//! ([`crate::model::roles`]): a cloud node's pods are the ones that must be
+//! rescheduled when it dies, so its autonomy annotation is ignored (with a
+//! warning). The role comes from that label alone, which kubelets cannot
+//! set; `alibabacloud.com/is-edge-worker`, which they can, is not read.
 //!
 //! # The loop
 //!
@@ -116,7 +118,7 @@ use crate::kube::object::{NodeAutonomy, Object, PodTolerations};
 use crate::kube::watch::{Backoff, ListWatch, WatchEvent};
 use crate::kube::{error_chain, KubeClient, KubeError, REQUEST_TIMEOUT};
 use crate::model::autonomy::{Autonomy, AutonomyStatus};
-use crate::model::roles::LABEL_EDGE_WORKER;
+use crate::model::roles::{NodeRole, LABEL_ROLE, LABEL_ROLE_POINTER};
 
 /// The pod annotation holding the originals of the tolerations this
 /// controller changed or added (versioned JSON, see the module docs).
@@ -541,10 +543,10 @@ fn unreachable_json() -> String {
 /// they are, why (for a log).
 pub fn node_autonomy(node: &Object<NodeAutonomy>) -> (Autonomy, Option<String>) {
     let status = AutonomyStatus::from_annotations(|key| node.annotation(key).and_then(Value::as_str));
-    let label = node.get(&format!("/metadata/labels/{}", LABEL_EDGE_WORKER.replace('/', "~1")));
-    if status.autonomy.is_on() && label.and_then(Value::as_str) == Some("false") {
+    let (role, _) = NodeRole::from_label(node.get(LABEL_ROLE_POINTER).and_then(Value::as_str));
+    if status.autonomy.is_on() && role == NodeRole::Cloud {
         let why = format!(
-            "{} ask for autonomy, but the node is labelled {LABEL_EDGE_WORKER}=false (a cloud node): ignored",
+            "{} ask for autonomy, but the node is labelled {LABEL_ROLE}=cloud (a cloud node): ignored",
             status.sources.join(", ")
         );
         return (Autonomy::Off, Some(why));
@@ -1380,9 +1382,12 @@ mod tests {
             )
         };
         let on = json!({ crate::model::autonomy::ANNOTATION_AUTONOMY: "true" });
-        assert_eq!(node_autonomy(&node(json!({ LABEL_EDGE_WORKER: "true" }), on.clone())).0, Autonomy::Forever);
+        let edge_worker = crate::model::roles::LABEL_EDGE_WORKER;
+        assert_eq!(node_autonomy(&node(json!({ edge_worker: "true" }), on.clone())).0, Autonomy::Forever);
         assert_eq!(node_autonomy(&node(json!({}), on.clone())).0, Autonomy::Forever);
-        let (cloud, why) = node_autonomy(&node(json!({ LABEL_EDGE_WORKER: "false" }), on));
+        // The seed's label, which a kubelet may write itself, is not a role.
+        assert_eq!(node_autonomy(&node(json!({ edge_worker: "false" }), on.clone())).0, Autonomy::Forever);
+        let (cloud, why) = node_autonomy(&node(json!({ LABEL_ROLE: "cloud" }), on));
         assert_eq!(cloud, Autonomy::Off);
         assert!(why.unwrap().contains("cloud node"));
         let bounded = json!({ crate::model::autonomy::ANNOTATION_AUTONOMY_DURATION: "90s" });
@@ -1399,7 +1404,7 @@ mod tests {
         for key in crate::model::autonomy::ANNOTATIONS {
             assert!(NodeAutonomy::KEEP.contains(&escaped("/metadata/annotations/", key).as_str()), "{key}");
         }
-        assert!(NodeAutonomy::KEEP.contains(&escaped("/metadata/labels/", LABEL_EDGE_WORKER).as_str()));
+        assert!(NodeAutonomy::KEEP.contains(&escaped("/metadata/labels/", LABEL_ROLE).as_str()));
     }
 
     #[test]

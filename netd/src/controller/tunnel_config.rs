@@ -3,9 +3,9 @@
 //! are edge pods, and which ports go to which tunnel-server door.
 //!
 //! [`run`] list-watches
-//! - the Nodes, keeping only the edge-worker label
-//!   (`alibabacloud.com/is-edge-worker`), the addresses and the pod CIDRs
-//!   ([`NodeEdgeRole`]), and
+//! - the Nodes, keeping only the trusted role label
+//!   (`node-restriction.kubernetes.io/netd-role`, [`crate::model::roles`]),
+//!   the addresses and the pod CIDRs ([`NodeEdgeRole`]), and
 //! - ConfigMap `kube-system/edge-tunnel-server-cfg` (field selector
 //!   `metadata.name=…` in that one namespace),
 //!
@@ -20,7 +20,10 @@
 //!
 //! - **Edge node addresses**: the IPv4 `status.addresses` of the types in
 //!   [`TunnelConfigOptions::address_types`] (default `InternalIP`) of every
-//!   node labelled `alibabacloud.com/is-edge-worker=true`. kube-apiserver
+//!   edge node: every node not labelled
+//!   `node-restriction.kubernetes.io/netd-role=cloud`, a label kubelets
+//!   cannot set (the seed's `alibabacloud.com/is-edge-worker`, which they
+//!   can, is not read). kube-apiserver
 //!   dials the first address of its `--kubelet-preferred-address-types`,
 //!   which in edge clusters is `InternalIP` (it is what the kubelet reports
 //!   as its node IP, what the tunnel agent's certificate names and so what
@@ -29,12 +32,15 @@
 //!   here.
 //! - **Edge pod subnets**: `spec.podCIDRs` (and `spec.podCIDR`) of edge
 //!   nodes, IPv4 only (the DNAT is IPv4; IPv6 entries are skipped).
-//! - **Never**: an address that any node not labelled edge also has (cloud
-//!   nodes, label `false`, and unlabelled nodes: a shared or moved address
-//!   stays with the cloud), loopback, unspecified, multicast and broadcast
-//!   addresses, and a pod CIDR of prefix length 0 or one that covers
-//!   loopback (it would redirect everything). A label value other than
-//!   `true`/`false` counts as not edge, with a warning.
+//! - **Never**: an address that any cloud node also has (a shared or moved
+//!   address stays with the cloud, and an edge node that reports a cloud
+//!   node's address does not pull it into the tunnel), loopback,
+//!   unspecified, multicast and broadcast addresses, and a pod CIDR of
+//!   prefix length 0 or one that covers loopback (it would redirect
+//!   everything). A role label value other than `cloud`/`edge` counts as
+//!   edge, with a warning: edge is the role that grants nothing (its
+//!   traffic goes through the tunnel, to the agent whose certificate names
+//!   the address).
 //!
 //! # Port rules
 //!
@@ -87,7 +93,7 @@ use crate::kube::events::{self, Regarding, Reporter};
 use crate::kube::object::{ConfigMapData, NodeEdgeRole, Object};
 use crate::kube::watch::{Backoff, ListWatch, WatchEvent};
 use crate::kube::KubeClient;
-use crate::model::roles::LABEL_EDGE_WORKER;
+use crate::model::roles::{NodeRole, LABEL_ROLE_POINTER};
 
 /// `reason` of the Warning Event posted on a refused ConfigMap.
 pub const REASON_REFUSED: &str = "InvalidTunnelConfig";
@@ -96,8 +102,6 @@ pub const REASON_REFUSED: &str = "InvalidTunnelConfig";
 pub const REASON_APPLIED: &str = "TunnelConfigApplied";
 /// The Events' `source.component` and `reportingComponent`.
 pub const COMPONENT: &str = "netd-controller";
-/// The JSON pointer of the edge-worker label in a Node.
-const EDGE_LABEL_POINTER: &str = "/metadata/labels/alibabacloud.com~1is-edge-worker";
 
 /// Errors of the tunnel configuration driver: only at its start; once
 /// running it retries whatever fails.
@@ -227,7 +231,7 @@ impl TunnelConfigMetrics {
 /// What one node contributes, as read from its object.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct NodeFacts {
-    /// Labelled `alibabacloud.com/is-edge-worker=true`.
+    /// Not labelled `node-restriction.kubernetes.io/netd-role=cloud`.
     edge: bool,
     /// Its addresses of the redirected types, redirectable ones only, each once.
     addresses: Vec<Ipv4Addr>,
@@ -246,14 +250,15 @@ fn redirectable(addr: Ipv4Addr) -> bool {
 fn node_facts(node: &Object<NodeEdgeRole>, address_types: &[String]) -> Option<(String, NodeFacts)> {
     let name = node.name()?.to_string();
     let mut facts = NodeFacts::default();
-    match node.get(EDGE_LABEL_POINTER) {
-        Some(Value::String(value)) if value == "true" => facts.edge = true,
-        Some(Value::String(value)) if value == "false" => {}
-        None => {}
-        Some(other) => facts.problems.push(format!(
-            "label {LABEL_EDGE_WORKER}={other} is neither \"true\" nor \"false\": counted as not an edge node"
-        )),
-    }
+    let label = match node.get(LABEL_ROLE_POINTER) {
+        Some(Value::String(value)) => Some(value.clone()),
+        None | Some(Value::Null) => None,
+        // Not a string: not "cloud" either.
+        Some(other) => Some(other.to_string()),
+    };
+    let (role, odd) = NodeRole::from_label(label.as_deref());
+    facts.edge = role == NodeRole::Edge;
+    facts.problems.extend(odd);
     if let Some(Value::Array(addresses)) = node.get("/status/addresses") {
         for entry in addresses {
             let kind = entry.get("type").and_then(Value::as_str);
@@ -820,11 +825,13 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::roles::{LABEL_EDGE_WORKER, LABEL_ROLE};
     use serde_json::json;
 
-    fn node(name: &str, label: Option<&str>, addresses: &[(&str, &str)], cidrs: &[&str]) -> Object<NodeEdgeRole> {
-        let labels = match label {
-            Some(value) => json!({ LABEL_EDGE_WORKER: value }),
+    /// A node; `role` is the value of the trusted role label, if any.
+    fn node(name: &str, role: Option<&str>, addresses: &[(&str, &str)], cidrs: &[&str]) -> Object<NodeEdgeRole> {
+        let labels = match role {
+            Some(value) => json!({ LABEL_ROLE: value }),
             None => json!({}),
         };
         let addresses: Vec<Value> = addresses.iter().map(|(t, a)| json!({ "type": t, "address": a })).collect();
@@ -848,21 +855,26 @@ mod tests {
     }
 
     #[test]
-    fn the_label_pointer_is_the_join_label() {
-        let node = node("a", Some("true"), &[], &[]);
-        assert_eq!(node.get(EDGE_LABEL_POINTER), Some(&json!("true")));
-        assert_eq!(
-            EDGE_LABEL_POINTER,
-            format!("/metadata/labels/{}", LABEL_EDGE_WORKER.replace('/', "~1")),
-            "NodeEdgeRole keeps the label join sets"
-        );
+    fn the_view_keeps_the_trusted_label_and_only_it_makes_a_cloud_node() {
+        use crate::kube::object::Kind;
+        let cloud = node("a", Some("cloud"), &[], &[]);
+        assert_eq!(cloud.get(LABEL_ROLE_POINTER), Some(&json!("cloud")), "NodeEdgeRole keeps the role label");
+        assert!(NodeEdgeRole::KEEP.contains(&LABEL_ROLE_POINTER));
+        assert!(!facts(&cloud).edge);
+        // The seed's label, which a kubelet may set on its own Node, is
+        // not even kept: claiming "false" there leaves the node edge.
+        let claims = Object::<NodeEdgeRole>::from_value(json!({
+            "metadata": { "name": "e", "labels": { LABEL_EDGE_WORKER: "false" } },
+        }));
+        assert!(facts(&claims).edge);
+        assert!(facts(&node("u", None, &[], &[])).edge, "unlabelled: edge (deny by default)");
     }
 
     #[test]
     fn facts_take_internal_ipv4_addresses_and_edge_pod_cidrs() {
         let edge = node(
             "e",
-            Some("true"),
+            None,
             &[
                 ("Hostname", "e"),
                 ("InternalIP", "10.0.5.7"),
@@ -885,15 +897,15 @@ mod tests {
         let both = node_facts(&edge, &["InternalIP".to_string(), "ExternalIP".to_string()]).unwrap().1;
         assert_eq!(both.addresses, [ip("10.0.5.7"), ip("203.0.113.7")]);
 
-        let cloud = facts(&node("c", Some("false"), &[("InternalIP", "10.0.0.1")], &["10.244.0.0/24"]));
+        let cloud = facts(&node("c", Some("cloud"), &[("InternalIP", "10.0.0.1")], &["10.244.0.0/24"]));
         assert!(!cloud.edge);
         assert_eq!((cloud.addresses, cloud.subnets), (vec![ip("10.0.0.1")], vec![]), "a cloud pod CIDR is not edge");
 
         let odd = facts(&node("o", Some("yes"), &[("InternalIP", "10.0.0.2")], &[]));
-        assert!(!odd.edge);
+        assert!(odd.edge, "an odd role value grants nothing");
         assert!(odd.problems[0].contains("=\"yes\" is neither"), "{:?}", odd.problems);
 
-        let wide = facts(&node("w", Some("true"), &[], &["0.0.0.0/0", "127.0.0.0/8", "x/24"]));
+        let wide = facts(&node("w", Some("edge"), &[], &["0.0.0.0/0", "127.0.0.0/8", "x/24"]));
         assert!(wide.subnets.is_empty());
         assert_eq!(wide.problems.len(), 3, "{:?}", wide.problems);
         assert!(wide.problems[0].contains("0.0.0.0/0 would redirect"), "{:?}", wide.problems);
@@ -906,13 +918,13 @@ mod tests {
     fn one_node_change_touches_only_its_entries() {
         let mut set = EdgeSet::default();
         set.replace([
-            ("e1".to_string(), facts(&node("e1", Some("true"), &[("InternalIP", "10.0.5.1")], &["10.244.1.0/24"]))),
-            ("c1".to_string(), facts(&node("c1", Some("false"), &[("InternalIP", "10.0.0.1")], &[]))),
+            ("e1".to_string(), facts(&node("e1", None, &[("InternalIP", "10.0.5.1")], &["10.244.1.0/24"]))),
+            ("c1".to_string(), facts(&node("c1", Some("cloud"), &[("InternalIP", "10.0.0.1")], &[]))),
         ]);
         assert_eq!(set.addresses(), [ip("10.0.5.1")]);
 
-        // Labelled edge: its address and pod CIDR come in.
-        let e2 = facts(&node("e2", Some("true"), &[("InternalIP", "10.0.5.2")], &["10.244.2.0/24"]));
+        // An edge node: its address and pod CIDR come in.
+        let e2 = facts(&node("e2", None, &[("InternalIP", "10.0.5.2")], &["10.244.2.0/24"]));
         let delta = set.update("e2", Some(e2.clone()));
         assert_eq!(delta.add_nodes, [ip("10.0.5.2")]);
         assert_eq!(delta.add_subnets, [net("10.244.2.0/24")]);
@@ -920,21 +932,21 @@ mod tests {
         // The same object again (a status heartbeat): nothing to write.
         assert!(set.update("e2", Some(e2)).is_empty());
 
-        // Relabelled cloud: both go.
-        let e2_cloud = facts(&node("e2", Some("false"), &[("InternalIP", "10.0.5.2")], &["10.244.2.0/24"]));
+        // Labelled cloud by an operator: both go.
+        let e2_cloud = facts(&node("e2", Some("cloud"), &[("InternalIP", "10.0.5.2")], &["10.244.2.0/24"]));
         let delta = set.update("e2", Some(e2_cloud));
         assert_eq!((delta.remove_nodes, delta.remove_subnets), (vec![ip("10.0.5.2")], vec![net("10.244.2.0/24")]));
         assert!(delta.add_nodes.is_empty());
 
         // A cloud node claiming an edge address takes it out of the DNAT;
         // when it lets go, the edge node has it back.
-        let c2 = facts(&node("c2", None, &[("InternalIP", "10.0.5.1")], &[]));
+        let c2 = facts(&node("c2", Some("cloud"), &[("InternalIP", "10.0.5.1")], &[]));
         assert_eq!(set.update("c2", Some(c2)).remove_nodes, [ip("10.0.5.1")]);
         assert_eq!(set.update("c2", None).add_nodes, [ip("10.0.5.1")]);
 
         // Two edge nodes sharing an address (a re-used IP mid-move): it
         // stays until both are gone.
-        let e3 = facts(&node("e3", Some("true"), &[("InternalIP", "10.0.5.1")], &["10.244.1.0/24"]));
+        let e3 = facts(&node("e3", Some("edge"), &[("InternalIP", "10.0.5.1")], &["10.244.1.0/24"]));
         assert!(set.update("e3", Some(e3)).is_empty());
         assert!(set.update("e1", None).is_empty());
         let delta = set.update("e3", None);
@@ -963,10 +975,10 @@ mod tests {
             let delta = if next(5) == 0 {
                 set.update(&name, None)
             } else {
-                let label = ["true", "false", "true"][next(3) as usize];
+                let role = [None, Some("cloud"), Some("edge")][next(3) as usize];
                 let addr = format!("10.0.0.{}", next(12));
                 let cidr = format!("10.244.{}.0/24", next(6));
-                set.update(&name, Some(facts(&node(&name, Some(label), &[("InternalIP", &addr)], &[&cidr]))))
+                set.update(&name, Some(facts(&node(&name, role, &[("InternalIP", &addr)], &[&cidr]))))
             };
             for a in &delta.add_nodes {
                 assert!(maps.insert(*a), "added twice: {a}");

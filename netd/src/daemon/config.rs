@@ -46,6 +46,9 @@ pub struct DaemonConfig {
     pub token_file: Option<PathBuf>,
     /// CA bundle for the Kubernetes registry.
     pub ca_file: Option<PathBuf>,
+    /// Client certificate (e.g. the kubelet's, to act as this node) for the
+    /// Kubernetes registry and the pod watch, instead of a bearer token.
+    pub client_cert: Option<crate::kube::ClientCertFiles>,
     /// Where the daemon learns which pods are bound to this node, to free
     /// the pinned IPs of pods that are gone.
     pub pods: PodSource,
@@ -176,9 +179,28 @@ pub struct RegistryArgs {
     /// Bearer token file for kubernetes:URL.
     #[arg(long, env = "NETD_TOKEN_FILE", value_name = "FILE")]
     pub token_file: Option<PathBuf>,
-    /// CA bundle for kubernetes:URL.
+    /// CA bundle for kubernetes:URL; with --client-cert, also for the
+    /// in-cluster kubernetes (default there: the service account's ca.crt).
     #[arg(long, env = "NETD_CA_FILE", value_name = "FILE")]
     pub ca_file: Option<PathBuf>,
+    /// Authenticate to the API server with this client certificate instead
+    /// of a bearer token: PEM, with the private key too unless --client-key
+    /// is given. netd run uses the kubelet's
+    /// (/var/lib/kubelet/pki/kubelet-client-current.pem) to act as its node,
+    /// which may change only its own Node; a rotated file is picked up
+    /// without a restart.
+    #[arg(long, env = "NETD_CLIENT_CERT", value_name = "FILE")]
+    pub client_cert: Option<PathBuf>,
+    /// The private key of --client-cert, when it is a file of its own.
+    #[arg(long, env = "NETD_CLIENT_KEY", value_name = "FILE", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
+}
+
+impl RegistryArgs {
+    /// The client certificate these options name, if any.
+    pub fn client_cert_files(&self) -> Option<crate::kube::ClientCertFiles> {
+        self.client_cert.clone().map(|cert| crate::kube::ClientCertFiles { cert, key: self.client_key.clone() })
+    }
 }
 
 const DEFAULT_STATE_DIR: &str = "/var/lib/netd";
@@ -240,6 +262,14 @@ impl RunArgs {
             .chain(env("NODE_NAME"))
             .find(|name| !name.is_empty())
             .unwrap_or_else(hostname);
+        // The flags' certificate and key go together, and so do the file's:
+        // a key from one with a certificate from the other is no pair.
+        let client_cert = match (self.registry.client_cert_files(), file.client_cert) {
+            (Some(files), _) => Some(files),
+            (None, Some(cert)) => Some(crate::kube::ClientCertFiles { cert, key: file.client_key }),
+            (None, None) if file.client_key.is_some() => return Err("config file: clientKey needs clientCert".into()),
+            (None, None) => None,
+        };
         let config = DaemonConfig {
             node_name,
             registry: self
@@ -257,6 +287,7 @@ impl RunArgs {
             health_addr: self.health_addr.or(file.health_addr).unwrap_or(DEFAULT_HEALTH_ADDR),
             token_file: self.registry.token_file.or(file.token_file),
             ca_file: self.registry.ca_file.or(file.ca_file),
+            client_cert,
             pods: self.pods.or(file.pods).unwrap_or(PodSource::Registry),
             pin_grace: match (self.pin_grace, file.pin_grace) {
                 (Some(grace), _) => grace,
@@ -293,6 +324,8 @@ struct FileConfig {
     health_addr: Option<SocketAddr>,
     token_file: Option<PathBuf>,
     ca_file: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
     #[serde(default, with = "spec_text")]
     pods: Option<PodSource>,
     pin_grace: Option<String>,
@@ -364,6 +397,8 @@ impl DaemonConfig {
             health_addr: Some(self.health_addr),
             token_file: self.token_file.clone(),
             ca_file: self.ca_file.clone(),
+            client_cert: self.client_cert.as_ref().map(|files| files.cert.clone()),
+            client_key: self.client_cert.as_ref().and_then(|files| files.key.clone()),
             pods: Some(self.pods.clone()),
             pin_grace: Some(format!("{}s", self.pin_grace.as_secs())),
             cni_conf_dir: Some(self.cni_conf_dir.clone()),
@@ -548,6 +583,30 @@ mod tests {
         std::fs::write(&file, r#"{"registry":"zookeeper:x"}"#).unwrap();
         let message = err(&["--config", file.to_str().unwrap()]);
         assert!(message.contains("at `registry`: unknown registry"), "{message}");
+    }
+
+    #[test]
+    fn a_client_certificate_comes_with_its_own_key_or_none() {
+        let pem = "/var/lib/kubelet/pki/kubelet-client-current.pem";
+        let env = [("NETD_CLIENT_CERT", pem)];
+        let c = config_in(&[], &env).unwrap();
+        let files = c.client_cert.clone().unwrap();
+        assert_eq!((files.cert.to_str(), files.key.as_deref()), (Some(pem), None));
+        assert_eq!(files.key_file().to_str(), Some(pem), "kubelet's file holds the key too");
+        let c = config_in(&["--client-cert", "/c.pem", "--client-key", "/k.pem"], &env).unwrap();
+        let files = c.client_cert.clone().unwrap();
+        assert_eq!((files.cert.to_str(), files.key_file().to_str()), (Some("/c.pem"), Some("/k.pem")));
+        // It round-trips through --print-config's file.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("printed.json");
+        std::fs::write(&file, c.to_config_file().unwrap()).unwrap();
+        assert_eq!(config_in(&["--config", file.to_str().unwrap()], &[]).unwrap().client_cert, c.client_cert);
+        // A key alone is refused, on the command line and in the file.
+        let err = config_in(&["--client-key", "/k.pem"], &[]).unwrap_err();
+        assert!(err.contains("--client-cert"), "{err}");
+        std::fs::write(&file, r#"{"clientKey":"/k.pem"}"#).unwrap();
+        let err = config_in(&["--config", file.to_str().unwrap()], &[]).unwrap_err();
+        assert!(err.contains("clientKey needs clientCert"), "{err}");
     }
 
     #[test]

@@ -349,6 +349,7 @@ impl Daemon {
             network: self.config.network,
             token_file: self.config.token_file.clone(),
             ca_file: self.config.ca_file.clone(),
+            client_cert: self.config.client_cert.clone(),
             poll: crate::registry::embedded::DEFAULT_POLL,
         };
         let registry = AnyRegistry::open(&self.config.registry, &settings).await.map_err(DaemonError::Unsupported)?;
@@ -368,7 +369,15 @@ impl Daemon {
             (PodSource::Registry, AnyRegistry::Kubernetes(kube)) => kube.client().clone(),
             (PodSource::Kubernetes(server), _) => {
                 let config = match server {
-                    None => KubeConfig::in_cluster().map_err(|e| DaemonError::Pods(e.to_string()))?,
+                    None => match &self.config.client_cert {
+                        Some(files) => KubeConfig::in_cluster_with_cert(
+                            files.clone(),
+                            self.config.ca_file.as_deref(),
+                            &self.config.node_name,
+                        ),
+                        None => KubeConfig::in_cluster(),
+                    }
+                    .map_err(|e| DaemonError::Pods(e.to_string()))?,
                     Some(server) => KubeConfig {
                         server: server.clone(),
                         token: None,
@@ -379,6 +388,7 @@ impl Daemon {
                             })?),
                             None => None,
                         },
+                        client_cert: self.config.client_cert.clone(),
                         node_name: self.config.node_name.clone(),
                         network: None,
                     },

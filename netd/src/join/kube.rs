@@ -99,6 +99,7 @@ pub async fn request_node_certificate(
         token: Some(token.bearer()),
         token_file: None,
         ca_cert_pem: Some(info.ca_pem.clone().into_bytes()),
+        client_cert: None,
         node_name: node.to_string(),
         network: None,
     })?;

@@ -8,8 +8,12 @@
 //!   [`KubeConfig`] (in-cluster or `kubernetes:<URL>` with a token file and
 //!   a CA file), with its own bearer-token layer: the token file is read
 //!   again every [`TOKEN_RELOAD`] and right after a 401, because the kubelet
-//!   rotates projected service-account tokens in place. Every request but a
-//!   watch is limited to 30 s; connections time out after 10 s and use TCP
+//!   rotates projected service-account tokens in place. Instead of a token,
+//!   a client certificate ([`ClientCertFiles`], e.g. the kubelet's own, so
+//!   netd acts as its node): its files are looked at every
+//!   [`IDENTITY_RECHECK`] and after a 401, and a rotated certificate is used
+//!   on a fresh connection pool ([`identity`]). Every request but a watch is
+//!   limited to 30 s; connections time out after 10 s and use TCP
 //!   keepalive.
 //! - **Objects** ([`object`]): decoded leniently ([`object::Object`]): any
 //!   JSON an API server sends decodes, keeping only the fields netd reads.
@@ -27,6 +31,7 @@
 //! pod identity; `registry` and `daemon` build on it.
 
 pub mod events;
+mod identity;
 pub mod object;
 pub mod pods;
 mod token;
@@ -41,6 +46,7 @@ use hyper_util::rt::TokioExecutor;
 use kube::client::ConfigExt;
 use tower::ServiceBuilder;
 
+pub use identity::{ClientCertFiles, IDENTITY_RECHECK};
 pub use token::TOKEN_RELOAD;
 
 /// The service-account files of a pod.
@@ -132,6 +138,10 @@ pub struct KubeConfig {
     /// PEM of the CA(s) to trust for the server's certificate; `None`
     /// trusts the system's roots.
     pub ca_cert_pem: Option<Vec<u8>>,
+    /// Authenticate with this client certificate (re-read when its files
+    /// change) instead of a bearer token; `token` and `token_file` are then
+    /// not used.
+    pub client_cert: Option<ClientCertFiles>,
     /// This node's name (`metadata.name` of its Node object).
     pub node_name: String,
     /// The cluster network (flannel's `Network`); `None` reads flannel's
@@ -146,6 +156,7 @@ impl std::fmt::Debug for KubeConfig {
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("token_file", &self.token_file)
             .field("ca_cert_pem", &self.ca_cert_pem.as_ref().map(|pem| format!("<{} bytes>", pem.len())))
+            .field("client_cert", &self.client_cert)
             .field("node_name", &self.node_name)
             .field("network", &self.network)
             .finish()
@@ -193,7 +204,58 @@ impl KubeConfig {
             token: Some(token),
             token_file,
             ca_cert_pem: Some(ca),
+            client_cert: None,
             node_name,
+            network: None,
+        })
+    }
+
+    /// In-cluster as a node: the API server from `KUBERNETES_SERVICE_HOST`
+    /// and `KUBERNETES_SERVICE_PORT`, authenticating with `client_cert`
+    /// (no service-account token is read or needed), trusting `ca_file`,
+    /// or else the service account's `ca.crt` when one is mounted.
+    pub fn in_cluster_with_cert(
+        client_cert: ClientCertFiles,
+        ca_file: Option<&Path>,
+        node_name: &str,
+    ) -> Result<Self, KubeError> {
+        Self::in_cluster_with_cert_from(client_cert, ca_file, node_name, Path::new(SERVICE_ACCOUNT_DIR), |key| {
+            std::env::var(key).ok()
+        })
+    }
+
+    /// [`KubeConfig::in_cluster_with_cert`] with the service-account
+    /// directory and the environment given.
+    pub fn in_cluster_with_cert_from(
+        client_cert: ClientCertFiles,
+        ca_file: Option<&Path>,
+        node_name: &str,
+        dir: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, KubeError> {
+        let var = |key: &str| {
+            env(key)
+                .filter(|v| !v.trim().is_empty())
+                .ok_or_else(|| KubeError::BadConfig(format!("{key} is not set: not running in a Kubernetes pod?")))
+        };
+        let host = var("KUBERNETES_SERVICE_HOST")?;
+        let port = var("KUBERNETES_SERVICE_PORT")?;
+        let host = if host.contains(':') { format!("[{host}]") } else { host };
+        let service_account_ca = dir.join("ca.crt");
+        let ca_path = ca_file.unwrap_or(&service_account_ca);
+        let ca = std::fs::read(ca_path).map_err(|e| {
+            KubeError::BadConfig(format!(
+                "reading the CA {}: {e} (with a client certificate in a pod, give the cluster CA with --ca-file)",
+                ca_path.display()
+            ))
+        })?;
+        Ok(Self {
+            server: format!("https://{host}:{}", port.trim()),
+            token: None,
+            token_file: None,
+            ca_cert_pem: Some(ca),
+            client_cert: Some(client_cert),
+            node_name: node_name.to_string(),
             network: None,
         })
     }
@@ -218,6 +280,7 @@ struct Inner {
     config: kube::Config,
     https: Https,
     token: Arc<token::TokenSource>,
+    identity: Option<Arc<identity::IdentitySource>>,
     client: OnceLock<kube::Client>,
 }
 
@@ -229,12 +292,32 @@ impl std::fmt::Debug for KubeClient {
 
 impl KubeClient {
     /// A client for `config.server`: checks the URL and the CA PEM and
-    /// reads the token file (a missing or empty one is an error); nothing
-    /// is contacted.
+    /// reads the token file or the client certificate (a missing or empty
+    /// one is an error); nothing is contacted.
     pub fn new(config: &KubeConfig) -> Result<Self, KubeError> {
         let root_cert = config.ca_cert_pem.as_deref().map(parse_ca_pem).transpose()?;
+        if let Some(files) = &config.client_cert {
+            // One identity per client: a token beside the certificate would
+            // be a second credential on the wire (the API server takes the
+            // certificate first), so it is not sent.
+            let identity = Arc::new(identity::IdentitySource::new(files.clone())?);
+            return Self::build_with(
+                &config.server,
+                root_cert,
+                false,
+                token::TokenSource::new(None, None)?,
+                None,
+                Some(identity),
+            );
+        }
         let token = token::TokenSource::new(config.token.clone(), config.token_file.clone())?;
         Self::build(&config.server, root_cert, false, token, None)
+    }
+
+    /// The subject common name of the client certificate in use, when the
+    /// client authenticates with one (`system:node:<name>` for a node).
+    pub fn certificate_identity(&self) -> Option<String> {
+        self.inner.identity.as_ref().map(|identity| identity.common_name())
     }
 
     /// An anonymous client for a joining node's discovery of the cluster
@@ -272,6 +355,17 @@ impl KubeClient {
         token: token::TokenSource,
         auth_info: Option<kube::config::AuthInfo>,
     ) -> Result<Self, KubeError> {
+        Self::build_with(server, root_cert, accept_invalid_certs, token, auth_info, None)
+    }
+
+    fn build_with(
+        server: &str,
+        root_cert: Option<Vec<Vec<u8>>>,
+        accept_invalid_certs: bool,
+        token: token::TokenSource,
+        auth_info: Option<kube::config::AuthInfo>,
+        identity: Option<Arc<identity::IdentitySource>>,
+    ) -> Result<Self, KubeError> {
         let trimmed = server.trim_end_matches('/').to_string();
         if !(trimmed.starts_with("https://") || trimmed.starts_with("http://")) {
             return Err(KubeError::BadConfig(format!("API server {server:?} is not an http(s) URL")));
@@ -290,15 +384,31 @@ impl KubeClient {
         http.set_connect_timeout(Some(CONNECT_TIMEOUT));
         http.set_keepalive(Some(TCP_KEEPALIVE));
         http.set_nodelay(true);
-        let https = kube_config
-            .rustls_https_connector_with_connector(http)
-            .map_err(|e| KubeError::BadConfig(format!("TLS settings: {}", error_chain(&e))))?;
+        let https = match &identity {
+            None => kube_config
+                .rustls_https_connector_with_connector(http)
+                .map_err(|e| KubeError::BadConfig(format!("TLS settings: {}", error_chain(&e))))?,
+            Some(identity) => {
+                // kube-rs's TLS settings (roots, verification), with the
+                // client certificate chosen per handshake from the files.
+                let mut tls = kube_config
+                    .rustls_client_config()
+                    .map_err(|e| KubeError::BadConfig(format!("TLS settings: {}", error_chain(&e))))?;
+                tls.client_auth_cert_resolver = Arc::new(identity::Resolver(identity.clone()));
+                hyper_rustls::HttpsConnectorBuilder::new()
+                    .with_tls_config(tls)
+                    .https_or_http()
+                    .enable_http1()
+                    .wrap_connector(http)
+            }
+        };
         Ok(Self {
             inner: Arc::new(Inner {
                 server: trimmed,
                 config: kube_config,
                 https,
                 token: Arc::new(token),
+                identity,
                 client: OnceLock::new(),
             }),
         })
@@ -315,16 +425,83 @@ impl KubeClient {
         self.inner
             .client
             .get_or_init(|| {
-                let connector = self.inner.https.clone();
-                let http = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(connector);
+                let http = Reconnecting::new(self.inner.https.clone(), self.inner.identity.clone());
                 let service = ServiceBuilder::new()
                     .layer(self.inner.config.base_uri_layer())
                     .layer(token::BearerLayer::new(self.inner.token.clone()))
-                    .map_err(tower::BoxError::from)
                     .service(http);
                 kube::Client::new(service, self.inner.config.default_namespace.clone())
             })
             .clone()
+    }
+}
+
+type Hyper = hyper_util::client::legacy::Client<Https, kube::client::Body>;
+
+/// The HTTP client under kube-rs: one hyper connection pool, replaced by a
+/// new one when the client certificate changed (the API server
+/// authenticates a request by the certificate its connection was opened
+/// with, so pooled connections would go on as the old identity). Without a
+/// client certificate it is the one pool for good.
+#[derive(Clone)]
+struct Reconnecting {
+    https: Https,
+    identity: Option<Arc<identity::IdentitySource>>,
+    /// The identity generation the pool was made for, and the pool.
+    pool: Arc<std::sync::Mutex<(u64, Hyper)>>,
+}
+
+impl Reconnecting {
+    fn new(https: Https, identity: Option<Arc<identity::IdentitySource>>) -> Self {
+        let generation = identity.as_ref().map_or(0, |i| i.generation());
+        let pool = Self::pool(&https);
+        Self { https, identity, pool: Arc::new(std::sync::Mutex::new((generation, pool))) }
+    }
+
+    fn pool(https: &Https) -> Hyper {
+        hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(https.clone())
+    }
+
+    /// The pool for the identity in use, after looking at its files when due.
+    async fn current(&self) -> Hyper {
+        let Some(identity) = &self.identity else {
+            return self.pool.lock().unwrap_or_else(std::sync::PoisonError::into_inner).1.clone();
+        };
+        identity.refresh_if_due().await;
+        let generation = identity.generation();
+        let mut pool = self.pool.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if pool.0 != generation {
+            // The old pool's idle connections close when its last request
+            // (a watch, say) ends.
+            *pool = (generation, Self::pool(&self.https));
+        }
+        pool.1.clone()
+    }
+}
+
+impl tower::Service<http::Request<kube::client::Body>> for Reconnecting {
+    type Response = http::Response<hyper::body::Incoming>;
+    type Error = tower::BoxError;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        // hyper's legacy client is always ready: it queues per connection.
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<kube::client::Body>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let pool = this.current().await;
+            let response = pool.request(request).await?;
+            if response.status() == http::StatusCode::UNAUTHORIZED {
+                if let Some(identity) = &this.identity {
+                    identity.refused();
+                }
+            }
+            Ok(response)
+        })
     }
 }
 
@@ -415,6 +592,7 @@ mod tests {
             token: None,
             token_file: None,
             ca_cert_pem: None,
+            client_cert: None,
             node_name: "a".into(),
             network: None,
         };

@@ -88,18 +88,18 @@ impl Kind for PodPlacement {
     ];
 }
 
-/// Node fields the tunnel DNAT configuration reads: name, the edge-worker
-/// label (SPEC §4), pod CIDRs and addresses.
+/// Node fields the tunnel DNAT configuration reads: name, the trusted role
+/// label (SPEC §3b, [`crate::model::roles`]), pod CIDRs and addresses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NodeEdgeRole;
 
 impl Kind for NodeEdgeRole {
     type Api = k8s_openapi::api::core::v1::Node;
-    // The label key is `model::roles::LABEL_EDGE_WORKER` (checked by a test
-    // in `controller::tunnel_config`).
+    // The label key is `model::roles::LABEL_ROLE` (checked by a test in
+    // `controller::tunnel_config`).
     const KEEP: &'static [&'static str] = &[
         "/metadata/name",
-        "/metadata/labels/alibabacloud.com~1is-edge-worker",
+        "/metadata/labels/node-restriction.kubernetes.io~1netd-role",
         "/spec/podCIDR",
         "/spec/podCIDRs",
         "/status/addresses",
@@ -116,17 +116,17 @@ impl Kind for ConfigMapData {
 }
 
 /// Node fields the toleration controller reads: name, the autonomy
-/// annotations and the edge-worker label.
+/// annotations and the trusted role label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NodeAutonomy;
 
 impl Kind for NodeAutonomy {
     type Api = k8s_openapi::api::core::v1::Node;
-    // The keys of `model::autonomy` and `model::roles::LABEL_EDGE_WORKER`
-    // (checked by a test).
+    // The keys of `model::autonomy` and `model::roles::LABEL_ROLE` (checked
+    // by a test).
     const KEEP: &'static [&'static str] = &[
         "/metadata/name",
-        "/metadata/labels/alibabacloud.com~1is-edge-worker",
+        "/metadata/labels/node-restriction.kubernetes.io~1netd-role",
         "/metadata/annotations/node.beta.alibabacloud.com~1autonomy",
         "/metadata/annotations/node.beta.openyurt.io~1autonomy",
         "/metadata/annotations/node.openyurt.io~1autonomy-duration",

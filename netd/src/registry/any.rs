@@ -10,6 +10,7 @@ use super::embedded::EmbeddedRegistry;
 use super::etcd::EtcdRegistry;
 use super::kubernetes::{KubeConfig, KubernetesRegistry};
 use super::{AutonomyChange, LeaseRequest, NetworkConfig, NodeAutonomy, OwnLease, PeerEvent, Registry, RegistryError};
+use crate::kube::ClientCertFiles;
 use crate::model::autonomy::Autonomy;
 
 /// Which registry to talk to, as `--registry` spells it.
@@ -62,8 +63,13 @@ pub struct OpenSettings {
     pub network: Option<Ipv4Net>,
     /// Bearer token file for `kubernetes:<URL>`.
     pub token_file: Option<PathBuf>,
-    /// CA bundle for `kubernetes:<URL>`.
+    /// CA bundle for `kubernetes:<URL>`, and for in-cluster `kubernetes`
+    /// with a client certificate.
     pub ca_file: Option<PathBuf>,
+    /// Authenticate with this client certificate (the node's own, so the
+    /// Node authorizer and NodeRestriction confine writes to its Node)
+    /// instead of a bearer token.
+    pub client_cert: Option<ClientCertFiles>,
     /// How often the embedded registry looks for changes.
     pub poll: Duration,
 }
@@ -79,10 +85,18 @@ pub enum AnyRegistry {
 }
 
 /// How to reach the API server of `kubernetes[:server]`: in-cluster
-/// (service account, `KUBERNETES_SERVICE_HOST`) without a server, else the
-/// server with `settings`' token and CA files.
+/// (`KUBERNETES_SERVICE_HOST`; the service account's token, or `settings`'
+/// client certificate) without a server, else the server with `settings`'
+/// token or client certificate and CA file.
 pub fn kube_config(server: Option<&str>, settings: &OpenSettings) -> Result<KubeConfig, RegistryError> {
-    let Some(server) = server else { return Ok(KubeConfig::in_cluster()?) };
+    let Some(server) = server else {
+        return Ok(match &settings.client_cert {
+            Some(files) => {
+                KubeConfig::in_cluster_with_cert(files.clone(), settings.ca_file.as_deref(), &settings.node_name)?
+            }
+            None => KubeConfig::in_cluster()?,
+        });
+    };
     let ca_cert_pem = match &settings.ca_file {
         Some(path) => Some(
             std::fs::read(path)
@@ -95,6 +109,7 @@ pub fn kube_config(server: Option<&str>, settings: &OpenSettings) -> Result<Kube
         token: None,
         token_file: settings.token_file.clone(),
         ca_cert_pem,
+        client_cert: settings.client_cert.clone(),
         node_name: settings.node_name.clone(),
         network: None,
     })

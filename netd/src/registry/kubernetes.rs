@@ -51,7 +51,12 @@
 //!
 //! RBAC needed (the same as flannel's ClusterRole): `nodes`: get, list,
 //! watch; `nodes/status`: patch (the annotations and the condition both
-//! go through the status subresource). [`Registry::set_autonomy`], which
+//! go through the status subresource). All of it is what the Node
+//! authorizer grants `system:node:<name>`, and NodeRestriction confines the
+//! patch to the node's own Node: the deployed DaemonSet authenticates with
+//! the kubelet's client certificate ([`KubeConfig::client_cert`]) and needs
+//! no RBAC binding at all; [`KubernetesRegistry::new`] refuses a node
+//! certificate of another node than [`KubeConfig::node_name`]. [`Registry::set_autonomy`], which
 //! the daemon never calls, patches the node itself: `nodes`: patch;
 //! [`Registry::node_autonomy`] reads `leases` in `kube-node-lease` (get),
 //! and reports the heartbeat as unreadable without it.
@@ -155,6 +160,17 @@ impl KubernetesRegistry {
     pub fn new(config: KubeConfig) -> Result<Self, RegistryError> {
         check_node_name(&config.node_name)?;
         let client = KubeClient::new(&config)?;
+        // A node certificate of another node would be refused every write
+        // to this Node (NodeRestriction): say so at start, not as 403s.
+        if let Some(identity) = client.certificate_identity() {
+            if identity.strip_prefix("system:node:").is_some_and(|node| node != config.node_name) {
+                return Err(RegistryError::BadConfig(format!(
+                    "the client certificate is {identity:?}, but this node is {:?}: the API server lets a node \
+                     change only its own Node",
+                    config.node_name
+                )));
+            }
+        }
         Ok(Self::with_client(config, client))
     }
 
@@ -809,6 +825,7 @@ mod tests {
             token: None,
             token_file: None,
             ca_cert_pem: None,
+            client_cert: None,
             node_name: "me".into(),
             network: Some("10.244.0.0/16".parse().unwrap()),
         })
@@ -965,6 +982,7 @@ mod tests {
             token: None,
             token_file: None,
             ca_cert_pem: None,
+            client_cert: None,
             node_name: node.into(),
             network: None,
         };

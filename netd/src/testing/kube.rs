@@ -303,6 +303,7 @@ impl KubeApiServer {
             token: Some(self.token().to_string()),
             token_file: None,
             ca_cert_pem: Some(self.ca_cert_pem()?),
+            client_cert: None,
             node_name: node_name.into(),
             network: None,
         })
