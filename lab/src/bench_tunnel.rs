@@ -547,6 +547,8 @@ impl Stage {
             "tunnel-server",
             "--cert-dir",
             &path(&server_certs),
+            "--address",
+            &CLOUD_IP.to_string(),
             "--agents-listen",
             &v4(CLOUD_IP, AGENTS_PORT).to_string(),
             "--connect-listen",

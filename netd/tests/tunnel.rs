@@ -343,18 +343,19 @@ fn netd_tunnel_server_and_agent_processes_link_and_carry_connections() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let stage = Stage::new();
     let cert_dir = stage.pki.dir.path().to_str().unwrap();
-    let agents = format!("{CLOUD_IP}:{AGENT_PORT}");
-    let connect_door = format!("{CLOUD_IP}:{CONNECT_PORT}");
     let _server = spawn_netd(
         &stage.cloud.path(),
         &[
             "tunnel-server",
             "--cert-dir",
             cert_dir,
+            // Bare ports bind the cloud node's address.
+            "--address",
+            &CLOUD_IP.to_string(),
             "--agents-listen",
-            &agents,
+            &AGENT_PORT.to_string(),
             "--connect-listen",
-            &connect_door,
+            &CONNECT_PORT.to_string(),
             "--dnat-listen",
             "",
             "--metrics-listen",

@@ -9,7 +9,7 @@
 #[path = "common/tunnel_stage.rs"]
 mod tunnel_stage;
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -20,13 +20,13 @@ use ipnet::{IpNet, Ipv4Net};
 use netd::ebpf::dnat::Scope;
 use netd::registry::embedded::EmbeddedRegistry;
 use netd::registry::{LeaseRequest, NetworkConfig, Registry};
-use netd::testing::{self, Cgroup, NetNs, VethPair};
+use netd::testing::{self, NetNs, VethPair};
 use netd::tunnel::agent::{AgentConfig, AgentMetrics};
 use netd::tunnel::routes::LeaseRoute;
-use netd::tunnel::server::{self, Router};
+use netd::tunnel::server::{self, Router, ServerPolicy};
 use tokio::net::TcpListener;
 use tunnel_stage::{
-    spawn_netd, wait_for, Background, Stage, AGENT_PORT, CLOUD_IP, DAY, DNAT_PLAIN_PORT, DNAT_TLS_PORT, NODE, NODE_IP,
+    curl, curl_in, spawn_netd, wait_for, Background, Stage, AGENT_PORT, CLOUD_IP, DAY, DNAT_PLAIN_PORT, DNAT_TLS_PORT, NODE, NODE_IP,
 };
 
 /// A pod on the edge node, inside the node's pod subnet.
@@ -64,30 +64,6 @@ fn pod_agent_config(stage: &Stage) -> AgentConfig {
     config
 }
 
-/// `curl` in `ns`: (exit success, HTTP code as curl saw it, body).
-fn curl(ns: &NetNs, args: &[&str]) -> (bool, String, String) {
-    curl_in(None, ns, args)
-}
-
-/// [`curl`], run as a member of `cgroup` when one is given (so the tunnel
-/// DNAT attached there redirects its connects). Only the proxy a test names
-/// with `-x` is used.
-fn curl_in(cgroup: Option<&Cgroup>, ns: &NetNs, args: &[&str]) -> (bool, String, String) {
-    let net = format!("--net={}", ns.path().display());
-    let mut full =
-        vec![net.as_str(), "env", "-u", "http_proxy", "-u", "HTTP_PROXY", "-u", "all_proxy", "-u", "ALL_PROXY"];
-    full.extend(["curl", "-sS", "-m", "10", "-w", "\n%{http_code}"]);
-    full.extend_from_slice(args);
-    // Not NetNs::exec: a failed transfer is an outcome here, not an error.
-    let out = match cgroup {
-        Some(cgroup) => cgroup.spawn("nsenter", &full).unwrap().wait_with_output().unwrap(),
-        None => std::process::Command::new("nsenter").args(&full).output().unwrap(),
-    };
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-    (out.status.success(), code.to_string(), body.to_string())
-}
-
 /// The HTTP door (plain HTTP by `Host`, no DNAT) on the cloud address.
 fn http_door(stage: &Stage, router: Arc<Router>) -> Background {
     Background::start(&stage.cloud.path(), move || async move {
@@ -101,7 +77,10 @@ fn plain_http_on_the_http_door_is_routed_by_host_and_pod_ips_by_the_leases() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let stage = Stage::new();
     let _edge_http = edge_http(&stage);
-    let router = Arc::new(Router::default());
+    // Host routing is off by default: this test's client (in the cloud
+    // namespace) is the one source named for it.
+    let policy = ServerPolicy { host_routing_sources: vec![IpNet::from(IpAddr::V4(CLOUD_IP))], ..Default::default() };
+    let router = Arc::new(Router::new(policy));
     let _server = stage.server(router.clone());
     let _door = http_door(&stage, router.clone());
     let metrics = Arc::new(AgentMetrics::default());
@@ -235,6 +214,8 @@ fn the_tunnel_server_process_routes_pod_ips_by_the_registrys_leases() {
             "",
             "--http-listen",
             &door_addr,
+            "--host-routing-sources",
+            &format!("{CLOUD_IP}/32"),
             "--metrics-listen",
             "127.0.0.1:10266",
             "--registry",

@@ -23,7 +23,8 @@ use std::str::FromStr;
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use netd::daemon::config::{parse_command_line, RunArgs};
+use netd::daemon::config::{parse_command_line, parse_duration, RunArgs};
+use netd::tunnel::run::Listen;
 use netd::dnat::config::PortRules;
 use netd::ebpf::dnat::{TunnelDnat, DEFAULT_PIN_DIR};
 use netd::registry::embedded::EmbeddedRegistry;
@@ -156,6 +157,14 @@ impl Noun for ipnet::Ipv4Net {
 
 impl Noun for std::net::SocketAddr {
     const NOUN: &'static str = "an IP:PORT address";
+}
+
+impl Noun for Listen {
+    const NOUN: &'static str = "IP:PORT or PORT";
+}
+
+impl Noun for ipnet::IpNet {
+    const NOUN: &'static str = "a CIDR";
 }
 
 impl<T: FromStr + Noun> FromStr for CommaList<T> {
@@ -648,8 +657,9 @@ fn sign_node_csr(
 const TUNNEL_SERVER_EXAMPLES: &str = "\
 Examples:
   netd certs server --ca-dir /etc/netd/ca --ip 192.168.0.10 --out /etc/netd/tunnel
-  netd tunnel-server --cert-dir /etc/netd/tunnel
-  netd tunnel-server --cert-dir /etc/netd/tunnel --connect-listen 0.0.0.0:10265 --dnat-listen ''";
+  netd tunnel-server --cert-dir /etc/netd/tunnel --address 192.168.0.10
+  netd tunnel-server --cert-dir /etc/netd/tunnel --connect-clients kube-apiserver,konnectivity-client \\
+      --host-routing-sources 192.168.0.0/24 --dnat-listen ''";
 
 const TUNNEL_AGENT_EXAMPLES: &str = "\
 Examples:
@@ -676,18 +686,54 @@ struct TunnelCertArgs {
 struct TunnelServerArgs {
     #[command(flatten)]
     certs: TunnelCertArgs,
-    /// Where agents link in (mutual TLS 1.3).
-    #[arg(long, env = "NETD_TUNNEL_AGENTS_LISTEN", value_name = "IP:PORT", default_value = "0.0.0.0:10262")]
-    agents_listen: std::net::SocketAddr,
-    /// The HTTP CONNECT door for kube-apiserver's egress selector (TLS, client certificate from the CA).
-    #[arg(long, env = "NETD_TUNNEL_CONNECT_LISTEN", value_name = "IP:PORT", default_value = "0.0.0.0:10265")]
-    connect_listen: std::net::SocketAddr,
+    /// The cloud node's address, which listeners given as a bare PORT bind [default: the default-route interface's].
+    #[arg(long, env = "NETD_TUNNEL_ADDRESS", value_name = "IP")]
+    address: Option<std::net::IpAddr>,
+    /// Where agents link in (mutual TLS 1.3): IP:PORT, or PORT on --address.
+    #[arg(long, env = "NETD_TUNNEL_AGENTS_LISTEN", value_name = "[IP:]PORT", default_value = "10262")]
+    agents_listen: Listen,
+    /// The HTTP CONNECT door for kube-apiserver's egress selector (TLS, a client certificate of --connect-clients).
+    #[arg(long, env = "NETD_TUNNEL_CONNECT_LISTEN", value_name = "[IP:]PORT", default_value = "10265")]
+    connect_listen: Listen,
+    /// Common names of the client certificates the CONNECT door admits (never a node's: O=system:nodes is refused).
+    #[arg(
+        long,
+        env = "NETD_TUNNEL_CONNECT_CLIENTS",
+        value_name = "CN,...",
+        value_delimiter = ',',
+        default_value = netd::tunnel::identity::DEFAULT_CONNECT_CLIENT
+    )]
+    connect_clients: Vec<String>,
     /// The DNAT doors for kubelet's TLS, opened when a tunnel DNAT is pinned ("" for none).
-    #[arg(long, env = "NETD_TUNNEL_DNAT_LISTEN", value_name = "IP:PORT,...", default_value = "0.0.0.0:10263")]
-    dnat_listen: CommaList<std::net::SocketAddr>,
-    /// The HTTP door: DNAT'd connections (when pinned) and plain HTTP routed by Host ("" for none).
-    #[arg(long, env = "NETD_TUNNEL_HTTP_LISTEN", value_name = "IP:PORT", default_value = "0.0.0.0:10264")]
-    http_listen: CommaList<std::net::SocketAddr>,
+    #[arg(long, env = "NETD_TUNNEL_DNAT_LISTEN", value_name = "[IP:]PORT,...", default_value = "10263")]
+    dnat_listen: CommaList<Listen>,
+    /// The HTTP door: DNAT'd connections (when pinned), and plain HTTP by Host from --host-routing-sources ("" for none).
+    #[arg(long, env = "NETD_TUNNEL_HTTP_LISTEN", value_name = "[IP:]PORT", default_value = "10264")]
+    http_listen: CommaList<Listen>,
+    /// Source CIDRs whose plain HTTP the HTTP door routes by Host or absolute URI [default: none: off].
+    #[arg(long, env = "NETD_TUNNEL_HOST_ROUTING_SOURCES", value_name = "CIDR,...", default_value = "")]
+    host_routing_sources: CommaList<ipnet::IpNet>,
+    /// Addresses never routed to an agent whatever a lease or certificate claims (cloud nodes), besides this host's own.
+    #[arg(long, env = "NETD_TUNNEL_RESERVED", value_name = "CIDR,...", default_value = "")]
+    reserved: CommaList<ipnet::IpNet>,
+    /// Time a client has to finish its TLS handshake.
+    #[arg(long, env = "NETD_TUNNEL_HANDSHAKE_TIMEOUT", value_name = "DURATION", value_parser = parse_duration, default_value = "10s")]
+    handshake_timeout: std::time::Duration,
+    /// Time a client has to send a whole request head (CONNECT and HTTP doors).
+    #[arg(long, env = "NETD_TUNNEL_HEADER_TIMEOUT", value_name = "DURATION", value_parser = parse_duration, default_value = "10s")]
+    header_timeout: std::time::Duration,
+    /// Connections one door holds at once.
+    #[arg(long, env = "NETD_TUNNEL_MAX_CONNECTIONS", value_name = "N", default_value_t = netd::tunnel::limits::DEFAULT_MAX_CONNECTIONS_PER_DOOR)]
+    max_connections: usize,
+    /// Connections one source address holds on one door at once.
+    #[arg(long, env = "NETD_TUNNEL_MAX_CONNECTIONS_PER_SOURCE", value_name = "N", default_value_t = netd::tunnel::limits::DEFAULT_MAX_CONNECTIONS_PER_SOURCE)]
+    max_connections_per_source: usize,
+    /// Tunnelled connections one agent link carries at once.
+    #[arg(long, env = "NETD_TUNNEL_MAX_STREAMS_PER_AGENT", value_name = "N", default_value_t = netd::tunnel::limits::DEFAULT_MAX_STREAMS_PER_AGENT)]
+    max_streams_per_agent: usize,
+    /// Time an agent has to accept or refuse a stream before the client gets 504.
+    #[arg(long, env = "NETD_TUNNEL_OPEN_TIMEOUT", value_name = "DURATION", value_parser = parse_duration, default_value = "10s")]
+    open_timeout: std::time::Duration,
     /// Where the tunnel DNAT is pinned.
     #[arg(long, env = "NETD_DNAT_PIN_DIR", value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
     dnat_pin_dir: PathBuf,
@@ -726,6 +772,9 @@ struct TunnelAgentArgs {
     /// Ports it dials besides 10250 and 10255.
     #[arg(long, env = "NETD_TUNNEL_EXTRA_PORTS", value_name = "PORT,...", value_delimiter = ',')]
     extra_ports: Vec<u16>,
+    /// Dial loopback destinations too (services bound to 127.0.0.1 or ::1).
+    #[arg(long, env = "NETD_TUNNEL_DIAL_LOOPBACK", value_name = "BOOL", value_parser = netd::cli::parse_bool, num_args = 0..=1, default_value = "false", default_missing_value = "true")]
+    dial_loopback: bool,
     /// /metrics and /healthz (plain HTTP).
     #[arg(long, env = "NETD_TUNNEL_METRICS_LISTEN", value_name = "IP:PORT", default_value = "127.0.0.1:10267")]
     metrics_listen: std::net::SocketAddr,
@@ -740,19 +789,55 @@ fn tunnel_runtime() -> Result<tokio::runtime::Runtime> {
 
 fn tunnel_server(args: TunnelServerArgs) -> Result<()> {
     init_logging(args.log.log);
+    raise_open_files_limit();
+    let mut listens = vec![args.agents_listen, args.connect_listen];
+    listens.extend(&args.dnat_listen.0);
+    listens.extend(&args.http_listen.0);
+    let address = match args.address {
+        Some(address) => address,
+        None if listens.iter().any(|l| l.is_port_only()) => {
+            let underlay = netd::daemon::underlay::resolve_underlay(None, None).context(
+                "the doors bind the cloud node's address, which comes from the default-route interface: \
+                 there is none usable, so name it (--address IP) or give every listener as IP:PORT",
+            )?;
+            std::net::IpAddr::V4(underlay.public_ip)
+        }
+        // Every listener names its own address: this one is never used.
+        None => std::net::IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+    };
+    // This host's own addresses are never an edge node's, whatever a lease says.
+    let mut reserved = args.reserved.0;
+    let own = netd::netlink::Handle::new()
+        .and_then(|mut handle| handle.address().list_all())
+        .context("listing this host's addresses (they are never routed to an agent)")?;
+    reserved.extend(own.into_iter().map(|a| ipnet::IpNet::from(std::net::IpAddr::V4(a.local))));
+    let policy = netd::tunnel::server::ServerPolicy {
+        connect_clients: netd::tunnel::identity::ConnectClients::new(args.connect_clients),
+        host_routing_sources: args.host_routing_sources.0,
+        reserved,
+        limits: netd::tunnel::limits::Limits {
+            handshake_timeout: args.handshake_timeout,
+            header_timeout: args.header_timeout,
+            max_connections_per_door: args.max_connections,
+            max_connections_per_source: args.max_connections_per_source,
+            max_streams_per_agent: args.max_streams_per_agent,
+            open_timeout: args.open_timeout,
+        },
+    };
     let settings = netd::tunnel::run::ServerSettings {
-        agents_listen: args.agents_listen,
-        connect_listen: Some(args.connect_listen),
-        dnat_listen: args.dnat_listen.0,
+        agents_listen: args.agents_listen.on(address),
+        connect_listen: Some(args.connect_listen.on(address)),
+        dnat_listen: args.dnat_listen.0.iter().map(|l| l.on(address)).collect(),
         http_listen: match args.http_listen.0.as_slice() {
             [] => None,
-            [addr] => Some(*addr),
-            more => bail!("--http-listen takes one IP:PORT, not {}", more.len()),
+            [listen] => Some(listen.on(address)),
+            more => bail!("--http-listen takes one [IP:]PORT, not {}", more.len()),
         },
         dnat_pin_dir: args.dnat_pin_dir,
         certs: netd::tunnel::certs::CertFiles::in_dir(&args.certs.cert_dir, "server"),
         metrics_listen: Some(args.metrics_listen),
         registry: tunnel_registry(args.registry)?,
+        policy,
     };
     tunnel_runtime()?.block_on(async {
         tokio::select! {
@@ -760,6 +845,23 @@ fn tunnel_server(args: TunnelServerArgs) -> Result<()> {
             _ = tokio::signal::ctrl_c() => Ok(()),
         }
     })
+}
+
+/// Raises this process's open-file limit to its hard limit: every door
+/// connection and every agent link is a descriptor, and the doors' own caps
+/// (not a default soft limit of 1 024) should be what bounds them.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes one rlimit into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 || limit.rlim_cur >= limit.rlim_max {
+        return;
+    }
+    let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+    // SAFETY: setrlimit reads the struct we pass; raising the soft limit up
+    // to the hard one needs no privilege.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        tracing::warn!("could not raise the open-file limit to {}", limit.rlim_max);
+    }
 }
 
 /// The tunnel server's registry, if one is named.
@@ -799,6 +901,7 @@ fn tunnel_agent(args: TunnelAgentArgs) -> Result<()> {
         pod_subnets: args.pod_subnet,
         subnet_env: netd::subnet_env::DEFAULT_PATH.into(),
         extra_ports: args.extra_ports,
+        dial_loopback: args.dial_loopback,
         metrics_listen: Some(args.metrics_listen),
     };
     tunnel_runtime()?.block_on(async {

@@ -56,7 +56,12 @@ pub struct AddressHandle<'h>(pub(super) &'h mut Handle);
 impl<'h> AddressHandle<'h> {
     /// `ip -4 addr show dev …`.
     pub fn list(self, index: u32) -> Result<Vec<Address>, NetlinkError> {
-        let all = self.0.dump(
+        Ok(self.list_all()?.into_iter().filter(|a| a.index == index).collect())
+    }
+
+    /// `ip -4 addr show`: every interface's.
+    pub fn list_all(self) -> Result<Vec<Address>, NetlinkError> {
+        self.0.dump(
             "IPv4 addresses",
             |w, seq| {
                 let start = w.begin(wire::RTM_GETADDR, wire::NLM_F_DUMP, seq);
@@ -64,8 +69,7 @@ impl<'h> AddressHandle<'h> {
                 w.end(start);
             },
             parse,
-        )?;
-        Ok(all.into_iter().filter(|a| a.index == index).collect())
+        )
     }
 
     /// `ip addr replace A/P dev …`.

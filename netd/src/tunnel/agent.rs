@@ -1,7 +1,7 @@
 //! The tunnel agent on an edge node: dials out to every tunnel server it is
 //! given, keeps each link up, and serves the server's `CONNECT` streams by
-//! dialling its own node — only its own addresses (or loopback), only the
-//! allowed ports.
+//! dialling its own node — only its own addresses and pod subnets (loopback
+//! only when configured), only the allowed ports.
 
 use std::collections::BTreeSet;
 use std::hash::{BuildHasher, Hasher};
@@ -26,6 +26,10 @@ pub const BACKOFF_CAP: Duration = Duration::from_secs(30);
 /// A link that stayed up this long resets the backoff.
 const STABLE_LINK: Duration = Duration::from_secs(10);
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Dialling a local destination: well under the server's wait for an
+/// answer ([`super::limits::DEFAULT_OPEN_TIMEOUT`]), so the server hears
+/// why instead of timing out.
+const LOCAL_DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Header carrying why the agent refused a stream (for the server's logs).
 pub const REFUSAL_HEADER: &str = "x-netd-refused";
@@ -86,6 +90,10 @@ pub struct AgentConfig {
     pub pod_subnets: Vec<IpNet>,
     /// Ports it dials (10250, 10255 and the configured extras).
     pub allowed_ports: BTreeSet<u16>,
+    /// Whether it dials loopback destinations too. Off by default: services
+    /// bound to loopback chose not to be reachable from outside, and the
+    /// server never routes loopback to an agent anyway.
+    pub dial_loopback: bool,
 }
 
 /// Counters an agent keeps.
@@ -119,7 +127,7 @@ pub fn refusal(config: &AgentConfig, dest: SocketAddr) -> Option<&'static str> {
         return Some("port");
     }
     let ip = dest.ip();
-    let own = ip.is_loopback()
+    let own = (config.dial_loopback && ip.is_loopback())
         || config.own_addresses.contains(&ip)
         || config.pod_subnets.iter().any(|net| net.contains(&ip));
     (!own).then_some("address")
@@ -263,7 +271,7 @@ async fn serve(
         answer(&mut respond, StatusCode::FORBIDDEN, reason);
         return;
     }
-    let mut local = match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(dest)).await {
+    let mut local = match tokio::time::timeout(LOCAL_DIAL_TIMEOUT, TcpStream::connect(dest)).await {
         Ok(Ok(stream)) => stream,
         _ => {
             metrics.dial_failures.fetch_add(1, Ordering::Relaxed);
@@ -305,16 +313,20 @@ mod tests {
             own_addresses: vec!["10.0.5.7".parse().unwrap()],
             pod_subnets: vec!["10.244.7.0/24".parse().unwrap()],
             allowed_ports: [10250, 10255, 9100].into_iter().collect(),
+            dial_loopback: false,
         }
     }
 
     #[test]
-    fn only_this_nodes_addresses_pods_and_loopback_on_allowed_ports() {
-        let config = config();
+    fn only_this_nodes_addresses_pods_and_configured_loopback_on_allowed_ports() {
+        let mut config = config();
+        let at = |config: &AgentConfig, s: &str| refusal(config, s.parse().unwrap());
+        assert_eq!(at(&config, "127.0.0.1:10255"), Some("address"), "loopback only when configured");
+        config.dial_loopback = true;
+        assert_eq!(at(&config, "127.0.0.1:10255"), None);
+        assert_eq!(at(&config, "[::1]:10250"), None);
         let at = |s: &str| refusal(&config, s.parse().unwrap());
         assert_eq!(at("10.0.5.7:10250"), None);
-        assert_eq!(at("127.0.0.1:10255"), None);
-        assert_eq!(at("[::1]:10250"), None);
         assert_eq!(at("10.244.7.19:9100"), None, "a pod of this node, metrics port");
         // Another node's pod subnet, another node's address: refused.
         assert_eq!(at("10.244.8.19:9100"), Some("address"));

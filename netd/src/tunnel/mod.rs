@@ -9,10 +9,13 @@
 //! side; [`server`] the cloud side with its front doors (DNAT'd connections,
 //! HTTP CONNECT, plain HTTP by Host), routing by [`routes`] (certificate
 //! addresses and the registry's leases: node addresses and pod subnets);
-//! [`run`] the two long-running processes.
+//! [`run`] the two long-running processes. Who may use which door is
+//! [`identity`]'s concern; how long and how many, [`limits`]'.
 
 pub mod agent;
 pub mod certs;
+pub mod identity;
+pub mod limits;
 pub mod routes;
 pub mod run;
 pub mod server;

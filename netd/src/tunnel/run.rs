@@ -17,7 +17,9 @@ use tokio::net::TcpListener;
 use super::agent::{self, AgentConfig, AgentMetrics};
 use super::certs::{self, CertError, CertFiles};
 use super::routes::LeaseRoute;
-use super::server::{self, Router};
+use super::limits::{Door, Refusal};
+use super::routes::LeaseRefusal;
+use super::server::{self, Router, ServerPolicy};
 use super::tls::{self, TlsError};
 use crate::registry::{AnyRegistry, OpenSettings, PeerEvent, PeerLease, Registry, RegistrySpec};
 use crate::subnet_env::{SubnetEnv, SubnetEnvError};
@@ -58,6 +60,43 @@ pub enum TunnelError {
     ServerName(String),
 }
 
+/// A listener as the command line names it: `IP:PORT`, or a bare `PORT` on
+/// the server's own address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listen {
+    /// A whole socket address.
+    At(SocketAddr),
+    /// A port on the server's address.
+    Port(u16),
+}
+
+impl std::str::FromStr for Listen {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if let Ok(port) = text.parse::<u16>() {
+            return Ok(Self::Port(port));
+        }
+        text.parse().map(Self::At).map_err(|_| format!("{text:?} is neither IP:PORT nor PORT"))
+    }
+}
+
+impl Listen {
+    /// The socket address, bare ports on `address`.
+    pub fn on(self, address: IpAddr) -> SocketAddr {
+        match self {
+            Self::At(addr) => addr,
+            Self::Port(port) => SocketAddr::new(address, port),
+        }
+    }
+
+    /// Whether it needs the server's address.
+    pub fn is_port_only(self) -> bool {
+        matches!(self, Self::Port(_))
+    }
+}
+
 async fn bind(addr: SocketAddr) -> Result<TcpListener, TunnelError> {
     TcpListener::bind(addr).await.map_err(|source| TunnelError::Bind { addr, source })
 }
@@ -84,6 +123,8 @@ pub struct ServerSettings {
     /// Where node addresses and pod subnets come from (the leases); without
     /// one, only the agents' certificate addresses route.
     pub registry: Option<(RegistrySpec, OpenSettings)>,
+    /// Who the doors admit, what never routes, timeouts and caps.
+    pub policy: ServerPolicy,
 }
 
 /// What a tunnel agent runs.
@@ -104,6 +145,9 @@ pub struct AgentSettings {
     pub subnet_env: PathBuf,
     /// Ports allowed besides 10250 and 10255.
     pub extra_ports: Vec<u16>,
+    /// Dial loopback destinations too (off: only the node's own addresses
+    /// and pod subnets).
+    pub dial_loopback: bool,
     /// `/metrics` and `/healthz` (plain HTTP).
     pub metrics_listen: Option<SocketAddr>,
 }
@@ -147,6 +191,65 @@ pub fn server_metrics(router: &Router) -> String {
         "DNAT-door connections without an original destination.",
         &m.not_redirected,
     );
+    counter(
+        &mut out,
+        "netd_tunnel_stream_cap_total",
+        "counter",
+        "Stream opens refused: the agent's link carried its maximum.",
+        &m.stream_cap,
+    );
+    counter(
+        &mut out,
+        "netd_tunnel_open_timeouts_total",
+        "counter",
+        "Stream opens an agent did not answer in time.",
+        &m.open_timeouts,
+    );
+    counter(
+        &mut out,
+        "netd_tunnel_links_replaced_total",
+        "counter",
+        "Agent links replaced by a newer link of the same node.",
+        &m.links_replaced,
+    );
+    counter(
+        &mut out,
+        "netd_tunnel_certificate_addresses_refused_total",
+        "counter",
+        "Certificate addresses not routed (special, reserved, another linked node's).",
+        &m.certificate_addresses_refused,
+    );
+    let _ = writeln!(
+        out,
+        "# HELP netd_tunnel_lease_refused_total Leases (or their addresses) refused, by reason.\n\
+         # TYPE netd_tunnel_lease_refused_total counter"
+    );
+    for why in LeaseRefusal::ALL {
+        let _ = writeln!(out, "netd_tunnel_lease_refused_total{{reason=\"{}\"}} {}", why.name(), m.lease_refusals(why));
+    }
+    let _ = writeln!(
+        out,
+        "# HELP netd_tunnel_door_refused_total Connections a door turned away, by door and reason.\n\
+         # TYPE netd_tunnel_door_refused_total counter"
+    );
+    for door in Door::ALL {
+        for why in Refusal::ALL {
+            let _ = writeln!(
+                out,
+                "netd_tunnel_door_refused_total{{door=\"{}\",reason=\"{}\"}} {}",
+                door.name(),
+                why.name(),
+                m.doors.refused(door, why)
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP netd_tunnel_door_connections Connections a door holds now.\n# TYPE netd_tunnel_door_connections gauge"
+    );
+    for door in Door::ALL {
+        let _ = writeln!(out, "netd_tunnel_door_connections{{door=\"{}\"}} {}", door.name(), m.doors.open(door));
+    }
     counter(&mut out, "netd_tunnel_bytes_to_edge_total", "counter", "Bytes sent towards edge nodes.", &m.bytes_to_edge);
     counter(
         &mut out,
@@ -220,7 +323,7 @@ pub async fn run_server(settings: ServerSettings) -> Result<(), TunnelError> {
         tls::follow(settings.certs.clone(), tls::RELOAD_POLL, |c| tls::server(c, tls::ALPN_TUNNEL))?;
     let (connect_tls, reload_connect) =
         tls::follow(settings.certs.clone(), tls::RELOAD_POLL, |c| tls::server(c, tls::ALPN_HTTP1))?;
-    let router = Arc::new(Router::default());
+    let router = Arc::new(Router::new(settings.policy.clone()));
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(reload_agents);
     tasks.spawn(reload_connect);
@@ -228,7 +331,10 @@ pub async fn run_server(settings: ServerSettings) -> Result<(), TunnelError> {
     tracing::info!("tunnel server: agents link in on {}", settings.agents_listen);
     if let Some(addr) = settings.connect_listen {
         tasks.spawn(server::serve_connect(bind(addr).await?, connect_tls, router.clone()));
-        tracing::info!("tunnel server: HTTP CONNECT door on {addr}");
+        tracing::info!(
+            "tunnel server: HTTP CONNECT door on {addr} for clients {:?}",
+            settings.policy.connect_clients.common_names()
+        );
     }
     let dnat = if settings.dnat_listen.is_empty() && settings.http_listen.is_none() {
         None
@@ -253,8 +359,14 @@ pub async fn run_server(settings: ServerSettings) -> Result<(), TunnelError> {
     }
     if let Some(addr) = settings.http_listen {
         tasks.spawn(server::serve_http_door(bind(addr).await?, dnat.clone(), router.clone()));
-        let redirected = if dnat.is_some() { "DNAT'd connections and " } else { "" };
-        tracing::info!("tunnel server: HTTP door on {addr} ({redirected}plain HTTP by Host)");
+        let redirected = if dnat.is_some() { "DNAT'd connections" } else { "no DNAT pinned" };
+        let sources = &settings.policy.host_routing_sources;
+        let by_host = if sources.is_empty() {
+            "plain HTTP by Host off".to_string()
+        } else {
+            format!("plain HTTP by Host from {sources:?}")
+        };
+        tracing::info!("tunnel server: HTTP door on {addr} ({redirected}; {by_host})");
     }
     if let Some((spec, open)) = &settings.registry {
         let registry = AnyRegistry::open(spec, open).await.map_err(TunnelError::Registry)?;
@@ -363,6 +475,7 @@ pub async fn run_agent(settings: AgentSettings) -> Result<(), TunnelError> {
         own_addresses: node_addresses,
         pod_subnets,
         allowed_ports,
+        dial_loopback: settings.dial_loopback,
     };
     let metrics = Arc::new(AgentMetrics::default());
     let mut tasks = tokio::task::JoinSet::new();

@@ -3,30 +3,52 @@
 //!
 //! Identity binds routing: an agent's node name and addresses come from its
 //! certificate (`CN=system:node:<name>`, `O=system:nodes`, IP SANs), never
-//! from anything the agent says. Front doors, all ending in the same byte
-//! stream (kubelet's TLS passes untouched):
+//! from anything the agent says, and certificates outrank the registry's
+//! leases ([`routes`](super::routes)). Front doors, all ending in the same
+//! byte stream (kubelet's TLS passes untouched), each admitting only whom
+//! SPEC §3b trusts:
 //! - the DNAT ports (10263/10264): connections the eBPF tunnel DNAT
-//!   redirected; the destination is their original one;
+//!   redirected — the kernel vouches for them; the destination is their
+//!   original one. Anything else is closed;
 //! - HTTP `CONNECT host:port` on a TLS listener, what kube-apiserver's
-//!   egress selector sends; no agent for the host: 503 at once;
-//! - plain HTTP on the HTTP door (10264), by `Host`, for clients the DNAT
-//!   does not cover (Prometheus on another machine, `curl` by hand).
+//!   egress selector sends, for the client identities the operator lists
+//!   ([`identity`](super::identity)), never a node's; no agent for the
+//!   host: 503 at once;
+//! - plain HTTP on the HTTP door (10264) routed by `Host`: off unless the
+//!   operator names source CIDRs (Prometheus on another machine), and then
+//!   only for them.
+//!
+//! Every door is bounded ([`limits`](super::limits)): handshake and header
+//! timeouts, connection caps per door and per source, a stream cap per agent
+//! link, a bounded wait for an agent to answer a stream open.
+//!
+//! One live link per node identity: a node that links again replaces its
+//! old link, which is closed. The newest wins because an agent whose link
+//! died without a word (a NAT that forgot its mapping) reconnects long before
+//! the server's pings declare the old one dead; keeping the oldest would
+//! leave the node unreachable for that long. A stolen node key can displace
+//! the node either way — the defence there is the certificate's revocation,
+//! and the displaced link is logged and counted.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Empty;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
-use ipnet::Ipv4Net;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use ipnet::{IpNet, Ipv4Net};
 use tokio::net::TcpListener;
+use tokio::sync::{oneshot, Semaphore};
 
 use super::certs;
-use super::routes::{LeaseRoute, RouteTable};
+use super::identity::{ClientIdentity, ConnectClients};
+use super::limits::{self, Door, DoorMetrics, Gate, Limits, Refusal, Ticket};
+use super::routes::{LeaseRefusal, LeaseRoute, LeaseVerdict, RouteTable};
 use super::tls::Live;
 use super::transport::{self, Counted, TunnelStream};
 use netd_ebpf::dnat::TunnelDnat;
@@ -34,12 +56,33 @@ use netd_ebpf::dnat::TunnelDnat;
 /// Why a connection could not be tunnelled.
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
-    /// No agent holds this address.
+    /// No node owns this address.
     #[error("no tunnel agent serves {0}")]
     NoAgent(IpAddr),
     /// No agent for this node name.
     #[error("no tunnel agent for node {0}")]
     NoNode(String),
+    /// The node that owns the address has no link now.
+    #[error("node {0} owns the address but its tunnel agent is not linked")]
+    NoLink(String),
+    /// The node's link carries as many streams as it may.
+    #[error("the tunnel link of node {node} carries its maximum of {max} streams")]
+    StreamCap {
+        /// Node.
+        node: String,
+        /// The cap.
+        max: usize,
+    },
+    /// The agent did not answer the stream open in time.
+    #[error("the agent of node {node} did not answer a stream to {dest} within {after:?}")]
+    OpenTimeout {
+        /// Node.
+        node: String,
+        /// Destination.
+        dest: SocketAddr,
+        /// The bound.
+        after: Duration,
+    },
     /// The agent refused (port or address not allowed there).
     #[error("the agent of node {node} refused {dest}: {reason}")]
     Refused {
@@ -61,6 +104,20 @@ pub enum RouteError {
     },
 }
 
+/// Who the server admits and how far it bends: the doors' policy.
+#[derive(Debug, Clone, Default)]
+pub struct ServerPolicy {
+    /// Client identities the CONNECT door admits.
+    pub connect_clients: ConnectClients,
+    /// Sources whose plain HTTP the HTTP door routes by `Host` (none by default).
+    pub host_routing_sources: Vec<IpNet>,
+    /// Addresses never routed to an agent, whoever claims them (the cloud
+    /// nodes', this server's own).
+    pub reserved: Vec<IpNet>,
+    /// Timeouts and caps.
+    pub limits: Limits,
+}
+
 /// Counters the server keeps.
 #[derive(Debug, Default)]
 pub struct ServerMetrics {
@@ -78,27 +135,59 @@ pub struct ServerMetrics {
     pub handshake_failures: AtomicU64,
     /// DNAT front-door connections that carried no original destination.
     pub not_redirected: AtomicU64,
+    /// Stream opens refused because the agent's link was at its stream cap.
+    pub stream_cap: AtomicU64,
+    /// Stream opens an agent did not answer within the bound.
+    pub open_timeouts: AtomicU64,
+    /// Links replaced by a newer link of the same node.
+    pub links_replaced: AtomicU64,
+    /// Certificate addresses not routed (special, reserved, or another
+    /// linked node's).
+    pub certificate_addresses_refused: AtomicU64,
+    /// Leases (or their addresses) refused, by [`LeaseRefusal`] in `LeaseRefusal::ALL` order.
+    pub lease_refused: [AtomicU64; LeaseRefusal::ALL.len()],
+    /// Connections refused by the doors, by door and reason.
+    pub doors: Arc<DoorMetrics>,
     /// Bytes towards the edge.
     pub bytes_to_edge: AtomicU64,
     /// Bytes from the edge.
     pub bytes_from_edge: AtomicU64,
 }
 
+impl ServerMetrics {
+    /// Leases (or their addresses) refused for `why` so far.
+    pub fn lease_refusals(&self, why: LeaseRefusal) -> u64 {
+        let index = LeaseRefusal::ALL.iter().position(|r| *r == why).unwrap_or(0);
+        self.lease_refused[index].load(Ordering::Relaxed)
+    }
+}
+
 struct Agent {
     link: h2::client::SendRequest<Bytes>,
+    /// The certificate addresses routed to it.
     addresses: Vec<IpAddr>,
     /// Tells a replaced link's clean-up not to remove its successor.
     serial: u64,
+    /// Its stream cap.
+    streams: Arc<Semaphore>,
+    /// Closes the link when a newer one of the same node replaces it.
+    close: Option<oneshot::Sender<()>>,
 }
 
 /// Node name → its agent's link, and who owns which address ([`RouteTable`]).
-#[derive(Default)]
 pub struct Router {
     agents: Mutex<HashMap<String, Agent>>,
     routes: Mutex<RouteTable>,
     serial: AtomicU64,
+    policy: ServerPolicy,
     /// Counters.
     pub metrics: ServerMetrics,
+}
+
+impl Default for Router {
+    fn default() -> Self {
+        Self::new(ServerPolicy::default())
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -106,21 +195,77 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Router {
-    fn insert(&self, node: &str, addresses: Vec<IpAddr>, link: h2::client::SendRequest<Bytes>) -> u64 {
-        let serial = self.serial.fetch_add(1, Ordering::Relaxed);
-        lock(&self.routes).certify(node, &addresses);
-        let previous = lock(&self.agents).insert(node.to_string(), Agent { link, addresses, serial });
-        if previous.is_none() {
-            self.metrics.agents.fetch_add(1, Ordering::Relaxed);
+    /// A router with no links and no leases, under `policy`.
+    pub fn new(policy: ServerPolicy) -> Self {
+        Self {
+            agents: Mutex::default(),
+            routes: Mutex::new(RouteTable::with_reserved(policy.reserved.clone())),
+            serial: AtomicU64::new(0),
+            policy,
+            metrics: ServerMetrics::default(),
         }
-        serial
+    }
+
+    /// The policy it enforces.
+    pub fn policy(&self) -> &ServerPolicy {
+        &self.policy
+    }
+
+    fn gate(&self, door: Door) -> Arc<Gate> {
+        Gate::new(door, &self.policy.limits, self.metrics.doors.clone())
+    }
+
+    /// Takes `node`'s new link; returns its serial and the signal that a
+    /// newer link replaced it.
+    fn insert(
+        &self,
+        node: &str,
+        addresses: Vec<IpAddr>,
+        link: h2::client::SendRequest<Bytes>,
+    ) -> (u64, oneshot::Receiver<()>) {
+        let serial = self.serial.fetch_add(1, Ordering::Relaxed);
+        let (close, replaced) = oneshot::channel();
+        let mut agents = lock(&self.agents);
+        let mut routes = lock(&self.routes);
+        // The old link's addresses are released first: the new certificate
+        // may name them again (or no longer).
+        let previous = agents.remove(node);
+        if let Some(old) = &previous {
+            routes.unlink(node, &old.addresses);
+        }
+        let refused = routes.certify(node, &addresses);
+        drop(routes);
+        if !refused.is_empty() {
+            self.metrics.certificate_addresses_refused.fetch_add(refused.len() as u64, Ordering::Relaxed);
+            tracing::warn!(
+                "tunnel agent of node {node}: certificate addresses {refused:?} not routed \
+                 (loopback/link-local/multicast/unspecified, a cloud address, or another linked node's)"
+            );
+        }
+        let routed: Vec<IpAddr> = addresses.into_iter().filter(|a| !refused.contains(a)).collect();
+        let streams = Arc::new(Semaphore::new(self.policy.limits.max_streams_per_agent));
+        agents.insert(node.to_string(), Agent { link, addresses: routed, serial, streams, close: Some(close) });
+        drop(agents);
+        match previous {
+            Some(mut old) => {
+                self.metrics.links_replaced.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("tunnel agent of node {node} linked again: the new link replaces the old one, closed now");
+                if let Some(close) = old.close.take() {
+                    let _ = close.send(());
+                }
+            }
+            None => {
+                self.metrics.agents.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        (serial, replaced)
     }
 
     fn remove(&self, node: &str, serial: u64) {
         let mut agents = lock(&self.agents);
         if agents.get(node).is_some_and(|agent| agent.serial == serial) {
             if let Some(agent) = agents.remove(node) {
-                lock(&self.routes).uncertify(node, &agent.addresses);
+                lock(&self.routes).unlink(node, &agent.addresses);
             }
             self.metrics.agents.fetch_sub(1, Ordering::Relaxed);
         }
@@ -133,8 +278,8 @@ impl Router {
         nodes
     }
 
-    /// The node that owns `ip`: its node address or pod IP, by the
-    /// registry's leases or an agent's certificate.
+    /// The node that owns `ip`: its node address or pod IP, by an agent's
+    /// certificate or the registry's leases.
     pub fn node_of(&self, ip: IpAddr) -> Option<String> {
         lock(&self.routes).node_of(ip).map(str::to_string)
     }
@@ -146,14 +291,42 @@ impl Router {
         certified.or_else(|| lock(&self.routes).lease_address_of(node).map(IpAddr::V4))
     }
 
+    fn count_verdict(&self, route: &LeaseRoute, verdict: LeaseVerdict) {
+        let why = match verdict {
+            LeaseVerdict::Routed => return,
+            LeaseVerdict::AddressRefused(why) | LeaseVerdict::Refused(why) => why,
+        };
+        if let Some(index) = LeaseRefusal::ALL.iter().position(|r| *r == why) {
+            self.metrics.lease_refused[index].fetch_add(1, Ordering::Relaxed);
+        }
+        let what = if matches!(verdict, LeaseVerdict::Refused(_)) { "lease refused" } else { "lease address refused" };
+        tracing::warn!(
+            "tunnel routes: {what}: node {} claims {} with subnet {}: {}",
+            route.node,
+            route.address,
+            route.subnet,
+            match why {
+                LeaseRefusal::Certified => "another node's certificate names that address",
+                LeaseRefusal::Held => "another node's lease holds that address",
+                LeaseRefusal::Special => "loopback, unspecified, link-local, multicast or broadcast",
+                LeaseRefusal::Reserved => "a cloud address",
+                LeaseRefusal::Overlap => "the subnet overlaps another node's",
+            }
+        );
+    }
+
     /// The registry's whole lease set (a resync) replaces what was known.
     pub fn replace_leases(&self, routes: impl IntoIterator<Item = LeaseRoute>) {
-        lock(&self.routes).replace_leases(routes);
+        let refused = lock(&self.routes).replace_leases(routes);
+        for (route, verdict) in refused {
+            self.count_verdict(&route, verdict);
+        }
     }
 
     /// A lease appeared or changed.
     pub fn upsert_lease(&self, route: LeaseRoute) {
-        lock(&self.routes).upsert_lease(route);
+        let verdict = lock(&self.routes).upsert_lease(route.clone());
+        self.count_verdict(&route, verdict);
     }
 
     /// The lease of `subnet` is gone.
@@ -161,20 +334,41 @@ impl Router {
         lock(&self.routes).remove_lease(subnet);
     }
 
-    /// Opens a tunnelled connection to `dest` through the agent that owns it.
+    /// Opens a tunnelled connection to `dest` through the agent that owns
+    /// it, waiting at most the open timeout for the agent's answer.
     pub async fn open(&self, dest: SocketAddr) -> Result<TunnelStream, RouteError> {
-        let (node, link) = {
-            let node = self.node_of(dest.ip());
-            let agents = lock(&self.agents);
-            match node.and_then(|node| agents.get(&node).map(|agent| (node, agent.link.clone()))) {
-                Some(found) => found,
-                None => {
-                    self.metrics.no_agent.fetch_add(1, Ordering::Relaxed);
-                    return Err(RouteError::NoAgent(dest.ip()));
-                }
+        let Some(node) = self.node_of(dest.ip()) else {
+            self.metrics.no_agent.fetch_add(1, Ordering::Relaxed);
+            return Err(RouteError::NoAgent(dest.ip()));
+        };
+        let Some((link, streams)) = lock(&self.agents).get(&node).map(|a| (a.link.clone(), a.streams.clone())) else {
+            self.metrics.no_agent.fetch_add(1, Ordering::Relaxed);
+            return Err(RouteError::NoLink(node));
+        };
+        let Ok(permit) = streams.try_acquire_owned() else {
+            self.metrics.stream_cap.fetch_add(1, Ordering::Relaxed);
+            return Err(RouteError::StreamCap { node, max: self.policy.limits.max_streams_per_agent });
+        };
+        let after = self.policy.limits.open_timeout;
+        let opened = tokio::time::timeout(after, self.open_on(link, &node, dest)).await;
+        let stream = match opened {
+            Ok(result) => result?,
+            Err(_) => {
+                self.metrics.open_timeouts.fetch_add(1, Ordering::Relaxed);
+                return Err(RouteError::OpenTimeout { node, dest, after });
             }
         };
-        let link_err = |source| RouteError::Link { node: node.clone(), source };
+        self.metrics.streams_total.fetch_add(1, Ordering::Relaxed);
+        Ok(stream.holding(permit))
+    }
+
+    async fn open_on(
+        &self,
+        link: h2::client::SendRequest<Bytes>,
+        node: &str,
+        dest: SocketAddr,
+    ) -> Result<TunnelStream, RouteError> {
+        let link_err = |source| RouteError::Link { node: node.to_string(), source };
         let mut link = link.ready().await.map_err(link_err)?;
         let mut request = Request::new(());
         *request.method_mut() = Method::CONNECT;
@@ -190,9 +384,12 @@ impl Router {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("unknown")
                 .to_string();
-            return Err(RouteError::Refused { node, dest, reason: format!("{reason} ({})", response.status()) });
+            return Err(RouteError::Refused {
+                node: node.to_string(),
+                dest,
+                reason: format!("{reason} ({})", response.status()),
+            });
         }
-        self.metrics.streams_total.fetch_add(1, Ordering::Relaxed);
         Ok(TunnelStream::new(send, response.into_body()))
     }
 
@@ -209,76 +406,117 @@ impl Router {
     }
 }
 
+/// An HTTP/1.1 server connection under the header timeout.
+fn http1(limits: &Limits) -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
+    builder
+}
+
+/// The TLS handshake of `tcp` under the handshake timeout; a failure is
+/// counted at `gate` and logged.
+async fn handshake(
+    gate: &Gate,
+    limits: &Limits,
+    tls: &Live<rustls::ServerConfig>,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+) -> Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.borrow().clone());
+    match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => Some(tls),
+        Ok(Err(err)) => {
+            gate.refuse(Refusal::Handshake);
+            tracing::info!("{} door: {peer} refused in the TLS handshake: {err}", gate.door().name());
+            None
+        }
+        Err(_) => {
+            gate.refuse(Refusal::HandshakeTimeout);
+            tracing::debug!("{} door: {peer} did not finish its TLS handshake in time", gate.door().name());
+            None
+        }
+    }
+}
+
+/// The verified leaf certificate of a TLS client.
+fn client_leaf<'a>(tls: &'a tokio_rustls::server::TlsStream<tokio::net::TcpStream>) -> Option<&'a [u8]> {
+    let (_, session) = tls.get_ref();
+    session.peer_certificates().and_then(|chain| chain.first()).map(|leaf| leaf.as_ref())
+}
+
 /// Accepts agents' links forever: mutual TLS (the config must verify
 /// client certificates against the CA), the node identity from the
 /// certificate, then HTTP/2 as the client.
 pub async fn serve_agents(listener: TcpListener, tls: Live<rustls::ServerConfig>, router: Arc<Router>) {
-    loop {
-        let Ok((tcp, peer)) = listener.accept().await else { continue };
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls.borrow().clone());
-        let router = router.clone();
-        tokio::spawn(async move {
-            let _ = tcp.set_nodelay(true);
-            let tls = match acceptor.accept(tcp).await {
-                Ok(tls) => tls,
-                Err(err) => {
-                    router.metrics.handshake_failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!("agent link from {peer} refused in the TLS handshake: {err}");
-                    return;
-                }
-            };
-            let identity = {
-                let (_, session) = tls.get_ref();
-                session
-                    .peer_certificates()
-                    .and_then(|chain| chain.first())
-                    .ok_or_else(|| "no client certificate".to_string())
-                    .and_then(|leaf| {
-                        let node = certs::node_name_of(leaf.as_ref()).map_err(|e| e.to_string())?;
-                        let ips = certs::ip_sans_of(leaf.as_ref()).map_err(|e| e.to_string())?;
-                        Ok((node, ips))
-                    })
-            };
-            let (node, addresses) = match identity {
-                Ok(identity) => identity,
-                Err(reason) => {
-                    router.metrics.handshake_failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!("agent link from {peer} refused: {reason}");
-                    return;
-                }
-            };
-            let (link, mut connection) = match transport::server_builder().handshake::<_, Bytes>(tls).await {
-                Ok(pair) => pair,
-                Err(err) => {
-                    tracing::warn!("agent link from {peer} (node {node}) failed to start HTTP/2: {err}");
-                    return;
-                }
-            };
-            let serial = router.insert(&node, addresses.clone(), link);
-            tracing::info!("tunnel agent of node {node} linked from {peer} (addresses {addresses:?})");
-            let mut pings = connection.ping_pong();
-            let keepalive = async move {
-                loop {
-                    tokio::time::sleep(transport::PING_INTERVAL).await;
-                    let Some(pinger) = pings.as_mut() else { return };
-                    if !matches!(
-                        tokio::time::timeout(transport::PING_TIMEOUT, pinger.ping(h2::Ping::opaque())).await,
-                        Ok(Ok(_))
-                    ) {
-                        return;
-                    }
-                }
-            };
-            tokio::select! {
-                result = connection => if let Err(err) = result {
-                    tracing::warn!("tunnel link of node {node} failed: {err}");
-                },
-                () = keepalive => tracing::warn!("tunnel link of node {node} is dead: no pong"),
+    let gate = router.gate(Door::Agents);
+    limits::accept_loop(listener, gate.clone(), move |tcp, peer, ticket| {
+        let (router, tls, gate) = (router.clone(), tls.clone(), gate.clone());
+        async move { serve_agent(router, tls, gate, tcp, peer, ticket).await }
+    })
+    .await;
+}
+
+async fn serve_agent(
+    router: Arc<Router>,
+    tls: Live<rustls::ServerConfig>,
+    gate: Arc<Gate>,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    _ticket: Ticket,
+) {
+    let _ = tcp.set_nodelay(true);
+    let Some(tls) = handshake(&gate, &router.policy.limits, &tls, tcp, peer).await else {
+        router.metrics.handshake_failures.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    let identity = client_leaf(&tls).ok_or_else(|| "no client certificate".to_string()).and_then(|leaf| {
+        let node = certs::node_name_of(leaf).map_err(|e| e.to_string())?;
+        let ips = certs::ip_sans_of(leaf).map_err(|e| e.to_string())?;
+        Ok((node, ips))
+    });
+    let (node, addresses) = match identity {
+        Ok(identity) => identity,
+        Err(reason) => {
+            router.metrics.handshake_failures.fetch_add(1, Ordering::Relaxed);
+            gate.refuse(Refusal::Identity);
+            tracing::warn!("agent link from {peer} refused: {reason}");
+            return;
+        }
+    };
+    let (link, mut connection) = match transport::server_builder().handshake::<_, Bytes>(tls).await {
+        Ok(pair) => pair,
+        Err(err) => {
+            tracing::warn!("agent link from {peer} (node {node}) failed to start HTTP/2: {err}");
+            return;
+        }
+    };
+    let (serial, replaced) = router.insert(&node, addresses.clone(), link);
+    tracing::info!("tunnel agent of node {node} linked from {peer} (addresses {addresses:?})");
+    let mut pings = connection.ping_pong();
+    let keepalive = async move {
+        loop {
+            tokio::time::sleep(transport::PING_INTERVAL).await;
+            let Some(pinger) = pings.as_mut() else { return };
+            if !matches!(
+                tokio::time::timeout(transport::PING_TIMEOUT, pinger.ping(h2::Ping::opaque())).await,
+                Ok(Ok(_))
+            ) {
+                return;
             }
-            router.remove(&node, serial);
-            tracing::info!("tunnel agent of node {node} gone");
-        });
+        }
+    };
+    tokio::select! {
+        result = connection => if let Err(err) = result {
+            tracing::warn!("tunnel link of node {node} failed: {err}");
+        },
+        () = keepalive => tracing::warn!("tunnel link of node {node} is dead: no pong"),
+        _ = replaced => {
+            tracing::info!("tunnel link of node {node} from {peer} closed: replaced by a newer link");
+            return;
+        }
     }
+    router.remove(&node, serial);
+    tracing::info!("tunnel agent of node {node} gone");
 }
 
 /// Tunnels one front-door connection to `dest`, for as long as it lasts.
@@ -305,49 +543,72 @@ fn redirected_to(dnat: &TunnelDnat, front: &tokio::net::TcpStream, peer: SocketA
 }
 
 /// The DNAT front door: connections the eBPF tunnel DNAT redirected to this
-/// listener, tunnelled to their original destination.
+/// listener, tunnelled to their original destination; any other connection
+/// is closed.
 pub async fn serve_dnat(listener: TcpListener, dnat: Arc<TunnelDnat>, router: Arc<Router>) {
-    loop {
-        let Ok((front, peer)) = listener.accept().await else { continue };
-        let (dnat, router) = (dnat.clone(), router.clone());
-        tokio::spawn(async move {
+    let gate = router.gate(Door::Dnat);
+    limits::accept_loop(listener, gate.clone(), move |front, peer, ticket| {
+        let (dnat, router, gate) = (dnat.clone(), router.clone(), gate.clone());
+        async move {
+            let _ticket = ticket;
             let _ = front.set_nodelay(true);
             match redirected_to(&dnat, &front, peer) {
                 Some(dest) => tunnel_to(&router, front, dest, peer).await,
                 None => {
                     router.metrics.not_redirected.fetch_add(1, Ordering::Relaxed);
+                    gate.refuse(Refusal::NotRedirected);
                     tracing::debug!("connection from {peer} was not redirected by the tunnel DNAT: closed");
                 }
             }
-        });
-    }
+        }
+    })
+    .await;
 }
 
 /// The plain-HTTP door (10264). A connection the DNAT redirected is
-/// tunnelled to its original destination as it is. Any other connection
-/// is HTTP/1.1 (hyper), each request sent on its own tunnel stream to the
-/// node its absolute URI or `Host` names (`node-ip:port`, `node-name:port`,
-/// a pod IP; port 80 when none): `curl -H 'Host: 10.0.5.7:10255' …/metrics`,
-/// or this door as an HTTP proxy (`curl -x http://door:10264 http://10.0.5.7:10255/…`).
+/// tunnelled to its original destination as it is. Any other connection is
+/// HTTP/1.1 (hyper): from a source in the policy's `host_routing_sources`,
+/// each request goes on its own tunnel stream to the node its absolute URI
+/// or `Host` names (`node-ip:port`, `node-name:port`, a pod IP; port 80 when
+/// none): `curl -H 'Host: 10.0.5.7:10255' …/metrics`, or this door as an
+/// HTTP proxy (`curl -x http://door:10264 http://10.0.5.7:10255/…`). From
+/// any other source every request is answered 403 and no stream is opened.
 pub async fn serve_http_door(listener: TcpListener, dnat: Option<Arc<TunnelDnat>>, router: Arc<Router>) {
-    loop {
-        let Ok((front, peer)) = listener.accept().await else { continue };
-        let (dnat, router) = (dnat.clone(), router.clone());
-        tokio::spawn(async move {
+    let gate = router.gate(Door::Http);
+    limits::accept_loop(listener, gate.clone(), move |front, peer, ticket| {
+        let (dnat, router, gate) = (dnat.clone(), router.clone(), gate.clone());
+        async move {
+            let _ticket = ticket;
             let _ = front.set_nodelay(true);
             if let Some(dest) = dnat.as_deref().and_then(|dnat| redirected_to(dnat, &front, peer)) {
                 return tunnel_to(&router, front, dest, peer).await;
             }
-            let metrics = &router.metrics;
-            let front = Counted::new(front, &metrics.bytes_to_edge, &metrics.bytes_from_edge);
-            let service_router = router.clone();
-            let service = hyper::service::service_fn(move |request| proxy_by_host(service_router.clone(), request));
-            let connection = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(front), service);
-            if let Err(err) = connection.await {
+            let source = peer.ip();
+            let source = match source {
+                IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(source, IpAddr::V4),
+                v4 => v4,
+            };
+            let routed = router.policy.host_routing_sources.iter().any(|net| net.contains(&source));
+            let http = http1(&router.policy.limits);
+            let result = if routed {
+                let metrics = &router.metrics;
+                let front = Counted::new(front, &metrics.bytes_to_edge, &metrics.bytes_from_edge);
+                let service_router = router.clone();
+                let service =
+                    hyper::service::service_fn(move |request| proxy_by_host(service_router.clone(), request));
+                http.serve_connection(TokioIo::new(front), service).await
+            } else {
+                gate.refuse(Refusal::HostRouting);
+                tracing::debug!("HTTP door: plain request from {peer}, not a source named for Host routing: 403");
+                let service = hyper::service::service_fn(forbidden);
+                http.serve_connection(TokioIo::new(front), service).await
+            };
+            if let Err(err) = result {
                 tracing::debug!("HTTP door client {peer}: {err}");
             }
-        });
-    }
+        }
+    })
+    .await;
 }
 
 type ProxyBody = http_body_util::Either<Incoming, Empty<Bytes>>;
@@ -418,10 +679,20 @@ async fn proxy_by_host(
 
 fn route_status(err: &RouteError) -> StatusCode {
     match err {
-        RouteError::NoAgent(_) | RouteError::NoNode(_) => StatusCode::SERVICE_UNAVAILABLE,
+        RouteError::NoAgent(_) | RouteError::NoNode(_) | RouteError::NoLink(_) | RouteError::StreamCap { .. } => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        RouteError::OpenTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         RouteError::Refused { .. } => StatusCode::FORBIDDEN,
         RouteError::Link { .. } => StatusCode::BAD_GATEWAY,
     }
+}
+
+/// 403 to a client a door does not serve, and the connection closes.
+async fn forbidden(_request: Request<Incoming>) -> Result<Response<Empty<Bytes>>, std::convert::Infallible> {
+    let mut response = plain(StatusCode::FORBIDDEN);
+    response.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+    Ok(response)
 }
 
 fn plain(status: StatusCode) -> Response<Empty<Bytes>> {
@@ -477,26 +748,35 @@ async fn handle_connect(
 }
 
 /// The HTTP CONNECT front door on TLS (kube-apiserver's egress selector with
-/// `proxyProtocol: HTTPConnect`).
+/// `proxyProtocol: HTTPConnect`), for the client identities the policy
+/// admits; any other client of the CA gets 403 to every request.
 pub async fn serve_connect(listener: TcpListener, tls: Live<rustls::ServerConfig>, router: Arc<Router>) {
-    loop {
-        let Ok((tcp, peer)) = listener.accept().await else { continue };
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls.borrow().clone());
-        let router = router.clone();
-        tokio::spawn(async move {
-            let tls = match acceptor.accept(tcp).await {
-                Ok(tls) => tls,
-                Err(err) => {
-                    tracing::warn!("CONNECT client {peer} refused in the TLS handshake: {err}");
-                    return;
-                }
+    let gate = router.gate(Door::Connect);
+    limits::accept_loop(listener, gate.clone(), move |tcp, peer, ticket| {
+        let (router, tls, gate) = (router.clone(), tls.clone(), gate.clone());
+        async move {
+            let _ticket = ticket;
+            let Some(tls) = handshake(&gate, &router.policy.limits, &tls, tcp, peer).await else { return };
+            let identity = client_leaf(&tls).and_then(ClientIdentity::of);
+            let admitted = identity.as_ref().is_some_and(|id| router.policy.connect_clients.admits(id));
+            let http = http1(&router.policy.limits);
+            let result = if admitted {
+                let service = hyper::service::service_fn(move |request| handle_connect(router.clone(), request));
+                http.serve_connection(TokioIo::new(tls), service).with_upgrades().await
+            } else {
+                gate.refuse(Refusal::Identity);
+                let who = identity.map_or_else(|| "an unreadable certificate".to_string(), |id| id.describe());
+                tracing::warn!(
+                    "CONNECT door: {peer} ({who}) refused: not a client this door admits (--connect-clients {})",
+                    router.policy.connect_clients.common_names().join(",")
+                );
+                let service = hyper::service::service_fn(forbidden);
+                http.serve_connection(TokioIo::new(tls), service).await
             };
-            let service = hyper::service::service_fn(move |request| handle_connect(router.clone(), request));
-            let connection =
-                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), service).with_upgrades();
-            if let Err(err) = connection.await {
+            if let Err(err) = result {
                 tracing::debug!("CONNECT client {peer}: {err}");
             }
-        });
-    }
+        }
+    })
+    .await;
 }

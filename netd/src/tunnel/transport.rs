@@ -43,6 +43,9 @@ pub const WRITE_CHUNK: usize = 128 << 10;
 const RELEASE_BATCH: usize = 64 << 10;
 /// Most concurrent tunnelled connections one agent serves.
 pub const MAX_STREAMS: u32 = 10_000;
+/// Largest header block either side accepts: a CONNECT request or its
+/// answer (with a refusal reason) is far smaller.
+pub const MAX_HEADER_LIST: u32 = 16 << 10;
 /// Ping interval; a link is dead after [`PING_TIMEOUT`] without a pong
 /// (at most 5 + 10 = 15 s from the cut to the verdict).
 pub const PING_INTERVAL: Duration = Duration::from_secs(5);
@@ -57,7 +60,9 @@ pub fn agent_builder() -> h2::server::Builder {
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
         .max_send_buffer_size(SEND_BUFFER)
-        .max_concurrent_streams(MAX_STREAMS);
+        .max_concurrent_streams(MAX_STREAMS)
+        // A CONNECT head is a few dozen bytes; nothing bigger is ours.
+        .max_header_list_size(MAX_HEADER_LIST);
     builder
 }
 
@@ -70,7 +75,11 @@ pub fn server_builder() -> h2::client::Builder {
         .max_frame_size(MAX_FRAME)
         .max_send_buffer_size(SEND_BUFFER)
         // The agent's own limit applies; this only bounds what we keep.
-        .max_concurrent_reset_streams(1024);
+        .max_concurrent_reset_streams(1024)
+        // The agent answers streams the server opens and opens none: a
+        // PUSH_PROMISE from it is a protocol error that ends its link.
+        .enable_push(false)
+        .max_header_list_size(MAX_HEADER_LIST);
     builder
 }
 
@@ -96,12 +105,28 @@ pub struct TunnelStream {
     recv_done: bool,
     /// Written bytes not yet handed to h2 (at most [`WRITE_CHUNK`]).
     outgoing: BytesMut,
+    /// The stream's place under its link's stream cap, given back on drop.
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl TunnelStream {
     /// Wraps the halves of an accepted or opened stream.
     pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
-        Self { send, recv, pending: Bytes::new(), unreleased: 0, recv_done: false, outgoing: BytesMut::new() }
+        Self {
+            send,
+            recv,
+            pending: Bytes::new(),
+            unreleased: 0,
+            recv_done: false,
+            outgoing: BytesMut::new(),
+            _permit: None,
+        }
+    }
+
+    /// Holds `permit` (a place under a stream cap) for the stream's life.
+    pub fn holding(mut self, permit: tokio::sync::OwnedSemaphorePermit) -> Self {
+        self._permit = Some(permit);
+        self
     }
 
     /// Hands every gathered byte to h2 as stream capacity allows.

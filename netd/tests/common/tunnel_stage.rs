@@ -17,7 +17,7 @@ use netd::ebpf::dnat::{AttachOptions, Scope, TunnelDnat};
 use netd::testing::{Cgroup, NetNs, PinDir, VethPair};
 use netd::tunnel::agent::{self, AgentConfig, AgentMetrics};
 use netd::tunnel::certs::{CertFiles, CertificateAuthority, IssuedCert, LoadedCerts};
-use netd::tunnel::server::{self, Router};
+use netd::tunnel::server::{self, Router, ServerPolicy};
 use netd::tunnel::tls;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -157,7 +157,12 @@ impl Stage {
     /// [`Stage::linked`] with the agent's `config` and whatever stands in
     /// for the node's services (`kubelet`, running in the edge namespace).
     pub fn linked_with(&self, config: AgentConfig, kubelet: Background) -> Linked {
-        let router = Arc::new(Router::default());
+        self.linked_under(ServerPolicy::default(), config, kubelet)
+    }
+
+    /// [`Stage::linked_with`], the server under `policy`.
+    pub fn linked_under(&self, policy: ServerPolicy, config: AgentConfig, kubelet: Background) -> Linked {
+        let router = Arc::new(Router::new(policy));
         let server = self.server(router.clone());
         let metrics = Arc::new(AgentMetrics::default());
         let agent = self.agent(config, metrics.clone());
@@ -186,6 +191,7 @@ impl Stage {
             own_addresses: vec![IpAddr::V4(NODE_IP)],
             pod_subnets: Vec::new(),
             allowed_ports: [10250, 10255].into_iter().collect(),
+            dial_loopback: false,
         }
     }
 
@@ -371,6 +377,30 @@ pub fn wait_for(what: &str, timeout: Duration, check: impl Fn() -> bool) {
         assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// `curl` in `ns`: (exit success, HTTP code as curl saw it, body).
+pub fn curl(ns: &NetNs, args: &[&str]) -> (bool, String, String) {
+    curl_in(None, ns, args)
+}
+
+/// [`curl`], run as a member of `cgroup` when one is given (so the tunnel
+/// DNAT attached there redirects its connects). Only the proxy a test names
+/// with `-x` is used.
+pub fn curl_in(cgroup: Option<&Cgroup>, ns: &NetNs, args: &[&str]) -> (bool, String, String) {
+    let net = format!("--net={}", ns.path().display());
+    let mut full =
+        vec![net.as_str(), "env", "-u", "http_proxy", "-u", "HTTP_PROXY", "-u", "all_proxy", "-u", "ALL_PROXY"];
+    full.extend(["curl", "-sS", "-m", "10", "-w", "\n%{http_code}"]);
+    full.extend_from_slice(args);
+    // Not NetNs::exec: a failed transfer is an outcome here, not an error.
+    let out = match cgroup {
+        Some(cgroup) => cgroup.spawn("nsenter", &full).unwrap().wait_with_output().unwrap(),
+        None => std::process::Command::new("nsenter").args(&full).output().unwrap(),
+    };
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (out.status.success(), code.to_string(), body.to_string())
 }
 
 /// Sends `CONNECT authority` over TLS to the front door; the status line's
