@@ -141,7 +141,10 @@ fn a_node_credential_writes_only_its_own_node_and_never_makes_it_a_cloud_node() 
     for path in ["/api/v1/nodes/edge-1", "/api/v1/nodes/edge-1/status"] {
         let (status, body) = patch_as(api, &edge1, path, claim.clone());
         assert_eq!(status, 403, "PATCH {path} as system:node:edge-1: {body}");
-        assert!(body.contains(LABEL_ROLE), "NodeRestriction names the label: {body}");
+        assert!(
+            body.contains("is not allowed to modify labels") && body.contains(LABEL_ROLE),
+            "NodeRestriction refuses, naming the label: {body}"
+        );
     }
     let register = |labels: Value| {
         let object = json!({ "metadata": { "name": "edge-3", "labels": labels } }).to_string();
@@ -149,6 +152,7 @@ fn a_node_credential_writes_only_its_own_node_and_never_makes_it_a_cloud_node() 
     };
     let (status, body) = register(json!({ LABEL_ROLE: "cloud" }));
     assert_eq!(status, 403, "a node registering itself as cloud: {body}");
+    assert!(body.contains("is not allowed to set the following labels") && body.contains(LABEL_ROLE), "{body}");
     let (status, body) = register(json!({ LABEL_EDGE_WORKER: "true" }));
     assert_eq!(status, 201, "the same registration without the trusted label: {body}");
     assert!(node(api, "edge-1")["metadata"]["labels"].get(LABEL_ROLE).is_none());
@@ -279,6 +283,7 @@ fn a_node_credential_writes_only_its_own_node_and_never_makes_it_a_cloud_node() 
     ] {
         let (status, body) = patch_as(api, &edge1, path, patch.clone());
         assert_eq!(status, 403, "PATCH {path} {patch} as edge-1: {body}");
+        assert!(body.contains(r#"node \"edge-1\" is not allowed to modify node \"edge-2\""#), "{body}");
     }
     let (status, body) = api.api_as(edge1.auth(), "DELETE", "/api/v1/nodes/edge-2", None).unwrap();
     assert_eq!(status, 403, "{body}");

@@ -395,6 +395,11 @@ impl KubeClient {
                     .rustls_client_config()
                     .map_err(|e| KubeError::BadConfig(format!("TLS settings: {}", error_chain(&e))))?;
                 tls.client_auth_cert_resolver = Arc::new(identity::Resolver(identity.clone()));
+                // No TLS session resumption: a resumed session keeps the
+                // client certificate of the handshake that made it, so a
+                // new connection after a rotation would still be the old
+                // identity. Connections are pooled: full handshakes are rare.
+                tls.resumption = rustls::client::Resumption::disabled();
                 hyper_rustls::HttpsConnectorBuilder::new()
                     .with_tls_config(tls)
                     .https_or_http()
