@@ -10,9 +10,14 @@
 //! embed. Persistent allocation lives in [`netd_ipam`]; BPF programs and their
 //! loader in [`netd_ebpf`].
 //!
+//! Every file netd writes whole goes through [`atomic_file`]: temporary
+//! file made with its final mode, fsync, rename, directory fsync; a key is
+//! never visible with a mode wider than 0600.
+//!
 //! With the `test-harness` feature, [`testing`] provides RAII guards for
 //! network namespaces, veth pairs, bridges and cgroups for privileged tests.
 
+pub mod atomic_file;
 pub mod autonomy;
 pub mod cli;
 pub mod cni;

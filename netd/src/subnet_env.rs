@@ -9,19 +9,25 @@
 //! ```
 
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
 
+use crate::atomic_file::{self, AtomicFileError};
+
 /// Where flannel (and netd) write it.
 pub const DEFAULT_PATH: &str = "/run/flannel/subnet.env";
+
+/// Its permissions: world-readable, as flannel leaves it under the usual
+/// umask (CNI plugins and operators read it; it holds no secret).
+pub const MODE: u32 = 0o644;
 
 /// Errors reading or writing `subnet.env`.
 #[derive(Debug, thiserror::Error)]
 pub enum SubnetEnvError {
-    /// The file could not be read or written.
+    /// The file could not be read.
     #[error("{path}: {action} failed")]
     Io {
         /// The file.
@@ -32,6 +38,9 @@ pub enum SubnetEnvError {
         #[source]
         source: io::Error,
     },
+    /// The file could not be written.
+    #[error(transparent)]
+    Write(#[from] AtomicFileError),
     /// A required key is absent.
     #[error("{path}: {key} is missing")]
     Missing {
@@ -140,29 +149,11 @@ impl SubnetEnv {
         )
     }
 
-    /// Writes the file atomically: a temporary file in the same directory,
-    /// fsynced, renamed over the target, then the directory fsynced. Readers
-    /// see the old or the new content, never a mix.
+    /// Writes the file atomically with [`crate::atomic_file`] (mode
+    /// [`MODE`], its directory created if missing): readers see the old or
+    /// the new content, never a mix.
     pub fn write(&self, path: &Path) -> Result<(), SubnetEnvError> {
-        let io_err = |action| move |source| SubnetEnvError::Io { path: path.to_path_buf(), action, source };
-        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        fs::create_dir_all(dir).map_err(io_err("creating its directory"))?;
-        let tmp = dir.join(format!(
-            ".{}.tmp-{}",
-            path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-            std::process::id()
-        ));
-        let result = (|| {
-            let mut file = fs::File::create(&tmp)?;
-            file.write_all(self.render().as_bytes())?;
-            file.sync_all()?;
-            fs::rename(&tmp, path)?;
-            fs::File::open(dir)?.sync_all()
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        result.map_err(io_err("atomic write"))
+        Ok(atomic_file::write_creating_dirs(path, self.render().as_bytes(), MODE, 0o755)?)
     }
 }
 
@@ -184,6 +175,8 @@ mod tests {
         assert_eq!(fs::read_to_string(&path).unwrap(), FLANNEL);
         assert_eq!(SubnetEnv::read(&path).unwrap(), env);
         assert_eq!(fs::read_dir(path.parent().unwrap()).unwrap().count(), 1, "no temporary left");
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o7777, MODE);
     }
 
     #[test]

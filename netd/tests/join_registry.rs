@@ -167,6 +167,46 @@ fn tokens_the_embedded_registry_holds_gate_the_join_and_the_csr_is_signed_by_the
     assert!(!kube.ok && kube.stderr.contains("kubeadm token create"), "{}", kube.stderr);
 }
 
+/// Issue 23: the old writer reused a leftover `tunnel/node.tmp-netd-join`
+/// (`create(true)` keeps an existing file's mode), so a 0644 leftover gave
+/// a 0644 `node.key`. Now the leftover is never opened: the key is 0600.
+#[test]
+fn a_world_readable_leftover_temporary_file_never_yields_a_wider_node_key() {
+    use std::os::unix::fs::MetadataExt as _;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = embedded_registry(tmp.path());
+    let token = create_token(&registry, "1h");
+    let node_dir = tmp.path().join("etc-netd");
+    let tunnel = node_dir.join("tunnel");
+    std::fs::create_dir_all(&tunnel).unwrap();
+    let leftover = tunnel.join("node.tmp-netd-join");
+    std::fs::write(&leftover, "stale").unwrap();
+    std::fs::set_permissions(&leftover, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let leftover_inode = std::fs::metadata(&leftover).unwrap().ino();
+
+    let out = join(&registry, &token, &node_dir, r#"{"quiet":true,"nodeNameOverride":"edge-leftover"}"#, &[]);
+    assert!(out.ok, "{}", out.stderr);
+    let key = std::fs::metadata(tunnel.join("node.key")).unwrap();
+    assert_eq!(key.permissions().mode() & 0o7777, 0o600);
+    assert_ne!(key.ino(), leftover_inode, "the leftover became the key");
+    assert!(std::fs::read_to_string(tunnel.join("node.key")).unwrap().contains("PRIVATE KEY"));
+    assert_eq!(std::fs::read_to_string(&leftover).unwrap(), "stale", "the leftover was written to");
+    // No file in the directory holds the key with a wider mode, and no
+    // temporary file of the join is left.
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&tunnel).unwrap() {
+        let entry = entry.unwrap();
+        let mode = entry.metadata().unwrap().permissions().mode() & 0o7777;
+        if std::fs::read_to_string(entry.path()).unwrap().contains("PRIVATE KEY") {
+            assert_eq!(mode & 0o077, 0, "{} holds the key with mode {mode:o}", entry.path().display());
+        }
+        names.push(entry.file_name().to_string_lossy().into_owned());
+    }
+    names.sort();
+    assert_eq!(names, ["node.csr", "node.key", "node.tmp-netd-join"]);
+}
+
 #[test]
 fn tokens_in_etcd_expire_with_an_etcd_lease_and_gate_the_join() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };

@@ -1,15 +1,14 @@
 //! What a join leaves on the node, and how it is taken back when a later
-//! step fails: files are written whole (temporary file, then rename) and
+//! step fails: files are written whole ([`crate::atomic_file`]) and
 //! each one written is remembered until the join commits; the join record
 //! (`join.json`) is written last, so its presence means "joined".
 
-use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use super::spec::NodeSpec;
+use crate::atomic_file::{self, AtomicFileError};
 
 /// The version of [`JoinRecord`]'s layout.
 pub const RECORD_VERSION: u32 = 1;
@@ -47,7 +46,7 @@ impl JoinPaths {
 /// Why the node's files could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum LocalError {
-    /// A file could not be written, read or removed.
+    /// A file or directory could not be read or created.
     #[error("{action} {path}")]
     Io {
         /// What was attempted.
@@ -58,6 +57,9 @@ pub enum LocalError {
         #[source]
         source: std::io::Error,
     },
+    /// A file could not be written.
+    #[error(transparent)]
+    Write(#[from] AtomicFileError),
     /// The join record is not one this netd reads.
     #[error("{path} is not a netd join record ({reason}); move it away to join again")]
     BadRecord {
@@ -117,24 +119,16 @@ pub struct Written {
 }
 
 impl Written {
-    /// Writes `contents` to `path` whole (temporary file, fsync, rename),
-    /// with permission `mode`; creates missing parent directories.
+    /// Writes `contents` to `path` whole with [`crate::atomic_file`]
+    /// (a fresh temporary file made with `mode`, fsync, rename, directory
+    /// fsync), so a key is never visible with a mode wider than `mode`;
+    /// creates missing parent directories.
     pub fn write(&mut self, path: &Path, contents: &[u8], mode: u32) -> Result<(), LocalError> {
         if let Some(parent) = path.parent() {
             self.create_dirs(parent)?;
         }
         let existed = path.exists();
-        let tmp = path.with_extension("tmp-netd-join");
-        let io = |action, source| LocalError::Io { action, path: path.to_path_buf(), source };
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)
-            .map_err(|e| io("creating", e))?;
-        file.write_all(contents).and_then(|()| file.sync_all()).map_err(|e| io("writing", e))?;
-        std::fs::rename(&tmp, path).map_err(|e| io("renaming into place", e))?;
+        atomic_file::write(path, contents, mode)?;
         if !existed {
             self.created.push(path.to_path_buf());
         }
@@ -181,6 +175,50 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    /// Issue 23: the old writer opened `node.tmp-netd-join` (one name for
+    /// every file of the directory) with `create(true)`, so a leftover 0644
+    /// one kept its mode and was renamed into place as a 0644 `node.key`.
+    #[test]
+    fn a_world_readable_leftover_temporary_never_becomes_a_wider_key() {
+        use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+
+        let dir = tempfile::tempdir().unwrap();
+        let paths = JoinPaths { config_dir: dir.path().join("etc/netd") };
+        let tunnel = paths.tunnel_dir();
+        std::fs::create_dir_all(&tunnel).unwrap();
+        let leftover = tunnel.join("node.tmp-netd-join");
+        std::fs::write(&leftover, "stale").unwrap();
+        std::fs::set_permissions(&leftover, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let leftover_inode = std::fs::metadata(&leftover).unwrap().ino();
+
+        let key_pem = b"-----BEGIN PRIVATE KEY-----\nsecret\n-----END PRIVATE KEY-----\n";
+        let mut written = Written::default();
+        written.write(&tunnel.join("node.key"), key_pem, 0o600).unwrap();
+        written.write(&paths.tunnel_csr(), b"-----BEGIN CERTIFICATE REQUEST-----\n", 0o644).unwrap();
+        let files = written.commit();
+
+        let key = std::fs::metadata(tunnel.join("node.key")).unwrap();
+        assert_eq!(key.permissions().mode() & 0o7777, 0o600);
+        assert_ne!(key.ino(), leftover_inode, "the leftover was renamed into place");
+        assert_eq!(std::fs::read(tunnel.join("node.key")).unwrap(), key_pem);
+        assert_eq!(std::fs::read_to_string(&leftover).unwrap(), "stale", "the leftover was written to");
+        assert_eq!(files, [tunnel.join("node.key"), paths.tunnel_csr()]);
+        // No file in the directory holds the key with a wider mode, and
+        // nothing but the leftover is left beside what was written.
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(&tunnel).unwrap() {
+            let entry = entry.unwrap();
+            let mode = entry.metadata().unwrap().permissions().mode() & 0o7777;
+            let text = std::fs::read(entry.path()).unwrap();
+            if text.windows(6).any(|w| w == b"secret") {
+                assert_eq!(mode & 0o077, 0, "{} holds the key with mode {mode:o}", entry.path().display());
+            }
+            names.push(entry.file_name().to_string_lossy().into_owned());
+        }
+        names.sort();
+        assert_eq!(names, ["node.csr", "node.key", "node.tmp-netd-join"]);
+    }
 
     #[test]
     fn an_uncommitted_join_takes_back_only_what_it_created() {

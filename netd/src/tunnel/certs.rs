@@ -11,15 +11,16 @@
 //! Kubernetes' own signer does, so an edge box whose clock lags a little
 //! still accepts them, and never outlive the CA.
 //!
-//! Files are written to a temporary file in the target directory and renamed
-//! into place, so a reader sees the old file or the new one, never half of
-//! one; private keys are mode 0600.
+//! Files are written by [`crate::atomic_file`] (a fresh temporary file in
+//! the target directory, renamed into place), so a reader sees the old file
+//! or the new one, never half of one; private keys are mode 0600 from their
+//! first byte.
 
 use std::fmt;
-use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::io::{self, Write};
+use std::fs;
+use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -31,6 +32,8 @@ use rustls_pki_types::pem::{self, PemObject};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
+
+use crate::atomic_file::{self, AtomicFileError};
 
 /// The organization every node certificate carries, as kubelet's do; the
 /// Node authorizer keys on it.
@@ -63,13 +66,8 @@ pub enum CertError {
         source: io::Error,
     },
     /// A file or directory could not be written.
-    #[error("cannot write {}: {source}", path.display())]
-    Write {
-        /// The file or directory.
-        path: PathBuf,
-        /// Why.
-        source: io::Error,
-    },
+    #[error(transparent)]
+    File(#[from] AtomicFileError),
     /// The input is not the PEM it should be: garbage, empty, truncated, or
     /// the wrong kind of block.
     #[error("{what}: {reason}")]
@@ -885,7 +883,7 @@ fn pem_error(what: &str, kind: &str, error: pem::Error) -> CertError {
 
 /// Writes one certificate file as this module writes its own: its
 /// directory created (0700) if needed, the file replaced atomically with
-/// `mode`.
+/// exactly `mode` from its first byte ([`crate::atomic_file`]).
 pub fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), CertError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         create_dir(dir)?;
@@ -893,37 +891,13 @@ pub fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), CertErr
     write_atomic(path, contents, mode)
 }
 
+/// Certificate directories hold keys: only their owner may list them.
 fn create_dir(dir: &Path) -> Result<(), CertError> {
-    DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|source| CertError::Write { path: dir.to_owned(), source })
+    Ok(atomic_file::create_dirs(dir, 0o700)?)
 }
 
-/// Writes `contents` to a temporary file next to `path` with `mode`, syncs
-/// it and renames it over `path`, then syncs the directory: after a crash
-/// `path` is the old file or the new one, never a prefix of either.
 fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), CertError> {
-    let fail = |path: &Path| {
-        let path = path.to_owned();
-        move |source| CertError::Write { path, source }
-    };
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
-    // A leftover from a crashed writer with this pid may have other
-    // permissions; create_new below must make the file with `mode`.
-    let _ = fs::remove_file(&tmp);
-    let written = OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp).and_then(|mut file| {
-        file.write_all(contents)?;
-        file.sync_all()
-    });
-    if let Err(e) = written.and_then(|()| fs::rename(&tmp, path)) {
-        let _ = fs::remove_file(&tmp);
-        return Err(fail(path)(e));
-    }
-    File::open(dir).and_then(|d| d.sync_all()).map_err(fail(dir))
+    Ok(atomic_file::write(path, contents, mode)?)
 }
 
 #[cfg(test)]

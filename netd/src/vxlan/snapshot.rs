@@ -19,10 +19,10 @@
 //! longer holds their lease (an edge node offline for longer than its lease).
 //!
 //! Unknown fields are ignored (a newer netd may add some); a higher
-//! `version` is refused rather than misread. Writes go to a temporary file
-//! in the same directory, are fsynced, renamed over the old file and the
-//! directory is fsynced: a crash leaves the old or the new snapshot, never a
-//! torn one.
+//! `version` is refused rather than misread. Writes go through
+//! [`crate::atomic_file`] (a fresh temporary file in the same directory,
+//! fsynced, renamed over the old file, the directory fsynced): a crash
+//! leaves the old or the new snapshot, never a torn one.
 //!
 //! ## The journal
 //!
@@ -56,12 +56,18 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 use super::{Lease, OverlayConfig, PeerChange};
+use crate::atomic_file::{self, AtomicFileError};
 
 /// Where the daemon keeps its snapshot unless told otherwise.
 pub const DEFAULT_PATH: &str = "/var/lib/netd/snapshot.json";
 
 /// The snapshot format version this build writes and reads.
 pub const VERSION: u32 = 1;
+
+/// The permissions of the snapshot and its journal: world-readable, as
+/// they always were under the usual umask (they hold the overlay's
+/// addresses, nothing secret).
+pub const MODE: u32 = 0o644;
 
 /// Errors reading or writing a snapshot.
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +91,9 @@ pub enum SnapshotError {
         /// Why, with the JSON path of the bad field.
         reason: String,
     },
+    /// The snapshot, or a new journal, could not be written.
+    #[error(transparent)]
+    Write(#[from] AtomicFileError),
     /// Written by a newer netd.
     #[error(
         "snapshot {path} has format version {found}; this netd reads version {VERSION} (written by a newer netd?)"
@@ -207,32 +216,14 @@ impl Snapshot {
         Ok(())
     }
 
-    /// Writes atomically and durably to `path` (creating its directory);
+    /// Writes atomically and durably to `path` with [`crate::atomic_file`]
+    /// (mode [`MODE`], creating its directory);
     /// returns the bytes written. Leaves any journal beside it alone (see
     /// [`SnapshotWriter`]).
     pub fn save(&self, path: &Path) -> Result<u64, SnapshotError> {
-        let io_err = |action, source| SnapshotError::Io { path: path.to_path_buf(), action, source };
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        fs::create_dir_all(&dir).map_err(|e| io_err("creating its directory", e))?;
         let bytes = serde_json::to_vec(self)
             .map_err(|e| SnapshotError::Invalid { path: path.to_path_buf(), reason: e.to_string() })?;
-        let mut tmp_name = path.file_name().map(|n| n.to_os_string()).unwrap_or_else(|| "snapshot".into());
-        tmp_name.push(format!(".tmp.{}", std::process::id()));
-        let tmp = dir.join(tmp_name);
-        let write = || -> io::Result<()> {
-            let mut file = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
-            file.write_all(&bytes)?;
-            file.sync_all()?;
-            fs::rename(&tmp, path)?;
-            File::open(&dir)?.sync_all()
-        };
-        write().map_err(|e| {
-            let _ = fs::remove_file(&tmp);
-            io_err("writing", e)
-        })?;
+        atomic_file::write_creating_dirs(path, &bytes, MODE, 0o755)?;
         Ok(bytes.len() as u64)
     }
 }
@@ -346,15 +337,20 @@ impl SnapshotWriter {
         let file = match &mut self.journal {
             Some(file) => file,
             None => {
-                let file = OpenOptions::new()
-                    .append(true)
-                    .create(true)
-                    .open(&self.journal_path)
-                    .map_err(|e| io_err("opening", e))?;
-                // A fresh journal's directory entry must be durable too.
-                if let Some(dir) = self.journal_path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_err("syncing its directory", e))?;
-                }
+                let file = match OpenOptions::new().append(true).open(&self.journal_path) {
+                    Ok(file) => file,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        // A new journal is created by the one atomic writer
+                        // (exact mode, no leftover reused, its directory
+                        // entry fsynced) and only then opened for appending.
+                        atomic_file::write(&self.journal_path, b"", MODE)?;
+                        OpenOptions::new().append(true).open(&self.journal_path).map_err(|e| io_err("opening", e))?
+                    }
+                    // An existing journal (emptied by the last compaction)
+                    // is appended to as it is: its entry was made durable
+                    // when it was created.
+                    Err(e) => return Err(io_err("opening", e)),
+                };
                 self.journal.insert(file)
             }
         };
@@ -455,6 +451,10 @@ mod tests {
         let journal = fs::read_to_string(journal_path(&path)).unwrap();
         assert_eq!(journal.lines().count(), 4, "header + one line per change: {journal}");
         assert!(journal.starts_with("{\"journal\":1}\n"), "{journal}");
+        use std::os::unix::fs::PermissionsExt as _;
+        for file in [path.clone(), journal_path(&path)] {
+            assert_eq!(fs::metadata(&file).unwrap().permissions().mode() & 0o7777, MODE, "{}", file.display());
+        }
         assert!(journal.contains(r#"{"op":"remove","subnet":"10.244.3.0/24"}"#), "{journal}");
         let loaded = Snapshot::load(&path).unwrap().unwrap();
         assert_eq!(subnets(&loaded), ["10.244.2.0/24", "10.244.4.0/24"]);
