@@ -212,14 +212,13 @@ fn manifests_are_what_they_should_be() {
             assert!(subject["name"] != "netd", "netd's ServiceAccount is bound: {object}");
         }
     }
-    for name in ["netd-tunnel-server"] {
-        let binding = find(&objects, "ClusterRoleBinding", name);
-        assert_eq!(
-            binding["roleRef"],
-            json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name})
-        );
-        assert_eq!(binding["subjects"], json!([{"kind": "ServiceAccount", "name": name, "namespace": NS}]));
-    }
+    let name = "netd-tunnel-server";
+    let binding = find(&objects, "ClusterRoleBinding", name);
+    assert_eq!(
+        binding["roleRef"],
+        json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name})
+    );
+    assert_eq!(binding["subjects"], json!([{"kind": "ServiceAccount", "name": name, "namespace": NS}]));
 
     // net-conf.json as netd's own parser reads it; the conflist as the pin
     // keeper discovers it.
@@ -586,8 +585,9 @@ fn deploy_applies_and_netd_runs_as_its_node_under_node_rbac_and_node_restriction
     assert_eq!(urls, base_urls);
     assert!(!kube.can_i(&netd_token, &["patch", "nodes", "--subresource=status"]));
     assert!(!kube.can_i(&netd_token, &["list", "nodes"]));
-    for (account, token, expected) in [("netd-tunnel-server", kube.token("netd-tunnel-server"), tunnel_server_rules())]
     {
+        let (account, token, expected) =
+            ("netd-tunnel-server", kube.token("netd-tunnel-server"), tunnel_server_rules());
         let (resources, urls) = kube.rules_of(&token, files.path());
         let extra: BTreeSet<Rule> = resources.difference(&base_resources).cloned().collect();
         assert_eq!(extra, expected, "{account}'s permissions beyond any account's");
