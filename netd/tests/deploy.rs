@@ -789,6 +789,9 @@ fn deploy_applies_and_netd_runs_as_its_node_under_node_rbac_and_node_restriction
     let mut tunnel_args: Vec<std::ffi::OsString> = vec!["tunnel-server".into()];
     for (flag, value) in [
         ("--cert-dir", cert_dir.to_string()),
+        // The doors bind the cloud node's address (the test node has no
+        // default route to find it by).
+        ("--address", node.public_ip().to_string()),
         ("--registry", format!("kubernetes:{}", server.url())),
         ("--network", network.clone()),
         ("--token-file", tunnel_token.display().to_string()),
