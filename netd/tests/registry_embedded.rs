@@ -40,15 +40,20 @@ async fn leases_watch_and_bad_data() {
     req_b.previous_subnet = Some("10.244.7.0/24".parse().unwrap());
     let lease_b = b.acquire_lease(&config, &req_b).await.unwrap();
     assert_eq!(lease_b.lease.subnet.to_string(), "10.244.7.0/24", "previous subnet kept");
-    // Same node again, and a renamed node with the same public IP: same subnet.
+    // Same node again: same subnet. Another name claiming a's public IP
+    // (a renamed host, or a node lying about its address) does not take
+    // a's lease: it gets its own subnet, and a keeps its own.
     assert_eq!(
         a.acquire_lease(&config, &request("a", "192.168.50.11", 1)).await.unwrap().lease.subnet,
         lease_a.lease.subnet
     );
+    let claimant = a.acquire_lease(&config, &request("a2", "192.168.50.11", 1)).await.unwrap();
+    assert_ne!(claimant.lease.subnet, lease_a.lease.subnet);
     assert_eq!(
-        a.acquire_lease(&config, &request("a2", "192.168.50.11", 1)).await.unwrap().lease.subnet,
+        a.acquire_lease(&config, &request("a", "192.168.50.11", 1)).await.unwrap().lease.subnet,
         lease_a.lease.subnet
     );
+    assert!(a.delete_lease("a2").unwrap());
     let renewed = b.renew_lease(&lease_b).await.unwrap();
     assert_eq!(renewed.lease.subnet, lease_b.lease.subnet);
     assert!(renewed.expires_at.unwrap() > std::time::SystemTime::now() + Duration::from_secs(23 * 3600));

@@ -148,14 +148,25 @@ async fn leases_are_flannels_on_24h_etcd_leases() {
     let expires = lease_a.expires_at.unwrap();
     assert!(expires > SystemTime::now() + Duration::from_secs(23 * 3600 + 3500), "{expires:?}");
 
-    // Same public IP, new name and MAC (a reinstalled node): same subnet,
-    // re-published, on the same (kept-alive) etcd lease.
-    let again = a.acquire_lease(&config, &request("a2", "192.168.50.11", 9)).await.unwrap();
-    assert_eq!(again.lease.subnet, lease_a.lease.subnet);
+    // Same public IP under another name (a reinstalled node, or a node
+    // claiming a's address): a's named lease is a's alone. The claimant gets
+    // its own subnet; a's value, name and etcd lease stay.
+    let claimant = a.acquire_lease(&config, &request("a2", "192.168.50.11", 9)).await.unwrap();
+    assert_ne!(claimant.lease.subnet, lease_a.lease.subnet);
     let (value, lease_again) = value_of(&mut c, "/coreos.com/network/subnets/10.244.1.0-24").await.unwrap();
-    assert!(String::from_utf8(value).unwrap().contains(r#""VtepMAC":"0e:00:00:00:00:09""#));
+    assert!(String::from_utf8(value).unwrap().contains(r#""VtepMAC":"0e:00:00:00:00:01""#));
     assert_eq!(lease_again, lease_id);
-    assert_eq!(value_of(&mut c, "/coreos.com/network/nodes/10.244.1.0-24").await.unwrap().0, b"a2");
+    assert_eq!(value_of(&mut c, "/coreos.com/network/nodes/10.244.1.0-24").await.unwrap().0, b"a");
+    let claimant_key = format!("{SUBNETS}{}", claimant.lease.subnet.to_string().replace('/', "-"));
+    let (_, claimant_lease) = value_of(&mut c, &claimant_key).await.unwrap();
+    c.lease_revoke(claimant_lease).await.unwrap();
+    // A lease flannel wrote (no name beside it) is found by its public IP,
+    // as flannel finds it: a node taking over from flannel keeps its subnet.
+    put_leased(&mut c, &format!("{SUBNETS}10.244.30.0-24"), &flannel_value("192.168.50.30", "ce:00:00:00:00:30"), 3600)
+        .await;
+    let taken_over = a.acquire_lease(&config, &request("f", "192.168.50.30", 30)).await.unwrap();
+    assert_eq!(taken_over.lease.subnet, net("10.244.30.0/24"));
+    assert_eq!(value_of(&mut c, "/coreos.com/network/nodes/10.244.30.0-24").await.unwrap().0, b"f");
 
     // Renew keeps the subnet and the 24 h.
     let renewed = b.renew_lease(&lease_b).await.unwrap();

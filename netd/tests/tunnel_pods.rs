@@ -26,7 +26,8 @@ use netd::tunnel::routes::LeaseRoute;
 use netd::tunnel::server::{self, Router, ServerPolicy};
 use tokio::net::TcpListener;
 use tunnel_stage::{
-    curl, curl_in, spawn_netd, wait_for, Background, Stage, AGENT_PORT, CLOUD_IP, DAY, DNAT_PLAIN_PORT, DNAT_TLS_PORT, NODE, NODE_IP,
+    curl, curl_in, spawn_netd, wait_for, Background, Stage, AGENT_PORT, CLOUD_IP, DAY, DNAT_PLAIN_PORT, DNAT_TLS_PORT,
+    NODE, NODE_IP,
 };
 
 /// A pod on the edge node, inside the node's pod subnet.

@@ -60,9 +60,15 @@ fn the_connect_door_admits_kube_apiservers_identity_and_no_node_or_stranger() {
     let target = format!("{NODE_IP}:10250");
     let ca = &stage.pki.ca;
     let refused_clients = [
-        ("edge-1's own agent certificate", client_with(&stage, &ca.issue_node(NODE, &[IpAddr::V4(NODE_IP)], DAY).unwrap())),
+        (
+            "edge-1's own agent certificate",
+            client_with(&stage, &ca.issue_node(NODE, &[IpAddr::V4(NODE_IP)], DAY).unwrap()),
+        ),
         ("another edge node's certificate", client_with(&stage, &ca.issue_node("edge-2", &[], DAY).unwrap())),
-        ("a kubelet-style client of the CA", client_with(&stage, &ca.issue_client("system:node:edge-9", None, DAY).unwrap())),
+        (
+            "a kubelet-style client of the CA",
+            client_with(&stage, &ca.issue_client("system:node:edge-9", None, DAY).unwrap()),
+        ),
         ("a user of the CA", client_with(&stage, &ca.issue_client("prometheus", None, DAY).unwrap())),
         (
             "the admitted name in the nodes' group",
@@ -125,7 +131,9 @@ fn plain_http_by_host_is_off_by_default_and_then_only_for_the_named_sources() {
     let host = format!("Host: {NODE_IP}:10255");
     let from_stranger = || curl(&stranger, &["-H", &host, &format!("http://10.70.0.1:{DNAT_PLAIN_PORT}/pods")]);
     let from_cloud = || curl(&stage.cloud, &["-H", &host, &format!("http://{CLOUD_IP}:{DNAT_PLAIN_PORT}/pods")]);
-    let proxied = || curl(&stranger, &["-x", &format!("http://10.70.0.1:{DNAT_PLAIN_PORT}"), &format!("http://{NODE_IP}:10255/x")]);
+    let proxied = || {
+        curl(&stranger, &["-x", &format!("http://10.70.0.1:{DNAT_PLAIN_PORT}"), &format!("http://{NODE_IP}:10255/x")])
+    };
 
     // Default settings: nobody's plain HTTP is routed; no agent sees a stream.
     let linked = stage.linked_with(stage.agent_config(NODE), kubelet_http(&stage));
@@ -227,7 +235,8 @@ fn doors_bound_streams_handshakes_request_heads_and_connections_per_source() {
         max_streams_per_agent: 2,
         ..Limits::default()
     };
-    let policy = ServerPolicy { limits, host_routing_sources: vec![IpNet::from(IpAddr::V4(CLOUD_IP))], ..Default::default() };
+    let policy =
+        ServerPolicy { limits, host_routing_sources: vec![IpNet::from(IpAddr::V4(CLOUD_IP))], ..Default::default() };
     let linked = stage.linked_under(policy, stage.agent_config(NODE), stage.kubelet());
     let _door = http_door(&stage, linked.router.clone());
     let client = linked.client.clone();

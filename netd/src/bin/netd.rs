@@ -24,11 +24,11 @@ use std::str::FromStr;
 use anyhow::{bail, Context as _, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use netd::daemon::config::{parse_command_line, parse_duration, RunArgs};
-use netd::tunnel::run::Listen;
 use netd::dnat::config::PortRules;
 use netd::ebpf::dnat::{TunnelDnat, DEFAULT_PIN_DIR};
 use netd::registry::embedded::EmbeddedRegistry;
 use netd::registry::NetworkConfig;
+use netd::tunnel::run::Listen;
 use netd::vxlan::snapshot::{self, Snapshot};
 use netd::vxlan::Reconciler;
 

@@ -463,15 +463,17 @@ fn acquire(path: &Path, config: &NetworkConfig, request: &LeaseRequest) -> Resul
     let mut held: Option<Ipv4Net> = None;
     let mut taken = BTreeSet::new();
     {
-        let mut stmt = tx.prepare("SELECT subnet, node, attrs FROM lease").map_err(err)?;
-        let rows = stmt
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))
-            .map_err(err)?;
+        let mut stmt = tx.prepare("SELECT subnet, node FROM lease").map_err(err)?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))).map_err(err)?;
         for row in rows {
-            let (key, node, attrs) = row.map_err(err)?;
+            let (key, node) = row.map_err(err)?;
             let Ok(subnet) = flannel::parse_subnet_key(&key) else { continue };
-            let same_ip = LeaseAttrs::parse(attrs.as_bytes()).is_ok_and(|a| a.public_ip == request.public_ip);
-            if node == request.node || same_ip {
+            // A lease is the node's by name only. flannel also hands a lease
+            // to whoever claims its public IP (a renamed host); here that
+            // would let any node take another's subnet and address by
+            // claiming its IP (SPEC §3b), so a renamed node gets a new
+            // subnet and its old lease lapses with its TTL.
+            if node == request.node {
                 if held.is_none() && config.network.contains(&subnet) && subnet.prefix_len() == config.subnet_len {
                     held = Some(subnet);
                     continue;

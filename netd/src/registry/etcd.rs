@@ -475,8 +475,14 @@ impl EtcdRegistry {
             (false, Some(_)) => vec![TxnOp::delete(keys.reserved(&request.node), None)],
             (false, None) => Vec::new(),
         };
-        let is_ours = |subnet: &Ipv4Net, ip: Option<Ipv4Addr>| {
-            ip == Some(request.public_ip) || (!request.node.is_empty() && names.get(subnet) == Some(&request.node))
+        // A lease that names its node is that node's alone: claiming its
+        // public IP does not make it ours (SPEC §3b: no node takes another's
+        // subnet or address). A lease without a name is flannel's own, which
+        // flannel finds by public IP: a node taking over from flannel keeps
+        // its subnet that way.
+        let is_ours = |subnet: &Ipv4Net, ip: Option<Ipv4Addr>| match names.get(subnet) {
+            Some(name) => !request.node.is_empty() && *name == request.node,
+            None => ip == Some(request.public_ip),
         };
         let usable = |s: &Ipv4Net| config.network.contains(s) && s.prefix_len() == config.subnet_len;
         let ours: Vec<_> = held.iter().filter(|(s, _, _, ip)| is_ours(s, *ip)).copied().collect();
@@ -631,7 +637,8 @@ impl Registry for EtcdRegistry {
             Some(config) => config,
             None => self.network_config().await?,
         };
-        // Acquiring finds the key by public IP or node name, keeps its etcd
+        // Acquiring finds the key by node name (or by public IP when
+        // flannel wrote it), keeps its etcd
         // lease alive and re-puts the value; a vanished key is taken again,
         // the same subnet first.
         let request = LeaseRequest {

@@ -31,8 +31,10 @@ impl ClientIdentity {
     pub fn of(cert_der: &[u8]) -> Option<Self> {
         let (_, cert) = x509_parser::certificate::X509Certificate::from_der(cert_der).ok()?;
         let subject = cert.subject();
-        let common_names: Option<Vec<String>> = subject.iter_common_name().map(|a| a.as_str().map(str::to_string).ok()).collect();
-        let organizations: Option<Vec<String>> = subject.iter_organization().map(|a| a.as_str().map(str::to_string).ok()).collect();
+        let common_names: Option<Vec<String>> =
+            subject.iter_common_name().map(|a| a.as_str().map(str::to_string).ok()).collect();
+        let organizations: Option<Vec<String>> =
+            subject.iter_organization().map(|a| a.as_str().map(str::to_string).ok()).collect();
         Some(Self { common_names: common_names?, organizations: organizations? })
     }
 

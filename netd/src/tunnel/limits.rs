@@ -301,7 +301,8 @@ mod tests {
     use super::*;
 
     fn gate(total: usize, per_source: usize) -> (Arc<Gate>, Arc<DoorMetrics>) {
-        let limits = Limits { max_connections_per_door: total, max_connections_per_source: per_source, ..Limits::default() };
+        let limits =
+            Limits { max_connections_per_door: total, max_connections_per_source: per_source, ..Limits::default() };
         let metrics = Arc::new(DoorMetrics::default());
         (Gate::new(Door::Http, &limits, metrics.clone()), metrics)
     }

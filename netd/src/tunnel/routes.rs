@@ -346,10 +346,7 @@ impl RouteTable {
     /// Replaces every lease with `routes` (a registry resync). Holders keep
     /// their addresses: a lease that held its address before the resync is
     /// placed first. Returns each refused lease (or address) with its reason.
-    pub fn replace_leases(
-        &mut self,
-        routes: impl IntoIterator<Item = LeaseRoute>,
-    ) -> Vec<(LeaseRoute, LeaseVerdict)> {
+    pub fn replace_leases(&mut self, routes: impl IntoIterator<Item = LeaseRoute>) -> Vec<(LeaseRoute, LeaseVerdict)> {
         let held = std::mem::take(&mut self.lease_addresses);
         self.leases.clear();
         self.waiting.clear();
@@ -423,7 +420,10 @@ mod tests {
         assert!(table.certify("edge-9", &ips[..1]).is_empty());
         assert_eq!(at(&table, "10.0.5.7"), Some("edge-9"));
         // Loopback in a certificate routes nowhere.
-        assert_eq!(table.certify("edge-9", &["127.0.0.1".parse().unwrap()]), vec!["127.0.0.1".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            table.certify("edge-9", &["127.0.0.1".parse().unwrap()]),
+            vec!["127.0.0.1".parse::<IpAddr>().unwrap()]
+        );
         assert_eq!(at(&table, "127.0.0.1"), None);
     }
 

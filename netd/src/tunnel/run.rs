@@ -16,9 +16,9 @@ use tokio::net::TcpListener;
 
 use super::agent::{self, AgentConfig, AgentMetrics};
 use super::certs::{self, CertError, CertFiles};
-use super::routes::LeaseRoute;
 use super::limits::{Door, Refusal};
 use super::routes::LeaseRefusal;
+use super::routes::LeaseRoute;
 use super::server::{self, Router, ServerPolicy};
 use super::tls::{self, TlsError};
 use crate::registry::{AnyRegistry, OpenSettings, PeerEvent, PeerLease, Registry, RegistrySpec};

@@ -249,7 +249,9 @@ impl Router {
         match previous {
             Some(mut old) => {
                 self.metrics.links_replaced.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!("tunnel agent of node {node} linked again: the new link replaces the old one, closed now");
+                tracing::warn!(
+                    "tunnel agent of node {node} linked again: the new link replaces the old one, closed now"
+                );
                 if let Some(close) = old.close.take() {
                     let _ = close.send(());
                 }
@@ -439,7 +441,7 @@ async fn handshake(
 }
 
 /// The verified leaf certificate of a TLS client.
-fn client_leaf<'a>(tls: &'a tokio_rustls::server::TlsStream<tokio::net::TcpStream>) -> Option<&'a [u8]> {
+fn client_leaf(tls: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>) -> Option<&[u8]> {
     let (_, session) = tls.get_ref();
     session.peer_certificates().and_then(|chain| chain.first()).map(|leaf| leaf.as_ref())
 }
@@ -594,8 +596,7 @@ pub async fn serve_http_door(listener: TcpListener, dnat: Option<Arc<TunnelDnat>
                 let metrics = &router.metrics;
                 let front = Counted::new(front, &metrics.bytes_to_edge, &metrics.bytes_from_edge);
                 let service_router = router.clone();
-                let service =
-                    hyper::service::service_fn(move |request| proxy_by_host(service_router.clone(), request));
+                let service = hyper::service::service_fn(move |request| proxy_by_host(service_router.clone(), request));
                 http.serve_connection(TokioIo::new(front), service).await
             } else {
                 gate.refuse(Refusal::HostRouting);
