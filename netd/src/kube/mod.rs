@@ -12,9 +12,9 @@
 //!   a client certificate ([`ClientCertFiles`], e.g. the kubelet's own, so
 //!   netd acts as its node): its files are looked at every
 //!   [`IDENTITY_RECHECK`] and after a 401, and a rotated certificate is used
-//!   on a fresh connection pool ([`identity`]). Every request but a watch is
-//!   limited to 30 s; connections time out after 10 s and use TCP
-//!   keepalive.
+//!   on a fresh connection pool, without TLS session resumption (the
+//!   private `identity` module). Every request but a watch is limited to
+//!   30 s; connections time out after 10 s and use TCP keepalive.
 //! - **Objects** ([`object`]): decoded leniently ([`object::Object`]): any
 //!   JSON an API server sends decodes, keeping only the fields netd reads.
 //!   With k8s-openapi's strict types one undecodable object would fail its
