@@ -473,6 +473,10 @@ mod tests {
         // And what join sets itself cannot be set another way.
         let err = NodeSpec::parse(r#"{"labels":{"alibabacloud.com/is-edge-worker":"false"}}"#).unwrap_err();
         assert!(err.to_string().contains("a key netd-join does not set itself"), "{err}");
+        // Nor the cloud role: NodeRestriction would refuse it, so join does first.
+        let role = format!(r#"{{"labels":{{"{}":"cloud"}}}}"#, crate::model::roles::LABEL_ROLE);
+        let err = NodeSpec::parse(&role).unwrap_err();
+        assert!(err.to_string().contains("a label a node may set on itself"), "{err}");
         let err = NodeSpec::parse(r#"{"labels":{"site":"a value that is far too long for a label, over 63 chars!"}}"#);
         assert!(err.unwrap_err().to_string().contains("a label value"));
     }
