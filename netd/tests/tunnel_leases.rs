@@ -64,6 +64,11 @@ impl Backend {
 
     /// What `node`'s netd does: takes its lease, claiming `public_ip`.
     fn lease(&self, cloud: &NetNs, node: &str, public_ip: Ipv4Addr, subnet: &str) {
+        self.lease_labelled(cloud, node, json!({}), public_ip, subnet);
+    }
+
+    /// [`Backend::lease`], the Node (Kubernetes) created with `labels`.
+    fn lease_labelled(&self, cloud: &NetNs, node: &str, labels: serde_json::Value, public_ip: Ipv4Addr, subnet: &str) {
         let request = LeaseRequest {
             node: node.into(),
             public_ip,
@@ -72,7 +77,8 @@ impl Backend {
         };
         if let Backend::Kubernetes { server, .. } = self {
             let spec = json!({ "podCIDR": subnet, "podCIDRs": [subnet] });
-            let body = json!({ "apiVersion": "v1", "kind": "Node", "metadata": { "name": node }, "spec": spec });
+            let metadata = json!({ "name": node, "labels": labels });
+            let body = json!({ "apiVersion": "v1", "kind": "Node", "metadata": metadata, "spec": spec });
             let (status, text) =
                 server.api("POST", "/api/v1/nodes", Some(("application/json", &body.to_string()))).unwrap();
             assert!((200..300).contains(&status), "creating node {node}: {status} {text}");
@@ -183,6 +189,17 @@ fn a_lease_cannot_take_another_nodes_address(stage: &Stage, backend: &Backend) {
     assert_eq!(b_metrics.streams_total.load(Ordering::Relaxed), 0);
     let text = server_metrics(stage);
     assert!(text.contains("netd_tunnel_agents 2"), "{text}");
+
+    // The Kubernetes registry knows roles: a cloud node's lease reserves its
+    // address, which an edge node's lease then cannot claim.
+    if matches!(backend, Backend::Kubernetes { .. }) {
+        let cloud_ip = Ipv4Addr::new(10, 250, 0, 9);
+        let role = json!({ netd::model::roles::LABEL_ROLE: netd::model::roles::ROLE_CLOUD });
+        backend.lease_labelled(&stage.cloud, "cloud-1", role, cloud_ip, "10.244.11.0/24");
+        backend.lease(&stage.cloud, "edge-e", cloud_ip, "10.244.12.0/24");
+        wait_for("the claim refused", Duration::from_secs(30), || refusals(stage, "reserved") >= 1);
+        assert_eq!(reach(format!("{cloud_ip}:10250")), 503, "a cloud node's address reaches no agent");
+    }
 }
 
 #[test]

@@ -105,7 +105,7 @@ fn plain_http_on_the_http_door_is_routed_by_host_and_pod_ips_by_the_leases() {
     let pod_url = format!("http://{POD_IP}:{METRICS_PORT}/metrics");
     let (_, code, _) = curl(&stage.cloud, &["-x", &door, &pod_url]);
     assert_eq!(code, "503", "no lease holds the pod IP yet");
-    router.upsert_lease(LeaseRoute { node: NODE.into(), address: NODE_IP, subnet: net(POD_SUBNET) });
+    router.upsert_lease(LeaseRoute { node: NODE.into(), address: NODE_IP, subnet: net(POD_SUBNET), cloud: false });
     let (_, code, body) = curl(&stage.cloud, &["-x", &door, &pod_url]);
     assert_eq!((code.as_str(), body.as_str()), ("200", "pod metrics /metrics\n"));
 
@@ -140,10 +140,10 @@ fn a_cloud_pod_pulls_an_edge_pods_metrics_through_dnat_and_the_tunnel() {
     prometheus.ip(&["route", "add", "default", "via", "10.60.0.1"]).unwrap();
 
     let router = Arc::new(Router::default());
-    router.upsert_lease(LeaseRoute { node: NODE.into(), address: NODE_IP, subnet: net(POD_SUBNET) });
+    router.upsert_lease(LeaseRoute { node: NODE.into(), address: NODE_IP, subnet: net(POD_SUBNET), cloud: false });
     // A registry that wrongly gives this node another node's subnet (stale
     // or forged): the agent, which knows its own subnet, is the last word.
-    router.upsert_lease(LeaseRoute { node: NODE.into(), address: NODE_IP, subnet: net(OTHER_SUBNET) });
+    router.upsert_lease(LeaseRoute { node: NODE.into(), address: NODE_IP, subnet: net(OTHER_SUBNET), cloud: false });
     let _server = stage.server(router.clone());
     let rules = [(10250, DNAT_TLS_PORT), (10255, DNAT_PLAIN_PORT), (METRICS_PORT, DNAT_PLAIN_PORT)];
     let doors = stage.dnat_doors_for(router.clone(), &rules, Scope::AllNamespaces);

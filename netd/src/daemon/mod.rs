@@ -255,12 +255,11 @@ impl Daemon {
             overlay_config.own.vtep_mac = mac;
         }
         let autonomous: std::collections::HashSet<Ipv4Net> = snapshot.autonomous.iter().copied().collect();
-        self.restored_peers = PeerSet::new(
-            snapshot
-                .peers
-                .iter()
-                .map(|lease| PeerLease { lease: lease.clone(), autonomous: autonomous.contains(&lease.subnet) }),
-        );
+        self.restored_peers = PeerSet::new(snapshot.peers.iter().map(|lease| PeerLease {
+            lease: lease.clone(),
+            autonomous: autonomous.contains(&lease.subnet),
+            cloud: false,
+        }));
         tracing::info!(
             peers = snapshot.peers.len(),
             autonomous = snapshot.autonomous.len(),

@@ -251,6 +251,7 @@ mod tests {
                 node: Some(node.into()),
             },
             autonomous,
+            cloud: false,
         }
     }
 
@@ -301,15 +302,15 @@ mod tests {
         for live in [by_subnet, by_mac, by_ip, by_name] {
             assert!(supersedes(&live, &kept), "{live:?}");
             // The indexed lookups agree with the rule, in both directions.
-            let set = PeerSet::new([PeerLease { lease: kept.clone(), autonomous: true }]);
+            let set = PeerSet::new([PeerLease { lease: kept.clone(), autonomous: true, cloud: false }]);
             assert_eq!(set.superseded_by(&live).into_iter().collect::<Vec<_>>(), vec![kept.subnet], "{live:?}");
-            let live_set = PeerSet::new([PeerLease { lease: live.clone(), autonomous: true }]);
+            let live_set = PeerSet::new([PeerLease { lease: live.clone(), autonomous: true, cloud: false }]);
             assert_eq!(live_set.superseding(&kept), Some(live.subnet), "{live:?}");
         }
         // Unknown names never match each other.
         let nameless = Lease { node: None, ..unrelated };
         assert!(!supersedes(&nameless, &Lease { node: None, ..kept.clone() }));
-        let set = PeerSet::new([PeerLease { lease: Lease { node: None, ..kept }, autonomous: true }]);
+        let set = PeerSet::new([PeerLease { lease: Lease { node: None, ..kept }, autonomous: true, cloud: false }]);
         assert!(set.superseded_by(&nameless).is_empty());
     }
 

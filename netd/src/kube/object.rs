@@ -56,6 +56,9 @@ impl Kind for NodeLease {
         "/metadata/annotations/node.beta.alibabacloud.com~1autonomy",
         "/metadata/annotations/node.beta.openyurt.io~1autonomy",
         "/metadata/annotations/node.openyurt.io~1autonomy-duration",
+        // `model::roles::LABEL_ROLE`: the tunnel server never routes a
+        // cloud node's address or subnet to an agent.
+        "/metadata/labels/node-restriction.kubernetes.io~1netd-role",
         "/spec/podCIDR",
         "/spec/podCIDRs",
     ];

@@ -212,7 +212,7 @@ fn read_peers(path: &Path, own_subnet: Ipv4Net) -> Result<BTreeMap<Ipv4Net, Peer
         match peer_from_row(&key, &node, attrs.as_bytes()) {
             Ok(lease) if lease.subnet == own_subnet => {}
             Ok(lease) => {
-                peers.insert(lease.subnet, PeerLease { lease, autonomous: autonomous != 0 });
+                peers.insert(lease.subnet, PeerLease { lease, autonomous: autonomous != 0, cloud: false });
             }
             Err(reason) => tracing::warn!(key = %key, node = %node, %reason, "skipping bad lease"),
         }

@@ -1061,7 +1061,7 @@ impl View {
         let &(public_ip, vtep_mac) = self.leases.get(&subnet)?;
         let node = self.names.get(&subnet).cloned();
         let autonomous = node.as_ref().and_then(|n| self.autonomy.get(n)).copied().unwrap_or(false);
-        Some(PeerLease { lease: Lease { subnet, public_ip, vtep_mac, node }, autonomous })
+        Some(PeerLease { lease: Lease { subnet, public_ip, vtep_mac, node }, autonomous, cloud: false })
     }
 
     fn peers(&self) -> BTreeMap<Ipv4Net, PeerLease> {

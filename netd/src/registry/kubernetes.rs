@@ -78,7 +78,7 @@ use crate::kube::object::{Kind, NodeHeartbeatLease, NodeLease, NodeWithCondition
 use crate::kube::watch::{ListWatch, WatchEvent};
 use crate::kube::{call, check_node_name, KubeClient, KubeError, REQUEST_TIMEOUT};
 use crate::model::autonomy::{self, Autonomy};
-use crate::model::flannel;
+use crate::model::{flannel, roles};
 use crate::model::{Lease, MacAddr};
 
 pub use crate::kube::watch::DEFAULT_WATCH_TIMEOUT;
@@ -358,7 +358,9 @@ impl KubernetesRegistry {
             Ok(lease) => {
                 let status = autonomy::AutonomyStatus::from_annotations(|key| annotation(key).and_then(Value::as_str));
                 let autonomous = status.autonomy.is_on();
-                NodeView::Peer(PeerLease { lease, autonomous })
+                let label = node.get(roles::LABEL_ROLE_POINTER).and_then(Value::as_str);
+                let cloud = roles::NodeRole::from_label(label).0 == roles::NodeRole::Cloud;
+                NodeView::Peer(PeerLease { lease, autonomous, cloud })
             }
             Err(reason) => NodeView::Bad(reason),
         }

@@ -81,6 +81,10 @@ pub struct PeerLease {
     pub lease: Lease,
     /// The peer is autonomous: keep its entries even when its lease lapses.
     pub autonomous: bool,
+    /// The peer is a cloud node by a label kubelets cannot set
+    /// ([`crate::model::roles`]; only the Kubernetes registry knows roles).
+    /// The tunnel server never routes its address or subnet to an agent.
+    pub cloud: bool,
 }
 
 /// One field a registry wrote when setting a node's autonomy: an

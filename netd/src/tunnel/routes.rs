@@ -16,7 +16,8 @@
 //! keeps it, the claimant waits and takes it only once the holder's lease
 //! is gone), when its address or subnet is one nothing may be tunnelled to
 //! (loopback, unspecified, link-local, multicast, broadcast), when either
-//! covers an address the server keeps for itself (cloud nodes), or when its
+//! covers an address the server keeps for itself (its own, `--reserved`,
+//! and the addresses and subnets of cloud nodes' leases), or when its
 //! subnet overlaps another node's. A lease whose address alone is refused
 //! still routes its pod subnet.
 //!
@@ -40,6 +41,9 @@ pub struct LeaseRoute {
     pub address: Ipv4Addr,
     /// The node's pod subnet.
     pub subnet: Ipv4Net,
+    /// A cloud node's lease (by a label kubelets cannot set): its address
+    /// and subnet are reserved, never routed to an agent.
+    pub cloud: bool,
 }
 
 /// Why (part of) a lease does not route.
@@ -85,6 +89,8 @@ impl LeaseRefusal {
 pub enum LeaseVerdict {
     /// Its address and subnet route to its node.
     Routed,
+    /// A cloud node's: its address and subnet are reserved from now on.
+    Cloud,
     /// Its subnet routes; its address does not (it waits while another holds it).
     AddressRefused(LeaseRefusal),
     /// Nothing of it routes.
@@ -114,6 +120,8 @@ pub struct RouteTable {
     prefix_lens: BTreeMap<u8, usize>,
     /// Addresses never routed to an agent (the cloud's own).
     reserved: Vec<IpNet>,
+    /// Cloud nodes' leases: subnet → address, both reserved.
+    cloud: HashMap<Ipv4Net, Ipv4Addr>,
 }
 
 /// Ranges nothing is tunnelled to, whoever claims them.
@@ -222,7 +230,12 @@ impl RouteTable {
     }
 
     fn is_reserved(&self, ip: IpAddr) -> bool {
+        let ip4 = match ip {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(v6) => v6.to_ipv4_mapped(),
+        };
         self.reserved.iter().any(|net| net.contains(&ip))
+            || ip4.is_some_and(|v4| self.cloud.iter().any(|(subnet, address)| *address == v4 || subnet.contains(&v4)))
     }
 
     /// Why `route`'s subnet may not route, if it may not.
@@ -231,10 +244,15 @@ impl RouteTable {
         if special_v4().iter().any(|net| overlaps(*net, subnet)) {
             return Some(LeaseRefusal::Special);
         }
-        if self.reserved.iter().any(|net| match net {
+        let reserved = self.reserved.iter().any(|net| match net {
             IpNet::V4(net) => overlaps(*net, subnet),
             IpNet::V6(_) => false,
-        }) {
+        });
+        let cloud = self
+            .cloud
+            .iter()
+            .any(|(cloud_subnet, address)| overlaps(*cloud_subnet, subnet) || subnet.contains(address));
+        if reserved || cloud {
             return Some(LeaseRefusal::Reserved);
         }
         // Another node's subnet inside this one, or this one inside another's.
@@ -272,6 +290,9 @@ impl RouteTable {
 
     /// Adds or replaces the lease of `route.subnet`, and says what routes.
     pub fn upsert_lease(&mut self, route: LeaseRoute) -> LeaseVerdict {
+        if route.cloud {
+            return self.reserve_cloud(route);
+        }
         let previous_holder = self.lease_addresses.get(&route.address) == Some(&route.subnet);
         self.remove_lease_keeping(route.subnet, previous_holder.then_some(route.address));
         if let Some(why) = self.subnet_refusal(&route) {
@@ -283,7 +304,8 @@ impl RouteTable {
                 LeaseVerdict::Routed
             }
             Some(why) => {
-                if matches!(why, LeaseRefusal::Certified | LeaseRefusal::Held) {
+                // Holders and cloud nodes may go; loopback never does.
+                if why != LeaseRefusal::Special {
                     self.waiting.entry(route.address).or_default().insert(route.subnet);
                 }
                 LeaseVerdict::AddressRefused(why)
@@ -292,6 +314,18 @@ impl RouteTable {
         *self.prefix_lens.entry(route.subnet.prefix_len()).or_default() += 1;
         self.leases.insert(route.subnet, route);
         verdict
+    }
+
+    /// A cloud node's lease: its address and subnet route nowhere from now
+    /// on; an edge lease holding its address lets it go (and waits).
+    fn reserve_cloud(&mut self, route: LeaseRoute) -> LeaseVerdict {
+        self.remove_lease_keeping(route.subnet, None);
+        if let Some(&holder) = self.lease_addresses.get(&route.address) {
+            self.lease_addresses.remove(&route.address);
+            self.waiting.entry(route.address).or_default().insert(holder);
+        }
+        self.cloud.insert(route.subnet, route.address);
+        LeaseVerdict::Cloud
     }
 
     /// Removes the lease of `subnet`, if held; a lease waiting for its
@@ -303,6 +337,12 @@ impl RouteTable {
     /// [`RouteTable::remove_lease`], except that `keep` (the address of a
     /// lease being replaced by its own update) is not handed to a waiter.
     fn remove_lease_keeping(&mut self, subnet: Ipv4Net, keep: Option<Ipv4Addr>) {
+        if let Some(address) = self.cloud.remove(&subnet) {
+            if !self.lease_addresses.contains_key(&address) {
+                self.promote_waiter(address);
+            }
+            return;
+        }
         let Some(old) = self.leases.remove(&subnet) else { return };
         if let Some(count) = self.prefix_lens.get_mut(&subnet.prefix_len()) {
             *count -= 1;
@@ -351,13 +391,16 @@ impl RouteTable {
         self.leases.clear();
         self.waiting.clear();
         self.prefix_lens.clear();
+        self.cloud.clear();
+        // Cloud nodes' reservations first, then the holders, then the rest.
         let (mut first, rest): (Vec<LeaseRoute>, Vec<LeaseRoute>) =
-            routes.into_iter().partition(|route| held.get(&route.address) == Some(&route.subnet));
+            routes.into_iter().partition(|route| route.cloud || held.get(&route.address) == Some(&route.subnet));
+        first.sort_by_key(|route| !route.cloud);
         first.extend(rest);
         let mut refused = Vec::new();
         for route in first {
             let verdict = self.upsert_lease(route.clone());
-            if verdict != LeaseVerdict::Routed {
+            if !matches!(verdict, LeaseVerdict::Routed | LeaseVerdict::Cloud) {
                 refused.push((route, verdict));
             }
         }
@@ -377,7 +420,12 @@ mod tests {
     use super::*;
 
     fn lease(node: &str, address: &str, subnet: &str) -> LeaseRoute {
-        LeaseRoute { node: node.into(), address: address.parse().unwrap(), subnet: subnet.parse().unwrap() }
+        LeaseRoute {
+            node: node.into(),
+            address: address.parse().unwrap(),
+            subnet: subnet.parse().unwrap(),
+            cloud: false,
+        }
     }
 
     fn at<'a>(table: &'a RouteTable, ip: &str) -> Option<&'a str> {
@@ -496,6 +544,29 @@ mod tests {
         assert_eq!(table.lease_count(), 5);
         assert!(is_special("::1".parse().unwrap()) && is_special("::ffff:127.0.0.1".parse().unwrap()));
         assert!(!is_special("10.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_cloud_nodes_lease_reserves_its_address_and_subnet() {
+        let mut table = RouteTable::default();
+        // An edge lease got there first with the cloud node's address.
+        assert_eq!(table.upsert_lease(lease("edge-2", "192.168.0.10", "10.244.8.0/24")), LeaseVerdict::Routed);
+        let cloud = LeaseRoute { cloud: true, ..lease("cloud-1", "192.168.0.10", "10.244.1.0/24") };
+        assert_eq!(table.upsert_lease(cloud.clone()), LeaseVerdict::Cloud);
+        assert_eq!(at(&table, "192.168.0.10"), None, "the cloud's address is nobody's");
+        assert_eq!(at(&table, "10.244.1.7"), None, "nor its pods'");
+        assert_eq!(at(&table, "10.244.8.7"), Some("edge-2"), "the edge lease keeps its subnet");
+        use LeaseRefusal::Reserved;
+        let claim = lease("edge-3", "192.168.0.10", "10.244.9.0/24");
+        assert_eq!(table.upsert_lease(claim), LeaseVerdict::AddressRefused(Reserved));
+        assert_eq!(table.upsert_lease(lease("edge-4", "10.0.5.4", "10.244.1.0/25")), LeaseVerdict::Refused(Reserved));
+        // A resync keeps the reservation whatever the order.
+        let refused = table.replace_leases([lease("edge-2", "192.168.0.10", "10.244.8.0/24"), cloud]);
+        assert_eq!(refused.len(), 1);
+        assert_eq!(at(&table, "192.168.0.10"), None);
+        // The cloud node's lease goes: a waiting claimant takes the address.
+        table.remove_lease("10.244.1.0/24".parse().unwrap());
+        assert_eq!(at(&table, "192.168.0.10"), Some("edge-2"));
     }
 
     #[test]

@@ -389,7 +389,7 @@ fn lease_route(peer: &PeerLease) -> Option<LeaseRoute> {
     if node.is_none() {
         tracing::debug!("lease {} names no node: not routed", lease.subnet);
     }
-    Some(LeaseRoute { node: node?, address: lease.public_ip, subnet: lease.subnet })
+    Some(LeaseRoute { node: node?, address: lease.public_ip, subnet: lease.subnet, cloud: peer.cloud })
 }
 
 /// Keeps the router's lease routes equal to the registry's leases, forever;

@@ -296,6 +296,15 @@ impl Router {
     fn count_verdict(&self, route: &LeaseRoute, verdict: LeaseVerdict) {
         let why = match verdict {
             LeaseVerdict::Routed => return,
+            LeaseVerdict::Cloud => {
+                tracing::debug!(
+                    "tunnel routes: {} is a cloud node: {} and {} reserved",
+                    route.node,
+                    route.address,
+                    route.subnet
+                );
+                return;
+            }
             LeaseVerdict::AddressRefused(why) | LeaseVerdict::Refused(why) => why,
         };
         if let Some(index) = LeaseRefusal::ALL.iter().position(|r| *r == why) {
