@@ -299,3 +299,33 @@ fn doors_bound_streams_handshakes_request_heads_and_connections_per_source() {
         drop(held);
     });
 }
+
+#[test]
+fn strangers_filling_the_http_door_never_turn_away_a_dnat_redirected_client() {
+    let Some(_kernel) = testing::privileged().unwrap() else { return };
+    let stage = Stage::new();
+    // Room for two plain connections on the HTTP door, two per source.
+    let limits = Limits { max_connections_per_door: 2, max_connections_per_source: 2, ..Limits::default() };
+    let policy = ServerPolicy { limits, ..Default::default() };
+    let linked = stage.linked_under(policy, stage.agent_config(NODE), kubelet_http(&stage));
+    let doors = stage.dnat_doors(linked.router.clone(), &tunnel_stage::KUBELET_DNAT_RULES);
+    // Two idle plain connections from the cloud (not redirected) fill it…
+    let held =
+        stage.cloud.run(|| [0; 2].map(|_| std::net::TcpStream::connect((CLOUD_IP, DNAT_PLAIN_PORT)).unwrap())).unwrap();
+    let router = linked.router.clone();
+    wait_for("the plain connections held", Duration::from_secs(5), || router.metrics.doors.open(Door::Http) == 2);
+    let (_, code, _) = curl(
+        &stage.cloud,
+        &["-H", &format!("Host: {NODE_IP}:10255"), &format!("http://{CLOUD_IP}:{DNAT_PLAIN_PORT}/x")],
+    );
+    assert_eq!(code, "000", "a third plain connection is closed at once");
+    assert_eq!(router.metrics.doors.refused(Door::Http, Refusal::DoorFull), 1);
+    // …and a cloud client the kernel redirected is still served: it counts
+    // against the DNAT doors' caps, not the plain HTTP door's.
+    let out =
+        doors.run_redirected("curl", &["-sS", "--noproxy", "*", "-m", "10", &format!("http://{NODE_IP}:10255/pods")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "kubelet /pods\n");
+    assert_eq!(doors.redirected(10255), 1);
+    drop(held);
+}

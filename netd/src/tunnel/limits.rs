@@ -260,13 +260,16 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// Accepts from `listener` forever, handing each admitted connection and its
-/// ticket to `serve` on its own task; connections over a cap are closed at
+/// Accepts from `listener` (one of `door`'s) forever: `admit` decides on
+/// each connection before any work is done for it (a cap, usually
+/// [`Gate::admit`]), and an admitted one goes to `serve` on its own task
+/// with what `admit` gave (its [`Ticket`], say); a refused one is closed at
 /// once. An accept error (no file descriptors left, say) pauses the loop
 /// briefly instead of spinning on it.
-pub async fn accept_loop<F, Fut>(listener: tokio::net::TcpListener, gate: Arc<Gate>, serve: F)
+pub async fn accept_loop<T, A, F, Fut>(listener: tokio::net::TcpListener, door: Door, admit: A, serve: F)
 where
-    F: Fn(tokio::net::TcpStream, std::net::SocketAddr, Ticket) -> Fut,
+    A: Fn(&tokio::net::TcpStream, std::net::SocketAddr) -> Result<T, Refusal>,
+    F: Fn(tokio::net::TcpStream, std::net::SocketAddr, T) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let mut warned = false;
@@ -278,18 +281,18 @@ where
             }
             Err(err) => {
                 if !warned {
-                    tracing::warn!("{} door: accept failed: {err}; pausing accepts for 100 ms", gate.door().name());
+                    tracing::warn!("{} door: accept failed: {err}; pausing accepts for 100 ms", door.name());
                     warned = true;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
-        match gate.admit(peer.ip()) {
-            Ok(ticket) => {
-                tokio::spawn(serve(tcp, peer, ticket));
+        match admit(&tcp, peer) {
+            Ok(admitted) => {
+                tokio::spawn(serve(tcp, peer, admitted));
             }
-            Err(why) => tracing::debug!("{} door: connection from {peer} refused: {}", gate.door().name(), why.name()),
+            Err(why) => tracing::debug!("{} door: connection from {peer} refused: {}", door.name(), why.name()),
         }
     }
 }

@@ -180,6 +180,8 @@ pub struct Router {
     routes: Mutex<RouteTable>,
     serial: AtomicU64,
     policy: ServerPolicy,
+    /// One admission per door, shared by all its listeners, in `Door::ALL` order.
+    gates: [Arc<Gate>; Door::ALL.len()],
     /// Counters.
     pub metrics: ServerMetrics,
 }
@@ -197,12 +199,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Router {
     /// A router with no links and no leases, under `policy`.
     pub fn new(policy: ServerPolicy) -> Self {
+        let metrics = ServerMetrics::default();
+        let gates = Door::ALL.map(|door| Gate::new(door, &policy.limits, metrics.doors.clone()));
         Self {
             agents: Mutex::default(),
             routes: Mutex::new(RouteTable::with_reserved(policy.reserved.clone())),
             serial: AtomicU64::new(0),
             policy,
-            metrics: ServerMetrics::default(),
+            gates,
+            metrics,
         }
     }
 
@@ -212,7 +217,8 @@ impl Router {
     }
 
     fn gate(&self, door: Door) -> Arc<Gate> {
-        Gate::new(door, &self.policy.limits, self.metrics.doors.clone())
+        let index = Door::ALL.iter().position(|d| *d == door).unwrap_or(0);
+        self.gates[index].clone()
     }
 
     /// Takes `node`'s new link; returns its serial and the signal that a
@@ -460,7 +466,8 @@ fn client_leaf(tls: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>) -> 
 /// certificate, then HTTP/2 as the client.
 pub async fn serve_agents(listener: TcpListener, tls: Live<rustls::ServerConfig>, router: Arc<Router>) {
     let gate = router.gate(Door::Agents);
-    limits::accept_loop(listener, gate.clone(), move |tcp, peer, ticket| {
+    let admit = |_: &tokio::net::TcpStream, peer: SocketAddr| gate.admit(peer.ip());
+    limits::accept_loop(listener, Door::Agents, admit, |tcp, peer, ticket| {
         let (router, tls, gate) = (router.clone(), tls.clone(), gate.clone());
         async move { serve_agent(router, tls, gate, tcp, peer, ticket).await }
     })
@@ -558,19 +565,22 @@ fn redirected_to(dnat: &TunnelDnat, front: &tokio::net::TcpStream, peer: SocketA
 /// is closed.
 pub async fn serve_dnat(listener: TcpListener, dnat: Arc<TunnelDnat>, router: Arc<Router>) {
     let gate = router.gate(Door::Dnat);
-    limits::accept_loop(listener, gate.clone(), move |front, peer, ticket| {
-        let (dnat, router, gate) = (dnat.clone(), router.clone(), gate.clone());
+    // Only what the kernel redirected is admitted (under the door's caps);
+    // anything else is closed before a task is spawned for it.
+    let admit = |front: &tokio::net::TcpStream, peer: SocketAddr| match redirected_to(&dnat, front, peer) {
+        Some(dest) => gate.admit(peer.ip()).map(|ticket| (ticket, dest)),
+        None => {
+            router.metrics.not_redirected.fetch_add(1, Ordering::Relaxed);
+            gate.refuse(Refusal::NotRedirected);
+            Err(Refusal::NotRedirected)
+        }
+    };
+    limits::accept_loop(listener, Door::Dnat, admit, |front, peer, (ticket, dest)| {
+        let router = router.clone();
         async move {
             let _ticket = ticket;
             let _ = front.set_nodelay(true);
-            match redirected_to(&dnat, &front, peer) {
-                Some(dest) => tunnel_to(&router, front, dest, peer).await,
-                None => {
-                    router.metrics.not_redirected.fetch_add(1, Ordering::Relaxed);
-                    gate.refuse(Refusal::NotRedirected);
-                    tracing::debug!("connection from {peer} was not redirected by the tunnel DNAT: closed");
-                }
-            }
+            tunnel_to(&router, front, dest, peer).await;
         }
     })
     .await;
@@ -585,13 +595,23 @@ pub async fn serve_dnat(listener: TcpListener, dnat: Arc<TunnelDnat>, router: Ar
 /// HTTP proxy (`curl -x http://door:10264 http://10.0.5.7:10255/…`). From
 /// any other source every request is answered 403 and no stream is opened.
 pub async fn serve_http_door(listener: TcpListener, dnat: Option<Arc<TunnelDnat>>, router: Arc<Router>) {
-    let gate = router.gate(Door::Http);
-    limits::accept_loop(listener, gate.clone(), move |front, peer, ticket| {
-        let (dnat, router, gate) = (dnat.clone(), router.clone(), gate.clone());
+    let (plain_gate, redirected_gate) = (router.gate(Door::Http), router.gate(Door::Dnat));
+    // A connection the kernel redirected counts against the DNAT doors' caps,
+    // plain HTTP against this door's: strangers filling the door with plain
+    // connections never turn away a cloud pod's DNAT'd scrape.
+    let admit = |front: &tokio::net::TcpStream, peer: SocketAddr| match dnat
+        .as_deref()
+        .and_then(|dnat| redirected_to(dnat, front, peer))
+    {
+        Some(dest) => redirected_gate.admit(peer.ip()).map(|ticket| (ticket, Some(dest))),
+        None => plain_gate.admit(peer.ip()).map(|ticket| (ticket, None)),
+    };
+    limits::accept_loop(listener, Door::Http, admit, |front, peer, (ticket, redirected)| {
+        let (router, gate) = (router.clone(), plain_gate.clone());
         async move {
             let _ticket = ticket;
             let _ = front.set_nodelay(true);
-            if let Some(dest) = dnat.as_deref().and_then(|dnat| redirected_to(dnat, &front, peer)) {
+            if let Some(dest) = redirected {
                 return tunnel_to(&router, front, dest, peer).await;
             }
             let source = peer.ip();
@@ -762,7 +782,8 @@ async fn handle_connect(
 /// admits; any other client of the CA gets 403 to every request.
 pub async fn serve_connect(listener: TcpListener, tls: Live<rustls::ServerConfig>, router: Arc<Router>) {
     let gate = router.gate(Door::Connect);
-    limits::accept_loop(listener, gate.clone(), move |tcp, peer, ticket| {
+    let admit = |_: &tokio::net::TcpStream, peer: SocketAddr| gate.admit(peer.ip());
+    limits::accept_loop(listener, Door::Connect, admit, |tcp, peer, ticket| {
         let (router, tls, gate) = (router.clone(), tls.clone(), gate.clone());
         async move {
             let _ticket = ticket;
