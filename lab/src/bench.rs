@@ -1,7 +1,12 @@
 //! `netd-lab bench` (`cargo xtask bench`): side-by-side runs that need namespaces or external
 //! tools. Each prints a markdown table (medians, p99, ratios) for README.
 
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -13,6 +18,8 @@ const DNAT_PER_ROUND: usize = 1_000;
 /// Autonomy benchmark: timed rounds, and pods on the node.
 const AUTONOMY_ROUNDS: usize = 5;
 const AUTONOMY_PODS: usize = 1_000;
+/// Door-bounds benchmark rounds (each a baseline and a flood).
+const DOORS_ROUNDS: usize = 5;
 
 /// Runs the named benchmark (or all) with the release binaries in `bin_dir`.
 pub fn run(which: &str, bin_dir: &Path) -> Result<()> {
@@ -24,6 +31,7 @@ pub fn run(which: &str, bin_dir: &Path) -> Result<()> {
         "scenario" => crate::bench_scenario::run(5, bin_dir),
         "dnat" => crate::bench_dnat::run(DNAT_ROUNDS, DNAT_PER_ROUND),
         "tunnel" => crate::bench_tunnel::run(bin_dir),
+        "doors" => crate::bench_doors::run(DOORS_ROUNDS, bin_dir),
         "tunnel-config" => crate::bench_tunnel_config::run(20),
         "autonomy" => crate::bench_autonomy::run(AUTONOMY_ROUNDS, AUTONOMY_PODS, bin_dir),
         "all" => {
@@ -34,11 +42,12 @@ pub fn run(which: &str, bin_dir: &Path) -> Result<()> {
             crate::bench_scenario::run(5, bin_dir)?;
             crate::bench_dnat::run(DNAT_ROUNDS, DNAT_PER_ROUND)?;
             crate::bench_tunnel::run(bin_dir)?;
+            crate::bench_doors::run(DOORS_ROUNDS, bin_dir)?;
             crate::bench_tunnel_config::run(20)?;
             crate::bench_autonomy::run(AUTONOMY_ROUNDS, AUTONOMY_PODS, bin_dir)
         }
         other => bail!(
-            "unknown benchmark `{other}` (known: cni, vxlan, events, rss, scenario, dnat, tunnel, tunnel-config, autonomy, all)"
+            "unknown benchmark `{other}` (known: cni, vxlan, events, rss, scenario, dnat, tunnel, doors, tunnel-config, autonomy, all)"
         ),
     }
 }
@@ -67,6 +76,108 @@ pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 pub(crate) fn ms(d: Duration) -> String {
     format!("{:.2}", d.as_secs_f64() * 1000.0)
+}
+
+/// A listener bound in a namespace whose accepted connections go to
+/// `handle`, on a thread of its own; stopped on drop.
+pub(crate) struct Listener {
+    listener: Arc<TcpListener>,
+    accepted: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Listener {
+    /// Binds `addr` in `ns` (in the cgroup the process is in now: accepted
+    /// sockets belong to their listener's cgroup).
+    pub(crate) fn start(ns: &NetNs, addr: SocketAddr, handle: impl Fn(TcpStream) + Send + 'static) -> Result<Self> {
+        let listener = ns.run(|| TcpListener::bind(addr))?.with_context(|| format!("binding {addr}"))?;
+        let (listener, accepted, stop) =
+            (Arc::new(listener), Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
+        let thread = {
+            let (listener, accepted, stop) = (listener.clone(), accepted.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((stream, _)) = listener.accept() {
+                        accepted.fetch_add(1, Ordering::Relaxed);
+                        handle(stream);
+                    }
+                }
+            })
+        };
+        Ok(Self { listener, accepted, stop, thread: Some(thread) })
+    }
+
+    /// Connections accepted so far.
+    pub(crate) fn count(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // shutdown() on a listening socket wakes a blocked accept() (EINVAL).
+        // SAFETY: shutdown on a descriptor the Arc keeps open; no memory involved.
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// `setsockopt(socket, level, name, value)` for one plain value.
+pub(crate) fn set_option<T>(
+    socket: &impl AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &T,
+) -> std::io::Result<()> {
+    // SAFETY: setsockopt reads `size_of::<T>()` bytes of `value`, which outlives the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Median of unsorted samples (the mean of the middle two for an even count).
+pub(crate) fn median(samples: &[f64]) -> f64 {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
+pub(crate) fn min_max(samples: &[f64]) -> (f64, f64) {
+    let min = samples.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = samples.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (min, max)
+}
+
+/// `median (min–max)` with `digits` decimals.
+pub(crate) fn spread(samples: &[f64], digits: usize) -> String {
+    let (min, max) = min_max(samples);
+    format!("{:.digits$} ({min:.digits$}–{max:.digits$})", median(samples))
+}
+
+/// Per-round ratios of `a` to `b` (they ran moments apart): median (min–max).
+pub(crate) fn paired(a: &[f64], b: &[f64]) -> String {
+    let ratios: Vec<f64> = a.iter().zip(b).map(|(a, b)| a / b.max(f64::EPSILON)).collect();
+    let (min, max) = min_max(&ratios);
+    format!("{:.2}× ({min:.2}–{max:.2})", median(&ratios))
 }
 
 struct Variant {

@@ -19,20 +19,16 @@
 
 use std::fmt::Write as _;
 use std::io::Read;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use netd::ebpf::dnat::{AttachOptions, Scope, TunnelDnat};
 use netd::testing::{self, Cgroup, NetNs, PinDir, VethPair};
 
-use crate::bench::{machine, percentile};
+use crate::bench::{machine, percentile, set_option, Listener};
 use crate::bench_vxlan::Settle;
 
 /// The cloud node's own address (the tunnel server listens here).
@@ -89,53 +85,13 @@ impl Node {
     }
 }
 
-/// A listener whose thread accepts and closes at once, counting.
-struct Acceptor {
-    listener: Arc<TcpListener>,
-    accepted: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Acceptor {
-    /// Binds `addr` in `ns` from inside `cgroup`: accepted sockets belong to
-    /// their listener's cgroup, which decides whether sockops sees them.
-    fn start(ns: &NetNs, cgroup: &Cgroup, addr: SocketAddr) -> Result<Self> {
-        let listener = {
-            let _in_cgroup = cgroup.join()?;
-            ns.run(|| TcpListener::bind(addr))?.with_context(|| format!("binding {addr}"))?
-        };
-        let (listener, accepted, stop) =
-            (Arc::new(listener), Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
-        let thread = {
-            let (listener, accepted, stop) = (listener.clone(), accepted.clone(), stop.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    // Dropped at once: the close is part of the cycle measured.
-                    if listener.accept().is_ok() {
-                        accepted.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            })
-        };
-        Ok(Self { listener, accepted, stop, thread: Some(thread) })
-    }
-
-    fn count(&self) -> u64 {
-        self.accepted.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for Acceptor {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        // shutdown() on a listening socket wakes a blocked accept() (EINVAL).
-        // SAFETY: shutdown on a descriptor the Arc keeps open; no memory involved.
-        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
+/// A listener bound in `ns` from inside `cgroup` (accepted sockets belong
+/// to their listener's cgroup, which decides whether sockops sees them);
+/// each accepted connection is dropped at once: the close is part of the
+/// cycle measured.
+fn acceptor(ns: &NetNs, cgroup: &Cgroup, addr: SocketAddr) -> Result<Listener> {
+    let _in_cgroup = cgroup.join()?;
+    Listener::start(ns, addr, drop)
 }
 
 /// One connection as the benchmark client makes it: connect, wait for the
@@ -143,17 +99,7 @@ impl Drop for Acceptor {
 fn cycle(addr: SocketAddr) -> Result<()> {
     let mut stream = TcpStream::connect(addr).with_context(|| format!("connect to {addr}"))?;
     let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-    // SAFETY: setsockopt reads `linger`, which outlives the call, for the given length.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    ensure!(rc == 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+    set_option(&stream, libc::SOL_SOCKET, libc::SO_LINGER, &linger).context("SO_LINGER")?;
     let mut byte = [0u8; 1];
     let n = stream.read(&mut byte).with_context(|| format!("waiting for the server's close ({addr})"))?;
     ensure!(n == 0, "{addr} sent data; expected only the server's close");
@@ -162,7 +108,7 @@ fn cycle(addr: SocketAddr) -> Result<()> {
 
 /// The first connect of a phase: with a timeout, so a redirection that does
 /// not work fails the run instead of hanging in SYN retries.
-fn probe(ns: &NetNs, cgroup: &Cgroup, addr: SocketAddr, lands_on: &Acceptor) -> Result<()> {
+fn probe(ns: &NetNs, cgroup: &Cgroup, addr: SocketAddr, lands_on: &Listener) -> Result<()> {
     let before = lands_on.count();
     let _in_cgroup = cgroup.join()?;
     ns.run(|| -> Result<()> {
@@ -177,7 +123,7 @@ fn probe(ns: &NetNs, cgroup: &Cgroup, addr: SocketAddr, lands_on: &Acceptor) -> 
 
 /// The acceptor thread counts after accept() returns, a moment after the
 /// client saw the close: wait for it briefly.
-fn wait_accepted(acceptor: &Acceptor, want: u64, addr: SocketAddr) -> Result<()> {
+fn wait_accepted(acceptor: &Listener, want: u64, addr: SocketAddr) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(2);
     while acceptor.count() < want {
         ensure!(Instant::now() < deadline, "connects to {addr} did not all land where expected");
@@ -221,7 +167,7 @@ fn round(
 struct Way<'a> {
     node: &'a Node,
     client: &'a Cgroup,
-    lands_on: &'a Acceptor,
+    lands_on: &'a Listener,
     target: Box<dyn Fn(usize) -> SocketAddr + Sync + 'a>,
     rates: Vec<f64>,
     /// CPU time per connection, per round: the shared machine's other load
@@ -442,8 +388,8 @@ struct Stage<'a> {
     ours_client: &'a Cgroup,
     /// No programs anywhere: the anchor's and the floor's clients and listeners.
     plain: &'a Cgroup,
-    ours_tunnel: &'a Acceptor,
-    anchor_tunnel: &'a Acceptor,
+    ours_tunnel: &'a Listener,
+    anchor_tunnel: &'a Listener,
 }
 
 /// Runs the DNAT benchmark and prints README's tables.
@@ -466,7 +412,7 @@ pub fn run(rounds: usize, per_round: usize) -> Result<()> {
     })?;
     ours.ns.run(|| dnat.set_target(NODE_IP, Scope::HostNetwork))??;
     dnat.set_port_rules(RULES)?;
-    let listen = |node: &Node, cgroup: &Cgroup, port: u16| Acceptor::start(&node.ns, cgroup, v4(NODE_IP, port));
+    let listen = |node: &Node, cgroup: &Cgroup, port: u16| acceptor(&node.ns, cgroup, v4(NODE_IP, port));
     let ours_tunnel = listen(&ours, &ours_server, TLS_PORT)?;
     let anchor_tunnel = listen(&anchor, &plain, TLS_PORT)?;
     let floor_tunnel = listen(&floor, &plain, TLS_PORT)?;

@@ -11,9 +11,10 @@
 //! cloud's veth address. Only the floor dials the edge's veth address
 //! (services listen on all edge addresses), over the same veth and qdiscs.
 //!
-//! - netd: a cloud client in the DNAT cgroup dials `10.250.0.2:port`;
-//!   connect4 sends it to the server's plain DNAT door (:10264), the server
-//!   opens an HTTP/2 stream to the agent, which dials the service.
+//! - netd ([`NetdLab`]): a cloud client in the DNAT cgroup dials
+//!   `10.250.0.2:port`; connect4 sends it to the server's DNAT byte-stream
+//!   door (:10263), the server opens an HTTP/2 stream to the agent, which
+//!   dials the service.
 //! - rathole / ssh: the cloud client dials the listener they open on the
 //!   cloud's loopback (one port range each).
 //!
@@ -29,24 +30,22 @@
 //! the last; variants alternate within every round in rotating order.
 
 use std::fmt::Write as _;
-use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::thread::JoinHandle;
+use std::sync::PoisonError;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use netd::ebpf::dnat::{AttachOptions, Scope, TunnelDnat};
-use netd::testing::{self, http_get, run_command, Cgroup, NetNs, NetdProcess, PinDir, VethPair};
+use netd::testing::{self, run_command, Cgroup, NetNs, NetdProcess};
 
-use crate::bench::machine;
+use crate::bench::{machine, paired, spread};
 use crate::bench_rss::status_kib;
-use crate::bench_vxlan::cpu_pressure_us;
 use crate::delay_line::{DelayLine, Shape};
+use crate::tunnel_lab::{
+    client, http_ok, iperf3, load_average, pressure_mark, pressure_since, raise_fd_limit, start, strings, v4, wait_get,
+    NetdLab, Service, CLOUD_IP, EDGE_LINK_IP, NODE_IP, SERVICES,
+};
 
 /// iperf3 rounds per variant and network, seconds per run (the figures: `-t 4`, two rounds).
 const IPERF_ROUNDS: usize = 2;
@@ -69,62 +68,10 @@ const RELINK_TRIALS: usize = 3;
 /// emulator itself drops nothing.
 const WAN: Shape = Shape { delay: Duration::from_millis(25), rate: 1_000_000_000, limit: 20_000 };
 
-/// TCP buffer limits in both namespaces: the defaults' maxima (6 MiB
-/// receive, 4 MiB send) would cap one connection near 0.5 Gbit/s at 50 ms
-/// before the emulated 1 Gbit/s link does; 32 MiB leaves the link (and each
-/// tunnel's own windows) as the limit, as on a host tuned for long fat links.
-const SOCKET_BUFFERS: [(&str, &str); 2] =
-    [("/proc/sys/net/ipv4/tcp_rmem", "4096 131072 33554432"), ("/proc/sys/net/ipv4/tcp_wmem", "4096 16384 33554432")];
-
-const CLOUD_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 61, 1);
-const EDGE_LINK_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 61, 2);
-/// The edge node's address, on the edge's `lo`; the cloud has no route to it.
-const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 2);
-const NODE: &str = "edge-1";
-const AGENTS_PORT: u16 = 10262;
-/// The plain-TCP DNAT door: it carries any TCP, which is what these services speak.
-const DOOR_PORT: u16 = 10264;
-const CONNECT_PORT: u16 = 10265;
-const SERVER_METRICS: &str = "127.0.0.1:10266";
-const AGENT_METRICS: &str = "127.0.0.1:10267";
 const RATHOLE_TCP_PORT: u16 = 2333;
 const RATHOLE_NOISE_PORT: u16 = 2334;
 const SSH_PORT: u16 = 2222;
 const RATHOLE_TOKEN: &str = "netd-bench";
-/// What the edge HTTP server answers to every request.
-const HTTP_BODY: &str = "hello from the edge\n";
-
-fn v4(ip: Ipv4Addr, port: u16) -> SocketAddr {
-    SocketAddr::new(IpAddr::V4(ip), port)
-}
-
-/// The services on the edge node, on all its addresses.
-#[derive(Debug, Clone, Copy)]
-enum Service {
-    Iperf,
-    Http,
-    Idle,
-}
-
-const SERVICES: [Service; 3] = [Service::Iperf, Service::Http, Service::Idle];
-
-impl Service {
-    fn port(self) -> u16 {
-        match self {
-            Service::Iperf => 5201,
-            Service::Http => 8080,
-            Service::Idle => 9000,
-        }
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Service::Iperf => "iperf",
-            Service::Http => "http",
-            Service::Idle => "idle",
-        }
-    }
-}
 
 /// One way from the cloud to the edge services.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,129 +110,10 @@ impl Way {
     fn addr(self, service: Service) -> SocketAddr {
         match self {
             Way::Direct => v4(EDGE_LINK_IP, service.port()),
-            Way::Netd => v4(NODE_IP, service.port()),
+            Way::Netd => NetdLab::addr(service),
             _ => v4(Ipv4Addr::LOCALHOST, service.port() + self.offset()),
         }
     }
-}
-
-/// A listener on the edge whose accepted connections go to `handle`.
-struct EdgeListener {
-    listener: Arc<TcpListener>,
-    accepted: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl EdgeListener {
-    fn start(ns: &NetNs, port: u16, handle: impl Fn(TcpStream) + Send + 'static) -> Result<Self> {
-        let addr = v4(Ipv4Addr::UNSPECIFIED, port);
-        let listener = ns.run(|| TcpListener::bind(addr))?.with_context(|| format!("binding {addr} on the edge"))?;
-        let (listener, accepted, stop) =
-            (Arc::new(listener), Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
-        let thread = {
-            let (listener, accepted, stop) = (listener.clone(), accepted.clone(), stop.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    if let Ok((stream, _)) = listener.accept() {
-                        accepted.fetch_add(1, Ordering::Relaxed);
-                        handle(stream);
-                    }
-                }
-            })
-        };
-        Ok(Self { listener, accepted, stop, thread: Some(thread) })
-    }
-
-    fn count(&self) -> u64 {
-        self.accepted.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for EdgeListener {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        // shutdown() on a listening socket wakes a blocked accept() (EINVAL).
-        // SAFETY: shutdown on a descriptor the Arc keeps open; no memory involved.
-        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-/// HTTP/1.1 keep-alive: one fixed response per request head, a thread per
-/// connection (at most [`WRK_CONNECTIONS`] at a time), until the client closes.
-fn serve_http(mut stream: TcpStream) {
-    std::thread::spawn(move || {
-        let _ = stream.set_nodelay(true);
-        let response = format!(
-            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\n\r\n{HTTP_BODY}",
-            HTTP_BODY.len()
-        );
-        let (mut pending, mut chunk) = (Vec::with_capacity(4096), [0u8; 4096]);
-        loop {
-            let n = match stream.read(&mut chunk) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            };
-            pending.extend_from_slice(&chunk[..n]);
-            let mut answers = 0;
-            while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
-                pending.drain(..end + 4);
-                answers += 1;
-            }
-            // wrk pipelines nothing: one request, one response, but answer all heads seen.
-            if answers > 0 && stream.write_all(response.repeat(answers).as_bytes()).is_err() {
-                return;
-            }
-        }
-    });
-}
-
-/// `program args…` inside `ns`, a member of `cgroup` from its first
-/// syscall: a shell writes its own pid into `cgroup.procs`, then execs it.
-fn in_cgroup(cgroup: &Cgroup, program: &str, args: &[String]) -> (String, Vec<String>) {
-    let script = format!("echo $$ > '{}' && exec \"$@\"", cgroup.path().join("cgroup.procs").display());
-    let mut full = vec!["-c".to_string(), script, "sh".into(), program.into()];
-    full.extend_from_slice(args);
-    ("sh".into(), full)
-}
-
-/// Starts a long-running process in `ns` (and `cgroup`), its output in `dir/<name>.log`.
-fn start(
-    ns: &NetNs,
-    cgroup: Option<&Cgroup>,
-    dir: &Path,
-    name: &str,
-    program: &str,
-    args: &[String],
-) -> Result<NetdProcess> {
-    let (program, args) = match cgroup {
-        Some(cgroup) => in_cgroup(cgroup, program, args),
-        None => (program.to_string(), args.to_vec()),
-    };
-    let log = dir.join(format!("{name}.log"));
-    NetdProcess::spawn(ns, Path::new(&program), &args, &log).with_context(|| format!("starting {name}"))
-}
-
-/// Runs a client to completion in `ns` and `cgroup`; its stdout.
-fn client(ns: &NetNs, cgroup: &Cgroup, program: &str, args: &[String]) -> Result<String> {
-    let (sh, full) = in_cgroup(cgroup, program, args);
-    let out = ns.run(|| Command::new(&sh).args(&full).output())?.with_context(|| format!("running {program}"))?;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    ensure!(
-        out.status.success(),
-        "{program} {} failed ({}): {stdout}{}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(stdout)
-}
-
-fn strings(args: &[&str]) -> Vec<String> {
-    args.iter().map(|s| s.to_string()).collect()
 }
 
 /// `rathole` on PATH or in cargo's bin directory (`cargo xtask setup` installs it there).
@@ -366,38 +194,9 @@ fn keygen(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// One GET through `addr` from `ns` (sockets made in `cgroup`); true on a 200 with the body.
-fn http_ok(ns: &NetNs, addr: SocketAddr) -> bool {
-    ns.run(|| -> std::io::Result<bool> {
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
-        stream.set_read_timeout(Some(Duration::from_secs(1)))?;
-        stream.write_all(b"GET / HTTP/1.1\r\nHost: edge\r\n\r\n")?;
-        let mut got = Vec::new();
-        let mut chunk = [0u8; 512];
-        while !got.ends_with(HTTP_BODY.as_bytes()) {
-            let n = stream.read(&mut chunk)?;
-            if n == 0 {
-                return Ok(false);
-            }
-            got.extend_from_slice(&chunk[..n]);
-        }
-        Ok(got.starts_with(b"HTTP/1.1 200"))
-    })
-    .map(|r| r.unwrap_or(false))
-    .unwrap_or(false)
-}
-
 /// Waits until a GET through `way` works (its tunnel is up end to end).
 fn wait_ready(stage: &Stage, way: Way, limit: Duration) -> Result<()> {
-    let started = Instant::now();
-    let _in_cgroup = stage.cgroup_of(way).join()?;
-    while !http_ok(&stage.cloud, way.addr(Service::Http)) {
-        if started.elapsed() > limit {
-            bail!("{} did not carry a GET within {limit:?}", way.label());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Ok(())
+    wait_get(&stage.lab.cloud, stage.cgroup_of(way), way.addr(Service::Http), limit, way.label())
 }
 
 /// Waits up to 10 s until `addr` in `ns` accepts a connection.
@@ -443,144 +242,33 @@ fn tree_rss(pid: u32) -> Result<u64> {
     process_tree(pid).into_iter().map(|p| status_kib(p, "VmRSS:")).sum()
 }
 
-/// Everything the runs use; fields drop in order (processes first, namespaces last).
+/// Everything the runs use; fields drop in order (the other tunnels'
+/// processes first, then netd's stage, namespaces last).
 struct Stage {
     _processes: Vec<NetdProcess>,
-    server_pid: u32,
-    agent_pid: u32,
     rathole_pids: [(u32, u32); 2],
     sshd_pid: u32,
     ssh_pid: u32,
     ssh_cipher: String,
-    _iperf_server: NetdProcess,
-    _http: EdgeListener,
-    idle: EdgeListener,
-    idle_held: Arc<Mutex<Vec<TcpStream>>>,
-    _dnat: TunnelDnat,
-    _pins: PinDir,
-    /// Under the attached cgroup: clients of the netd way (redirected).
-    netd_client: Cgroup,
-    _netd_server: Cgroup,
-    _attached: Cgroup,
-    /// No programs: every other way's clients.
-    plain: Cgroup,
-    _veth: VethPair,
-    edge: NetNs,
-    cloud: NetNs,
-    dir: tempfile::TempDir,
+    lab: NetdLab,
 }
 
 impl Stage {
     fn cgroup_of(&self, way: Way) -> &Cgroup {
         if way == Way::Netd {
-            &self.netd_client
+            &self.lab.netd_client
         } else {
-            &self.plain
+            &self.lab.plain
         }
     }
 
     fn new(bin_dir: &Path) -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let d = dir.path();
-        let netd = bin_dir.join("netd").to_string_lossy().into_owned();
         let rathole = rathole_binary()?;
-
-        let cloud = NetNs::new()?;
-        let edge = NetNs::new()?;
-        let veth = VethPair::new((Some(&cloud), "eth0"), (Some(&edge), "eth0"))?;
-        cloud.ip(&["addr", "add", &format!("{CLOUD_IP}/24"), "dev", "eth0"])?;
-        edge.ip(&["addr", "add", &format!("{EDGE_LINK_IP}/24"), "dev", "eth0"])?;
-        edge.ip(&["addr", "add", &format!("{NODE_IP}/32"), "dev", "lo"])?;
-        for ns in [&cloud, &edge] {
-            ns.run(|| -> Result<()> {
-                for (file, value) in SOCKET_BUFFERS {
-                    std::fs::write(file, value).with_context(|| format!("writing {file}"))?;
-                }
-                Ok(())
-            })??;
-        }
-
-        // The tunnel DNAT, as bench_dnat attaches it: programs on `attached`,
-        // the server (whose DNAT door must see the original destination) in
-        // one child cgroup, the netd way's clients in another.
-        let attached = Cgroup::new()?;
-        let netd_server = attached.child("server")?;
-        let netd_client = attached.child("client")?;
-        let plain = Cgroup::new()?;
-        let pins = PinDir::new()?;
-        let (mut dnat, _) = TunnelDnat::load_or_attach(&AttachOptions {
-            pin_dir: pins.path().to_path_buf(),
-            cgroup: Some(attached.path().to_path_buf()),
-            original_dst_cgroup: Some(netd_server.path().to_path_buf()),
-        })?;
-        cloud.run(|| dnat.set_target(CLOUD_IP, Scope::HostNetwork))??;
-        dnat.set_port_rules(SERVICES.map(|s| (s.port(), DOOR_PORT)))?;
-        dnat.set_edge_nodes([NODE_IP])?;
-
-        let http = EdgeListener::start(&edge, Service::Http.port(), serve_http)?;
-        let idle_held = Arc::new(Mutex::new(Vec::new()));
-        let idle = {
-            let held = idle_held.clone();
-            EdgeListener::start(&edge, Service::Idle.port(), move |stream| {
-                held.lock().unwrap_or_else(PoisonError::into_inner).push(stream);
-            })?
-        };
-        let iperf_port = Service::Iperf.port().to_string();
-        let iperf_server = start(&edge, None, d, "iperf3-server", "iperf3", &strings(&["-s", "-p", &iperf_port]))?;
-
-        let mut processes = Vec::new();
-        // netd: certificates, then the server in its cgroup, the agent on the edge.
-        let (ca, server_certs, node_certs) = (d.join("ca"), d.join("server"), d.join("node"));
+        let lab = NetdLab::new(bin_dir, &[], &[])?;
+        let (cloud, edge, d) = (&lab.cloud, &lab.edge, lab.dir.path());
         let path = |p: &Path| p.to_string_lossy().into_owned();
-        run_command(&netd, &["certs", "ca", "--out", &path(&ca)])?;
-        let cloud_ip = CLOUD_IP.to_string();
-        run_command(
-            &netd,
-            &["certs", "server", "--ca-dir", &path(&ca), "--ip", &cloud_ip, "--out", &path(&server_certs)],
-        )?;
-        let node_ip = NODE_IP.to_string();
-        run_command(
-            &netd,
-            &["certs", "node", "--ca-dir", &path(&ca), "--name", NODE, "--ip", &node_ip, "--out", &path(&node_certs)],
-        )?;
-        let server_args = strings(&[
-            "tunnel-server",
-            "--cert-dir",
-            &path(&server_certs),
-            "--address",
-            &CLOUD_IP.to_string(),
-            "--agents-listen",
-            &v4(CLOUD_IP, AGENTS_PORT).to_string(),
-            "--connect-listen",
-            &v4(CLOUD_IP, CONNECT_PORT).to_string(),
-            "--dnat-listen",
-            &v4(CLOUD_IP, DOOR_PORT).to_string(),
-            "--dnat-pin-dir",
-            &path(pins.path()),
-            "--metrics-listen",
-            SERVER_METRICS,
-            "--log",
-            "warn",
-        ]);
-        let server = start(&cloud, Some(&netd_server), d, "netd-tunnel-server", &netd, &server_args)?;
-        let extra_ports = SERVICES.map(|s| s.port().to_string()).join(",");
-        let agent_args = strings(&[
-            "tunnel-agent",
-            "--server",
-            &v4(CLOUD_IP, AGENTS_PORT).to_string(),
-            "--cert-dir",
-            &path(&node_certs),
-            "--extra-ports",
-            &extra_ports,
-            "--metrics-listen",
-            AGENT_METRICS,
-            "--log",
-            "warn",
-        ]);
-        let agent = start(&edge, None, d, "netd-tunnel-agent", &netd, &agent_args)?;
         let pid = |p: &NetdProcess| p.pid().context("a process exited at once");
-        let (server_pid, agent_pid) = (pid(&server)?, pid(&agent)?);
-        processes.extend([server, agent]);
+        let mut processes = Vec::new();
 
         // rathole: one server and one client per transport.
         let keys = rathole_keys(&rathole)?;
@@ -592,21 +280,15 @@ impl Stage {
             std::fs::write(&server_file, server_toml)?;
             std::fs::write(&client_file, client_toml)?;
             let server = start(
-                &cloud,
+                cloud,
                 None,
                 d,
                 &format!("rathole-server-{i}"),
                 &rathole,
                 &strings(&["-s", &path(&server_file)]),
             )?;
-            let client = start(
-                &edge,
-                None,
-                d,
-                &format!("rathole-client-{i}"),
-                &rathole,
-                &strings(&["-c", &path(&client_file)]),
-            )?;
+            let client =
+                start(edge, None, d, &format!("rathole-client-{i}"), &rathole, &strings(&["-c", &path(&client_file)]))?;
             rathole_pids[i] = (pid(&server)?, pid(&client)?);
             processes.extend([server, client]);
         }
@@ -619,7 +301,7 @@ impl Stage {
         // sshd refuses to start without its privilege separation directory.
         std::fs::create_dir_all("/run/sshd")?;
         let sshd = start(
-            &cloud,
+            cloud,
             None,
             d,
             "sshd",
@@ -627,7 +309,7 @@ impl Stage {
             &strings(&["-D", "-e", "-f", &path(&d.join("sshd_config"))]),
         )?;
         // ssh tries once: start it only when sshd listens.
-        wait_listening(&cloud, v4(CLOUD_IP, SSH_PORT)).with_context(|| sshd_log(d))?;
+        wait_listening(cloud, v4(CLOUD_IP, SSH_PORT)).with_context(|| sshd_log(d))?;
         let mut ssh_args = strings(&[
             "-N",
             "-v",
@@ -652,37 +334,15 @@ impl Stage {
             ssh_args.push(format!("{}:{}:{NODE_IP}:{}", listen.ip(), listen.port(), service.port()));
         }
         ssh_args.push(format!("root@{CLOUD_IP}"));
-        let ssh = start(&edge, None, d, "ssh", "ssh", &ssh_args)?;
+        let ssh = start(edge, None, d, "ssh", "ssh", &ssh_args)?;
         let (sshd_pid, ssh_pid) = (pid(&sshd)?, pid(&ssh)?);
         processes.extend([sshd, ssh]);
 
-        let mut stage = Self {
-            _processes: processes,
-            server_pid,
-            agent_pid,
-            rathole_pids,
-            sshd_pid,
-            ssh_pid,
-            ssh_cipher: String::new(),
-            _iperf_server: iperf_server,
-            _http: http,
-            idle,
-            idle_held,
-            _dnat: dnat,
-            _pins: pins,
-            netd_client,
-            _netd_server: netd_server,
-            _attached: attached,
-            plain,
-            _veth: veth,
-            edge,
-            cloud,
-            dir,
-        };
+        let mut stage = Self { _processes: processes, rathole_pids, sshd_pid, ssh_pid, ssh_cipher: String::new(), lab };
         for way in WAYS {
-            wait_ready(&stage, way, Duration::from_secs(30)).map_err(|e| e.context(stage.logs()))?;
+            wait_ready(&stage, way, Duration::from_secs(30)).map_err(|e| e.context(stage.lab.logs()))?;
         }
-        let ssh_log = std::fs::read_to_string(stage.dir.path().join("ssh.log")).unwrap_or_default();
+        let ssh_log = std::fs::read_to_string(stage.lab.dir.path().join("ssh.log")).unwrap_or_default();
         stage.ssh_cipher = ssh_log
             .lines()
             .find_map(|l| l.split("server->client cipher: ").nth(1))
@@ -691,35 +351,11 @@ impl Stage {
         Ok(stage)
     }
 
-    /// The processes' logs, for an error message.
-    fn logs(&self) -> String {
-        let mut out = String::from("logs:");
-        if let Ok(entries) = std::fs::read_dir(self.dir.path()) {
-            for entry in entries.filter_map(|e| e.ok()) {
-                if entry.path().extension().is_some_and(|e| e == "log") {
-                    let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
-                    let tail: Vec<&str> = text.lines().rev().take(15).collect();
-                    let _ = write!(out, "\n--- {}:", entry.file_name().to_string_lossy());
-                    for line in tail.into_iter().rev() {
-                        let _ = write!(out, "\n{line}");
-                    }
-                }
-            }
-        }
-        out
-    }
-
-    /// The agent's links up now, per its metrics.
-    fn agent_links_up(&self) -> Option<u64> {
-        let body = http_get(&self.edge, AGENT_METRICS, "/metrics")?;
-        body.lines().find_map(|l| l.strip_prefix("netd_tunnel_agent_links_up ")?.trim().parse().ok())
-    }
-
     /// Server and agent (or sshd tree and ssh) resident KiB of a tunnel.
     fn rss(&self, way: Way) -> Result<(u64, u64)> {
         Ok(match way {
             Way::Direct => (0, 0),
-            Way::Netd => (status_kib(self.server_pid, "VmRSS:")?, status_kib(self.agent_pid, "VmRSS:")?),
+            Way::Netd => (status_kib(self.lab.server_pid, "VmRSS:")?, status_kib(self.lab.agent_pid, "VmRSS:")?),
             Way::RatholeTcp | Way::RatholeNoise => {
                 let (server, client) = self.rathole_pids[usize::from(way == Way::RatholeNoise)];
                 (status_kib(server, "VmRSS:")?, status_kib(client, "VmRSS:")?)
@@ -727,36 +363,6 @@ impl Stage {
             Way::Ssh => (tree_rss(self.sshd_pid)?, status_kib(self.ssh_pid, "VmRSS:")?),
         })
     }
-}
-
-/// Median of unsorted samples (the mean of the middle two for an even count).
-fn median(samples: &[f64]) -> f64 {
-    let mut sorted = samples.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    match sorted.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => sorted[n / 2],
-        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
-    }
-}
-
-fn min_max(samples: &[f64]) -> (f64, f64) {
-    let min = samples.iter().copied().fold(f64::INFINITY, f64::min);
-    let max = samples.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    (min, max)
-}
-
-/// `median (min–max)` with `digits` decimals.
-fn spread(samples: &[f64], digits: usize) -> String {
-    let (min, max) = min_max(samples);
-    format!("{:.digits$} ({min:.digits$}–{max:.digits$})", median(samples))
-}
-
-/// Per-round ratios of `a` to `b` (they ran moments apart): median (min–max).
-fn paired(a: &[f64], b: &[f64]) -> String {
-    let ratios: Vec<f64> = a.iter().zip(b).map(|(a, b)| a / b.max(f64::EPSILON)).collect();
-    let (min, max) = min_max(&ratios);
-    format!("{:.2}× ({min:.2}–{max:.2})", median(&ratios))
 }
 
 /// Runs `measure` for every way `rounds` times, rotating who goes first.
@@ -771,39 +377,7 @@ fn interleave(rounds: usize, mut measure: impl FnMut(Way) -> Result<()>) -> Resu
 
 /// One single-stream iperf3 run towards the edge; Gbit/s received and the sender's retransmits.
 fn iperf(stage: &Stage, way: Way) -> Result<(f64, u64)> {
-    let addr = way.addr(Service::Iperf);
-    let args = strings(&[
-        "-c",
-        &addr.ip().to_string(),
-        "-p",
-        &addr.port().to_string(),
-        "-t",
-        &IPERF_SECONDS.to_string(),
-        "-J",
-    ]);
-    // iperf3's server takes a moment after a test to accept the next one
-    // (longer when the last close crosses a tunnel): "busy" is retried.
-    let mut tries = 0;
-    let json: serde_json::Value = loop {
-        let run = client(&stage.cloud, stage.cgroup_of(way), "iperf3", &args);
-        let busy = match &run {
-            Ok(out) => out.contains("server is busy"),
-            Err(err) => err.to_string().contains("server is busy"),
-        };
-        if busy && tries < 20 {
-            tries += 1;
-            std::thread::sleep(Duration::from_millis(250));
-            continue;
-        }
-        let out = run.with_context(|| way.label())?;
-        break serde_json::from_str(&out).context("iperf3 -J output")?;
-    };
-    let out = json.to_string();
-    let bits = json["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .with_context(|| format!("no end.sum_received in iperf3's output: {out}"))?;
-    let retransmits = json["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0);
-    Ok((bits / 1e9, retransmits))
+    iperf3(&stage.lab.cloud, stage.cgroup_of(way), way.addr(Service::Iperf), IPERF_SECONDS, way.label())
 }
 
 /// What wrk reports: p50 and p99 latency in µs, requests/s.
@@ -829,7 +403,7 @@ fn wrk_duration_us(text: &str) -> Option<f64> {
 fn wrk(stage: &Stage, way: Way, connections: u32, seconds: u32) -> Result<WrkRun> {
     let url = format!("http://{}/", way.addr(Service::Http));
     let args = strings(&["-t1", &format!("-c{connections}"), &format!("-d{seconds}s"), "--latency", &url]);
-    let out = client(&stage.cloud, stage.cgroup_of(way), "wrk", &args).with_context(|| way.label())?;
+    let out = client(&stage.lab.cloud, stage.cgroup_of(way), "wrk", &args).with_context(|| way.label())?;
     ensure!(!out.contains("Socket errors") && !out.contains("Non-2xx"), "{}: wrk saw errors:\n{out}", way.label());
     let percentile = |p: &str| {
         out.lines()
@@ -851,17 +425,17 @@ fn wrk(stage: &Stage, way: Way, connections: u32, seconds: u32) -> Result<WrkRun
 /// most [`IDLE_WAIT`]: the streams, how many reached the edge, and how long
 /// that took.
 fn open_idle(stage: &Stage, way: Way, n: usize) -> Result<(Vec<TcpStream>, u64, Duration)> {
-    let before = stage.idle.count();
+    let before = stage.lab.idle.count();
     let addr = way.addr(Service::Idle);
     let started = Instant::now();
     let streams = {
         let _in_cgroup = stage.cgroup_of(way).join()?;
-        stage.cloud.run(|| (0..n).map(|_| TcpStream::connect(addr)).collect::<std::io::Result<Vec<_>>>())??
+        stage.lab.cloud.run(|| (0..n).map(|_| TcpStream::connect(addr)).collect::<std::io::Result<Vec<_>>>())??
     };
-    while stage.idle.count() < before + n as u64 && started.elapsed() < IDLE_WAIT {
+    while stage.lab.idle.count() < before + n as u64 && started.elapsed() < IDLE_WAIT {
         std::thread::sleep(Duration::from_millis(10));
     }
-    Ok((streams, stage.idle.count() - before, started.elapsed()))
+    Ok((streams, stage.lab.idle.count() - before, started.elapsed()))
 }
 
 /// Memory of one tunnel: idle at start, with the idle streams, idle after the runs.
@@ -878,20 +452,20 @@ struct Memory {
 /// One link cut: seconds until the agent noticed, and ms from the link
 /// back up until a GET through the tunnel succeeded.
 fn relink(stage: &Stage) -> Result<(f64, f64)> {
-    ensure!(stage.agent_links_up() == Some(1), "the agent is not linked before the cut");
+    ensure!(stage.lab.agent_links_up() == Some(1), "the agent is not linked before the cut");
     // The edge's uplink goes down: its route to the cloud goes with it, so
     // the agent's redials fail at once (ENETUNREACH) while it is down.
-    stage.edge.ip(&["link", "set", "eth0", "down"])?;
+    stage.lab.edge.ip(&["link", "set", "eth0", "down"])?;
     let cut = Instant::now();
-    while stage.agent_links_up() != Some(0) {
+    while stage.lab.agent_links_up() != Some(0) {
         ensure!(cut.elapsed() < Duration::from_secs(30), "the agent did not notice the cut within 30 s");
         std::thread::sleep(Duration::from_millis(50));
     }
     let noticed = cut.elapsed();
-    stage.edge.ip(&["link", "set", "eth0", "up"])?;
+    stage.lab.edge.ip(&["link", "set", "eth0", "up"])?;
     let back = Instant::now();
-    let _in_cgroup = stage.netd_client.join()?;
-    while !http_ok(&stage.cloud, Way::Netd.addr(Service::Http)) {
+    let _in_cgroup = stage.lab.netd_client.join()?;
+    while !http_ok(&stage.lab.cloud, Way::Netd.addr(Service::Http)) {
         ensure!(
             back.elapsed() < Duration::from_secs(60),
             "no traffic through the tunnel 60 s after the link came back"
@@ -901,49 +475,26 @@ fn relink(stage: &Stage) -> Result<(f64, f64)> {
     Ok((noticed.as_secs_f64(), back.elapsed().as_secs_f64() * 1e3))
 }
 
-/// Raises the open-file soft limit to the hard one: the idle streams need
-/// a few thousand descriptors here and in the tunnel processes, which
-/// inherit the limit.
-fn raise_fd_limit() -> Result<u64> {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit writes one rlimit, which outlives the call.
-    ensure!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0, "getrlimit");
-    limit.rlim_cur = limit.rlim_max;
-    // SAFETY: setrlimit reads one rlimit, which outlives the call.
-    ensure!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } == 0, "setrlimit");
-    Ok(limit.rlim_cur)
-}
-
-/// Share of wall time some task waited for a CPU (system-wide) since `since`.
-fn pressure_since(since: (Instant, Option<u64>)) -> String {
-    match (since.1, cpu_pressure_us()) {
-        (Some(before), Some(now)) => {
-            format!("{:.0} %", (now - before) as f64 / since.0.elapsed().as_micros().max(1) as f64 * 100.0)
-        }
-        _ => "unknown".into(),
-    }
-}
-
 /// Runs the tunnel benchmark and prints README's tables.
 pub fn run(bin_dir: &Path) -> Result<()> {
     let Some(_kernel) = testing::privileged()? else { bail!("the tunnel benchmark needs root") };
-    let fds = raise_fd_limit()?;
+    let fds = raise_fd_limit(3 * IDLE_STREAMS as u64 + 500)?;
     ensure!(fds as usize >= 3 * IDLE_STREAMS + 500, "the open-file limit {fds} is too low for {IDLE_STREAMS} streams");
     println!("machine: {}", machine());
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    println!("load average at start: {}", load.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
+    println!("load average at start: {}", load_average());
     let started = Instant::now();
     let stage = Stage::new(bin_dir)?;
     {
         // Proof that the tunnel ways cannot take the direct path.
-        let _in_plain = stage.plain.join()?;
+        let _in_plain = stage.lab.plain.join()?;
         let direct = stage
+            .lab
             .cloud
             .run(|| TcpStream::connect_timeout(&v4(NODE_IP, Service::Http.port()), Duration::from_secs(1)))?;
         ensure!(direct.is_err(), "the cloud reached {NODE_IP} without a tunnel: the stage proves nothing");
     }
     println!("stage up in {:.1} s; ssh negotiated cipher {}", started.elapsed().as_secs_f64(), stage.ssh_cipher);
-    let timed_from = (Instant::now(), cpu_pressure_us());
+    let timed_from = pressure_mark();
 
     let mut memory = [Memory::default(); 5];
     for (i, way) in WAYS.into_iter().enumerate() {
@@ -958,7 +509,7 @@ pub fn run(bin_dir: &Path) -> Result<()> {
         memory[i].streams = stage.rss(way)?;
         (memory[i].reached, memory[i].took) = (reached, took);
         drop(streams);
-        stage.idle_held.lock().unwrap_or_else(PoisonError::into_inner).clear();
+        stage.lab.idle_held.lock().unwrap_or_else(PoisonError::into_inner).clear();
         // A tunnel still choking on the burst would spoil the runs after it.
         wait_ready(&stage, way, Duration::from_secs(60))?;
     }
@@ -967,8 +518,11 @@ pub fn run(bin_dir: &Path) -> Result<()> {
     let mut retransmits = [[0u64; 5]; 2];
     let mut wan_dropped = 0;
     for (net, wan) in [false, true].into_iter().enumerate() {
-        let line =
-            if wan { Some(DelayLine::start(&stage.cloud, CLOUD_IP, &stage.edge, EDGE_LINK_IP, WAN)?) } else { None };
+        let line = if wan {
+            Some(DelayLine::start(&stage.lab.cloud, CLOUD_IP, &stage.lab.edge, EDGE_LINK_IP, WAN)?)
+        } else {
+            None
+        };
         if wan {
             // The tunnels' links are long-lived connections: they see the new path at their next packet.
             for way in WAYS {

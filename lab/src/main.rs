@@ -3,12 +3,13 @@
 //!
 //! ```text
 //! netd-lab demo --bin-dir target/release
-//! netd-lab bench <cni|vxlan|events|rss|scenario|dnat|tunnel|tunnel-config|autonomy|all> --bin-dir target/release
+//! netd-lab bench <cni|vxlan|events|rss|scenario|dnat|tunnel|doors|tunnel-config|autonomy|all> --bin-dir target/release
 //! ```
 
 mod bench;
 mod bench_autonomy;
 mod bench_dnat;
+mod bench_doors;
 mod bench_events;
 mod bench_rss;
 mod bench_scenario;
@@ -17,16 +18,20 @@ mod bench_tunnel_config;
 mod bench_vxlan;
 mod delay_line;
 mod demo;
+mod tunnel_lab;
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 
 const USAGE: &str =
-    "usage: netd-lab <demo | bench <cni|vxlan|events|rss|scenario|dnat|tunnel|tunnel-config|autonomy|all>> --bin-dir DIR (run through `cargo xtask`)";
+    "usage: netd-lab <demo | bench <cni|vxlan|events|rss|scenario|dnat|tunnel|doors|tunnel-config|autonomy|all>> --bin-dir DIR (run through `cargo xtask`)";
 
 fn main() -> Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().is_some_and(|a| a == bench_doors::WORKER) {
+        return bench_doors::worker(&args[1..]);
+    }
     let Some(at) = args.iter().position(|a| a == "--bin-dir") else { bail!("--bin-dir is required\n{USAGE}") };
     let bin_dir = PathBuf::from(args.get(at + 1).context("--bin-dir needs a directory")?);
     args.drain(at..at + 2);

@@ -24,7 +24,7 @@ tasks:
   setup   install (idempotently) the Debian packages netd needs to build, test and demo
   test    run every test, unprivileged and privileged (root; network namespaces),
           and check that no namespace, link or cgroup is left behind
-  bench [cni|vxlan|events|rss|scenario|dnat|tunnel|tunnel-config|autonomy|all]
+  bench [cni|vxlan|events|rss|scenario|dnat|tunnel|doors|tunnel-config|autonomy|all]
           side-by-side benchmarks needing namespaces or external tools (root)
   ci      setup, fmt check, clippy, build (benches included), test, doc: what CI runs
 ";
@@ -151,8 +151,8 @@ fn demo() -> Result<()> {
 }
 
 fn bench(which: &str) -> Result<()> {
-    const KNOWN: [&str; 10] =
-        ["cni", "vxlan", "events", "rss", "scenario", "dnat", "tunnel", "tunnel-config", "autonomy", "all"];
+    const KNOWN: [&str; 11] =
+        ["cni", "vxlan", "events", "rss", "scenario", "dnat", "tunnel", "doors", "tunnel-config", "autonomy", "all"];
     if !KNOWN.contains(&which) {
         eprint!("{USAGE}");
         bail!("unknown benchmark `{which}` (known: {})", KNOWN.join(", "));
