@@ -176,14 +176,7 @@ impl KubeConfig {
     /// [`KubeConfig::in_cluster`] with the service-account directory and
     /// the environment given.
     pub fn in_cluster_from(dir: &Path, env: impl Fn(&str) -> Option<String>) -> Result<Self, KubeError> {
-        let var = |key: &str| {
-            env(key)
-                .filter(|v| !v.trim().is_empty())
-                .ok_or_else(|| KubeError::BadConfig(format!("{key} is not set: not running in a Kubernetes pod?")))
-        };
-        let host = var("KUBERNETES_SERVICE_HOST")?;
-        let port = var("KUBERNETES_SERVICE_PORT")?;
-        let host = if host.contains(':') { format!("[{host}]") } else { host };
+        let server = in_cluster_server(&env)?;
         let read = |name: &str| {
             let path = dir.join(name);
             std::fs::read(&path)
@@ -200,7 +193,7 @@ impl KubeConfig {
                 )?,
             };
         Ok(Self {
-            server: format!("https://{host}:{}", port.trim()),
+            server,
             token: Some(token),
             token_file,
             ca_cert_pem: Some(ca),
@@ -233,14 +226,7 @@ impl KubeConfig {
         dir: &Path,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, KubeError> {
-        let var = |key: &str| {
-            env(key)
-                .filter(|v| !v.trim().is_empty())
-                .ok_or_else(|| KubeError::BadConfig(format!("{key} is not set: not running in a Kubernetes pod?")))
-        };
-        let host = var("KUBERNETES_SERVICE_HOST")?;
-        let port = var("KUBERNETES_SERVICE_PORT")?;
-        let host = if host.contains(':') { format!("[{host}]") } else { host };
+        let server = in_cluster_server(&env)?;
         let service_account_ca = dir.join("ca.crt");
         let ca_path = ca_file.unwrap_or(&service_account_ca);
         let ca = std::fs::read(ca_path).map_err(|e| {
@@ -250,7 +236,7 @@ impl KubeConfig {
             ))
         })?;
         Ok(Self {
-            server: format!("https://{host}:{}", port.trim()),
+            server,
             token: None,
             token_file: None,
             ca_cert_pem: Some(ca),
@@ -562,6 +548,19 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
         source = inner.source();
     }
     text
+}
+
+/// The API server in a pod: `https://KUBERNETES_SERVICE_HOST:KUBERNETES_SERVICE_PORT`.
+fn in_cluster_server(env: &impl Fn(&str) -> Option<String>) -> Result<String, KubeError> {
+    let var = |key: &str| {
+        env(key)
+            .filter(|v| !v.trim().is_empty())
+            .ok_or_else(|| KubeError::BadConfig(format!("{key} is not set: not running in a Kubernetes pod?")))
+    };
+    let host = var("KUBERNETES_SERVICE_HOST")?;
+    let port = var("KUBERNETES_SERVICE_PORT")?;
+    let host = if host.contains(':') { format!("[{host}]") } else { host };
+    Ok(format!("https://{host}:{}", port.trim()))
 }
 
 #[cfg(test)]
