@@ -18,7 +18,7 @@
 //!   operator names source CIDRs (Prometheus on another machine), and then
 //!   only for them.
 //!
-//! Every door is bounded ([`limits`](super::limits)): handshake and header
+//! Every door is bounded ([`limits`]): handshake and header
 //! timeouts, connection caps per door and per source, a stream cap per agent
 //! link, a bounded wait for an agent to answer a stream open.
 //!
