@@ -34,6 +34,11 @@ pub const KUBE_APISERVER_BIN: &str = concat!("/var/cache/netd/kube-apiserver-", 
 /// `NETD_KUBE_CONTROLLER_MANAGER` like the API server
 /// (`netd::testing::KUBE_CONTROLLER_MANAGER_BIN` is the harness's default).
 pub const KUBE_CONTROLLER_MANAGER_BIN: &str = concat!("/var/cache/netd/kube-controller-manager-", kube_version!());
+/// Where the built kubelet is cached (the real-cluster harness's default,
+/// `netd::testing::KUBELET_BIN`; handed over in `NETD_KUBELET`).
+pub const KUBELET_BIN: &str = concat!("/var/cache/netd/kubelet-", kube_version!());
+/// Where the built scheduler is cached (`NETD_KUBE_SCHEDULER`).
+pub const KUBE_SCHEDULER_BIN: &str = concat!("/var/cache/netd/kube-scheduler-", kube_version!());
 /// Work directory: the unpacked source and the build.
 const BUILD_DIR: &str = "/var/cache/netd/build";
 /// The deb-src entry `apt-get source` needs (Debian 12 images ship without one).
@@ -70,6 +75,13 @@ const KUBE_CONTROLLER_MANAGER: Component = Component {
     build_time: "2-4 minutes after kube-apiserver, else about 6",
 };
 
+/// kubelet and kube-scheduler share most packages with the API server: both
+/// together took 53 s once it was built.
+const KUBELET: Component =
+    Component { name: "kubelet", bin: KUBELET_BIN, build_time: "under a minute after kube-apiserver" };
+const KUBE_SCHEDULER: Component =
+    Component { name: "kube-scheduler", bin: KUBE_SCHEDULER_BIN, build_time: "under a minute after kube-apiserver" };
+
 /// Returns the cached `kube-apiserver`, building it first when it is missing
 /// (root; needs Debian's package mirrors). Idempotent.
 pub fn ensure_kube_apiserver() -> Result<PathBuf> {
@@ -84,10 +96,22 @@ pub fn ensure_kube_controller_manager() -> Result<PathBuf> {
     ensure_built(&KUBE_CONTROLLER_MANAGER)
 }
 
+/// Returns the cached kubelet and kube-scheduler (the real-cluster harness's
+/// nodes and scheduler), built from the same source tree when missing.
+pub fn ensure_node_components() -> Result<()> {
+    ensure_built(&KUBELET)?;
+    ensure_built(&KUBE_SCHEDULER).map(|_| ())
+}
+
 /// The environment that hands the cached binaries to tests and the lab
 /// (read by `netd::testing`, which defaults to the same paths).
-pub fn test_env() -> [(&'static str, &'static str); 2] {
-    [("NETD_KUBE_APISERVER", KUBE_APISERVER_BIN), ("NETD_KUBE_CONTROLLER_MANAGER", KUBE_CONTROLLER_MANAGER_BIN)]
+pub fn test_env() -> [(&'static str, &'static str); 4] {
+    [
+        ("NETD_KUBE_APISERVER", KUBE_APISERVER_BIN),
+        ("NETD_KUBE_CONTROLLER_MANAGER", KUBE_CONTROLLER_MANAGER_BIN),
+        ("NETD_KUBELET", KUBELET_BIN),
+        ("NETD_KUBE_SCHEDULER", KUBE_SCHEDULER_BIN),
+    ]
 }
 
 /// The cached binary of `component` when it runs and reports [`KUBE_VERSION`];

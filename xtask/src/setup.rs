@@ -25,6 +25,11 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("curl", "real HTTP client in tests"),
     ("openssl", "the test kube-apiserver's service-account key"),
     ("iputils-ping", "ping between test namespaces"),
+    ("containerd", "the container runtime of the real-cluster harness's nodes (CRI for kubelet)"),
+    ("runc", "the OCI runtime containerd starts pods with"),
+    ("busybox-static", "the workload image of the real-cluster tests (sh, ping, httpd, nc)"),
+    ("gcc", "builds the static pause program of the pause image"),
+    ("libc6-dev", "libc.a for the static pause program"),
 ];
 
 fn installed(package: &str) -> bool {
@@ -48,14 +53,15 @@ fn apt(args: &[&str]) -> Result<()> {
 }
 
 /// Everything the tests and benchmarks need: the Debian packages, rathole,
-/// then the cached kube-apiserver (Kubernetes registry tests) and
-/// kube-controller-manager (join, node lifecycle and rollout tests), built
-/// from one source tree.
+/// then the cached kube-apiserver (Kubernetes registry tests),
+/// kube-controller-manager (join, node lifecycle and rollout tests), kubelet
+/// and kube-scheduler (the real-cluster tests), built from one source tree.
 pub fn run() -> Result<()> {
     packages()?;
     rathole()?;
     crate::kube::ensure_kube_apiserver()?;
-    crate::kube::ensure_kube_controller_manager().map(|_| ())
+    crate::kube::ensure_kube_controller_manager()?;
+    crate::kube::ensure_node_components()
 }
 
 /// The rathole release the tunnel benchmark compares against.

@@ -86,11 +86,9 @@ fn describe(kind: &str, before: &BTreeSet<String>, after: &BTreeSet<String>) -> 
 pub fn run() -> Result<()> {
     let before = snapshot()?;
     // Privileged tests must fail, not skip, when they cannot run.
-    let [apiserver, controller_manager] = crate::kube::test_env();
-    let result = cargo(
-        &["test", "--workspace", "--all-features"],
-        &[("NETD_REQUIRE_PRIVILEGED", "1"), apiserver, controller_manager],
-    );
+    let mut envs = vec![("NETD_REQUIRE_PRIVILEGED", "1")];
+    envs.extend(crate::kube::test_env());
+    let result = cargo(&["test", "--workspace", "--all-features"], &envs);
     let after = snapshot()?;
     result?;
     if before != after {

@@ -61,9 +61,18 @@ pub(crate) struct ApiServerOptions {
     pub(crate) bootstrap_tokens: bool,
     /// The `NodeRestriction` admission plugin (kubeadm enables it with RBAC).
     pub(crate) node_restriction: bool,
+    /// Talk to real kubelets as kubeadm sets it up: a client certificate in
+    /// `system:masters` (`--kubelet-client-certificate`), their serving
+    /// certificates verified with the cluster CA
+    /// (`--kubelet-certificate-authority`), by their InternalIP (the test
+    /// nodes have no DNS names).
+    pub(crate) kubelets: bool,
     /// Whole flags appended last, so they override the harness's own.
     pub(crate) extra_args: Vec<String>,
 }
+
+/// The stem of the API server's kubelet client certificate in `pki/`.
+const KUBELET_CLIENT_STEM: &str = "apiserver-kubelet-client";
 
 /// Who a request made with [`KubeApiServer::api_as`] authenticates as.
 #[derive(Debug, Clone, Copy)]
@@ -258,6 +267,12 @@ impl KubeApiServer {
             ips.push(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
         }
         self.ca.issue_server("kube-apiserver", &dns, &ips, SERVING_VALIDITY)?.write(&pki, "apiserver")?;
+        if self.options.kubelets {
+            // kubeadm's name and group for it.
+            self.ca
+                .issue_client("kube-apiserver-kubelet-client", Some("system:masters"), SERVING_VALIDITY)?
+                .write(&pki, KUBELET_CLIENT_STEM)?;
+        }
         Ok(())
     }
 
@@ -371,6 +386,13 @@ impl KubeApiServer {
             .arg("--logtostderr=true");
         if options.node_restriction {
             command.arg("--enable-admission-plugins=NodeRestriction");
+        }
+        if options.kubelets {
+            command
+                .arg(format!("--kubelet-client-certificate={}", path(&format!("pki/{KUBELET_CLIENT_STEM}.crt"))))
+                .arg(format!("--kubelet-client-key={}", path(&format!("pki/{KUBELET_CLIENT_STEM}.key"))))
+                .arg(format!("--kubelet-certificate-authority={}", self.ca_cert_path().display()))
+                .arg("--kubelet-preferred-address-types=InternalIP");
         }
         command.args(&options.extra_args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
         die_with_parent(&mut command);

@@ -269,6 +269,15 @@ impl KubeClusterBuilder {
         self
     }
 
+    /// Reach real kubelets (logs, exec, port-forward) as kubeadm's API
+    /// server does: with a client certificate in `system:masters`,
+    /// verifying each kubelet's serving certificate with the cluster CA, at
+    /// its InternalIP.
+    pub fn kubelets(mut self, on: bool) -> Self {
+        self.api.kubelets = on;
+        self
+    }
+
     /// Whole flags appended to the API server's command line, last, so they
     /// override the harness's own. Files they name must outlive the cluster.
     pub fn apiserver_args(mut self, args: impl IntoIterator<Item = impl Into<String>>) -> Self {

@@ -38,6 +38,7 @@ mod kube_cluster;
 mod links;
 mod netns;
 mod process;
+mod real_cluster;
 mod scenario;
 mod server;
 mod synthetic;
@@ -55,6 +56,10 @@ pub use kube_cluster::{
 pub use links::{unique_ifname, Bridge, VethPair};
 pub use netns::{NetNs, NetNsGuard};
 pub use process::{http_get, metric, netd_run_args, NetdProcess, HEALTH_ADDR};
+pub use real_cluster::{
+    netd_image_path, RealCluster, RealClusterBuilder, RealNode, Role, CLOUD_NODE_IP, CLOUD_ROLE_LABEL, IMAGE_DIR,
+    KUBELET_BIN, KUBELET_ENV, KUBE_SCHEDULER_BIN, KUBE_SCHEDULER_ENV, NETD_IMAGE_ENV, PAUSE_IMAGE, WORKLOAD_IMAGE,
+};
 pub use scenario::{
     scenario_network, EmbeddedScenarioRegistry, EtcdScenarioRegistry, KubeScenarioRegistry, Scenario, ScenarioRegistry,
     ScenarioReport,
@@ -214,6 +219,9 @@ fn owner_is_dead(name: &str) -> bool {
 /// Removes namespaces, root-namespace links and cgroups whose creating test
 /// process is gone (it was killed before its guards could drop).
 fn sweep_leftovers() {
+    // First: a dead test's real nodes hold network namespaces (pods') and
+    // mounts that the sweeps below would otherwise race with.
+    real_cluster::sweep_leftovers(owner_is_dead);
     if let Ok(entries) = fs::read_dir("/run/netns") {
         for name in entries.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()) {
             if name.starts_with(NAME_PREFIX) && owner_is_dead(&name) {
