@@ -1,10 +1,11 @@
-//! Developer and CI tasks: `cargo xtask <setup|test|bench|ci|demo>`.
+//! Developer and CI tasks: `cargo xtask <setup|test|bench|ci|demo|image>`.
 //!
 //! xtask itself depends on nothing that needs a system package to build, so
 //! `cargo xtask setup` works on a fresh machine; the demo and the
 //! side-by-side benchmarks live in the `netd-lab` crate (which builds on
 //! `netd::testing`) and run after setup.
 
+mod image;
 mod kube;
 mod setup;
 mod test;
@@ -27,6 +28,10 @@ tasks:
   bench [cni|vxlan|events|rss|scenario|dnat|tunnel|doors|tunnel-config|autonomy|all]
           side-by-side benchmarks needing namespaces or external tools (root)
   ci      setup, fmt check, clippy, build (benches included), test, doc: what CI runs
+  image [netd|pause [OUT]|busybox [OUT]]
+          netd's container image (release binaries, nft and their libraries) as a
+          docker-save archive, target/image/netd.tar, tagged netd:<version>; no daemon
+          needed; or the test nodes' pause and busybox images
 ";
 
 fn main() -> Result<()> {
@@ -40,6 +45,7 @@ fn main() -> Result<()> {
         "test" => test::run(),
         "ci" => ci(),
         "demo" => demo(),
+        "image" => image::run(&args[1..]),
         "bench" => bench(args.get(1).map(String::as_str).unwrap_or("all")),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");
