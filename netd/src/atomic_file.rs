@@ -14,7 +14,9 @@
 //!
 //! Every file netd writes whole goes through here: `subnet.env`, the
 //! overlay snapshot (and the creation of its journal), the tunnel
-//! certificates and keys, and what `netd-join` leaves on the node. Appends
+//! certificates and keys, what `netd-join` leaves on the node, and the CNI
+//! plugin and conflist `netd install-cni` puts on the host
+//! ([`write_unless_same`]: an identical file is left alone). Appends
 //! to an existing file (the snapshot journal) and SQLite databases, which
 //! manage their own files, do not.
 //!
@@ -24,7 +26,7 @@ use std::collections::hash_map::RandomState;
 use std::ffi::OsString;
 use std::fs::{self, DirBuilder, File, OpenOptions, Permissions};
 use std::hash::{BuildHasher as _, Hasher as _};
-use std::io::{self, Write as _};
+use std::io::{self, Read as _, Write as _};
 use std::os::unix::ffi::{OsStrExt as _, OsStringExt as _};
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
@@ -156,6 +158,33 @@ pub fn write_creating_dirs(path: &Path, contents: &[u8], mode: u32, dir_mode: u3
         create_dirs(dir, dir_mode)?;
     }
     write(path, contents, mode)
+}
+
+/// [`write()`], unless `path` already is a regular file (not a symlink)
+/// holding exactly `contents` with permissions exactly `mode`: then nothing
+/// is touched (same inode, same mtime), so an installer re-run on a node
+/// whose files are current changes nothing under a running runtime.
+/// Returns whether it wrote. A target that cannot be read or compared is
+/// replaced, which is always safe.
+pub fn write_unless_same(path: &Path, contents: &[u8], mode: u32) -> Result<bool, AtomicFileError> {
+    if holds(path, contents, mode & PERMISSION_BITS) {
+        return Ok(false);
+    }
+    write(path, contents, mode).map(|()| true)
+}
+
+/// Whether `path` is a regular file with exactly `contents` and `mode`.
+fn holds(path: &Path, contents: &[u8], mode: u32) -> bool {
+    // O_NOFOLLOW: a symlink is never "the same file", whatever it points
+    // to; O_NONBLOCK: a FIFO planted at the target cannot stall the open.
+    let opened = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path);
+    let Ok(mut file) = opened else { return false };
+    let Ok(meta) = file.metadata() else { return false };
+    if !meta.is_file() || meta.permissions().mode() & PERMISSION_BITS != mode || meta.len() != contents.len() as u64 {
+        return false;
+    }
+    let mut current = Vec::with_capacity(contents.len());
+    file.read_to_end(&mut current).is_ok() && current == contents
 }
 
 /// Creates a new temporary file in `dir` with `mode`, under the first of
@@ -399,6 +428,40 @@ mod tests {
         let long = dir.path().join("k".repeat(255));
         write(&long, b"x", 0o600).unwrap();
         assert_eq!(mode_of(&long), 0o600);
+    }
+
+    #[test]
+    fn write_unless_same_leaves_an_identical_file_alone_and_replaces_anything_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("10-netd.conflist");
+        assert!(write_unless_same(&path, b"conf", 0o644).unwrap(), "a missing file is written");
+        let before = fs::metadata(&path).unwrap();
+        assert!(!write_unless_same(&path, b"conf", 0o644).unwrap(), "an identical file is not");
+        let after = fs::metadata(&path).unwrap();
+        assert_eq!(
+            (after.ino(), after.mtime(), after.mtime_nsec()),
+            (before.ino(), before.mtime(), before.mtime_nsec())
+        );
+        // Other contents, other length, other mode: replaced.
+        assert!(write_unless_same(&path, b"cong", 0o644).unwrap());
+        assert!(write_unless_same(&path, b"longer", 0o644).unwrap());
+        assert!(write_unless_same(&path, b"longer", 0o600).unwrap());
+        assert_eq!(mode_of(&path), 0o600);
+        // A symlink to an identical file is replaced by a file, not trusted.
+        let real = dir.path().join("real");
+        fs::write(&real, "same").unwrap();
+        fs::set_permissions(&real, Permissions::from_mode(0o644)).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        assert!(write_unless_same(&link, b"same", 0o644).unwrap());
+        assert!(fs::symlink_metadata(&link).unwrap().is_file());
+        // A FIFO at the target does not block the comparison; it is replaced.
+        let fifo = dir.path().join("fifo");
+        let c_path = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+        // SAFETY: mkfifo reads the NUL-terminated path we own.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o644) }, 0);
+        assert!(write_unless_same(&fifo, b"x", 0o644).unwrap());
+        assert!(fs::symlink_metadata(&fifo).unwrap().is_file());
     }
 
     #[test]

@@ -283,3 +283,77 @@ fn certs_make_a_ca_and_certificates_that_load_and_name_the_node() {
         assert!(help.contains(expected), "{expected:?} missing from\n{help}");
     }
 }
+
+#[test]
+fn install_cni_installs_once_refuses_a_bad_conflist_and_says_what_it_did() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    std::fs::create_dir_all(dir.path().join("src")).unwrap();
+    std::fs::create_dir_all(dir.path().join("host/net.d")).unwrap();
+    std::fs::write(dir.path().join("src/netd-ipam"), "plugin").unwrap();
+    let good = r#"{"name":"cbr0","cniVersion":"0.3.1","plugins":[{"type":"bridge","ipam":{"type":"netd-ipam"}}]}"#;
+    std::fs::write(dir.path().join("src/cni-conf.json"), good).unwrap();
+    std::fs::write(dir.path().join("host/net.d/10-flannel.conflist"), "flannel").unwrap();
+    let (plugin, conflist) = (path("src/netd-ipam"), path("src/cni-conf.json"));
+    // Directories by variable, sources by flag; --remove left at its default.
+    let env = [("NETD_CNI_BIN_DIR", path("host/bin")), ("NETD_CNI_CONF_DIR", path("host/net.d"))];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let args = ["install-cni", "--plugin", &plugin, "--conflist", &conflist];
+
+    let out = netd(&args, &env);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let said = stdout(&out);
+    let lines: Vec<&str> = said.lines().collect();
+    assert_eq!(lines.len(), 3, "{said}");
+    assert!(lines[0].starts_with(&format!("installed {} (0755, 6 bytes) from {plugin}", path("host/bin/netd-ipam"))));
+    assert!(lines[1].starts_with(&format!("installed {} (0644,", path("host/net.d/10-netd.conflist"))), "{said}");
+    assert_eq!(lines[2], format!("removed {}", path("host/net.d/10-flannel.conflist")));
+    let mode = |name: &str| std::fs::metadata(dir.path().join(name)).unwrap().permissions().mode() & 0o7777;
+    assert_eq!((mode("host/bin/netd-ipam"), mode("host/net.d/10-netd.conflist")), (0o755, 0o644));
+    assert_eq!(std::fs::read_to_string(dir.path().join("host/net.d/10-netd.conflist")).unwrap(), good);
+    let inode = |name: &str| std::fs::metadata(dir.path().join(name)).unwrap().ino();
+    let before = (inode("host/bin/netd-ipam"), inode("host/net.d/10-netd.conflist"));
+
+    // Again: nothing is touched.
+    let out = netd(&args, &env);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).lines().take(2).all(|l| l.starts_with("unchanged ")), "{}", stdout(&out));
+    assert_eq!((inode("host/bin/netd-ipam"), inode("host/net.d/10-netd.conflist")), before);
+
+    // A ConfigMap that lost its netd-ipam: refused, exit 1, the good conflist stays.
+    std::fs::write(dir.path().join("src/cni-conf.json"), r#"{"name":"cbr0","cniVersion":"0.3.1","plugins":[]}"#)
+        .unwrap();
+    let out = netd(&args, &env);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr(&out).trim(),
+        format!(
+            "netd: refusing to install {conflist}: no plugin has \"ipam\": {{\"type\": \"netd-ipam\"}} \
+             (IPAM types found: none); the installed conflist is left as it is"
+        )
+    );
+    assert_eq!(std::fs::read_to_string(dir.path().join("host/net.d/10-netd.conflist")).unwrap(), good);
+
+    // A missing plugin is named.
+    let missing = path("src/nothing");
+    let out = netd(&["install-cni", "--plugin", &missing, "--conflist", &conflist], &env);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains(&format!("cannot read plugin {missing}: No such file")), "{}", stderr(&out));
+
+    let help = stdout(&netd(&["install-cni", "--help"], &[]));
+    for expected in [
+        "--plugin <SRC>",
+        "[default: /usr/local/bin/netd-ipam]",
+        "[env: NETD_CNI_BIN_DIR=]",
+        "[default: /host/opt/cni/bin]",
+        "[default: /etc/netd/cni-conf.json]",
+        "[env: NETD_CNI_CONF_DIR=]",
+        "[default: /host/etc/cni/net.d]",
+        "[default: 10-netd.conflist]",
+        "[default: 10-flannel.conflist]",
+    ] {
+        assert!(help.contains(expected), "{expected:?} missing from\n{help}");
+    }
+}

@@ -230,6 +230,8 @@ fn manifests_are_what_they_should_be() {
     assert_eq!(cni_conf["name"], "cbr0", "flannel's network name: netd-ipam imports host-local's cbr0 directory");
     assert_eq!(cni_conf["plugins"][0]["type"], "bridge");
     assert_eq!(cni_conf["plugins"][0]["mtu"], 1450, "FLANNEL_MTU on a 1500-byte underlay");
+    // What `netd install-cni` checks before it replaces the host's conflist.
+    netd::cni::install::validate_conflist(config["data"]["cni-conf.json"].as_str().unwrap().as_bytes()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("10-netd.conflist"), cni_conf.to_string()).unwrap();
     let discovered = netd::cni::discover::discover(dir.path());

@@ -12,6 +12,8 @@
 //!   (see `netd::dnat`).
 //! - `netd certs ca | node | server | client`: edge tunnel certificates as
 //!   PEM files (see `netd::tunnel::certs`).
+//! - `netd install-cni`: the IPAM plugin and the CNI conflist onto the host,
+//!   atomically (see `netd::cni::install`).
 //!
 //! The command line is declared here with clap; the options shared by `run`
 //! and `cleanup` are `netd::daemon::config::RunArgs`.
@@ -109,6 +111,63 @@ enum Command {
     /// Program the overlay from the offline snapshot and exit.
     #[command(after_help = "Example:\n  netd restore --snapshot /var/lib/netd/snapshot.json --json")]
     Restore(RestoreArgs),
+    /// Install the IPAM plugin and the CNI conflist on the host (the DaemonSet's init container).
+    #[command(after_help = INSTALL_CNI_EXAMPLES)]
+    InstallCni(InstallCniArgs),
+}
+
+const INSTALL_CNI_EXAMPLES: &str = "\
+Each file is written beside its target, fsynced and renamed over it; a target
+already identical is left alone. The conflist must hold a netd-ipam IPAM, or
+nothing is changed. The plugin goes in first, the files to remove go last.
+
+Examples:
+  netd install-cni
+  netd install-cni --bin-dir /opt/cni/bin --conf-dir /etc/cni/net.d --remove 10-flannel.conflist --remove 99-old.conf
+  netd install-cni --remove ''      # remove nothing";
+
+#[derive(Debug, Args)]
+struct InstallCniArgs {
+    /// The IPAM plugin, installed into --bin-dir under its own file name.
+    #[arg(long, env = "NETD_CNI_PLUGIN", value_name = "SRC", default_value = "/usr/local/bin/netd-ipam")]
+    plugin: PathBuf,
+    /// The host's CNI plugin directory (as mounted in the container).
+    #[arg(long, env = "NETD_CNI_BIN_DIR", value_name = "DIR", default_value = "/host/opt/cni/bin")]
+    bin_dir: PathBuf,
+    /// The conflist to install (the ConfigMap's cni-conf.json).
+    #[arg(long, env = "NETD_CNI_CONFLIST", value_name = "SRC", default_value = "/etc/netd/cni-conf.json")]
+    conflist: PathBuf,
+    /// The host's CNI configuration directory (as mounted in the container).
+    #[arg(long, env = "NETD_CNI_CONF_DIR", value_name = "DIR", default_value = "/host/etc/cni/net.d")]
+    conf_dir: PathBuf,
+    /// The conflist's file name in --conf-dir.
+    #[arg(long, env = "NETD_CNI_CONF_NAME", value_name = "NAME", default_value = "10-netd.conflist")]
+    conf_name: String,
+    /// A file in --conf-dir to remove once the conflist is in place; repeatable or comma-separated ('' for none).
+    #[arg(
+        long,
+        env = "NETD_CNI_REMOVE",
+        value_name = "NAME",
+        value_delimiter = ',',
+        default_value = "10-flannel.conflist"
+    )]
+    remove: Vec<String>,
+}
+
+fn install_cni(args: InstallCniArgs) -> Result<()> {
+    let plan = netd::cni::install::InstallPlan {
+        plugin: args.plugin,
+        bin_dir: args.bin_dir,
+        conflist: args.conflist,
+        conf_dir: args.conf_dir,
+        conf_name: args.conf_name,
+        // `--remove ''` (or NETD_CNI_REMOVE=) is how one asks for none.
+        remove: args.remove.into_iter().filter(|name| !name.is_empty()).collect(),
+    };
+    for action in netd::cni::install::install(&plan)? {
+        println!("{action}");
+    }
+    Ok(())
 }
 
 const DNAT_APPLY_EXAMPLES: &str = "\
@@ -942,6 +1001,7 @@ fn main() -> ExitCode {
         Command::Certs(command) => certs(command),
         Command::TunnelServer(args) => tunnel_server(args),
         Command::TunnelAgent(args) => tunnel_agent(args),
+        Command::InstallCni(args) => install_cni(args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

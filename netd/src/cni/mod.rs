@@ -13,6 +13,8 @@
 //! lost it; it fails with error 100 only when every address is attached.
 //! `ipam.dataDir`, when given, must be an absolute path (error 7 otherwise).
 //!
+//! [`install`] puts the plugin and the conflist on a host (`netd install-cni`).
+//!
 //! ```no_run
 //! use netd::cni::{ipam_plugin, Invocation};
 //! let inv = Invocation {
@@ -31,6 +33,7 @@
 pub mod config;
 pub mod discover;
 mod error;
+pub mod install;
 pub mod ipam_plugin;
 mod result;
 pub mod version;
