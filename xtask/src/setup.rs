@@ -30,6 +30,7 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("busybox-static", "the workload image of the real-cluster tests (sh, ping, httpd, nc)"),
     ("gcc", "builds the static pause program of the pause image"),
     ("libc6-dev", "libc.a for the static pause program"),
+    ("binutils", "strip: the netd image carries its binaries without symbol tables"),
 ];
 
 fn installed(package: &str) -> bool {
@@ -61,7 +62,27 @@ pub fn run() -> Result<()> {
     rathole()?;
     crate::kube::ensure_kube_apiserver()?;
     crate::kube::ensure_kube_controller_manager()?;
-    crate::kube::ensure_node_components()
+    crate::kube::ensure_node_components()?;
+    test_images()
+}
+
+/// The pause and workload images of the real-cluster tests, built when
+/// missing (`cargo xtask image pause|busybox` rebuilds them).
+pub fn test_images() -> Result<()> {
+    let dir = std::path::Path::new(crate::image::IMAGE_DIR);
+    let pause = dir.join(crate::image::PAUSE_ARCHIVE);
+    if pause.is_file() {
+        println!("setup: pause image already built ({})", pause.display());
+    } else {
+        crate::image::pause_image(&pause)?;
+    }
+    let workload = dir.join(crate::image::WORKLOAD_ARCHIVE);
+    if workload.is_file() {
+        println!("setup: workload image already built ({})", workload.display());
+    } else {
+        crate::image::workload_image(&workload)?;
+    }
+    Ok(())
 }
 
 /// The rathole release the tunnel benchmark compares against.

@@ -84,10 +84,16 @@ fn describe(kind: &str, before: &BTreeSet<String>, after: &BTreeSet<String>) -> 
 
 /// Runs the whole test suite and the leak check.
 pub fn run() -> Result<()> {
+    // The real-cluster tests run netd's image, from this tree's release build.
+    crate::image::run(&[])?;
     let before = snapshot()?;
     // Privileged tests must fail, not skip, when they cannot run.
     let mut envs = vec![("NETD_REQUIRE_PRIVILEGED", "1")];
     envs.extend(crate::kube::test_env());
+    // The image `cargo xtask image` wrote (under a user's CARGO_TARGET_DIR too).
+    let image = crate::target_dir().join("image/netd.tar");
+    let image = image.to_string_lossy().into_owned();
+    envs.push(("NETD_IMAGE", &image));
     let result = cargo(&["test", "--workspace", "--all-features"], &envs);
     let after = snapshot()?;
     result?;

@@ -224,7 +224,9 @@ pub fn netd_image_path() -> PathBuf {
 /// A network namespace with its uplink, before a node runs in it.
 type NodeNetns = (NetNs, VethPair);
 
-/// The cluster; see the [module documentation](self).
+/// A cloud node and edge nodes running real kubelets and containerd, with
+/// their control plane; built by [`RealCluster::builder`]. Nodes, address
+/// plan and clean-up as the `testing` module's documentation describes.
 #[derive(Debug)]
 pub struct RealCluster {
     // Fields drop in order: nodes (kubelets, containerds, pods) first, then
@@ -401,8 +403,8 @@ impl RealCluster {
             dir,
         };
         // From here on, the node's Drop cleans up.
-        node.make_mount_namespace()?;
         node.make_cgroups()?;
+        node.make_mount_namespace()?;
         node.install_base_cni()?;
         node.write_credentials(self.kube()?)?;
         node.redirect_kubernetes_service(self.kube()?)?;
@@ -542,6 +544,28 @@ impl RealNode {
                 &[&format!("--mount={}", pin.display()), "mount", "--bind", &own.to_string_lossy(), path],
             )?;
         }
+        let enter = format!("--mount={}", pin.display());
+        // The node's own bpffs, as systemd mounts one on every machine: the
+        // controller's DNAT pins stay the node's.
+        run_command("nsenter", &[&enter, "mount", "-t", "bpf", "bpf", "/sys/fs/bpf"])?;
+        // Inside the node, its own cgroup is the cgroup v2 root: what the
+        // DNAT attaches to "at the root" covers this node's processes (and
+        // its pods') only, as on a machine of its own.
+        let unified = cgroup2_mount()?;
+        if let Some(own) = self.cgroups.iter().find(|dir| dir.parent() == Some(unified.as_path())) {
+            run_command("nsenter", &[&enter, "mount", "--bind", &own.to_string_lossy(), &unified.to_string_lossy()])?;
+        }
+        Ok(())
+    }
+
+    /// Moves process `pid` (and its later sockets) into this node's
+    /// cgroups, as if it ran on the node: what the node's cgroup BPF
+    /// programs (the tunnel DNAT) act on.
+    pub fn adopt_process(&self, pid: u32) -> Result<(), HarnessError> {
+        for dir in &self.cgroups {
+            let procs = dir.join("cgroup.procs");
+            write(&procs, pid.to_string())?;
+        }
         Ok(())
     }
 
@@ -587,7 +611,7 @@ impl RealNode {
         let combined = pki.join("kubelet-client-current.pem");
         write(&combined, format!("{}{}", client.cert_pem(), client.key_pem()))?;
         let ips = [IpAddr::V4(self.ip)];
-        ca.issue_server(&self.name, &[self.name.clone()], &ips, validity)?.write(&pki, "kubelet")?;
+        ca.issue_server(&self.name, std::slice::from_ref(&self.name), &ips, validity)?.write(&pki, "kubelet")?;
         ca.write_cert(&pki)?;
         let kubeconfig = format!(
             "apiVersion: v1\nkind: Config\n\
@@ -752,17 +776,23 @@ impl Drop for RealNode {
         let _ = kill(&mut self.kubelet, "kubelet");
         let _ = kill(&mut self.containerd, "containerd");
         self.kill_cgroup_processes();
-        for dir in &self.cgroups {
-            remove_tree(dir);
-        }
         if let Some(pin) = self.mount_ns.take() {
             // The last reference: the namespace and every mount made in it
-            // (binds, overlays, shm, network namespace pins) go with it.
+            // (binds, overlays, shm, bpffs, network namespace pins) go with
+            // it, before the cgroup it binds is removed.
             let _ = run_command("umount", &[&pin.to_string_lossy()]);
             let _ = fs::remove_file(&pin);
         }
+        for dir in &self.cgroups {
+            remove_tree(dir);
+        }
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The cgroup v2 mount point.
+fn cgroup2_mount() -> Result<PathBuf, HarnessError> {
+    super::cgroup::cgroup2_root()
 }
 
 /// Mount points of every cgroup hierarchy (v1 controllers and v2).
