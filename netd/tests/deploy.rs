@@ -161,12 +161,65 @@ fn check_mounts(pod: &Value, container: &Value, expect: &[(&str, bool)]) {
     }
 }
 
+/// The default clap prints for `flag` in a `--help` text: the
+/// `[default: …]` after the option's `[env: …]`, so a default its
+/// description spells out in words is not taken for it. An option's entry
+/// is its line and, in long help, the lines up to the next option.
+fn help_default(help: &str, flag: &str) -> Option<String> {
+    let mut lines = help.lines().map(str::trim_start);
+    let first = lines.find(|l| l.starts_with(&format!("{flag} ")) || l.contains(&format!(", {flag} ")))?;
+    let mut entry = first.to_string();
+    for line in lines.take_while(|l| !l.is_empty() && !l.starts_with('-')) {
+        entry.push(' ');
+        entry.push_str(line);
+    }
+    let after_env = entry.find("[env: ").map_or(&entry[..], |at| &entry[at..]);
+    let (_, rest) = after_env.split_once("[default: ")?;
+    rest.split_once(']').map(|(value, _)| value.to_string())
+}
+
+/// The volume `container` mounts at `path`.
+fn volume_of<'a>(pod: &'a Value, container: &Value, path: &str) -> &'a Value {
+    let mount = container["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"] == path)
+        .unwrap_or_else(|| panic!("{} mounts nothing at {path}", container["name"]));
+    pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == mount["name"]).unwrap_or_else(|| panic!("{mount}"))
+}
+
+/// The host path of the hostPath volume `container` mounts at `path`.
+fn host_path<'a>(pod: &'a Value, container: &Value, path: &str) -> Option<&'a str> {
+    volume_of(pod, container, path)["hostPath"]["path"].as_str()
+}
+
+/// The `valueFrom` of variable `name` (`null` for a literal value).
+fn env_from<'a>(container: &'a Value, name: &str) -> &'a Value {
+    let env = container["env"].as_array().unwrap();
+    let matching: Vec<&Value> = env.iter().filter(|e| e["name"] == name).collect();
+    let [variable] = matching.as_slice() else { panic!("{name} is set {} times", matching.len()) };
+    &variable["valueFrom"]
+}
+
+/// The port of an `IP:PORT` listen address.
+fn port_of(listen: &str) -> u16 {
+    listen.rsplit_once(':').and_then(|(_, port)| port.parse().ok()).unwrap_or_else(|| panic!("{listen:?}"))
+}
+
 #[test]
 fn manifests_are_what_they_should_be() {
     let names: Vec<String> = files().iter().map(|f| f.file_name().unwrap().to_string_lossy().into_owned()).collect();
     assert_eq!(
         names,
-        ["10-rbac.yaml", "20-net-conf.yaml", "30-daemonset.yaml", "40-tunnel-server.yaml", "50-controller.yaml"]
+        [
+            "10-rbac.yaml",
+            "20-net-conf.yaml",
+            "30-daemonset.yaml",
+            "40-tunnel-server.yaml",
+            "45-tunnel-agent.yaml",
+            "50-controller.yaml"
+        ]
     );
     let objects = objects();
     let found: Vec<(String, String, String)> = objects
@@ -188,6 +241,7 @@ fn manifests_are_what_they_should_be() {
         ("20-net-conf.yaml", "ConfigMap", "netd-cfg"),
         ("30-daemonset.yaml", "DaemonSet", "netd"),
         ("40-tunnel-server.yaml", "DaemonSet", "netd-tunnel-server"),
+        ("45-tunnel-agent.yaml", "DaemonSet", "netd-tunnel-agent"),
         ("50-controller.yaml", "DaemonSet", "netd-controller"),
     ];
     let expected: Vec<(String, String, String)> =
@@ -325,16 +379,44 @@ fn manifests_are_what_they_should_be() {
             ("/var/run/netd/kube-ca", true),
         ],
     );
-    check_mounts(pod, init, &[("/host/opt/cni/bin", false), ("/host/etc/cni/net.d", false), ("/etc/netd", true)]);
-    let script = strings(&init["command"]).join(" ");
-    for needle in [
-        "/usr/local/bin/netd-ipam",
-        "/host/opt/cni/bin/netd-ipam",
-        "/etc/netd/cni-conf.json",
-        "/host/etc/cni/net.d/10-netd.conflist",
-    ] {
-        assert!(script.contains(needle), "the init container installs {needle}: {script}");
+    // The init container is `netd install-cni` as it stands: no arguments
+    // and no NETD_CNI_* variables, so its defaults (read from its --help)
+    // must be exactly where the mounts put the host's directories and the
+    // ConfigMap's conflist.
+    assert_eq!(strings(&init["command"]), ["/usr/local/bin/netd", "install-cni"]);
+    for field in ["args", "env", "envFrom"] {
+        assert!(init.get(field).is_none(), "install-cni runs with its defaults, not {field}: {init}");
     }
+    let install_help = help("install-cni");
+    let default = |flag: &str| {
+        help_default(&install_help, flag).unwrap_or_else(|| panic!("install-cni {flag}: no default in\n{install_help}"))
+    };
+    let (bin_dir, conf_dir, conflist) = (default("--bin-dir"), default("--conf-dir"), default("--conflist"));
+    let (conflist_dir, conflist_file) = conflist.rsplit_once('/').unwrap();
+    check_mounts(pod, init, &[(&bin_dir, false), (&conf_dir, false), (conflist_dir, true)]);
+    // The host's directories the kubelet and the runtime read, the conflist
+    // directory the same one netd's own container reads.
+    assert_eq!(host_path(pod, init, &bin_dir), Some("/opt/cni/bin"));
+    assert_eq!(host_path(pod, init, &conf_dir), Some("/etc/cni/net.d"));
+    assert_eq!(host_path(pod, netd, "/etc/cni/net.d"), Some("/etc/cni/net.d"));
+    assert_eq!(
+        volume_of(pod, init, conflist_dir)["configMap"],
+        json!({"name": "netd-cfg", "items": [{"key": "cni-conf.json", "path": conflist_file}]}),
+        "{conflist} is the ConfigMap's cni-conf.json"
+    );
+    // The plugin comes from the image, beside netd; the conflist is the name
+    // discovery reads above, and flannel's is the one that would shadow it.
+    let plugin = default("--plugin");
+    assert_eq!(
+        plugin.rsplit_once('/'),
+        strings(&init["command"])[0].rsplit_once('/').map(|(dir, _)| (dir, "netd-ipam"))
+    );
+    assert_eq!(
+        (default("--conf-name").as_str(), default("--remove").as_str()),
+        ("10-netd.conflist", "10-flannel.conflist")
+    );
+    assert_eq!(init["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(init["securityContext"]["allowPrivilegeEscalation"], false);
 
     // The tunnel server: cloud nodes only, BPF for the pinned DNAT.
     let ds = find(&objects, "DaemonSet", "netd-tunnel-server");
@@ -377,11 +459,11 @@ fn manifests_are_what_they_should_be() {
     );
     let [controller] = pod["containers"].as_array().unwrap().as_slice() else { panic!("one container") };
     assert_eq!(strings(&controller["command"]), ["/usr/local/bin/netd-controller", "run"]);
-    let help = Command::new(env!("CARGO_BIN_EXE_netd-controller")).args(["run", "--help"]).output().unwrap();
-    let help = String::from_utf8_lossy(&help.stdout).into_owned();
+    let controller_help = Command::new(env!("CARGO_BIN_EXE_netd-controller")).args(["run", "--help"]).output().unwrap();
+    let controller_help = String::from_utf8_lossy(&controller_help.stdout).into_owned();
     for (name, _) in env_of(controller) {
         assert!(
-            name == "NODE_NAME" || name == "POD_NAME" || help.contains(&format!("[env: {name}=")),
+            name == "NODE_NAME" || name == "POD_NAME" || controller_help.contains(&format!("[env: {name}=")),
             "netd-controller run reads no {name}"
         );
     }
@@ -390,6 +472,92 @@ fn manifests_are_what_they_should_be() {
     assert_eq!(format!("{}:{}", get["host"].as_str().unwrap(), get["port"]), metrics);
     assert_eq!(controller["securityContext"]["capabilities"], json!({"drop": ["ALL"], "add": ["BPF", "NET_ADMIN"]}));
     check_mounts(pod, controller, &[("/sys/fs/bpf", false), ("/sys/fs/cgroup", true)]);
+
+    // The tunnel agent: every node that is not a cloud node, with netd's
+    // reach (every taint), no API access and no capability.
+    let netd_pod = &find(&objects, "DaemonSet", "netd")["spec"]["template"]["spec"];
+    let server_pod = &find(&objects, "DaemonSet", "netd-tunnel-server")["spec"]["template"]["spec"];
+    let ds = find(&objects, "DaemonSet", "netd-tunnel-agent");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(ds["spec"]["selector"]["matchLabels"], ds["spec"]["template"]["metadata"]["labels"]);
+    // Exactly the complement of the servers' nodes: NotIn the label's one
+    // value (an unlabelled node is an edge node too, which NotIn matches).
+    let cloud = server_pod["nodeSelector"].as_object().unwrap();
+    let cloud: Vec<_> = cloud.iter().collect();
+    let [(label, role)] = cloud.as_slice() else { panic!("{cloud:?}") };
+    assert_eq!((label.as_str(), role.as_str()), ("node-restriction.kubernetes.io/netd-role", Some("cloud")));
+    assert_eq!(
+        pod["affinity"],
+        json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchExpressions": [{"key": label, "operator": "NotIn", "values": [role]}]}]}}})
+    );
+    assert!(pod.get("nodeSelector").is_none(), "{}", pod["nodeSelector"]);
+    assert_eq!(pod["serviceAccountName"], "netd", "bound to nothing");
+    assert_eq!(pod["automountServiceAccountToken"], false, "no ServiceAccount token on any node");
+    assert_eq!(pod["hostNetwork"], true, "it dials the node's own addresses as the node");
+    assert_eq!(pod["priorityClassName"], "system-node-critical");
+    assert_eq!(pod["tolerations"], netd_pod["tolerations"], "every NoSchedule and NoExecute taint, as netd");
+    assert!(pod.get("hostPID").is_none() && pod.get("hostIPC").is_none() && pod.get("initContainers").is_none());
+    let [agent] = pod["containers"].as_array().unwrap().as_slice() else { panic!("one container") };
+    assert_eq!(strings(&agent["command"]), ["/usr/local/bin/netd", "tunnel-agent"]);
+    assert!(agent.get("args").is_none() && agent.get("envFrom").is_none(), "{agent}");
+    let agent_help = help("tunnel-agent");
+    for (name, _) in env_of(agent) {
+        assert!(agent_help.contains(&format!("[env: {name}=")), "tunnel-agent reads no {name}");
+    }
+    // The servers from the ConfigMap the admin writes (the pod waits until
+    // it has them), the name their certificate carries only if given.
+    assert_eq!(
+        env_from(agent, "NETD_TUNNEL_SERVERS"),
+        &json!({"configMapKeyRef": {"name": "netd-tunnel-agent", "key": "servers"}})
+    );
+    assert_eq!(
+        env_from(agent, "NETD_TUNNEL_SERVER_NAME"),
+        &json!({"configMapKeyRef": {"name": "netd-tunnel-agent", "key": "server-name", "optional": true}})
+    );
+    assert_eq!(env_from(agent, "NETD_TUNNEL_NODE_IPS"), &json!({"fieldRef": {"fieldPath": "status.hostIP"}}));
+    // Probes dial 127.0.0.1 on the agent's own port: not one another
+    // host-network process of the same node already listens on.
+    let metrics = env_value(agent, "NETD_TUNNEL_METRICS_LISTEN");
+    assert!(metrics.starts_with("127.0.0.1:"), "probes dial 127.0.0.1, so the agent must listen there: {metrics}");
+    let agent_port = port_of(&metrics);
+    for (probe, get) in [("readinessProbe", &agent["readinessProbe"]), ("livenessProbe", &agent["livenessProbe"])] {
+        assert_eq!(get["httpGet"], json!({"host": "127.0.0.1", "port": agent_port, "path": "/healthz"}), "{probe}");
+    }
+    assert_eq!(agent["ports"], json!([{"name": "metrics", "containerPort": agent_port}]));
+    let controller_port = port_of(&env_value(controller, "NETD_METRICS_LISTEN"));
+    let server_port = port_of(&env_value(&server_pod["containers"][0], "NETD_TUNNEL_METRICS_LISTEN"));
+    let netd_port = port_of(&env_value(&netd_pod["containers"][0], "NETD_HEALTH_ADDR"));
+    for (other, port) in
+        [("netd-controller", controller_port), ("netd-tunnel-server", server_port), ("netd", netd_port)]
+    {
+        assert_ne!(agent_port, port, "the agent's metrics port is {other}'s (a node may run both)");
+    }
+    // Outbound TCP only.
+    assert_eq!(
+        agent["securityContext"],
+        json!({"privileged": false, "capabilities": {"drop": ["ALL"]}, "readOnlyRootFilesystem": true,
+               "allowPrivilegeEscalation": false})
+    );
+    // Its certificate: the node's own directory, read-only, where the agent
+    // reads it; the pod subnet from the subnet.env netd writes.
+    let cert_dir = env_value(agent, "NETD_TUNNEL_CERT_DIR");
+    let subnet_env_dir = netd::subnet_env::DEFAULT_PATH.rsplit_once('/').unwrap().0;
+    check_mounts(pod, agent, &[(&cert_dir, true), (subnet_env_dir, true)]);
+    assert_eq!(host_path(pod, agent, &cert_dir), Some(cert_dir.as_str()));
+    assert_eq!(volume_of(pod, agent, &cert_dir)["hostPath"]["type"], "Directory", "no empty directory made for it");
+    assert_eq!(host_path(pod, agent, subnet_env_dir), host_path(netd_pod, &netd_pod["containers"][0], subnet_env_dir));
+
+    // One image for every container of every DaemonSet: the one `cargo
+    // xtask image` builds (netd:<workspace version>), all binaries in it.
+    let mut images = BTreeSet::new();
+    for (_, ds) in objects.iter().filter(|(_, o)| o["kind"] == "DaemonSet") {
+        let pod = &ds["spec"]["template"]["spec"];
+        for container in pod["initContainers"].as_array().into_iter().chain(pod["containers"].as_array()).flatten() {
+            images.insert(container["image"].as_str().unwrap().to_string());
+        }
+    }
+    assert_eq!(images, BTreeSet::from([concat!("netd:", env!("CARGO_PKG_VERSION")).to_string()]));
 }
 
 // ---------------------------------------------------------------------------
@@ -579,8 +747,8 @@ fn deploy_applies_and_netd_runs_as_its_node_under_node_rbac_and_node_restriction
     ]);
     assert_eq!(base_resources, reviews, "an account bound to nothing may only ask what it may do");
     assert!(!base_urls.iter().any(|(url, _)| url == "*"), "{base_urls:?}");
-    // netd's account: nothing beyond any account's (a token of it, were one
-    // ever made, could not touch a Node).
+    // netd's account (netd-tunnel-agent's too): nothing beyond any
+    // account's (a token of it, were one ever made, could not touch a Node).
     let netd_token = kube.token("netd");
     let (resources, urls) = kube.rules_of(&netd_token, files.path());
     assert_eq!(resources, base_resources, "netd's ServiceAccount has no permission of its own");
