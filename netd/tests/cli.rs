@@ -1,25 +1,34 @@
 //! The `netd` command line, through the built binary: clap's help, errors
 //! and version, and the settings layers (defaults < config file < `NETD_*`
 //! environment < flags) with a real environment, seen through
-//! `netd run --print-config`. Unprivileged: nothing here touches the kernel.
+//! `netd run --print-config`; the tunnel processes' stop on SIGTERM and
+//! SIGINT. Unprivileged: nothing here touches the kernel.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::io::BufRead as _;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
 
 const NETD: &str = env!("CARGO_BIN_EXE_netd");
 
 /// `netd args…` with `env` and none of the caller's `NETD_*` or
 /// `NODE_NAME` variables, so the test's own environment cannot leak in.
-fn netd(args: &[&str], env: &[(&str, &str)]) -> Output {
+fn netd_command(args: &[&str], env: &[(&str, &str)]) -> Command {
     let mut command = Command::new(NETD);
     for (name, _) in std::env::vars_os() {
         if name.to_str().is_some_and(|n| n.starts_with("NETD_") || n == "NODE_NAME") {
             command.env_remove(name);
         }
     }
-    command.args(args).envs(env.iter().copied()).output().unwrap()
+    command.args(args).envs(env.iter().copied());
+    command
+}
+
+/// [`netd_command`], run to its end.
+fn netd(args: &[&str], env: &[(&str, &str)]) -> Output {
+    netd_command(args, env).output().unwrap()
 }
 
 fn stdout(out: &Output) -> String {
@@ -356,4 +365,122 @@ fn install_cni_installs_once_refuses_a_bad_conflist_and_says_what_it_did() {
     ] {
         assert!(help.contains(expected), "{expected:?} missing from\n{help}");
     }
+}
+
+/// Starts `netd args…`, waits until its log says `ready` (the signal
+/// handlers are in place by then), sends it `signal` and returns how it
+/// exited and everything it logged; a process still running a few seconds
+/// later is killed and the test fails.
+fn stopped_by(args: &[&str], ready: &str, signal: libc::c_int) -> (ExitStatus, String) {
+    let mut child = netd_command(args, &[]).stdin(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let (lines, log) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines.send(line);
+        }
+    });
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !seen.contains(ready) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match log.recv_timeout(left) {
+            Ok(line) => seen.push_str(&(line + "\n")),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("netd {args:?} never said {ready:?}; exit {:?}, log:\n{seen}", child.wait().unwrap());
+            }
+        }
+    }
+    let sent = Instant::now();
+    // SAFETY: kill(2) on the child we spawned and have not reaped yet.
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, signal) }, 0);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if sent.elapsed() > Duration::from_secs(5) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            reader.join().unwrap();
+            seen.extend(log.try_iter().map(|line| line + "\n"));
+            panic!("netd {args:?} still ran 5 s after signal {signal}; log:\n{seen}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    reader.join().unwrap();
+    seen.extend(log.try_iter().map(|line| line + "\n"));
+    (status, seen)
+}
+
+/// A tunnel CA under `dir`, and a node (`node/`) and server (`server/`)
+/// certificate of it, as `netd certs` writes them.
+fn tunnel_certs(dir: &Path) {
+    let path = |name: &str| dir.join(name).to_str().unwrap().to_owned();
+    for args in [
+        &["certs", "ca", "--out", &path("ca")][..],
+        &["certs", "node", "--ca-dir", &path("ca"), "--name", "edge-1", "--ip", "127.0.0.1", "--out", &path("node")],
+        &["certs", "server", "--ca-dir", &path("ca"), "--ip", "127.0.0.1", "--out", &path("server")],
+    ] {
+        let out = netd(args, &[]);
+        assert!(out.status.success(), "netd {args:?} failed: {}", stderr(&out));
+    }
+}
+
+/// A port on 127.0.0.1 where nothing listens (bound, then let go).
+fn closed_port() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port().to_string()
+}
+
+#[test]
+fn tunnel_agent_and_server_stop_cleanly_on_sigterm_and_sigint() {
+    let dir = tempfile::tempdir().unwrap();
+    tunnel_certs(dir.path());
+    let cert_dir = |stem: &str| dir.path().join(stem).to_str().unwrap().to_owned();
+    // The agent with a server that never answers: it keeps retrying, and a
+    // pod deletion (SIGTERM; the kubelet's signal to a container's PID 1)
+    // must still end it at once and cleanly.
+    let server = format!("127.0.0.1:{}", closed_port());
+    let node = cert_dir("node");
+    let agent = [
+        "tunnel-agent",
+        "--server",
+        &server,
+        "--cert-dir",
+        &node,
+        "--node-ip",
+        "127.0.0.1",
+        "--pod-subnet",
+        "10.244.9.0/24",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ];
+    for (signal, name) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGINT, "SIGINT")] {
+        let (status, log) = stopped_by(&agent, "tunnel agent: servers", signal);
+        assert!(status.success(), "the agent's exit on {name}: {status:?}; log:\n{log}");
+        assert!(log.contains(&format!("tunnel agent: {name}, stopping")), "{log}");
+    }
+    // The server on loopback only, no DNAT doors (no bpffs, no privilege).
+    let certs = cert_dir("server");
+    let server = [
+        "tunnel-server",
+        "--cert-dir",
+        &certs,
+        "--address",
+        "127.0.0.1",
+        "--agents-listen",
+        "127.0.0.1:0",
+        "--connect-listen",
+        "127.0.0.1:0",
+        "--dnat-listen",
+        "",
+        "--http-listen",
+        "",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ];
+    let (status, log) = stopped_by(&server, "tunnel server: agents link in", libc::SIGTERM);
+    assert!(status.success(), "the server's exit on SIGTERM: {status:?}; log:\n{log}");
+    assert!(log.contains("tunnel server: SIGTERM, stopping"), "{log}");
 }

@@ -846,6 +846,39 @@ fn tunnel_runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
 }
 
+/// Runs a tunnel process's `work` on [`tunnel_runtime`] until it ends (its
+/// error is the process's) or SIGTERM or SIGINT arrives (a clean stop).
+///
+/// SIGTERM is what a pod deletion sends, and in a container the process is
+/// PID 1, for which the kernel ignores a signal without a handler: without
+/// one the kubelet would wait out the whole grace period and SIGKILL it.
+/// Both handlers are installed before `work` first runs, so a signal is
+/// never lost to the default action once the process says it is up.
+fn until_terminated<E>(what: &str, work: impl std::future::Future<Output = Result<(), E>>) -> Result<()>
+where
+    anyhow::Error: From<E>,
+{
+    use tokio::signal::unix::{signal, SignalKind};
+    let runtime = tunnel_runtime()?;
+    let outcome = runtime.block_on(async {
+        let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        tokio::select! {
+            result = work => Ok(result?),
+            _ = sigterm.recv() => { tracing::info!("{what}: SIGTERM, stopping"); Ok(()) }
+            _ = sigint.recv() => { tracing::info!("{what}: SIGINT, stopping"); Ok(()) }
+        }
+    });
+    // Dropping a runtime waits for every blocking task without limit; a
+    // stop the kubelet is waiting on should not (the kernel closes what is
+    // left when the process exits).
+    runtime.shutdown_timeout(STOP_TIMEOUT);
+    outcome
+}
+
+/// How long a stopping tunnel process waits for its runtime's blocking tasks.
+const STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 fn tunnel_server(args: TunnelServerArgs) -> Result<()> {
     init_logging(args.log.log);
     raise_open_files_limit();
@@ -898,12 +931,7 @@ fn tunnel_server(args: TunnelServerArgs) -> Result<()> {
         registry: tunnel_registry(args.registry)?,
         policy,
     };
-    tunnel_runtime()?.block_on(async {
-        tokio::select! {
-            result = netd::tunnel::run::run_server(settings) => result.map_err(anyhow::Error::from),
-            _ = tokio::signal::ctrl_c() => Ok(()),
-        }
-    })
+    until_terminated("tunnel server", netd::tunnel::run::run_server(settings))
 }
 
 /// Raises this process's open-file limit to its hard limit: every door
@@ -963,12 +991,7 @@ fn tunnel_agent(args: TunnelAgentArgs) -> Result<()> {
         dial_loopback: args.dial_loopback,
         metrics_listen: Some(args.metrics_listen),
     };
-    tunnel_runtime()?.block_on(async {
-        tokio::select! {
-            result = netd::tunnel::run::run_agent(settings) => result.map_err(anyhow::Error::from),
-            _ = tokio::signal::ctrl_c() => Ok(()),
-        }
-    })
+    until_terminated("tunnel agent", netd::tunnel::run::run_agent(settings))
 }
 
 fn init_logging(level: LogLevel) {
