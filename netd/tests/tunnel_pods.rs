@@ -69,7 +69,7 @@ fn pod_agent_config(stage: &Stage) -> AgentConfig {
 fn http_door(stage: &Stage, router: Arc<Router>) -> Background {
     Background::start(&stage.cloud.path(), move || async move {
         let listener = TcpListener::bind((CLOUD_IP, DNAT_PLAIN_PORT)).await.unwrap();
-        server::serve_http_door(listener, None, router).await;
+        server::serve_http_door(listener, server::DnatCell::default(), router).await;
     })
 }
 

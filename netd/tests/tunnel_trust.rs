@@ -112,7 +112,7 @@ fn the_connect_door_admits_kube_apiservers_identity_and_no_node_or_stranger() {
 fn http_door(stage: &Stage, router: Arc<Router>) -> Background {
     Background::start(&stage.cloud.path(), move || async move {
         let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, DNAT_PLAIN_PORT)).await.unwrap();
-        server::serve_http_door(listener, None, router).await;
+        server::serve_http_door(listener, server::DnatCell::default(), router).await;
     })
 }
 

@@ -336,30 +336,27 @@ pub async fn run_server(settings: ServerSettings) -> Result<(), TunnelError> {
             settings.policy.connect_clients.common_names()
         );
     }
-    let dnat = if settings.dnat_listen.is_empty() && settings.http_listen.is_none() {
-        None
-    } else {
+    let dnat = server::DnatCell::default();
+    if !settings.dnat_listen.is_empty() || settings.http_listen.is_some() {
         match TunnelDnat::open(&settings.dnat_pin_dir) {
-            Ok(dnat) => Some(Arc::new(dnat)),
-            Err(DnatError::NotAttached { pin_dir }) => {
-                tracing::warn!(
-                    "tunnel server: no tunnel DNAT pinned under {} (netd dnat apply): DNAT doors stay closed",
-                    pin_dir.display()
-                );
-                None
-            }
+            Ok(pinned) => dnat.set(Arc::new(pinned)),
+            Err(DnatError::NotAttached { pin_dir }) => tracing::warn!(
+                "tunnel server: no tunnel DNAT pinned under {} yet (netd dnat apply, or the controller): \
+                 DNAT doors open when it is",
+                pin_dir.display()
+            ),
             Err(err) => return Err(err.into()),
         }
-    };
-    if let Some(dnat) = &dnat {
+        // Bound now, served once the DNAT is there: a port taken shows at start.
+        let mut doors = Vec::with_capacity(settings.dnat_listen.len());
         for addr in &settings.dnat_listen {
-            tasks.spawn(server::serve_dnat(bind(*addr).await?, dnat.clone(), router.clone()));
-            tracing::info!("tunnel server: DNAT door on {addr}");
+            doors.push((*addr, bind(*addr).await?));
         }
+        tasks.spawn(serve_dnat_doors(doors, dnat.clone(), settings.dnat_pin_dir.clone(), router.clone()));
     }
     if let Some(addr) = settings.http_listen {
         tasks.spawn(server::serve_http_door(bind(addr).await?, dnat.clone(), router.clone()));
-        let redirected = if dnat.is_some() { "DNAT'd connections" } else { "no DNAT pinned" };
+        let redirected = if dnat.get().is_some() { "DNAT'd connections" } else { "DNAT'd connections once pinned" };
         let sources = &settings.policy.host_routing_sources;
         let by_host = if sources.is_empty() {
             "plain HTTP by Host off".to_string()
@@ -379,6 +376,40 @@ pub async fn run_server(settings: ServerSettings) -> Result<(), TunnelError> {
     }
     while tasks.join_next().await.is_some() {}
     Ok(())
+}
+
+/// How often a server started before its tunnel DNAT was pinned looks again.
+const DNAT_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Serves the DNAT doors (already bound) once the tunnel DNAT is pinned,
+/// looking every [`DNAT_POLL`] until then; a pin directory that is there but
+/// cannot be opened is logged and looked at again.
+async fn serve_dnat_doors(
+    doors: Vec<(SocketAddr, TcpListener)>,
+    dnat: server::DnatCell,
+    pin_dir: PathBuf,
+    router: Arc<Router>,
+) {
+    let pinned = loop {
+        if let Some(pinned) = dnat.get() {
+            break pinned.clone();
+        }
+        tokio::time::sleep(DNAT_POLL).await;
+        match TunnelDnat::open(&pin_dir) {
+            Ok(pinned) => {
+                tracing::info!("tunnel server: tunnel DNAT pinned under {} now", pin_dir.display());
+                dnat.set(Arc::new(pinned));
+            }
+            Err(DnatError::NotAttached { .. }) => {}
+            Err(err) => tracing::warn!("tunnel server: opening the tunnel DNAT under {}: {err}", pin_dir.display()),
+        }
+    };
+    let mut served = tokio::task::JoinSet::new();
+    for (addr, listener) in doors {
+        served.spawn(server::serve_dnat(listener, pinned.clone(), router.clone()));
+        tracing::info!("tunnel server: DNAT door on {addr}");
+    }
+    while served.join_next().await.is_some() {}
 }
 
 /// The route a peer lease gives, when it names its node (agents are known

@@ -560,6 +560,32 @@ fn redirected_to(dnat: &TunnelDnat, front: &tokio::net::TcpStream, peer: SocketA
     }
 }
 
+/// The tunnel DNAT as the doors see it: pinned from the start, or later.
+/// On a fresh cluster the controller that pins it and the tunnel server
+/// start together; the server keeps looking and the HTTP door tells
+/// redirected connections apart from the moment the pins appear.
+#[derive(Debug, Clone, Default)]
+pub struct DnatCell(Arc<std::sync::OnceLock<Arc<TunnelDnat>>>);
+
+impl DnatCell {
+    /// A cell holding `dnat` already.
+    pub fn attached(dnat: Arc<TunnelDnat>) -> Self {
+        let cell = Self::default();
+        cell.set(dnat);
+        cell
+    }
+
+    /// The DNAT, once pinned.
+    pub fn get(&self) -> Option<&Arc<TunnelDnat>> {
+        self.0.get()
+    }
+
+    /// Records the DNAT; a second call keeps the first.
+    pub fn set(&self, dnat: Arc<TunnelDnat>) {
+        let _ = self.0.set(dnat);
+    }
+}
+
 /// The DNAT front door: connections the eBPF tunnel DNAT redirected to this
 /// listener, tunnelled to their original destination; any other connection
 /// is closed.
@@ -594,13 +620,13 @@ pub async fn serve_dnat(listener: TcpListener, dnat: Arc<TunnelDnat>, router: Ar
 /// none): `curl -H 'Host: 10.0.5.7:10255' …/metrics`, or this door as an
 /// HTTP proxy (`curl -x http://door:10264 http://10.0.5.7:10255/…`). From
 /// any other source every request is answered 403 and no stream is opened.
-pub async fn serve_http_door(listener: TcpListener, dnat: Option<Arc<TunnelDnat>>, router: Arc<Router>) {
+pub async fn serve_http_door(listener: TcpListener, dnat: DnatCell, router: Arc<Router>) {
     let (plain_gate, redirected_gate) = (router.gate(Door::Http), router.gate(Door::Dnat));
     // A connection the kernel redirected counts against the DNAT doors' caps,
     // plain HTTP against this door's: strangers filling the door with plain
     // connections never turn away a cloud pod's DNAT'd scrape.
     let admit = |front: &tokio::net::TcpStream, peer: SocketAddr| match dnat
-        .as_deref()
+        .get()
         .and_then(|dnat| redirected_to(dnat, front, peer))
     {
         Some(dest) => redirected_gate.admit(peer.ip()).map(|ticket| (ticket, Some(dest))),

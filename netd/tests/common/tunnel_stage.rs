@@ -263,7 +263,7 @@ impl Stage {
             let [tls_door, plain_door] = listeners.map(|l| TcpListener::from_std(l).unwrap());
             tokio::join!(
                 server::serve_dnat(tls_door, reader.clone(), router.clone()),
-                server::serve_http_door(plain_door, Some(reader), router),
+                server::serve_http_door(plain_door, server::DnatCell::attached(reader), router),
             );
         });
         DnatDoors { _doors: doors, dnat, cgroup, cloud: self.cloud.path(), _pins: pins }
