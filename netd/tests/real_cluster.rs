@@ -15,27 +15,41 @@
 //!    address;
 //! 5. a deleted pod's address is freed by netd's pin keeper after the grace
 //!    period (set short by hand, as an operator would: `kubectl set env`,
-//!    then the OnDelete roll of netd's pods).
+//!    then the OnDelete roll of netd's pods);
+//! 6. the cloud cut off from the edge as NAT does (no new connection from
+//!    the cloud node to an edge node, no VXLAN between them), checked;
+//! 7. kube-apiserver as a process of the cloud node dials edge kubelets by
+//!    address, and the controller's eBPF DNAT sends it through the tunnel:
+//!    `kubectl logs -f`, an interactive `kubectl exec` session and
+//!    `kubectl port-forward` to the edge pod, the kubelet's serving
+//!    certificate verified end to end (`--kubelet-certificate-authority`);
+//!    then a pod on the cloud node pulls the edge pod's metrics port by pod
+//!    IP through the DNAT (pod namespaces) and the tunnel;
+//! 8. kube-apiserver restarted with its egress selector instead: the same
+//!    three operations through the tunnel server's CONNECT door.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
 use std::net::IpAddr;
+use std::process::Child;
+use std::sync::mpsc;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use netd::testing::{self, RealCluster, RealNode, Role, CLOUD_NODE_IP, WORKLOAD_IMAGE};
+use netd::testing::{self, http_get, RealCluster, RealNode, Role, CLOUD_NODE_IP, WORKLOAD_IMAGE};
 use serde_json::{json, Value};
 
 const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
 const NS: &str = "kube-system";
+/// The workload's metrics port.
+const METRICS_PORT: u16 = 9100;
 /// Long enough for a first start of every pod on two shared cores.
 const SLOW: Duration = Duration::from_secs(180);
 
 fn json_of(cluster: &RealCluster, args: &[&str]) -> Value {
-    let mut all = args.to_vec();
-    all.extend(["-o", "json"]);
-    serde_json::from_str(&cluster.kubectl(&all).unwrap()).unwrap()
+    cluster.kubectl_json(args).unwrap()
 }
 
 fn apply(cluster: &RealCluster, object: &Value) {
@@ -44,87 +58,9 @@ fn apply(cluster: &RealCluster, object: &Value) {
     cluster.kubectl(&["apply", "-f", &file.path().to_string_lossy()]).unwrap();
 }
 
-/// The tunnel's certificates and settings, as README's install steps make
-/// them: the servers' certificate in Secret netd-tunnel-server, each edge
-/// node's in its /etc/netd/tunnel, the agents' ConfigMap. The cluster CA
-/// signs them (as with `netd-join` on Kubernetes).
-fn install_tunnel_credentials(cluster: &RealCluster) {
-    let ca = cluster.kube().unwrap().api().ca();
-    let year = Duration::from_secs(365 * 24 * 3600);
-    let dir = tempfile::tempdir().unwrap();
-    ca.issue_server("netd-tunnel-server", &[], &[IpAddr::V4(CLOUD_NODE_IP)], year)
-        .unwrap()
-        .write(dir.path(), "server")
-        .unwrap();
-    ca.write_cert(dir.path()).unwrap();
-    let from = |name: &str| format!("--from-file={name}={}", dir.path().join(name).display());
-    cluster
-        .kubectl(&[
-            "-n",
-            NS,
-            "create",
-            "secret",
-            "generic",
-            "netd-tunnel-server",
-            &from("server.crt"),
-            &from("server.key"),
-            &from("ca.crt"),
-        ])
-        .unwrap();
-    for node in cluster.nodes().iter().filter(|n| n.role == Role::Edge) {
-        let tunnel = node.host_path("/etc/netd").join("tunnel");
-        ca.issue_node(&node.name, &[IpAddr::V4(node.ip)], year).unwrap().write(&tunnel, "node").unwrap();
-        ca.write_cert(&tunnel).unwrap();
-    }
-    cluster
-        .kubectl(&[
-            "-n",
-            NS,
-            "create",
-            "configmap",
-            "netd-tunnel-agent",
-            &format!("--from-literal=servers={CLOUD_NODE_IP}:10262"),
-        ])
-        .unwrap();
-}
-
 /// Waits until DaemonSet `name` has a Ready pod on exactly `nodes` nodes.
 fn wait_daemonset(cluster: &RealCluster, name: &str, nodes: u64) {
-    cluster
-        .wait_for(&format!("DaemonSet {name} Ready on {nodes} nodes"), SLOW, || {
-            let ds = json_of(cluster, &["-n", NS, "get", "daemonset", name]);
-            let status = &ds["status"];
-            let ready = status["desiredNumberScheduled"].as_u64() == Some(nodes)
-                && status["numberReady"].as_u64() == Some(nodes)
-                && status["updatedNumberScheduled"].as_u64() == Some(nodes);
-            Ok(ready.then_some(()))
-        })
-        .unwrap_or_else(|err| {
-            let pods = cluster.kubectl(&["-n", NS, "get", "pods", "-o", "wide"]).unwrap_or_default();
-            let selector = format!("app.kubernetes.io/name={name}");
-            let describe = cluster.kubectl(&["-n", NS, "describe", "pods", "-l", &selector]).unwrap_or_default();
-            let mut logs = String::new();
-            for previous in ["--previous=true", "--previous=false"] {
-                let out = cluster.kubectl_output(&[
-                    "-n",
-                    NS,
-                    "logs",
-                    "-l",
-                    &selector,
-                    "--all-containers",
-                    previous,
-                    "--tail=20",
-                ]);
-                if let Ok(out) = out {
-                    logs.push_str(&format!(
-                        "--- logs {previous}:\n{}{}\n",
-                        String::from_utf8_lossy(&out.stdout),
-                        String::from_utf8_lossy(&out.stderr)
-                    ));
-                }
-            }
-            panic!("{err}\n{pods}\n{describe}\n{logs}\n{}", cluster.diagnostics())
-        });
+    cluster.wait_daemonset(name, nodes, SLOW).unwrap_or_else(|err| panic!("{err}"));
 }
 
 /// Pods of label `app=<app>` in `default`, by name: (node, IP, phase, ready).
@@ -203,6 +139,138 @@ fn sandbox_of(node: &RealNode, name: &str) -> String {
     ids[0].to_string()
 }
 
+/// Reads `child`'s stdout lines until one satisfies `done` (returned) or
+/// `timeout` passes (panics with what was read).
+fn read_until(child: &mut Child, timeout: Duration, done: impl Fn(&str) -> bool) -> String {
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    // Drains stdout to its end even after the caller stopped listening: a
+    // closed pipe would kill kubectl with SIGPIPE at its next line
+    // (port-forward prints one per connection).
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = std::time::Instant::now() + timeout;
+    let mut seen = Vec::new();
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(line) if done(&line) => return line,
+            Ok(line) => seen.push(line),
+            Err(_) => break,
+        }
+    }
+    let _ = child.kill();
+    let stderr = child.stderr.take().map(|mut e| {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut e, &mut text);
+        text
+    });
+    panic!("timed out after {timeout:?}; stdout {seen:?}, stderr {stderr:?}")
+}
+
+/// A counter of the tunnel server's /metrics (on the cloud node's loopback).
+fn tunnel_counter(cluster: &RealCluster, name: &str) -> f64 {
+    let cloud = cluster.node("cloud-1").unwrap();
+    let text = http_get(cloud.netns(), "127.0.0.1:10266", "/metrics").unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// `kubectl logs -f`, an interactive `kubectl exec` session and `kubectl
+/// port-forward` to `pod`, whose node the cloud has no route to: they can
+/// only pass through the tunnel server, whose `netd_tunnel_streams_total`
+/// grows.
+fn operate_through_tunnel(cluster: &RealCluster, pod: &str, how: &str) {
+    let streams = tunnel_counter(cluster, "netd_tunnel_streams_total");
+    // logs -f: lines keep coming (two distinct ticks).
+    let mut logs = cluster.kubectl_spawn(&["logs", "-f", "--tail=1", pod]).unwrap();
+    let first = read_until(&mut logs, Duration::from_secs(30), |l| l.starts_with("tick "));
+    let mut again = cluster.kubectl_spawn(&["logs", "-f", "--tail=1", pod]).unwrap();
+    let later = read_until(&mut again, Duration::from_secs(30), |l| l.starts_with("tick ") && l != first);
+    assert_ne!(first, later, "{how}: logs -f streams new lines");
+    let _ = (logs.kill(), again.kill(), logs.wait(), again.wait());
+
+    // An interactive exec session: commands written to its stdin, answers read back.
+    let mut exec = cluster.kubectl_spawn(&["exec", "-i", pod, "--", "sh"]).unwrap();
+    let mut stdin = exec.stdin.take().unwrap();
+    stdin.write_all(b"echo answer-$((6*7)) from $(hostname)\n").unwrap();
+    let answer = read_until(&mut exec, Duration::from_secs(30), |l| l.starts_with("answer-"));
+    assert_eq!(answer, format!("answer-42 from {pod}"), "{how}: exec session");
+    stdin.write_all(b"exit\n").unwrap();
+    drop(stdin);
+    let status = exec.wait().unwrap();
+    assert!(status.success(), "{how}: exec session ended with {status}");
+
+    // port-forward: a local port on the cloud node reaches the pod's port.
+    let mut forward =
+        cluster.kubectl_spawn(&["port-forward", &format!("pod/{pod}"), &format!(":{METRICS_PORT}")]).unwrap();
+    let line = read_until(&mut forward, Duration::from_secs(30), |l| l.starts_with("Forwarding from 127.0.0.1:"));
+    let local = line.trim_start_matches("Forwarding from ").split(' ').next().unwrap().to_string();
+    let cloud = cluster.node("cloud-1").unwrap();
+    // curl, not a short-timeout probe: the first request opens the stream
+    // through the API server, the tunnel and the kubelet, seconds on a
+    // loaded machine.
+    let response = cloud
+        .netns()
+        .exec(
+            "curl",
+            &[
+                "-sS",
+                "--max-time",
+                "20",
+                "--retry",
+                "4",
+                "--retry-all-errors",
+                "--retry-delay",
+                "1",
+                &format!("http://{local}/metrics"),
+            ],
+        )
+        .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+        .unwrap_or_else(|err| format!("curl failed: {err}"));
+    let _ = (forward.kill(), forward.wait());
+    if response != format!("up {pod}\n") {
+        let mut stderr = String::new();
+        if let Some(mut err) = forward.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut err, &mut stderr);
+        }
+        eprintln!("port-forward stderr: {stderr}\n{}", cluster.diagnostics());
+    }
+    assert_eq!(response, format!("up {pod}\n"), "{how}: port-forward");
+
+    let grown = tunnel_counter(cluster, "netd_tunnel_streams_total") - streams;
+    // The exec and the port-forward each upgrade a connection of their own;
+    // the logs may ride a kept-alive one of kube-apiserver's.
+    assert!(grown >= 2.0, "{how}: {grown} tunnel streams for two logs, an exec and a port-forward");
+}
+
+/// kube-apiserver's egress selector: every connection to a node is a
+/// CONNECT to the tunnel server's CONNECT door, authenticated with a client
+/// certificate `CN=kube-apiserver` of the cluster CA.
+fn egress_selector(cluster: &RealCluster, dir: &std::path::Path) -> String {
+    let ca = cluster.kube().unwrap().api().ca();
+    ca.issue_client("kube-apiserver", None, Duration::from_secs(24 * 3600)).unwrap().write(dir, "client").unwrap();
+    ca.write_cert(dir).unwrap();
+    let config = dir.join("egress.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "apiVersion: apiserver.k8s.io/v1beta1\nkind: EgressSelectorConfiguration\negressSelections:\n\
+             - name: cluster\n  connection:\n    proxyProtocol: HTTPConnect\n    transport:\n      tcp:\n\
+             \x20       url: https://{CLOUD_NODE_IP}:10265\n        tlsConfig:\n\
+             \x20         caBundle: {dir}/ca.crt\n          clientKey: {dir}/client.key\n          clientCert: {dir}/client.crt\n",
+            dir = dir.display()
+        ),
+    )
+    .unwrap();
+    format!("--egress-selector-config-file={}", config.display())
+}
+
 fn statefulset(replicas: u32) -> Value {
     json!({
         "apiVersion": "apps/v1",
@@ -232,7 +300,8 @@ fn statefulset(replicas: u32) -> Value {
                         "image": WORKLOAD_IMAGE,
                         "imagePullPolicy": "Never",
                         // A metrics-like port: busybox httpd serving a file.
-                        "command": ["/bin/sh", "-c", "mkdir -p /www && echo \"up $(hostname)\" > /www/metrics && exec httpd -f -p 9100 -h /www"],
+                        // A log line a second (for `kubectl logs -f`).
+                        "command": ["/bin/sh", "-c", "(while true; do echo \"tick $(date +%s)\"; sleep 1; done) & mkdir -p /www && echo \"up $(hostname)\" > /www/metrics && exec httpd -f -p 9100 -h /www"],
                         "ports": [{"name": "metrics", "containerPort": 9100}],
                         "readinessProbe": {"tcpSocket": {"port": 9100}, "periodSeconds": 1}
                     }]
@@ -249,11 +318,11 @@ fn deploy_runs_on_real_kubelets_and_pods_keep_their_addresses() {
     if !builder.available().unwrap() {
         return;
     }
-    let cluster = builder.start().unwrap();
+    let mut cluster = builder.start().unwrap();
     let edges: Vec<&RealNode> = cluster.nodes().iter().filter(|n| n.role == Role::Edge).collect();
 
     // 1. deploy/ as README says to apply it.
-    install_tunnel_credentials(&cluster);
+    cluster.install_tunnel_credentials(&[METRICS_PORT]).unwrap();
     cluster.kubectl(&["apply", "-f", DEPLOY]).unwrap();
     let all = cluster.nodes().len() as u64;
     wait_daemonset(&cluster, "netd", all);
@@ -398,4 +467,96 @@ fn deploy_runs_on_real_kubelets_and_pods_keep_their_addresses() {
     // web-0 keeps its pin: the keeper frees only what is gone.
     let (node0, ip0) = restarted["web-0"].clone();
     assert_eq!(pins_of(cluster.node(&node0).unwrap(), "web-0"), [(ip0.parse().unwrap(), "Attached".to_string())]);
+
+    // 6. The cloud cut off from the edge, as NAT does: from here on the
+    // cloud reaches edge kubelets and pods only through the tunnel.
+    let (node0, ip0) = restarted["web-0"].clone();
+    let edge0 = cluster.node(&node0).unwrap().ip;
+    cluster.cut_cloud_from_edges().unwrap();
+    let cloud = cluster.node("cloud-1").unwrap();
+    let direct = cloud.netns().exec("curl", &["-sk", "--max-time", "3", &format!("https://{edge0}:10250/healthz")]);
+    assert!(direct.is_err(), "the cloud node still reaches {edge0}:10250 directly: {direct:?}");
+    // Pods' metrics port as a DNAT extra port (SPEC's ConfigMap).
+    cluster
+        .kubectl(&[
+            "-n",
+            NS,
+            "create",
+            "configmap",
+            "edge-tunnel-server-cfg",
+            &format!("--from-literal=dnat-ports-pair={METRICS_PORT}=10264"),
+        ])
+        .unwrap();
+
+    // 7. kube-apiserver as a process of the cloud node (a fresh one: no
+    // connection to a kubelet kept from before the cut), dialling edge
+    // kubelets by their addresses: the tunnel DNAT sends it to the tunnel
+    // server, it verifies the kubelet's certificate end to end.
+    let kube = cluster.kube_mut().unwrap();
+    kube.api_mut().restart_with(&[]).unwrap();
+    let pid = kube.api().pid().unwrap();
+    cluster.node("cloud-1").unwrap().adopt_process(pid).unwrap();
+    cluster
+        .wait_for("kubectl logs through the tunnel DNAT", SLOW, || {
+            let out = cluster.kubectl_output(&["logs", "--tail=1", "web-0"])?;
+            Ok((out.status.success() && String::from_utf8_lossy(&out.stdout).starts_with("tick ")).then_some(()))
+        })
+        .unwrap_or_else(|err| {
+            let out = cluster.kubectl_output(&["logs", "--tail=1", "web-0"]).unwrap();
+            panic!("{err}: {}\n{}", String::from_utf8_lossy(&out.stderr), cluster.diagnostics())
+        });
+    operate_through_tunnel(&cluster, "web-0", "DNAT");
+
+    // A pod on the cloud node pulls the edge pod's metrics by pod IP: the
+    // DNAT (pod namespaces too) and the tunnel, as Prometheus would.
+    apply(
+        &cluster,
+        &json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "scraper", "namespace": "default", "labels": {"app": "scraper"}},
+            "spec": {
+                "automountServiceAccountToken": false,
+                "terminationGracePeriodSeconds": 1,
+                "nodeSelector": {"node-restriction.kubernetes.io/netd-role": "cloud"},
+                "tolerations": [{"operator": "Exists", "effect": "NoSchedule"}],
+                "containers": [{"name": "scraper", "image": WORKLOAD_IMAGE, "imagePullPolicy": "Never",
+                                "command": ["/bin/sleep", "3600"]}]
+            }
+        }),
+    );
+    wait_pods_ready(&cluster, "scraper", 1);
+    let url = format!("http://{ip0}:{METRICS_PORT}/metrics");
+    let last = std::cell::RefCell::new(String::new());
+    let scraped = cluster
+        .wait_for("the cloud pod's scrape of the edge pod", Duration::from_secs(60), || {
+            let out = cluster.kubectl_output(&["exec", "scraper", "--", "wget", "-q", "-T", "3", "-O", "-", &url])?;
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            *last.borrow_mut() = String::from_utf8_lossy(&out.stderr).into_owned();
+            Ok((out.status.success() && !text.is_empty()).then_some(text))
+        })
+        .unwrap_or_else(|err| {
+            let cloud = cluster.node("cloud-1").unwrap();
+            let metrics = http_get(cloud.netns(), "127.0.0.1:10266", "/metrics").unwrap_or_default();
+            let logs = |name: &str| {
+                let selector = format!("app.kubernetes.io/name={name}");
+                let out = cluster.kubectl_output(&["-n", NS, "logs", "-l", &selector, "--tail=15"]).unwrap();
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            };
+            panic!(
+                "{err}: wget said {:?}\n--- tunnel server metrics:\n{metrics}\n--- tunnel server:\n{}\n--- controller:\n{}\n--- agents:\n{}",
+                last.borrow(),
+                logs("netd-tunnel-server"),
+                logs("netd-controller"),
+                logs("netd-tunnel-agent")
+            )
+        });
+    assert_eq!(scraped.trim(), "up web-0");
+
+    // 8. kube-apiserver with its egress selector instead (and outside the
+    // DNAT's reach): the same operations through the CONNECT door.
+    let egress_dir = tempfile::tempdir().unwrap();
+    let egress = egress_selector(&cluster, egress_dir.path());
+    cluster.kube_mut().unwrap().api_mut().restart_with(&[egress]).unwrap();
+    operate_through_tunnel(&cluster, "web-0", "egress selector");
 }

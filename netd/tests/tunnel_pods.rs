@@ -60,7 +60,7 @@ fn edge_http(stage: &Stage) -> Background {
 /// The agent of this node's pod subnet, allowing the metrics port too.
 fn pod_agent_config(stage: &Stage) -> AgentConfig {
     let mut config = stage.agent_config(NODE);
-    config.pod_subnets = vec![IpNet::V4(net(POD_SUBNET))];
+    config.pod_subnets = netd::tunnel::tls::fixed(Arc::new(vec![IpNet::V4(net(POD_SUBNET))]));
     config.allowed_ports.insert(METRICS_PORT);
     config
 }

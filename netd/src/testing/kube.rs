@@ -400,6 +400,21 @@ impl KubeApiServer {
         self.wait_ready()
     }
 
+    /// Restarts the API server with `extra_args` in place of the flags
+    /// appended so far (as [`KubeApiServer::new_with`] takes them), e.g. to
+    /// add or drop `--egress-selector-config-file`. Same port, etcd and
+    /// certificates; dies with the calling thread like [`KubeApiServer::start`].
+    pub fn restart_with(&mut self, extra_args: &[String]) -> Result<(), HarnessError> {
+        self.stop()?;
+        self.options.extra_args = extra_args.to_vec();
+        self.start()
+    }
+
+    /// The API server's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.apiserver.as_ref().map(Child::id)
+    }
+
     /// Calls the API with `curl` as `admin`: `method` on `path` (e.g.
     /// `/api/v1/nodes`) with an optional body sent as `content_type`
     /// (`(content_type, body)`). Returns the HTTP status and the body.

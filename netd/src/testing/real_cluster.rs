@@ -250,6 +250,118 @@ impl RealCluster {
         self.kube.as_ref().ok_or_else(|| HarnessError::Usage("the control plane is not running".into()))
     }
 
+    /// The control plane, to restart the API server with other flags.
+    pub fn kube_mut(&mut self) -> Result<&mut KubeCluster, HarnessError> {
+        self.kube.as_mut().ok_or_else(|| HarnessError::Usage("the control plane is not running".into()))
+    }
+
+    /// Cuts the cloud off from the edge as NAT and firewalls do: the cloud
+    /// node can no longer open a connection to an edge node (replies to
+    /// connections the edge opened still pass: kubelets reach the API
+    /// server, agents their tunnel server), and no VXLAN crosses between
+    /// them either way. From here on the cloud reaches edge kubelets and
+    /// pods only through the tunnel.
+    pub fn cut_cloud_from_edges(&self) -> Result<(), HarnessError> {
+        let edges: Vec<String> = self.nodes.iter().filter(|n| n.role == Role::Edge).map(|n| n.ip.to_string()).collect();
+        let set = format!("{{ {} }}", edges.join(", "));
+        let rules = format!(
+            "table inet netd-t-wan {{\n\
+             \tchain output {{ type filter hook output priority 0; \
+             ip daddr {set} udp dport {vxlan} drop; ip daddr {set} ct state new drop; }}\n\
+             \tchain input {{ type filter hook input priority 0; ip saddr {set} udp dport {vxlan} drop; }}\n}}\n",
+            vxlan = crate::vxlan::FLANNEL_VXLAN_PORT,
+        );
+        let cloud = self
+            .nodes
+            .iter()
+            .find(|n| n.role == Role::Cloud)
+            .ok_or_else(|| HarnessError::Usage("no cloud node".into()))?;
+        let file = self.dir.join("wan.nft");
+        write(&file, rules)?;
+        cloud.ns.exec("nft", &["-f", &file.to_string_lossy()]).map(|_| ())
+    }
+
+    /// `kubectl <args…> -o json`, parsed.
+    pub fn kubectl_json(&self, args: &[&str]) -> Result<serde_json::Value, HarnessError> {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        let text = self.kubectl(&all)?;
+        serde_json::from_str(&text)
+            .map_err(|e| HarnessError::Scenario(format!("kubectl {} printed no JSON ({e}): {text}", args.join(" "))))
+    }
+
+    /// The tunnel's credentials and settings, as README's install steps
+    /// make them before `kubectl apply -f deploy/`: the servers'
+    /// certificate (for the cloud node's address) in Secret
+    /// `kube-system/netd-tunnel-server`, each edge node's certificate in its
+    /// `/etc/netd/tunnel`, and ConfigMap `kube-system/netd-tunnel-agent`
+    /// naming the cloud node's agent door and `extra_ports`. The cluster CA
+    /// signs them, as `netd-join` on Kubernetes does.
+    pub fn install_tunnel_credentials(&self, extra_ports: &[u16]) -> Result<(), HarnessError> {
+        let ca = self.kube()?.api().ca();
+        let year = Duration::from_secs(365 * 24 * 3600);
+        let secret = self.dir.join("tunnel-server");
+        ca.issue_server("netd-tunnel-server", &[], &[IpAddr::V4(CLOUD_NODE_IP)], year)?.write(&secret, "server")?;
+        ca.write_cert(&secret)?;
+        let from = |name: &str| format!("--from-file={name}={}", secret.join(name).display());
+        let (cert, key, ca_file) = (from("server.crt"), from("server.key"), from("ca.crt"));
+        self.kubectl(&[
+            "-n",
+            "kube-system",
+            "create",
+            "secret",
+            "generic",
+            "netd-tunnel-server",
+            &cert,
+            &key,
+            &ca_file,
+        ])?;
+        for node in self.nodes.iter().filter(|n| n.role == Role::Edge) {
+            let tunnel = node.host_path("/etc/netd").join("tunnel");
+            ca.issue_node(&node.name, &[IpAddr::V4(node.ip)], year)?.write(&tunnel, "node")?;
+            ca.write_cert(&tunnel)?;
+        }
+        let servers = format!("--from-literal=servers={CLOUD_NODE_IP}:10262");
+        let ports: Vec<String> = extra_ports.iter().map(u16::to_string).collect();
+        let ports = format!("--from-literal=extra-ports={}", ports.join(","));
+        let mut args = vec!["-n", "kube-system", "create", "configmap", "netd-tunnel-agent", servers.as_str()];
+        if !extra_ports.is_empty() {
+            args.push(&ports);
+        }
+        self.kubectl(&args).map(|_| ())
+    }
+
+    /// Waits until DaemonSet `kube-system/<name>` runs a Ready, up-to-date
+    /// pod on exactly `nodes` nodes. On timeout the error carries the pods,
+    /// their description and logs, and the nodes' logs.
+    pub fn wait_daemonset(&self, name: &str, nodes: u64, timeout: Duration) -> Result<(), HarnessError> {
+        let result = self.wait_for(&format!("DaemonSet {name} Ready on {nodes} nodes"), timeout, || {
+            let ds = self.kubectl_json(&["-n", "kube-system", "get", "daemonset", name])?;
+            let status = &ds["status"];
+            let count = |key: &str| status[key].as_u64();
+            let ready = count("desiredNumberScheduled") == Some(nodes)
+                && count("numberReady") == Some(nodes)
+                && count("updatedNumberScheduled") == Some(nodes);
+            Ok(ready.then_some(()))
+        });
+        result.map_err(|err| {
+            let selector = format!("app.kubernetes.io/name={name}");
+            let text = |args: &[&str]| {
+                self.kubectl_output(args)
+                    .map(|o| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
+                    .unwrap_or_default()
+            };
+            HarnessError::Scenario(format!(
+                "{err}\n{}\n{}\n--- logs (previous):\n{}\n--- logs:\n{}\n{}",
+                text(&["-n", "kube-system", "get", "pods", "-o", "wide"]),
+                text(&["-n", "kube-system", "describe", "pods", "-l", &selector]),
+                text(&["-n", "kube-system", "logs", "-l", &selector, "--all-containers", "--previous", "--tail=20"]),
+                text(&["-n", "kube-system", "logs", "-l", &selector, "--all-containers", "--tail=20"]),
+                self.diagnostics()
+            ))
+        })
+    }
+
     /// The nodes: the cloud node first, then the edge nodes in order.
     pub fn nodes(&self) -> &[RealNode] {
         &self.nodes
@@ -293,6 +405,12 @@ impl RealCluster {
         command
             .arg(format!("--kubeconfig={}", api.admin_kubeconfig().display()))
             .args(args)
+            // kubectl 1.32 tries WebSockets first for exec, attach and
+            // port-forward and falls back to SPDY on a 1.20 API server,
+            // which has none for them: SPDY from the start, as a 1.20
+            // kubectl speaks, one round trip less.
+            .env("KUBECTL_PORT_FORWARD_WEBSOCKETS", "false")
+            .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

@@ -86,8 +86,9 @@ pub struct AgentConfig {
     pub tls: Live<rustls::ClientConfig>,
     /// This node's addresses: the only non-loopback destinations it dials.
     pub own_addresses: Vec<IpAddr>,
-    /// Pod subnets of this node, also dialled (pulling pod metrics).
-    pub pod_subnets: Vec<IpNet>,
+    /// Pod subnets of this node, also dialled (pulling pod metrics); live,
+    /// because netd may write the node's subnet after the agent started.
+    pub pod_subnets: Live<Vec<IpNet>>,
     /// Ports it dials (10250, 10255 and the configured extras).
     pub allowed_ports: BTreeSet<u16>,
     /// Whether it dials loopback destinations too. Off by default: services
@@ -129,7 +130,7 @@ pub fn refusal(config: &AgentConfig, dest: SocketAddr) -> Option<&'static str> {
     let ip = dest.ip();
     let own = (config.dial_loopback && ip.is_loopback())
         || config.own_addresses.contains(&ip)
-        || config.pod_subnets.iter().any(|net| net.contains(&ip));
+        || config.pod_subnets.borrow().iter().any(|net| net.contains(&ip));
     (!own).then_some("address")
 }
 
@@ -311,7 +312,7 @@ mod tests {
             server_name: ServerName::try_from("tunnel").unwrap(),
             tls: super::super::tls::fixed(Arc::new(tls)),
             own_addresses: vec!["10.0.5.7".parse().unwrap()],
-            pod_subnets: vec!["10.244.7.0/24".parse().unwrap()],
+            pod_subnets: crate::tunnel::tls::fixed(Arc::new(vec!["10.244.7.0/24".parse().unwrap()])),
             allowed_ports: [10250, 10255, 9100].into_iter().collect(),
             dial_loopback: false,
         }

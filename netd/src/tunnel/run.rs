@@ -139,7 +139,7 @@ pub struct AgentSettings {
     /// The node's addresses; default: its certificate's IP SANs.
     pub node_addresses: Vec<IpAddr>,
     /// The node's pod subnets (pulling pod metrics through the tunnel);
-    /// default: the subnet in `subnet_env`, when that file exists.
+    /// default: the subnet in `subnet_env`, followed as netd rewrites it.
     pub pod_subnets: Vec<IpNet>,
     /// flannel's `subnet.env`, which netd writes on this node.
     pub subnet_env: PathBuf,
@@ -460,14 +460,45 @@ async fn follow_leases(mut registry: AnyRegistry, router: Arc<Router>) {
 
 /// This node's pod subnet from the `subnet.env` netd writes: none when the
 /// node has no netd (no file), a warning when the file is unusable.
-fn own_pod_subnet(path: &std::path::Path) -> Option<IpNet> {
+/// This node's pod subnet from `path` (flannel's subnet.env, which netd
+/// writes): `Ok(None)` while the file is not there.
+fn own_pod_subnet(path: &std::path::Path) -> Result<Option<IpNet>, SubnetEnvError> {
     match SubnetEnv::read(path) {
-        Ok(env) => Some(env.subnet.trunc()),
-        Err(SubnetEnvError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => None,
-        Err(err) => {
-            tracing::warn!("tunnel agent: no pod subnet from {err}");
-            None
+        Ok(env) => Ok(Some(env.subnet.trunc())),
+        Err(SubnetEnvError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(err),
+    }
+}
+
+/// How often the agent looks at subnet.env again.
+const SUBNET_ENV_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Keeps `subnets` equal to the pod subnet in `path`, forever. The agent
+/// and netd start together on a fresh node, and netd writes subnet.env only
+/// once it holds its lease: read once at start, the agent would refuse the
+/// node's pods until restarted. A file that cannot be read keeps what was
+/// known, said once per distinct error.
+async fn follow_pod_subnet(path: PathBuf, subnets: tokio::sync::watch::Sender<Arc<Vec<IpNet>>>) {
+    let mut last_error = None;
+    loop {
+        match own_pod_subnet(&path) {
+            Ok(subnet) => {
+                last_error = None;
+                let wanted: Vec<IpNet> = subnet.into_iter().collect();
+                if **subnets.borrow() != wanted {
+                    tracing::info!("tunnel agent: pod subnets now {wanted:?} (from {})", path.display());
+                    subnets.send_replace(Arc::new(wanted));
+                }
+            }
+            Err(err) => {
+                let text = err.to_string();
+                if last_error.as_ref() != Some(&text) {
+                    tracing::warn!("tunnel agent: pod subnet unknown, keeping {:?}: {text}", **subnets.borrow());
+                    last_error = Some(text);
+                }
+            }
         }
+        tokio::time::sleep(SUBNET_ENV_POLL).await;
     }
 }
 
@@ -486,18 +517,18 @@ pub async fn run_agent(settings: AgentSettings) -> Result<(), TunnelError> {
     } else {
         settings.node_addresses.clone()
     };
-    let pod_subnets = if settings.pod_subnets.is_empty() {
-        own_pod_subnet(&settings.subnet_env).into_iter().collect()
-    } else {
-        settings.pod_subnets.clone()
-    };
+    let (subnets_tx, pod_subnets) = tokio::sync::watch::channel(Arc::new(settings.pod_subnets.clone()));
     let (tls, reload) = tls::follow(settings.certs.clone(), tls::RELOAD_POLL, tls::agent)?;
     let mut allowed_ports: BTreeSet<u16> = KUBELET_PORTS.into_iter().collect();
     allowed_ports.extend(&settings.extra_ports);
+    let subnets_from = if settings.pod_subnets.is_empty() {
+        format!("the pod subnet of {}", settings.subnet_env.display())
+    } else {
+        format!("{:?}", settings.pod_subnets)
+    };
     tracing::info!(
-        "tunnel agent: servers {:?}, dialling {node_addresses:?} and {:?} on ports {allowed_ports:?}",
+        "tunnel agent: servers {:?}, dialling {node_addresses:?} and {subnets_from} on ports {allowed_ports:?}",
         settings.servers,
-        pod_subnets
     );
     let config = AgentConfig {
         servers: settings.servers.clone(),
@@ -511,6 +542,9 @@ pub async fn run_agent(settings: AgentSettings) -> Result<(), TunnelError> {
     let metrics = Arc::new(AgentMetrics::default());
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(reload);
+    if settings.pod_subnets.is_empty() {
+        tasks.spawn(follow_pod_subnet(settings.subnet_env.clone(), subnets_tx));
+    }
     tasks.spawn(agent::run(config, metrics.clone()));
     if let Some(addr) = settings.metrics_listen {
         tasks.spawn(serve_metrics(bind(addr).await?, Arc::new(move || agent_metrics(&metrics))));

@@ -189,7 +189,7 @@ impl Stage {
             server_name: ServerName::IpAddress(IpAddr::V4(CLOUD_IP).into()),
             tls: tls::fixed(tls::agent(&certs).unwrap()),
             own_addresses: vec![IpAddr::V4(NODE_IP)],
-            pod_subnets: Vec::new(),
+            pod_subnets: netd::tunnel::tls::fixed(std::sync::Arc::new(Vec::new())),
             allowed_ports: [10250, 10255].into_iter().collect(),
             dial_loopback: false,
         }
