@@ -20,6 +20,8 @@ const AUTONOMY_ROUNDS: usize = 5;
 const AUTONOMY_PODS: usize = 1_000;
 /// Door-bounds benchmark rounds (each a baseline and a flood).
 const DOORS_ROUNDS: usize = 5;
+/// Real-cluster pod benchmark: pairs of rounds (netd-ipam and host-local, ABBA).
+const POD_ROUND_PAIRS: usize = 2;
 
 /// Runs the named benchmark (or all) with the release binaries in `bin_dir`.
 pub fn run(which: &str, bin_dir: &Path) -> Result<()> {
@@ -34,6 +36,7 @@ pub fn run(which: &str, bin_dir: &Path) -> Result<()> {
         "doors" => crate::bench_doors::run(DOORS_ROUNDS, bin_dir),
         "tunnel-config" => crate::bench_tunnel_config::run(20),
         "autonomy" => crate::bench_autonomy::run(AUTONOMY_ROUNDS, AUTONOMY_PODS, bin_dir),
+        "pods" => crate::bench_pods::run(POD_ROUND_PAIRS),
         "all" => {
             cni(200, bin_dir)?;
             crate::bench_vxlan::run(5, bin_dir)?;
@@ -47,7 +50,7 @@ pub fn run(which: &str, bin_dir: &Path) -> Result<()> {
             crate::bench_autonomy::run(AUTONOMY_ROUNDS, AUTONOMY_PODS, bin_dir)
         }
         other => bail!(
-            "unknown benchmark `{other}` (known: cni, vxlan, events, rss, scenario, dnat, tunnel, doors, tunnel-config, autonomy, all)"
+            "unknown benchmark `{other}` (known: cni, vxlan, events, rss, scenario, dnat, tunnel, doors, tunnel-config, autonomy, pods, all)"
         ),
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! netd-lab demo --bin-dir target/release
-//! netd-lab bench <cni|vxlan|events|rss|scenario|dnat|tunnel|doors|tunnel-config|autonomy|all> --bin-dir target/release
+//! netd-lab bench <cni|vxlan|events|rss|scenario|dnat|tunnel|doors|tunnel-config|autonomy|pods|all> --bin-dir target/release
 //! ```
 
 mod bench;
@@ -11,6 +11,7 @@ mod bench_autonomy;
 mod bench_dnat;
 mod bench_doors;
 mod bench_events;
+mod bench_pods;
 mod bench_rss;
 mod bench_scenario;
 mod bench_tunnel;
@@ -25,7 +26,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 
 const USAGE: &str =
-    "usage: netd-lab <demo | bench <cni|vxlan|events|rss|scenario|dnat|tunnel|doors|tunnel-config|autonomy|all>> --bin-dir DIR (run through `cargo xtask`)";
+    "usage: netd-lab <demo | bench <cni|vxlan|events|rss|scenario|dnat|tunnel|doors|tunnel-config|autonomy|pods|all>> --bin-dir DIR (run through `cargo xtask`)";
 
 fn main() -> Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();

@@ -25,8 +25,9 @@ tasks:
   setup   install (idempotently) the Debian packages netd needs to build, test and demo
   test    run every test, unprivileged and privileged (root; network namespaces),
           and check that no namespace, link or cgroup is left behind
-  bench [cni|vxlan|events|rss|scenario|dnat|tunnel|doors|tunnel-config|autonomy|all]
-          side-by-side benchmarks needing namespaces or external tools (root)
+  bench [cni|vxlan|events|rss|scenario|dnat|tunnel|doors|tunnel-config|autonomy|pods|all]
+          side-by-side benchmarks needing namespaces or external tools (root); `pods`
+          (a real cluster, netd's image) is not part of `all`
   ci      setup, fmt check, clippy, build (benches included), test, doc: what CI runs
   image [netd|pause [OUT]|busybox [OUT]]
           netd's container image (release binaries, nft and their libraries) as a
@@ -148,7 +149,13 @@ fn lab(args: &[&str]) -> Result<()> {
     let mut full = vec!["run", "--release", "--quiet", "-p", "netd-lab", "--"];
     full.extend_from_slice(args);
     full.extend(["--bin-dir", &bin_dir]);
-    cargo(&full, &kube::test_env())
+    let mut envs = kube::test_env().to_vec();
+    // The real-cluster bench imports netd's image from where `cargo xtask
+    // image` wrote it (under a user's CARGO_TARGET_DIR too).
+    let image = target_dir().join("image/netd.tar");
+    let image = image.to_string_lossy();
+    envs.push(("NETD_IMAGE", &image));
+    cargo(&full, &envs)
 }
 
 fn demo() -> Result<()> {
@@ -157,14 +164,27 @@ fn demo() -> Result<()> {
 }
 
 fn bench(which: &str) -> Result<()> {
-    const KNOWN: [&str; 11] =
-        ["cni", "vxlan", "events", "rss", "scenario", "dnat", "tunnel", "doors", "tunnel-config", "autonomy", "all"];
+    const KNOWN: [&str; 12] = [
+        "cni",
+        "vxlan",
+        "events",
+        "rss",
+        "scenario",
+        "dnat",
+        "tunnel",
+        "doors",
+        "tunnel-config",
+        "autonomy",
+        "pods",
+        "all",
+    ];
     if !KNOWN.contains(&which) {
         eprint!("{USAGE}");
         bail!("unknown benchmark `{which}` (known: {})", KNOWN.join(", "));
     }
-    if matches!(which, "scenario" | "tunnel-config" | "autonomy" | "all") {
-        // These run on a kube-apiserver too.
+    if matches!(which, "scenario" | "tunnel-config" | "autonomy" | "pods" | "all") {
+        // These run on a kube-apiserver too (pods: kubelets and the
+        // scheduler as well, and the test images).
         setup::run()?;
     } else {
         setup::packages()?;
@@ -176,6 +196,10 @@ fn bench(which: &str) -> Result<()> {
         // The autonomy bench measures the real controller's memory.
         println!("==> building netd-controller (release)");
         cargo(&["build", "--release", "-p", "netd", "--bin", "netd-controller"], &[])?;
+    }
+    if which == "pods" {
+        // The real cluster runs netd's image, from this tree's release build.
+        image::run(&[])?;
     }
     lab(&["bench", which])
 }
