@@ -310,16 +310,20 @@ fn round(
     Ok(Round { variant, running, started, pinged, failed })
 }
 
-/// Compilers (another build sharing the two cores) seen running while the
-/// rounds run, sampled every 250 ms on a thread of their own: a run they
-/// share the machine with says so instead of passing off their load as the
-/// cluster's.
+/// Compilers (another build sharing the two cores) and another test
+/// cluster's processes (a killed test's pods live on until a sweep kills
+/// them) seen while the rounds run, sampled every 250 ms on a thread of
+/// their own: a run that shares the machine says so instead of passing off
+/// their load as the cluster's.
 struct Intruders {
     /// The most processes of each name seen at once since the last clear.
     seen: std::sync::Arc<std::sync::Mutex<BTreeMap<String, usize>>>,
 }
 
 impl Intruders {
+    /// The prefix of the harness's names (cgroups, namespaces): `netd-t-<pid>-`.
+    const NAME_PREFIX: &'static str = "netd-t-";
+
     /// Process names that mean a build is running.
     const NAMES: [&'static str; 6] = ["rustc", "cc1", "cc1plus", "ld", "compile", "link"];
 
@@ -343,9 +347,27 @@ impl Intruders {
         Self { seen }
     }
 
-    /// Compiler processes running now, by name.
+    /// Compiler processes running now by name, and processes in another
+    /// test's node cgroups (`netd-t-<its pid>-…`) by that test.
     fn running() -> BTreeMap<String, usize> {
         let mut found = BTreeMap::new();
+        let ours = format!("{}{}-", Self::NAME_PREFIX, std::process::id());
+        for entry in std::fs::read_dir("/sys/fs/cgroup/pids").into_iter().flatten().filter_map(|e| e.ok()) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(owner) = name.strip_prefix(Self::NAME_PREFIX).and_then(|rest| rest.split('-').next()) else {
+                continue;
+            };
+            if name.starts_with(&ours) {
+                continue;
+            }
+            let count: usize = std::fs::read_to_string(entry.path().join("pids.current"))
+                .ok()
+                .and_then(|n| n.trim().parse().ok())
+                .unwrap_or(0);
+            if count > 0 {
+                *found.entry(format!("processes of test {owner}'s cluster")).or_insert(0) += count;
+            }
+        }
         for entry in std::fs::read_dir("/proc").into_iter().flatten().filter_map(|e| e.ok()) {
             let Ok(comm) = std::fs::read_to_string(entry.path().join("comm")) else { continue };
             let comm = comm.trim();
