@@ -54,14 +54,14 @@
 
 use std::collections::BTreeMap;
 use std::io::BufReader;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 use std::path::Path;
 use std::process::Child;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use netd::testing::{self, RealCluster, RealNode, Role, CLOUD_NODE_IP, NETD_IMAGE_ENV, WORKLOAD_IMAGE};
+use netd::testing::{self, RealCluster, RealNode, Role, NETD_IMAGE_ENV, WORKLOAD_IMAGE};
 use serde_json::{json, Value};
 
 use crate::bench::{machine, percentile};
@@ -164,7 +164,7 @@ pub fn run(pairs: usize) -> Result<()> {
     let cluster = builder.start()?;
     println!("cluster up (cloud-1, edge-1, edge-2) in {:.1} s", started.elapsed().as_secs_f64());
     let deployed = Instant::now();
-    install_tunnel_credentials(&cluster)?;
+    cluster.install_tunnel_credentials(&[])?;
     cluster.kubectl(&["apply", "-f", DEPLOY])?;
     let edges = cluster.nodes().iter().filter(|n| n.role == Role::Edge).count() as u64;
     for (name, nodes) in [
@@ -173,7 +173,7 @@ pub fn run(pairs: usize) -> Result<()> {
         ("netd-controller", 1),
         ("netd-tunnel-agent", edges),
     ] {
-        wait_daemonset(&cluster, name, nodes)?;
+        cluster.wait_daemonset(name, nodes, SLOW)?;
     }
     wait_until("every node Ready", SLOW, || {
         let nodes = kubectl_json(&cluster, &["get", "nodes"])?;
@@ -837,59 +837,6 @@ first-ping p50 by round, in order (ms): {}",
         image_size as f64 / (1024.0 * 1024.0)
     );
     println!("machine: {}", machine());
-}
-
-/// README's tunnel install steps, as netd's real-cluster test makes them:
-/// the servers' certificate in Secret netd-tunnel-server, each edge node's
-/// in its /etc/netd/tunnel, the agents' ConfigMap; the cluster CA signs them.
-fn install_tunnel_credentials(cluster: &RealCluster) -> Result<()> {
-    let ca = cluster.kube()?.api().ca();
-    let year = Duration::from_secs(365 * 24 * 3600);
-    let dir = tempfile::tempdir()?;
-    ca.issue_server("netd-tunnel-server", &[], &[IpAddr::V4(CLOUD_NODE_IP)], year)?.write(dir.path(), "server")?;
-    ca.write_cert(dir.path())?;
-    let from = |name: &str| format!("--from-file={name}={}", dir.path().join(name).display());
-    cluster.kubectl(&[
-        "-n",
-        NS,
-        "create",
-        "secret",
-        "generic",
-        "netd-tunnel-server",
-        &from("server.crt"),
-        &from("server.key"),
-        &from("ca.crt"),
-    ])?;
-    for node in cluster.nodes().iter().filter(|n| n.role == Role::Edge) {
-        let tunnel = node.host_path("/etc/netd").join("tunnel");
-        ca.issue_node(&node.name, &[IpAddr::V4(node.ip)], year)?.write(&tunnel, "node")?;
-        ca.write_cert(&tunnel)?;
-    }
-    cluster.kubectl(&[
-        "-n",
-        NS,
-        "create",
-        "configmap",
-        "netd-tunnel-agent",
-        &format!("--from-literal=servers={CLOUD_NODE_IP}:10262"),
-    ])?;
-    Ok(())
-}
-
-/// Waits until DaemonSet `name` has a Ready, updated pod on `nodes` nodes.
-fn wait_daemonset(cluster: &RealCluster, name: &str, nodes: u64) -> Result<()> {
-    wait_until(&format!("DaemonSet {name} Ready on {nodes} nodes"), SLOW, || {
-        let ds = kubectl_json(cluster, &["-n", NS, "get", "daemonset", name])?;
-        let status = &ds["status"];
-        let ready = ["desiredNumberScheduled", "numberReady", "updatedNumberScheduled"]
-            .iter()
-            .all(|key| status[key].as_u64() == Some(nodes));
-        Ok(ready.then_some(()))
-    })
-    .map_err(|err| {
-        let pods = cluster.kubectl(&["-n", NS, "get", "pods", "-o", "wide"]).unwrap_or_default();
-        err.context(format!("{pods}\n{}", cluster.diagnostics()))
-    })
 }
 
 /// Polls `check` every 100 ms until it returns `Some`, or fails after
