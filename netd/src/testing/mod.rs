@@ -213,7 +213,22 @@ fn owner_pid(name: &str) -> Option<u32> {
 }
 
 fn owner_is_dead(name: &str) -> bool {
-    owner_pid(name).is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+    owner_pid(name).is_some_and(|pid| !process_is_running(pid))
+}
+
+/// Whether `pid` names a process that has not exited. A zombie (exited,
+/// not yet reaped by its parent, e.g. a test binary cargo has not waited
+/// for yet) still has its `/proc` entry but runs nothing: its leftovers are
+/// to be swept, or the sweep skips its nodes' processes and then fails to
+/// remove their busy cgroups.
+fn process_is_running(pid: u32) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // "pid (comm) S ...": comm may hold spaces and parentheses, so the
+    // state is the first field after the last ')'.
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+    !matches!(state, Some("Z") | Some("X") | None)
 }
 
 /// Removes namespaces, root-namespace links and cgroups whose creating test
@@ -271,6 +286,21 @@ mod tests {
         assert_eq!(owner_pid("nt99x3"), Some(99));
         assert_eq!(owner_pid("eth0"), None);
         assert_eq!(owner_pid("netd-t-abc-1"), None);
+    }
+
+    #[test]
+    fn a_zombie_owner_is_dead_and_a_running_one_is_not() {
+        assert!(process_is_running(std::process::id()));
+        let child = std::process::Command::new("true").spawn().expect("spawn true");
+        let pid = child.id();
+        // Not waited for: once `true` exits it stays a zombie until reaped.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while process_is_running(pid) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(!process_is_running(pid), "exited, unreaped child {pid} still counts as running");
+        assert!(Path::new(&format!("/proc/{pid}")).exists(), "the zombie's /proc entry is there");
+        drop(child);
     }
 
     #[test]
