@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! netd-lab demo --bin-dir target/release
+//! netd-lab demo cluster --bin-dir target/release
 //! netd-lab bench <cni|vxlan|events|rss|scenario|dnat|tunnel|doors|tunnel-config|autonomy|pods|all> --bin-dir target/release
 //! ```
 
@@ -19,6 +20,7 @@ mod bench_tunnel_config;
 mod bench_vxlan;
 mod delay_line;
 mod demo;
+mod demo_cluster;
 mod tunnel_lab;
 
 use std::path::PathBuf;
@@ -26,7 +28,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 
 const USAGE: &str =
-    "usage: netd-lab <demo | bench <cni|vxlan|events|rss|scenario|dnat|tunnel|doors|tunnel-config|autonomy|pods|all>> --bin-dir DIR (run through `cargo xtask`)";
+    "usage: netd-lab <demo [cluster] | bench <cni|vxlan|events|rss|scenario|dnat|tunnel|doors|tunnel-config|autonomy|pods|all>> --bin-dir DIR (run through `cargo xtask`)";
 
 fn main() -> Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
@@ -43,6 +45,7 @@ fn main() -> Result<()> {
     }
     match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["demo"] => demo::run(&bin_dir),
+        ["demo", "cluster"] => demo_cluster::run(),
         ["bench", which] => bench::run(which, &bin_dir),
         ["bench"] => bench::run("all", &bin_dir),
         _ => bail!("{USAGE}"),

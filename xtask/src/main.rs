@@ -20,8 +20,12 @@ const USAGE: &str = "\
 usage: cargo xtask <task>
 
 tasks:
-  demo    the main job: a 3-node cluster in network namespaces, pods across nodes, a node
-          reboot with the registry stopped (root; installs what it needs; leaves nothing behind)
+  demo [cluster]
+          the main job: a 3-node cluster in network namespaces, pods across nodes, a node
+          reboot with the registry stopped (root; installs what it needs; leaves nothing behind);
+          `cluster`: netd as deployed, on real kubelets and containerd (kubectl apply -f deploy/,
+          pods across edge nodes, logs/exec/port-forward through the tunnel); builds what it
+          needs first (Kubernetes 1.20.2 components, netd's image)
   setup   install (idempotently) the Debian packages netd needs to build, test and demo
   test    run every test, unprivileged and privileged (root; network namespaces),
           and check that no namespace, link or cgroup is left behind
@@ -45,7 +49,14 @@ fn main() -> Result<()> {
         "setup" => setup::run(),
         "test" => test::run(),
         "ci" => ci(),
-        "demo" => demo(),
+        "demo" => match args.get(1).map(String::as_str) {
+            None => demo(),
+            Some("cluster") => demo_cluster(),
+            Some(other) => {
+                eprint!("{USAGE}");
+                bail!("unknown demo `{other}` (known: cluster)")
+            }
+        },
         "image" => image::run(&args[1..]),
         "bench" => bench(args.get(1).map(String::as_str).unwrap_or("all")),
         "-h" | "--help" | "help" => {
@@ -161,6 +172,14 @@ fn lab(args: &[&str]) -> Result<()> {
 fn demo() -> Result<()> {
     setup::packages()?;
     lab(&["demo"])
+}
+
+fn demo_cluster() -> Result<()> {
+    // Real kubelets: the Kubernetes builds and test images, then netd's
+    // image from this tree.
+    setup::run()?;
+    image::run(&[])?;
+    lab(&["demo", "cluster"])
 }
 
 fn bench(which: &str) -> Result<()> {

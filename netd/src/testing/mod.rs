@@ -39,6 +39,7 @@ mod links;
 mod netns;
 mod process;
 mod real_cluster;
+mod real_workload;
 mod scenario;
 mod server;
 mod synthetic;
@@ -60,6 +61,7 @@ pub use real_cluster::{
     netd_image_path, RealCluster, RealClusterBuilder, RealNode, Role, CLOUD_NODE_IP, CLOUD_ROLE_LABEL, IMAGE_DIR,
     KUBELET_BIN, KUBELET_ENV, KUBE_SCHEDULER_BIN, KUBE_SCHEDULER_ENV, NETD_IMAGE_ENV, PAUSE_IMAGE, WORKLOAD_IMAGE,
 };
+pub use real_workload::{edge_statefulset, read_line_until, PodStatus, DEPLOY_DIR, WORKLOAD_METRICS_PORT};
 pub use scenario::{
     scenario_network, EmbeddedScenarioRegistry, EtcdScenarioRegistry, KubeScenarioRegistry, Scenario, ScenarioRegistry,
     ScenarioReport,

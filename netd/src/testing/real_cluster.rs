@@ -440,6 +440,13 @@ impl RealCluster {
         }
     }
 
+    /// A fresh path in the cluster's own directory (gone with the cluster).
+    pub(crate) fn scratch_file(&self, name: &str) -> PathBuf {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.dir.join(format!("{n}-{name}"))
+    }
+
     /// The kubelet and containerd logs of every node (their last lines),
     /// and the scheduler's, for a failure message.
     pub fn diagnostics(&self) -> String {
