@@ -25,6 +25,7 @@ pub mod controller;
 pub mod daemon;
 pub mod dnat;
 pub mod http;
+pub mod hub;
 pub mod join;
 pub mod kube;
 pub mod masquerade;

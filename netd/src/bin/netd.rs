@@ -114,6 +114,89 @@ enum Command {
     /// Install the IPAM plugin and the CNI conflist on the host (the DaemonSet's init container).
     #[command(after_help = INSTALL_CNI_EXAMPLES)]
     InstallCni(InstallCniArgs),
+    /// The edge hub: the kubelet's caching proxy to kube-apiserver, serving from its cache while the cloud is unreachable.
+    #[command(after_help = HUB_EXAMPLES)]
+    Hub(HubArgs),
+}
+
+const HUB_EXAMPLES: &str = "\
+The kubelet's kubeconfig names https://127.0.0.1:10261 with the hub's CA
+(<cache-dir>/pki/ca.crt) and the kubelet's own client certificate; the hub
+accepts only that certificate's identity (system:node:<node>).
+
+Examples:
+  netd hub --node-name edge-1 --server https://10.0.0.1:6443 --ca-file /etc/kubernetes/pki/ca.crt \\
+      --client-cert /var/lib/kubelet/pki/kubelet-client-current.pem
+  netd hub --node-name edge-1 --server https://10.0.0.1:6443 --ca-file /etc/kubernetes/pki/ca.crt \\
+      --client-cert /var/lib/kubelet/pki/kubelet-client-current.pem --cache=false   # autonomy off: pass-through";
+
+#[derive(Debug, Args)]
+struct HubArgs {
+    /// This node's name; clients must present a certificate for system:node:<NAME>.
+    #[arg(long, env = "NETD_HUB_NODE_NAME", value_name = "NAME")]
+    node_name: String,
+    /// kube-apiserver's URL.
+    #[arg(long, env = "NETD_HUB_SERVER", value_name = "URL")]
+    server: String,
+    /// The cluster CA: kube-apiserver's serving certificate chains to it.
+    #[arg(long, env = "NETD_HUB_CA_FILE", value_name = "FILE")]
+    ca_file: PathBuf,
+    /// The CA client certificates must chain to [default: --ca-file].
+    #[arg(long, env = "NETD_HUB_CLIENT_CA_FILE", value_name = "FILE")]
+    client_ca_file: Option<PathBuf>,
+    /// The node's client certificate (with its key when --client-key is not given), re-read when it rotates.
+    #[arg(
+        long,
+        env = "NETD_HUB_CLIENT_CERT",
+        value_name = "FILE",
+        default_value = "/var/lib/kubelet/pki/kubelet-client-current.pem"
+    )]
+    client_cert: PathBuf,
+    /// The key of --client-cert, when it is a file of its own.
+    #[arg(long, env = "NETD_HUB_CLIENT_KEY", value_name = "FILE")]
+    client_key: Option<PathBuf>,
+    /// Where the kubelet connects (HTTPS, loopback only).
+    #[arg(long, env = "NETD_HUB_LISTEN", value_name = "IP:PORT", default_value = netd::hub::DEFAULT_LISTEN)]
+    listen: std::net::SocketAddr,
+    /// /metrics and /healthz (plain HTTP, loopback only).
+    #[arg(long, env = "NETD_HUB_METRICS_LISTEN", value_name = "IP:PORT", default_value = netd::hub::DEFAULT_METRICS_LISTEN)]
+    metrics_listen: std::net::SocketAddr,
+    /// The cache (0700) and the hub's CA (pki/).
+    #[arg(long, env = "NETD_HUB_CACHE_DIR", value_name = "DIR", default_value = netd::hub::DEFAULT_CACHE_DIR)]
+    cache_dir: PathBuf,
+    /// Cache reads and answer from the cache while the cloud is unreachable; false: a plain pass-through.
+    #[arg(long, env = "NETD_HUB_CACHE", value_name = "BOOL", value_parser = netd::cli::parse_bool, num_args = 0..=1, default_value = "true", default_missing_value = "true")]
+    cache: bool,
+    /// How often kube-apiserver's /readyz is probed.
+    #[arg(long, env = "NETD_HUB_PROBE_INTERVAL", value_name = "DURATION", value_parser = parse_duration, default_value = "5s")]
+    probe_interval: std::time::Duration,
+    /// Time for kube-apiserver to send a response head before the cache answers.
+    #[arg(long, env = "NETD_HUB_UPSTREAM_TIMEOUT", value_name = "DURATION", value_parser = parse_duration, default_value = "10s")]
+    upstream_timeout: std::time::Duration,
+    /// Client connections at once (each kubelet watch is one).
+    #[arg(long, env = "NETD_HUB_MAX_CONNECTIONS", value_name = "N", default_value_t = netd::hub::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+    #[command(flatten)]
+    log: LogArgs,
+}
+
+fn hub(args: HubArgs) -> Result<()> {
+    init_logging(args.log.log);
+    let config = netd::hub::HubConfig {
+        node_name: args.node_name,
+        server: args.server,
+        ca_file: args.ca_file,
+        client_ca_file: args.client_ca_file,
+        client_cert: netd::kube::ClientCertFiles { cert: args.client_cert, key: args.client_key },
+        listen: args.listen,
+        metrics_listen: Some(args.metrics_listen),
+        cache_dir: args.cache_dir,
+        cache: args.cache,
+        probe_interval: args.probe_interval,
+        upstream_timeout: args.upstream_timeout,
+        max_connections: args.max_connections,
+    };
+    until_terminated("edge hub", netd::hub::run(config, std::future::pending()))
 }
 
 const INSTALL_CNI_EXAMPLES: &str = "\
@@ -1025,6 +1108,7 @@ fn main() -> ExitCode {
         Command::TunnelServer(args) => tunnel_server(args),
         Command::TunnelAgent(args) => tunnel_agent(args),
         Command::InstallCni(args) => install_cni(args),
+        Command::Hub(args) => hub(args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,195 @@
+//! The hub's counters and gauges, rendered in Prometheus' text format on
+//! the metrics port.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+
+/// Why a client was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Refusal {
+    /// No client certificate.
+    NoCertificate,
+    /// A certificate the cluster CA did not issue (the TLS handshake fails).
+    UntrustedCertificate,
+    /// A certificate of another identity than this node's.
+    WrongIdentity,
+    /// A request for another node's data (its pods).
+    OtherNodesData,
+}
+
+impl Refusal {
+    fn label(self) -> &'static str {
+        match self {
+            Self::NoCertificate => "no_certificate",
+            Self::UntrustedCertificate => "untrusted_certificate",
+            Self::WrongIdentity => "wrong_identity",
+            Self::OtherNodesData => "other_nodes_data",
+        }
+    }
+}
+
+/// Everything the hub counts; shared by its tasks.
+#[derive(Debug, Default)]
+pub struct HubMetrics {
+    hits: Mutex<BTreeMap<String, u64>>,
+    misses: Mutex<BTreeMap<String, u64>>,
+    refused: Mutex<BTreeMap<Refusal, u64>>,
+    cloud_reachable: AtomicBool,
+    served_offline: AtomicU64,
+    corrupt_files: AtomicU64,
+    write_failures: AtomicU64,
+    requests: AtomicU64,
+    upstream_errors: AtomicU64,
+}
+
+fn bump(map: &Mutex<BTreeMap<String, u64>>, key: &str) {
+    *map.lock().unwrap_or_else(PoisonError::into_inner).entry(key.to_string()).or_default() += 1;
+}
+
+impl HubMetrics {
+    /// A cacheable read answered from the cache.
+    pub fn hit(&self, resource: &str) {
+        bump(&self.hits, resource);
+    }
+
+    /// A cacheable read the cache did not answer (it went to the cloud, or
+    /// the cache did not have it).
+    pub fn miss(&self, resource: &str) {
+        bump(&self.misses, resource);
+    }
+
+    /// Hits so far for `resource`.
+    pub fn hits(&self, resource: &str) -> u64 {
+        self.hits.lock().unwrap_or_else(PoisonError::into_inner).get(resource).copied().unwrap_or(0)
+    }
+
+    /// Misses so far for `resource`.
+    pub fn misses(&self, resource: &str) -> u64 {
+        self.misses.lock().unwrap_or_else(PoisonError::into_inner).get(resource).copied().unwrap_or(0)
+    }
+
+    /// A refused client or request.
+    pub fn refused(&self, why: Refusal) {
+        *self.refused.lock().unwrap_or_else(PoisonError::into_inner).entry(why).or_default() += 1;
+    }
+
+    /// Refusals so far, all reasons.
+    pub fn refused_total(&self) -> u64 {
+        self.refused.lock().unwrap_or_else(PoisonError::into_inner).values().sum()
+    }
+
+    /// Sets the "cloud reachable" gauge; returns its previous value.
+    pub fn set_cloud_reachable(&self, reachable: bool) -> bool {
+        self.cloud_reachable.swap(reachable, Ordering::AcqRel)
+    }
+
+    /// The "cloud reachable" gauge.
+    pub fn cloud_reachable(&self) -> bool {
+        self.cloud_reachable.load(Ordering::Acquire)
+    }
+
+    /// A request answered from the cache because the cloud was unreachable.
+    pub fn served_offline(&self) {
+        self.served_offline.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A corrupt cache file skipped.
+    pub fn corrupt_file(&self) {
+        self.corrupt_files.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Corrupt cache files skipped so far.
+    pub fn corrupt_files(&self) -> u64 {
+        self.corrupt_files.load(Ordering::Relaxed)
+    }
+
+    /// A cache write that failed (disk full, …).
+    pub fn write_failure(&self) {
+        self.write_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request received.
+    pub fn request(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request the cloud did not answer (connection error, timeout, 5xx).
+    pub fn upstream_error(&self) {
+        self.upstream_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The text exposition, with the cache's object count and file bytes.
+    pub fn render(&self, objects: u64, bytes: u64) -> String {
+        let mut out = String::new();
+        let by_resource = |out: &mut String, name: &str, help: &str, map: &Mutex<BTreeMap<String, u64>>| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (resource, n) in map.lock().unwrap_or_else(PoisonError::into_inner).iter() {
+                let _ = writeln!(out, "{name}{{resource=\"{resource}\"}} {n}");
+            }
+        };
+        by_resource(&mut out, "netd_hub_cache_hits_total", "Cacheable reads answered from the cache.", &self.hits);
+        by_resource(
+            &mut out,
+            "netd_hub_cache_misses_total",
+            "Cacheable reads not answered from the cache (sent to the cloud, or not cached).",
+            &self.misses,
+        );
+        let single = |out: &mut String, name: &str, kind: &str, help: &str, value: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        };
+        single(&mut out, "netd_hub_cached_objects", "gauge", "Objects in the cache.", objects);
+        single(&mut out, "netd_hub_cached_bytes", "gauge", "Bytes of the cache's object files.", bytes);
+        single(
+            &mut out,
+            "netd_hub_cloud_reachable",
+            "gauge",
+            "1 when kube-apiserver answers the health probe.",
+            u64::from(self.cloud_reachable()),
+        );
+        single(
+            &mut out,
+            "netd_hub_requests_served_offline_total",
+            "counter",
+            "Requests answered from the cache while the cloud was unreachable.",
+            self.served_offline.load(Ordering::Relaxed),
+        );
+        single(
+            &mut out,
+            "netd_hub_corrupt_files_skipped_total",
+            "counter",
+            "Cache files found corrupt or truncated, skipped and never served.",
+            self.corrupt_files(),
+        );
+        single(
+            &mut out,
+            "netd_hub_cache_write_failures_total",
+            "counter",
+            "Cache writes that failed (the response was still sent).",
+            self.write_failures.load(Ordering::Relaxed),
+        );
+        single(
+            &mut out,
+            "netd_hub_requests_total",
+            "counter",
+            "Requests received.",
+            self.requests.load(Ordering::Relaxed),
+        );
+        single(
+            &mut out,
+            "netd_hub_upstream_errors_total",
+            "counter",
+            "Requests kube-apiserver did not answer (connection error, timeout, 5xx).",
+            self.upstream_errors.load(Ordering::Relaxed),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP netd_hub_refused_total Clients and requests refused.\n# TYPE netd_hub_refused_total counter"
+        );
+        for (why, n) in self.refused.lock().unwrap_or_else(PoisonError::into_inner).iter() {
+            let _ = writeln!(out, "netd_hub_refused_total{{reason=\"{}\"}} {n}", why.label());
+        }
+        out
+    }
+}
