@@ -20,7 +20,7 @@ const AUTONOMY_ROUNDS: usize = 5;
 const AUTONOMY_PODS: usize = 1_000;
 /// Door-bounds benchmark rounds (each a baseline and a flood).
 const DOORS_ROUNDS: usize = 5;
-/// Real-cluster pod benchmark: pairs of rounds (netd-ipam and host-local, ABBA).
+/// Real-cluster pod benchmark: mirrored triples of rounds (netd-ipam, host-local, hostNetwork; ABC CBA).
 const POD_ROUND_PAIRS: usize = 2;
 
 /// Runs the named benchmark (or all) with the release binaries in `bin_dir`.

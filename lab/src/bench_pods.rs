@@ -11,10 +11,10 @@
 //! creates [`PODS`] pods on edge-1 at once (one `kubectl create` of a List;
 //! the scheduler places them by `nodeSelector`), each pinging the target
 //! in a loop until one reply comes back, then logging when (and when its
-//! shell started, and how many pings went unanswered). Rounds run in pairs,
-//! ABBA (netd-ipam, host-local, host-local, netd-ipam): in the first runs,
-//! alternating ABAB, later rounds came out slower, which plain alternation
-//! charges to the variant that goes second.
+//! shell started, and how many pings went unanswered). Rounds run in
+//! mirrored triples, ABC CBA (netd-ipam, host-local, hostNetwork, then
+//! back): in the first runs, alternating ABAB, later rounds came out
+//! slower, which plain alternation charges to the variant that goes second.
 //!
 //! - **netd-ipam**: the conflist the netd DaemonSet installed
 //!   (`10-netd.conflist`: `bridge` cni0 + `netd-ipam`, then `portmap`).
@@ -25,6 +25,10 @@
 //!   and its own data directory; containerd uses the first conflist in name
 //!   order and reloads when the directory changes. Written before the round,
 //!   removed after it.
+//! - **hostNetwork** (the floor): the same pods with `hostNetwork: true`,
+//!   so containerd calls no CNI plugin at all; they ping the target from
+//!   edge-1's own network namespace, over the same flannel.1 route. What
+//!   is left is the kubelet and containerd starting 20 containers.
 //!
 //! Which configuration served each pod is checked, not assumed: libcni's
 //! result cache on the node (`/var/lib/cni/results`) names the network of
@@ -90,11 +94,12 @@ const ROUND_LIMIT: Duration = Duration::from_secs(180);
 /// next one's start.
 const SETTLE: Duration = Duration::from_secs(5);
 
-/// The two CNI configurations compared.
+/// The two CNI configurations compared, and the floor without one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Variant {
     NetdIpam,
     HostLocal,
+    HostNetwork,
 }
 
 impl Variant {
@@ -102,14 +107,17 @@ impl Variant {
         match self {
             Variant::NetdIpam => "netd-ipam",
             Variant::HostLocal => "host-local",
+            Variant::HostNetwork => "hostNetwork",
         }
     }
 
-    /// The network name libcni caches each ADD under.
+    /// The network name libcni caches each ADD under (none for
+    /// hostNetwork pods: no CNI call).
     fn network(self) -> &'static str {
         match self {
             Variant::NetdIpam => NETD_NETWORK,
             Variant::HostLocal => HOST_LOCAL_NETWORK,
+            Variant::HostNetwork => "none",
         }
     }
 }
@@ -147,8 +155,9 @@ struct Memory {
     rss: u64,
 }
 
-/// Runs `pairs` pairs of rounds (netd-ipam and host-local, ABBA) on one
-/// real cluster and prints the side-by-side table.
+/// Runs `pairs` mirrored triples of rounds (netd-ipam, host-local and
+/// hostNetwork, ABC CBA) on one real cluster and prints the side-by-side
+/// table.
 pub fn run(pairs: usize) -> Result<()> {
     let Some(_kernel) = testing::privileged()? else { bail!("the pods benchmark needs root") };
     let builder = RealCluster::builder();
@@ -195,9 +204,9 @@ pub fn run(pairs: usize) -> Result<()> {
         // ABBA: a drift over the run weighs on both variants alike (see
         // the module documentation).
         let order = if pair % 2 == 0 {
-            [Variant::NetdIpam, Variant::HostLocal]
+            [Variant::NetdIpam, Variant::HostLocal, Variant::HostNetwork]
         } else {
-            [Variant::HostLocal, Variant::NetdIpam]
+            [Variant::HostNetwork, Variant::HostLocal, Variant::NetdIpam]
         };
         for variant in order {
             serial += 1;
@@ -246,7 +255,7 @@ fn round(
     let probe_selector = format!("bench-probe={tag}");
     kubectl_create(
         cluster,
-        &json!({"apiVersion": "v1", "kind": "List", "items": [pod(&probe, &[("bench-probe", &tag)], NODE, "exec sleep 3600")]}),
+        &json!({"apiVersion": "v1", "kind": "List", "items": [pod(&probe, &[("bench-probe", &tag)], NODE, variant, "exec sleep 3600")]}),
     )?;
     let ip = wait_until(&format!("probe {probe} Running"), ROUND_LIMIT, || {
         Ok(pods_running(cluster, &probe_selector)?.remove(&probe))
@@ -264,7 +273,7 @@ fn round(
         "read s _ </proc/uptime; n=0; until ping -c1 -W1 {target} >/dev/null; do n=$((n+1)); done; \
          read up _ </proc/uptime; echo PINGED $up STARTED $s FAILED $n; exec sleep 3600"
     );
-    let list: Vec<Value> = names.iter().map(|n| pod(n, &[("bench-round", &tag)], NODE, &script)).collect();
+    let list: Vec<Value> = names.iter().map(|n| pod(n, &[("bench-round", &tag)], NODE, variant, &script)).collect();
     let mut watch = Watch::start(cluster, &selector)?;
     // kubectl's own start-up out of the timed window (the watch lists, then
     // watches from that list: nothing is missed either way).
@@ -391,10 +400,11 @@ impl Intruders {
 }
 
 /// A pod pinned to `node` by `nodeSelector` (the scheduler still places
-/// it), running `script` in the workload image; no token, 0 s grace.
-fn pod(name: &str, labels: &[(&str, &str)], node: &str, script: &str) -> Value {
+/// it), running `script` in the workload image; no token, 0 s grace; in
+/// the node's own network namespace for [`Variant::HostNetwork`].
+fn pod(name: &str, labels: &[(&str, &str)], node: &str, variant: Variant, script: &str) -> Value {
     let labels: serde_json::Map<String, Value> = labels.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
-    json!({
+    let mut pod = json!({
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": name, "namespace": "default", "labels": labels},
@@ -409,12 +419,16 @@ fn pod(name: &str, labels: &[(&str, &str)], node: &str, script: &str) -> Value {
                 "command": ["/bin/sh", "-c", script]
             }]
         }
-    })
+    });
+    if variant == Variant::HostNetwork {
+        pod["spec"]["hostNetwork"] = json!(true);
+    }
+    pod
 }
 
 /// The pod on [`TARGET_NODE`] every round pings; its address.
 fn start_target(cluster: &RealCluster) -> Result<Ipv4Addr> {
-    let target = pod("bench-target", &[("bench-target", "yes")], TARGET_NODE, "exec sleep 36000");
+    let target = pod("bench-target", &[("bench-target", "yes")], TARGET_NODE, Variant::NetdIpam, "exec sleep 36000");
     kubectl_create(cluster, &json!({"apiVersion": "v1", "kind": "List", "items": [target]}))?;
     wait_until("the target pod Running", SLOW, || Ok(pods_running(cluster, "bench-target=yes")?.remove("bench-target")))
 }
@@ -521,7 +535,8 @@ fn wait_pinged(node: &RealNode, names: &[String], created: Duration) -> Result<B
 }
 
 /// Checks that libcni's result cache on `node` says `variant`'s network
-/// served pod `name`'s ADD and that `ip` is in that network's range.
+/// served pod `name`'s ADD and that `ip` is in that network's range; for
+/// a hostNetwork pod, that no network did and `ip` is the node's.
 fn check_network(node: &RealNode, name: &str, ip: Ipv4Addr, variant: Variant, cidr: (Ipv4Addr, u8)) -> Result<()> {
     let results = node.host_path("/var/lib/cni/results");
     let mut networks = Vec::new();
@@ -538,11 +553,12 @@ fn check_network(node: &RealNode, name: &str, ip: Ipv4Addr, variant: Variant, ci
     let (low, high) = host_local_range(cidr);
     let in_anchor_range = (low..=high).contains(&ip);
     let in_cidr = u32::from(ip) >> (32 - cidr.1) == u32::from(cidr.0) >> (32 - cidr.1);
-    let range_ok = match variant {
-        Variant::HostLocal => in_anchor_range,
-        Variant::NetdIpam => in_cidr && !in_anchor_range,
+    let (range_ok, expected) = match variant {
+        Variant::HostLocal => (in_anchor_range, vec![variant.network()]),
+        Variant::NetdIpam => (in_cidr && !in_anchor_range, vec![variant.network()]),
+        Variant::HostNetwork => (ip == node.ip, vec![]),
     };
-    if networks != [variant.network()] || !range_ok {
+    if networks != expected || !range_ok {
         bail!(
             "pod {name} should have been set up by the {} conflist (network {}): libcni's cache on {} says {networks:?}, \
              address {ip} ({} range {low}–{high}); containerd did not switch configurations",
@@ -747,33 +763,40 @@ fn report(rounds: &[Round], memory: &[Memory], image_size: u64, image: &Path) {
     let samples = pooled(Variant::NetdIpam, |r| &r.running).len();
     println!(
         "\n{PODS} pods at once on {NODE} per round, rounds in this order: {}; {samples} samples per variant pooled. \
-         Same kubelets, same bridge plugin settings (cni0, mtu 1450, hairpin, portmap after it); only the IPAM differs. \
+         Same kubelets, same bridge plugin settings (cni0, mtu 1450, hairpin, portmap after it); only the IPAM differs; \
+         the hostNetwork pods (the floor) use no CNI at all. \
          Times from just before `kubectl create` (ms); p99 of {samples} samples is their maximum.\n",
         order.join(", ")
     );
-    println!("| metric | netd-ipam p50 [min–max] | host-local (anchor) p50 [min–max] | netd ÷ host-local (p50) |");
-    println!("| --- | ---: | ---: | ---: |");
+    println!(
+        "| metric | netd-ipam p50 [min–max] | host-local (anchor) p50 [min–max] | hostNetwork (floor) p50 [min–max] | netd ÷ host-local | netd ÷ floor |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(1e-9);
+    let spread = |samples: &[Duration]| format!("{} [{}–{}]", ms(median(samples)), ms(min(samples)), ms(max(samples)));
     for (metric, pick) in [
         ("pod create → Running", (|r: &Round| &r.running) as fn(&Round) -> &Vec<Duration>),
         ("pod create → its shell started (pod's /proc/uptime)", |r: &Round| &r.started),
         ("pod create → first cross-node ping", |r: &Round| &r.pinged),
     ] {
-        let (ours, anchor) = (pooled(Variant::NetdIpam, pick), pooled(Variant::HostLocal, pick));
-        let ratio = median(&ours).as_secs_f64() / median(&anchor).as_secs_f64().max(1e-9);
+        let (ours, anchor, floor) =
+            (pooled(Variant::NetdIpam, pick), pooled(Variant::HostLocal, pick), pooled(Variant::HostNetwork, pick));
         println!(
-            "| {metric} | {} [{}–{}] | {} [{}–{}] | {ratio:.2}× |",
-            ms(median(&ours)),
-            ms(min(&ours)),
-            ms(max(&ours)),
-            ms(median(&anchor)),
-            ms(min(&anchor)),
-            ms(max(&anchor))
+            "| {metric} | {} | {} | {} | {:.2}× | {:.2}× |",
+            spread(&ours),
+            spread(&anchor),
+            spread(&floor),
+            ratio(median(&ours), median(&anchor)),
+            ratio(median(&ours), median(&floor))
         );
-        let ratio = percentile(&ours, 0.99).as_secs_f64() / percentile(&anchor, 0.99).as_secs_f64().max(1e-9);
+        let p99 = |samples: &[Duration]| percentile(samples, 0.99);
         println!(
-            "| {metric}, p99 | {} | {} | {ratio:.2}× |",
-            ms(percentile(&ours, 0.99)),
-            ms(percentile(&anchor, 0.99))
+            "| {metric}, p99 | {} | {} | {} | {:.2}× | {:.2}× |",
+            ms(p99(&ours)),
+            ms(p99(&anchor)),
+            ms(p99(&floor)),
+            ratio(p99(&ours), p99(&anchor)),
+            ratio(p99(&ours), p99(&floor))
         );
     }
     // Shell start → first reply per pod: the network's share, without the
@@ -787,16 +810,14 @@ fn report(rounds: &[Round], memory: &[Memory], image_size: u64, image: &Path) {
         gaps.sort();
         gaps
     };
-    let (ours, anchor) = (gap(Variant::NetdIpam), gap(Variant::HostLocal));
+    let (ours, anchor, floor) = (gap(Variant::NetdIpam), gap(Variant::HostLocal), gap(Variant::HostNetwork));
     println!(
-        "| shell started → first cross-node ping | {} [{}–{}] | {} [{}–{}] | {:.2}× |",
-        ms(median(&ours)),
-        ms(min(&ours)),
-        ms(max(&ours)),
-        ms(median(&anchor)),
-        ms(min(&anchor)),
-        ms(max(&anchor)),
-        median(&ours).as_secs_f64() / median(&anchor).as_secs_f64().max(1e-9)
+        "| shell started → first cross-node ping | {} | {} | {} | {:.2}× | {:.2}× |",
+        spread(&ours),
+        spread(&anchor),
+        spread(&floor),
+        ratio(median(&ours), median(&anchor)),
+        ratio(median(&ours), median(&floor))
     );
     let unanswered = |variant: Variant| {
         let failed: Vec<u32> = rounds.iter().filter(|r| r.variant == variant).flat_map(|r| r.failed.clone()).collect();
@@ -808,9 +829,10 @@ fn report(rounds: &[Round], memory: &[Memory], image_size: u64, image: &Path) {
         )
     };
     println!(
-        "| pods with unanswered pings before the first reply | {} | {} | |",
+        "| pods with unanswered pings before the first reply | {} | {} | {} | | |",
         unanswered(Variant::NetdIpam),
-        unanswered(Variant::HostLocal)
+        unanswered(Variant::HostLocal),
+        unanswered(Variant::HostNetwork)
     );
     let by_round: Vec<String> =
         rounds.iter().map(|r| format!("{} {}", r.variant.label(), ms(median(&r.pinged)))).collect();

@@ -31,20 +31,18 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::IpAddr;
 use std::process::Child;
-use std::sync::mpsc;
 use std::time::Duration;
 
-use ipnet::IpNet;
-use netd::testing::{self, http_get, RealCluster, RealNode, Role, CLOUD_NODE_IP, WORKLOAD_IMAGE};
+use netd::testing::{
+    self, edge_statefulset, http_get, RealCluster, RealNode, CLOUD_NODE_IP, WORKLOAD_IMAGE,
+    WORKLOAD_METRICS_PORT as METRICS_PORT,
+};
 use serde_json::{json, Value};
 
-const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
 const NS: &str = "kube-system";
-/// The workload's metrics port.
-const METRICS_PORT: u16 = 9100;
 /// Long enough for a first start of every pod on two shared cores.
 const SLOW: Duration = Duration::from_secs(180);
 
@@ -52,61 +50,15 @@ fn json_of(cluster: &RealCluster, args: &[&str]) -> Value {
     cluster.kubectl_json(args).unwrap()
 }
 
-fn apply(cluster: &RealCluster, object: &Value) {
-    let file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(file.path(), object.to_string()).unwrap();
-    cluster.kubectl(&["apply", "-f", &file.path().to_string_lossy()]).unwrap();
-}
-
 /// Waits until DaemonSet `name` has a Ready pod on exactly `nodes` nodes.
 fn wait_daemonset(cluster: &RealCluster, name: &str, nodes: u64) {
     cluster.wait_daemonset(name, nodes, SLOW).unwrap_or_else(|err| panic!("{err}"));
 }
 
-/// Pods of label `app=<app>` in `default`, by name: (node, IP, phase, ready).
-fn pods_of(cluster: &RealCluster, app: &str) -> BTreeMap<String, (String, String, String, bool)> {
-    let list = json_of(cluster, &["get", "pods", "-l", &format!("app={app}")]);
-    list["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|pod| {
-            let ready = pod["status"]["conditions"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|c| c["type"] == "Ready" && c["status"] == "True");
-            (
-                pod["metadata"]["name"].as_str().unwrap().to_string(),
-                (
-                    pod["spec"]["nodeName"].as_str().unwrap_or_default().to_string(),
-                    pod["status"]["podIP"].as_str().unwrap_or_default().to_string(),
-                    pod["status"]["phase"].as_str().unwrap_or_default().to_string(),
-                    ready && pod["metadata"].get("deletionTimestamp").is_none(),
-                ),
-            )
-        })
-        .collect()
-}
-
-/// Waits until `count` pods of `app` are Running and Ready; returns them.
-fn wait_pods_ready(cluster: &RealCluster, app: &str, count: usize) -> BTreeMap<String, (String, String)> {
-    cluster
-        .wait_for(&format!("{count} pods of {app} Running and Ready"), SLOW, || {
-            let pods = pods_of(cluster, app);
-            let all = pods.len() == count
-                && pods.values().all(|(_, ip, phase, ready)| *ready && phase == "Running" && !ip.is_empty());
-            Ok(all.then(|| pods.into_iter().map(|(name, (node, ip, _, _))| (name, (node, ip))).collect()))
-        })
-        .unwrap_or_else(|err| {
-            let describe = cluster.kubectl(&["describe", "pods", "-l", &format!("app={app}")]).unwrap_or_default();
-            panic!("{err}\n{describe}\n{}", cluster.diagnostics())
-        })
-}
-
-fn pod_cidr(cluster: &RealCluster, node: &str) -> IpNet {
-    let node = json_of(cluster, &["get", "node", node]);
-    node["spec"]["podCIDR"].as_str().unwrap().parse().unwrap()
+/// Waits until `count` pods of `app` are Running and Ready; returns each
+/// one's node and address.
+fn wait_pods_ready(cluster: &RealCluster, app: &str, count: usize) -> BTreeMap<String, (String, IpAddr)> {
+    cluster.wait_pods_ready(&format!("app={app}"), count, SLOW).unwrap_or_else(|err| panic!("{err}"))
 }
 
 /// The pins netd-ipam holds on `node` for pod `name` (default namespace).
@@ -139,46 +91,13 @@ fn sandbox_of(node: &RealNode, name: &str) -> String {
     ids[0].to_string()
 }
 
-/// Reads `child`'s stdout lines until one satisfies `done` (returned) or
-/// `timeout` passes (panics with what was read).
 fn read_until(child: &mut Child, timeout: Duration, done: impl Fn(&str) -> bool) -> String {
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    // Drains stdout to its end even after the caller stopped listening: a
-    // closed pipe would kill kubectl with SIGPIPE at its next line
-    // (port-forward prints one per connection).
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = std::time::Instant::now() + timeout;
-    let mut seen = Vec::new();
-    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
-        match rx.recv_timeout(left) {
-            Ok(line) if done(&line) => return line,
-            Ok(line) => seen.push(line),
-            Err(_) => break,
-        }
-    }
-    let _ = child.kill();
-    let stderr = child.stderr.take().map(|mut e| {
-        let mut text = String::new();
-        let _ = std::io::Read::read_to_string(&mut e, &mut text);
-        text
-    });
-    panic!("timed out after {timeout:?}; stdout {seen:?}, stderr {stderr:?}")
+    testing::read_line_until(child, timeout, done).unwrap_or_else(|err| panic!("{err}"))
 }
 
 /// A counter of the tunnel server's /metrics (on the cloud node's loopback).
 fn tunnel_counter(cluster: &RealCluster, name: &str) -> f64 {
-    let cloud = cluster.node("cloud-1").unwrap();
-    let text = http_get(cloud.netns(), "127.0.0.1:10266", "/metrics").unwrap_or_default();
-    text.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    cluster.tunnel_server_metric(name).unwrap()
 }
 
 /// `kubectl logs -f`, an interactive `kubectl exec` session and `kubectl
@@ -271,46 +190,6 @@ fn egress_selector(cluster: &RealCluster, dir: &std::path::Path) -> String {
     format!("--egress-selector-config-file={}", config.display())
 }
 
-fn statefulset(replicas: u32) -> Value {
-    json!({
-        "apiVersion": "apps/v1",
-        "kind": "StatefulSet",
-        "metadata": {"name": "web", "namespace": "default"},
-        "spec": {
-            "serviceName": "web",
-            "replicas": replicas,
-            "podManagementPolicy": "Parallel",
-            "selector": {"matchLabels": {"app": "web"}},
-            "template": {
-                "metadata": {"labels": {"app": "web"}},
-                "spec": {
-                    "automountServiceAccountToken": false,
-                    "terminationGracePeriodSeconds": 1,
-                    // One per edge node.
-                    "affinity": {
-                        "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
-                            {"matchExpressions": [{"key": "node-restriction.kubernetes.io/netd-role", "operator": "NotIn", "values": ["cloud"]}]}
-                        ]}},
-                        "podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
-                            {"labelSelector": {"matchLabels": {"app": "web"}}, "topologyKey": "kubernetes.io/hostname"}
-                        ]}
-                    },
-                    "containers": [{
-                        "name": "web",
-                        "image": WORKLOAD_IMAGE,
-                        "imagePullPolicy": "Never",
-                        // A metrics-like port: busybox httpd serving a file.
-                        // A log line a second (for `kubectl logs -f`).
-                        "command": ["/bin/sh", "-c", "(while true; do echo \"tick $(date +%s)\"; sleep 1; done) & mkdir -p /www && echo \"up $(hostname)\" > /www/metrics && exec httpd -f -p 9100 -h /www"],
-                        "ports": [{"name": "metrics", "containerPort": 9100}],
-                        "readinessProbe": {"tcpSocket": {"port": 9100}, "periodSeconds": 1}
-                    }]
-                }
-            }
-        }
-    })
-}
-
 #[test]
 fn deploy_runs_on_real_kubelets_and_pods_keep_their_addresses() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
@@ -319,16 +198,11 @@ fn deploy_runs_on_real_kubelets_and_pods_keep_their_addresses() {
         return;
     }
     let mut cluster = builder.start().unwrap();
-    let edges: Vec<&RealNode> = cluster.nodes().iter().filter(|n| n.role == Role::Edge).collect();
 
-    // 1. deploy/ as README says to apply it.
-    cluster.install_tunnel_credentials(&[METRICS_PORT]).unwrap();
-    cluster.kubectl(&["apply", "-f", DEPLOY]).unwrap();
+    // 1. deploy/ as README says to apply it: every DaemonSet Ready on the
+    // nodes it selects, every node Ready.
+    cluster.deploy(&[METRICS_PORT], SLOW).unwrap();
     let all = cluster.nodes().len() as u64;
-    wait_daemonset(&cluster, "netd", all);
-    wait_daemonset(&cluster, "netd-tunnel-server", 1);
-    wait_daemonset(&cluster, "netd-controller", 1);
-    wait_daemonset(&cluster, "netd-tunnel-agent", edges.len() as u64);
     let config = json_of(&cluster, &["-n", NS, "get", "configmap", "netd-cfg"]);
     let conflist: Value = serde_json::from_str(config["data"]["cni-conf.json"].as_str().unwrap()).unwrap();
     for node in cluster.nodes() {
@@ -342,34 +216,20 @@ fn deploy_runs_on_real_kubelets_and_pods_keep_their_addresses() {
         let installed: Value = serde_json::from_slice(&std::fs::read(&installed).unwrap()).unwrap();
         assert_eq!(installed, conflist, "{}'s conflist is the ConfigMap's", node.name);
     }
-    cluster
-        .wait_for("every node Ready", SLOW, || {
-            let nodes = json_of(&cluster, &["get", "nodes"]);
-            let ready = nodes["items"].as_array().unwrap().iter().filter(|n| {
-                n["status"]["conditions"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
-            });
-            Ok((ready.count() == cluster.nodes().len()).then_some(()))
-        })
-        .unwrap();
 
     // 2. One pod on each edge node, addressed from its node's pod CIDR,
     // reaching the other across nodes.
-    apply(&cluster, &statefulset(2));
+    cluster.apply(&edge_statefulset("web", 2)).unwrap();
     let pods = wait_pods_ready(&cluster, "web", 2);
     let mut nodes_used: Vec<&str> = pods.values().map(|(node, _)| node.as_str()).collect();
     nodes_used.sort();
     assert_eq!(nodes_used, ["edge-1", "edge-2"]);
     for (name, (node, ip)) in &pods {
-        let ip: IpAddr = ip.parse().unwrap();
-        assert!(pod_cidr(&cluster, node).contains(&ip), "{name} on {node} has {ip}");
+        assert!(cluster.pod_cidr(node).unwrap().contains(ip), "{name} on {node} has {ip}");
         let pins = pins_of(cluster.node(node).unwrap(), name);
-        assert_eq!(pins, [(ip, "Attached".to_string())], "{name}'s pin in netd-ipam's store on {node}");
+        assert_eq!(pins, [(*ip, "Attached".to_string())], "{name}'s pin in netd-ipam's store on {node}");
     }
-    let ip_of = |pods: &BTreeMap<String, (String, String)>, name: &str| pods[name].1.clone();
+    let ip_of = |pods: &BTreeMap<String, (String, IpAddr)>, name: &str| pods[name].1.to_string();
     for (from, to) in [("web-0", "web-1"), ("web-1", "web-0")] {
         let out = cluster.kubectl(&["exec", from, "--", "ping", "-c", "2", "-W", "2", &ip_of(&pods, to)]).unwrap();
         assert!(out.contains(" 0% packet loss"), "{from} -> {to}: {out}");
@@ -416,19 +276,19 @@ fn deploy_runs_on_real_kubelets_and_pods_keep_their_addresses() {
                 "labels.\"io.kubernetes.pod.name\"==web-0,labels.\"io.cri-containerd.kind\"==sandbox",
             ])?;
             let ids: Vec<String> = list.lines().filter(|l| !l.is_empty() && *l != sandbox).map(String::from).collect();
-            let pods = pods_of(&cluster, "web");
-            let ready = pods.get("web-0").is_some_and(|(_, _, phase, ready)| *ready && phase == "Running");
+            let pods = cluster.pods("app=web")?;
+            let ready = pods.get("web-0").is_some_and(|p| p.ready && p.phase == "Running");
             Ok((ids.len() == 1 && ready).then(|| ids[0].clone()))
         })
         .unwrap_or_else(|err| panic!("{err}\n{}", cluster.diagnostics()));
     assert_ne!(renewed, sandbox);
-    let after = pods_of(&cluster, "web");
-    assert_eq!(after["web-0"].1, ip0, "web-0 keeps its address in its new sandbox");
-    let out = cluster.kubectl(&["exec", "web-1", "--", "ping", "-c", "1", "-W", "2", &ip0]).unwrap();
+    let after = cluster.pods("app=web").unwrap();
+    assert_eq!(after["web-0"].ip, Some(ip0), "web-0 keeps its address in its new sandbox");
+    let out = cluster.kubectl(&["exec", "web-1", "--", "ping", "-c", "1", "-W", "2", &ip0.to_string()]).unwrap();
     assert!(out.contains(" 0% packet loss"), "{out}");
 
     // 4. A rollout restart: new pods, same names, same addresses.
-    let before: BTreeMap<String, String> = pods.iter().map(|(n, (_, ip))| (n.clone(), ip.clone())).collect();
+    let before: BTreeMap<String, IpAddr> = pods.iter().map(|(n, (_, ip))| (n.clone(), *ip)).collect();
     let uids = |cluster: &RealCluster| -> BTreeMap<String, String> {
         json_of(cluster, &["get", "pods", "-l", "app=web"])["items"]
             .as_array()
@@ -447,7 +307,7 @@ fn deploy_runs_on_real_kubelets_and_pods_keep_their_addresses() {
         })
         .unwrap();
     let restarted = wait_pods_ready(&cluster, "web", 2);
-    let after: BTreeMap<String, String> = restarted.iter().map(|(n, (_, ip))| (n.clone(), ip.clone())).collect();
+    let after: BTreeMap<String, IpAddr> = restarted.iter().map(|(n, (_, ip))| (n.clone(), *ip)).collect();
     assert_eq!(after, before, "every StatefulSet pod keeps its address across a rollout restart");
 
     // 5. A deleted pod's address is freed after the grace period. netd's
@@ -466,7 +326,7 @@ fn deploy_runs_on_real_kubelets_and_pods_keep_their_addresses() {
         .unwrap_or_else(|err| panic!("{err}: web-1 had {gone_ip}; pins now {:?}", pins_of(gone_node, "web-1")));
     // web-0 keeps its pin: the keeper frees only what is gone.
     let (node0, ip0) = restarted["web-0"].clone();
-    assert_eq!(pins_of(cluster.node(&node0).unwrap(), "web-0"), [(ip0.parse().unwrap(), "Attached".to_string())]);
+    assert_eq!(pins_of(cluster.node(&node0).unwrap(), "web-0"), [(ip0, "Attached".to_string())]);
 
     // 6. The cloud cut off from the edge, as NAT does: from here on the
     // cloud reaches edge kubelets and pods only through the tunnel.
@@ -492,10 +352,7 @@ fn deploy_runs_on_real_kubelets_and_pods_keep_their_addresses() {
     // connection to a kubelet kept from before the cut), dialling edge
     // kubelets by their addresses: the tunnel DNAT sends it to the tunnel
     // server, it verifies the kubelet's certificate end to end.
-    let kube = cluster.kube_mut().unwrap();
-    kube.api_mut().restart_with(&[]).unwrap();
-    let pid = kube.api().pid().unwrap();
-    cluster.node("cloud-1").unwrap().adopt_process(pid).unwrap();
+    cluster.restart_api_server_on_cloud_node(&[]).unwrap();
     cluster
         .wait_for("kubectl logs through the tunnel DNAT", SLOW, || {
             let out = cluster.kubectl_output(&["logs", "--tail=1", "web-0"])?;
@@ -509,9 +366,8 @@ fn deploy_runs_on_real_kubelets_and_pods_keep_their_addresses() {
 
     // A pod on the cloud node pulls the edge pod's metrics by pod IP: the
     // DNAT (pod namespaces too) and the tunnel, as Prometheus would.
-    apply(
-        &cluster,
-        &json!({
+    cluster
+        .apply(&json!({
             "apiVersion": "v1",
             "kind": "Pod",
             "metadata": {"name": "scraper", "namespace": "default", "labels": {"app": "scraper"}},
@@ -523,8 +379,8 @@ fn deploy_runs_on_real_kubelets_and_pods_keep_their_addresses() {
                 "containers": [{"name": "scraper", "image": WORKLOAD_IMAGE, "imagePullPolicy": "Never",
                                 "command": ["/bin/sleep", "3600"]}]
             }
-        }),
-    );
+        }))
+        .unwrap();
     wait_pods_ready(&cluster, "scraper", 1);
     let url = "/metrics";
     let last = std::cell::RefCell::new(String::new());
