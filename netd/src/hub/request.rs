@@ -448,11 +448,11 @@ pub fn parse(method: &http::Method, path: &str, query: Option<&str>) -> Result<O
         rest = &rest[1..];
     }
     let mut namespace = None;
-    if rest.len() >= 2 && rest[0] == "namespaces" && !(rest.len() >= 3 && NAMESPACE_SUBRESOURCES.contains(&rest[2])) {
-        if rest.len() >= 3 {
-            namespace = Some(rest[1].to_string());
-            rest = &rest[2..];
-        }
+    // `namespaces/<ns>/<resource>…`, but `namespaces/<name>/status` is the
+    // namespace's own subresource.
+    if rest.len() >= 3 && rest[0] == "namespaces" && !NAMESPACE_SUBRESOURCES.contains(&rest[2]) {
+        namespace = Some(rest[1].to_string());
+        rest = &rest[2..];
     }
     let (resource, name, subresource) = match rest {
         [resource] => (*resource, None, None),
