@@ -65,7 +65,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use netd::testing::{self, RealCluster, RealNode, Role, NETD_IMAGE_ENV, WORKLOAD_IMAGE};
+use netd::testing::{self, RealCluster, RealNode, NETD_IMAGE_ENV, WORKLOAD_IMAGE};
 use serde_json::{json, Value};
 
 use crate::bench::{machine, percentile};
@@ -75,8 +75,6 @@ pub const PODS: usize = 20;
 /// The node every round's pods run on, and the node of the target they ping.
 const NODE: &str = "edge-1";
 const TARGET_NODE: &str = "edge-2";
-/// The manifests README says to apply.
-const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
 const NS: &str = "kube-system";
 /// The anchor's conflist: sorts before `10-netd.conflist`, so containerd
 /// takes it while it is there.
@@ -173,22 +171,7 @@ pub fn run(pairs: usize) -> Result<()> {
     let cluster = builder.start()?;
     println!("cluster up (cloud-1, edge-1, edge-2) in {:.1} s", started.elapsed().as_secs_f64());
     let deployed = Instant::now();
-    cluster.install_tunnel_credentials(&[])?;
-    cluster.kubectl(&["apply", "-f", DEPLOY])?;
-    let edges = cluster.nodes().iter().filter(|n| n.role == Role::Edge).count() as u64;
-    for (name, nodes) in [
-        ("netd", cluster.nodes().len() as u64),
-        ("netd-tunnel-server", 1),
-        ("netd-controller", 1),
-        ("netd-tunnel-agent", edges),
-    ] {
-        cluster.wait_daemonset(name, nodes, SLOW)?;
-    }
-    wait_until("every node Ready", SLOW, || {
-        let nodes = kubectl_json(&cluster, &["get", "nodes"])?;
-        let items = items(&nodes);
-        Ok((items.len() == cluster.nodes().len() && items.iter().all(|n| condition(n, "Ready"))).then_some(()))
-    })?;
+    cluster.deploy(&[], SLOW)?;
     println!("deploy/ applied, every DaemonSet and node Ready in {:.1} s", deployed.elapsed().as_secs_f64());
 
     let cidr = pod_cidr(&cluster, NODE)?;
@@ -894,10 +877,6 @@ fn kubectl_create(cluster: &RealCluster, object: &Value) -> Result<()> {
 
 fn items(list: &Value) -> &[Value] {
     list["items"].as_array().map(Vec::as_slice).unwrap_or_default()
-}
-
-fn condition(object: &Value, kind: &str) -> bool {
-    object["status"]["conditions"].as_array().into_iter().flatten().any(|c| c["type"] == kind && c["status"] == "True")
 }
 
 /// The kernel's `CLOCK_BOOTTIME`: what `/proc/uptime` shows inside pods.
