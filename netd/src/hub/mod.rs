@@ -338,6 +338,9 @@ pub async fn run(config: HubConfig, shutdown: impl Future<Output = ()>) -> Resul
             accepted = listener.accept() => accepted,
         };
         let Ok((tcp, _)) = accepted else { continue };
+        // A streamed answer ends in a small last chunk: without this, Nagle
+        // holds it for the client's delayed ACK (40 ms a request).
+        let _ = tcp.set_nodelay(true);
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             tracing::warn!("too many connections ({}): one refused", config.max_connections);
             continue;
