@@ -281,6 +281,35 @@ impl RealCluster {
         cloud.ns.exec("nft", &["-f", &file.to_string_lossy()]).map(|_| ())
     }
 
+    /// Cuts edge node `name` off from the cloud entirely, as a link that
+    /// goes down does: nothing passes between it and the cloud node (the
+    /// API server, the tunnel server, VXLAN) either way; its links to other
+    /// edge nodes stay. The rules live in the cloud node, so they outlast a
+    /// [`RealNode::power_cut`] of the edge node. Undone by
+    /// [`reconnect_to_cloud`](Self::reconnect_to_cloud).
+    pub fn isolate_from_cloud(&self, name: &str) -> Result<(), HarnessError> {
+        let edge = self.node(name)?.ip;
+        let table = isolation_table(name);
+        let rules = format!(
+            "table inet {table} {{\n\
+             \tchain output {{ type filter hook output priority -10; ip daddr {edge} drop; }}\n\
+             \tchain input {{ type filter hook input priority -10; ip saddr {edge} drop; }}\n}}\n"
+        );
+        let file = self.dir.join(format!("{table}.nft"));
+        write(&file, rules)?;
+        self.cloud_node()?.ns.exec("nft", &["-f", &file.to_string_lossy()]).map(|_| ())
+    }
+
+    /// Ends [`isolate_from_cloud`](Self::isolate_from_cloud) for `name`.
+    pub fn reconnect_to_cloud(&self, name: &str) -> Result<(), HarnessError> {
+        self.node(name)?;
+        self.cloud_node()?.ns.exec("nft", &["delete", "table", "inet", &isolation_table(name)]).map(|_| ())
+    }
+
+    fn cloud_node(&self) -> Result<&RealNode, HarnessError> {
+        self.nodes.iter().find(|n| n.role == Role::Cloud).ok_or_else(|| HarnessError::Usage("no cloud node".into()))
+    }
+
     /// `kubectl <args…> -o json`, parsed.
     pub fn kubectl_json(&self, args: &[&str]) -> Result<serde_json::Value, HarnessError> {
         let mut all = args.to_vec();
@@ -365,6 +394,11 @@ impl RealCluster {
     /// The nodes: the cloud node first, then the edge nodes in order.
     pub fn nodes(&self) -> &[RealNode] {
         &self.nodes
+    }
+
+    /// The nodes, to power one off and on ([`RealNode::power_cut`]).
+    pub fn nodes_mut(&mut self) -> &mut [RealNode] {
+        &mut self.nodes
     }
 
     /// The node called `name`.
@@ -520,6 +554,8 @@ impl RealCluster {
             role,
             kubelet: None,
             containerd: None,
+            hub: None,
+            hub_setup: None,
             mount_ns: None,
             cgroups: Vec::new(),
             cgroup_name: format!("{}-{name}", unique_name()),
@@ -575,6 +611,10 @@ pub struct RealNode {
     // Drop kills these first.
     kubelet: Option<Child>,
     containerd: Option<Child>,
+    /// The edge hub the kubelet talks to, once [`RealNode::use_hub`] set it.
+    hub: Option<Child>,
+    /// The `netd` binary the hub runs from, and kube-apiserver's URL.
+    hub_setup: Option<(PathBuf, String)>,
     /// The pinned mount namespace (a file under [`MOUNT_NS_DIR`]).
     mount_ns: Option<PathBuf>,
     /// The node's cgroup directory in every hierarchy.
@@ -873,6 +913,159 @@ impl RealNode {
         Ok(())
     }
 
+    /// Pulls the node's plug, as a power cut does: the kubelet, containerd
+    /// and every process of the node (shims, containers, netd's pods) die
+    /// at once; what lives in memory goes (the pods' network namespaces and
+    /// veths, `cni0`, `flannel.1` and every route through them, the node's
+    /// nftables rules, its bpffs pins, the contents of `/run` and
+    /// containerd's state); what is on disk stays (`/var/lib`, `/etc`,
+    /// containerd's images and its record of containers). [`boot`](Self::boot)
+    /// starts it again.
+    pub fn power_cut(&mut self) -> Result<(), HarnessError> {
+        let _ = kill(&mut self.kubelet, "kubelet");
+        let _ = kill(&mut self.hub, "netd hub");
+        let _ = kill(&mut self.containerd, "containerd");
+        self.kill_cgroup_processes();
+        let (mount, _) = self.nsenter_args()?;
+        // Every mount the node's processes made in its namespace under its
+        // tmpfs-like paths (pod network namespace pins, shm, rootfs
+        // overlays) and the pods' volumes (tmpfs for secrets), deepest
+        // first, then the tmpfs-like paths emptied.
+        let state = self.dir.join("containerd/state");
+        let volatile = [
+            self.host_path("/run/netns"),
+            self.host_path("/run/flannel"),
+            self.host_path("/run/containerd"),
+            state.clone(),
+        ];
+        let inside = ["/run/netns", "/run/flannel", "/run/containerd", "/var/lib/kubelet/pods"];
+        let mounts = run_command("nsenter", &[&mount, "cat", "/proc/self/mounts"])?;
+        let mut targets: Vec<String> = String::from_utf8_lossy(&mounts.stdout)
+            .lines()
+            .filter_map(|line| line.split_whitespace().nth(1).map(|m| m.replace("\\040", " ")))
+            .filter(|target| {
+                inside.iter().any(|dir| target.starts_with(&format!("{dir}/")))
+                    || target.starts_with(&format!("{}/", state.display()))
+            })
+            .collect();
+        targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
+        for target in &targets {
+            // Mounts the node's namespace copied from the machine at its
+            // creation (other tests' network namespace pins) lie under the
+            // node's own binds and cannot be reached: not the node's.
+            let _ = run_command("nsenter", &[&mount, "umount", "-l", target]);
+        }
+        for dir in &volatile {
+            empty_dir(dir)?;
+        }
+        // The kernel's state of the node: links other than its uplink, the
+        // rules, the BPF pins.
+        let links = self.ns.exec("ip", &["-o", "link", "show"])?;
+        for name in String::from_utf8_lossy(&links.stdout)
+            .lines()
+            .filter_map(|line| line.split(':').nth(1))
+            .map(|name| name.trim().split('@').next().unwrap_or_default().to_string())
+            .filter(|name| name != "lo" && name != "eth0")
+        {
+            // A veth's peer goes with it: "Cannot find device" is fine.
+            let _ = self.ns.exec("ip", &["link", "del", &name]);
+        }
+        self.ns.exec("nft", &["flush", "ruleset"])?;
+        run_command("nsenter", &[&mount, "umount", "/sys/fs/bpf"])?;
+        run_command("nsenter", &[&mount, "mount", "-t", "bpf", "bpf", "/sys/fs/bpf"])?;
+        Ok(())
+    }
+
+    /// Powers the node on after [`power_cut`](Self::power_cut): what its
+    /// installer set up at boot (the `kubernetes` Service rule kube-proxy
+    /// would restore), then containerd and the kubelet, as systemd starts
+    /// them. Returns when containerd answers; the kubelet starts in the
+    /// background.
+    pub fn boot(&mut self) -> Result<(), HarnessError> {
+        let rules = self.dir.join("kube-proxy.nft");
+        self.ns.exec("nft", &["-f", &rules.to_string_lossy()])?;
+        self.start_containerd()?;
+        if self.hub_setup.is_some() {
+            // A host service ordered before the kubelet, as netd-join sets
+            // it up.
+            self.start_hub()?;
+        }
+        self.start_kubelet()
+    }
+
+    /// Puts netd's edge hub (`<netd> hub`, a host service of the node)
+    /// between the kubelet and kube-apiserver at `server`, as README's
+    /// "Edge hub" section configures it: the hub dials kube-apiserver with
+    /// the kubelet's own client certificate, and the kubelet, restarted
+    /// with a kubeconfig naming `https://127.0.0.1:10261` and the hub's CA,
+    /// talks to the hub. From here on [`boot`](Self::boot) starts the hub
+    /// before the kubelet.
+    pub fn use_hub(&mut self, netd: &Path, server: &str) -> Result<(), HarnessError> {
+        self.hub_setup = Some((netd.to_path_buf(), server.to_string()));
+        self.start_hub()?;
+        let kubeconfig = "apiVersion: v1\nkind: Config\n\
+             clusters:\n- name: hub\n  cluster:\n    server: https://127.0.0.1:10261\n    certificate-authority: /var/lib/netd/hub/pki/ca.crt\n\
+             users:\n- name: node\n  user:\n    client-certificate: /var/lib/kubelet/pki/kubelet-client-current.pem\n    client-key: /var/lib/kubelet/pki/kubelet-client-current.pem\n\
+             contexts:\n- name: node@hub\n  context:\n    cluster: hub\n    user: node\n\
+             current-context: node@hub\n";
+        write(&self.dir.join("kubelet.kubeconfig"), kubeconfig)?;
+        let _ = kill(&mut self.kubelet, "kubelet");
+        self.start_kubelet()
+    }
+
+    /// A counter or gauge of the hub's `/metrics` (every label set summed);
+    /// `None` when the hub does not answer.
+    pub fn hub_metric(&self, name: &str) -> Option<f64> {
+        let text = super::http_get(&self.ns, "127.0.0.1:10269", "/metrics")?;
+        Some(
+            text.lines()
+                .filter(|l| !l.starts_with('#'))
+                .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with([' ', '{'])))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum(),
+        )
+    }
+
+    /// The last lines of the hub's log.
+    pub fn hub_log(&self) -> String {
+        tail(&read(&self.dir.join("hub.log")))
+    }
+
+    /// Starts the hub and waits until its CA is written and it answers.
+    fn start_hub(&mut self) -> Result<(), HarnessError> {
+        let Some((netd, server)) = self.hub_setup.clone() else {
+            return Err(HarnessError::Usage("the node has no hub set up".into()));
+        };
+        let _ = kill(&mut self.hub, "netd hub");
+        let pki = "/var/lib/kubelet/pki";
+        let args: Vec<String> = vec![
+            "hub".into(),
+            format!("--node-name={}", self.name),
+            format!("--server={server}"),
+            format!("--ca-file={pki}/ca.crt"),
+            format!("--client-cert={pki}/kubelet-client-current.pem"),
+        ];
+        self.hub = Some(self.spawn_inside(&netd, &args, "hub.log")?);
+        let ca = self.host_path("/var/lib/netd/hub/pki/ca.crt");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !(ca.is_file() && self.hub_metric("netd_hub_cloud_reachable").is_some()) {
+            if Instant::now() > deadline {
+                return Err(HarnessError::Scenario(format!(
+                    "the hub of {} did not come up within 30 s; its log ends:\n{}",
+                    self.name,
+                    self.hub_log()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
+    /// Whether the kubelet process is running.
+    pub fn kubelet_running(&self) -> bool {
+        self.kubelet.is_some() && self.kubelet_exit().is_none()
+    }
+
     /// SIGKILL to every process in the node's cgroups until none is left.
     fn kill_cgroup_processes(&self) {
         for _ in 0..100 {
@@ -899,6 +1092,7 @@ impl RealNode {
 impl Drop for RealNode {
     fn drop(&mut self) {
         let _ = kill(&mut self.kubelet, "kubelet");
+        let _ = kill(&mut self.hub, "netd hub");
         let _ = kill(&mut self.containerd, "containerd");
         self.kill_cgroup_processes();
         if let Some(pin) = self.mount_ns.take() {
@@ -913,6 +1107,30 @@ impl Drop for RealNode {
         }
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The nftables table that isolates edge node `name` from the cloud.
+fn isolation_table(name: &str) -> String {
+    format!("netd-t-isolate-{name}")
+}
+
+/// Removes everything inside `dir` (which stays).
+fn empty_dir(dir: &Path) -> Result<(), HarnessError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(HarnessError::io(format!("reading {}", dir.display()), e)),
+    };
+    for entry in entries.filter_map(|e| e.ok()) {
+        let path = entry.path();
+        let removed = if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_file(&path)
+        };
+        removed.map_err(|e| HarnessError::io(format!("removing {}", path.display()), e))?;
+    }
+    Ok(())
 }
 
 /// The cgroup v2 mount point.

@@ -1,0 +1,210 @@
+//! A real edge node rebooted (issue 25), on real kubelets 1.20.2 and
+//! Debian's containerd with `deploy/` applied (`netd::testing::RealCluster`).
+//! A power cut kills the kubelet, containerd, netd and every container at
+//! once and takes what lives in memory with it: the pods' network
+//! namespaces and veths, `cni0`, `flannel.1` and its routes, the node's
+//! rules and `/run`. Then containerd and the kubelet start again.
+//!
+//! 1. The cloud up (the floor of issue 25's benchmark): the kubelet reads
+//!    its pods from kube-apiserver and starts them; the workload pod is back
+//!    with the same address and answers across flannel.1 from the other
+//!    edge node. Times from the kubelet's start are printed.
+//! 2. The cloud unreachable, the kubelet talking to kube-apiserver
+//!    directly (no edge hub): it starts nothing, not netd and not the
+//!    workload, for as long as it is cut off — what the edge hub is for.
+//!    Once the cloud is back, everything comes back by itself.
+//! 3. The edge hub (`netd hub`, a host service) between the kubelet and
+//!    kube-apiserver, the cloud unreachable again: the kubelet reads its
+//!    pods, netd's among them, from the hub's cache and starts them; netd
+//!    restores the overlay from its snapshot, the workload pod gets its
+//!    address back and answers edge-2 across flannel.1. The hub counts what
+//!    it served offline. Times from the kubelet's start are printed beside
+//!    the cloud-up ones.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use netd::testing::{self, edge_statefulset, RealCluster, RealNode};
+
+/// Long enough for a first start of every pod on two shared cores.
+const SLOW: Duration = Duration::from_secs(240);
+/// How long the kubelet is watched doing nothing with the cloud away.
+const CUT_OFF_WATCH: Duration = Duration::from_secs(45);
+
+/// Running containers of pod `pod` on `node` (the sandbox excluded), as
+/// containerd reports them: the node's own truth, which the API cannot
+/// tell while the node is cut off.
+fn running_containers(node: &RealNode, pod: &str) -> usize {
+    let ids = node
+        .ctr(&[
+            "containers",
+            "list",
+            "-q",
+            &format!("labels.\"io.kubernetes.pod.name\"=={pod},labels.\"io.cri-containerd.kind\"==container"),
+        ])
+        .unwrap_or_default();
+    let tasks = node.ctr(&["tasks", "list"]).unwrap_or_default();
+    ids.lines()
+        .filter(|id| !id.is_empty())
+        .filter(|id| tasks.lines().any(|t| t.starts_with(*id) && t.contains("RUNNING")))
+        .count()
+}
+
+/// Whether `to` answers one ping from edge-2's own network namespace
+/// (through its flannel.1 route to edge-1's pod subnet).
+fn answers(cluster: &RealCluster, to: IpAddr) -> bool {
+    let edge2 = cluster.node("edge-2").unwrap();
+    edge2.netns().exec("ping", &["-c", "1", "-W", "1", &to.to_string()]).is_ok()
+}
+
+#[test]
+fn a_rebooted_edge_node_gets_its_pods_back_from_the_cloud_and_nothing_without_it() {
+    let Some(_kernel) = testing::privileged().unwrap() else { return };
+    let builder = RealCluster::builder();
+    if !builder.available().unwrap() {
+        return;
+    }
+    let mut cluster = builder.start().unwrap();
+    cluster.deploy(&[], SLOW).unwrap();
+    cluster.apply(&edge_statefulset("web", 2)).unwrap();
+    let pods = cluster.wait_pods_ready("app=web", 2, SLOW).unwrap();
+    let (pod, (node_name, ip)) =
+        pods.iter().find(|(_, (node, _))| node == "edge-1").map(|(n, v)| (n.clone(), v.clone())).unwrap();
+    assert_eq!(node_name, "edge-1");
+    assert!(answers(&cluster, ip), "{pod} at {ip} answers edge-2 before the reboot");
+
+    // 1. A reboot with the cloud up.
+    let node = cluster.nodes().iter().position(|n| n.name == "edge-1").unwrap();
+    cluster.nodes_mut()[node].power_cut().unwrap();
+    assert_eq!(running_containers(&cluster.nodes()[node], &pod), 0, "the power cut stopped {pod}");
+    assert!(!answers(&cluster, ip), "{pod} still answers after the power cut");
+    let links = cluster.nodes()[node].netns().exec("ip", &["-o", "link", "show"]).unwrap();
+    let links = String::from_utf8_lossy(&links.stdout).into_owned();
+    assert!(!links.contains("flannel.1") && !links.contains("cni0"), "the power cut left devices: {links}");
+    let booted = Instant::now();
+    cluster.nodes_mut()[node].boot().unwrap();
+    let edge1 = &cluster.nodes()[node];
+    let running = cluster
+        .wait_for(&format!("{pod} running again on edge-1"), SLOW, || {
+            Ok((running_containers(edge1, &pod) == 1).then(|| booted.elapsed()))
+        })
+        .unwrap_or_else(|err| panic!("{err}\n{}", cluster.diagnostics()));
+    let replied = cluster
+        .wait_for(&format!("{pod} at {ip} answering edge-2"), SLOW, || {
+            Ok(answers(&cluster, ip).then(|| booted.elapsed()))
+        })
+        .unwrap_or_else(|err| panic!("{err}\n{}", cluster.diagnostics()));
+    let after = cluster.wait_pods_ready("app=web", 2, SLOW).unwrap();
+    assert_eq!(after[&pod].1, ip, "{pod} keeps its address across the reboot");
+    println!(
+        "reboot, cloud up: kubelet start → {pod} running {:.1} s, → first reply across nodes {:.1} s",
+        running.as_secs_f64(),
+        replied.as_secs_f64()
+    );
+
+    // 2. A reboot with the cloud unreachable, and no edge hub.
+    cluster.isolate_from_cloud("edge-1").unwrap();
+    let edge1 = &cluster.nodes()[node];
+    let healthz = format!("{}/healthz", cluster.kube().unwrap().api().url());
+    let direct = edge1.exec("curl", &["-sk", "--max-time", "3", &healthz]);
+    assert!(direct.is_err(), "edge-1 still reaches the cloud node: {direct:?}");
+    cluster.nodes_mut()[node].power_cut().unwrap();
+    cluster.nodes_mut()[node].boot().unwrap();
+    let edge1 = &cluster.nodes()[node];
+    let watched = Instant::now();
+    while watched.elapsed() < CUT_OFF_WATCH {
+        assert!(edge1.kubelet_running(), "the kubelet of edge-1 exited:\n{}", edge1.kubelet_log());
+        assert_eq!(running_containers(edge1, &pod), 0, "the kubelet started {pod} without the cloud");
+        let netd = edge1.ctr(&["containers", "list", "-q", "labels.\"io.kubernetes.container.name\"==netd"]).unwrap();
+        let netd_running = netd.lines().filter(|l| !l.is_empty()).any(|id| {
+            edge1
+                .ctr(&["tasks", "list"])
+                .unwrap_or_default()
+                .lines()
+                .any(|t| t.starts_with(id) && t.contains("RUNNING"))
+        });
+        assert!(!netd_running, "the kubelet started netd without the cloud");
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    assert!(!answers(&cluster, ip), "{pod} answers with its node cut off and nothing started");
+
+    // The cloud back: everything comes back by itself.
+    cluster.reconnect_to_cloud("edge-1").unwrap();
+    let edge1 = &cluster.nodes()[node];
+    cluster
+        .wait_for(&format!("{pod} answering edge-2 once the cloud is back"), SLOW, || {
+            Ok((running_containers(edge1, &pod) == 1 && answers(&cluster, ip)).then_some(()))
+        })
+        .unwrap_or_else(|err| panic!("{err}\n{}", cluster.diagnostics()));
+    let after = cluster.wait_pods_ready("app=web", 2, SLOW).unwrap();
+    assert_eq!(after[&pod].1, ip, "{pod} keeps its address");
+
+    // 3. The edge hub between the kubelet and the cloud; once it has
+    // cached what the kubelet reads, a reboot with the cloud away.
+    let server = cluster.kube().unwrap().api().url();
+    cluster.nodes_mut()[node].use_hub(Path::new(env!("CARGO_BIN_EXE_netd")), &server).unwrap();
+    let edge1 = &cluster.nodes()[node];
+    let cached = |resource: &str, namespace: &str, name: &str| {
+        let dir = edge1.host_path("/var/lib/netd/hub/objects").join(format!("core_v1_{resource}"));
+        dir.join(namespace).join(format!("{name}.obj")).is_file()
+    };
+    let netd_pod = cluster
+        .kubectl_json(&[
+            "-n",
+            "kube-system",
+            "get",
+            "pods",
+            "-l",
+            "app.kubernetes.io/name=netd",
+            "--field-selector",
+            "spec.nodeName=edge-1",
+        ])
+        .unwrap()["items"][0]["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    cluster
+        .wait_for("the hub caching edge-1's pods for its kubelet", SLOW, || {
+            // The pods, and the ConfigMaps netd's pod mounts (the kubelet
+            // lists each by name once it syncs the pod).
+            let all = cached("pods", "default", &pod)
+                && cached("pods", "kube-system", &netd_pod)
+                && cached("configmaps", "kube-system", "netd-cfg")
+                && cached("configmaps", "kube-system", "kube-root-ca.crt");
+            Ok(all.then_some(()))
+        })
+        .unwrap_or_else(|err| panic!("{err}\n{}", edge1.hub_log()));
+    cluster.isolate_from_cloud("edge-1").unwrap();
+    cluster.nodes_mut()[node].power_cut().unwrap();
+    assert!(!answers(&cluster, ip), "{pod} still answers after the power cut");
+    let booted = Instant::now();
+    cluster.nodes_mut()[node].boot().unwrap();
+    let edge1 = &cluster.nodes()[node];
+    let running_offline = cluster
+        .wait_for(&format!("{pod} running again on edge-1 with the cloud away"), SLOW, || {
+            Ok((running_containers(edge1, &pod) == 1).then(|| booted.elapsed()))
+        })
+        .unwrap_or_else(|err| panic!("{err}\n--- hub:\n{}\n{}", edge1.hub_log(), cluster.diagnostics()));
+    let replied_offline = cluster
+        .wait_for(&format!("{pod} at {ip} answering edge-2 with the cloud away"), SLOW, || {
+            Ok(answers(&cluster, ip).then(|| booted.elapsed()))
+        })
+        .unwrap_or_else(|err| panic!("{err}\n--- hub:\n{}\n{}", edge1.hub_log(), cluster.diagnostics()));
+    assert_eq!(edge1.hub_metric("netd_hub_cloud_reachable"), Some(0.0), "the hub saw the cloud away");
+    let offline = edge1.hub_metric("netd_hub_requests_served_offline_total").unwrap_or_default();
+    assert!(offline > 0.0, "the kubelet read through the hub's cache ({offline} requests served offline)");
+    println!(
+        "reboot, cloud away, edge hub: kubelet start → {pod} running {:.1} s, → first reply across nodes {:.1} s \
+         ({offline} requests served offline); cloud up, no hub: {:.1} s, {:.1} s",
+        running_offline.as_secs_f64(),
+        replied_offline.as_secs_f64(),
+        running.as_secs_f64(),
+        replied.as_secs_f64()
+    );
+    cluster.reconnect_to_cloud("edge-1").unwrap();
+    let after = cluster.wait_pods_ready("app=web", 2, SLOW).unwrap();
+    assert_eq!(after[&pod].1, ip, "{pod} keeps its address once the cloud is back");
+}
