@@ -22,6 +22,12 @@
 //!    mount namespace of its own) keeps serving and counts failed writes.
 //!
 //! One cluster for the whole story (clusters are slow to start).
+//!
+//! A second test: the hub follows the node's autonomy annotation
+//! (`--cache=auto`): a pass-through until the Node is annotated, then
+//! caching and answering offline within a bounded time, across a restart
+//! with the cloud away, and back to a pass-through with its cache removed
+//! when the annotation goes; `--cache=false` overrides the annotation.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -146,7 +152,7 @@ impl Hub {
     /// Starts `netd hub` for edge-1 through `server`; with `tmpfs_size`,
     /// inside `unshare --mount` with its cache dir on a tmpfs of that size.
     fn start(dir: &Path, name: &str, server: &str, api: &KubeApiServer, cred: &Cred, tmpfs: Option<&str>) -> Self {
-        Self::start_with(dir, name, server, api, cred, tmpfs, true)
+        Self::start_with(dir, name, server, api, cred, tmpfs, "true")
     }
 
     fn start_with(
@@ -156,7 +162,7 @@ impl Hub {
         api: &KubeApiServer,
         cred: &Cred,
         tmpfs: Option<&str>,
-        caching: bool,
+        caching: &str,
     ) -> Self {
         let (port, metrics_port) = (free_port(), free_port());
         let cache = dir.join(format!("{name}-cache"));
@@ -336,6 +342,34 @@ fn admin(api: &KubeApiServer, method: &str, path: &str, body: Option<Value>) -> 
     serde_json::from_str(&reply).unwrap()
 }
 
+/// The Node edge-1, the default ServiceAccount, and the ConfigMap and
+/// Secret its pods use.
+fn create_node_and_its_objects(api: &KubeApiServer) {
+    admin(api, "POST", "/api/v1/nodes", Some(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}})));
+    admin(
+        api,
+        "POST",
+        "/api/v1/namespaces/default/serviceaccounts",
+        Some(json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default"}})),
+    );
+    admin(
+        api,
+        "POST",
+        "/api/v1/namespaces/default/configmaps",
+        Some(
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "app-config"}, "data": {"mode": "edge"}}),
+        ),
+    );
+    admin(
+        api,
+        "POST",
+        "/api/v1/namespaces/default/secrets",
+        Some(
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "app-secret"}, "stringData": {"password": "s3cret"}}),
+        ),
+    );
+}
+
 fn create_pod(api: &KubeApiServer, name: &str, node: &str) {
     let pod = json!({
         "apiVersion": "v1", "kind": "Pod",
@@ -397,34 +431,7 @@ fn the_hub_serves_the_node_from_its_cache_while_the_cloud_is_away() {
 
     {
         let api = cluster.api();
-        admin(
-            api,
-            "POST",
-            "/api/v1/nodes",
-            Some(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}})),
-        );
-        admin(
-            api,
-            "POST",
-            "/api/v1/namespaces/default/serviceaccounts",
-            Some(json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default"}})),
-        );
-        admin(
-            api,
-            "POST",
-            "/api/v1/namespaces/default/configmaps",
-            Some(
-                json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "app-config"}, "data": {"mode": "edge"}}),
-            ),
-        );
-        admin(
-            api,
-            "POST",
-            "/api/v1/namespaces/default/secrets",
-            Some(
-                json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "app-secret"}, "stringData": {"password": "s3cret"}}),
-            ),
-        );
+        create_node_and_its_objects(api);
         create_pod(api, "web-1", NODE);
         create_pod(api, "web-2", NODE);
         create_pod(api, "other-1", "edge-2");
@@ -707,7 +714,7 @@ fn proxy_overhead_of_a_list_of_pods() {
         times.sort_by(f64::total_cmp);
         times
     };
-    let plain = Hub::start_with(dir.path(), "plain", &api.url(), api, &cred, None, false);
+    let plain = Hub::start_with(dir.path(), "plain", &api.url(), api, &cred, None, "false");
     plain.wait_metric("netd_hub_cloud_reachable", 1.0);
     let pct = |t: &[f64], p: f64| t[((t.len() as f64 - 1.0) * p).round() as usize];
     for round in 0..2 {
@@ -725,4 +732,142 @@ fn proxy_overhead_of_a_list_of_pods() {
             pct(&passed, 0.99)
         );
     }
+}
+
+/// Sets (`Some`) or removes (`None`) the node's autonomy annotation, as
+/// `netd-autonomy` does.
+fn annotate_autonomy(api: &KubeApiServer, value: Option<&str>) {
+    admin(
+        api,
+        "PATCH",
+        &format!("/api/v1/nodes/{NODE}"),
+        Some(json!({"metadata": {"annotations": {"node.beta.alibabacloud.com/autonomy": value}}})),
+    );
+}
+
+/// Waits until the hub's `netd_hub_autonomous` is `want`; how long it took.
+fn wait_autonomous(hub: &Hub, want: f64, bound: Duration) -> Duration {
+    let started = Instant::now();
+    while hub.metric("netd_hub_autonomous") != want {
+        assert!(
+            started.elapsed() < bound,
+            "netd_hub_autonomous never became {want} within {bound:?}:\n{}",
+            hub.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    started.elapsed()
+}
+
+#[test]
+fn the_hub_follows_the_nodes_autonomy() {
+    let builder = KubeCluster::builder().rbac(true).node_restriction(true);
+    if !builder.binaries_available().unwrap() {
+        eprintln!("skipped: kube-apiserver is not built (`cargo xtask setup` builds it)");
+        return;
+    }
+    if let Some(tool) = has_tools() {
+        eprintln!("skipped: {tool} is not installed");
+        return;
+    }
+    let cluster = builder.start().unwrap();
+    let api = cluster.api();
+    let dir = tempfile::tempdir().unwrap();
+    let cred = Cred::issue(api.ca(), NODE, dir.path(), "edge-1");
+    let target: SocketAddr = api.url().trim_start_matches("https://").parse().unwrap();
+    let relay = Relay::start(target);
+    create_node_and_its_objects(api);
+    create_pod(api, "web-1", NODE);
+    // The hub probes every second (--probe-interval=1s): it must follow
+    // the annotation within a few of them.
+    let bound = Duration::from_secs(5);
+
+    // Not annotated: a pass-through. Answers, caches nothing, no offline answers.
+    let hub = Hub::start_with(dir.path(), "auto", &relay.url(), api, &cred, None, "auto");
+    hub.wait_metric("netd_hub_cloud_reachable", 1.0);
+    assert_eq!(hub.metric("netd_hub_autonomous"), 0.0, "a new node is not autonomous");
+    assert_eq!(names(&raw(&hub.kubeconfig, MY_PODS)), ["web-1"]);
+    raw(&hub.kubeconfig, "/api/v1/namespaces/default/secrets/app-secret");
+    assert!(!hub.cache.join("objects").exists(), "a pass-through caches nothing");
+    assert_eq!(std::fs::read_to_string(hub.cache.join("autonomous")).unwrap(), "false\n");
+    assert!(hub.ca().is_file(), "the hub's CA is made either way");
+    relay.cut();
+    hub.wait_metric("netd_hub_cloud_reachable", 0.0);
+    let (code, body) = curl(&hub.url(MY_PODS), &hub.ca(), Some(&cred), "GET", None).unwrap();
+    assert_eq!(code, 503, "no offline answers when not autonomous: {body}");
+    assert_eq!(hub.metric("netd_hub_requests_served_offline_total"), 0.0);
+    relay.restore();
+    hub.wait_metric("netd_hub_cloud_reachable", 1.0);
+    eprintln!("1. not autonomous: a pass-through, nothing cached, 503 offline");
+
+    // Annotated: caching within the bound; a watch held through the
+    // pass-through ends at the flip (its client watches again, cached).
+    let held = {
+        let kubeconfig = hub.kubeconfig.clone();
+        let path = format!("{MY_PODS}&watch=true&timeoutSeconds=60");
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let _ = kubectl(&kubeconfig, &["get", "--raw", &path]);
+            started.elapsed()
+        })
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    annotate_autonomy(api, Some("true"));
+    let took = wait_autonomous(&hub, 1.0, bound);
+    let held_for = held.join().unwrap();
+    assert!(held_for < Duration::from_secs(20), "the pass-through watch ended at the flip: {held_for:?}");
+    assert_eq!(std::fs::read_to_string(hub.cache.join("autonomous")).unwrap(), "true\n");
+    assert_eq!(names(&raw(&hub.kubeconfig, MY_PODS)), ["web-1"]);
+    raw(&hub.kubeconfig, "/api/v1/namespaces/default/secrets/app-secret");
+    raw(&hub.kubeconfig, "/api/v1/namespaces/default/configmaps/app-config");
+    assert!(hub.object("core_v1_pods", "default", "web-1").is_file(), "autonomous: cached");
+    relay.cut();
+    hub.wait_metric("netd_hub_cloud_reachable", 0.0);
+    assert_eq!(names(&raw(&hub.kubeconfig, MY_PODS)), ["web-1"], "answered offline");
+    assert!(hub.metric("netd_hub_requests_served_offline_total") >= 1.0);
+    eprintln!(
+        "2. annotated: autonomous after {took:?}, cached, answered offline; the held watch ended after {held_for:?}"
+    );
+
+    // A restart with the cloud away (a reboot): the remembered autonomy
+    // lets it serve from the cache at once.
+    drop(hub);
+    let hub = Hub::start_with(dir.path(), "auto", &relay.url(), api, &cred, None, "auto");
+    assert_eq!(hub.metric("netd_hub_cloud_reachable"), 0.0);
+    assert_eq!(hub.metric("netd_hub_autonomous"), 1.0, "remembered across the restart");
+    assert_eq!(names(&raw(&hub.kubeconfig, MY_PODS)), ["web-1"], "a rebooted autonomous node gets its pods");
+    assert_eq!(raw(&hub.kubeconfig, "/api/v1/namespaces/default/configmaps/app-config")["data"]["mode"], "edge");
+    relay.restore();
+    hub.wait_metric("netd_hub_cloud_reachable", 1.0);
+    eprintln!("3. restarted with the cloud away: autonomous from its memory, answered from the cache");
+
+    // Autonomy off: a pass-through again within the bound, the cache removed.
+    annotate_autonomy(api, None);
+    let took = wait_autonomous(&hub, 0.0, bound);
+    let deadline = Instant::now() + bound;
+    while hub.cache.join("objects").exists() {
+        assert!(Instant::now() < deadline, "the cache was not removed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!hub.cache.join("lists").exists() && !hub.cache.join("raw").exists());
+    assert!(hub.ca().is_file() && hub.cache.join("pki/ca.key").is_file(), "the hub's CA stays");
+    assert_eq!(std::fs::read_to_string(hub.cache.join("autonomous")).unwrap(), "false\n");
+    assert_eq!(hub.metric("netd_hub_cached_objects"), 0.0);
+    assert_eq!(names(&raw(&hub.kubeconfig, MY_PODS)), ["web-1"], "still answered, through");
+    assert!(!hub.cache.join("objects").exists(), "and not cached again");
+    relay.cut();
+    hub.wait_metric("netd_hub_cloud_reachable", 0.0);
+    let (code, _) = curl(&hub.url(MY_PODS), &hub.ca(), Some(&cred), "GET", None).unwrap();
+    assert_eq!(code, 503, "no offline answers once autonomy is off");
+    relay.restore();
+    eprintln!("4. annotation removed: pass-through after {took:?}, cache removed, CA kept");
+
+    // --cache=false is a hard override of the annotation.
+    annotate_autonomy(api, Some("true"));
+    let never = Hub::start_with(dir.path(), "never", &api.url(), api, &cred, None, "false");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(never.metric("netd_hub_autonomous"), 0.0);
+    assert_eq!(names(&raw(&never.kubeconfig, MY_PODS)), ["web-1"]);
+    assert!(!never.cache.join("objects").exists());
+    eprintln!("5. --cache=false: a pass-through although the node is autonomous");
 }

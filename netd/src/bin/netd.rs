@@ -122,25 +122,36 @@ enum Command {
 const HUB_EXAMPLES: &str = "\
 The kubelet's kubeconfig names https://127.0.0.1:10261 with the hub's CA
 (<cache-dir>/pki/ca.crt) and the kubelet's own client certificate; the hub
-accepts only that certificate's identity (system:node:<node>).
+accepts only that certificate's identity (system:node:<node>). The kubelet
+reads that CA when it starts: `netd hub --init` makes it (and nothing else)
+before the kubelet's first start; netd-join does the same.
+
+By default (--cache=auto) the hub follows the node's autonomy annotation
+(node.beta.alibabacloud.com/autonomy=true, as netd-autonomy sets it):
+autonomous, it caches and answers from its cache while the cloud is away;
+not autonomous, it is a plain pass-through and its cache is removed.
 
 Examples:
+  netd hub --init --cache-dir /var/lib/netd/hub
   netd hub --node-name edge-1 --server https://10.0.0.1:6443 --ca-file /etc/kubernetes/pki/ca.crt \\
       --client-cert /var/lib/kubelet/pki/kubelet-client-current.pem
   netd hub --node-name edge-1 --server https://10.0.0.1:6443 --ca-file /etc/kubernetes/pki/ca.crt \\
-      --client-cert /var/lib/kubelet/pki/kubelet-client-current.pem --cache=false   # autonomy off: pass-through";
+      --client-cert /var/lib/kubelet/pki/kubelet-client-current.pem --cache=false   # never cache: pass-through";
 
 #[derive(Debug, Args)]
 struct HubArgs {
+    /// Make the hub's CA (<cache-dir>/pki/ca.crt) unless a valid one is there, and exit: before the kubelet first starts.
+    #[arg(long, env = "NETD_HUB_INIT", value_parser = netd::cli::parse_bool, num_args = 0..=1, default_value = "false", default_missing_value = "true")]
+    init: bool,
     /// This node's name; clients must present a certificate for system:node:<NAME>.
-    #[arg(long, env = "NETD_HUB_NODE_NAME", value_name = "NAME")]
-    node_name: String,
+    #[arg(long, env = "NETD_HUB_NODE_NAME", value_name = "NAME", required_unless_present = "init")]
+    node_name: Option<String>,
     /// kube-apiserver's URL.
-    #[arg(long, env = "NETD_HUB_SERVER", value_name = "URL")]
-    server: String,
+    #[arg(long, env = "NETD_HUB_SERVER", value_name = "URL", required_unless_present = "init")]
+    server: Option<String>,
     /// The cluster CA: kube-apiserver's serving certificate chains to it.
-    #[arg(long, env = "NETD_HUB_CA_FILE", value_name = "FILE")]
-    ca_file: PathBuf,
+    #[arg(long, env = "NETD_HUB_CA_FILE", value_name = "FILE", required_unless_present = "init")]
+    ca_file: Option<PathBuf>,
     /// The CA client certificates must chain to [default: --ca-file].
     #[arg(long, env = "NETD_HUB_CLIENT_CA_FILE", value_name = "FILE")]
     client_ca_file: Option<PathBuf>,
@@ -164,9 +175,9 @@ struct HubArgs {
     /// The cache (0700) and the hub's CA (pki/).
     #[arg(long, env = "NETD_HUB_CACHE_DIR", value_name = "DIR", default_value = netd::hub::DEFAULT_CACHE_DIR)]
     cache_dir: PathBuf,
-    /// Cache reads and answer from the cache while the cloud is unreachable; false: a plain pass-through.
-    #[arg(long, env = "NETD_HUB_CACHE", value_name = "BOOL", value_parser = netd::cli::parse_bool, num_args = 0..=1, default_value = "true", default_missing_value = "true")]
-    cache: bool,
+    /// Cache reads and answer from the cache while the cloud is unreachable: auto (when the node's autonomy annotation is on), true (always), false (never: a plain pass-through).
+    #[arg(long, env = "NETD_HUB_CACHE", value_name = "auto|true|false", num_args = 0..=1, default_value = "auto", default_missing_value = "true")]
+    cache: netd::hub::CacheMode,
     /// How often kube-apiserver's /readyz is probed.
     #[arg(long, env = "NETD_HUB_PROBE_INTERVAL", value_name = "DURATION", value_parser = parse_duration, default_value = "5s")]
     probe_interval: std::time::Duration,
@@ -182,10 +193,22 @@ struct HubArgs {
 
 fn hub(args: HubArgs) -> Result<()> {
     init_logging(args.log.log);
+    if args.init {
+        let done = netd::hub::init_pki(&args.cache_dir)?;
+        match &done {
+            netd::hub::PkiInit::Kept(ca) => println!("the hub's CA is there: kept {}", ca.display()),
+            netd::hub::PkiInit::Created(ca) => println!("made the hub's CA: {}", ca.display()),
+        }
+        return Ok(());
+    }
+    // clap requires the three unless --init.
+    let (Some(node_name), Some(server), Some(ca_file)) = (args.node_name, args.server, args.ca_file) else {
+        bail!("netd hub needs --node-name, --server and --ca-file (or --init)");
+    };
     let config = netd::hub::HubConfig {
-        node_name: args.node_name,
-        server: args.server,
-        ca_file: args.ca_file,
+        node_name,
+        server,
+        ca_file,
         client_ca_file: args.client_ca_file,
         client_cert: netd::kube::ClientCertFiles { cert: args.client_cert, key: args.client_key },
         listen: args.listen,

@@ -37,6 +37,7 @@ pub struct HubMetrics {
     misses: Mutex<BTreeMap<String, u64>>,
     refused: Mutex<BTreeMap<Refusal, u64>>,
     cloud_reachable: AtomicBool,
+    autonomous: AtomicBool,
     served_offline: AtomicU64,
     corrupt_files: AtomicU64,
     write_failures: AtomicU64,
@@ -88,6 +89,16 @@ impl HubMetrics {
     /// The "cloud reachable" gauge.
     pub fn cloud_reachable(&self) -> bool {
         self.cloud_reachable.load(Ordering::Acquire)
+    }
+
+    /// Sets the "autonomous" gauge: the hub caches and answers offline.
+    pub fn set_autonomous(&self, autonomous: bool) {
+        self.autonomous.store(autonomous, Ordering::Release);
+    }
+
+    /// The "autonomous" gauge.
+    pub fn autonomous(&self) -> bool {
+        self.autonomous.load(Ordering::Acquire)
     }
 
     /// A request answered from the cache because the cloud was unreachable.
@@ -147,6 +158,14 @@ impl HubMetrics {
             "gauge",
             "1 when kube-apiserver answers the health probe.",
             u64::from(self.cloud_reachable()),
+        );
+        single(
+            &mut out,
+            "netd_hub_autonomous",
+            "gauge",
+            "1 when the hub caches and answers from its cache offline (the node is autonomous, or --cache=true); \
+             0 when it is a pass-through.",
+            u64::from(self.autonomous()),
         );
         single(
             &mut out,

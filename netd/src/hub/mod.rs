@@ -80,9 +80,22 @@
 //! - writes and uncached reads get 503 with a `Status` body; the kubelet
 //!   retries.
 //!
-//! With [`HubConfig::cache`] off (autonomy off) the hub is a plain
-//! pass-through: authenticated and confined as above, nothing cached.
+//! # Autonomy
+//!
+//! By default ([`CacheMode::Auto`]) the hub follows its node's autonomy
+//! annotation ([`autonomy`]): autonomous, it caches and answers offline as
+//! above; not autonomous, it is a plain pass-through (authenticated and
+//! confined as above, nothing cached, nothing answered offline) and its
+//! cache is removed. `--cache=true` / `--cache=false` override the
+//! annotation ([`HubConfig::cache`]).
+//!
+//! # Before the kubelet
+//!
+//! The kubelet reads its kubeconfig's CA file when it starts, so the hub's
+//! CA must exist first: [`init_pki`] (`netd hub --init`, and `netd-join`
+//! in its own transaction) makes it and nothing else.
 
+pub mod autonomy;
 pub mod metrics;
 pub mod pki;
 pub mod proxy;
@@ -91,7 +104,7 @@ pub mod store;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -102,6 +115,7 @@ use tokio::task::JoinSet;
 
 use crate::kube::{ClientCertFiles, KubeClient, KubeConfig, KubeError};
 
+pub use autonomy::CacheMode;
 pub use metrics::HubMetrics;
 
 /// Default downstream address.
@@ -138,8 +152,9 @@ pub struct HubConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// The cache and the hub's CA (`pki/`).
     pub cache_dir: PathBuf,
-    /// Cache and serve offline; `false`: pass-through.
-    pub cache: bool,
+    /// When to cache and serve offline (default: as the node's autonomy
+    /// annotation says).
+    pub cache: CacheMode,
     /// Interval of the `/readyz` probe.
     pub probe_interval: Duration,
     /// Time for kube-apiserver to send a response head.
@@ -160,7 +175,7 @@ impl HubConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 10261)),
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 10269))),
             cache_dir: PathBuf::from(DEFAULT_CACHE_DIR),
-            cache: true,
+            cache: CacheMode::Auto,
             probe_interval: DEFAULT_PROBE_INTERVAL,
             upstream_timeout: DEFAULT_UPSTREAM_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
@@ -194,6 +209,50 @@ pub enum HubError {
     /// Start-up work on a blocking thread did not finish.
     #[error("start-up was interrupted: {0}")]
     Interrupted(String),
+}
+
+/// The directory of the hub's CA in its cache directory.
+pub fn pki_dir(cache_dir: &Path) -> PathBuf {
+    cache_dir.join("pki")
+}
+
+/// What [`init_pki`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PkiInit {
+    /// A valid CA was there and is kept.
+    Kept(PathBuf),
+    /// A new CA was made.
+    Created(PathBuf),
+}
+
+impl PkiInit {
+    /// The CA certificate's path (the kubelet's kubeconfig names it).
+    pub fn ca_cert(&self) -> &Path {
+        match self {
+            Self::Kept(path) | Self::Created(path) => path,
+        }
+    }
+}
+
+/// Makes the hub's CA (`<cache_dir>/pki/ca.crt`, `ca.key`; the cache
+/// directory 0700, the key 0600) unless a valid one is there, which is
+/// kept; a CA that is there but does not load is an error, never replaced
+/// (a kubelet may trust it already). Blocks (file I/O, key generation):
+/// for start-up and `netd hub --init`.
+pub fn init_pki(cache_dir: &Path) -> Result<PkiInit, HubError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    crate::atomic_file::create_dirs(cache_dir, store::DIR_MODE).map_err(pki::PkiError::from)?;
+    // create_dirs leaves an existing directory's mode as it is; the cache
+    // holds Secrets.
+    std::fs::set_permissions(cache_dir, std::fs::Permissions::from_mode(store::DIR_MODE)).map_err(|e| {
+        HubError::BadConfig(format!("setting the mode of the hub's cache directory {}: {e}", cache_dir.display()))
+    })?;
+    let dir = pki_dir(cache_dir);
+    if let Some(ca) = pki::HubCa::load(&dir)? {
+        return Ok(PkiInit::Kept(ca.cert_path().to_path_buf()));
+    }
+    let ca = pki::HubCa::load_or_create(&dir)?;
+    Ok(PkiInit::Created(ca.cert_path().to_path_buf()))
 }
 
 fn check_loopback(what: &str, addr: SocketAddr) -> Result<(), HubError> {
@@ -244,12 +303,12 @@ pub async fn run(config: HubConfig, shutdown: impl Future<Output = ()>) -> Resul
     let metrics = Arc::new(HubMetrics::default());
 
     // Start-up file work (small files, once) off the runtime's threads.
-    let (store, ca, client_ca, client) = {
+    let (store, ca, client_ca, client, autonomous) = {
         let config = config.clone();
         let metrics = metrics.clone();
         blocking(move || -> Result<_, HubError> {
             let store = store::Store::open(&config.cache_dir, metrics)?;
-            let ca = pki::HubCa::load_or_create(&config.cache_dir.join("pki"))?;
+            let ca = pki::HubCa::load_or_create(&pki_dir(&config.cache_dir))?;
             let client_ca = pki::read_certs(config.client_ca_file.as_ref().unwrap_or(&config.ca_file))?;
             let ca_pem = std::fs::read(&config.ca_file).map_err(|e| {
                 HubError::BadConfig(format!("reading kube-apiserver's CA {}: {e}", config.ca_file.display()))
@@ -263,7 +322,13 @@ pub async fn run(config: HubConfig, shutdown: impl Future<Output = ()>) -> Resul
                 node_name: config.node_name.clone(),
                 network: None,
             })?;
-            Ok((store, ca, client_ca, client))
+            let autonomous = match config.cache {
+                CacheMode::Always => true,
+                CacheMode::Never => false,
+                // What the Node said last; asked again before serving.
+                CacheMode::Auto => autonomy::read_state(&config.cache_dir),
+            };
+            Ok((store, ca, client_ca, client, autonomous))
         })
         .await??
     };
@@ -282,11 +347,13 @@ pub async fn run(config: HubConfig, shutdown: impl Future<Output = ()>) -> Resul
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
 
     let (reachable, _) = watch::channel(false);
+    let (caching, _) = watch::channel(false);
     let hub = Arc::new(proxy::Hub {
         node: config.node_name.clone(),
         identity: expected,
         client,
-        store: config.cache.then_some(store.clone()),
+        store: (config.cache != CacheMode::Never).then_some(store.clone()),
+        caching,
         metrics: metrics.clone(),
         reachable,
         probe_now: Notify::new(),
@@ -316,14 +383,22 @@ pub async fn run(config: HubConfig, shutdown: impl Future<Output = ()>) -> Resul
     }
     // The first probe before serving: a kubelet's first list should not
     // be answered from the cache only because nobody looked yet.
+    hub.set_caching(autonomous, "as at start");
     probe_once(&hub, config.probe_interval).await;
     tasks.0.push(tokio::spawn(probe_loop(hub.clone(), config.probe_interval)));
+    if config.cache == CacheMode::Auto {
+        // Before serving too: the kubelet's first lists should land in the
+        // cache of an autonomous node.
+        check_autonomy(&hub, &config.cache_dir, config.probe_interval).await;
+        tasks.0.push(tokio::spawn(follow_autonomy(hub.clone(), config.cache_dir.clone(), config.probe_interval)));
+    }
     tasks.0.push(tokio::spawn(renew_serving(ca.clone(), serving)));
     tracing::info!(
         listen = %config.listen,
         server = %config.server,
         cache = %config.cache_dir.display(),
-        caching = config.cache,
+        cache_mode = %config.cache,
+        autonomous = hub.metrics.autonomous(),
         hub_ca = %ca.cert_path().display(),
         "edge hub serving"
     );
@@ -408,6 +483,64 @@ async fn probe_loop(hub: Arc<proxy::Hub>, interval: Duration) {
             }
         }
         probe_once(&hub, interval).await;
+    }
+}
+
+/// Reads the node's Node and sets the hub's mode from its autonomy
+/// annotation; remembers it on disk; removes the cache when not
+/// autonomous. While the cloud does not answer, the mode stays.
+async fn check_autonomy(hub: &proxy::Hub, cache_dir: &Path, interval: Duration) {
+    let timeout = interval.clamp(Duration::from_secs(1), Duration::from_secs(5));
+    let path = format!("/api/v1/nodes/{}", hub.node);
+    let request = match http::Request::get(path.as_str()).body(Vec::new()) {
+        Ok(request) => request,
+        Err(error) => {
+            tracing::warn!(%error, path, "cannot build the request for the node's autonomy");
+            return;
+        }
+    };
+    let client = hub.client.client();
+    let autonomous = match tokio::time::timeout(timeout, client.request::<serde_json::Value>(request)).await {
+        Ok(Ok(node)) => autonomy::node_is_autonomous(&node),
+        // No Node (yet): a new edge node, not autonomous (SPEC §4).
+        Ok(Err(kube::Error::Api(status))) if status.code == 404 => false,
+        Ok(Err(error)) => {
+            tracing::debug!(error = %crate::kube::error_chain(&error), "the node's autonomy is unknown: mode kept");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("the node's autonomy is unknown (no answer in time): mode kept");
+            return;
+        }
+    };
+    let why = if autonomous { "the Node's autonomy annotation is on" } else { "the Node is not annotated autonomous" };
+    hub.set_caching(autonomous, why);
+    let Some(store) = hub.store.clone() else { return };
+    let dir = cache_dir.to_path_buf();
+    let done = tokio::task::spawn_blocking(move || -> Result<(), String> {
+        if autonomy::read_state(&dir) != autonomous || !dir.join(autonomy::STATE_FILE).exists() {
+            autonomy::write_state(&dir, autonomous).map_err(|e| e.to_string())?;
+        }
+        // Each time, not only at the flip: an answer that was on its way
+        // at the flip may have written one object after the removal.
+        if !autonomous && store.has_data() {
+            store.clear().map_err(|e| e.to_string())?;
+            tracing::info!(cache = %dir.display(), "not autonomous: the hub's cache is removed");
+        }
+        Ok(())
+    })
+    .await;
+    match done {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::warn!(%error, "following the node's autonomy on disk failed (retried)"),
+        Err(error) => tracing::warn!(%error, "following the node's autonomy on disk was interrupted"),
+    }
+}
+
+async fn follow_autonomy(hub: Arc<proxy::Hub>, cache_dir: PathBuf, interval: Duration) {
+    loop {
+        tokio::time::sleep(interval).await;
+        check_autonomy(&hub, &cache_dir, interval).await;
     }
 }
 

@@ -92,27 +92,66 @@ fn generate(action: &'static str) -> impl FnOnce(rcgen::Error) -> PkiError {
     move |source| PkiError::Generate { action, source }
 }
 
+/// A hub CA made in memory, not yet written: what [`HubCa::load_or_create`]
+/// writes, and what `netd-join` writes inside its own transaction.
+#[derive(Clone)]
+pub struct CaPem {
+    /// The self-signed CA certificate (`ca.crt`).
+    pub cert_pem: String,
+    /// Its private key (`ca.key`, 0600).
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for CaPem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key, not even in a debug log.
+        f.debug_struct("CaPem").field("cert_pem", &self.cert_pem).finish_non_exhaustive()
+    }
+}
+
+/// A fresh hub CA (`CN=netd-hub-ca`, may sign end certificates only,
+/// valid ten years).
+pub fn generate_ca() -> Result<CaPem, PkiError> {
+    let key = KeyPair::generate().map_err(generate("generate the hub CA's key"))?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, "netd-hub-ca");
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    let now = SystemTime::now();
+    params.not_before = offset(now.checked_sub(BACKDATE).unwrap_or(now));
+    params.not_after = offset(now + CA_VALIDITY);
+    let cert = params.self_signed(&key).map_err(generate("self-sign the hub CA"))?;
+    Ok(CaPem { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+}
+
 impl HubCa {
     /// The CA in `dir` (`ca.crt`, `ca.key`), made there first when either
-    /// file is missing. `dir` is created 0700.
+    /// file is missing. `dir` is created 0700. An existing CA is kept; one
+    /// that does not load is an error (never silently replaced: the
+    /// kubelet's kubeconfig may already trust it).
     pub fn load_or_create(dir: &Path) -> Result<Self, PkiError> {
         atomic_file::create_dirs(dir, super::store::DIR_MODE)?;
+        if let Some(ca) = Self::load(dir)? {
+            return Ok(ca);
+        }
+        let fresh = generate_ca()?;
+        let (cert_path, key_path) = (dir.join(CA_CERT_FILE), dir.join(CA_KEY_FILE));
+        // The key first: a CA certificate without its key is useless.
+        atomic_file::write(&key_path, fresh.key_pem.as_bytes(), FILE_MODE)?;
+        atomic_file::write(&cert_path, fresh.cert_pem.as_bytes(), FILE_MODE)?;
+        tracing::info!(ca = %cert_path.display(), "made the hub's CA");
+        Self::load(dir)?.ok_or_else(|| PkiError::File {
+            path: cert_path,
+            reason: "written, then not found (removed meanwhile?)".into(),
+        })
+    }
+
+    /// The CA in `dir`; `None` when `ca.crt` or `ca.key` is missing; an
+    /// error when they are there but do not hold a CA and its key.
+    pub fn load(dir: &Path) -> Result<Option<Self>, PkiError> {
         let (cert_path, key_path) = (dir.join(CA_CERT_FILE), dir.join(CA_KEY_FILE));
         if !(cert_path.exists() && key_path.exists()) {
-            let key = KeyPair::generate().map_err(generate("generate the hub CA's key"))?;
-            let mut params = CertificateParams::default();
-            params.distinguished_name.push(DnType::CommonName, "netd-hub-ca");
-            params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-            params.key_usages =
-                vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-            let now = SystemTime::now();
-            params.not_before = offset(now.checked_sub(BACKDATE).unwrap_or(now));
-            params.not_after = offset(now + CA_VALIDITY);
-            let cert = params.self_signed(&key).map_err(generate("self-sign the hub CA"))?;
-            // The key first: a CA certificate without its key is useless.
-            atomic_file::write(&key_path, key.serialize_pem().as_bytes(), FILE_MODE)?;
-            atomic_file::write(&cert_path, cert.pem().as_bytes(), FILE_MODE)?;
-            tracing::info!(ca = %cert_path.display(), "made the hub's CA");
+            return Ok(None);
         }
         let read = |path: &Path| {
             std::fs::read_to_string(path)
@@ -123,7 +162,7 @@ impl HubCa {
             .map_err(|e| PkiError::File { path: key_path.clone(), reason: format!("not a private key: {e}") })?;
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
             .map_err(|e| PkiError::File { path: cert_path.clone(), reason: format!("not a CA certificate: {e}") })?;
-        Ok(Self { issuer, cert_path })
+        Ok(Some(Self { issuer, cert_path }))
     }
 
     /// Where the CA certificate is (the kubeconfig's `certificate-authority`).

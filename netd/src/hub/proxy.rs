@@ -58,8 +58,11 @@ pub struct Hub {
     pub identity: String,
     /// The upstream client, as the node.
     pub client: KubeClient,
-    /// The cache; `None` in pass-through mode.
+    /// The cache; `None` with `--cache=false` (never used).
     pub store: Option<Store>,
+    /// `true` while the cache is used (the node is autonomous, or
+    /// `--cache=true`); `false`: pass-through. See [`super::autonomy`].
+    pub caching: watch::Sender<bool>,
     /// Counters.
     pub metrics: Arc<HubMetrics>,
     /// `true` while the cloud answers.
@@ -138,6 +141,28 @@ impl Hub {
         self.reachable.send_if_modified(|current| std::mem::replace(current, reachable) != reachable);
     }
 
+    /// The cache is in use now.
+    fn is_caching(&self) -> bool {
+        self.store.is_some() && *self.caching.borrow()
+    }
+
+    /// Turns the cache on (autonomous) or off (pass-through): gauge, log,
+    /// and every open watch through the hub ends, so its client watches
+    /// again in the new mode. Returns whether it changed.
+    pub fn set_caching(&self, on: bool, why: &str) -> bool {
+        let on = on && self.store.is_some();
+        self.metrics.set_autonomous(on);
+        let changed = self.caching.send_if_modified(|current| std::mem::replace(current, on) != on);
+        if changed {
+            if on {
+                tracing::info!(why, "autonomous: the hub caches and answers from its cache while the cloud is away");
+            } else {
+                tracing::info!(why, "not autonomous: the hub is a plain pass-through");
+            }
+        }
+        changed
+    }
+
     fn upstream_failed(&self, why: &str) {
         self.metrics.upstream_error();
         self.set_reachable(false, why);
@@ -201,7 +226,7 @@ impl Hub {
                 );
             }
         }
-        let Some(store) = self.store.clone() else {
+        let Some(store) = self.store.clone().filter(|_| self.is_caching()) else {
             return self.forward(&parts, body).await;
         };
         match parsed {
@@ -280,7 +305,11 @@ impl Hub {
             }
         };
         let (head, body) = response.into_parts();
-        let mut out = Response::new(body.map_err(|e| Box::new(e) as BoxError).boxed_unsync());
+        let body = body.map_err(|e| Box::new(e) as BoxError).boxed_unsync();
+        // A pass-through watch ends when the hub starts caching, so that
+        // its client watches again through the cache.
+        let body = if is_watch && self.store.is_some() { until_caching(body, &self.caching) } else { body };
+        let mut out = Response::new(body);
         *out.status_mut() = head.status;
         copy_headers(&head.headers, out.headers_mut());
         out
@@ -320,6 +349,11 @@ impl Hub {
     }
 
     async fn write_cache(&self, write: impl FnOnce() -> Result<(), store::StoreError> + Send + 'static) {
+        // An answer that was on its way when autonomy went off: the cache
+        // was (or is about to be) removed; do not start it again.
+        if !self.is_caching() {
+            return;
+        }
         match blocking(write).await {
             Some(Ok(())) => {}
             Some(Err(error)) => {
@@ -456,12 +490,15 @@ impl Hub {
         }
         let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, BoxError>>(64);
         let (store, metrics, node) = (store.clone(), self.metrics.clone(), self.node.clone());
+        let mut caching = self.caching.subscribe();
         tokio::spawn(async move {
             let mut events = EventSplitter::default();
             loop {
                 let frame = tokio::select! {
                     frame = body.frame() => frame,
                     () = tx.closed() => break,
+                    // Autonomy went off: the client watches again, through.
+                    _ = caching.wait_for(|on| !*on) => break,
                 };
                 let data = match frame {
                     Some(Ok(frame)) => match frame.into_data() {
@@ -553,11 +590,12 @@ impl Hub {
     /// meanwhile, or answers 410 Gone and the client lists again).
     fn offline_watch(&self, r: &ResourceRequest) -> Response<HubBody> {
         let limit = r.query.timeout_seconds.map_or(DEFAULT_OFFLINE_WATCH, Duration::from_secs);
-        let mut reachable = self.reachable.subscribe();
+        let (mut reachable, mut caching) = (self.reachable.subscribe(), self.caching.subscribe());
         let ended = async move {
             tokio::select! {
                 () = tokio::time::sleep(limit) => {}
                 _ = reachable.wait_for(|up| *up) => {}
+                _ = caching.wait_for(|on| !*on) => {}
             }
         };
         use futures_util::StreamExt as _;
@@ -607,6 +645,29 @@ async fn read_body(body: kube::client::Body) -> Result<Bytes, String> {
         Ok(Err(error)) => Err(format!("reading kube-apiserver's answer: {error}")),
         Err(_) => Err(format!("kube-apiserver's answer took more than {BODY_TIMEOUT:?}")),
     }
+}
+
+/// `body`, ended when `caching` turns on (or the hub goes away).
+fn until_caching(body: HubBody, caching: &watch::Sender<bool>) -> HubBody {
+    let state = (body, caching.subscribe());
+    let stream = futures_util::stream::unfold(Some(state), |state| async move {
+        let (mut body, mut caching) = state?;
+        // Also when it turned on between the request and its answer.
+        if *caching.borrow_and_update() {
+            return None;
+        }
+        loop {
+            tokio::select! {
+                frame = body.frame() => return frame.map(|frame| (frame, Some((body, caching)))),
+                changed = caching.changed() => {
+                    if changed.is_err() || *caching.borrow_and_update() {
+                        return None;
+                    }
+                }
+            }
+        }
+    });
+    StreamBody::new(stream).boxed_unsync()
 }
 
 /// Runs blocking cache work off the runtime's threads; `None` if it

@@ -417,6 +417,29 @@ impl Store {
         self.read_file(&self.raw_path(path))
     }
 
+    /// The cached data's top directories (everything but the hub's CA and
+    /// its remembered autonomy).
+    const DATA_DIRS: [&'static str; 3] = ["objects", "lists", "raw"];
+
+    /// True when anything is cached.
+    pub fn has_data(&self) -> bool {
+        Self::DATA_DIRS.iter().any(|dir| self.root.join(dir).exists())
+    }
+
+    /// Removes everything cached (objects, list records, discovery
+    /// documents); the hub's CA and other files in the root stay.
+    pub fn clear(&self) -> Result<(), StoreError> {
+        for dir in Self::DATA_DIRS {
+            let path = self.root.join(dir);
+            match std::fs::remove_dir_all(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(error) => return Err(StoreError::Io { action: "removing", path, error }),
+            }
+        }
+        Ok(())
+    }
+
     /// Objects cached and the bytes of their files.
     pub fn usage(&self) -> (u64, u64) {
         fn walk(dir: &Path, objects: &mut u64, bytes: &mut u64) {
