@@ -871,3 +871,34 @@ fn the_hub_follows_the_nodes_autonomy() {
     assert!(!never.cache.join("objects").exists());
     eprintln!("5. --cache=false: a pass-through although the node is autonomous");
 }
+
+/// `netd hub --init`: the hub's CA before the kubelet's first start, made
+/// once (0700 directories, 0600 files), kept when valid, never replaced
+/// when broken; the other flags are not needed.
+#[test]
+fn hub_init_makes_the_ca_once_and_keeps_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("var/lib/netd/hub");
+    let init = || {
+        let output = Command::new(env!("CARGO_BIN_EXE_netd"))
+            .args(["hub", "--init", "--cache-dir"])
+            .arg(&cache)
+            .output()
+            .unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        (output.status.success(), text)
+    };
+    let (ok, text) = init();
+    assert!(ok && text.contains("made the hub's CA"), "{text}");
+    let (cert, key) = (cache.join("pki/ca.crt"), cache.join("pki/ca.key"));
+    assert_eq!((mode(&cache), mode(&cache.join("pki")), mode(&cert), mode(&key)), (0o700, 0o700, 0o600, 0o600));
+    let first = std::fs::read(&cert).unwrap();
+    assert!(netd::hub::pki::read_certs(&cert).is_ok());
+    let (ok, text) = init();
+    assert!(ok && text.contains("kept"), "{text}");
+    assert_eq!(std::fs::read(&cert).unwrap(), first, "a valid CA is kept");
+    std::fs::write(&key, "not a key").unwrap();
+    let (ok, text) = init();
+    assert!(!ok && text.contains("not a private key"), "{text}");
+    assert_eq!(std::fs::read_to_string(&key).unwrap(), "not a key", "a broken CA is reported, not replaced");
+}
