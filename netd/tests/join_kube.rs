@@ -6,7 +6,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -15,10 +15,62 @@ use netd::testing::{self, BootstrapToken, KubeApiServer, KubeCluster};
 use serde_json::{json, Value};
 
 fn join(api: &KubeApiServer, config_dir: &Path, token: &str, pin: &str, spec: &str) -> (bool, String) {
+    join_with(api, config_dir, token, pin, spec, &[])
+}
+
+/// Where the edge hub's files go for a join whose `--config-dir` is
+/// `config_dir`: beside it, never the host's /etc or /var.
+struct HubPaths {
+    cache: PathBuf,
+    kubeconfig: PathBuf,
+    systemd: PathBuf,
+}
+
+impl HubPaths {
+    fn of(config_dir: &Path) -> Self {
+        let root =
+            config_dir.parent().unwrap().join(format!("{}-host", config_dir.file_name().unwrap().to_str().unwrap()));
+        Self {
+            cache: root.join("var/lib/netd/hub"),
+            kubeconfig: root.join("etc/kubernetes/kubelet-hub.conf"),
+            systemd: root.join("etc/systemd/system"),
+        }
+    }
+
+    fn unit(&self) -> PathBuf {
+        self.systemd.join("netd-hub.service")
+    }
+
+    fn dropin(&self) -> PathBuf {
+        self.systemd.join("kubelet.service.d/20-netd-hub.conf")
+    }
+
+    /// None of the hub's files (nor the directories made for them) is there.
+    fn none_there(&self) -> bool {
+        [&self.cache, &self.kubeconfig, &self.systemd].iter().all(|p| !p.exists())
+    }
+}
+
+fn join_with(
+    api: &KubeApiServer,
+    config_dir: &Path,
+    token: &str,
+    pin: &str,
+    spec: &str,
+    extra: &[&str],
+) -> (bool, String) {
+    let hub = HubPaths::of(config_dir);
     let out = Command::new(env!("CARGO_BIN_EXE_netd-join"))
         .args(["--token", token, "--registry", &format!("kubernetes:{}", api.url())])
         .args(["--discovery-token-ca-cert-hash", pin, "--node-spec", spec])
         .args(["--config-dir", config_dir.to_str().unwrap(), "--csr-timeout", "60"])
+        .arg("--hub-cache-dir")
+        .arg(&hub.cache)
+        .arg("--kubelet-kubeconfig")
+        .arg(&hub.kubeconfig)
+        .arg("--systemd-dir")
+        .arg(&hub.systemd)
+        .args(extra)
         .output()
         .unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
@@ -122,6 +174,39 @@ fn a_node_joins_with_its_bootstrap_token_and_pinned_ca_and_bad_ones_change_nothi
     assert!(!config_dir.exists(), "a join that failed midway left files");
     assert_eq!(get(api, "/api/v1/nodes")["items"].as_array().unwrap().len(), 0, "nothing half-registered");
 
+    // --dry-run: the plan with the edge hub's files in full; nothing written.
+    let hub = HubPaths::of(&config_dir);
+    let (ok, text) = join_with(api, &config_dir, &token.token(), &pin, spec, &["--dry-run"]);
+    assert!(ok && text.contains("(dry run: nothing changed)"), "{text}");
+    for shown in [
+        format!("--- {} (600)", hub.kubeconfig.display()),
+        "server: https://127.0.0.1:10261".to_string(),
+        format!("--- {} (644)", hub.unit().display()),
+        "ExecStart=/usr/local/bin/netd hub --node-name ".to_string(),
+        "Before=kubelet.service".to_string(),
+        format!("--- {} (644)", hub.dropin().display()),
+        format!("--kubeconfig={}", hub.kubeconfig.display()),
+        format!("{}/pki/ca.crt", hub.cache.display()),
+    ] {
+        assert!(text.contains(&shown), "the dry run shows {shown:?}:\n{text}");
+    }
+    assert!(!text.contains("PRIVATE KEY"), "{text}");
+    assert!(!config_dir.exists() && hub.none_there(), "a dry run wrote something");
+
+    // A join that fails after the hub's files were written (the drop-in's
+    // directory is a file): everything it wrote is taken back.
+    std::fs::create_dir_all(&hub.systemd).unwrap();
+    std::fs::write(hub.systemd.join("kubelet.service.d"), "in the way").unwrap();
+    let (ok, text) = join(api, &config_dir, &token.token(), &pin, spec);
+    assert!(!ok && text.contains("kubelet.service.d"), "{text}");
+    assert!(!config_dir.exists(), "a failed join left netd's files");
+    assert!(!hub.cache.exists() && !hub.kubeconfig.exists() && !hub.unit().exists(), "a failed join left the hub's");
+    assert!(!hub.kubeconfig.parent().unwrap().exists(), "and the directories it made");
+    assert_eq!(get(api, "/api/v1/nodes")["items"].as_array().unwrap().len(), 0, "nothing registered");
+    std::fs::remove_dir_all(hub.systemd.parent().unwrap().parent().unwrap()).unwrap();
+    let csrs_before =
+        get(api, "/apis/certificates.k8s.io/v1/certificatesigningrequests")["items"].as_array().unwrap().len();
+
     // A good join.
     let (ok, text) = join(api, &config_dir, &token.token(), &pin, spec);
     assert!(ok, "{text}");
@@ -164,6 +249,37 @@ fn a_node_joins_with_its_bootstrap_token_and_pinned_ca_and_bad_ones_change_nothi
     assert_eq!(annotations["alibabacloud.com/allowed-cluster-addons"], "kube-proxy,coredns");
     assert_eq!(annotations["example.com/owner"], "ops");
     assert!(annotations.get("node.beta.alibabacloud.com/autonomy").is_none(), "new nodes start non-autonomous");
+    // The edge hub wired in: its CA, the kubelet's kubeconfig naming it,
+    // its unit and the kubelet's drop-in; what to run next.
+    assert!(text.contains("systemctl daemon-reload && systemctl enable netd-hub && systemctl restart netd-hub kubelet"));
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let hub_ca = hub.cache.join("pki/ca.crt");
+    assert_eq!((mode(&hub.cache), mode(&hub.cache.join("pki"))), (0o700, 0o700));
+    assert_eq!((mode(&hub_ca), mode(&hub.cache.join("pki/ca.key"))), (0o600, 0o600));
+    assert!(netd::hub::pki::HubCa::load(&hub.cache.join("pki")).unwrap().is_some(), "a CA the hub loads");
+    assert_eq!((mode(&hub.kubeconfig), mode(&hub.unit()), mode(&hub.dropin())), (0o600, 0o644, 0o644));
+    let kubeconfig: serde_yaml::Value = serde_yaml::from_slice(&std::fs::read(&hub.kubeconfig).unwrap()).unwrap();
+    let cluster = &kubeconfig["clusters"][0]["cluster"];
+    assert_eq!(cluster["server"].as_str(), Some("https://127.0.0.1:10261"));
+    assert_eq!(cluster["certificate-authority"].as_str(), hub_ca.to_str());
+    let user = &kubeconfig["users"][0]["user"];
+    let kubelet_cert = "/var/lib/kubelet/pki/kubelet-client-current.pem";
+    assert_eq!(
+        (user["client-certificate"].as_str(), user["client-key"].as_str()),
+        (Some(kubelet_cert), Some(kubelet_cert))
+    );
+    assert_eq!(kubeconfig["current-context"].as_str(), Some("kubelet@netd-hub"));
+    let unit = std::fs::read_to_string(hub.unit()).unwrap();
+    let exec = format!(
+        "ExecStart=/usr/local/bin/netd hub --node-name {node} --server {server} --ca-file {ca} --client-cert {kubelet_cert} \
+         --cache-dir {cache}\n",
+        server = record["server"].as_str().unwrap(),
+        ca = tunnel.join("ca.crt").display(),
+        cache = hub.cache.display(),
+    );
+    assert!(unit.contains(&exec) && unit.contains("Restart=always\n"), "{unit}");
+    let dropin = std::fs::read_to_string(hub.dropin()).unwrap();
+    assert!(dropin.contains(&format!("--kubeconfig={}\"", hub.kubeconfig.display())), "{dropin}");
 
     // Again with the same spec: nothing changes, and it says so.
     let before = std::fs::read(config_dir.join("tunnel/node.crt")).unwrap();
@@ -172,6 +288,13 @@ fn a_node_joins_with_its_bootstrap_token_and_pinned_ca_and_bad_ones_change_nothi
     assert_eq!(std::fs::read(config_dir.join("tunnel/node.crt")).unwrap(), before);
     assert_eq!(
         get(api, "/apis/certificates.k8s.io/v1/certificatesigningrequests")["items"].as_array().unwrap().len(),
-        1
+        csrs_before + 1
     );
+
+    // --hub=false: a node joined without the hub: none of its files.
+    let plain_dir = dir.path().join("plain-etc-netd");
+    let (ok, text) = join_with(api, &plain_dir, &token.token(), &pin, spec, &["--hub=false"]);
+    assert!(ok && !text.contains("systemctl"), "{text}");
+    assert!(plain_dir.join("join.json").is_file());
+    assert!(HubPaths::of(&plain_dir).none_there(), "--hub=false wrote the hub's files");
 }

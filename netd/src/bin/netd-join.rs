@@ -17,6 +17,7 @@ const EXAMPLES: &str = "Examples:
       --discovery-token-ca-cert-hash sha256:<hex> \\
       --node-spec '{\"flannelface\":\"eth1\",\"enableIptables\":true,\"quiet\":true,\"nodeNameOverride\":\"*.edge\"}'
   netd-join ... --node-spec-file /etc/netd/node-spec.json --dry-run
+  netd-join ... --hub=false       # leave the kubelet talking to kube-apiserver directly
   netd-join --token \"$(netd registry token create --registry etcd:http://10.0.0.2:2379)\" \\
       --registry etcd:http://10.0.0.2:2379 --node-spec '{\"quiet\":true}'";
 
@@ -67,6 +68,34 @@ struct Cli {
     /// The container runtime's socket that `manageRuntime` checks (default: containerd's, CRI-O's, cri-dockerd's); `unix://` optional, as kubeadm's --cri-socket.
     #[arg(long, env = "NETD_CRI_SOCKET", value_name = "PATH", value_parser = parse_cri_socket)]
     cri_socket: Option<PathBuf>,
+    /// Kubernetes joins: wire the kubelet through netd's edge hub (its CA, the kubelet's kubeconfig, a systemd unit and a kubelet drop-in); false: leave the kubelet as it is.
+    #[arg(long, env = "NETD_JOIN_HUB", value_name = "BOOL", value_parser = netd::cli::parse_bool, num_args = 0..=1, default_value = "true", default_missing_value = "true")]
+    hub: bool,
+    /// The netd binary on this host, as the hub's unit runs it.
+    #[arg(long, env = "NETD_JOIN_NETD_BIN", value_name = "FILE", default_value = "/usr/local/bin/netd")]
+    netd_bin: PathBuf,
+    /// The hub's cache directory (its CA in pki/).
+    #[arg(long, env = "NETD_JOIN_HUB_CACHE_DIR", value_name = "DIR", default_value = netd::hub::DEFAULT_CACHE_DIR)]
+    hub_cache_dir: PathBuf,
+    /// The kubelet's kubeconfig naming the hub (the kubelet drop-in passes it as --kubeconfig).
+    #[arg(
+        long,
+        env = "NETD_JOIN_KUBELET_KUBECONFIG",
+        value_name = "FILE",
+        default_value = "/etc/kubernetes/kubelet-hub.conf"
+    )]
+    kubelet_kubeconfig: PathBuf,
+    /// Where the hub's unit (netd-hub.service) and the kubelet drop-in (kubelet.service.d/20-netd-hub.conf) go.
+    #[arg(long, env = "NETD_JOIN_SYSTEMD_DIR", value_name = "DIR", default_value = "/etc/systemd/system")]
+    systemd_dir: PathBuf,
+    /// The kubelet's client certificate and key (one file, rotated by the kubelet): the hub's identity and the kubelet's.
+    #[arg(
+        long,
+        env = "NETD_JOIN_KUBELET_CLIENT_CERT",
+        value_name = "FILE",
+        default_value = "/var/lib/kubelet/pki/kubelet-client-current.pem"
+    )]
+    kubelet_client_cert: PathBuf,
 }
 
 /// kubeadm writes the socket as `unix:///run/…`; a plain path is the same.
@@ -119,13 +148,27 @@ fn run(cli: Cli) -> Result<()> {
         sys_class_net: "/sys/class/net".into(),
         csr_timeout: cli.csr_timeout,
         cri_socket: cli.cri_socket,
+        hub: cli.hub.then_some(netd::join::HubWiring {
+            netd_bin: cli.netd_bin,
+            cache_dir: cli.hub_cache_dir,
+            kubelet_kubeconfig: cli.kubelet_kubeconfig,
+            systemd_dir: cli.systemd_dir,
+            kubelet_client_cert: cli.kubelet_client_cert,
+        }),
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     match runtime.block_on(netd::join::join(&options, |plan| ask(plan, &paths)))? {
         Outcome::AlreadyJoined { node } => {
             println!("already joined as node {node} with this node-spec: nothing changed")
         }
-        Outcome::DryRun(plan) => println!("{}\n(dry run: nothing changed)", plan.describe(&paths)),
+        Outcome::DryRun(plan) => {
+            println!("{}", plan.describe(&paths));
+            let hub_files = plan.describe_hub_files(&paths);
+            if !hub_files.is_empty() {
+                println!("{hub_files}");
+            }
+            println!("(dry run: nothing changed)");
+        }
         Outcome::Joined { plan, registered, files } => {
             println!("{}", plan.describe(&paths));
             match registered {
@@ -137,6 +180,12 @@ fn run(cli: Cli) -> Result<()> {
             }
             if registered.is_none() {
                 println!("next: sign the node's tunnel certificate: {}", netd::join::sign_command(&paths));
+            }
+            if plan.hub.is_some() {
+                println!(
+                    "next: start the edge hub and restart the kubelet through it: {}",
+                    netd::join::hub::NEXT_STEPS
+                );
             }
         }
     }

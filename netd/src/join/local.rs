@@ -125,8 +125,22 @@ impl Written {
     /// creates missing parent directories.
     pub fn write(&mut self, path: &Path, contents: &[u8], mode: u32) -> Result<(), LocalError> {
         if let Some(parent) = path.parent() {
-            self.create_dirs(parent)?;
+            self.create_dirs(parent, None)?;
         }
+        self.write_file(path, contents, mode)
+    }
+
+    /// [`Written::write`], with the directories it creates made with
+    /// exactly `dir_mode` (whatever the umask): for files under a private
+    /// directory (the edge hub's cache, 0700).
+    pub fn write_private(&mut self, path: &Path, contents: &[u8], mode: u32, dir_mode: u32) -> Result<(), LocalError> {
+        if let Some(parent) = path.parent() {
+            self.create_dirs(parent, Some(dir_mode))?;
+        }
+        self.write_file(path, contents, mode)
+    }
+
+    fn write_file(&mut self, path: &Path, contents: &[u8], mode: u32) -> Result<(), LocalError> {
         let existed = path.exists();
         atomic_file::write(path, contents, mode)?;
         if !existed {
@@ -135,15 +149,23 @@ impl Written {
         Ok(())
     }
 
-    fn create_dirs(&mut self, dir: &Path) -> Result<(), LocalError> {
+    fn create_dirs(&mut self, dir: &Path, mode: Option<u32>) -> Result<(), LocalError> {
         if dir.as_os_str().is_empty() || dir.is_dir() {
             return Ok(());
         }
         if let Some(parent) = dir.parent() {
-            self.create_dirs(parent)?;
+            self.create_dirs(parent, mode)?;
         }
         std::fs::create_dir(dir).map_err(|source| LocalError::Io { action: "creating", path: dir.into(), source })?;
         self.dirs.push(dir.to_path_buf());
+        if let Some(mode) = mode {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).map_err(|source| LocalError::Io {
+                action: "setting the mode of",
+                path: dir.into(),
+                source,
+            })?;
+        }
         Ok(())
     }
 

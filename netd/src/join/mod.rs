@@ -6,6 +6,7 @@
 //! kubeadm does, before anything on the node changes.
 
 pub mod discovery;
+pub mod hub;
 pub mod kube;
 pub mod local;
 pub mod spec;
@@ -15,6 +16,7 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 pub use discovery::{CaPin, ClusterInfo, DiscoveryError};
+pub use hub::{HubWiring, HubWiringError};
 pub use local::{JoinPaths, JoinRecord, LocalError};
 pub use spec::{NodeNameRule, NodeSpec, SpecError};
 pub use token::{BootstrapToken, TokenError};
@@ -77,6 +79,9 @@ pub enum JoinError {
     /// The node's files.
     #[error(transparent)]
     Local(#[from] LocalError),
+    /// The edge hub's files.
+    #[error(transparent)]
+    Hub(#[from] HubWiringError),
 }
 
 /// What a join is asked to do.
@@ -105,6 +110,9 @@ pub struct JoinOptions {
     /// The container runtime's socket (`--cri-socket`, as kubeadm's);
     /// `None`: the usual ones, [`RUNTIME_SOCKETS`].
     pub cri_socket: Option<PathBuf>,
+    /// Wire the kubelet through the edge hub (a Kubernetes join only;
+    /// `None`: `--hub=false`). See [`hub`].
+    pub hub: Option<HubWiring>,
 }
 
 /// `manageRuntime`: the first of `candidates` that is a socket something
@@ -148,6 +156,8 @@ pub struct Plan {
     pub spec: NodeSpec,
     /// How the token was checked.
     pub trust: Trust,
+    /// The edge hub's wiring, when a Kubernetes join writes it.
+    pub hub: Option<HubWiring>,
 }
 
 impl Plan {
@@ -158,11 +168,22 @@ impl Plan {
         };
         let labels: Vec<String> = self.spec.node_labels().iter().map(|(k, v)| format!("{k}={v}")).collect();
         let annotations: Vec<String> = self.spec.node_annotations().keys().cloned().collect();
+        let hub = match &self.hub {
+            None => String::new(),
+            Some(hub) => {
+                let files: Vec<String> = hub
+                    .files(&self.node, &cluster.server, &paths.tunnel_dir().join("ca.crt"))
+                    .iter()
+                    .map(|f| format!("{} ({:o})", f.path.display(), f.mode))
+                    .collect();
+                format!("\n- the kubelet through the edge hub: {}", files.join(", "))
+            }
+        };
         format!(
             "join node {node} to {server} (CA pinned)\n\
              - certificate request for CN=system:node:{node}, O=system:nodes ({signer}); key and certificate in {tunnel}\n\
              - netd settings in {config}: iface {iface}, masquerade {masq}\n\
-             - Node {node} labelled {labels}{annotations}\n\
+             - Node {node} labelled {labels}{annotations}{hub}\n\
              - record in {record}",
             node = self.node,
             server = cluster.server,
@@ -175,6 +196,19 @@ impl Plan {
             annotations = if annotations.is_empty() { String::new() } else { format!(", annotated {}", annotations.join(",")) },
             record = paths.record().display(),
         )
+    }
+
+    /// The edge hub's files in full (the CA's key never), for `--dry-run`;
+    /// empty without the hub.
+    pub fn describe_hub_files(&self, paths: &JoinPaths) -> String {
+        let (Some(hub), Trust::Kubernetes(cluster)) = (&self.hub, &self.trust) else {
+            return String::new();
+        };
+        hub.files(&self.node, &cluster.server, &paths.tunnel_dir().join("ca.crt"))
+            .iter()
+            .map(|f| format!("--- {} ({:o})\n{}", f.path.display(), f.mode, f.contents.trim_end()))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     fn describe_registry_join(&self, paths: &JoinPaths) -> String {
@@ -281,7 +315,7 @@ pub async fn join(
         return Err(DiscoveryError::NoPin.into());
     }
     let cluster = discovery::discover(&server, &options.token, &options.pins).await?;
-    let plan = Plan { node, spec, trust: Trust::Kubernetes(cluster.clone()) };
+    let plan = Plan { node, spec, trust: Trust::Kubernetes(cluster.clone()), hub: options.hub.clone() };
     if options.dry_run {
         return Ok(Outcome::DryRun(plan));
     }
@@ -295,6 +329,9 @@ pub async fn join(
     written.write(&tunnel.join("node.key"), cert.key_pem.as_bytes(), 0o600)?;
     written.write(&tunnel.join("node.crt"), cert.cert_pem.as_bytes(), 0o644)?;
     write_netd_config(&mut written, options, &plan, &registry)?;
+    if let Some(hub) = &plan.hub {
+        hub.write(&mut written, &plan.node, &cluster.server, &tunnel.join("ca.crt"))?;
+    }
     let labels = plan.spec.node_labels();
     let annotations = plan.spec.node_annotations();
     let registered = kube::register_node(&cluster, &cert, &plan.node, &labels, &annotations).await?;
@@ -346,7 +383,8 @@ async fn join_registry(
     let mut store = AnyTokenStore::open(&options.registry).await?;
     crate::registry::tokens::verify_token(&mut store, options.token.id(), options.token.secret(), SystemTime::now())
         .await??;
-    let plan = Plan { node, spec, trust: Trust::Registry(registry.clone()) };
+    // No kubelet is joined through these registries: no hub to wire.
+    let plan = Plan { node, spec, trust: Trust::Registry(registry.clone()), hub: None };
     if options.dry_run {
         return Ok(Outcome::DryRun(plan));
     }
