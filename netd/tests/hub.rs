@@ -786,7 +786,9 @@ fn the_hub_follows_the_nodes_autonomy() {
     let hub = Hub::start_with(dir.path(), "auto", &relay.url(), api, &cred, None, "auto");
     hub.wait_metric("netd_hub_cloud_reachable", 1.0);
     assert_eq!(hub.metric("netd_hub_autonomous"), 0.0, "a new node is not autonomous");
-    assert_eq!(names(&raw(&hub.kubeconfig, MY_PODS)), ["web-1"]);
+    let listed = raw(&hub.kubeconfig, MY_PODS);
+    assert_eq!(names(&listed), ["web-1"]);
+    let listed_rv = listed["metadata"]["resourceVersion"].as_str().unwrap().to_string();
     raw(&hub.kubeconfig, "/api/v1/namespaces/default/secrets/app-secret");
     assert!(!hub.cache.join("objects").exists(), "a pass-through caches nothing");
     assert_eq!(std::fs::read_to_string(hub.cache.join("autonomous")).unwrap(), "false\n");
@@ -817,6 +819,14 @@ fn the_hub_follows_the_nodes_autonomy() {
     let held_for = held.join().unwrap();
     assert!(held_for < Duration::from_secs(20), "the pass-through watch ended at the flip: {held_for:?}");
     assert_eq!(std::fs::read_to_string(hub.cache.join("autonomous")).unwrap(), "true\n");
+    // A reflector that listed through the pass-through watches again from
+    // that list's resourceVersion: sent back to list, once, so that the
+    // scope gets into the cache.
+    let rewatch = hub.url(&format!("{MY_PODS}&watch=true&timeoutSeconds=1&resourceVersion={listed_rv}"));
+    let (code, body) = curl(&rewatch, &hub.ca(), Some(&cred), "GET", None).unwrap();
+    assert!(code == 410 && body.contains("Expired"), "{code}: {body}");
+    let (code, body) = curl(&rewatch, &hub.ca(), Some(&cred), "GET", None).unwrap();
+    assert_eq!(code, 200, "only once per scope: {body}");
     assert_eq!(names(&raw(&hub.kubeconfig, MY_PODS)), ["web-1"]);
     raw(&hub.kubeconfig, "/api/v1/namespaces/default/secrets/app-secret");
     raw(&hub.kubeconfig, "/api/v1/namespaces/default/configmaps/app-config");

@@ -21,7 +21,12 @@
 //!   use for Secrets on its disk, and a cache kept but not served would only
 //!   grow stale; should autonomy come back, nothing stale can be served.
 //! - **A flip ends every open watch** through the hub, so each client
-//!   (the kubelet) watches again in the new mode.
+//!   (the kubelet) watches again in the new mode. A reflector that listed
+//!   while the hub was a pass-through watches again from its list's
+//!   `resourceVersion`, and objects that do not change would never reach
+//!   the cache: a watch of a scope no list recorded is answered 410
+//!   Expired, once per scope after the cache is turned on, and the client
+//!   lists again, through the hub.
 //! - `--cache=true` and `--cache=false` ([`CacheMode::Always`],
 //!   [`CacheMode::Never`]) override the annotation.
 

@@ -354,6 +354,7 @@ pub async fn run(config: HubConfig, shutdown: impl Future<Output = ()>) -> Resul
         client,
         store: (config.cache != CacheMode::Never).then_some(store.clone()),
         caching,
+        relisted: std::sync::Mutex::default(),
         metrics: metrics.clone(),
         reachable,
         probe_now: Notify::new(),

@@ -63,6 +63,10 @@ pub struct Hub {
     /// `true` while the cache is used (the node is autonomous, or
     /// `--cache=true`); `false`: pass-through. See [`super::autonomy`].
     pub caching: watch::Sender<bool>,
+    /// Watch scopes sent back to list (410) since the cache was last
+    /// turned on: each at most once, so a scope the cache cannot record
+    /// never loops.
+    pub relisted: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Counters.
     pub metrics: Arc<HubMetrics>,
     /// `true` while the cloud answers.
@@ -153,6 +157,9 @@ impl Hub {
         let on = on && self.store.is_some();
         self.metrics.set_autonomous(on);
         let changed = self.caching.send_if_modified(|current| std::mem::replace(current, on) != on);
+        if changed && on {
+            self.relisted.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
+        }
         if changed {
             if on {
                 tracing::info!(why, "autonomous: the hub caches and answers from its cache while the cloud is away");
@@ -364,8 +371,43 @@ impl Hub {
         }
     }
 
+    /// A watch of a scope no list recorded in the cache, the first time
+    /// since the cache was turned on. The client (a reflector that listed
+    /// while the hub was a pass-through, or before the cache was emptied)
+    /// would otherwise only ever watch from its `resourceVersion`, and
+    /// objects that do not change would never reach the cache: 410 Expired
+    /// makes it list again, through the hub, which records the scope.
+    async fn needs_relist(&self, store: &Store, r: &ResourceRequest) -> bool {
+        if r.verb != Verb::Watch || !r.query.fields.fields_supported() {
+            return false;
+        }
+        let (store, request) = (store.clone(), r.clone());
+        let covered =
+            blocking(move || store.list_records(&request.key).iter().any(|record| record.covers(&request))).await;
+        if covered.unwrap_or(true) {
+            return false;
+        }
+        let scope = format!(
+            "{}|{}|{}|{}",
+            r.key,
+            r.namespace.as_deref().unwrap_or(""),
+            r.query.fields.canonical(),
+            r.query.labels.canonical()
+        );
+        self.relisted.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(scope)
+    }
+
     async fn cached_read(&self, store: &Store, r: ResourceRequest, parts: &http::request::Parts) -> Response<HubBody> {
         let resource = r.key.to_string();
+        if self.is_reachable() && self.needs_relist(store, &r).await {
+            tracing::info!(resource, "a watch of a scope the cache never listed: asked to list again (410)");
+            return status_response(
+                StatusCode::GONE,
+                "Expired",
+                "the hub's cache has no list of this scope yet: list again (through the hub) so that it can be \
+                 answered while the cloud is away",
+            );
+        }
         if self.is_reachable() {
             let wants_table = parts
                 .headers
