@@ -20,6 +20,9 @@
 //!    address back and answers edge-2 across flannel.1. The hub counts what
 //!    it served offline. Times from the kubelet's start are printed beside
 //!    the cloud-up ones.
+//! 4. Back online: a pod deleted in the API while the node was cut off is
+//!    stopped on the node and gone from the API and the hub's cache; a pod
+//!    created for the node meanwhile starts.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -27,7 +30,9 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use netd::testing::{self, edge_statefulset, RealCluster, RealNode};
+use netd::model::autonomy::ANNOTATION_AUTONOMY;
+use netd::testing::{self, edge_statefulset, RealCluster, RealNode, WORKLOAD_IMAGE};
+use serde_json::{json, Value};
 
 /// Long enough for a first start of every pod on two shared cores.
 const SLOW: Duration = Duration::from_secs(240);
@@ -58,6 +63,29 @@ fn running_containers(node: &RealNode, pod: &str) -> usize {
 fn answers(cluster: &RealCluster, to: IpAddr) -> bool {
     let edge2 = cluster.node("edge-2").unwrap();
     edge2.netns().exec("ping", &["-c", "1", "-W", "1", &to.to_string()]).is_ok()
+}
+
+/// Whether `node`'s hub holds object `name` of core/v1 `resource` in its
+/// cache (the file its store keeps for it).
+fn hub_cached(node: &RealNode, resource: &str, namespace: &str, name: &str) -> bool {
+    let dir = node.host_path("/var/lib/netd/hub/objects").join(format!("core_v1_{resource}"));
+    dir.join(namespace).join(format!("{name}.obj")).is_file()
+}
+
+/// A pod bound to `node` directly (no scheduler: the node may be cut off).
+fn pod_on(name: &str, node: &str) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default", "labels": {"app": name}},
+        "spec": {
+            "nodeName": node,
+            "automountServiceAccountToken": false,
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{"name": name, "image": WORKLOAD_IMAGE, "imagePullPolicy": "Never",
+                            "command": ["/bin/sleep", "3600"]}]
+        }
+    })
 }
 
 #[test]
@@ -144,13 +172,14 @@ fn a_rebooted_edge_node_gets_its_pods_back_from_the_cloud_and_nothing_without_it
 
     // 3. The edge hub between the kubelet and the cloud; once it has
     // cached what the kubelet reads, a reboot with the cloud away.
+    // Autonomous, as `netd-autonomy set` makes it: the hub caches and
+    // answers offline only for an autonomous node (else a pass-through).
+    cluster.kubectl(&["annotate", "node", "edge-1", &format!("{ANNOTATION_AUTONOMY}=true"), "--overwrite"]).unwrap();
+    cluster.apply(&pod_on("doomed", "edge-1")).unwrap();
+    cluster.wait_pods_ready("app=doomed", 1, SLOW).unwrap();
     let server = cluster.kube().unwrap().api().url();
     cluster.nodes_mut()[node].use_hub(Path::new(env!("CARGO_BIN_EXE_netd")), &server).unwrap();
     let edge1 = &cluster.nodes()[node];
-    let cached = |resource: &str, namespace: &str, name: &str| {
-        let dir = edge1.host_path("/var/lib/netd/hub/objects").join(format!("core_v1_{resource}"));
-        dir.join(namespace).join(format!("{name}.obj")).is_file()
-    };
     let netd_pod = cluster
         .kubectl_json(&[
             "-n",
@@ -170,10 +199,13 @@ fn a_rebooted_edge_node_gets_its_pods_back_from_the_cloud_and_nothing_without_it
         .wait_for("the hub caching edge-1's pods for its kubelet", SLOW, || {
             // The pods, and the ConfigMaps netd's pod mounts (the kubelet
             // lists each by name once it syncs the pod).
-            let all = cached("pods", "default", &pod)
-                && cached("pods", "kube-system", &netd_pod)
-                && cached("configmaps", "kube-system", "netd-cfg")
-                && cached("configmaps", "kube-system", "kube-root-ca.crt");
+            let all = edge1.hub_metric("netd_hub_autonomous") == Some(1.0)
+                && hub_cached(edge1, "nodes", "@cluster", "edge-1")
+                && hub_cached(edge1, "pods", "default", &pod)
+                && hub_cached(edge1, "pods", "default", "doomed")
+                && hub_cached(edge1, "pods", "kube-system", &netd_pod)
+                && hub_cached(edge1, "configmaps", "kube-system", "netd-cfg")
+                && hub_cached(edge1, "configmaps", "kube-system", "kube-root-ca.crt");
             Ok(all.then_some(()))
         })
         .unwrap_or_else(|err| panic!("{err}\n{}", edge1.hub_log()));
@@ -204,7 +236,32 @@ fn a_rebooted_edge_node_gets_its_pods_back_from_the_cloud_and_nothing_without_it
         running.as_secs_f64(),
         replied.as_secs_f64()
     );
+
+    // 4. While it is cut off, the API changes under the node: a pod of
+    // the node deleted, another created for it.
+    cluster
+        .wait_for("doomed running again from the cache", SLOW, || {
+            Ok((running_containers(edge1, "doomed") == 1).then_some(()))
+        })
+        .unwrap();
+    cluster.kubectl(&["delete", "pod", "doomed", "--wait=false"]).unwrap();
+    cluster.apply(&pod_on("newcomer", "edge-1")).unwrap();
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(running_containers(edge1, "doomed"), 1, "the node cannot know of the deletion yet");
     cluster.reconnect_to_cloud("edge-1").unwrap();
     let after = cluster.wait_pods_ready("app=web", 2, SLOW).unwrap();
     assert_eq!(after[&pod].1, ip, "{pod} keeps its address once the cloud is back");
+    cluster
+        .wait_for("doomed stopped on edge-1 and gone from the API", SLOW, || {
+            let gone = cluster.pods("app=doomed")?.is_empty();
+            Ok((gone && running_containers(edge1, "doomed") == 0).then_some(()))
+        })
+        .unwrap_or_else(|err| panic!("{err}\n--- hub:\n{}\n{}", edge1.hub_log(), cluster.diagnostics()));
+    cluster
+        .wait_for("the hub's cache without doomed", SLOW, || {
+            Ok((!hub_cached(edge1, "pods", "default", "doomed")).then_some(()))
+        })
+        .unwrap();
+    cluster.wait_pods_ready("app=newcomer", 1, SLOW).unwrap();
+    assert_eq!(running_containers(edge1, "newcomer"), 1, "newcomer runs on edge-1");
 }
