@@ -597,17 +597,16 @@ fn host_local_range(cidr: (Ipv4Addr, u8)) -> (Ipv4Addr, Ipv4Addr) {
 }
 
 fn pod_cidr(cluster: &RealCluster, node: &str) -> Result<(Ipv4Addr, u8)> {
-    let node = kubectl_json(cluster, &["get", "node", node])?;
-    let text = node["spec"]["podCIDR"].as_str().context("the node has no spec.podCIDR")?;
-    let (ip, len) = text.split_once('/').context("podCIDR without a prefix length")?;
-    let (ip, len): (Ipv4Addr, u8) = (ip.parse()?, len.parse()?);
-    ensure!((8..=24).contains(&len), "pod CIDR {text}: not between /8 and /24 (host-local's .150–.250 need a /24)");
-    Ok((ip, len))
+    let cidr = cluster.pod_cidr(node)?;
+    let std::net::IpAddr::V4(network) = cidr.network() else { bail!("pod CIDR {cidr}: not IPv4") };
+    let len = cidr.prefix_len();
+    ensure!((8..=24).contains(&len), "pod CIDR {cidr}: not between /8 and /24 (host-local's .150–.250 need a /24)");
+    Ok((network, len))
 }
 
 /// Pods of `selector` in `default` that are Running with an address.
 fn pods_running(cluster: &RealCluster, selector: &str) -> Result<BTreeMap<String, Ipv4Addr>> {
-    let list = kubectl_json(cluster, &["get", "pods", "-l", selector])?;
+    let list = cluster.kubectl_json(&["get", "pods", "-l", selector])?;
     Ok(items(&list)
         .iter()
         .filter(|p| p["status"]["phase"] == "Running")
@@ -626,7 +625,7 @@ fn pods_running(cluster: &RealCluster, selector: &str) -> Result<BTreeMap<String
 fn delete_and_wait(cluster: &RealCluster, node: &RealNode, selector: &str) -> Result<()> {
     cluster.kubectl(&["delete", "pods", "-l", selector, "--grace-period=1", "--wait=false"])?;
     wait_until(&format!("pods {selector} gone"), ROUND_LIMIT, || {
-        let gone = items(&kubectl_json(cluster, &["get", "pods", "-l", selector])?).is_empty();
+        let gone = items(&cluster.kubectl_json(&["get", "pods", "-l", selector])?).is_empty();
         Ok((gone && default_tasks_running(node)? == 0).then_some(()))
     })
 }
@@ -652,7 +651,7 @@ fn default_tasks_running(node: &RealNode) -> Result<usize> {
 /// the container's memory cgroup as cAdvisor does (`memory.usage_in_bytes`
 /// − `total_inactive_file`), and the process's VmRSS.
 fn netd_memory(cluster: &RealCluster) -> Result<Vec<Memory>> {
-    let pods = kubectl_json(cluster, &["-n", NS, "get", "pods", "-l", "app.kubernetes.io/name=netd"])?;
+    let pods = cluster.kubectl_json(&["-n", NS, "get", "pods", "-l", "app.kubernetes.io/name=netd"])?;
     let mut memory = Vec::new();
     for node in cluster.nodes() {
         let pod = items(&pods)
@@ -859,12 +858,6 @@ fn wait_until<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Result<
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-fn kubectl_json(cluster: &RealCluster, args: &[&str]) -> Result<Value> {
-    let mut all = args.to_vec();
-    all.extend(["-o", "json"]);
-    Ok(serde_json::from_str(&cluster.kubectl(&all)?)?)
 }
 
 /// `kubectl create -f` of `object` (a List: one kubectl, one request per item).

@@ -1017,13 +1017,7 @@ impl RealNode {
     /// `None` when the hub does not answer.
     pub fn hub_metric(&self, name: &str) -> Option<f64> {
         let text = super::http_get(&self.ns, "127.0.0.1:10269", "/metrics")?;
-        Some(
-            text.lines()
-                .filter(|l| !l.starts_with('#'))
-                .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with([' ', '{'])))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum(),
-        )
+        Some(super::real_workload::metric_sum(&text, name))
     }
 
     /// The last lines of the hub's log.

@@ -202,12 +202,7 @@ impl RealCluster {
             .find(|n| n.role == Role::Cloud)
             .ok_or_else(|| HarnessError::Usage("no cloud node".into()))?;
         let text = http_get(cloud.netns(), TUNNEL_SERVER_METRICS, "/metrics").unwrap_or_default();
-        Ok(text
-            .lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with([' ', '{'])))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum())
+        Ok(metric_sum(&text, name))
     }
 
     /// kube-apiserver restarted (with `extra_args`) as a process of the
@@ -221,6 +216,16 @@ impl RealCluster {
     }
 }
 
+/// The sum of metric `name` over every label set in a Prometheus text
+/// page (0 when absent); `name_total` or `name_bucket` are other metrics.
+pub(crate) fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with([' ', '{'])))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 fn items(list: &Value) -> &[Value] {
     list["items"].as_array().map(Vec::as_slice).unwrap_or_default()
 }
@@ -232,6 +237,15 @@ fn has_condition(object: &Value, kind: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_metric_is_summed_over_its_label_sets_and_no_other_metric() {
+        let page = "# HELP x_total X.\n# TYPE x_total counter\nx_total{door=\"a\"} 2\nx_total{door=\"b\"} 3.5\n\
+                    x_total_bucket 100\nx 7\n";
+        assert_eq!(metric_sum(page, "x_total"), 5.5);
+        assert_eq!(metric_sum(page, "x"), 7.0);
+        assert_eq!(metric_sum(page, "y"), 0.0);
+    }
 
     #[test]
     fn the_workload_stays_off_the_cloud_node_and_serves_its_port() {
