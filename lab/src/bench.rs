@@ -22,6 +22,9 @@ const AUTONOMY_PODS: usize = 1_000;
 const DOORS_ROUNDS: usize = 5;
 /// Real-cluster pod benchmark: mirrored triples of rounds (netd-ipam, host-local, hostNetwork; ABC CBA).
 const POD_ROUND_PAIRS: usize = 2;
+/// Hub benchmark: rounds per way to the API, and lists per round.
+const HUB_ROUNDS: usize = 5;
+const HUB_LISTS_PER_ROUND: usize = 200;
 
 /// Runs the named benchmark (or all) with the release binaries in `bin_dir`.
 pub fn run(which: &str, bin_dir: &Path) -> Result<()> {
@@ -37,6 +40,7 @@ pub fn run(which: &str, bin_dir: &Path) -> Result<()> {
         "tunnel-config" => crate::bench_tunnel_config::run(20),
         "autonomy" => crate::bench_autonomy::run(AUTONOMY_ROUNDS, AUTONOMY_PODS, bin_dir),
         "pods" => crate::bench_pods::run(POD_ROUND_PAIRS),
+        "hub" => crate::bench_hub::run(HUB_ROUNDS, HUB_LISTS_PER_ROUND, bin_dir),
         "all" => {
             cni(200, bin_dir)?;
             crate::bench_vxlan::run(5, bin_dir)?;
@@ -47,10 +51,11 @@ pub fn run(which: &str, bin_dir: &Path) -> Result<()> {
             crate::bench_tunnel::run(bin_dir)?;
             crate::bench_doors::run(DOORS_ROUNDS, bin_dir)?;
             crate::bench_tunnel_config::run(20)?;
-            crate::bench_autonomy::run(AUTONOMY_ROUNDS, AUTONOMY_PODS, bin_dir)
+            crate::bench_autonomy::run(AUTONOMY_ROUNDS, AUTONOMY_PODS, bin_dir)?;
+            crate::bench_hub::run(HUB_ROUNDS, HUB_LISTS_PER_ROUND, bin_dir)
         }
         other => bail!(
-            "unknown benchmark `{other}` (known: cni, vxlan, events, rss, scenario, dnat, tunnel, doors, tunnel-config, autonomy, pods, all)"
+            "unknown benchmark `{other}` (known: cni, vxlan, events, rss, scenario, dnat, tunnel, doors, tunnel-config, autonomy, pods, hub, all)"
         ),
     }
 }

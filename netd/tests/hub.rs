@@ -167,9 +167,7 @@ impl Hub {
         let (port, metrics_port) = (free_port(), free_port());
         let cache = dir.join(format!("{name}-cache"));
         let log = dir.join(format!("{name}.log"));
-        // NETD_HUB_BIN: another build of netd (the overhead measurement
-        // uses a release build; the test binary's own is unoptimised).
-        let netd = std::env::var("NETD_HUB_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_netd").to_string());
+        let netd = env!("CARGO_BIN_EXE_netd");
         let args = [
             "hub".to_string(),
             format!("--node-name={NODE}"),
@@ -186,7 +184,7 @@ impl Hub {
         ];
         let mut command = match tmpfs {
             None => {
-                let mut c = Command::new(&netd);
+                let mut c = Command::new(netd);
                 c.args(&args);
                 c
             }
@@ -196,7 +194,7 @@ impl Hub {
                 c.args(["--mount", "--propagation", "private", "sh", "-c"])
                     .arg(format!("mount -t tmpfs -o size={size},mode=0700 netd-hub-test \"$0\" && exec \"$@\""))
                     .arg(&cache)
-                    .arg(&netd)
+                    .arg(netd)
                     .args(&args);
                 c
             }
@@ -661,77 +659,6 @@ fn the_hub_serves_the_node_from_its_cache_while_the_cloud_is_away() {
 
 fn store_decodes(path: &Path) -> bool {
     netd::hub::store::decode(&std::fs::read(path).unwrap()).is_ok()
-}
-
-/// Proxy overhead on a kubelet-like list of its pods (20 pods of the
-/// node, 20 of another), through the hub vs straight to kube-apiserver:
-/// one curl per side keeps its connection and times each of 300 lists.
-/// Run on demand, with an optimised hub:
-/// `cargo build --release -p netd --bin netd && NETD_HUB_BIN=target/release/netd
-/// cargo test -p netd --test hub -- --ignored --nocapture`.
-#[test]
-#[ignore = "a measurement, not a check"]
-fn proxy_overhead_of_a_list_of_pods() {
-    let builder = KubeCluster::builder().rbac(true).node_restriction(true);
-    if !builder.binaries_available().unwrap() || has_tools().is_some() {
-        eprintln!("skipped: kube-apiserver, kubectl or curl missing");
-        return;
-    }
-    let cluster = builder.start().unwrap();
-    let api = cluster.api();
-    let dir = tempfile::tempdir().unwrap();
-    let cred = Cred::issue(api.ca(), NODE, dir.path(), "edge-1");
-    admin(
-        api,
-        "POST",
-        "/api/v1/namespaces/default/serviceaccounts",
-        Some(json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default"}})),
-    );
-    for i in 0..20 {
-        create_pod(api, &format!("web-{i}"), NODE);
-        create_pod(api, &format!("other-{i}"), "edge-2");
-    }
-    let hub = Hub::start(dir.path(), "hub", &api.url(), api, &cred, None);
-    hub.wait_metric("netd_hub_cloud_reachable", 1.0);
-    let path = format!("{MY_PODS}&limit=500&resourceVersion=0");
-    let times = |base: &str, ca: &Path| -> Vec<f64> {
-        let url = format!("{base}{path}");
-        let mut command = Command::new("curl");
-        command.args(["-sS", "--noproxy", "*", "--cacert"]).arg(ca);
-        command.arg("--cert").arg(&cred.cert).arg("--key").arg(&cred.key);
-        command.args(["-w", "%{time_total}\n"]);
-        for _ in 0..300 {
-            command.args(["-o", "/dev/null"]).arg(&url);
-        }
-        let output = command.output().unwrap();
-        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-        let mut times: Vec<f64> = String::from_utf8_lossy(&output.stdout)
-            .lines()
-            .map(|l| l.trim().parse::<f64>().unwrap() * 1000.0)
-            .collect();
-        // The first transfer pays the TLS handshake: not a kubelet's steady state.
-        times.remove(0);
-        times.sort_by(f64::total_cmp);
-        times
-    };
-    let plain = Hub::start_with(dir.path(), "plain", &api.url(), api, &cred, None, "false");
-    plain.wait_metric("netd_hub_cloud_reachable", 1.0);
-    let pct = |t: &[f64], p: f64| t[((t.len() as f64 - 1.0) * p).round() as usize];
-    for round in 0..2 {
-        let direct = times(&api.url(), &api.ca_cert_path());
-        let through = times(&format!("https://127.0.0.1:{}", hub.port), &hub.ca());
-        let passed = times(&format!("https://127.0.0.1:{}", plain.port), &plain.ca());
-        eprintln!(
-            "round {round}: list of 20 pods, p50/p99 ms: direct {:.2}/{:.2}, hub caching {:.2}/{:.2}, \
-             hub --cache=false {:.2}/{:.2}",
-            pct(&direct, 0.5),
-            pct(&direct, 0.99),
-            pct(&through, 0.5),
-            pct(&through, 0.99),
-            pct(&passed, 0.5),
-            pct(&passed, 0.99)
-        );
-    }
 }
 
 /// Sets (`Some`) or removes (`None`) the node's autonomy annotation, as

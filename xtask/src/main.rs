@@ -29,7 +29,7 @@ tasks:
   setup   install (idempotently) the Debian packages netd needs to build, test and demo
   test    run every test, unprivileged and privileged (root; network namespaces),
           and check that no namespace, link or cgroup is left behind
-  bench [cni|vxlan|events|rss|scenario|dnat|tunnel|doors|tunnel-config|autonomy|pods|all]
+  bench [cni|vxlan|events|rss|scenario|dnat|tunnel|doors|tunnel-config|autonomy|pods|hub|all]
           side-by-side benchmarks needing namespaces or external tools (root); `pods`
           (a real cluster, netd's image) is not part of `all`
   ci      setup, fmt check, clippy, build (benches included), test, doc: what CI runs
@@ -183,7 +183,7 @@ fn demo_cluster() -> Result<()> {
 }
 
 fn bench(which: &str) -> Result<()> {
-    const KNOWN: [&str; 12] = [
+    const KNOWN: [&str; 13] = [
         "cni",
         "vxlan",
         "events",
@@ -195,13 +195,14 @@ fn bench(which: &str) -> Result<()> {
         "tunnel-config",
         "autonomy",
         "pods",
+        "hub",
         "all",
     ];
     if !KNOWN.contains(&which) {
         eprint!("{USAGE}");
         bail!("unknown benchmark `{which}` (known: {})", KNOWN.join(", "));
     }
-    if matches!(which, "scenario" | "tunnel-config" | "autonomy" | "pods" | "all") {
+    if matches!(which, "scenario" | "tunnel-config" | "autonomy" | "pods" | "hub" | "all") {
         // These run on a kube-apiserver too (pods: kubelets and the
         // scheduler as well, and the test images).
         setup::run()?;
