@@ -23,6 +23,13 @@
 //! 4. Back online: a pod deleted in the API while the node was cut off is
 //!    stopped on the node and gone from the API and the hub's cache; a pod
 //!    created for the node meanwhile starts.
+//! 5. Eviction: both edge nodes cut off for three times the node monitor
+//!    grace period, each running a pod that tolerates an unreachable node
+//!    for 5 s only. The real node lifecycle controller marks both nodes
+//!    unreachable and taints them; it evicts the pod of edge-2 (not
+//!    autonomous), while the pod of edge-1 (autonomous: netd-controller made
+//!    its tolerations last) stays, keeps running and keeps answering edge-2
+//!    the whole time. Reconnected, edge-2's kubelet stops the evicted pod.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -30,8 +37,9 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use netd::controller::tolerations::{TAINT_NOT_READY, TAINT_UNREACHABLE};
 use netd::model::autonomy::ANNOTATION_AUTONOMY;
-use netd::testing::{self, edge_statefulset, RealCluster, RealNode, WORKLOAD_IMAGE};
+use netd::testing::{self, edge_statefulset, ControllerManagerOptions, RealCluster, WORKLOAD_IMAGE};
 use serde_json::{json, Value};
 
 /// Long enough for a first start of every pod on two shared cores.
@@ -39,37 +47,10 @@ const SLOW: Duration = Duration::from_secs(240);
 /// How long the kubelet is watched doing nothing with the cloud away.
 const CUT_OFF_WATCH: Duration = Duration::from_secs(45);
 
-/// Running containers of pod `pod` on `node` (the sandbox excluded), as
-/// containerd reports them: the node's own truth, which the API cannot
-/// tell while the node is cut off.
-fn running_containers(node: &RealNode, pod: &str) -> usize {
-    let ids = node
-        .ctr(&[
-            "containers",
-            "list",
-            "-q",
-            &format!("labels.\"io.kubernetes.pod.name\"=={pod},labels.\"io.cri-containerd.kind\"==container"),
-        ])
-        .unwrap_or_default();
-    let tasks = node.ctr(&["tasks", "list"]).unwrap_or_default();
-    ids.lines()
-        .filter(|id| !id.is_empty())
-        .filter(|id| tasks.lines().any(|t| t.starts_with(*id) && t.contains("RUNNING")))
-        .count()
-}
-
 /// Whether `to` answers one ping from edge-2's own network namespace
 /// (through its flannel.1 route to edge-1's pod subnet).
 fn answers(cluster: &RealCluster, to: IpAddr) -> bool {
-    let edge2 = cluster.node("edge-2").unwrap();
-    edge2.netns().exec("ping", &["-c", "1", "-W", "1", &to.to_string()]).is_ok()
-}
-
-/// Whether `node`'s hub holds object `name` of core/v1 `resource` in its
-/// cache (the file its store keeps for it).
-fn hub_cached(node: &RealNode, resource: &str, namespace: &str, name: &str) -> bool {
-    let dir = node.host_path("/var/lib/netd/hub/objects").join(format!("core_v1_{resource}"));
-    dir.join(namespace).join(format!("{name}.obj")).is_file()
+    cluster.node("edge-2").unwrap().pings(to)
 }
 
 /// A pod bound to `node` directly (no scheduler: the node may be cut off).
@@ -85,6 +66,42 @@ fn pod_on(name: &str, node: &str) -> Value {
             "containers": [{"name": name, "image": WORKLOAD_IMAGE, "imagePullPolicy": "Never",
                             "command": ["/bin/sleep", "3600"]}]
         }
+    })
+}
+
+/// [`pod_on`], tolerating a not-ready or unreachable node for `seconds`
+/// only (instead of the 300 s the API server gives by default).
+fn short_lived_pod_on(name: &str, node: &str, seconds: u64) -> Value {
+    let mut pod = pod_on(name, node);
+    pod["spec"]["tolerations"] = [TAINT_NOT_READY, TAINT_UNREACHABLE]
+        .iter()
+        .map(|key| json!({"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": seconds}))
+        .collect();
+    pod
+}
+
+/// Pod `name`'s toleration of an unreachable node: `Some(None)` forever,
+/// `Some(Some(s))` for `s` seconds, `None` when it has none.
+fn unreachable_toleration(cluster: &RealCluster, name: &str) -> Option<Option<u64>> {
+    let pod = cluster.kubectl_json(&["get", "pod", name]).ok()?;
+    let tolerations = pod["spec"]["tolerations"].as_array()?.clone();
+    let first = tolerations.iter().find(|t| t["key"] == TAINT_UNREACHABLE)?;
+    Some(first["tolerationSeconds"].as_u64())
+}
+
+/// Whether pod `name` exists and is being deleted (an eviction deletes it;
+/// the pod stays, Terminating, until its kubelet confirms).
+fn being_deleted(cluster: &RealCluster, name: &str) -> bool {
+    cluster.kubectl_json(&["get", "pod", name]).is_ok_and(|pod| pod["metadata"].get("deletionTimestamp").is_some())
+}
+
+/// Whether Node `name` carries the `node.kubernetes.io/unreachable:NoExecute`
+/// taint of the node lifecycle controller.
+fn tainted_unreachable(cluster: &RealCluster, name: &str) -> bool {
+    cluster.kubectl_json(&["get", "node", name]).is_ok_and(|node| {
+        node["spec"]["taints"]
+            .as_array()
+            .is_some_and(|taints| taints.iter().any(|t| t["key"] == TAINT_UNREACHABLE && t["effect"] == "NoExecute"))
     })
 }
 
@@ -107,7 +124,7 @@ fn a_rebooted_edge_node_gets_its_pods_back_from_the_cloud_and_nothing_without_it
     // 1. A reboot with the cloud up.
     let node = cluster.nodes().iter().position(|n| n.name == "edge-1").unwrap();
     cluster.nodes_mut()[node].power_cut().unwrap();
-    assert_eq!(running_containers(&cluster.nodes()[node], &pod), 0, "the power cut stopped {pod}");
+    assert_eq!(cluster.nodes()[node].running_containers(&pod), 0, "the power cut stopped {pod}");
     assert!(!answers(&cluster, ip), "{pod} still answers after the power cut");
     let links = cluster.nodes()[node].netns().exec("ip", &["-o", "link", "show"]).unwrap();
     let links = String::from_utf8_lossy(&links.stdout).into_owned();
@@ -117,7 +134,7 @@ fn a_rebooted_edge_node_gets_its_pods_back_from_the_cloud_and_nothing_without_it
     let edge1 = &cluster.nodes()[node];
     let running = cluster
         .wait_for(&format!("{pod} running again on edge-1"), SLOW, || {
-            Ok((running_containers(edge1, &pod) == 1).then(|| booted.elapsed()))
+            Ok((edge1.running_containers(&pod) == 1).then(|| booted.elapsed()))
         })
         .unwrap_or_else(|err| panic!("{err}\n{}", cluster.diagnostics()));
     let replied = cluster
@@ -145,7 +162,7 @@ fn a_rebooted_edge_node_gets_its_pods_back_from_the_cloud_and_nothing_without_it
     let watched = Instant::now();
     while watched.elapsed() < CUT_OFF_WATCH {
         assert!(edge1.kubelet_running(), "the kubelet of edge-1 exited:\n{}", edge1.kubelet_log());
-        assert_eq!(running_containers(edge1, &pod), 0, "the kubelet started {pod} without the cloud");
+        assert_eq!(edge1.running_containers(&pod), 0, "the kubelet started {pod} without the cloud");
         let netd = edge1.ctr(&["containers", "list", "-q", "labels.\"io.kubernetes.container.name\"==netd"]).unwrap();
         let netd_running = netd.lines().filter(|l| !l.is_empty()).any(|id| {
             edge1
@@ -164,7 +181,7 @@ fn a_rebooted_edge_node_gets_its_pods_back_from_the_cloud_and_nothing_without_it
     let edge1 = &cluster.nodes()[node];
     cluster
         .wait_for(&format!("{pod} answering edge-2 once the cloud is back"), SLOW, || {
-            Ok((running_containers(edge1, &pod) == 1 && answers(&cluster, ip)).then_some(()))
+            Ok((edge1.running_containers(&pod) == 1 && answers(&cluster, ip)).then_some(()))
         })
         .unwrap_or_else(|err| panic!("{err}\n{}", cluster.diagnostics()));
     let after = cluster.wait_pods_ready("app=web", 2, SLOW).unwrap();
@@ -200,12 +217,12 @@ fn a_rebooted_edge_node_gets_its_pods_back_from_the_cloud_and_nothing_without_it
             // The pods, and the ConfigMaps netd's pod mounts (the kubelet
             // lists each by name once it syncs the pod).
             let all = edge1.hub_metric("netd_hub_autonomous") == Some(1.0)
-                && hub_cached(edge1, "nodes", "@cluster", "edge-1")
-                && hub_cached(edge1, "pods", "default", &pod)
-                && hub_cached(edge1, "pods", "default", "doomed")
-                && hub_cached(edge1, "pods", "kube-system", &netd_pod)
-                && hub_cached(edge1, "configmaps", "kube-system", "netd-cfg")
-                && hub_cached(edge1, "configmaps", "kube-system", "kube-root-ca.crt");
+                && edge1.hub_caches("nodes", "@cluster", "edge-1")
+                && edge1.hub_caches("pods", "default", &pod)
+                && edge1.hub_caches("pods", "default", "doomed")
+                && edge1.hub_caches("pods", "kube-system", &netd_pod)
+                && edge1.hub_caches("configmaps", "kube-system", "netd-cfg")
+                && edge1.hub_caches("configmaps", "kube-system", "kube-root-ca.crt");
             Ok(all.then_some(()))
         })
         .unwrap_or_else(|err| panic!("{err}\n{}", edge1.hub_log()));
@@ -217,7 +234,7 @@ fn a_rebooted_edge_node_gets_its_pods_back_from_the_cloud_and_nothing_without_it
     let edge1 = &cluster.nodes()[node];
     let running_offline = cluster
         .wait_for(&format!("{pod} running again on edge-1 with the cloud away"), SLOW, || {
-            Ok((running_containers(edge1, &pod) == 1).then(|| booted.elapsed()))
+            Ok((edge1.running_containers(&pod) == 1).then(|| booted.elapsed()))
         })
         .unwrap_or_else(|err| panic!("{err}\n--- hub:\n{}\n{}", edge1.hub_log(), cluster.diagnostics()));
     let replied_offline = cluster
@@ -241,27 +258,104 @@ fn a_rebooted_edge_node_gets_its_pods_back_from_the_cloud_and_nothing_without_it
     // the node deleted, another created for it.
     cluster
         .wait_for("doomed running again from the cache", SLOW, || {
-            Ok((running_containers(edge1, "doomed") == 1).then_some(()))
+            Ok((edge1.running_containers("doomed") == 1).then_some(()))
         })
         .unwrap();
     cluster.kubectl(&["delete", "pod", "doomed", "--wait=false"]).unwrap();
     cluster.apply(&pod_on("newcomer", "edge-1")).unwrap();
     std::thread::sleep(Duration::from_secs(5));
-    assert_eq!(running_containers(edge1, "doomed"), 1, "the node cannot know of the deletion yet");
+    assert_eq!(edge1.running_containers("doomed"), 1, "the node cannot know of the deletion yet");
     cluster.reconnect_to_cloud("edge-1").unwrap();
     let after = cluster.wait_pods_ready("app=web", 2, SLOW).unwrap();
     assert_eq!(after[&pod].1, ip, "{pod} keeps its address once the cloud is back");
     cluster
         .wait_for("doomed stopped on edge-1 and gone from the API", SLOW, || {
             let gone = cluster.pods("app=doomed")?.is_empty();
-            Ok((gone && running_containers(edge1, "doomed") == 0).then_some(()))
+            Ok((gone && edge1.running_containers("doomed") == 0).then_some(()))
         })
         .unwrap_or_else(|err| panic!("{err}\n--- hub:\n{}\n{}", edge1.hub_log(), cluster.diagnostics()));
     cluster
         .wait_for("the hub's cache without doomed", SLOW, || {
-            Ok((!hub_cached(edge1, "pods", "default", "doomed")).then_some(()))
+            Ok((!edge1.hub_caches("pods", "default", "doomed")).then_some(()))
         })
         .unwrap();
     cluster.wait_pods_ready("app=newcomer", 1, SLOW).unwrap();
-    assert_eq!(running_containers(edge1, "newcomer"), 1, "newcomer runs on edge-1");
+    assert_eq!(edge1.running_containers("newcomer"), 1, "newcomer runs on edge-1");
+
+    // 5. Eviction. Both edge nodes cut off for three times the grace
+    // period after which the node lifecycle controller gives up on a
+    // silent node. Two nodes of three down is no zone disruption (that
+    // takes more than two), so it evicts at its normal rate.
+    let grace = ControllerManagerOptions::default().node_monitor_grace_period;
+    const TOLERATED: u64 = 5;
+    cluster.apply(&short_lived_pod_on("stays", "edge-1", TOLERATED)).unwrap();
+    cluster.apply(&short_lived_pod_on("evicted", "edge-2", TOLERATED)).unwrap();
+    let stays_ip = cluster.wait_pods_ready("app=stays", 1, SLOW).unwrap()["stays"].1;
+    cluster.wait_pods_ready("app=evicted", 1, SLOW).unwrap();
+    cluster
+        .wait_for("netd-controller making the autonomous node's pod tolerate forever", SLOW, || {
+            Ok((unreachable_toleration(&cluster, "stays") == Some(None)).then_some(()))
+        })
+        .unwrap();
+    assert_eq!(
+        unreachable_toleration(&cluster, "evicted"),
+        Some(Some(TOLERATED)),
+        "the pod of the node that is not autonomous keeps its toleration"
+    );
+    // Edge-1 went NotReady and Ready again in the reboots above, which
+    // stalls 1.20.2's taint queue for good (see the method): a restart, as
+    // an operator of 1.20.2 would do.
+    cluster.restart_controller_manager().unwrap();
+    // Its first passes see every node Ready.
+    std::thread::sleep(ControllerManagerOptions::default().node_monitor_period * 3);
+    for edge in ["edge-1", "edge-2"] {
+        cluster.isolate_from_cloud(edge).unwrap();
+    }
+    let cut = Instant::now();
+    let edge1 = &cluster.nodes()[node];
+    let mut evicted_after = None;
+    let mut tainted_after = None;
+    let mut probes = 0;
+    while cut.elapsed() < grace * 3 || evicted_after.is_none() {
+        assert!(cut.elapsed() < grace * 3 + SLOW, "edge-2's pod not evicted\n{}", cluster.diagnostics());
+        // ping -c 2: one lost echo on a busy machine is not a pod that
+        // stopped serving.
+        let edge2 = cluster.node("edge-2").unwrap();
+        let ping = edge2.netns().exec("ping", &["-c", "2", "-W", "2", &stays_ip.to_string()]);
+        assert!(ping.is_ok(), "stays at {stays_ip} stopped answering edge-2 {:?} after the cut", cut.elapsed());
+        probes += 1;
+        assert_eq!(edge1.running_containers("stays"), 1, "stays stopped on edge-1");
+        assert!(!being_deleted(&cluster, "stays"), "the autonomous node's pod was evicted after {:?}", cut.elapsed());
+        if tainted_after.is_none() && tainted_unreachable(&cluster, "edge-2") {
+            tainted_after = Some(cut.elapsed());
+        }
+        if evicted_after.is_none() && being_deleted(&cluster, "evicted") {
+            evicted_after = Some(cut.elapsed());
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    assert!(tainted_unreachable(&cluster, "edge-1"), "edge-1 is unreachable to the node lifecycle controller too");
+    assert!(!being_deleted(&cluster, "stays"), "stays is not evicted after {:?}", cut.elapsed());
+    println!(
+        "eviction, both edge nodes cut off {:.0} s (3 × the {} s grace): edge-2 tainted unreachable after {:.1} s, \
+         its pod evicted after {:.1} s; edge-1's (autonomous) pod stayed, answering {probes} probes from edge-2",
+        cut.elapsed().as_secs_f64(),
+        grace.as_secs(),
+        tainted_after.unwrap_or_default().as_secs_f64(),
+        evicted_after.unwrap_or_default().as_secs_f64()
+    );
+    for edge in ["edge-1", "edge-2"] {
+        cluster.reconnect_to_cloud(edge).unwrap();
+    }
+    let edge2 = cluster.node("edge-2").unwrap();
+    cluster
+        .wait_for("the evicted pod stopped on edge-2 and gone from the API", SLOW, || {
+            let gone = cluster.pods("app=evicted")?.is_empty();
+            Ok((gone && edge2.running_containers("evicted") == 0).then_some(()))
+        })
+        .unwrap_or_else(|err| panic!("{err}\n{}", cluster.diagnostics()));
+    let stays = cluster.wait_pods_ready("app=stays", 1, SLOW).unwrap();
+    assert_eq!(stays["stays"].1, stays_ip, "stays keeps its address");
+    let pod = cluster.kubectl_json(&["get", "pod", "stays"]).unwrap();
+    assert_eq!(pod["status"]["containerStatuses"][0]["restartCount"], 0, "stays was never restarted");
 }

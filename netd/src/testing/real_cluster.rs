@@ -39,8 +39,9 @@ use std::time::{Duration, Instant};
 
 use super::kube::{die_with_parent, kill, kube_binary, tail};
 use super::{
-    run_command, unique_name, Bridge, HarnessError, KubeCluster, NetNs, ServerHost, VethPair, DEBIAN_CNI_DIR,
-    KUBE_APISERVER_BIN, KUBE_APISERVER_ENV, KUBE_CONTROLLER_MANAGER_BIN, KUBE_CONTROLLER_MANAGER_ENV, REQUIRE_ENV,
+    run_command, unique_name, Bridge, ControllerManagerOptions, HarnessError, KubeCluster, NetNs, ServerHost, VethPair,
+    DEBIAN_CNI_DIR, KUBE_APISERVER_BIN, KUBE_APISERVER_ENV, KUBE_CONTROLLER_MANAGER_BIN, KUBE_CONTROLLER_MANAGER_ENV,
+    REQUIRE_ENV,
 };
 
 /// Where `cargo xtask setup` caches the built kubelet.
@@ -109,6 +110,7 @@ pub enum Role {
 pub struct RealClusterBuilder {
     edges: u8,
     netd_image: bool,
+    controller_manager: ControllerManagerOptions,
 }
 
 impl RealClusterBuilder {
@@ -122,6 +124,13 @@ impl RealClusterBuilder {
     /// (default: yes).
     pub fn netd_image(mut self, on: bool) -> Self {
         self.netd_image = on;
+        self
+    }
+
+    /// kube-controller-manager's options (default:
+    /// [`ControllerManagerOptions::default`]).
+    pub fn controller_manager_options(mut self, options: ControllerManagerOptions) -> Self {
+        self.controller_manager = options;
         self
     }
 
@@ -188,7 +197,7 @@ impl RealClusterBuilder {
             .rbac(true)
             .node_restriction(true)
             .kubelets(true)
-            .controller_manager(true)
+            .controller_manager_options(self.controller_manager.clone())
             .start()?;
         cluster.kube = Some(kube);
         cluster.scheduler = Some(cluster.start_scheduler()?);
@@ -242,7 +251,7 @@ pub struct RealCluster {
 impl RealCluster {
     /// A cluster of one cloud node and two edge nodes, netd's image imported.
     pub fn builder() -> RealClusterBuilder {
-        RealClusterBuilder { edges: 2, netd_image: true }
+        RealClusterBuilder { edges: 2, netd_image: true, controller_manager: ControllerManagerOptions::default() }
     }
 
     /// The control plane.
@@ -1003,6 +1012,11 @@ impl RealNode {
     pub fn use_hub(&mut self, netd: &Path, server: &str) -> Result<(), HarnessError> {
         self.hub_setup = Some((netd.to_path_buf(), server.to_string()));
         self.start_hub()?;
+        let own = self.dir.join("kubelet.kubeconfig");
+        let direct = self.dir.join(DIRECT_KUBECONFIG);
+        if !direct.exists() {
+            fs::copy(&own, &direct).map_err(|e| HarnessError::io(format!("keeping {}", own.display()), e))?;
+        }
         let kubeconfig = "apiVersion: v1\nkind: Config\n\
              clusters:\n- name: hub\n  cluster:\n    server: https://127.0.0.1:10261\n    certificate-authority: /var/lib/netd/hub/pki/ca.crt\n\
              users:\n- name: node\n  user:\n    client-certificate: /var/lib/kubelet/pki/kubelet-client-current.pem\n    client-key: /var/lib/kubelet/pki/kubelet-client-current.pem\n\
@@ -1011,6 +1025,55 @@ impl RealNode {
         write(&self.dir.join("kubelet.kubeconfig"), kubeconfig)?;
         let _ = kill(&mut self.kubelet, "kubelet");
         self.start_kubelet()
+    }
+
+    /// Undoes [`use_hub`](Self::use_hub): the hub stops, and the kubelet,
+    /// restarted with its own kubeconfig, talks to kube-apiserver directly
+    /// again. The hub's cache stays on disk, as an uninstalled service's
+    /// state does.
+    pub fn stop_using_hub(&mut self) -> Result<(), HarnessError> {
+        let direct = self.dir.join(DIRECT_KUBECONFIG);
+        if self.hub_setup.take().is_none() || !direct.exists() {
+            return Err(HarnessError::Usage(format!("{} does not use a hub", self.name)));
+        }
+        let _ = kill(&mut self.hub, "netd hub");
+        let own = self.dir.join("kubelet.kubeconfig");
+        fs::copy(&direct, &own).map_err(|e| HarnessError::io(format!("restoring {}", own.display()), e))?;
+        let _ = kill(&mut self.kubelet, "kubelet");
+        self.start_kubelet()
+    }
+
+    /// Whether the hub's cache holds object `name` of core/v1 `resource`
+    /// (`pods`, `nodes`, `configmaps`…) in `namespace` (`@cluster` for
+    /// cluster-scoped objects): the file its store keeps for it.
+    pub fn hub_caches(&self, resource: &str, namespace: &str, name: &str) -> bool {
+        let dir = self.host_path("/var/lib/netd/hub/objects").join(format!("core_v1_{resource}"));
+        dir.join(namespace).join(format!("{name}.obj")).is_file()
+    }
+
+    /// Running containers of pod `pod` on this node (the sandbox excluded),
+    /// as containerd reports them: the node's own truth, which the API
+    /// cannot tell while the node is cut off.
+    pub fn running_containers(&self, pod: &str) -> usize {
+        let ids = self
+            .ctr(&[
+                "containers",
+                "list",
+                "-q",
+                &format!("labels.\"io.kubernetes.pod.name\"=={pod},labels.\"io.cri-containerd.kind\"==container"),
+            ])
+            .unwrap_or_default();
+        let tasks = self.ctr(&["tasks", "list"]).unwrap_or_default();
+        ids.lines()
+            .filter(|id| !id.is_empty())
+            .filter(|id| tasks.lines().any(|t| t.starts_with(*id) && t.contains("RUNNING")))
+            .count()
+    }
+
+    /// Whether `to` answers one ping (1 s) from the node's own network
+    /// namespace.
+    pub fn pings(&self, to: IpAddr) -> bool {
+        self.ns.exec("ping", &["-c", "1", "-W", "1", &to.to_string()]).is_ok()
     }
 
     /// A counter or gauge of the hub's `/metrics` (every label set summed);
@@ -1131,6 +1194,9 @@ fn empty_dir(dir: &Path) -> Result<(), HarnessError> {
 fn cgroup2_mount() -> Result<PathBuf, HarnessError> {
     super::cgroup::cgroup2_root()
 }
+
+/// Where [`RealNode::use_hub`] keeps the kubelet's own kubeconfig.
+const DIRECT_KUBECONFIG: &str = "kubelet-direct.kubeconfig";
 
 /// Mount points of every cgroup hierarchy (v1 controllers and v2).
 fn cgroup_mounts() -> Result<Vec<PathBuf>, HarnessError> {

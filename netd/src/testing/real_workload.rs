@@ -205,6 +205,23 @@ impl RealCluster {
         Ok(metric_sum(&text, name))
     }
 
+    /// kube-controller-manager killed and started again, as an operator
+    /// restarts it: its node lifecycle controller begins with empty taint
+    /// queues. Needed before relying on `NoExecute` taints in 1.20.2: a node
+    /// that was NotReady and turned Ready again (every node while netd's CNI
+    /// is not installed yet, a rebooted one) leaves a stale entry at the
+    /// head of its zone's taint queue, and from then on no node is ever
+    /// tainted `NoExecute`, so nothing is evicted (kubernetes#94183, fixed
+    /// upstream by #96876 and its backports after 1.20.2).
+    pub fn restart_controller_manager(&mut self) -> Result<(), HarnessError> {
+        let manager = self
+            .kube_mut()?
+            .controller_manager_mut()
+            .ok_or_else(|| HarnessError::Usage("the cluster runs no kube-controller-manager".into()))?;
+        manager.stop()?;
+        manager.start()
+    }
+
     /// kube-apiserver restarted (with `extra_args`) as a process of the
     /// cloud node: its connections to kubelets then leave from the cloud
     /// node, where the tunnel DNAT catches those to edge nodes.
