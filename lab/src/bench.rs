@@ -25,6 +25,8 @@ const POD_ROUND_PAIRS: usize = 2;
 /// Hub benchmark: rounds per way to the API, and lists per round.
 const HUB_ROUNDS: usize = 5;
 const HUB_LISTS_PER_ROUND: usize = 200;
+/// Real-cluster reboot benchmark: mirrored pairs of reboots (floor, hub with the cloud away).
+const REBOOT_ROUND_PAIRS: usize = 2;
 
 /// Runs the named benchmark (or all) with the release binaries in `bin_dir`.
 pub fn run(which: &str, bin_dir: &Path) -> Result<()> {
@@ -41,6 +43,7 @@ pub fn run(which: &str, bin_dir: &Path) -> Result<()> {
         "autonomy" => crate::bench_autonomy::run(AUTONOMY_ROUNDS, AUTONOMY_PODS, bin_dir),
         "pods" => crate::bench_pods::run(POD_ROUND_PAIRS),
         "hub" => crate::bench_hub::run(HUB_ROUNDS, HUB_LISTS_PER_ROUND, bin_dir),
+        "reboot" => crate::bench_reboot::run(REBOOT_ROUND_PAIRS, bin_dir),
         "all" => {
             cni(200, bin_dir)?;
             crate::bench_vxlan::run(5, bin_dir)?;
@@ -55,7 +58,7 @@ pub fn run(which: &str, bin_dir: &Path) -> Result<()> {
             crate::bench_hub::run(HUB_ROUNDS, HUB_LISTS_PER_ROUND, bin_dir)
         }
         other => bail!(
-            "unknown benchmark `{other}` (known: cni, vxlan, events, rss, scenario, dnat, tunnel, doors, tunnel-config, autonomy, pods, hub, all)"
+            "unknown benchmark `{other}` (known: cni, vxlan, events, rss, scenario, dnat, tunnel, doors, tunnel-config, autonomy, pods, hub, reboot, all)"
         ),
     }
 }

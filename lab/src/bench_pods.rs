@@ -307,7 +307,7 @@ fn round(
 /// them) seen while the rounds run, sampled every 250 ms on a thread of
 /// their own: a run that shares the machine says so instead of passing off
 /// their load as the cluster's.
-struct Intruders {
+pub(crate) struct Intruders {
     /// The most processes of each name seen at once since the last clear.
     seen: std::sync::Arc<std::sync::Mutex<BTreeMap<String, usize>>>,
 }
@@ -319,7 +319,7 @@ impl Intruders {
     /// Process names that mean a build is running.
     const NAMES: [&'static str; 6] = ["rustc", "cc1", "cc1plus", "ld", "compile", "link"];
 
-    fn start() -> Self {
+    pub(crate) fn start() -> Self {
         let seen = std::sync::Arc::new(std::sync::Mutex::new(BTreeMap::new()));
         let shared = std::sync::Arc::downgrade(&seen);
         // Ends once the benchmark drops its handle.
@@ -370,14 +370,14 @@ impl Intruders {
         found
     }
 
-    fn clear(&self) {
+    pub(crate) fn clear(&self) {
         if let Ok(mut seen) = self.seen.lock() {
             seen.clear();
         }
     }
 
     /// What ran since [`Intruders::clear`]: `name ×most at once`.
-    fn seen(&self) -> Vec<String> {
+    pub(crate) fn seen(&self) -> Vec<String> {
         self.seen.lock().map(|s| s.iter().map(|(name, n)| format!("{name} ×{n}")).collect()).unwrap_or_default()
     }
 }

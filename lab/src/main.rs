@@ -4,7 +4,7 @@
 //! ```text
 //! netd-lab demo --bin-dir target/release
 //! netd-lab demo cluster --bin-dir target/release
-//! netd-lab bench <cni|vxlan|events|rss|scenario|dnat|tunnel|doors|tunnel-config|autonomy|pods|hub|all> --bin-dir target/release
+//! netd-lab bench <cni|vxlan|events|rss|scenario|dnat|tunnel|doors|tunnel-config|autonomy|pods|hub|reboot|all> --bin-dir target/release
 //! ```
 
 mod bench;
@@ -14,6 +14,7 @@ mod bench_doors;
 mod bench_events;
 mod bench_hub;
 mod bench_pods;
+mod bench_reboot;
 mod bench_rss;
 mod bench_scenario;
 mod bench_tunnel;
@@ -29,7 +30,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 
 const USAGE: &str =
-    "usage: netd-lab <demo [cluster] | bench <cni|vxlan|events|rss|scenario|dnat|tunnel|doors|tunnel-config|autonomy|pods|hub|all>> --bin-dir DIR (run through `cargo xtask`)";
+    "usage: netd-lab <demo [cluster] | bench <cni|vxlan|events|rss|scenario|dnat|tunnel|doors|tunnel-config|autonomy|pods|hub|reboot|all>> --bin-dir DIR (run through `cargo xtask`)";
 
 fn main() -> Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();

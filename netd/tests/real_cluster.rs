@@ -13,9 +13,12 @@
 //!    re-creates it and the pod keeps its address;
 //! 4. `kubectl rollout restart` of the StatefulSet: every pod keeps its
 //!    address;
-//! 5. a deleted pod's address is freed by netd's pin keeper after the grace
-//!    period (set short by hand, as an operator would: `kubectl set env`,
-//!    then the OnDelete roll of netd's pods);
+//! 5. netd upgraded on every node by `netd-controller rollout` (a new image
+//!    tag and a short pin grace period in the DaemonSet's template; the
+//!    real DaemonSet controller re-creates each netd pod the rollout
+//!    deletes, node by node) while the two pods ping each other across
+//!    nodes every 10 ms: no reply lost; then a deleted pod's address is
+//!    freed by netd's pin keeper after that grace period;
 //! 6. the cloud cut off from the edge as NAT does (no new connection from
 //!    the cloud node to an edge node, no VXLAN between them), checked;
 //! 7. kube-apiserver as a process of the cloud node dials edge kubelets by
@@ -36,6 +39,7 @@ use std::net::IpAddr;
 use std::process::Child;
 use std::time::Duration;
 
+use netd::rollout::{Phase, RolloutState};
 use netd::testing::{
     self, edge_statefulset, http_get, RealCluster, RealNode, CLOUD_NODE_IP, WORKLOAD_IMAGE,
     WORKLOAD_METRICS_PORT as METRICS_PORT,
@@ -43,8 +47,48 @@ use netd::testing::{
 use serde_json::{json, Value};
 
 const NS: &str = "kube-system";
+/// The netd image deploy/ names, and the tag the rollout moves to.
+const DEPLOYED_IMAGE: &str = "netd:0.1.0";
+const NEW_IMAGE: &str = "netd:0.1.0-rollout";
 /// Long enough for a first start of every pod on two shared cores.
 const SLOW: Duration = Duration::from_secs(180);
+
+/// `netd-controller <args>` as the cluster admin, run where the API server
+/// is (the cloud node's network namespace).
+fn netd_controller(cluster: &RealCluster, args: &[&str]) -> std::process::Output {
+    let api = cluster.kube().unwrap().api();
+    let token = api.dir().join("rollout-token");
+    std::fs::write(&token, api.token()).unwrap();
+    let (url, ca) = (api.url(), api.ca_cert_path());
+    api.host()
+        .run(|| {
+            std::process::Command::new(env!("CARGO_BIN_EXE_netd-controller"))
+                .args(args)
+                .args([
+                    "--kubernetes",
+                    &url,
+                    "--token-file",
+                    &token.to_string_lossy(),
+                    "--ca-file",
+                    &ca.to_string_lossy(),
+                ])
+                .output()
+        })
+        .unwrap()
+        .unwrap()
+}
+
+fn output_text(out: &std::process::Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// (sent, received) from busybox ping's summary line
+/// `N packets transmitted, M packets received, …`.
+fn ping_summary(text: &str) -> Option<(u64, u64)> {
+    let line = text.lines().find(|l| l.contains("packets transmitted"))?;
+    let mut numbers = line.split(|c: char| !c.is_ascii_digit()).filter(|w| !w.is_empty());
+    Some((numbers.next()?.parse().ok()?, numbers.next()?.parse().ok()?))
+}
 
 fn json_of(cluster: &RealCluster, args: &[&str]) -> Value {
     cluster.kubectl_json(args).unwrap()
@@ -310,12 +354,73 @@ fn deploy_runs_on_real_kubelets_and_pods_keep_their_addresses() {
     let after: BTreeMap<String, IpAddr> = restarted.iter().map(|(n, (_, ip))| (n.clone(), *ip)).collect();
     assert_eq!(after, before, "every StatefulSet pod keeps its address across a rollout restart");
 
-    // 5. A deleted pod's address is freed after the grace period. netd's
-    // default grace is 10 minutes; shorten it as an operator would, and roll
-    // netd's pods by hand (the DaemonSet is OnDelete).
+    // 5. netd upgraded by `netd-controller rollout` while the pods ping
+    // each other every 10 ms: a new image tag, and netd's pin grace period
+    // (10 minutes by default) shortened for what follows, in one template
+    // change. The new tag names the same bytes (imported, never pulled):
+    // the rollout and the DaemonSet controller go by the template.
+    for node in cluster.nodes() {
+        let images = node.ctr(&["images", "ls", "-q"]).unwrap();
+        let current = images.lines().find(|l| l.ends_with(&format!("/{DEPLOYED_IMAGE}"))).unwrap_or_else(|| {
+            panic!("{DEPLOYED_IMAGE} not in {}'s containerd: {images}", node.name);
+        });
+        node.ctr(&["images", "tag", current, &current.replace(DEPLOYED_IMAGE, NEW_IMAGE)]).unwrap();
+    }
+    let netd_pods = |cluster: &RealCluster| -> BTreeMap<String, (String, String)> {
+        json_of(cluster, &["-n", NS, "get", "pods", "-l", "app.kubernetes.io/name=netd"])["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                let text = |pointer: &str| p.pointer(pointer).and_then(Value::as_str).unwrap_or_default().to_string();
+                (text("/spec/nodeName"), (text("/metadata/uid"), text("/spec/containers/0/image")))
+            })
+            .collect()
+    };
+    let netd_before = netd_pods(&cluster);
+    assert_eq!(netd_before.len() as u64, all, "one netd pod per node: {netd_before:?}");
+    let pingers = [("web-0", restarted["web-1"].1), ("web-1", restarted["web-0"].1)];
+    for (from, to) in &pingers {
+        // In the background of the pod, its summary kept in a file: the
+        // exec session ends at once, the pings go on.
+        let start = format!("ping -i 0.01 -q {to} > /tmp/ping.out 2>&1 & echo $! > /tmp/ping.pid");
+        cluster.kubectl(&["exec", from, "--", "sh", "-c", &start]).unwrap();
+    }
+    cluster.kubectl(&["-n", NS, "set", "image", "daemonset/netd", &format!("*={NEW_IMAGE}")]).unwrap();
     cluster.kubectl(&["-n", NS, "set", "env", "daemonset/netd", "NETD_PIN_GRACE=5s"]).unwrap();
-    cluster.kubectl(&["-n", NS, "delete", "pod", "-l", "app.kubernetes.io/name=netd", "--wait=false"]).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(netd_pods(&cluster), netd_before, "OnDelete: nothing restarts before the rollout");
+    let rolled = std::time::Instant::now();
+    let started = netd_controller(&cluster, &["rollout", "start", "--node-timeout", "3m"]);
+    assert!(started.status.success(), "rollout start: {}", output_text(&started));
+    let status = netd_controller(&cluster, &["rollout", "status", "--timeout", "6m"]);
+    let status_text = output_text(&status);
+    let rolled = rolled.elapsed();
+    let state = json_of(&cluster, &["-n", NS, "get", "configmap", "netd-rollout"]);
+    let state = RolloutState::from_json(state["data"]["rollout.json"].as_str().unwrap()).unwrap();
+    assert_eq!(state.phase, Phase::Complete, "{status_text}\n{state:?}\n{}", cluster.diagnostics());
     wait_daemonset(&cluster, "netd", all);
+    let netd_after = netd_pods(&cluster);
+    for (node, (uid, image)) in &netd_before {
+        let (new_uid, new_image) = &netd_after[node];
+        assert_ne!(new_uid, uid, "{node}'s netd pod replaced");
+        assert!(new_image.ends_with(NEW_IMAGE) && !image.ends_with(NEW_IMAGE), "{node}: {image} → {new_image}");
+    }
+    for (from, to) in &pingers {
+        let stop = "kill -INT $(cat /tmp/ping.pid); sleep 1; cat /tmp/ping.out";
+        let out = cluster.kubectl(&["exec", from, "--", "sh", "-c", stop]).unwrap();
+        let (sent, received) = ping_summary(&out).unwrap_or_else(|| panic!("{from}'s ping summary: {out}"));
+        // One echo may be on its way back when the summary is printed.
+        assert!(sent - received <= 1, "{from} → {to} lost replies while netd rolled out: {out}");
+        // At 10 ms, the pings covered the rollout (busybox paces them).
+        assert!(sent as f64 >= rolled.as_secs_f64() * 50.0, "{from} sent only {sent} pings in {rolled:?}");
+        println!(
+            "rollout of netd on {all} nodes in {:.1} s: {from} → {to} every 10 ms, {sent} sent, {received} answered",
+            rolled.as_secs_f64()
+        );
+    }
+
+    // A deleted pod's address is freed after that grace period.
     cluster.kubectl(&["scale", "statefulset/web", "--replicas=1"]).unwrap();
     let (gone_node, gone_ip) = restarted["web-1"].clone();
     let gone_node = cluster.node(&gone_node).unwrap();

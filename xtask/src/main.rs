@@ -29,9 +29,9 @@ tasks:
   setup   install (idempotently) the Debian packages netd needs to build, test and demo
   test    run every test, unprivileged and privileged (root; network namespaces),
           and check that no namespace, link or cgroup is left behind
-  bench [cni|vxlan|events|rss|scenario|dnat|tunnel|doors|tunnel-config|autonomy|pods|hub|all]
+  bench [cni|vxlan|events|rss|scenario|dnat|tunnel|doors|tunnel-config|autonomy|pods|hub|reboot|all]
           side-by-side benchmarks needing namespaces or external tools (root); `pods`
-          (a real cluster, netd's image) is not part of `all`
+          and `reboot` (a real cluster, netd's image) are not part of `all`
   ci      setup, fmt check, clippy, build (benches included), test, doc: what CI runs
   image [netd|pause [OUT]|busybox [OUT]]
           netd's container image (release binaries, nft and their libraries) as a
@@ -183,7 +183,7 @@ fn demo_cluster() -> Result<()> {
 }
 
 fn bench(which: &str) -> Result<()> {
-    const KNOWN: [&str; 13] = [
+    const KNOWN: [&str; 14] = [
         "cni",
         "vxlan",
         "events",
@@ -196,13 +196,14 @@ fn bench(which: &str) -> Result<()> {
         "autonomy",
         "pods",
         "hub",
+        "reboot",
         "all",
     ];
     if !KNOWN.contains(&which) {
         eprint!("{USAGE}");
         bail!("unknown benchmark `{which}` (known: {})", KNOWN.join(", "));
     }
-    if matches!(which, "scenario" | "tunnel-config" | "autonomy" | "pods" | "hub" | "all") {
+    if matches!(which, "scenario" | "tunnel-config" | "autonomy" | "pods" | "hub" | "reboot" | "all") {
         // These run on a kube-apiserver too (pods: kubelets and the
         // scheduler as well, and the test images).
         setup::run()?;
@@ -217,7 +218,7 @@ fn bench(which: &str) -> Result<()> {
         println!("==> building netd-controller (release)");
         cargo(&["build", "--release", "-p", "netd", "--bin", "netd-controller"], &[])?;
     }
-    if which == "pods" {
+    if matches!(which, "pods" | "reboot") {
         // The real cluster runs netd's image, from this tree's release build.
         image::run(&[])?;
     }
