@@ -34,7 +34,7 @@ use std::time::{Duration, SystemTime};
 use serde_json::{json, Value};
 
 use crate::model::autonomy::{format_go_duration, parse_go_duration, Autonomy, DurationError};
-use crate::registry::kubernetes::{parse_rfc3339, rfc3339};
+use crate::model::rfc3339;
 use crate::registry::{
     AutonomyChange, NodeAutonomy, NodeHeartbeat, NodeLeaseState, Registry, RegistryError, RegistrySpec,
 };
@@ -207,7 +207,7 @@ fn when(at: SystemTime, now: SystemTime) -> String {
         Ok(ahead) => format!("in {}", span(ahead)),
         Err(behind) => format!("{} ago", span(behind.duration())),
     };
-    format!("{} ({relative})", rfc3339(at))
+    format!("{} ({relative})", rfc3339::format(at))
 }
 
 impl Report {
@@ -264,7 +264,7 @@ impl Report {
             (Some(at), Autonomy::For(bound)) => {
                 let end = at + bound;
                 let verdict = if end > self.now { "ends" } else { "ended" };
-                format!("cut off since {}; the {} bound {verdict} {}", rfc3339(at), span(bound), when(end, self.now))
+                format!("cut off since {}; the {} bound {verdict} {}", rfc3339::format(at), span(bound), when(end, self.now))
             }
             (Some(at), _) => format!("cut off since {}", when(at, self.now)),
         });
@@ -411,7 +411,7 @@ impl Report {
             Autonomy::For(bound) => Some(bound),
             Autonomy::Off | Autonomy::Forever => None,
         };
-        let time = |t: Option<SystemTime>| t.map(rfc3339);
+        let time = |t: Option<SystemTime>| t.map(rfc3339::format);
         let lease = node.lease.as_ref().map(|l| {
             json!({
                 "subnet": l.subnet.to_string(),
@@ -461,19 +461,19 @@ impl Report {
                 "eviction": implications.eviction,
                 "peers": implications.peers,
             },
-            "readAt": rfc3339(self.now),
+            "readAt": rfc3339::format(self.now),
         })
     }
 }
 
 /// Writes a time as [`Report::json`] does (RFC 3339, UTC, whole seconds).
 pub fn format_time(time: SystemTime) -> String {
-    rfc3339(time)
+    rfc3339::format(time)
 }
 
 /// Reads an RFC 3339 time as [`Report::json`] writes them.
 pub fn parse_time(text: &str) -> Option<SystemTime> {
-    parse_rfc3339(text)
+    rfc3339::parse(text)
 }
 
 #[cfg(test)]

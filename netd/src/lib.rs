@@ -8,7 +8,9 @@
 //!
 //! This crate is both the per-node daemon and a library other node agents
 //! embed. Persistent allocation lives in [`netd_ipam`]; BPF programs and their
-//! loader in [`netd_ebpf`].
+//! loader in [`netd_ebpf`]; the vocabulary every layer shares (leases,
+//! flannel's formats, autonomy keys, roles) in [`netd_model`], re-exported as
+//! [`model`].
 //!
 //! Every file netd writes whole goes through [`atomic_file`]: temporary
 //! file made with its final mode, fsync, rename, directory fsync; a key is
@@ -29,7 +31,7 @@ pub mod hub;
 pub mod join;
 pub mod kube;
 pub mod masquerade;
-pub mod model;
+pub use netd_model as model;
 pub mod netlink;
 pub mod registry;
 pub mod rollout;

@@ -277,6 +277,19 @@ pub enum LinkAction {
     Removed,
 }
 
+impl LinkAction {
+    /// The action's name in machine-readable output (`netd dnat apply
+    /// --json`): `created`, `updated`, `recreated`, `removed`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkAction::Created => "created",
+            LinkAction::Updated => "updated",
+            LinkAction::Recreated => "recreated",
+            LinkAction::Removed => "removed",
+        }
+    }
+}
+
 /// One program's outcome.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinkOutcome {

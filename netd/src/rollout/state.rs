@@ -632,11 +632,7 @@ pub fn phase_name(phase: Phase) -> &'static str {
 
 /// Unix seconds as RFC 3339 UTC.
 pub fn format_unix(secs: u64) -> String {
-    i64::try_from(secs)
-        .ok()
-        .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
-        .unwrap_or_else(|| secs.to_string())
+    crate::model::rfc3339::format_unix(secs).unwrap_or_else(|| secs.to_string())
 }
 
 pub use crate::model::unix_now;

@@ -2,13 +2,17 @@
 //! network settings, the VTEP MAC, flannel's wire formats and the autonomy
 //! annotations.
 //!
-//! It sits below everything else in netd: the data plane ([`crate::vxlan`])
-//! and the control-plane side ([`crate::registry`]) both depend on it and
-//! not on each other. It depends on nothing in netd; [`MacAddr`] comes from
-//! the allocation crate (`netd-ipam`), which pins it to the node name.
+//! It sits below everything else in netd: the data plane (`netd::vxlan`)
+//! and the control-plane side (`netd::registry`) both depend on it and
+//! not on each other. It depends on nothing in netd, on no async runtime and
+//! on no Kubernetes client, so an agent that only reads or writes flannel's
+//! formats takes this crate alone; [`MacAddr`] comes from the allocation
+//! crate (`netd-ipam`), which pins it to the node name. `netd` re-exports it
+//! as `netd::model`.
 
 pub mod autonomy;
 pub mod flannel;
+pub mod rfc3339;
 pub mod roles;
 
 use std::net::Ipv4Addr;
