@@ -264,7 +264,12 @@ impl Report {
             (Some(at), Autonomy::For(bound)) => {
                 let end = at + bound;
                 let verdict = if end > self.now { "ends" } else { "ended" };
-                format!("cut off since {}; the {} bound {verdict} {}", rfc3339::format(at), span(bound), when(end, self.now))
+                format!(
+                    "cut off since {}; the {} bound {verdict} {}",
+                    rfc3339::format(at),
+                    span(bound),
+                    when(end, self.now)
+                )
             }
             (Some(at), _) => format!("cut off since {}", when(at, self.now)),
         });
