@@ -195,9 +195,15 @@ fn wait_cached(cluster: &RealCluster, pod: &str) -> Result<()> {
     Ok(())
 }
 
+/// The median (the mean of the middle two of an even count), min and max.
 fn median_min_max(mut values: Vec<Duration>) -> (Duration, Duration, Duration) {
     values.sort();
-    let median = crate::bench::percentile(&values, 0.5);
+    let mid = values.len() / 2;
+    let median = match values.len() {
+        0 => Duration::ZERO,
+        n if n % 2 == 0 => (values[mid - 1] + values[mid]) / 2,
+        _ => values[mid],
+    };
     (median, values.first().copied().unwrap_or_default(), values.last().copied().unwrap_or_default())
 }
 
