@@ -136,7 +136,7 @@ fn reboot(cluster: &mut RealCluster, variant: Variant, netd: &Path, pod: &str, i
     // Settled: both pods Ready (the kubelet, just restarted, has synced).
     cluster.wait_pods_ready("app=web", 2, SLOW)?;
     if variant == Variant::HubOffline {
-        wait_cached(cluster, pod)?;
+        cluster.wait_hub_holds_boot_reads(NODE, &[pod], SLOW)?;
         cluster.isolate_from_cloud(NODE)?;
     }
     cluster.nodes_mut()[index].power_cut()?;
@@ -166,33 +166,6 @@ fn reboot(cluster: &mut RealCluster, variant: Variant, netd: &Path, pod: &str, i
         bail!("{pod} did not keep {ip} across the reboot: {after:?}");
     }
     Ok(Round { variant, running, replied, served_offline })
-}
-
-/// Waits until the hub holds what the kubelet reads at boot: its Node, its
-/// pods (netd's and the workload's) and the ConfigMaps netd's pod mounts.
-fn wait_cached(cluster: &RealCluster, pod: &str) -> Result<()> {
-    let netd_pods = cluster.kubectl_json(&[
-        "-n",
-        "kube-system",
-        "get",
-        "pods",
-        "-l",
-        "app.kubernetes.io/name=netd",
-        "--field-selector",
-        &format!("spec.nodeName={NODE}"),
-    ])?;
-    let netd_pod = netd_pods["items"][0]["metadata"]["name"].as_str().context("no netd pod on edge-1")?.to_string();
-    let node = cluster.node(NODE)?;
-    cluster.wait_for("the hub caching what edge-1's kubelet reads", SLOW, || {
-        let all = node.hub_metric("netd_hub_autonomous") == Some(1.0)
-            && node.hub_caches("nodes", "@cluster", NODE)
-            && node.hub_caches("pods", "default", pod)
-            && node.hub_caches("pods", "kube-system", &netd_pod)
-            && node.hub_caches("configmaps", "kube-system", "netd-cfg")
-            && node.hub_caches("configmaps", "kube-system", "kube-root-ca.crt");
-        Ok(all.then_some(()))
-    })?;
-    Ok(())
 }
 
 /// The median (the mean of the middle two of an even count), min and max.

@@ -197,34 +197,8 @@ fn a_rebooted_edge_node_gets_its_pods_back_from_the_cloud_and_nothing_without_it
     let server = cluster.kube().unwrap().api().url();
     cluster.nodes_mut()[node].use_hub(Path::new(env!("CARGO_BIN_EXE_netd")), &server).unwrap();
     let edge1 = &cluster.nodes()[node];
-    let netd_pod = cluster
-        .kubectl_json(&[
-            "-n",
-            "kube-system",
-            "get",
-            "pods",
-            "-l",
-            "app.kubernetes.io/name=netd",
-            "--field-selector",
-            "spec.nodeName=edge-1",
-        ])
-        .unwrap()["items"][0]["metadata"]["name"]
-        .as_str()
-        .unwrap()
-        .to_string();
     cluster
-        .wait_for("the hub caching edge-1's pods for its kubelet", SLOW, || {
-            // The pods, and the ConfigMaps netd's pod mounts (the kubelet
-            // lists each by name once it syncs the pod).
-            let all = edge1.hub_metric("netd_hub_autonomous") == Some(1.0)
-                && edge1.hub_caches("nodes", "@cluster", "edge-1")
-                && edge1.hub_caches("pods", "default", &pod)
-                && edge1.hub_caches("pods", "default", "doomed")
-                && edge1.hub_caches("pods", "kube-system", &netd_pod)
-                && edge1.hub_caches("configmaps", "kube-system", "netd-cfg")
-                && edge1.hub_caches("configmaps", "kube-system", "kube-root-ca.crt");
-            Ok(all.then_some(()))
-        })
+        .wait_hub_holds_boot_reads("edge-1", &[&pod, "doomed"], SLOW)
         .unwrap_or_else(|err| panic!("{err}\n{}", edge1.hub_log()));
     cluster.isolate_from_cloud("edge-1").unwrap();
     cluster.nodes_mut()[node].power_cut().unwrap();

@@ -205,6 +205,38 @@ impl RealCluster {
         Ok(metric_sum(&text, name))
     }
 
+    /// Waits until the hub of node `name` is caching (the node autonomous)
+    /// and holds what its kubelet reads at boot: its Node, its netd pod and
+    /// the ConfigMaps that pod mounts (the kubelet lists each by name once
+    /// it syncs the pod), and each pod of namespace `default` in `pods`.
+    pub fn wait_hub_holds_boot_reads(&self, name: &str, pods: &[&str], timeout: Duration) -> Result<(), HarnessError> {
+        let node = self.node(name)?;
+        let selector = format!("spec.nodeName={name}");
+        let netd = self.kubectl_json(&[
+            "-n",
+            "kube-system",
+            "get",
+            "pods",
+            "-l",
+            "app.kubernetes.io/name=netd",
+            "--field-selector",
+            &selector,
+        ])?;
+        let netd_pod = netd["items"][0]["metadata"]["name"]
+            .as_str()
+            .ok_or_else(|| HarnessError::Scenario(format!("no netd pod on {name}")))?
+            .to_string();
+        self.wait_for(&format!("the hub of {name} caching what its kubelet reads"), timeout, || {
+            let all = node.hub_metric("netd_hub_autonomous") == Some(1.0)
+                && node.hub_caches("nodes", "@cluster", name)
+                && node.hub_caches("pods", "kube-system", &netd_pod)
+                && node.hub_caches("configmaps", "kube-system", "netd-cfg")
+                && node.hub_caches("configmaps", "kube-system", "kube-root-ca.crt")
+                && pods.iter().all(|pod| node.hub_caches("pods", "default", pod));
+            Ok(all.then_some(()))
+        })
+    }
+
     /// kube-controller-manager killed and started again, as an operator
     /// restarts it: its node lifecycle controller begins with empty taint
     /// queues. Needed before relying on `NoExecute` taints in 1.20.2: a node
