@@ -86,6 +86,7 @@
 //! # Ok::<(), netd_ipam::Error>(())
 //! ```
 
+pub mod cni;
 mod error;
 mod import;
 mod mac;

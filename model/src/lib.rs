@@ -6,21 +6,24 @@
 //! and the control-plane side (`netd::registry`) both depend on it and
 //! not on each other. It depends on nothing in netd, on no async runtime and
 //! on no Kubernetes client, so an agent that only reads or writes flannel's
-//! formats takes this crate alone; [`MacAddr`] comes from the allocation
-//! crate (`netd-ipam`), which pins it to the node name. `netd` re-exports it
+//! formats takes this crate alone. The allocation crate (`netd-ipam`), which
+//! pins [`MacAddr`] to the node name, builds on it too. `netd` re-exports it
 //! as `netd::model`.
 
+pub mod atomic_file;
 pub mod autonomy;
 pub mod flannel;
+mod mac;
 pub mod rfc3339;
 pub mod roles;
+pub mod subnet_env;
 
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-pub use netd_ipam::MacAddr;
+pub use mac::{MacAddr, MacParseError};
 
 /// A node's subnet lease as the data plane needs it: ours or a peer's.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,4 +83,16 @@ pub fn unix_now() -> u64 {
 /// Whether two subnets share addresses (one contains the other).
 pub fn overlaps(a: Ipv4Net, b: Ipv4Net) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
+}
+
+/// A boolean as operators write it in flags, environment variables and
+/// annotations: true|false|1|0|yes|no. The error says what is wrong, not
+/// what was given: clap's message already quotes the value and names the
+/// flag.
+pub fn parse_bool(text: &str) -> Result<bool, String> {
+    match text {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        _ => Err("not a boolean (true|false|1|0|yes|no)".into()),
+    }
 }

@@ -19,25 +19,23 @@
 //! With the `test-harness` feature, [`testing`] provides RAII guards for
 //! network namespaces, veth pairs, bridges and cgroups for privileged tests.
 
-pub mod atomic_file;
 pub mod autonomy;
-pub mod cli;
-pub mod cni;
+pub use netd_ipam::cni;
 pub mod controller;
-pub mod daemon;
+pub use netd_dataplane::daemon;
 pub mod dnat;
-pub mod http;
+pub use netd_metrics as http;
 pub mod hub;
 pub mod join;
-pub mod kube;
-pub mod masquerade;
+pub use netd_kube as kube;
+pub use netd_dataplane::masquerade;
 pub use netd_model as model;
-pub mod netlink;
-pub mod registry;
+pub use netd_model::{atomic_file, subnet_env};
+pub use netd_netlink as netlink;
+pub use netd_registry as registry;
 pub mod rollout;
-pub mod subnet_env;
 pub mod tunnel;
-pub mod vxlan;
+pub use netd_dataplane::vxlan;
 
 pub use netd_ebpf as ebpf;
 pub use netd_ipam as ipam;

@@ -346,6 +346,60 @@ pub struct DnatStats {
     pub handshake_full: u64,
 }
 
+impl DnatStats {
+    /// The counters in Prometheus' text format (`netd dnat show --prometheus`,
+    /// for node_exporter's textfile collector, and for any netd process that
+    /// serves /metrics next to a tunnel DNAT).
+    pub fn render_prometheus(&self) -> String {
+            use std::fmt::Write as _;
+            let stats = self;
+        let mut out = String::new();
+        out.push_str(
+            "# HELP netd_dnat_redirected_total Connections redirected to the tunnel server, by rule.\n\
+             # TYPE netd_dnat_redirected_total counter\n",
+        );
+        for rule in &stats.rules {
+            let _ = writeln!(
+                out,
+                "netd_dnat_redirected_total{{port=\"{}\",target_port=\"{}\"}} {}",
+                rule.port, rule.target_port, rule.redirected
+            );
+        }
+        let gauges: [(&str, &str, &str, u64); 6] = [
+            ("netd_dnat_edge_nodes", "gauge", "Edge node addresses redirected.", stats.edge_nodes.len() as u64),
+            ("netd_dnat_edge_subnets", "gauge", "Edge pod subnets redirected.", stats.edge_subnets.len() as u64),
+            (
+                "netd_dnat_handshakes_pending",
+                "gauge",
+                "Redirected connections between SYN and accept.",
+                stats.handshakes_pending as u64,
+            ),
+            (
+                "netd_dnat_accepted_with_origin_total",
+                "counter",
+                "Accepted tunnel connections that learned their original destination.",
+                stats.accepted_with_origin,
+            ),
+            (
+                "netd_dnat_no_storage_total",
+                "counter",
+                "Matches left unredirected for want of socket storage.",
+                stats.no_storage,
+            ),
+            (
+                "netd_dnat_handshake_full_total",
+                "counter",
+                "Handshakes the hand-over map could not take.",
+                stats.handshake_full,
+            ),
+        ];
+        for (name, kind, help, value) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        }
+        out
+    }
+}
+
 /// What a set operation changed in the kernel.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Changes {

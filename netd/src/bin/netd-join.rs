@@ -69,7 +69,7 @@ struct Cli {
     #[arg(long, env = "NETD_CRI_SOCKET", value_name = "PATH", value_parser = parse_cri_socket)]
     cri_socket: Option<PathBuf>,
     /// Kubernetes joins: wire the kubelet through netd's edge hub (its CA, the kubelet's kubeconfig, a systemd unit and a kubelet drop-in); false: leave the kubelet as it is.
-    #[arg(long, env = "NETD_JOIN_HUB", value_name = "BOOL", value_parser = netd::cli::parse_bool, num_args = 0..=1, default_value = "true", default_missing_value = "true")]
+    #[arg(long, env = "NETD_JOIN_HUB", value_name = "BOOL", value_parser = netd::model::parse_bool, num_args = 0..=1, default_value = "true", default_missing_value = "true")]
     hub: bool,
     /// The netd binary on this host, as the hub's unit runs it.
     #[arg(long, env = "NETD_JOIN_NETD_BIN", value_name = "FILE", default_value = "/usr/local/bin/netd")]

@@ -141,7 +141,7 @@ Examples:
 #[derive(Debug, Args)]
 struct HubArgs {
     /// Make the hub's CA (<cache-dir>/pki/ca.crt) unless a valid one is there, and exit: before the kubelet first starts.
-    #[arg(long, env = "NETD_HUB_INIT", value_parser = netd::cli::parse_bool, num_args = 0..=1, default_value = "false", default_missing_value = "true")]
+    #[arg(long, env = "NETD_HUB_INIT", value_parser = netd::model::parse_bool, num_args = 0..=1, default_value = "false", default_missing_value = "true")]
     init: bool,
     /// This node's name; clients must present a certificate for system:node:<NAME>.
     #[arg(long, env = "NETD_HUB_NODE_NAME", value_name = "NAME", required_unless_present = "init")]
@@ -649,7 +649,7 @@ fn dnat_show(args: DnatShowArgs) -> Result<()> {
     let dnat = TunnelDnat::open(&args.pins.pin_dir)?;
     let stats = dnat.stats()?;
     if args.prometheus {
-        print!("{}", netd::dnat::render_prometheus(&stats));
+        print!("{}", stats.render_prometheus());
     } else if args.json {
         println!("{}", netd::dnat::render_json(dnat.pin_dir(), &stats, &dnat.links()?));
     } else {
@@ -941,7 +941,7 @@ struct TunnelAgentArgs {
     #[arg(long, env = "NETD_TUNNEL_EXTRA_PORTS", value_name = "PORT,...", value_delimiter = ',')]
     extra_ports: Vec<u16>,
     /// Dial loopback destinations too (services bound to 127.0.0.1 or ::1).
-    #[arg(long, env = "NETD_TUNNEL_DIAL_LOOPBACK", value_name = "BOOL", value_parser = netd::cli::parse_bool, num_args = 0..=1, default_value = "false", default_missing_value = "true")]
+    #[arg(long, env = "NETD_TUNNEL_DIAL_LOOPBACK", value_name = "BOOL", value_parser = netd::model::parse_bool, num_args = 0..=1, default_value = "false", default_missing_value = "true")]
     dial_loopback: bool,
     /// /metrics and /healthz (plain HTTP).
     #[arg(long, env = "NETD_TUNNEL_METRICS_LISTEN", value_name = "IP:PORT", default_value = "127.0.0.1:10267")]

@@ -31,7 +31,7 @@ pub struct AttachArgs {
     #[command(flatten)]
     pub pins: PinArgs,
     /// Also redirect sockets in pod network namespaces; also =true|false.
-    #[arg(long, env = "NETD_DNAT_POD_NAMESPACES", value_name = "BOOL", value_parser = crate::cli::parse_bool,
+    #[arg(long, env = "NETD_DNAT_POD_NAMESPACES", value_name = "BOOL", value_parser = crate::model::parse_bool,
           num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false")]
     pub pod_namespaces: bool,
     /// The cgroup v2 directory whose sockets are redirected [default: the cgroup v2 root].
@@ -225,56 +225,6 @@ pub fn render_json(pin_dir: &Path, stats: &DnatStats, links: &[PinnedLink]) -> s
     })
 }
 
-/// The counters in Prometheus' text format (`netd dnat show --prometheus`,
-/// for node_exporter's textfile collector, and for any netd process that
-/// serves /metrics next to a tunnel DNAT).
-pub fn render_prometheus(stats: &DnatStats) -> String {
-    let mut out = String::new();
-    out.push_str(
-        "# HELP netd_dnat_redirected_total Connections redirected to the tunnel server, by rule.\n\
-         # TYPE netd_dnat_redirected_total counter\n",
-    );
-    for rule in &stats.rules {
-        let _ = writeln!(
-            out,
-            "netd_dnat_redirected_total{{port=\"{}\",target_port=\"{}\"}} {}",
-            rule.port, rule.target_port, rule.redirected
-        );
-    }
-    let gauges: [(&str, &str, &str, u64); 6] = [
-        ("netd_dnat_edge_nodes", "gauge", "Edge node addresses redirected.", stats.edge_nodes.len() as u64),
-        ("netd_dnat_edge_subnets", "gauge", "Edge pod subnets redirected.", stats.edge_subnets.len() as u64),
-        (
-            "netd_dnat_handshakes_pending",
-            "gauge",
-            "Redirected connections between SYN and accept.",
-            stats.handshakes_pending as u64,
-        ),
-        (
-            "netd_dnat_accepted_with_origin_total",
-            "counter",
-            "Accepted tunnel connections that learned their original destination.",
-            stats.accepted_with_origin,
-        ),
-        (
-            "netd_dnat_no_storage_total",
-            "counter",
-            "Matches left unredirected for want of socket storage.",
-            stats.no_storage,
-        ),
-        (
-            "netd_dnat_handshake_full_total",
-            "counter",
-            "Handshakes the hand-over map could not take.",
-            stats.handshake_full,
-        ),
-    ];
-    for (name, kind, help, value) in gauges {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -298,7 +248,7 @@ mod tests {
 
     #[test]
     fn prometheus_text_has_one_series_per_rule() {
-        let text = render_prometheus(&stats());
+        let text = stats().render_prometheus();
         assert!(text.contains("netd_dnat_redirected_total{port=\"10250\",target_port=\"10263\"} 7\n"), "{text}");
         assert!(text.contains("# TYPE netd_dnat_edge_nodes gauge\nnetd_dnat_edge_nodes 1\n"), "{text}");
         assert!(text.contains("netd_dnat_edge_subnets 2\n"), "{text}");

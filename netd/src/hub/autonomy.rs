@@ -72,7 +72,7 @@ impl std::str::FromStr for CacheMode {
         if text == "auto" {
             return Ok(Self::Auto);
         }
-        match crate::cli::parse_bool(text) {
+        match crate::model::parse_bool(text) {
             Ok(true) => Ok(Self::Always),
             Ok(false) => Ok(Self::Never),
             Err(_) => Err(AutonomyStateError::BadMode(text.to_string())),

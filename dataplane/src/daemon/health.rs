@@ -1,0 +1,174 @@
+//! `/healthz`, `/readyz` and Prometheus `/metrics` over plain HTTP/1.1 (hyper, [`netd_metrics`]).
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use http::StatusCode;
+use tokio::net::TcpListener;
+
+use crate::vxlan::StatusHandle;
+
+/// What the daemon shares with the health endpoint.
+#[derive(Default)]
+pub struct Shared {
+    /// The running overlay's status, once started (a handle: reading it
+    /// never waits for the overlay thread).
+    pub overlay: Mutex<Option<StatusHandle>>,
+    /// Registry reachable and our lease held.
+    pub registry_connected: Mutex<bool>,
+    /// Last full resync from the registry.
+    pub last_sync: Mutex<Option<Instant>>,
+    /// Peers refused by the registry layer or validation, last pass.
+    pub registry_errors: Mutex<u64>,
+    /// The IPAM stores' pins, once the pin keeper runs.
+    pub pins: Mutex<Option<super::pins::PinMetrics>>,
+    /// Where a tunnel DNAT would be pinned: its counters join /metrics
+    /// whenever one is (on cloud nodes; whoever applied it).
+    pub dnat_pin_dir: Mutex<Option<std::path::PathBuf>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Shared {
+    /// Ready: the overlay has been programmed once without error.
+    pub fn ready(&self) -> bool {
+        lock(&self.overlay).as_ref().is_some_and(|o| {
+            let status = o.get();
+            status.last.is_some() && status.last_error.is_none()
+        })
+    }
+
+    /// The Prometheus text exposition.
+    pub fn metrics(&self) -> String {
+        let status = lock(&self.overlay).as_ref().map(StatusHandle::get).unwrap_or_default();
+        let connected = *lock(&self.registry_connected);
+        let since_sync = lock(&self.last_sync).map(|t| t.elapsed().as_secs_f64()).unwrap_or(-1.0);
+        let last = status.last.as_ref();
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        };
+        metric("netd_peers_programmed", "gauge", "Peers programmed on the VXLAN device.", status.peers as f64);
+        metric(
+            "netd_peers_rejected",
+            "gauge",
+            "Peers refused by validation in the last pass.",
+            last.map_or(0, |r| r.rejected.len()) as f64,
+        );
+        metric(
+            "netd_reconcile_seconds",
+            "gauge",
+            "Duration of the last reconcile pass.",
+            last.map_or(0.0, |r| r.elapsed.as_secs_f64()),
+        );
+        metric("netd_reconciles_total", "counter", "Full reconcile passes run.", status.reconciles as f64);
+        metric(
+            "netd_peer_changes_applied_total",
+            "counter",
+            "Batches of registry changes applied without a full pass.",
+            status.applies as f64,
+        );
+        metric(
+            "netd_peer_change_apply_seconds",
+            "gauge",
+            "Duration of the last batch of registry changes (journal excluded).",
+            status.last_apply.as_ref().map_or(0.0, |r| r.elapsed.as_secs_f64()),
+        );
+        metric(
+            "netd_snapshot_bytes_written_total",
+            "counter",
+            "Bytes written to the offline snapshot and its journal.",
+            status.snapshot_bytes_written as f64,
+        );
+        metric("netd_netlink_errors_total", "counter", "Kernel writes refused.", status.netlink_errors as f64);
+        metric("netd_device_repairs_total", "counter", "VXLAN device drift repairs.", status.repairs as f64);
+        metric("netd_registry_connected", "gauge", "1 when the registry is reachable.", f64::from(u8::from(connected)));
+        metric(
+            "netd_seconds_since_last_sync",
+            "gauge",
+            "Seconds since the last full registry resync (-1: never).",
+            since_sync,
+        );
+        metric("netd_ready", "gauge", "1 once the overlay is programmed.", f64::from(u8::from(self.ready())));
+        if let Some(pins) = lock(&self.pins).clone() {
+            let stats = pins.stats;
+            let _ = writeln!(
+                out,
+                "# HELP netd_ipam_pins Pinned pod IPs in the node's IPAM stores, by state.\n# TYPE netd_ipam_pins gauge\n\
+                 netd_ipam_pins{{state=\"attached\"}} {}\nnetd_ipam_pins{{state=\"released\"}} {}",
+                stats.attached, stats.released
+            );
+            let _ = writeln!(out, "# HELP netd_ipam_pins_freed_total Pinned pod IPs freed, by reason.\n# TYPE netd_ipam_pins_freed_total counter");
+            for reason in netd_ipam::FreeReason::ALL {
+                let _ = writeln!(
+                    out,
+                    "netd_ipam_pins_freed_total{{reason=\"{}\"}} {}",
+                    reason.as_str(),
+                    stats.freed.get(reason)
+                );
+            }
+            let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+            };
+            metric("netd_ipam_stores", "gauge", "IPAM stores kept tidy.", pins.stores as f64);
+            metric("netd_pods_bound", "gauge", "Pods bound to this node, per the pod watch.", pins.pods as f64);
+            metric(
+                "netd_pods_synced",
+                "gauge",
+                "1 while the pod view is authoritative.",
+                f64::from(u8::from(pins.synced)),
+            );
+        }
+        out
+    }
+}
+
+/// The tunnel DNAT's counters in Prometheus' text format, or nothing when
+/// no DNAT is pinned under `pin_dir` (the common case: edge nodes). Reads
+/// the pinned maps: a few bpf(2) calls, one per edge node to count them.
+pub fn dnat_metrics(pin_dir: &std::path::Path) -> String {
+    match netd_ebpf::dnat::TunnelDnat::open(pin_dir).and_then(|dnat| dnat.stats()) {
+        Ok(stats) => stats.render_prometheus(),
+        Err(netd_ebpf::dnat::DnatError::NotAttached { .. }) => String::new(),
+        Err(err) => {
+            tracing::debug!("tunnel DNAT counters unavailable: {err}");
+            String::new()
+        }
+    }
+}
+
+/// Serves until the task is dropped.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    netd_metrics::serve_text(listener, move |path| {
+        let shared = shared.clone();
+        async move {
+            match path.as_str() {
+                "/healthz" => (StatusCode::OK, "ok\n".to_string()),
+                "/readyz" if shared.ready() => (StatusCode::OK, "ready\n".to_string()),
+                "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "overlay not programmed yet\n".to_string()),
+                "/metrics" => {
+                    let mut text = shared.metrics();
+                    let dnat_pins = lock(&shared.dnat_pin_dir).clone();
+                    if let Some(dir) = dnat_pins {
+                        // bpf(2) calls, proportional to the edge nodes: off the runtime threads.
+                        text.push_str(
+                            &tokio::task::spawn_blocking(move || dnat_metrics(&dir)).await.unwrap_or_default(),
+                        );
+                    }
+                    (StatusCode::OK, text)
+                }
+                _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
+            }
+        }
+    })
+    .await
+}
+
+/// Binds the health listener.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
