@@ -19,13 +19,13 @@
 //! With the `test-harness` feature, [`testing`] provides RAII guards for
 //! network namespaces, veth pairs, bridges and cgroups for privileged tests.
 
-pub mod autonomy;
+pub use netd_cloud::autonomy;
 pub use netd_ipam::cni;
-pub mod controller;
+pub use netd_cloud::controller;
 pub use netd_dataplane::daemon;
-pub mod dnat;
+pub use netd_cloud::dnat;
 pub use netd_metrics as http;
-pub mod hub;
+pub use netd_hub as hub;
 pub mod join;
 pub use netd_kube as kube;
 pub use netd_dataplane::masquerade;
@@ -33,12 +33,12 @@ pub use netd_model as model;
 pub use netd_model::{atomic_file, subnet_env};
 pub use netd_netlink as netlink;
 pub use netd_registry as registry;
-pub mod rollout;
-pub mod tunnel;
+pub use netd_cloud::rollout;
+pub use netd_tunnel as tunnel;
 pub use netd_dataplane::vxlan;
 
 pub use netd_ebpf as ebpf;
 pub use netd_ipam as ipam;
 
 #[cfg(feature = "test-harness")]
-pub mod testing;
+pub use netd_testing as testing;

@@ -1,0 +1,354 @@
+//! The tunnel agent on an edge node: dials out to every tunnel server it is
+//! given, keeps each link up, and serves the server's `CONNECT` streams by
+//! dialling its own node — only its own addresses and pod subnets (loopback
+//! only when configured), only the allowed ports.
+
+use std::collections::BTreeSet;
+use std::hash::{BuildHasher, Hasher};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, Response, StatusCode};
+use ipnet::IpNet;
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+
+use super::tls::Live;
+use super::transport::{self, Counted, TunnelStream};
+
+/// Backoff between reconnects: full jitter over `min(CAP, BASE * 2^attempt)`.
+pub const BACKOFF_BASE: Duration = Duration::from_millis(500);
+/// See [`BACKOFF_BASE`].
+pub const BACKOFF_CAP: Duration = Duration::from_secs(30);
+/// A link that stayed up this long resets the backoff.
+const STABLE_LINK: Duration = Duration::from_secs(10);
+const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Dialling a local destination: well under the server's wait for an
+/// answer ([`super::limits::DEFAULT_OPEN_TIMEOUT`]), so the server hears
+/// why instead of timing out.
+const LOCAL_DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Header carrying why the agent refused a stream (for the server's logs).
+pub const REFUSAL_HEADER: &str = "x-netd-refused";
+
+/// Errors of one agent link.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// TCP to the server failed.
+    #[error("dialling tunnel server {server} failed")]
+    Dial {
+        /// The server.
+        server: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TLS handshake failed (certificate refused either way, protocol).
+    #[error("TLS handshake with tunnel server {server} failed")]
+    Tls {
+        /// The server.
+        server: String,
+        /// What rustls reported.
+        #[source]
+        source: std::io::Error,
+    },
+    /// HTTP/2 failed on the link.
+    #[error("tunnel link to {server} failed")]
+    Link {
+        /// The server.
+        server: String,
+        /// What h2 reported.
+        #[source]
+        source: h2::Error,
+    },
+    /// No pong within the timeout.
+    #[error("tunnel link to {server} is dead: no pong within {timeout:?}")]
+    DeadLink {
+        /// The server.
+        server: String,
+        /// The timeout.
+        timeout: Duration,
+    },
+}
+
+/// What an agent does.
+#[derive(Clone)]
+pub struct AgentConfig {
+    /// Tunnel servers, `host:port`; the agent keeps a link to each.
+    pub servers: Vec<String>,
+    /// The name the servers' certificate must carry.
+    pub server_name: ServerName<'static>,
+    /// TLS client settings: this node's certificate and the CA (each new
+    /// link takes the current ones).
+    pub tls: Live<rustls::ClientConfig>,
+    /// This node's addresses: the only non-loopback destinations it dials.
+    pub own_addresses: Vec<IpAddr>,
+    /// Pod subnets of this node, also dialled (pulling pod metrics); live,
+    /// because netd may write the node's subnet after the agent started.
+    pub pod_subnets: Live<Vec<IpNet>>,
+    /// Ports it dials (10250, 10255 and the configured extras).
+    pub allowed_ports: BTreeSet<u16>,
+    /// Whether it dials loopback destinations too. Off by default: services
+    /// bound to loopback chose not to be reachable from outside, and the
+    /// server never routes loopback to an agent anyway.
+    pub dial_loopback: bool,
+}
+
+/// Counters an agent keeps.
+#[derive(Debug, Default)]
+pub struct AgentMetrics {
+    /// Links up now.
+    pub links_up: AtomicU64,
+    /// Streams open now.
+    pub streams_open: AtomicU64,
+    /// Streams served in all.
+    pub streams_total: AtomicU64,
+    /// Refused: destination not this node's.
+    pub refused_address: AtomicU64,
+    /// Refused: port not allowed.
+    pub refused_port: AtomicU64,
+    /// Refused: not a CONNECT, or an authority that is no IP:port.
+    pub refused_request: AtomicU64,
+    /// Local dials that failed.
+    pub dial_failures: AtomicU64,
+    /// Links that failed before or during the TLS handshake.
+    pub handshake_failures: AtomicU64,
+    /// Bytes from the servers to local destinations.
+    pub bytes_in: AtomicU64,
+    /// Bytes from local destinations to the servers.
+    pub bytes_out: AtomicU64,
+}
+
+/// Why a destination is refused, or `None` when the agent dials it.
+pub fn refusal(config: &AgentConfig, dest: SocketAddr) -> Option<&'static str> {
+    if !config.allowed_ports.contains(&dest.port()) {
+        return Some("port");
+    }
+    let ip = dest.ip();
+    let own = (config.dial_loopback && ip.is_loopback())
+        || config.own_addresses.contains(&ip)
+        || config.pod_subnets.borrow().iter().any(|net| net.contains(&ip));
+    (!own).then_some("address")
+}
+
+/// Full-jitter backoff for attempt `n` (0-based).
+pub(super) fn backoff(attempt: u32) -> Duration {
+    let ceiling = BACKOFF_BASE.saturating_mul(1u32 << attempt.min(16)).min(BACKOFF_CAP);
+    // RandomState is seeded per instance by the OS: a dependency-free random draw.
+    let random = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    ceiling.mul_f64((random >> 11) as f64 / (1u64 << 53) as f64)
+}
+
+/// Runs the agent: one link per server, each reconnecting forever.
+pub async fn run(config: AgentConfig, metrics: Arc<AgentMetrics>) {
+    let mut links = tokio::task::JoinSet::new();
+    for server in config.servers.clone() {
+        links.spawn(keep_linked(config.clone(), server, metrics.clone()));
+    }
+    while links.join_next().await.is_some() {}
+}
+
+async fn keep_linked(config: AgentConfig, server: String, metrics: Arc<AgentMetrics>) {
+    let mut attempt = 0u32;
+    loop {
+        let started = Instant::now();
+        match link(&config, &server, &metrics).await {
+            Ok(()) => tracing::info!("tunnel link to {server} closed by the server"),
+            Err(err) => tracing::warn!("{err}: {}", error_chain(&err)),
+        }
+        if started.elapsed() >= STABLE_LINK {
+            attempt = 0;
+        }
+        let wait = backoff(attempt);
+        attempt = attempt.saturating_add(1);
+        tracing::debug!("reconnecting to {server} in {wait:?}");
+        tokio::time::sleep(wait).await;
+    }
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = Vec::new();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        out.push(cause.to_string());
+        source = cause.source();
+    }
+    out.join(": ")
+}
+
+/// One link's life: dial, TLS, HTTP/2, serve streams until it breaks.
+async fn link(config: &AgentConfig, server: &str, metrics: &Arc<AgentMetrics>) -> Result<(), AgentError> {
+    let dial = tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(server)).await;
+    let tcp = match dial {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(source)) => return Err(AgentError::Dial { server: server.into(), source }),
+        Err(_) => {
+            let source = std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out");
+            return Err(AgentError::Dial { server: server.into(), source });
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    let connector = tokio_rustls::TlsConnector::from(config.tls.borrow().clone());
+    let tls = match connector.connect(config.server_name.clone(), tcp).await {
+        Ok(tls) => tls,
+        Err(source) => {
+            metrics.handshake_failures.fetch_add(1, Ordering::Relaxed);
+            return Err(AgentError::Tls { server: server.into(), source });
+        }
+    };
+    let link_err = |source| AgentError::Link { server: server.into(), source };
+    let mut connection = transport::agent_builder().handshake::<_, Bytes>(tls).await.map_err(link_err)?;
+    tracing::info!("tunnel link to {server} up");
+    metrics.links_up.fetch_add(1, Ordering::Relaxed);
+    let _down = Decrement(&metrics.links_up);
+    let mut pings = connection.ping_pong();
+    let keepalive = async move {
+        loop {
+            tokio::time::sleep(transport::PING_INTERVAL).await;
+            let Some(pinger) = pings.as_mut() else { return };
+            match tokio::time::timeout(transport::PING_TIMEOUT, pinger.ping(h2::Ping::opaque())).await {
+                Ok(Ok(_pong)) => {}
+                _ => return,
+            }
+        }
+    };
+    tokio::pin!(keepalive);
+    loop {
+        tokio::select! {
+            next = connection.accept() => match next {
+                Some(Ok((request, respond))) => {
+                    let (config, metrics) = (config.clone(), metrics.clone());
+                    tokio::spawn(async move { serve(config, metrics, request, respond).await });
+                }
+                Some(Err(source)) => return Err(link_err(source)),
+                None => return Ok(()),
+            },
+            () = &mut keepalive => {
+                return Err(AgentError::DeadLink { server: server.into(), timeout: transport::PING_TIMEOUT });
+            }
+        }
+    }
+}
+
+struct Decrement<'a>(&'a AtomicU64);
+
+impl Drop for Decrement<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn answer(respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode, reason: &str) {
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    if let Ok(value) = http::HeaderValue::from_str(reason) {
+        response.headers_mut().insert(REFUSAL_HEADER, value);
+    }
+    let _ = respond.send_response(response, true);
+}
+
+/// One `CONNECT ip:port` stream: check, dial, splice.
+async fn serve(
+    config: AgentConfig,
+    metrics: Arc<AgentMetrics>,
+    request: http::Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+) {
+    let dest = (request.method() == Method::CONNECT)
+        .then(|| request.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok()))
+        .flatten();
+    let Some(dest) = dest else {
+        metrics.refused_request.fetch_add(1, Ordering::Relaxed);
+        answer(&mut respond, StatusCode::BAD_REQUEST, "request");
+        return;
+    };
+    if let Some(reason) = refusal(&config, dest) {
+        let counter = if reason == "port" { &metrics.refused_port } else { &metrics.refused_address };
+        counter.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!("refused a stream to {dest}: {reason} not allowed on this node");
+        answer(&mut respond, StatusCode::FORBIDDEN, reason);
+        return;
+    }
+    let mut local = match tokio::time::timeout(LOCAL_DIAL_TIMEOUT, TcpStream::connect(dest)).await {
+        Ok(Ok(stream)) => stream,
+        _ => {
+            metrics.dial_failures.fetch_add(1, Ordering::Relaxed);
+            answer(&mut respond, StatusCode::BAD_GATEWAY, "dial");
+            return;
+        }
+    };
+    let _ = local.set_nodelay(true);
+    let send = match respond.send_response(Response::new(()), false) {
+        Ok(send) => send,
+        Err(_) => return,
+    };
+    metrics.streams_total.fetch_add(1, Ordering::Relaxed);
+    metrics.streams_open.fetch_add(1, Ordering::Relaxed);
+    let _open = Decrement(&metrics.streams_open);
+    let mut tunnel = TunnelStream::new(send, request.into_body());
+    // Written to the local end: in from the server; read from it: out.
+    let mut local = Counted::new(&mut local, &metrics.bytes_out, &metrics.bytes_in);
+    let _ = tokio::io::copy_bidirectional(&mut tunnel, &mut local).await;
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn config() -> AgentConfig {
+        let roots = rustls::RootCertStore::empty();
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        AgentConfig {
+            servers: vec!["192.0.2.1:10262".into()],
+            server_name: ServerName::try_from("tunnel").unwrap(),
+            tls: super::super::tls::fixed(Arc::new(tls)),
+            own_addresses: vec!["10.0.5.7".parse().unwrap()],
+            pod_subnets: crate::tls::fixed(Arc::new(vec!["10.244.7.0/24".parse().unwrap()])),
+            allowed_ports: [10250, 10255, 9100].into_iter().collect(),
+            dial_loopback: false,
+        }
+    }
+
+    #[test]
+    fn only_this_nodes_addresses_pods_and_configured_loopback_on_allowed_ports() {
+        let mut config = config();
+        let at = |config: &AgentConfig, s: &str| refusal(config, s.parse().unwrap());
+        assert_eq!(at(&config, "127.0.0.1:10255"), Some("address"), "loopback only when configured");
+        config.dial_loopback = true;
+        assert_eq!(at(&config, "127.0.0.1:10255"), None);
+        assert_eq!(at(&config, "[::1]:10250"), None);
+        let at = |s: &str| refusal(&config, s.parse().unwrap());
+        assert_eq!(at("10.0.5.7:10250"), None);
+        assert_eq!(at("10.244.7.19:9100"), None, "a pod of this node, metrics port");
+        // Another node's pod subnet, another node's address: refused.
+        assert_eq!(at("10.244.8.19:9100"), Some("address"));
+        assert_eq!(at("10.0.5.8:10250"), Some("address"));
+        // Any address on a port not allowed: the port is named first.
+        assert_eq!(at("10.0.5.7:22"), Some("port"));
+        assert_eq!(at("10.0.5.8:22"), Some("port"));
+    }
+
+    #[test]
+    fn backoff_is_full_jitter_under_a_doubling_ceiling_capped_at_30s() {
+        for attempt in 0..40 {
+            let ceiling = BACKOFF_BASE.saturating_mul(1u32 << attempt.min(16)).min(BACKOFF_CAP);
+            for _ in 0..50 {
+                let wait = backoff(attempt);
+                assert!(wait <= ceiling, "attempt {attempt}: {wait:?} > {ceiling:?}");
+            }
+        }
+        // Jitter: not the same value every time.
+        let draws: std::collections::HashSet<Duration> = (0..20).map(|_| backoff(10)).collect();
+        assert!(draws.len() > 10, "{draws:?}");
+        assert!((0..200).map(|_| backoff(30)).all(|w| w <= BACKOFF_CAP));
+    }
+}
