@@ -286,9 +286,9 @@ impl Drop for Tasks {
 /// installs no signal handler.
 ///
 /// ```no_run
-/// # async fn example() -> Result<(), netd::hub::HubError> {
-/// use netd::hub::{run, HubConfig};
-/// use netd::kube::ClientCertFiles;
+/// # async fn example() -> Result<(), netd_hub::HubError> {
+/// use netd_hub::{run, HubConfig};
+/// use netd_kube::ClientCertFiles;
 /// let cert = ClientCertFiles { cert: "/var/lib/kubelet/pki/kubelet-client-current.pem".into(), key: None };
 /// let config = HubConfig::new("edge-1", "https://10.0.0.1:6443", "/etc/kubernetes/pki/ca.crt".into(), cert);
 /// run(config, async { let _ = tokio::signal::ctrl_c().await; }).await

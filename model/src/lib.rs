@@ -1,10 +1,11 @@
 //! The vocabulary every layer shares: a node's subnet lease, the cluster
-//! network settings, the VTEP MAC, flannel's wire formats and the autonomy
-//! annotations.
+//! network settings, the VTEP MAC, flannel's wire formats (the etcd and
+//! annotation values, [`subnet_env`]) and the autonomy annotations; and the
+//! one way netd writes a file whole ([`atomic_file`]).
 //!
-//! It sits below everything else in netd: the data plane (`netd::vxlan`)
-//! and the control-plane side (`netd::registry`) both depend on it and
-//! not on each other. It depends on nothing in netd, on no async runtime and
+//! It sits below everything else in netd: the data plane
+//! (`netd-dataplane`) and the control-plane side (`netd-registry`) both
+//! depend on it and not on each other. It depends on nothing in netd, on no async runtime and
 //! on no Kubernetes client, so an agent that only reads or writes flannel's
 //! formats takes this crate alone. The allocation crate (`netd-ipam`), which
 //! pins [`MacAddr`] to the node name, builds on it too. `netd` re-exports it

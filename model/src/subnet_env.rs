@@ -82,7 +82,7 @@ impl SubnetEnv {
     /// are ignored; the four keys above are required.
     ///
     /// ```
-    /// let env = netd::subnet_env::SubnetEnv::parse(
+    /// let env = netd_model::subnet_env::SubnetEnv::parse(
     ///     "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.3.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
     ///     std::path::Path::new("subnet.env"),
     /// ).unwrap();

@@ -20,9 +20,9 @@
 //!
 //! ```no_run
 //! use std::net::Ipv4Addr;
-//! use netd::netlink::{Change, Handle, Neighbour};
+//! use netd_netlink::{Change, Handle, Neighbour};
 //!
-//! # fn main() -> Result<(), netd::netlink::NetlinkError> {
+//! # fn main() -> Result<(), netd_netlink::NetlinkError> {
 //! let mut handle = Handle::new()?;
 //! let Some(dev) = handle.link().get("flannel.1")? else { return Ok(()) };
 //! let mac = [0x6e, 0x6d, 0x70, 0x09, 0x3e, 0x38];

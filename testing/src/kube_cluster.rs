@@ -339,7 +339,8 @@ impl KubeClusterBuilder {
 /// stops the controller-manager first, then the API server.
 ///
 /// ```no_run
-/// use netd_testing::{self, KubeCluster};
+/// use netd_testing as testing;
+/// use testing::{KubeCluster};
 ///
 /// # fn main() -> Result<(), testing::HarnessError> {
 /// let Some(_kernel) = testing::privileged()? else { return Ok(()) };

@@ -15,7 +15,8 @@
 //!   lock [`privileged`] returns.
 //!
 //! ```no_run
-//! use netd_testing::{self, NetNs, VethPair};
+//! use netd_testing as testing;
+//! use testing::{NetNs, VethPair};
 //!
 //! # fn main() -> Result<(), testing::HarnessError> {
 //! let Some(_kernel) = testing::privileged()? else { return Ok(()) };

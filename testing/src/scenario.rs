@@ -619,7 +619,11 @@ impl<'a, R: ScenarioRegistry> Scenario<'a, R> {
                     netd_cloud::rollout::NodeView { version, ready, offline: None, detail: "readyz not 200".into() },
                 );
             }
-            let step = state.step(&views, netd_cloud::rollout::state::unix_now(), netd_cloud::rollout::state::DEFAULT_PAUSED_TTL);
+            let step = state.step(
+                &views,
+                netd_cloud::rollout::state::unix_now(),
+                netd_cloud::rollout::state::DEFAULT_PAUSED_TTL,
+            );
             if step.changed {
                 save(&state)?;
             }

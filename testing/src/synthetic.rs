@@ -4,8 +4,8 @@
 
 use std::net::Ipv4Addr;
 
-use netd_model::MacAddr;
 use ipnet::Ipv4Net;
+use netd_model::MacAddr;
 
 use super::{HarnessError, NetNs};
 use netd_dataplane::vxlan::{Lease, OverlayConfig, FLANNEL_VXLAN_PORT};

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,9 +22,9 @@ use super::routes::LeaseRefusal;
 use super::routes::LeaseRoute;
 use super::server::{self, Router, ServerPolicy};
 use super::tls::{self, TlsError};
-use netd_registry::{AnyRegistry, OpenSettings, PeerEvent, PeerLease, Registry, RegistrySpec};
-use netd_model::subnet_env::{SubnetEnv, SubnetEnvError};
 use netd_ebpf::dnat::{DnatError, TunnelDnat};
+use netd_model::subnet_env::{SubnetEnv, SubnetEnvError};
+use netd_registry::{AnyRegistry, OpenSettings, PeerEvent, PeerLease, Registry, RegistrySpec};
 
 /// The ports an agent always allows: kubelet's API and its read-only port.
 pub const KUBELET_PORTS: [u16; 2] = [10250, 10255];
@@ -317,8 +318,18 @@ async fn serve_metrics(listener: TcpListener, render: Arc<dyn Fn() -> String + S
     .await
 }
 
-/// Runs a tunnel server until the future is dropped.
-pub async fn run_server(settings: ServerSettings) -> Result<(), TunnelError> {
+/// Runs a tunnel server on the caller's runtime until `shutdown` completes
+/// (or the future is dropped): listeners close and every link and stream
+/// task is aborted. No runtime is built and no signal handler installed;
+/// the `netd tunnel-server` binary passes a future of SIGTERM/SIGINT.
+pub async fn run_server(settings: ServerSettings, shutdown: impl Future<Output = ()>) -> Result<(), TunnelError> {
+    tokio::select! {
+        outcome = serve(settings) => outcome,
+        () = shutdown => Ok(()),
+    }
+}
+
+async fn serve(settings: ServerSettings) -> Result<(), TunnelError> {
     let (agents_tls, reload_agents) =
         tls::follow(settings.certs.clone(), tls::RELOAD_POLL, |c| tls::server(c, tls::ALPN_TUNNEL))?;
     let (connect_tls, reload_connect) =
@@ -502,8 +513,26 @@ async fn follow_pod_subnet(path: PathBuf, subnets: tokio::sync::watch::Sender<Ar
     }
 }
 
-/// Runs a tunnel agent until the future is dropped.
-pub async fn run_agent(settings: AgentSettings) -> Result<(), TunnelError> {
+/// Runs a tunnel agent on the caller's runtime until `shutdown` completes
+/// (or the future is dropped): its links to the servers close and every
+/// stream is aborted. No runtime is built and no signal handler installed.
+///
+/// ```no_run
+/// # async fn demo(settings: netd_tunnel::run::AgentSettings) -> Result<(), netd_tunnel::run::TunnelError> {
+/// // Until the host application says stop:
+/// let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+/// # drop(stop);
+/// netd_tunnel::run::run_agent(settings, async { let _ = stopped.await; }).await
+/// # }
+/// ```
+pub async fn run_agent(settings: AgentSettings, shutdown: impl Future<Output = ()>) -> Result<(), TunnelError> {
+    tokio::select! {
+        outcome = dial(settings) => outcome,
+        () = shutdown => Ok(()),
+    }
+}
+
+async fn dial(settings: AgentSettings) -> Result<(), TunnelError> {
     let first = settings.servers.first().ok_or(TunnelError::NoServers)?;
     let name = match &settings.server_name {
         Some(name) => name.clone(),

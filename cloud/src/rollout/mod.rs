@@ -12,7 +12,7 @@
 //! deferred); [`kubernetes`] runs it over the netd DaemonSet.
 //!
 //! ```
-//! use netd::rollout::plan;
+//! use netd_cloud::rollout::plan;
 //! assert_eq!(plan(25), [1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2]);
 //! assert_eq!(plan(100), [1, 2, 4, 8, 10, 10, 10, 10, 10, 10, 10, 10, 5]);
 //! ```

@@ -5,8 +5,8 @@ use std::path::Path;
 
 use super::DaemonConfig;
 use crate::masquerade::Masquerade;
-use netd_netlink::{Handle, NetlinkError};
 use crate::vxlan::snapshot::{journal_path, Snapshot};
+use netd_netlink::{Handle, NetlinkError};
 
 /// Why cleanup stopped (what was removed before stays removed).
 #[derive(Debug, thiserror::Error)]

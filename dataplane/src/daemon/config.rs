@@ -270,36 +270,33 @@ impl RunArgs {
             (None, None) if file.client_key.is_some() => return Err("config file: clientKey needs clientCert".into()),
             (None, None) => None,
         };
+        let defaults =
+            DaemonConfig::new(node_name, self.registry.registry.or(file.registry).unwrap_or_else(default_registry));
         let config = DaemonConfig {
-            node_name,
-            registry: self
-                .registry
-                .registry
-                .or(file.registry)
-                .unwrap_or_else(|| RegistrySpec::Embedded(netd_registry::embedded::DEFAULT_PATH.into())),
             iface: self.iface.or(file.iface),
             public_ip: self.public_ip.or(file.public_ip),
             network: self.registry.network.or(file.network),
-            masquerade: self.masquerade.or(file.masquerade).unwrap_or(false),
-            direct_routing: self.direct_routing.or(file.direct_routing).unwrap_or(false),
-            state_dir: self.state_dir.or(file.state_dir).unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
-            subnet_env: self.subnet_env.or(file.subnet_env).unwrap_or_else(|| netd_model::subnet_env::DEFAULT_PATH.into()),
-            health_addr: self.health_addr.or(file.health_addr).unwrap_or(DEFAULT_HEALTH_ADDR),
+            masquerade: self.masquerade.or(file.masquerade).unwrap_or(defaults.masquerade),
+            direct_routing: self.direct_routing.or(file.direct_routing).unwrap_or(defaults.direct_routing),
+            state_dir: self.state_dir.or(file.state_dir).unwrap_or(defaults.state_dir),
+            subnet_env: self.subnet_env.or(file.subnet_env).unwrap_or(defaults.subnet_env),
+            health_addr: self.health_addr.or(file.health_addr).unwrap_or(defaults.health_addr),
             token_file: self.registry.token_file.or(file.token_file),
             ca_file: self.registry.ca_file.or(file.ca_file),
             client_cert,
-            pods: self.pods.or(file.pods).unwrap_or(PodSource::Registry),
+            pods: self.pods.or(file.pods).unwrap_or(defaults.pods),
             pin_grace: match (self.pin_grace, file.pin_grace) {
                 (Some(grace), _) => grace,
                 (None, Some(text)) => parse_duration(&text).map_err(|e| format!("config file: pinGrace: {e}"))?,
-                (None, None) => super::pins::DEFAULT_GRACE,
+                (None, None) => defaults.pin_grace,
             },
-            cni_conf_dir: self.cni_conf_dir.or(file.cni_conf_dir).unwrap_or_else(|| DEFAULT_CNI_CONF_DIR.into()),
+            cni_conf_dir: self.cni_conf_dir.or(file.cni_conf_dir).unwrap_or(defaults.cni_conf_dir),
             ipam_stores: if self.ipam_stores.is_empty() {
                 file.ipam_stores.unwrap_or_default()
             } else {
                 self.ipam_stores
             },
+            ..defaults
         };
         config.check()?;
         Ok(config)
@@ -354,8 +351,56 @@ mod spec_text {
     }
 }
 
+/// `netd run`'s registry when none is given: the embedded one at its
+/// default path.
+fn default_registry() -> RegistrySpec {
+    RegistrySpec::Embedded(netd_registry::embedded::DEFAULT_PATH.into())
+}
+
 impl DaemonConfig {
-    fn check(&self) -> Result<(), String> {
+    /// The settings `netd run` starts from, for `node_name` on `registry`:
+    /// underlay found from the default route, no masquerading, state in
+    /// `/var/lib/netd`, flannel's `/run/flannel/subnet.env`, health and
+    /// metrics on `127.0.0.1:9617`, pods from the registry, the default pin
+    /// grace, CNI configuration in `/etc/cni/net.d`. An embedder sets the
+    /// fields it wants different, then hands it to [`super::run`], which
+    /// [checks](DaemonConfig::check) it first.
+    ///
+    /// ```
+    /// use netd_dataplane::daemon::DaemonConfig;
+    /// use netd_registry::RegistrySpec;
+    ///
+    /// let mut config = DaemonConfig::new("edge-1", RegistrySpec::Embedded("/var/lib/app/registry.db".into()));
+    /// config.iface = Some("eth0".into());
+    /// config.state_dir = "/var/lib/app/netd".into();
+    /// assert!(config.check().is_ok());
+    /// ```
+    pub fn new(node_name: impl Into<String>, registry: RegistrySpec) -> Self {
+        Self {
+            node_name: node_name.into(),
+            registry,
+            iface: None,
+            public_ip: None,
+            network: None,
+            masquerade: false,
+            direct_routing: false,
+            state_dir: DEFAULT_STATE_DIR.into(),
+            subnet_env: netd_model::subnet_env::DEFAULT_PATH.into(),
+            health_addr: DEFAULT_HEALTH_ADDR,
+            token_file: None,
+            ca_file: None,
+            client_cert: None,
+            pods: PodSource::Registry,
+            pin_grace: super::pins::DEFAULT_GRACE,
+            cni_conf_dir: DEFAULT_CNI_CONF_DIR.into(),
+            ipam_stores: Vec::new(),
+        }
+    }
+
+    /// Whether the settings can work: a node name of 1–253 characters, an
+    /// interface name of 1–15 bytes, and for the Kubernetes registry a
+    /// source of the cluster network. The error says which and why.
+    pub fn check(&self) -> Result<(), String> {
         if self.node_name.is_empty() || self.node_name.len() > 253 {
             return Err(format!("node name {:?} must be 1-253 characters", self.node_name));
         }

@@ -29,6 +29,7 @@ pub mod peers;
 pub mod pins;
 pub mod underlay;
 
+use std::future::Future;
 use std::net::Ipv4Addr;
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
@@ -36,17 +37,17 @@ use std::time::{Duration, Instant, SystemTime};
 use ipnet::{IpNet, Ipv4Net};
 use netd_ipam::Store;
 
+use crate::masquerade::{Masquerade, MasqueradeError};
+use crate::vxlan::snapshot::Snapshot;
+use crate::vxlan::{Lease, Overlay, OverlayConfig, OverlayOptions, FLANNEL_VXLAN_PORT, VXLAN_OVERHEAD};
 use netd_kube::pods::PodWatch;
 use netd_kube::{KubeClient, KubeConfig};
-use crate::masquerade::{Masquerade, MasqueradeError};
+use netd_model::subnet_env::SubnetEnv;
 use netd_model::MacAddr;
 use netd_registry::{
     AnyRegistry, LeaseRequest, NetworkConfig, OpenSettings, OwnLease, PeerEvent, PeerLease, Registry, RegistryError,
     RENEW_MARGIN,
 };
-use netd_model::subnet_env::SubnetEnv;
-use crate::vxlan::snapshot::Snapshot;
-use crate::vxlan::{Lease, Overlay, OverlayConfig, OverlayOptions, FLANNEL_VXLAN_PORT, VXLAN_OVERHEAD};
 
 pub use cleanup::{cleanup, CleanupError};
 pub use config::{DaemonConfig, PodSource, RegistrySpec};
@@ -55,17 +56,13 @@ use peers::{Folded, PeerSet};
 use pins::{PinKeeper, Stores};
 pub use underlay::{resolve_underlay, Underlay, UnderlayError};
 
-/// How long shutdown waits for blocking calls still running (a SQLite call
-/// inside its 10 s busy timeout, say) before the process exits anyway.
-const SHUTDOWN_GRACE: Duration = Duration::from_millis(300);
-
 /// Errors that stop the daemon (configuration and local state only; never
 /// the registry).
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    /// The tokio runtime could not start.
-    #[error("cannot start the async runtime: {0}")]
-    Runtime(#[source] std::io::Error),
+    /// The settings cannot work ([`DaemonConfig::check`] says why).
+    #[error("configuration: {0}")]
+    Config(String),
     /// The VTEP MAC store failed.
     #[error("VTEP MAC store: {0}")]
     MacStore(#[from] netd_ipam::Error),
@@ -84,9 +81,6 @@ pub enum DaemonError {
     /// The pod source cannot be set up (bad settings or files).
     #[error("cannot set up the pod source: {0}")]
     Pods(String),
-    /// Waiting for signals failed.
-    #[error("cannot install signal handlers: {0}")]
-    Signals(#[source] std::io::Error),
     /// A blocking task died (it panicked or the runtime is shutting down).
     #[error("blocking task `{what}` did not finish: {source}")]
     Task {
@@ -127,20 +121,37 @@ impl Backoff {
     }
 }
 
-/// Runs the daemon until SIGTERM/SIGINT.
-pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
-    // Blocking calls are few and sequential (one registry, one overlay):
-    // a handful of threads, not tokio's default of 512.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .max_blocking_threads(4)
-        .build()
-        .map_err(DaemonError::Runtime)?;
-    let outcome = runtime.block_on(Daemon::new(config).main());
-    // Dropping the runtime would wait for every blocking call still running.
-    runtime.shutdown_timeout(SHUTDOWN_GRACE);
-    outcome
+/// Runs the daemon on the caller's tokio runtime until `shutdown`
+/// completes, then stops the overlay thread and returns; the kernel state
+/// (VXLAN device, routes, neighbours, FDB entries) is left in place, so pod
+/// traffic keeps flowing while the daemon is away.
+///
+/// It builds no runtime, installs no signal handler and changes no
+/// process-wide setting: the caller owns those (the `netd run` binary
+/// passes a future that completes on SIGTERM or SIGINT). Its blocking work
+/// (SQLite, netlink dumps) goes to the runtime's blocking pool. It works on
+/// a current-thread runtime as well as a multi-thread one; whichever
+/// network namespace the runtime's threads are in is the one it programs.
+///
+/// ```no_run
+/// # async fn demo(config: netd_dataplane::daemon::DaemonConfig) -> Result<(), netd_dataplane::daemon::DaemonError> {
+/// let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+/// let daemon = tokio::spawn(netd_dataplane::daemon::run(config, async move { let _ = stopped.await; }));
+/// // … the host application runs; when it winds down:
+/// let _ = stop.send(());
+/// daemon.await.ok();
+/// # Ok(()) }
+/// ```
+pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
+    config.check().map_err(DaemonError::Config)?;
+    Daemon::new(config).main(shutdown).await
 }
+
+/// How long a process that ran [`run`] should let its runtime's blocking
+/// calls still running (a SQLite call inside its 10 s busy timeout, say)
+/// finish before exiting anyway (`Runtime::shutdown_timeout`): dropping a
+/// runtime would wait for every one of them.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(300);
 
 struct Daemon {
     config: DaemonConfig,
@@ -174,10 +185,7 @@ impl Daemon {
         }
     }
 
-    async fn main(mut self) -> Result<(), DaemonError> {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
-        let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+    async fn main(mut self, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
         let listener = health::bind(self.config.health_addr)
             .await
             .map_err(|source| DaemonError::Health { addr: self.config.health_addr, source })?;
@@ -193,8 +201,7 @@ impl Daemon {
         };
         let outcome = tokio::select! {
             result = work => result,
-            _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping, kernel state left in place"); Ok(()) }
-            _ = sigint.recv() => { tracing::info!("SIGINT: stopping, kernel state left in place"); Ok(()) }
+            () = shutdown => { tracing::info!("stopping: kernel state left in place"); Ok(()) }
         };
         if let Some(overlay) = self.overlay.take() {
             blocking("stopping the overlay thread", move || overlay.stop()).await?;

@@ -12,9 +12,9 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 
+use crate::vxlan::PeerChange;
 use netd_model::{overlaps, Lease, MacAddr};
 use netd_registry::{PeerEvent, PeerLease};
-use crate::vxlan::PeerChange;
 
 /// What folding one event did to the set.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -3,8 +3,8 @@
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use ipnet::IpNet;
 use crate::{Range, RangeSet};
+use ipnet::IpNet;
 use serde::Deserialize;
 
 use super::error::{code, CniError};

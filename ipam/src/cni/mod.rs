@@ -16,7 +16,7 @@
 //! [`install`] puts the plugin and the conflist on a host (`netd install-cni`).
 //!
 //! ```no_run
-//! use netd::cni::{ipam_plugin, Invocation};
+//! use netd_ipam::cni::{ipam_plugin, Invocation};
 //! let inv = Invocation {
 //!     command: Some("ADD".into()),
 //!     container_id: Some("0123abcd".into()),

@@ -1,7 +1,7 @@
 //! The success result of ADD, in the shape of the config's version.
 
-use ipnet::IpNet;
 use crate::{Allocation, RangeSet};
+use ipnet::IpNet;
 use serde_json::{json, Map, Value};
 
 use super::config::{Dns, Route};

@@ -220,7 +220,7 @@ fn hub(args: HubArgs) -> Result<()> {
         max_connections: args.max_connections,
     };
     limit_malloc_arenas();
-    until_terminated("edge hub", netd::hub::run(config, std::future::pending()))
+    until_terminated("edge hub", |stop| netd::hub::run(config, stop))
 }
 
 const INSTALL_CNI_EXAMPLES: &str = "\
@@ -519,8 +519,15 @@ fn run(args: RunArgs, print_config: bool, log: Option<LogLevel>) -> Result<()> {
     }
     init_logging(log.unwrap_or(LogLevel::Info));
     limit_malloc_arenas();
-    netd::daemon::run(config)?;
-    Ok(())
+    // Blocking calls are few and sequential (one registry, one overlay):
+    // a handful of threads, not tokio's default of 512.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().max_blocking_threads(4).build()?;
+    let outcome = runtime.block_on(async {
+        let stop = stop_signal("netd")?;
+        Ok::<_, anyhow::Error>(netd::daemon::run(config, stop).await?)
+    });
+    runtime.shutdown_timeout(netd::daemon::SHUTDOWN_GRACE);
+    outcome
 }
 
 /// glibc gives every thread that allocates its own malloc arena; the
@@ -955,34 +962,45 @@ fn tunnel_runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
 }
 
-/// Runs a tunnel process's `work` on [`tunnel_runtime`] until it ends (its
-/// error is the process's) or SIGTERM or SIGINT arrives (a clean stop).
-///
-/// SIGTERM is what a pod deletion sends, and in a container the process is
-/// PID 1, for which the kernel ignores a signal without a handler: without
-/// one the kubelet would wait out the whole grace period and SIGKILL it.
-/// Both handlers are installed before `work` first runs, so a signal is
-/// never lost to the default action once the process says it is up.
-fn until_terminated<E>(what: &str, work: impl std::future::Future<Output = Result<(), E>>) -> Result<()>
+/// Runs a tunnel process's `work` on [`tunnel_runtime`], handing it a
+/// future that completes at SIGTERM or SIGINT ([`stop_signal`]), until it
+/// ends: its error is the process's.
+fn until_terminated<F, Fut, E>(what: &'static str, work: F) -> Result<()>
 where
+    F: FnOnce(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
     anyhow::Error: From<E>,
 {
-    use tokio::signal::unix::{signal, SignalKind};
     let runtime = tunnel_runtime()?;
     let outcome = runtime.block_on(async {
-        let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-        let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-        tokio::select! {
-            result = work => Ok(result?),
-            _ = sigterm.recv() => { tracing::info!("{what}: SIGTERM, stopping"); Ok(()) }
-            _ = sigint.recv() => { tracing::info!("{what}: SIGINT, stopping"); Ok(()) }
-        }
+        let stop = stop_signal(what)?;
+        Ok(work(Box::pin(stop)).await?)
     });
     // Dropping a runtime waits for every blocking task without limit; a
     // stop the kubelet is waiting on should not (the kernel closes what is
     // left when the process exits).
     runtime.shutdown_timeout(STOP_TIMEOUT);
     outcome
+}
+
+/// A future that completes at the first SIGTERM or SIGINT, saying which
+/// in the log. Both handlers are installed before it returns, so a signal
+/// that arrives once the process says it is up is never lost to the
+/// default action. Must be called on a runtime.
+///
+/// SIGTERM is what a pod deletion sends, and in a container the process is
+/// PID 1, for which the kernel ignores a signal without a handler: without
+/// one the kubelet would wait out the whole grace period and SIGKILL it.
+fn stop_signal(what: &'static str) -> Result<impl std::future::Future<Output = ()> + Send> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = sigterm.recv() => tracing::info!("{what}: SIGTERM, stopping"),
+            _ = sigint.recv() => tracing::info!("{what}: SIGINT, stopping"),
+        }
+    })
 }
 
 /// How long a stopping tunnel process waits for its runtime's blocking tasks.
@@ -1040,7 +1058,7 @@ fn tunnel_server(args: TunnelServerArgs) -> Result<()> {
         registry: tunnel_registry(args.registry)?,
         policy,
     };
-    until_terminated("tunnel server", netd::tunnel::run::run_server(settings))
+    until_terminated("tunnel server", |stop| netd::tunnel::run::run_server(settings, stop))
 }
 
 /// Raises this process's open-file limit to its hard limit: every door
@@ -1100,7 +1118,7 @@ fn tunnel_agent(args: TunnelAgentArgs) -> Result<()> {
         dial_loopback: args.dial_loopback,
         metrics_listen: Some(args.metrics_listen),
     };
-    until_terminated("tunnel agent", netd::tunnel::run::run_agent(settings))
+    until_terminated("tunnel agent", |stop| netd::tunnel::run::run_agent(settings, stop))
 }
 
 fn init_logging(level: LogLevel) {
