@@ -296,7 +296,7 @@ impl Masquerade {
     /// `10.244.3.0/24`); the subnet must lie inside the network.
     ///
     /// ```
-    /// use netd::masquerade::{Masquerade, MasqueradeError};
+    /// use netd_dataplane::masquerade::{Masquerade, MasqueradeError};
     /// let m = Masquerade::new("10.244.0.0/16".parse().unwrap(), "10.244.3.1/24".parse().unwrap()).unwrap();
     /// assert_eq!(m.subnet().to_string(), "10.244.3.0/24");
     /// let err = Masquerade::new("10.244.0.0/16".parse().unwrap(), "10.99.0.0/24".parse().unwrap());

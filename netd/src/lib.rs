@@ -20,22 +20,22 @@
 //! network namespaces, veth pairs, bridges and cgroups for privileged tests.
 
 pub use netd_cloud::autonomy;
-pub use netd_ipam::cni;
 pub use netd_cloud::controller;
-pub use netd_dataplane::daemon;
 pub use netd_cloud::dnat;
-pub use netd_metrics as http;
+pub use netd_dataplane::daemon;
 pub use netd_hub as hub;
+pub use netd_ipam::cni;
+pub use netd_metrics as http;
 pub mod join;
-pub use netd_kube as kube;
+pub use netd_cloud::rollout;
 pub use netd_dataplane::masquerade;
+pub use netd_dataplane::vxlan;
+pub use netd_kube as kube;
 pub use netd_model as model;
 pub use netd_model::{atomic_file, subnet_env};
 pub use netd_netlink as netlink;
 pub use netd_registry as registry;
-pub use netd_cloud::rollout;
 pub use netd_tunnel as tunnel;
-pub use netd_dataplane::vxlan;
 
 pub use netd_ebpf as ebpf;
 pub use netd_ipam as ipam;

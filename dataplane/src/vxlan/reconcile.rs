@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use netd_netlink::{Change, EthAddr, FdbEntry, Handle, Neighbour, Nexthop, Route, RouteVia};
 use ipnet::Ipv4Net;
+use netd_netlink::{Change, EthAddr, FdbEntry, Handle, Neighbour, Nexthop, Route, RouteVia};
 
 use super::device::{self, Device};
 use super::peers::{conflict, lone_defect, nexthop_id, validate, Rejected};

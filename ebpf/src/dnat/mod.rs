@@ -351,8 +351,8 @@ impl DnatStats {
     /// for node_exporter's textfile collector, and for any netd process that
     /// serves /metrics next to a tunnel DNAT).
     pub fn render_prometheus(&self) -> String {
-            use std::fmt::Write as _;
-            let stats = self;
+        use std::fmt::Write as _;
+        let stats = self;
         let mut out = String::new();
         out.push_str(
             "# HELP netd_dnat_redirected_total Connections redirected to the tunnel server, by rule.\n\
