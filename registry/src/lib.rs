@@ -27,12 +27,12 @@ use std::future::Future;
 use std::net::Ipv4Addr;
 use std::time::{Duration, SystemTime};
 
+use ipnet::Ipv4Net;
 use netd_model::autonomy::Autonomy;
 use netd_model::{Lease, MacAddr, ModelError};
-use ipnet::Ipv4Net;
 
-pub use netd_model::NetworkConfig;
 pub use any::{kube_config, AnyRegistry, OpenSettings, RegistrySpec};
+pub use netd_model::NetworkConfig;
 pub use tokens::{AnyTokenStore, TokenRecord, TokenRefused, TokenStore};
 
 /// Lease lifetime, as flannel uses: 24 h, renewed ahead of expiry.
