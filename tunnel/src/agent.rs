@@ -4,7 +4,6 @@
 //! only when configured), only the allowed ports.
 
 use std::collections::BTreeSet;
-use std::hash::{BuildHasher, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -17,12 +16,9 @@ use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 
 use super::tls::Live;
-use super::transport::{self, Counted, TunnelStream};
+use super::transport::{self, backoff, Counted, TunnelStream, REFUSAL_HEADER};
+pub use super::transport::{BACKOFF_BASE, BACKOFF_CAP};
 
-/// Backoff between reconnects: full jitter over `min(CAP, BASE * 2^attempt)`.
-pub const BACKOFF_BASE: Duration = Duration::from_millis(500);
-/// See [`BACKOFF_BASE`].
-pub const BACKOFF_CAP: Duration = Duration::from_secs(30);
 /// A link that stayed up this long resets the backoff.
 const STABLE_LINK: Duration = Duration::from_secs(10);
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -30,9 +26,6 @@ const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// answer ([`super::limits::DEFAULT_OPEN_TIMEOUT`]), so the server hears
 /// why instead of timing out.
 const LOCAL_DIAL_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Header carrying why the agent refused a stream (for the server's logs).
-pub const REFUSAL_HEADER: &str = "x-netd-refused";
 
 /// Errors of one agent link.
 #[derive(Debug, thiserror::Error)]
@@ -132,14 +125,6 @@ pub fn refusal(config: &AgentConfig, dest: SocketAddr) -> Option<&'static str> {
         || config.own_addresses.contains(&ip)
         || config.pod_subnets.borrow().iter().any(|net| net.contains(&ip));
     (!own).then_some("address")
-}
-
-/// Full-jitter backoff for attempt `n` (0-based).
-pub(super) fn backoff(attempt: u32) -> Duration {
-    let ceiling = BACKOFF_BASE.saturating_mul(1u32 << attempt.min(16)).min(BACKOFF_CAP);
-    // RandomState is seeded per instance by the OS: a dependency-free random draw.
-    let random = std::collections::hash_map::RandomState::new().build_hasher().finish();
-    ceiling.mul_f64((random >> 11) as f64 / (1u64 << 53) as f64)
 }
 
 /// Runs the agent: one link per server, each reconnecting forever.
@@ -335,20 +320,5 @@ mod tests {
         // Any address on a port not allowed: the port is named first.
         assert_eq!(at("10.0.5.7:22"), Some("port"));
         assert_eq!(at("10.0.5.8:22"), Some("port"));
-    }
-
-    #[test]
-    fn backoff_is_full_jitter_under_a_doubling_ceiling_capped_at_30s() {
-        for attempt in 0..40 {
-            let ceiling = BACKOFF_BASE.saturating_mul(1u32 << attempt.min(16)).min(BACKOFF_CAP);
-            for _ in 0..50 {
-                let wait = backoff(attempt);
-                assert!(wait <= ceiling, "attempt {attempt}: {wait:?} > {ceiling:?}");
-            }
-        }
-        // Jitter: not the same value every time.
-        let draws: std::collections::HashSet<Duration> = (0..20).map(|_| backoff(10)).collect();
-        assert!(draws.len() > 10, "{draws:?}");
-        assert!((0..200).map(|_| backoff(30)).all(|w| w <= BACKOFF_CAP));
     }
 }

@@ -11,13 +11,24 @@
 //! addresses and the registry's leases: node addresses and pod subnets);
 //! [`run`] the two long-running processes. Who may use which door is
 //! [`identity`]'s concern; how long and how many, [`limits`]'.
+//!
+//! Features: `agent` (the edge side) and `server` (the cloud side: front
+//! doors, routing, the DNAT hand-over from `netd-ebpf`, leases from
+//! `netd-registry`); both by default. An edge binary takes `agent` alone
+//! and links none of the server, the BPF loader or the registries.
+//! Certificates, TLS and the HTTP/2 transport are common to both.
 
+#[cfg(feature = "agent")]
 pub mod agent;
 pub mod certs;
+#[cfg(feature = "server")]
 pub mod identity;
+#[cfg(feature = "server")]
 pub mod limits;
+#[cfg(feature = "server")]
 pub mod routes;
 pub mod run;
+#[cfg(feature = "server")]
 pub mod server;
 pub mod tls;
 pub mod transport;

@@ -397,7 +397,7 @@ impl Router {
             self.metrics.refused_by_agent.fetch_add(1, Ordering::Relaxed);
             let reason = response
                 .headers()
-                .get(super::agent::REFUSAL_HEADER)
+                .get(super::transport::REFUSAL_HEADER)
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("unknown")
                 .to_string();

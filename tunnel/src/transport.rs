@@ -9,6 +9,7 @@
 //! (so a reader that stops reading stalls its own stream and nothing else),
 //! and pings that find a dead link.
 
+use std::hash::{BuildHasher as _, Hasher as _};
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -268,6 +269,22 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
     }
 }
 
+/// Backoff between reconnects: full jitter over `min(CAP, BASE * 2^attempt)`.
+pub const BACKOFF_BASE: Duration = Duration::from_millis(500);
+/// See [`BACKOFF_BASE`].
+pub const BACKOFF_CAP: Duration = Duration::from_secs(30);
+
+/// Header carrying why the agent refused a stream (for the server's logs).
+pub const REFUSAL_HEADER: &str = "x-netd-refused";
+
+/// Full-jitter backoff for attempt `n` (0-based).
+pub fn backoff(attempt: u32) -> Duration {
+    let ceiling = BACKOFF_BASE.saturating_mul(1u32 << attempt.min(16)).min(BACKOFF_CAP);
+    // RandomState is seeded per instance by the OS: a dependency-free random draw.
+    let random = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    ceiling.mul_f64((random >> 11) as f64 / (1u64 << 53) as f64)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::panic)]
@@ -354,5 +371,20 @@ mod tests {
             let reply = bytes.strip_prefix(PREFACE).map(<[u8]>::to_vec).unwrap_or(bytes);
             assert!(server_fed(reply).await.is_err(), "{name}: accepted by the server");
         }
+    }
+
+    #[test]
+    fn backoff_is_full_jitter_under_a_doubling_ceiling_capped_at_30s() {
+        for attempt in 0..40 {
+            let ceiling = BACKOFF_BASE.saturating_mul(1u32 << attempt.min(16)).min(BACKOFF_CAP);
+            for _ in 0..50 {
+                let wait = backoff(attempt);
+                assert!(wait <= ceiling, "attempt {attempt}: {wait:?} > {ceiling:?}");
+            }
+        }
+        // Jitter: not the same value every time.
+        let draws: std::collections::HashSet<Duration> = (0..20).map(|_| backoff(10)).collect();
+        assert!(draws.len() > 10, "{draws:?}");
+        assert!((0..200).map(|_| backoff(30)).all(|w| w <= BACKOFF_CAP));
     }
 }

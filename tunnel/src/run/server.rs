@@ -1,106 +1,21 @@
-//! `netd tunnel-server` and `netd tunnel-agent`: the long-running processes
-//! around [`server`] and [`agent`], with
-//! certificates that follow their files and a `/metrics` endpoint (hyper).
+//! The tunnel server process: its settings, counters and [`run_server`].
 
-use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use http::StatusCode;
-use ipnet::IpNet;
-use rustls_pki_types::ServerName;
 use tokio::net::TcpListener;
 
-use super::agent::{self, AgentConfig, AgentMetrics};
-use super::certs::{self, CertError, CertFiles};
-use super::limits::{Door, Refusal};
-use super::routes::LeaseRefusal;
-use super::routes::LeaseRoute;
-use super::server::{self, Router, ServerPolicy};
-use super::tls::{self, TlsError};
+use super::{bind, counter, serve_metrics, TunnelError};
+use crate::certs::CertFiles;
+use crate::limits::{Door, Refusal};
+use crate::routes::{LeaseRefusal, LeaseRoute};
+use crate::server::{self, Router, ServerPolicy};
+use crate::tls;
 use netd_ebpf::dnat::{DnatError, TunnelDnat};
-use netd_model::subnet_env::{SubnetEnv, SubnetEnvError};
 use netd_registry::{AnyRegistry, OpenSettings, PeerEvent, PeerLease, Registry, RegistrySpec};
-
-/// The ports an agent always allows: kubelet's API and its read-only port.
-pub const KUBELET_PORTS: [u16; 2] = [10250, 10255];
-
-/// Errors starting the tunnel processes.
-#[derive(Debug, thiserror::Error)]
-pub enum TunnelError {
-    /// Certificates.
-    #[error(transparent)]
-    Certs(#[from] CertError),
-    /// TLS settings.
-    #[error(transparent)]
-    Tls(#[from] TlsError),
-    /// A listener could not be bound.
-    #[error("listening on {addr} failed")]
-    Bind {
-        /// The address.
-        addr: SocketAddr,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The tunnel DNAT's maps could not be opened.
-    #[error(transparent)]
-    Dnat(#[from] DnatError),
-    /// The registry settings can never work.
-    #[error("tunnel server: the registry")]
-    Registry(#[source] netd_registry::RegistryError),
-    /// The agent was given no server.
-    #[error("no tunnel server given (--server HOST:PORT)")]
-    NoServers,
-    /// A server name that is neither a DNS name nor an IP address.
-    #[error("{0:?} is not a name the server's certificate can carry")]
-    ServerName(String),
-}
-
-/// A listener as the command line names it: `IP:PORT`, or a bare `PORT` on
-/// the server's own address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Listen {
-    /// A whole socket address.
-    At(SocketAddr),
-    /// A port on the server's address.
-    Port(u16),
-}
-
-impl std::str::FromStr for Listen {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, String> {
-        let text = text.trim();
-        if let Ok(port) = text.parse::<u16>() {
-            return Ok(Self::Port(port));
-        }
-        text.parse().map(Self::At).map_err(|_| format!("{text:?} is neither IP:PORT nor PORT"))
-    }
-}
-
-impl Listen {
-    /// The socket address, bare ports on `address`.
-    pub fn on(self, address: IpAddr) -> SocketAddr {
-        match self {
-            Self::At(addr) => addr,
-            Self::Port(port) => SocketAddr::new(address, port),
-        }
-    }
-
-    /// Whether it needs the server's address.
-    pub fn is_port_only(self) -> bool {
-        matches!(self, Self::Port(_))
-    }
-}
-
-async fn bind(addr: SocketAddr) -> Result<TcpListener, TunnelError> {
-    TcpListener::bind(addr).await.map_err(|source| TunnelError::Bind { addr, source })
-}
 
 /// What a tunnel server runs.
 #[derive(Debug, Clone)]
@@ -126,35 +41,6 @@ pub struct ServerSettings {
     pub registry: Option<(RegistrySpec, OpenSettings)>,
     /// Who the doors admit, what never routes, timeouts and caps.
     pub policy: ServerPolicy,
-}
-
-/// What a tunnel agent runs.
-#[derive(Debug, Clone)]
-pub struct AgentSettings {
-    /// Tunnel servers, `host:port`.
-    pub servers: Vec<String>,
-    /// The name the servers' certificate carries; default: the first server's host.
-    pub server_name: Option<String>,
-    /// The node's certificate, key and CA.
-    pub certs: CertFiles,
-    /// The node's addresses; default: its certificate's IP SANs.
-    pub node_addresses: Vec<IpAddr>,
-    /// The node's pod subnets (pulling pod metrics through the tunnel);
-    /// default: the subnet in `subnet_env`, followed as netd rewrites it.
-    pub pod_subnets: Vec<IpNet>,
-    /// flannel's `subnet.env`, which netd writes on this node.
-    pub subnet_env: PathBuf,
-    /// Ports allowed besides 10250 and 10255.
-    pub extra_ports: Vec<u16>,
-    /// Dial loopback destinations too (off: only the node's own addresses
-    /// and pod subnets).
-    pub dial_loopback: bool,
-    /// `/metrics` and `/healthz` (plain HTTP).
-    pub metrics_listen: Option<SocketAddr>,
-}
-
-fn counter(out: &mut String, name: &str, kind: &str, help: &str, value: &AtomicU64) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}", value.load(Ordering::Relaxed));
 }
 
 /// The server's counters, Prometheus text format.
@@ -260,62 +146,6 @@ pub fn server_metrics(router: &Router) -> String {
         &m.bytes_from_edge,
     );
     out
-}
-
-/// The agent's counters, Prometheus text format.
-pub fn agent_metrics(m: &AgentMetrics) -> String {
-    let mut out = String::new();
-    counter(&mut out, "netd_tunnel_agent_links_up", "gauge", "Links to tunnel servers up now.", &m.links_up);
-    counter(&mut out, "netd_tunnel_agent_streams_open", "gauge", "Streams open now.", &m.streams_open);
-    counter(&mut out, "netd_tunnel_agent_streams_total", "counter", "Streams served.", &m.streams_total);
-    let _ = writeln!(
-        out,
-        "# HELP netd_tunnel_agent_refused_total Streams refused, by reason.\n# TYPE netd_tunnel_agent_refused_total counter\n\
-         netd_tunnel_agent_refused_total{{reason=\"address\"}} {}\n\
-         netd_tunnel_agent_refused_total{{reason=\"port\"}} {}\n\
-         netd_tunnel_agent_refused_total{{reason=\"request\"}} {}",
-        m.refused_address.load(Ordering::Relaxed),
-        m.refused_port.load(Ordering::Relaxed),
-        m.refused_request.load(Ordering::Relaxed)
-    );
-    counter(&mut out, "netd_tunnel_agent_dial_failures_total", "counter", "Local dials that failed.", &m.dial_failures);
-    counter(
-        &mut out,
-        "netd_tunnel_agent_handshake_failures_total",
-        "counter",
-        "Links that failed in TLS.",
-        &m.handshake_failures,
-    );
-    counter(
-        &mut out,
-        "netd_tunnel_agent_bytes_in_total",
-        "counter",
-        "Bytes from servers to local destinations.",
-        &m.bytes_in,
-    );
-    counter(
-        &mut out,
-        "netd_tunnel_agent_bytes_out_total",
-        "counter",
-        "Bytes from local destinations to servers.",
-        &m.bytes_out,
-    );
-    out
-}
-
-/// `/metrics` and `/healthz`, until the task is dropped.
-async fn serve_metrics(listener: TcpListener, render: Arc<dyn Fn() -> String + Send + Sync>) {
-    netd_metrics::serve_text(listener, move |path| {
-        let render = render.clone();
-        async move {
-            match path.as_str() {
-                "/metrics" => (StatusCode::OK, render()),
-                "/healthz" => (StatusCode::OK, "ok\n".to_string()),
-                _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
-            }
-        }
-    })
-    .await
 }
 
 /// Runs a tunnel server on the caller's runtime until `shutdown` completes
@@ -460,7 +290,7 @@ async fn follow_leases(mut registry: AnyRegistry, router: Arc<Router>) {
                 }
             }
             Err(err) => {
-                let wait = agent::backoff(failures);
+                let wait = crate::transport::backoff(failures);
                 failures = failures.saturating_add(1);
                 tracing::warn!("tunnel server: registry {}: {err}; retrying in {wait:?}", registry.describe());
                 tokio::time::sleep(wait).await;
@@ -469,115 +299,3 @@ async fn follow_leases(mut registry: AnyRegistry, router: Arc<Router>) {
     }
 }
 
-/// This node's pod subnet from the `subnet.env` netd writes: none when the
-/// node has no netd (no file), a warning when the file is unusable.
-/// This node's pod subnet from `path` (flannel's subnet.env, which netd
-/// writes): `Ok(None)` while the file is not there.
-fn own_pod_subnet(path: &std::path::Path) -> Result<Option<IpNet>, SubnetEnvError> {
-    match SubnetEnv::read(path) {
-        Ok(env) => Ok(Some(env.subnet.trunc())),
-        Err(SubnetEnvError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(err) => Err(err),
-    }
-}
-
-/// How often the agent looks at subnet.env again.
-const SUBNET_ENV_POLL: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// Keeps `subnets` equal to the pod subnet in `path`, forever. The agent
-/// and netd start together on a fresh node, and netd writes subnet.env only
-/// once it holds its lease: read once at start, the agent would refuse the
-/// node's pods until restarted. A file that cannot be read keeps what was
-/// known, said once per distinct error.
-async fn follow_pod_subnet(path: PathBuf, subnets: tokio::sync::watch::Sender<Arc<Vec<IpNet>>>) {
-    let mut last_error = None;
-    loop {
-        match own_pod_subnet(&path) {
-            Ok(subnet) => {
-                last_error = None;
-                let wanted: Vec<IpNet> = subnet.into_iter().collect();
-                if **subnets.borrow() != wanted {
-                    tracing::info!("tunnel agent: pod subnets now {wanted:?} (from {})", path.display());
-                    subnets.send_replace(Arc::new(wanted));
-                }
-            }
-            Err(err) => {
-                let text = err.to_string();
-                if last_error.as_ref() != Some(&text) {
-                    tracing::warn!("tunnel agent: pod subnet unknown, keeping {:?}: {text}", **subnets.borrow());
-                    last_error = Some(text);
-                }
-            }
-        }
-        tokio::time::sleep(SUBNET_ENV_POLL).await;
-    }
-}
-
-/// Runs a tunnel agent on the caller's runtime until `shutdown` completes
-/// (or the future is dropped): its links to the servers close and every
-/// stream is aborted. No runtime is built and no signal handler installed.
-///
-/// ```no_run
-/// # async fn demo(settings: netd_tunnel::run::AgentSettings) -> Result<(), netd_tunnel::run::TunnelError> {
-/// // Until the host application says stop:
-/// let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-/// # drop(stop);
-/// netd_tunnel::run::run_agent(settings, async { let _ = stopped.await; }).await
-/// # }
-/// ```
-pub async fn run_agent(settings: AgentSettings, shutdown: impl Future<Output = ()>) -> Result<(), TunnelError> {
-    tokio::select! {
-        outcome = dial(settings) => outcome,
-        () = shutdown => Ok(()),
-    }
-}
-
-async fn dial(settings: AgentSettings) -> Result<(), TunnelError> {
-    let first = settings.servers.first().ok_or(TunnelError::NoServers)?;
-    let name = match &settings.server_name {
-        Some(name) => name.clone(),
-        None => first.rsplit_once(':').map_or(first.as_str(), |(host, _)| host).trim_matches(['[', ']']).to_string(),
-    };
-    let server_name = ServerName::try_from(name.clone()).map_err(|_| TunnelError::ServerName(name))?;
-    let loaded = settings.certs.load()?;
-    let node_addresses = if settings.node_addresses.is_empty() {
-        let leaf = loaded.chain.first().map(|c| c.as_ref()).unwrap_or_default();
-        certs::ip_sans_of(leaf)?
-    } else {
-        settings.node_addresses.clone()
-    };
-    let (subnets_tx, pod_subnets) = tokio::sync::watch::channel(Arc::new(settings.pod_subnets.clone()));
-    let (tls, reload) = tls::follow(settings.certs.clone(), tls::RELOAD_POLL, tls::agent)?;
-    let mut allowed_ports: BTreeSet<u16> = KUBELET_PORTS.into_iter().collect();
-    allowed_ports.extend(&settings.extra_ports);
-    let subnets_from = if settings.pod_subnets.is_empty() {
-        format!("the pod subnet of {}", settings.subnet_env.display())
-    } else {
-        format!("{:?}", settings.pod_subnets)
-    };
-    tracing::info!(
-        "tunnel agent: servers {:?}, dialling {node_addresses:?} and {subnets_from} on ports {allowed_ports:?}",
-        settings.servers,
-    );
-    let config = AgentConfig {
-        servers: settings.servers.clone(),
-        server_name,
-        tls,
-        own_addresses: node_addresses,
-        pod_subnets,
-        allowed_ports,
-        dial_loopback: settings.dial_loopback,
-    };
-    let metrics = Arc::new(AgentMetrics::default());
-    let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(reload);
-    if settings.pod_subnets.is_empty() {
-        tasks.spawn(follow_pod_subnet(settings.subnet_env.clone(), subnets_tx));
-    }
-    tasks.spawn(agent::run(config, metrics.clone()));
-    if let Some(addr) = settings.metrics_listen {
-        tasks.spawn(serve_metrics(bind(addr).await?, Arc::new(move || agent_metrics(&metrics))));
-    }
-    while tasks.join_next().await.is_some() {}
-    Ok(())
-}
