@@ -22,8 +22,16 @@
 //! (OpenYurt's toleration rewrite) is not run here.
 //!
 //! Last, the memory of the real `netd-controller run` (release binary,
-//! leader of its own Lease) on the same cluster: VmRSS once it has listed
-//! the 2 000 pods, after it has rewritten the node's 1 000, and its peak.
+//! leader of its own Lease) on the same cluster, with [`EXTRA_NODES`] more
+//! Node objects (1 000 in all; made through the API, no kubelets, each
+//! with the status a kubelet reports: conditions, addresses, images):
+//! VmRSS once it has listed the nodes and the 2 000 pods, after it has
+//! rewritten the node's 1 000, and its peak; and, from kube-apiserver's
+//! `/metrics`, how many Node LIST requests (pages of 100) its start cost
+//! and how many Node watches it holds. Then an API blip: kube-apiserver is
+//! killed and started again, and the Node LISTs and watches the controller
+//! makes to recover are counted the same way (one list+watch of Nodes is
+//! 10 pages and one watch).
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -44,6 +52,8 @@ use crate::bench::{machine, ms, percentile};
 use crate::bench_rss::status_kib;
 
 const NODE: &str = "bench-edge";
+/// Node objects made besides [`NODE`] for the memory measurement.
+const EXTRA_NODES: usize = 999;
 /// The floor's pods are bound to this name; no Node object has it.
 const FLOOR_NODE: &str = "bench-floor";
 /// CPU time of this process (the controller, and the bench's 1 ms polling
@@ -68,7 +78,7 @@ pub fn run(rounds: usize, pods: usize, bin_dir: &Path) -> Result<()> {
         bail!("the autonomy benchmark needs kube-apiserver (`cargo xtask setup` builds it)");
     }
     println!("machine: {}", machine());
-    let server = KubeApiServer::new()?;
+    let mut server = KubeApiServer::new()?;
     populate(&server, pods)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -104,22 +114,129 @@ pub fn run(rounds: usize, pods: usize, bin_dir: &Path) -> Result<()> {
             ms(cpu)
         );
     }
-    let memory = runtime.block_on(controller_memory(&server, pods, bin_dir))?;
+    add_nodes(&server, EXTRA_NODES)?;
+    let memory = controller_memory(&runtime, &mut server, pods, bin_dir)?;
     println!(
-        "\nnetd-controller run (release), leader, 1 node + {} pods watched: VmRSS {:.1} MiB listed and idle, \
+        "\nnetd-controller run (release), leader, {} nodes + {} pods watched: VmRSS {:.1} MiB listed and idle, \
          {:.1} MiB after rewriting {pods} pods' tolerations, peak (VmHWM) {:.1} MiB",
+        EXTRA_NODES + 1,
         2 * pods,
-        memory[0] as f64 / 1024.0,
-        memory[1] as f64 / 1024.0,
-        memory[2] as f64 / 1024.0
+        memory.rss[0] as f64 / 1024.0,
+        memory.rss[1] as f64 / 1024.0,
+        memory.rss[2] as f64 / 1024.0
+    );
+    println!(
+        "Node requests of its start (kube-apiserver /metrics): {} LIST (pages of 100), {} WATCH open; \
+         after kube-apiserver was killed and started again: {} LIST, {} WATCH open",
+        memory.start.lists, memory.start.watches, memory.blip.lists, memory.blip.watches
     );
     Ok(())
 }
 
+/// What kube-apiserver's `/metrics` says of the Node requests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct NodeRequests {
+    /// `apiserver_request_total{resource="nodes",verb="LIST"}`, all codes
+    /// (one per page).
+    lists: u64,
+    /// `apiserver_longrunning_gauge{resource="nodes",verb="WATCH"}`: open.
+    watches: u64,
+}
+
+fn node_requests(server: &KubeApiServer) -> Result<NodeRequests> {
+    let (status, text) = server.api("GET", "/metrics", None)?;
+    ensure!(status == 200, "kube-apiserver /metrics: HTTP {status}");
+    let mut out = NodeRequests::default();
+    for line in text.lines().filter(|l| l.contains("resource=\"nodes\"") && l.contains("subresource=\"\"")) {
+        let value = || line.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()).unwrap_or(0.0) as u64;
+        if line.starts_with("apiserver_request_total{") && line.contains("verb=\"LIST\"") {
+            out.lists += value();
+        } else if line.starts_with("apiserver_longrunning_gauge{") && line.contains("verb=\"WATCH\"") {
+            out.watches += value();
+        }
+    }
+    Ok(out)
+}
+
+/// `count` more nodes, labelled edge as the controller leaves them, each
+/// with what a kubelet reports in its status (created with kubectl from
+/// one list, in lists of 250).
+fn add_nodes(server: &KubeApiServer, count: usize) -> Result<()> {
+    let node = |i: usize| {
+        let name = format!("bench-node-{i:04}");
+        let ip = format!("10.{}.{}.{}", 200 + i / 65536, (i / 256) % 256, i % 256);
+        let condition = |kind: &str, status: &str, reason: &str, message: &str| {
+            json!({ "type": kind, "status": status, "reason": reason, "message": message,
+                    "lastHeartbeatTime": "2026-01-01T00:00:00Z", "lastTransitionTime": "2026-01-01T00:00:00Z" })
+        };
+        json!({ "apiVersion": "v1", "kind": "Node",
+            "metadata": { "name": name,
+                "labels": { "alibabacloud.com/is-edge-worker": "true", "kubernetes.io/hostname": name,
+                            "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
+                            "beta.kubernetes.io/os": "linux", "beta.kubernetes.io/arch": "amd64" },
+                "annotations": { "flannel.alpha.coreos.com/backend-type": "vxlan",
+                                 "flannel.alpha.coreos.com/backend-data": format!("{{\"VNI\":1,\"VtepMAC\":\"0e:00:00:00:{:02x}:{:02x}\"}}", i / 256, i % 256),
+                                 "flannel.alpha.coreos.com/public-ip": ip,
+                                 "flannel.alpha.coreos.com/kube-subnet-manager": "true",
+                                 "node.alpha.kubernetes.io/ttl": "0",
+                                 "volumes.kubernetes.io/controller-managed-attach-detach": "true" } },
+            "spec": { "podCIDR": format!("10.244.{}.0/24", i % 256), "podCIDRs": [format!("10.244.{}.0/24", i % 256)] },
+            "status": {
+                "conditions": [
+                    condition("MemoryPressure", "False", "KubeletHasSufficientMemory", "kubelet has sufficient memory available"),
+                    condition("DiskPressure", "False", "KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
+                    condition("PIDPressure", "False", "KubeletHasSufficientPID", "kubelet has sufficient PID available"),
+                    condition("NetworkUnavailable", "False", "FlannelIsUp", "Flannel is running on this node"),
+                    condition("Ready", "True", "KubeletReady", "kubelet is posting ready status"),
+                ],
+                "addresses": [{ "type": "InternalIP", "address": ip }, { "type": "Hostname", "address": name }],
+                "capacity": { "cpu": "4", "memory": "8141664Ki", "pods": "110", "ephemeral-storage": "61255492Ki" },
+                "allocatable": { "cpu": "4", "memory": "8039264Ki", "pods": "110", "ephemeral-storage": "56453061334" },
+                "daemonEndpoints": { "kubeletEndpoint": { "Port": 10250 } },
+                "nodeInfo": { "machineID": format!("{i:032x}"), "systemUUID": format!("{i:032x}"), "bootID": format!("{i:032x}"),
+                              "kernelVersion": "6.1.0", "osImage": "Debian GNU/Linux 12 (bookworm)",
+                              "containerRuntimeVersion": "containerd://1.6.20", "kubeletVersion": "v1.20.2",
+                              "kubeProxyVersion": "v1.20.2", "operatingSystem": "linux", "architecture": "amd64" },
+                "images": (0..8).map(|k| json!({ "names": [format!("registry.invalid/app-{k}@sha256:{:064x}", k), format!("registry.invalid/app-{k}:v1")],
+                                                 "sizeBytes": 10_000_000 + k })).collect::<Vec<_>>(),
+            } })
+    };
+    let dir = tempfile::tempdir()?;
+    let started = Instant::now();
+    let items: Vec<Value> = (1..=count).map(node).collect();
+    for (n, chunk) in items.chunks(250).enumerate() {
+        let file = dir.path().join(format!("nodes-{n}.json"));
+        std::fs::write(&file, json!({ "apiVersion": "v1", "kind": "List", "items": chunk }).to_string())?;
+        let out = server.kubectl(&["create", "-f", &file.display().to_string()])?;
+        ensure!(out.status.success(), "kubectl create: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    println!("created {count} more nodes in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// What [`controller_memory`] measured.
+struct ControllerMemory {
+    /// VmRSS (KiB) idle after the first lists, VmRSS after the rewrite,
+    /// VmHWM then.
+    rss: [u64; 3],
+    /// The Node requests of its start.
+    start: NodeRequests,
+    /// The Node requests it made after kube-apiserver came back.
+    blip: NodeRequests,
+}
+
 /// The real `netd-controller run` on `server`: VmRSS (KiB) once it is idle
 /// after its first lists, VmRSS once it has rewritten every pod of [`NODE`]
-/// (autonomy set), and VmHWM then. It is stopped after giving the pods back.
-async fn controller_memory(server: &KubeApiServer, pods: usize, bin_dir: &Path) -> Result<[u64; 3]> {
+/// (autonomy set), and VmHWM then; then kube-apiserver is killed and
+/// started again, and the Node requests of the controller's recovery are
+/// counted. It is stopped after that.
+fn controller_memory(
+    runtime: &tokio::runtime::Runtime,
+    server: &mut KubeApiServer,
+    pods: usize,
+    bin_dir: &Path,
+) -> Result<ControllerMemory> {
+    let before = node_requests(server)?;
     let dir = tempfile::tempdir()?;
     let (token, ca) = (dir.path().join("token"), dir.path().join("ca.pem"));
     std::fs::write(&token, server.token())?;
@@ -134,50 +251,73 @@ async fn controller_memory(server: &KubeApiServer, pods: usize, bin_dir: &Path) 
         .arg("--ca-file")
         .arg(&ca)
         .args(["--identity", "bench", "--metrics-listen", &format!("127.0.0.1:{port}")])
+        // Leader through the blip: kube-apiserver is away for a few seconds.
+        .args(["--lease-duration", "120", "--renew-deadline", "90"])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.path().join("controller.log"))?)
         .spawn()
         .with_context(|| format!("starting {}", binary.display()))?;
-    let result = async {
-        let client = KubeClient::new(&server.kube_config("bench-controller")?)?;
-        let nodes: Api<Object<NodeAutonomy>> = Api::all(client.client());
-        let all_pods: Api<Object<PodTolerations>> = Api::namespaced(client.client(), "default");
-        let on_node = ListParams::default().fields(&format!("spec.nodeName={NODE}"));
-        // Leader, lists done and settled: the resident size no longer moves.
-        let started = Instant::now();
-        let mut last = 0;
-        loop {
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            ensure!(child.try_wait()?.is_none(), "netd-controller exited: see its log");
-            let rss = status_kib(child.id(), "VmRSS:")?;
-            if rss == last || started.elapsed() > STEP_LIMIT {
-                break;
-            }
-            last = rss;
-        }
-        let idle = status_kib(child.id(), "VmRSS:")?;
-        for on in [true, false] {
-            let value = if on { json!("true") } else { json!(null) };
-            let patch = json!({ "metadata": { "annotations": { ANNOTATION_AUTONOMY: value } } });
-            nodes.patch(NODE, &PatchParams::default(), &Patch::Merge(&patch)).await?;
-            let step = Instant::now();
+    let result = runtime
+        .block_on(async {
+            let client = KubeClient::new(&server.kube_config("bench-controller")?)?;
+            let nodes: Api<Object<NodeAutonomy>> = Api::all(client.client());
+            let all_pods: Api<Object<PodTolerations>> = Api::namespaced(client.client(), "default");
+            let on_node = ListParams::default().fields(&format!("spec.nodeName={NODE}"));
+            // Leader, lists done and settled: the resident size no longer moves.
+            let started = Instant::now();
+            let mut last = 0;
             loop {
-                let listed = all_pods.list(&on_node).await?;
-                let saved = listed.items.iter().filter(|p| p.annotation(ANNOTATION_SAVED).is_some()).count();
-                if saved == if on { pods } else { 0 } {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                ensure!(child.try_wait()?.is_none(), "netd-controller exited: see its log");
+                let rss = status_kib(child.id(), "VmRSS:")?;
+                if rss == last || started.elapsed() > STEP_LIMIT {
                     break;
                 }
-                ensure!(step.elapsed() < STEP_LIMIT, "netd-controller patched {saved} of {pods} pods");
-                ensure!(child.try_wait()?.is_none(), "netd-controller exited: see its log");
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                last = rss;
             }
-            if on {
-                last = status_kib(child.id(), "VmRSS:")?;
+            let idle = status_kib(child.id(), "VmRSS:")?;
+            for on in [true, false] {
+                let value = if on { json!("true") } else { json!(null) };
+                let patch = json!({ "metadata": { "annotations": { ANNOTATION_AUTONOMY: value } } });
+                nodes.patch(NODE, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+                let step = Instant::now();
+                loop {
+                    let listed = all_pods.list(&on_node).await?;
+                    let saved = listed.items.iter().filter(|p| p.annotation(ANNOTATION_SAVED).is_some()).count();
+                    if saved == if on { pods } else { 0 } {
+                        break;
+                    }
+                    ensure!(step.elapsed() < STEP_LIMIT, "netd-controller patched {saved} of {pods} pods");
+                    ensure!(child.try_wait()?.is_none(), "netd-controller exited: see its log");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                if on {
+                    last = status_kib(child.id(), "VmRSS:")?;
+                }
             }
-        }
-        Ok([idle, last, status_kib(child.id(), "VmHWM:")?])
-    }
-    .await;
+            Ok([idle, last, status_kib(child.id(), "VmHWM:")?])
+        })
+        .and_then(|rss| {
+            let after = node_requests(server)?;
+            let start = NodeRequests { lists: after.lists - before.lists, watches: after.watches };
+            // The blip: every watch breaks, every list must be made again.
+            server.stop()?;
+            std::thread::sleep(Duration::from_secs(2));
+            server.start()?;
+            let back = Instant::now();
+            let mut seen = Vec::new();
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+                ensure!(child.try_wait()?.is_none(), "netd-controller exited after the blip: see its log");
+                let now = node_requests(server)?;
+                seen.push(now);
+                // Watching again as before, and nothing new for 5 s.
+                let settled = seen.len() > 5 && seen[seen.len() - 6..].iter().all(|s| *s == now);
+                if (now.watches >= start.watches && settled) || back.elapsed() > STEP_LIMIT {
+                    break Ok(ControllerMemory { rss, start, blip: now });
+                }
+            }
+        });
     let _ = child.kill();
     let _ = child.wait();
     if result.is_err() {
