@@ -4,7 +4,7 @@
 //! through the tunnel.
 //!
 //! Stage: [`NetdLab`] (cloud and edge namespaces on one veth, the real
-//! `netd tunnel-server` and `netd tunnel-agent`, the eBPF tunnel DNAT,
+//! `netd-cloud tunnel-server` and `netd tunnel-agent`, the eBPF tunnel DNAT,
 //! iperf3 on the edge) and a third "stranger" namespace on its own veth to
 //! the cloud (192.168.62.0/24), so the flood never shares the agent's link,
 //! with several source addresses: one opens more than a source may hold on
@@ -726,7 +726,7 @@ fn report(results: &[Round], door_cap: usize) {
     let bound = RSS_FLOOR_MIB + RSS_PER_CONNECTION_KIB * (3 * door_cap) as f64 / 1024.0;
     let memory_ok = results.iter().all(|r| mib(r.rss_peak) < bound);
     println!(
-        "\n`netd tunnel-server` resident memory, MiB (VmRSS; peak = VmHWM from the flood's start until the server \
+        "\n`netd-cloud tunnel-server` resident memory, MiB (VmRSS; peak = VmHWM from the flood's start until the server \
          had closed it all); bound: peak < {RSS_FLOOR_MIB:.0} MiB + {RSS_PER_CONNECTION_KIB:.0} KiB × the {} \
          connections three doors may hold = {bound:.0} MiB:\n",
         3 * door_cap

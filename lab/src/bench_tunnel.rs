@@ -1,4 +1,4 @@
-//! `cargo xtask bench tunnel`: the edge tunnel (`netd tunnel-server` +
+//! `cargo xtask bench tunnel`: the edge tunnel (`netd-cloud tunnel-server` +
 //! `netd tunnel-agent`, reached through the eBPF tunnel DNAT) against
 //! rathole 0.5 (plain TCP and its encrypted noise transport) and OpenSSH
 //! `ssh -R`, with a direct connection as the floor.
@@ -616,7 +616,7 @@ pub fn run(bin_dir: &Path) -> Result<()> {
         let m = memory[i];
         let grown = (m.streams.0 + m.streams.1).saturating_sub(m.fresh.0 + m.fresh.1);
         let processes = match way {
-            Way::Netd => "`netd tunnel-server` / `netd tunnel-agent`",
+            Way::Netd => "`netd-cloud tunnel-server` / `netd tunnel-agent`",
             Way::RatholeTcp | Way::RatholeNoise => "`rathole -s` / `rathole -c`",
             _ => "sshd (listener + session processes, summed) / ssh",
         };

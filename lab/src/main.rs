@@ -40,7 +40,7 @@ fn main() -> Result<()> {
     let Some(at) = args.iter().position(|a| a == "--bin-dir") else { bail!("--bin-dir is required\n{USAGE}") };
     let bin_dir = PathBuf::from(args.get(at + 1).context("--bin-dir needs a directory")?);
     args.drain(at..at + 2);
-    for binary in ["netd", "netd-ipam"] {
+    for binary in ["netd", "netd-ipam", "netd-cloud"] {
         if !bin_dir.join(binary).is_file() {
             bail!("{} is missing: build it first (`cargo xtask` does)", bin_dir.join(binary).display());
         }

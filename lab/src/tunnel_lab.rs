@@ -1,7 +1,7 @@
 //! The stage the tunnel benchmarks share (`cargo xtask bench tunnel` and
 //! `cargo xtask bench doors`): a "cloud" and an "edge" namespace joined by
 //! one veth (192.168.61.1 ↔ 192.168.61.2), the edge node's services, the
-//! eBPF tunnel DNAT, and the real `netd tunnel-server` and `netd
+//! eBPF tunnel DNAT, and the real `netd-cloud tunnel-server` and `netd
 //! tunnel-agent` release binaries; with the helpers both measure with.
 //!
 //! The edge node address 10.250.0.2 sits on the edge's `lo` and the cloud
@@ -315,6 +315,7 @@ impl NetdLab {
         let dir = tempfile::tempdir()?;
         let d = dir.path();
         let netd = bin_dir.join("netd").to_string_lossy().into_owned();
+        let netd_cloud = bin_dir.join("netd-cloud").to_string_lossy().into_owned();
 
         let cloud = NetNs::new()?;
         let edge = NetNs::new()?;
@@ -362,15 +363,15 @@ impl NetdLab {
         // Certificates, then the server in its cgroup, the agent on the edge.
         let (ca, server_certs, node_certs) = (d.join("ca"), d.join("server"), d.join("node"));
         let path = |p: &Path| p.to_string_lossy().into_owned();
-        run_command(&netd, &["certs", "ca", "--out", &path(&ca)])?;
+        run_command(&netd_cloud, &["certs", "ca", "--out", &path(&ca)])?;
         let cloud_ip = CLOUD_IP.to_string();
         run_command(
-            &netd,
+            &netd_cloud,
             &["certs", "server", "--ca-dir", &path(&ca), "--ip", &cloud_ip, "--out", &path(&server_certs)],
         )?;
         let node_ip = NODE_IP.to_string();
         run_command(
-            &netd,
+            &netd_cloud,
             &["certs", "node", "--ca-dir", &path(&ca), "--name", NODE, "--ip", &node_ip, "--out", &path(&node_certs)],
         )?;
         let mut args = strings(&[
@@ -395,7 +396,7 @@ impl NetdLab {
             "warn",
         ]);
         args.extend_from_slice(server_args);
-        let server = start(&cloud, Some(&netd_server), d, "netd-tunnel-server", &netd, &args)?;
+        let server = start(&cloud, Some(&netd_server), d, "netd-tunnel-server", &netd_cloud, &args)?;
         let extra_ports = SERVICES.map(|s| s.port().to_string()).join(",");
         let agent_args = strings(&[
             "tunnel-agent",

@@ -12,11 +12,12 @@ use std::process::{Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 const NETD: &str = env!("CARGO_BIN_EXE_netd");
+const NETD_CLOUD: &str = env!("CARGO_BIN_EXE_netd-cloud");
 
-/// `netd args…` with `env` and none of the caller's `NETD_*` or
+/// `program args…` with `env` and none of the caller's `NETD_*` or
 /// `NODE_NAME` variables, so the test's own environment cannot leak in.
-fn netd_command(args: &[&str], env: &[(&str, &str)]) -> Command {
-    let mut command = Command::new(NETD);
+fn command(program: &str, args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(program);
     for (name, _) in std::env::vars_os() {
         if name.to_str().is_some_and(|n| n.starts_with("NETD_") || n == "NODE_NAME") {
             command.env_remove(name);
@@ -26,9 +27,14 @@ fn netd_command(args: &[&str], env: &[(&str, &str)]) -> Command {
     command
 }
 
-/// [`netd_command`], run to its end.
+/// `netd args…` ([`command`]), run to its end.
 fn netd(args: &[&str], env: &[(&str, &str)]) -> Output {
-    netd_command(args, env).output().unwrap()
+    command(NETD, args, env).output().unwrap()
+}
+
+/// `netd-cloud args…` ([`command`]), run to its end.
+fn netd_cloud(args: &[&str], env: &[(&str, &str)]) -> Output {
+    command(NETD_CLOUD, args, env).output().unwrap()
 }
 
 fn stdout(out: &Output) -> String {
@@ -247,8 +253,8 @@ fn certs_make_a_ca_and_certificates_that_load_and_name_the_node() {
     let dir = tempfile::tempdir().unwrap();
     let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
     let ok = |args: &[&str], env: &[(&str, &str)]| {
-        let out = netd(args, env);
-        assert!(out.status.success(), "netd {args:?} failed: {}", stderr(&out));
+        let out = netd_cloud(args, env);
+        assert!(out.status.success(), "netd-cloud {args:?} failed: {}", stderr(&out));
         stdout(&out)
     };
     let ca = path("ca");
@@ -256,7 +262,7 @@ fn certs_make_a_ca_and_certificates_that_load_and_name_the_node() {
     assert!(said.contains("ca.key") && said.contains("CN=test CA"), "{said}");
     let mode = |file: &str| std::fs::metadata(dir.path().join(file)).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode("ca/ca.key"), 0o600);
-    let out = netd(&["certs", "ca", "--out", &ca], &[]);
+    let out = netd_cloud(&["certs", "ca", "--out", &ca], &[]);
     assert!(!out.status.success() && stderr(&out).contains("not replacing a CA"), "{}", stderr(&out));
 
     ok(
@@ -278,16 +284,19 @@ fn certs_make_a_ca_and_certificates_that_load_and_name_the_node() {
     let error = node_name_of(&client.chain[0]).unwrap_err().to_string();
     assert_eq!(error, "certificate CN \"kube-apiserver\" is not system:node:<name>");
 
-    let out =
-        netd(&["certs", "node", "--ca-dir", &ca, "--name", "Edge_1", "--ip", "10.0.5.7", "--out", &path("x")], &[]);
+    let out = netd_cloud(
+        &["certs", "node", "--ca-dir", &ca, "--name", "Edge_1", "--ip", "10.0.5.7", "--out", &path("x")],
+        &[],
+    );
     assert!(!out.status.success());
-    assert!(stderr(&out).starts_with("netd: invalid node name \"Edge_1\": character 1 'E'"), "{}", stderr(&out));
-    let out = netd(&["certs", "server", "--ca-dir", &path("node"), "--ip", "127.0.0.1", "--out", &path("x")], &[]);
+    assert!(stderr(&out).starts_with("netd-cloud: invalid node name \"Edge_1\": character 1 'E'"), "{}", stderr(&out));
+    let out =
+        netd_cloud(&["certs", "server", "--ca-dir", &path("node"), "--ip", "127.0.0.1", "--out", &path("x")], &[]);
     assert!(stderr(&out).contains("ca.key: No such file"), "{}", stderr(&out));
-    let out = netd(&["certs", "node", "--ca-dir", &ca, "--name", "edge-1", "--out", &path("x")], &[]);
+    let out = netd_cloud(&["certs", "node", "--ca-dir", &ca, "--name", "edge-1", "--out", &path("x")], &[]);
     assert!(stderr(&out).contains("--ip <IP,...>"), "{}", stderr(&out));
 
-    let help = stdout(&netd(&["certs", "node", "--help"], &[]));
+    let help = stdout(&netd_cloud(&["certs", "node", "--help"], &[]));
     for expected in ["[env: NETD_CERTS_NODE=]", "[env: NETD_CERTS_IP=]", "[env: NETD_CERTS_CA_DIR=]", "Example:"] {
         assert!(help.contains(expected), "{expected:?} missing from\n{help}");
     }
@@ -371,8 +380,8 @@ fn install_cni_installs_once_refuses_a_bad_conflist_and_says_what_it_did() {
 /// handlers are in place by then), sends it `signal` and returns how it
 /// exited and everything it logged; a process still running a few seconds
 /// later is killed and the test fails.
-fn stopped_by(args: &[&str], ready: &str, signal: libc::c_int) -> (ExitStatus, String) {
-    let mut child = netd_command(args, &[]).stdin(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+fn stopped_by(program: &str, args: &[&str], ready: &str, signal: libc::c_int) -> (ExitStatus, String) {
+    let mut child = command(program, args, &[]).stdin(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let (lines, log) = std::sync::mpsc::channel();
     let stderr = child.stderr.take().unwrap();
     let reader = std::thread::spawn(move || {
@@ -414,7 +423,7 @@ fn stopped_by(args: &[&str], ready: &str, signal: libc::c_int) -> (ExitStatus, S
 }
 
 /// A tunnel CA under `dir`, and a node (`node/`) and server (`server/`)
-/// certificate of it, as `netd certs` writes them.
+/// certificate of it, as `netd-cloud certs` writes them.
 fn tunnel_certs(dir: &Path) {
     let path = |name: &str| dir.join(name).to_str().unwrap().to_owned();
     for args in [
@@ -422,8 +431,8 @@ fn tunnel_certs(dir: &Path) {
         &["certs", "node", "--ca-dir", &path("ca"), "--name", "edge-1", "--ip", "127.0.0.1", "--out", &path("node")],
         &["certs", "server", "--ca-dir", &path("ca"), "--ip", "127.0.0.1", "--out", &path("server")],
     ] {
-        let out = netd(args, &[]);
-        assert!(out.status.success(), "netd {args:?} failed: {}", stderr(&out));
+        let out = netd_cloud(args, &[]);
+        assert!(out.status.success(), "netd-cloud {args:?} failed: {}", stderr(&out));
     }
 }
 
@@ -457,7 +466,7 @@ fn tunnel_agent_and_server_stop_cleanly_on_sigterm_and_sigint() {
         "127.0.0.1:0",
     ];
     for (signal, name) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGINT, "SIGINT")] {
-        let (status, log) = stopped_by(&agent, "tunnel agent: servers", signal);
+        let (status, log) = stopped_by(NETD, &agent, "tunnel agent: servers", signal);
         assert!(status.success(), "the agent's exit on {name}: {status:?}; log:\n{log}");
         assert!(log.contains(&format!("tunnel agent: {name}, stopping")), "{log}");
     }
@@ -480,7 +489,7 @@ fn tunnel_agent_and_server_stop_cleanly_on_sigterm_and_sigint() {
         "--metrics-listen",
         "127.0.0.1:0",
     ];
-    let (status, log) = stopped_by(&server, "tunnel server: agents link in", libc::SIGTERM);
+    let (status, log) = stopped_by(NETD_CLOUD, &server, "tunnel server: agents link in", libc::SIGTERM);
     assert!(status.success(), "the server's exit on SIGTERM: {status:?}; log:\n{log}");
     assert!(log.contains("tunnel server: SIGTERM, stopping"), "{log}");
 }

@@ -20,6 +20,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 const NETD: &str = env!("CARGO_BIN_EXE_netd");
+const NETD_CLOUD: &str = env!("CARGO_BIN_EXE_netd-cloud");
 const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
 const KUBECTL: &str = "/usr/bin/kubectl";
 const NS: &str = "kube-system";
@@ -46,7 +47,7 @@ fn netd_rules() -> BTreeSet<Rule> {
     ])
 }
 
-/// What `netd tunnel-server --registry kubernetes` calls: one list + watch.
+/// What `netd-cloud tunnel-server --registry kubernetes` calls: one list + watch.
 fn tunnel_server_rules() -> BTreeSet<Rule> {
     rules(&[("", "nodes", &["list", "watch"])])
 }
@@ -134,9 +135,9 @@ fn env_value(container: &Value, name: &str) -> String {
     env_of(container).into_iter().find(|(n, _)| n == name).and_then(|(_, v)| v).unwrap_or_else(|| panic!("no {name}"))
 }
 
-/// `netd <command> --help`.
-fn help(command: &str) -> String {
-    let out = Command::new(NETD).args([command, "--help"]).output().unwrap();
+/// `program <command> --help`.
+fn help(program: &str, command: &str) -> String {
+    let out = Command::new(program).args([command, "--help"]).output().unwrap();
     assert!(out.status.success());
     String::from_utf8(out.stdout).unwrap()
 }
@@ -313,7 +314,7 @@ fn manifests_are_what_they_should_be() {
     let [netd] = pod["containers"].as_array().unwrap().as_slice() else { panic!("one container") };
     assert_eq!(init["image"], netd["image"]);
     assert_eq!(strings(&netd["command"]), ["/usr/local/bin/netd", "run"]);
-    let run_help = help("run");
+    let run_help = help(NETD, "run");
     for (name, _) in env_of(netd) {
         assert!(name == "NODE_NAME" || run_help.contains(&format!("[env: {name}=")), "netd run reads no {name}");
     }
@@ -387,7 +388,7 @@ fn manifests_are_what_they_should_be() {
     for field in ["args", "env", "envFrom"] {
         assert!(init.get(field).is_none(), "install-cni runs with its defaults, not {field}: {init}");
     }
-    let install_help = help("install-cni");
+    let install_help = help(NETD, "install-cni");
     let default = |flag: &str| {
         help_default(&install_help, flag).unwrap_or_else(|| panic!("install-cni {flag}: no default in\n{install_help}"))
     };
@@ -430,8 +431,8 @@ fn manifests_are_what_they_should_be() {
         json!([{"key": "node-role.alibabacloud.com/addon", "operator": "Exists", "effect": "NoSchedule"}])
     );
     let [server] = pod["containers"].as_array().unwrap().as_slice() else { panic!("one container") };
-    assert_eq!(strings(&server["command"]), ["/usr/local/bin/netd", "tunnel-server"]);
-    let server_help = help("tunnel-server");
+    assert_eq!(strings(&server["command"]), ["/usr/local/bin/netd-cloud", "tunnel-server"]);
+    let server_help = help(NETD_CLOUD, "tunnel-server");
     for (name, _) in env_of(server) {
         assert!(
             name == "NODE_NAME" || server_help.contains(&format!("[env: {name}=")),
@@ -501,7 +502,7 @@ fn manifests_are_what_they_should_be() {
     let [agent] = pod["containers"].as_array().unwrap().as_slice() else { panic!("one container") };
     assert_eq!(strings(&agent["command"]), ["/usr/local/bin/netd", "tunnel-agent"]);
     assert!(agent.get("args").is_none() && agent.get("envFrom").is_none(), "{agent}");
-    let agent_help = help("tunnel-agent");
+    let agent_help = help(NETD, "tunnel-agent");
     for (name, _) in env_of(agent) {
         assert!(agent_help.contains(&format!("[env: {name}=")), "tunnel-agent reads no {name}");
     }
@@ -548,16 +549,26 @@ fn manifests_are_what_they_should_be() {
     assert_eq!(volume_of(pod, agent, &cert_dir)["hostPath"]["type"], "Directory", "no empty directory made for it");
     assert_eq!(host_path(pod, agent, subnet_env_dir), host_path(netd_pod, &netd_pod["containers"][0], subnet_env_dir));
 
-    // One image for every container of every DaemonSet: the one `cargo
-    // xtask image` builds (netd:<workspace version>), all binaries in it.
-    let mut images = BTreeSet::new();
+    // Two images, the ones `cargo xtask image` builds: what every node runs
+    // (netd:<workspace version>: netd, netd-ipam, netd-join) and what only
+    // cloud nodes run (netd-cloud:<version>: netd-cloud, netd-controller,
+    // netd-autonomy). Edge nodes never pull the cloud's.
+    let node_image = concat!("netd:", env!("CARGO_PKG_VERSION"));
+    let cloud_image = concat!("netd-cloud:", env!("CARGO_PKG_VERSION"));
+    let mut seen = BTreeSet::new();
     for (_, ds) in objects.iter().filter(|(_, o)| o["kind"] == "DaemonSet") {
+        let name = ds["metadata"]["name"].as_str().unwrap();
+        let expected = match name {
+            "netd-tunnel-server" | "netd-controller" => cloud_image,
+            _ => node_image,
+        };
         let pod = &ds["spec"]["template"]["spec"];
         for container in pod["initContainers"].as_array().into_iter().chain(pod["containers"].as_array()).flatten() {
-            images.insert(container["image"].as_str().unwrap().to_string());
+            assert_eq!(container["image"], expected, "{name}/{}", container["name"]);
+            seen.insert(expected);
         }
     }
-    assert_eq!(images, BTreeSet::from([concat!("netd:", env!("CARGO_PKG_VERSION")).to_string()]));
+    assert_eq!(seen, BTreeSet::from([node_image, cloud_image]));
 }
 
 // ---------------------------------------------------------------------------
@@ -949,8 +960,8 @@ fn deploy_applies_and_netd_runs_as_its_node_under_node_rbac_and_node_restriction
     std::fs::write(&tunnel_token, kube.token("netd-tunnel-server")).unwrap();
     let certs = files.path().join("tunnel");
     let run = |args: &[&str]| {
-        let out = Command::new(NETD).args(args).output().unwrap();
-        assert!(out.status.success(), "netd {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(NETD_CLOUD).args(args).output().unwrap();
+        assert!(out.status.success(), "netd-cloud {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     };
     let (ca_dir, cert_dir) = (files.path().join("tunnel-ca"), certs.to_str().unwrap());
     run(&["certs", "ca", "--out", ca_dir.to_str().unwrap()]);
@@ -973,7 +984,7 @@ fn deploy_applies_and_netd_runs_as_its_node_under_node_rbac_and_node_restriction
         tunnel_args.push(flag.into());
         tunnel_args.push(value.into());
     }
-    let tunnel = NetdProcess::spawn(&node.ns, Path::new(NETD), tunnel_args, &tunnel_log).unwrap();
+    let tunnel = NetdProcess::spawn(&node.ns, Path::new(NETD_CLOUD), tunnel_args, &tunnel_log).unwrap();
     wait_for("the tunnel server's lease list", &|| tunnel.log(), || tunnel.log().contains("leased nodes routable"));
     let text = tunnel.log();
     assert!(text.contains("tunnel server: 1 leased nodes routable"), "{text}");

@@ -509,7 +509,7 @@ fn connects_never_fail_across_restart_upgrade_and_a_recreated_cgroup() {
     assert_eq!(dnat.stats().unwrap().edge_nodes, vec![EDGE_A, EDGE_B]);
     let mid = ok.load(Ordering::Relaxed);
     std::thread::sleep(Duration::from_millis(200));
-    // A second upgrade while connects run, by a real `netd dnat apply` process.
+    // A second upgrade while connects run, by a real `netd-cloud dnat apply` process.
     let options = stage.options();
     let out = netd_dnat(
         stage.cloud.path().to_str().unwrap(),
@@ -699,10 +699,10 @@ fn without_bpf_capabilities_the_error_names_them() {
         assert!(message.contains("CAP_BPF") && message.contains("CAP_NET_ADMIN"), "{message}");
     }
     assert!(!stage.pins.path().exists(), "a refused attach left pins behind");
-    // A child process without them (root, bounding set emptied): `netd dnat` says the same.
+    // A child process without them (root, bounding set emptied): `netd-cloud dnat` says the same.
     let pin_dir = stage.pins.path().to_str().unwrap();
     let out = std::process::Command::new("setpriv")
-        .args(["--bounding-set=-all", "--inh-caps=-all", env!("CARGO_BIN_EXE_netd"), "dnat", "apply"])
+        .args(["--bounding-set=-all", "--inh-caps=-all", env!("CARGO_BIN_EXE_netd-cloud"), "dnat", "apply"])
         .args(["--pin-dir", pin_dir, "--target", "10.70.0.1", "--edge-nodes", "10.99.0.5"])
         .output()
         .unwrap();
@@ -725,16 +725,16 @@ fn a_pinned_map_with_another_layout_is_refused_before_anything_attaches() {
     assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
     let err = TunnelDnat::load_or_attach(&stage.options()).unwrap_err();
     assert!(matches!(err, DnatError::MapLayout { found_value: 8, value: 4, .. }), "{err:?}");
-    assert!(err.to_string().contains("netd dnat detach"), "{err}");
+    assert!(err.to_string().contains("netd-cloud dnat detach"), "{err}");
     assert!(!stage.pins.path().join("links").join("dnat_connect4").exists());
 }
 
-/// `netd dnat …` run in the cloud node's network namespace (where "host
+/// `netd-cloud dnat …` run in the cloud node's network namespace (where "host
 /// network" is). nsenter, not `ip netns exec`: that one remounts /sys, which
 /// hides the cgroup v2 and bpffs mounts.
 fn netd_dnat(netns_path: &str, args: &[&str]) -> std::process::Output {
     let net = format!("--net={netns_path}");
-    let mut full = vec![net.as_str(), env!("CARGO_BIN_EXE_netd"), "dnat"];
+    let mut full = vec![net.as_str(), env!("CARGO_BIN_EXE_netd-cloud"), "dnat"];
     full.extend_from_slice(args);
     std::process::Command::new("nsenter").args(&full).output().unwrap()
 }
@@ -819,7 +819,7 @@ fn the_command_line_applies_shows_and_detaches_and_a_bad_config_changes_nothing(
     assert_eq!(netd::daemon::health::dnat_metrics(stage.pins.path()), "", "no DNAT, no DNAT metrics");
     let out = netd_dnat(&netns, &["show", "--pin-dir", &pin_dir]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("run `netd dnat apply` first"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("run `netd-cloud dnat apply` first"));
 }
 
 type Case = (&'static str, fn());

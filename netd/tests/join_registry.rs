@@ -1,6 +1,6 @@
 //! `netd-join` through the registries without an API server (embedded,
 //! etcd): tokens the registry holds (`netd registry token`), the node's key
-//! and certificate signing request signed by `netd certs node --csr`, and a
+//! and certificate signing request signed by `netd-cloud certs node --csr`, and a
 //! netd started in a fresh namespace-node from the `config.json` join wrote,
 //! each node-spec field's effect checked on the node.
 
@@ -16,6 +16,7 @@ use netd::registry::NetworkConfig;
 use netd::testing::{self, Cluster, EtcdServer, NetdProcess};
 
 const NETD: &str = env!("CARGO_BIN_EXE_netd");
+const NETD_CLOUD: &str = env!("CARGO_BIN_EXE_netd-cloud");
 const NETD_JOIN: &str = env!("CARGO_BIN_EXE_netd-join");
 
 struct Run {
@@ -119,7 +120,7 @@ fn tokens_the_embedded_registry_holds_gate_the_join_and_the_csr_is_signed_by_the
     // A good token joins; a re-run changes nothing.
     let out = join(&registry, &token, &node_dir, spec, &[]);
     assert!(out.ok, "{}", out.stderr);
-    assert!(out.stdout.contains("next: sign the node's tunnel certificate: netd certs node"), "{}", out.stdout);
+    assert!(out.stdout.contains("next: sign the node's tunnel certificate: netd-cloud certs node"), "{}", out.stdout);
     let mut written = files_in(&node_dir);
     written.sort();
     assert_eq!(written, ["config.json", "join.json", "node.csr", "node.key", "tunnel"], "{written:?}");
@@ -137,15 +138,17 @@ fn tokens_the_embedded_registry_holds_gate_the_join_and_the_csr_is_signed_by_the
 
     // The cloud side signs the request; the key never left the node.
     let ca = tmp.path().join("tunnel-ca");
-    assert!(netd(&["certs", "ca", "--out", ca.to_str().unwrap()]).ok);
+    assert!(run(NETD_CLOUD, &["certs", "ca", "--out", ca.to_str().unwrap()]).ok);
     let csr = node_dir.join("tunnel/node.csr");
     let out_dir = tmp.path().join("signed");
     let (ca_arg, csr_arg, out_arg) = (ca.to_str().unwrap(), csr.to_str().unwrap(), out_dir.to_str().unwrap());
-    let wrong =
-        netd(&["certs", "node", "--ca-dir", ca_arg, "--csr", csr_arg, "--name", "edge-other", "--out", out_arg]);
+    let wrong = run(
+        NETD_CLOUD,
+        &["certs", "node", "--ca-dir", ca_arg, "--csr", csr_arg, "--name", "edge-other", "--out", out_arg],
+    );
     assert!(!wrong.ok && wrong.stderr.contains("asks for node \"edge-reg-1\", not \"edge-other\""), "{}", wrong.stderr);
     assert!(!out_dir.join("node.crt").exists());
-    let signed = netd(&["certs", "node", "--ca-dir", ca_arg, "--csr", csr_arg, "--out", out_arg]);
+    let signed = run(NETD_CLOUD, &["certs", "node", "--ca-dir", ca_arg, "--csr", csr_arg, "--out", out_arg]);
     assert!(signed.ok, "{}", signed.stderr);
     assert!(!out_dir.join("node.key").exists(), "no key is made when signing a request");
     for file in ["node.crt", "ca.crt"] {

@@ -23,8 +23,8 @@ use netd::tunnel::tls;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tunnel_stage::{
-    connect, spawn_netd, wait_for, Background, Linked, Stage, AGENT_PORT, CLOUD_IP, CONNECT_PORT, DAY, DNAT_PLAIN_PORT,
-    KUBELET_DNAT_RULES, NODE, NODE_IP,
+    connect, spawn_netd, spawn_netd_cloud, wait_for, Background, Linked, Stage, AGENT_PORT, CLOUD_IP, CONNECT_PORT,
+    DAY, DNAT_PLAIN_PORT, KUBELET_DNAT_RULES, NODE, NODE_IP,
 };
 
 async fn echo_round_trip<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(stream: &mut S, payload: &[u8]) {
@@ -343,7 +343,7 @@ fn netd_tunnel_server_and_agent_processes_link_and_carry_connections() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let stage = Stage::new();
     let cert_dir = stage.pki.dir.path().to_str().unwrap();
-    let _server = spawn_netd(
+    let _server = spawn_netd_cloud(
         &stage.cloud.path(),
         &[
             "tunnel-server",

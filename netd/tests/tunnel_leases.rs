@@ -1,5 +1,5 @@
 //! A lease is a claim, not a credential (SPEC §3b, issue 23): on each
-//! registry (embedded, etcd, Kubernetes), the real `netd tunnel-server`
+//! registry (embedded, etcd, Kubernetes), the real `netd-cloud tunnel-server`
 //! follows the leases, node B's lease naming node A's address leaves A's
 //! traffic with A's agent and is counted, and leases naming loopback or the
 //! unspecified address route nothing — on the stage of
@@ -26,7 +26,7 @@ use netd::registry::{LeaseRequest, NetworkConfig, Registry};
 use netd::testing::{self, EtcdServer, KubeApiServer, NetNs, ServerHost};
 use netd::tunnel::agent::AgentMetrics;
 use serde_json::json;
-use tunnel_stage::{connect, spawn_netd, wait_for, Background, Stage, AGENT_PORT, CLOUD_IP, DAY, NODE_IP};
+use tunnel_stage::{connect, spawn_netd_cloud, wait_for, Background, Stage, AGENT_PORT, CLOUD_IP, DAY, NODE_IP};
 
 const NETWORK: &str = "10.244.0.0/16";
 const CONFIG_JSON: &str = r#"{"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{"Type":"vxlan","VNI":1}}"#;
@@ -144,7 +144,7 @@ fn a_lease_cannot_take_another_nodes_address(stage: &Stage, backend: &Backend) {
     .map(String::from)
     .to_vec();
     args.extend(backend.registry_args());
-    let _server = spawn_netd(&stage.cloud.path(), &args);
+    let _server = spawn_netd_cloud(&stage.cloud.path(), &args);
 
     // Both agents' certificates carry no address: routing is the leases'.
     // Both claim the node address (B is the compromised one); the kubelet

@@ -26,8 +26,8 @@ use netd::tunnel::routes::LeaseRoute;
 use netd::tunnel::server::{self, Router, ServerPolicy};
 use tokio::net::TcpListener;
 use tunnel_stage::{
-    curl, curl_in, spawn_netd, wait_for, Background, Stage, AGENT_PORT, CLOUD_IP, DAY, DNAT_PLAIN_PORT, DNAT_TLS_PORT,
-    NODE, NODE_IP,
+    curl, curl_in, spawn_netd, spawn_netd_cloud, wait_for, Background, Stage, AGENT_PORT, CLOUD_IP, DAY,
+    DNAT_PLAIN_PORT, DNAT_TLS_PORT, NODE, NODE_IP,
 };
 
 /// A pod on the edge node, inside the node's pod subnet.
@@ -201,7 +201,7 @@ fn the_tunnel_server_process_routes_pod_ips_by_the_registrys_leases() {
     let (cert_dir, agents) = (dir.to_str().unwrap(), format!("{CLOUD_IP}:{AGENT_PORT}"));
     let door_addr = format!("{CLOUD_IP}:{DNAT_PLAIN_PORT}");
     let registry = format!("embedded:{}", db.display());
-    let _server = spawn_netd(
+    let _server = spawn_netd_cloud(
         &stage.cloud.path(),
         &[
             "tunnel-server",

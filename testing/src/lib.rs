@@ -59,8 +59,9 @@ pub use links::{unique_ifname, Bridge, VethPair};
 pub use netns::{NetNs, NetNsGuard};
 pub use process::{http_get, metric, netd_run_args, NetdProcess, HEALTH_ADDR};
 pub use real_cluster::{
-    netd_image_path, RealCluster, RealClusterBuilder, RealNode, Role, CLOUD_NODE_IP, CLOUD_ROLE_LABEL, IMAGE_DIR,
-    KUBELET_BIN, KUBELET_ENV, KUBE_SCHEDULER_BIN, KUBE_SCHEDULER_ENV, NETD_IMAGE_ENV, PAUSE_IMAGE, WORKLOAD_IMAGE,
+    netd_cloud_image_path, netd_image_path, RealCluster, RealClusterBuilder, RealNode, Role, CLOUD_NODE_IP,
+    CLOUD_ROLE_LABEL, IMAGE_DIR, KUBELET_BIN, KUBELET_ENV, KUBE_SCHEDULER_BIN, KUBE_SCHEDULER_ENV, NETD_IMAGE_ENV,
+    PAUSE_IMAGE, WORKLOAD_IMAGE,
 };
 pub use real_workload::{edge_statefulset, read_line_until, PodStatus, DEPLOY_DIR, WORKLOAD_METRICS_PORT};
 pub use scenario::{

@@ -152,6 +152,7 @@ impl RealClusterBuilder {
         ];
         if self.netd_image {
             needed.push((netd_image_path(), format!("`cargo xtask image`, or set {NETD_IMAGE_ENV}")));
+            needed.push((netd_cloud_image_path(), format!("`cargo xtask image` (beside {NETD_IMAGE_ENV})")));
         }
         needed
     }
@@ -205,7 +206,12 @@ impl RealClusterBuilder {
         if self.netd_image {
             images.push(netd_image_path());
         }
-        let cloud = cluster.boot_node("cloud-1", CLOUD_NODE_IP, Role::Cloud, cloud_ns, &images)?;
+        // The cloud's image (tunnel server, controller) goes to the cloud
+        // node only, as its DaemonSets' node selector would have it: an edge
+        // node that tried to run them would fail to find the image.
+        let cloud_images: Vec<PathBuf> =
+            images.iter().cloned().chain(self.netd_image.then(netd_cloud_image_path)).collect();
+        let cloud = cluster.boot_node("cloud-1", CLOUD_NODE_IP, Role::Cloud, cloud_ns, &cloud_images)?;
         cluster.nodes.push(cloud);
         for i in 1..=self.edges {
             let ip = Ipv4Addr::new(192, 168, 50, 10 + i);
@@ -223,11 +229,18 @@ impl RealClusterBuilder {
     }
 }
 
-/// The archive `cargo xtask image` wrote, or [`NETD_IMAGE_ENV`].
+/// The node image's archive `cargo xtask image` wrote (`netd.tar`), or
+/// [`NETD_IMAGE_ENV`].
 pub fn netd_image_path() -> PathBuf {
     std::env::var_os(NETD_IMAGE_ENV)
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/image/netd.tar"))
+}
+
+/// The cloud image's archive (`netd-cloud.tar`), which `cargo xtask image`
+/// writes beside [`netd_image_path`].
+pub fn netd_cloud_image_path() -> PathBuf {
+    netd_image_path().with_file_name("netd-cloud.tar")
 }
 
 /// A network namespace with its uplink, before a node runs in it.

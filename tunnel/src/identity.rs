@@ -5,7 +5,7 @@
 //! every user's client certificate. Admitting the CA would make each of them
 //! a key to every edge node's kubelet. The door admits only the client
 //! common names the operator lists (default: [`DEFAULT_CONNECT_CLIENT`],
-//! what `netd certs client --cn kube-apiserver` issues for kube-apiserver's
+//! what `netd-cloud certs client --cn kube-apiserver` issues for kube-apiserver's
 //! egress selector), and never a node identity (`O=system:nodes` or
 //! `CN=system:node:…`), even when listed.
 

@@ -12,10 +12,12 @@
 //! libraries `ldd` resolves for it (transitively, the dynamic loader
 //! included), each at the path `ldd` names, as a regular file.
 //!
-//! Three images are made here: netd's own ([`NETD_IMAGE`]: the five
-//! binaries and `nft`), and for test nodes a static pause ([`PAUSE_IMAGE`],
-//! [`pause_image`]) and a busybox workload ([`WORKLOAD_IMAGE`],
-//! [`workload_image`]).
+//! Four images are made here: netd's two, the node image every node runs
+//! ([`NETD_IMAGE`]: [`NODE_BINARIES`] and `nft`) and the cloud image only
+//! cloud nodes run ([`CLOUD_IMAGE`]: [`CLOUD_BINARIES`]), so an edge node
+//! holds no tunnel server, BPF loader or certificate authority; and for test
+//! nodes a static pause ([`PAUSE_IMAGE`], [`pause_image`]) and a busybox
+//! workload ([`WORKLOAD_IMAGE`], [`workload_image`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
@@ -27,9 +29,14 @@ use anyhow::{bail, ensure, Context as _, Result};
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 
-/// netd's image reference: `netd:<workspace version>` (xtask shares the
-/// workspace's version, so this is netd's too). deploy/ names this image.
+/// netd's node image reference: `netd:<workspace version>` (xtask shares
+/// the workspace's version, so this is netd's too). deploy/ names this
+/// image for what runs on every node.
 pub const NETD_IMAGE: &str = concat!("netd:", env!("CARGO_PKG_VERSION"));
+
+/// netd's cloud image reference: `netd-cloud:<workspace version>`, for the
+/// tunnel server and the controller (cloud nodes only).
+pub const CLOUD_IMAGE: &str = concat!("netd-cloud:", env!("CARGO_PKG_VERSION"));
 
 /// The test nodes' sandbox image (containerd's `sandbox_image`).
 pub const PAUSE_IMAGE: &str = "netd.test/pause:1";
@@ -47,8 +54,13 @@ pub const PAUSE_ARCHIVE: &str = "pause.tar";
 /// The workload image's archive in [`IMAGE_DIR`].
 pub const WORKLOAD_ARCHIVE: &str = "busybox.tar";
 
-/// The programs netd's image holds in /usr/local/bin, all from the netd crate.
-pub const NETD_BINARIES: [&str; 5] = ["netd", "netd-ipam", "netd-join", "netd-autonomy", "netd-controller"];
+/// The programs the node image holds in /usr/local/bin (the netd crate's):
+/// the daemon, hub and tunnel agent; the CNI IPAM plugin; the join command.
+pub const NODE_BINARIES: [&str; 3] = ["netd", "netd-ipam", "netd-join"];
+
+/// The programs the cloud image holds in /usr/local/bin: tunnel server,
+/// DNAT and certificates; the controller; the autonomy switch.
+pub const CLOUD_BINARIES: [&str; 3] = ["netd-cloud", "netd-controller", "netd-autonomy"];
 
 /// nftables' command line, which netd runs for the masquerade rules.
 const NFT: &str = "/usr/sbin/nft";
@@ -71,6 +83,7 @@ const MIB: f64 = 1024.0 * 1024.0;
 const USAGE: &str = "\
 usage: cargo xtask image [netd | pause [OUT] | busybox [OUT]]
   netd     (default) build netd release binaries and write target/image/netd.tar
+           (node image) and target/image/netd-cloud.tar (cloud image)
   pause    compile xtask/src/pause.c statically and write OUT [default: /var/cache/netd/images/pause.tar]
   busybox  busybox-static with its applets and write OUT [default: /var/cache/netd/images/busybox.tar]";
 
@@ -84,16 +97,18 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     match which {
         "netd" => {
-            let out = crate::target_dir().join("image").join("netd.tar");
-            let summary = netd_image(&out)?;
-            for (path, size) in &summary.files {
-                println!("  {:>9.2} MiB  {path}", *size as f64 / MIB);
+            let dir = crate::target_dir().join("image");
+            for (summary, reference) in netd_images(&dir)? {
+                for (path, size) in &summary.files {
+                    println!("  {:>9.2} MiB  {path}", *size as f64 / MIB);
+                }
+                println!("{}", summary.line(reference, &netd_groups(&summary)));
             }
-            println!("{}", summary.line(NETD_IMAGE, &netd_groups(&summary)));
-            let digest_file = out.with_extension("tar.digest");
-            fs::write(&digest_file, format!("{}\n", summary.digest))
-                .with_context(|| format!("writing {}", digest_file.display()))?;
-            println!("wrote {} and {}", out.display(), digest_file.display());
+            println!(
+                "wrote {} and {} (each with its .digest)",
+                dir.join("netd.tar").display(),
+                dir.join("netd-cloud.tar").display()
+            );
             Ok(())
         }
         "pause" => pause_image(&out.unwrap_or_else(|| Path::new(IMAGE_DIR).join(PAUSE_ARCHIVE))),
@@ -109,30 +124,49 @@ pub fn run(args: &[String]) -> Result<()> {
     }
 }
 
-/// Builds netd's binaries (release) and writes [`NETD_IMAGE`] to `out`:
-/// /usr/local/bin/{[`NETD_BINARIES`]} (stripped of their symbol tables),
-/// /usr/sbin/nft, the libraries they load, /tmp, /etc/passwd and
-/// /etc/group; entrypoint /usr/local/bin/netd.
-pub fn netd_image(out: &Path) -> Result<ImageSummary> {
+/// Builds netd's binaries (release) once and writes both images into `dir`:
+/// [`NETD_IMAGE`] as `netd.tar` (/usr/local/bin/{[`NODE_BINARIES`]},
+/// /usr/sbin/nft; entrypoint /usr/local/bin/netd) and [`CLOUD_IMAGE`] as
+/// `netd-cloud.tar` (/usr/local/bin/{[`CLOUD_BINARIES`]}; entrypoint
+/// /usr/local/bin/netd-cloud). Programs are stripped of their symbol
+/// tables; each image has the libraries its programs load, /tmp,
+/// /etc/passwd and /etc/group. Each archive's digest goes beside it in
+/// `<name>.tar.digest`.
+pub fn netd_images(dir: &Path) -> Result<[(ImageSummary, &'static str); 2]> {
     let mut build = vec!["build", "--release", "-p", "netd"];
-    for bin in NETD_BINARIES {
+    let all: Vec<&str> = NODE_BINARIES.iter().chain(&CLOUD_BINARIES).copied().collect();
+    for bin in &all {
         build.extend(["--bin", bin]);
     }
-    println!("==> building {} (release; the first build takes a few minutes)", NETD_BINARIES.join(", "));
+    println!("==> building {} (release; the first build takes a few minutes)", all.join(", "));
     crate::cargo(&build, &[])?;
     let release = crate::target_dir().join("release");
-    let stripped = crate::target_dir().join("image").join("stripped");
+    let stripped = dir.join("stripped");
     fs::create_dir_all(&stripped).with_context(|| format!("creating {}", stripped.display()))?;
-    let mut image = ImageBuilder::new();
-    for bin in NETD_BINARIES {
-        let copy = stripped.join(bin);
-        strip(&release.join(bin), &copy)?;
-        image.add_file(&format!("/usr/local/bin/{bin}"), &copy, 0o755)?;
-    }
-    ensure!(Path::new(NFT).is_file(), "{NFT} not found: install Debian's nftables (cargo xtask setup does)");
-    image.add_file(NFT, Path::new(NFT), 0o755)?;
-    add_base(&mut image)?;
-    image.write_docker_archive(out, NETD_IMAGE, &["/usr/local/bin/netd"], &[])
+    let image = |binaries: &[&str], extra: &[&str], reference: &'static str, file: &str| -> Result<ImageSummary> {
+        let mut image = ImageBuilder::new();
+        for bin in binaries {
+            let copy = stripped.join(bin);
+            strip(&release.join(bin), &copy)?;
+            image.add_file(&format!("/usr/local/bin/{bin}"), &copy, 0o755)?;
+        }
+        for host in extra {
+            ensure!(Path::new(host).is_file(), "{host} not found: install it (cargo xtask setup does)");
+            image.add_file(host, Path::new(host), 0o755)?;
+        }
+        add_base(&mut image)?;
+        let out = dir.join(file);
+        let entrypoint = format!("/usr/local/bin/{}", binaries[0]);
+        let summary = image.write_docker_archive(&out, reference, &[entrypoint.as_str()], &[])?;
+        let digest_file = out.with_extension("tar.digest");
+        fs::write(&digest_file, format!("{}\n", summary.digest))
+            .with_context(|| format!("writing {}", digest_file.display()))?;
+        Ok(summary)
+    };
+    // nftables' command line: netd runs it for the masquerade rules.
+    let node = image(&NODE_BINARIES, &[NFT], NETD_IMAGE, "netd.tar")?;
+    let cloud = image(&CLOUD_BINARIES, &[], CLOUD_IMAGE, "netd-cloud.tar")?;
+    Ok([(node, NETD_IMAGE), (cloud, CLOUD_IMAGE)])
 }
 
 /// `strip --strip-all -o copy program`: release builds keep their symbol

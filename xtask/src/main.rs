@@ -144,12 +144,13 @@ pub fn target_dir() -> PathBuf {
     target_dir_override().unwrap_or_else(|| workspace_root().join("target"))
 }
 
-/// Release builds of the daemon and the IPAM plugin, then `netd-lab` with
+/// Release builds of the daemon, the IPAM plugin and the cloud side's
+/// binary (tunnel server, DNAT, certificates), then `netd-lab` with
 /// `args` and `--bin-dir` pointing at them. The builds show cargo's own
 /// progress: a first build takes minutes, and silence looks like a hang.
 fn lab(args: &[&str]) -> Result<()> {
-    println!("==> building netd and netd-ipam (release; the first build takes a few minutes)");
-    cargo(&["build", "--release", "-p", "netd", "--bin", "netd", "--bin", "netd-ipam"], &[])?;
+    println!("==> building netd, netd-ipam and netd-cloud (release; the first build takes a few minutes)");
+    cargo(&["build", "--release", "-p", "netd", "--bin", "netd", "--bin", "netd-ipam", "--bin", "netd-cloud"], &[])?;
     // Release: the lab measures netd's library in its own process too.
     println!("==> building netd-lab (release)");
     cargo(&["build", "--release", "-p", "netd-lab"], &[])?;

@@ -3,7 +3,7 @@
 //!
 //! Two sources produce the same [`PortRules`]:
 //!
-//! - the operator CLI (`netd dnat apply --ports "10250=10263,8080=10264"`),
+//! - the operator CLI (`netd-cloud dnat apply --ports "10250=10263,8080=10264"`),
 //!   through [`PortRules`]'s `FromStr`: any `port=port` pairs;
 //! - the ConfigMap `kube-system/edge-tunnel-server-cfg` shared with ACK@Edge
 //!   and OpenYurt's yurt-tunnel, through [`from_tunnel_config`]: the fixed

@@ -1,5 +1,5 @@
 //! netd's side of the tunnel DNAT: the port configuration (`config`), and
-//! what `netd dnat apply | show | detach` do with it. The BPF programs and
+//! what `netd-cloud dnat apply | show | detach` do with it. The BPF programs and
 //! their loader are `netd_ebpf::dnat`.
 
 pub mod config;
@@ -23,7 +23,7 @@ pub struct PinArgs {
     pub pin_dir: PathBuf,
 }
 
-/// How the tunnel DNAT is attached: the options of `netd dnat apply` and
+/// How the tunnel DNAT is attached: the options of `netd-cloud dnat apply` and
 /// `netd-controller run` (which drives the same pinned maps).
 #[derive(Debug, Clone, clap::Args)]
 pub struct AttachArgs {
@@ -62,7 +62,7 @@ impl AttachArgs {
     }
 }
 
-/// Errors of `netd dnat`.
+/// Errors of `netd-cloud dnat`.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The kernel side.
@@ -111,7 +111,7 @@ pub fn rules_from_config_map_file(path: &Path) -> Result<PortRules, Error> {
     Ok(config::from_tunnel_config(&strings)?)
 }
 
-/// What `netd dnat apply` asks for: the whole desired state.
+/// What `netd-cloud dnat apply` asks for: the whole desired state.
 #[derive(Debug, Clone)]
 pub struct Desired {
     /// Tunnel server address.
@@ -175,7 +175,7 @@ fn list_some<T: std::fmt::Display>(out: &mut String, what: &str, items: &[T]) {
     out.push('\n');
 }
 
-/// `netd dnat show`: for people.
+/// `netd-cloud dnat show`: for people.
 pub fn render_text(pin_dir: &Path, stats: &DnatStats, links: &[PinnedLink]) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "tunnel DNAT pinned at {}", pin_dir.display());
@@ -204,7 +204,7 @@ pub fn render_text(pin_dir: &Path, stats: &DnatStats, links: &[PinnedLink]) -> S
     out
 }
 
-/// `netd dnat show --json`.
+/// `netd-cloud dnat show --json`.
 pub fn render_json(pin_dir: &Path, stats: &DnatStats, links: &[PinnedLink]) -> serde_json::Value {
     serde_json::json!({
         "pinDir": pin_dir,

@@ -158,7 +158,7 @@ pub struct RunArgs {
 }
 
 /// Which registry, and what reaching it takes: the options every command
-/// that reads the registry shares (`netd run`, `netd tunnel-server`, …).
+/// that reads the registry shares (`netd run`, `netd-cloud tunnel-server`, …).
 #[derive(Debug, Clone, Default, PartialEq, clap::Args)]
 pub struct RegistryArgs {
     /// The registry (see [`RegistrySpec`] for the spec's forms).

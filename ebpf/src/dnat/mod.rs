@@ -156,7 +156,7 @@ pub enum DnatError {
     /// a different netd whose layout kept the version suffix.
     #[error(
         "pinned BPF map {path} has key/value sizes {found_key}/{found_value}, this build needs \
-         {key}/{value}; run `netd dnat detach` to remove the old maps"
+         {key}/{value}; run `netd-cloud dnat detach` to remove the old maps"
     )]
     MapLayout {
         /// The pin.
@@ -171,7 +171,7 @@ pub enum DnatError {
         found_value: u32,
     },
     /// Nothing is attached under this pin directory.
-    #[error("no tunnel DNAT is pinned under {pin_dir} (run `netd dnat apply` first)")]
+    #[error("no tunnel DNAT is pinned under {pin_dir} (run `netd-cloud dnat apply` first)")]
     NotAttached {
         /// The pin directory.
         pin_dir: PathBuf,
@@ -278,7 +278,7 @@ pub enum LinkAction {
 }
 
 impl LinkAction {
-    /// The action's name in machine-readable output (`netd dnat apply
+    /// The action's name in machine-readable output (`netd-cloud dnat apply
     /// --json`): `created`, `updated`, `recreated`, `removed`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -347,7 +347,7 @@ pub struct DnatStats {
 }
 
 impl DnatStats {
-    /// The counters in Prometheus' text format (`netd dnat show --prometheus`,
+    /// The counters in Prometheus' text format (`netd-cloud dnat show --prometheus`,
     /// for node_exporter's textfile collector, and for any netd process that
     /// serves /metrics next to a tunnel DNAT).
     pub fn render_prometheus(&self) -> String {
@@ -513,7 +513,7 @@ impl std::fmt::Debug for TunnelDnat {
     }
 }
 
-/// Holds `flock` on the pin directory so two `netd dnat apply` never
+/// Holds `flock` on the pin directory so two `netd-cloud dnat apply` never
 /// interleave their link swaps.
 struct PinLock(#[allow(dead_code)] File);
 

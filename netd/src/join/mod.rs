@@ -235,10 +235,10 @@ impl Plan {
 }
 
 /// The documented way a node certificate is made for a registry without a
-/// signer: on a machine holding the tunnel CA (see `netd certs`).
+/// signer: on a machine holding the tunnel CA (see `netd-cloud certs`).
 pub fn sign_command(paths: &JoinPaths) -> String {
     format!(
-        "netd certs node --ca-dir <tunnel CA dir> --csr {csr} --out <dir>, then put node.crt and ca.crt from <dir> into {tunnel}",
+        "netd-cloud certs node --ca-dir <tunnel CA dir> --csr {csr} --out <dir>, then put node.crt and ca.crt from <dir> into {tunnel}",
         csr = paths.tunnel_csr().display(),
         tunnel = paths.tunnel_dir().display()
     )

@@ -358,11 +358,22 @@ impl Drop for NetdChild {
     }
 }
 
-/// Starts the `netd` binary under test with `args` in the namespace `netns`.
+/// Starts the `netd` binary under test (the edge side: `tunnel-agent`)
+/// with `args` in the namespace `netns`.
 pub fn spawn_netd(netns: &Path, args: &[impl AsRef<std::ffi::OsStr>]) -> NetdChild {
+    spawn(env!("CARGO_BIN_EXE_netd"), netns, args)
+}
+
+/// Starts the `netd-cloud` binary under test (`tunnel-server`) with `args`
+/// in the namespace `netns`.
+pub fn spawn_netd_cloud(netns: &Path, args: &[impl AsRef<std::ffi::OsStr>]) -> NetdChild {
+    spawn(env!("CARGO_BIN_EXE_netd-cloud"), netns, args)
+}
+
+fn spawn(program: &str, netns: &Path, args: &[impl AsRef<std::ffi::OsStr>]) -> NetdChild {
     let child = std::process::Command::new("nsenter")
         .arg(format!("--net={}", netns.display()))
-        .arg(env!("CARGO_BIN_EXE_netd"))
+        .arg(program)
         .args(args)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

@@ -1,4 +1,4 @@
-//! `netd tunnel-server` and `netd tunnel-agent`: the long-running processes
+//! `netd-cloud tunnel-server` and `netd tunnel-agent`: the long-running processes
 //! around [`crate::server`] and [`crate::agent`], with certificates that
 //! follow their files and a `/metrics` endpoint (hyper). The agent's half
 //! ([`run_agent`], feature `agent`) and the server's ([`run_server`],
@@ -130,4 +130,3 @@ pub(crate) async fn serve_metrics(listener: TcpListener, render: Arc<dyn Fn() ->
     })
     .await
 }
-

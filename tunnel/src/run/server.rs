@@ -151,7 +151,7 @@ pub fn server_metrics(router: &Router) -> String {
 /// Runs a tunnel server on the caller's runtime until `shutdown` completes
 /// (or the future is dropped): listeners close and every link and stream
 /// task is aborted. No runtime is built and no signal handler installed;
-/// the `netd tunnel-server` binary passes a future of SIGTERM/SIGINT.
+/// the `netd-cloud tunnel-server` binary passes a future of SIGTERM/SIGINT.
 pub async fn run_server(settings: ServerSettings, shutdown: impl Future<Output = ()>) -> Result<(), TunnelError> {
     tokio::select! {
         outcome = serve(settings) => outcome,
@@ -182,7 +182,7 @@ async fn serve(settings: ServerSettings) -> Result<(), TunnelError> {
         match TunnelDnat::open(&settings.dnat_pin_dir) {
             Ok(pinned) => dnat.set(Arc::new(pinned)),
             Err(DnatError::NotAttached { pin_dir }) => tracing::warn!(
-                "tunnel server: no tunnel DNAT pinned under {} yet (netd dnat apply, or the controller): \
+                "tunnel server: no tunnel DNAT pinned under {} yet (netd-cloud dnat apply, or the controller): \
                  DNAT doors open when it is",
                 pin_dir.display()
             ),
@@ -298,4 +298,3 @@ async fn follow_leases(mut registry: AnyRegistry, router: Arc<Router>) {
         }
     }
 }
-

@@ -1,0 +1,159 @@
+//! What netd's binaries share and only binaries use: command-line pieces
+//! (log level, certificate directory, comma-separated lists), logging to
+//! stderr, and running a long-lived process until SIGTERM or SIGINT.
+//!
+//! Library entry points never call these: an agent that embeds netd keeps
+//! its own logging, runtime and signal handling.
+
+use std::future::Future;
+use std::io;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+use crate::tunnel::run::Listen;
+
+/// Comma-separated values; "" is none.
+#[derive(Debug, Clone)]
+pub struct CommaList<T>(pub Vec<T>);
+
+/// What a [`CommaList`] token must be, for its error message.
+pub trait Noun {
+    /// E.g. "an IPv4 address".
+    const NOUN: &'static str;
+}
+
+impl Noun for Ipv4Addr {
+    const NOUN: &'static str = "an IPv4 address";
+}
+
+impl Noun for ipnet::Ipv4Net {
+    const NOUN: &'static str = "an IPv4 CIDR";
+}
+
+impl Noun for std::net::SocketAddr {
+    const NOUN: &'static str = "an IP:PORT address";
+}
+
+impl Noun for Listen {
+    const NOUN: &'static str = "IP:PORT or PORT";
+}
+
+impl Noun for ipnet::IpNet {
+    const NOUN: &'static str = "a CIDR";
+}
+
+impl<T: FromStr + Noun> FromStr for CommaList<T> {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.trim().is_empty() {
+            return Ok(Self(Vec::new()));
+        }
+        s.split(',')
+            .enumerate()
+            .map(|(i, token)| {
+                let token = token.trim();
+                token.parse().map_err(|_| format!("token {} {token:?} is not {}", i + 1, T::NOUN))
+            })
+            .collect::<Result<_, _>>()
+            .map(Self)
+    }
+}
+
+/// `--log LEVEL`: error, warn, info, debug or trace.
+// Variant docs would become per-value help in clap, which turns every
+// command's --help into its long, one-option-per-paragraph form.
+#[allow(missing_docs)]
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+/// The log level flag of the long-running commands.
+#[derive(Debug, Args)]
+pub struct LogArgs {
+    /// Log level.
+    #[arg(long, env = "NETD_LOG", value_name = "LEVEL", value_enum, ignore_case = true, default_value = "info")]
+    pub log: LogLevel,
+}
+
+/// Where a tunnel process finds its certificates.
+#[derive(Debug, Args)]
+pub struct TunnelCertArgs {
+    /// Directory with <stem>.crt, <stem>.key and ca.crt (as `netd-cloud certs` writes them); re-read when they change.
+    #[arg(long, env = "NETD_TUNNEL_CERT_DIR", value_name = "DIR", default_value = "/etc/netd/tunnel")]
+    pub cert_dir: PathBuf,
+}
+
+/// Logs at `level` and above to stderr, without colours or targets (the
+/// kubelet and journald keep the lines).
+pub fn init_logging(level: LogLevel) {
+    let level = match level {
+        LogLevel::Error => tracing::Level::ERROR,
+        LogLevel::Warn => tracing::Level::WARN,
+        LogLevel::Info => tracing::Level::INFO,
+        LogLevel::Debug => tracing::Level::DEBUG,
+        LogLevel::Trace => tracing::Level::TRACE,
+    };
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_target(false)
+        .with_ansi(false)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// How long a stopping process waits for its runtime's blocking tasks.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Runs a process's `work` on a multi-thread runtime of two workers (the
+/// tunnel's streams and the hub's requests are many and independent),
+/// handing it a future that completes at SIGTERM or SIGINT
+/// ([`stop_signal`]), until it ends: its error is the process's.
+pub fn until_terminated<F, Fut, E>(what: &'static str, work: F) -> Result<(), E>
+where
+    F: FnOnce(Pin<Box<dyn Future<Output = ()> + Send>>) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: From<io::Error>,
+{
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let outcome = runtime.block_on(async {
+        let stop = stop_signal(what)?;
+        work(Box::pin(stop)).await
+    });
+    // Dropping a runtime waits for every blocking task without limit; a
+    // stop the kubelet is waiting on should not (the kernel closes what is
+    // left when the process exits).
+    runtime.shutdown_timeout(STOP_TIMEOUT);
+    outcome
+}
+
+/// A future that completes at the first SIGTERM or SIGINT, saying which
+/// in the log. Both handlers are installed before it returns, so a signal
+/// that arrives once the process says it is up is never lost to the
+/// default action. Must be called on a runtime.
+///
+/// SIGTERM is what a pod deletion sends, and in a container the process is
+/// PID 1, for which the kernel ignores a signal without a handler: without
+/// one the kubelet would wait out the whole grace period and SIGKILL it.
+pub fn stop_signal(what: &'static str) -> io::Result<impl Future<Output = ()> + Send> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let installing = |name: &str, e: io::Error| io::Error::new(e.kind(), format!("installing the {name} handler: {e}"));
+    let mut sigterm = signal(SignalKind::terminate()).map_err(|e| installing("SIGTERM", e))?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(|e| installing("SIGINT", e))?;
+    Ok(async move {
+        tokio::select! {
+            _ = sigterm.recv() => tracing::info!("{what}: SIGTERM, stopping"),
+            _ = sigint.recv() => tracing::info!("{what}: SIGINT, stopping"),
+        }
+    })
+}
