@@ -5,6 +5,10 @@
 //!   autonomous and given back exactly when it is not.
 //! - [`leader`]: leader election on a Lease, so of several replicas one
 //!   writes cluster state.
+//! - [`node_watch`]: the one list+watch of Nodes (a slim store) that role
+//!   labelling, tolerations, the tunnel configuration and rollouts share:
+//!   one Node list and one Node watch per process, one relist after an API
+//!   blip.
 //! - [`tunnel_config`]: the edge/cloud node sets and the
 //!   `edge-tunnel-server-cfg` ConfigMap drive this cloud node's eBPF DNAT.
 //! - The rollout executor ([`crate::rollout::kubernetes`]): batched
@@ -14,6 +18,7 @@
 //! node is that node's own, so every replica drives its own.
 
 pub mod leader;
+pub mod node_watch;
 pub mod nodes;
 pub mod tolerations;
 pub mod tunnel_config;
@@ -132,11 +137,14 @@ pub async fn run(
         }));
     }
     let mut elector = leader::LeaderElector::new(&options.client, options.election.clone())?;
+    // Every part reads the Nodes from this one list+watch, started by the
+    // first part that subscribes (a follower without a DNAT watches none).
+    let nodes = node_watch::NodeWatch::new(&options.client);
     // Node-local: every replica drives its own node's DNAT, leader or not.
     let mut everywhere = tokio::task::JoinSet::new();
     if let Some(TunnelPart { dnat, options: tunnel }) = options.tunnel {
-        let (client, counters) = (options.client.clone(), metrics.tunnel.clone());
-        everywhere.spawn(async move { tunnel_config::run(client, dnat, tunnel, counters).await });
+        let (client, nodes, counters) = (options.client.clone(), nodes.clone(), metrics.tunnel.clone());
+        everywhere.spawn(async move { tunnel_config::run_on(client, nodes, dnat, tunnel, counters).await });
     }
     let stopped =
         |ended: Option<Result<Result<(), tunnel_config::TunnelConfigError>, tokio::task::JoinError>>| match ended {
@@ -154,19 +162,25 @@ pub async fn run(
     metrics.leader.store(true, Ordering::Relaxed);
     let mut leading = tokio::task::JoinSet::new();
     leading.spawn({
-        let (client, nodes, counters) = (options.client.clone(), options.nodes.clone(), metrics.nodes.clone());
-        async move { ("node controller", nodes::run(client, nodes, counters).await.map_err(|e| e.to_string())) }
+        let (client, watch) = (options.client.clone(), nodes.clone());
+        let (settings, counters) = (options.nodes.clone(), metrics.nodes.clone());
+        async move {
+            ("node controller", nodes::run_on(client, watch, settings, counters).await.map_err(|e| e.to_string()))
+        }
     });
     leading.spawn({
-        let (client, counters) = (options.client.clone(), metrics.tolerations.clone());
-        async move { ("toleration controller", tolerations::run(client, counters).await.map_err(|e| e.to_string())) }
+        let (client, watch, counters) = (options.client.clone(), nodes.clone(), metrics.tolerations.clone());
+        async move {
+            ("toleration controller", tolerations::run_on(client, watch, counters).await.map_err(|e| e.to_string()))
+        }
     });
     leading.spawn({
-        let (client, rollout, counters) = (options.client.clone(), options.rollout.clone(), metrics.rollout.clone());
+        let (client, watch) = (options.client.clone(), nodes.clone());
+        let (rollout, counters) = (options.rollout.clone(), metrics.rollout.clone());
         async move {
             (
                 "rollout executor",
-                crate::rollout::kubernetes::run(client, rollout, counters).await.map_err(|e| e.to_string()),
+                crate::rollout::kubernetes::run_on(client, watch, rollout, counters).await.map_err(|e| e.to_string()),
             )
         }
     });

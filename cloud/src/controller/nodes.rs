@@ -44,8 +44,9 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use super::node_watch::{ControllerNode, NodeWatch, SlimNode};
 use netd_kube::object::{Kind, Object};
-use netd_kube::watch::{ListWatch, WatchEvent};
+use netd_kube::watch::WatchEvent;
 use netd_kube::{call, KubeClient, KubeError};
 use netd_model::autonomy::AutonomyStatus;
 use netd_model::flannel;
@@ -197,7 +198,7 @@ pub struct SubnetRecord {
 /// alone (a merge patch; one that changes the taints carries the node's
 /// `resourceVersion`, so a concurrent change to them makes it fail and be
 /// planned again).
-pub fn role_patch(node: &Object<NodeRoleView>) -> Option<Value> {
+pub fn role_patch<K: Kind>(node: &Object<K>) -> Option<Value> {
     let (role, _) = node_role(node);
     let label = node.get(EDGE_WORKER_POINTER).and_then(Value::as_str);
     let taints: Vec<Value> = node.get("/spec/taints").and_then(Value::as_array).cloned().unwrap_or_default();
@@ -236,7 +237,7 @@ const EDGE_WORKER_POINTER: &str = "/metadata/labels/alibabacloud.com~1is-edge-wo
 
 /// A node's role from the trusted label, and why an odd value was read as
 /// edge.
-pub fn node_role(node: &Object<NodeRoleView>) -> (NodeRole, Option<String>) {
+pub fn node_role<K: Kind>(node: &Object<K>) -> (NodeRole, Option<String>) {
     NodeRole::from_label(node.get(LABEL_ROLE_POINTER).and_then(Value::as_str))
 }
 
@@ -302,11 +303,22 @@ impl SubnetMemory {
 /// The node controller: runs until an error retrying cannot fix; the
 /// caller aborts it when leadership is lost (every write is idempotent).
 pub async fn run(client: KubeClient, options: NodeOptions, metrics: Arc<NodeMetrics>) -> Result<(), NodesError> {
+    let nodes = NodeWatch::new(&client);
+    run_on(client, nodes, options, metrics).await
+}
+
+/// [`run`] on a shared Node list+watch (the controller's one).
+pub async fn run_on(
+    client: KubeClient,
+    nodes: NodeWatch,
+    options: NodeOptions,
+    metrics: Arc<NodeMetrics>,
+) -> Result<(), NodesError> {
     let mut controller = NodeController::new(client, options, metrics);
     if controller.options.allocate.is_some() {
         controller.load_memory().await?;
     }
-    let mut watch: ListWatch<Object<NodeRoleView>> = ListWatch::new(&controller.client, None, "node");
+    let mut watch = nodes.subscribe();
     let mut sweep = tokio::time::interval(Duration::from_secs(60));
     loop {
         tokio::select! {
@@ -317,7 +329,6 @@ pub async fn run(client: KubeClient, options: NodeOptions, metrics: Arc<NodeMetr
 }
 
 struct NodeController {
-    client: KubeClient,
     nodes: Api<Node>,
     config_maps: Api<ConfigMap>,
     options: NodeOptions,
@@ -338,7 +349,6 @@ impl NodeController {
         let nodes = Api::all(client.client());
         let config_maps = Api::namespaced(client.client(), SUBNETS_NAMESPACE);
         Self {
-            client,
             nodes,
             config_maps,
             options,
@@ -407,7 +417,7 @@ impl NodeController {
         }
     }
 
-    async fn handle(&mut self, event: WatchEvent<Object<NodeRoleView>>) {
+    async fn handle(&mut self, event: WatchEvent<Arc<SlimNode>>) {
         self.apply(event).await;
         if self.dirty {
             match self.store_memory().await {
@@ -417,10 +427,10 @@ impl NodeController {
         }
     }
 
-    async fn apply(&mut self, event: WatchEvent<Object<NodeRoleView>>) {
+    async fn apply(&mut self, event: WatchEvent<Arc<SlimNode>>) {
         match event {
             WatchEvent::Listed(nodes) => {
-                self.live = nodes.iter().filter_map(|n| Some((n.name()?.to_string(), pod_cidr(n)?))).collect();
+                self.live = nodes.iter().filter_map(|n| Some((n.name()?.to_string(), pod_cidr(n.object())?))).collect();
                 let names: BTreeSet<String> = nodes.iter().filter_map(|n| n.name().map(str::to_string)).collect();
                 let gone: Vec<String> = self
                     .memory
@@ -454,7 +464,7 @@ impl NodeController {
         tracing::warn!("node controller: {error}");
     }
 
-    async fn reconcile(&mut self, node: &Object<NodeRoleView>) {
+    async fn reconcile(&mut self, node: &Object<ControllerNode>) {
         let Some(name) = node.name().map(str::to_string) else { return };
         if let Some(patch) = role_patch(node) {
             let (role, odd) = node_role(node);
@@ -620,7 +630,7 @@ impl NodeController {
     }
 }
 
-fn pod_cidr(node: &Object<NodeRoleView>) -> Option<Ipv4Net> {
+fn pod_cidr<K: Kind>(node: &Object<K>) -> Option<Ipv4Net> {
     node.get("/spec/podCIDR").and_then(Value::as_str).and_then(|s| s.parse().ok())
 }
 

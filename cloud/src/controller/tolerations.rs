@@ -87,8 +87,10 @@
 //!
 //! # The loop
 //!
-//! [`run`] list-watches nodes (name, label, autonomy annotations) and the
-//! pods that are not finished (all namespaces, only the fields above), and
+//! [`run`] reads the nodes (name, label, autonomy annotations) from the
+//! controller's one shared Node list+watch ([`super::node_watch`]; its own
+//! when run alone), list-watches the pods that are not finished (all
+//! namespaces, only the fields above), and
 //! reconciles a pod whenever it appears or changes or its node's autonomy
 //! changes, with at most [`CONCURRENCY`] patches in flight. Each patch is a
 //! JSON merge patch carrying the `resourceVersion` it was planned from: on a
@@ -114,7 +116,8 @@ use serde_json::{json, Map, Value};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use netd_kube::object::{NodeAutonomy, Object, PodTolerations};
+use super::node_watch::{ControllerNode, NodeWatch, SlimNode};
+use netd_kube::object::{Kind, Object, PodTolerations};
 use netd_kube::watch::{Backoff, ListWatch, WatchEvent};
 use netd_kube::{error_chain, KubeClient, KubeError, REQUEST_TIMEOUT};
 use netd_model::autonomy::{Autonomy, AutonomyStatus};
@@ -541,7 +544,7 @@ fn unreachable_json() -> String {
 
 /// A node's effective autonomy and, when its annotations are not taken as
 /// they are, why (for a log).
-pub fn node_autonomy(node: &Object<NodeAutonomy>) -> (Autonomy, Option<String>) {
+pub fn node_autonomy<K: Kind>(node: &Object<K>) -> (Autonomy, Option<String>) {
     let status = AutonomyStatus::from_annotations(|key| node.annotation(key).and_then(Value::as_str));
     let (role, _) = NodeRole::from_label(node.get(LABEL_ROLE_POINTER).and_then(Value::as_str));
     if status.autonomy.is_on() && role == NodeRole::Cloud {
@@ -730,7 +733,17 @@ struct Controller {
 /// Runs the controller until aborted; see the module docs. Returns only
 /// when the API server refuses the node or pod watch (missing RBAC).
 pub async fn run(client: KubeClient, metrics: Arc<TolerationMetrics>) -> Result<(), TolerationError> {
-    let mut node_watch: Watch<Object<NodeAutonomy>> = Watch::new(&client, None, "node");
+    let nodes = NodeWatch::new(&client);
+    run_on(client, nodes, metrics).await
+}
+
+/// [`run`] on a shared Node list+watch (the controller's one).
+pub async fn run_on(
+    client: KubeClient,
+    nodes: NodeWatch,
+    metrics: Arc<TolerationMetrics>,
+) -> Result<(), TolerationError> {
+    let mut node_watch = nodes.subscribe();
     let mut pod_watch: Watch<Object<PodTolerations>> = Watch::new(&client, Some(POD_FIELDS.into()), "pod");
     let mut controller = Controller {
         client,
@@ -750,7 +763,9 @@ pub async fn run(client: KubeClient, metrics: Arc<TolerationMetrics>) -> Result<
         let retry_at = controller.retries.keys().next().copied();
         tokio::select! {
             _ = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => controller.retry_due(),
-            event = node_watch.next() => controller.on_nodes(event?),
+            event = node_watch.try_next() => {
+                controller.on_nodes(event.map_err(|error| TolerationError::Refused { what: "node", error })?)
+            }
             event = pod_watch.next() => controller.on_pods(event?),
             Some(done) = controller.tasks.join_next(), if !controller.tasks.is_empty() => match done {
                 Ok((key, outcome)) => controller.finished(key, outcome),
@@ -761,7 +776,7 @@ pub async fn run(client: KubeClient, metrics: Arc<TolerationMetrics>) -> Result<
 }
 
 impl Controller {
-    fn on_nodes(&mut self, event: WatchEvent<Object<NodeAutonomy>>) {
+    fn on_nodes(&mut self, event: WatchEvent<Arc<SlimNode>>) {
         match event {
             WatchEvent::Listed(nodes) => {
                 let mut seen = HashMap::new();
@@ -796,7 +811,7 @@ impl Controller {
         self.metrics.autonomous_nodes.store(on as u64, Ordering::Relaxed);
     }
 
-    fn judge_node(&self, name: &str, node: &Object<NodeAutonomy>) -> Autonomy {
+    fn judge_node(&self, name: &str, node: &Object<ControllerNode>) -> Autonomy {
         let (autonomy, note) = node_autonomy(node);
         if let Some(note) = note {
             if self.nodes.get(name) != Some(&autonomy) {
@@ -1377,7 +1392,7 @@ mod tests {
         assert!(PodFacts::of(&odd).unwrap_err().to_string().contains("not a list"));
 
         let node = |labels: Value, annotations: Value| {
-            Object::<NodeAutonomy>::from_value(
+            Object::<netd_kube::object::NodeAutonomy>::from_value(
                 json!({ "metadata": { "name": "n", "labels": labels, "annotations": annotations } }),
             )
         };
@@ -1401,6 +1416,7 @@ mod tests {
         for key in [ANNOTATION_SAVED, ANNOTATION_MIRROR] {
             assert!(PodTolerations::KEEP.contains(&escaped("/metadata/annotations/", key).as_str()), "{key}");
         }
+        use netd_kube::object::NodeAutonomy;
         for key in netd_model::autonomy::ANNOTATIONS {
             assert!(NodeAutonomy::KEEP.contains(&escaped("/metadata/annotations/", key).as_str()), "{key}");
         }

@@ -2,8 +2,9 @@
 //! (SPEC §3, §4; issue 15): which addresses are edge nodes, which subnets
 //! are edge pods, and which ports go to which tunnel-server door.
 //!
-//! [`run`] list-watches
-//! - the Nodes, keeping only the trusted role label
+//! [`run`] reads and list-watches
+//! - the Nodes (from the controller's one shared Node list+watch,
+//!   [`super::node_watch`]; its own when run alone), reading only the trusted role label
 //!   (`node-restriction.kubernetes.io/netd-role`, [`netd_model::roles`]),
 //!   the addresses and the pod CIDRs ([`NodeEdgeRole`]), and
 //! - ConfigMap `kube-system/edge-tunnel-server-cfg` (field selector
@@ -88,9 +89,10 @@ use serde_json::Value;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use super::node_watch::{NodeWatch, SlimNode};
 use crate::dnat::config::{self, PortRules, CONFIG_MAP_NAME, CONFIG_MAP_NAMESPACE};
 use netd_kube::events::{self, Regarding, Reporter};
-use netd_kube::object::{ConfigMapData, NodeEdgeRole, Object};
+use netd_kube::object::{ConfigMapData, Kind, Object};
 use netd_kube::watch::{Backoff, ListWatch, WatchEvent};
 use netd_kube::KubeClient;
 use netd_model::roles::{NodeRole, LABEL_ROLE_POINTER};
@@ -247,7 +249,7 @@ fn redirectable(addr: Ipv4Addr) -> bool {
 }
 
 /// The facts of a node object; `None` for one without a usable name.
-fn node_facts(node: &Object<NodeEdgeRole>, address_types: &[String]) -> Option<(String, NodeFacts)> {
+fn node_facts<K: Kind>(node: &Object<K>, address_types: &[String]) -> Option<(String, NodeFacts)> {
     let name = node.name()?.to_string();
     let mut facts = NodeFacts::default();
     let label = match node.get(LABEL_ROLE_POINTER) {
@@ -531,13 +533,14 @@ struct Driver {
 }
 
 impl Driver {
-    fn fold_node(&mut self, event: WatchEvent<Object<NodeEdgeRole>>) -> Option<Write> {
+    fn fold_node(&mut self, event: WatchEvent<Arc<SlimNode>>) -> Option<Write> {
         self.metrics.node_events.fetch_add(1, Ordering::Relaxed);
         let types = &self.options.address_types;
         match event {
             WatchEvent::Listed(nodes) => {
                 self.metrics.resyncs.fetch_add(1, Ordering::Relaxed);
-                let facts: Vec<(String, NodeFacts)> = nodes.iter().filter_map(|n| node_facts(n, types)).collect();
+                let facts: Vec<(String, NodeFacts)> =
+                    nodes.iter().filter_map(|n| node_facts(n.object(), types)).collect();
                 for (name, facts) in &facts {
                     self.log_problems(name, facts, None);
                 }
@@ -552,7 +555,7 @@ impl Driver {
                 Some(self.everything())
             }
             WatchEvent::Applied(node) => {
-                let (name, facts) = node_facts(&node, types)?;
+                let (name, facts) = node_facts(node.object(), types)?;
                 let old = self.edges.nodes.get(&name).map(|f| f.problems.clone());
                 self.log_problems(&name, &facts, old.as_deref());
                 let delta = self.edges.update(&name, Some(facts));
@@ -766,6 +769,22 @@ pub async fn run(
     options: TunnelConfigOptions,
     metrics: Arc<TunnelConfigMetrics>,
 ) -> Result<(), TunnelConfigError> {
+    let nodes = NodeWatch::new(&client);
+    run_on(client, nodes, dnat, options, metrics).await
+}
+
+/// [`run`] on a shared Node list+watch (the controller's one).
+///
+/// # Errors
+///
+/// As [`run`].
+pub async fn run_on(
+    client: KubeClient,
+    nodes: NodeWatch,
+    dnat: TunnelDnat,
+    options: TunnelConfigOptions,
+    metrics: Arc<TunnelConfigMetrics>,
+) -> Result<(), TunnelConfigError> {
     if options.address_types.is_empty() {
         return Err(TunnelConfigError::NoAddressTypes);
     }
@@ -777,7 +796,7 @@ pub async fn run(
     metrics.edge_subnets.store(stats.edge_subnets.len() as u64, Ordering::Relaxed);
     metrics.port_rules.store(stats.rules.len() as u64, Ordering::Relaxed);
     metrics.config_valid.store(1, Ordering::Relaxed);
-    let mut nodes: ListWatch<Object<NodeEdgeRole>> = ListWatch::new(&client, None, "node");
+    let mut nodes = nodes.subscribe();
     let mut config_maps: ListWatch<Object<ConfigMapData>> = ListWatch::namespaced(
         &client,
         CONFIG_MAP_NAMESPACE,
@@ -825,6 +844,7 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use netd_kube::object::NodeEdgeRole;
     use netd_model::roles::{LABEL_EDGE_WORKER, LABEL_ROLE};
     use serde_json::json;
 

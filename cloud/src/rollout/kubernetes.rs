@@ -12,8 +12,10 @@
 //!   `namespace/name`). Every write carries the resourceVersion it read, so
 //!   an operator's request and the executor never overwrite each other.
 //! - **The executor** ([`run`]) is a leader task of `netd-controller run`:
-//!   it watches the ConfigMap, the namespace's pods and the nodes through
-//!   [`ListWatch`] (pods and nodes only while a rollout is open), steps the
+//!   it watches the ConfigMap and the namespace's pods through
+//!   [`ListWatch`] (pods only while a rollout is open) and reads the nodes
+//!   from the controller's one shared Node list+watch
+//!   ([`crate::controller::node_watch`]), steps the
 //!   state on every change and every second, saves it, and only then
 //!   deletes old pods — each with a UID precondition, and never one on the
 //!   target revision.
@@ -33,8 +35,9 @@ use kube::api::{Api, DeleteParams, ListParams, PostParams, Preconditions};
 use serde_json::Value;
 
 use super::state::{phase_name, unix_now, NodeView, Phase, Request, RolloutState, StateError};
+use crate::controller::node_watch::{NodeEvents, NodeWatch, SlimNode};
 use netd_kube::events::{self, Regarding, Reporter};
-use netd_kube::object::{NodeImages, NodeReadiness, Object, PodRevision};
+use netd_kube::object::{Kind, NodeImages, NodeReadiness, Object, PodRevision};
 use netd_kube::watch::{ListWatch, WatchEvent};
 use netd_kube::{call, KubeClient, KubeError};
 use netd_model::autonomy::AutonomyStatus;
@@ -195,7 +198,7 @@ impl NetdPod {
 }
 
 /// Why a node counts as offline, or `None` when its Ready condition is True.
-fn offline_reason(node: &Object<NodeReadiness>) -> Option<String> {
+fn offline_reason<K: Kind>(node: &Object<K>) -> Option<String> {
     let conditions = node.get("/status/conditions").and_then(Value::as_array);
     let Some(ready) = conditions.and_then(|c| c.iter().find(|c| c["type"] == "Ready")) else {
         return Some("no Ready condition (no kubelet has reported)".into());
@@ -220,9 +223,9 @@ fn offline_reason(node: &Object<NodeReadiness>) -> Option<String> {
 
 /// Every node with what its netd runs: the DaemonSet's live (not
 /// terminating) pod on it, preferring one on `target`.
-fn views<'a>(
+fn views<'a, K: Kind>(
     pods: &[NetdPod],
-    nodes: impl IntoIterator<Item = &'a Object<NodeReadiness>>,
+    nodes: impl IntoIterator<Item = &'a Object<K>>,
     target: &str,
 ) -> BTreeMap<String, NodeView> {
     let mut out: BTreeMap<String, NodeView> = BTreeMap::new();
@@ -577,9 +580,9 @@ fn post_events(client: &KubeClient, target: &Target, host: &str, step: &super::S
 struct Open {
     target: Target,
     pods: ListWatch<Object<PodRevision>>,
-    nodes: ListWatch<Object<NodeReadiness>>,
+    nodes: NodeEvents,
     pod_cache: BTreeMap<String, Object<PodRevision>>,
-    node_cache: BTreeMap<String, Object<NodeReadiness>>,
+    node_cache: BTreeMap<String, Arc<SlimNode>>,
     pods_listed: bool,
     nodes_listed: bool,
     /// Pods already deleted, so a watch that lags does not delete twice.
@@ -587,12 +590,12 @@ struct Open {
 }
 
 impl Open {
-    fn new(client: &KubeClient, target: &Target) -> Self {
+    fn new(client: &KubeClient, nodes: &NodeWatch, target: &Target) -> Self {
         let pods = ListWatch::namespaced(client, target.daemonset.namespace.clone(), None, "netd pod");
         Self {
             target: target.clone(),
             pods: if target.selector.is_empty() { pods } else { pods.with_labels(target.selector.clone()) },
-            nodes: ListWatch::new(client, None, "node"),
+            nodes: nodes.subscribe(),
             pod_cache: BTreeMap::new(),
             node_cache: BTreeMap::new(),
             pods_listed: false,
@@ -607,18 +610,17 @@ impl Open {
         tokio::select! {
             event = self.pods.next() => {
                 self.pods_listed |= matches!(event, WatchEvent::Listed(_));
-                fold(&mut self.pod_cache, event);
+                fold(&mut self.pod_cache, event, |o| format!("{}/{}", o.namespace().unwrap_or(""), o.name().unwrap_or("")));
             }
             event = self.nodes.next() => {
                 self.nodes_listed |= matches!(event, WatchEvent::Listed(_));
-                fold(&mut self.node_cache, event);
+                fold(&mut self.node_cache, event, |o| o.name().unwrap_or("").to_string());
             }
         }
     }
 }
 
-fn fold<K: netd_kube::object::Kind>(cache: &mut BTreeMap<String, Object<K>>, event: WatchEvent<Object<K>>) {
-    let key = |o: &Object<K>| format!("{}/{}", o.namespace().unwrap_or(""), o.name().unwrap_or(""));
+fn fold<T>(cache: &mut BTreeMap<String, T>, event: WatchEvent<T>, key: impl Fn(&T) -> String) {
     match event {
         WatchEvent::Listed(all) => *cache = all.into_iter().map(|o| (key(&o), o)).collect(),
         WatchEvent::Applied(o) => {
@@ -632,6 +634,18 @@ fn fold<K: netd_kube::object::Kind>(cache: &mut BTreeMap<String, Object<K>>, eve
 
 /// Runs the executor (on the leader) for ever; see the module docs.
 pub async fn run(client: KubeClient, options: ExecutorOptions, metrics: Arc<RolloutMetrics>) -> Result<(), KubeError> {
+    let nodes = NodeWatch::new(&client);
+    run_on(client, nodes, options, metrics).await
+}
+
+/// [`run`] on a shared Node list+watch (the controller's one): subscribed
+/// to while a rollout is open.
+pub async fn run_on(
+    client: KubeClient,
+    nodes: NodeWatch,
+    options: ExecutorOptions,
+    metrics: Arc<RolloutMetrics>,
+) -> Result<(), KubeError> {
     let field = format!("metadata.name={STATE_CONFIG_MAP}");
     let mut state_watch: ListWatch<ConfigMap> =
         ListWatch::namespaced(&client, options.namespace.clone(), Some(field), "rollout state");
@@ -691,14 +705,14 @@ pub async fn run(client: KubeClient, options: ExecutorOptions, metrics: Arc<Roll
         if !observing {
             open = None;
         } else if open.as_ref().is_none_or(|o| o.target != target) {
-            open = Some(Open::new(&client, &target));
+            open = Some(Open::new(&client, &nodes, &target));
         }
         let (ds, uid) = (&target.daemonset, &target.uid);
         let (pods, seen) = match open.as_ref() {
             None => (Vec::new(), BTreeMap::new()),
             Some(o) if o.pods_listed && o.nodes_listed => {
                 let pods: Vec<NetdPod> = o.pod_cache.values().filter_map(|p| NetdPod::from_object(p, uid)).collect();
-                let seen = views(&pods, o.node_cache.values(), &state.target);
+                let seen = views(&pods, o.node_cache.values().map(|n| n.object()), &state.target);
                 (pods, seen)
             }
             // Not a complete picture yet: a node missing from it would count as gone.
