@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use rusqlite::{params, OptionalExtension, TransactionBehavior};
 
 use crate::error::{Error, Result};
-use crate::pod::PodRef;
 use crate::pool::RangeSet;
 use crate::store::{now_ms, Store};
+use netd_model::PodRef;
 
 /// `meta` key set once host-local's directory has been imported.
 const IMPORTED_KEY: &str = "host_local_imported";

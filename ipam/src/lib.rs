@@ -90,14 +90,13 @@ pub mod cni;
 mod error;
 mod import;
 mod mac;
-mod pod;
 mod pool;
 mod store;
 
 pub use error::{Error, Result};
 pub use import::ImportReport;
 pub use mac::{derive_vtep_mac, MacAddr, MacCollision, MacParseError, VtepMac};
-pub use pod::{PodRef, PodRefError};
+pub use netd_model::{PodRef, PodRefError};
 pub use pool::{PoolError, Range, RangeSet};
 pub use store::{
     Allocated, Allocation, Authority, FreeReason, FreedTotals, PinStats, Reclaimed, ReconcileReport, State, Store,

@@ -9,8 +9,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior};
 
 use crate::error::{Error, Result};
-use crate::pod::PodRef;
 use crate::pool::RangeSet;
+use netd_model::PodRef;
 
 /// `PRAGMA application_id` of netd IPAM stores ("nIPM").
 pub const APPLICATION_ID: i64 = 0x6e49_504d;

@@ -1,6 +1,6 @@
 //! The one Kubernetes client netd has, and the one list+watch machinery on
 //! it: the Kubernetes registry's node watch
-//! ([`crate::registry::kubernetes`]) and the pod watch ([`pods`]) both use
+//! (`netd_registry::kubernetes`) and the pod watch ([`pods`]) both use
 //! [`KubeClient`] and [`watch::ListWatch`].
 //!
 //! - **Client**: kube-rs (`kube::Client`) on hyper + rustls (ring), the
@@ -27,8 +27,8 @@
 //!   [`watch::WatchEvent`]s: a complete list, an object applied, an object
 //!   deleted. After any error the next event is a fresh complete list.
 //!
-//! Layering: this module imports only [`netd_model`] and `netd_ipam`'s
-//! pod identity; `registry` and `daemon` build on it.
+//! Layering: this crate imports only [`netd_model`] of netd (no SQLite, no
+//! netlink, no BPF); `netd-registry` and `netd-dataplane` build on it.
 
 pub mod events;
 mod identity;

@@ -34,7 +34,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use kube::Api;
-use netd_ipam::PodRef;
+use netd_model::PodRef;
 use serde_json::Value;
 
 use super::object::{Object, PodPlacement};

@@ -15,6 +15,7 @@ pub mod atomic_file;
 pub mod autonomy;
 pub mod flannel;
 mod mac;
+mod pod;
 pub mod rfc3339;
 pub mod roles;
 pub mod subnet_env;
@@ -25,6 +26,7 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 pub use mac::{MacAddr, MacParseError};
+pub use pod::{PodRef, PodRefError};
 
 /// A node's subnet lease as the data plane needs it: ours or a peer's.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -7,6 +7,7 @@ use std::time::Duration;
 use ipnet::Ipv4Net;
 
 use super::embedded::EmbeddedRegistry;
+#[cfg(feature = "etcd")]
 use super::etcd::EtcdRegistry;
 use super::kubernetes::{KubeConfig, KubernetesRegistry};
 use super::{AutonomyChange, LeaseRequest, NetworkConfig, NodeAutonomy, OwnLease, PeerEvent, Registry, RegistryError};
@@ -78,7 +79,8 @@ pub struct OpenSettings {
 pub enum AnyRegistry {
     /// [`EmbeddedRegistry`].
     Embedded(EmbeddedRegistry),
-    /// [`EtcdRegistry`].
+    /// [`EtcdRegistry`] (feature `etcd`).
+    #[cfg(feature = "etcd")]
     Etcd(Box<EtcdRegistry>),
     /// [`KubernetesRegistry`].
     Kubernetes(Box<KubernetesRegistry>),
@@ -123,7 +125,10 @@ impl AnyRegistry {
     pub async fn open(spec: &RegistrySpec, settings: &OpenSettings) -> Result<Self, RegistryError> {
         match spec {
             RegistrySpec::Embedded(path) => Ok(Self::Embedded(EmbeddedRegistry::open(path.clone(), settings.poll))),
+            #[cfg(feature = "etcd")]
             RegistrySpec::Etcd(endpoints) => Ok(Self::Etcd(Box::new(EtcdRegistry::connect_lazy(endpoints).await?))),
+            #[cfg(not(feature = "etcd"))]
+            RegistrySpec::Etcd(_) => Err(super::without_etcd()),
             RegistrySpec::Kubernetes(server) => {
                 let config = kube_config(server.as_deref(), settings)?;
                 // The daemon's node name wins over in-cluster discovery's
@@ -142,6 +147,7 @@ impl Registry for AnyRegistry {
     fn describe(&self) -> String {
         match self {
             Self::Embedded(r) => r.describe(),
+            #[cfg(feature = "etcd")]
             Self::Etcd(r) => r.describe(),
             Self::Kubernetes(r) => r.describe(),
         }
@@ -150,6 +156,7 @@ impl Registry for AnyRegistry {
     async fn network_config(&mut self) -> Result<NetworkConfig, RegistryError> {
         match self {
             Self::Embedded(r) => r.network_config().await,
+            #[cfg(feature = "etcd")]
             Self::Etcd(r) => r.network_config().await,
             Self::Kubernetes(r) => r.network_config().await,
         }
@@ -162,6 +169,7 @@ impl Registry for AnyRegistry {
     ) -> Result<OwnLease, RegistryError> {
         match self {
             Self::Embedded(r) => r.acquire_lease(config, request).await,
+            #[cfg(feature = "etcd")]
             Self::Etcd(r) => r.acquire_lease(config, request).await,
             Self::Kubernetes(r) => r.acquire_lease(config, request).await,
         }
@@ -170,6 +178,7 @@ impl Registry for AnyRegistry {
     async fn renew_lease(&mut self, lease: &OwnLease) -> Result<OwnLease, RegistryError> {
         match self {
             Self::Embedded(r) => r.renew_lease(lease).await,
+            #[cfg(feature = "etcd")]
             Self::Etcd(r) => r.renew_lease(lease).await,
             Self::Kubernetes(r) => r.renew_lease(lease).await,
         }
@@ -178,6 +187,7 @@ impl Registry for AnyRegistry {
     async fn next_event(&mut self, own_subnet: Ipv4Net) -> Result<PeerEvent, RegistryError> {
         match self {
             Self::Embedded(r) => r.next_event(own_subnet).await,
+            #[cfg(feature = "etcd")]
             Self::Etcd(r) => r.next_event(own_subnet).await,
             Self::Kubernetes(r) => r.next_event(own_subnet).await,
         }
@@ -186,6 +196,7 @@ impl Registry for AnyRegistry {
     async fn set_autonomy(&mut self, node: &str, autonomy: Autonomy) -> Result<Vec<AutonomyChange>, RegistryError> {
         match self {
             Self::Embedded(r) => r.set_autonomy(node, autonomy).await,
+            #[cfg(feature = "etcd")]
             Self::Etcd(r) => r.set_autonomy(node, autonomy).await,
             Self::Kubernetes(r) => r.set_autonomy(node, autonomy).await,
         }
@@ -194,6 +205,7 @@ impl Registry for AnyRegistry {
     async fn node_autonomy(&mut self, node: &str) -> Result<NodeAutonomy, RegistryError> {
         match self {
             Self::Embedded(r) => r.node_autonomy(node).await,
+            #[cfg(feature = "etcd")]
             Self::Etcd(r) => r.node_autonomy(node).await,
             Self::Kubernetes(r) => r.node_autonomy(node).await,
         }

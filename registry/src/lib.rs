@@ -3,7 +3,8 @@
 //!
 //! - [`embedded`]: a SQLite file shared by the netd processes of one host
 //!   (single-host installs, the demo's multi-node cluster); no server.
-//! - [`etcd`]: flannel's v3 layout (`/coreos.com/network/…`) exactly.
+//! - [`etcd`] (feature `etcd`, on by default): flannel's v3 layout
+//!   (`/coreos.com/network/…`) exactly.
 //! - `kubernetes`: node objects with flannel's annotations.
 //!
 //! The wire formats flannel peers parse live in [`netd_model::flannel`].
@@ -18,6 +19,7 @@
 
 mod any;
 pub mod embedded;
+#[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod kubernetes;
 pub mod tokens;
@@ -231,6 +233,14 @@ impl From<ModelError> for RegistryError {
             ModelError::BadNetworkConfig(reason) => Self::BadConfig(reason),
         }
     }
+}
+
+/// What opening an etcd registry says in a build without the `etcd`
+/// feature: the spec parses (it is still a valid `--registry`), the backend
+/// is not there.
+#[cfg(not(feature = "etcd"))]
+fn without_etcd() -> RegistryError {
+    RegistryError::BadConfig("this build has no etcd registry (netd-registry's `etcd` feature is off)".into())
 }
 
 impl RegistryError {

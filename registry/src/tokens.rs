@@ -186,7 +186,8 @@ pub fn generate_token() -> Result<(String, String), RegistryError> {
 pub enum AnyTokenStore {
     /// The SQLite registry.
     Embedded(super::embedded::EmbeddedRegistry),
-    /// etcd.
+    /// etcd (feature `etcd`).
+    #[cfg(feature = "etcd")]
     Etcd(Box<super::etcd::EtcdRegistry>),
 }
 
@@ -198,9 +199,12 @@ impl AnyTokenStore {
             super::RegistrySpec::Embedded(path) => {
                 Ok(Self::Embedded(super::embedded::EmbeddedRegistry::open(path, super::embedded::DEFAULT_POLL)))
             }
+            #[cfg(feature = "etcd")]
             super::RegistrySpec::Etcd(endpoints) => {
                 Ok(Self::Etcd(Box::new(super::etcd::EtcdRegistry::connect(endpoints).await?)))
             }
+            #[cfg(not(feature = "etcd"))]
+            super::RegistrySpec::Etcd(_) => Err(super::without_etcd()),
             super::RegistrySpec::Kubernetes(_) => Err(RegistryError::Refused {
                 what: "opening the token store".into(),
                 reason: "on Kubernetes bootstrap tokens are kube-system/bootstrap-token-<id> Secrets: \
@@ -215,6 +219,7 @@ impl TokenStore for AnyTokenStore {
     async fn put_token(&mut self, record: &TokenRecord) -> Result<(), RegistryError> {
         match self {
             Self::Embedded(r) => r.put_token(record).await,
+            #[cfg(feature = "etcd")]
             Self::Etcd(r) => r.put_token(record).await,
         }
     }
@@ -222,6 +227,7 @@ impl TokenStore for AnyTokenStore {
     async fn token(&mut self, id: &str) -> Result<Option<TokenRecord>, RegistryError> {
         match self {
             Self::Embedded(r) => r.token(id).await,
+            #[cfg(feature = "etcd")]
             Self::Etcd(r) => r.token(id).await,
         }
     }
@@ -229,6 +235,7 @@ impl TokenStore for AnyTokenStore {
     async fn tokens(&mut self) -> Result<Vec<TokenRecord>, RegistryError> {
         match self {
             Self::Embedded(r) => r.tokens().await,
+            #[cfg(feature = "etcd")]
             Self::Etcd(r) => r.tokens().await,
         }
     }
@@ -236,6 +243,7 @@ impl TokenStore for AnyTokenStore {
     async fn delete_token(&mut self, id: &str) -> Result<bool, RegistryError> {
         match self {
             Self::Embedded(r) => r.delete_token(id).await,
+            #[cfg(feature = "etcd")]
             Self::Etcd(r) => r.delete_token(id).await,
         }
     }

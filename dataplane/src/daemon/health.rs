@@ -25,7 +25,8 @@ pub struct Shared {
     /// The IPAM stores' pins, once the pin keeper runs.
     pub pins: Mutex<Option<super::pins::PinMetrics>>,
     /// Where a tunnel DNAT would be pinned: its counters join /metrics
-    /// whenever one is (on cloud nodes; whoever applied it).
+    /// whenever one is (on cloud nodes; whoever applied it), in builds
+    /// with the `dnat` feature.
     pub dnat_pin_dir: Mutex<Option<std::path::PathBuf>>,
 }
 
@@ -130,6 +131,9 @@ impl Shared {
 /// The tunnel DNAT's counters in Prometheus' text format, or nothing when
 /// no DNAT is pinned under `pin_dir` (the common case: edge nodes). Reads
 /// the pinned maps: a few bpf(2) calls, one per edge node to count them.
+/// Feature `dnat`; without it the daemon links no BPF loader and
+/// `netd-controller`, which attaches the DNAT, is where its counters are.
+#[cfg(feature = "dnat")]
 pub fn dnat_metrics(pin_dir: &std::path::Path) -> String {
     match netd_ebpf::dnat::TunnelDnat::open(pin_dir).and_then(|dnat| dnat.stats()) {
         Ok(stats) => stats.render_prometheus(),
@@ -151,8 +155,11 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 "/readyz" if shared.ready() => (StatusCode::OK, "ready\n".to_string()),
                 "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "overlay not programmed yet\n".to_string()),
                 "/metrics" => {
+                    #[cfg_attr(not(feature = "dnat"), allow(unused_mut))]
                     let mut text = shared.metrics();
+                    #[cfg(feature = "dnat")]
                     let dnat_pins = lock(&shared.dnat_pin_dir).clone();
+                    #[cfg(feature = "dnat")]
                     if let Some(dir) = dnat_pins {
                         // bpf(2) calls, proportional to the edge nodes: off the runtime threads.
                         text.push_str(

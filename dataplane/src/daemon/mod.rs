@@ -171,8 +171,11 @@ struct Daemon {
 impl Daemon {
     fn new(config: DaemonConfig) -> Self {
         let shared = Shared::default();
-        *shared.dnat_pin_dir.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
-            Some(netd_ebpf::dnat::DEFAULT_PIN_DIR.into());
+        #[cfg(feature = "dnat")]
+        {
+            *shared.dnat_pin_dir.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                Some(netd_ebpf::dnat::DEFAULT_PIN_DIR.into());
+        }
         Self {
             config,
             shared: Arc::new(shared),
