@@ -41,7 +41,7 @@ use crate::masquerade::{Masquerade, MasqueradeError};
 use crate::vxlan::snapshot::Snapshot;
 use crate::vxlan::{Lease, Overlay, OverlayConfig, OverlayOptions, FLANNEL_VXLAN_PORT, VXLAN_OVERHEAD};
 use netd_kube::pods::PodWatch;
-use netd_kube::{KubeClient, KubeConfig};
+use netd_kube::{KubeClient, KubeConfig, KubeError};
 use netd_model::subnet_env::SubnetEnv;
 use netd_model::MacAddr;
 use netd_registry::{
@@ -80,7 +80,19 @@ pub enum DaemonError {
     Unsupported(#[source] RegistryError),
     /// The pod source cannot be set up (bad settings or files).
     #[error("cannot set up the pod source: {0}")]
-    Pods(String),
+    Pods(#[source] KubeError),
+    /// The pod source's CA file cannot be read.
+    #[error("cannot set up the pod source: reading the CA file {}: {source}", path.display())]
+    PodsCaFile {
+        /// The CA file.
+        path: std::path::PathBuf,
+        /// The read error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An `nft` transaction (masquerade rules) failed.
+    #[error(transparent)]
+    Masquerade(#[from] MasqueradeError),
     /// A blocking task died (it panicked or the runtime is shutting down).
     #[error("blocking task `{what}` did not finish: {source}")]
     Task {
@@ -386,14 +398,15 @@ impl Daemon {
                         ),
                         None => KubeConfig::in_cluster(),
                     }
-                    .map_err(|e| DaemonError::Pods(e.to_string()))?,
+                    .map_err(DaemonError::Pods)?,
                     Some(server) => KubeConfig {
                         server: server.clone(),
                         token: None,
                         token_file: self.config.token_file.clone(),
                         ca_cert_pem: match &self.config.ca_file {
-                            Some(path) => Some(std::fs::read(path).map_err(|e| {
-                                DaemonError::Pods(format!("reading the CA file {}: {e}", path.display()))
+                            Some(path) => Some(std::fs::read(path).map_err(|source| DaemonError::PodsCaFile {
+                                path: path.clone(),
+                                source,
                             })?),
                             None => None,
                         },
@@ -402,10 +415,10 @@ impl Daemon {
                         network: None,
                     },
                 };
-                KubeClient::new(&config).map_err(|e| DaemonError::Pods(e.to_string()))?
+                KubeClient::new(&config).map_err(DaemonError::Pods)?
             }
         };
-        let watch = PodWatch::new(&client, &self.config.node_name).map_err(|e| DaemonError::Pods(e.to_string()))?;
+        let watch = PodWatch::new(&client, &self.config.node_name).map_err(DaemonError::Pods)?;
         let stores = if self.config.ipam_stores.is_empty() {
             Stores::Discover(self.config.cni_conf_dir.clone())
         } else {
@@ -536,11 +549,8 @@ impl Daemon {
 async fn nft<T: Send + 'static>(
     what: &'static str,
     f: impl FnOnce() -> Result<T, MasqueradeError> + Send + 'static,
-) -> Result<T, String> {
-    match blocking(what, f).await {
-        Ok(outcome) => outcome.map_err(|e| e.to_string()),
-        Err(error) => Err(error.to_string()),
-    }
+) -> Result<T, DaemonError> {
+    Ok(blocking(what, f).await??)
 }
 
 async fn lease<R: Registry>(

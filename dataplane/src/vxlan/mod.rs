@@ -163,7 +163,7 @@ pub enum VxlanError {
     Snapshot(#[from] snapshot::SnapshotError),
     /// A pass of the overlay thread failed (the thread keeps running).
     #[error("overlay pass failed: {0}")]
-    Pass(String),
+    Pass(#[source] std::sync::Arc<VxlanError>),
     /// The overlay thread is gone.
     #[error("the overlay thread has stopped")]
     Stopped,

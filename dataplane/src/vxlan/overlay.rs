@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
 
-use super::snapshot::{Snapshot, SnapshotWriter};
+use super::snapshot::{Snapshot, SnapshotError, SnapshotWriter};
 use super::{Applied, Lease, OverlayConfig, PeerChange, ReconcileReport, Reconciler, VxlanError};
 use netd_netlink::{Change, EthAddr, Event, Monitor};
 
@@ -98,7 +98,7 @@ impl StatusHandle {
     }
 }
 
-type Reply = Sender<Result<ReconcileReport, String>>;
+type Reply = Sender<Result<ReconcileReport, Arc<VxlanError>>>;
 
 enum Command {
     /// A whole new peer set and the subnets among it marked autonomous.
@@ -157,10 +157,10 @@ impl Overlay {
         Ok(())
     }
 
-    fn wait(reply: Receiver<Result<ReconcileReport, String>>) -> Result<ReconcileReport, VxlanError> {
+    fn wait(reply: Receiver<Result<ReconcileReport, Arc<VxlanError>>>) -> Result<ReconcileReport, VxlanError> {
         match reply.recv() {
             Ok(Ok(report)) => Ok(report),
-            Ok(Err(message)) => Err(VxlanError::Pass(message)),
+            Ok(Err(error)) => Err(VxlanError::Pass(error)),
             Err(_) => Err(VxlanError::Stopped),
         }
     }
@@ -397,7 +397,7 @@ impl Worker {
 
     /// Incremental writes for `changes`; a full pass when they need one or
     /// the kernel refused a write (drift).
-    fn apply(&mut self, changes: Vec<PeerChange>) -> Result<ReconcileReport, String> {
+    fn apply(&mut self, changes: Vec<PeerChange>) -> Result<ReconcileReport, Arc<VxlanError>> {
         match self.reconciler.apply(&changes) {
             Ok(Applied::Done(report)) if report.failures.is_empty() => {
                 if !report.rejected.is_empty() {
@@ -481,7 +481,7 @@ impl Worker {
         }
     }
 
-    fn pass(&mut self) -> Result<ReconcileReport, String> {
+    fn pass(&mut self) -> Result<ReconcileReport, Arc<VxlanError>> {
         let outcome = self.reconciler.reconcile(self.wanted.values());
         let status = self.status.clone();
         match outcome {
@@ -520,7 +520,7 @@ impl Worker {
                     status.reconciles += 1;
                     status.last_error = Some(error.to_string());
                 });
-                Err(error.to_string())
+                Err(Arc::new(error))
             }
         }
     }
@@ -539,7 +539,7 @@ impl Worker {
         };
         let Some(writer) = &mut self.snapshot else { return };
         let outcome = writer.write(&snapshot);
-        self.record_snapshot_outcome(outcome.map_err(|e| e.to_string()));
+        self.record_snapshot_outcome(outcome);
     }
 
     /// Journals effective changes before the kernel sees them; a journal
@@ -549,7 +549,7 @@ impl Worker {
         let Some(writer) = &mut self.snapshot else { return };
         let outcome = writer.append(changes);
         let full = writer.journal_records() > self.wanted.len().max(JOURNAL_MIN_COMPACT);
-        self.record_snapshot_outcome(outcome.map_err(|e| e.to_string()));
+        self.record_snapshot_outcome(outcome);
         if full {
             self.write_snapshot();
         }
@@ -562,7 +562,7 @@ impl Worker {
         }
     }
 
-    fn record_snapshot_outcome(&mut self, outcome: Result<(), String>) {
+    fn record_snapshot_outcome(&mut self, outcome: Result<(), SnapshotError>) {
         let written = self.snapshot.as_ref().map_or(0, SnapshotWriter::bytes_written);
         if let Err(error) = &outcome {
             tracing::warn!(%error, "cannot persist the overlay snapshot");
@@ -570,7 +570,7 @@ impl Worker {
         self.status.update(|status| {
             status.snapshot_bytes_written = written;
             if let Err(error) = outcome {
-                status.last_error = Some(error);
+                status.last_error = Some(error.to_string());
             }
         });
     }

@@ -83,13 +83,43 @@ pub enum SnapshotError {
         #[source]
         source: io::Error,
     },
-    /// The file is not a valid snapshot.
-    #[error("snapshot {path} is not valid: {reason}")]
-    Invalid {
+    /// The file (or a journal record being written) is not valid JSON of
+    /// a snapshot.
+    #[error("snapshot {path} is not valid: {source}")]
+    Json {
         /// The file.
         path: PathBuf,
-        /// Why, with the JSON path of the bad field.
-        reason: String,
+        /// The JSON error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A field of the snapshot does not parse.
+    #[error("snapshot {path} is not valid: at `{}`: {}", source.path(), source.inner())]
+    Field {
+        /// The file.
+        path: PathBuf,
+        /// The JSON error, with the JSON path of the bad field.
+        #[source]
+        source: serde_path_to_error::Error<serde_json::Error>,
+    },
+    /// The journal's header line is not valid.
+    #[error("snapshot {path} is not valid: header: {source}")]
+    Header {
+        /// The journal.
+        path: PathBuf,
+        /// The JSON error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The overlay configuration it holds is inconsistent.
+    #[error("snapshot {path} is not valid: {source}")]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with the configuration (boxed: a
+        /// [`VxlanError`](super::VxlanError) can hold a `SnapshotError`).
+        #[source]
+        source: Box<super::VxlanError>,
     },
     /// The snapshot, or a new journal, could not be written.
     #[error(transparent)]
@@ -143,15 +173,18 @@ impl Snapshot {
         struct VersionOnly {
             version: u32,
         }
-        let invalid = |reason: String| SnapshotError::Invalid { path: path.to_path_buf(), reason };
-        let probe: VersionOnly = serde_json::from_slice(text).map_err(|e| invalid(e.to_string()))?;
+        let probe: VersionOnly = serde_json::from_slice(text)
+            .map_err(|source| SnapshotError::Json { path: path.to_path_buf(), source })?;
         if probe.version != VERSION {
             return Err(SnapshotError::Version { path: path.to_path_buf(), found: probe.version });
         }
         let de = &mut serde_json::Deserializer::from_slice(text);
-        let snapshot: Self =
-            serde_path_to_error::deserialize(de).map_err(|e| invalid(format!("at `{}`: {}", e.path(), e.inner())))?;
-        snapshot.config.check().map_err(|e| invalid(e.to_string()))?;
+        let snapshot: Self = serde_path_to_error::deserialize(de)
+            .map_err(|source| SnapshotError::Field { path: path.to_path_buf(), source })?;
+        snapshot
+            .config
+            .check()
+            .map_err(|e| SnapshotError::Config { path: path.to_path_buf(), source: Box::new(e) })?;
         Ok(snapshot)
     }
 
@@ -180,7 +213,7 @@ impl Snapshot {
             Ok(header) => header,
             // A crash while the header itself was being written.
             Err(_) if !header.ends_with(b"\n") => return Ok(()),
-            Err(e) => return Err(SnapshotError::Invalid { path: path.to_path_buf(), reason: format!("header: {e}") }),
+            Err(source) => return Err(SnapshotError::Header { path: path.to_path_buf(), source }),
         };
         if header.journal != JOURNAL_VERSION {
             return Err(SnapshotError::Version { path: path.to_path_buf(), found: header.journal });
@@ -222,7 +255,7 @@ impl Snapshot {
     /// [`SnapshotWriter`]).
     pub fn save(&self, path: &Path) -> Result<u64, SnapshotError> {
         let bytes = serde_json::to_vec(self)
-            .map_err(|e| SnapshotError::Invalid { path: path.to_path_buf(), reason: e.to_string() })?;
+            .map_err(|source| SnapshotError::Json { path: path.to_path_buf(), source })?;
         atomic_file::write_creating_dirs(path, &bytes, MODE, 0o755)?;
         Ok(bytes.len() as u64)
     }
@@ -318,7 +351,7 @@ impl SnapshotWriter {
         }
         let mut buf = Vec::with_capacity(160 * changes.len() + 16);
         let encode_err =
-            |e: serde_json::Error| SnapshotError::Invalid { path: self.journal_path.clone(), reason: e.to_string() };
+            |source: serde_json::Error| SnapshotError::Json { path: self.journal_path.clone(), source };
         if self.records == 0 {
             serde_json::to_writer(&mut buf, &JournalHeader { journal: JOURNAL_VERSION }).map_err(encode_err)?;
             buf.push(b'\n');
