@@ -72,16 +72,20 @@ impl EmbeddedRegistry {
     /// with the same config is fine; a different config is an error).
     pub fn create(path: &Path, config: &NetworkConfig) -> Result<(), RegistryError> {
         config.check()?;
-        let store_err = |reason: String| RegistryError::Store { path: path.to_path_buf(), reason };
+        let unusable = |reason: String| RegistryError::Store { path: path.to_path_buf(), reason };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| store_err(format!("creating {}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir).map_err(|source| RegistryError::StoreDir {
+                path: path.to_path_buf(),
+                dir: dir.to_path_buf(),
+                source,
+            })?;
         }
-        let mut conn = Connection::open(path).map_err(|e| store_err(e.to_string()))?;
-        conn.busy_timeout(Duration::from_secs(10)).map_err(|e| store_err(e.to_string()))?;
+        let mut conn = Connection::open(path).map_err(|e| store_err(path, e))?;
+        conn.busy_timeout(Duration::from_secs(10)).map_err(|e| store_err(path, e))?;
         let tx =
-            conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| store_err(e.to_string()))?;
+            conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| store_err(path, e))?;
         let version: i64 =
-            tx.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(|e| store_err(e.to_string()))?;
+            tx.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(|e| store_err(path, e))?;
         match version {
             0 => {
                 tx.execute_batch(
@@ -91,18 +95,18 @@ impl EmbeddedRegistry {
                      CREATE TABLE IF NOT EXISTS autonomy(node TEXT PRIMARY KEY, autonomous INTEGER NOT NULL,
                                                          bound_ns INTEGER);",
                 )
-                .map_err(|e| store_err(e.to_string()))?;
-                tx.pragma_update(None, "user_version", FORMAT_VERSION).map_err(|e| store_err(e.to_string()))?;
+                .map_err(|e| store_err(path, e))?;
+                tx.pragma_update(None, "user_version", FORMAT_VERSION).map_err(|e| store_err(path, e))?;
             }
-            1 => upgrade_v1(&tx).map_err(|e| store_err(e.to_string()))?,
+            1 => upgrade_v1(&tx).map_err(|e| store_err(path, e))?,
             FORMAT_VERSION => {}
-            later => return Err(store_err(format!("format version {later}, this netd reads {FORMAT_VERSION}"))),
+            later => return Err(unusable(format!("format version {later}, this netd reads {FORMAT_VERSION}"))),
         }
         let want = flannel::network_config_json(config);
         let stored: Option<String> = tx
             .query_row("SELECT value FROM meta WHERE key = 'config'", [], |r| r.get(0))
             .optional()
-            .map_err(|e| store_err(e.to_string()))?;
+            .map_err(|e| store_err(path, e))?;
         match stored {
             Some(existing) if existing != want => {
                 return Err(RegistryError::BadConfig(format!(
@@ -113,10 +117,10 @@ impl EmbeddedRegistry {
             Some(_) => {}
             None => {
                 tx.execute("INSERT INTO meta(key, value) VALUES('config', ?1)", [&want])
-                    .map_err(|e| store_err(e.to_string()))?;
+                    .map_err(|e| store_err(path, e))?;
             }
         }
-        tx.commit().map_err(|e| store_err(e.to_string()))
+        tx.commit().map_err(|e| store_err(path, e))
     }
 
     /// A handle on the registry at `path`; nothing is opened until used.
@@ -141,11 +145,11 @@ async fn blocking<T: Send + 'static>(
     let shown = path.clone();
     tokio::task::spawn_blocking(move || f(&path))
         .await
-        .map_err(|e| RegistryError::Store { path: shown, reason: format!("the database task did not finish: {e}") })?
+        .map_err(|source| RegistryError::StoreTask { path: shown, source })?
 }
 
 fn store_err(path: &Path, e: rusqlite::Error) -> RegistryError {
-    RegistryError::Store { path: path.to_path_buf(), reason: e.to_string() }
+    RegistryError::Sqlite { path: path.to_path_buf(), source: e }
 }
 
 fn connect(path: &Path) -> Result<Connection, RegistryError> {

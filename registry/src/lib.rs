@@ -217,13 +217,56 @@ pub enum RegistryError {
         /// What was looked for, and what is there instead.
         reason: String,
     },
-    /// Local storage of the embedded registry failed.
+    /// Local storage of the embedded registry is unusable (a format
+    /// version this netd does not read).
     #[error("embedded registry {path}: {reason}")]
     Store {
         /// The database file.
         path: std::path::PathBuf,
         /// What failed.
         reason: String,
+    },
+    /// SQLite failed on the embedded registry's file.
+    #[error("embedded registry {path}: {source}")]
+    Sqlite {
+        /// The database file.
+        path: std::path::PathBuf,
+        /// The SQLite error.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The embedded registry's directory could not be created.
+    #[error("embedded registry {path}: creating {dir}: {source}")]
+    StoreDir {
+        /// The database file.
+        path: std::path::PathBuf,
+        /// The directory.
+        dir: std::path::PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The blocking task doing the embedded registry's database work did
+    /// not finish (it panicked or the runtime is shutting down).
+    #[error("embedded registry {path}: the database task did not finish: {source}")]
+    StoreTask {
+        /// The database file.
+        path: std::path::PathBuf,
+        /// Why it ended.
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    /// A stored bootstrap token record is not one this netd reads.
+    #[error("registry refused reading a bootstrap token: {0}")]
+    BadTokenRecord(#[source] tokens::TokenRefused),
+    /// The CA file given for the API server cannot be read.
+    #[error("invalid network configuration: reading the CA file {path}: {source}")]
+    CaFile {
+        /// The CA file.
+        path: std::path::PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
     },
 }
 
@@ -246,7 +289,7 @@ fn without_etcd() -> RegistryError {
 impl RegistryError {
     /// True when retrying later may succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Unreachable(_) | Self::Store { .. })
+        matches!(self, Self::Unreachable(_) | Self::Store { .. } | Self::Sqlite { .. } | Self::StoreDir { .. } | Self::StoreTask { .. })
     }
 }
 

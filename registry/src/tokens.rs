@@ -162,7 +162,7 @@ pub async fn verify_token(
 
 /// A refused read of a stored token record, as a registry error.
 pub(crate) fn bad_record(error: TokenRefused) -> RegistryError {
-    RegistryError::Refused { what: "reading a bootstrap token".into(), reason: error.to_string() }
+    RegistryError::BadTokenRecord(error)
 }
 
 /// Characters of token ids and secrets.
