@@ -195,7 +195,26 @@ pub enum HubError {
         /// The address.
         addr: SocketAddr,
         /// The OS error.
+        #[source]
         error: std::io::Error,
+    },
+    /// The cache directory's mode could not be set.
+    #[error("setting the mode of the hub's cache directory {}: {source}", dir.display())]
+    CacheMode {
+        /// The cache directory.
+        dir: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// kube-apiserver's CA file cannot be read.
+    #[error("reading kube-apiserver's CA {}: {source}", path.display())]
+    UpstreamCa {
+        /// The CA file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
     },
     /// The hub's CA or TLS settings.
     #[error("the hub's TLS: {0}")]
@@ -208,7 +227,7 @@ pub enum HubError {
     Kube(#[from] KubeError),
     /// Start-up work on a blocking thread did not finish.
     #[error("start-up was interrupted: {0}")]
-    Interrupted(String),
+    Interrupted(#[source] tokio::task::JoinError),
 }
 
 /// The directory of the hub's CA in its cache directory.
@@ -244,9 +263,8 @@ pub fn init_pki(cache_dir: &Path) -> Result<PkiInit, HubError> {
     netd_model::atomic_file::create_dirs(cache_dir, store::DIR_MODE).map_err(pki::PkiError::from)?;
     // create_dirs leaves an existing directory's mode as it is; the cache
     // holds Secrets.
-    std::fs::set_permissions(cache_dir, std::fs::Permissions::from_mode(store::DIR_MODE)).map_err(|e| {
-        HubError::BadConfig(format!("setting the mode of the hub's cache directory {}: {e}", cache_dir.display()))
-    })?;
+    std::fs::set_permissions(cache_dir, std::fs::Permissions::from_mode(store::DIR_MODE))
+        .map_err(|source| HubError::CacheMode { dir: cache_dir.to_path_buf(), source })?;
     let dir = pki_dir(cache_dir);
     if let Some(ca) = pki::HubCa::load(&dir)? {
         return Ok(PkiInit::Kept(ca.cert_path().to_path_buf()));
@@ -267,7 +285,7 @@ fn check_loopback(what: &str, addr: SocketAddr) -> Result<(), HubError> {
 }
 
 async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, HubError> {
-    tokio::task::spawn_blocking(work).await.map_err(|e| HubError::Interrupted(e.to_string()))
+    tokio::task::spawn_blocking(work).await.map_err(HubError::Interrupted)
 }
 
 /// Aborts its tasks when dropped (the hub's own background work).
@@ -310,9 +328,8 @@ pub async fn run(config: HubConfig, shutdown: impl Future<Output = ()>) -> Resul
             let store = store::Store::open(&config.cache_dir, metrics)?;
             let ca = pki::HubCa::load_or_create(&pki_dir(&config.cache_dir))?;
             let client_ca = pki::read_certs(config.client_ca_file.as_ref().unwrap_or(&config.ca_file))?;
-            let ca_pem = std::fs::read(&config.ca_file).map_err(|e| {
-                HubError::BadConfig(format!("reading kube-apiserver's CA {}: {e}", config.ca_file.display()))
-            })?;
+            let ca_pem = std::fs::read(&config.ca_file)
+                .map_err(|source| HubError::UpstreamCa { path: config.ca_file.clone(), source })?;
             let client = KubeClient::new(&KubeConfig {
                 server: config.server.clone(),
                 token: None,
@@ -518,14 +535,14 @@ async fn check_autonomy(hub: &proxy::Hub, cache_dir: &Path, interval: Duration) 
     hub.set_caching(autonomous, why);
     let Some(store) = hub.store.clone() else { return };
     let dir = cache_dir.to_path_buf();
-    let done = tokio::task::spawn_blocking(move || -> Result<(), String> {
+    let done = tokio::task::spawn_blocking(move || -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         if autonomy::read_state(&dir) != autonomous || !dir.join(autonomy::STATE_FILE).exists() {
-            autonomy::write_state(&dir, autonomous).map_err(|e| e.to_string())?;
+            autonomy::write_state(&dir, autonomous)?;
         }
         // Each time, not only at the flip: an answer that was on its way
         // at the flip may have written one object after the removal.
         if !autonomous && store.has_data() {
-            store.clear().map_err(|e| e.to_string())?;
+            store.clear()?;
             tracing::info!(cache = %dir.display(), "not autonomous: the hub's cache is removed");
         }
         Ok(())

@@ -62,12 +62,54 @@ pub enum PkiError {
         /// What is wrong.
         reason: String,
     },
+    /// A file could not be read.
+    #[error("{}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A PEM bundle does not parse.
+    #[error("{}: not PEM: {source}", path.display())]
+    Pem {
+        /// The file.
+        path: PathBuf,
+        /// The PEM error.
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    /// The CA's key file does not hold a private key.
+    #[error("{}: not a private key: {source}", path.display())]
+    CaKey {
+        /// The key file.
+        path: PathBuf,
+        /// rcgen's error.
+        #[source]
+        source: rcgen::Error,
+    },
+    /// The CA's certificate file does not hold a CA certificate.
+    #[error("{}: not a CA certificate: {source}", path.display())]
+    CaCert {
+        /// The certificate file.
+        path: PathBuf,
+        /// rcgen's error.
+        #[source]
+        source: rcgen::Error,
+    },
     /// A file could not be written.
     #[error(transparent)]
     Write(#[from] atomic_file::AtomicFileError),
     /// rustls refused the settings.
     #[error("TLS settings: {0}")]
-    Rustls(String),
+    Rustls(#[source] rustls::Error),
+    /// rustls refused a certificate of the client CA.
+    #[error("TLS settings: the client CA: {0}")]
+    ClientCa(#[source] rustls::Error),
+    /// rustls refused the client certificate verifier's settings.
+    #[error("TLS settings: {0}")]
+    Verifier(#[source] rustls::server::VerifierBuilderError),
 }
 
 /// The hub's CA.
@@ -154,14 +196,13 @@ impl HubCa {
             return Ok(None);
         }
         let read = |path: &Path| {
-            std::fs::read_to_string(path)
-                .map_err(|e| PkiError::File { path: path.to_path_buf(), reason: e.to_string() })
+            std::fs::read_to_string(path).map_err(|source| PkiError::Read { path: path.to_path_buf(), source })
         };
         let (cert_pem, key_pem) = (read(&cert_path)?, read(&key_path)?);
         let key = KeyPair::from_pem(&key_pem)
-            .map_err(|e| PkiError::File { path: key_path.clone(), reason: format!("not a private key: {e}") })?;
+            .map_err(|source| PkiError::CaKey { path: key_path.clone(), source })?;
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
-            .map_err(|e| PkiError::File { path: cert_path.clone(), reason: format!("not a CA certificate: {e}") })?;
+            .map_err(|source| PkiError::CaCert { path: cert_path.clone(), source })?;
         Ok(Some(Self { issuer, cert_path }))
     }
 
@@ -188,7 +229,7 @@ impl HubCa {
         let provider = rustls::crypto::ring::default_provider();
         let key_der = PrivateKeyDer::Pkcs8(key.serialize_der().into());
         let certified = CertifiedKey::from_der(vec![cert.der().clone()], key_der, &provider)
-            .map_err(|e| PkiError::Rustls(e.to_string()))?;
+            .map_err(PkiError::Rustls)?;
         Ok(Arc::new(certified))
     }
 }
@@ -279,10 +320,10 @@ impl ClientCertVerifier for CountingVerifier {
 /// The certificates of a PEM bundle.
 pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, PkiError> {
     let bad = |reason: String| PkiError::File { path: path.to_path_buf(), reason };
-    let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    let pem = std::fs::read(path).map_err(|source| PkiError::Read { path: path.to_path_buf(), source })?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad(format!("not PEM: {e}")))?;
+        .map_err(|source| PkiError::Pem { path: path.to_path_buf(), source })?;
     if certs.is_empty() {
         return Err(bad("holds no certificate".into()));
     }
@@ -299,16 +340,16 @@ pub fn server_config(
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for cert in client_ca {
-        roots.add(cert.clone()).map_err(|e| PkiError::Rustls(format!("the client CA: {e}")))?;
+        roots.add(cert.clone()).map_err(PkiError::ClientCa)?;
     }
     let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .allow_unauthenticated()
         .build()
-        .map_err(|e| PkiError::Rustls(e.to_string()))?;
+        .map_err(PkiError::Verifier)?;
     let verifier = Arc::new(CountingVerifier { inner, metrics });
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| PkiError::Rustls(e.to_string()))?
+        .map_err(PkiError::Rustls)?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(serving);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
