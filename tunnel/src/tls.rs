@@ -85,7 +85,7 @@ pub enum TlsError {
     },
     /// The client verifier could not be built.
     #[error("verifying clients against the CA: {0}")]
-    Verifier(String),
+    Verifier(#[source] rustls::server::VerifierBuilderError),
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -121,7 +121,7 @@ pub fn server(certs: &LoadedCerts, alpn: &[u8]) -> Result<Arc<rustls::ServerConf
     let rustls_err = |source| TlsError::Rustls { what: "the server", source };
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(certs.root_store()?), provider())
         .build()
-        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+        .map_err(TlsError::Verifier)?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(rustls_err)?

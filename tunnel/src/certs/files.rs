@@ -61,10 +61,7 @@ impl LoadedCerts {
     pub fn root_store(&self) -> Result<rustls::RootCertStore, CertError> {
         let mut store = rustls::RootCertStore::empty();
         for root in &self.roots {
-            store.add(root.clone()).map_err(|e| CertError::Certificate {
-                what: "CA certificate".to_owned(),
-                reason: format!("not usable as a trust anchor: {e}"),
-            })?;
+            store.add(root.clone()).map_err(CertError::TrustAnchor)?;
         }
         Ok(store)
     }
@@ -116,7 +113,7 @@ impl CertFiles {
         let signing_key = provider
             .key_provider
             .load_private_key(key.clone_key())
-            .map_err(|e| CertError::Key { what: key_what.clone(), reason: e.to_string() })?;
+            .map_err(|source| CertError::RustlsKey { what: key_what.clone(), source })?;
         if let Some(public) = signing_key.public_key() {
             if public.as_ref() != leaf.public_key().raw {
                 return Err(CertError::KeyMismatch { cert: cert_what, key: key_what });

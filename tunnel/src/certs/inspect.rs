@@ -43,9 +43,10 @@ pub fn node_name_of(cert_der: &[u8]) -> Result<String, CertError> {
 pub(super) fn node_name_of_subject(what: &str, subject: x509_parser::x509::X509Name<'_>) -> Result<String, CertError> {
     let mut common_names = Vec::new();
     for attribute in subject.iter_common_name() {
-        let cn = attribute.as_str().map_err(|e| CertError::Certificate {
+        let cn = attribute.as_str().map_err(|source| CertError::X509Field {
             what: what.to_owned(),
-            reason: format!("its CN is not a string: {e}"),
+            field: "its CN is not a string",
+            source,
         })?;
         common_names.push(cn);
     }
@@ -71,7 +72,7 @@ pub fn ip_sans_of(cert_der: &[u8]) -> Result<Vec<IpAddr>, CertError> {
     let cert = parse_cert(what, cert_der)?;
     let sans = cert
         .subject_alternative_name()
-        .map_err(|e| CertError::Certificate { what: what.to_owned(), reason: format!("bad subjectAltName: {e}") })?;
+        .map_err(|source| CertError::X509Field { what: what.to_owned(), field: "bad subjectAltName", source })?;
     let Some(sans) = sans else { return Ok(Vec::new()) };
     let mut ips = Vec::new();
     for general_name in &sans.value.general_names {
@@ -101,5 +102,5 @@ pub(super) fn to_system_time(unix_seconds: i64) -> SystemTime {
 pub(super) fn parse_cert<'a>(what: &str, der: &'a [u8]) -> Result<X509Certificate<'a>, CertError> {
     x509_parser::parse_x509_certificate(der)
         .map(|(_, cert)| cert)
-        .map_err(|e| CertError::Certificate { what: what.to_owned(), reason: e.to_string() })
+        .map_err(|source| CertError::X509 { what: what.to_owned(), source })
 }

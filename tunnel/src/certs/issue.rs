@@ -78,13 +78,13 @@ impl CertificateAuthority {
             });
         }
         let key = KeyPair::try_from(&key_der)
-            .map_err(|e| CertError::Key { what: key_what.to_owned(), reason: e.to_string() })?;
+            .map_err(|source| CertError::RcgenKey { what: key_what.to_owned(), source })?;
         if key.subject_public_key_info() != cert.public_key().raw {
             return Err(CertError::KeyMismatch { cert: cert_what.to_owned(), key: key_what.to_owned() });
         }
         let not_after = to_system_time(cert.validity().not_after.timestamp());
         let issuer = Issuer::from_ca_cert_der(&cert_der, key)
-            .map_err(|e| CertError::Certificate { what: cert_what.to_owned(), reason: e.to_string() })?;
+            .map_err(|source| CertError::RcgenCertificate { what: cert_what.to_owned(), source })?;
         Ok(Self { cert_pem: cert_pem.to_owned(), key_pem: key_pem.to_owned(), cert_der, not_after, issuer })
     }
 
@@ -221,12 +221,12 @@ impl CertificateAuthority {
     ) -> Result<(String, String), CertError> {
         let what = "certificate signing request";
         let der = rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
-            .map_err(|e| CertError::Pem { what: what.to_owned(), reason: e.to_string() })?;
+            .map_err(|source| CertError::PemParse { what: what.to_owned(), source })?;
         let request = rcgen::CertificateSigningRequestParams::from_der(&der)
-            .map_err(|e| CertError::Certificate { what: what.to_owned(), reason: e.to_string() })?;
+            .map_err(|source| CertError::RcgenCertificate { what: what.to_owned(), source })?;
         use x509_parser::prelude::FromDer as _;
         let (_, parsed) = x509_parser::certification_request::X509CertificationRequest::from_der(&der)
-            .map_err(|e| CertError::Certificate { what: what.to_owned(), reason: e.to_string() })?;
+            .map_err(|source| CertError::X509 { what: what.to_owned(), source })?;
         let node = node_name_of_subject(what, parsed.certification_request_info.subject.clone())?;
         let (not_before, not_after) = self.window(validity)?;
         let subject = name(&format!("{NODE_CN_PREFIX}{node}"), Some(NODES_ORGANIZATION));

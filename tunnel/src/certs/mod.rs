@@ -98,6 +98,66 @@ pub enum CertError {
         /// Why.
         reason: String,
     },
+    /// A PEM input that does not parse (as the PEM reader reports it).
+    #[error("{what}: {source}")]
+    PemParse {
+        /// The file or input.
+        what: String,
+        /// The PEM reader's error.
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    /// DER contents that are not an X.509 certificate (or request).
+    #[error("{what}: not a valid X.509 certificate: {source}")]
+    X509 {
+        /// The file or input.
+        what: String,
+        /// The parser's complaint.
+        #[source]
+        source: x509_parser::nom::Err<x509_parser::error::X509Error>,
+    },
+    /// A certificate field the X.509 parser cannot read.
+    #[error("{what}: not a valid X.509 certificate: {field}: {source}")]
+    X509Field {
+        /// The file or input.
+        what: String,
+        /// Which field, as a message puts it ("its CN is not a string",
+        /// "bad subjectAltName").
+        field: &'static str,
+        /// The parser's complaint.
+        #[source]
+        source: x509_parser::error::X509Error,
+    },
+    /// A certificate (or request) rcgen cannot take.
+    #[error("{what}: not a valid X.509 certificate: {source}")]
+    RcgenCertificate {
+        /// The file or input.
+        what: String,
+        /// rcgen's complaint.
+        #[source]
+        source: rcgen::Error,
+    },
+    /// A private key rcgen cannot sign with.
+    #[error("{what}: unusable private key: {source}")]
+    RcgenKey {
+        /// The file or input.
+        what: String,
+        /// rcgen's complaint.
+        #[source]
+        source: rcgen::Error,
+    },
+    /// A private key rustls cannot sign with.
+    #[error("{what}: unusable private key: {source}")]
+    RustlsKey {
+        /// The file or input.
+        what: String,
+        /// rustls's complaint.
+        #[source]
+        source: rustls::Error,
+    },
+    /// A CA certificate rustls will not trust.
+    #[error("CA certificate: not a valid X.509 certificate: not usable as a trust anchor: {0}")]
+    TrustAnchor(#[source] rustls::Error),
     /// A private key that belongs to another certificate.
     #[error("{key} does not belong to {cert}: their public keys differ")]
     KeyMismatch {
