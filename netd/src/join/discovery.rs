@@ -47,6 +47,34 @@ pub enum DiscoveryError {
         /// What failed.
         reason: String,
     },
+    /// The API server client for cluster-info could not be set up, or its
+    /// request failed.
+    #[error("fetching cluster-info from {server}: {source}")]
+    FetchKube {
+        /// The API server URL.
+        server: String,
+        /// The client's error.
+        #[source]
+        source: crate::kube::KubeError,
+    },
+    /// The request for cluster-info could not be built.
+    #[error("fetching cluster-info from {server}: {source}")]
+    FetchRequest {
+        /// The API server URL.
+        server: String,
+        /// The request builder's error.
+        #[source]
+        source: http::Error,
+    },
+    /// cluster-info's `data` is not a string map.
+    #[error("fetching cluster-info from {server}: cluster-info's data: {source}")]
+    FetchData {
+        /// The API server URL.
+        server: String,
+        /// The JSON error.
+        #[source]
+        source: serde_json::Error,
+    },
     /// cluster-info lacks a key.
     #[error("cluster-info has no {0:?} (is kube-controller-manager's bootstrapsigner running, and the token valid?)")]
     Missing(String),
@@ -61,6 +89,15 @@ pub enum DiscoveryError {
     /// The kubeconfig in cluster-info is unusable.
     #[error("cluster-info's kubeconfig: {0}")]
     BadKubeconfig(String),
+    /// The kubeconfig in cluster-info does not parse.
+    #[error("cluster-info's kubeconfig: not a kubeconfig: {0}")]
+    NotKubeconfig(#[source] kube::config::KubeconfigError),
+    /// The kubeconfig's `certificate-authority-data` is not PEM.
+    #[error("cluster-info's kubeconfig: certificate-authority-data: {0}")]
+    CaPem(#[source] rustls::pki_types::pem::Error),
+    /// A CA certificate in the kubeconfig is not X.509.
+    #[error("cluster-info's kubeconfig: a CA certificate does not parse: {0}")]
+    CaCert(#[source] x509_parser::nom::Err<x509_parser::error::X509Error>),
     /// The CA's key matches no pin.
     #[error("the cluster CA's public key is {found}, which matches no --discovery-token-ca-cert-hash given")]
     PinMismatch {
@@ -104,7 +141,7 @@ impl CaPin {
     /// The pin of a DER certificate.
     pub fn of_cert(der: &[u8]) -> Result<Self, DiscoveryError> {
         let (_, cert) = x509_parser::parse_x509_certificate(der)
-            .map_err(|e| DiscoveryError::BadKubeconfig(format!("a CA certificate does not parse: {e}")))?;
+            .map_err(DiscoveryError::CaCert)?;
         let digest = ring::digest::digest(&ring::digest::SHA256, cert.public_key().raw);
         let mut pin = [0u8; 32];
         pin.copy_from_slice(digest.as_ref());
@@ -165,7 +202,7 @@ pub fn verify_cluster_info(
     let jws = data.get(&jws_key).ok_or(DiscoveryError::Missing(jws_key))?;
     verify_jws(kubeconfig, jws, token)?;
     let parsed = kube::config::Kubeconfig::from_yaml(kubeconfig)
-        .map_err(|e| DiscoveryError::BadKubeconfig(format!("not a kubeconfig: {e}")))?;
+        .map_err(DiscoveryError::NotKubeconfig)?;
     let cluster = parsed
         .clusters
         .first()
@@ -184,7 +221,7 @@ pub fn verify_cluster_info(
     let ca_certs: Vec<Vec<u8>> = CertificateDer::pem_slice_iter(ca_pem.as_bytes())
         .map(|cert| cert.map(|c| c.to_vec()))
         .collect::<Result<_, _>>()
-        .map_err(|e| DiscoveryError::BadKubeconfig(format!("certificate-authority-data: {e}")))?;
+        .map_err(DiscoveryError::CaPem)?;
     let first = ca_certs.first().ok_or_else(|| DiscoveryError::BadKubeconfig("no CA certificate".into()))?;
     let mut found = None;
     for der in &ca_certs {
@@ -208,13 +245,15 @@ async fn fetch(server: &str, ca_pem: Option<&[u8]>) -> Result<BTreeMap<String, S
     if !server.starts_with("https://") {
         return Err(fetch_err(server, "the API server URL must be https://"));
     }
-    let client = KubeClient::for_discovery(server, ca_pem).map_err(|e| fetch_err(server, e))?;
-    let request = http::Request::get(CLUSTER_INFO_PATH).body(Vec::new()).map_err(|e| fetch_err(server, e))?;
-    let object: serde_json::Value = crate::kube::call("reading cluster-info", client.client().request(request))
-        .await
-        .map_err(|e| fetch_err(server, e))?;
+    let kube_err = |source| DiscoveryError::FetchKube { server: server.to_string(), source };
+    let client = KubeClient::for_discovery(server, ca_pem).map_err(kube_err)?;
+    let request = http::Request::get(CLUSTER_INFO_PATH)
+        .body(Vec::new())
+        .map_err(|source| DiscoveryError::FetchRequest { server: server.to_string(), source })?;
+    let object: serde_json::Value =
+        crate::kube::call("reading cluster-info", client.client().request(request)).await.map_err(kube_err)?;
     serde_json::from_value(object.get("data").cloned().unwrap_or_default())
-        .map_err(|e| fetch_err(server, format!("cluster-info's data: {e}")))
+        .map_err(|source| DiscoveryError::FetchData { server: server.to_string(), source })
 }
 
 /// Token discovery against `server`: unverified fetch, signature and pin

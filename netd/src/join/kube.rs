@@ -60,6 +60,15 @@ pub enum KubeJoinError {
     /// The answer was not what the API promises.
     #[error("{0}")]
     Unexpected(String),
+    /// A request could not be built.
+    #[error("building a request for {path}: {source}")]
+    Request {
+        /// The request's path.
+        path: String,
+        /// The request builder's error.
+        #[source]
+        source: http::Error,
+    },
 }
 
 /// The node's signed tunnel identity.
@@ -83,7 +92,7 @@ fn json_request(
         .uri(path)
         .header(http::header::CONTENT_TYPE, content_type)
         .body(body.to_string().into_bytes())
-        .map_err(|e| KubeJoinError::Unexpected(format!("building a request for {path}: {e}")))
+        .map_err(|source| KubeJoinError::Request { path: path.to_string(), source })
 }
 
 /// Asks the cluster to sign `node`'s tunnel identity, authenticated by the
@@ -129,7 +138,7 @@ pub async fn request_node_certificate(
         let path = format!("{CSR_PATH}/{name}");
         let request = http::Request::get(&path)
             .body(Vec::new())
-            .map_err(|e| KubeJoinError::Unexpected(format!("building a request for {path}: {e}")))?;
+            .map_err(|source| KubeJoinError::Request { path: path.to_string(), source })?;
         let current: Value = call("reading the node's certificate request", client.client().request(request)).await?;
         for condition in current.pointer("/status/conditions").and_then(Value::as_array).into_iter().flatten() {
             let kind = condition.get("type").and_then(Value::as_str).unwrap_or_default();
@@ -195,7 +204,7 @@ pub async fn unregister_node(info: &ClusterInfo, cert: &NodeCertificate, node: &
     let path = format!("/api/v1/nodes/{node}");
     let request = http::Request::delete(&path)
         .body(Vec::new())
-        .map_err(|e| KubeJoinError::Unexpected(format!("building a request for {path}: {e}")))?;
+        .map_err(|source| KubeJoinError::Request { path: path.to_string(), source })?;
     let _: Value = call(&format!("removing node {node}"), client.client().request(request)).await?;
     Ok(())
 }

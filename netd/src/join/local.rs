@@ -60,6 +60,16 @@ pub enum LocalError {
     /// A file could not be written.
     #[error(transparent)]
     Write(#[from] AtomicFileError),
+    /// The join record is not JSON of a join record (or could not be
+    /// made into JSON).
+    #[error("{path} is not a netd join record ({source}); move it away to join again")]
+    RecordJson {
+        /// The file.
+        path: PathBuf,
+        /// The JSON error.
+        #[source]
+        source: serde_json::Error,
+    },
     /// The join record is not one this netd reads.
     #[error("{path} is not a netd join record ({reason}); move it away to join again")]
     BadRecord {
@@ -102,7 +112,7 @@ pub fn read_record(paths: &JoinPaths) -> Result<Option<JoinRecord>, LocalError> 
         Err(source) => return Err(LocalError::Io { action: "reading", path, source }),
     };
     let record: JoinRecord = serde_json::from_slice(&text)
-        .map_err(|e| LocalError::BadRecord { path: path.clone(), reason: e.to_string() })?;
+        .map_err(|source| LocalError::RecordJson { path: path.clone(), source })?;
     if record.version != RECORD_VERSION {
         return Err(LocalError::BadRecord { path, reason: format!("layout version {}", record.version) });
     }

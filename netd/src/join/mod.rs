@@ -61,6 +61,9 @@ pub enum JoinError {
     /// A registry join cannot use.
     #[error("{0}")]
     Registry(String),
+    /// The node's tunnel key and certificate request could not be made.
+    #[error("the node's key: {0}")]
+    NodeKey(#[source] certs::CertError),
     /// Trust could not be established.
     #[error(transparent)]
     Discovery(#[from] DiscoveryError),
@@ -391,7 +394,7 @@ async fn join_registry(
     if !plan.spec.quiet && !confirm(&plan)? {
         return Err(JoinError::NotConfirmed("join cancelled: nothing was changed".into()));
     }
-    let request = certs::node_csr(&plan.node).map_err(|e| JoinError::Registry(format!("the node's key: {e}")))?;
+    let request = certs::node_csr(&plan.node).map_err(JoinError::NodeKey)?;
     let mut written = local::Written::default();
     written.write(&options.paths.tunnel_dir().join("node.key"), request.key_pem.as_bytes(), 0o600)?;
     written.write(&options.paths.tunnel_csr(), request.csr_pem.as_bytes(), 0o644)?;
@@ -429,7 +432,7 @@ fn write_record(
         serde_json::from_str(&options.spec_text).map_err(|e| SpecError::NotJson(e.to_string()))?;
     let record = JoinRecord { version: local::RECORD_VERSION, node_name: plan.node.clone(), registry, server, spec };
     let record_text = serde_json::to_vec_pretty(&record)
-        .map_err(|e| LocalError::BadRecord { path: options.paths.record(), reason: e.to_string() })?;
+        .map_err(|source| LocalError::RecordJson { path: options.paths.record(), source })?;
     written.write(&options.paths.record(), &record_text, 0o644)?;
     Ok(())
 }
