@@ -69,6 +69,17 @@ pub enum Error {
         /// What is wrong.
         why: String,
     },
+    /// A row holds a VTEP MAC that does not parse.
+    #[error("IPAM store {path}: row {row:?} is invalid: {source}")]
+    CorruptMac {
+        /// The file.
+        path: PathBuf,
+        /// The row's key.
+        row: String,
+        /// Why the MAC does not parse.
+        #[source]
+        source: netd_model::MacParseError,
+    },
     /// No free address is left.
     #[error(
         "no free address in {range_set}: all {capacity} are taken ({attached} attached, {released} held by \

@@ -77,10 +77,10 @@ impl Store {
             .map_err(sql("reading the VTEP MAC"))?;
         let (mut mac, mut attempt, from_store) = match stored {
             Some((text, attempt)) => {
-                let mac = text.parse::<MacAddr>().map_err(|e| Error::Corrupt {
+                let mac = text.parse::<MacAddr>().map_err(|source| Error::CorruptMac {
                     path: self_path(&tx),
                     row: format!("vtep_mac/{node}"),
-                    why: e.to_string(),
+                    source,
                 })?;
                 (mac, attempt, true)
             }
