@@ -52,7 +52,7 @@ enum Command {
     Certs(CertsCommand),
     /// The edge tunnel's server on a cloud node: agents link in, kube-apiserver and DNAT'd clients reach kubelets.
     #[command(after_help = TUNNEL_SERVER_EXAMPLES)]
-    TunnelServer(TunnelServerArgs),
+    TunnelServer(Box<TunnelServerArgs>),
 }
 
 const DNAT_APPLY_EXAMPLES: &str = "\
@@ -530,7 +530,7 @@ fn main() -> ExitCode {
         Command::Dnat(DnatCommand::Show(args)) => dnat_show(args),
         Command::Dnat(DnatCommand::Detach(args)) => dnat_detach(args),
         Command::Certs(command) => certs(command),
-        Command::TunnelServer(args) => tunnel_server(args),
+        Command::TunnelServer(args) => tunnel_server(*args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
