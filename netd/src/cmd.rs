@@ -88,9 +88,16 @@ pub struct LogArgs {
 
 /// Where a tunnel process finds its certificates.
 #[derive(Debug, Args)]
+#[allow(missing_docs)]
 pub struct TunnelCertArgs {
-    /// Directory with <stem>.crt, <stem>.key and ca.crt (as `netd-cloud certs` writes them); re-read when they change.
-    #[arg(long, env = "NETD_TUNNEL_CERT_DIR", value_name = "DIR", default_value = "/etc/netd/tunnel")]
+    // The help text says <stem>, which rustdoc would take for an HTML tag.
+    #[arg(
+        long,
+        env = "NETD_TUNNEL_CERT_DIR",
+        value_name = "DIR",
+        default_value = "/etc/netd/tunnel",
+        help = "Directory with <stem>.crt, <stem>.key and ca.crt (as `netd-cloud certs` writes them); re-read when they change"
+    )]
     pub cert_dir: PathBuf,
 }
 
