@@ -199,8 +199,7 @@ impl HubCa {
             std::fs::read_to_string(path).map_err(|source| PkiError::Read { path: path.to_path_buf(), source })
         };
         let (cert_pem, key_pem) = (read(&cert_path)?, read(&key_path)?);
-        let key = KeyPair::from_pem(&key_pem)
-            .map_err(|source| PkiError::CaKey { path: key_path.clone(), source })?;
+        let key = KeyPair::from_pem(&key_pem).map_err(|source| PkiError::CaKey { path: key_path.clone(), source })?;
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
             .map_err(|source| PkiError::CaCert { path: cert_path.clone(), source })?;
         Ok(Some(Self { issuer, cert_path }))
@@ -228,8 +227,8 @@ impl HubCa {
         let cert = params.signed_by(&key, &self.issuer).map_err(generate("sign the serving certificate"))?;
         let provider = rustls::crypto::ring::default_provider();
         let key_der = PrivateKeyDer::Pkcs8(key.serialize_der().into());
-        let certified = CertifiedKey::from_der(vec![cert.der().clone()], key_der, &provider)
-            .map_err(PkiError::Rustls)?;
+        let certified =
+            CertifiedKey::from_der(vec![cert.der().clone()], key_der, &provider).map_err(PkiError::Rustls)?;
         Ok(Arc::new(certified))
     }
 }

@@ -100,9 +100,7 @@ pub fn kube_config(server: Option<&str>, settings: &OpenSettings) -> Result<Kube
         });
     };
     let ca_cert_pem = match &settings.ca_file {
-        Some(path) => Some(
-            std::fs::read(path).map_err(|source| RegistryError::CaFile { path: path.clone(), source })?,
-        ),
+        Some(path) => Some(std::fs::read(path).map_err(|source| RegistryError::CaFile { path: path.clone(), source })?),
         None => None,
     };
     Ok(KubeConfig {

@@ -82,10 +82,8 @@ impl EmbeddedRegistry {
         }
         let mut conn = Connection::open(path).map_err(|e| store_err(path, e))?;
         conn.busy_timeout(Duration::from_secs(10)).map_err(|e| store_err(path, e))?;
-        let tx =
-            conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| store_err(path, e))?;
-        let version: i64 =
-            tx.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(|e| store_err(path, e))?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| store_err(path, e))?;
+        let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(|e| store_err(path, e))?;
         match version {
             0 => {
                 tx.execute_batch(

@@ -289,7 +289,14 @@ fn without_etcd() -> RegistryError {
 impl RegistryError {
     /// True when retrying later may succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Unreachable(_) | Self::Store { .. } | Self::Sqlite { .. } | Self::StoreDir { .. } | Self::StoreTask { .. })
+        matches!(
+            self,
+            Self::Unreachable(_)
+                | Self::Store { .. }
+                | Self::Sqlite { .. }
+                | Self::StoreDir { .. }
+                | Self::StoreTask { .. }
+        )
     }
 }
 

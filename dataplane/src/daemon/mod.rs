@@ -404,10 +404,10 @@ impl Daemon {
                         token: None,
                         token_file: self.config.token_file.clone(),
                         ca_cert_pem: match &self.config.ca_file {
-                            Some(path) => Some(std::fs::read(path).map_err(|source| DaemonError::PodsCaFile {
-                                path: path.clone(),
-                                source,
-                            })?),
+                            Some(path) => Some(
+                                std::fs::read(path)
+                                    .map_err(|source| DaemonError::PodsCaFile { path: path.clone(), source })?,
+                            ),
                             None => None,
                         },
                         client_cert: self.config.client_cert.clone(),

@@ -173,18 +173,15 @@ impl Snapshot {
         struct VersionOnly {
             version: u32,
         }
-        let probe: VersionOnly = serde_json::from_slice(text)
-            .map_err(|source| SnapshotError::Json { path: path.to_path_buf(), source })?;
+        let probe: VersionOnly =
+            serde_json::from_slice(text).map_err(|source| SnapshotError::Json { path: path.to_path_buf(), source })?;
         if probe.version != VERSION {
             return Err(SnapshotError::Version { path: path.to_path_buf(), found: probe.version });
         }
         let de = &mut serde_json::Deserializer::from_slice(text);
         let snapshot: Self = serde_path_to_error::deserialize(de)
             .map_err(|source| SnapshotError::Field { path: path.to_path_buf(), source })?;
-        snapshot
-            .config
-            .check()
-            .map_err(|e| SnapshotError::Config { path: path.to_path_buf(), source: Box::new(e) })?;
+        snapshot.config.check().map_err(|e| SnapshotError::Config { path: path.to_path_buf(), source: Box::new(e) })?;
         Ok(snapshot)
     }
 
@@ -254,8 +251,8 @@ impl Snapshot {
     /// returns the bytes written. Leaves any journal beside it alone (see
     /// [`SnapshotWriter`]).
     pub fn save(&self, path: &Path) -> Result<u64, SnapshotError> {
-        let bytes = serde_json::to_vec(self)
-            .map_err(|source| SnapshotError::Json { path: path.to_path_buf(), source })?;
+        let bytes =
+            serde_json::to_vec(self).map_err(|source| SnapshotError::Json { path: path.to_path_buf(), source })?;
         atomic_file::write_creating_dirs(path, &bytes, MODE, 0o755)?;
         Ok(bytes.len() as u64)
     }
@@ -350,8 +347,7 @@ impl SnapshotWriter {
             return Ok(());
         }
         let mut buf = Vec::with_capacity(160 * changes.len() + 16);
-        let encode_err =
-            |source: serde_json::Error| SnapshotError::Json { path: self.journal_path.clone(), source };
+        let encode_err = |source: serde_json::Error| SnapshotError::Json { path: self.journal_path.clone(), source };
         if self.records == 0 {
             serde_json::to_writer(&mut buf, &JournalHeader { journal: JOURNAL_VERSION }).map_err(encode_err)?;
             buf.push(b'\n');

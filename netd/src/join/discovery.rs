@@ -140,8 +140,7 @@ impl std::fmt::Display for CaPin {
 impl CaPin {
     /// The pin of a DER certificate.
     pub fn of_cert(der: &[u8]) -> Result<Self, DiscoveryError> {
-        let (_, cert) = x509_parser::parse_x509_certificate(der)
-            .map_err(DiscoveryError::CaCert)?;
+        let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(DiscoveryError::CaCert)?;
         let digest = ring::digest::digest(&ring::digest::SHA256, cert.public_key().raw);
         let mut pin = [0u8; 32];
         pin.copy_from_slice(digest.as_ref());
@@ -201,8 +200,7 @@ pub fn verify_cluster_info(
     let jws_key = format!("jws-kubeconfig-{}", token.id());
     let jws = data.get(&jws_key).ok_or(DiscoveryError::Missing(jws_key))?;
     verify_jws(kubeconfig, jws, token)?;
-    let parsed = kube::config::Kubeconfig::from_yaml(kubeconfig)
-        .map_err(DiscoveryError::NotKubeconfig)?;
+    let parsed = kube::config::Kubeconfig::from_yaml(kubeconfig).map_err(DiscoveryError::NotKubeconfig)?;
     let cluster = parsed
         .clusters
         .first()

@@ -111,8 +111,8 @@ pub fn read_record(paths: &JoinPaths) -> Result<Option<JoinRecord>, LocalError> 
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(source) => return Err(LocalError::Io { action: "reading", path, source }),
     };
-    let record: JoinRecord = serde_json::from_slice(&text)
-        .map_err(|source| LocalError::RecordJson { path: path.clone(), source })?;
+    let record: JoinRecord =
+        serde_json::from_slice(&text).map_err(|source| LocalError::RecordJson { path: path.clone(), source })?;
     if record.version != RECORD_VERSION {
         return Err(LocalError::BadRecord { path, reason: format!("layout version {}", record.version) });
     }

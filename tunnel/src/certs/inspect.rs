@@ -70,9 +70,11 @@ pub(super) fn node_name_of_subject(what: &str, subject: x509_parser::x509::X509N
 pub fn ip_sans_of(cert_der: &[u8]) -> Result<Vec<IpAddr>, CertError> {
     let what = "peer certificate";
     let cert = parse_cert(what, cert_der)?;
-    let sans = cert
-        .subject_alternative_name()
-        .map_err(|source| CertError::X509Field { what: what.to_owned(), field: "bad subjectAltName", source })?;
+    let sans = cert.subject_alternative_name().map_err(|source| CertError::X509Field {
+        what: what.to_owned(),
+        field: "bad subjectAltName",
+        source,
+    })?;
     let Some(sans) = sans else { return Ok(Vec::new()) };
     let mut ips = Vec::new();
     for general_name in &sans.value.general_names {

@@ -77,8 +77,8 @@ impl CertificateAuthority {
                     .to_owned(),
             });
         }
-        let key = KeyPair::try_from(&key_der)
-            .map_err(|source| CertError::RcgenKey { what: key_what.to_owned(), source })?;
+        let key =
+            KeyPair::try_from(&key_der).map_err(|source| CertError::RcgenKey { what: key_what.to_owned(), source })?;
         if key.subject_public_key_info() != cert.public_key().raw {
             return Err(CertError::KeyMismatch { cert: cert_what.to_owned(), key: key_what.to_owned() });
         }
