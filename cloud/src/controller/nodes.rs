@@ -44,15 +44,12 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::node_watch::{ControllerNode, NodeWatch, SlimNode};
-use netd_kube::object::{Kind, Object};
+use super::node_watch::{NodeWatch, SlimNode};
 use netd_kube::watch::WatchEvent;
 use netd_kube::{call, KubeClient, KubeError};
 use netd_model::autonomy::AutonomyStatus;
 use netd_model::flannel;
-use netd_model::roles::{
-    NodeRole, LABEL_EDGE_WORKER, LABEL_ROLE, LABEL_ROLE_POINTER, TAINT_ADDON_EFFECT, TAINT_ADDON_KEY,
-};
+use netd_model::roles::{NodeRole, LABEL_EDGE_WORKER, LABEL_ROLE, TAINT_ADDON_EFFECT, TAINT_ADDON_KEY};
 use netd_registry::{pick_subnet, NetworkConfig, RegistryError};
 
 /// Annotation the controller puts on a node it tainted as a cloud node.
@@ -151,29 +148,6 @@ impl NodeMetrics {
     }
 }
 
-/// What the node controller reads of a Node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NodeRoleView;
-
-impl Kind for NodeRoleView {
-    type Api = Node;
-    const KEEP: &'static [&'static str] = &[
-        "/metadata/name",
-        // `model::roles::LABEL_ROLE_POINTER` (the input) and
-        // `LABEL_EDGE_WORKER` (the output, read to write it only when it
-        // differs); checked by a test.
-        "/metadata/labels/node-restriction.kubernetes.io~1netd-role",
-        "/metadata/labels/alibabacloud.com~1is-edge-worker",
-        "/metadata/annotations/netd.alibabacloud.com~1addon-taint-added",
-        "/metadata/annotations/flannel.alpha.coreos.com~1backend-data",
-        "/metadata/annotations/node.beta.alibabacloud.com~1autonomy",
-        "/metadata/annotations/node.beta.openyurt.io~1autonomy",
-        "/metadata/annotations/node.openyurt.io~1autonomy-duration",
-        "/spec/podCIDR",
-        "/spec/taints",
-    ];
-}
-
 /// A node's remembered subnet.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -198,13 +172,13 @@ pub struct SubnetRecord {
 /// alone (a merge patch; one that changes the taints carries the node's
 /// `resourceVersion`, so a concurrent change to them makes it fail and be
 /// planned again).
-pub fn role_patch<K: Kind>(node: &Object<K>) -> Option<Value> {
+pub fn role_patch(node: &SlimNode) -> Option<Value> {
     let (role, _) = node_role(node);
-    let label = node.get(EDGE_WORKER_POINTER).and_then(Value::as_str);
-    let taints: Vec<Value> = node.get("/spec/taints").and_then(Value::as_array).cloned().unwrap_or_default();
+    let label = node.edge_worker_label().map(|edge| if edge { "true" } else { "false" });
+    let taints: Vec<Value> = node.taints().iter().map(|t| json!(t)).collect();
     let is_addon = |t: &Value| t.get("key").and_then(Value::as_str) == Some(TAINT_ADDON_KEY);
-    let has_taint = taints.iter().any(is_addon);
-    let tainted_by_us = node.annotation(ANNOTATION_TAINTED).and_then(Value::as_str) == Some("true");
+    let has_taint = node.has_addon_taint();
+    let tainted_by_us = node.tainted_by_us();
     let version = node.resource_version().map(str::to_string);
     let mut patch = json!({});
     let published = role.edge_worker_label();
@@ -232,13 +206,10 @@ pub fn role_patch<K: Kind>(node: &Object<K>) -> Option<Value> {
     (patch != json!({})).then_some(patch)
 }
 
-/// The JSON pointer of the seed's edge-worker label (an output).
-const EDGE_WORKER_POINTER: &str = "/metadata/labels/alibabacloud.com~1is-edge-worker";
-
 /// A node's role from the trusted label, and why an odd value was read as
 /// edge.
-pub fn node_role<K: Kind>(node: &Object<K>) -> (NodeRole, Option<String>) {
-    NodeRole::from_label(node.get(LABEL_ROLE_POINTER).and_then(Value::as_str))
+pub fn node_role(node: &SlimNode) -> (NodeRole, Option<String>) {
+    NodeRole::from_label(node.role_label())
 }
 
 /// The pod CIDR memory: records by node name.
@@ -430,7 +401,7 @@ impl NodeController {
     async fn apply(&mut self, event: WatchEvent<Arc<SlimNode>>) {
         match event {
             WatchEvent::Listed(nodes) => {
-                self.live = nodes.iter().filter_map(|n| Some((n.name()?.to_string(), pod_cidr(n.object())?))).collect();
+                self.live = nodes.iter().filter_map(|n| Some((n.name()?.to_string(), n.pod_cidr()?))).collect();
                 let names: BTreeSet<String> = nodes.iter().filter_map(|n| n.name().map(str::to_string)).collect();
                 let gone: Vec<String> = self
                     .memory
@@ -450,9 +421,7 @@ impl NodeController {
             WatchEvent::Deleted(node) => {
                 if let Some(name) = node.name() {
                     self.live.remove(name);
-                    let autonomous = AutonomyStatus::from_annotations(|k| node.annotation(k).and_then(Value::as_str))
-                        .autonomy
-                        .is_on();
+                    let autonomous = AutonomyStatus::from_annotations(|k| node.autonomy_annotation(k)).autonomy.is_on();
                     self.forget(name, Some(autonomous)).await;
                 }
             }
@@ -464,7 +433,7 @@ impl NodeController {
         tracing::warn!("node controller: {error}");
     }
 
-    async fn reconcile(&mut self, node: &Object<ControllerNode>) {
+    async fn reconcile(&mut self, node: &SlimNode) {
         let Some(name) = node.name().map(str::to_string) else { return };
         if let Some(patch) = role_patch(node) {
             let (role, odd) = node_role(node);
@@ -472,7 +441,7 @@ impl NodeController {
                 tracing::warn!(node = %name, "{why}");
             }
             let removing = patch["metadata"]["annotations"].get(ANNOTATION_TAINTED).is_some_and(Value::is_null);
-            let claimed_cloud = node.get(EDGE_WORKER_POINTER).and_then(Value::as_str) == Some("false");
+            let claimed_cloud = node.edge_worker_label() == Some(false);
             match self.patch_node(&name, patch).await {
                 Ok(()) => {
                     if removing {
@@ -502,14 +471,9 @@ impl NodeController {
             }
         }
         let Some(config) = self.options.allocate else { return };
-        let autonomous =
-            AutonomyStatus::from_annotations(|k| node.annotation(k).and_then(Value::as_str)).autonomy.is_on();
-        let mac = node
-            .annotation(flannel::ANNOTATION_BACKEND_DATA)
-            .and_then(Value::as_str)
-            .and_then(|text| flannel::parse_backend_data(text).ok())
-            .map(|data| data.vtep_mac.to_string());
-        match pod_cidr(node) {
+        let autonomous = AutonomyStatus::from_annotations(|k| node.autonomy_annotation(k)).autonomy.is_on();
+        let mac = node.vtep_mac().map(|mac| mac.to_string());
+        match node.pod_cidr() {
             Some(cidr) => {
                 self.live.insert(name.clone(), cidr);
                 let record = SubnetRecord {
@@ -630,18 +594,14 @@ impl NodeController {
     }
 }
 
-fn pod_cidr<K: Kind>(node: &Object<K>) -> Option<Ipv4Net> {
-    node.get("/spec/podCIDR").and_then(Value::as_str).and_then(|s| s.parse().ok())
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
 
-    fn node(value: Value) -> Object<NodeRoleView> {
-        Object::from_value(value)
+    fn node(value: Value) -> SlimNode {
+        SlimNode::from_value(value)
     }
 
     #[test]
@@ -704,9 +664,23 @@ mod tests {
 
     #[test]
     fn the_view_keeps_the_labels_read_here() {
-        assert!(NodeRoleView::KEEP.contains(&LABEL_ROLE_POINTER));
-        assert!(NodeRoleView::KEEP.contains(&EDGE_WORKER_POINTER));
+        use super::super::node_watch::{EDGE_WORKER_POINTER, READ};
+        use netd_model::roles::LABEL_ROLE_POINTER;
+        assert!(READ.contains(&LABEL_ROLE_POINTER));
+        assert!(READ.contains(&EDGE_WORKER_POINTER));
         assert_eq!(EDGE_WORKER_POINTER, format!("/metadata/labels/{}", LABEL_EDGE_WORKER.replace('/', "~1")));
+        for key in [ANNOTATION_TAINTED, flannel::ANNOTATION_BACKEND_DATA] {
+            let pointer = format!("/metadata/annotations/{}", key.replace('/', "~1"));
+            assert!(READ.contains(&pointer.as_str()), "{key}");
+        }
+        // What is read, read into the typed node.
+        let read = node(json!({"metadata":{"name":"n","labels":{LABEL_ROLE:"cloud",LABEL_EDGE_WORKER:"true"},
+            "annotations":{ANNOTATION_TAINTED:"true"}},"spec":{"podCIDR":"10.244.3.0/24"}}));
+        assert_eq!(
+            (node_role(&read).0, read.edge_worker_label(), read.tainted_by_us()),
+            (NodeRole::Cloud, Some(true), true)
+        );
+        assert_eq!(read.pod_cidr(), Some("10.244.3.0/24".parse().unwrap()));
     }
 
     #[test]

@@ -116,12 +116,12 @@ use serde_json::{json, Map, Value};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::node_watch::{ControllerNode, NodeWatch, SlimNode};
-use netd_kube::object::{Kind, Object, PodTolerations};
+use super::node_watch::{NodeWatch, SlimNode};
+use netd_kube::object::{Object, PodTolerations};
 use netd_kube::watch::{Backoff, ListWatch, WatchEvent};
 use netd_kube::{error_chain, KubeClient, KubeError, REQUEST_TIMEOUT};
 use netd_model::autonomy::{Autonomy, AutonomyStatus};
-use netd_model::roles::{NodeRole, LABEL_ROLE, LABEL_ROLE_POINTER};
+use netd_model::roles::{NodeRole, LABEL_ROLE};
 
 /// The pod annotation holding the originals of the tolerations this
 /// controller changed or added (versioned JSON, see the module docs).
@@ -544,9 +544,9 @@ fn unreachable_json() -> String {
 
 /// A node's effective autonomy and, when its annotations are not taken as
 /// they are, why (for a log).
-pub fn node_autonomy<K: Kind>(node: &Object<K>) -> (Autonomy, Option<String>) {
-    let status = AutonomyStatus::from_annotations(|key| node.annotation(key).and_then(Value::as_str));
-    let (role, _) = NodeRole::from_label(node.get(LABEL_ROLE_POINTER).and_then(Value::as_str));
+pub fn node_autonomy(node: &SlimNode) -> (Autonomy, Option<String>) {
+    let status = AutonomyStatus::from_annotations(|key| node.autonomy_annotation(key));
+    let (role, _) = NodeRole::from_label(node.role_label());
     if status.autonomy.is_on() && role == NodeRole::Cloud {
         let why = format!(
             "{} ask for autonomy, but the node is labelled {LABEL_ROLE}=cloud (a cloud node): ignored",
@@ -811,7 +811,7 @@ impl Controller {
         self.metrics.autonomous_nodes.store(on as u64, Ordering::Relaxed);
     }
 
-    fn judge_node(&self, name: &str, node: &Object<ControllerNode>) -> Autonomy {
+    fn judge_node(&self, name: &str, node: &SlimNode) -> Autonomy {
         let (autonomy, note) = node_autonomy(node);
         if let Some(note) = note {
             if self.nodes.get(name) != Some(&autonomy) {
@@ -1392,9 +1392,7 @@ mod tests {
         assert!(PodFacts::of(&odd).unwrap_err().to_string().contains("not a list"));
 
         let node = |labels: Value, annotations: Value| {
-            Object::<netd_kube::object::NodeAutonomy>::from_value(
-                json!({ "metadata": { "name": "n", "labels": labels, "annotations": annotations } }),
-            )
+            SlimNode::from_value(json!({ "metadata": { "name": "n", "labels": labels, "annotations": annotations } }))
         };
         let on = json!({ netd_model::autonomy::ANNOTATION_AUTONOMY: "true" });
         let edge_worker = netd_model::roles::LABEL_EDGE_WORKER;
@@ -1421,6 +1419,12 @@ mod tests {
             assert!(NodeAutonomy::KEEP.contains(&escaped("/metadata/annotations/", key).as_str()), "{key}");
         }
         assert!(NodeAutonomy::KEEP.contains(&escaped("/metadata/labels/", LABEL_ROLE).as_str()));
+        // The shared Node store reads them too.
+        use super::super::node_watch::READ;
+        for key in netd_model::autonomy::ANNOTATIONS {
+            assert!(READ.contains(&escaped("/metadata/annotations/", key).as_str()), "{key}");
+        }
+        assert!(READ.contains(&escaped("/metadata/labels/", LABEL_ROLE).as_str()));
     }
 
     #[test]

@@ -89,13 +89,13 @@ use serde_json::Value;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::node_watch::{NodeWatch, SlimNode};
+use super::node_watch::{Address, LabelValue, NodeWatch, PodCidr, SlimNode};
 use crate::dnat::config::{self, PortRules, CONFIG_MAP_NAME, CONFIG_MAP_NAMESPACE};
 use netd_kube::events::{self, Regarding, Reporter};
-use netd_kube::object::{ConfigMapData, Kind, Object};
+use netd_kube::object::{ConfigMapData, Object};
 use netd_kube::watch::{Backoff, ListWatch, WatchEvent};
 use netd_kube::KubeClient;
-use netd_model::roles::{NodeRole, LABEL_ROLE_POINTER};
+use netd_model::roles::NodeRole;
 
 /// `reason` of the Warning Event posted on a refused ConfigMap.
 pub const REASON_REFUSED: &str = "InvalidTunnelConfig";
@@ -249,56 +249,39 @@ fn redirectable(addr: Ipv4Addr) -> bool {
 }
 
 /// The facts of a node object; `None` for one without a usable name.
-fn node_facts<K: Kind>(node: &Object<K>, address_types: &[String]) -> Option<(String, NodeFacts)> {
+fn node_facts(node: &SlimNode, address_types: &[String]) -> Option<(String, NodeFacts)> {
     let name = node.name()?.to_string();
     let mut facts = NodeFacts::default();
-    let label = match node.get(LABEL_ROLE_POINTER) {
-        Some(Value::String(value)) => Some(value.clone()),
-        None | Some(Value::Null) => None,
-        // Not a string: not "cloud" either.
-        Some(other) => Some(other.to_string()),
-    };
-    let (role, odd) = NodeRole::from_label(label.as_deref());
+    // Not a string: not "cloud" either.
+    let label = node.role_label_value().map(|value| match value {
+        LabelValue::Text(text) | LabelValue::NotText(text) => &**text,
+    });
+    let (role, odd) = NodeRole::from_label(label);
     facts.edge = role == NodeRole::Edge;
     facts.problems.extend(odd);
-    if let Some(Value::Array(addresses)) = node.get("/status/addresses") {
-        for entry in addresses {
-            let kind = entry.get("type").and_then(Value::as_str);
-            if !kind.is_some_and(|kind| address_types.iter().any(|t| t == kind)) {
-                continue;
-            }
-            let text = entry.get("address").and_then(Value::as_str).unwrap_or_default();
-            match text.parse::<std::net::IpAddr>() {
-                Ok(std::net::IpAddr::V4(addr)) if redirectable(addr) => {
-                    if !facts.addresses.contains(&addr) {
-                        facts.addresses.push(addr);
-                    }
+    for entry in node.addresses() {
+        if !address_types.iter().any(|t| t == entry.kind.as_str()) {
+            continue;
+        }
+        match &entry.address {
+            Address::Ip(std::net::IpAddr::V4(addr)) if redirectable(*addr) => {
+                if !facts.addresses.contains(addr) {
+                    facts.addresses.push(*addr);
                 }
-                Ok(std::net::IpAddr::V4(addr)) => {
-                    facts.problems.push(format!("address {addr} is never redirected (loopback, multicast, …)"));
-                }
-                // The DNAT is IPv4: a dual-stack node's IPv6 address is not its concern.
-                Ok(std::net::IpAddr::V6(_)) => {}
-                Err(_) => facts.problems.push(format!("address {entry} is not an IP address")),
             }
+            Address::Ip(std::net::IpAddr::V4(addr)) => {
+                facts.problems.push(format!("address {addr} is never redirected (loopback, multicast, …)"));
+            }
+            // The DNAT is IPv4: a dual-stack node's IPv6 address is not its concern.
+            Address::Ip(std::net::IpAddr::V6(_)) => {}
+            Address::NotIp(entry) => facts.problems.push(format!("address {entry} is not an IP address")),
         }
     }
     if facts.edge {
-        let mut cidrs: Vec<&Value> = Vec::new();
-        if let Some(Value::Array(list)) = node.get("/spec/podCIDRs") {
-            cidrs.extend(list);
-        }
-        cidrs.extend(node.get("/spec/podCIDR"));
-        // podCIDR is podCIDRs' first entry: each text once.
-        let mut seen = Vec::new();
-        for value in cidrs {
-            if seen.contains(&value) {
-                continue;
-            }
-            seen.push(value);
-            let text = value.as_str().unwrap_or_default();
-            match text.parse::<ipnet::IpNet>() {
-                Ok(ipnet::IpNet::V4(net)) => {
+        // podCIDR is podCIDRs' first entry: each value is there once.
+        for cidr in node.pod_cidrs() {
+            match cidr {
+                PodCidr::Net(ipnet::IpNet::V4(net)) => {
                     let net = net.trunc();
                     if net.prefix_len() == 0 || net.contains(&Ipv4Addr::LOCALHOST) {
                         facts.problems.push(format!("pod CIDR {net} would redirect loopback or everything: ignored"));
@@ -306,8 +289,8 @@ fn node_facts<K: Kind>(node: &Object<K>, address_types: &[String]) -> Option<(St
                         facts.subnets.push(net);
                     }
                 }
-                Ok(ipnet::IpNet::V6(_)) => {}
-                Err(_) => facts.problems.push(format!("pod CIDR {value} is not a CIDR: ignored")),
+                PodCidr::Net(ipnet::IpNet::V6(_)) => {}
+                PodCidr::NotCidr(value) => facts.problems.push(format!("pod CIDR {value} is not a CIDR: ignored")),
             }
         }
     }
@@ -539,8 +522,7 @@ impl Driver {
         match event {
             WatchEvent::Listed(nodes) => {
                 self.metrics.resyncs.fetch_add(1, Ordering::Relaxed);
-                let facts: Vec<(String, NodeFacts)> =
-                    nodes.iter().filter_map(|n| node_facts(n.object(), types)).collect();
+                let facts: Vec<(String, NodeFacts)> = nodes.iter().filter_map(|n| node_facts(n, types)).collect();
                 for (name, facts) in &facts {
                     self.log_problems(name, facts, None);
                 }
@@ -555,7 +537,7 @@ impl Driver {
                 Some(self.everything())
             }
             WatchEvent::Applied(node) => {
-                let (name, facts) = node_facts(node.object(), types)?;
+                let (name, facts) = node_facts(&node, types)?;
                 let old = self.edges.nodes.get(&name).map(|f| f.problems.clone());
                 self.log_problems(&name, &facts, old.as_deref());
                 let delta = self.edges.update(&name, Some(facts));
@@ -845,24 +827,28 @@ pub async fn run_on(
 mod tests {
     use super::*;
     use netd_kube::object::NodeEdgeRole;
-    use netd_model::roles::{LABEL_EDGE_WORKER, LABEL_ROLE};
+    use netd_model::roles::{LABEL_EDGE_WORKER, LABEL_ROLE, LABEL_ROLE_POINTER};
     use serde_json::json;
 
     /// A node; `role` is the value of the trusted role label, if any.
-    fn node(name: &str, role: Option<&str>, addresses: &[(&str, &str)], cidrs: &[&str]) -> Object<NodeEdgeRole> {
+    fn node(name: &str, role: Option<&str>, addresses: &[(&str, &str)], cidrs: &[&str]) -> SlimNode {
+        SlimNode::from_value(node_json(name, role, addresses, cidrs))
+    }
+
+    fn node_json(name: &str, role: Option<&str>, addresses: &[(&str, &str)], cidrs: &[&str]) -> Value {
         let labels = match role {
             Some(value) => json!({ LABEL_ROLE: value }),
             None => json!({}),
         };
         let addresses: Vec<Value> = addresses.iter().map(|(t, a)| json!({ "type": t, "address": a })).collect();
-        Object::from_value(json!({
+        json!({
             "metadata": { "name": name, "labels": labels },
             "spec": { "podCIDR": cidrs.first(), "podCIDRs": cidrs },
             "status": { "addresses": addresses },
-        }))
+        })
     }
 
-    fn facts(node: &Object<NodeEdgeRole>) -> NodeFacts {
+    fn facts(node: &SlimNode) -> NodeFacts {
         node_facts(node, &["InternalIP".to_string()]).unwrap().1
     }
 
@@ -878,12 +864,15 @@ mod tests {
     fn the_view_keeps_the_trusted_label_and_only_it_makes_a_cloud_node() {
         use netd_kube::object::Kind;
         let cloud = node("a", Some("cloud"), &[], &[]);
-        assert_eq!(cloud.get(LABEL_ROLE_POINTER), Some(&json!("cloud")), "NodeEdgeRole keeps the role label");
+        let view = Object::<NodeEdgeRole>::from_value(node_json("a", Some("cloud"), &[], &[]));
+        assert_eq!(view.get(LABEL_ROLE_POINTER), Some(&json!("cloud")), "NodeEdgeRole keeps the role label");
         assert!(NodeEdgeRole::KEEP.contains(&LABEL_ROLE_POINTER));
+        assert_eq!(cloud.role_label(), Some("cloud"), "the slim node keeps the role label");
+        assert!(super::super::node_watch::READ.contains(&LABEL_ROLE_POINTER));
         assert!(!facts(&cloud).edge);
         // The seed's label, which a kubelet may set on its own Node, is
         // not even kept: claiming "false" there leaves the node edge.
-        let claims = Object::<NodeEdgeRole>::from_value(json!({
+        let claims = SlimNode::from_value(json!({
             "metadata": { "name": "e", "labels": { LABEL_EDGE_WORKER: "false" } },
         }));
         assert!(facts(&claims).edge);
@@ -930,7 +919,7 @@ mod tests {
         assert_eq!(wide.problems.len(), 3, "{:?}", wide.problems);
         assert!(wide.problems[0].contains("0.0.0.0/0 would redirect"), "{:?}", wide.problems);
 
-        let nameless = Object::<NodeEdgeRole>::from_value(json!({ "metadata": { "name": 7 } }));
+        let nameless = SlimNode::from_value(json!({ "metadata": { "name": 7 } }));
         assert!(node_facts(&nameless, &["InternalIP".to_string()]).is_none());
     }
 

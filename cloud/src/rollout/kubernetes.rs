@@ -35,9 +35,9 @@ use kube::api::{Api, DeleteParams, ListParams, PostParams, Preconditions};
 use serde_json::Value;
 
 use super::state::{phase_name, unix_now, NodeView, Phase, Request, RolloutState, StateError};
-use crate::controller::node_watch::{NodeEvents, NodeWatch, SlimNode};
+use crate::controller::node_watch::{NodeEvents, NodeWatch, NodeWire, Ready, SlimNode};
 use netd_kube::events::{self, Regarding, Reporter};
-use netd_kube::object::{Kind, NodeImages, NodeReadiness, Object, PodRevision};
+use netd_kube::object::{NodeImages, Object, PodRevision};
 use netd_kube::watch::{ListWatch, WatchEvent};
 use netd_kube::{call, KubeClient, KubeError};
 use netd_model::autonomy::AutonomyStatus;
@@ -198,21 +198,15 @@ impl NetdPod {
 }
 
 /// Why a node counts as offline, or `None` when its Ready condition is True.
-fn offline_reason<K: Kind>(node: &Object<K>) -> Option<String> {
-    let conditions = node.get("/status/conditions").and_then(Value::as_array);
-    let Some(ready) = conditions.and_then(|c| c.iter().find(|c| c["type"] == "Ready")) else {
-        return Some("no Ready condition (no kubelet has reported)".into());
+fn offline_reason(node: &SlimNode) -> Option<String> {
+    let ready = match node.ready() {
+        Ready::Unreported => return Some("no Ready condition (no kubelet has reported)".into()),
+        Ready::True => return None,
+        Ready::Not(ready) => ready,
     };
-    if ready["status"] == "True" {
-        return None;
-    }
-    let autonomy = AutonomyStatus::from_annotations(|key| node.annotation(key).and_then(Value::as_str)).autonomy;
-    let mut reason = format!(
-        "Ready={} since {}",
-        ready["status"].as_str().unwrap_or("?"),
-        ready["lastTransitionTime"].as_str().unwrap_or("?")
-    );
-    if let Some(message) = ready["message"].as_str().filter(|m| !m.is_empty()) {
+    let autonomy = AutonomyStatus::from_annotations(|key| node.autonomy_annotation(key)).autonomy;
+    let mut reason = format!("Ready={} since {}", ready.status, ready.since.as_deref().unwrap_or("?"));
+    if let Some(message) = &ready.message {
         reason.push_str(&format!(" ({message})"));
     }
     if autonomy.is_on() {
@@ -223,9 +217,9 @@ fn offline_reason<K: Kind>(node: &Object<K>) -> Option<String> {
 
 /// Every node with what its netd runs: the DaemonSet's live (not
 /// terminating) pod on it, preferring one on `target`.
-fn views<'a, K: Kind>(
+fn views<'a>(
     pods: &[NetdPod],
-    nodes: impl IntoIterator<Item = &'a Object<K>>,
+    nodes: impl IntoIterator<Item = &'a SlimNode>,
     target: &str,
 ) -> BTreeMap<String, NodeView> {
     let mut out: BTreeMap<String, NodeView> = BTreeMap::new();
@@ -420,8 +414,13 @@ pub async fn start(client: &KubeClient, options: &StartOptions) -> Result<Rollou
         Err(error) => return Err(RolloutError::PreCheck(vec![format!("the recorded rollout: {error}")])),
     };
     let observed = observe(client, ds).await?;
-    let nodes: Api<Object<NodeReadiness>> = Api::all(client.client());
-    let nodes = call("listing nodes", nodes.list(&ListParams::default())).await?.items;
+    let nodes: Api<NodeWire> = Api::all(client.client());
+    let nodes: Vec<SlimNode> = call("listing nodes", nodes.list(&ListParams::default()))
+        .await?
+        .items
+        .into_iter()
+        .map(NodeWire::into_slim)
+        .collect();
     let views = views(&observed.pods, &nodes, &observed.target);
     let images = if options.require_image {
         let api: Api<Object<NodeImages>> = Api::all(client.client());
@@ -712,7 +711,7 @@ pub async fn run_on(
             None => (Vec::new(), BTreeMap::new()),
             Some(o) if o.pods_listed && o.nodes_listed => {
                 let pods: Vec<NetdPod> = o.pod_cache.values().filter_map(|p| NetdPod::from_object(p, uid)).collect();
-                let seen = views(&pods, o.node_cache.values().map(|n| n.object()), &state.target);
+                let seen = views(&pods, o.node_cache.values().map(|n| &**n), &state.target);
                 (pods, seen)
             }
             // Not a complete picture yet: a node missing from it would count as gone.
@@ -870,7 +869,7 @@ mod tests {
     #[test]
     fn nodes_are_offline_unless_ready_and_say_why() {
         let node = |conditions: Value, annotations: Value| {
-            Object::<NodeReadiness>::from_value(
+            SlimNode::from_value(
                 json!({"metadata": {"name": "edge-1", "annotations": annotations}, "status": {"conditions": conditions}}),
             )
         };
@@ -891,7 +890,7 @@ mod tests {
 
     #[test]
     fn a_node_s_view_prefers_its_live_pod_on_the_target() {
-        let nodes = vec![Object::<NodeReadiness>::from_value(
+        let nodes = vec![SlimNode::from_value(
             json!({"metadata": {"name": "edge-1"}, "status": {"conditions": [{"type": "Ready", "status": "True"}]}}),
         )];
         let netd = |uid: &str, revision: &str, terminating: bool, ready: bool| NetdPod {
