@@ -26,6 +26,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use netd::controller::tunnel_config::{self, TunnelConfigMetrics, TunnelConfigOptions};
+use netd::controller::ControllerMetrics;
 use netd::ebpf::dnat::{AttachOptions, Scope, TunnelDnat};
 use netd::kube::{KubeClient, KubeConfig};
 use netd::testing::{self, Cgroup, KubeApiServer, NetNs, PinDir};
@@ -339,6 +340,15 @@ impl Stage {
     fn counter(&self, read: impl Fn(&TunnelConfigMetrics) -> u64) -> u64 {
         read(&self.metrics)
     }
+
+    /// What netd-controller's `/metrics` serves with this driver as its
+    /// tunnel part (`ControllerMetrics::render`, its DNAT read on the
+    /// blocking pool).
+    fn controller_metrics(&self) -> String {
+        let metrics = ControllerMetrics { tunnel: self.metrics.clone(), ..ControllerMetrics::default() };
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(metrics.render())
+    }
 }
 
 fn wait_for(what: &str, check: impl Fn() -> bool) {
@@ -380,6 +390,14 @@ fn nodes_and_the_config_map_drive_the_next_connect() {
     wait_for("edge-1 in the DNAT", || stage.is_edge(EDGE_IP));
     assert_eq!(stage.dial(EDGE_IP, 10250), door(TLS_DOOR, EDGE_IP, 10250));
     assert_eq!(stage.dial(EDGE_IP, 10255), door(PLAIN_DOOR, EDGE_IP, 10255));
+    // The DNAT's own counters are served where it is attached: in the
+    // controller's /metrics (the node binary links no BPF loader).
+    let text = stage.controller_metrics();
+    assert!(text.contains("# TYPE netd_dnat_edge_nodes gauge\nnetd_dnat_edge_nodes 1\n"), "{text}");
+    assert!(text.contains("netd_dnat_edge_subnets 0\n"), "{text}");
+    assert!(text.contains("netd_dnat_redirected_total{port=\"10250\",target_port=\"10263\"} "), "{text}");
+    assert!(!text.contains("netd_dnat_redirected_total{port=\"10250\",target_port=\"10263\"} 0\n"), "{text}");
+    assert!(text.contains("netd_tunnel_config_edge_nodes 1\n"), "{text}");
     assert_eq!(stage.dial(EDGE_EXTERNAL_IP, 10250), direct(EDGE_EXTERNAL_IP, 10250));
     assert_eq!(stage.dial(CLOUD_NODE_IP, 10250), direct(CLOUD_NODE_IP, 10250));
     assert_eq!(stage.dial(EDGE_IP, 9100), direct(EDGE_IP, 9100), "9100 is no rule yet");
@@ -440,6 +458,7 @@ fn nodes_and_the_config_map_drive_the_next_connect() {
     // Labelled cloud again: neither the node nor its pods are redirected.
     stage.set_role("edge-1", Some("cloud"));
     wait_for("edge-1 out of the DNAT", || !stage.is_edge(EDGE_IP));
+    assert!(stage.controller_metrics().contains("\nnetd_dnat_edge_nodes 0\n"), "the DNAT counts none now");
     assert_eq!(stage.dial(EDGE_IP, 10250), direct(EDGE_IP, 10250));
     wait_for("its pod CIDR out", || stage.counter(|m| m.edge_subnets.load(Ordering::Relaxed)) == 0);
     assert_eq!(stage.dial(EDGE_POD, 10250), direct(EDGE_POD, 10250));
@@ -470,6 +489,8 @@ fn nodes_and_the_config_map_drive_the_next_connect() {
     assert_eq!(stage.dial(EDGE_IP, 9100), direct(EDGE_IP, 9100), "edge-1 is a cloud node now");
     stage.set_role("edge-1", Some("edge"));
     wait_for("edge-1 back", || stage.is_edge(EDGE_IP));
+    assert!(stage.controller_metrics().contains("\nnetd_dnat_edge_nodes 1\n"), "after the restart too");
     assert_eq!(stage.dial(EDGE_IP, 9100), door(PLAIN_DOOR, EDGE_IP, 9100), "the pinned rules still redirect");
     drop(stage.driver.take());
+    assert!(!stage.controller_metrics().contains("netd_dnat_"), "no DNAT driven, none shown");
 }

@@ -110,6 +110,16 @@ impl ControllerMetrics {
         out.push_str(&self.rollout.render_prometheus());
         out
     }
+
+    /// What `/metrics` serves: [`Self::render_prometheus`], and the
+    /// counters of the tunnel DNAT this replica drives (`netd_dnat_*`; the
+    /// node binary links no BPF loader, so they are served here, where the
+    /// DNAT is attached), read from its maps on the blocking pool.
+    pub async fn render(&self) -> String {
+        let mut out = self.render_prometheus();
+        out.push_str(&self.tunnel.clone().render_dnat().await);
+        out
+    }
 }
 
 /// Runs the controller until `shutdown` completes (then the lease is given
@@ -130,7 +140,7 @@ pub async fn run(
             async move {
                 match path.as_str() {
                     "/healthz" | "/readyz" => (http::StatusCode::OK, "ok\n".to_string()),
-                    "/metrics" => (http::StatusCode::OK, metrics.render_prometheus()),
+                    "/metrics" => (http::StatusCode::OK, metrics.render().await),
                     _ => (http::StatusCode::NOT_FOUND, "not found\n".to_string()),
                 }
             }

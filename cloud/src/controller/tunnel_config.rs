@@ -173,6 +173,25 @@ pub struct TunnelConfigMetrics {
     pub events_posted: AtomicU64,
     /// Events the API server did not take.
     pub event_errors: AtomicU64,
+    /// The DNAT [`run`] drives, while it runs: its own counters
+    /// (`netd_dnat_*`) are read from its maps for `/metrics`.
+    dnat: Mutex<Option<Arc<Mutex<TunnelDnat>>>>,
+}
+
+/// Shows a driven DNAT's counters in its metrics until dropped.
+struct ShownIn(Arc<TunnelConfigMetrics>);
+
+impl ShownIn {
+    fn new(metrics: &Arc<TunnelConfigMetrics>, dnat: &Arc<Mutex<TunnelDnat>>) -> Self {
+        *metrics.dnat.lock().unwrap_or_else(PoisonError::into_inner) = Some(dnat.clone());
+        Self(metrics.clone())
+    }
+}
+
+impl Drop for ShownIn {
+    fn drop(&mut self) {
+        *self.0.dnat.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
 }
 
 impl TunnelConfigMetrics {
@@ -223,6 +242,35 @@ impl TunnelConfigMetrics {
                 writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}", value.load(Ordering::Relaxed));
         }
         out
+    }
+
+    /// The driven DNAT's own counters (`netd_dnat_*`,
+    /// [`netd_ebpf::dnat::DnatStats::render_prometheus`]), read from its
+    /// maps now; empty while no DNAT is driven. It makes bpf(2) calls (a
+    /// lookup per rule, one per pending handshake) and waits for a map
+    /// write in progress (a complete list of a large cluster): call it off
+    /// the async runtime's threads, as [`Self::render_dnat`] does.
+    pub fn render_dnat_blocking(&self) -> String {
+        let Some(dnat) = self.dnat.lock().unwrap_or_else(PoisonError::into_inner).clone() else {
+            return String::new();
+        };
+        let stats = dnat.lock().unwrap_or_else(PoisonError::into_inner).stats();
+        match stats {
+            Ok(stats) => stats.render_prometheus(),
+            Err(error) => {
+                let error = netd_kube::error_chain(&error);
+                tracing::warn!("tunnel config: the DNAT's counters for /metrics: {error}");
+                format!("# netd_dnat_* unavailable: {}\n", error.replace('\n', " "))
+            }
+        }
+    }
+
+    /// [`Self::render_dnat_blocking`] on Tokio's blocking pool.
+    pub async fn render_dnat(self: Arc<Self>) -> String {
+        match tokio::task::spawn_blocking(move || self.render_dnat_blocking()).await {
+            Ok(text) => text,
+            Err(join) => format!("# netd_dnat_* unavailable: {}\n", join.to_string().replace('\n', " ")),
+        }
     }
 
     fn add(counter: &AtomicU64, changes: Changes) {
@@ -785,11 +833,13 @@ pub async fn run_on(
         Some(format!("metadata.name={CONFIG_MAP_NAME}")),
         "tunnel ConfigMap",
     );
+    let dnat = Arc::new(Mutex::new(dnat));
+    let _shown = ShownIn::new(&metrics, &dnat);
     let mut driver = Driver {
         client,
         options,
         metrics,
-        dnat: Arc::new(Mutex::new(dnat)),
+        dnat,
         edges: EdgeSet::default(),
         nodes_known: false,
         rules: None,
@@ -1068,5 +1118,6 @@ mod tests {
         );
         assert!(text.contains("netd_tunnel_config_refused_total 1\n"), "{text}");
         assert_eq!(text.lines().filter(|l| l.starts_with("# TYPE")).count(), 12);
+        assert_eq!(metrics.render_dnat_blocking(), "", "no DNAT driven: no netd_dnat_* series");
     }
 }
