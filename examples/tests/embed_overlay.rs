@@ -31,6 +31,10 @@ fn ping(cluster: &Cluster, from: usize, to: usize) -> bool {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn an_application_embedding_the_overlay_connects_pods_and_stops_on_its_own_signal() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let state = tempfile::tempdir().unwrap();

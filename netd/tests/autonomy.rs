@@ -172,6 +172,10 @@ async fn embedded_registry() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn embedded_format_1_files_are_upgraded_and_their_flags_kept() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("v1.db");
@@ -211,6 +215,10 @@ fn embedded_format_1_files_are_upgraded_and_their_flags_kept() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 async fn etcd_registry() {
     let Some(_kernel) = netd::testing::privileged().unwrap() else { return };
     let etcd = EtcdServer::new().unwrap();
@@ -323,6 +331,10 @@ fn heartbeat(server: &KubeApiServer, node: &str, ready: &str, age: Duration) {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 async fn kubernetes_registry() {
     let Some(_kernel) = netd::testing::privileged().unwrap() else { return };
     let server = KubeApiServer::new().unwrap();

@@ -19,6 +19,10 @@ fn connect_from_cgroup(cgroup: &Cgroup, addr: &str, port: u16, times: usize) {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn connect4_counter_counts_only_its_cgroup_and_address() {
     let Some(_kernel) = testing::privileged().unwrap() else {
         return;

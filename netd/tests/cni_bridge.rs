@@ -24,6 +24,10 @@ fn pod_ip(pod: &NetNs) -> String {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn bridge_with_netd_ipam_pins_ips_across_sandbox_recreation() {
     let Some(_kernel) = testing::privileged().unwrap() else {
         return;
@@ -105,6 +109,10 @@ fn bridge_with_netd_ipam_pins_ips_across_sandbox_recreation() {
 /// reaches the runtime on stderr, and a pod that is still attached keeps
 /// its address.
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn bridge_with_netd_ipam_reclaims_the_oldest_released_pin_when_the_pool_is_full() {
     let Some(_kernel) = testing::privileged().unwrap() else {
         return;

@@ -149,6 +149,10 @@ fn has_taint(node: &Node, key: &str) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 async fn autonomous_pods_stay_and_get_their_tolerations_back() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let _ = tracing_subscriber::fmt().with_ansi(false).with_test_writer().try_init();
@@ -380,6 +384,10 @@ async fn autonomous_pods_stay_and_get_their_tolerations_back() {
 /// with a garbage annotation is left alone throughout, with an error
 /// counted, until the annotation is removed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 async fn racing_and_restarted_controllers_converge_and_garbage_is_left_alone() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let builder = KubeCluster::builder();

@@ -86,6 +86,10 @@ fn ping(cluster: &Cluster, from: usize, to: usize) -> bool {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn daemons_keep_pods_talking_through_registry_outage_restart_and_bad_data() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let state = tempfile::tempdir().unwrap();
@@ -239,6 +243,10 @@ fn reconnect(node: &Node) {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn etcd_stopped_for_a_while_traffic_continues_restart_restores_changes_are_picked_up() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let state = tempfile::tempdir().unwrap();
@@ -338,6 +346,10 @@ fn demo_scenario<R: ScenarioRegistry>(make: impl FnOnce(&Cluster) -> R) -> Scena
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn demo_scenario_on_the_embedded_registry() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let dir = tempfile::tempdir().unwrap();
@@ -345,12 +357,20 @@ fn demo_scenario_on_the_embedded_registry() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn demo_scenario_on_real_etcd() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     demo_scenario(|cluster| EtcdScenarioRegistry::start_on(cluster).unwrap());
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn demo_scenario_on_real_kube_apiserver() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     demo_scenario(|cluster| KubeScenarioRegistry::start_on(cluster).unwrap());
@@ -365,6 +385,10 @@ fn expire_lease(etcd: &EtcdServer, key: &str) {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn an_autonomous_peer_whose_lease_expires_is_kept_also_across_a_restart() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let state = tempfile::tempdir().unwrap();

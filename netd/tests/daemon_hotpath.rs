@@ -71,6 +71,10 @@ fn put_peer(registry: &EmbeddedRegistry, i: u8) {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn registry_events_are_applied_per_peer_and_survive_kill_9() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let setup = Setup::new();
@@ -128,6 +132,10 @@ fn registry_events_are_applied_per_peer_and_survive_kill_9() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn a_locked_registry_file_never_stalls_health_or_sigterm() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let setup = Setup::new();

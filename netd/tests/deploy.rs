@@ -703,6 +703,10 @@ fn flag_of(variable: &str) -> String {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn deploy_applies_and_netd_runs_as_its_node_under_node_rbac_and_node_restriction() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let required = std::env::var_os(testing::REQUIRE_ENV).is_some();

@@ -11,6 +11,10 @@ use std::path::Path;
 use netd::testing::{self, Bridge, NetNs, VethPair};
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn namespace_is_removed_when_a_test_panics() {
     let Some(_kernel) = testing::privileged().unwrap() else {
         return;
@@ -29,6 +33,10 @@ fn namespace_is_removed_when_a_test_panics() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn root_namespace_links_are_removed_on_drop() {
     let Some(_kernel) = testing::privileged().unwrap() else {
         return;
@@ -45,6 +53,10 @@ fn root_namespace_links_are_removed_on_drop() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn run_enters_the_namespace_only_on_its_thread() {
     let Some(_kernel) = testing::privileged().unwrap() else {
         return;
@@ -61,6 +73,10 @@ fn run_enters_the_namespace_only_on_its_thread() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn tcp_crosses_a_bridge_between_namespaces() {
     let Some(_kernel) = testing::privileged().unwrap() else {
         return;
@@ -103,6 +119,10 @@ fn tcp_crosses_a_bridge_between_namespaces() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn block_on_runs_async_io_inside_the_namespace() {
     let Some(_kernel) = testing::privileged().unwrap() else {
         return;

@@ -107,6 +107,10 @@ fn allow_anonymous_cluster_info(api: &KubeApiServer) {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn a_node_joins_with_its_bootstrap_token_and_pinned_ca_and_bad_ones_change_nothing() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let builder =

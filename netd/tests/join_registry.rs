@@ -211,6 +211,10 @@ fn a_world_readable_leftover_temporary_file_never_yields_a_wider_node_key() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn tokens_in_etcd_expire_with_an_etcd_lease_and_gate_the_join() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let etcd = EtcdServer::new().unwrap();
@@ -257,6 +261,10 @@ fn vxlan_details(cluster: &Cluster) -> String {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn netd_runs_from_the_config_join_wrote_with_each_field_in_effect() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let tmp = tempfile::tempdir().unwrap();

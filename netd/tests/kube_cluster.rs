@@ -81,6 +81,10 @@ fn node_csr(dir: &Path, node: &str) -> Vec<u8> {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn a_bootstrap_token_gets_a_node_certificate_and_signs_cluster_info() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let Some(cluster) = start(KubeCluster::builder().rbac(true).bootstrap_tokens(true).controller_manager(true)) else {
@@ -158,6 +162,10 @@ fn a_bootstrap_token_gets_a_node_certificate_and_signs_cluster_info() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn rbac_refuses_bad_tokens_and_unbound_service_accounts() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let Some(cluster) = start(KubeCluster::builder().rbac(true).bootstrap_tokens(true)) else { return };
@@ -187,6 +195,10 @@ fn rbac_refuses_bad_tokens_and_unbound_service_accounts() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn new_nodes_get_a_pod_cidr_from_node_ipam() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let options = ControllerManagerOptions {

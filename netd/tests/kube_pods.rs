@@ -125,6 +125,10 @@ impl Log {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 async fn pods_bound_to_this_node_are_listed_watched_and_located() {
     let Some(_kernel) = netd::testing::privileged().unwrap() else { return };
     let log = Log::default();

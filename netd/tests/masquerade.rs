@@ -32,6 +32,10 @@ fn masq_tables(ns: &NetNs) -> usize {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn apply_installs_flannels_six_rules() {
     let Some(_kernel) = testing::privileged().unwrap() else {
         return;
@@ -69,6 +73,10 @@ fn apply_installs_flannels_six_rules() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn apply_twice_is_idempotent_and_leaves_other_tables_alone() {
     let Some(_kernel) = testing::privileged().unwrap() else {
         return;
@@ -104,6 +112,10 @@ fn apply_twice_is_idempotent_and_leaves_other_tables_alone() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn drift_is_detected_and_repaired() {
     let Some(_kernel) = testing::privileged().unwrap() else {
         return;
@@ -153,6 +165,10 @@ fn drift_is_detected_and_repaired() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn remove_deletes_the_table_and_tolerates_absence() {
     let Some(_kernel) = testing::privileged().unwrap() else {
         return;
@@ -214,6 +230,10 @@ fn peer_seen(from: &NetNs, server: &NetNs, to_ip: &str) -> String {
 /// pod (10.244.1.2) — node (10.244.1.1 | 198.51.100.1, forwarding, netd-masq)
 /// — outside (198.51.100.2, also holding 10.244.2.1 as a pod of another node).
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn pod_traffic_leaving_the_cluster_is_masqueraded_and_cluster_traffic_is_not() {
     let Some(_kernel) = testing::privileged().unwrap() else {
         return;

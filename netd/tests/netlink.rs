@@ -8,6 +8,10 @@ use netd::netlink::{Change, FdbEntry, Handle, Neighbour, Nexthop, Route};
 use netd::testing::{self, NetNs};
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn batch_errors_map_to_their_requests_and_the_rest_applies() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let ns = NetNs::new().unwrap();

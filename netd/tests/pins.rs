@@ -176,6 +176,10 @@ async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 async fn pins_of_pods_that_are_gone_are_freed_on_the_control_planes_word_only() {
     let Some(_kernel) = netd::testing::privileged().unwrap() else { return };
     let server = KubeApiServer::new().unwrap();
@@ -438,6 +442,10 @@ fn assert_store_invariants(store: &Path, attached: &HashMap<String, IpAddr>, whe
 /// fails (a small pool: pressure reclaims while the daemon is dead), and the
 /// daemon left running frees the pins of the pods deleted meanwhile.
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn daemon_sigkilled_at_random_moments_never_frees_an_attached_pin() {
     const WORKERS: usize = 3;
     const ROUNDS: usize = 8;

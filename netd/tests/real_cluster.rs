@@ -235,6 +235,10 @@ fn egress_selector(cluster: &RealCluster, dir: &std::path::Path) -> String {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn deploy_runs_on_real_kubelets_and_pods_keep_their_addresses() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let builder = RealCluster::builder();

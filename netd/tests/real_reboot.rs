@@ -106,6 +106,10 @@ fn tainted_unreachable(cluster: &RealCluster, name: &str) -> bool {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn a_rebooted_edge_node_gets_its_pods_back_from_the_cloud_and_nothing_without_it() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let builder = RealCluster::builder();

@@ -94,6 +94,10 @@ fn resync_subnets(event: PeerEvent) -> Vec<PeerLease> {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 async fn leases_are_flannels_on_24h_etcd_leases() {
     let Some(_kernel) = netd::testing::privileged().unwrap() else { return };
     init_logs();
@@ -216,6 +220,10 @@ async fn leases_are_flannels_on_24h_etcd_leases() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 async fn watch_delivers_resync_then_changes_and_skips_bad_data() {
     let Some(_kernel) = netd::testing::privileged().unwrap() else { return };
     init_logs();
@@ -309,6 +317,10 @@ async fn watch_delivers_resync_then_changes_and_skips_bad_data() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 async fn etcd_away_then_back_resyncs_and_keeps_subnets() {
     let Some(_kernel) = netd::testing::privileged().unwrap() else { return };
     init_logs();
@@ -368,6 +380,10 @@ async fn etcd_away_then_back_resyncs_and_keeps_subnets() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 async fn a_silent_etcd_is_noticed_by_keepalive() {
     let Some(_kernel) = netd::testing::privileged().unwrap() else { return };
     init_logs();
@@ -393,6 +409,10 @@ async fn a_silent_etcd_is_noticed_by_keepalive() {
 /// after etcd has dropped its lease key (24 h of silence, here a revoke);
 /// bounded autonomy keeps it for the bound after the last renewal only.
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 async fn an_autonomous_nodes_subnet_outlives_its_lease_key() {
     let Some(_kernel) = netd::testing::privileged().unwrap() else { return };
     init_logs();

@@ -139,6 +139,10 @@ fn upsert(event: PeerEvent) -> PeerLease {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 async fn acquire_publishes_flannels_annotations_and_the_condition() {
     let Some(_kernel) = netd::testing::privileged().unwrap() else { return };
     let server = KubeApiServer::new().unwrap();
@@ -228,6 +232,10 @@ async fn acquire_publishes_flannels_annotations_and_the_condition() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 async fn watch_reads_flannel_peers_and_skips_bad_ones() {
     let Some(_kernel) = netd::testing::privileged().unwrap() else { return };
     let server = KubeApiServer::new().unwrap();
@@ -329,6 +337,10 @@ async fn watch_reads_flannel_peers_and_skips_bad_ones() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 async fn renewed_watches_and_an_api_server_that_goes_away() {
     let Some(_kernel) = netd::testing::privileged().unwrap() else { return };
     let mut server = KubeApiServer::new().unwrap();
@@ -376,6 +388,10 @@ async fn renewed_watches_and_an_api_server_that_goes_away() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 async fn a_rotated_token_file_is_read_again_after_a_401() {
     let Some(_kernel) = netd::testing::privileged().unwrap() else { return };
     let mut server = KubeApiServer::new().unwrap();

@@ -249,6 +249,10 @@ fn count(images: &[String], image: &str) -> usize {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 async fn twenty_nodes_pause_resume_cancel_restart_health_gate_and_offline_nodes() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let builder = KubeCluster::builder().controller_manager(true);

@@ -35,6 +35,10 @@ async fn echo_round_trip<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn connect_door_reaches_the_edge_kubelet_and_refuses_what_it_must() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let stage = Stage::new();
@@ -86,6 +90,10 @@ fn connect_door_reaches_the_edge_kubelet_and_refuses_what_it_must() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn identity_comes_from_the_certificate_and_strangers_are_refused() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let stage = Stage::new();
@@ -121,6 +129,10 @@ fn identity_comes_from_the_certificate_and_strangers_are_refused() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn a_stalled_stream_never_slows_the_others() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let stage = Stage::new();
@@ -186,6 +198,10 @@ fn a_stalled_stream_never_slows_the_others() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn the_agent_comes_back_after_a_server_restart() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let stage = Stage::new();
@@ -208,6 +224,10 @@ fn the_agent_comes_back_after_a_server_restart() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn dnat_door_carries_redirected_connections_to_the_edge() {
     use std::io::{Read, Write};
 
@@ -281,6 +301,10 @@ fn stand_in_body(port: u16, path: &str) -> String {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn plain_http_reaches_the_read_only_port_and_an_extra_port_through_dnat() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let stage = Stage::new();
@@ -339,6 +363,10 @@ fn metrics_in(ns: &NetNs, addr: &str) -> String {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn netd_tunnel_server_and_agent_processes_link_and_carry_connections() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let stage = Stage::new();
@@ -385,6 +413,10 @@ fn netd_tunnel_server_and_agent_processes_link_and_carry_connections() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn a_killed_agent_process_is_dropped_at_once_and_its_restart_carries_traffic() {
     use netd::tunnel::transport::PING_INTERVAL;
 
@@ -442,6 +474,10 @@ fn a_killed_agent_process_is_dropped_at_once_and_its_restart_carries_traffic() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn a_thousand_concurrent_streams_through_one_agent() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     // Four descriptors per stream live in this process (client, door, agent, kubelet).

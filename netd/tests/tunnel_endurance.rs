@@ -90,6 +90,10 @@ fn assert_all_in_order_without_gaps(from: &str, sender: &SessionEnd, receiver: &
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn an_exec_like_session_runs_both_ways_for_minutes_on_one_link() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let stage = Stage::new();
@@ -181,6 +185,10 @@ fn when_each_holds<const N: usize>(
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn a_link_cut_for_a_minute_is_declared_dead_and_traffic_resumes_by_itself() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let stage = Stage::new();

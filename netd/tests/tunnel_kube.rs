@@ -266,6 +266,10 @@ fn log_tail(server: &KubeApiServer, lines: usize) -> String {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn kube_apiserver_egress_selector_reaches_the_edge_kubelet_through_the_tunnel() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let started = Instant::now();
@@ -327,6 +331,10 @@ fn kube_apiserver_egress_selector_reaches_the_edge_kubelet_through_the_tunnel() 
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn kube_apiserver_refuses_a_kubelet_certificate_from_another_ca_through_the_tunnel() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     // Right node address, wrong issuer: only a TLS session that runs from
@@ -351,6 +359,10 @@ fn kube_apiserver_refuses_a_kubelet_certificate_from_another_ca_through_the_tunn
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn kube_apiserver_without_egress_selector_reaches_the_edge_kubelet_through_the_dnat() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let started = Instant::now();

@@ -203,6 +203,10 @@ fn a_lease_cannot_take_another_nodes_address(stage: &Stage, backend: &Backend) {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn embedded_registry_leases_cannot_take_another_nodes_address() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let stage = Stage::new();
@@ -213,6 +217,10 @@ fn embedded_registry_leases_cannot_take_another_nodes_address() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn etcd_registry_leases_cannot_take_another_nodes_address() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let stage = Stage::new();
@@ -222,6 +230,10 @@ fn etcd_registry_leases_cannot_take_another_nodes_address() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn kubernetes_registry_leases_cannot_take_another_nodes_address() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let stage = Stage::new();

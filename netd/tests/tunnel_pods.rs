@@ -74,6 +74,10 @@ fn http_door(stage: &Stage, router: Arc<Router>) -> Background {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn plain_http_on_the_http_door_is_routed_by_host_and_pod_ips_by_the_leases() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let stage = Stage::new();
@@ -127,6 +131,10 @@ fn plain_http_on_the_http_door_is_routed_by_host_and_pod_ips_by_the_leases() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn a_cloud_pod_pulls_an_edge_pods_metrics_through_dnat_and_the_tunnel() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let stage = Stage::new();
@@ -188,6 +196,10 @@ fn lease_in(db: &Path, node: &str, public_ip: Ipv4Addr, subnet: &str) {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn the_tunnel_server_process_routes_pod_ips_by_the_registrys_leases() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let stage = Stage::new();

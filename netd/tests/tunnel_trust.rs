@@ -53,6 +53,10 @@ fn streams(linked: &Linked) -> (u64, u64) {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn the_connect_door_admits_kube_apiservers_identity_and_no_node_or_stranger() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let stage = Stage::new();
@@ -117,6 +121,10 @@ fn http_door(stage: &Stage, router: Arc<Router>) -> Background {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn plain_http_by_host_is_off_by_default_and_then_only_for_the_named_sources() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let stage = Stage::new();
@@ -182,6 +190,10 @@ fn silent_agent(stage: &Stage, leaf: &IssuedCert, ended: Arc<std::sync::atomic::
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn an_agent_that_never_answers_costs_its_clients_a_bounded_wait_and_nobody_else_anything() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let stage = Stage::new();
@@ -225,6 +237,10 @@ fn an_agent_that_never_answers_costs_its_clients_a_bounded_wait_and_nobody_else_
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn doors_bound_streams_handshakes_request_heads_and_connections_per_source() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let stage = Stage::new();
@@ -301,6 +317,10 @@ fn doors_bound_streams_handshakes_request_heads_and_connections_per_source() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn strangers_filling_the_http_door_never_turn_away_a_dnat_redirected_client() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let stage = Stage::new();

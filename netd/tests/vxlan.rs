@@ -43,6 +43,10 @@ fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn three_nodes_talk_over_vxlan_with_flannels_layout() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let cluster = Cluster::new(3, 1).unwrap();
@@ -105,6 +109,10 @@ fn monitor_during(node: &Node, f: impl FnOnce()) -> String {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn restart_changes_nothing_and_drift_is_repaired() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let cluster = Cluster::new(3, 1).unwrap();
@@ -171,6 +179,10 @@ fn restart_changes_nothing_and_drift_is_repaired() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn rebooted_node_restores_from_snapshot_without_registry() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let state_dir = tempfile::tempdir().unwrap();
@@ -215,6 +227,10 @@ fn rebooted_node_restores_from_snapshot_without_registry() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn bad_peer_data_is_refused_and_never_disturbs_good_peers() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let cluster = Cluster::new(2, 1).unwrap();
@@ -253,6 +269,10 @@ fn bad_peer_data_is_refused_and_never_disturbs_good_peers() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn direct_routing_uses_the_underlay_for_peers_on_the_same_l2() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let cluster = Cluster::new(2, 1).unwrap();
@@ -279,6 +299,10 @@ fn direct_routing_uses_the_underlay_for_peers_on_the_same_l2() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn incremental_changes_write_only_what_changed_and_agree_with_a_full_pass() {
     use netd::vxlan::{Applied, PeerChange};
     let Some(_kernel) = testing::privileged().unwrap() else { return };
@@ -369,6 +393,10 @@ fn incremental_changes_write_only_what_changed_and_agree_with_a_full_pass() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn the_overlay_thread_applies_changes_without_full_passes() {
     use netd::vxlan::PeerChange;
     let Some(_kernel) = testing::privileged().unwrap() else { return };

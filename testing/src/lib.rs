@@ -148,6 +148,13 @@ pub struct PrivilegedGuard {
     _lock: File,
 }
 
+/// Whether a privileged test that cannot run must fail rather than skip:
+/// [`REQUIRE_ENV`] is set, or this crate's `require-privileged` feature is
+/// on (netd's `privileged-tests`, which `cargo xtask test` enables).
+pub fn privileged_required() -> bool {
+    cfg!(feature = "require-privileged") || std::env::var_os(REQUIRE_ENV).is_some()
+}
+
 /// Entry point of every privileged test.
 ///
 /// Returns `Ok(None)` (after saying so on stderr) when not root and
@@ -158,7 +165,7 @@ pub fn privileged() -> Result<Option<PrivilegedGuard>, HarnessError> {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let euid = unsafe { libc::geteuid() };
     if euid != 0 {
-        if std::env::var_os(REQUIRE_ENV).is_some() {
+        if privileged_required() {
             return Err(HarnessError::NotRoot);
         }
         eprintln!("skipping privileged test: not root (set {REQUIRE_ENV}=1 to make this an error)");

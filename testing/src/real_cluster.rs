@@ -41,7 +41,6 @@ use super::kube::{die_with_parent, kill, kube_binary, tail};
 use super::{
     run_command, unique_name, Bridge, ControllerManagerOptions, HarnessError, KubeCluster, NetNs, ServerHost, VethPair,
     DEBIAN_CNI_DIR, KUBE_APISERVER_BIN, KUBE_APISERVER_ENV, KUBE_CONTROLLER_MANAGER_BIN, KUBE_CONTROLLER_MANAGER_ENV,
-    REQUIRE_ENV,
 };
 
 /// Where `cargo xtask setup` caches the built kubelet.
@@ -159,7 +158,7 @@ impl RealClusterBuilder {
 
     /// Whether everything this cluster needs is there. When something is
     /// missing: `Ok(false)` after saying so on stderr (a plain `cargo test`
-    /// skips), or an error when [`REQUIRE_ENV`] is set (`cargo xtask test`
+    /// skips), or an error when [`REQUIRE_ENV`](crate::REQUIRE_ENV) is set (`cargo xtask test`
     /// never skips silently).
     pub fn available(&self) -> Result<bool, HarnessError> {
         for (path, remedy) in self.needed() {
@@ -168,7 +167,7 @@ impl RealClusterBuilder {
                     "{} is missing: run `sudo cargo xtask setup` ({remedy})",
                     path.display()
                 ));
-                if std::env::var_os(REQUIRE_ENV).is_some() {
+                if super::privileged_required() {
                     return Err(error);
                 }
                 eprintln!("skipping real-cluster test: {error}");
