@@ -881,6 +881,10 @@ fn main() {
     println!("\nrunning {} tests", selected.len());
     let mut failed = Vec::new();
     for (name, case) in selected {
+        if !cfg!(feature = "privileged-tests") {
+            println!("test {name} ... ignored, needs root: cargo xtask test, or --features privileged-tests as root");
+            continue;
+        }
         let Some(_kernel) = testing::privileged().unwrap() else {
             println!("test {name} ... ignored (not root)");
             continue;
