@@ -16,29 +16,31 @@ use self::config::{ConfigError, PortRules};
 
 /// Where the tunnel DNAT's links and maps are pinned: the option every
 /// command that opens them shares.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
 pub struct PinArgs {
     /// Where the links and maps are pinned (on bpffs).
-    #[arg(long, env = "NETD_DNAT_PIN_DIR", value_name = "DIR", default_value = netd_ebpf::dnat::DEFAULT_PIN_DIR)]
+    #[cfg_attr(feature = "clap", arg(long, env = "NETD_DNAT_PIN_DIR", value_name = "DIR", default_value = netd_ebpf::dnat::DEFAULT_PIN_DIR))]
     pub pin_dir: PathBuf,
 }
 
 /// How the tunnel DNAT is attached: the options of `netd-cloud dnat apply` and
 /// `netd-controller run` (which drives the same pinned maps).
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
 pub struct AttachArgs {
     /// The pin directory.
-    #[command(flatten)]
+    #[cfg_attr(feature = "clap", command(flatten))]
     pub pins: PinArgs,
     /// Also redirect sockets in pod network namespaces; also =true|false.
-    #[arg(long, env = "NETD_DNAT_POD_NAMESPACES", value_name = "BOOL", value_parser = netd_model::parse_bool,
-          num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false")]
+    #[cfg_attr(feature = "clap", arg(long, env = "NETD_DNAT_POD_NAMESPACES", value_name = "BOOL", value_parser = netd_model::parse_bool,
+          num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false"))]
     pub pod_namespaces: bool,
     /// The cgroup v2 directory whose sockets are redirected [default: the cgroup v2 root].
-    #[arg(long, env = "NETD_DNAT_CGROUP", value_name = "DIR")]
+    #[cfg_attr(feature = "clap", arg(long, env = "NETD_DNAT_CGROUP", value_name = "DIR"))]
     pub cgroup: Option<PathBuf>,
     /// The tunnel server's cgroup, where getsockopt(SO_ORIGINAL_DST) is answered.
-    #[arg(long, env = "NETD_DNAT_ORIGINAL_DST_CGROUP", value_name = "DIR")]
+    #[cfg_attr(feature = "clap", arg(long, env = "NETD_DNAT_ORIGINAL_DST_CGROUP", value_name = "DIR"))]
     pub original_dst_cgroup: Option<PathBuf>,
 }
 

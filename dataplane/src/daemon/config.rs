@@ -7,11 +7,13 @@
 //! into a [`DaemonConfig`]. [`parse_command_line`] is clap's parser with
 //! netd's wording for a few errors, for every netd binary.
 
+#[cfg(feature = "clap")]
 use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+#[cfg(feature = "clap")]
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
@@ -101,87 +103,95 @@ impl std::fmt::Display for PodSource {
 /// The options of `netd run` and `netd cleanup` as clap read them from the
 /// command line and the `NETD_*` environment; `None` where neither set one.
 ///
-/// Flatten it into a subcommand (`#[command(flatten)]`) and turn it into a
+/// Flatten it into a subcommand (`#[cfg_attr(feature = "clap", command(flatten))]`) and turn it into a
 /// [`DaemonConfig`] with [`RunArgs::resolve`].
-#[derive(Debug, Clone, Default, PartialEq, clap::Args)]
+#[derive(Debug, Clone, Default, PartialEq)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
 pub struct RunArgs {
     /// JSON file with any of these settings, keys in camelCase (nodeName,
     /// publicIp, …); environment variables and flags override it.
-    #[arg(long, env = "NETD_CONFIG", value_name = "FILE")]
+    #[cfg_attr(feature = "clap", arg(long, env = "NETD_CONFIG", value_name = "FILE"))]
     pub config: Option<PathBuf>,
     /// This node's name (default: $NODE_NAME, else the hostname).
-    #[arg(long, env = "NETD_NODE_NAME", value_name = "NAME")]
+    #[cfg_attr(feature = "clap", arg(long, env = "NETD_NODE_NAME", value_name = "NAME"))]
     pub node_name: Option<String>,
     /// The registry and how to reach it.
-    #[command(flatten)]
+    #[cfg_attr(feature = "clap", command(flatten))]
     pub registry: RegistryArgs,
     /// Underlay interface (default: the default-route interface).
-    #[arg(long, env = "NETD_IFACE", value_name = "NAME")]
+    #[cfg_attr(feature = "clap", arg(long, env = "NETD_IFACE", value_name = "NAME"))]
     pub iface: Option<String>,
     /// Public IP (default: the interface's first IPv4 address).
-    #[arg(long, env = "NETD_PUBLIC_IP", value_name = "IP", value_parser = parse_ipv4)]
+    #[cfg_attr(feature = "clap", arg(long, env = "NETD_PUBLIC_IP", value_name = "IP", value_parser = parse_ipv4))]
     pub public_ip: Option<Ipv4Addr>,
     /// Install flannel's masquerade rules (nftables); also =true|false|1|0|yes|no.
-    #[arg(long, env = "NETD_MASQUERADE", value_name = "BOOL", value_parser = parse_bool,
-          num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    #[cfg_attr(feature = "clap", arg(long, env = "NETD_MASQUERADE", value_name = "BOOL", value_parser = parse_bool,
+          num_args = 0..=1, require_equals = true, default_missing_value = "true"))]
     pub masquerade: Option<bool>,
     /// Route peers on the same L2 without VXLAN; also =true|false|1|0|yes|no.
-    #[arg(long, env = "NETD_DIRECT_ROUTING", value_name = "BOOL", value_parser = parse_bool,
-          num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    #[cfg_attr(feature = "clap", arg(long, env = "NETD_DIRECT_ROUTING", value_name = "BOOL", value_parser = parse_bool,
+          num_args = 0..=1, require_equals = true, default_missing_value = "true"))]
     pub direct_routing: Option<bool>,
     /// Directory for the snapshot and the VTEP MAC store (default: /var/lib/netd).
-    #[arg(long, env = "NETD_STATE_DIR", value_name = "DIR")]
+    #[cfg_attr(feature = "clap", arg(long, env = "NETD_STATE_DIR", value_name = "DIR"))]
     pub state_dir: Option<PathBuf>,
     /// Where to write flannel's subnet.env (default: /run/flannel/subnet.env).
-    #[arg(long, env = "NETD_SUBNET_ENV", value_name = "FILE")]
+    #[cfg_attr(feature = "clap", arg(long, env = "NETD_SUBNET_ENV", value_name = "FILE"))]
     pub subnet_env: Option<PathBuf>,
     /// Listener for /healthz, /readyz and /metrics (default: 127.0.0.1:9617).
-    #[arg(long, env = "NETD_HEALTH_ADDR", value_name = "ADDR", value_parser = parse_socket_addr)]
+    #[cfg_attr(feature = "clap", arg(long, env = "NETD_HEALTH_ADDR", value_name = "ADDR", value_parser = parse_socket_addr))]
     pub health_addr: Option<SocketAddr>,
     /// Where to learn the pods bound to this node, to free the pinned IPs of
     /// pods that are gone: registry (default: the Kubernetes registry's
     /// client, else none), none, kubernetes or kubernetes:URL.
-    #[arg(long, env = "NETD_PODS", value_name = "SOURCE")]
+    #[cfg_attr(feature = "clap", arg(long, env = "NETD_PODS", value_name = "SOURCE"))]
     pub pods: Option<PodSource>,
     /// How long a deleted pod keeps its pinned IP before it is freed (e.g.
     /// 600, 90s, 10m, 1h; default 10m).
-    #[arg(long, env = "NETD_PIN_GRACE", value_name = "DURATION", value_parser = parse_duration)]
+    #[cfg_attr(feature = "clap", arg(long, env = "NETD_PIN_GRACE", value_name = "DURATION", value_parser = parse_duration))]
     pub pin_grace: Option<Duration>,
     /// CNI configuration directory whose netd-ipam stores are kept tidy
     /// (default: /etc/cni/net.d).
-    #[arg(long, env = "NETD_CNI_CONF_DIR", value_name = "DIR")]
+    #[cfg_attr(feature = "clap", arg(long, env = "NETD_CNI_CONF_DIR", value_name = "DIR"))]
     pub cni_conf_dir: Option<PathBuf>,
     /// An IPAM store to keep tidy, instead of those the CNI configurations
     /// name (repeatable; comma-separated in the variable).
-    #[arg(long = "ipam-store", env = "NETD_IPAM_STORE", value_name = "FILE", value_delimiter = ',')]
+    #[cfg_attr(
+        feature = "clap",
+        arg(long = "ipam-store", env = "NETD_IPAM_STORE", value_name = "FILE", value_delimiter = ',')
+    )]
     pub ipam_stores: Vec<PathBuf>,
 }
 
 /// Which registry, and what reaching it takes: the options every command
 /// that reads the registry shares (`netd run`, `netd-cloud tunnel-server`, …).
-#[derive(Debug, Clone, Default, PartialEq, clap::Args)]
+#[derive(Debug, Clone, Default, PartialEq)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
 pub struct RegistryArgs {
     /// The registry (see [`RegistrySpec`] for the spec's forms).
     // The help is not the doc comment: rustdoc would read its brackets as links.
-    #[arg(
-        long,
-        env = "NETD_REGISTRY",
-        value_name = "SPEC",
-        help = "The registry: embedded[:PATH], etcd:URL[,URL…] or kubernetes[:URL] \
+    #[cfg_attr(
+        feature = "clap",
+        arg(
+            long,
+            env = "NETD_REGISTRY",
+            value_name = "SPEC",
+            help = "The registry: embedded[:PATH], etcd:URL[,URL…] or kubernetes[:URL] \
                   (netd run's default: embedded:/var/lib/netd/registry.db)"
+        )
     )]
     pub registry: Option<RegistrySpec>,
     /// Cluster network (flannel's net-conf Network); with kubernetes, required
     /// unless flannel's /etc/kube-flannel/net-conf.json is there (then read
     /// with its SubnetLen and VNI; this option overrides the whole file).
-    #[arg(long, env = "NETD_NETWORK", value_name = "CIDR", value_parser = parse_cidr)]
+    #[cfg_attr(feature = "clap", arg(long, env = "NETD_NETWORK", value_name = "CIDR", value_parser = parse_cidr))]
     pub network: Option<Ipv4Net>,
     /// Bearer token file for kubernetes:URL.
-    #[arg(long, env = "NETD_TOKEN_FILE", value_name = "FILE")]
+    #[cfg_attr(feature = "clap", arg(long, env = "NETD_TOKEN_FILE", value_name = "FILE"))]
     pub token_file: Option<PathBuf>,
     /// CA bundle for kubernetes:URL; with --client-cert, also for the
     /// in-cluster kubernetes (default there: the service account's ca.crt).
-    #[arg(long, env = "NETD_CA_FILE", value_name = "FILE")]
+    #[cfg_attr(feature = "clap", arg(long, env = "NETD_CA_FILE", value_name = "FILE"))]
     pub ca_file: Option<PathBuf>,
     /// Authenticate to the API server with this client certificate instead
     /// of a bearer token: PEM, with the private key too unless --client-key
@@ -189,10 +199,10 @@ pub struct RegistryArgs {
     /// (/var/lib/kubelet/pki/kubelet-client-current.pem) to act as its node,
     /// which may change only its own Node; a rotated file is picked up
     /// without a restart.
-    #[arg(long, env = "NETD_CLIENT_CERT", value_name = "FILE")]
+    #[cfg_attr(feature = "clap", arg(long, env = "NETD_CLIENT_CERT", value_name = "FILE"))]
     pub client_cert: Option<PathBuf>,
     /// The private key of --client-cert, when it is a file of its own.
-    #[arg(long, env = "NETD_CLIENT_KEY", value_name = "FILE", requires = "client_cert")]
+    #[cfg_attr(feature = "clap", arg(long, env = "NETD_CLIENT_KEY", value_name = "FILE", requires = "client_cert"))]
     pub client_key: Option<PathBuf>,
 }
 
@@ -212,10 +222,12 @@ const DEFAULT_HEALTH_ADDR: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv
 
 pub use netd_model::parse_bool;
 
+#[cfg(feature = "clap")]
 fn parse_ipv4(text: &str) -> Result<Ipv4Addr, String> {
     text.parse().map_err(|_| "not an IPv4 address".into())
 }
 
+#[cfg(feature = "clap")]
 fn parse_cidr(text: &str) -> Result<Ipv4Net, String> {
     text.parse().map_err(|_| "not an IPv4 CIDR".into())
 }
@@ -236,6 +248,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     n.checked_mul(scale).map(Duration::from_secs).ok_or_else(|| "duration too long".into())
 }
 
+#[cfg(feature = "clap")]
 fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
     text.parse().map_err(|_| "not ADDR:PORT".into())
 }
@@ -477,6 +490,7 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
 }
 
+#[cfg(feature = "clap")]
 /// Parses `args` (the program name first, as from [`std::env::args_os`])
 /// into `P` with clap, reading `NETD_*` variables from the process
 /// environment; `Err` holds clap's error, for
@@ -493,6 +507,7 @@ where
     parse_with(P::command(), args)
 }
 
+#[cfg(feature = "clap")]
 fn parse_with<P, I, T>(mut command: clap::Command, args: I) -> Result<P, clap::Error>
 where
     P: clap::FromArgMatches,
@@ -504,6 +519,7 @@ where
     P::from_arg_matches(&matches).map_err(|e| e.format(&mut command))
 }
 
+#[cfg(feature = "clap")]
 fn reword(error: clap::Error, command: &clap::Command, args: &[OsString]) -> clap::Error {
     let Some(ContextValue::String(arg)) = error.get(ContextKind::InvalidArg) else {
         return error;
@@ -539,6 +555,7 @@ fn reword(error: clap::Error, command: &clap::Command, args: &[OsString]) -> cla
     reworded.with_cmd(command)
 }
 
+#[cfg(feature = "clap")]
 /// The environment variable a bad value came from: the option's own, when
 /// the option is not on the command line.
 fn env_source(arg: &str, command: &clap::Command, args: &[OsString]) -> Option<String> {
@@ -554,6 +571,7 @@ fn env_source(arg: &str, command: &clap::Command, args: &[OsString]) -> Option<S
     find_env(command, long)
 }
 
+#[cfg(feature = "clap")]
 fn find_env(command: &clap::Command, long: &str) -> Option<String> {
     command
         .get_arguments()
@@ -563,7 +581,7 @@ fn find_env(command: &clap::Command, long: &str) -> Option<String> {
         .or_else(|| command.get_subcommands().find_map(|sub| find_env(sub, long)))
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "clap"))]
 mod tests {
     use clap::CommandFactory;
 

@@ -383,11 +383,12 @@ impl Daemon {
     /// client for nodes and pods), or a separate API server.
     fn start_pin_keeper(&self, registry: &AnyRegistry) -> Result<(), DaemonError> {
         let client = match (&self.config.pods, registry) {
-            (PodSource::None, _) | (PodSource::Registry, AnyRegistry::Embedded(_) | AnyRegistry::Etcd(_)) => {
+            (PodSource::Registry, AnyRegistry::Kubernetes(kube)) => kube.client().clone(),
+            // The embedded and etcd registries know no pods.
+            (PodSource::None, _) | (PodSource::Registry, _) => {
                 tracing::info!("no pod source: pinned IPs are freed only by the plugin's pressure reclaim");
                 return Ok(());
             }
-            (PodSource::Registry, AnyRegistry::Kubernetes(kube)) => kube.client().clone(),
             (PodSource::Kubernetes(server), _) => {
                 let config = match server {
                     None => match &self.config.client_cert {
