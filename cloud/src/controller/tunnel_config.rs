@@ -6,7 +6,7 @@
 //! - the Nodes (from the controller's one shared Node list+watch,
 //!   [`super::node_watch`]; its own when run alone), reading only the trusted role label
 //!   (`node-restriction.kubernetes.io/netd-role`, [`netd_model::roles`]),
-//!   the addresses and the pod CIDRs ([`NodeEdgeRole`]), and
+//!   the addresses and the pod CIDRs (typed, in the store's [`SlimNode`]s), and
 //! - ConfigMap `kube-system/edge-tunnel-server-cfg` (field selector
 //!   `metadata.name=…` in that one namespace),
 //!
@@ -63,7 +63,10 @@
 //! DNAT is node-local, each replica drives its own node's maps. It writes
 //! nothing to the cluster but Events. RBAC: `nodes` list/watch
 //! (cluster-wide); `configmaps` list/watch in `kube-system`; `events`
-//! create in `kube-system`.
+//! create in `kube-system`. While it runs, the DNAT's own counters
+//! (`netd_dnat_*`) are in its [`TunnelConfigMetrics`]
+//! ([`TunnelConfigMetrics::render_dnat`]), which netd-controller's
+//! `/metrics` serves: the node binary links no BPF loader.
 //!
 //! # The tunnel server's routing
 //!
@@ -73,7 +76,6 @@
 //! keeps the leases current), so it follows nodes by itself. Extra ports
 //! must also be allowed by the edge agents (`--extra-ports`).
 //!
-//! [`NodeEdgeRole`]: netd_kube::object::NodeEdgeRole
 //! [`config::from_tunnel_config`]: crate::dnat::config::from_tunnel_config
 
 use std::collections::{BTreeMap, HashMap};
