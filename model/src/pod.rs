@@ -30,9 +30,9 @@ pub enum PodRefError {
 /// A pod's identity, the key an IP is pinned to.
 ///
 /// ```
-/// let pod: netd_ipam::PodRef = "kube-system/coredns-7db6d8ff4d-x2x9q".parse().unwrap();
+/// let pod: netd_model::PodRef = "kube-system/coredns-7db6d8ff4d-x2x9q".parse().unwrap();
 /// assert_eq!(pod.namespace(), "kube-system");
-/// assert!("default/Not_Valid".parse::<netd_ipam::PodRef>().is_err());
+/// assert!("default/Not_Valid".parse::<netd_model::PodRef>().is_err());
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PodRef {
