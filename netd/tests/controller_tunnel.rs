@@ -360,7 +360,10 @@ fn wait_for(what: &str, check: impl Fn() -> bool) {
 }
 
 #[test]
-#[cfg_attr(not(feature = "privileged-tests"), ignore = "needs root: cargo xtask test, or --features privileged-tests as root")]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
 fn nodes_and_the_config_map_drive_the_next_connect() {
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let log = Log::default();
