@@ -26,8 +26,7 @@ fn wait_for(what: &str, apps: &[&NetdProcess], mut check: impl FnMut() -> bool) 
 }
 
 fn ping(cluster: &Cluster, from: usize, to: usize) -> bool {
-    let target = cluster.nodes[to].pods[0].ip.to_string();
-    cluster.nodes[from].pods[0].ns.exec("ping", &["-c1", "-W2", &target]).is_ok()
+    cluster.nodes[from].pods[0].pings(cluster.nodes[to].pods[0].ip)
 }
 
 #[test]

@@ -81,8 +81,7 @@ fn start_daemons(cluster: &Cluster, registry: &str, state: &Path, peers: u32) ->
 }
 
 fn ping(cluster: &Cluster, from: usize, to: usize) -> bool {
-    let target = cluster.nodes[to].pods[0].ip.to_string();
-    cluster.nodes[from].pods[0].ns.exec("ping", &["-c1", "-W2", &target]).is_ok()
+    cluster.nodes[from].pods[0].pings(cluster.nodes[to].pods[0].ip)
 }
 
 #[test]

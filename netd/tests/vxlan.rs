@@ -31,7 +31,7 @@ fn program(node: &Node, peers: &[Lease]) -> ReconcileReport {
 }
 
 fn ping(from: &testing::Pod, to: std::net::Ipv4Addr) -> bool {
-    from.ns.exec("ping", &["-c1", "-W2", &to.to_string()]).is_ok()
+    from.pings(to)
 }
 
 fn wait_until(what: &str, mut check: impl FnMut() -> bool) {

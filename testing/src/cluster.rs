@@ -31,6 +31,13 @@ pub struct Pod {
     _veth: Option<VethPair>,
 }
 
+impl Pod {
+    /// Whether one ping from this pod to `to` is answered within 2 s.
+    pub fn pings(&self, to: Ipv4Addr) -> bool {
+        self.ns.exec("ping", &["-c1", "-W2", &to.to_string()]).is_ok()
+    }
+}
+
 /// A node: its namespace with `eth0` on the underlay and `cni0`.
 pub struct Node {
     /// 1-based node number.
