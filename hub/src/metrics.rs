@@ -2,9 +2,8 @@
 //! the metrics port.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 /// Why a client was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -132,83 +131,77 @@ impl HubMetrics {
     }
 
     /// The text exposition, with the cache's object count and file bytes.
-    pub fn render(&self, objects: u64, bytes: u64) -> String {
-        let mut out = String::new();
-        let by_resource = |out: &mut String, name: &str, help: &str, map: &Mutex<BTreeMap<String, u64>>| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-            for (resource, n) in map.lock().unwrap_or_else(PoisonError::into_inner).iter() {
-                let _ = writeln!(out, "{name}{{resource=\"{resource}\"}} {n}");
-            }
-        };
-        by_resource(&mut out, "netd_hub_cache_hits_total", "Cacheable reads answered from the cache.", &self.hits);
-        by_resource(
-            &mut out,
+    pub fn render(self: &Arc<Self>, objects: u64, bytes: u64) -> String {
+        netd_metrics::render(Scrape { metrics: self.clone(), objects, bytes })
+    }
+}
+
+/// One scrape: the counters and the cache's size, measured for it (a walk
+/// of the cache directory, done off the runtime threads by the caller).
+#[derive(Debug)]
+struct Scrape {
+    metrics: Arc<HubMetrics>,
+    objects: u64,
+    bytes: u64,
+}
+
+impl netd_metrics::Collector for Scrape {
+    fn encode(&self, encoder: netd_metrics::DescriptorEncoder) -> std::fmt::Result {
+        let m = &self.metrics;
+        let mut out = netd_metrics::Families::new(encoder);
+        let by_resource =
+            |map: &Mutex<BTreeMap<String, u64>>| map.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let hits = by_resource(&m.hits);
+        out.counters(
+            "netd_hub_cache_hits_total",
+            "Cacheable reads answered from the cache.",
+            hits.iter().map(|(resource, n)| ([("resource", resource.as_str())], *n)),
+        )?;
+        let misses = by_resource(&m.misses);
+        out.counters(
             "netd_hub_cache_misses_total",
             "Cacheable reads not answered from the cache (sent to the cloud, or not cached).",
-            &self.misses,
-        );
-        let single = |out: &mut String, name: &str, kind: &str, help: &str, value: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
-        };
-        single(&mut out, "netd_hub_cached_objects", "gauge", "Objects in the cache.", objects);
-        single(&mut out, "netd_hub_cached_bytes", "gauge", "Bytes of the cache's object files.", bytes);
-        single(
-            &mut out,
+            misses.iter().map(|(resource, n)| ([("resource", resource.as_str())], *n)),
+        )?;
+        out.gauge("netd_hub_cached_objects", "Objects in the cache.", self.objects)?;
+        out.gauge("netd_hub_cached_bytes", "Bytes of the cache's object files.", self.bytes)?;
+        out.gauge(
             "netd_hub_cloud_reachable",
-            "gauge",
             "1 when kube-apiserver answers the health probe.",
-            u64::from(self.cloud_reachable()),
-        );
-        single(
-            &mut out,
+            u64::from(m.cloud_reachable()),
+        )?;
+        out.gauge(
             "netd_hub_autonomous",
-            "gauge",
             "1 when the hub caches and answers from its cache offline (the node is autonomous, or --cache=true); \
              0 when it is a pass-through.",
-            u64::from(self.autonomous()),
-        );
-        single(
-            &mut out,
+            u64::from(m.autonomous()),
+        )?;
+        out.counter(
             "netd_hub_requests_served_offline_total",
-            "counter",
             "Requests answered from the cache while the cloud was unreachable.",
-            self.served_offline.load(Ordering::Relaxed),
-        );
-        single(
-            &mut out,
+            m.served_offline.load(Ordering::Relaxed),
+        )?;
+        out.counter(
             "netd_hub_corrupt_files_skipped_total",
-            "counter",
             "Cache files found corrupt or truncated, skipped and never served.",
-            self.corrupt_files(),
-        );
-        single(
-            &mut out,
+            m.corrupt_files(),
+        )?;
+        out.counter(
             "netd_hub_cache_write_failures_total",
-            "counter",
             "Cache writes that failed (the response was still sent).",
-            self.write_failures.load(Ordering::Relaxed),
-        );
-        single(
-            &mut out,
-            "netd_hub_requests_total",
-            "counter",
-            "Requests received.",
-            self.requests.load(Ordering::Relaxed),
-        );
-        single(
-            &mut out,
+            m.write_failures.load(Ordering::Relaxed),
+        )?;
+        out.counter("netd_hub_requests_total", "Requests received.", m.requests.load(Ordering::Relaxed))?;
+        out.counter(
             "netd_hub_upstream_errors_total",
-            "counter",
             "Requests kube-apiserver did not answer (connection error, timeout, 5xx).",
-            self.upstream_errors.load(Ordering::Relaxed),
-        );
-        let _ = writeln!(
-            out,
-            "# HELP netd_hub_refused_total Clients and requests refused.\n# TYPE netd_hub_refused_total counter"
-        );
-        for (why, n) in self.refused.lock().unwrap_or_else(PoisonError::into_inner).iter() {
-            let _ = writeln!(out, "netd_hub_refused_total{{reason=\"{}\"}} {n}", why.label());
-        }
-        out
+            m.upstream_errors.load(Ordering::Relaxed),
+        )?;
+        let refused = m.refused.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        out.counters(
+            "netd_hub_refused_total",
+            "Clients and requests refused.",
+            refused.iter().map(|(why, n)| ([("reason", why.label())], *n)),
+        )
     }
 }

@@ -220,7 +220,11 @@ async fn pins_of_pods_that_are_gone_are_freed_on_the_control_planes_word_only() 
     let watch = PodWatch::new(&client, NODE).unwrap().with_watch_timeout(Duration::from_secs(2));
     let shared = Arc::new(Shared::default());
     let keeper = PinKeeper { stores: Stores::Discover(conf_dir.clone()), grace: GRACE };
-    let task = tokio::spawn(keeper.run(watch, shared.clone()));
+    // Embedded as an agent would: on this runtime, stopped by its owner.
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(keeper.run_until(watch, shared.clone(), async move {
+        let _ = stopped.await;
+    }));
     let freed = |reason: netd::ipam::FreeReason| Store::open(&store).unwrap().stats().unwrap().freed.get(reason);
 
     // The first complete list: the ghost is absent, released past the grace.
@@ -284,7 +288,9 @@ async fn pins_of_pods_that_are_gone_are_freed_on_the_control_planes_word_only() 
     // Only the filler is still attached.
     assert!(metrics.contains(r#"netd_ipam_pins{state="attached"} 1"#), "{metrics}");
     Store::open(&store).unwrap().integrity_check().unwrap();
-    task.abort();
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), task).await.expect("the keeper stops when told").unwrap();
+    Store::open(&store).unwrap().integrity_check().unwrap();
 }
 
 /// Plugin processes, pods and the daemon's pin keeper sharing one store

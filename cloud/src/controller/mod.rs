@@ -97,18 +97,16 @@ pub struct ControllerMetrics {
 }
 
 impl ControllerMetrics {
-    /// Prometheus text.
+    /// Every part's counters in Prometheus' text format: one registry
+    /// holding each part's collector, encoded once.
     pub fn render_prometheus(&self) -> String {
-        let mut out = String::from(
-            "# HELP netd_controller_leader 1 while this replica holds the leader lease.\n\
-             # TYPE netd_controller_leader gauge\n",
-        );
-        out.push_str(&format!("netd_controller_leader {}\n", u8::from(self.leader.load(Ordering::Relaxed))));
-        out.push_str(&self.nodes.render_prometheus());
-        out.push_str(&self.tunnel.render_prometheus());
-        out.push_str(&self.tolerations.render_prometheus());
-        out.push_str(&self.rollout.render_prometheus());
-        out
+        let mut registry = netd_metrics::Registry::default();
+        registry.register_collector(Box::new(Leader(self.leader.load(Ordering::Relaxed))));
+        registry.register_collector(Box::new(self.nodes.clone()));
+        registry.register_collector(Box::new(self.tunnel.clone()));
+        registry.register_collector(Box::new(self.tolerations.clone()));
+        registry.register_collector(Box::new(self.rollout.clone()));
+        netd_metrics::encode(&registry)
     }
 
     /// What `/metrics` serves: [`Self::render_prometheus`], and the
@@ -119,6 +117,20 @@ impl ControllerMetrics {
         let mut out = self.render_prometheus();
         out.push_str(&self.tunnel.clone().render_dnat().await);
         out
+    }
+}
+
+/// `netd_controller_leader`, as it was when the scrape began.
+#[derive(Debug)]
+struct Leader(bool);
+
+impl netd_metrics::Collector for Leader {
+    fn encode(&self, encoder: netd_metrics::DescriptorEncoder) -> std::fmt::Result {
+        netd_metrics::Families::new(encoder).gauge(
+            "netd_controller_leader",
+            "1 while this replica holds the leader lease.",
+            u64::from(self.0),
+        )
     }
 }
 
@@ -215,4 +227,30 @@ pub async fn run(
         }
     }
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_render_every_part_once_leader_first() {
+        let metrics = ControllerMetrics::default();
+        metrics.leader.store(true, Ordering::Relaxed);
+        metrics.rollout.phase.store(2, Ordering::Relaxed);
+        let text = metrics.render_prometheus();
+        assert!(
+            text.starts_with(
+                "# HELP netd_controller_leader 1 while this replica holds the leader lease.\n\
+                 # TYPE netd_controller_leader gauge\nnetd_controller_leader 1\n"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE netd_rollout_phase gauge\nnetd_rollout_phase 2\n"), "{text}");
+        let families: Vec<_> = text.lines().filter_map(|line| line.strip_prefix("# TYPE ")).collect();
+        assert_eq!(families.len(), 1 + 8 + 12 + 5 + 4, "{text}");
+        let first = |prefix: &str| families.iter().position(|f| f.starts_with(prefix)).unwrap();
+        let order = ["netd_controller_leader", "netd_controller_cloud", "netd_tunnel_config_", "netd_controller_tol"];
+        assert!(order.windows(2).all(|w| first(w[0]) < first(w[1])) && first(order[3]) < first("netd_rollout_"));
+    }
 }

@@ -105,10 +105,10 @@ pub struct NodeMetrics {
     pub errors: AtomicU64,
 }
 
-impl NodeMetrics {
-    /// Prometheus text.
-    pub fn render_prometheus(&self) -> String {
-        let mut out = String::new();
+/// Read at scrape time (`/metrics` registers the controller's).
+impl netd_metrics::Collector for NodeMetrics {
+    fn encode(&self, encoder: netd_metrics::DescriptorEncoder) -> std::fmt::Result {
+        let mut out = netd_metrics::Families::new(encoder);
         for (name, help, value) in [
             (
                 "netd_controller_cloud_nodes_marked_total",
@@ -139,12 +139,9 @@ impl NodeMetrics {
             ),
             ("netd_controller_node_errors_total", "Node writes that failed.", &self.errors),
         ] {
-            out.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
-                value.load(Ordering::Relaxed)
-            ));
+            out.counter(name, help, value.load(Ordering::Relaxed))?;
         }
-        out
+        Ok(())
     }
 }
 

@@ -600,38 +600,38 @@ impl TolerationMetrics {
         self.autonomous_nodes.load(Ordering::Relaxed)
     }
 
-    /// The Prometheus text exposition of the counters.
-    pub fn render_prometheus(&self) -> String {
-        let mut out = String::new();
-        let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
-            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
-        };
-        metric(
+    /// The Prometheus text exposition of the counters (what `/metrics`
+    /// serves of them, for logs and tests).
+    pub fn render_prometheus(self: &Arc<Self>) -> String {
+        netd_metrics::render(self.clone())
+    }
+}
+
+/// Read at scrape time (`/metrics` registers the controller's).
+impl netd_metrics::Collector for TolerationMetrics {
+    fn encode(&self, encoder: netd_metrics::DescriptorEncoder) -> std::fmt::Result {
+        let mut out = netd_metrics::Families::new(encoder);
+        out.counter(
             "netd_controller_tolerations_rewritten_total",
-            "counter",
             "Pods of autonomous nodes whose not-ready/unreachable tolerations were lengthened.",
             self.rewritten(),
-        );
-        metric(
+        )?;
+        out.counter(
             "netd_controller_tolerations_restored_total",
-            "counter",
             "Pods whose saved tolerations were given back after autonomy ended.",
             self.restored(),
-        );
-        metric(
+        )?;
+        out.counter(
             "netd_controller_tolerations_skipped_total",
-            "counter",
             "Looks at pods of autonomous nodes left alone (DaemonSet, mirror or terminating pods).",
             self.skipped(),
-        );
-        metric(
+        )?;
+        out.counter(
             "netd_controller_tolerations_errors_total",
-            "counter",
             "Pods left as they are because of an error (unreadable annotation, refused patch, retries exhausted).",
             self.errors(),
-        );
-        metric("netd_controller_autonomous_nodes", "gauge", "Nodes that are autonomous now.", self.autonomous_nodes());
-        out
+        )?;
+        out.gauge("netd_controller_autonomous_nodes", "Nodes that are autonomous now.", self.autonomous_nodes())
     }
 }
 
@@ -1429,7 +1429,7 @@ mod tests {
 
     #[test]
     fn metrics_render_as_prometheus_text() {
-        let metrics = TolerationMetrics::default();
+        let metrics = Arc::new(TolerationMetrics::default());
         metrics.rewritten.fetch_add(3, Ordering::Relaxed);
         let text = metrics.render_prometheus();
         assert!(text.contains("# TYPE netd_controller_tolerations_rewritten_total counter\nnetd_controller_tolerations_rewritten_total 3\n"));

@@ -79,7 +79,6 @@
 //! [`config::from_tunnel_config`]: crate::dnat::config::from_tunnel_config
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -197,53 +196,10 @@ impl Drop for ShownIn {
 }
 
 impl TunnelConfigMetrics {
-    /// The counters in Prometheus' text format.
-    pub fn render_prometheus(&self) -> String {
-        let series: [(&str, &str, &str, &AtomicU64); 12] = [
-            ("netd_tunnel_config_node_events_total", "counter", "Node watch events folded.", &self.node_events),
-            (
-                "netd_tunnel_config_configmap_events_total",
-                "counter",
-                "edge-tunnel-server-cfg watch events folded.",
-                &self.config_map_events,
-            ),
-            ("netd_tunnel_config_resyncs_total", "counter", "Complete lists folded.", &self.resyncs),
-            ("netd_tunnel_config_edge_nodes", "gauge", "Edge node addresses redirected.", &self.edge_nodes),
-            ("netd_tunnel_config_edge_subnets", "gauge", "Edge pod subnets redirected.", &self.edge_subnets),
-            ("netd_tunnel_config_port_rules", "gauge", "Port rules in force.", &self.port_rules),
-            (
-                "netd_tunnel_config_valid",
-                "gauge",
-                "1 while the ConfigMap is in force, 0 while it is refused and older rules stay.",
-                &self.config_valid,
-            ),
-            ("netd_tunnel_config_refused_total", "counter", "ConfigMap versions refused.", &self.config_refused),
-            (
-                "netd_tunnel_config_map_writes_total",
-                "counter",
-                "BPF map entries added, changed or removed.",
-                &self.map_writes,
-            ),
-            (
-                "netd_tunnel_config_map_errors_total",
-                "counter",
-                "BPF map write batches that failed and were retried.",
-                &self.map_errors,
-            ),
-            ("netd_tunnel_config_events_posted_total", "counter", "Kubernetes Events posted.", &self.events_posted),
-            (
-                "netd_tunnel_config_event_errors_total",
-                "counter",
-                "Kubernetes Events the API server did not take.",
-                &self.event_errors,
-            ),
-        ];
-        let mut out = String::new();
-        for (name, kind, help, value) in series {
-            let _ =
-                writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}", value.load(Ordering::Relaxed));
-        }
-        out
+    /// The counters in Prometheus' text format (without the DNAT's own,
+    /// [`Self::render_dnat`]).
+    pub fn render_prometheus(self: &Arc<Self>) -> String {
+        netd_metrics::render(self.clone())
     }
 
     /// The driven DNAT's own counters (`netd_dnat_*`,
@@ -277,6 +233,47 @@ impl TunnelConfigMetrics {
 
     fn add(counter: &AtomicU64, changes: Changes) {
         counter.fetch_add((changes.added + changes.updated + changes.removed) as u64, Ordering::Relaxed);
+    }
+}
+
+/// The counters, read at scrape time (`/metrics` registers the
+/// controller's); the DNAT's own are [`TunnelConfigMetrics::render_dnat`]'s.
+impl netd_metrics::Collector for TunnelConfigMetrics {
+    fn encode(&self, encoder: netd_metrics::DescriptorEncoder) -> std::fmt::Result {
+        let mut out = netd_metrics::Families::new(encoder);
+        let get = |value: &AtomicU64| value.load(Ordering::Relaxed);
+        out.counter("netd_tunnel_config_node_events_total", "Node watch events folded.", get(&self.node_events))?;
+        out.counter(
+            "netd_tunnel_config_configmap_events_total",
+            "edge-tunnel-server-cfg watch events folded.",
+            get(&self.config_map_events),
+        )?;
+        out.counter("netd_tunnel_config_resyncs_total", "Complete lists folded.", get(&self.resyncs))?;
+        out.gauge("netd_tunnel_config_edge_nodes", "Edge node addresses redirected.", get(&self.edge_nodes))?;
+        out.gauge("netd_tunnel_config_edge_subnets", "Edge pod subnets redirected.", get(&self.edge_subnets))?;
+        out.gauge("netd_tunnel_config_port_rules", "Port rules in force.", get(&self.port_rules))?;
+        out.gauge(
+            "netd_tunnel_config_valid",
+            "1 while the ConfigMap is in force, 0 while it is refused and older rules stay.",
+            get(&self.config_valid),
+        )?;
+        out.counter("netd_tunnel_config_refused_total", "ConfigMap versions refused.", get(&self.config_refused))?;
+        out.counter(
+            "netd_tunnel_config_map_writes_total",
+            "BPF map entries added, changed or removed.",
+            get(&self.map_writes),
+        )?;
+        out.counter(
+            "netd_tunnel_config_map_errors_total",
+            "BPF map write batches that failed and were retried.",
+            get(&self.map_errors),
+        )?;
+        out.counter("netd_tunnel_config_events_posted_total", "Kubernetes Events posted.", get(&self.events_posted))?;
+        out.counter(
+            "netd_tunnel_config_event_errors_total",
+            "Kubernetes Events the API server did not take.",
+            get(&self.event_errors),
+        )
     }
 }
 
@@ -1110,7 +1107,7 @@ mod tests {
 
     #[test]
     fn metrics_render_as_prometheus_text() {
-        let metrics = TunnelConfigMetrics::default();
+        let metrics = Arc::new(TunnelConfigMetrics::default());
         metrics.edge_nodes.store(3, Ordering::Relaxed);
         metrics.config_refused.fetch_add(1, Ordering::Relaxed);
         let text = metrics.render_prometheus();

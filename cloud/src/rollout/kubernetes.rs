@@ -514,20 +514,15 @@ pub struct RolloutMetrics {
     pub pods_deleted: AtomicU64,
 }
 
-impl RolloutMetrics {
-    /// Prometheus text.
-    pub fn render_prometheus(&self) -> String {
+/// Read at scrape time (`/metrics` registers the controller's).
+impl netd_metrics::Collector for RolloutMetrics {
+    fn encode(&self, encoder: netd_metrics::DescriptorEncoder) -> std::fmt::Result {
+        let mut out = netd_metrics::Families::new(encoder);
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        format!(
-            "# HELP netd_rollout_phase Open rollout: 0 none, 1 running, 2 paused.\n# TYPE netd_rollout_phase gauge\nnetd_rollout_phase {}\n\
-             # HELP netd_rollout_nodes_updated Nodes of the open rollout on its target.\n# TYPE netd_rollout_nodes_updated gauge\nnetd_rollout_nodes_updated {}\n\
-             # HELP netd_rollout_nodes_total Nodes the open rollout covers.\n# TYPE netd_rollout_nodes_total gauge\nnetd_rollout_nodes_total {}\n\
-             # HELP netd_rollout_pods_deleted_total Old netd pods deleted by rollouts.\n# TYPE netd_rollout_pods_deleted_total counter\nnetd_rollout_pods_deleted_total {}\n",
-            get(&self.phase),
-            get(&self.nodes_updated),
-            get(&self.nodes_total),
-            get(&self.pods_deleted)
-        )
+        out.gauge("netd_rollout_phase", "Open rollout: 0 none, 1 running, 2 paused.", get(&self.phase))?;
+        out.gauge("netd_rollout_nodes_updated", "Nodes of the open rollout on its target.", get(&self.nodes_updated))?;
+        out.gauge("netd_rollout_nodes_total", "Nodes the open rollout covers.", get(&self.nodes_total))?;
+        out.counter("netd_rollout_pods_deleted_total", "Old netd pods deleted by rollouts.", get(&self.pods_deleted))
     }
 }
 

@@ -1,6 +1,5 @@
 //! `/healthz`, `/readyz` and Prometheus `/metrics` over plain HTTP/1.1 (hyper, [`netd_metrics`]).
 
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
@@ -43,88 +42,78 @@ impl Shared {
         })
     }
 
-    /// The Prometheus text exposition.
-    pub fn metrics(&self) -> String {
+    /// The Prometheus text exposition of [`Shared`]'s collector.
+    pub fn metrics(self: &Arc<Self>) -> String {
+        netd_metrics::render(self.clone())
+    }
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("ready", &self.ready()).finish_non_exhaustive()
+    }
+}
+
+/// The daemon's families, read at scrape time: the overlay's status handle
+/// (never waits for the overlay thread), the registry state, the pins.
+impl netd_metrics::Collector for Shared {
+    fn encode(&self, encoder: netd_metrics::DescriptorEncoder) -> std::fmt::Result {
         let status = lock(&self.overlay).as_ref().map(StatusHandle::get).unwrap_or_default();
         let connected = *lock(&self.registry_connected);
         let since_sync = lock(&self.last_sync).map(|t| t.elapsed().as_secs_f64()).unwrap_or(-1.0);
         let last = status.last.as_ref();
-        let mut out = String::new();
-        let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
-        };
-        metric("netd_peers_programmed", "gauge", "Peers programmed on the VXLAN device.", status.peers as f64);
-        metric(
+        let mut out = netd_metrics::Families::new(encoder);
+        out.gauge("netd_peers_programmed", "Peers programmed on the VXLAN device.", status.peers as u64)?;
+        out.gauge(
             "netd_peers_rejected",
-            "gauge",
             "Peers refused by validation in the last pass.",
-            last.map_or(0, |r| r.rejected.len()) as f64,
-        );
-        metric(
+            last.map_or(0, |r| r.rejected.len()) as u64,
+        )?;
+        out.gauge(
             "netd_reconcile_seconds",
-            "gauge",
             "Duration of the last reconcile pass.",
             last.map_or(0.0, |r| r.elapsed.as_secs_f64()),
-        );
-        metric("netd_reconciles_total", "counter", "Full reconcile passes run.", status.reconciles as f64);
-        metric(
+        )?;
+        out.counter("netd_reconciles_total", "Full reconcile passes run.", status.reconciles)?;
+        out.counter(
             "netd_peer_changes_applied_total",
-            "counter",
             "Batches of registry changes applied without a full pass.",
-            status.applies as f64,
-        );
-        metric(
+            status.applies,
+        )?;
+        out.gauge(
             "netd_peer_change_apply_seconds",
-            "gauge",
             "Duration of the last batch of registry changes (journal excluded).",
             status.last_apply.as_ref().map_or(0.0, |r| r.elapsed.as_secs_f64()),
-        );
-        metric(
+        )?;
+        out.counter(
             "netd_snapshot_bytes_written_total",
-            "counter",
             "Bytes written to the offline snapshot and its journal.",
-            status.snapshot_bytes_written as f64,
-        );
-        metric("netd_netlink_errors_total", "counter", "Kernel writes refused.", status.netlink_errors as f64);
-        metric("netd_device_repairs_total", "counter", "VXLAN device drift repairs.", status.repairs as f64);
-        metric("netd_registry_connected", "gauge", "1 when the registry is reachable.", f64::from(u8::from(connected)));
-        metric(
+            status.snapshot_bytes_written,
+        )?;
+        out.counter("netd_netlink_errors_total", "Kernel writes refused.", status.netlink_errors)?;
+        out.counter("netd_device_repairs_total", "VXLAN device drift repairs.", status.repairs)?;
+        out.gauge("netd_registry_connected", "1 when the registry is reachable.", u64::from(connected))?;
+        out.gauge(
             "netd_seconds_since_last_sync",
-            "gauge",
             "Seconds since the last full registry resync (-1: never).",
             since_sync,
-        );
-        metric("netd_ready", "gauge", "1 once the overlay is programmed.", f64::from(u8::from(self.ready())));
-        if let Some(pins) = lock(&self.pins).clone() {
-            let stats = pins.stats;
-            let _ = writeln!(
-                out,
-                "# HELP netd_ipam_pins Pinned pod IPs in the node's IPAM stores, by state.\n# TYPE netd_ipam_pins gauge\n\
-                 netd_ipam_pins{{state=\"attached\"}} {}\nnetd_ipam_pins{{state=\"released\"}} {}",
-                stats.attached, stats.released
-            );
-            let _ = writeln!(out, "# HELP netd_ipam_pins_freed_total Pinned pod IPs freed, by reason.\n# TYPE netd_ipam_pins_freed_total counter");
-            for reason in netd_ipam::FreeReason::ALL {
-                let _ = writeln!(
-                    out,
-                    "netd_ipam_pins_freed_total{{reason=\"{}\"}} {}",
-                    reason.as_str(),
-                    stats.freed.get(reason)
-                );
-            }
-            let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
-                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
-            };
-            metric("netd_ipam_stores", "gauge", "IPAM stores kept tidy.", pins.stores as f64);
-            metric("netd_pods_bound", "gauge", "Pods bound to this node, per the pod watch.", pins.pods as f64);
-            metric(
-                "netd_pods_synced",
-                "gauge",
-                "1 while the pod view is authoritative.",
-                f64::from(u8::from(pins.synced)),
-            );
-        }
-        out
+        )?;
+        out.gauge("netd_ready", "1 once the overlay is programmed.", u64::from(self.ready()))?;
+        let Some(pins) = lock(&self.pins).clone() else { return Ok(()) };
+        let stats = pins.stats;
+        out.gauges(
+            "netd_ipam_pins",
+            "Pinned pod IPs in the node's IPAM stores, by state.",
+            [([("state", "attached")], stats.attached), ([("state", "released")], stats.released)],
+        )?;
+        out.counters(
+            "netd_ipam_pins_freed_total",
+            "Pinned pod IPs freed, by reason.",
+            netd_ipam::FreeReason::ALL.map(|reason| ([("reason", reason.as_str())], stats.freed.get(reason))),
+        )?;
+        out.gauge("netd_ipam_stores", "IPAM stores kept tidy.", pins.stores as u64)?;
+        out.gauge("netd_pods_bound", "Pods bound to this node, per the pod watch.", pins.pods as u64)?;
+        out.gauge("netd_pods_synced", "1 while the pod view is authoritative.", u64::from(pins.synced))
     }
 }
 

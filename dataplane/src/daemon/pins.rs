@@ -184,6 +184,45 @@ impl PinKeeper {
         (self.grace / 4).clamp(Duration::from_secs(1), Duration::from_secs(30))
     }
 
+    /// The pin keeper on its own, for an agent that embeds it without the
+    /// overlay: runs on the caller's runtime until `shutdown` completes. Its
+    /// counters go to `shared` (serve them with [`super::health::serve`],
+    /// or read [`Shared::metrics`]).
+    ///
+    /// Stopping is safe at any point: a store write in flight is one SQLite
+    /// transaction on the blocking pool, which finishes or rolls back on its
+    /// own; nothing is freed that the next start would not free too.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::sync::Arc;
+    /// use netd_dataplane::daemon::health::Shared;
+    /// use netd_dataplane::daemon::pins::{PinKeeper, Stores, DEFAULT_GRACE};
+    /// use netd_kube::{pods::PodWatch, KubeClient, KubeConfig};
+    ///
+    /// let client = KubeClient::new(&KubeConfig::in_cluster()?)?;
+    /// let watch = PodWatch::new(&client, "edge-1")?;
+    /// let keeper = PinKeeper { stores: Stores::Discover("/etc/cni/net.d".into()), grace: DEFAULT_GRACE };
+    /// let shared = Arc::new(Shared::default());
+    /// let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    /// let task = tokio::spawn(keeper.run_until(watch, shared.clone(), async move { let _ = stopped.await; }));
+    /// // … later, when the host application winds down:
+    /// let _ = stop.send(());
+    /// task.await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn run_until(
+        self,
+        watch: PodWatch,
+        shared: Arc<Shared>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::select! {
+            () = self.run(watch, shared) => {}
+            () = shutdown => tracing::info!("pin keeper stopped"),
+        }
+    }
+
     /// Watches the pods bound to this node forever and frees the pins of
     /// the ones that are gone (see the module docs).
     pub async fn run(self, mut watch: PodWatch, shared: Arc<Shared>) {

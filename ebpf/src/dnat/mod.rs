@@ -351,52 +351,45 @@ impl DnatStats {
     /// for node_exporter's textfile collector, and for any netd process that
     /// serves /metrics next to a tunnel DNAT).
     pub fn render_prometheus(&self) -> String {
-        use std::fmt::Write as _;
-        let stats = self;
-        let mut out = String::new();
-        out.push_str(
-            "# HELP netd_dnat_redirected_total Connections redirected to the tunnel server, by rule.\n\
-             # TYPE netd_dnat_redirected_total counter\n",
-        );
-        for rule in &stats.rules {
-            let _ = writeln!(
-                out,
-                "netd_dnat_redirected_total{{port=\"{}\",target_port=\"{}\"}} {}",
-                rule.port, rule.target_port, rule.redirected
-            );
-        }
-        let gauges: [(&str, &str, &str, u64); 6] = [
-            ("netd_dnat_edge_nodes", "gauge", "Edge node addresses redirected.", stats.edge_nodes.len() as u64),
-            ("netd_dnat_edge_subnets", "gauge", "Edge pod subnets redirected.", stats.edge_subnets.len() as u64),
-            (
-                "netd_dnat_handshakes_pending",
-                "gauge",
-                "Redirected connections between SYN and accept.",
-                stats.handshakes_pending as u64,
-            ),
-            (
-                "netd_dnat_accepted_with_origin_total",
-                "counter",
-                "Accepted tunnel connections that learned their original destination.",
-                stats.accepted_with_origin,
-            ),
-            (
-                "netd_dnat_no_storage_total",
-                "counter",
-                "Matches left unredirected for want of socket storage.",
-                stats.no_storage,
-            ),
-            (
-                "netd_dnat_handshake_full_total",
-                "counter",
-                "Handshakes the hand-over map could not take.",
-                stats.handshake_full,
-            ),
-        ];
-        for (name, kind, help, value) in gauges {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
-        }
-        out
+        netd_metrics::render(self.clone())
+    }
+}
+
+/// A snapshot is a collector of itself: register one read at scrape time.
+impl netd_metrics::Collector for DnatStats {
+    fn encode(&self, encoder: netd_metrics::DescriptorEncoder) -> std::fmt::Result {
+        let mut out = netd_metrics::Families::new(encoder);
+        let ports: Vec<_> =
+            self.rules.iter().map(|rule| (rule.port.to_string(), rule.target_port.to_string())).collect();
+        out.counters(
+            "netd_dnat_redirected_total",
+            "Connections redirected to the tunnel server, by rule.",
+            self.rules.iter().zip(&ports).map(|(rule, (port, target_port))| {
+                ([("port", port.as_str()), ("target_port", target_port.as_str())], rule.redirected)
+            }),
+        )?;
+        out.gauge("netd_dnat_edge_nodes", "Edge node addresses redirected.", self.edge_nodes.len() as u64)?;
+        out.gauge("netd_dnat_edge_subnets", "Edge pod subnets redirected.", self.edge_subnets.len() as u64)?;
+        out.gauge(
+            "netd_dnat_handshakes_pending",
+            "Redirected connections between SYN and accept.",
+            self.handshakes_pending as u64,
+        )?;
+        out.counter(
+            "netd_dnat_accepted_with_origin_total",
+            "Accepted tunnel connections that learned their original destination.",
+            self.accepted_with_origin,
+        )?;
+        out.counter(
+            "netd_dnat_no_storage_total",
+            "Matches left unredirected for want of socket storage.",
+            self.no_storage,
+        )?;
+        out.counter(
+            "netd_dnat_handshake_full_total",
+            "Handshakes the hand-over map could not take.",
+            self.handshake_full,
+        )
     }
 }
 

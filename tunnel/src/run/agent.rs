@@ -1,7 +1,6 @@
 //! The tunnel agent process: its settings, counters and [`run_agent`].
 
 use std::collections::BTreeSet;
-use std::fmt::Write as _;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -11,7 +10,7 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use rustls_pki_types::ServerName;
 
-use super::{bind, counter, serve_metrics, TunnelError, KUBELET_PORTS};
+use super::{bind, serve_metrics, TunnelError, KUBELET_PORTS};
 use crate::agent::{self, AgentConfig, AgentMetrics};
 use crate::certs::{self, CertFiles};
 use crate::tls;
@@ -43,44 +42,45 @@ pub struct AgentSettings {
 }
 
 /// The agent's counters, Prometheus text format.
-pub fn agent_metrics(m: &AgentMetrics) -> String {
-    let mut out = String::new();
-    counter(&mut out, "netd_tunnel_agent_links_up", "gauge", "Links to tunnel servers up now.", &m.links_up);
-    counter(&mut out, "netd_tunnel_agent_streams_open", "gauge", "Streams open now.", &m.streams_open);
-    counter(&mut out, "netd_tunnel_agent_streams_total", "counter", "Streams served.", &m.streams_total);
-    let _ = writeln!(
-        out,
-        "# HELP netd_tunnel_agent_refused_total Streams refused, by reason.\n# TYPE netd_tunnel_agent_refused_total counter\n\
-         netd_tunnel_agent_refused_total{{reason=\"address\"}} {}\n\
-         netd_tunnel_agent_refused_total{{reason=\"port\"}} {}\n\
-         netd_tunnel_agent_refused_total{{reason=\"request\"}} {}",
-        m.refused_address.load(Ordering::Relaxed),
-        m.refused_port.load(Ordering::Relaxed),
-        m.refused_request.load(Ordering::Relaxed)
-    );
-    counter(&mut out, "netd_tunnel_agent_dial_failures_total", "counter", "Local dials that failed.", &m.dial_failures);
-    counter(
-        &mut out,
+pub fn agent_metrics(m: &Arc<AgentMetrics>) -> String {
+    netd_metrics::render(agent_collector(m.clone()))
+}
+
+/// What the agent's `/metrics` serves, read at scrape time.
+fn agent_collector(metrics: Arc<AgentMetrics>) -> impl netd_metrics::Collector {
+    netd_metrics::from_fn(metrics, encode_agent)
+}
+
+fn encode_agent(m: &AgentMetrics, out: &mut netd_metrics::Families<'_>) -> std::fmt::Result {
+    out.gauge("netd_tunnel_agent_links_up", "Links to tunnel servers up now.", m.links_up.load(Ordering::Relaxed))?;
+    out.gauge("netd_tunnel_agent_streams_open", "Streams open now.", m.streams_open.load(Ordering::Relaxed))?;
+    out.counter("netd_tunnel_agent_streams_total", "Streams served.", m.streams_total.load(Ordering::Relaxed))?;
+    out.counters(
+        "netd_tunnel_agent_refused_total",
+        "Streams refused, by reason.",
+        [("address", &m.refused_address), ("port", &m.refused_port), ("request", &m.refused_request)]
+            .map(|(reason, count)| ([("reason", reason)], count.load(Ordering::Relaxed))),
+    )?;
+    out.counter(
+        "netd_tunnel_agent_dial_failures_total",
+        "Local dials that failed.",
+        m.dial_failures.load(Ordering::Relaxed),
+    )?;
+    out.counter(
         "netd_tunnel_agent_handshake_failures_total",
-        "counter",
         "Links that failed in TLS.",
-        &m.handshake_failures,
-    );
-    counter(
-        &mut out,
+        m.handshake_failures.load(Ordering::Relaxed),
+    )?;
+    out.counter(
         "netd_tunnel_agent_bytes_in_total",
-        "counter",
         "Bytes from servers to local destinations.",
-        &m.bytes_in,
-    );
-    counter(
-        &mut out,
+        m.bytes_in.load(Ordering::Relaxed),
+    )?;
+    out.counter(
         "netd_tunnel_agent_bytes_out_total",
-        "counter",
         "Bytes from local destinations to servers.",
-        &m.bytes_out,
-    );
-    out
+        m.bytes_out.load(Ordering::Relaxed),
+    )
 }
 
 /// This node's pod subnet from the `subnet.env` netd writes: none when the
@@ -190,7 +190,7 @@ async fn dial(settings: AgentSettings) -> Result<(), TunnelError> {
     }
     tasks.spawn(agent::run(config, metrics.clone()));
     if let Some(addr) = settings.metrics_listen {
-        tasks.spawn(serve_metrics(bind(addr).await?, Arc::new(move || agent_metrics(&metrics))));
+        tasks.spawn(serve_metrics(bind(addr).await?, agent_collector(metrics)));
     }
     while tasks.join_next().await.is_some() {}
     Ok(())

@@ -8,9 +8,7 @@
 // Without either half only the error and listener types remain.
 #![cfg_attr(not(any(feature = "agent", feature = "server")), allow(unused_imports))]
 
-use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use http::StatusCode;
@@ -111,18 +109,16 @@ pub(crate) async fn bind(addr: SocketAddr) -> Result<TcpListener, TunnelError> {
 }
 
 #[cfg(any(feature = "agent", feature = "server"))]
-pub(crate) fn counter(out: &mut String, name: &str, kind: &str, help: &str, value: &AtomicU64) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}", value.load(Ordering::Relaxed));
-}
-
-#[cfg(any(feature = "agent", feature = "server"))]
-/// `/metrics` and `/healthz`, until the task is dropped.
-pub(crate) async fn serve_metrics(listener: TcpListener, render: Arc<dyn Fn() -> String + Send + Sync>) {
+/// `/metrics` (what `collector` writes) and `/healthz`, until the task is dropped.
+pub(crate) async fn serve_metrics(listener: TcpListener, collector: impl netd_metrics::Collector) {
+    let mut registry = netd_metrics::Registry::default();
+    registry.register_collector(Box::new(collector));
+    let registry = Arc::new(registry);
     netd_metrics::serve_text(listener, move |path| {
-        let render = render.clone();
+        let registry = registry.clone();
         async move {
             match path.as_str() {
-                "/metrics" => (StatusCode::OK, render()),
+                "/metrics" => (StatusCode::OK, netd_metrics::encode(&registry)),
                 "/healthz" => (StatusCode::OK, "ok\n".to_string()),
                 _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
             }

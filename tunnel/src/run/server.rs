@@ -1,18 +1,18 @@
 //! The tunnel server process: its settings, counters and [`run_server`].
 
-use std::fmt::Write as _;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
-use super::{bind, counter, serve_metrics, TunnelError};
+use super::{bind, serve_metrics, TunnelError};
 use crate::certs::CertFiles;
 use crate::limits::{Door, Refusal};
 use crate::routes::{LeaseRefusal, LeaseRoute};
-use crate::server::{self, Router, ServerPolicy};
+use crate::server::{self, Router, ServerMetrics, ServerPolicy};
 use crate::tls;
 use netd_ebpf::dnat::{DnatError, TunnelDnat};
 use netd_registry::{AnyRegistry, OpenSettings, PeerEvent, PeerLease, Registry, RegistrySpec};
@@ -44,108 +44,86 @@ pub struct ServerSettings {
 }
 
 /// The server's counters, Prometheus text format.
-pub fn server_metrics(router: &Router) -> String {
-    let m = &router.metrics;
-    let mut out = String::new();
-    counter(&mut out, "netd_tunnel_agents", "gauge", "Agents linked now.", &m.agents);
-    counter(&mut out, "netd_tunnel_streams_open", "gauge", "Tunnelled connections open now.", &m.streams_open);
-    counter(&mut out, "netd_tunnel_streams_total", "counter", "Tunnelled connections opened.", &m.streams_total);
-    counter(
-        &mut out,
+pub fn server_metrics(router: &Arc<Router>) -> String {
+    netd_metrics::render(server_collector(router.clone()))
+}
+
+/// What the server's `/metrics` serves, read at scrape time.
+fn server_collector(router: Arc<Router>) -> impl netd_metrics::Collector {
+    netd_metrics::from_fn(router, |router, out| encode_server(&router.metrics, out))
+}
+
+fn encode_server(m: &ServerMetrics, out: &mut netd_metrics::Families<'_>) -> std::fmt::Result {
+    out.gauge("netd_tunnel_agents", "Agents linked now.", m.agents.load(Ordering::Relaxed))?;
+    out.gauge("netd_tunnel_streams_open", "Tunnelled connections open now.", m.streams_open.load(Ordering::Relaxed))?;
+    out.counter("netd_tunnel_streams_total", "Tunnelled connections opened.", m.streams_total.load(Ordering::Relaxed))?;
+    out.counter(
         "netd_tunnel_no_agent_total",
-        "counter",
         "Connections with no agent for their destination.",
-        &m.no_agent,
-    );
-    counter(
-        &mut out,
+        m.no_agent.load(Ordering::Relaxed),
+    )?;
+    out.counter(
         "netd_tunnel_refused_by_agent_total",
-        "counter",
         "Streams the agent refused.",
-        &m.refused_by_agent,
-    );
-    counter(
-        &mut out,
+        m.refused_by_agent.load(Ordering::Relaxed),
+    )?;
+    out.counter(
         "netd_tunnel_handshake_failures_total",
-        "counter",
         "Agent links refused in TLS or for want of a node identity.",
-        &m.handshake_failures,
-    );
-    counter(
-        &mut out,
+        m.handshake_failures.load(Ordering::Relaxed),
+    )?;
+    out.counter(
         "netd_tunnel_not_redirected_total",
-        "counter",
         "DNAT-door connections without an original destination.",
-        &m.not_redirected,
-    );
-    counter(
-        &mut out,
+        m.not_redirected.load(Ordering::Relaxed),
+    )?;
+    out.counter(
         "netd_tunnel_stream_cap_total",
-        "counter",
         "Stream opens refused: the agent's link carried its maximum.",
-        &m.stream_cap,
-    );
-    counter(
-        &mut out,
+        m.stream_cap.load(Ordering::Relaxed),
+    )?;
+    out.counter(
         "netd_tunnel_open_timeouts_total",
-        "counter",
         "Stream opens an agent did not answer in time.",
-        &m.open_timeouts,
-    );
-    counter(
-        &mut out,
+        m.open_timeouts.load(Ordering::Relaxed),
+    )?;
+    out.counter(
         "netd_tunnel_links_replaced_total",
-        "counter",
         "Agent links replaced by a newer link of the same node.",
-        &m.links_replaced,
-    );
-    counter(
-        &mut out,
+        m.links_replaced.load(Ordering::Relaxed),
+    )?;
+    out.counter(
         "netd_tunnel_certificate_addresses_refused_total",
-        "counter",
         "Certificate addresses not routed (special, reserved, another linked node's).",
-        &m.certificate_addresses_refused,
-    );
-    let _ = writeln!(
-        out,
-        "# HELP netd_tunnel_lease_refused_total Leases (or their addresses) refused, by reason.\n\
-         # TYPE netd_tunnel_lease_refused_total counter"
-    );
-    for why in LeaseRefusal::ALL {
-        let _ = writeln!(out, "netd_tunnel_lease_refused_total{{reason=\"{}\"}} {}", why.name(), m.lease_refusals(why));
-    }
-    let _ = writeln!(
-        out,
-        "# HELP netd_tunnel_door_refused_total Connections a door turned away, by door and reason.\n\
-         # TYPE netd_tunnel_door_refused_total counter"
-    );
-    for door in Door::ALL {
-        for why in Refusal::ALL {
-            let _ = writeln!(
-                out,
-                "netd_tunnel_door_refused_total{{door=\"{}\",reason=\"{}\"}} {}",
-                door.name(),
-                why.name(),
-                m.doors.refused(door, why)
-            );
-        }
-    }
-    let _ = writeln!(
-        out,
-        "# HELP netd_tunnel_door_connections Connections a door holds now.\n# TYPE netd_tunnel_door_connections gauge"
-    );
-    for door in Door::ALL {
-        let _ = writeln!(out, "netd_tunnel_door_connections{{door=\"{}\"}} {}", door.name(), m.doors.open(door));
-    }
-    counter(&mut out, "netd_tunnel_bytes_to_edge_total", "counter", "Bytes sent towards edge nodes.", &m.bytes_to_edge);
-    counter(
-        &mut out,
+        m.certificate_addresses_refused.load(Ordering::Relaxed),
+    )?;
+    out.counters(
+        "netd_tunnel_lease_refused_total",
+        "Leases (or their addresses) refused, by reason.",
+        LeaseRefusal::ALL.map(|why| ([("reason", why.name())], m.lease_refusals(why))),
+    )?;
+    out.counters(
+        "netd_tunnel_door_refused_total",
+        "Connections a door turned away, by door and reason.",
+        Door::ALL.into_iter().flat_map(|door| {
+            Refusal::ALL.map(|why| ([("door", door.name()), ("reason", why.name())], m.doors.refused(door, why)))
+        }),
+    )?;
+    out.gauges(
+        "netd_tunnel_door_connections",
+        "Connections a door holds now.",
+        Door::ALL.map(|door| ([("door", door.name())], m.doors.open(door))),
+    )?;
+    out.counter(
+        "netd_tunnel_bytes_to_edge_total",
+        "Bytes sent towards edge nodes.",
+        m.bytes_to_edge.load(Ordering::Relaxed),
+    )?;
+    out.counter(
         "netd_tunnel_bytes_from_edge_total",
-        "counter",
         "Bytes received from edge nodes.",
-        &m.bytes_from_edge,
-    );
-    out
+        m.bytes_from_edge.load(Ordering::Relaxed),
+    )
 }
 
 /// Runs a tunnel server on the caller's runtime until `shutdown` completes
@@ -212,8 +190,7 @@ async fn serve(settings: ServerSettings) -> Result<(), TunnelError> {
         tasks.spawn(follow_leases(registry, router.clone()));
     }
     if let Some(addr) = settings.metrics_listen {
-        let metrics_router = router.clone();
-        tasks.spawn(serve_metrics(bind(addr).await?, Arc::new(move || server_metrics(&metrics_router))));
+        tasks.spawn(serve_metrics(bind(addr).await?, server_collector(router.clone())));
     }
     while tasks.join_next().await.is_some() {}
     Ok(())
