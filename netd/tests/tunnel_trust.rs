@@ -22,6 +22,7 @@ use ipnet::IpNet;
 use netd::testing::{self, NetNs, VethPair};
 use netd::tunnel::certs::IssuedCert;
 use netd::tunnel::limits::{Door, Limits, Refusal};
+use netd::tunnel::replica::ReplicaStatus;
 use netd::tunnel::server::{self, Router, ServerPolicy};
 use netd::tunnel::{tls, transport};
 use rustls_pki_types::ServerName;
@@ -169,8 +170,14 @@ fn plain_http_by_host_is_off_by_default_and_then_only_for_the_named_sources() {
 }
 
 /// An agent link of `leaf`'s node that accepts the server's stream opens
-/// and never answers them; `ended` is set when the server closes the link.
-fn silent_agent(stage: &Stage, leaf: &IssuedCert, ended: Arc<std::sync::atomic::AtomicBool>) -> Background {
+/// and never answers them (nor, unless `introduced`, the replica's status
+/// that opens every link); `ended` is set when the server closes the link.
+fn silent_agent(
+    stage: &Stage,
+    leaf: &IssuedCert,
+    introduced: bool,
+    ended: Arc<std::sync::atomic::AtomicBool>,
+) -> Background {
     let mut certs = stage.pki.files(NODE).load().unwrap();
     certs.chain = vec![leaf.cert_der().clone()];
     certs.key = leaf.key_der();
@@ -181,8 +188,12 @@ fn silent_agent(stage: &Stage, leaf: &IssuedCert, ended: Arc<std::sync::atomic::
         let tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.unwrap();
         let mut connection = transport::agent_builder().handshake::<_, Bytes>(tls).await.unwrap();
         let mut held = Vec::new();
-        while let Some(Ok(open)) = connection.accept().await {
-            held.push(open);
+        while let Some(Ok((request, mut respond))) = connection.accept().await {
+            if introduced && ReplicaStatus::is_status(&request) {
+                respond.send_response(http::Response::new(()), true).unwrap();
+            } else {
+                held.push((request, respond));
+            }
         }
         ended.store(true, Ordering::Relaxed);
         std::future::pending::<()>().await;
@@ -203,7 +214,7 @@ fn an_agent_that_never_answers_costs_its_clients_a_bounded_wait_and_nobody_else_
     let silent_ip = Ipv4Addr::new(10, 250, 0, 3);
     let silent = stage.pki.ca.issue_node("edge-2", &[IpAddr::V4(silent_ip)], DAY).unwrap();
     let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let _silent = silent_agent(&stage, &silent, ended.clone());
+    let _silent = silent_agent(&stage, &silent, true, ended.clone());
     wait_for("the silent agent's link", Duration::from_secs(10), || linked.router.nodes().len() == 2);
 
     let client = linked.client.clone();
@@ -229,11 +240,26 @@ fn an_agent_that_never_answers_costs_its_clients_a_bounded_wait_and_nobody_else_
 
     // A second link of a node replaces the first, which the server closes.
     let dup_ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let _dup = silent_agent(&stage, &silent, dup_ended.clone());
+    let _dup = silent_agent(&stage, &silent, true, dup_ended.clone());
     wait_for("the first link closed", Duration::from_secs(10), || ended.load(Ordering::Relaxed));
     assert_eq!(linked.router.metrics.links_replaced.load(Ordering::Relaxed), 1);
     assert_eq!(linked.router.nodes(), vec![NODE.to_string(), "edge-2".to_string()]);
     assert!(!dup_ended.load(Ordering::Relaxed));
+
+    // A link that never answers the replica's status is closed after the
+    // same bound, never routed, and displaces nobody.
+    let mute = stage.pki.ca.issue_node("edge-3", &[IpAddr::V4(Ipv4Addr::new(10, 250, 0, 4))], DAY).unwrap();
+    let mute_ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let linked_at = Instant::now();
+    let _mute = silent_agent(&stage, &mute, false, mute_ended.clone());
+    wait_for("the mute link closed", open_timeout * 3, || mute_ended.load(Ordering::Relaxed));
+    assert!(linked_at.elapsed() >= open_timeout, "closed before its bound: {:?}", linked_at.elapsed());
+    assert_eq!(linked.router.nodes(), vec![NODE.to_string(), "edge-2".to_string()]);
+    let mute_again = silent_agent(&stage, &silent, false, Arc::default());
+    std::thread::sleep(open_timeout * 2);
+    drop(mute_again);
+    assert!(!dup_ended.load(Ordering::Relaxed), "an unintroduced link displaced the node's live one");
+    assert_eq!(linked.router.metrics.links_replaced.load(Ordering::Relaxed), 1);
 }
 
 #[test]

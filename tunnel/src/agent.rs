@@ -2,6 +2,13 @@
 //! given, keeps each link up, and serves the server's `CONNECT` streams by
 //! dialling its own node — only its own addresses and pod subnets (loopback
 //! only when configured), only the allowed ports.
+//!
+//! Several server replicas may answer one address (a load balancer): each
+//! link learns which replica it reached from the replica's status stream
+//! ([`super::replica`]), and the agent dials each address again, with
+//! jitter, until it holds a live link to as many distinct replicas as they
+//! say there are; a link that lands on a replica it already holds is
+//! closed at once.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
@@ -15,6 +22,7 @@ use ipnet::IpNet;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 
+use super::replica::{Claim, LinkSet, ReplicaStatus};
 use super::tls::Live;
 use super::transport::{self, backoff, Counted, TunnelStream, REFUSAL_HEADER};
 pub use super::transport::{BACKOFF_BASE, BACKOFF_CAP};
@@ -56,6 +64,14 @@ pub enum AgentError {
         /// What h2 reported.
         #[source]
         source: h2::Error,
+    },
+    /// The link reached a replica this agent already holds a link to.
+    #[error("tunnel link to {server} reached replica {replica}, which this agent is already linked to")]
+    Duplicate {
+        /// The server.
+        server: String,
+        /// The replica.
+        replica: String,
     },
     /// No pong within the timeout.
     #[error("tunnel link to {server} is dead: no pong within {timeout:?}")]
@@ -113,6 +129,13 @@ pub struct AgentMetrics {
     pub bytes_in: AtomicU64,
     /// Bytes from local destinations to the servers.
     pub bytes_out: AtomicU64,
+    /// Links closed at once: their replica was already linked.
+    pub duplicate_links: AtomicU64,
+    /// Replica statuses refused as malformed.
+    pub bad_statuses: AtomicU64,
+    /// The replicas linked now (what `/metrics` reports of them, and what
+    /// tells the dialers whether to look for more).
+    pub replicas: LinkSet,
 }
 
 /// Why a destination is refused, or `None` when the agent dials it.
@@ -127,21 +150,49 @@ pub fn refusal(config: &AgentConfig, dest: SocketAddr) -> Option<&'static str> {
     (!own).then_some("address")
 }
 
-/// Runs the agent: one link per server, each reconnecting forever.
+/// Runs the agent: links to every server address, each reconnecting
+/// forever, more than one per address while it holds fewer replicas than
+/// there are.
 pub async fn run(config: AgentConfig, metrics: Arc<AgentMetrics>) {
-    let mut links = tokio::task::JoinSet::new();
+    let mut addresses = tokio::task::JoinSet::new();
     for server in config.servers.clone() {
-        links.spawn(keep_linked(config.clone(), server, metrics.clone()));
+        addresses.spawn(keep_address(config.clone(), server, metrics.clone()));
     }
-    while links.join_next().await.is_some() {}
+    while addresses.join_next().await.is_some() {}
 }
 
-async fn keep_linked(config: AgentConfig, server: String, metrics: Arc<AgentMetrics>) {
-    let mut attempt = 0u32;
+/// The links through one address: the first always kept up, one more slot
+/// for each further replica the statuses announce. A slot past the first
+/// dials only while the agent is short of replicas, so addresses that each
+/// reach one replica settle at one link each.
+async fn keep_address(config: AgentConfig, server: String, metrics: Arc<AgentMetrics>) {
+    let mut slots = tokio::task::JoinSet::new();
+    let mut held = metrics.replicas.watch();
+    let mut opened = 0u32;
     loop {
+        let expected = held.borrow_and_update().expected.max(1);
+        while opened < expected {
+            slots.spawn(keep_linked(config.clone(), server.clone(), metrics.clone(), opened));
+            opened += 1;
+        }
+        if held.changed().await.is_err() {
+            break;
+        }
+    }
+    while slots.join_next().await.is_some() {}
+}
+
+async fn keep_linked(config: AgentConfig, server: String, metrics: Arc<AgentMetrics>, slot: u32) {
+    let mut attempt = 0u32;
+    let mut held = metrics.replicas.watch();
+    loop {
+        if slot > 0 && held.wait_for(|held| held.short()).await.is_err() {
+            return;
+        }
         let started = Instant::now();
         match link(&config, &server, &metrics).await {
             Ok(()) => tracing::info!("tunnel link to {server} closed by the server"),
+            Err(err @ AgentError::Duplicate { .. }) => tracing::debug!("{err}: dialling again"),
             Err(err) => tracing::warn!("{err}: {}", error_chain(&err)),
         }
         if started.elapsed() >= STABLE_LINK {
@@ -189,6 +240,8 @@ async fn link(config: &AgentConfig, server: &str, metrics: &Arc<AgentMetrics>) -
     tracing::info!("tunnel link to {server} up");
     metrics.links_up.fetch_add(1, Ordering::Relaxed);
     let _down = Decrement(&metrics.links_up);
+    let serial = metrics.replicas.new_link();
+    let _released = Released(&metrics.replicas, serial);
     let mut pings = connection.ping_pong();
     let keepalive = async move {
         loop {
@@ -204,6 +257,37 @@ async fn link(config: &AgentConfig, server: &str, metrics: &Arc<AgentMetrics>) -
     loop {
         tokio::select! {
             next = connection.accept() => match next {
+                Some(Ok((request, mut respond))) if ReplicaStatus::is_status(&request) => {
+                    match ReplicaStatus::from_request(&request) {
+                        Ok(status) => {
+                            let claim = metrics.replicas.claim(serial, &status);
+                            answer(&mut respond, claim.status(), if claim == Claim::Duplicate { "duplicate" } else { "" });
+                            if claim == Claim::Duplicate {
+                                metrics.duplicate_links.fetch_add(1, Ordering::Relaxed);
+                                // Let the answer leave before the link does, so
+                                // the server knows why it closed.
+                                connection.graceful_shutdown();
+                                let flushed = async { while let Some(Ok(_)) = connection.accept().await {} };
+                                let _ = tokio::time::timeout(Duration::from_secs(1), flushed).await;
+                                return Err(AgentError::Duplicate { server: server.into(), replica: status.id });
+                            }
+                            let held = metrics.replicas.held();
+                            if status.draining {
+                                tracing::info!("tunnel server replica {} (via {server}) drains: linking to the others", status.id);
+                            } else {
+                                tracing::info!(
+                                    "tunnel link to {server} reached replica {}: {} of {} replicas linked",
+                                    status.id, held.live, held.expected
+                                );
+                            }
+                        }
+                        Err(err) => {
+                            metrics.bad_statuses.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!("tunnel server {server} sent a replica status this agent refuses: {err}");
+                            answer(&mut respond, StatusCode::BAD_REQUEST, "status");
+                        }
+                    }
+                }
                 Some(Ok((request, respond))) => {
                     let (config, metrics) = (config.clone(), metrics.clone());
                     tokio::spawn(async move { serve(config, metrics, request, respond).await });
@@ -218,6 +302,15 @@ async fn link(config: &AgentConfig, server: &str, metrics: &Arc<AgentMetrics>) -
     }
 }
 
+/// Gives a link's replica claim back when the link ends.
+struct Released<'a>(&'a LinkSet, u64);
+
+impl Drop for Released<'_> {
+    fn drop(&mut self) {
+        self.0.release(self.1);
+    }
+}
+
 struct Decrement<'a>(&'a AtomicU64);
 
 impl Drop for Decrement<'_> {
@@ -229,8 +322,11 @@ impl Drop for Decrement<'_> {
 fn answer(respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode, reason: &str) {
     let mut response = Response::new(());
     *response.status_mut() = status;
-    if let Ok(value) = http::HeaderValue::from_str(reason) {
-        response.headers_mut().insert(REFUSAL_HEADER, value);
+    match http::HeaderValue::from_str(reason) {
+        Ok(value) if !reason.is_empty() => {
+            response.headers_mut().insert(REFUSAL_HEADER, value);
+        }
+        _ => {}
     }
     let _ = respond.send_response(response, true);
 }

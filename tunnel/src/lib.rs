@@ -9,7 +9,8 @@
 //! side; [`server`] the cloud side with its front doors (DNAT'd connections,
 //! HTTP CONNECT, plain HTTP by Host), routing by [`routes`] (certificate
 //! addresses and the registry's leases: node addresses and pod subnets);
-//! [`run`] the two long-running processes. Who may use which door is
+//! [`run`] the two long-running processes; [`replica`] how an agent links
+//! to every server replica and hears that one drains. Who may use which door is
 //! [`identity`]'s concern; how long and how many, [`limits`]'.
 //!
 //! Features: `agent` (the edge side) and `server` (the cloud side: front
@@ -25,6 +26,7 @@ pub mod certs;
 pub mod identity;
 #[cfg(feature = "server")]
 pub mod limits;
+pub mod replica;
 #[cfg(feature = "server")]
 pub mod routes;
 pub mod run;

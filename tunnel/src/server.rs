@@ -48,6 +48,7 @@ use tokio::sync::{oneshot, Semaphore};
 use super::certs;
 use super::identity::{ClientIdentity, ConnectClients};
 use super::limits::{self, Door, DoorMetrics, Gate, Limits, Refusal, Ticket};
+use super::replica::{Claim, ReplicaStatus};
 use super::routes::{LeaseRefusal, LeaseRoute, LeaseVerdict, RouteTable};
 use super::tls::Live;
 use super::transport::{self, Counted, TunnelStream};
@@ -93,6 +94,9 @@ pub enum RouteError {
         /// The agent's reason.
         reason: String,
     },
+    /// This replica drains: another one takes new streams.
+    #[error("this tunnel server replica is draining")]
+    Draining,
     /// The link failed while opening the stream.
     #[error("tunnel link to node {node} failed")]
     Link {
@@ -116,6 +120,29 @@ pub struct ServerPolicy {
     pub reserved: Vec<IpNet>,
     /// Timeouts and caps.
     pub limits: Limits,
+    /// Which replica this server is, and how many serve the fleet.
+    pub replica: ReplicaIdentity,
+}
+
+/// This replica's identity and the replica count it tells agents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaIdentity {
+    /// Unique among the replicas (`netd-cloud tunnel-server` uses the host
+    /// name and the agents' port).
+    pub id: String,
+    /// Replicas serving the fleet: each agent keeps a link to this many
+    /// distinct ones.
+    pub replicas: u32,
+}
+
+impl Default for ReplicaIdentity {
+    /// One replica with an identity no other server shares (a random one),
+    /// so servers built with defaults never pass for each other.
+    fn default() -> Self {
+        use std::hash::{BuildHasher as _, Hasher as _};
+        let random = std::collections::hash_map::RandomState::new().build_hasher().finish();
+        Self { id: format!("replica-{random:016x}"), replicas: 1 }
+    }
 }
 
 /// Counters the server keeps.
@@ -152,6 +179,11 @@ pub struct ServerMetrics {
     pub bytes_to_edge: AtomicU64,
     /// Bytes from the edge.
     pub bytes_from_edge: AtomicU64,
+    /// Links an agent closed at once: it already held a link to this
+    /// replica (it dialled the shared address and landed here again).
+    pub duplicate_links: AtomicU64,
+    /// 1 while draining: no new links or streams, the running ones finish.
+    pub draining: AtomicU64,
 }
 
 impl ServerMetrics {
@@ -170,7 +202,8 @@ struct Agent {
     serial: u64,
     /// Its stream cap.
     streams: Arc<Semaphore>,
-    /// Closes the link when a newer one of the same node replaces it.
+    /// Closes the link (a newer one of the same node replaces it, or the
+    /// replica finished draining).
     close: Option<oneshot::Sender<()>>,
 }
 
@@ -279,6 +312,50 @@ impl Router {
         }
     }
 
+    /// What this replica tells agents now.
+    pub fn replica_status(&self) -> ReplicaStatus {
+        ReplicaStatus {
+            id: self.policy.replica.id.clone(),
+            replicas: self.policy.replica.replicas,
+            draining: self.is_draining(),
+        }
+    }
+
+    /// Draining: no new links or streams are taken.
+    pub fn is_draining(&self) -> bool {
+        self.metrics.draining.load(Ordering::Relaxed) == 1
+    }
+
+    /// Starts draining: tells every linked agent (each answer awaited at
+    /// most the open timeout, all at once) and from then on opens no stream.
+    /// The links stay up for the streams they carry.
+    pub async fn drain(&self) {
+        self.metrics.draining.store(1, Ordering::Relaxed);
+        let links: Vec<(String, h2::client::SendRequest<Bytes>)> =
+            lock(&self.agents).iter().map(|(node, agent)| (node.clone(), agent.link.clone())).collect();
+        let status = self.replica_status();
+        let after = self.policy.limits.open_timeout;
+        let mut told = tokio::task::JoinSet::new();
+        for (node, link) in links {
+            let status = status.clone();
+            told.spawn(async move {
+                if !matches!(tokio::time::timeout(after, send_status(link, &status)).await, Ok(Ok(_))) {
+                    tracing::debug!("agent of node {node} did not hear that this replica drains");
+                }
+            });
+        }
+        while told.join_next().await.is_some() {}
+    }
+
+    /// Closes every agent link (the end of a drain).
+    pub fn close_links(&self) {
+        for agent in lock(&self.agents).values_mut() {
+            if let Some(close) = agent.close.take() {
+                let _ = close.send(());
+            }
+        }
+    }
+
     /// Nodes with a link now.
     pub fn nodes(&self) -> Vec<String> {
         let mut nodes: Vec<String> = lock(&self.agents).keys().cloned().collect();
@@ -354,6 +431,9 @@ impl Router {
     /// Opens a tunnelled connection to `dest` through the agent that owns
     /// it, waiting at most the open timeout for the agent's answer.
     pub async fn open(&self, dest: SocketAddr) -> Result<TunnelStream, RouteError> {
+        if self.is_draining() {
+            return Err(RouteError::Draining);
+        }
         let Some(node) = self.node_of(dest.ip()) else {
             self.metrics.no_agent.fetch_add(1, Ordering::Relaxed);
             return Err(RouteError::NoAgent(dest.ip()));
@@ -461,6 +541,20 @@ fn client_leaf(tls: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>) -> 
     session.peer_certificates().and_then(|chain| chain.first()).map(|leaf| leaf.as_ref())
 }
 
+/// Sends this replica's status on a link and reads the agent's answer.
+/// Agents from before replicas answer anything but `CONNECT` with 400:
+/// their link is kept, as it always was.
+async fn send_status(link: h2::client::SendRequest<Bytes>, status: &ReplicaStatus) -> Result<Claim, h2::Error> {
+    let Ok(request) = status.to_request() else {
+        // The identity was checked when the server started.
+        return Ok(Claim::Kept);
+    };
+    let mut link = link.ready().await?;
+    let (response, _) = link.send_request(request, true)?;
+    let response = response.await?;
+    Ok(if response.status() == Claim::Duplicate.status() { Claim::Duplicate } else { Claim::Kept })
+}
+
 /// Accepts agents' links forever: mutual TLS (the config must verify
 /// client certificates against the CA), the node identity from the
 /// certificate, then HTTP/2 as the client.
@@ -508,6 +602,43 @@ async fn serve_agent(
             return;
         }
     };
+    // Who we are, before the link routes anything: an agent that already
+    // holds a link to this replica says so, and this one closes without
+    // displacing the link that carries its streams. The connection is
+    // driven meanwhile (h2 moves nothing otherwise).
+    let status = router.replica_status();
+    let introduce = tokio::time::timeout(router.policy.limits.open_timeout, send_status(link.clone(), &status));
+    tokio::pin!(introduce);
+    let claim = tokio::select! {
+        answer = &mut introduce => answer,
+        ended = &mut connection => {
+            // An agent that refuses the link answers, then closes at once:
+            // the answer may have come in with the close.
+            if let Ok(Ok(Ok(Claim::Duplicate))) = tokio::time::timeout(Duration::ZERO, &mut introduce).await {
+                router.metrics.duplicate_links.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("agent of node {node} from {peer} already holds a link to this replica: closed");
+            } else {
+                tracing::info!("agent link from {peer} (node {node}) ended before it was introduced: {ended:?}");
+            }
+            return;
+        }
+    };
+    match claim {
+        Ok(Ok(Claim::Kept)) => {}
+        Ok(Ok(Claim::Duplicate)) => {
+            router.metrics.duplicate_links.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!("agent of node {node} from {peer} already holds a link to this replica: closed");
+            return;
+        }
+        Ok(Err(err)) => {
+            tracing::warn!("agent link from {peer} (node {node}) failed while introducing this replica: {err}");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!("agent link from {peer} (node {node}): no answer to this replica's status in time");
+            return;
+        }
+    }
     let (serial, replaced) = router.insert(&node, addresses.clone(), link);
     tracing::info!("tunnel agent of node {node} linked from {peer} (addresses {addresses:?})");
     let mut pings = connection.ping_pong();
@@ -529,7 +660,7 @@ async fn serve_agent(
         },
         () = keepalive => tracing::warn!("tunnel link of node {node} is dead: no pong"),
         _ = replaced => {
-            tracing::info!("tunnel link of node {node} from {peer} closed: replaced by a newer link");
+            tracing::info!("tunnel link of node {node} from {peer} closed: replaced by a newer link, or drained");
             return;
         }
     }
@@ -735,9 +866,11 @@ async fn proxy_by_host(
 
 fn route_status(err: &RouteError) -> StatusCode {
     match err {
-        RouteError::NoAgent(_) | RouteError::NoNode(_) | RouteError::NoLink(_) | RouteError::StreamCap { .. } => {
-            StatusCode::SERVICE_UNAVAILABLE
-        }
+        RouteError::NoAgent(_)
+        | RouteError::NoNode(_)
+        | RouteError::NoLink(_)
+        | RouteError::StreamCap { .. }
+        | RouteError::Draining => StatusCode::SERVICE_UNAVAILABLE,
         RouteError::OpenTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         RouteError::Refused { .. } => StatusCode::FORBIDDEN,
         RouteError::Link { .. } => StatusCode::BAD_GATEWAY,

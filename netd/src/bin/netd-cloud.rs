@@ -409,6 +409,15 @@ struct TunnelServerArgs {
     /// Time an agent has to accept or refuse a stream before the client gets 504.
     #[arg(long, env = "NETD_TUNNEL_OPEN_TIMEOUT", value_name = "DURATION", value_parser = parse_duration, default_value = "10s")]
     open_timeout: std::time::Duration,
+    /// This replica's identity, unique among the replicas [default: the host name and the agents' port].
+    #[arg(long, env = "NETD_TUNNEL_REPLICA_ID", value_name = "NAME")]
+    replica_id: Option<String>,
+    /// Replicas serving the fleet: every agent keeps a link to this many distinct ones (1-64).
+    #[arg(long, env = "NETD_TUNNEL_REPLICAS", value_name = "N", default_value_t = 1)]
+    replicas: u32,
+    /// On SIGTERM, how long running streams may take to finish (listeners close at once, agents link elsewhere).
+    #[arg(long, env = "NETD_TUNNEL_DRAIN_GRACE", value_name = "DURATION", value_parser = parse_duration, default_value = "25s")]
+    drain_grace: std::time::Duration,
     /// Where the tunnel DNAT is pinned.
     #[arg(long, env = "NETD_DNAT_PIN_DIR", value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
     dnat_pin_dir: PathBuf,
@@ -458,6 +467,13 @@ fn tunnel_server(args: TunnelServerArgs) -> Result<()> {
             max_streams_per_agent: args.max_streams_per_agent,
             open_timeout: args.open_timeout,
         },
+        replica: netd::tunnel::server::ReplicaIdentity {
+            id: match args.replica_id {
+                Some(id) => id,
+                None => default_replica_id(args.agents_listen.on(address).port())?,
+            },
+            replicas: args.replicas,
+        },
     };
     let settings = netd::tunnel::run::ServerSettings {
         agents_listen: args.agents_listen.on(address),
@@ -473,10 +489,19 @@ fn tunnel_server(args: TunnelServerArgs) -> Result<()> {
         metrics_listen: Some(args.metrics_listen),
         registry: tunnel_registry(args.registry)?,
         policy,
+        drain_grace: args.drain_grace,
     };
     until_terminated("tunnel server", |stop| async move {
         Ok::<(), anyhow::Error>(netd::tunnel::run::run_server(settings, stop).await?)
     })
+}
+
+/// `<host name>-<agents' port>`: unique per host and port, which is what a
+/// replica per cloud node (host network) or per pod (its own host name) is.
+fn default_replica_id(agents_port: u16) -> Result<String> {
+    let host =
+        std::fs::read_to_string("/proc/sys/kernel/hostname").context("reading the host name for --replica-id")?;
+    Ok(format!("{}-{agents_port}", host.trim()))
 }
 
 /// Raises this process's open-file limit to its hard limit: every door

@@ -351,6 +351,29 @@ impl Drop for LinkCut<'_> {
 /// A `netd` process, killed on drop.
 pub struct NetdChild(std::process::Child);
 
+impl NetdChild {
+    /// Sends SIGTERM (nsenter execs the binary: the child is the process).
+    pub fn terminate(&self) {
+        // SAFETY: kill(2) on our own child's pid; it is not reaped until wait.
+        assert_eq!(unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM) }, 0);
+    }
+
+    /// Waits at most `timeout` for the process to end: its status, or
+    /// `None` while it still runs.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 impl Drop for NetdChild {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -370,16 +393,24 @@ pub fn spawn_netd_cloud(netns: &Path, args: &[impl AsRef<std::ffi::OsStr>]) -> N
     spawn(env!("CARGO_BIN_EXE_netd-cloud"), netns, args)
 }
 
+/// Children's logs go nowhere, or (at debug level) to a file per process
+/// under `$NETD_TEST_LOG_DIR` when that is set, to debug a failed run.
 fn spawn(program: &str, netns: &Path, args: &[impl AsRef<std::ffi::OsStr>]) -> NetdChild {
-    let child = std::process::Command::new("nsenter")
-        .arg(format!("--net={}", netns.display()))
-        .arg(program)
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    NetdChild(child)
+    let mut command = std::process::Command::new("nsenter");
+    command.arg(format!("--net={}", netns.display())).arg(program).args(args).stdout(std::process::Stdio::null());
+    match std::env::var_os("NETD_TEST_LOG_DIR") {
+        Some(dir) => {
+            static SEQUENCE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let n = SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let name = Path::new(program).file_name().unwrap().to_string_lossy().into_owned();
+            let path = Path::new(&dir).join(format!("{}-{n}-{name}.log", std::process::id()));
+            command.env("NETD_LOG", "debug").stderr(std::fs::File::create(path).unwrap());
+        }
+        None => {
+            command.stderr(std::process::Stdio::null());
+        }
+    }
+    NetdChild(command.spawn().unwrap())
 }
 
 pub fn wait_for(what: &str, timeout: Duration, check: impl Fn() -> bool) {
@@ -420,7 +451,16 @@ pub async fn connect(
     client: Arc<rustls::ClientConfig>,
     authority: &str,
 ) -> (u16, Option<tokio_rustls::client::TlsStream<TcpStream>>) {
-    let tcp = TcpStream::connect((CLOUD_IP, CONNECT_PORT)).await.unwrap();
+    connect_at(client, CONNECT_PORT, authority).await
+}
+
+/// [`connect`] to the CONNECT door on `port` of the cloud address.
+pub async fn connect_at(
+    client: Arc<rustls::ClientConfig>,
+    port: u16,
+    authority: &str,
+) -> (u16, Option<tokio_rustls::client::TlsStream<TcpStream>>) {
+    let tcp = TcpStream::connect((CLOUD_IP, port)).await.unwrap();
     let name = ServerName::IpAddress(IpAddr::V4(CLOUD_IP).into());
     let mut tls = tokio_rustls::TlsConnector::from(client).connect(name, tcp).await.unwrap();
     tls.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes()).await.unwrap();

@@ -76,6 +76,33 @@ fn encode_agent(m: &AgentMetrics, out: &mut netd_metrics::Families<'_>) -> std::
         "Bytes from servers to local destinations.",
         m.bytes_in.load(Ordering::Relaxed),
     )?;
+    let held = m.replicas.held();
+    let replicas = m.replicas.replicas();
+    out.gauge(
+        "netd_tunnel_agent_replicas_linked",
+        "Distinct tunnel server replicas linked now, draining ones aside.",
+        held.live as u64,
+    )?;
+    out.gauge(
+        "netd_tunnel_agent_replicas_draining",
+        "Linked replicas that announced they drain.",
+        replicas.iter().filter(|(_, draining)| *draining).count() as u64,
+    )?;
+    out.gauge(
+        "netd_tunnel_agent_replicas_expected",
+        "Replicas serving the fleet, per their latest status.",
+        u64::from(held.expected),
+    )?;
+    out.counter(
+        "netd_tunnel_agent_duplicate_links_total",
+        "Links closed at once because they reached a replica already linked.",
+        m.duplicate_links.load(Ordering::Relaxed),
+    )?;
+    out.counter(
+        "netd_tunnel_agent_bad_statuses_total",
+        "Replica statuses refused as malformed.",
+        m.bad_statuses.load(Ordering::Relaxed),
+    )?;
     out.counter(
         "netd_tunnel_agent_bytes_out_total",
         "Bytes from local destinations to servers.",

@@ -27,7 +27,7 @@ mod server;
 #[cfg(feature = "agent")]
 pub use agent::{agent_metrics, run_agent, AgentSettings};
 #[cfg(feature = "server")]
-pub use server::{run_server, server_metrics, ServerSettings};
+pub use server::{run_server, server_metrics, ServerSettings, DEFAULT_DRAIN_GRACE};
 
 /// The ports an agent always allows: kubelet's API and its read-only port.
 pub const KUBELET_PORTS: [u16; 2] = [10250, 10255];
@@ -58,6 +58,9 @@ pub enum TunnelError {
     #[cfg(feature = "server")]
     #[error("tunnel server: the registry")]
     Registry(#[source] netd_registry::RegistryError),
+    /// The replica identity or count can never work.
+    #[error("tunnel server replica settings")]
+    Replica(#[source] crate::replica::ReplicaError),
     /// The agent was given no server.
     #[error("no tunnel server given (--server HOST:PORT)")]
     NoServers,

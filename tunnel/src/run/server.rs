@@ -39,9 +39,16 @@ pub struct ServerSettings {
     /// Where node addresses and pod subnets come from (the leases); without
     /// one, only the agents' certificate addresses route.
     pub registry: Option<(RegistrySpec, OpenSettings)>,
-    /// Who the doors admit, what never routes, timeouts and caps.
+    /// Who the doors admit, what never routes, timeouts and caps, and
+    /// which replica this is.
     pub policy: ServerPolicy,
+    /// How long running streams may take to finish once shutdown starts.
+    pub drain_grace: std::time::Duration,
 }
+
+/// The drain grace's default: under Kubernetes' default termination grace
+/// period (30 s), so the links close before the kubelet's SIGKILL.
+pub const DEFAULT_DRAIN_GRACE: std::time::Duration = std::time::Duration::from_secs(25);
 
 /// The server's counters, Prometheus text format.
 pub fn server_metrics(router: &Arc<Router>) -> String {
@@ -55,6 +62,12 @@ fn server_collector(router: Arc<Router>) -> impl netd_metrics::Collector {
 
 fn encode_server(m: &ServerMetrics, out: &mut netd_metrics::Families<'_>) -> std::fmt::Result {
     out.gauge("netd_tunnel_agents", "Agents linked now.", m.agents.load(Ordering::Relaxed))?;
+    out.gauge("netd_tunnel_draining", "1 while this replica drains.", m.draining.load(Ordering::Relaxed))?;
+    out.counter(
+        "netd_tunnel_duplicate_links_total",
+        "Agent links closed at once: the agent already held a link to this replica.",
+        m.duplicate_links.load(Ordering::Relaxed),
+    )?;
     out.gauge("netd_tunnel_streams_open", "Tunnelled connections open now.", m.streams_open.load(Ordering::Relaxed))?;
     out.counter("netd_tunnel_streams_total", "Tunnelled connections opened.", m.streams_total.load(Ordering::Relaxed))?;
     out.counter(
@@ -126,23 +139,59 @@ fn encode_server(m: &ServerMetrics, out: &mut netd_metrics::Families<'_>) -> std
     )
 }
 
-/// Runs a tunnel server on the caller's runtime until `shutdown` completes
-/// (or the future is dropped): listeners close and every link and stream
-/// task is aborted. No runtime is built and no signal handler installed;
-/// the `netd-cloud tunnel-server` binary passes a future of SIGTERM/SIGINT.
+/// Runs a tunnel server on the caller's runtime until `shutdown` completes,
+/// then drains: every listener closes at once (a load balancer or client
+/// retrying lands on another replica), linked agents hear that this replica
+/// drains (they link to the others), no new stream is opened, and running
+/// streams get up to `settings.drain_grace` to finish before the links
+/// close. Dropping the future stops at once instead. No runtime is built
+/// and no signal handler installed; the `netd-cloud tunnel-server` binary
+/// passes a future of SIGTERM/SIGINT.
 pub async fn run_server(settings: ServerSettings, shutdown: impl Future<Output = ()>) -> Result<(), TunnelError> {
-    tokio::select! {
-        outcome = serve(settings) => outcome,
-        () = shutdown => Ok(()),
+    crate::replica::check_id(&settings.policy.replica.id).map_err(TunnelError::Replica)?;
+    crate::replica::check_count(settings.policy.replica.replicas).map_err(TunnelError::Replica)?;
+    let router = Arc::new(Router::new(settings.policy.clone()));
+    let grace = settings.drain_grace;
+    // `/metrics` outlives the doors: a drain is watched through it.
+    let mut kept = tokio::task::JoinSet::new();
+    if let Some(addr) = settings.metrics_listen {
+        kept.spawn(serve_metrics(bind(addr).await?, server_collector(router.clone())));
     }
+    tokio::select! {
+        outcome = serve(settings, router.clone()) => return outcome,
+        () = shutdown => {}
+    }
+    drain(&router, grace).await;
+    Ok(())
 }
 
-async fn serve(settings: ServerSettings) -> Result<(), TunnelError> {
+/// How often a drain looks at the streams still open.
+const DRAIN_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+async fn drain(router: &Router, grace: std::time::Duration) {
+    let started = std::time::Instant::now();
+    let open = || router.metrics.streams_open.load(Ordering::Relaxed);
+    tracing::info!(streams = open(), ?grace, "tunnel server draining: listeners closed, agents told");
+    router.drain().await;
+    while open() > 0 && started.elapsed() < grace {
+        tokio::time::sleep(DRAIN_POLL).await;
+    }
+    match open() {
+        0 => tracing::info!(after = ?started.elapsed(), "tunnel server drained: every stream finished"),
+        left => tracing::warn!(
+            streams = left,
+            ?grace,
+            "tunnel server drained: streams still open at the end of the grace are cut"
+        ),
+    }
+    router.close_links();
+}
+
+async fn serve(settings: ServerSettings, router: Arc<Router>) -> Result<(), TunnelError> {
     let (agents_tls, reload_agents) =
         tls::follow(settings.certs.clone(), tls::RELOAD_POLL, |c| tls::server(c, tls::ALPN_TUNNEL))?;
     let (connect_tls, reload_connect) =
         tls::follow(settings.certs.clone(), tls::RELOAD_POLL, |c| tls::server(c, tls::ALPN_HTTP1))?;
-    let router = Arc::new(Router::new(settings.policy.clone()));
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(reload_agents);
     tasks.spawn(reload_connect);
@@ -188,9 +237,6 @@ async fn serve(settings: ServerSettings) -> Result<(), TunnelError> {
         let registry = AnyRegistry::open(spec, open).await.map_err(TunnelError::Registry)?;
         tracing::info!("tunnel server: routes node addresses and pod subnets by the leases of {}", registry.describe());
         tasks.spawn(follow_leases(registry, router.clone()));
-    }
-    if let Some(addr) = settings.metrics_listen {
-        tasks.spawn(serve_metrics(bind(addr).await?, server_collector(router.clone())));
     }
     while tasks.join_next().await.is_some() {}
     Ok(())

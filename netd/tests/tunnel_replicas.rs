@@ -1,0 +1,352 @@
+//! Two tunnel server replicas behind one address (a round-robin TCP
+//! balancer in the cloud namespace, as an SLB or a Service would be) and
+//! three edge nodes' agents, all real `netd-cloud tunnel-server` and
+//! `netd tunnel-agent` processes on the stage of `common/tunnel_stage.rs`.
+//! Every agent ends up linked to both replicas; a replica killed leaves
+//! every node reachable through the other, and the agents re-link when it
+//! returns; a replica stopped with SIGTERM drains: its doors close, running
+//! streams finish, agents hear it and the other replica takes new streams.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+#[path = "common/tunnel_stage.rs"]
+mod tunnel_stage;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use netd::testing::{self, NetNs};
+use netd::tunnel::tls;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tunnel_stage::{
+    connect_at, spawn_netd, spawn_netd_cloud, wait_for, Background, NetdChild, Stage, AGENT_PORT, CLOUD_IP, DAY,
+};
+
+/// The edge nodes: name and address (each agent's certificate names it).
+const NODES: [(&str, Ipv4Addr); 3] = [
+    ("edge-1", Ipv4Addr::new(10, 250, 0, 2)),
+    ("edge-2", Ipv4Addr::new(10, 250, 0, 3)),
+    ("edge-3", Ipv4Addr::new(10, 250, 0, 4)),
+];
+
+/// A replica: identity, agents' port (behind the balancer, on loopback),
+/// CONNECT door and metrics port.
+struct Replica {
+    id: &'static str,
+    agents: u16,
+    connect: u16,
+    metrics: u16,
+}
+
+const REPLICAS: [Replica; 2] = [
+    Replica { id: "tunnel-a", agents: 10301, connect: 10311, metrics: 10321 },
+    Replica { id: "tunnel-b", agents: 10302, connect: 10312, metrics: 10322 },
+];
+
+/// How long a draining replica lets streams finish, in these tests.
+const GRACE: Duration = Duration::from_secs(15);
+
+fn start_replica(stage: &Stage, replica: &Replica) -> NetdChild {
+    let cert_dir = stage.pki.dir.path().to_str().unwrap().to_string();
+    spawn_netd_cloud(
+        &stage.cloud.path(),
+        &[
+            "tunnel-server".to_string(),
+            "--cert-dir".into(),
+            cert_dir,
+            "--agents-listen".into(),
+            format!("127.0.0.1:{}", replica.agents),
+            "--connect-listen".into(),
+            format!("{CLOUD_IP}:{}", replica.connect),
+            "--dnat-listen".into(),
+            String::new(),
+            "--http-listen".into(),
+            String::new(),
+            "--metrics-listen".into(),
+            format!("127.0.0.1:{}", replica.metrics),
+            "--replica-id".into(),
+            replica.id.into(),
+            "--replicas".into(),
+            "2".into(),
+            "--drain-grace".into(),
+            format!("{}s", GRACE.as_secs()),
+        ],
+    )
+}
+
+/// A round-robin TCP balancer on the agents' address in front of the
+/// replicas: a backend that refuses is skipped, as an SLB's health check or
+/// a Service's endpoint removal would, eventually.
+fn balancer(stage: &Stage) -> Background {
+    Background::start(&stage.cloud.path(), || async {
+        let listener = TcpListener::bind((CLOUD_IP, AGENT_PORT)).await.unwrap();
+        let next = Arc::new(AtomicUsize::new(0));
+        loop {
+            let (mut client, _) = listener.accept().await.unwrap();
+            let first = next.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                for turn in 0..REPLICAS.len() {
+                    let port = REPLICAS[(first + turn) % REPLICAS.len()].agents;
+                    if let Ok(mut backend) = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut backend).await;
+                        return;
+                    }
+                }
+            });
+        }
+    })
+}
+
+/// Kubelet stand-ins on every node address: port 10250 echoes.
+fn kubelets(stage: &Stage) -> Background {
+    for (_, ip) in &NODES[1..] {
+        stage.edge.ip(&["addr", "add", &format!("{ip}/32"), "dev", "lo"]).unwrap();
+    }
+    Background::start(&stage.edge.path(), || async {
+        let mut serving = tokio::task::JoinSet::new();
+        for (_, ip) in NODES {
+            let listener = TcpListener::bind((ip, 10250)).await.unwrap();
+            serving.spawn(async move {
+                loop {
+                    let (mut stream, _) = listener.accept().await.unwrap();
+                    tokio::spawn(async move {
+                        let (mut read, mut write) = stream.split();
+                        let _ = tokio::io::copy(&mut read, &mut write).await;
+                    });
+                }
+            });
+        }
+        while serving.join_next().await.is_some() {}
+    })
+}
+
+/// One agent process per node, each with its own certificate directory,
+/// dialling the balancer's one address. Returns them with their metrics
+/// addresses.
+fn agents(stage: &Stage) -> Vec<(NetdChild, String, tempfile::TempDir)> {
+    NODES
+        .iter()
+        .enumerate()
+        .map(|(i, (node, ip))| {
+            let dir = tempfile::tempdir().unwrap();
+            stage.pki.ca.write_cert(dir.path()).unwrap();
+            stage.pki.ca.issue_node(node, &[IpAddr::V4(*ip)], DAY).unwrap().write(dir.path(), "node").unwrap();
+            let metrics = format!("127.0.0.1:{}", 10330 + i);
+            let args = [
+                "tunnel-agent",
+                "--server",
+                &format!("{CLOUD_IP}:{AGENT_PORT}"),
+                "--cert-dir",
+                dir.path().to_str().unwrap(),
+                "--metrics-listen",
+                &metrics,
+            ];
+            (spawn_netd(&stage.edge.path(), &args), metrics, dir)
+        })
+        .collect()
+}
+
+fn scrape(ns: &NetNs, addr: &str) -> String {
+    let out = ns.exec("curl", &["-sS", "--noproxy", "*", "-m", "5", &format!("http://{addr}/metrics")]);
+    out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
+}
+
+/// A sample's value in a scrape (`name` with its labels, if any).
+fn value(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+fn replica_metric(stage: &Stage, replica: &Replica, name: &str) -> Option<f64> {
+    value(&scrape(&stage.cloud, &format!("127.0.0.1:{}", replica.metrics)), name)
+}
+
+fn agent_metric(stage: &Stage, addr: &str, name: &str) -> Option<f64> {
+    value(&scrape(&stage.edge, addr), name)
+}
+
+/// CONNECT through `replica`'s door to `node`'s kubelet: the status code,
+/// and an echo round trip when it is 200.
+fn reach(stage: &Stage, client: &Arc<rustls::ClientConfig>, replica: &Replica, node: Ipv4Addr) -> u16 {
+    let (client, port) = (client.clone(), replica.connect);
+    stage.in_cloud(|| async move {
+        let (code, stream) = connect_at(client, port, &format!("{node}:10250")).await;
+        if let Some(mut stream) = stream {
+            stream.write_all(b"ping").await.unwrap();
+            let mut echoed = [0u8; 4];
+            stream.read_exact(&mut echoed).await.unwrap();
+            assert_eq!(&echoed, b"ping");
+        }
+        code
+    })
+}
+
+fn all_linked(stage: &Stage, replica: &Replica) -> bool {
+    replica_metric(stage, replica, "netd_tunnel_agents") == Some(NODES.len() as f64)
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
+fn every_agent_links_to_both_replicas_behind_one_address_and_survives_losing_one() {
+    let Some(_kernel) = testing::privileged().unwrap() else { return };
+    let stage = Stage::new();
+    let _kubelets = kubelets(&stage);
+    let mut replicas: Vec<Option<NetdChild>> = REPLICAS.iter().map(|r| Some(start_replica(&stage, r))).collect();
+    let _balancer = balancer(&stage);
+    let agents = agents(&stage);
+    let client = tls::connect_client(&stage.pki.files("client").load().unwrap()).unwrap();
+
+    // One address, two replicas: every agent keeps dialling until it holds both.
+    let started = Instant::now();
+    for replica in &REPLICAS {
+        wait_for(&format!("every agent linked to {}", replica.id), Duration::from_secs(30), || {
+            all_linked(&stage, replica)
+        });
+    }
+    eprintln!("    3 agents linked to both replicas behind one address after {:?}", started.elapsed());
+    for (_, metrics, _) in &agents {
+        assert_eq!(agent_metric(&stage, metrics, "netd_tunnel_agent_replicas_linked"), Some(2.0));
+        assert_eq!(agent_metric(&stage, metrics, "netd_tunnel_agent_replicas_expected"), Some(2.0));
+        assert_eq!(agent_metric(&stage, metrics, "netd_tunnel_agent_links_up"), Some(2.0));
+    }
+    for replica in &REPLICAS {
+        for (_, ip) in NODES {
+            assert_eq!(reach(&stage, &client, replica, ip), 200, "{ip} through {}", replica.id);
+        }
+    }
+
+    // The second replica dies without a word: the first serves every node
+    // at once, never saying "no agent".
+    drop(replicas[1].take());
+    for (_, ip) in NODES {
+        assert_eq!(reach(&stage, &client, &REPLICAS[0], ip), 200, "{ip} right after the other replica died");
+    }
+    for (_, metrics, _) in &agents {
+        wait_for("the agents see one replica left", Duration::from_secs(10), || {
+            agent_metric(&stage, metrics, "netd_tunnel_agent_replicas_linked") == Some(1.0)
+        });
+    }
+    // The agents keep dialling the shared address for the missing replica:
+    // what they reach is the one they hold, closed as a duplicate.
+    wait_for("a duplicate link refused", Duration::from_secs(20), || {
+        replica_metric(&stage, &REPLICAS[0], "netd_tunnel_duplicate_links_total").is_some_and(|n| n >= 1.0)
+    });
+    assert!(all_linked(&stage, &REPLICAS[0]), "a duplicate displaced a live link");
+    for (_, ip) in NODES {
+        assert_eq!(reach(&stage, &client, &REPLICAS[0], ip), 200, "{ip} while the other replica is down");
+    }
+
+    // Back: every agent links to it again, through the same address.
+    let restarted = Instant::now();
+    replicas[1] = Some(start_replica(&stage, &REPLICAS[1]));
+    wait_for("every agent linked to the restarted replica", Duration::from_secs(60), || {
+        all_linked(&stage, &REPLICAS[1])
+    });
+    eprintln!("    restarted replica: all 3 agents linked again after {:?}", restarted.elapsed());
+    for (_, ip) in NODES {
+        assert_eq!(reach(&stage, &client, &REPLICAS[1], ip), 200, "{ip} through the restarted replica");
+    }
+    assert_eq!(replica_metric(&stage, &REPLICAS[0], "netd_tunnel_no_agent_total"), Some(0.0));
+    assert_eq!(replica_metric(&stage, &REPLICAS[1], "netd_tunnel_no_agent_total"), Some(0.0));
+    assert!(all_linked(&stage, &REPLICAS[0]));
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
+fn a_replica_stopped_with_sigterm_drains_its_streams_and_the_other_takes_new_ones() {
+    let Some(_kernel) = testing::privileged().unwrap() else { return };
+    let stage = Stage::new();
+    let _kubelets = kubelets(&stage);
+    let mut replicas: Vec<NetdChild> = REPLICAS.iter().map(|r| start_replica(&stage, r)).collect();
+    let _balancer = balancer(&stage);
+    let agents = agents(&stage);
+    let client = tls::connect_client(&stage.pki.files("client").load().unwrap()).unwrap();
+    for replica in &REPLICAS {
+        wait_for(&format!("every agent linked to {}", replica.id), Duration::from_secs(30), || {
+            all_linked(&stage, replica)
+        });
+    }
+    let (draining, other) = (&REPLICAS[0], &REPLICAS[1]);
+    let node = NODES[0].1;
+
+    let (session_bytes, stopped_after) = stage.in_cloud(|| async {
+        // A long session (`kubectl logs -f`, exec) through the replica that
+        // is about to stop.
+        let (code, session) = connect_at(client.clone(), draining.connect, &format!("{node}:10250")).await;
+        assert_eq!(code, 200);
+        let mut session = session.unwrap();
+        session.write_all(b"before").await.unwrap();
+        let mut buf = [0u8; 6];
+        session.read_exact(&mut buf).await.unwrap();
+
+        replicas[0].terminate();
+        let terminated = Instant::now();
+        // Its doors close at once: new connections go elsewhere.
+        let refused = async {
+            loop {
+                if TcpStream::connect((CLOUD_IP, draining.connect)).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), refused).await.expect("the draining replica's door still accepts");
+        // The agents heard it: they count it as draining, and stay linked
+        // to the other.
+        for (_, metrics, _) in &agents {
+            wait_for("the agents hear the replica drains", Duration::from_secs(5), || {
+                agent_metric(&stage, metrics, "netd_tunnel_agent_replicas_draining") == Some(1.0)
+            });
+        }
+        assert_eq!(replica_metric(&stage, draining, "netd_tunnel_draining"), Some(1.0));
+        // New streams: the other replica carries them.
+        for (_, ip) in NODES {
+            let (code, stream) = connect_at(client.clone(), other.connect, &format!("{ip}:10250")).await;
+            assert_eq!(code, 200, "{ip} through the other replica during the drain");
+            drop(stream);
+        }
+        // The running session goes on during the drain, well past the
+        // moment the signal arrived.
+        let mut carried = 0usize;
+        for round in 0..10u8 {
+            let message = [round; 64];
+            session.write_all(&message).await.unwrap();
+            let mut echoed = [0u8; 64];
+            session.read_exact(&mut echoed).await.unwrap();
+            assert_eq!(echoed, message);
+            carried += echoed.len();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(terminated.elapsed() < GRACE);
+        // The session ends: nothing is left, and the replica stops.
+        drop(session);
+        (carried, terminated)
+    });
+    let status = replicas[0].wait_timeout(GRACE).expect("the drained replica did not exit within its grace");
+    let exited = stopped_after.elapsed();
+    assert!(status.success(), "{status}");
+    assert!(exited < GRACE, "exited after {exited:?}: it waited for the grace, not for its streams");
+    eprintln!(
+        "    drain: a running session carried {session_bytes} bytes after SIGTERM; replica exited {exited:?} after it"
+    );
+
+    // The agents drop the drained replica and keep the other.
+    for (_, metrics, _) in &agents {
+        wait_for("the agents hold the other replica only", Duration::from_secs(10), || {
+            agent_metric(&stage, metrics, "netd_tunnel_agent_replicas_linked") == Some(1.0)
+        });
+    }
+    assert!(all_linked(&stage, other));
+    // A rolling restart's second half: it comes back and the agents return.
+    replicas[0] = start_replica(&stage, draining);
+    wait_for("every agent linked to the restarted replica", Duration::from_secs(60), || all_linked(&stage, draining));
+    assert_eq!(reach(&stage, &client, draining, node), 200);
+}
