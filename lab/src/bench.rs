@@ -20,6 +20,8 @@ const AUTONOMY_ROUNDS: usize = 5;
 const AUTONOMY_PODS: usize = 1_000;
 /// Door-bounds benchmark rounds (each a baseline and a flood).
 const DOORS_ROUNDS: usize = 5;
+/// Agents (and idle streams) of `bench tunnel-scale` (issue 27).
+const TUNNEL_SCALE_AGENTS: usize = 5_000;
 /// Real-cluster pod benchmark: mirrored triples of rounds (netd-ipam, host-local, hostNetwork; ABC CBA).
 const POD_ROUND_PAIRS: usize = 2;
 /// Hub benchmark: rounds per way to the API, and lists per round.
@@ -38,6 +40,7 @@ pub fn run(which: &str, bin_dir: &Path) -> Result<()> {
         "scenario" => crate::bench_scenario::run(5, bin_dir),
         "dnat" => crate::bench_dnat::run(DNAT_ROUNDS, DNAT_PER_ROUND),
         "tunnel" => crate::bench_tunnel::run(bin_dir),
+        "tunnel-scale" => crate::bench_tunnel_scale::run(TUNNEL_SCALE_AGENTS, TUNNEL_SCALE_AGENTS, bin_dir),
         "doors" => crate::bench_doors::run(DOORS_ROUNDS, bin_dir),
         "tunnel-config" => crate::bench_tunnel_config::run(20),
         "autonomy" => crate::bench_autonomy::run(AUTONOMY_ROUNDS, AUTONOMY_PODS, bin_dir),
@@ -58,7 +61,7 @@ pub fn run(which: &str, bin_dir: &Path) -> Result<()> {
             crate::bench_hub::run(HUB_ROUNDS, HUB_LISTS_PER_ROUND, bin_dir)
         }
         other => bail!(
-            "unknown benchmark `{other}` (known: cni, vxlan, events, rss, scenario, dnat, tunnel, doors, tunnel-config, autonomy, pods, hub, reboot, all)"
+            "unknown benchmark `{other}` (known: cni, vxlan, events, rss, scenario, dnat, tunnel, tunnel-scale, doors, tunnel-config, autonomy, pods, hub, reboot, all)"
         ),
     }
 }

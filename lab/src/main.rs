@@ -4,7 +4,7 @@
 //! ```text
 //! netd-lab demo --bin-dir target/release
 //! netd-lab demo cluster --bin-dir target/release
-//! netd-lab bench <cni|vxlan|events|rss|scenario|dnat|tunnel|doors|tunnel-config|autonomy|pods|hub|reboot|all> --bin-dir target/release
+//! netd-lab bench <cni|vxlan|events|rss|scenario|dnat|tunnel|tunnel-scale|doors|tunnel-config|autonomy|pods|hub|reboot|all> --bin-dir target/release
 //! ```
 
 mod bench;
@@ -19,6 +19,7 @@ mod bench_rss;
 mod bench_scenario;
 mod bench_tunnel;
 mod bench_tunnel_config;
+mod bench_tunnel_scale;
 mod bench_vxlan;
 mod delay_line;
 mod demo;
@@ -30,7 +31,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 
 const USAGE: &str =
-    "usage: netd-lab <demo [cluster] | bench <cni|vxlan|events|rss|scenario|dnat|tunnel|doors|tunnel-config|autonomy|pods|hub|reboot|all>> --bin-dir DIR (run through `cargo xtask`)";
+    "usage: netd-lab <demo [cluster] | bench <cni|vxlan|events|rss|scenario|dnat|tunnel|tunnel-scale|doors|tunnel-config|autonomy|pods|hub|reboot|all>> --bin-dir DIR (run through `cargo xtask`)";
 
 fn main() -> Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();

@@ -946,6 +946,10 @@ pub async fn serve_connect(listener: TcpListener, tls: Live<rustls::ServerConfig
         let (router, tls, gate) = (router.clone(), tls.clone(), gate.clone());
         async move {
             let _ticket = ticket;
+            // The `200` goes out right behind the handshake's last flight
+            // (session tickets) still unacknowledged: with Nagle, it waited
+            // for the client's delayed ACK, ~40 ms per CONNECT.
+            let _ = tcp.set_nodelay(true);
             let Some(tls) = handshake(&gate, &router.policy.limits, &tls, tcp, peer).await else { return };
             let identity = client_leaf(&tls).and_then(ClientIdentity::of);
             let admitted = identity.as_ref().is_some_and(|id| router.policy.connect_clients.admits(id));

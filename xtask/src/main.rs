@@ -29,7 +29,7 @@ tasks:
   setup   install (idempotently) the Debian packages netd needs to build, test and demo
   test    run every test, unprivileged and privileged (root; network namespaces),
           and check that no namespace, link or cgroup is left behind
-  bench [cni|vxlan|events|rss|scenario|dnat|tunnel|doors|tunnel-config|autonomy|pods|hub|reboot|all]
+  bench [cni|vxlan|events|rss|scenario|dnat|tunnel|tunnel-scale|doors|tunnel-config|autonomy|pods|hub|reboot|all]
           side-by-side benchmarks needing namespaces or external tools (root); `pods`
           and `reboot` (a real cluster, netd's image) are not part of `all`
   ci      setup, fmt check, clippy, build (benches included), test, doc: what CI runs
@@ -184,7 +184,7 @@ fn demo_cluster() -> Result<()> {
 }
 
 fn bench(which: &str) -> Result<()> {
-    const KNOWN: [&str; 14] = [
+    const KNOWN: [&str; 15] = [
         "cni",
         "vxlan",
         "events",
@@ -192,6 +192,7 @@ fn bench(which: &str) -> Result<()> {
         "scenario",
         "dnat",
         "tunnel",
+        "tunnel-scale",
         "doors",
         "tunnel-config",
         "autonomy",
