@@ -350,3 +350,86 @@ fn a_replica_stopped_with_sigterm_drains_its_streams_and_the_other_takes_new_one
     wait_for("every agent linked to the restarted replica", Duration::from_secs(60), || all_linked(&stage, draining));
     assert_eq!(reach(&stage, &client, draining, node), 200);
 }
+
+/// Open descriptors of this process.
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+fn vm_rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")?.trim().strip_suffix("kB")?.trim().parse().ok()).unwrap()
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
+fn a_thousand_link_cycles_leak_no_task_socket_or_memory() {
+    use netd::tunnel::agent::AgentMetrics;
+    use netd::tunnel::server::{self, Router};
+    use tunnel_stage::NODE;
+
+    let Some(_kernel) = testing::privileged().unwrap() else { return };
+    let stage = Stage::new();
+    let router = Arc::new(Router::default());
+    // The server on its own runtime, whose live tasks are sampled.
+    let tasks = Arc::new(AtomicUsize::new(0));
+    let certs = stage.pki.files("server").load().unwrap();
+    let agents_tls = tls::fixed(tls::server(&certs, tls::ALPN_TUNNEL).unwrap());
+    let (serving, sampled) = (router.clone(), tasks.clone());
+    let _server = Background::start(&stage.cloud.path(), move || async move {
+        tokio::spawn(async move {
+            loop {
+                sampled.store(tokio::runtime::Handle::current().metrics().num_alive_tasks(), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        let agents = TcpListener::bind((CLOUD_IP, AGENT_PORT)).await.unwrap();
+        server::serve_agents(agents, agents_tls, serving).await;
+    });
+    let config = stage.agent_config(NODE);
+    let cycle = || {
+        let agent = stage.agent(config.clone(), Arc::new(AgentMetrics::default()));
+        wait_for("the agent linked", Duration::from_secs(10), || router.nodes().len() == 1);
+        drop(agent);
+        wait_for("the link gone", Duration::from_secs(10), || router.nodes().is_empty());
+    };
+    // Warm up (allocator arenas, the first handshakes' caches), then count.
+    for _ in 0..20 {
+        cycle();
+    }
+    let settle = || std::thread::sleep(Duration::from_millis(200));
+    settle();
+    let idle_tasks = tasks.load(Ordering::Relaxed);
+    // The count sees links: one more task while the agent is linked.
+    let agent = stage.agent(config.clone(), Arc::new(AgentMetrics::default()));
+    wait_for("the link's task counted", Duration::from_secs(10), || tasks.load(Ordering::Relaxed) > idle_tasks);
+    drop(agent);
+    wait_for("the link gone", Duration::from_secs(10), || router.nodes().is_empty());
+    settle();
+    let before = (tasks.load(Ordering::Relaxed), open_fds(), vm_rss_kib());
+    let started = Instant::now();
+    for _ in 0..1_000 {
+        cycle();
+    }
+    settle();
+    let after = (tasks.load(Ordering::Relaxed), open_fds(), vm_rss_kib());
+    eprintln!(
+        "    1 000 link up/down cycles in {:?}: server tasks {} → {}, descriptors {} → {}, VmRSS {} → {} KiB",
+        started.elapsed(),
+        before.0,
+        after.0,
+        before.1,
+        after.1,
+        before.2,
+        after.2
+    );
+    assert_eq!(after.0, before.0, "server tasks leaked");
+    assert_eq!(after.1, before.1, "descriptors leaked");
+    // A leak of even 2 KiB per cycle would show as 2 MiB.
+    assert!(after.2 < before.2 + 2_048, "memory grew {} KiB over 1 000 cycles", after.2 - before.2);
+    assert_eq!(router.metrics.agents.load(Ordering::Relaxed), 0);
+    assert_eq!(router.metrics.links_replaced.load(Ordering::Relaxed), 0);
+}
