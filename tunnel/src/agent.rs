@@ -372,7 +372,7 @@ async fn serve(
     let mut tunnel = TunnelStream::new(send, request.into_body());
     // Written to the local end: in from the server; read from it: out.
     let mut local = Counted::new(&mut local, &metrics.bytes_out, &metrics.bytes_in);
-    let _ = tokio::io::copy_bidirectional(&mut tunnel, &mut local).await;
+    let _ = transport::splice(&mut tunnel, &mut local).await;
 }
 
 #[cfg(test)]

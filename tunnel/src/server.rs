@@ -498,7 +498,7 @@ impl Router {
         self.metrics.streams_open.fetch_add(1, Ordering::Relaxed);
         // Read from the front door: towards the edge; written to it: from the edge.
         let mut front = Counted::new(&mut front, &self.metrics.bytes_to_edge, &self.metrics.bytes_from_edge);
-        let _ = tokio::io::copy_bidirectional(&mut front, &mut tunnel).await;
+        let _ = transport::splice(&mut front, &mut tunnel).await;
         self.metrics.streams_open.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -33,11 +33,10 @@ pub const MAX_FRAME: u32 = 1 << 20;
 /// How much a stream buffers for sending before its writer waits.
 pub const SEND_BUFFER: usize = 1 << 20;
 /// Writes gather up to this much before they go to h2 as one DATA frame
-/// (sooner on flush, which `copy_bidirectional` calls whenever its reader
-/// has nothing more, so interactive bytes never wait). Every hand-over to
-/// h2 takes the connection's lock and wakes its task: with the 8 KiB writes
-/// of `copy_bidirectional`, that per-write cost, not the bytes, bounded a
-/// bulk stream.
+/// (sooner on flush, which [`splice`] calls whenever its reader has nothing
+/// more, so interactive bytes never wait). Every hand-over to h2 takes the
+/// connection's lock and wakes its task: with 8 KiB writes, that per-write
+/// cost, not the bytes, bounded a bulk stream.
 pub const WRITE_CHUNK: usize = 128 << 10;
 /// Received bytes are credited back to the sender in batches of at least
 /// this much (or when a DATA frame is used up), for the same reason.
@@ -93,9 +92,9 @@ fn h2_io(err: h2::Error) -> io::Error {
 }
 
 /// One tunnelled TCP connection as a byte stream: an HTTP/2 stream's two
-/// halves behind `AsyncRead` + `AsyncWrite`, for `copy_bidirectional`.
+/// halves behind `AsyncRead` + `AsyncWrite`, for [`splice`].
 /// Writes are buffered (up to [`WRITE_CHUNK`]) like a `BufWriter`'s: they
-/// leave on `flush` or `shutdown`, which `copy_bidirectional` calls.
+/// leave on `flush` or `shutdown`, which [`splice`] calls.
 pub struct TunnelStream {
     send: SendStream<Bytes>,
     recv: RecvStream,
@@ -225,6 +224,122 @@ impl Drop for TunnelStream {
     }
 }
 
+/// Bytes one direction of [`splice`] moves per read, read into the poll's
+/// stack frame: nothing is held between polls unless the writer pushed back.
+const SPLICE_CHUNK: usize = 8 << 10;
+
+/// One direction of a [`splice`]: bytes the writer did not take yet, and
+/// whether the reader ended.
+#[derive(Default)]
+struct Direction {
+    /// Read, not yet written (only while the writer pushes back).
+    leftover: Vec<u8>,
+    written: usize,
+    /// The reader returned end of stream; the writer is being shut down.
+    read_done: bool,
+    /// The writer was shut down.
+    done: bool,
+    /// Bytes written since the last flush.
+    unflushed: bool,
+}
+
+impl Direction {
+    /// Moves what `from` has to `to` until `from` has nothing now (then
+    /// flushes `to`), `to` pushes back, or `from` ends (then shuts `to`
+    /// down). Ready once this direction is finished.
+    fn poll_move<R, W>(&mut self, cx: &mut Context<'_>, from: &mut R, to: &mut W) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        loop {
+            if self.done {
+                return Poll::Ready(Ok(()));
+            }
+            // What the writer refused last time goes first.
+            while self.written < self.leftover.len() {
+                match Pin::new(&mut *to).poll_write(cx, &self.leftover[self.written..]) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(n)) => {
+                        self.written += n;
+                        self.unflushed = true;
+                    }
+                    Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            if !self.leftover.is_empty() {
+                // Written out: the heap copy goes, so an idle stream holds none.
+                self.leftover = Vec::new();
+                self.written = 0;
+            }
+            if self.read_done {
+                ready!(Pin::new(&mut *to).poll_shutdown(cx))?;
+                self.done = true;
+                continue;
+            }
+            let mut chunk = [0u8; SPLICE_CHUNK];
+            let mut buf = ReadBuf::new(&mut chunk);
+            match Pin::new(&mut *from).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => self.read_done = true,
+                Poll::Ready(Ok(())) => {
+                    let filled = buf.filled();
+                    let mut at = 0;
+                    while at < filled.len() {
+                        match Pin::new(&mut *to).poll_write(cx, &filled[at..]) {
+                            Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                            Poll::Ready(Ok(n)) => {
+                                at += n;
+                                self.unflushed = true;
+                            }
+                            Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+                            Poll::Pending => {
+                                self.leftover = filled[at..].to_vec();
+                                return Poll::Pending;
+                            }
+                        }
+                    }
+                }
+                Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+                Poll::Pending => {
+                    // Nothing more for now: what was written leaves (a
+                    // gathering writer sends its chunk, interactive bytes
+                    // never wait).
+                    if self.unflushed {
+                        ready!(Pin::new(&mut *to).poll_flush(cx))?;
+                        self.unflushed = false;
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+/// Copies between `a` and `b` both ways until both directions end (each
+/// end of stream shuts the other side's writer down), like tokio's
+/// `copy_bidirectional` but with no buffer kept between polls: a chunk is
+/// read into the poll's stack frame and written at once, so an idle
+/// connection holds no copy buffer (`copy_bidirectional` keeps 8 KiB per
+/// direction for the connection's whole life). Only bytes a writer pushed
+/// back are kept, on the heap, until taken.
+pub async fn splice<A, B>(a: &mut A, b: &mut B) -> io::Result<()>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut a_to_b, mut b_to_a) = (Direction::default(), Direction::default());
+    std::future::poll_fn(|cx| {
+        let forward = a_to_b.poll_move(cx, a, b)?;
+        let backward = b_to_a.poll_move(cx, b, a)?;
+        match (forward, backward) {
+            (Poll::Ready(()), Poll::Ready(())) => Poll::Ready(Ok(())),
+            _ => Poll::Pending,
+        }
+    })
+    .await
+}
+
 /// A byte stream that counts what passes as it passes, so a long-lived or
 /// broken connection shows in the byte counters too, not only one that
 /// ends cleanly.
@@ -290,7 +405,44 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::panic)]
 
     use super::*;
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Two connections joined by [`splice`], through pipes far smaller than
+    /// what crosses them (the writers push back all the time): every byte
+    /// arrives, in order, each way, and each end of stream reaches the far
+    /// side while the other direction goes on.
+    #[tokio::test]
+    async fn splice_moves_everything_both_ways_and_passes_each_end_on() {
+        let (left, mut left_inner) = tokio::io::duplex(1024);
+        let (mut right_inner, right) = tokio::io::duplex(3000);
+        let joined = tokio::spawn(async move { splice(&mut left_inner, &mut right_inner).await });
+        let forward: Vec<u8> = (0..600_000u32).map(|i| (i % 251) as u8).collect();
+        let backward: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
+        let (sent_forward, sent_backward) = (forward.clone(), backward.clone());
+        let (mut left_read, mut left_write) = tokio::io::split(left);
+        let (mut right_read, mut right_write) = tokio::io::split(right);
+        let to_right = tokio::spawn(async move {
+            left_write.write_all(&sent_forward).await.unwrap();
+            left_write.shutdown().await.unwrap();
+        });
+        let at_right = tokio::spawn(async move {
+            let mut got = Vec::new();
+            right_read.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        // The left side ends first; the right keeps sending after that.
+        assert_eq!(at_right.await.unwrap(), forward);
+        to_right.await.unwrap();
+        let to_left = tokio::spawn(async move {
+            right_write.write_all(&sent_backward).await.unwrap();
+            right_write.shutdown().await.unwrap();
+        });
+        let mut got = Vec::new();
+        left_read.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, backward);
+        to_left.await.unwrap();
+        joined.await.unwrap().unwrap();
+    }
 
     /// What a hostile or broken peer sends instead of HTTP/2; the agent side
     /// must fail the link with an error, never hang or panic.
