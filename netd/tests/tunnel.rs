@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
-use netd::testing::{self, NetNs};
+use netd::testing;
 use netd::tunnel::agent::AgentMetrics;
 use netd::tunnel::certs::CertificateAuthority;
 use netd::tunnel::server::Router;
@@ -23,8 +23,8 @@ use netd::tunnel::tls;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tunnel_stage::{
-    connect, spawn_netd, spawn_netd_cloud, wait_for, Background, Linked, Stage, AGENT_PORT, CLOUD_IP, CONNECT_PORT,
-    DAY, DNAT_PLAIN_PORT, KUBELET_DNAT_RULES, NODE, NODE_IP,
+    connect, metrics_in, spawn_netd, spawn_netd_cloud, wait_for, Background, Linked, Stage, AGENT_PORT, CLOUD_IP,
+    CONNECT_PORT, DAY, DNAT_PLAIN_PORT, KUBELET_DNAT_RULES, NODE, NODE_IP,
 };
 
 async fn echo_round_trip<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(stream: &mut S, payload: &[u8]) {
@@ -354,12 +354,6 @@ fn agent_args(stage: &Stage, extra: &[&str]) -> Vec<String> {
     let fixed = ["tunnel-agent", "--server", &format!("{CLOUD_IP}:{AGENT_PORT}"), "--cert-dir", dir.to_str().unwrap()]
         .map(String::from);
     fixed.into_iter().chain(extra.iter().map(|arg| arg.to_string())).collect()
-}
-
-/// `GET path` on a metrics endpoint inside a namespace, with curl.
-fn metrics_in(ns: &NetNs, addr: &str) -> String {
-    let out = ns.exec("curl", &["-sS", "--noproxy", "*", "-m", "5", &format!("http://{addr}/metrics")]);
-    out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
 }
 
 #[test]

@@ -17,12 +17,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use netd::testing::{self, NetNs};
+use netd::testing;
 use netd::tunnel::tls;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tunnel_stage::{
-    connect_at, spawn_netd, spawn_netd_cloud, wait_for, Background, NetdChild, Stage, AGENT_PORT, CLOUD_IP, DAY,
+    connect_at, metrics_in, spawn_netd, spawn_netd_cloud, wait_for, Background, NetdChild, Stage, AGENT_PORT, CLOUD_IP,
+    DAY,
 };
 
 /// The edge nodes: name and address (each agent's certificate names it).
@@ -149,22 +150,17 @@ fn agents(stage: &Stage) -> Vec<(NetdChild, String, tempfile::TempDir)> {
         .collect()
 }
 
-fn scrape(ns: &NetNs, addr: &str) -> String {
-    let out = ns.exec("curl", &["-sS", "--noproxy", "*", "-m", "5", &format!("http://{addr}/metrics")]);
-    out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
-}
-
 /// A sample's value in a scrape (`name` with its labels, if any).
 fn value(text: &str, name: &str) -> Option<f64> {
     text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 fn replica_metric(stage: &Stage, replica: &Replica, name: &str) -> Option<f64> {
-    value(&scrape(&stage.cloud, &format!("127.0.0.1:{}", replica.metrics)), name)
+    value(&metrics_in(&stage.cloud, &format!("127.0.0.1:{}", replica.metrics)), name)
 }
 
 fn agent_metric(stage: &Stage, addr: &str, name: &str) -> Option<f64> {
-    value(&scrape(&stage.edge, addr), name)
+    value(&metrics_in(&stage.edge, addr), name)
 }
 
 /// CONNECT through `replica`'s door to `node`'s kubelet: the status code,

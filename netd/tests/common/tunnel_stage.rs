@@ -413,6 +413,13 @@ fn spawn(program: &str, netns: &Path, args: &[impl AsRef<std::ffi::OsStr>]) -> N
     NetdChild(command.spawn().unwrap())
 }
 
+/// `GET /metrics` on `addr` inside a namespace, with curl ("" when it
+/// does not answer).
+pub fn metrics_in(ns: &NetNs, addr: &str) -> String {
+    let out = ns.exec("curl", &["-sS", "--noproxy", "*", "-m", "5", &format!("http://{addr}/metrics")]);
+    out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
+}
+
 pub fn wait_for(what: &str, timeout: Duration, check: impl Fn() -> bool) {
     let deadline = Instant::now() + timeout;
     while !check() {
