@@ -326,6 +326,21 @@ impl Kind for NodeHeartbeatLease {
     const KEEP: &'static [&'static str] = &["/metadata/name", "/spec/renewTime", "/spec/leaseDurationSeconds"];
 }
 
+/// Fields of a tunnel server replica's announcement, a Lease
+/// `kube-system/netd-tunnel-replica-<id>` (`netd_registry::replicas`):
+/// its name, its holder (the exact replica id) and the record JSON in
+/// annotation `netd.io/tunnel-replica`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaLease;
+
+impl Kind for ReplicaLease {
+    type Api = k8s_openapi::api::coordination::v1::Lease;
+    // The annotation key is `netd_registry::replicas::REPLICA_LABEL` (this
+    // crate sits below the registry; a registry test checks they agree).
+    const KEEP: &'static [&'static str] =
+        &["/metadata/name", "/metadata/annotations/netd.io~1tunnel-replica", "/spec/holderIdentity"];
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

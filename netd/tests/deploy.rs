@@ -47,9 +47,14 @@ fn netd_rules() -> BTreeSet<Rule> {
     ])
 }
 
-/// What `netd-cloud tunnel-server --registry kubernetes` calls: one list + watch.
+/// What `netd-cloud tunnel-server --registry kubernetes` calls: one list +
+/// watch of the nodes (ClusterRole), and its replica Leases in kube-system
+/// (Role; registry/src/kubernetes/replicas.rs).
 fn tunnel_server_rules() -> BTreeSet<Rule> {
-    rules(&[("", "nodes", &["list", "watch"])])
+    rules(&[
+        ("", "nodes", &["list", "watch"]),
+        ("coordination.k8s.io", "leases", &["list", "create", "patch", "delete"]),
+    ])
 }
 
 /// What `netd-controller run` calls (netd/src/controller/, and the
@@ -234,6 +239,8 @@ fn manifests_are_what_they_should_be() {
         ("10-rbac.yaml", "ServiceAccount", "netd-tunnel-server"),
         ("10-rbac.yaml", "ClusterRole", "netd-tunnel-server"),
         ("10-rbac.yaml", "ClusterRoleBinding", "netd-tunnel-server"),
+        ("10-rbac.yaml", "Role", "netd-tunnel-server"),
+        ("10-rbac.yaml", "RoleBinding", "netd-tunnel-server"),
         ("10-rbac.yaml", "ServiceAccount", "netd-controller"),
         ("10-rbac.yaml", "ClusterRole", "netd-controller"),
         ("10-rbac.yaml", "ClusterRoleBinding", "netd-controller"),
@@ -260,7 +267,12 @@ fn manifests_are_what_they_should_be() {
     // RBAC: exactly what the code calls, bound to the right accounts; netd's
     // account is bound to nothing and its token never mounted (netd acts as
     // its node).
-    assert_eq!(role_rules(find(&objects, "ClusterRole", "netd-tunnel-server")), tunnel_server_rules());
+    // The tunnel server: nodes cluster-wide, Leases in kube-system only.
+    let cluster_wide = role_rules(find(&objects, "ClusterRole", "netd-tunnel-server"));
+    let in_kube_system = role_rules(find(&objects, "Role", "netd-tunnel-server"));
+    assert!(cluster_wide.iter().all(|(_, resource, _)| resource == "nodes"), "{cluster_wide:?}");
+    assert!(in_kube_system.iter().all(|(_, resource, _)| resource == "leases"), "{in_kube_system:?}");
+    assert_eq!(cluster_wide.union(&in_kube_system).cloned().collect::<BTreeSet<_>>(), tunnel_server_rules());
     assert_eq!(find(&objects, "ServiceAccount", "netd")["automountServiceAccountToken"], false);
     for (_, object) in &objects {
         for subject in object["subjects"].as_array().into_iter().flatten() {
@@ -268,12 +280,11 @@ fn manifests_are_what_they_should_be() {
         }
     }
     let name = "netd-tunnel-server";
-    let binding = find(&objects, "ClusterRoleBinding", name);
-    assert_eq!(
-        binding["roleRef"],
-        json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name})
-    );
-    assert_eq!(binding["subjects"], json!([{"kind": "ServiceAccount", "name": name, "namespace": NS}]));
+    for kind in ["ClusterRole", "Role"] {
+        let binding = find(&objects, &format!("{kind}Binding"), name);
+        assert_eq!(binding["roleRef"], json!({"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": name}));
+        assert_eq!(binding["subjects"], json!([{"kind": "ServiceAccount", "name": name, "namespace": NS}]));
+    }
 
     // net-conf.json as netd's own parser reads it; the conflist as the pin
     // keeper discovers it.
@@ -781,7 +792,8 @@ fn deploy_applies_and_netd_runs_as_its_node_under_node_rbac_and_node_restriction
         let list = kube.kubectl_ok(&["--token", &token, "auth", "can-i", "--list", "-n", NS]);
         // (netd-controller's own check is below: it may patch nodes and write ConfigMaps.)
         assert!(list.lines().any(|l| l.starts_with("nodes ")), "{list}");
-        for forbidden in ["secrets", "pods/exec", "configmaps", "leases"] {
+        assert!(list.lines().any(|l| l.starts_with("leases.coordination.k8s.io ")), "{list}");
+        for forbidden in ["secrets", "pods/exec", "configmaps"] {
             assert!(!list.lines().any(|l| l.starts_with(&format!("{forbidden} "))), "{account}: {list}");
         }
         for args in [
@@ -793,8 +805,19 @@ fn deploy_applies_and_netd_runs_as_its_node_under_node_rbac_and_node_restriction
             &["update", "nodes", "--subresource=status"],
             &["create", "pods"],
             &["create", "events"],
+            &["get", "leases"],
+            &["update", "leases"],
+            &["watch", "leases"],
         ] {
             assert!(!kube.can_i(&token, &[args, &["-n", NS]].concat()), "{account} may {args:?}");
+        }
+        // Its replica Leases in kube-system, nowhere else (not the kubelets'
+        // heartbeats in kube-node-lease).
+        assert!(kube.can_i(&token, &["patch", "leases", "-n", NS]));
+        for namespace in ["kube-node-lease", "default"] {
+            for verb in ["create", "patch", "delete", "list"] {
+                assert!(!kube.can_i(&token, &[verb, "leases", "-n", namespace]), "{account} may {verb} in {namespace}");
+            }
         }
     }
     // What a node may do, by the Node authorizer alone (no binding): every
@@ -959,7 +982,8 @@ fn deploy_applies_and_netd_runs_as_its_node_under_node_rbac_and_node_restriction
     assert_eq!(status, 403, "{body}");
     assert_eq!(patch(&node.name).0, 200, "its own Node's status is its to write");
 
-    // The tunnel server with its own token: reads the leases, nothing else.
+    // The tunnel server with its own token: reads the nodes' leases and
+    // announces itself in its replica Lease, nothing else.
     let tunnel_token = files.path().join("tunnel.token");
     std::fs::write(&tunnel_token, kube.token("netd-tunnel-server")).unwrap();
     let certs = files.path().join("tunnel");
@@ -990,6 +1014,20 @@ fn deploy_applies_and_netd_runs_as_its_node_under_node_rbac_and_node_restriction
     }
     let tunnel = NetdProcess::spawn(&node.ns, Path::new(NETD_CLOUD), tunnel_args, &tunnel_log).unwrap();
     wait_for("the tunnel server's lease list", &|| tunnel.log(), || tunnel.log().contains("leased nodes routable"));
+    // Its replica announcement, a Lease in kube-system written with its
+    // Role's verbs (a refusal would also show in the log below).
+    let replica_leases = || {
+        let path = format!(
+            "/apis/coordination.k8s.io/v1/namespaces/{NS}/leases?labelSelector=netd.io%2Ftunnel-replica%3Dtrue"
+        );
+        kube.api_ok("GET", &path, None)["items"].as_array().cloned().unwrap_or_default()
+    };
+    wait_for("the tunnel server's replica Lease", &|| tunnel.log(), || replica_leases().len() == 1);
+    let lease = &replica_leases()[0];
+    let announced = lease["metadata"]["annotations"]["netd.io/tunnel-replica"].as_str().unwrap();
+    let announced: Value = serde_json::from_str(announced).unwrap();
+    assert_eq!(announced["address"], format!("{}:10265", node.public_ip()), "{lease}");
+    assert_eq!(lease["spec"]["holderIdentity"], announced["id"], "{lease}");
     let text = tunnel.log();
     assert!(text.contains("tunnel server: 1 leased nodes routable"), "{text}");
     assert!(!text.contains("forbidden") && !text.contains("HTTP 403") && !text.contains("retrying"), "{text}");

@@ -11,7 +11,10 @@ use ipnet::Ipv4Net;
 use netd::model::autonomy::Autonomy;
 use netd::model::flannel::CONFIG_KEY;
 use netd::registry::etcd::EtcdRegistry;
-use netd::registry::{LeaseRequest, NetworkConfig, PeerEvent, PeerLease, Registry, RegistryError};
+use netd::registry::{
+    LeaseRequest, NetworkConfig, PeerEvent, PeerLease, Registry, RegistryError, ReplicaRecord, ReplicaStore,
+    REPLICA_TTL,
+};
 use netd::testing::EtcdServer;
 
 /// flannel's network config, exactly as operators write it.
@@ -490,4 +493,92 @@ async fn an_autonomous_nodes_subnet_outlives_its_lease_key() {
     let mut wants = request("e", "192.0.2.5", 5);
     wants.previous_subnet = Some(net("10.244.9.0/24"));
     assert_eq!(e.acquire_lease(&config(), &wants).await.unwrap().lease.subnet, net("10.244.9.0/24"));
+}
+
+/// Tunnel server replicas under `tunnel-replicas/<id>`, each on an etcd
+/// lease of its record's lifetime: etcd drops a replica that stops
+/// announcing by itself; unreadable values are skipped.
+#[tokio::test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
+async fn tunnel_replicas_live_on_etcd_leases() {
+    let Some(_kernel) = netd::testing::privileged().unwrap() else { return };
+    init_logs();
+    const REPLICAS: &str = "/coreos.com/network/tunnel-replicas/";
+    let etcd = configured_etcd();
+    let mut c = client(&etcd).await;
+    let mut r = registry(&etcd).await;
+    let now = SystemTime::now();
+    let unix_now = now.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+    assert!(r.replicas(now).await.unwrap().is_empty());
+
+    // Two replicas (b first), from two clients: listed by id, exactly.
+    let a = ReplicaRecord::new("cloud-a", "10.0.0.5:10265", false, REPLICA_TTL, now);
+    let b = ReplicaRecord::new("cloud-b", "10.0.0.6:10265", false, REPLICA_TTL, now);
+    let mut other = registry(&etcd).await;
+    other.announce_replica(&b).await.unwrap();
+    r.announce_replica(&a).await.unwrap();
+    let listed = r.replicas(now).await.unwrap();
+    assert_eq!(listed, vec![a.clone(), b.clone()]);
+    let expected_a = ReplicaRecord {
+        version: 1,
+        id: "cloud-a".into(),
+        address: "10.0.0.5:10265".into(),
+        draining: false,
+        expires_at: unix_now + 15,
+    };
+    assert_eq!(listed[0], expected_a);
+    assert_eq!(other.replicas(now).await.unwrap(), listed);
+    // The value is the record's JSON, on an etcd lease of its lifetime.
+    let (value, lease) = value_of(&mut c, &format!("{REPLICAS}cloud-a")).await.unwrap();
+    assert_eq!(String::from_utf8(value).unwrap(), a.to_json());
+    assert_ne!(lease, 0, "a replica key without an etcd lease outlives its replica");
+    let granted = c.lease_time_to_live(lease, None).await.unwrap().granted_ttl();
+    assert!((14..=15).contains(&granted), "granted TTL {granted}");
+
+    // a drains: its announcement replaces the previous one.
+    let a_draining = ReplicaRecord::new("cloud-a", "10.0.0.5:10265", true, REPLICA_TTL, now);
+    r.announce_replica(&a_draining).await.unwrap();
+    assert_eq!(r.replicas(now).await.unwrap(), vec![a_draining.clone(), b.clone()]);
+
+    // A short-lived announcement: listed now, then etcd itself drops it
+    // with its lease (etcd's minimum lease TTL is 2 s; give it a few more).
+    let short = ReplicaRecord::new("cloud-c", "10.0.0.7:10265", false, Duration::from_secs(1), SystemTime::now());
+    other.announce_replica(&short).await.unwrap();
+    let short_key = format!("{REPLICAS}cloud-c");
+    assert!(value_of(&mut c, &short_key).await.is_some());
+    assert!(r.replicas(SystemTime::now()).await.unwrap().contains(&short));
+    let announced = std::time::Instant::now();
+    while value_of(&mut c, &short_key).await.is_some() {
+        assert!(announced.elapsed() < Duration::from_secs(6), "etcd kept {short_key} past its lease");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!("etcd dropped the 1 s announcement after {:?}", announced.elapsed());
+    assert_eq!(r.replicas(SystemTime::now()).await.unwrap(), vec![a_draining.clone(), b.clone()]);
+
+    // Garbage written by someone else is skipped; the others still listed.
+    c.put(format!("{REPLICAS}cloud-junk"), "{not json", None).await.unwrap();
+    c.put(format!("{REPLICAS}cloud-liar"), b.to_json(), None).await.unwrap();
+    c.put(format!("{REPLICAS}nested/cloud-x"), a.to_json().replace("cloud-a", "nested/cloud-x"), None).await.unwrap();
+    assert_eq!(r.replicas(now).await.unwrap(), vec![a_draining.clone(), b.clone()]);
+    // Another prefix holds no replicas.
+    let mut elsewhere = registry(&etcd).await.with_prefix("/netd-test/other");
+    assert!(elsewhere.replicas(now).await.unwrap().is_empty());
+
+    // Withdrawn: true once, then false; the key is gone from etcd.
+    assert!(r.withdraw_replica("cloud-b").await.unwrap());
+    assert!(!r.withdraw_replica("cloud-b").await.unwrap());
+    assert!(value_of(&mut c, &format!("{REPLICAS}cloud-b")).await.is_none());
+    assert_eq!(r.replicas(now).await.unwrap(), vec![a_draining.clone()]);
+
+    // A bad id is refused before any key is built, naming the rule.
+    let bad = ReplicaRecord::new("a/b", "10.0.0.8:10265", false, REPLICA_TTL, now);
+    for err in [r.announce_replica(&bad).await.unwrap_err(), r.withdraw_replica("a/b").await.unwrap_err()] {
+        assert!(matches!(err, RegistryError::Refused { .. }) && !err.is_transient(), "{err}");
+        let text = err.to_string();
+        assert!(text.contains(r#"naming tunnel replica "a/b""#) && text.contains("[A-Za-z0-9._-]"), "{text}");
+    }
+    assert!(value_of(&mut c, &format!("{REPLICAS}a/b")).await.is_none());
 }

@@ -1,17 +1,21 @@
 //! The Kubernetes registry against a real kube-apiserver (1.20, built by
 //! `cargo xtask setup`): flannel's annotations byte for byte, the node
 //! condition, flannel-written peers, the watch, bad data, autonomy and an
-//! API server that goes away.
+//! API server that goes away; tunnel server replicas as Leases, under RBAC
+//! with `deploy/10-rbac.yaml` applied.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use ipnet::Ipv4Net;
 use netd::model::autonomy::Autonomy;
+use netd::registry::kubernetes::replicas::replica_lease_name;
 use netd::registry::kubernetes::{KubeConfig, KubernetesRegistry};
-use netd::registry::{LeaseRequest, PeerEvent, PeerLease, Registry, RegistryError};
-use netd::testing::KubeApiServer;
+use netd::registry::{
+    LeaseRequest, PeerEvent, PeerLease, Registry, RegistryError, ReplicaRecord, ReplicaStore, REPLICA_TTL,
+};
+use netd::testing::{KubeApiServer, KubeCluster};
 use serde_json::{json, Value};
 
 const NETWORK: &str = "10.244.0.0/16";
@@ -425,4 +429,159 @@ async fn a_rotated_token_file_is_read_again_after_a_401() {
     std::fs::remove_file(&token_file).unwrap();
     let err = KubernetesRegistry::new(with_file).unwrap_err().to_string();
     assert!(err.contains("reading the bearer token"), "{err}");
+}
+
+const RBAC_MANIFEST: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/10-rbac.yaml");
+const REPLICA_LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases";
+const REPLICA_SELECTOR: &str = "netd.io/tunnel-replica=true";
+
+/// A token of ServiceAccount kube-system/`account` (TokenRequest).
+fn service_account_token(server: &KubeApiServer, account: &str) -> String {
+    let request = json!({ "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                          "spec": { "expirationSeconds": 3600 } });
+    let path = format!("/api/v1/namespaces/kube-system/serviceaccounts/{account}/token");
+    let reply: Value =
+        serde_json::from_str(&api(server, "POST", &path, Some(("application/json", &request.to_string())))).unwrap();
+    reply["status"]["token"].as_str().unwrap().to_string()
+}
+
+/// A registry authenticating with `token` instead of the admin's.
+fn registry_as(server: &KubeApiServer, token: String) -> KubernetesRegistry {
+    KubernetesRegistry::new(KubeConfig { token: Some(token), ..config(server, "cloud-1") }).unwrap()
+}
+
+/// The Lease `name` in kube-system as the API server holds it.
+fn replica_lease(server: &KubeApiServer, name: &str) -> Value {
+    serde_json::from_str(&api(server, "GET", &format!("{REPLICA_LEASES}/{name}"), None)).unwrap()
+}
+
+/// `kubectl get leases -n kube-system -l netd.io/tunnel-replica=true -o name`.
+fn labelled_leases(server: &KubeApiServer) -> Vec<String> {
+    let out = server.kubectl(&["get", "leases", "-n", "kube-system", "-l", REPLICA_SELECTOR, "-o", "name"]).unwrap();
+    String::from_utf8(out.stdout).unwrap().lines().map(String::from).collect()
+}
+
+fn record(id: &str, address: &str, draining: bool, ttl: Duration, now: SystemTime) -> ReplicaRecord {
+    ReplicaRecord::new(id, address, draining, ttl, now)
+}
+
+#[tokio::test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
+async fn tunnel_replicas_are_leases_in_kube_system_under_the_deployed_rbac() {
+    let Some(_kernel) = netd::testing::privileged().unwrap() else { return };
+    // RBAC on, as kubeadm runs it: the tunnel server's ServiceAccount has
+    // only what deploy/10-rbac.yaml grants it.
+    let builder = KubeCluster::builder().rbac(true);
+    if !builder.binaries_available().unwrap() {
+        return;
+    }
+    let cluster = builder.start().unwrap();
+    let server = cluster.api();
+    server.kubectl(&["apply", "-f", RBAC_MANIFEST]).unwrap();
+    let mut reg = registry_as(server, service_account_token(server, "netd-tunnel-server"));
+    let now = SystemTime::now();
+
+    // Two replicas announce: both listed, by id, exactly as announced.
+    let a = record("cloud-1-10262", "192.0.2.1:10265", false, REPLICA_TTL, now);
+    let b = record("cloud-2-10262", "192.0.2.2:10265", false, REPLICA_TTL, now);
+    reg.announce_replica(&b).await.unwrap();
+    reg.announce_replica(&a).await.unwrap();
+    assert_eq!(reg.replicas(now).await.unwrap(), vec![a.clone(), b.clone()]);
+    // The Lease as any Lease holder writes it.
+    let lease = replica_lease(server, "netd-tunnel-replica-cloud-1-10262");
+    assert_eq!(lease["metadata"]["labels"]["netd.io/tunnel-replica"], "true");
+    assert_eq!(lease["metadata"]["annotations"]["netd.io/tunnel-replica"].as_str(), Some(a.to_json().as_str()));
+    assert_eq!(lease["spec"]["holderIdentity"], "cloud-1-10262");
+    let duration = lease["spec"]["leaseDurationSeconds"].as_u64().unwrap();
+    assert!((13..=15).contains(&duration), "{lease}");
+    let renewed = lease["spec"]["renewTime"].as_str().unwrap();
+    assert_eq!(renewed.split_once('.').map(|(_, fraction)| fraction.len()), Some(7), "MicroTime: {renewed}");
+    let acquired = lease["spec"]["acquireTime"].clone();
+    assert!(acquired.is_string(), "{lease}");
+
+    // Re-announced draining: seen so, still one Lease per replica, the
+    // first acquisition kept.
+    let a_draining = record("cloud-1-10262", "192.0.2.1:10265", true, REPLICA_TTL, now);
+    reg.announce_replica(&a_draining).await.unwrap();
+    assert_eq!(reg.replicas(now).await.unwrap(), vec![a_draining.clone(), b.clone()]);
+    assert_eq!(
+        labelled_leases(server),
+        [
+            "lease.coordination.k8s.io/netd-tunnel-replica-cloud-1-10262",
+            "lease.coordination.k8s.io/netd-tunnel-replica-cloud-2-10262"
+        ]
+    );
+    assert_eq!(replica_lease(server, "netd-tunnel-replica-cloud-1-10262")["spec"]["acquireTime"], acquired);
+
+    // A 1 s record: listed now, not 2 s later (the others still are).
+    let short = record("cloud-3-10262", "192.0.2.3:10265", false, Duration::from_secs(1), now);
+    reg.announce_replica(&short).await.unwrap();
+    assert_eq!(replica_lease(server, "netd-tunnel-replica-cloud-3-10262")["spec"]["leaseDurationSeconds"], 1);
+    assert_eq!(reg.replicas(now).await.unwrap(), vec![a_draining.clone(), b.clone(), short.clone()]);
+    let later = now + Duration::from_secs(2);
+    assert_eq!(reg.replicas(later).await.unwrap(), vec![a_draining.clone(), b.clone()]);
+
+    // Leases made by hand: a garbage annotation, another replica's record
+    // copied into a Lease of its own, and an unlabelled Lease (the
+    // controller's leader Lease, say). Skipped or never listed; the rest is.
+    let by_hand = |name: &str, labelled: bool, holder: &str, annotation: &str| {
+        let labels = if labelled { json!({ "netd.io/tunnel-replica": "true" }) } else { json!({}) };
+        let lease = json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": { "name": name, "labels": labels, "annotations": { "netd.io/tunnel-replica": annotation } },
+            "spec": { "holderIdentity": holder, "leaseDurationSeconds": 15 },
+        });
+        api(server, "POST", REPLICA_LEASES, Some(("application/json", &lease.to_string())));
+    };
+    by_hand("netd-tunnel-replica-garbage", true, "garbage", "{\"version\":1,\"id\":");
+    by_hand("netd-tunnel-replica-impostor", true, "impostor", &b.to_json());
+    by_hand("netd-controller", false, "cloud-9", &b.to_json());
+    assert_eq!(reg.replicas(now).await.unwrap(), vec![a_draining.clone(), b.clone(), short.clone()]);
+
+    // An id that is no Lease name as it is: mapped to a valid one, its
+    // exact id kept.
+    let odd = record("Cloud_4.Example", "192.0.2.4:10265", false, REPLICA_TTL, now);
+    reg.announce_replica(&odd).await.unwrap();
+    let name = replica_lease_name("Cloud_4.Example").unwrap();
+    assert!(name.starts_with("netd-tunnel-replica-cloud-4-example-"), "{name}");
+    let lease = replica_lease(server, &name);
+    assert_eq!(lease["spec"]["holderIdentity"], "Cloud_4.Example");
+    let listed = reg.replicas(now).await.unwrap();
+    assert_eq!(listed, vec![odd.clone(), a_draining.clone(), b.clone(), short.clone()]);
+    assert!(reg.withdraw_replica("Cloud_4.Example").await.unwrap());
+
+    // Withdrawn: gone; a second time, there was nothing.
+    assert!(reg.withdraw_replica("cloud-1-10262").await.unwrap());
+    assert!(!reg.withdraw_replica("cloud-1-10262").await.unwrap());
+    let (status, _) = server.api("GET", &format!("{REPLICA_LEASES}/netd-tunnel-replica-cloud-1-10262"), None).unwrap();
+    assert_eq!(status, 404);
+    assert_eq!(reg.replicas(now).await.unwrap(), vec![b.clone(), short.clone()]);
+
+    // Ids no backend can hold are refused before any request.
+    let err = reg.announce_replica(&record("a/b", "x:1", false, REPLICA_TTL, now)).await.unwrap_err();
+    assert!(matches!(err, RegistryError::Refused { .. }) && err.to_string().contains("1-253 characters"), "{err}");
+    assert!(reg.withdraw_replica("").await.is_err());
+
+    // The wrong party: netd's own ServiceAccount (bound to nothing) and the
+    // controller's (which may create and update Leases in kube-system for
+    // its election, but not patch, list or delete them) are refused with
+    // the API server's 403 and what the tunnel server's account needs.
+    for account in ["netd", "netd-controller"] {
+        let mut other = registry_as(server, service_account_token(server, account));
+        let stolen = record("cloud-2-10262", "203.0.113.9:10265", false, REPLICA_TTL, now);
+        let err = other.announce_replica(&stolen).await.unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, RegistryError::Refused { .. }), "{account}: {err:?}");
+        assert!(text.contains("HTTP 403") && text.contains("forbidden"), "{account}: {text}");
+        assert!(text.contains(&format!("system:serviceaccount:kube-system:{account}")), "{account}: {text}");
+        assert!(text.contains("Role netd-tunnel-server of deploy/10-rbac.yaml"), "{account}: {text}");
+        let err = other.replicas(now).await.unwrap_err().to_string();
+        assert!(err.contains("HTTP 403") && err.contains("cannot list"), "{account}: {err}");
+        let err = other.withdraw_replica("cloud-2-10262").await.unwrap_err().to_string();
+        assert!(err.contains("HTTP 403") && err.contains("cannot delete"), "{account}: {err}");
+    }
+    assert_eq!(reg.replicas(now).await.unwrap(), vec![b, short], "the refused writes changed nothing");
 }

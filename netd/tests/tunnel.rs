@@ -12,9 +12,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper_util::rt::TokioIo;
 use netd::testing;
 use netd::tunnel::agent::AgentMetrics;
 use netd::tunnel::certs::CertificateAuthority;
@@ -23,8 +20,8 @@ use netd::tunnel::tls;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tunnel_stage::{
-    connect, metrics_in, spawn_netd, spawn_netd_cloud, wait_for, Background, Linked, Stage, AGENT_PORT, CLOUD_IP,
-    CONNECT_PORT, DAY, DNAT_PLAIN_PORT, KUBELET_DNAT_RULES, NODE, NODE_IP,
+    connect, metrics_in, plain_http_stand_ins, spawn_netd, spawn_netd_cloud, stand_in_body, wait_for, Background,
+    Linked, Stage, AGENT_PORT, CLOUD_IP, CONNECT_PORT, DAY, DNAT_PLAIN_PORT, KUBELET_DNAT_RULES, NODE, NODE_IP,
 };
 
 async fn echo_round_trip<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(stream: &mut S, payload: &[u8]) {
@@ -267,38 +264,6 @@ fn dnat_door_carries_redirected_connections_to_the_edge() {
 const NODE_EXPORTER_PORT: u16 = 9100;
 /// DNAT'd to the plain door too, but not allowed by the agent.
 const NOT_ALLOWED_PORT: u16 = 9101;
-
-/// Plain HTTP stand-ins on the node address, one per port, each answering
-/// every request with [`stand_in_body`].
-fn plain_http_stand_ins(stage: &Stage, ports: &'static [u16]) -> Background {
-    use std::convert::Infallible;
-
-    Background::start(&stage.edge.path(), move || async move {
-        let mut servers = tokio::task::JoinSet::new();
-        for &port in ports {
-            let listener = TcpListener::bind((NODE_IP, port)).await.unwrap();
-            servers.spawn(async move {
-                loop {
-                    let (tcp, _) = listener.accept().await.unwrap();
-                    let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-                        let body = Bytes::from(stand_in_body(port, request.uri().path()));
-                        async move { Ok::<_, Infallible>(hyper::Response::new(Full::new(body))) }
-                    });
-                    let connection =
-                        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service);
-                    tokio::spawn(connection);
-                }
-            });
-        }
-        while servers.join_next().await.is_some() {}
-    })
-}
-
-/// What the stand-in on `port` answers for `path`: both named, so that a
-/// request which reached another port or path shows.
-fn stand_in_body(port: u16, path: &str) -> String {
-    format!("stand-in on {NODE_IP}:{port} served {path}\n")
-}
 
 #[test]
 #[cfg_attr(

@@ -5,7 +5,10 @@
 //! Every agent ends up linked to both replicas; a replica killed leaves
 //! every node reachable through the other, and the agents re-link when it
 //! returns; a replica stopped with SIGTERM drains: its doors close, running
-//! streams finish, agents hear it and the other replica takes new streams.
+//! streams finish, agents hear it and the other replica takes new streams;
+//! replicas meeting in a registry count each other and tell the agents; a
+//! replica without a node's link forwards DNAT'd and CONNECT streams to the
+//! one that has it (in process, with the real eBPF DNAT).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -50,32 +53,51 @@ const REPLICAS: [Replica; 2] = [
 /// How long a draining replica lets streams finish, in these tests.
 const GRACE: Duration = Duration::from_secs(15);
 
+/// A replica told the fleet has two replicas (`--replicas 2`): nothing to
+/// read them from.
 fn start_replica(stage: &Stage, replica: &Replica) -> NetdChild {
+    start_replica_with(stage, replica, &["--replicas".into(), "2".into()])
+}
+
+/// A replica that announces itself in the embedded registry `db` and
+/// counts the live replicas there (no `--replicas`).
+fn start_replica_in(stage: &Stage, replica: &Replica, db: &std::path::Path) -> NetdChild {
+    start_replica_with(stage, replica, &["--registry".into(), format!("embedded:{}", db.display())])
+}
+
+fn start_replica_with(stage: &Stage, replica: &Replica, extra: &[String]) -> NetdChild {
     let cert_dir = stage.pki.dir.path().to_str().unwrap().to_string();
-    spawn_netd_cloud(
-        &stage.cloud.path(),
-        &[
-            "tunnel-server".to_string(),
-            "--cert-dir".into(),
-            cert_dir,
-            "--agents-listen".into(),
-            format!("127.0.0.1:{}", replica.agents),
-            "--connect-listen".into(),
-            format!("{CLOUD_IP}:{}", replica.connect),
-            "--dnat-listen".into(),
-            String::new(),
-            "--http-listen".into(),
-            String::new(),
-            "--metrics-listen".into(),
-            format!("127.0.0.1:{}", replica.metrics),
-            "--replica-id".into(),
-            replica.id.into(),
-            "--replicas".into(),
-            "2".into(),
-            "--drain-grace".into(),
-            format!("{}s", GRACE.as_secs()),
-        ],
-    )
+    let mut args = vec![
+        "tunnel-server".to_string(),
+        "--cert-dir".into(),
+        cert_dir,
+        "--agents-listen".into(),
+        format!("127.0.0.1:{}", replica.agents),
+        "--connect-listen".into(),
+        format!("{CLOUD_IP}:{}", replica.connect),
+        "--dnat-listen".into(),
+        String::new(),
+        "--http-listen".into(),
+        String::new(),
+        "--metrics-listen".into(),
+        format!("127.0.0.1:{}", replica.metrics),
+        "--replica-id".into(),
+        replica.id.into(),
+        "--drain-grace".into(),
+        format!("{}s", GRACE.as_secs()),
+    ];
+    args.extend_from_slice(extra);
+    spawn_netd_cloud(&stage.cloud.path(), &args)
+}
+
+/// An embedded registry the replicas share.
+fn registry() -> (tempfile::TempDir, std::path::PathBuf) {
+    use netd::registry::embedded::EmbeddedRegistry;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("registry.db");
+    let network = netd::registry::NetworkConfig { network: "10.244.0.0/16".parse().unwrap(), subnet_len: 24, vni: 1 };
+    EmbeddedRegistry::create(&db, &network).unwrap();
+    (dir, db)
 }
 
 /// A round-robin TCP balancer on the agents' address in front of the
@@ -261,7 +283,10 @@ fn a_replica_stopped_with_sigterm_drains_its_streams_and_the_other_takes_new_one
     let Some(_kernel) = testing::privileged().unwrap() else { return };
     let stage = Stage::new();
     let _kubelets = kubelets(&stage);
-    let mut replicas: Vec<NetdChild> = REPLICAS.iter().map(|r| start_replica(&stage, r)).collect();
+    // The replicas meet in the registry: each learns the other (its peer)
+    // and how many are live, which is what the agents are told.
+    let (_registry_dir, db) = registry();
+    let mut replicas: Vec<NetdChild> = REPLICAS.iter().map(|r| start_replica_in(&stage, r, &db)).collect();
     let _balancer = balancer(&stage);
     let agents = agents(&stage);
     let client = tls::connect_client(&stage.pki.files("client").load().unwrap()).unwrap();
@@ -269,7 +294,29 @@ fn a_replica_stopped_with_sigterm_drains_its_streams_and_the_other_takes_new_one
         wait_for(&format!("every agent linked to {}", replica.id), Duration::from_secs(30), || {
             all_linked(&stage, replica)
         });
+        // Each reads the registry every 5 s: the first to start may still
+        // count one for a moment.
+        wait_for(&format!("{} counts two live replicas", replica.id), Duration::from_secs(15), || {
+            replica_metric(&stage, replica, "netd_tunnel_replicas_live") == Some(2.0)
+                && replica_metric(&stage, replica, "netd_tunnel_peers") == Some(1.0)
+        });
     }
+    for (_, metrics, _) in &agents {
+        assert_eq!(agent_metric(&stage, metrics, "netd_tunnel_agent_replicas_expected"), Some(2.0));
+    }
+    let announced = || {
+        stage.in_cloud(|| async {
+            use netd::registry::replicas::ReplicaStore;
+            let mut store = netd::registry::embedded::EmbeddedRegistry::open(&db, Duration::from_millis(50));
+            let records = store.replicas(std::time::SystemTime::now()).await.unwrap();
+            records.into_iter().map(|r| (r.id, r.address, r.draining)).collect::<Vec<_>>()
+        })
+    };
+    let address = |replica: &Replica| format!("{CLOUD_IP}:{}", replica.connect);
+    assert_eq!(
+        announced(),
+        vec![("tunnel-a".into(), address(&REPLICAS[0]), false), ("tunnel-b".into(), address(&REPLICAS[1]), false)]
+    );
     let (draining, other) = (&REPLICAS[0], &REPLICAS[1]);
     let node = NODES[0].1;
 
@@ -303,6 +350,7 @@ fn a_replica_stopped_with_sigterm_drains_its_streams_and_the_other_takes_new_one
             });
         }
         assert_eq!(replica_metric(&stage, draining, "netd_tunnel_draining"), Some(1.0));
+        assert!(announced().contains(&("tunnel-a".into(), address(draining), true)), "the drain is announced");
         // New streams: the other replica carries them.
         for (_, ip) in NODES {
             let (code, stream) = connect_at(client.clone(), other.connect, &format!("{ip}:10250")).await;
@@ -334,17 +382,25 @@ fn a_replica_stopped_with_sigterm_drains_its_streams_and_the_other_takes_new_one
         "    drain: a running session carried {session_bytes} bytes after SIGTERM; replica exited {exited:?} after it"
     );
 
-    // The agents drop the drained replica and keep the other.
+    // Drained, it withdrew: the other counts one live replica and tells
+    // the agents, which hold it alone and stop dialling for a second.
+    assert_eq!(announced(), vec![("tunnel-b".into(), address(other), false)]);
+    wait_for("the other replica counts itself alone", Duration::from_secs(15), || {
+        replica_metric(&stage, other, "netd_tunnel_replicas_live") == Some(1.0)
+    });
     for (_, metrics, _) in &agents {
         wait_for("the agents hold the other replica only", Duration::from_secs(10), || {
             agent_metric(&stage, metrics, "netd_tunnel_agent_replicas_linked") == Some(1.0)
+                && agent_metric(&stage, metrics, "netd_tunnel_agent_replicas_expected") == Some(1.0)
         });
     }
     assert!(all_linked(&stage, other));
-    // A rolling restart's second half: it comes back and the agents return.
-    replicas[0] = start_replica(&stage, draining);
+    // A rolling restart's second half: it comes back, announces itself, the
+    // other tells the agents there are two again, and they return.
+    replicas[0] = start_replica_in(&stage, draining, &db);
     wait_for("every agent linked to the restarted replica", Duration::from_secs(60), || all_linked(&stage, draining));
     assert_eq!(reach(&stage, &client, draining, node), 200);
+    assert_eq!(replica_metric(&stage, other, "netd_tunnel_replicas_live"), Some(2.0));
 }
 
 /// Open descriptors of this process.
@@ -428,4 +484,120 @@ fn a_thousand_link_cycles_leak_no_task_socket_or_memory() {
     assert!(after.2 < before.2 + 2_048, "memory grew {} KiB over 1 000 cycles", after.2 - before.2);
     assert_eq!(router.metrics.agents.load(Ordering::Relaxed), 0);
     assert_eq!(router.metrics.links_replaced.load(Ordering::Relaxed), 0);
+}
+
+/// An in-process replica's peers: the others' CONNECT doors, dialled with
+/// the stage's server certificate.
+fn peers_of(stage: &Stage, id: &str, others: &[(&str, u16)]) -> Arc<netd::tunnel::peers::Peers> {
+    use netd::tunnel::peers::{Peer, Peers};
+    let certs = stage.pki.files("server").load().unwrap();
+    let dialer = tls::fixed(tls::connect_client(&certs).unwrap());
+    let peers = Peers::new(id, certs.chain[0].as_ref(), dialer, Duration::from_secs(5)).unwrap();
+    peers.replace(
+        others.iter().map(|(id, port)| Peer { id: id.to_string(), address: format!("{CLOUD_IP}:{port}") }).collect(),
+    );
+    Arc::new(peers)
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
+fn a_replica_without_the_nodes_link_forwards_dnat_and_connect_streams_to_the_one_that_has_it() {
+    use netd::tunnel::server::{self, ReplicaIdentity, Router, ServerPolicy};
+    use tunnel_stage::{curl_in, plain_http_stand_ins, stand_in_body, CONNECT_PORT, KUBELET_DNAT_RULES, NODE, NODE_IP};
+
+    let Some(_kernel) = testing::privileged().unwrap() else { return };
+    let stage = Stage::new();
+    const A_CONNECT: u16 = 10275;
+    let policy =
+        |id: &str| ServerPolicy { replica: ReplicaIdentity { id: id.into(), replicas: 2 }, ..ServerPolicy::default() };
+    // Replica b holds the node's link (agents' door and CONNECT door on the
+    // stage's ports); replica a has no link, a CONNECT door of its own and
+    // the cloud node's DNAT doors. Each knows the other.
+    let b = Arc::new(Router::new(policy("b")).with_peers(peers_of(&stage, "b", &[("a", A_CONNECT)])));
+    let a = Arc::new(Router::new(policy("a")).with_peers(peers_of(&stage, "a", &[("b", CONNECT_PORT)])));
+    let _b_doors = stage.server(b.clone());
+    let certs = stage.pki.files("server").load().unwrap();
+    let connect_tls = tls::fixed(tls::server(&certs, tls::ALPN_HTTP1).unwrap());
+    let a_door = a.clone();
+    let _a_connect = Background::start(&stage.cloud.path(), move || async move {
+        let listener = TcpListener::bind((CLOUD_IP, A_CONNECT)).await.unwrap();
+        server::serve_connect(listener, connect_tls, a_door).await;
+    });
+    let _stand_ins = plain_http_stand_ins(&stage, &[10255]);
+    let _agent = stage.agent(stage.agent_config(NODE), Arc::new(netd::tunnel::agent::AgentMetrics::default()));
+    wait_for("the agent linked to b", Duration::from_secs(10), || b.nodes() == vec![NODE.to_string()]);
+    assert!(a.nodes().is_empty());
+    let doors = stage.dnat_doors(a.clone(), &KUBELET_DNAT_RULES);
+
+    // A cloud-node client's connection, redirected by the eBPF DNAT to a's
+    // door: a forwards it to b, which holds the node.
+    let (ok, code, body) = curl_in(Some(&doors.cgroup), &stage.cloud, &[&format!("http://{NODE_IP}:10255/pods")]);
+    assert!(ok && code == "200", "{code} {body}");
+    assert_eq!(body, stand_in_body(10255, "/pods"));
+    let forwarded = |router: &Router| router.peers().unwrap().metrics.forwarded.load(Ordering::Relaxed);
+    let from_peers = |router: &Router| router.peers().unwrap().metrics.from_peers.load(Ordering::Relaxed);
+    assert_eq!((forwarded(&a), from_peers(&b)), (1, 1));
+
+    // kube-apiserver's CONNECT at a's door, by node address and by node
+    // name: forwarded too.
+    let client = tls::connect_client(&stage.pki.files("client").load().unwrap()).unwrap();
+    for authority in [format!("{NODE_IP}:10255"), format!("{NODE}:10255")] {
+        let code = stage.in_cloud(|| {
+            let client = client.clone();
+            async move {
+                let (code, stream) = connect_at(client, A_CONNECT, &authority).await;
+                let mut stream = stream.unwrap();
+                stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+                let mut answer = String::new();
+                stream.read_to_string(&mut answer).await.unwrap();
+                assert!(answer.ends_with(&stand_in_body(10255, "/healthz")), "{answer}");
+                code
+            }
+        });
+        assert_eq!(code, 200);
+    }
+    assert_eq!((forwarded(&a), from_peers(&b)), (3, 3));
+    assert_eq!(a.metrics.no_agent.load(Ordering::Relaxed) + b.metrics.no_agent.load(Ordering::Relaxed), 0);
+
+    // A node no replica holds: a asks b, b (asked by a peer) asks nobody,
+    // and a answers 503 at once. One hop, no loop.
+    let started = Instant::now();
+    let code = stage.in_cloud(|| connect_at(client.clone(), A_CONNECT, "10.250.0.99:10250")).0;
+    assert_eq!(code, 503);
+    assert!(started.elapsed() < Duration::from_secs(2), "503 took {:?}", started.elapsed());
+    assert_eq!((a.metrics.no_agent.load(Ordering::Relaxed), b.metrics.no_agent.load(Ordering::Relaxed)), (1, 1));
+    assert_eq!((forwarded(&a), forwarded(&b), from_peers(&a)), (3, 0, 0));
+
+    // Who may ask as a peer: the replicas' own certificate only. A peer's
+    // request is served from the replica's own links, never sent on.
+    const KUBELET: &str = "10.250.0.2:10255";
+    let peer_client = tls::connect_client(&certs).unwrap();
+    assert_eq!(stage.in_cloud(|| connect_at(peer_client.clone(), CONNECT_PORT, KUBELET)).0, 200);
+    assert_eq!(stage.in_cloud(|| connect_at(peer_client.clone(), A_CONNECT, KUBELET)).0, 503);
+    assert_eq!(forwarded(&a), 3, "a sent a peer's request on");
+    // A node's certificate never passes for a replica, nor does a client
+    // certificate naming the server from another CA.
+    let node_client = tls::connect_client(&stage.pki.files(NODE).load().unwrap()).unwrap();
+    assert_eq!(stage.in_cloud(|| connect_at(node_client.clone(), A_CONNECT, KUBELET)).0, 403);
+    let stranger = netd::tunnel::certs::CertificateAuthority::generate("another CA", DAY).unwrap();
+    let forged = stranger.issue_client("tunnel-server", None, DAY).unwrap();
+    let mut forged_certs = stage.pki.files("client").load().unwrap();
+    forged_certs.chain = vec![forged.cert_der().clone()];
+    forged_certs.key = forged.key_der();
+    let forged_client = tls::connect_client(&forged_certs).unwrap();
+    let refused = stage.in_cloud(|| async move {
+        let tcp = TcpStream::connect((CLOUD_IP, A_CONNECT)).await.unwrap();
+        let name = rustls_pki_types::ServerName::IpAddress(IpAddr::V4(CLOUD_IP).into());
+        let mut tls = tokio_rustls::TlsConnector::from(forged_client).connect(name, tcp).await.unwrap();
+        // TLS 1.3: the server's verdict on the client certificate arrives
+        // with the first read.
+        let _ = tls.write_all(format!("CONNECT {KUBELET} HTTP/1.1\r\n\r\n").as_bytes()).await;
+        let mut buf = [0u8; 64];
+        tls.read(&mut buf).await.map(|n| n == 0).unwrap_or(true)
+    });
+    assert!(refused, "a forged peer certificate got an answer");
+    assert_eq!(forwarded(&a), 3);
 }

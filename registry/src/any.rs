@@ -208,3 +208,32 @@ impl Registry for AnyRegistry {
         }
     }
 }
+
+impl crate::ReplicaStore for AnyRegistry {
+    async fn announce_replica(&mut self, record: &crate::ReplicaRecord) -> Result<(), RegistryError> {
+        match self {
+            Self::Embedded(r) => r.announce_replica(record).await,
+            #[cfg(feature = "etcd")]
+            Self::Etcd(r) => r.announce_replica(record).await,
+            Self::Kubernetes(r) => r.announce_replica(record).await,
+        }
+    }
+
+    async fn replicas(&mut self, now: std::time::SystemTime) -> Result<Vec<crate::ReplicaRecord>, RegistryError> {
+        match self {
+            Self::Embedded(r) => r.replicas(now).await,
+            #[cfg(feature = "etcd")]
+            Self::Etcd(r) => r.replicas(now).await,
+            Self::Kubernetes(r) => r.replicas(now).await,
+        }
+    }
+
+    async fn withdraw_replica(&mut self, id: &str) -> Result<bool, RegistryError> {
+        match self {
+            Self::Embedded(r) => r.withdraw_replica(id).await,
+            #[cfg(feature = "etcd")]
+            Self::Etcd(r) => r.withdraw_replica(id).await,
+            Self::Kubernetes(r) => r.withdraw_replica(id).await,
+        }
+    }
+}

@@ -29,8 +29,15 @@
 //!   version 2"): upgrade every netd sharing a file together.
 //!
 //! A file of a later version is refused, never downgraded. Either
-//! version may also hold `bootstrap_token(id PK, record)`, created by the
-//! first token stored (see [`super::tokens`]); older netds ignore it.
+//! version may also hold tables that older netds ignore, each created by
+//! the first write that needs it (so none changes `user_version`):
+//!
+//! - `bootstrap_token(id PK, record)`, by the first token stored (see
+//!   [`super::tokens`]);
+//! - `tunnel_replica(id PK, record, expires_at unix seconds)`, by the first
+//!   tunnel server replica announcement (see [`super::replicas`]): the
+//!   [`ReplicaRecord`](super::ReplicaRecord) JSON, and its `expiresAt` again
+//!   so that expired rows are skipped and deleted without parsing them.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
@@ -511,7 +518,12 @@ fn acquire(path: &Path, config: &NetworkConfig, request: &LeaseRequest) -> Resul
 const TOKEN_TABLE: &str = "CREATE TABLE IF NOT EXISTS bootstrap_token(id TEXT PRIMARY KEY, record TEXT NOT NULL)";
 
 fn has_token_table(conn: &Connection, path: &Path) -> Result<bool, RegistryError> {
-    conn.query_row("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'bootstrap_token'", [], |_| Ok(()))
+    has_table(conn, path, "bootstrap_token")
+}
+
+/// Whether the file holds table `name` (one of those created on first use).
+fn has_table(conn: &Connection, path: &Path, name: &str) -> Result<bool, RegistryError> {
+    conn.query_row("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1", [name], |_| Ok(()))
         .optional()
         .map(|found| found.is_some())
         .map_err(|e| store_err(path, e))
@@ -588,6 +600,87 @@ impl super::TokenStore for EmbeddedRegistry {
     }
 }
 
+/// The replica table: created by the first announcement, as the token
+/// table is, so a file without tunnel replicas is unchanged and older
+/// netds never look at it.
+const REPLICA_TABLE: &str = "CREATE TABLE IF NOT EXISTS tunnel_replica(
+    id TEXT PRIMARY KEY, record TEXT NOT NULL, expires_at INTEGER NOT NULL)";
+
+/// Unix seconds of `at` as SQLite stores them (0 before the epoch, as
+/// [`ReplicaRecord`](super::ReplicaRecord) counts).
+fn sql_seconds(at: SystemTime) -> i64 {
+    at.duration_since(UNIX_EPOCH).map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)).unwrap_or(0)
+}
+
+impl super::ReplicaStore for EmbeddedRegistry {
+    async fn announce_replica(&mut self, record: &super::ReplicaRecord) -> Result<(), RegistryError> {
+        super::replicas::check_replica_id(&record.id)?;
+        let (id, json) = (record.id.clone(), record.to_json());
+        let expires_at = i64::try_from(record.expires_at).unwrap_or(i64::MAX);
+        blocking(&self.path, move |path| {
+            let mut conn = connect(path)?;
+            let err = |e: rusqlite::Error| store_err(path, e);
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
+            tx.execute(REPLICA_TABLE, []).map_err(err)?;
+            // Replicas killed without a word leave rows behind that no
+            // reader returns any more; announcements clear them, so the
+            // table stays as small as the set of live replicas.
+            tx.execute("DELETE FROM tunnel_replica WHERE expires_at <= ?1", [now_secs()]).map_err(err)?;
+            tx.execute(
+                "INSERT INTO tunnel_replica(id, record, expires_at) VALUES(?1, ?2, ?3)
+                 ON CONFLICT(id) DO UPDATE SET record = ?2, expires_at = ?3",
+                params![id, json, expires_at],
+            )
+            .map_err(err)?;
+            tx.commit().map_err(err)
+        })
+        .await
+    }
+
+    async fn replicas(&mut self, now: SystemTime) -> Result<Vec<super::ReplicaRecord>, RegistryError> {
+        blocking(&self.path, move |path| {
+            let conn = connect(path)?;
+            if !has_table(&conn, path, "tunnel_replica")? {
+                return Ok(Vec::new());
+            }
+            let err = |e: rusqlite::Error| store_err(path, e);
+            // The column skips expired rows unread (garbage included, so it
+            // is not warned about for ever); the record itself decides for
+            // the rest, as it is what every backend believes.
+            let mut statement =
+                conn.prepare("SELECT id, record FROM tunnel_replica WHERE expires_at > ?1 ORDER BY id").map_err(err)?;
+            let rows = statement
+                .query_map([sql_seconds(now)], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+                .map_err(err)?;
+            let mut records = Vec::new();
+            for row in rows {
+                let (id, text) = row.map_err(err)?;
+                match super::ReplicaRecord::from_json(&id, text.as_bytes()) {
+                    Ok(record) if record.is_live(now) => records.push(record),
+                    Ok(_) => {}
+                    Err(error) => tracing::warn!("{}: skipping: {error}", path.display()),
+                }
+            }
+            Ok(records)
+        })
+        .await
+    }
+
+    async fn withdraw_replica(&mut self, id: &str) -> Result<bool, RegistryError> {
+        super::replicas::check_replica_id(id)?;
+        let id = id.to_string();
+        blocking(&self.path, move |path| {
+            let conn = connect(path)?;
+            if !has_table(&conn, path, "tunnel_replica")? {
+                return Ok(false);
+            }
+            let n = conn.execute("DELETE FROM tunnel_replica WHERE id = ?1", [&id]).map_err(|e| store_err(path, e))?;
+            Ok(n > 0)
+        })
+        .await
+    }
+}
+
 impl EmbeddedRegistry {
     /// Writes a raw lease row — for tools and tests that inject what another
     /// (possibly broken) writer would store.
@@ -607,5 +700,23 @@ impl EmbeddedRegistry {
         let conn = self.connect()?;
         let n = conn.execute("DELETE FROM lease WHERE node = ?1", [node]).map_err(|e| store_err(&self.path, e))?;
         Ok(n > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replica_expiry_is_counted_as_records_count_it() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let record = super::super::ReplicaRecord::new("r", "h:1", false, Duration::from_secs(15), now);
+        assert_eq!(sql_seconds(now), 1_800_000_000);
+        // The column and the record agree on the last live second.
+        let last = now + Duration::from_secs(14);
+        assert!(record.is_live(last) && (record.expires_at as i64) > sql_seconds(last));
+        let over = now + Duration::from_secs(15);
+        assert!(!record.is_live(over) && (record.expires_at as i64) <= sql_seconds(over));
+        assert_eq!(sql_seconds(UNIX_EPOCH - Duration::from_secs(1)), 0);
     }
 }

@@ -60,6 +60,12 @@
 //! the daemon never calls, patches the node itself: `nodes`: patch;
 //! [`Registry::node_autonomy`] reads `leases` in `kube-node-lease` (get),
 //! and reports the heartbeat as unreadable without it.
+//!
+//! Tunnel server replicas ([`crate::ReplicaStore`]) are Leases
+//! `kube-system/netd-tunnel-replica-<id>`; see [`replicas`] for the mapping
+//! and the RBAC it needs.
+
+pub mod replicas;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::Ipv4Addr;

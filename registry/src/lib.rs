@@ -22,6 +22,7 @@ pub mod embedded;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod kubernetes;
+pub mod replicas;
 pub mod tokens;
 
 use std::collections::BTreeSet;
@@ -35,6 +36,7 @@ use netd_model::{Lease, MacAddr, ModelError};
 
 pub use any::{kube_config, AnyRegistry, OpenSettings, RegistrySpec};
 pub use netd_model::NetworkConfig;
+pub use replicas::{ReplicaRecord, ReplicaStore, REPLICA_TTL};
 pub use tokens::{AnyTokenStore, TokenRecord, TokenRefused, TokenStore};
 
 /// Lease lifetime, as flannel uses: 24 h, renewed ahead of expiry.

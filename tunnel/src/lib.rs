@@ -26,6 +26,8 @@ pub mod certs;
 pub mod identity;
 #[cfg(feature = "server")]
 pub mod limits;
+#[cfg(feature = "server")]
+pub mod peers;
 pub mod replica;
 #[cfg(feature = "server")]
 pub mod routes;

@@ -32,7 +32,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -48,6 +48,7 @@ use tokio::sync::{oneshot, Semaphore};
 use super::certs;
 use super::identity::{ClientIdentity, ConnectClients};
 use super::limits::{self, Door, DoorMetrics, Gate, Limits, Refusal, Ticket};
+use super::peers::{ForwardError, Peers, FORWARDED_BY_HEADER};
 use super::replica::{Claim, ReplicaStatus};
 use super::routes::{LeaseRefusal, LeaseRoute, LeaseVerdict, RouteTable};
 use super::tls::Live;
@@ -97,6 +98,9 @@ pub enum RouteError {
     /// This replica drains: another one takes new streams.
     #[error("this tunnel server replica is draining")]
     Draining,
+    /// The peer replica that holds the node could not open the stream.
+    #[error("forwarded to another replica: {0}")]
+    Forwarded(#[source] ForwardError),
     /// The link failed while opening the stream.
     #[error("tunnel link to node {node} failed")]
     Link {
@@ -215,6 +219,11 @@ pub struct Router {
     policy: ServerPolicy,
     /// One admission per door, shared by all its listeners, in `Door::ALL` order.
     gates: [Arc<Gate>; Door::ALL.len()],
+    /// The replicas this one forwards to, when it knows any.
+    peers: Option<Arc<Peers>>,
+    /// The replica count agents are told: the policy's, until the registry
+    /// says how many are live.
+    live_replicas: AtomicU32,
     /// Counters.
     pub metrics: ServerMetrics,
 }
@@ -238,10 +247,24 @@ impl Router {
             agents: Mutex::default(),
             routes: Mutex::new(RouteTable::with_reserved(policy.reserved.clone())),
             serial: AtomicU64::new(0),
+            live_replicas: AtomicU32::new(policy.replica.replicas),
             policy,
             gates,
+            peers: None,
             metrics,
         }
+    }
+
+    /// Forwards what it cannot serve to `peers`, and admits them at the
+    /// CONNECT door.
+    pub fn with_peers(mut self, peers: Arc<Peers>) -> Self {
+        self.peers = Some(peers);
+        self
+    }
+
+    /// The replicas it forwards to.
+    pub fn peers(&self) -> Option<&Arc<Peers>> {
+        self.peers.as_ref()
     }
 
     /// The policy it enforces.
@@ -316,8 +339,20 @@ impl Router {
     pub fn replica_status(&self) -> ReplicaStatus {
         ReplicaStatus {
             id: self.policy.replica.id.clone(),
-            replicas: self.policy.replica.replicas,
+            replicas: self.live_replicas.load(Ordering::Relaxed),
             draining: self.is_draining(),
+        }
+    }
+
+    /// The registry counts `live` replicas (clamped to 1–64): when that
+    /// changes what agents were told, every linked agent hears it, so
+    /// agents behind one address dial for a new replica or stop dialing
+    /// for a gone one.
+    pub async fn set_live_replicas(&self, live: u32) {
+        let live = live.clamp(1, crate::replica::MAX_REPLICAS);
+        if self.live_replicas.swap(live, Ordering::Relaxed) != live && !self.is_draining() {
+            tracing::info!("tunnel server: {live} live replicas now; telling every agent");
+            self.tell_agents().await;
         }
     }
 
@@ -331,6 +366,12 @@ impl Router {
     /// The links stay up for the streams they carry.
     pub async fn drain(&self) {
         self.metrics.draining.store(1, Ordering::Relaxed);
+        self.tell_agents().await;
+    }
+
+    /// Sends the current status on every link, all at once, each answer
+    /// awaited at most the open timeout.
+    async fn tell_agents(&self) {
         let links: Vec<(String, h2::client::SendRequest<Bytes>)> =
             lock(&self.agents).iter().map(|(node, agent)| (node.clone(), agent.link.clone())).collect();
         let status = self.replica_status();
@@ -340,7 +381,7 @@ impl Router {
             let status = status.clone();
             told.spawn(async move {
                 if !matches!(tokio::time::timeout(after, send_status(link, &status)).await, Ok(Ok(_))) {
-                    tracing::debug!("agent of node {node} did not hear that this replica drains");
+                    tracing::debug!("agent of node {node} did not hear this replica's new status");
                 }
             });
         }
@@ -428,18 +469,53 @@ impl Router {
         lock(&self.routes).remove_lease(subnet);
     }
 
-    /// Opens a tunnelled connection to `dest` through the agent that owns
-    /// it, waiting at most the open timeout for the agent's answer.
-    pub async fn open(&self, dest: SocketAddr) -> Result<TunnelStream, RouteError> {
+    /// Opens a tunnelled connection to `authority` (`ip:port`, or
+    /// `node-name:port`): through this replica's link to the node that owns
+    /// it, else — unless the request came from a peer (one hop) — through a
+    /// peer replica that holds one. Each attempt waits at most the open
+    /// timeout. "No agent" ([`RouteError::NoAgent`], `NoNode`, `NoLink`)
+    /// means no replica asked holds the node; it is counted then.
+    pub async fn reach(&self, authority: &str, from_peer: bool) -> Result<Tunnel, RouteError> {
+        if self.is_draining() {
+            return Err(RouteError::Draining);
+        }
+        let local = match connect_target(self, authority) {
+            Ok(dest) => self.open(dest).await,
+            Err(err) => Err(err),
+        };
+        let missed = match local {
+            Ok(stream) => return Ok(Tunnel::Local(stream)),
+            Err(err @ (RouteError::NoAgent(_) | RouteError::NoNode(_) | RouteError::NoLink(_))) => err,
+            Err(err) => return Err(err),
+        };
+        let Some(peers) = self.peers.as_ref().filter(|_| !from_peer) else {
+            self.metrics.no_agent.fetch_add(1, Ordering::Relaxed);
+            return Err(missed);
+        };
+        match peers.forward(authority).await {
+            Ok(stream) => {
+                self.metrics.streams_total.fetch_add(1, Ordering::Relaxed);
+                Ok(Tunnel::Forwarded(stream))
+            }
+            Err(ForwardError::NoPeer | ForwardError::NotHeld { .. }) => {
+                self.metrics.no_agent.fetch_add(1, Ordering::Relaxed);
+                Err(missed)
+            }
+            Err(err) => Err(RouteError::Forwarded(err)),
+        }
+    }
+
+    /// Opens a tunnelled connection to `dest` through this replica's link
+    /// to the agent that owns it, waiting at most the open timeout for the
+    /// agent's answer.
+    async fn open(&self, dest: SocketAddr) -> Result<TunnelStream, RouteError> {
         if self.is_draining() {
             return Err(RouteError::Draining);
         }
         let Some(node) = self.node_of(dest.ip()) else {
-            self.metrics.no_agent.fetch_add(1, Ordering::Relaxed);
             return Err(RouteError::NoAgent(dest.ip()));
         };
         let Some((link, streams)) = lock(&self.agents).get(&node).map(|a| (a.link.clone(), a.streams.clone())) else {
-            self.metrics.no_agent.fetch_add(1, Ordering::Relaxed);
             return Err(RouteError::NoLink(node));
         };
         let Ok(permit) = streams.try_acquire_owned() else {
@@ -491,9 +567,10 @@ impl Router {
     }
 
     /// Copies between a front-door connection and its tunnel stream.
-    async fn splice<S>(&self, mut front: S, mut tunnel: TunnelStream)
+    async fn splice<S, T>(&self, mut front: S, mut tunnel: T)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
         self.metrics.streams_open.fetch_add(1, Ordering::Relaxed);
         // Read from the front door: towards the edge; written to it: from the edge.
@@ -673,7 +750,7 @@ async fn tunnel_to<S>(router: &Router, front: S, dest: SocketAddr, peer: SocketA
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    match router.open(dest).await {
+    match router.reach(&dest.to_string(), false).await {
         Ok(tunnel) => router.splice(front, tunnel).await,
         Err(err) => tracing::info!("connection from {peer} to {dest}: {err}"),
     }
@@ -824,15 +901,7 @@ async fn proxy_by_host(
     let Some(authority) = request_authority(&request) else {
         return Ok(proxy_status(StatusCode::BAD_REQUEST));
     };
-    let dest = match connect_target(&router, &authority) {
-        Ok(dest) => dest,
-        Err(err) => {
-            router.metrics.no_agent.fetch_add(1, Ordering::Relaxed);
-            tracing::info!("HTTP to {authority}: {err}");
-            return Ok(proxy_status(StatusCode::SERVICE_UNAVAILABLE));
-        }
-    };
-    let tunnel = match router.open(dest).await {
+    let tunnel = match router.reach(&authority, false).await {
         Ok(tunnel) => tunnel,
         Err(err) => {
             tracing::info!("HTTP to {authority}: {err}");
@@ -872,6 +941,8 @@ fn route_status(err: &RouteError) -> StatusCode {
         | RouteError::StreamCap { .. }
         | RouteError::Draining => StatusCode::SERVICE_UNAVAILABLE,
         RouteError::OpenTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        RouteError::Forwarded(ForwardError::Failed { status, .. }) => *status,
+        RouteError::Forwarded(_) => StatusCode::SERVICE_UNAVAILABLE,
         RouteError::Refused { .. } => StatusCode::FORBIDDEN,
         RouteError::Link { .. } => StatusCode::BAD_GATEWAY,
     }
@@ -904,6 +975,7 @@ fn connect_target(router: &Router, authority: &str) -> Result<SocketAddr, RouteE
 async fn handle_connect(
     router: Arc<Router>,
     request: Request<Incoming>,
+    from_peer: bool,
 ) -> Result<Response<Empty<Bytes>>, hyper::Error> {
     if request.method() != Method::CONNECT {
         return Ok(plain(StatusCode::METHOD_NOT_ALLOWED));
@@ -911,16 +983,13 @@ async fn handle_connect(
     let Some(authority) = request.uri().authority().map(|a| a.as_str().to_string()) else {
         return Ok(plain(StatusCode::BAD_REQUEST));
     };
-    let dest = match connect_target(&router, &authority) {
-        Ok(dest) => dest,
-        Err(err) => {
-            router.metrics.no_agent.fetch_add(1, Ordering::Relaxed);
-            tracing::info!("CONNECT {authority}: {err}");
-            return Ok(plain(StatusCode::SERVICE_UNAVAILABLE));
-        }
-    };
+    if from_peer {
+        router.peers.as_ref().map(|p| p.metrics.from_peers.fetch_add(1, Ordering::Relaxed));
+        let by = request.headers().get(FORWARDED_BY_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("?");
+        tracing::debug!("CONNECT {authority}: forwarded by replica {by}");
+    }
     // Opened before answering: a refusal is an HTTP status, not a 200 then a reset.
-    let tunnel = match router.open(dest).await {
+    let tunnel = match router.reach(&authority, from_peer).await {
         Ok(tunnel) => tunnel,
         Err(err) => {
             tracing::info!("CONNECT {authority}: {err}");
@@ -952,10 +1021,13 @@ pub async fn serve_connect(listener: TcpListener, tls: Live<rustls::ServerConfig
             let _ = tcp.set_nodelay(true);
             let Some(tls) = handshake(&gate, &router.policy.limits, &tls, tcp, peer).await else { return };
             let identity = client_leaf(&tls).and_then(ClientIdentity::of);
-            let admitted = identity.as_ref().is_some_and(|id| router.policy.connect_clients.admits(id));
+            let from_peer =
+                identity.as_ref().is_some_and(|id| router.peers.as_ref().is_some_and(|peers| peers.is_peer(id)));
+            let admitted = from_peer || identity.as_ref().is_some_and(|id| router.policy.connect_clients.admits(id));
             let http = http1(&router.policy.limits);
             let result = if admitted {
-                let service = hyper::service::service_fn(move |request| handle_connect(router.clone(), request));
+                let service =
+                    hyper::service::service_fn(move |request| handle_connect(router.clone(), request, from_peer));
                 http.serve_connection(TokioIo::new(tls), service).with_upgrades().await
             } else {
                 gate.refuse(Refusal::Identity);
@@ -973,4 +1045,59 @@ pub async fn serve_connect(listener: TcpListener, tls: Live<rustls::ServerConfig
         }
     })
     .await;
+}
+
+/// A stream to an edge destination: on this replica's link to the node, or
+/// through the peer replica that holds one.
+pub enum Tunnel {
+    /// A stream on this replica's agent link.
+    Local(TunnelStream),
+    /// A CONNECT through a peer replica's door.
+    Forwarded(TokioIo<hyper::upgrade::Upgraded>),
+}
+
+impl tokio::io::AsyncRead for Tunnel {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Local(stream) => std::pin::Pin::new(stream).poll_read(cx, buf),
+            Self::Forwarded(stream) => std::pin::Pin::new(stream).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Tunnel {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Self::Local(stream) => std::pin::Pin::new(stream).poll_write(cx, buf),
+            Self::Forwarded(stream) => std::pin::Pin::new(stream).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Local(stream) => std::pin::Pin::new(stream).poll_flush(cx),
+            Self::Forwarded(stream) => std::pin::Pin::new(stream).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Local(stream) => std::pin::Pin::new(stream).poll_shutdown(cx),
+            Self::Forwarded(stream) => std::pin::Pin::new(stream).poll_shutdown(cx),
+        }
+    }
 }

@@ -412,9 +412,12 @@ struct TunnelServerArgs {
     /// This replica's identity, unique among the replicas [default: the host name and the agents' port].
     #[arg(long, env = "NETD_TUNNEL_REPLICA_ID", value_name = "NAME")]
     replica_id: Option<String>,
-    /// Replicas serving the fleet: every agent keeps a link to this many distinct ones (1-64).
+    /// Replicas serving the fleet: every agent keeps a link to this many distinct ones (1-64); with a registry, the live replicas it lists replace this count once read.
     #[arg(long, env = "NETD_TUNNEL_REPLICAS", value_name = "N", default_value_t = 1)]
     replicas: u32,
+    /// Where peer replicas reach this one's CONNECT door, announced in the registry so replicas forward to each other [default: the CONNECT door's address when it is a specific one].
+    #[arg(long, env = "NETD_TUNNEL_PEER_ADDRESS", value_name = "HOST:PORT")]
+    peer_address: Option<String>,
     /// On SIGTERM, how long running streams may take to finish (listeners close at once, agents link elsewhere).
     #[arg(long, env = "NETD_TUNNEL_DRAIN_GRACE", value_name = "DURATION", value_parser = parse_duration, default_value = "25s")]
     drain_grace: std::time::Duration,
@@ -490,6 +493,7 @@ fn tunnel_server(args: TunnelServerArgs) -> Result<()> {
         registry: tunnel_registry(args.registry)?,
         policy,
         drain_grace: args.drain_grace,
+        peer_address: args.peer_address,
     };
     until_terminated("tunnel server", |stop| async move {
         Ok::<(), anyhow::Error>(netd::tunnel::run::run_server(settings, stop).await?)

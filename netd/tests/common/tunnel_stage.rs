@@ -393,6 +393,38 @@ pub fn spawn_netd_cloud(netns: &Path, args: &[impl AsRef<std::ffi::OsStr>]) -> N
     spawn(env!("CARGO_BIN_EXE_netd-cloud"), netns, args)
 }
 
+/// Plain HTTP stand-ins on the node address, one per port, each answering
+/// every request with [`stand_in_body`].
+pub fn plain_http_stand_ins(stage: &Stage, ports: &'static [u16]) -> Background {
+    use std::convert::Infallible;
+
+    Background::start(&stage.edge.path(), move || async move {
+        let mut servers = tokio::task::JoinSet::new();
+        for &port in ports {
+            let listener = TcpListener::bind((NODE_IP, port)).await.unwrap();
+            servers.spawn(async move {
+                loop {
+                    let (tcp, _) = listener.accept().await.unwrap();
+                    let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                        let body = bytes::Bytes::from(stand_in_body(port, request.uri().path()));
+                        async move { Ok::<_, Infallible>(hyper::Response::new(http_body_util::Full::new(body))) }
+                    });
+                    let connection = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
+                    tokio::spawn(connection);
+                }
+            });
+        }
+        while servers.join_next().await.is_some() {}
+    })
+}
+
+/// What the stand-in on `port` answers for `path`: both named, so that a
+/// request which reached another port or path shows.
+pub fn stand_in_body(port: u16, path: &str) -> String {
+    format!("stand-in on {NODE_IP}:{port} served {path}\n")
+}
+
 /// Children's logs go nowhere, or (at debug level) to a file per process
 /// under `$NETD_TEST_LOG_DIR` when that is set, to debug a failed run.
 fn spawn(program: &str, netns: &Path, args: &[impl AsRef<std::ffi::OsStr>]) -> NetdChild {

@@ -7,6 +7,9 @@
 use ipnet::Ipv4Net;
 use netd_model::flannel::{self, CONFIG_KEY, SUBNETS_PREFIX};
 
+use crate::replicas::check_replica_id;
+use crate::RegistryError;
+
 /// flannel's default etcd prefix.
 pub const DEFAULT_PREFIX: &str = "/coreos.com/network";
 
@@ -23,6 +26,8 @@ pub(super) struct Keys {
     autonomy_duration: String,
     reserved: String,
     pub(super) tokens: String,
+    /// `<prefix>/tunnel-replicas/`: tunnel server replicas' announcements.
+    pub(super) replicas: String,
 }
 
 /// What a key under the prefix is.
@@ -50,6 +55,7 @@ impl Keys {
             autonomy_duration: format!("{prefix}/autonomy-duration/"),
             reserved: format!("{prefix}/reserved/"),
             tokens: format!("{prefix}/bootstrap-tokens/"),
+            replicas: format!("{prefix}/tunnel-replicas/"),
             prefix,
         }
     }
@@ -72,6 +78,14 @@ impl Keys {
 
     pub(super) fn reserved(&self, node: &str) -> String {
         format!("{}{node}", self.reserved)
+    }
+
+    /// The key of replica `id`, which must be a valid replica id: a `/`
+    /// would put the key in another directory, so no key is built without
+    /// the check.
+    pub(super) fn replica(&self, id: &str) -> Result<String, RegistryError> {
+        check_replica_id(id)?;
+        Ok(format!("{}{id}", self.replicas))
     }
 
     pub(super) fn classify<'k>(&self, key: &'k str) -> KeyKind<'k> {
@@ -111,5 +125,19 @@ mod tests {
         assert!(matches!(other.classify("/acme/net/subnets/x"), KeyKind::Subnet("x")));
         assert!(matches!(other.classify("/acme/net/autonomy/n"), KeyKind::Autonomy("n")));
         assert!(matches!(other.classify("/coreos.com/network/config"), KeyKind::Other));
+    }
+
+    #[test]
+    fn replica_keys_are_built_from_valid_ids_only() {
+        let keys = Keys::new(DEFAULT_PREFIX);
+        assert_eq!(keys.replicas, "/coreos.com/network/tunnel-replicas/");
+        assert_eq!(keys.replica("cloud-1.x_2-10262").unwrap(), "/coreos.com/network/tunnel-replicas/cloud-1.x_2-10262");
+        assert_eq!(Keys::new("/acme/net/").replica("r").unwrap(), "/acme/net/tunnel-replicas/r");
+        for bad in ["", "a/b", "../config", "a b"] {
+            let err = keys.replica(bad).unwrap_err();
+            assert!(matches!(err, RegistryError::Refused { .. }), "{bad:?}: {err}");
+        }
+        // Not a key the peer view or the lease listing reads.
+        assert!(matches!(keys.classify("/coreos.com/network/tunnel-replicas/r"), KeyKind::Other));
     }
 }

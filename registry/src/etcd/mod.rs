@@ -15,6 +15,7 @@
 //! | `<prefix>/autonomy-duration/<node>` | a Go duration, e.g. `2h0m0s` | none | no |
 //! | `<prefix>/reserved/<node>` | `{"version":1,"subnet":"10.244.3.0/24","renewedAt":1764636000}` | none | no |
 //! | `<prefix>/bootstrap-tokens/<id>` | a [`TokenRecord`](super::TokenRecord) (JSON) | until it expires | no |
+//! | `<prefix>/tunnel-replicas/<id>` | a [`ReplicaRecord`](super::ReplicaRecord) (JSON) | until it expires | no |
 //!
 //! The first two are flannel's own and byte-exact (netd writes no other
 //! fields, and reads flannel's additional ones, e.g. `"PublicIPv6":null`).
@@ -100,6 +101,8 @@
 //! - `view`: the peer view: resync, then the watch turned into
 //!   [`PeerEvent`]s.
 //! - `tokens`: bootstrap tokens under `bootstrap-tokens/`.
+//! - `replicas`: tunnel server replicas' announcements under
+//!   `tunnel-replicas/`.
 //! - `rpc`: one request under the deadline, etcd's errors sorted, and the
 //!   listing of the prefix.
 
@@ -107,6 +110,7 @@ mod autonomy;
 mod config;
 mod keys;
 mod lease;
+mod replicas;
 mod reservation;
 mod rpc;
 mod tokens;

@@ -95,6 +95,26 @@ pub fn ip_sans_of(cert_der: &[u8]) -> Result<Vec<IpAddr>, CertError> {
     Ok(ips)
 }
 
+/// The name a client checks this certificate against: its first DNS
+/// subjectAltName, else its first IP one; `None` when it has neither.
+/// Replicas sharing one server certificate dial each other by it, whatever
+/// address each one is reached at.
+pub fn first_san_of(cert_der: &[u8]) -> Result<Option<rustls_pki_types::ServerName<'static>>, CertError> {
+    let what = "own certificate";
+    let cert = parse_cert(what, cert_der)?;
+    let sans = cert.subject_alternative_name().map_err(|source| CertError::X509Field {
+        what: what.to_owned(),
+        field: "bad subjectAltName",
+        source,
+    })?;
+    let Some(sans) = sans else { return Ok(None) };
+    let dns = sans.value.general_names.iter().find_map(|name| match name {
+        GeneralName::DNSName(dns) => rustls_pki_types::ServerName::try_from(dns.to_string()).ok(),
+        _ => None,
+    });
+    Ok(dns.or_else(|| ip_sans_of(cert_der).ok()?.first().map(|ip| rustls_pki_types::ServerName::from(*ip))))
+}
+
 pub(super) fn to_system_time(unix_seconds: i64) -> SystemTime {
     let magnitude = Duration::from_secs(unix_seconds.unsigned_abs());
     let time = if unix_seconds >= 0 { UNIX_EPOCH.checked_add(magnitude) } else { UNIX_EPOCH.checked_sub(magnitude) };

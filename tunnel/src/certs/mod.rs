@@ -237,7 +237,7 @@ mod inspect;
 mod issue;
 
 pub use files::{write_file, CertFiles, FilesStamp, LoadedCerts};
-pub use inspect::{ip_sans_of, node_name_of, validate_node_name};
+pub use inspect::{first_san_of, ip_sans_of, node_name_of, validate_node_name};
 pub use issue::{node_csr, CertificateAuthority, IssuedCert, NodeCsr};
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use super::{bind, serve_metrics, TunnelError};
 use crate::certs::CertFiles;
 use crate::limits::{Door, Refusal};
+use crate::peers::Peers;
 use crate::routes::{LeaseRefusal, LeaseRoute};
 use crate::server::{self, Router, ServerMetrics, ServerPolicy};
 use crate::tls;
@@ -44,6 +45,11 @@ pub struct ServerSettings {
     pub policy: ServerPolicy,
     /// How long running streams may take to finish once shutdown starts.
     pub drain_grace: std::time::Duration,
+    /// Where peer replicas reach this one's CONNECT door (`host:port`),
+    /// announced in the registry; `None`: the CONNECT door's listen address
+    /// when it is a specific one. Without a registry, a CONNECT door and an
+    /// address, replicas do not forward to each other.
+    pub peer_address: Option<String>,
 }
 
 /// The drain grace's default: under Kubernetes' default termination grace
@@ -57,7 +63,36 @@ pub fn server_metrics(router: &Arc<Router>) -> String {
 
 /// What the server's `/metrics` serves, read at scrape time.
 fn server_collector(router: Arc<Router>) -> impl netd_metrics::Collector {
-    netd_metrics::from_fn(router, |router, out| encode_server(&router.metrics, out))
+    netd_metrics::from_fn(router, |router, out| {
+        encode_server(&router.metrics, out)?;
+        encode_peers(router, out)
+    })
+}
+
+fn encode_peers(router: &Router, out: &mut netd_metrics::Families<'_>) -> std::fmt::Result {
+    out.gauge(
+        "netd_tunnel_replicas_live",
+        "Replicas agents are told serve the fleet (the registry's live count, else --replicas).",
+        u64::from(router.replica_status().replicas),
+    )?;
+    let Some(peers) = router.peers() else { return Ok(()) };
+    let m = &peers.metrics;
+    out.gauge("netd_tunnel_peers", "Other live replicas this one forwards to.", m.known.load(Ordering::Relaxed))?;
+    out.counter(
+        "netd_tunnel_forwarded_total",
+        "Streams sent on to the peer replica holding their node.",
+        m.forwarded.load(Ordering::Relaxed),
+    )?;
+    out.counter(
+        "netd_tunnel_forward_failures_total",
+        "Streams no peer replica could serve.",
+        m.forward_failures.load(Ordering::Relaxed),
+    )?;
+    out.counter(
+        "netd_tunnel_from_peers_total",
+        "Streams a peer replica forwarded here.",
+        m.from_peers.load(Ordering::Relaxed),
+    )
 }
 
 fn encode_server(m: &ServerMetrics, out: &mut netd_metrics::Families<'_>) -> std::fmt::Result {
@@ -150,19 +185,93 @@ fn encode_server(m: &ServerMetrics, out: &mut netd_metrics::Families<'_>) -> std
 pub async fn run_server(settings: ServerSettings, shutdown: impl Future<Output = ()>) -> Result<(), TunnelError> {
     crate::replica::check_id(&settings.policy.replica.id).map_err(TunnelError::Replica)?;
     crate::replica::check_count(settings.policy.replica.replicas).map_err(TunnelError::Replica)?;
-    let router = Arc::new(Router::new(settings.policy.clone()));
+    let mut router = Router::new(settings.policy.clone());
+    let mut kept = tokio::task::JoinSet::new();
+    let announce = match peer_settings(&settings)? {
+        Some((peers, address, reload)) => {
+            kept.spawn(reload);
+            router = router.with_peers(peers.clone());
+            Some((peers, address))
+        }
+        None => None,
+    };
+    let router = Arc::new(router);
     let grace = settings.drain_grace;
     // `/metrics` outlives the doors: a drain is watched through it.
-    let mut kept = tokio::task::JoinSet::new();
     if let Some(addr) = settings.metrics_listen {
         kept.spawn(serve_metrics(bind(addr).await?, server_collector(router.clone())));
+    }
+    // The replica's own record: announced and read until the drain, then
+    // marked draining and, once drained, withdrawn.
+    let mut announcer = tokio::task::JoinSet::new();
+    let mut own_record = None;
+    if let (Some((peers, address)), Some((spec, open))) = (announce, &settings.registry) {
+        let registry = AnyRegistry::open(spec, open).await.map_err(TunnelError::Registry)?;
+        tracing::info!(
+            "tunnel server: replica {} announces its CONNECT door {address} in {}; peers are clients named {:?}",
+            settings.policy.replica.id,
+            registry.describe(),
+            peers.common_name()
+        );
+        announcer.spawn(crate::peers::announce::follow(registry, peers, router.clone(), address.clone()));
+        own_record = Some((AnyRegistry::open(spec, open).await.map_err(TunnelError::Registry)?, address));
     }
     tokio::select! {
         outcome = serve(settings, router.clone()) => return outcome,
         () = shutdown => {}
     }
+    announcer.abort_all();
+    let id = router.policy().replica.id.clone();
+    if let Some((registry, address)) = own_record.as_mut() {
+        crate::peers::announce::draining(registry, &id, address).await;
+    }
     drain(&router, grace).await;
+    if let Some((registry, _)) = own_record.as_mut() {
+        crate::peers::announce::withdraw(registry, &id).await;
+    }
     Ok(())
+}
+
+/// What forwarding between replicas needs: a registry to meet in, a
+/// CONNECT door, an address peers reach it at, and a server certificate
+/// whose common name and subjectAltName peers can check. Without one of
+/// them the replica serves alone (logged).
+#[allow(clippy::type_complexity)]
+fn peer_settings(
+    settings: &ServerSettings,
+) -> Result<Option<(Arc<Peers>, String, impl Future<Output = ()> + Send + 'static)>, TunnelError> {
+    if settings.registry.is_none() {
+        return Ok(None);
+    }
+    let Some(connect) = settings.connect_listen else {
+        tracing::info!("tunnel server: no CONNECT door, so no forwarding between replicas");
+        return Ok(None);
+    };
+    let address = match &settings.peer_address {
+        Some(address) => address.clone(),
+        None if !connect.ip().is_unspecified() => connect.to_string(),
+        None => {
+            tracing::warn!(
+                "tunnel server: the CONNECT door listens on {connect}: replicas cannot forward to each other \
+                 without --peer-address (this replica's reachable HOST:PORT)"
+            );
+            return Ok(None);
+        }
+    };
+    let (dialer, reload) = tls::follow(settings.certs.clone(), tls::RELOAD_POLL, tls::connect_client)?;
+    let leaf = settings.certs.load()?.chain.into_iter().next();
+    let peers = leaf.and_then(|leaf| {
+        Peers::new(&settings.policy.replica.id, leaf.as_ref(), dialer, settings.policy.limits.open_timeout)
+    });
+    let Some(peers) = peers else {
+        tracing::warn!(
+            "tunnel server: the server certificate {} carries no single common name and subjectAltName \
+             peers could check: no forwarding between replicas",
+            settings.certs.cert.display()
+        );
+        return Ok(None);
+    };
+    Ok(Some((Arc::new(peers), address, reload)))
 }
 
 /// How often a drain looks at the streams still open.
