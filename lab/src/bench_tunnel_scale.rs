@@ -11,7 +11,12 @@
 //! 10250, holding what it accepts. Streams are opened through the CONNECT
 //! door (TLS, kube-apiserver's client certificate), so "per stream" counts
 //! what a kube-apiserver session costs the server: its front connection
-//! and the tunnel stream. Memory is the server's VmRSS (`/proc/<pid>/status`);
+//! and the tunnel stream. Stream opens are also timed through a second
+//! replica that holds no link and forwards each to the first (a CONNECT to
+//! its door); the second finds the first in an embedded registry where the
+//! bench announces the first (the first runs without a registry, so its
+//! agents keep counting one replica and nothing else moves). Memory is the
+//! server's VmRSS (`/proc/<pid>/status`);
 //! nobody publishes these figures for the anchors (apiserver-network-proxy,
 //! yurt-tunnel), so there is no side-by-side run to quote.
 
@@ -38,6 +43,10 @@ const EDGE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 71, 2);
 const AGENTS_PORT: u16 = 10262;
 const CONNECT_PORT: u16 = 10265;
 const METRICS: &str = "127.0.0.1:10266";
+/// The forwarding replica's doors and metrics.
+const FORWARDER_AGENTS_PORT: u16 = 10272;
+const FORWARDER_CONNECT_PORT: u16 = 10275;
+const FORWARDER_METRICS: &str = "127.0.0.1:10276";
 const DAY: Duration = Duration::from_secs(86_400);
 /// Stream opens timed one after another.
 const LATENCY_OPENS: usize = 500;
@@ -55,9 +64,13 @@ fn node_name(i: usize) -> String {
 
 /// `GET /metrics` on the server, from inside the cloud namespace.
 fn server_metric(cloud: &NetNs, name: &str) -> Option<f64> {
+    metric_at(cloud, METRICS, name)
+}
+
+fn metric_at(cloud: &NetNs, addr: &str, name: &str) -> Option<f64> {
     let text = cloud
         .run(|| -> std::io::Result<String> {
-            let mut stream = std::net::TcpStream::connect(METRICS)?;
+            let mut stream = std::net::TcpStream::connect(addr)?;
             stream.set_read_timeout(Some(Duration::from_secs(5)))?;
             stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n")?;
             let mut body = String::new();
@@ -112,13 +125,17 @@ where
     Ok((stop, thread))
 }
 
+type Opened = (Duration, Duration, tokio_rustls::client::TlsStream<tokio::net::TcpStream>);
+
 /// One CONNECT through the door: (time to the TLS session, time to `200`).
-async fn open(
-    client: Arc<rustls::ClientConfig>,
-    dest: SocketAddr,
-) -> Result<(Duration, Duration, tokio_rustls::client::TlsStream<tokio::net::TcpStream>)> {
+async fn open(client: Arc<rustls::ClientConfig>, dest: SocketAddr) -> Result<Opened> {
+    open_at(client, CONNECT_PORT, dest).await
+}
+
+/// [`open`] through the CONNECT door on `port`.
+async fn open_at(client: Arc<rustls::ClientConfig>, port: u16, dest: SocketAddr) -> Result<Opened> {
     let started = Instant::now();
-    let tcp = tokio::net::TcpStream::connect((CLOUD_IP, CONNECT_PORT)).await?;
+    let tcp = tokio::net::TcpStream::connect((CLOUD_IP, port)).await?;
     let _ = tcp.set_nodelay(true);
     let name = ServerName::IpAddress(IpAddr::V4(CLOUD_IP).into());
     let mut tls = tokio_rustls::TlsConnector::from(client).connect(name, tcp).await?;
@@ -271,6 +288,10 @@ pub fn run(agents: usize, streams: usize, bin_dir: &Path) -> Result<()> {
             anyhow::Ok(times)
         })??
     };
+    let forwarded = forwarded_opens(&cloud, dir.path(), &server_dir, &netd_cloud, &client, agents)?;
+    // The timed opens' far ends, closed on the cloud side already: their
+    // descriptors go back to the idle streams' budget.
+    held.lock().unwrap_or_else(PoisonError::into_inner).clear();
     let held_streams: Arc<Mutex<Vec<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>>> = Arc::default();
     let keeper = held_streams.clone();
     let (opened_tx, opened_rx) = std::sync::mpsc::channel();
@@ -353,9 +374,87 @@ pub fn run(agents: usize, streams: usize, bin_dir: &Path) -> Result<()> {
         ms(percentile(&overheads, 0.5)),
         ms(percentile(&overheads, 0.99))
     );
+    let mut through: Vec<Duration> = forwarded.iter().map(|(_, total)| *total).collect();
+    through.sort();
+    println!(
+        "  | CONNECT → 200 through a replica forwarding to the one with the links, p50 / p99 ({LATENCY_OPENS} opens) | {} / {} ({:.1}× direct at p50) |",
+        ms(percentile(&through, 0.5)),
+        ms(percentile(&through, 0.99)),
+        percentile(&through, 0.5).as_secs_f64() / percentile(&totals, 0.5).as_secs_f64().max(1e-9)
+    );
     println!(
         "  | agents' side (this process), per link | {:.1} KiB |",
         kib_per(lab_linked.saturating_sub(lab_before), agents)
     );
     Ok(())
+}
+
+/// Stream opens through a second replica with no links: it finds the first
+/// in an embedded registry (the bench announces the first there, which
+/// runs without one) and forwards every CONNECT to it.
+fn forwarded_opens(
+    cloud: &NetNs,
+    dir: &Path,
+    server_dir: &Path,
+    netd_cloud: &str,
+    client: &Arc<rustls::ClientConfig>,
+    agents: usize,
+) -> Result<Vec<(Duration, Duration)>> {
+    use netd::registry::embedded::EmbeddedRegistry;
+    use netd::registry::replicas::{ReplicaRecord, ReplicaStore};
+
+    let db = dir.join("registry.db");
+    let network = netd::registry::NetworkConfig { network: "10.244.0.0/16".parse()?, subnet_len: 24, vni: 1 };
+    EmbeddedRegistry::create(&db, &network)?;
+    let first = ReplicaRecord::new(
+        "tunnel-first",
+        &format!("{CLOUD_IP}:{CONNECT_PORT}"),
+        false,
+        Duration::from_secs(3600),
+        std::time::SystemTime::now(),
+    );
+    let mut store = EmbeddedRegistry::open(&db, Duration::from_millis(50));
+    cloud.block_on(|| async move { store.announce_replica(&first).await })??;
+    let args = strings(&[
+        "tunnel-server",
+        "--cert-dir",
+        &server_dir.to_string_lossy(),
+        "--agents-listen",
+        &format!("{CLOUD_IP}:{FORWARDER_AGENTS_PORT}"),
+        "--connect-listen",
+        &format!("{CLOUD_IP}:{FORWARDER_CONNECT_PORT}"),
+        "--dnat-listen",
+        "",
+        "--http-listen",
+        "",
+        "--metrics-listen",
+        FORWARDER_METRICS,
+        "--replica-id",
+        "tunnel-forwarder",
+        "--registry",
+        &format!("embedded:{}", db.display()),
+        "--log",
+        "warn",
+    ]);
+    let forwarder = start(cloud, None, dir, "tunnel-forwarder", netd_cloud, &args)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric_at(cloud, FORWARDER_METRICS, "netd_tunnel_peers") != Some(1.0) {
+        ensure!(Instant::now() < deadline, "the forwarding replica never read its peer from the registry");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let client = client.clone();
+    let times = cloud.block_on(move || async move {
+        let mut times = Vec::with_capacity(LATENCY_OPENS);
+        for n in 0..LATENCY_OPENS {
+            let dest = SocketAddr::new(IpAddr::V4(node_ip((n * 7919) % agents)), 10250);
+            let (handshake, total, stream) = open_at(client.clone(), FORWARDER_CONNECT_PORT, dest).await?;
+            drop(stream);
+            times.push((handshake, total));
+        }
+        anyhow::Ok(times)
+    })??;
+    let forwarded = metric_at(cloud, FORWARDER_METRICS, "netd_tunnel_forwarded_total");
+    ensure!(forwarded == Some(LATENCY_OPENS as f64), "the replica forwarded {forwarded:?} of {LATENCY_OPENS} opens");
+    drop(forwarder);
+    Ok(times)
 }

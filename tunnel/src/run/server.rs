@@ -191,7 +191,7 @@ pub async fn run_server(settings: ServerSettings, shutdown: impl Future<Output =
         Some((peers, address, reload)) => {
             kept.spawn(reload);
             router = router.with_peers(peers.clone());
-            Some((peers, address))
+            address.map(|address| (peers, address))
         }
         None => None,
     };
@@ -232,30 +232,30 @@ pub async fn run_server(settings: ServerSettings, shutdown: impl Future<Output =
     Ok(())
 }
 
-/// What forwarding between replicas needs: a registry to meet in, a
-/// CONNECT door, an address peers reach it at, and a server certificate
-/// whose common name and subjectAltName peers can check. Without one of
-/// them the replica serves alone (logged).
+/// Forwarding between replicas: a server with a CONNECT door and a
+/// certificate whose common name and subjectAltName peers can check admits
+/// peers there (a replica with a registry forwards to it, whether or not
+/// this one has a registry); with a registry and an address peers reach it
+/// at (`Some` second member), it also announces itself and forwards.
+/// Without a CONNECT door or such a certificate it serves alone (logged).
 #[allow(clippy::type_complexity)]
 fn peer_settings(
     settings: &ServerSettings,
-) -> Result<Option<(Arc<Peers>, String, impl Future<Output = ()> + Send + 'static)>, TunnelError> {
-    if settings.registry.is_none() {
-        return Ok(None);
-    }
+) -> Result<Option<(Arc<Peers>, Option<String>, impl Future<Output = ()> + Send + 'static)>, TunnelError> {
     let Some(connect) = settings.connect_listen else {
         tracing::info!("tunnel server: no CONNECT door, so no forwarding between replicas");
         return Ok(None);
     };
     let address = match &settings.peer_address {
-        Some(address) => address.clone(),
-        None if !connect.ip().is_unspecified() => connect.to_string(),
+        _ if settings.registry.is_none() => None,
+        Some(address) => Some(address.clone()),
+        None if !connect.ip().is_unspecified() => Some(connect.to_string()),
         None => {
             tracing::warn!(
-                "tunnel server: the CONNECT door listens on {connect}: replicas cannot forward to each other \
-                 without --peer-address (this replica's reachable HOST:PORT)"
+                "tunnel server: the CONNECT door listens on {connect}: this replica does not announce itself \
+                 nor forward without --peer-address (its reachable HOST:PORT)"
             );
-            return Ok(None);
+            None
         }
     };
     let (dialer, reload) = tls::follow(settings.certs.clone(), tls::RELOAD_POLL, tls::connect_client)?;
