@@ -100,19 +100,31 @@ fn registry() -> (tempfile::TempDir, std::path::PathBuf) {
     (dir, db)
 }
 
+/// A node whose agent reaches one replica only (`tunnel-b`, through
+/// [`PINNED_PORT`]): the others reach it by forwarding.
+const PINNED: (&str, Ipv4Addr) = ("edge-4", Ipv4Addr::new(10, 250, 0, 5));
+const PINNED_PORT: u16 = AGENT_PORT + 1;
+
 /// A round-robin TCP balancer on the agents' address in front of the
 /// replicas: a backend that refuses is skipped, as an SLB's health check or
 /// a Service's endpoint removal would, eventually.
 fn balancer(stage: &Stage) -> Background {
-    Background::start(&stage.cloud.path(), || async {
-        let listener = TcpListener::bind((CLOUD_IP, AGENT_PORT)).await.unwrap();
+    relay(stage, AGENT_PORT, REPLICAS.iter().map(|r| r.agents).collect())
+}
+
+/// [`balancer`] on `port` over the replicas' agent ports `backends`.
+fn relay(stage: &Stage, port: u16, backends: Vec<u16>) -> Background {
+    Background::start(&stage.cloud.path(), move || async move {
+        let listener = TcpListener::bind((CLOUD_IP, port)).await.unwrap();
         let next = Arc::new(AtomicUsize::new(0));
+        let backends = Arc::new(backends);
         loop {
             let (mut client, _) = listener.accept().await.unwrap();
             let first = next.fetch_add(1, Ordering::Relaxed);
+            let backends = backends.clone();
             tokio::spawn(async move {
-                for turn in 0..REPLICAS.len() {
-                    let port = REPLICAS[(first + turn) % REPLICAS.len()].agents;
+                for turn in 0..backends.len() {
+                    let port = backends[(first + turn) % backends.len()];
                     if let Ok(mut backend) = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await {
                         let _ = tokio::io::copy_bidirectional(&mut client, &mut backend).await;
                         return;
@@ -123,14 +135,14 @@ fn balancer(stage: &Stage) -> Background {
     })
 }
 
-/// Kubelet stand-ins on every node address: port 10250 echoes.
+/// Kubelet stand-ins on every node address ([`PINNED`]'s too): port 10250 echoes.
 fn kubelets(stage: &Stage) -> Background {
-    for (_, ip) in &NODES[1..] {
+    for (_, ip) in NODES[1..].iter().chain([&PINNED]) {
         stage.edge.ip(&["addr", "add", &format!("{ip}/32"), "dev", "lo"]).unwrap();
     }
     Background::start(&stage.edge.path(), || async {
         let mut serving = tokio::task::JoinSet::new();
-        for (_, ip) in NODES {
+        for (_, ip) in NODES.into_iter().chain([PINNED]) {
             let listener = TcpListener::bind((ip, 10250)).await.unwrap();
             serving.spawn(async move {
                 loop {
@@ -150,26 +162,30 @@ fn kubelets(stage: &Stage) -> Background {
 /// dialling the balancer's one address. Returns them with their metrics
 /// addresses.
 fn agents(stage: &Stage) -> Vec<(NetdChild, String, tempfile::TempDir)> {
-    NODES
-        .iter()
-        .enumerate()
-        .map(|(i, (node, ip))| {
-            let dir = tempfile::tempdir().unwrap();
-            stage.pki.ca.write_cert(dir.path()).unwrap();
-            stage.pki.ca.issue_node(node, &[IpAddr::V4(*ip)], DAY).unwrap().write(dir.path(), "node").unwrap();
-            let metrics = format!("127.0.0.1:{}", 10330 + i);
-            let args = [
-                "tunnel-agent",
-                "--server",
-                &format!("{CLOUD_IP}:{AGENT_PORT}"),
-                "--cert-dir",
-                dir.path().to_str().unwrap(),
-                "--metrics-listen",
-                &metrics,
-            ];
-            (spawn_netd(&stage.edge.path(), &args), metrics, dir)
-        })
-        .collect()
+    NODES.iter().enumerate().map(|(i, node)| agent(stage, *node, AGENT_PORT, 10330 + i as u16)).collect()
+}
+
+/// `node`'s agent process, dialling the cloud's `port`, its metrics on `metrics_port`.
+fn agent(
+    stage: &Stage,
+    (node, ip): (&str, Ipv4Addr),
+    port: u16,
+    metrics_port: u16,
+) -> (NetdChild, String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    stage.pki.ca.write_cert(dir.path()).unwrap();
+    stage.pki.ca.issue_node(node, &[IpAddr::V4(ip)], DAY).unwrap().write(dir.path(), "node").unwrap();
+    let metrics = format!("127.0.0.1:{metrics_port}");
+    let args = [
+        "tunnel-agent",
+        "--server",
+        &format!("{CLOUD_IP}:{port}"),
+        "--cert-dir",
+        dir.path().to_str().unwrap(),
+        "--metrics-listen",
+        &metrics,
+    ];
+    (spawn_netd(&stage.edge.path(), &args), metrics, dir)
 }
 
 /// A sample's value in a scrape (`name` with its labels, if any).
@@ -202,7 +218,12 @@ fn reach(stage: &Stage, client: &Arc<rustls::ClientConfig>, replica: &Replica, n
 }
 
 fn all_linked(stage: &Stage, replica: &Replica) -> bool {
-    replica_metric(stage, replica, "netd_tunnel_agents") == Some(NODES.len() as f64)
+    linked(stage, replica, NODES.len())
+}
+
+/// Whether `replica` holds exactly `links` agent links.
+fn linked(stage: &Stage, replica: &Replica, links: usize) -> bool {
+    replica_metric(stage, replica, "netd_tunnel_agents") == Some(links as f64)
 }
 
 #[test]
@@ -289,10 +310,13 @@ fn a_replica_stopped_with_sigterm_drains_its_streams_and_the_other_takes_new_one
     let mut replicas: Vec<NetdChild> = REPLICAS.iter().map(|r| start_replica_in(&stage, r, &db)).collect();
     let _balancer = balancer(&stage);
     let agents = agents(&stage);
+    // edge-4 reaches tunnel-b only: the other serves it by forwarding.
+    let _pinned_relay = relay(&stage, PINNED_PORT, vec![REPLICAS[1].agents]);
+    let _pinned = agent(&stage, PINNED, PINNED_PORT, 10339);
     let client = tls::connect_client(&stage.pki.files("client").load().unwrap()).unwrap();
-    for replica in &REPLICAS {
+    for (replica, links) in REPLICAS.iter().zip([3, 4]) {
         wait_for(&format!("every agent linked to {}", replica.id), Duration::from_secs(30), || {
-            all_linked(&stage, replica)
+            linked(&stage, replica, links)
         });
         // Each reads the registry every 5 s: the first to start may still
         // count one for a moment.
@@ -317,6 +341,10 @@ fn a_replica_stopped_with_sigterm_drains_its_streams_and_the_other_takes_new_one
         announced(),
         vec![("tunnel-a".into(), address(&REPLICAS[0]), false), ("tunnel-b".into(), address(&REPLICAS[1]), false)]
     );
+    // tunnel-a holds no link of edge-4: it forwards to tunnel-b, which does.
+    assert_eq!(reach(&stage, &client, &REPLICAS[0], PINNED.1), 200);
+    assert_eq!(replica_metric(&stage, &REPLICAS[0], "netd_tunnel_forwarded_total"), Some(1.0));
+    assert_eq!(replica_metric(&stage, &REPLICAS[1], "netd_tunnel_from_peers_total"), Some(1.0));
     let (draining, other) = (&REPLICAS[0], &REPLICAS[1]);
     let node = NODES[0].1;
 
@@ -394,13 +422,22 @@ fn a_replica_stopped_with_sigterm_drains_its_streams_and_the_other_takes_new_one
                 && agent_metric(&stage, metrics, "netd_tunnel_agent_replicas_expected") == Some(1.0)
         });
     }
-    assert!(all_linked(&stage, other));
+    assert!(linked(&stage, other, 4));
     // A rolling restart's second half: it comes back, announces itself, the
     // other tells the agents there are two again, and they return.
     replicas[0] = start_replica_in(&stage, draining, &db);
     wait_for("every agent linked to the restarted replica", Duration::from_secs(60), || all_linked(&stage, draining));
     assert_eq!(reach(&stage, &client, draining, node), 200);
     assert_eq!(replica_metric(&stage, other, "netd_tunnel_replicas_live"), Some(2.0));
+    // It reads its peer at once and forwards edge-4's streams again; no
+    // replica ever answered "no agent".
+    wait_for("the restarted replica knows its peer", Duration::from_secs(15), || {
+        replica_metric(&stage, draining, "netd_tunnel_peers") == Some(1.0)
+    });
+    assert_eq!(reach(&stage, &client, draining, PINNED.1), 200);
+    for replica in &REPLICAS {
+        assert_eq!(replica_metric(&stage, replica, "netd_tunnel_no_agent_total"), Some(0.0), "{}", replica.id);
+    }
 }
 
 /// Open descriptors of this process.
