@@ -743,6 +743,7 @@ impl HeldLink {
     /// (An async block, not an `async fn`: a function's arguments are
     /// copied into its frame beside their originals, doubling the 2.4 KiB
     /// connection in every idle link's task.)
+    #[allow(clippy::manual_async_fn)] // on purpose, see above
     fn run(self, mut connection: AgentConnection) -> impl std::future::Future<Output = ()> + Send {
         async move {
             // Polled in place rather than through `select!`, whose moves of
