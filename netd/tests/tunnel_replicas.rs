@@ -62,7 +62,9 @@ fn start_replica(stage: &Stage, replica: &Replica) -> NetdChild {
 /// A replica that announces itself in the embedded registry `db` and
 /// counts the live replicas there (no `--replicas`).
 fn start_replica_in(stage: &Stage, replica: &Replica, db: &std::path::Path) -> NetdChild {
-    start_replica_with(stage, replica, &["--registry".into(), format!("embedded:{}", db.display())])
+    // Records renewed every second: the test waits for reads, not for 5 s ticks.
+    let registry = format!("embedded:{}", db.display());
+    start_replica_with(stage, replica, &["--registry".into(), registry, "--replica-ttl".into(), "3s".into()])
 }
 
 fn start_replica_with(stage: &Stage, replica: &Replica, extra: &[String]) -> NetdChild {
@@ -318,8 +320,8 @@ fn a_replica_stopped_with_sigterm_drains_its_streams_and_the_other_takes_new_one
         wait_for(&format!("every agent linked to {}", replica.id), Duration::from_secs(30), || {
             linked(&stage, replica, links)
         });
-        // Each reads the registry every 5 s: the first to start may still
-        // count one for a moment.
+        // Each reads the registry every second here: the first to start
+        // may still count one for a moment.
         wait_for(&format!("{} counts two live replicas", replica.id), Duration::from_secs(15), || {
             replica_metric(&stage, replica, "netd_tunnel_replicas_live") == Some(2.0)
                 && replica_metric(&stage, replica, "netd_tunnel_peers") == Some(1.0)

@@ -227,14 +227,16 @@ enum Asked {
     Failed(StatusCode),
 }
 
-/// The replica's record in the registry: announced every third of
-/// [`netd_registry::REPLICA_TTL`] with the peers read back, marked
-/// draining when the drain starts, withdrawn when it ends.
+/// The replica's record in the registry: announced every third of its
+/// lifetime (default [`netd_registry::REPLICA_TTL`]) with the peers read
+/// back, marked draining when the drain starts, withdrawn when it ends.
 pub(crate) mod announce {
     use std::sync::Arc;
     use std::time::SystemTime;
 
-    use netd_registry::replicas::{ReplicaRecord, ReplicaStore, REPLICA_TTL};
+    use std::time::Duration;
+
+    use netd_registry::replicas::{ReplicaRecord, ReplicaStore};
     use netd_registry::AnyRegistry;
 
     use super::{Peer, Peers};
@@ -243,13 +245,19 @@ pub(crate) mod announce {
     /// Announces and reads until the task is dropped; a failing registry
     /// is retried, what was known is kept meanwhile (a peer that vanished
     /// meanwhile costs a refused connection, no more).
-    pub(crate) async fn follow(mut registry: AnyRegistry, peers: Arc<Peers>, router: Arc<Router>, address: String) {
-        let every = REPLICA_TTL / 3;
+    pub(crate) async fn follow(
+        mut registry: AnyRegistry,
+        peers: Arc<Peers>,
+        router: Arc<Router>,
+        address: String,
+        ttl: Duration,
+    ) {
+        let every = ttl / 3;
         let id = router.policy().replica.id.clone();
         let mut failures = 0u32;
         loop {
             let now = SystemTime::now();
-            let record = ReplicaRecord::new(&id, &address, router.is_draining(), REPLICA_TTL, now);
+            let record = ReplicaRecord::new(&id, &address, router.is_draining(), ttl, now);
             let outcome = async {
                 registry.announce_replica(&record).await?;
                 registry.replicas(now).await
@@ -284,8 +292,8 @@ pub(crate) mod announce {
 
     /// Tells the registry this replica drains (peers stop forwarding to it
     /// at their next read), best effort.
-    pub(crate) async fn draining(registry: &mut AnyRegistry, id: &str, address: &str) {
-        let record = ReplicaRecord::new(id, address, true, REPLICA_TTL, SystemTime::now());
+    pub(crate) async fn draining(registry: &mut AnyRegistry, id: &str, address: &str, ttl: Duration) {
+        let record = ReplicaRecord::new(id, address, true, ttl, SystemTime::now());
         if let Err(err) = registry.announce_replica(&record).await {
             tracing::warn!("tunnel replica {id}: announcing the drain: {err}");
         }

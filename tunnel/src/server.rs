@@ -716,8 +716,17 @@ async fn serve_agent(
             return;
         }
     }
-    let (serial, replaced) = router.insert(&node, addresses.clone(), link);
+    let (serial, replaced) = router.insert(&node, addresses.clone(), link.clone());
     tracing::info!("tunnel agent of node {node} linked from {peer} (addresses {addresses:?})");
+    // A count that changed while this link was being introduced was told
+    // only to the links already routed: this one hears it now.
+    let current = router.replica_status();
+    if current != status {
+        let after = router.policy.limits.open_timeout;
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(after, send_status(link, &current)).await;
+        });
+    }
     // The link lives on in a task of its own: this one's frame is sized
     // for the handshakes and the introduction (several KiB), which an idle
     // link would otherwise carry for its whole life, 5 000 times over.

@@ -418,6 +418,9 @@ struct TunnelServerArgs {
     /// Where peer replicas reach this one's CONNECT door, announced in the registry so replicas forward to each other [default: the CONNECT door's address when it is a specific one].
     #[arg(long, env = "NETD_TUNNEL_PEER_ADDRESS", value_name = "HOST:PORT")]
     peer_address: Option<String>,
+    /// How long this replica's registry record lives unless renewed (every third of it); peers forget a replica killed without a word this long after (at least 3s).
+    #[arg(long, env = "NETD_TUNNEL_REPLICA_TTL", value_name = "DURATION", value_parser = parse_duration, default_value = "15s")]
+    replica_ttl: std::time::Duration,
     /// On SIGTERM, how long running streams may take to finish (listeners close at once, agents link elsewhere).
     #[arg(long, env = "NETD_TUNNEL_DRAIN_GRACE", value_name = "DURATION", value_parser = parse_duration, default_value = "25s")]
     drain_grace: std::time::Duration,
@@ -494,6 +497,7 @@ fn tunnel_server(args: TunnelServerArgs) -> Result<()> {
         policy,
         drain_grace: args.drain_grace,
         peer_address: args.peer_address,
+        replica_ttl: args.replica_ttl,
     };
     until_terminated("tunnel server", |stop| async move {
         Ok::<(), anyhow::Error>(netd::tunnel::run::run_server(settings, stop).await?)

@@ -27,7 +27,7 @@ mod server;
 #[cfg(feature = "agent")]
 pub use agent::{agent_metrics, run_agent, AgentSettings};
 #[cfg(feature = "server")]
-pub use server::{run_server, server_metrics, ServerSettings, DEFAULT_DRAIN_GRACE};
+pub use server::{run_server, server_metrics, ServerSettings, DEFAULT_DRAIN_GRACE, MIN_REPLICA_TTL};
 
 /// The ports an agent always allows: kubelet's API and its read-only port.
 pub const KUBELET_PORTS: [u16; 2] = [10250, 10255];
@@ -61,6 +61,9 @@ pub enum TunnelError {
     /// The replica identity or count can never work.
     #[error("tunnel server replica settings")]
     Replica(#[source] crate::replica::ReplicaError),
+    /// A replica record lifetime too short to renew in time.
+    #[error("replica TTL {0:?}: at least 3 s (records are renewed every third of it, in whole seconds)")]
+    ReplicaTtl(std::time::Duration),
     /// The agent was given no server.
     #[error("no tunnel server given (--server HOST:PORT)")]
     NoServers,

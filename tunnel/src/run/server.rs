@@ -50,7 +50,15 @@ pub struct ServerSettings {
     /// when it is a specific one. Without a registry, a CONNECT door and an
     /// address, replicas do not forward to each other.
     pub peer_address: Option<String>,
+    /// How long this replica's registry record lives unless renewed (it
+    /// is renewed every third of it): how soon peers forget a replica
+    /// killed without a word.
+    pub replica_ttl: std::time::Duration,
 }
+
+/// The shortest replica record lifetime: etcd leases last at least 2 s,
+/// and records count whole seconds.
+pub const MIN_REPLICA_TTL: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// The drain grace's default: under Kubernetes' default termination grace
 /// period (30 s), so the links close before the kubelet's SIGKILL.
@@ -185,6 +193,9 @@ fn encode_server(m: &ServerMetrics, out: &mut netd_metrics::Families<'_>) -> std
 pub async fn run_server(settings: ServerSettings, shutdown: impl Future<Output = ()>) -> Result<(), TunnelError> {
     crate::replica::check_id(&settings.policy.replica.id).map_err(TunnelError::Replica)?;
     crate::replica::check_count(settings.policy.replica.replicas).map_err(TunnelError::Replica)?;
+    if settings.replica_ttl < MIN_REPLICA_TTL {
+        return Err(TunnelError::ReplicaTtl(settings.replica_ttl));
+    }
     let mut router = Router::new(settings.policy.clone());
     let mut kept = tokio::task::JoinSet::new();
     let announce = match peer_settings(&settings)? {
@@ -213,9 +224,16 @@ pub async fn run_server(settings: ServerSettings, shutdown: impl Future<Output =
             registry.describe(),
             peers.common_name()
         );
-        announcer.spawn(crate::peers::announce::follow(registry, peers, router.clone(), address.clone()));
+        announcer.spawn(crate::peers::announce::follow(
+            registry,
+            peers,
+            router.clone(),
+            address.clone(),
+            settings.replica_ttl,
+        ));
         own_record = Some((AnyRegistry::open(spec, open).await.map_err(TunnelError::Registry)?, address));
     }
+    let ttl = settings.replica_ttl;
     tokio::select! {
         outcome = serve(settings, router.clone()) => return outcome,
         () = shutdown => {}
@@ -223,7 +241,7 @@ pub async fn run_server(settings: ServerSettings, shutdown: impl Future<Output =
     announcer.abort_all();
     let id = router.policy().replica.id.clone();
     if let Some((registry, address)) = own_record.as_mut() {
-        crate::peers::announce::draining(registry, &id, address).await;
+        crate::peers::announce::draining(registry, &id, address, ttl).await;
     }
     drain(&router, grace).await;
     if let Some((registry, _)) = own_record.as_mut() {
@@ -428,5 +446,34 @@ async fn follow_leases(mut registry: AnyRegistry, router: Arc<Router>) {
                 tokio::time::sleep(wait).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_replica_ttl_too_short_to_renew_is_refused_before_anything_starts() {
+        let unused = SocketAddr::from(([127, 0, 0, 1], 0));
+        let settings = ServerSettings {
+            agents_listen: unused,
+            connect_listen: None,
+            dnat_listen: Vec::new(),
+            http_listen: None,
+            dnat_pin_dir: PathBuf::from("/nonexistent"),
+            certs: CertFiles::in_dir(std::path::Path::new("/nonexistent"), "server"),
+            metrics_listen: None,
+            registry: None,
+            policy: ServerPolicy::default(),
+            drain_grace: DEFAULT_DRAIN_GRACE,
+            peer_address: None,
+            replica_ttl: std::time::Duration::from_millis(2_999),
+        };
+        let error = run_server(settings, std::future::pending()).await.unwrap_err();
+        assert!(matches!(error, TunnelError::ReplicaTtl(_)), "{error}");
+        assert!(error.to_string().contains("at least 3 s"), "{error}");
     }
 }
