@@ -68,16 +68,29 @@ pub(super) fn node_name_of_subject(what: &str, subject: x509_parser::x509::X509N
 /// The IP addresses among a certificate's subjectAltNames, in order; empty
 /// when it has none.
 pub fn ip_sans_of(cert_der: &[u8]) -> Result<Vec<IpAddr>, CertError> {
-    let what = "peer certificate";
+    with_sans("peer certificate", cert_der, ip_sans)
+}
+
+/// Calls `read` with a certificate's subjectAltNames (none when it has no
+/// such extension); `what` names the certificate in errors.
+fn with_sans<T>(
+    what: &str,
+    cert_der: &[u8],
+    read: impl FnOnce(&[GeneralName<'_>]) -> Result<T, CertError>,
+) -> Result<T, CertError> {
     let cert = parse_cert(what, cert_der)?;
     let sans = cert.subject_alternative_name().map_err(|source| CertError::X509Field {
         what: what.to_owned(),
         field: "bad subjectAltName",
         source,
     })?;
-    let Some(sans) = sans else { return Ok(Vec::new()) };
+    read(sans.map_or(&[][..], |sans| sans.value.general_names.as_slice()))
+}
+
+fn ip_sans(names: &[GeneralName<'_>]) -> Result<Vec<IpAddr>, CertError> {
+    let what = "peer certificate";
     let mut ips = Vec::new();
-    for general_name in &sans.value.general_names {
+    for general_name in names {
         if let GeneralName::IPAddress(bytes) = general_name {
             let ip = if let Ok(octets) = <[u8; 4]>::try_from(*bytes) {
                 IpAddr::V4(Ipv4Addr::from(octets))
@@ -100,19 +113,13 @@ pub fn ip_sans_of(cert_der: &[u8]) -> Result<Vec<IpAddr>, CertError> {
 /// Replicas sharing one server certificate dial each other by it, whatever
 /// address each one is reached at.
 pub fn first_san_of(cert_der: &[u8]) -> Result<Option<rustls_pki_types::ServerName<'static>>, CertError> {
-    let what = "own certificate";
-    let cert = parse_cert(what, cert_der)?;
-    let sans = cert.subject_alternative_name().map_err(|source| CertError::X509Field {
-        what: what.to_owned(),
-        field: "bad subjectAltName",
-        source,
-    })?;
-    let Some(sans) = sans else { return Ok(None) };
-    let dns = sans.value.general_names.iter().find_map(|name| match name {
-        GeneralName::DNSName(dns) => rustls_pki_types::ServerName::try_from(dns.to_string()).ok(),
-        _ => None,
-    });
-    Ok(dns.or_else(|| ip_sans_of(cert_der).ok()?.first().map(|ip| rustls_pki_types::ServerName::from(*ip))))
+    with_sans("own certificate", cert_der, |names| {
+        let dns = names.iter().find_map(|name| match name {
+            GeneralName::DNSName(dns) => rustls_pki_types::ServerName::try_from(dns.to_string()).ok(),
+            _ => None,
+        });
+        Ok(dns.or(ip_sans(names)?.first().map(|ip| rustls_pki_types::ServerName::from(*ip))))
+    })
 }
 
 pub(super) fn to_system_time(unix_seconds: i64) -> SystemTime {
