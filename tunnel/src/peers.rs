@@ -237,7 +237,7 @@ pub(crate) mod announce {
     use std::time::Duration;
 
     use netd_registry::replicas::{ReplicaRecord, ReplicaStore};
-    use netd_registry::AnyRegistry;
+    use netd_registry::{AnyRegistry, Registry as _};
 
     use super::{Peer, Peers};
     use crate::server::Router;
@@ -282,7 +282,7 @@ pub(crate) mod announce {
                     failures = failures.saturating_add(1);
                     tracing::warn!(
                         "tunnel replica {id}: registry {}: {err}; retrying in {wait:?}",
-                        registry_name(&registry)
+                        registry.describe()
                     );
                     tokio::time::sleep(wait).await;
                 }
@@ -305,10 +305,5 @@ pub(crate) mod announce {
         if let Err(err) = registry.withdraw_replica(id).await {
             tracing::warn!("tunnel replica {id}: withdrawing: {err}");
         }
-    }
-
-    fn registry_name(registry: &AnyRegistry) -> String {
-        use netd_registry::Registry as _;
-        registry.describe()
     }
 }

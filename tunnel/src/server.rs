@@ -475,13 +475,16 @@ impl Router {
     /// peer replica that holds one. Each attempt waits at most the open
     /// timeout. "No agent" ([`RouteError::NoAgent`], `NoNode`, `NoLink`)
     /// means no replica asked holds the node; it is counted then.
-    pub async fn reach(&self, authority: &str, from_peer: bool) -> Result<Tunnel, RouteError> {
+    pub async fn reach(&self, target: Target<'_>, from_peer: bool) -> Result<Tunnel, RouteError> {
         if self.is_draining() {
             return Err(RouteError::Draining);
         }
-        let local = match connect_target(self, authority) {
-            Ok(dest) => self.open(dest).await,
-            Err(err) => Err(err),
+        let local = match target {
+            Target::Addr(dest) => self.open(dest).await,
+            Target::Authority(authority) => match connect_target(self, authority) {
+                Ok(dest) => self.open(dest).await,
+                Err(err) => Err(err),
+            },
         };
         let missed = match local {
             Ok(stream) => return Ok(Tunnel::Local(stream)),
@@ -492,7 +495,13 @@ impl Router {
             self.metrics.no_agent.fetch_add(1, Ordering::Relaxed);
             return Err(missed);
         };
-        match peers.forward(authority).await {
+        // Spelled out only on this path: a DNAT'd connection that is served
+        // here never formats its destination.
+        let authority = match target {
+            Target::Addr(dest) => dest.to_string(),
+            Target::Authority(authority) => authority.to_string(),
+        };
+        match peers.forward(&authority).await {
             Ok(stream) => {
                 self.metrics.streams_total.fetch_add(1, Ordering::Relaxed);
                 Ok(Tunnel::Forwarded(stream))
@@ -820,7 +829,7 @@ async fn tunnel_to<S>(router: &Router, front: S, dest: SocketAddr, peer: SocketA
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    match router.reach(&dest.to_string(), false).await {
+    match router.reach(Target::Addr(dest), false).await {
         Ok(tunnel) => router.splice(front, tunnel).await,
         Err(err) => tracing::info!("connection from {peer} to {dest}: {err}"),
     }
@@ -971,7 +980,7 @@ async fn proxy_by_host(
     let Some(authority) = request_authority(&request) else {
         return Ok(proxy_status(StatusCode::BAD_REQUEST));
     };
-    let tunnel = match router.reach(&authority, false).await {
+    let tunnel = match router.reach(Target::Authority(&authority), false).await {
         Ok(tunnel) => tunnel,
         Err(err) => {
             tracing::info!("HTTP to {authority}: {err}");
@@ -1053,13 +1062,13 @@ async fn handle_connect(
     let Some(authority) = request.uri().authority().map(|a| a.as_str().to_string()) else {
         return Ok(plain(StatusCode::BAD_REQUEST));
     };
-    if from_peer {
-        router.peers.as_ref().map(|p| p.metrics.from_peers.fetch_add(1, Ordering::Relaxed));
+    if let Some(peers) = router.peers.as_ref().filter(|_| from_peer) {
+        peers.metrics.from_peers.fetch_add(1, Ordering::Relaxed);
         let by = request.headers().get(FORWARDED_BY_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("?");
         tracing::debug!("CONNECT {authority}: forwarded by replica {by}");
     }
     // Opened before answering: a refusal is an HTTP status, not a 200 then a reset.
-    let tunnel = match router.reach(&authority, from_peer).await {
+    let tunnel = match router.reach(Target::Authority(&authority), from_peer).await {
         Ok(tunnel) => tunnel,
         Err(err) => {
             tracing::info!("CONNECT {authority}: {err}");
@@ -1118,6 +1127,17 @@ pub async fn serve_connect(listener: TcpListener, tls: Live<rustls::ServerConfig
         }
     })
     .await;
+}
+
+/// Where a front-door connection goes: the address a DNAT'd connection was
+/// dialled to, or the `host:port` a client named (node address, node name
+/// or pod IP).
+#[derive(Debug, Clone, Copy)]
+pub enum Target<'a> {
+    /// A destination address, as the kernel recorded it.
+    Addr(SocketAddr),
+    /// `host:port` as a client wrote it.
+    Authority(&'a str),
 }
 
 /// A stream to an edge destination: on this replica's link to the node, or
