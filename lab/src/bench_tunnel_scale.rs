@@ -275,19 +275,7 @@ pub fn run(agents: usize, streams: usize, bin_dir: &Path) -> Result<()> {
 
     // Stream opens among all those links, one after another, then the idle
     // streams, held open from the cloud.
-    let opens = {
-        let client = client.clone();
-        cloud.block_on(move || async move {
-            let mut times = Vec::with_capacity(LATENCY_OPENS);
-            for n in 0..LATENCY_OPENS {
-                let dest = SocketAddr::new(IpAddr::V4(node_ip((n * 7919) % agents)), 10250);
-                let (handshake, total, stream) = open(client.clone(), dest).await?;
-                drop(stream);
-                times.push((handshake, total));
-            }
-            anyhow::Ok(times)
-        })??
-    };
+    let opens = timed_opens(&cloud, &client, CONNECT_PORT, agents)?;
     let forwarded = forwarded_opens(&cloud, dir.path(), &server_dir, &netd_cloud, &client, agents)?;
     // The timed opens' far ends, closed on the cloud side already: their
     // descriptors go back to the idle streams' budget.
@@ -442,19 +430,31 @@ fn forwarded_opens(
         ensure!(Instant::now() < deadline, "the forwarding replica never read its peer from the registry");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let client = client.clone();
-    let times = cloud.block_on(move || async move {
-        let mut times = Vec::with_capacity(LATENCY_OPENS);
-        for n in 0..LATENCY_OPENS {
-            let dest = SocketAddr::new(IpAddr::V4(node_ip((n * 7919) % agents)), 10250);
-            let (handshake, total, stream) = open_at(client.clone(), FORWARDER_CONNECT_PORT, dest).await?;
-            drop(stream);
-            times.push((handshake, total));
-        }
-        anyhow::Ok(times)
-    })??;
+    let times = timed_opens(cloud, client, FORWARDER_CONNECT_PORT, agents)?;
     let forwarded = metric_at(cloud, FORWARDER_METRICS, "netd_tunnel_forwarded_total");
     ensure!(forwarded == Some(LATENCY_OPENS as f64), "the replica forwarded {forwarded:?} of {LATENCY_OPENS} opens");
     drop(forwarder);
     Ok(times)
+}
+
+/// [`LATENCY_OPENS`] CONNECTs through the door on `port`, one after another,
+/// to nodes spread over the `agents`: (time to the TLS session, time to `200`)
+/// of each.
+fn timed_opens(
+    cloud: &NetNs,
+    client: &Arc<rustls::ClientConfig>,
+    port: u16,
+    agents: usize,
+) -> Result<Vec<(Duration, Duration)>> {
+    let client = client.clone();
+    cloud.block_on(move || async move {
+        let mut times = Vec::with_capacity(LATENCY_OPENS);
+        for n in 0..LATENCY_OPENS {
+            let dest = SocketAddr::new(IpAddr::V4(node_ip((n * 7919) % agents)), 10250);
+            let (handshake, total, stream) = open_at(client.clone(), port, dest).await?;
+            drop(stream);
+            times.push((handshake, total));
+        }
+        anyhow::Ok(times)
+    })?
 }
