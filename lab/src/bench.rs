@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use netd::testing::{self, CniCall, CniRunner, NetNs, DEBIAN_CNI_DIR};
 
 /// DNAT benchmark rounds per variant and size, and connections per round.
@@ -30,39 +30,126 @@ const HUB_LISTS_PER_ROUND: usize = 200;
 /// Real-cluster reboot benchmark: mirrored pairs of reboots (floor, hub with the cloud away).
 const REBOOT_ROUND_PAIRS: usize = 2;
 
-/// Runs the named benchmark (or all) with the release binaries in `bin_dir`.
+/// How much a benchmark run measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scale {
+    /// README's figures: every size, every round.
+    Full,
+    /// Every step of every benchmark once, at tiny sizes: what CI runs so
+    /// that a broken benchmark fails there. Its figures mean nothing and are
+    /// not quoted.
+    Smoke,
+}
+
+static SCALE: std::sync::OnceLock<Scale> = std::sync::OnceLock::new();
+
+impl Scale {
+    /// The scale of this process's run ([`Scale::Full`] unless
+    /// [`Scale::set`] said otherwise).
+    pub(crate) fn current() -> Scale {
+        SCALE.get().copied().unwrap_or(Scale::Full)
+    }
+
+    /// Fixes this process's scale; only the first call counts.
+    pub fn set(scale: Scale) {
+        let _ = SCALE.set(scale);
+    }
+
+    /// Its name on a command line.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Scale::Full => "full",
+            Scale::Smoke => "smoke",
+        }
+    }
+
+    /// The scale a command line names.
+    pub(crate) fn named(name: &str) -> Option<Scale> {
+        [Scale::Full, Scale::Smoke].into_iter().find(|s| s.name() == name)
+    }
+
+    /// `full` in a measuring run, `smoke` in a smoke run.
+    pub(crate) fn pick<T>(self, full: T, smoke: T) -> T {
+        match self {
+            Scale::Full => full,
+            Scale::Smoke => smoke,
+        }
+    }
+
+    /// [`Scale::pick`] on this process's scale.
+    pub(crate) fn sized<T>(full: T, smoke: T) -> T {
+        Scale::current().pick(full, smoke)
+    }
+}
+
+/// Every benchmark `run` knows, in the order `all` and `smoke` run them.
+pub const NAMES: [&str; 14] = [
+    "cni",
+    "vxlan",
+    "events",
+    "rss",
+    "scenario",
+    "dnat",
+    "tunnel",
+    "tunnel-scale",
+    "doors",
+    "tunnel-config",
+    "autonomy",
+    "hub",
+    "pods",
+    "reboot",
+];
+
+/// The benchmarks `all` runs: every one but the real-cluster ones (`pods`
+/// and `reboot`, which need netd's image and take minutes each) and the
+/// 5 000-agent `tunnel-scale`.
+const ALL: [&str; 11] =
+    ["cni", "vxlan", "events", "rss", "scenario", "dnat", "tunnel", "doors", "tunnel-config", "autonomy", "hub"];
+
+/// Runs the named benchmark with the binaries in `bin_dir`: one of
+/// [`NAMES`], `all` ([`ALL`]) or `smoke` (every one of [`NAMES`] at
+/// [`Scale::Smoke`]).
 pub fn run(which: &str, bin_dir: &Path) -> Result<()> {
     match which {
-        "cni" => cni(200, bin_dir),
-        "vxlan" => crate::bench_vxlan::run(5, bin_dir),
-        "events" => crate::bench_events::run(200),
-        "rss" => crate::bench_rss::run(1_000, bin_dir),
-        "scenario" => crate::bench_scenario::run(5, bin_dir),
-        "dnat" => crate::bench_dnat::run(DNAT_ROUNDS, DNAT_PER_ROUND),
-        "tunnel" => crate::bench_tunnel::run(bin_dir),
-        "tunnel-scale" => crate::bench_tunnel_scale::run(TUNNEL_SCALE_AGENTS, TUNNEL_SCALE_AGENTS, bin_dir),
-        "doors" => crate::bench_doors::run(DOORS_ROUNDS, bin_dir),
-        "tunnel-config" => crate::bench_tunnel_config::run(20),
-        "autonomy" => crate::bench_autonomy::run(AUTONOMY_ROUNDS, AUTONOMY_PODS, bin_dir),
-        "pods" => crate::bench_pods::run(POD_ROUND_PAIRS),
-        "hub" => crate::bench_hub::run(HUB_ROUNDS, HUB_LISTS_PER_ROUND, bin_dir),
-        "reboot" => crate::bench_reboot::run(REBOOT_ROUND_PAIRS, bin_dir),
-        "all" => {
-            cni(200, bin_dir)?;
-            crate::bench_vxlan::run(5, bin_dir)?;
-            crate::bench_events::run(200)?;
-            crate::bench_rss::run(1_000, bin_dir)?;
-            crate::bench_scenario::run(5, bin_dir)?;
-            crate::bench_dnat::run(DNAT_ROUNDS, DNAT_PER_ROUND)?;
-            crate::bench_tunnel::run(bin_dir)?;
-            crate::bench_doors::run(DOORS_ROUNDS, bin_dir)?;
-            crate::bench_tunnel_config::run(20)?;
-            crate::bench_autonomy::run(AUTONOMY_ROUNDS, AUTONOMY_PODS, bin_dir)?;
-            crate::bench_hub::run(HUB_ROUNDS, HUB_LISTS_PER_ROUND, bin_dir)
+        "all" => ALL.iter().try_for_each(|name| one(name, bin_dir)),
+        "smoke" => {
+            Scale::set(Scale::Smoke);
+            ensure!(Scale::current() == Scale::Smoke, "a full run was already chosen in this process");
+            for name in NAMES {
+                let started = Instant::now();
+                println!("\n==> smoke: bench {name}");
+                one(name, bin_dir).with_context(|| format!("smoke run of `bench {name}`"))?;
+                println!("<== smoke: bench {name} ran in {:.1} s", started.elapsed().as_secs_f64());
+            }
+            Ok(())
         }
-        other => bail!(
-            "unknown benchmark `{other}` (known: cni, vxlan, events, rss, scenario, dnat, tunnel, tunnel-scale, doors, tunnel-config, autonomy, pods, hub, reboot, all)"
-        ),
+        name => one(name, bin_dir),
+    }
+}
+
+/// One benchmark at this process's [`Scale`].
+fn one(which: &str, bin_dir: &Path) -> Result<()> {
+    match which {
+        "cni" => cni(Scale::sized(200, 3), bin_dir),
+        "vxlan" => crate::bench_vxlan::run(Scale::sized(5, 1), bin_dir),
+        "events" => crate::bench_events::run(Scale::sized(200, 2)),
+        "rss" => crate::bench_rss::run(Scale::sized(1_000, 20), bin_dir),
+        "scenario" => crate::bench_scenario::run(Scale::sized(5, 1), bin_dir),
+        "dnat" => crate::bench_dnat::run(Scale::sized(DNAT_ROUNDS, 1), Scale::sized(DNAT_PER_ROUND, 20)),
+        "tunnel" => crate::bench_tunnel::run(bin_dir),
+        "tunnel-scale" => {
+            let agents = Scale::sized(TUNNEL_SCALE_AGENTS, 20);
+            crate::bench_tunnel_scale::run(agents, agents, bin_dir)
+        }
+        "doors" => crate::bench_doors::run(Scale::sized(DOORS_ROUNDS, 1), bin_dir),
+        "tunnel-config" => crate::bench_tunnel_config::run(Scale::sized(20, 2)),
+        "autonomy" => {
+            crate::bench_autonomy::run(Scale::sized(AUTONOMY_ROUNDS, 1), Scale::sized(AUTONOMY_PODS, 10), bin_dir)
+        }
+        "pods" => crate::bench_pods::run(Scale::sized(POD_ROUND_PAIRS, 1)),
+        "hub" => crate::bench_hub::run(Scale::sized(HUB_ROUNDS, 1), Scale::sized(HUB_LISTS_PER_ROUND, 5), bin_dir),
+        "reboot" => crate::bench_reboot::run(Scale::sized(REBOOT_ROUND_PAIRS, 1), bin_dir),
+        other => bail!("unknown benchmark `{other}` (known: {}, all, smoke)", NAMES.join(", ")),
     }
 }
 

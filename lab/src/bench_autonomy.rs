@@ -48,7 +48,7 @@ use netd::model::autonomy::{Autonomy, ANNOTATION_AUTONOMY};
 use netd::testing::{KubeApiServer, KubeCluster};
 use serde_json::{json, Value};
 
-use crate::bench::{machine, ms, percentile};
+use crate::bench::{machine, ms, percentile, Scale};
 use crate::bench_rss::status_kib;
 
 const NODE: &str = "bench-edge";
@@ -114,12 +114,13 @@ pub fn run(rounds: usize, pods: usize, bin_dir: &Path) -> Result<()> {
             ms(cpu)
         );
     }
-    add_nodes(&server, EXTRA_NODES)?;
+    let extra_nodes = Scale::sized(EXTRA_NODES, 9);
+    add_nodes(&server, extra_nodes)?;
     let memory = controller_memory(&runtime, &mut server, pods, bin_dir)?;
     println!(
         "\nnetd-controller run (release), leader, {} nodes + {} pods watched: VmRSS {:.1} MiB listed and idle, \
          {:.1} MiB after rewriting {pods} pods' tolerations, peak (VmHWM) {:.1} MiB",
-        EXTRA_NODES + 1,
+        extra_nodes + 1,
         2 * pods,
         memory.rss[0] as f64 / 1024.0,
         memory.rss[1] as f64 / 1024.0,

@@ -28,7 +28,7 @@ use anyhow::{bail, ensure, Context, Result};
 use netd::ebpf::dnat::{AttachOptions, Scope, TunnelDnat};
 use netd::testing::{self, Cgroup, NetNs, PinDir, VethPair};
 
-use crate::bench::{machine, percentile, set_option, Listener};
+use crate::bench::{machine, percentile, set_option, Listener, Scale};
 use crate::bench_vxlan::Settle;
 
 /// The cloud node's own address (the tunnel server listens here).
@@ -45,6 +45,8 @@ const RULES: [(u16, u16); 2] = [(KUBELET_PORT, TLS_PORT), (10255, HTTP_PORT)];
 /// A port no rule names, for the unrelated connects.
 const OTHER_PORT: u16 = 8000;
 const SIZES: [u32; 3] = [10, 1_000, 10_000];
+/// Edge-node counts of a smoke run.
+const SMOKE_SIZES: [u32; 2] = [10, 100];
 const NFT_TABLE: &str = "netd_bench";
 const NFT_CHAIN: &str = "edge_tunnel";
 
@@ -447,7 +449,8 @@ pub fn run(rounds: usize, per_round: usize) -> Result<()> {
     println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     let mut notes = Vec::new();
     let mut changes = Vec::new();
-    for n in SIZES {
+    let sizes = Scale::sized(&SIZES[..], &SMOKE_SIZES[..]);
+    for &n in sizes {
         dnat.set_edge_nodes((0..n).map(edge))?;
         let loaded = load_nft(&anchor.ns, dir.path(), n)?;
         notes.push(format!(
@@ -502,11 +505,11 @@ pub fn run(rounds: usize, per_round: usize) -> Result<()> {
             conntrack_count(&anchor.ns)?
         ));
         settle.wait()?;
-        changes.push((n, node_set_changes(&stage, &mut dnat, 200, 20)?));
+        changes.push((n, node_set_changes(&stage, &mut dnat, Scale::sized(200, 2), Scale::sized(20, 2))?));
     }
 
     // With the largest node set still in place.
-    let n = SIZES[SIZES.len() - 1];
+    let n = sizes[sizes.len() - 1];
     println!(
         "\nunrelated connects (no redirection), {n} edge nodes in place; connections/s, median (min–max) of {rounds} \
          rounds × {per_round}:\n"

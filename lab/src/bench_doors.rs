@@ -45,34 +45,86 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use netd::testing::{self, NetNs, VethPair};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::bench::{machine, median, min_max, paired, set_option, spread, Listener};
+use crate::bench::{machine, median, min_max, paired, set_option, spread, Listener, Scale};
 use crate::bench_rss::status_kib;
 use crate::tunnel_lab::{
     cpu_seconds, edge_listener, http_ok, iperf3, load_average, pressure_mark, pressure_since, raise_fd_limit,
     serve_http, strings, v4, NetdLab, Service, AGENTS_PORT, CLOUD_IP, CONNECT_PORT, DNAT_PORT, HTTP_PORT, NODE_IP,
 };
 
-/// iperf3 seconds per run.
-const IPERF_SECONDS: u32 = 4;
-/// Idle connections to each door.
-const IDLE_PER_DOOR: usize = 10_000;
-/// Slow-header clients on each of the CONNECT and HTTP doors (1 000 in all).
-const SLOW_PER_DOOR: usize = 500;
-/// The server's handshake and header timeouts here (the CLI's default is
-/// 10 s): long enough that the whole flood is open (2–3 s on two cores) and
-/// the iperf3 run has ended (4.5 s more) well before the first idle
-/// connection times out, short enough to run quickly.
-const TIMEOUT: Duration = Duration::from_secs(15);
-/// Connections one door holds, here: half the CLI's default 16 384, so that
-/// 10 000 per door reach it and the per-door cap shows; lower when the
-/// server's open-file limit could not hold three doors that full (see
-/// [`door_cap`]).
-const MAX_PER_DOOR: usize = 8_192;
+/// What one run opens and waits for: README's sizes ([`FULL`]) or a smoke
+/// run's, a hundredth of the flood against a hundredth of the caps, so
+/// every cap is still reached and every prediction checked.
+#[derive(Clone, Copy)]
+struct Plan {
+    /// iperf3 seconds per run.
+    iperf_seconds: u32,
+    /// Slow-header clients on each of the CONNECT and HTTP doors.
+    slow_per_door: usize,
+    /// The server's handshake and header timeouts.
+    timeout: Duration,
+    /// Connections one door holds (lowered by [`door_cap`] when the
+    /// server's open-file limit could not hold three doors that full).
+    max_per_door: usize,
+    /// Connections one source address holds on one door.
+    max_per_source: usize,
+    /// The stranger's idle flood: source addresses and connections each
+    /// opens to every door, in this order. The first exceeds the per-source
+    /// cap; the rest take each door past its cap.
+    flood: [(Ipv4Addr, usize); 4],
+}
+
+impl Plan {
+    /// Idle connections to each door.
+    fn idle_per_door(&self) -> usize {
+        self.flood.iter().map(|(_, n)| n).sum()
+    }
+}
+
+/// README's run: 10 000 idle connections per door, 1 000 slow clients.
+/// The timeout (the CLI's default is 10 s) is long enough that the whole
+/// flood is open (2–3 s on two cores) and the iperf3 run has ended (4.5 s
+/// more) well before the first idle connection times out, short enough to
+/// run quickly. The door cap is half the CLI's default 16 384, so that
+/// 10 000 per door reach it and it shows; the per-source cap is the CLI's
+/// default.
+const FULL: Plan = Plan {
+    iperf_seconds: 4,
+    slow_per_door: 500,
+    timeout: Duration::from_secs(15),
+    max_per_door: 8_192,
+    max_per_source: 4_096,
+    flood: [
+        (Ipv4Addr::new(192, 168, 62, 11), 5_000),
+        (Ipv4Addr::new(192, 168, 62, 12), 1_667),
+        (Ipv4Addr::new(192, 168, 62, 13), 1_667),
+        (Ipv4Addr::new(192, 168, 62, 14), 1_666),
+    ],
+};
+
+/// A smoke run: a hundredth, and a timeout that still outlasts opening the
+/// flood and a one-second iperf3 run.
+const SMOKE: Plan = Plan {
+    iperf_seconds: 1,
+    slow_per_door: 5,
+    timeout: Duration::from_secs(5),
+    max_per_door: 82,
+    max_per_source: 41,
+    flood: [
+        (Ipv4Addr::new(192, 168, 62, 11), 50),
+        (Ipv4Addr::new(192, 168, 62, 12), 17),
+        (Ipv4Addr::new(192, 168, 62, 13), 17),
+        (Ipv4Addr::new(192, 168, 62, 14), 16),
+    ],
+};
+
+fn plan() -> Plan {
+    Scale::sized(FULL, SMOKE)
+}
+
 /// Descriptors the server keeps besides the flood's: listeners, the agent's
 /// link, the iperf3 streams, DNAT-door connections on their way out.
 const SPARE_FDS: u64 = 2_048;
-/// Connections one source address holds on one door: the CLI's default.
-const MAX_PER_SOURCE: usize = 4_096;
 /// A flood connection still open this long after the timeout is given up
 /// on (and counted as left open).
 const GRACE: Duration = Duration::from_secs(30);
@@ -95,15 +147,6 @@ const RSS_PER_CONNECTION_KIB: f64 = 16.0;
 
 /// The cloud's end of the stranger's veth.
 const CLOUD_STRANGER_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 62, 1);
-/// The stranger's idle flood: source addresses and connections each opens
-/// to every door, in this order. The first exceeds the per-source cap; the
-/// rest take each door past its cap.
-const FLOOD: [(Ipv4Addr, usize); 4] = [
-    (Ipv4Addr::new(192, 168, 62, 11), 5_000),
-    (Ipv4Addr::new(192, 168, 62, 12), 1_667),
-    (Ipv4Addr::new(192, 168, 62, 13), 1_667),
-    (Ipv4Addr::new(192, 168, 62, 14), 1_666),
-];
 /// The slow-header clients' source address (they are opened first).
 const SLOW_SOURCE: Ipv4Addr = Ipv4Addr::new(192, 168, 62, 20);
 /// kubelet's read-only port on the edge (an edge HTTP server in this
@@ -192,9 +235,9 @@ fn predicted(door: Door, door_cap: usize) -> (usize, usize, usize) {
         order.push((Ipv4Addr::new(192, 168, 61, 2), 1));
     }
     if door.slow_bytes().is_some() {
-        order.push((SLOW_SOURCE, SLOW_PER_DOOR));
+        order.push((SLOW_SOURCE, plan().slow_per_door));
     }
-    order.extend(FLOOD);
+    order.extend(plan().flood);
     let (mut total, mut door_full, mut source_full) = (0, 0, 0);
     let mut by_source: HashMap<Ipv4Addr, usize> = HashMap::new();
     for (source, n) in order {
@@ -202,7 +245,7 @@ fn predicted(door: Door, door_cap: usize) -> (usize, usize, usize) {
             let held = by_source.entry(source).or_default();
             if total >= door_cap {
                 door_full += 1;
-            } else if *held >= MAX_PER_SOURCE {
+            } else if *held >= plan().max_per_source {
                 source_full += 1;
             } else {
                 *held += 1;
@@ -284,7 +327,7 @@ async fn hold(stream: tokio::net::TcpStream, door: Door, slow: bool, opened: Ins
             }
         }
     };
-    tokio::time::timeout(TIMEOUT + GRACE, until_closed).await.ok().map(|()| opened.elapsed())
+    tokio::time::timeout(plan().timeout + GRACE, until_closed).await.ok().map(|()| opened.elapsed())
 }
 
 /// The hidden `netd-lab` command of a flood worker.
@@ -297,11 +340,15 @@ pub const WORKER: &str = "doors-flood";
 /// open, then `closed <slow 0|1> <seconds after its connect, or ->` for
 /// each connection, and exits once the server has closed them all (or
 /// [`GRACE`] after the timeout).
+/// A flood worker (`netd-lab doors-flood <door> <scale>`): opens its
+/// door's share of the flood and reports when each connection closed.
 pub fn worker(args: &[String]) -> Result<()> {
     let door = DOORS
         .into_iter()
         .find(|d| args.first().is_some_and(|a| a == d.name()))
         .with_context(|| format!("{WORKER}: which door? {args:?}"))?;
+    let scale = args.get(1).and_then(|name| Scale::named(name));
+    Scale::set(scale.with_context(|| format!("{WORKER}: which scale? {args:?}"))?);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
         let started = Instant::now();
@@ -309,8 +356,8 @@ pub fn worker(args: &[String]) -> Result<()> {
         let (mut failed, mut retried) = (0, 0);
         // The slow clients first, then the idle ones source after source,
         // so the server meets them in this order.
-        let slow = door.slow_bytes().map(|_| (SLOW_SOURCE, SLOW_PER_DOOR, true));
-        for (source, n, slow) in slow.into_iter().chain(FLOOD.map(|(source, n)| (source, n, false))) {
+        let slow = door.slow_bytes().map(|_| (SLOW_SOURCE, plan().slow_per_door, true));
+        for (source, n, slow) in slow.into_iter().chain(plan().flood.map(|(source, n)| (source, n, false))) {
             for _ in 0..n {
                 match connect_patiently(source, door, &mut retried).await {
                     Ok(stream) => held.push((slow, tokio::spawn(hold(stream, door, slow, Instant::now())))),
@@ -344,7 +391,11 @@ impl Flood {
         for door in DOORS {
             let log = std::fs::File::create(dir.join(format!("flood-{}.log", door.name())))?;
             let mut command = Command::new(&exe);
-            command.args([WORKER, door.name()]).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log);
+            command
+                .args([WORKER, door.name(), Scale::current().name()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(log);
             let mut child = stranger.run(|| command.spawn())?.context("starting a flood worker")?;
             let stdout = child.stdout.take().context("a flood worker's stdout")?;
             flood.workers.push(child);
@@ -483,7 +534,7 @@ struct Stage {
 
 impl Stage {
     fn new(bin_dir: &Path, door_cap: usize) -> Result<Self> {
-        let timeout = format!("{}s", TIMEOUT.as_secs());
+        let timeout = format!("{}s", plan().timeout.as_secs());
         let server_args = strings(&[
             "--handshake-timeout",
             &timeout,
@@ -492,14 +543,14 @@ impl Stage {
             "--max-connections",
             &door_cap.to_string(),
             "--max-connections-per-source",
-            &MAX_PER_SOURCE.to_string(),
+            &plan().max_per_source.to_string(),
         ]);
         let lab = NetdLab::new(bin_dir, &server_args, &[(KUBELET_RO_PORT, HTTP_PORT)])?;
         let kubelet_ro = edge_listener(&lab.edge, KUBELET_RO_PORT, serve_http)?;
         let stranger = NetNs::new()?;
         let link = VethPair::new((Some(&lab.cloud), "eth1"), (Some(&stranger), "eth0"))?;
         lab.cloud.ip(&["addr", "add", &format!("{CLOUD_STRANGER_IP}/24"), "dev", "eth1"])?;
-        for source in FLOOD.map(|(source, _)| source).into_iter().chain([SLOW_SOURCE]) {
+        for source in plan().flood.map(|(source, _)| source).into_iter().chain([SLOW_SOURCE]) {
             stranger.ip(&["addr", "add", &format!("{source}/24"), "dev", "eth0"])?;
         }
         stranger.ip(&["route", "add", &format!("{CLOUD_IP}/32"), "via", &CLOUD_STRANGER_IP.to_string()])?;
@@ -553,7 +604,8 @@ fn round(stage: &Stage, baseline_first: bool) -> Result<Round> {
     let lab = &stage.lab;
     let pid = lab.server_pid;
     lab.wait_ready(Duration::from_secs(30))?;
-    let iperf = |label: &str| iperf3(&lab.cloud, &lab.netd_client, NetdLab::addr(Service::Iperf), IPERF_SECONDS, label);
+    let iperf =
+        |label: &str| iperf3(&lab.cloud, &lab.netd_client, NetdLab::addr(Service::Iperf), plan().iperf_seconds, label);
     let cpu = |pids: &[u32]| pids.iter().map(|p| cpu_seconds(*p)).sum::<Result<f64>>();
     let ours = [pid, lab.agent_pid];
     let measure_baseline = || -> Result<(f64, f64)> {
@@ -568,7 +620,7 @@ fn round(stage: &Stage, baseline_first: bool) -> Result<Round> {
     let before = Metrics::scrape(lab)?;
     let overflows_before = listen_overflows(&lab.cloud)?;
     let mut flood = Flood::start(&stage.stranger, lab.dir.path())?;
-    let open = flood.opened(TIMEOUT * 6)?;
+    let open = flood.opened(plan().timeout * 6)?;
     let open_at = Instant::now();
     // The server accepts the last of them.
     std::thread::sleep(Duration::from_millis(300));
@@ -582,7 +634,7 @@ fn round(stage: &Stage, baseline_first: bool) -> Result<Round> {
     let cpu_workers = cpu(&workers)? - workers_from;
     let iperf_done_at = open_at.elapsed().as_secs_f64();
     let after_iperf = Metrics::scrape(lab)?;
-    let outcomes = flood.finish(TIMEOUT + GRACE + Duration::from_secs(30))?;
+    let outcomes = flood.finish(plan().timeout + GRACE + Duration::from_secs(30))?;
     std::thread::sleep(Duration::from_secs(1));
     let (rss_peak, rss_after) = (status_kib(pid, "VmHWM:")?, status_kib(pid, "VmRSS:")?);
     let overflows = listen_overflows(&lab.cloud)? - overflows_before;
@@ -613,11 +665,11 @@ fn round(stage: &Stage, baseline_first: bool) -> Result<Round> {
     })
 }
 
-/// The per-door cap the server gets with `fds` descriptors: [`MAX_PER_DOOR`],
+/// The per-door cap the server gets with `fds` descriptors: the plan's,
 /// or less (a multiple of 1 024) when three doors that full would not fit.
 fn door_cap(fds: u64) -> usize {
     let fits = fds.saturating_sub(SPARE_FDS) / 3 / 1_024 * 1_024;
-    MAX_PER_DOOR.min(fits as usize)
+    plan().max_per_door.min(fits as usize)
 }
 
 fn mib(kib: u64) -> f64 {
@@ -629,8 +681,8 @@ pub fn run(rounds: usize, bin_dir: &Path) -> Result<()> {
     let Some(_kernel) = testing::privileged()? else { bail!("the door-bounds benchmark needs root") };
     // A flood worker's sockets (one process per door), and the server's
     // when three doors hold their cap (the DNAT door closes a stranger's at once).
-    let worker_fds = (IDLE_PER_DOOR + SLOW_PER_DOOR) as u64 + 1_024;
-    let server_fds = 3 * MAX_PER_DOOR as u64 + SPARE_FDS;
+    let worker_fds = (plan().idle_per_door() + plan().slow_per_door) as u64 + 1_024;
+    let server_fds = 3 * plan().max_per_door as u64 + SPARE_FDS;
     let fds = raise_fd_limit(worker_fds.max(server_fds))?;
     if fds < worker_fds {
         bail!(
@@ -641,7 +693,7 @@ pub fn run(rounds: usize, bin_dir: &Path) -> Result<()> {
     let door_cap = door_cap(fds);
     println!("machine: {}", machine());
     println!("load average at start: {}", load_average());
-    let flood_total = DOORS.len() * IDLE_PER_DOOR + 2 * SLOW_PER_DOOR;
+    let flood_total = DOORS.len() * plan().idle_per_door() + 2 * plan().slow_per_door;
     println!(
         "open-file limit of this process, its flood workers and the server: {fds}{}; the flood runs as one process \
          per door (at most {} sockets each)",
@@ -650,13 +702,15 @@ pub fn run(rounds: usize, bin_dir: &Path) -> Result<()> {
         } else {
             String::new()
         },
-        IDLE_PER_DOOR + SLOW_PER_DOOR
+        plan().idle_per_door() + plan().slow_per_door
     );
-    if door_cap < MAX_PER_DOOR {
+    if door_cap < plan().max_per_door {
         println!(
-            "that limit is below the {server_fds} descriptors three doors holding {MAX_PER_DOOR} connections each \
+            "that limit is below the {server_fds} descriptors three doors holding {} connections each \
              would take in the server, and it could not be raised: the server runs with --max-connections \
-             {door_cap} instead of {MAX_PER_DOOR}, so that its caps, not its descriptors, bound the flood"
+             {door_cap} instead of {}, so that its caps, not its descriptors, bound the flood",
+            plan().max_per_door,
+            plan().max_per_door
         );
     }
     let started = Instant::now();
@@ -686,14 +740,15 @@ pub fn run(rounds: usize, bin_dir: &Path) -> Result<()> {
 fn report(results: &[Round], door_cap: usize) {
     let rounds = results.len();
     let of = |f: &dyn Fn(&Round) -> f64| results.iter().map(f).collect::<Vec<f64>>();
-    let timeout = TIMEOUT.as_secs();
+    let Plan { slow_per_door, max_per_source, iperf_seconds, .. } = plan();
+    let (timeout, idle_per_door) = (plan().timeout.as_secs(), plan().idle_per_door());
     println!(
-        "\nflood: from a stranger namespace on its own veth, {IDLE_PER_DOOR} idle connections to each door (sources \
-         {}) and {} slow-header clients ({SLOW_PER_DOOR} CONNECT, {SLOW_PER_DOOR} HTTP, from {SLOW_SOURCE}, a byte \
+        "\nflood: from a stranger namespace on its own veth, {idle_per_door} idle connections to each door (sources \
+         {}) and {} slow-header clients ({slow_per_door} CONNECT, {slow_per_door} HTTP, from {SLOW_SOURCE}, a byte \
          every {} s); server: --handshake-timeout {timeout}s --header-timeout {timeout}s --max-connections \
-         {door_cap} --max-connections-per-source {MAX_PER_SOURCE}; {rounds} rounds, median (min–max)",
-        FLOOD.map(|(s, n)| format!("{s} × {n}")).join(", "),
-        2 * SLOW_PER_DOOR,
+         {door_cap} --max-connections-per-source {max_per_source}; {rounds} rounds, median (min–max)",
+        plan().flood.map(|(s, n)| format!("{s} × {n}")).join(", "),
+        2 * plan().slow_per_door,
         TRICKLE.as_secs()
     );
 
@@ -701,7 +756,7 @@ fn report(results: &[Round], door_cap: usize) {
     let ratios: Vec<f64> = flooded.iter().zip(&baseline).map(|(f, b)| f / b.max(f64::EPSILON)).collect();
     let throughput_ok = median(&ratios) >= THROUGHPUT_GOAL;
     println!(
-        "\niperf3 single stream towards the edge through netd's tunnel (DNAT → TLS 1.3 + HTTP/2), -t {IPERF_SECONDS}, \
+        "\niperf3 single stream towards the edge through netd's tunnel (DNAT → TLS 1.3 + HTTP/2), -t {iperf_seconds}, \
          Gbit/s; the baseline runs before the flood in odd rounds, after the server closed it in even ones; ratio \
          per round:\n"
     );
@@ -715,12 +770,12 @@ fn report(results: &[Round], door_cap: usize) {
         if throughput_ok { "met" } else { "**NOT MET**" }
     );
     println!(
-        "\nCPU seconds during the {IPERF_SECONDS} s runs: the tunnel (server + agent) {} baseline, {} under the flood; \
+        "\nCPU seconds during the {iperf_seconds} s runs: the tunnel (server + agent) {} baseline, {} under the flood; \
          the flood's workers {} (2 cores: {} CPU seconds in all)",
         spread(&of(&|r| r.cpu_baseline), 2),
         spread(&of(&|r| r.cpu_flooded), 2),
         spread(&of(&|r| r.cpu_workers), 2),
-        2 * IPERF_SECONDS
+        2 * plan().iperf_seconds
     );
 
     let bound = RSS_FLOOR_MIB + RSS_PER_CONNECTION_KIB * (3 * door_cap) as f64 / 1024.0;
@@ -758,7 +813,7 @@ fn report(results: &[Round], door_cap: usize) {
     );
     println!("| --- | ---: | ---: | ---: | ---: | --- | ---: | --- |");
     for door in DOORS {
-        let opened = IDLE_PER_DOOR + if door.slow_bytes().is_some() { SLOW_PER_DOOR } else { 0 };
+        let opened = plan().idle_per_door() + if door.slow_bytes().is_some() { plan().slow_per_door } else { 0 };
         let delta = |reason: &str| of(&|r| r.after_iperf.refused(door, reason) - r.before.refused(door, reason));
         let (held, door_full, source_full) = predicted(door, door_cap);
         let others: Vec<String> = REASONS[2..]
@@ -784,7 +839,7 @@ fn report(results: &[Round], door_cap: usize) {
         "\nwhen the server closed the flood's connections, as their clients saw it (from connect to EOF; all \
          rounds pooled; \"at once\" = within 1 s):\n"
     );
-    println!("| clients | connections | closed at once | closed later | later: seconds after connect, median (min–max) | still open at {} s |", (TIMEOUT + GRACE).as_secs());
+    println!("| clients | connections | closed at once | closed later | later: seconds after connect, median (min–max) | still open at {} s |", (plan().timeout + GRACE).as_secs());
     println!("| --- | ---: | ---: | ---: | ---: | ---: |");
     let kinds = [
         (Door::Agents, false, "idle, agents door"),
@@ -831,7 +886,7 @@ fn report(results: &[Round], door_cap: usize) {
         "- the iperf3 run under the flood ended {} s after the flood began opening (its first connections were due \
          to close {timeout} s after theirs: {})",
         spread(&ends, 1),
-        if min_max(&ends).1 < TIMEOUT.as_secs_f64() {
+        if min_max(&ends).1 < plan().timeout.as_secs_f64() {
             "it ran while all were held"
         } else {
             "**some had timed out before it ended**"

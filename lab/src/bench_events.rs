@@ -21,7 +21,7 @@ use anyhow::{bail, ensure, Context, Result};
 use netd::testing::{self, synthetic_config as config, synthetic_node as fresh_node, synthetic_peer as peer, NetNs};
 use netd::vxlan::{Applied, Lease, Overlay, OverlayOptions, PeerChange, Reconciler};
 
-use crate::bench::{machine, percentile};
+use crate::bench::{machine, percentile, Scale};
 use crate::bench_vxlan::{flannel_device, Settle};
 
 const KINDS: [&str; 3] = ["add", "change", "remove"];
@@ -181,7 +181,7 @@ pub fn run(reps: usize) -> Result<()> {
     let mut notes = Vec::new();
     // Each N starts once the previous one's namespaces are gone (see Settle).
     let mut settle = Settle::new()?;
-    for n in [1_000u32, 10_000] {
+    for n in Scale::sized([1_000u32, 10_000], [20, 100]) {
         let peers: Vec<Lease> = (1..=n).map(peer).collect();
         let ours_ns = fresh_node()?;
         let snapshot = dir.path().join(format!("snapshot-{n}.json"));

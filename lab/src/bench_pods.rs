@@ -68,10 +68,15 @@ use anyhow::{bail, ensure, Context, Result};
 use netd::testing::{self, RealCluster, RealNode, NETD_IMAGE_ENV, WORKLOAD_IMAGE};
 use serde_json::{json, Value};
 
-use crate::bench::{machine, percentile};
+use crate::bench::{machine, percentile, Scale};
 
 /// Pods created at once per round.
 pub const PODS: usize = 20;
+
+/// [`PODS`], or a few in a smoke run.
+fn pods() -> usize {
+    Scale::sized(PODS, 3)
+}
 /// The node every round's pods run on, and the node of the target they ping.
 const NODE: &str = "edge-1";
 const TARGET_NODE: &str = "edge-2";
@@ -247,7 +252,7 @@ fn round(
     delete_and_wait(cluster, node, &probe_selector)?;
 
     let selector = format!("bench-round={tag}");
-    let names: Vec<String> = (0..PODS).map(|i| format!("bench-{tag}-{i:02}")).collect();
+    let names: Vec<String> = (0..pods()).map(|i| format!("bench-{tag}-{i:02}")).collect();
     // The loop ends at the first reply; /proc/uptime (read by the shell,
     // no fork) is the kernel's CLOCK_BOOTTIME in centiseconds. When the
     // shell started and how many pings went unanswered tell the container's
@@ -267,7 +272,8 @@ fn round(
     watch.stop();
     let running = running.with_context(|| format!("round {serial} ({label})"))?;
     let ips = pods_running(cluster, &selector)?;
-    ensure!(ips.len() == PODS, "round {serial} ({label}): {} of {PODS} pods Running", ips.len());
+    let pods = pods();
+    ensure!(ips.len() == pods, "round {serial} ({label}): {} of {pods} pods Running", ips.len());
     for (name, ip) in &ips {
         check_network(node, name, *ip, variant, cidr)?;
     }
@@ -282,7 +288,7 @@ fn round(
     let failed: Vec<u32> = names.iter().map(|n| pinged[n].failed).collect();
     let pinged: Vec<Duration> = names.iter().map(|n| pinged[n].replied).collect();
     println!(
-        "round {serial} {label}: {PODS} pods, addresses {}–{} ({} network); → Running p50 {} ms [{}–{}], \
+        "round {serial} {label}: {pods} pods, addresses {}–{} ({} network); → Running p50 {} ms [{}–{}], \
          → shell started p50 {} ms [{}–{}], → ping p50 {} ms [{}–{}]; {} pods had unanswered pings ({} in all)",
         low.map(|ip| ip.to_string()).unwrap_or_default(),
         high.map(|ip| ip.to_string()).unwrap_or_default(),
@@ -743,8 +749,9 @@ fn report(rounds: &[Round], memory: &[Memory], image_size: u64, image: &Path) {
     };
     let order: Vec<&str> = rounds.iter().map(|r| r.variant.label()).collect();
     let samples = pooled(Variant::NetdIpam, |r| &r.running).len();
+    let pods = pods();
     println!(
-        "\n{PODS} pods at once on {NODE} per round, rounds in this order: {}; {samples} samples per variant pooled. \
+        "\n{pods} pods at once on {NODE} per round, rounds in this order: {}; {samples} samples per variant pooled. \
          Same kubelets, same bridge plugin settings (cni0, mtu 1450, hairpin, portmap after it); only the IPAM differs; \
          the hostNetwork pods (the floor) use no CNI at all. \
          Times from just before `kubectl create` (ms); p99 of {samples} samples is their maximum.\n",
@@ -828,7 +835,7 @@ first-ping p50 by round, in order (ms): {}",
         "\ncreate → Running rises evenly (≈0.4 s a pod) in every round, as the kubelet's API client \
          (default --kube-api-qps 5) paces its status writes; the first ping shows the network path earlier."
     );
-    println!("\nnetd pod (container `netd`) with {PODS} pods running on {NODE} (MiB):\n");
+    println!("\nnetd pod (container `netd`) with {pods} pods running on {NODE} (MiB):\n");
     println!("| node | working set, kubelet stats/summary | working set, memory cgroup (usage − inactive_file) | VmRSS of the process |");
     println!("| --- | ---: | ---: | ---: |");
     for m in memory {

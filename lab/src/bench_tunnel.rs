@@ -23,7 +23,7 @@
 //! each way (50 ms RTT) at 1 Gbit/s, as netem `delay 25ms rate 1gbit` would
 //! on both veth ends: this kernel has no netem), wrk latency at one connection and requests/s at 16 connections to
 //! a small HTTP server on the edge (in this process), resident memory of
-//! each tunnel's two processes with 0 and [`IDLE_STREAMS`] idle streams, and
+//! each tunnel's two processes with 0 and 1 000 idle streams, and
 //! the time from a cut link coming back to traffic flowing through netd.
 //!
 //! Everything is built before the first timed round and torn down after
@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use netd::testing::{self, run_command, Cgroup, NetNs, NetdProcess};
 
-use crate::bench::{machine, paired, spread};
+use crate::bench::{machine, paired, spread, Scale};
 use crate::bench_rss::status_kib;
 use crate::delay_line::{DelayLine, Shape};
 use crate::tunnel_lab::{
@@ -47,21 +47,54 @@ use crate::tunnel_lab::{
     NetdLab, Service, CLOUD_IP, EDGE_LINK_IP, NODE_IP, SERVICES,
 };
 
-/// iperf3 rounds per variant and network, seconds per run (the issue's figures: `-t 4`, two rounds).
-const IPERF_ROUNDS: usize = 2;
-const IPERF_SECONDS: u32 = 4;
-/// wrk rounds per variant; seconds at one connection (latency) and at 16 (requests/s).
-const WRK_ROUNDS: usize = 2;
-const WRK_LATENCY_SECONDS: u32 = 4;
-const WRK_RATE_SECONDS: u32 = 2;
-const WRK_CONNECTIONS: u32 = 16;
-/// Idle streams held open for the memory figures.
-const IDLE_STREAMS: usize = 1_000;
+/// What one run measures: README's sizes ([`FULL`]) or a smoke run's.
+#[derive(Clone, Copy)]
+struct Plan {
+    /// iperf3 rounds per variant and network, seconds per run.
+    iperf_rounds: usize,
+    iperf_seconds: u32,
+    /// wrk rounds per variant; seconds at one connection (latency) and at
+    /// `wrk_connections` (requests/s).
+    wrk_rounds: usize,
+    wrk_latency_seconds: u32,
+    wrk_rate_seconds: u32,
+    wrk_connections: u32,
+    /// Idle streams held open for the memory figures.
+    idle_streams: usize,
+    /// Link cuts timed (each takes up to 15 s for the agent to notice).
+    relink_trials: usize,
+}
+
+/// The issue's figures: `-t 4`, two rounds; 1 000 idle streams; three link cuts.
+const FULL: Plan = Plan {
+    iperf_rounds: 2,
+    iperf_seconds: 4,
+    wrk_rounds: 2,
+    wrk_latency_seconds: 4,
+    wrk_rate_seconds: 2,
+    wrk_connections: 16,
+    idle_streams: 1_000,
+    relink_trials: 3,
+};
+
+/// Every step once, briefly.
+const SMOKE: Plan = Plan {
+    iperf_rounds: 1,
+    iperf_seconds: 1,
+    wrk_rounds: 1,
+    wrk_latency_seconds: 1,
+    wrk_rate_seconds: 1,
+    wrk_connections: 4,
+    idle_streams: 20,
+    relink_trials: 1,
+};
+
+fn plan() -> Plan {
+    Scale::sized(FULL, SMOKE)
+}
+
 /// The longest the idle streams may take to reach the edge.
 const IDLE_WAIT: Duration = Duration::from_secs(30);
-/// Link cuts timed (each takes up to 15 s for the agent to notice).
-const RELINK_TRIALS: usize = 3;
-
 /// The emulated WAN: 25 ms each way (50 ms RTT) at 1 Gbit/s; the queue
 /// holds well over one bandwidth-delay product (1 Gbit/s × 50 ms ≈ 6 MB,
 /// ~100 of the relay's 64 KiB segments or ~4 200 full-size packets), so the
@@ -377,7 +410,7 @@ fn interleave(rounds: usize, mut measure: impl FnMut(Way) -> Result<()>) -> Resu
 
 /// One single-stream iperf3 run towards the edge; Gbit/s received and the sender's retransmits.
 fn iperf(stage: &Stage, way: Way) -> Result<(f64, u64)> {
-    iperf3(&stage.lab.cloud, stage.cgroup_of(way), way.addr(Service::Iperf), IPERF_SECONDS, way.label())
+    iperf3(&stage.lab.cloud, stage.cgroup_of(way), way.addr(Service::Iperf), plan().iperf_seconds, way.label())
 }
 
 /// What wrk reports: p50 and p99 latency in µs, requests/s.
@@ -478,8 +511,18 @@ fn relink(stage: &Stage) -> Result<(f64, f64)> {
 /// Runs the tunnel benchmark and prints README's tables.
 pub fn run(bin_dir: &Path) -> Result<()> {
     let Some(_kernel) = testing::privileged()? else { bail!("the tunnel benchmark needs root") };
-    let fds = raise_fd_limit(3 * IDLE_STREAMS as u64 + 500)?;
-    ensure!(fds as usize >= 3 * IDLE_STREAMS + 500, "the open-file limit {fds} is too low for {IDLE_STREAMS} streams");
+    let Plan {
+        iperf_rounds,
+        iperf_seconds,
+        wrk_rounds,
+        wrk_latency_seconds,
+        wrk_rate_seconds,
+        wrk_connections,
+        idle_streams,
+        relink_trials,
+    } = plan();
+    let fds = raise_fd_limit(3 * idle_streams as u64 + 500)?;
+    ensure!(fds as usize >= 3 * idle_streams + 500, "the open-file limit {fds} is too low for {idle_streams} streams");
     println!("machine: {}", machine());
     println!("load average at start: {}", load_average());
     let started = Instant::now();
@@ -503,7 +546,7 @@ pub fn run(bin_dir: &Path) -> Result<()> {
 
     // Idle streams first, on fresh processes: one tunnel at a time, closed before the next.
     for (i, way) in WAYS.into_iter().enumerate().skip(1) {
-        let (streams, reached, took) = open_idle(&stage, way, IDLE_STREAMS)?;
+        let (streams, reached, took) = open_idle(&stage, way, idle_streams)?;
         // Let every stream's state settle (buffers handed out, tasks parked).
         std::thread::sleep(Duration::from_millis(500));
         memory[i].streams = stage.rss(way)?;
@@ -529,7 +572,7 @@ pub fn run(bin_dir: &Path) -> Result<()> {
                 wait_ready(&stage, way, Duration::from_secs(10))?;
             }
         }
-        interleave(IPERF_ROUNDS, |way| {
+        interleave(iperf_rounds, |way| {
             let i = WAYS.iter().position(|w| *w == way).unwrap_or(0);
             let (rate, lost) = iperf(&stage, way)?;
             gbits[net][i].push(rate);
@@ -539,7 +582,7 @@ pub fn run(bin_dir: &Path) -> Result<()> {
         wan_dropped += line.as_ref().map_or(0, DelayLine::dropped);
     }
     println!(
-        "\niperf3 single stream towards the edge, -t {IPERF_SECONDS}, Gbit/s, median (min–max) of {IPERF_ROUNDS} rounds, \
+        "\niperf3 single stream towards the edge, -t {iperf_seconds}, Gbit/s, median (min–max) of {iperf_rounds} rounds, \
          ways alternating; ratios per round:\n"
     );
     println!(
@@ -563,19 +606,19 @@ pub fn run(bin_dir: &Path) -> Result<()> {
     // HTTP through each way, loopback.
     let mut latency: [Vec<WrkRun>; 5] = Default::default();
     let mut rates: [Vec<f64>; 5] = Default::default();
-    interleave(WRK_ROUNDS, |way| {
+    interleave(wrk_rounds, |way| {
         let i = WAYS.iter().position(|w| *w == way).unwrap_or(0);
-        latency[i].push(wrk(&stage, way, 1, WRK_LATENCY_SECONDS)?);
-        rates[i].push(wrk(&stage, way, WRK_CONNECTIONS, WRK_RATE_SECONDS)?.rate);
+        latency[i].push(wrk(&stage, way, 1, wrk_latency_seconds)?);
+        rates[i].push(wrk(&stage, way, wrk_connections, wrk_rate_seconds)?.rate);
         Ok(())
     })?;
     println!(
-        "\nwrk to a small HTTP server on the edge, loopback, {WRK_ROUNDS} rounds: one connection for {WRK_LATENCY_SECONDS} s \
-         (latency), {WRK_CONNECTIONS} connections for {WRK_RATE_SECONDS} s (requests/s); median (min–max); added = \
+        "\nwrk to a small HTTP server on the edge, loopback, {wrk_rounds} rounds: one connection for {wrk_latency_seconds} s \
+         (latency), {wrk_connections} connections for {wrk_rate_seconds} s (requests/s); median (min–max); added = \
          minus direct's in the same round:\n"
     );
     println!(
-        "| way | p50 µs, 1 conn | p99 µs, 1 conn | added p50 µs | added p99 µs | requests/s, 1 conn | requests/s, {WRK_CONNECTIONS} conns | ÷ direct |"
+        "| way | p50 µs, 1 conn | p99 µs, 1 conn | added p50 µs | added p99 µs | requests/s, 1 conn | requests/s, {wrk_connections} conns | ÷ direct |"
     );
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     let p50 = |i: usize| latency[i].iter().map(|r| r.p50_us).collect::<Vec<_>>();
@@ -604,11 +647,11 @@ pub fn run(bin_dir: &Path) -> Result<()> {
         memory[i].after = stage.rss(way)?;
     }
     println!(
-        "\nresident memory (VmRSS, MiB) of the cloud side / the edge side; {IDLE_STREAMS} idle streams opened at once \
+        "\nresident memory (VmRSS, MiB) of the cloud side / the edge side; {idle_streams} idle streams opened at once \
          through one tunnel at a time:\n"
     );
     println!(
-        "| way | processes | idle, before any run | {IDLE_STREAMS} idle streams | KiB per stream (both sides) | idle, after the runs | all {IDLE_STREAMS} at the edge after |"
+        "| way | processes | idle, before any run | {idle_streams} idle streams | KiB per stream (both sides) | idle, after the runs | all {idle_streams} at the edge after |"
     );
     println!("| --- | --- | ---: | ---: | ---: | ---: | ---: |");
     let mib = |(a, b): (u64, u64)| format!("{:.1} / {:.1}", a as f64 / 1024.0, b as f64 / 1024.0);
@@ -620,7 +663,7 @@ pub fn run(bin_dir: &Path) -> Result<()> {
             Way::RatholeTcp | Way::RatholeNoise => "`rathole -s` / `rathole -c`",
             _ => "sshd (listener + session processes, summed) / ssh",
         };
-        let reached = if m.reached >= IDLE_STREAMS as u64 {
+        let reached = if m.reached >= idle_streams as u64 {
             format!("{:.2} s", m.took.as_secs_f64())
         } else {
             format!("only {} within {} s", m.reached, IDLE_WAIT.as_secs())
@@ -639,13 +682,13 @@ pub fn run(bin_dir: &Path) -> Result<()> {
     // Link cuts, last: they leave the agent's backoff state behind.
     let mut noticed = Vec::new();
     let mut back = Vec::new();
-    for _ in 0..RELINK_TRIALS {
+    for _ in 0..relink_trials {
         let (n, b) = relink(&stage)?;
         noticed.push(n);
         back.push(b);
     }
     println!(
-        "\nlink cut (edge's veth end down) → agent noticed → link up at once → first GET through netd, {RELINK_TRIALS} trials, \
+        "\nlink cut (edge's veth end down) → agent noticed → link up at once → first GET through netd, {relink_trials} trials, \
          median (min–max):\n"
     );
     println!("| cut → agent noticed, s | link up → GET through the tunnel, ms |");

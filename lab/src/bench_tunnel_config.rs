@@ -38,11 +38,21 @@ use netd::model::roles::{LABEL_ROLE, ROLE_CLOUD};
 use netd::testing::{self, Cgroup, KubeApiServer, PinDir};
 use serde_json::{json, Value};
 
-use crate::bench::{machine, ms};
+use crate::bench::{machine, ms, Scale};
 
 /// Nodes in the cluster besides the one that changes.
 const EDGE_NODES: u32 = 500;
 const CLOUD_NODES: u32 = 500;
+
+/// [`EDGE_NODES`], or a few in a smoke run.
+fn edge_nodes() -> u32 {
+    Scale::sized(EDGE_NODES, 10)
+}
+
+/// [`CLOUD_NODES`], or a few in a smoke run.
+fn cloud_nodes() -> u32 {
+    Scale::sized(CLOUD_NODES, 10)
+}
 /// The node whose label toggles.
 const TOGGLED: &str = "edge-toggled";
 const TOGGLED_IP: Ipv4Addr = Ipv4Addr::new(10, 97, 0, 1);
@@ -189,11 +199,11 @@ pub fn run(rounds: usize) -> Result<()> {
 
     // The cluster, in one kubectl call.
     let mut items = Vec::new();
-    for i in 0..EDGE_NODES {
+    for i in 0..edge_nodes() {
         let cidr = format!("10.{}.{}.0/24", 100 + i / 256, i % 256);
         items.push(node(&format!("edge-{i}"), true, nth(Ipv4Addr::new(10, 99, 0, 1), i), Some(cidr)));
     }
-    for i in 0..CLOUD_NODES {
+    for i in 0..cloud_nodes() {
         items.push(node(&format!("cloud-{i}"), false, nth(Ipv4Addr::new(10, 98, 0, 1), i), None));
     }
     items.push(node(TOGGLED, false, TOGGLED_IP, None));
@@ -216,7 +226,7 @@ pub fn run(rounds: usize) -> Result<()> {
         || Ok(()),
         || {
             Ok(maps.lookup_port_rule(9101)?.is_some()
-                && maps.lookup_edge_node(nth(Ipv4Addr::new(10, 99, 0, 1), EDGE_NODES - 1))?)
+                && maps.lookup_edge_node(nth(Ipv4Addr::new(10, 99, 0, 1), edge_nodes() - 1))?)
         },
     )?;
     let initial_writes = quiet(&metrics.map_writes);
@@ -249,7 +259,7 @@ pub fn run(rounds: usize) -> Result<()> {
     let rule_writes = quiet(&metrics.map_writes) - writes_before;
     drop(driver);
 
-    let nodes = EDGE_NODES + CLOUD_NODES + 1;
+    let nodes = edge_nodes() + cloud_nodes() + 1;
     let mut out = String::new();
     let _ = writeln!(out, "\n### Cluster change → tunnel DNAT map ({rounds} rounds each, {nodes} nodes)\n");
     let _ = writeln!(out, "Machine: {}\n", machine());

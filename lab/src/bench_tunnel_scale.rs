@@ -34,7 +34,7 @@ use netd::tunnel::tls;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::bench::{machine, median};
+use crate::bench::{machine, median, Scale};
 use crate::bench_rss::status_kib;
 use crate::tunnel_lab::{cpu_seconds, raise_fd_limit, start, strings};
 
@@ -50,6 +50,11 @@ const FORWARDER_METRICS: &str = "127.0.0.1:10276";
 const DAY: Duration = Duration::from_secs(86_400);
 /// Stream opens timed one after another.
 const LATENCY_OPENS: usize = 500;
+
+/// [`LATENCY_OPENS`], or a few in a smoke run.
+fn latency_opens() -> usize {
+    Scale::sized(LATENCY_OPENS, 10)
+}
 /// Seconds the server is watched while idle.
 const IDLE_SECONDS: u64 = 10;
 
@@ -270,8 +275,9 @@ pub fn run(agents: usize, streams: usize, bin_dir: &Path) -> Result<()> {
     let rss_linked = status_kib(pid, "VmRSS:")?;
     let lab_linked = status_kib(std::process::id(), "VmRSS:")?;
     let idle_start = cpu_seconds(pid)?;
-    std::thread::sleep(Duration::from_secs(IDLE_SECONDS));
-    let idle_cpu = (cpu_seconds(pid)? - idle_start) / IDLE_SECONDS as f64;
+    let idle_seconds = Scale::sized(IDLE_SECONDS, 1);
+    std::thread::sleep(Duration::from_secs(idle_seconds));
+    let idle_cpu = (cpu_seconds(pid)? - idle_start) / idle_seconds as f64;
 
     // Stream opens among all those links, one after another, then the idle
     // streams, held open from the cloud.
@@ -352,7 +358,8 @@ pub fn run(agents: usize, streams: usize, bin_dir: &Path) -> Result<()> {
         relinked_total.as_secs_f64().max(relinked_in.as_secs_f64())
     );
     println!(
-        "  | CONNECT → 200, p50 / p99 ({LATENCY_OPENS} opens) | {} / {} (TLS to the door alone: p50 {}) |",
+        "  | CONNECT → 200, p50 / p99 ({} opens) | {} / {} (TLS to the door alone: p50 {}) |",
+        latency_opens(),
         ms(percentile(&totals, 0.5)),
         ms(percentile(&totals, 0.99)),
         ms(Duration::from_secs_f64(median(&handshakes)))
@@ -365,7 +372,8 @@ pub fn run(agents: usize, streams: usize, bin_dir: &Path) -> Result<()> {
     let mut through: Vec<Duration> = forwarded.iter().map(|(_, total)| *total).collect();
     through.sort();
     println!(
-        "  | CONNECT → 200 through a replica forwarding to the one with the links, p50 / p99 ({LATENCY_OPENS} opens) | {} / {} ({:.1}× direct at p50) |",
+        "  | CONNECT → 200 through a replica forwarding to the one with the links, p50 / p99 ({} opens) | {} / {} ({:.1}× direct at p50) |",
+        latency_opens(),
         ms(percentile(&through, 0.5)),
         ms(percentile(&through, 0.99)),
         percentile(&through, 0.5).as_secs_f64() / percentile(&totals, 0.5).as_secs_f64().max(1e-9)
@@ -432,7 +440,8 @@ fn forwarded_opens(
     }
     let times = timed_opens(cloud, client, FORWARDER_CONNECT_PORT, agents)?;
     let forwarded = metric_at(cloud, FORWARDER_METRICS, "netd_tunnel_forwarded_total");
-    ensure!(forwarded == Some(LATENCY_OPENS as f64), "the replica forwarded {forwarded:?} of {LATENCY_OPENS} opens");
+    let opens = latency_opens();
+    ensure!(forwarded == Some(opens as f64), "the replica forwarded {forwarded:?} of {opens} opens");
     drop(forwarder);
     Ok(times)
 }
@@ -448,8 +457,8 @@ fn timed_opens(
 ) -> Result<Vec<(Duration, Duration)>> {
     let client = client.clone();
     cloud.block_on(move || async move {
-        let mut times = Vec::with_capacity(LATENCY_OPENS);
-        for n in 0..LATENCY_OPENS {
+        let mut times = Vec::with_capacity(latency_opens());
+        for n in 0..latency_opens() {
             let dest = SocketAddr::new(IpAddr::V4(node_ip((n * 7919) % agents)), 10250);
             let (handshake, total, stream) = open_at(client.clone(), port, dest).await?;
             drop(stream);

@@ -24,7 +24,7 @@ use netd::testing::{
 };
 use netd::vxlan::snapshot::Snapshot;
 
-use crate::bench::{machine, percentile};
+use crate::bench::{machine, percentile, Scale};
 
 /// flannel's device, made with `ip` as the baselines' starting point.
 pub(crate) fn flannel_device(ns: &NetNs) -> Result<()> {
@@ -390,12 +390,15 @@ pub fn run(reps: usize, bin_dir: &Path) -> Result<()> {
     println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     const ORDER: [Variant; 3] = [Variant::Anchor, Variant::Floor, Variant::Ours];
     let mut by_n = Vec::new();
-    for n in [1_000u32, 5_000, 10_000] {
+    // Smoke runs keep the shape (three sizes, each double the one before
+    // at the top) at a fiftieth.
+    let sizes: [u32; 3] = Scale::sized([1_000, 5_000, 10_000], [20, 100, 200]);
+    for n in sizes {
         let files = write_batches(dir.path(), n)?;
         let snapshot = dir.path().join(format!("snapshot-{n}.json"));
         Snapshot::new(config(), (1..=n).map(peer).collect()).save(&snapshot)?;
         let at = Sizes { netd: &netd, files: &files, snapshot: &snapshot, n };
-        if n == 1_000 {
+        if n == sizes[0] {
             // Warm-up: binaries, page cache, the kernel's slab caches.
             let mut discard = Runs { anchor: vec![], floor: vec![], wall: vec![], inproc: vec![] };
             for variant in ORDER {
@@ -426,7 +429,9 @@ pub fn run(reps: usize, bin_dir: &Path) -> Result<()> {
     if let [_, (_, five), (_, ten)] = &by_n[..] {
         let linear = |f: fn(&Runs) -> &Vec<Duration>| ratio(median(f(ten)), median(f(five)));
         println!(
-            "\n10 000 / 5 000 peers (medians): ours {:.2}× (goal ≤ 2.2×), ours in-process {:.2}×, floor {:.2}×, anchor {:.2}×",
+            "\n{} / {} peers (medians): ours {:.2}× (goal ≤ 2.2×), ours in-process {:.2}×, floor {:.2}×, anchor {:.2}×",
+            grouped(u64::from(sizes[2])),
+            grouped(u64::from(sizes[1])),
             linear(|r| &r.wall),
             linear(|r| &r.inproc),
             linear(|r| &r.floor),
@@ -436,37 +441,39 @@ pub fn run(reps: usize, bin_dir: &Path) -> Result<()> {
 
     // No-op reconcile of 5 000 programmed peers: a second `netd restore` on
     // a programmed namespace dumps everything and writes nothing.
-    let snapshot = dir.path().join("snapshot-5000.json");
+    let snapshot = dir.path().join(format!("snapshot-{}.json", sizes[1]));
     let ns = fresh_node()?;
     settle.wait()?;
     netd_restore(&netd, &ns, &snapshot)?;
     let mut noop = Vec::new();
-    for _ in 0..reps.max(5) * 2 {
+    for _ in 0..Scale::sized(reps.max(5) * 2, 1) {
         let run = netd_restore(&netd, &ns, &snapshot)?;
         ensure!(run.writes == 0, "no-op reconcile wrote {} changes", run.writes);
         noop.push(run.reconcile);
     }
     settle.clear(ns)?;
     println!(
-        "\nno-op reconcile, 5 000 programmed peers: {} ms (median, min–max), 0 writes (goal ≤ 20 ms)",
+        "\nno-op reconcile, {} programmed peers: {} ms (median, min–max), 0 writes (goal ≤ 20 ms)",
+        grouped(u64::from(sizes[1])),
         spread(&noop)
     );
 
     // Snapshot restore, 1 000 peers: process start to all programmed.
-    let snapshot = dir.path().join("snapshot-1000.json");
+    let snapshot = dir.path().join(format!("snapshot-{}.json", sizes[0]));
     let mut restore = Vec::new();
-    for _ in 0..reps.max(5) {
+    for _ in 0..Scale::sized(reps.max(5), 1) {
         let ns = fresh_node()?;
         settle.wait()?;
         restore.push(netd_restore(&netd, &ns, &snapshot)?.wall);
         settle.clear(ns)?;
     }
     println!(
-        "snapshot restore, 1 000 peers, process start → programmed: {} ms (median, min–max; goal ≤ 100 ms)",
+        "snapshot restore, {} peers, process start → programmed: {} ms (median, min–max; goal ≤ 100 ms)",
+        grouped(u64::from(sizes[0])),
         spread(&restore)
     );
     println!("{}", settle.summary());
-    let pressure: Vec<String> = [1_000u32, 5_000, 10_000]
+    let pressure: Vec<String> = sizes
         .into_iter()
         .filter_map(|n| {
             let (median, max) = settle.pressure_at(n)?;

@@ -4,7 +4,7 @@
 //! ```text
 //! netd-lab demo --bin-dir target/release
 //! netd-lab demo cluster --bin-dir target/release
-//! netd-lab bench <cni|vxlan|events|rss|scenario|dnat|tunnel|tunnel-scale|doors|tunnel-config|autonomy|pods|hub|reboot|all> --bin-dir target/release
+//! netd-lab bench <cni|vxlan|events|rss|scenario|dnat|tunnel|tunnel-scale|doors|tunnel-config|autonomy|pods|hub|reboot|all|smoke> --bin-dir target/release
 //! ```
 
 mod bench;
@@ -31,7 +31,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 
 const USAGE: &str =
-    "usage: netd-lab <demo [cluster] | bench <cni|vxlan|events|rss|scenario|dnat|tunnel|tunnel-scale|doors|tunnel-config|autonomy|pods|hub|reboot|all>> --bin-dir DIR (run through `cargo xtask`)";
+    "usage: netd-lab <demo [cluster] | bench <cni|vxlan|events|rss|scenario|dnat|tunnel|tunnel-scale|doors|tunnel-config|autonomy|pods|hub|reboot|all|smoke [name]>> --bin-dir DIR (run through `cargo xtask`)";
 
 fn main() -> Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
@@ -40,6 +40,9 @@ fn main() -> Result<()> {
     }
     let Some(at) = args.iter().position(|a| a == "--bin-dir") else { bail!("--bin-dir is required\n{USAGE}") };
     let bin_dir = PathBuf::from(args.get(at + 1).context("--bin-dir needs a directory")?);
+    // Absolute: programs started in other namespaces (nsenter) or working
+    // directories find the binaries too.
+    let bin_dir = bin_dir.canonicalize().with_context(|| format!("--bin-dir {}", bin_dir.display()))?;
     args.drain(at..at + 2);
     for binary in ["netd", "netd-ipam", "netd-cloud"] {
         if !bin_dir.join(binary).is_file() {
@@ -49,6 +52,10 @@ fn main() -> Result<()> {
     match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["demo"] => demo::run(&bin_dir),
         ["demo", "cluster"] => demo_cluster::run(),
+        ["bench", "smoke", which] => {
+            bench::Scale::set(bench::Scale::Smoke);
+            bench::run(which, &bin_dir)
+        }
         ["bench", which] => bench::run(which, &bin_dir),
         ["bench"] => bench::run("all", &bin_dir),
         _ => bail!("{USAGE}"),

@@ -96,21 +96,7 @@ pub fn run(args: &[String]) -> Result<()> {
         bail!("too many arguments to `image`");
     }
     match which {
-        "netd" => {
-            let dir = crate::target_dir().join("image");
-            for (summary, reference) in netd_images(&dir)? {
-                for (path, size) in &summary.files {
-                    println!("  {:>9.2} MiB  {path}", *size as f64 / MIB);
-                }
-                println!("{}", summary.line(reference, &netd_groups(&summary)));
-            }
-            println!(
-                "wrote {} and {} (each with its .digest)",
-                dir.join("netd.tar").display(),
-                dir.join("netd-cloud.tar").display()
-            );
-            Ok(())
-        }
+        "netd" => write_netd_images(Build::Release),
         "pause" => pause_image(&out.unwrap_or_else(|| Path::new(IMAGE_DIR).join(PAUSE_ARCHIVE))),
         "busybox" => workload_image(&out.unwrap_or_else(|| Path::new(IMAGE_DIR).join(WORKLOAD_ARCHIVE))),
         "-h" | "--help" | "help" => {
@@ -124,7 +110,58 @@ pub fn run(args: &[String]) -> Result<()> {
     }
 }
 
-/// Builds netd's binaries (release) once and writes both images into `dir`:
+/// Which build of netd's programs an image carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Build {
+    /// `cargo build --release`: what `cargo xtask image` ships.
+    Release,
+    /// The debug build of the whole workspace with every feature, exactly
+    /// what `cargo xtask ci`'s build step and the test step compile: the
+    /// real-cluster tests run the programs the rest of the suite tests,
+    /// and CI compiles netd once instead of a second time in release mode
+    /// (about ten minutes of a fresh machine's run).
+    Test,
+}
+
+impl Build {
+    /// The cargo arguments that build the programs, and the directory (under the
+    /// target directory) they land in.
+    fn cargo_args(self) -> (Vec<&'static str>, &'static str) {
+        match self {
+            Build::Release => {
+                let mut args = vec!["build", "--release", "-p", "netd"];
+                for bin in NODE_BINARIES.iter().chain(&CLOUD_BINARIES) {
+                    args.extend(["--bin", bin]);
+                }
+                (args, "release")
+            }
+            // The same selection and features as `cargo xtask ci`'s build
+            // step: anything narrower resolves dependency features
+            // differently and rebuilds them.
+            Build::Test => (vec!["build", "--workspace", "--all-targets", "--all-features"], "debug"),
+        }
+    }
+}
+
+/// Writes both images into `<target>/image` from `build` and prints what
+/// they hold.
+pub fn write_netd_images(build: Build) -> Result<()> {
+    let dir = crate::target_dir().join("image");
+    for (summary, reference) in netd_images(&dir, build)? {
+        for (path, size) in &summary.files {
+            println!("  {:>9.2} MiB  {path}", *size as f64 / MIB);
+        }
+        println!("{}", summary.line(reference, &netd_groups(&summary)));
+    }
+    println!(
+        "wrote {} and {} (each with its .digest)",
+        dir.join("netd.tar").display(),
+        dir.join("netd-cloud.tar").display()
+    );
+    Ok(())
+}
+
+/// Builds netd's binaries once (`build`) and writes both images into `dir`:
 /// [`NETD_IMAGE`] as `netd.tar` (/usr/local/bin/{[`NODE_BINARIES`]},
 /// /usr/sbin/nft; entrypoint /usr/local/bin/netd) and [`CLOUD_IMAGE`] as
 /// `netd-cloud.tar` (/usr/local/bin/{[`CLOUD_BINARIES`]}; entrypoint
@@ -132,22 +169,19 @@ pub fn run(args: &[String]) -> Result<()> {
 /// tables; each image has the libraries its programs load, /tmp,
 /// /etc/passwd and /etc/group. Each archive's digest goes beside it in
 /// `<name>.tar.digest`.
-pub fn netd_images(dir: &Path) -> Result<[(ImageSummary, &'static str); 2]> {
-    let mut build = vec!["build", "--release", "-p", "netd"];
+pub fn netd_images(dir: &Path, build: Build) -> Result<[(ImageSummary, &'static str); 2]> {
     let all: Vec<&str> = NODE_BINARIES.iter().chain(&CLOUD_BINARIES).copied().collect();
-    for bin in &all {
-        build.extend(["--bin", bin]);
-    }
-    println!("==> building {} (release; the first build takes a few minutes)", all.join(", "));
-    crate::cargo(&build, &[])?;
-    let release = crate::target_dir().join("release");
+    let (args, profile_dir) = build.cargo_args();
+    println!("==> building {} ({profile_dir}; the first build takes a few minutes)", all.join(", "));
+    crate::cargo(&args, &[])?;
+    let bin_dir = crate::target_dir().join(profile_dir);
     let stripped = dir.join("stripped");
     fs::create_dir_all(&stripped).with_context(|| format!("creating {}", stripped.display()))?;
     let image = |binaries: &[&str], extra: &[&str], reference: &'static str, file: &str| -> Result<ImageSummary> {
         let mut image = ImageBuilder::new();
         for bin in binaries {
             let copy = stripped.join(bin);
-            strip(&release.join(bin), &copy)?;
+            strip(&bin_dir.join(bin), &copy)?;
             image.add_file(&format!("/usr/local/bin/{bin}"), &copy, 0o755)?;
         }
         for host in extra {

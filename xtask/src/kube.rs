@@ -124,7 +124,7 @@ fn ensure_built(component: &Component) -> Result<PathBuf> {
         println!("kube: {} already built ({version})", bin.display());
         return Ok(bin);
     }
-    if !is_root() {
+    if !crate::setup::is_root() {
         bail!(
             "kube: {} is missing; run `sudo cargo xtask setup` to build it ({})",
             bin.display(),
@@ -218,10 +218,6 @@ fn ensure_deb_src() -> Result<()> {
     }
     println!("kube: apt-get update");
     apt(&["-qq", "update"], &[])
-}
-
-fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|out| String::from_utf8_lossy(&out.stdout).trim() == "0").unwrap_or(false)
 }
 
 fn apt(args: &[&str], packages: &[&str]) -> Result<()> {

@@ -6,6 +6,7 @@
 //! `netd::testing`) and run after setup.
 
 mod image;
+mod instructions;
 mod kube;
 mod setup;
 mod test;
@@ -29,10 +30,15 @@ tasks:
   setup   install (idempotently) the Debian packages netd needs to build, test and demo
   test    run every test, unprivileged and privileged (root; network namespaces),
           and check that no namespace, link or cgroup is left behind
-  bench [cni|vxlan|events|rss|scenario|dnat|tunnel|tunnel-scale|doors|tunnel-config|autonomy|pods|hub|reboot|all]
+  bench [cni|vxlan|events|rss|scenario|dnat|tunnel|tunnel-scale|doors|tunnel-config|autonomy|pods|hub|reboot|all|smoke]
           side-by-side benchmarks needing namespaces or external tools (root); `pods`
-          and `reboot` (a real cluster, netd's image) are not part of `all`
-  ci      setup, fmt check, clippy, build (benches included), test, doc: what CI runs
+          and `reboot` (a real cluster, netd's image) are not part of `all`; `smoke`
+          runs every one once at tiny sizes on the debug build (what CI runs; no figures)
+  instructions [check|update]
+          the hot paths' instruction counts (callgrind) against hotpaths/baseline.json:
+          `check` fails on a rise over 5 %; `update` records the counts as the new baseline
+  ci      setup, fmt check, clippy, build (benches included), test, bench smoke,
+          instructions check, doc: what CI runs
   image [netd|pause [OUT]|busybox [OUT]]
           netd's container image (release binaries, nft and their libraries) as a
           docker-save archive, target/image/netd.tar, tagged netd:<version>; no daemon
@@ -58,6 +64,7 @@ fn main() -> Result<()> {
             }
         },
         "image" => image::run(&args[1..]),
+        "instructions" => instructions::run(&args[1..]),
         "bench" => bench(args.get(1).map(String::as_str).unwrap_or("all")),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");
@@ -183,7 +190,40 @@ fn demo_cluster() -> Result<()> {
     lab(&["demo", "cluster"])
 }
 
+/// Every lab benchmark once at tiny sizes (`netd-lab bench smoke`), on the
+/// debug build of the whole workspace that `ci`'s build and test steps
+/// made (the real-cluster ones on the test image `test` wrote): so CI
+/// fails when a benchmark breaks, without a release build. Nothing it
+/// prints is a figure to quote.
+fn bench_smoke() -> Result<()> {
+    setup::run()?;
+    // Builds the workspace in the test configuration (nothing to do after
+    // `ci`'s build step) and writes the image the real-cluster benches run.
+    image::write_netd_images(image::Build::Test)?;
+    let bin_dir = target_dir().join("debug");
+    let mut envs: Vec<(&str, &str)> = kube::test_env().to_vec();
+    let image = target_dir().join("image/netd.tar");
+    let image = image.to_string_lossy();
+    envs.push(("NETD_IMAGE", &image));
+    let lab = bin_dir.join("netd-lab");
+    println!("==> running {} bench smoke", lab.display());
+    let status = Command::new(&lab)
+        .args(["bench", "smoke", "--bin-dir"])
+        .arg(&bin_dir)
+        .envs(envs.iter().copied())
+        .current_dir(workspace_root())
+        .status()
+        .with_context(|| format!("running {}", lab.display()))?;
+    if !status.success() {
+        bail!("`netd-lab bench smoke` failed ({status})");
+    }
+    Ok(())
+}
+
 fn bench(which: &str) -> Result<()> {
+    if which == "smoke" {
+        return bench_smoke();
+    }
     const KNOWN: [&str; 15] = [
         "cni",
         "vxlan",
@@ -203,7 +243,7 @@ fn bench(which: &str) -> Result<()> {
     ];
     if !KNOWN.contains(&which) {
         eprint!("{USAGE}");
-        bail!("unknown benchmark `{which}` (known: {})", KNOWN.join(", "));
+        bail!("unknown benchmark `{which}` (known: {}, smoke)", KNOWN.join(", "));
     }
     if matches!(which, "scenario" | "tunnel-config" | "autonomy" | "pods" | "hub" | "reboot" | "all") {
         // These run on a kube-apiserver too (pods: kubelets and the
@@ -244,6 +284,8 @@ fn ci() -> Result<()> {
     // `cargo xtask bench`, which measures with it.
     step("build", || cargo(&["build", "--workspace", "--all-targets", "--all-features"], &[]))?;
     step("test", test::run)?;
+    step("bench smoke", bench_smoke)?;
+    step("instructions", || instructions::run(&[]))?;
     step("doc", || cargo(&["doc", "--workspace", "--no-deps", "--all-features"], &[("RUSTDOCFLAGS", "-D warnings")]))?;
     println!("ci: all steps passed in {:.1}s", started.elapsed().as_secs_f64());
     Ok(())

@@ -31,6 +31,8 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("gcc", "builds the static pause program of the pause image"),
     ("libc6-dev", "libc.a for the static pause program"),
     ("binutils", "strip: the netd image carries its binaries without symbol tables"),
+    ("valgrind", "callgrind: the hot paths' instruction counts (`cargo xtask instructions`)"),
+    ("util-linux", "unshare: a network namespace per kernel-programming instruction count"),
 ];
 
 fn installed(package: &str) -> bool {
@@ -137,6 +139,6 @@ pub fn packages() -> Result<()> {
     Ok(())
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     Command::new("id").arg("-u").output().map(|out| String::from_utf8_lossy(&out.stdout).trim() == "0").unwrap_or(false)
 }

@@ -1,0 +1,259 @@
+//! `netd-hotpaths <case>`: one hot path of netd, run once, for Valgrind's
+//! callgrind to count its instructions (`cargo xtask instructions`).
+//!
+//! Everything a case needs is built first; the path itself runs inside
+//! [`measured`], the one function callgrind collects
+//! (`--collect-atstart=no --toggle-collect=netd_hotpaths::measured*`), so
+//! the count is the path's own work: no setup, no process start, no
+//! allocator warm-up outside it. Instruction counts do not depend on the
+//! machine's load, which is what makes them a CI guard where timings on a
+//! shared machine are not.
+//!
+//! The VXLAN cases program the kernel: they run as root in a network
+//! namespace of their own (xtask starts them under `unshare --net`) and
+//! refuse to run where an `eth0` already exists.
+
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr};
+use std::process::Command;
+
+use anyhow::{bail, ensure, Context, Result};
+use ipnet::Ipv4Net;
+use netd_dataplane::vxlan::{Applied, Lease, OverlayConfig, PeerChange, Reconciler, FLANNEL_VXLAN_PORT};
+use netd_ipam::{PodRef, Range, RangeSet, Store};
+use netd_model::MacAddr;
+use netd_tunnel::routes::{LeaseRoute, RouteTable};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Every case: name and what it runs inside [`measured`].
+const CASES: [(&str, &str); 6] = [
+    ("ipam-allocate", "one CNI ADD's allocation: a new pod's address in a store of 100 pods (one durable transaction)"),
+    ("ipam-release", "one CNI DEL's release of an attached pod in a store of 100 pods"),
+    ("vxlan-noop-reconcile", "a full pass over 1 000 programmed peers that finds nothing to change (dumps + diff)"),
+    ("vxlan-peer-event", "one peer added to 1 000 programmed ones, applied incrementally (4 kernel writes)"),
+    ("tunnel-route-lookup", "1 000 lookups (node address, pod address, unknown) in a table of 10 000 leases"),
+    ("tunnel-splice", "1 MiB each way through `transport::splice` between two in-memory pipes"),
+];
+
+/// Peers programmed before the VXLAN cases.
+const PEERS: u32 = 1_000;
+/// Leases in the route table.
+const LEASES: u32 = 10_000;
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        ["list"] => {
+            for (name, what) in CASES {
+                println!("{name}\t{what}");
+            }
+            Ok(())
+        }
+        [name] => run(name),
+        _ => bail!("usage: netd-hotpaths <list | case> (cases: {})", names().join(", ")),
+    }
+}
+
+fn names() -> Vec<&'static str> {
+    CASES.iter().map(|(name, _)| *name).collect()
+}
+
+fn run(name: &str) -> Result<()> {
+    match name {
+        "ipam-allocate" => ipam_allocate(),
+        "ipam-release" => ipam_release(),
+        "vxlan-noop-reconcile" => vxlan_noop_reconcile(),
+        "vxlan-peer-event" => vxlan_peer_event(),
+        "tunnel-route-lookup" => tunnel_route_lookup(),
+        "tunnel-splice" => tunnel_splice(),
+        other => bail!("unknown case `{other}` (known: {})", names().join(", ")),
+    }
+}
+
+/// The one function callgrind counts: runs `path` and keeps its result
+/// from being optimised away.
+#[inline(never)]
+fn measured<R>(path: impl FnOnce() -> R) -> R {
+    black_box(path())
+}
+
+fn pool() -> Result<Vec<RangeSet>> {
+    Ok(vec![RangeSet::single(Range::new("10.128.0.0/16".parse()?, None, None, None)?)])
+}
+
+/// A store holding 100 attached pods, like a busy node.
+fn populated(dir: &std::path::Path) -> Result<Store> {
+    let mut store = Store::open(dir.join("hotpaths.db"))?;
+    let sets = pool()?;
+    for i in 0..100 {
+        let pod: PodRef = format!("default/resident-{i}").parse()?;
+        store.allocate(&sets, &pod, &format!("resident-{i}"), "eth0")?;
+    }
+    Ok(store)
+}
+
+fn ipam_allocate() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut store = populated(dir.path())?;
+    let sets = pool()?;
+    let pod: PodRef = "default/new-pod".parse()?;
+    let allocated = measured(|| store.allocate(&sets, &pod, "new-container", "eth0"))?;
+    ensure!(allocated.len() == 1, "expected one address, got {allocated:?}");
+    Ok(())
+}
+
+fn ipam_release() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut store = populated(dir.path())?;
+    let released = measured(|| store.release("resident-50", "eth0"))?;
+    ensure!(released.len() == 1, "expected one address released, got {released:?}");
+    Ok(())
+}
+
+/// Our public IP in the synthetic cluster (the benches' layout).
+const OWN_IP: Ipv4Addr = Ipv4Addr::new(172, 16, 0, 1);
+
+/// Peer `i` of the synthetic cluster the criterion and lab benches use.
+fn peer(i: u32) -> Lease {
+    Lease {
+        subnet: Ipv4Net::new(Ipv4Addr::new(10, (i >> 8) as u8, i as u8, 0), 24).unwrap_or_default(),
+        public_ip: Ipv4Addr::from(u32::from(OWN_IP) + 9 + i),
+        vtep_mac: MacAddr([0x0e, 0, 0, (i >> 16) as u8, (i >> 8) as u8, i as u8]),
+        node: None,
+    }
+}
+
+fn overlay_config() -> OverlayConfig {
+    OverlayConfig {
+        network: Ipv4Net::new(Ipv4Addr::new(10, 0, 0, 0), 8).unwrap_or_default(),
+        own: Lease {
+            subnet: Ipv4Net::new(Ipv4Addr::new(10, 0, 0, 0), 24).unwrap_or_default(),
+            public_ip: OWN_IP,
+            vtep_mac: MacAddr([0x0e, 0xff, 0, 0, 0, 1]),
+            node: None,
+        },
+        vni: 1,
+        port: FLANNEL_VXLAN_PORT,
+        underlay: "eth0".into(),
+        direct_routing: false,
+    }
+}
+
+/// `ip <args>` (run outside the measured part; callgrind does not follow children).
+fn ip(args: &[&str]) -> Result<()> {
+    let status = Command::new("ip").args(args).status().with_context(|| format!("running ip {}", args.join(" ")))?;
+    ensure!(status.success(), "`ip {}` failed ({status})", args.join(" "));
+    Ok(())
+}
+
+/// The synthetic node's underlay in this (fresh) namespace, then a
+/// reconciler with [`PEERS`] peers programmed.
+fn programmed_node() -> Result<(Reconciler, Vec<Lease>)> {
+    let links = Command::new("ip").args(["-o", "link", "show"]).output().context("running ip link show")?;
+    let links = String::from_utf8_lossy(&links.stdout);
+    if links.lines().any(|line| line.split(':').nth(1).is_some_and(|name| name.trim().starts_with("eth0"))) {
+        bail!("this namespace already has an eth0: run the VXLAN cases in a fresh one (`unshare --net`)");
+    }
+    ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"])?;
+    ip(&["addr", "add", &format!("{OWN_IP}/12"), "dev", "eth0"])?;
+    ip(&["link", "set", "eth0", "up"])?;
+    ip(&["link", "set", "eth0p", "up"])?;
+    let peers: Vec<Lease> = (1..=PEERS).map(peer).collect();
+    let mut reconciler = Reconciler::new(overlay_config())?;
+    let report = reconciler.reconcile(&peers)?;
+    ensure!(report.failures.is_empty(), "programming {PEERS} peers failed: {:?}", report.failures);
+    Ok((reconciler, peers))
+}
+
+fn vxlan_noop_reconcile() -> Result<()> {
+    let (mut reconciler, peers) = programmed_node()?;
+    let report = measured(|| reconciler.reconcile(&peers))?;
+    ensure!(report.writes == 0, "a no-op pass wrote {} changes", report.writes);
+    Ok(())
+}
+
+fn vxlan_peer_event() -> Result<()> {
+    let (mut reconciler, _) = programmed_node()?;
+    let change = [PeerChange::Upsert { lease: peer(PEERS + 1), autonomous: false }];
+    match measured(|| reconciler.apply(&change))? {
+        Applied::Done(report) => ensure!(report.writes == 4, "one new peer took {} writes, not 4", report.writes),
+        Applied::NeedsFullPass(why) => bail!("one new peer needed a full pass: {why}"),
+    }
+    Ok(())
+}
+
+fn tunnel_route_lookup() -> Result<()> {
+    let mut table = RouteTable::default();
+    for i in 0..LEASES {
+        let lease = peer(i + 1);
+        table.upsert_lease(LeaseRoute {
+            node: format!("edge-{i}"),
+            address: lease.public_ip,
+            subnet: lease.subnet,
+            cloud: false,
+        });
+    }
+    // Node addresses, pod addresses inside leases' subnets, and addresses
+    // nobody holds, spread over the table.
+    let targets: Vec<IpAddr> = (0..1_000u32)
+        .map(|k| {
+            let lease = peer(k * 7 % LEASES + 1);
+            let ip = match k % 3 {
+                0 => lease.public_ip,
+                1 => Ipv4Addr::from(u32::from(lease.subnet.network()) + 17),
+                _ => Ipv4Addr::new(192, 0, 2, k as u8),
+            };
+            IpAddr::V4(ip)
+        })
+        .collect();
+    let found = measured(|| targets.iter().filter(|ip| table.node_of(**ip).is_some()).count());
+    let expected = targets.iter().filter(|ip| !matches!(ip, IpAddr::V4(v4) if v4.octets()[0] == 192)).count();
+    ensure!(found == expected, "{found} of {} lookups found a node, expected {expected}", targets.len());
+    Ok(())
+}
+
+async fn send(mut writer: impl AsyncWrite + Unpin, bytes: usize) -> std::io::Result<()> {
+    let chunk = [0x5a_u8; 16 * 1024];
+    for _ in 0..bytes / chunk.len() {
+        writer.write_all(&chunk).await?;
+    }
+    writer.shutdown().await
+}
+
+async fn drain(mut reader: impl AsyncRead + Unpin) -> std::io::Result<usize> {
+    let mut buffer = [0_u8; 16 * 1024];
+    let mut total = 0;
+    loop {
+        match reader.read(&mut buffer).await? {
+            0 => return Ok(total),
+            n => total += n,
+        }
+    }
+}
+
+fn tunnel_splice() -> Result<()> {
+    const BYTES: usize = 1 << 20;
+    let runtime = tokio::runtime::Builder::new_current_thread().build()?;
+    // client <-> a | splice | b <-> server; 64 KiB pipes, as sockets' buffers.
+    let (client, mut a) = tokio::io::duplex(64 * 1024);
+    let (mut b, server) = tokio::io::duplex(64 * 1024);
+    let (client_read, client_write) = tokio::io::split(client);
+    let (server_read, server_write) = tokio::io::split(server);
+    let (spliced, sent_up, sent_down, got_down, got_up) = measured(|| {
+        runtime.block_on(async {
+            tokio::join!(
+                netd_tunnel::transport::splice(&mut a, &mut b),
+                send(client_write, BYTES),
+                send(server_write, BYTES),
+                drain(client_read),
+                drain(server_read),
+            )
+        })
+    });
+    spliced.context("splice")?;
+    sent_up.context("client's send")?;
+    sent_down.context("server's send")?;
+    let (got_down, got_up) = (got_down?, got_up?);
+    ensure!(got_up == BYTES && got_down == BYTES, "moved {got_up} up and {got_down} down, expected {BYTES} each");
+    Ok(())
+}
