@@ -99,7 +99,7 @@ pub fn run() -> Result<()> {
         // The criterion benchmarks in their test mode (each benchmark run
         // once, its assertions checked): a broken benchmark fails here, not
         // in someone's measuring run.
-        .and_then(|()| cargo(&["test", "--workspace", "--all-features", "--benches"], &envs));
+        .and_then(|()| cargo(&["test", "--workspace", "--all-features", "--bench", "*"], &envs));
     let after = snapshot()?;
     result?;
     if before != after {
