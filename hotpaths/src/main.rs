@@ -10,18 +10,16 @@
 //! shared machine are not.
 //!
 //! The VXLAN cases program the kernel: they run as root in a network
-//! namespace of their own (xtask starts them under `unshare --net`) and
-//! refuse to run where an `eth0` already exists.
+//! namespace of their own, made and removed by `netd-testing` as the
+//! privileged tests' are.
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
-use std::process::Command;
 
 use anyhow::{bail, ensure, Context, Result};
-use ipnet::Ipv4Net;
-use netd_dataplane::vxlan::{Applied, Lease, OverlayConfig, PeerChange, Reconciler, FLANNEL_VXLAN_PORT};
+use netd_dataplane::vxlan::{Applied, Lease, PeerChange, Reconciler};
 use netd_ipam::{PodRef, Range, RangeSet, Store};
-use netd_model::MacAddr;
+use netd_testing::{synthetic_config, synthetic_node, synthetic_peer, NetNs, PrivilegedGuard};
 use netd_tunnel::routes::{LeaseRoute, RouteTable};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -110,71 +108,37 @@ fn ipam_release() -> Result<()> {
     Ok(())
 }
 
-/// Our public IP in the synthetic cluster (the benches' layout).
-const OWN_IP: Ipv4Addr = Ipv4Addr::new(172, 16, 0, 1);
-
-/// Peer `i` of the synthetic cluster the criterion and lab benches use.
-fn peer(i: u32) -> Lease {
-    Lease {
-        subnet: Ipv4Net::new(Ipv4Addr::new(10, (i >> 8) as u8, i as u8, 0), 24).unwrap_or_default(),
-        public_ip: Ipv4Addr::from(u32::from(OWN_IP) + 9 + i),
-        vtep_mac: MacAddr([0x0e, 0, 0, (i >> 16) as u8, (i >> 8) as u8, i as u8]),
-        node: None,
-    }
-}
-
-fn overlay_config() -> OverlayConfig {
-    OverlayConfig {
-        network: Ipv4Net::new(Ipv4Addr::new(10, 0, 0, 0), 8).unwrap_or_default(),
-        own: Lease {
-            subnet: Ipv4Net::new(Ipv4Addr::new(10, 0, 0, 0), 24).unwrap_or_default(),
-            public_ip: OWN_IP,
-            vtep_mac: MacAddr([0x0e, 0xff, 0, 0, 0, 1]),
-            node: None,
-        },
-        vni: 1,
-        port: FLANNEL_VXLAN_PORT,
-        underlay: "eth0".into(),
-        direct_routing: false,
-    }
-}
-
-/// `ip <args>` (run outside the measured part; callgrind does not follow children).
-fn ip(args: &[&str]) -> Result<()> {
-    let status = Command::new("ip").args(args).status().with_context(|| format!("running ip {}", args.join(" ")))?;
-    ensure!(status.success(), "`ip {}` failed ({status})", args.join(" "));
-    Ok(())
-}
-
-/// The synthetic node's underlay in this (fresh) namespace, then a
-/// reconciler with [`PEERS`] peers programmed.
-fn programmed_node() -> Result<(Reconciler, Vec<Lease>)> {
-    let links = Command::new("ip").args(["-o", "link", "show"]).output().context("running ip link show")?;
-    let links = String::from_utf8_lossy(&links.stdout);
-    if links.lines().any(|line| line.split(':').nth(1).is_some_and(|name| name.trim().starts_with("eth0"))) {
-        bail!("this namespace already has an eth0: run the VXLAN cases in a fresh one (`unshare --net`)");
-    }
-    ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"])?;
-    ip(&["addr", "add", &format!("{OWN_IP}/12"), "dev", "eth0"])?;
-    ip(&["link", "set", "eth0", "up"])?;
-    ip(&["link", "set", "eth0p", "up"])?;
-    let peers: Vec<Lease> = (1..=PEERS).map(peer).collect();
-    let mut reconciler = Reconciler::new(overlay_config())?;
-    let report = reconciler.reconcile(&peers)?;
-    ensure!(report.failures.is_empty(), "programming {PEERS} peers failed: {:?}", report.failures);
-    Ok((reconciler, peers))
+/// A synthetic node (the criterion and lab benches' layout: a fresh
+/// namespace whose `eth0` holds the node's address), entered on this
+/// thread, and a reconciler with [`PEERS`] peers programmed in it.
+fn programmed_node() -> Result<(PrivilegedGuard, NetNs, Reconciler, Vec<Lease>)> {
+    let Some(kernel) = netd_testing::privileged()? else {
+        bail!("the VXLAN cases program the kernel in a namespace of their own: run them as root")
+    };
+    let node = synthetic_node()?;
+    let peers: Vec<Lease> = (1..=PEERS).map(synthetic_peer).collect();
+    let reconciler = {
+        let _inside = node.enter()?;
+        let mut reconciler = Reconciler::new(synthetic_config())?;
+        let report = reconciler.reconcile(&peers)?;
+        ensure!(report.failures.is_empty(), "programming {PEERS} peers failed: {:?}", report.failures);
+        reconciler
+    };
+    Ok((kernel, node, reconciler, peers))
 }
 
 fn vxlan_noop_reconcile() -> Result<()> {
-    let (mut reconciler, peers) = programmed_node()?;
+    let (_kernel, node, mut reconciler, peers) = programmed_node()?;
+    let _inside = node.enter()?;
     let report = measured(|| reconciler.reconcile(&peers))?;
     ensure!(report.writes == 0, "a no-op pass wrote {} changes", report.writes);
     Ok(())
 }
 
 fn vxlan_peer_event() -> Result<()> {
-    let (mut reconciler, _) = programmed_node()?;
-    let change = [PeerChange::Upsert { lease: peer(PEERS + 1), autonomous: false }];
+    let (_kernel, node, mut reconciler, _) = programmed_node()?;
+    let _inside = node.enter()?;
+    let change = [PeerChange::Upsert { lease: synthetic_peer(PEERS + 1), autonomous: false }];
     match measured(|| reconciler.apply(&change))? {
         Applied::Done(report) => ensure!(report.writes == 4, "one new peer took {} writes, not 4", report.writes),
         Applied::NeedsFullPass(why) => bail!("one new peer needed a full pass: {why}"),
@@ -185,7 +149,7 @@ fn vxlan_peer_event() -> Result<()> {
 fn tunnel_route_lookup() -> Result<()> {
     let mut table = RouteTable::default();
     for i in 0..LEASES {
-        let lease = peer(i + 1);
+        let lease = synthetic_peer(i + 1);
         table.upsert_lease(LeaseRoute {
             node: format!("edge-{i}"),
             address: lease.public_ip,
@@ -197,7 +161,7 @@ fn tunnel_route_lookup() -> Result<()> {
     // nobody holds, spread over the table.
     let targets: Vec<IpAddr> = (0..1_000u32)
         .map(|k| {
-            let lease = peer(k * 7 % LEASES + 1);
+            let lease = synthetic_peer(k * 7 % LEASES + 1);
             let ip = match k % 3 {
                 0 => lease.public_ip,
                 1 => Ipv4Addr::from(u32::from(lease.subnet.network()) + 17),

@@ -37,9 +37,9 @@ const BASELINE: &str = "hotpaths/baseline.json";
 /// The function whose instructions callgrind collects (and all it calls).
 const MEASURED: &str = "netd_hotpaths::measured*";
 
-/// The cases that program the kernel: they run as root in a network
-/// namespace of their own.
-fn needs_namespace(case: &str) -> bool {
+/// The cases that program the kernel: they run as root, in a network
+/// namespace of their own that the case makes.
+fn needs_root(case: &str) -> bool {
     case.starts_with("vxlan-")
 }
 
@@ -82,7 +82,7 @@ fn count_all(binary: &Path) -> Result<BTreeMap<String, u64>> {
     let scratch = tempfile_dir()?;
     let mut counts = BTreeMap::new();
     for case in &cases {
-        if needs_namespace(case) && !root {
+        if needs_root(case) && !root {
             if std::env::var_os("NETD_REQUIRE_PRIVILEGED").is_some() {
                 bail!("instructions: case {case} needs root (a network namespace) and NETD_REQUIRE_PRIVILEGED is set");
             }
@@ -100,13 +100,7 @@ fn count_all(binary: &Path) -> Result<BTreeMap<String, u64>> {
 
 /// One case under callgrind; the instructions collected.
 fn count_one(binary: &Path, case: &str, out: &Path) -> Result<u64> {
-    let mut command = if needs_namespace(case) {
-        let mut command = Command::new("unshare");
-        command.args(["--net", "valgrind"]);
-        command
-    } else {
-        Command::new("valgrind")
-    };
+    let mut command = Command::new("valgrind");
     command
         .args(["--tool=callgrind", "--collect-atstart=no"])
         .arg(format!("--toggle-collect={MEASURED}"))
@@ -250,7 +244,7 @@ fn compare(baseline: &Baseline, versions: &Versions, counts: &BTreeMap<String, u
         "instructions: {} not in {BASELINE}: add it with `cargo xtask instructions update`",
         missing.join(", ")
     );
-    let skipped_root = gone.iter().all(|case| needs_namespace(case)) && !crate::setup::is_root();
+    let skipped_root = gone.iter().all(|case| needs_root(case)) && !crate::setup::is_root();
     if !gone.is_empty() && !skipped_root {
         bail!(
             "instructions: {BASELINE} has cases netd-hotpaths no longer runs: {}; update the baseline",

@@ -32,7 +32,6 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("libc6-dev", "libc.a for the static pause program"),
     ("binutils", "strip: the netd image carries its binaries without symbol tables"),
     ("valgrind", "callgrind: the hot paths' instruction counts (`cargo xtask instructions`)"),
-    ("util-linux", "unshare: a network namespace per kernel-programming instruction count"),
 ];
 
 fn installed(package: &str) -> bool {
