@@ -35,18 +35,25 @@
 //! plugin processes. SQLite (bundled, via `rusqlite`) gives exactly that with
 //! decades of crash testing: every mutation is one `BEGIN IMMEDIATE`
 //! transaction (writers serialise across processes through SQLite's file
-//! locks, with a 30 s busy timeout), the rollback journal is kept between
-//! transactions (`journal_mode=PERSIST`) with `synchronous=FULL`, so a
-//! commit is on disk when it returns and short-lived plugin processes create
-//! and delete no files per call (WAL was measured ~1 ms slower per CNI call
-//! here: each process re-creates and recovers its `-wal`/`-shm`), and invariants are
+//! locks, with a 30 s busy timeout), committed through a write-ahead log
+//! (`journal_mode=WAL`) with `synchronous=FULL`: a commit appends its pages
+//! to the log and fsyncs the log once, so it is on disk when it returns. (A
+//! rollback journal needs five fsyncs per commit under FULL; under
+//! `synchronous=NORMAL` a WAL commit is not durable.) The log is not
+//! checkpointed and deleted when a connection closes
+//! (`SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE`), so the short-lived plugin processes
+//! neither create nor delete files per call; a handle that wrote checkpoints
+//! it into the database file and truncates it when dropped once it has
+//! reached 256 KiB ([`Store::checkpoint`]), which bounds what every process
+//! opening the store first reads to rebuild the log's index. Invariants are
 //! schema constraints rather than code: the address is the primary key, and
 //! a unique index allows one pin per pod, interface and address family.
 //! Pure-Rust embedded stores were ruled out because they lock the file for a
 //! single process; a hand-rolled file format would need its own crash proof.
 //!
-//! On disk: one SQLite 3 file (plus its persistent `-journal`),
-//! `PRAGMA application_id = 0x6e49504d` ("nIPM") and
+//! On disk: one SQLite 3 file in WAL mode (plus its `-wal` log and `-shm`
+//! index, kept between processes; copy the three together, or call
+//! [`Store::checkpoint`] first, to copy a store), `PRAGMA application_id = 0x6e49504d` ("nIPM") and
 //! `PRAGMA user_version` = [`FORMAT_VERSION`] (1). Tables, version 1:
 //!
 //! | table | columns |
@@ -58,6 +65,14 @@
 //! The counters were added without a format change: version 1 files
 //! written before them simply have no `freed_total:*` rows (all zero), and
 //! older builds ignore the rows.
+//!
+//! Files of builds before the write-ahead log (the same format in
+//! `journal_mode=PERSIST`, with a persistent `-journal`) are converted on
+//! their first open (SQLite removes the old journal); an older build opening
+//! a converted file converts it back, so nodes can be upgraded and rolled
+//! back with their stores. The `-shm` index is a shared memory mapping
+//! between processes, so the store belongs on a local file system (as
+//! SQLite's locking always required).
 //!
 //! A file with another application id, or a newer version, is refused with a
 //! precise error and left untouched.

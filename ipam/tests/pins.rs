@@ -34,13 +34,19 @@ fn state_of(store: &Store, name: &str) -> Option<(IpAddr, State)> {
     store.pins_of(&pod(&format!("default/{name}"))).unwrap().first().map(|a| (a.ip, a.state))
 }
 
-/// What a write would change: the database and journal files' size and mtime.
+/// What a write would change: the size and mtime of the database file, its
+/// write-ahead log (where commits go) and a rollback journal (none expected).
 fn file_marks(path: &Path) -> Vec<Option<(u64, SystemTime)>> {
-    let journal = PathBuf::from(format!("{}-journal", path.display()));
-    [path.to_path_buf(), journal]
+    ["", "-wal", "-journal"]
         .iter()
+        .map(|suffix| PathBuf::from(format!("{}{suffix}", path.display())))
         .map(|p| std::fs::metadata(p).ok().map(|m| (m.len(), m.modified().unwrap())))
         .collect()
+}
+
+/// The bytes of the database file and of its write-ahead log.
+fn contents(path: &Path) -> [Option<Vec<u8>>; 2] {
+    ["", "-wal"].map(|suffix| std::fs::read(format!("{}{suffix}", path.display())).ok())
 }
 
 #[test]
@@ -178,6 +184,7 @@ fn reconcile_and_free_released_with_nothing_to_free_write_nothing() {
     store.release("c-absent-in-grace", "eth0").unwrap();
     std::thread::sleep(Duration::from_millis(20));
     let marks = file_marks(&path);
+    assert!(marks[1].is_some_and(|(len, _)| len > 0), "the commits above are in the write-ahead log");
     let changes = store.changes();
 
     // Another process holds the write lock for the whole time: any write
@@ -381,10 +388,10 @@ fn bad_stores_give_precise_errors_and_stay_untouched() {
         .unwrap()
         .execute("INSERT INTO allocation VALUES ('10.244.1.77', 4, 'Not A Pod', 'eth0', NULL, 'released', 0)", [])
         .unwrap();
-    let before = std::fs::read(&path).unwrap();
+    let before = contents(&path);
     let err = store.reconcile(&HashSet::new(), Authority::Authoritative, Duration::ZERO).unwrap_err();
     assert!(err.to_string().contains(r#"row "10.244.1.77" is invalid: bad pod"#), "{err}");
-    assert_eq!(std::fs::read(&path).unwrap(), before);
+    assert_eq!(contents(&path), before);
     drop(store);
 
     // Pressure never hands out the address of a damaged row: on a full pool it is skipped.
@@ -394,10 +401,10 @@ fn bad_stores_give_precise_errors_and_stay_untouched() {
         .unwrap()
         .execute("INSERT INTO allocation VALUES ('10.9.0.2', 4, 'Not A Pod', 'eth0', NULL, 'released', 0)", [])
         .unwrap();
-    let before = std::fs::read(&path).unwrap();
+    let before = contents(&path);
     let err = store.allocate_or_reclaim(&pool("10.9.0.0/30"), &pod("default/new"), "c-new", "eth0").unwrap_err();
     assert!(matches!(err, Error::Exhausted { capacity: 1, attached: 0, released: 1, .. }), "{err}");
-    assert_eq!(std::fs::read(&path).unwrap(), before);
+    assert_eq!(contents(&path), before);
     drop(store);
 
     // A damaged page: every call fails with SQLite's verdict; the bytes stay as they were.
@@ -406,6 +413,10 @@ fn bad_stores_give_precise_errors_and_stay_untouched() {
     for i in 0..40 {
         attach(&mut store, &sets, &format!("p{i}"));
     }
+    // Everything into the database file: the damage below must hit pages
+    // that have no newer copy in the write-ahead log.
+    assert!(store.checkpoint().unwrap(), "checkpoint completed");
+    assert_eq!(std::fs::metadata(format!("{}-wal", path.display())).unwrap().len(), 0);
     drop(store);
     let mut bytes = std::fs::read(&path).unwrap();
     let page_size = 4096;
