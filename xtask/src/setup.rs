@@ -32,6 +32,7 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("libc6-dev", "libc.a for the static pause program"),
     ("binutils", "strip: the netd image carries its binaries without symbol tables"),
     ("valgrind", "callgrind: the hot paths' instruction counts (`cargo xtask instructions`)"),
+    ("strace", "counts the IPAM store's fsyncs per CNI call (ipam/tests/durability.rs)"),
 ];
 
 fn installed(package: &str) -> bool {
