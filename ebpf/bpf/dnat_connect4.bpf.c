@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
  * cgroup/connect4: a TCP connect() to an edge node's redirected port goes to
- * the tunnel server instead; the dialled address stays on the socket.
+ * the tunnel server instead; the dialled address is kept under the socket's
+ * cookie.
  * Everything else passes untouched after one small hash lookup (the port).
  */
 #include "netd_dnat.h"

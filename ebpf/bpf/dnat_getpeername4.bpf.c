@@ -8,7 +8,7 @@
 SEC("cgroup/getpeername4")
 int dnat_getpeername4(struct bpf_sock_addr *ctx)
 {
-	struct dnat_orig *orig = dnat_client_orig(ctx->sk);
+	struct dnat_orig *orig = dnat_client_orig(ctx, ctx->user_ip4, bpf_ntohs((__u16)ctx->user_port));
 	if (orig) {
 		ctx->user_ip4 = orig->ip4;
 		ctx->user_port = bpf_htons(orig->port);

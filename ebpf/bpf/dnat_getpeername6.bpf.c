@@ -8,7 +8,9 @@
 SEC("cgroup/getpeername6")
 int dnat_getpeername6(struct bpf_sock_addr *ctx)
 {
-	struct dnat_orig *orig = dnat_client_orig(ctx->sk);
+	if (!dnat_is_v4_mapped(ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2]))
+		return 1;
+	struct dnat_orig *orig = dnat_client_orig(ctx, ctx->user_ip6[3], bpf_ntohs((__u16)ctx->user_port));
 	if (orig) {
 		ctx->user_ip6[0] = 0;
 		ctx->user_ip6[1] = 0;

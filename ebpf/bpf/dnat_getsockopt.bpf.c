@@ -23,8 +23,17 @@ int dnat_getsockopt(struct bpf_sockopt *ctx)
 	struct bpf_sock *sk = ctx->sk;
 	if (!sk)
 		goto pass;
-	struct dnat_orig *orig = bpf_sk_storage_get(&dnat_orig_v1, sk, 0, 0);
-	if (!orig || orig->side != DNAT_SIDE_ACCEPTED)
+	/* As an accepted socket: its peer is the client, its own address the server. */
+	struct dnat_tuple tuple = {
+		.client_ip4 = sk->dst_ip4,
+		.server_ip4 = sk->src_ip4,
+		.client_port = bpf_ntohs(sk->dst_port),
+		.server_port = (__u16)sk->src_port,
+	};
+	/* The key is this socket's own connection: a hit means it is the
+	 * server end of a redirected one, whichever side field it has. */
+	struct dnat_orig *orig = bpf_map_lookup_elem(&dnat_conns_v1, &tuple);
+	if (!orig)
 		goto pass;
 	struct netd_sockaddr_in *sin = ctx->optval;
 	if ((void *)(sin + 1) > ctx->optval_end)

@@ -23,6 +23,8 @@
 /* linux/netfilter_ipv4.h; the netfilter headers pull in too much for BPF. */
 #define SO_ORIGINAL_DST 80
 #define NETD_PAGE_SIZE 4096
+/* include/net/tcp_states.h */
+#define NETD_TCP_CLOSE 7
 
 /* dnat_conf_v1[0].flags */
 #define DNAT_ENABLED 1u
@@ -30,12 +32,12 @@
 #define DNAT_POD_NAMESPACES 2u
 
 /* dnat_orig.side */
-#define DNAT_SIDE_CLIENT 1 /* the socket that dialled the edge address */
-#define DNAT_SIDE_ACCEPTED 2 /* the tunnel server's accepted socket */
+#define DNAT_SIDE_CLIENT 1 /* dnat_dialled_v1; in dnat_conns_v1: no server took it yet */
+#define DNAT_SIDE_ACCEPTED 2 /* in dnat_conns_v1: the tunnel server's accepted socket holds it */
 
 /* Indexes of dnat_stat_v1. */
-#define DNAT_STAT_NO_STORAGE 0 /* a rule matched, but no socket storage: not redirected */
-#define DNAT_STAT_HANDSHAKE_FULL 1 /* the handshake entry could not be written */
+#define DNAT_STAT_NO_STORAGE 0 /* a rule matched, but its record could not be written: not redirected */
+#define DNAT_STAT_HANDSHAKE_FULL 1 /* the connection entry could not be written */
 #define DNAT_STAT_ACCEPTED 2 /* accepted sockets that learned their original destination */
 #define DNAT_STAT_COUNT 4
 
@@ -61,7 +63,7 @@ struct dnat_orig {
 };
 _Static_assert(sizeof(struct dnat_orig) == 8, "dnat_orig layout");
 
-/* A connection between connect() and the server's passive establish. */
+/* A redirected connection, as both of its sockets see it. */
 struct dnat_tuple {
 	__u32 client_ip4; /* network order */
 	__u32 server_ip4; /* network order */
@@ -78,6 +80,23 @@ struct {
 	__type(value, struct dnat_rule);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } dnat_ports_v1 SEC(".maps");
+
+/*
+ * Every rule's target port, as a bitmap: bit (port % 64) of word (port / 64)
+ * (host order port). sockops and getpeername look at a connection's records
+ * only when it is to one of these ports on the target address; every other
+ * connection (the node's own traffic to its address too) stops here. An
+ * array, so the verifier inlines the lookup: no call, one cache line. The
+ * loader sets a port's bit before any rule points to it.
+ */
+#define DNAT_TARGET_PORT_WORDS 1024
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, DNAT_TARGET_PORT_WORDS);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} dnat_target_ports_v1 SEC(".maps");
 
 /* Edge node addresses (network order). Allocated as used: most clusters are small. */
 struct {
@@ -135,20 +154,35 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } dnat_stat_v1 SEC(".maps");
 
-/* Original destination, freed by the kernel with its socket. */
-struct {
-	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
-	__type(value, struct dnat_orig);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} dnat_orig_v1 SEC(".maps");
+/*
+ * The original destination travels without socket-local storage: creating
+ * storage costs two memcg-charged allocations and an RCU free per socket
+ * (~2 us of connect4's time when the client's was made there). Two
+ * preallocated LRU hash maps instead; sockops deletes every entry by the
+ * client socket's CLOSE, and LRU is only a last resort, for a socket whose
+ * connect() failed between connect4 and its SYN.
+ */
 
 /*
- * Client socket -> accepted socket hand-over, keyed by the 4-tuple both sides
- * see. An entry lives from the client's SYN to the server's passive establish
- * (or the client socket's close, whichever comes first); LRU only as a last
- * resort under a SYN flood.
+ * Redirected client socket (its socket cookie) -> what it dialled, from
+ * connect4/6 to the same connect()'s TCP_CONNECT_CB, which moves it into
+ * dnat_conns_v1: the 4-tuple is not known before.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct dnat_orig);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} dnat_dialled_v1 SEC(".maps");
+
+/*
+ * Redirected connection (the 4-tuple both of its sockets see) -> what its
+ * client dialled, for the connection's life: written at the client's
+ * TCP_CONNECT_CB (side CLIENT), marked ACCEPTED in place by the server's
+ * PASSIVE_ESTABLISHED_CB, read by the client's getpeername, by
+ * getsockopt(SO_ORIGINAL_DST) and TunnelDnat::original_dst on the accepted
+ * socket, deleted at the client socket's CLOSE (see dnat_sockops).
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -156,7 +190,19 @@ struct {
 	__type(key, struct dnat_tuple);
 	__type(value, struct dnat_orig);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} dnat_shake_v1 SEC(".maps");
+} dnat_conns_v1 SEC(".maps");
+
+/* Is ip4:port (network order address, host order port) the tunnel server? */
+static __always_inline int dnat_is_target(__u32 ip4, __u16 port)
+{
+	__u32 zero = 0;
+	struct dnat_config *conf = bpf_map_lookup_elem(&dnat_conf_v1, &zero);
+	if (!conf || ip4 != conf->target_ip4)
+		return 0;
+	__u32 word = port >> 6;
+	__u64 *bits = bpf_map_lookup_elem(&dnat_target_ports_v1, &word);
+	return bits && (*bits >> (port & 63)) & 1;
+}
 
 static __always_inline void dnat_stat_inc(__u32 index)
 {
@@ -168,8 +214,8 @@ static __always_inline void dnat_stat_inc(__u32 index)
 /*
  * The decision both connect hooks share: should a TCP connect() from this
  * socket to dst_ip4:port (network order address, host order port) go to the
- * tunnel server instead? On yes, records the original destination on the
- * socket, counts the rule and fills *target_ip4 / *target_port (network order).
+ * tunnel server instead? On yes, records the original destination under the
+ * socket's cookie, counts the rule and fills *target_ip4 / *target_port (network order).
  */
 static __always_inline int dnat_redirect(struct bpf_sock_addr *ctx, __u32 dst_ip4, __u16 port,
 					 __u32 *target_ip4, __u16 *target_port)
@@ -194,16 +240,18 @@ static __always_inline int dnat_redirect(struct bpf_sock_addr *ctx, __u32 dst_ip
 	struct bpf_sock *sk = ctx->sk;
 	if (!sk)
 		return 0;
-	struct dnat_orig *orig = bpf_sk_storage_get(&dnat_orig_v1, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	if (!orig) {
-		/* Without the original destination the server could not route it. */
-		dnat_stat_inc(DNAT_STAT_NO_STORAGE);
-		return 0;
+	/* connect() again on a connecting or connected socket (polling a
+	 * non-blocking connect): the kernel answers EALREADY or EISCONN whatever
+	 * the address, and the record was handed on at the first call. */
+	if (sk->state == NETD_TCP_CLOSE) {
+		__u64 cookie = bpf_get_socket_cookie(ctx);
+		struct dnat_orig orig = { .ip4 = dst_ip4, .port = port, .side = DNAT_SIDE_CLIENT };
+		if (bpf_map_update_elem(&dnat_dialled_v1, &cookie, &orig, BPF_ANY) != 0) {
+			/* Without the original destination the server could not route it. */
+			dnat_stat_inc(DNAT_STAT_NO_STORAGE);
+			return 0;
+		}
 	}
-	orig->ip4 = dst_ip4;
-	orig->port = port;
-	orig->side = DNAT_SIDE_CLIENT;
-	orig->reserved = 0;
 	__u64 *hits = bpf_map_lookup_elem(&dnat_hits_v1, &port);
 	if (hits)
 		*hits += 1;
@@ -212,15 +260,26 @@ static __always_inline int dnat_redirect(struct bpf_sock_addr *ctx, __u32 dst_ip
 	return 1;
 }
 
-/* The original destination of a socket that dialled one, if any. */
-static __always_inline struct dnat_orig *dnat_client_orig(struct bpf_sock *sk)
+/*
+ * What a connected socket dialled, if the DNAT redirected it: its real peer
+ * (network order address, host order port) is then the tunnel server, and
+ * its own address and port with that peer name the connection.
+ */
+static __always_inline struct dnat_orig *dnat_client_orig(struct bpf_sock_addr *ctx, __u32 peer_ip4,
+							  __u16 peer_port)
 {
+	if (!dnat_is_target(peer_ip4, peer_port))
+		return 0;
+	struct bpf_sock *sk = ctx->sk;
 	if (!sk)
 		return 0;
-	struct dnat_orig *orig = bpf_sk_storage_get(&dnat_orig_v1, sk, 0, 0);
-	if (!orig || orig->side != DNAT_SIDE_CLIENT)
-		return 0;
-	return orig;
+	struct dnat_tuple tuple = {
+		.client_ip4 = sk->src_ip4,
+		.server_ip4 = peer_ip4,
+		.client_port = (__u16)sk->src_port,
+		.server_port = peer_port,
+	};
+	return bpf_map_lookup_elem(&dnat_conns_v1, &tuple);
 }
 
 /* ::ffff:a.b.c.d, the form a dual-stack socket uses for IPv4 (words in network order). */

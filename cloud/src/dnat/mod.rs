@@ -195,9 +195,13 @@ pub fn render_text(pin_dir: &Path, stats: &DnatStats, links: &[PinnedLink]) -> S
     list_some(&mut out, "edge subnets", &stats.edge_subnets);
     let _ = writeln!(
         out,
-        "handshakes pending {}, accepted with their origin {}, not redirected for want of socket storage {}, \
-         handshake map full {}",
-        stats.handshakes_pending, stats.accepted_with_origin, stats.no_storage, stats.handshake_full
+        "handshakes pending {}, connections open {}, accepted with their origin {}, not redirected for want of a \
+         record {}, handshake map full {}",
+        stats.handshakes_pending,
+        stats.connections_open,
+        stats.accepted_with_origin,
+        stats.no_storage,
+        stats.handshake_full
     );
     for link in links {
         let cgroup = if link.info.cgroup_id == 0 { " (cgroup gone)".to_string() } else { String::new() };
@@ -218,6 +222,7 @@ pub fn render_json(pin_dir: &Path, stats: &DnatStats, links: &[PinnedLink]) -> s
         "edgeNodes": stats.edge_nodes.iter().map(Ipv4Addr::to_string).collect::<Vec<_>>(),
         "edgeSubnets": stats.edge_subnets.iter().map(Ipv4Net::to_string).collect::<Vec<_>>(),
         "handshakesPending": stats.handshakes_pending,
+        "connectionsOpen": stats.connections_open,
         "acceptedWithOrigin": stats.accepted_with_origin,
         "noStorage": stats.no_storage,
         "handshakeFull": stats.handshake_full,
@@ -242,6 +247,8 @@ mod tests {
             edge_nodes: vec![Ipv4Addr::new(10, 0, 5, 1)],
             edge_subnets: vec!["10.244.7.0/24".parse().unwrap(), "10.244.8.0/24".parse().unwrap()],
             handshakes_pending: 0,
+            connections_open: 0,
+            dialled_unsent: 0,
             accepted_with_origin: 7,
             no_storage: 0,
             handshake_full: 0,

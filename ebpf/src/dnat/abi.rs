@@ -8,14 +8,15 @@ use std::mem::size_of;
 pub const DNAT_ENABLED: u32 = 1;
 /// `dnat_conf_v1[0].flags`: also sockets in other network namespaces (pods).
 pub const DNAT_POD_NAMESPACES: u32 = 2;
-/// `dnat_orig.side` of the socket that dialled the edge address.
+/// `dnat_orig.side`: a connection no tunnel server has taken yet (and
+/// every record of what a client dialled).
 pub const SIDE_CLIENT: u8 = 1;
-/// `dnat_orig.side` of the tunnel server's accepted socket.
+/// `dnat_orig.side`: a connection the tunnel server's listener took.
 pub const SIDE_ACCEPTED: u8 = 2;
 
 /// Indexes of `dnat_stat_v1`.
 pub const STAT_NO_STORAGE: u32 = 0;
-/// A handshake entry could not be written.
+/// A connection entry could not be written.
 pub const STAT_HANDSHAKE_FULL: u32 = 1;
 /// Accepted sockets that learned their original destination.
 pub const STAT_ACCEPTED: u32 = 2;

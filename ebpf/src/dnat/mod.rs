@@ -7,9 +7,9 @@
 //!
 //! | program | hook | what it does |
 //! |---|---|---|
-//! | `dnat_connect4` / `dnat_connect6` | `cgroup/connect4`, `cgroup/connect6` (v4-mapped) | port lookup, then edge-node lookup; on a hit rewrites the destination and keeps the dialled one in socket storage |
+//! | `dnat_connect4` / `dnat_connect6` | `cgroup/connect4`, `cgroup/connect6` (v4-mapped) | port lookup, then edge-node lookup; on a hit rewrites the destination and keeps the dialled one under the socket's cookie |
 //! | `dnat_getpeername4` / `6` | `cgroup/getpeername4`, `6` | the client sees the address it dialled |
-//! | `dnat_sockops` | `sockops` | hands the dialled address from the client socket to the server's accepted socket, by 4-tuple |
+//! | `dnat_sockops` | `sockops` | hands the dialled address from the client socket to the server's accepted socket, by 4-tuple; drops each record when its socket closes |
 //! | `dnat_getsockopt` | `cgroup/getsockopt` | answers `SO_ORIGINAL_DST`; attached only to the tunnel server's cgroup |
 //!
 //! Links and maps are pinned under one directory ([`DEFAULT_PIN_DIR`]), so
@@ -41,7 +41,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
-use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, SkStorage};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues};
 use aya::programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SockOps};
 use aya::{EbpfError, EbpfLoader};
 use ipnet::Ipv4Net;
@@ -60,24 +60,31 @@ pub const MAX_EDGE_SUBNETS: usize = 65_536;
 pub const MAX_PORT_RULES: usize = 1_024;
 
 const MAP_PORTS: &str = "dnat_ports_v1";
+const MAP_TARGET_PORTS: &str = "dnat_target_ports_v1";
 const MAP_EDGES: &str = "dnat_edges_v1";
 const MAP_EDGE_NETS: &str = "dnat_edge_nets_v1";
 const MAP_CONF: &str = "dnat_conf_v1";
 const MAP_HITS: &str = "dnat_hits_v1";
 const MAP_STAT: &str = "dnat_stat_v1";
-const MAP_ORIG: &str = "dnat_orig_v1";
-const MAP_SHAKE: &str = "dnat_shake_v1";
+const MAP_DIALLED: &str = "dnat_dialled_v1";
+const MAP_CONNS: &str = "dnat_conns_v1";
 /// Every map with the key and value sizes this build's programs use.
-const MAPS: [(&str, usize, usize); 8] = [
+const MAPS: [(&str, usize, usize); 9] = [
     (MAP_PORTS, 2, std::mem::size_of::<abi::Rule>()),
+    (MAP_TARGET_PORTS, 4, 8),
     (MAP_EDGES, 4, 1),
     (MAP_EDGE_NETS, abi::NET_KEY_SIZE, 1),
     (MAP_CONF, 4, std::mem::size_of::<abi::Config>()),
     (MAP_HITS, 2, 8),
     (MAP_STAT, 4, 8),
-    (MAP_ORIG, 4, std::mem::size_of::<abi::Orig>()),
-    (MAP_SHAKE, std::mem::size_of::<abi::Tuple>(), std::mem::size_of::<abi::Orig>()),
+    (MAP_DIALLED, 8, std::mem::size_of::<abi::Orig>()),
+    (MAP_CONNS, std::mem::size_of::<abi::Tuple>(), std::mem::size_of::<abi::Orig>()),
 ];
+/// Maps of earlier layouts no program of this build uses (the socket-storage
+/// hand-over): unpinned once the links run this build's programs.
+const OBSOLETE_MAPS: [&str; 2] = ["dnat_orig_v1", "dnat_shake_v1"];
+/// Words of the target-port bitmap (`DNAT_TARGET_PORT_WORDS`): one bit per port.
+const TARGET_PORT_WORDS: u32 = 1024;
 /// Links live in this subdirectory of the pin directory.
 const LINK_DIR: &str = "links";
 
@@ -338,9 +345,15 @@ pub struct DnatStats {
     pub edge_subnets: Vec<Ipv4Net>,
     /// Connections between the client's SYN and the server's accept.
     pub handshakes_pending: usize,
+    /// Redirected connections whose client socket is open (their entries
+    /// go when it closes).
+    pub connections_open: usize,
+    /// Redirected connects that never sent their SYN: `connect()` failed
+    /// after the redirect (no source port, no route). Left to the map's LRU.
+    pub dialled_unsent: usize,
     /// Accepted sockets that learned their original destination.
     pub accepted_with_origin: u64,
-    /// Matches not redirected because no socket storage could be had.
+    /// Matches not redirected because their record could not be written.
     pub no_storage: u64,
     /// Handshake entries that could not be written.
     pub handshake_full: u64,
@@ -375,6 +388,16 @@ impl netd_metrics::Collector for DnatStats {
             "Redirected connections between SYN and accept.",
             self.handshakes_pending as u64,
         )?;
+        out.gauge(
+            "netd_dnat_connections_open",
+            "Redirected connections whose client socket is open.",
+            self.connections_open as u64,
+        )?;
+        out.gauge(
+            "netd_dnat_dialled_unsent",
+            "Redirected connects whose connect() failed before the SYN.",
+            self.dialled_unsent as u64,
+        )?;
         out.counter(
             "netd_dnat_accepted_with_origin_total",
             "Accepted tunnel connections that learned their original destination.",
@@ -382,7 +405,7 @@ impl netd_metrics::Collector for DnatStats {
         )?;
         out.counter(
             "netd_dnat_no_storage_total",
-            "Matches left unredirected for want of socket storage.",
+            "Matches left unredirected for want of room for their record.",
             self.no_storage,
         )?;
         out.counter(
@@ -456,9 +479,11 @@ const PROGRAMS: [ProgramSpec; 6] = [
         attach: AttachType::GetPeerName6,
         hook: Hook::Redirected,
     },
-    // The handshake needs the client side (TCP_CONNECT_CB) wherever clients
-    // are, and the server side wherever the tunnel server's listener is;
-    // the redirected cgroup covers both on a real node (it is the root).
+    // Where the clients are, not only where the tunnel server listens: the
+    // client's TCP_CONNECT_CB is the first hook that knows the source port
+    // both sockets' key needs (connect4 runs before the port is chosen).
+    // The server side only marks the entry taken. The redirected cgroup
+    // covers both on a real node (it is the root).
     ProgramSpec {
         name: "dnat_sockops",
         object: objects::DNAT_SOCKOPS,
@@ -480,13 +505,14 @@ const PROGRAMS: [ProgramSpec; 6] = [
 pub struct TunnelDnat {
     pin_dir: PathBuf,
     ports: HashMap<MapData, u16, abi::Rule>,
+    target_ports: Array<MapData, u64>,
     edges: HashMap<MapData, u32, u8>,
     edge_nets: LpmTrie<MapData, u32, u8>,
     conf: Array<MapData, abi::Config>,
     hits: PerCpuHashMap<MapData, u16, u64>,
     stat: PerCpuArray<MapData, u64>,
-    orig: SkStorage<MapData, abi::Orig>,
-    shake: HashMap<MapData, abi::Tuple, abi::Orig>,
+    dialled: HashMap<MapData, u64, abi::Orig>,
+    conns: HashMap<MapData, abi::Tuple, abi::Orig>,
     /// What `edges` holds, so a new set costs map writes only for the difference.
     edge_set: HashSet<u32>,
     /// What `edge_nets` holds (prefix length, network-order address).
@@ -686,6 +712,54 @@ fn remove_link(spec: &ProgramSpec, path: &Path) -> Result<Option<LinkOutcome>, D
     Ok(Some(LinkOutcome { program: spec.name, action: LinkAction::Removed, link_id: 0 }))
 }
 
+fn remove_obsolete_maps(pin_dir: &Path) -> Result<(), DnatError> {
+    for name in OBSOLETE_MAPS {
+        let path = pin_dir.join(name);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => return Err(DnatError::fs(format!("removing the obsolete map {}", path.display()))(err)),
+        }
+    }
+    Ok(())
+}
+
+/// The socket's own (`peer == false`) or peer address when it is IPv4 or
+/// v4-mapped IPv6; `None` for anything else (unconnected, real IPv6).
+fn socket_addr_v4(fd: libc::c_int, peer: bool) -> io::Result<Option<SocketAddrV4>> {
+    // SAFETY: sockaddr_storage is plain integers; all-zero is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    let addr = (&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr>();
+    // SAFETY: the kernel writes at most `len` bytes into `storage`, which lives across the call.
+    let rc = unsafe {
+        if peer {
+            libc::getpeername(fd, addr, &mut len)
+        } else {
+            libc::getsockname(fd, addr, &mut len)
+        }
+    };
+    if rc != 0 {
+        let err = io::Error::last_os_error();
+        return if err.raw_os_error() == Some(libc::ENOTCONN) { Ok(None) } else { Err(err) };
+    }
+    match libc::c_int::from(storage.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the kernel said AF_INET, so `storage` holds a sockaddr_in.
+            let sin = unsafe { &*(&storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            let ip = Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes());
+            Ok(Some(SocketAddrV4::new(ip, u16::from_be(sin.sin_port))))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the kernel said AF_INET6, so `storage` holds a sockaddr_in6.
+            let sin6 = unsafe { &*(&storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            let ip = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr).to_ipv4_mapped();
+            Ok(ip.map(|ip| SocketAddrV4::new(ip, u16::from_be(sin6.sin6_port))))
+        }
+        _ => Ok(None),
+    }
+}
+
 fn u32_of(addr: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(addr.octets())
 }
@@ -845,21 +919,36 @@ impl TunnelDnat {
             Some(dir) => dir.clone(),
             None => cgroup2_root().map_err(DnatError::fs("finding or mounting the cgroup v2 root"))?,
         };
-        let mut outcomes = Vec::with_capacity(PROGRAMS.len());
+        // Every program through the verifier first (which also creates the
+        // maps a first attach or an upgrade adds), so nothing is swapped in
+        // unless all of them load.
+        let mut loaded = Vec::with_capacity(PROGRAMS.len());
         for spec in &PROGRAMS {
-            let path = pin_dir.join(LINK_DIR).join(spec.name);
             let cgroup = match spec.hook {
                 Hook::Redirected => Some(&redirected),
                 Hook::OriginalDst => options.original_dst_cgroup.as_ref(),
             };
-            let Some(cgroup) = cgroup else {
-                outcomes.extend(remove_link(spec, &path)?);
-                continue;
-            };
-            let ebpf = load_program(spec, pin_dir)?;
-            outcomes.push(ensure_link(spec, &path, program_fd(&ebpf, spec)?, cgroup)?);
+            let ebpf = cgroup.map(|_| load_program(spec, pin_dir)).transpose()?;
+            loaded.push((spec, cgroup, ebpf));
         }
-        Ok((Self::open(pin_dir)?, outcomes))
+        let mut dnat = Self::open(pin_dir)?;
+        // Before the programs that read it run: rules pinned by a build
+        // without the target-port map have their ports in it.
+        dnat.sync_target_ports()?;
+        let mut outcomes = Vec::with_capacity(PROGRAMS.len());
+        for (spec, cgroup, ebpf) in loaded {
+            let path = pin_dir.join(LINK_DIR).join(spec.name);
+            match (cgroup, ebpf) {
+                (Some(cgroup), Some(ebpf)) => {
+                    outcomes.push(ensure_link(spec, &path, program_fd(&ebpf, spec)?, cgroup)?)
+                }
+                _ => outcomes.extend(remove_link(spec, &path)?),
+            }
+        }
+        // No link runs a program of the old layout any more; sockets that
+        // programs of that layout redirected keep their records until they close.
+        remove_obsolete_maps(pin_dir)?;
+        Ok((dnat, outcomes))
     }
 
     /// Opens the pinned maps of a tunnel DNAT set up earlier (by this or
@@ -873,13 +962,14 @@ impl TunnelDnat {
             open_map(pin_dir, name, key, value)?.try_into().map_err(DnatError::map(name, "typing it"))
         }
         let ports: HashMap<MapData, u16, abi::Rule> = typed(pin_dir, MAP_PORTS)?;
+        let target_ports = typed(pin_dir, MAP_TARGET_PORTS)?;
         let edges: HashMap<MapData, u32, u8> = typed(pin_dir, MAP_EDGES)?;
         let edge_nets: LpmTrie<MapData, u32, u8> = typed(pin_dir, MAP_EDGE_NETS)?;
         let conf = typed(pin_dir, MAP_CONF)?;
         let hits = typed(pin_dir, MAP_HITS)?;
         let stat = typed(pin_dir, MAP_STAT)?;
-        let orig = typed(pin_dir, MAP_ORIG)?;
-        let shake = typed(pin_dir, MAP_SHAKE)?;
+        let dialled = typed(pin_dir, MAP_DIALLED)?;
+        let conns = typed(pin_dir, MAP_CONNS)?;
         let mut edge_set = HashSet::new();
         for key in edges.keys() {
             edge_set.insert(key.map_err(DnatError::map(MAP_EDGES, "listing"))?);
@@ -897,13 +987,14 @@ impl TunnelDnat {
         Ok(Self {
             pin_dir: pin_dir.to_path_buf(),
             ports,
+            target_ports,
             edges,
             edge_nets,
             conf,
             hits,
             stat,
-            orig,
-            shake,
+            dialled,
+            conns,
             edge_set,
             edge_net_set,
             rules,
@@ -1000,6 +1091,11 @@ impl TunnelDnat {
             self.rules.remove(&port);
             changes.removed += 1;
         }
+        // Before any rule points to it: the programs hand a connection over
+        // only to a port in this set.
+        let old_targets: Vec<u16> = self.rules.values().copied().collect();
+        let both: Vec<u16> = old_targets.iter().chain(wanted.values()).copied().collect();
+        self.write_target_ports(&both, Some(&both))?;
         let cpus = aya::util::nr_cpus().map_err(|(_, err)| DnatError::fs("counting possible CPUs")(err))?;
         for (&port, &target_port) in &wanted {
             match self.rules.get(&port) {
@@ -1021,7 +1117,45 @@ impl TunnelDnat {
             self.ports.insert(port, rule, 0).map_err(DnatError::map(MAP_PORTS, "writing a rule"))?;
             self.rules.insert(port, target_port);
         }
+        // Now no more than the rules' own ports.
+        let targets: Vec<u16> = self.rules.values().copied().collect();
+        self.write_target_ports(&targets, Some(&both))?;
         Ok(changes)
+    }
+
+    /// Makes the target-port bitmap hold exactly the rules' target ports,
+    /// whatever it held (a map new to this pin directory, or pinned by an
+    /// older build): every word is read once.
+    fn sync_target_ports(&mut self) -> Result<(), DnatError> {
+        let ports: Vec<u16> = self.rules.values().copied().collect();
+        self.write_target_ports(&ports, None)
+    }
+
+    /// Writes the target-port bitmap that holds `ports`: only the words the
+    /// ports of `touch` fall in (the others hold no port either way), or, for
+    /// `None`, every word that differs.
+    fn write_target_ports(&mut self, ports: &[u16], touch: Option<&[u16]>) -> Result<(), DnatError> {
+        let mut words = vec![0u64; TARGET_PORT_WORDS as usize];
+        for &port in ports {
+            words[usize::from(port >> 6)] |= 1 << (port & 63);
+        }
+        let mut indexes: Vec<u32> = match touch {
+            Some(touch) => touch.iter().map(|&port| u32::from(port >> 6)).collect(),
+            None => (0..TARGET_PORT_WORDS).collect(),
+        };
+        indexes.sort_unstable();
+        indexes.dedup();
+        for index in indexes {
+            let word = words[index as usize];
+            if touch.is_none() {
+                let current = self.target_ports.get(&index, 0).map_err(DnatError::map(MAP_TARGET_PORTS, "reading"))?;
+                if current == word {
+                    continue;
+                }
+            }
+            self.target_ports.set(index, word, 0).map_err(DnatError::map(MAP_TARGET_PORTS, "writing"))?;
+        }
+        Ok(())
     }
 
     /// The destination a socket dialled before it was redirected: on the
@@ -1029,11 +1163,41 @@ impl TunnelDnat {
     /// client connected to (on a redirected client socket, what it dialled).
     /// `None` for sockets the DNAT never touched.
     pub fn original_dst(&self, socket: &impl AsRawFd) -> Result<Option<SocketAddrV4>, DnatError> {
-        match self.orig.get(socket, 0) {
+        let fd = socket.as_raw_fd();
+        let io_err = |what: &str| DnatError::fs(format!("reading a socket's {what} to find its original destination"));
+        let local = socket_addr_v4(fd, false).map_err(io_err("address"))?;
+        let peer = socket_addr_v4(fd, true).map_err(io_err("peer address"))?;
+        let (Some(local), Some(peer)) = (local, peer) else { return Ok(None) };
+        // An accepted socket (what the tunnel server asks on every
+        // connection): its peer is the client, its own address the server.
+        if let Some(orig) = self.connection(*peer.ip(), *local.ip(), peer.port(), local.port())? {
+            return Ok(Some(orig));
+        }
+        // A redirected client socket: getpeername shows it what it dialled;
+        // its real peer is the tunnel server at the rule's target port.
+        let Some(target_port) = self.lookup_port_rule(peer.port())? else { return Ok(None) };
+        let config = self.conf.get(&0, 0).map_err(DnatError::map(MAP_CONF, "reading"))?;
+        let target = addr_of(config.target_ip4);
+        match self.connection(*local.ip(), target, local.port(), target_port)? {
+            Some(orig) if orig == peer => Ok(Some(orig)),
+            _ => Ok(None),
+        }
+    }
+
+    /// The original destination recorded for the connection from `client`
+    /// to `server`.
+    fn connection(
+        &self,
+        client: Ipv4Addr,
+        server: Ipv4Addr,
+        client_port: u16,
+        server_port: u16,
+    ) -> Result<Option<SocketAddrV4>, DnatError> {
+        let tuple = abi::Tuple { client_ip4: u32_of(client), server_ip4: u32_of(server), client_port, server_port };
+        match self.conns.get(&tuple, 0) {
             Ok(orig) => Ok(Some(SocketAddrV4::new(addr_of(orig.ip4), orig.port))),
             Err(MapError::KeyNotFound) => Ok(None),
-            Err(MapError::SyscallError(err)) if err.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(None),
-            Err(source) => Err(DnatError::map(MAP_ORIG, "reading a socket's storage")(source)),
+            Err(source) => Err(DnatError::map(MAP_CONNS, "looking up a connection")(source)),
         }
     }
 
@@ -1080,7 +1244,15 @@ impl TunnelDnat {
         let stat = |index: u32| -> Result<u64, DnatError> {
             self.stat.get(&index, 0).map(|values| sum(&values)).map_err(DnatError::map(MAP_STAT, "reading"))
         };
-        let handshakes_pending = self.shake.keys().filter(Result::is_ok).count();
+        let (mut handshakes_pending, mut connections_open) = (0, 0);
+        // An entry can go between listing its key and reading it: skip it.
+        for (_, orig) in self.conns.iter().flatten() {
+            connections_open += 1;
+            if orig.side != abi::SIDE_ACCEPTED {
+                handshakes_pending += 1;
+            }
+        }
+        let dialled_unsent = self.dialled.keys().filter(Result::is_ok).count();
         Ok(DnatStats {
             target,
             scope,
@@ -1088,6 +1260,8 @@ impl TunnelDnat {
             edge_nodes,
             edge_subnets,
             handshakes_pending,
+            connections_open,
+            dialled_unsent,
             accepted_with_origin: stat(abi::STAT_ACCEPTED)?,
             no_storage: stat(abi::STAT_NO_STORAGE)?,
             handshake_full: stat(abi::STAT_HANDSHAKE_FULL)?,
@@ -1124,6 +1298,7 @@ impl TunnelDnat {
         for spec in &PROGRAMS {
             outcomes.extend(remove_link(spec, &pin_dir.join(LINK_DIR).join(spec.name))?);
         }
+        remove_obsolete_maps(pin_dir)?;
         for (name, _, _) in MAPS {
             match fs::remove_file(pin_dir.join(name)) {
                 Ok(()) => {}
