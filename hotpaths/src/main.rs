@@ -18,17 +18,19 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use anyhow::{bail, ensure, Context, Result};
 use netd_dataplane::vxlan::{Applied, Lease, PeerChange, Reconciler};
+use netd_ebpf::dnat::{AttachOptions, TunnelDnat};
 use netd_ipam::{PodRef, Range, RangeSet, Store};
-use netd_testing::{synthetic_config, synthetic_node, synthetic_peer, NetNs, PrivilegedGuard};
+use netd_testing::{synthetic_config, synthetic_node, synthetic_peer, Cgroup, NetNs, PinDir, PrivilegedGuard};
 use netd_tunnel::routes::{LeaseRoute, RouteTable};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Every case: name and what it runs inside [`measured`].
-const CASES: [(&str, &str); 6] = [
+const CASES: [(&str, &str); 7] = [
     ("ipam-allocate", "one CNI ADD's allocation: a new pod's address in a store of 100 pods (one durable transaction)"),
     ("ipam-release", "one CNI DEL's release of an attached pod in a store of 100 pods"),
     ("vxlan-noop-reconcile", "a full pass over 1 000 programmed peers that finds nothing to change (dumps + diff)"),
     ("vxlan-peer-event", "one peer added to 1 000 programmed ones, applied incrementally (4 kernel writes)"),
+    ("dnat-edge-nodes", "the DNAT's desired edge-node set of 10 000 with one node replaced: diff + 2 map writes"),
     ("tunnel-route-lookup", "1 000 lookups (node address, pod address, unknown) in a table of 10 000 leases"),
     ("tunnel-splice", "1 MiB each way through `transport::splice` between two in-memory pipes"),
 ];
@@ -62,6 +64,7 @@ fn run(name: &str) -> Result<()> {
         "ipam-release" => ipam_release(),
         "vxlan-noop-reconcile" => vxlan_noop_reconcile(),
         "vxlan-peer-event" => vxlan_peer_event(),
+        "dnat-edge-nodes" => dnat_edge_nodes(),
         "tunnel-route-lookup" => tunnel_route_lookup(),
         "tunnel-splice" => tunnel_splice(),
         other => bail!("unknown case `{other}` (known: {})", names().join(", ")),
@@ -143,6 +146,29 @@ fn vxlan_peer_event() -> Result<()> {
         Applied::Done(report) => ensure!(report.writes == 4, "one new peer took {} writes, not 4", report.writes),
         Applied::NeedsFullPass(why) => bail!("one new peer needed a full pass: {why}"),
     }
+    Ok(())
+}
+
+/// Edge node `i` of the DNAT case: 10.99.0.0/16 upwards.
+fn edge_node(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 99, 0, 1)) + i)
+}
+
+fn dnat_edge_nodes() -> Result<()> {
+    let Some(_kernel) = netd_testing::privileged()? else { bail!("the DNAT case loads BPF programs: run it as root") };
+    // Attached to a cgroup no process is in: the maps are real, nothing is redirected.
+    let cgroup = Cgroup::new()?;
+    let pins = PinDir::new()?;
+    let (mut dnat, _) = TunnelDnat::load_or_attach(&AttachOptions {
+        pin_dir: pins.path().to_path_buf(),
+        cgroup: Some(cgroup.path().to_path_buf()),
+        original_dst_cgroup: None,
+    })?;
+    dnat.set_edge_nodes((0..LEASES).map(edge_node))?;
+    // A node left and another joined: what a full resync hands over.
+    let wanted: Vec<Ipv4Addr> = (1..=LEASES).map(edge_node).collect();
+    let changes = measured(|| dnat.set_edge_nodes(wanted.iter().copied()))?;
+    ensure!((changes.added, changes.removed) == (1, 1), "expected one node added and one removed, got {changes:?}");
     Ok(())
 }
 

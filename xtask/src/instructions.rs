@@ -38,9 +38,9 @@ const BASELINE: &str = "hotpaths/baseline.json";
 const MEASURED: &str = "netd_hotpaths::measured*";
 
 /// The cases that program the kernel: they run as root, in a network
-/// namespace of their own that the case makes.
+/// namespace or a cgroup of their own that the case makes.
 fn needs_root(case: &str) -> bool {
-    case.starts_with("vxlan-")
+    case.starts_with("vxlan-") || case.starts_with("dnat-")
 }
 
 /// `cargo xtask instructions [check|update]`.
