@@ -102,24 +102,26 @@ const FULL: Plan = Plan {
     ],
 };
 
-/// A smoke run: a hundredth, and a timeout that still outlasts opening the
-/// flood and a one-second iperf3 run.
-const SMOKE: Plan = Plan {
-    iperf_seconds: 1,
-    slow_per_door: 5,
-    timeout: Duration::from_secs(5),
-    max_per_door: 82,
-    max_per_source: 41,
-    flood: [
-        (Ipv4Addr::new(192, 168, 62, 11), 50),
-        (Ipv4Addr::new(192, 168, 62, 12), 17),
-        (Ipv4Addr::new(192, 168, 62, 13), 17),
-        (Ipv4Addr::new(192, 168, 62, 14), 16),
-    ],
-};
+/// A smoke run: a hundredth of every count and cap (rounded up, so each
+/// cap is still reached and passed), and a timeout that still outlasts
+/// opening the flood and a one-second iperf3 run.
+fn smoke_plan() -> Plan {
+    let hundredth = |n: usize| n.div_ceil(100);
+    Plan {
+        iperf_seconds: 1,
+        slow_per_door: hundredth(FULL.slow_per_door),
+        timeout: Duration::from_secs(5),
+        max_per_door: hundredth(FULL.max_per_door),
+        max_per_source: hundredth(FULL.max_per_source),
+        flood: FULL.flood.map(|(source, n)| (source, hundredth(n))),
+    }
+}
 
 fn plan() -> Plan {
-    Scale::sized(FULL, SMOKE)
+    match Scale::current() {
+        Scale::Full => FULL,
+        Scale::Smoke => smoke_plan(),
+    }
 }
 
 /// Descriptors the server keeps besides the flood's: listeners, the agent's
