@@ -110,7 +110,7 @@ use std::time::Duration;
 
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{oneshot, watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 
 use netd_kube::{ClientCertFiles, KubeClient, KubeConfig, KubeError};
@@ -342,7 +342,7 @@ pub async fn run(config: HubConfig, shutdown: impl Future<Output = ()>) -> Resul
             let autonomous = match config.cache {
                 CacheMode::Always => true,
                 CacheMode::Never => false,
-                // What the Node said last; asked again before serving.
+                // What the Node said last; asked again at once (see FIRST_LOOK).
                 CacheMode::Auto => autonomy::read_state(&config.cache_dir),
             };
             Ok((store, ca, client_ca, client, autonomous))
@@ -399,16 +399,44 @@ pub async fn run(config: HubConfig, shutdown: impl Future<Output = ()>) -> Resul
             }
         })));
     }
-    // The first probe before serving: a kubelet's first list should not
-    // be answered from the cache only because nobody looked yet.
+    // A first look at the cloud and at the node's autonomy before serving,
+    // both at once: a kubelet's first list should not be answered from the
+    // cache only because nobody looked yet, and should land in the cache of
+    // a node just made autonomous. A cloud that does not answer is not
+    // waited out (two probe timeouts, 10 s of a reboot with the cloud
+    // away): after FIRST_LOOK the hub serves in the remembered mode, its
+    // look still under way.
     hub.set_caching(autonomous, "as at start");
-    probe_once(&hub, config.probe_interval).await;
-    tasks.0.push(tokio::spawn(probe_loop(hub.clone(), config.probe_interval)));
+    let (probed_tx, probed) = oneshot::channel::<()>();
+    tasks.0.push(tokio::spawn({
+        let (hub, interval) = (hub.clone(), config.probe_interval);
+        async move {
+            probe_once(&hub, interval).await;
+            let _ = probed_tx.send(());
+            probe_loop(hub, interval).await;
+        }
+    }));
+    let (checked_tx, checked) = oneshot::channel::<()>();
     if config.cache == CacheMode::Auto {
-        // Before serving too: the kubelet's first lists should land in the
-        // cache of an autonomous node.
-        check_autonomy(&hub, &config.cache_dir, config.probe_interval).await;
-        tasks.0.push(tokio::spawn(follow_autonomy(hub.clone(), config.cache_dir.clone(), config.probe_interval)));
+        let (hub, cache_dir, interval) = (hub.clone(), config.cache_dir.clone(), config.probe_interval);
+        tasks.0.push(tokio::spawn(async move {
+            check_autonomy(&hub, &cache_dir, interval).await;
+            let _ = checked_tx.send(());
+            follow_autonomy(hub, cache_dir, interval).await;
+        }));
+    } else {
+        drop(checked_tx);
+    }
+    let first_look = async {
+        let _ = probed.await;
+        let _ = checked.await;
+    };
+    if tokio::time::timeout(FIRST_LOOK, first_look).await.is_err() {
+        tracing::info!(
+            waited = ?FIRST_LOOK,
+            autonomous = hub.metrics.autonomous(),
+            "the cloud has not answered yet: serving in the remembered mode while the probe goes on"
+        );
     }
     tasks.0.push(tokio::spawn(renew_serving(ca.clone(), serving)));
     tracing::info!(
@@ -471,6 +499,10 @@ pub async fn run(config: HubConfig, shutdown: impl Future<Output = ()>) -> Resul
     tracing::info!("edge hub stopped");
     Ok(())
 }
+
+/// How long the hub waits, before serving, for its first look at the cloud
+/// and the node's autonomy: a cloud that answers does so well within it.
+const FIRST_LOOK: Duration = Duration::from_secs(1);
 
 /// Asks `/readyz`: any answer below 500 within the interval is a reachable cloud.
 async fn probe_once(hub: &proxy::Hub, interval: Duration) {

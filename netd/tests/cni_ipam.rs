@@ -155,7 +155,15 @@ fn bad_inputs_each_get_a_precise_error() {
         ),
         (conf(d, r#","subnet":"10.54.0.0/24","ranges":[]"#), pod, 7, "both `ranges` and `subnet`"),
         (conf(d, r#","subnet":"10.54.0.0/24","routes":[{"dst":"nowhere"}]"#), pod, 7, "ipam.routes[0].dst"),
-        (conf(d, r#","subnetFile":"/nonexistent/subnet.env""#), pod, 7, "flannel subnet file cannot be used"),
+        (
+            conf(d, r#","subnetFile":"/nonexistent/subnet.env","subnetFileWait":0"#),
+            pod,
+            7,
+            "flannel subnet file cannot be used",
+        ),
+        (conf(d, r#","subnetFileWait":-1"#), pod, 7, "ipam.subnetFileWait: -1 is out of range"),
+        (conf(d, r#","subnetFileWait":91"#), pod, 7, "ipam.subnetFileWait: 91 is out of range"),
+        (conf(d, r#","subnetFileWait":"5s""#), pod, 7, "ipam.subnetFileWait: invalid type: string"),
         (good.replace("1.0.0", "9.9.9"), pod, 1, "unsupported cniVersion \"9.9.9\""),
         (good.replace(r#""cniVersion":"1.0.0","#, ""), pod, 7, "missing field `cniVersion`"),
         (good.replace("testnet", "../etc"), pod, 7, "cannot name a network directory"),
@@ -202,6 +210,55 @@ fn version_and_older_result_formats() {
     assert_eq!(r["ips"][0]["version"], "4");
     assert_eq!(r["ips"][0]["address"], "10.56.0.2/24");
     assert_error(&run("CHECK", "c1", None, &old), 1, "CHECK is not defined for cniVersion 0.3.1");
+}
+
+/// After a boot the kubelet starts pods before netd has written subnet.env:
+/// ADD waits for the file (and takes the address as soon as it is there)
+/// instead of failing into the kubelet's back-off; DEL never waits; a file
+/// that stays away fails once the wait is over, saying so; a file that is
+/// there but wrong fails at once.
+#[test]
+fn add_waits_for_a_subnet_file_netd_has_not_written_yet() {
+    let dir = tempfile::tempdir().unwrap();
+    // As after a reboot: not even /run/flannel exists yet.
+    let env = dir.path().join("run/flannel/subnet.env");
+    let config = conf(dir.path(), &format!(r#","subnetFile":"{}","subnetFileWait":30"#, env.display()));
+    let started = std::time::Instant::now();
+    let add = spawn("ADD", "c1", Some("default/p"), &config);
+    std::thread::sleep(Duration::from_millis(600));
+    let del = run("DEL", "c0", Some("default/o"), &config);
+    assert!(del.status.success(), "DEL does not wait: {}", String::from_utf8_lossy(&del.stdout));
+    assert!(started.elapsed() < Duration::from_secs(5), "DEL waited");
+    std::fs::create_dir_all(env.parent().unwrap()).unwrap();
+    let written = std::time::Instant::now();
+    netd_model::subnet_env::SubnetEnv::parse(
+        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.7.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
+        &env,
+    )
+    .unwrap()
+    .write(&env)
+    .unwrap();
+    let out = add.wait_with_output().unwrap();
+    let r = json(&out);
+    assert_eq!(r["ips"][0]["address"], "10.244.7.2/24", "the address from the file written during the wait");
+    assert!(written.elapsed() < Duration::from_secs(5), "ADD returned {:?} after the file came", written.elapsed());
+
+    let missing = conf(
+        dir.path(),
+        &format!(r#","subnetFile":"{}","subnetFileWait":0.3"#, dir.path().join("never/subnet.env").display()),
+    );
+    let started = std::time::Instant::now();
+    let out = run("ADD", "c2", Some("default/q"), &missing);
+    assert!(started.elapsed() >= Duration::from_millis(300), "gave up before its wait: {:?}", started.elapsed());
+    assert_error(&out, 7, "after waiting for netd to write it");
+
+    let wrong = dir.path().join("wrong.env");
+    std::fs::write(&wrong, "FLANNEL_SUBNET=banana\n").unwrap();
+    let started = std::time::Instant::now();
+    let out =
+        run("ADD", "c3", Some("default/r"), &conf(dir.path(), &format!(r#","subnetFile":"{}""#, wrong.display())));
+    assert_error(&out, 7, "flannel subnet file cannot be used");
+    assert!(started.elapsed() < Duration::from_secs(5), "a wrong file is not waited for");
 }
 
 #[test]

@@ -784,7 +784,8 @@ fn the_hub_follows_the_nodes_autonomy() {
     let deadline = Instant::now() + bound;
     // The hub removes objects, lists and raw one after the other: wait for
     // all three, not the first.
-    let cached = |hub: &Hub| ["objects", "lists", "raw"].into_iter().filter(|d| hub.cache.join(d).exists()).collect::<Vec<_>>();
+    let cached =
+        |hub: &Hub| ["objects", "lists", "raw"].into_iter().filter(|d| hub.cache.join(d).exists()).collect::<Vec<_>>();
     while !cached(&hub).is_empty() {
         assert!(Instant::now() < deadline, "the cache was not removed: {:?} remain", cached(&hub));
         std::thread::sleep(Duration::from_millis(50));

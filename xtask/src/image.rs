@@ -81,22 +81,25 @@ const GROUP: &str = "root:x:0:\n";
 const MIB: f64 = 1024.0 * 1024.0;
 
 const USAGE: &str = "\
-usage: cargo xtask image [netd | pause [OUT] | busybox [OUT]]
+usage: cargo xtask image [netd | test | pause [OUT] | busybox [OUT]]
   netd     (default) build netd release binaries and write target/image/netd.tar
            (node image) and target/image/netd-cloud.tar (cloud image)
+  test     the same two archives from the debug build the tests use (what
+           `cargo xtask test` writes before the real-cluster tests)
   pause    compile xtask/src/pause.c statically and write OUT [default: /var/cache/netd/images/pause.tar]
   busybox  busybox-static with its applets and write OUT [default: /var/cache/netd/images/busybox.tar]";
 
-/// `cargo xtask image [netd | pause [OUT] | busybox [OUT]]`.
+/// `cargo xtask image [netd | test | pause [OUT] | busybox [OUT]]`.
 pub fn run(args: &[String]) -> Result<()> {
     let which = args.first().map(String::as_str).unwrap_or("netd");
     let out = args.get(1).map(PathBuf::from);
-    if args.len() > 2 || (which == "netd" && out.is_some()) {
+    if args.len() > 2 || (matches!(which, "netd" | "test") && out.is_some()) {
         eprintln!("{USAGE}");
         bail!("too many arguments to `image`");
     }
     match which {
         "netd" => write_netd_images(Build::Release),
+        "test" => write_netd_images(Build::Test),
         "pause" => pause_image(&out.unwrap_or_else(|| Path::new(IMAGE_DIR).join(PAUSE_ARCHIVE))),
         "busybox" => workload_image(&out.unwrap_or_else(|| Path::new(IMAGE_DIR).join(WORKLOAD_ARCHIVE))),
         "-h" | "--help" | "help" => {
@@ -105,7 +108,7 @@ pub fn run(args: &[String]) -> Result<()> {
         }
         other => {
             eprintln!("{USAGE}");
-            bail!("unknown image `{other}` (known: netd, pause, busybox)")
+            bail!("unknown image `{other}` (known: netd, test, pause, busybox)")
         }
     }
 }

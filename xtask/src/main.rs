@@ -39,10 +39,11 @@ tasks:
           `check` fails on a rise over 5 %; `update` records the counts as the new baseline
   ci      setup, fmt check, clippy, build (benches included), test, bench smoke,
           instructions check, doc: what CI runs
-  image [netd|pause [OUT]|busybox [OUT]]
+  image [netd|test|pause [OUT]|busybox [OUT]]
           netd's container image (release binaries, nft and their libraries) as a
           docker-save archive, target/image/netd.tar, tagged netd:<version>; no daemon
-          needed; or the test nodes' pause and busybox images
+          needed; `test`: the same from the debug build the tests use; or the test
+          nodes' pause and busybox images
 ";
 
 fn main() -> Result<()> {

@@ -2,6 +2,7 @@
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use crate::{Range, RangeSet};
 use ipnet::IpNet;
@@ -9,7 +10,7 @@ use serde::Deserialize;
 
 use super::error::{code, CniError};
 use super::version::{CniVersion, SUPPORTED};
-use netd_model::subnet_env::{self, SubnetEnv};
+use netd_model::subnet_env::{self, SubnetEnv, SubnetEnvError};
 
 /// host-local's default data directory; netd's store sits beside
 /// host-local's files (`<dataDir>/<network>/netd-ipam.db`) so the first ADD
@@ -47,6 +48,8 @@ struct RawIpam {
     resolv_conf: Option<String>,
     /// netd: where to read `FLANNEL_SUBNET` when no range is configured.
     subnet_file: Option<String>,
+    /// netd: seconds an ADD waits for a subnet file that does not exist yet.
+    subnet_file_wait: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -162,10 +165,33 @@ pub fn sniff_version(stdin: &[u8]) -> Option<String> {
     serde_json::from_slice::<Sniff>(stdin).ok().map(|s| s.cni_version).filter(|v| SUPPORTED.contains(&v.as_str()))
 }
 
+/// How long an ADD waits for a subnet file that does not exist yet, unless
+/// `ipam.subnetFileWait` (seconds) says otherwise.
+///
+/// After a boot the kubelet starts every pod at once, before netd (a pod
+/// itself) has written `/run/flannel/subnet.env`. flannel's plugin fails
+/// such an ADD at once; the kubelet then retries the pod only after its
+/// 10–15 s back-off, and the failed ADD leaves `cni0` without ports, whose
+/// all-zero MAC fails the bridge plugin's next try too (two back-offs, ~30 s
+/// of a reboot). Waiting here starts the pod as soon as netd has written
+/// the file. A file that exists but is wrong still fails at once.
+pub const SUBNET_FILE_WAIT: Duration = Duration::from_secs(20);
+
+/// The longest `ipam.subnetFileWait`: below the kubelet's default
+/// `--runtime-request-timeout` (2 min), which would otherwise abandon the
+/// sandbox first.
+pub const SUBNET_FILE_WAIT_MAX: Duration = Duration::from_secs(90);
+
+/// How often a missing subnet file is looked for again.
+const SUBNET_FILE_POLL: Duration = Duration::from_millis(50);
+
 /// Which parts of the config a command needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Needs {
-    /// ADD, CHECK, STATUS: ranges must be valid.
+    /// ADD: ranges must be valid; a subnet file not written yet is waited
+    /// for (see [`SUBNET_FILE_WAIT`]).
+    RangesWaiting,
+    /// CHECK, STATUS: ranges must be valid now.
     Ranges,
     /// DEL, GC: only where the store is (a broken range must not block cleanup).
     StoreOnly,
@@ -229,7 +255,11 @@ pub fn parse(stdin: &[u8], needs: Needs) -> Result<IpamConfig, CniError> {
     if needs == Needs::StoreOnly {
         return Ok(config);
     }
-    let (range_sets, flannel_network) = range_sets(&ipam).map_err(with_version)?;
+    let wait = match needs {
+        Needs::RangesWaiting => subnet_file_wait(ipam.subnet_file_wait).map_err(with_version)?,
+        Needs::Ranges | Needs::StoreOnly => Duration::ZERO,
+    };
+    let (range_sets, flannel_network) = range_sets(&ipam, wait).map_err(with_version)?;
     config.range_sets = range_sets;
     config.routes = match &ipam.routes {
         Some(routes) => routes
@@ -297,7 +327,7 @@ fn range_of(
 }
 
 /// The range sets, and the flannel network when they came from subnet.env.
-fn range_sets(ipam: &RawIpam) -> Result<(Vec<RangeSet>, Option<IpNet>), CniError> {
+fn range_sets(ipam: &RawIpam, wait: Duration) -> Result<(Vec<RangeSet>, Option<IpNet>), CniError> {
     if let Some(ranges) = &ipam.ranges {
         if ipam.subnet.is_some() {
             return Err(CniError::new(
@@ -337,12 +367,43 @@ fn range_sets(ipam: &RawIpam) -> Result<(Vec<RangeSet>, Option<IpNet>), CniError
         return Ok((vec![RangeSet::single(range)], None));
     }
     let path = PathBuf::from(ipam.subnet_file.as_deref().unwrap_or(subnet_env::DEFAULT_PATH));
-    let env = SubnetEnv::read(&path).map_err(|e| {
+    let env = read_subnet_file(&path, wait).map_err(|e| {
         invalid("ipam: no `ranges` or `subnet`, and the flannel subnet file cannot be used", super::error::chain(&e))
     })?;
     let range = Range::new(env.subnet.trunc(), None, None, Some(env.gateway()))
         .map_err(|e| invalid(format!("{}: FLANNEL_SUBNET: {e}", path.display()), "fix subnet.env"))?;
     Ok((vec![RangeSet::single(range)], Some(env.network)))
+}
+
+/// `ipam.subnetFileWait`: seconds, from 0 to [`SUBNET_FILE_WAIT_MAX`].
+fn subnet_file_wait(configured: Option<f64>) -> Result<Duration, CniError> {
+    let Some(seconds) = configured else { return Ok(SUBNET_FILE_WAIT) };
+    if !(0.0..=SUBNET_FILE_WAIT_MAX.as_secs_f64()).contains(&seconds) {
+        return Err(invalid(
+            format!("ipam.subnetFileWait: {seconds} is out of range"),
+            format!("give seconds from 0 to {}", SUBNET_FILE_WAIT_MAX.as_secs()),
+        ));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+/// Reads the subnet file, waiting up to `wait` while it does not exist.
+fn read_subnet_file(path: &Path, wait: Duration) -> Result<SubnetEnv, SubnetEnvError> {
+    let deadline = Instant::now() + wait;
+    loop {
+        match SubnetEnv::read(path) {
+            Err(SubnetEnvError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound && Instant::now() < deadline =>
+            {
+                std::thread::sleep(SUBNET_FILE_POLL);
+            }
+            Err(SubnetEnvError::Io { path, action, source }) if source.kind() == std::io::ErrorKind::NotFound => {
+                let action = if wait.is_zero() { action } else { "reading, after waiting for netd to write it," };
+                return Err(SubnetEnvError::Io { path, action, source });
+            }
+            done => return done,
+        }
+    }
 }
 
 fn read_resolv_conf(path: &Path) -> Result<Dns, CniError> {

@@ -151,7 +151,7 @@ fn run_inner(inv: &Invocation, stdin: &[u8], log: &mut dyn Write) -> Result<Stri
 }
 
 fn add(inv: &Invocation, stdin: &[u8], log: &mut dyn Write) -> Result<String, CniError> {
-    let config = config::parse(stdin, Needs::Ranges)?;
+    let config = config::parse(stdin, Needs::RangesWaiting)?;
     let container = container_id(inv)?;
     let ifname = ifname(inv)?;
     let pod = pod_from_args(inv.args.as_deref())?;
