@@ -224,9 +224,12 @@ impl Drop for TunnelStream {
     }
 }
 
-/// Bytes one direction of [`splice`] moves per read, read into the poll's
-/// stack frame: nothing is held between polls unless the writer pushed back.
-const SPLICE_CHUNK: usize = 8 << 10;
+/// Bytes one direction of [`splice`] moves per read, into a buffer that
+/// lives for one poll: nothing is held between polls unless the writer
+/// pushed back. 64 KiB, not tokio's 8: a bulk flow costs one read and one
+/// write per 64 KiB instead of eight of each (the buffer is not
+/// initialised, so a short read costs no more).
+const SPLICE_CHUNK: usize = 64 << 10;
 
 /// One direction of a [`splice`]: bytes the writer did not take yet, and
 /// whether the reader ended.
@@ -252,6 +255,10 @@ impl Direction {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
+        // Read into, and written from at once: allocated (not initialised)
+        // at this poll's first read and freed when the poll returns, so an
+        // idle stream holds none.
+        let mut chunk: Vec<u8> = Vec::new();
         loop {
             if self.done {
                 return Poll::Ready(Ok(()));
@@ -278,15 +285,26 @@ impl Direction {
                 self.done = true;
                 continue;
             }
-            let mut chunk = [0u8; SPLICE_CHUNK];
-            let mut buf = ReadBuf::new(&mut chunk);
-            match Pin::new(&mut *from).poll_read(cx, &mut buf) {
-                Poll::Ready(Ok(())) if buf.filled().is_empty() => self.read_done = true,
+            if chunk.capacity() < SPLICE_CHUNK {
+                chunk.reserve_exact(SPLICE_CHUNK);
+            }
+            let mut buf = ReadBuf::uninit(&mut chunk.spare_capacity_mut()[..SPLICE_CHUNK]);
+            let read = Pin::new(&mut *from).poll_read(cx, &mut buf);
+            let (filled, at_start) = (buf.filled().len(), buf.filled().as_ptr() == chunk.as_ptr());
+            match read {
+                Poll::Ready(Ok(())) if filled == 0 => self.read_done = true,
+                Poll::Ready(Ok(())) if !at_start => {
+                    return Poll::Ready(Err(io::Error::other("the reader replaced the buffer it was given")));
+                }
                 Poll::Ready(Ok(())) => {
-                    let filled = buf.filled();
+                    // SAFETY: `chunk` is empty, and the reader initialised
+                    // the first `filled` bytes of its spare capacity: a
+                    // `ReadBuf`'s filled part is initialised, and it lies at
+                    // the start of `chunk` (checked above).
+                    unsafe { chunk.set_len(filled) };
                     let mut at = 0;
-                    while at < filled.len() {
-                        match Pin::new(&mut *to).poll_write(cx, &filled[at..]) {
+                    while at < chunk.len() {
+                        match Pin::new(&mut *to).poll_write(cx, &chunk[at..]) {
                             Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                             Poll::Ready(Ok(n)) => {
                                 at += n;
@@ -294,11 +312,14 @@ impl Direction {
                             }
                             Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
                             Poll::Pending => {
-                                self.leftover = filled[at..].to_vec();
+                                // The chunk itself waits for the writer: no copy.
+                                self.leftover = std::mem::take(&mut chunk);
+                                self.written = at;
                                 return Poll::Pending;
                             }
                         }
                     }
+                    chunk.clear();
                 }
                 Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
                 Poll::Pending => {
@@ -319,10 +340,10 @@ impl Direction {
 /// Copies between `a` and `b` both ways until both directions end (each
 /// end of stream shuts the other side's writer down), like tokio's
 /// `copy_bidirectional` but with no buffer kept between polls: a chunk is
-/// read into the poll's stack frame and written at once, so an idle
-/// connection holds no copy buffer (`copy_bidirectional` keeps 8 KiB per
-/// direction for the connection's whole life). Only bytes a writer pushed
-/// back are kept, on the heap, until taken.
+/// read into a buffer that lives for one poll and written at once, so an
+/// idle connection holds no copy buffer (`copy_bidirectional` keeps 8 KiB
+/// per direction for the connection's whole life). Only a chunk a writer
+/// pushed back is kept until taken.
 pub async fn splice<A, B>(a: &mut A, b: &mut B) -> io::Result<()>
 where
     A: AsyncRead + AsyncWrite + Unpin,
@@ -442,6 +463,36 @@ mod tests {
         assert_eq!(got, backward);
         to_left.await.unwrap();
         joined.await.unwrap().unwrap();
+    }
+
+    /// A reader that fills a buffer of its own instead of the one it was
+    /// handed (the splice then trusts the length it reports): an error, not
+    /// bytes read from uninitialised memory.
+    #[tokio::test]
+    async fn splice_refuses_a_reader_that_swaps_its_buffer() {
+        struct Swapper;
+        impl AsyncRead for Swapper {
+            fn poll_read(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+                let own: &'static mut [u8] = Box::leak(vec![7u8; 16].into_boxed_slice());
+                *buf = ReadBuf::new(own);
+                buf.set_filled(16);
+                Poll::Ready(Ok(()))
+            }
+        }
+        impl AsyncWrite for Swapper {
+            fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+                Poll::Ready(Ok(buf.len()))
+            }
+            fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Poll::Ready(Ok(()))
+            }
+            fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Poll::Ready(Ok(()))
+            }
+        }
+        let (_far, mut near) = tokio::io::duplex(1024);
+        let err = splice(&mut Swapper, &mut near).await.unwrap_err();
+        assert!(err.to_string().contains("replaced the buffer"), "{err}");
     }
 
     /// What a hostile or broken peer sends instead of HTTP/2; the agent side
