@@ -93,6 +93,10 @@ fn plan() -> Plan {
     Scale::sized(FULL, SMOKE)
 }
 
+/// How long Linux's BBR keeps a minimum RTT before it probes again (its
+/// `bbr_min_rtt_win_sec`, 10 s), and a margin.
+const BBR_MIN_RTT_WINDOW: Duration = Duration::from_secs(12);
+
 /// The longest the idle streams may take to reach the edge.
 const IDLE_WAIT: Duration = Duration::from_secs(30);
 /// The emulated WAN: 25 ms each way (50 ms RTT) at 1 Gbit/s; the queue
@@ -571,6 +575,13 @@ pub fn run(bin_dir: &Path) -> Result<()> {
             for way in WAYS {
                 wait_ready(&stage, way, Duration::from_secs(10))?;
             }
+            // A link that lived on the veth carries its congestion control's
+            // picture of it onto the WAN: BBR (this kernel's default) keeps
+            // the minimum RTT it saw for 10 s, the veth's ~15 µs, and caps
+            // the link's window at twice bandwidth × that RTT, so a round
+            // right after the switch crawled (one at 0.02 Gbit/s). A real
+            // edge link is made on its WAN: wait out that window.
+            std::thread::sleep(Scale::sized(BBR_MIN_RTT_WINDOW, Duration::ZERO));
         }
         interleave(iperf_rounds, |way| {
             let i = WAYS.iter().position(|w| *w == way).unwrap_or(0);
