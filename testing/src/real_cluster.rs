@@ -1305,14 +1305,13 @@ fn write(path: &Path, contents: impl AsRef<[u8]>) -> Result<(), HarnessError> {
 
 /// The IPv4 resolvers of the machine's `/etc/resolv.conf`, which the nodes'
 /// mount namespaces share (loopback ones aside: a node's own loopback).
-fn machine_nameservers() -> Vec<Ipv4Addr> {
+/// Each once: a second route to the same address would fail.
+fn machine_nameservers() -> std::collections::BTreeSet<Ipv4Addr> {
     read(Path::new("/etc/resolv.conf"))
         .lines()
         .filter_map(|line| line.trim().strip_prefix("nameserver"))
         .filter_map(|server| server.trim().parse::<Ipv4Addr>().ok())
         .filter(|server| !server.is_loopback() && !server.is_link_local())
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
         .collect()
 }
 
