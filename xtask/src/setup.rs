@@ -33,6 +33,15 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("binutils", "strip: the netd image carries its binaries without symbol tables"),
     ("valgrind", "callgrind: the hot paths' instruction counts (`cargo xtask instructions`)"),
     ("strace", "counts the IPAM store's fsyncs per CNI call (ipam/tests/durability.rs)"),
+    // 19 MB download, 96 MB installed (its web UI's JavaScript libraries
+    // come along); its postinst only adds the prometheus user: without
+    // systemd or a runlevel nothing starts, and where systemd starts it on
+    // :9090 the test's own Prometheus is unaffected (it runs in a test
+    // namespace). Built without Kubernetes discovery, hence static targets.
+    (
+        "prometheus",
+        "prometheus and promtool: the monitoring test scrapes netd and checks deploy/monitoring/ (netd/tests/prometheus.rs)",
+    ),
 ];
 
 fn installed(package: &str) -> bool {
