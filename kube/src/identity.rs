@@ -3,7 +3,7 @@
 //! netd on a node authenticates as the node (`system:node:<name>`, group
 //! `system:nodes`) with the kubelet's own client certificate, so the Node
 //! authorizer and NodeRestriction confine its writes to its own Node
-//! (README, "Who is trusted for what"). The kubelet rotates that
+//! (the book's "Who is trusted for what", docs/src/concepts/trust.md). The kubelet rotates that
 //! certificate in place: it writes `kubelet-client-<time>.pem` (certificate
 //! and key in one file) and re-points the symlink
 //! `kubelet-client-current.pem` at it. [`IdentitySource`] follows that

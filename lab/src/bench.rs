@@ -1,5 +1,6 @@
 //! `netd-lab bench` (`cargo xtask bench`): side-by-side runs that need namespaces or external
-//! tools. Each prints a markdown table (medians, p99, ratios) for README.
+//! tools. Each prints a markdown table (medians, p99, ratios) for the book's
+//! benchmark pages (docs/src/benchmarks/).
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
@@ -33,7 +34,7 @@ const REBOOT_ROUND_PAIRS: usize = 2;
 /// How much a benchmark run measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scale {
-    /// README's figures: every size, every round.
+    /// The book's figures: every size, every round.
     Full,
     /// Every step of every benchmark once, at tiny sizes: what CI runs so
     /// that a broken benchmark fails there. Its figures mean nothing and are

@@ -394,7 +394,7 @@ struct Stage<'a> {
     anchor_tunnel: &'a Listener,
 }
 
-/// Runs the DNAT benchmark and prints README's tables.
+/// Runs the DNAT benchmark and prints the book's tables.
 pub fn run(rounds: usize, per_round: usize) -> Result<()> {
     let Some(_kernel) = testing::privileged()? else { bail!("the DNAT benchmark needs root") };
     let dir = tempfile::tempdir()?;

@@ -52,7 +52,7 @@ use crate::tunnel_lab::{
     serve_http, strings, v4, NetdLab, Service, AGENTS_PORT, CLOUD_IP, CONNECT_PORT, DNAT_PORT, HTTP_PORT, NODE_IP,
 };
 
-/// What one run opens and waits for: README's sizes ([`FULL`]) or a smoke
+/// What one run opens and waits for: the book's sizes ([`FULL`]) or a smoke
 /// run's, a hundredth of the flood against a hundredth of the caps, so
 /// every cap is still reached and every prediction checked.
 #[derive(Clone, Copy)]
@@ -81,7 +81,7 @@ impl Plan {
     }
 }
 
-/// README's run: 10 000 idle connections per door, 1 000 slow clients.
+/// The book's run: 10 000 idle connections per door, 1 000 slow clients.
 /// The timeout (the CLI's default is 10 s) is long enough that the whole
 /// flood is open (2–3 s on two cores) and the iperf3 run has ended (4.5 s
 /// more) well before the first idle connection times out, short enough to
@@ -678,7 +678,7 @@ fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
-/// Runs `rounds` rounds and prints README's tables.
+/// Runs `rounds` rounds and prints the book's tables.
 pub fn run(rounds: usize, bin_dir: &Path) -> Result<()> {
     let Some(_kernel) = testing::privileged()? else { bail!("the door-bounds benchmark needs root") };
     // A flood worker's sockets (one process per door), and the server's

@@ -167,7 +167,7 @@ fn flannel_layout(ns: &NetNs, dir: &Path, n: u32) -> Result<()> {
     Ok(())
 }
 
-/// Runs the per-event benchmark and prints README's table.
+/// Runs the per-event benchmark and prints the book's table.
 pub fn run(reps: usize) -> Result<()> {
     let Some(_kernel) = testing::privileged()? else { bail!("the event benchmark needs root") };
     let dir = tempfile::tempdir()?;

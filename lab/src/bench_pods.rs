@@ -6,7 +6,7 @@
 //!
 //! One [`RealCluster`] (a cloud node and two edge nodes, real kubelets
 //! 1.20.2 and Debian's containerd, see `netd::testing`), `deploy/` applied
-//! as README's install steps say (tunnel credentials first), every
+//! as the book's install steps say (tunnel credentials first), every
 //! DaemonSet and node Ready. A target pod runs on edge-2; every round
 //! creates [`PODS`] pods on edge-1 at once (one `kubectl create` of a List;
 //! the scheduler places them by `nodeSelector`), each pinging the target

@@ -47,7 +47,7 @@ fn row(label: &str, reports: &[ScenarioReport]) {
     );
 }
 
-/// Runs the scenario `reps` times per registry and prints a README table.
+/// Runs the scenario `reps` times per registry and prints the book's table.
 pub fn run(reps: usize, bin_dir: &Path) -> Result<()> {
     let Some(_kernel) = testing::privileged()? else { bail!("the scenario benchmark needs root") };
     println!("machine: {}", machine());

@@ -47,7 +47,7 @@ use crate::tunnel_lab::{
     NetdLab, Service, CLOUD_IP, EDGE_LINK_IP, NODE_IP, SERVICES,
 };
 
-/// What one run measures: README's sizes ([`FULL`]) or a smoke run's.
+/// What one run measures: the book's sizes ([`FULL`]) or a smoke run's.
 #[derive(Clone, Copy)]
 struct Plan {
     /// iperf3 rounds per variant and network, seconds per run.
@@ -512,7 +512,7 @@ fn relink(stage: &Stage) -> Result<(f64, f64)> {
     Ok((noticed.as_secs_f64(), back.elapsed().as_secs_f64() * 1e3))
 }
 
-/// Runs the tunnel benchmark and prints README's tables.
+/// Runs the tunnel benchmark and prints the book's tables.
 pub fn run(bin_dir: &Path) -> Result<()> {
     let Some(_kernel) = testing::privileged()? else { bail!("the tunnel benchmark needs root") };
     let Plan {

@@ -345,7 +345,7 @@ fn median(v: &[Duration]) -> Duration {
     percentile(&v, 0.5)
 }
 
-/// Milliseconds with one decimal and a space between thousands, as README
+/// Milliseconds with one decimal and a space between thousands, as the book
 /// writes them: `2 185.3`.
 fn millis(d: Duration) -> String {
     let tenths = (d.as_secs_f64() * 10_000.0).round() as u64;
@@ -374,7 +374,7 @@ fn ratio(a: Duration, b: Duration) -> f64 {
     a.as_secs_f64() / b.as_secs_f64().max(f64::EPSILON)
 }
 
-/// Runs the VXLAN benchmark and prints README tables.
+/// Runs the VXLAN benchmark and prints the book's tables.
 pub fn run(reps: usize, bin_dir: &Path) -> Result<()> {
     let netd = bin_dir.join("netd");
     let Some(_kernel) = testing::privileged()? else { bail!("the VXLAN benchmark needs root") };

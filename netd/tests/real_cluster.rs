@@ -247,7 +247,7 @@ fn deploy_runs_on_real_kubelets_and_pods_keep_their_addresses() {
     }
     let mut cluster = builder.start().unwrap();
 
-    // 1. deploy/ as README says to apply it: every DaemonSet Ready on the
+    // 1. deploy/ as the book says to apply it: every DaemonSet Ready on the
     // nodes it selects, every node Ready.
     cluster.deploy(&[METRICS_PORT], SLOW).unwrap();
     let all = cluster.nodes().len() as u64;

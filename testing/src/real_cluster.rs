@@ -340,7 +340,7 @@ impl RealCluster {
             .map_err(|e| HarnessError::Scenario(format!("kubectl {} printed no JSON ({e}): {text}", args.join(" "))))
     }
 
-    /// The tunnel's credentials and settings, as README's install steps
+    /// The tunnel's credentials and settings, as the book's install steps
     /// make them before `kubectl apply -f deploy/`: the servers'
     /// certificate (for the cloud node's address) in Secret
     /// `kube-system/netd-tunnel-server`, each edge node's certificate in its
@@ -1024,12 +1024,12 @@ impl RealNode {
     }
 
     /// Puts netd's edge hub (`<netd> hub`, a host service of the node)
-    /// between the kubelet and kube-apiserver at `server`, as README's
-    /// "Edge hub" section configures it: the hub dials kube-apiserver with
-    /// the kubelet's own client certificate, and the kubelet, restarted
-    /// with a kubeconfig naming `https://127.0.0.1:10261` and the hub's CA,
-    /// talks to the hub. From here on [`boot`](Self::boot) starts the hub
-    /// before the kubelet.
+    /// between the kubelet and kube-apiserver at `server`, as the book's
+    /// edge hub page (docs/src/concepts/hub.md) configures it: the hub
+    /// dials kube-apiserver with the kubelet's own client certificate, and
+    /// the kubelet, restarted with a kubeconfig naming
+    /// `https://127.0.0.1:10261` and the hub's CA, talks to the hub.
+    /// From here on [`boot`](Self::boot) starts the hub before the kubelet.
     pub fn use_hub(&mut self, netd: &Path, server: &str) -> Result<(), HarnessError> {
         self.hub_setup = Some((netd.to_path_buf(), server.to_string()));
         self.start_hub()?;

@@ -1,5 +1,5 @@
 //! What the real-cluster test, the cluster demo and the benchmarks do on a
-//! [`RealCluster`] alike: install `deploy/` as README says, run a workload
+//! [`RealCluster`] alike: install `deploy/` as the book says, run a workload
 //! across edge nodes, wait for its pods, read a streaming `kubectl`.
 
 use std::collections::BTreeMap;
@@ -125,7 +125,7 @@ impl RealCluster {
         self.kubectl(&["apply", "-f", &file.to_string_lossy()]).map(|_| ())
     }
 
-    /// netd installed as README's steps say: the tunnel credentials (with
+    /// netd installed as the book's install steps say: the tunnel credentials (with
     /// `extra_ports` for the agents), `kubectl apply -f deploy/`, then every
     /// DaemonSet Ready on the nodes it selects and every node Ready.
     pub fn deploy(&self, extra_ports: &[u16], timeout: Duration) -> Result<(), HarnessError> {

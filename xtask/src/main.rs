@@ -5,6 +5,7 @@
 //! side-by-side benchmarks live in the `netd-lab` crate (which builds on
 //! `netd::testing`) and run after setup.
 
+mod docs;
 mod image;
 mod instructions;
 mod kube;
@@ -30,6 +31,9 @@ tasks:
   setup   install (idempotently) the Debian packages netd needs to build, test and demo
   test    run every test, unprivileged and privileged (root; network namespaces),
           and check that no namespace, link or cgroup is left behind
+  docs    build the book (docs/) into target/book with a pinned mdBook (installed into
+          target/tools on first use), check its links and README's (no network), and
+          that README has at most 200 lines; a step of `ci`
   bench [cni|vxlan|events|rss|scenario|dnat|tunnel|tunnel-scale|doors|tunnel-config|autonomy|pods|hub|reboot|all|smoke]
           side-by-side benchmarks needing namespaces or external tools (root); `pods`
           and `reboot` (a real cluster, netd's image) are not part of `all`; `smoke`
@@ -55,6 +59,7 @@ fn main() -> Result<()> {
     match task.as_str() {
         "setup" => setup::run(),
         "test" => test::run(),
+        "docs" => docs::run(),
         "ci" => ci(),
         "demo" => match args.get(1).map(String::as_str) {
             None => demo(),
@@ -295,6 +300,7 @@ fn ci() -> Result<()> {
     step("bench smoke", run_smoke)?;
     step("instructions", || instructions::run(&[]))?;
     step("doc", || cargo(&["doc", "--workspace", "--no-deps", "--all-features"], &[("RUSTDOCFLAGS", "-D warnings")]))?;
+    step("docs", docs::run)?;
     println!("ci: all steps passed in {:.1}s", started.elapsed().as_secs_f64());
     Ok(())
 }

@@ -454,7 +454,7 @@ impl NodeController {
                             self.metrics.edge_marked.fetch_add(1, Ordering::Relaxed);
                             // Loud: either a node claimed the cloud role for
                             // itself, or an operator has not labelled a real
-                            // cloud node yet (README, "Upgrading").
+                            // cloud node yet (the book's "Who is trusted for what", docs/src/concepts/trust.md).
                             if claimed_cloud {
                                 tracing::warn!(node = %name, "labelled {LABEL_EDGE_WORKER}=false without {LABEL_ROLE}=cloud: an edge node, relabelled {LABEL_EDGE_WORKER}=true (if it is a cloud node, an operator labels it {LABEL_ROLE}=cloud)");
                             } else {

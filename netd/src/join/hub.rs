@@ -144,7 +144,7 @@ impl HubWiring {
     pub fn unit(&self, node: &str, server: &str, cluster_ca: &Path) -> String {
         let path = |p: &Path| unit_arg(&p.display().to_string());
         format!(
-            "# Written by netd-join: netd's edge hub, the kubelet's way to kube-apiserver (README: \"Edge hub\").\n\
+            "# Written by netd-join: netd's edge hub, the kubelet's way to kube-apiserver (netd's book: docs/src/concepts/hub.md).\n\
              [Unit]\n\
              Description=netd edge hub: the kubelet's caching proxy to kube-apiserver\n\
              Wants=network-online.target\n\
@@ -284,7 +284,7 @@ current-context: kubelet@netd-hub
         let unit = hub.unit("edge-1", "https://10.0.0.1:6443", Path::new("/etc/netd/tunnel/ca.crt"));
         assert_eq!(
             unit,
-            "# Written by netd-join: netd's edge hub, the kubelet's way to kube-apiserver (README: \"Edge hub\").
+            "# Written by netd-join: netd's edge hub, the kubelet's way to kube-apiserver (netd's book: docs/src/concepts/hub.md).
 [Unit]
 Description=netd edge hub: the kubelet's caching proxy to kube-apiserver
 Wants=network-online.target
