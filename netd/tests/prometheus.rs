@@ -10,12 +10,13 @@
 //!   passes their unit tests (no root);
 //! - the real processes, in one node namespace this test makes: `netd run`
 //!   (with the pin keeper on a kube-apiserver 1.20.2 "in the cloud"), the
-//!   tunnel server and an agent linked to it, `netd-controller run`; a
-//!   `prometheus` beside them scrapes their `/metrics` with the jobs and
-//!   relabeling of `prometheus.yml` (its `kubernetes_sd_configs` replaced
-//!   by static targets carrying the labels Kubernetes discovery would
-//!   give, plus one that the relabeling must drop) and evaluates the rules
-//!   file. Every target is up with the job and instance labels the rules
+//!   tunnel server and an agent linked to it, `netd-controller run`, the
+//!   edge hub `netd hub`; a `prometheus` beside them scrapes their
+//!   `/metrics` with the jobs and relabeling of `prometheus.yml` (its
+//!   `kubernetes_sd_configs` replaced by static targets carrying the labels
+//!   Kubernetes discovery would give, plus one that the relabeling must
+//!   drop; the hub by the static job the file's comment shows) and
+//!   evaluates the rules file. Every target is up with the job and instance labels the rules
 //!   and the dashboard expect, every rule loads with health `ok`, and every
 //!   query of the dashboard, with Grafana's variables substituted as
 //!   Grafana would, returns at least one series.
@@ -52,6 +53,11 @@ const TARGETS: [(&str, &str, u16); 4] = [
     ("netd-tunnel-agent", "metrics", 10268),
     ("netd-controller", "metrics", 10267),
 ];
+
+/// The edge hub: no pod, so no job of `prometheus.yml`; scraped by a
+/// job of its own as the file's comment shows (a node-local agent).
+const HUB_JOB: &str = "netd-hub";
+const HUB_METRICS_PORT: u16 = 10269;
 
 fn yaml_file(path: &Path) -> Value {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -320,6 +326,15 @@ fn scrape_config(rules_file: &Path) -> Value {
         job.insert("scrape_interval".into(), json!("1s"));
         job.insert("scrape_timeout".into(), json!("1s"));
     }
+    config["scrape_configs"].as_array_mut().unwrap().push(json!({
+        "job_name": HUB_JOB,
+        "scrape_interval": "1s",
+        "scrape_timeout": "1s",
+        "static_configs": [{
+            "targets": [format!("127.0.0.1:{HUB_METRICS_PORT}")],
+            "labels": { "node": "node-1", "namespace": "kube-system", "instance": format!("node-1:{HUB_METRICS_PORT}") },
+        }],
+    }));
     let config = config.as_object_mut().unwrap();
     config.insert("global".into(), json!({ "scrape_interval": "1s", "evaluation_interval": "1s" }));
     config.insert("rule_files".into(), json!([rules_file]));
@@ -435,8 +450,27 @@ fn a_real_prometheus_scrapes_netd_loads_the_rules_and_answers_every_dashboard_qu
     let controller_bin = Path::new(env!("CARGO_BIN_EXE_netd-controller"));
     let _controller = NetdProcess::spawn(&node.ns, controller_bin, controller_args, &log("controller")).unwrap();
 
+    // The edge hub in front of the same API server, with the node's client
+    // certificate from the cluster CA, caching.
+    let issued = api.ca().issue_node(&node.name, &[], day).unwrap();
+    let hub_cert = dir.join("hub-client.pem");
+    std::fs::write(&hub_cert, format!("{}{}", issued.cert_pem(), issued.key_pem())).unwrap();
+    let hub_args = [
+        "hub".to_string(),
+        format!("--node-name={}", node.name),
+        format!("--server={}", api.url()),
+        format!("--ca-file={kube_ca}"),
+        format!("--client-cert={}", hub_cert.display()),
+        "--listen=127.0.0.1:10261".into(),
+        format!("--metrics-listen=127.0.0.1:{HUB_METRICS_PORT}"),
+        format!("--cache-dir={}", dir.join("hub-cache").display()),
+        "--probe-interval=1s".into(),
+        "--cache=true".into(),
+    ];
+    let _hub = NetdProcess::spawn(&node.ns, netd_bin, hub_args, &log("hub")).unwrap();
+
     let logs = || {
-        ["netd", "tunnel-server", "tunnel-agent", "controller", "prometheus"]
+        ["netd", "tunnel-server", "tunnel-agent", "controller", "hub", "prometheus"]
             .map(|name| format!("== {name}\n{}", std::fs::read_to_string(log(name)).unwrap_or_default()))
             .join("\n")
     };
@@ -455,7 +489,9 @@ fn a_real_prometheus_scrapes_netd_loads_the_rules_and_answers_every_dashboard_qu
             && bodies[0].lines().any(|line| line.starts_with("netd_ipam_pins{"))
             && sample(&bodies[1], "netd_tunnel_agents") == Some(1.0)
             && sample(&bodies[2], "netd_tunnel_agent_links_up") == Some(1.0)
-            && sample(&bodies[3], "netd_controller_leader") == Some(1.0);
+            && sample(&bodies[3], "netd_controller_leader") == Some(1.0)
+            && curl(&node.ns, &[&format!("http://127.0.0.1:{HUB_METRICS_PORT}/metrics")])
+                .is_some_and(|body| sample(&body, "netd_hub_cloud_reachable") == Some(1.0));
         ready.then_some(())
     });
     let processes_up = started.elapsed();
@@ -478,10 +514,10 @@ fn a_real_prometheus_scrapes_netd_loads_the_rules_and_answers_every_dashboard_qu
         let data = prometheus_api(&node.ns, "targets", None)?;
         let active = data["activeTargets"].as_array()?.clone();
         let up = active.iter().filter(|t| t["health"] == "up").count();
-        (up == TARGETS.len()).then_some(data)
+        (up == TARGETS.len() + 1).then_some(data)
     });
     let active = targets["activeTargets"].as_array().unwrap();
-    assert_eq!(active.len(), TARGETS.len(), "{active:#?}");
+    assert_eq!(active.len(), TARGETS.len() + 1, "{active:#?}");
     let labels: BTreeSet<(String, String)> = active
         .iter()
         .map(|t| {
@@ -489,8 +525,11 @@ fn a_real_prometheus_scrapes_netd_loads_the_rules_and_answers_every_dashboard_qu
             (labels["job"].as_str().unwrap().to_string(), labels["instance"].as_str().unwrap().to_string())
         })
         .collect();
-    let expected: BTreeSet<(String, String)> =
-        TARGETS.iter().map(|(job, _, port)| (job.to_string(), format!("node-1:{port}"))).collect();
+    let expected: BTreeSet<(String, String)> = TARGETS
+        .iter()
+        .map(|(job, _, port)| (job.to_string(), format!("node-1:{port}")))
+        .chain([(HUB_JOB.to_string(), format!("node-1:{HUB_METRICS_PORT}"))])
+        .collect();
     assert_eq!(labels, expected);
     for target in active {
         for (label, value) in [("node", "node-1"), ("namespace", "kube-system")] {
