@@ -545,6 +545,30 @@ fn a_real_prometheus_scrapes_netd_loads_the_rules_and_answers_every_dashboard_qu
         "the tunnel server's agents port was not dropped: {targets:#?}"
     );
 
+    // The instance variable's query lists every target's instance.
+    let variable = dashboard()["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "instance")
+        .cloned()
+        .unwrap();
+    let definition = variable["definition"].as_str().unwrap();
+    let (selector, label) = definition
+        .strip_prefix("label_values(")
+        .and_then(|rest| rest.strip_suffix(')'))
+        .and_then(|args| args.rsplit_once(", "))
+        .unwrap_or_else(|| panic!("instance variable: {definition}"));
+    let url = format!("http://{PROMETHEUS_ADDR}/api/v1/label/{label}/values");
+    let body = curl(&node.ns, &["-G", "--data-urlencode", &format!("match[]={selector}"), &url]).unwrap();
+    let values: BTreeSet<String> = serde_json::from_str::<Value>(&body).unwrap()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(values, expected.iter().map(|(_, instance)| instance.clone()).collect(), "{definition}");
+
     // Every dashboard query returns data once a few scrapes are in.
     let queries = dashboard_queries(&dashboard());
     let deadline = Instant::now() + Duration::from_secs(30);
