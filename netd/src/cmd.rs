@@ -78,12 +78,54 @@ pub enum LogLevel {
     Trace,
 }
 
-/// The log level flag of the long-running commands.
+impl From<LogLevel> for tracing::Level {
+    fn from(level: LogLevel) -> Self {
+        match level {
+            LogLevel::Error => tracing::Level::ERROR,
+            LogLevel::Warn => tracing::Level::WARN,
+            LogLevel::Info => tracing::Level::INFO,
+            LogLevel::Debug => tracing::Level::DEBUG,
+            LogLevel::Trace => tracing::Level::TRACE,
+        }
+    }
+}
+
+/// `--log-format FORMAT`: text (one line per event, for people and
+/// journald) or json (one object per line, for log collectors).
+// No variant docs: they would turn --help into its long form (see LogLevel).
+#[allow(missing_docs)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// The log format flag of every long-running command: flattened into
+/// [`LogArgs`], and on its own where a command declares its level itself.
+#[derive(Debug, Args)]
+pub struct LogFormatArgs {
+    /// Log line format: text, or json (one object per line: timestamp, level, fields with the message).
+    #[arg(
+        long,
+        env = "NETD_LOG_FORMAT",
+        value_name = "FORMAT",
+        value_enum,
+        ignore_case = true,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+}
+
+/// The log flags of the long-running commands: level and format.
 #[derive(Debug, Args)]
 pub struct LogArgs {
     /// Log level.
     #[arg(long, env = "NETD_LOG", value_name = "LEVEL", value_enum, ignore_case = true, default_value = "info")]
     pub log: LogLevel,
+    /// The line format (`--log-format`).
+    #[command(flatten)]
+    pub format: LogFormatArgs,
 }
 
 /// Where a tunnel process finds its certificates.
@@ -102,21 +144,18 @@ pub struct TunnelCertArgs {
 }
 
 /// Logs at `level` and above to stderr, without colours or targets (the
-/// kubelet and journald keep the lines).
-pub fn init_logging(level: LogLevel) {
-    let level = match level {
-        LogLevel::Error => tracing::Level::ERROR,
-        LogLevel::Warn => tracing::Level::WARN,
-        LogLevel::Info => tracing::Level::INFO,
-        LogLevel::Debug => tracing::Level::DEBUG,
-        LogLevel::Trace => tracing::Level::TRACE,
-    };
-    tracing_subscriber::fmt()
-        .with_max_level(level)
+/// kubelet and journald keep the lines), as text or as one JSON object per
+/// line (`{"timestamp":…,"level":"INFO","fields":{"message":…}}`).
+pub fn init_logging(level: impl Into<tracing::Level>, format: LogFormat) {
+    let builder = tracing_subscriber::fmt()
+        .with_max_level(level.into())
         .with_target(false)
         .with_ansi(false)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
 }
 
 /// How long a stopping process waits for its runtime's blocking tasks.

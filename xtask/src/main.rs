@@ -41,8 +41,11 @@ tasks:
   instructions [check|update]
           the hot paths' instruction counts (callgrind) against hotpaths/baseline.json:
           `check` fails on a rise over 5 %; `update` records the counts as the new baseline
-  ci      setup, fmt check, clippy, build (benches included), test, bench smoke,
-          instructions check, doc: what CI runs
+  docs-cli [--check]
+          the CLI reference (docs/src/reference/cli/) and man pages (docs/man/) from the
+          binaries' clap commands; `--check` writes nothing and fails listing stale files
+  ci      setup, fmt check, clippy, build (benches included), cli reference check, test,
+          bench smoke, instructions check, doc: what CI runs
   image [netd|test|pause [OUT]|busybox [OUT]]
           netd's container image (release binaries, nft and their libraries) as a
           docker-save archive, target/image/netd.tar, tagged netd:<version>; no daemon
@@ -71,6 +74,7 @@ fn main() -> Result<()> {
         },
         "image" => image::run(&args[1..]),
         "instructions" => instructions::run(&args[1..]),
+        "docs-cli" => docs_cli(&args[1..]),
         "bench" => bench(args.get(1).map(String::as_str).unwrap_or("all")),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");
@@ -279,6 +283,38 @@ fn bench(which: &str) -> Result<()> {
     lab(&["bench", which])
 }
 
+/// `cargo xtask docs-cli [--check]`: netd-clidoc (built with `cargo
+/// build`: it links netd, which xtask must not depend on) writes the CLI
+/// reference and man pages, or checks the committed ones.
+fn docs_cli(args: &[String]) -> Result<()> {
+    let check = match args {
+        [] => false,
+        [flag] if flag == "--check" => true,
+        _ => {
+            eprint!("{USAGE}");
+            bail!("docs-cli takes only --check")
+        }
+    };
+    cargo(&["build", "-p", "netd-clidoc"], &[])?;
+    run_clidoc(&target_dir().join("debug/netd-clidoc"), check)
+}
+
+/// Runs the netd-clidoc binary at `program` on the workspace root.
+fn run_clidoc(program: &Path, check: bool) -> Result<()> {
+    let mut command = Command::new(program);
+    if check {
+        command.arg("--check");
+    }
+    let status = command
+        .arg(workspace_root())
+        .status()
+        .with_context(|| format!("running {} (built by `cargo build -p netd-clidoc`)", program.display()))?;
+    if !status.success() {
+        bail!("`netd-clidoc{}` failed ({status})", if check { " --check" } else { "" });
+    }
+    Ok(())
+}
+
 fn ci() -> Result<()> {
     let started = Instant::now();
     // A clean clone builds once: incremental caches would only add
@@ -295,6 +331,9 @@ fn ci() -> Result<()> {
     // release build (thin LTO, 15 minutes of a clean CI run) is left to
     // `cargo xtask bench`, which measures with it.
     step("build", || cargo(&["build", "--workspace", "--all-targets", "--all-features"], &[]))?;
+    // The generator the build step just made: `cargo run` would build it
+    // again with other features (and netd with it).
+    step("cli reference", || run_clidoc(&target_dir().join("debug/netd-clidoc"), true))?;
     step("test", test::run)?;
     // The test step set up the machine and wrote the test image.
     step("bench smoke", run_smoke)?;
