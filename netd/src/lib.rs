@@ -20,6 +20,7 @@
 //! network namespaces, veth pairs, bridges and cgroups for privileged tests.
 
 pub use netd_cloud::autonomy;
+pub mod cli;
 pub mod cmd;
 pub use netd_cloud::controller;
 pub use netd_cloud::dnat;

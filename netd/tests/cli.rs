@@ -381,7 +381,18 @@ fn install_cni_installs_once_refuses_a_bad_conflist_and_says_what_it_did() {
 /// exited and everything it logged; a process still running a few seconds
 /// later is killed and the test fails.
 fn stopped_by(program: &str, args: &[&str], ready: &str, signal: libc::c_int) -> (ExitStatus, String) {
-    let mut child = command(program, args, &[]).stdin(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    stopped_by_with(program, args, &[], ready, signal)
+}
+
+/// [`stopped_by`] with `env` in the program's environment.
+fn stopped_by_with(
+    program: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+    ready: &str,
+    signal: libc::c_int,
+) -> (ExitStatus, String) {
+    let mut child = command(program, args, env).stdin(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let (lines, log) = std::sync::mpsc::channel();
     let stderr = child.stderr.take().unwrap();
     let reader = std::thread::spawn(move || {
@@ -492,4 +503,123 @@ fn tunnel_agent_and_server_stop_cleanly_on_sigterm_and_sigint() {
     let (status, log) = stopped_by(NETD_CLOUD, &server, "tunnel server: agents link in", libc::SIGTERM);
     assert!(status.success(), "the server's exit on SIGTERM: {status:?}; log:\n{log}");
     assert!(log.contains("tunnel server: SIGTERM, stopping"), "{log}");
+}
+
+/// Every line of `log` as a JSON object with a timestamp, a level and the
+/// message among its fields, as `--log-format json` promises.
+fn json_lines(log: &str) -> Vec<serde_json::Value> {
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}\nlog:\n{log}")))
+        .collect();
+    assert!(!lines.is_empty(), "nothing logged");
+    for line in &lines {
+        let timestamp = line["timestamp"].as_str().unwrap_or_else(|| panic!("no timestamp: {line}"));
+        // RFC 3339: 2026-12-07T09:15:02.123456Z
+        assert!(timestamp.len() >= 20 && timestamp.as_bytes()[10] == b'T', "timestamp {timestamp:?}");
+        let level = line["level"].as_str().unwrap_or_else(|| panic!("no level: {line}"));
+        assert!(["ERROR", "WARN", "INFO", "DEBUG", "TRACE"].contains(&level), "level {level:?}");
+        assert!(line["fields"]["message"].is_string(), "no fields.message: {line}");
+    }
+    lines
+}
+
+/// The messages of [`json_lines`], in order.
+fn messages(lines: &[serde_json::Value]) -> Vec<&str> {
+    lines.iter().filter_map(|line| line["fields"]["message"].as_str()).collect()
+}
+
+#[test]
+fn long_running_commands_take_log_format() {
+    const NETD_CONTROLLER: &str = env!("CARGO_BIN_EXE_netd-controller");
+    for (program, args) in [
+        (NETD, &["run", "--help"][..]),
+        (NETD, &["hub", "--help"]),
+        (NETD, &["tunnel-agent", "--help"]),
+        (NETD_CLOUD, &["tunnel-server", "--help"]),
+        (NETD_CONTROLLER, &["run", "--help"]),
+    ] {
+        let out = command(program, args, &[]).output().unwrap();
+        assert!(out.status.success(), "{program} {args:?}: {}", stderr(&out));
+        let help = stdout(&out);
+        assert!(help.contains("--log-format <FORMAT>"), "{program} {args:?}:\n{help}");
+        assert!(help.contains("[env: NETD_LOG_FORMAT=]"), "{program} {args:?}:\n{help}");
+        assert!(help.contains("[possible values: text, json]"), "{program} {args:?}:\n{help}");
+    }
+    let out = netd(&["tunnel-agent", "--server", "127.0.0.1:1", "--log-format", "yaml"], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--log-format"), "{}", stderr(&out));
+}
+
+#[test]
+fn log_format_json_writes_one_object_per_line_up_to_the_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    tunnel_certs(dir.path());
+    let cert_dir = |stem: &str| dir.path().join(stem).to_str().unwrap().to_owned();
+    let server = format!("127.0.0.1:{}", closed_port());
+    let node = cert_dir("node");
+    let agent = |format: &'static str| {
+        [
+            "tunnel-agent",
+            "--server",
+            &server,
+            "--cert-dir",
+            &node,
+            "--node-ip",
+            "127.0.0.1",
+            "--pod-subnet",
+            "10.244.9.0/24",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--log-format",
+            format,
+        ]
+        .map(str::to_owned)
+    };
+    let json_agent = agent("json");
+    let args: Vec<&str> = json_agent.iter().map(String::as_str).collect();
+    let (status, log) = stopped_by(NETD, &args, "tunnel agent: servers", libc::SIGTERM);
+    assert!(status.success(), "{status:?}; log:\n{log}");
+    let lines = json_lines(&log);
+    let said = messages(&lines);
+    assert!(said.first().is_some_and(|m| m.starts_with("tunnel agent: servers")), "{said:?}");
+    assert!(said.contains(&"tunnel agent: SIGTERM, stopping"), "{said:?}");
+    assert!(lines.iter().all(|line| line.get("target").is_none()), "targets are off, as in text: {log}");
+
+    // The variable does the same, here for the tunnel server.
+    let certs = cert_dir("server");
+    let tunnel_server = [
+        "tunnel-server",
+        "--cert-dir",
+        &certs,
+        "--address",
+        "127.0.0.1",
+        "--agents-listen",
+        "127.0.0.1:0",
+        "--connect-listen",
+        "127.0.0.1:0",
+        "--dnat-listen",
+        "",
+        "--http-listen",
+        "",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ];
+    let (status, log) = stopped_by_with(
+        NETD_CLOUD,
+        &tunnel_server,
+        &[("NETD_LOG_FORMAT", "JSON")],
+        "tunnel server: agents link in",
+        libc::SIGTERM,
+    );
+    assert!(status.success(), "{status:?}; log:\n{log}");
+    assert!(messages(&json_lines(&log)).contains(&"tunnel server: SIGTERM, stopping"), "{log}");
+
+    // Text stays the default and stays text.
+    let text_agent = agent("text");
+    let args: Vec<&str> = text_agent.iter().map(String::as_str).collect();
+    let (status, log) = stopped_by(NETD, &args, "tunnel agent: servers", libc::SIGTERM);
+    assert!(status.success(), "{status:?}; log:\n{log}");
+    assert!(log.lines().all(|line| serde_json::from_str::<serde_json::Value>(line).is_err()), "{log}");
+    assert!(log.contains(" INFO tunnel agent: SIGTERM, stopping"), "{log}");
 }

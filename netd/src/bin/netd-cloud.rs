@@ -13,112 +13,20 @@
 //! Edge nodes run `netd` (daemon, CNI, hub, tunnel agent), which links none
 //! of this: no tunnel server, no BPF loader, no certificate authority.
 
+//!
+//! The command line is `netd::cli::cloud` (clap; the CLI reference and man
+//! pages are generated from it).
+
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context as _, Result};
-use clap::{Args, Parser, Subcommand};
-use netd::cmd::{init_logging, until_terminated, CommaList, LogArgs, TunnelCertArgs};
-use netd::daemon::config::{parse_command_line, parse_duration};
-use netd::dnat::config::PortRules;
-use netd::ebpf::dnat::{TunnelDnat, DEFAULT_PIN_DIR};
-use netd::tunnel::run::Listen;
-
-const EXAMPLES: &str = "\
-Examples:
-  netd-cloud certs ca --out /etc/netd/tunnel-ca
-  netd-cloud tunnel-server --cert-dir /etc/netd/tunnel --address 192.168.0.10
-  netd-cloud dnat apply --target 192.168.0.10 --edge-nodes 10.0.5.7,10.0.5.8
-
-`netd-cloud <COMMAND> --help` for a command's options.";
-
-/// netd's cloud side: the edge tunnel's server, its eBPF DNAT, and the
-/// certificates edge nodes and the API server present to it.
-#[derive(Debug, Parser)]
-#[command(name = "netd-cloud", version, after_help = EXAMPLES)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// The eBPF tunnel DNAT of a cloud node.
-    #[command(subcommand)]
-    Dnat(DnatCommand),
-    /// Edge tunnel certificates: a CA, and node, server and client certificates it issues.
-    #[command(subcommand)]
-    Certs(CertsCommand),
-    /// The edge tunnel's server on a cloud node: agents link in, kube-apiserver and DNAT'd clients reach kubelets.
-    #[command(after_help = TUNNEL_SERVER_EXAMPLES)]
-    TunnelServer(Box<TunnelServerArgs>),
-}
-
-const DNAT_APPLY_EXAMPLES: &str = "\
-Makes the kernel state exactly this: rules and edge nodes not named are removed.
-Idempotent; only differences are written; live links get the new program code
-atomically, so redirection never pauses.
-
-Examples:
-  netd-cloud dnat apply --target 192.168.0.10 --edge-nodes 10.0.5.7,10.0.5.8
-  netd-cloud dnat apply --target 192.168.0.10 --edge-nodes 10.0.5.7 \\
-      --ports 10250=10263,10255=10264,8080=10264 --pod-namespaces
-  kubectl -n kube-system get cm edge-tunnel-server-cfg -o json > cfg.json
-  netd-cloud dnat apply --target 192.168.0.10 --edge-nodes \"$EDGES\" --tunnel-config cfg.json \\
-      --original-dst-cgroup /sys/fs/cgroup/system.slice/tunnel-server.service";
-
-#[derive(Debug, Subcommand)]
-enum DnatCommand {
-    /// Attach (or upgrade) the programs; make target, rules and edge nodes exactly these.
-    #[command(after_help = DNAT_APPLY_EXAMPLES)]
-    Apply(DnatApplyArgs),
-    /// Target, rules, edge nodes, counters and links.
-    #[command(
-        after_help = "Examples:\n  netd-cloud dnat show\n  netd-cloud dnat show --json\n  netd-cloud dnat show --prometheus"
-    )]
-    Show(DnatShowArgs),
-    /// Detach the programs and remove their pins: nothing is redirected any more.
-    Detach(DnatPinArgs),
-}
-
-type DnatPinArgs = netd::dnat::PinArgs;
-
-#[derive(Debug, Args)]
-struct DnatApplyArgs {
-    #[command(flatten)]
-    attach: netd::dnat::AttachArgs,
-    /// Tunnel server address redirected connections go to.
-    #[arg(long, env = "NETD_DNAT_TARGET", value_name = "IP")]
-    target: Ipv4Addr,
-    /// Edge node addresses, comma-separated ("" for none).
-    #[arg(long, env = "NETD_DNAT_EDGE_NODES", value_name = "IP,...")]
-    edge_nodes: CommaList<Ipv4Addr>,
-    /// Edge pod subnets, comma-separated: connects to pod IPs inside them are redirected too.
-    #[arg(long, env = "NETD_DNAT_EDGE_SUBNETS", value_name = "CIDR,...", default_value = "")]
-    edge_subnets: CommaList<ipnet::Ipv4Net>,
-    /// Port rules, dialled=tunnel, comma-separated [default: 10250=10263,10255=10264].
-    #[arg(long, env = "NETD_DNAT_PORTS", value_name = "RULES", conflicts_with = "tunnel_config")]
-    ports: Option<PortRules>,
-    /// The rules from ConfigMap edge-tunnel-server-cfg (`kubectl get -o json`, or its data).
-    #[arg(long, env = "NETD_DNAT_TUNNEL_CONFIG", value_name = "FILE")]
-    tunnel_config: Option<PathBuf>,
-    /// Print the outcome as one JSON object.
-    #[arg(long)]
-    json: bool,
-}
-
-#[derive(Debug, Args)]
-struct DnatShowArgs {
-    #[command(flatten)]
-    pins: DnatPinArgs,
-    /// One JSON object.
-    #[arg(long, conflicts_with = "prometheus")]
-    json: bool,
-    /// The counters in Prometheus' text format.
-    #[arg(long)]
-    prometheus: bool,
-}
+use netd::cli::cloud::{
+    CertsCommand, CertsNodeArgs, Cli, Command, DnatApplyArgs, DnatCommand, DnatPinArgs, DnatShowArgs, TunnelServerArgs,
+};
+use netd::cmd::{init_logging, until_terminated};
+use netd::daemon::config::parse_command_line;
+use netd::ebpf::dnat::TunnelDnat;
 
 fn dnat_apply(args: DnatApplyArgs) -> Result<()> {
     let rules = match (&args.ports, &args.tunnel_config) {
@@ -194,97 +102,6 @@ fn dnat_detach(args: DnatPinArgs) -> Result<()> {
     Ok(())
 }
 
-#[derive(Debug, Subcommand)]
-enum CertsCommand {
-    /// Make a new CA: DIR/ca.crt and DIR/ca.key (0600).
-    #[command(
-        after_help = "Example:\n  netd-cloud certs ca --out /etc/netd/tunnel-ca --cn netd-tunnel-ca --days 3650"
-    )]
-    Ca(CertsCaArgs),
-    /// An edge node's tunnel agent certificate: CN=system:node:NAME, O=system:nodes, IP SANs.
-    #[command(after_help = "Writes DIR/node.crt, DIR/node.key (0600) and DIR/ca.crt.\n\nExample:\n  \
-        netd-cloud certs node --ca-dir /etc/netd/tunnel-ca --name edge-1 --ip 10.0.5.7 --out /etc/netd/tunnel")]
-    Node(CertsNodeArgs),
-    /// The tunnel server's certificate, with DNS and IP SANs.
-    #[command(after_help = "Writes DIR/server.crt, DIR/server.key (0600) and DIR/ca.crt.\n\nExample:\n  \
-        netd-cloud certs server --ca-dir /etc/netd/tunnel-ca --dns tunnel.kube-system.svc --ip 192.168.0.10 --out srv")]
-    Server(CertsServerArgs),
-    /// A client certificate, such as kube-apiserver's for its egress selector.
-    #[command(after_help = "Writes DIR/client.crt, DIR/client.key (0600) and DIR/ca.crt.\n\nExample:\n  \
-        netd-cloud certs client --ca-dir /etc/netd/tunnel-ca --cn kube-apiserver --out /etc/kubernetes/tunnel")]
-    Client(CertsClientArgs),
-}
-
-#[derive(Debug, Args)]
-struct CertsCaArgs {
-    /// Directory to write ca.crt and ca.key to; an existing CA there is not replaced.
-    #[arg(long, env = "NETD_CERTS_OUT", value_name = "DIR")]
-    out: PathBuf,
-    /// The CA's common name.
-    #[arg(long, env = "NETD_CERTS_CN", value_name = "NAME", default_value = "netd-tunnel-ca")]
-    cn: String,
-    /// Validity in days.
-    #[arg(long, env = "NETD_CERTS_DAYS", value_name = "N", default_value_t = 3650)]
-    days: u32,
-}
-
-#[derive(Debug, Args)]
-struct CertsIssueArgs {
-    /// Directory holding the CA's ca.crt and ca.key.
-    #[arg(long, env = "NETD_CERTS_CA_DIR", value_name = "DIR")]
-    ca_dir: PathBuf,
-    /// Directory to write the certificate, its key and ca.crt to.
-    #[arg(long, env = "NETD_CERTS_OUT", value_name = "DIR")]
-    out: PathBuf,
-    /// Validity in days (never beyond the CA's).
-    #[arg(long, env = "NETD_CERTS_DAYS", value_name = "N", default_value_t = 365)]
-    days: u32,
-}
-
-#[derive(Debug, Args)]
-struct CertsNodeArgs {
-    #[command(flatten)]
-    issue: CertsIssueArgs,
-    /// The Kubernetes node name (with --csr: taken from the request, and checked if given).
-    #[arg(long, env = "NETD_CERTS_NODE", value_name = "NODE", required_unless_present = "csr")]
-    name: Option<String>,
-    /// The node's addresses, comma-separated (optional with --csr: the tunnel server also routes by lease).
-    #[arg(long, env = "NETD_CERTS_IP", value_name = "IP,...", value_delimiter = ',', required_unless_present = "csr")]
-    ip: Vec<std::net::IpAddr>,
-    /// Sign this node's certificate signing request (netd-join writes it to
-    /// /etc/netd/tunnel/node.csr) instead of making a key: writes only
-    /// node.crt and ca.crt, the key stays on the node.
-    #[arg(long, env = "NETD_CERTS_CSR", value_name = "FILE")]
-    csr: Option<PathBuf>,
-}
-
-#[derive(Debug, Args)]
-struct CertsServerArgs {
-    #[command(flatten)]
-    issue: CertsIssueArgs,
-    /// The server's common name.
-    #[arg(long, env = "NETD_CERTS_CN", value_name = "NAME", default_value = "netd-tunnel-server")]
-    cn: String,
-    /// DNS names clients dial it by, comma-separated.
-    #[arg(long, env = "NETD_CERTS_DNS", value_name = "NAME,...", value_delimiter = ',')]
-    dns: Vec<String>,
-    /// Addresses clients dial it by, comma-separated.
-    #[arg(long, env = "NETD_CERTS_IP", value_name = "IP,...", value_delimiter = ',')]
-    ip: Vec<std::net::IpAddr>,
-}
-
-#[derive(Debug, Args)]
-struct CertsClientArgs {
-    #[command(flatten)]
-    issue: CertsIssueArgs,
-    /// The client's common name (its user name to Kubernetes).
-    #[arg(long, env = "NETD_CERTS_CN", value_name = "NAME")]
-    cn: String,
-    /// Its organization (its group to Kubernetes).
-    #[arg(long, env = "NETD_CERTS_ORG", value_name = "ORG")]
-    org: Option<String>,
-}
-
 fn certs(command: CertsCommand) -> Result<()> {
     use netd::tunnel::certs::{CertificateAuthority, CA_KEY_FILE};
     let days = |n: u32| std::time::Duration::from_secs(u64::from(n) * 86_400);
@@ -350,95 +167,8 @@ fn sign_node_csr(
     Ok(())
 }
 
-const TUNNEL_SERVER_EXAMPLES: &str = "\
-Examples:
-  netd-cloud certs server --ca-dir /etc/netd/ca --ip 192.168.0.10 --out /etc/netd/tunnel
-  netd-cloud tunnel-server --cert-dir /etc/netd/tunnel --address 192.168.0.10
-  netd-cloud tunnel-server --cert-dir /etc/netd/tunnel --connect-clients kube-apiserver,konnectivity-client \\
-      --host-routing-sources 192.168.0.0/24 --dnat-listen ''";
-
-#[derive(Debug, Args)]
-struct TunnelServerArgs {
-    #[command(flatten)]
-    certs: TunnelCertArgs,
-    /// The cloud node's address, which listeners given as a bare PORT bind [default: the default-route interface's].
-    #[arg(long, env = "NETD_TUNNEL_ADDRESS", value_name = "IP")]
-    address: Option<std::net::IpAddr>,
-    /// Where agents link in (mutual TLS 1.3): IP:PORT, or PORT on --address.
-    #[arg(long, env = "NETD_TUNNEL_AGENTS_LISTEN", value_name = "[IP:]PORT", default_value = "10262")]
-    agents_listen: Listen,
-    /// The HTTP CONNECT door for kube-apiserver's egress selector (TLS, a client certificate of --connect-clients).
-    #[arg(long, env = "NETD_TUNNEL_CONNECT_LISTEN", value_name = "[IP:]PORT", default_value = "10265")]
-    connect_listen: Listen,
-    /// Common names of the client certificates the CONNECT door admits (never a node's: O=system:nodes is refused).
-    #[arg(
-        long,
-        env = "NETD_TUNNEL_CONNECT_CLIENTS",
-        value_name = "CN,...",
-        value_delimiter = ',',
-        default_value = netd::tunnel::identity::DEFAULT_CONNECT_CLIENT
-    )]
-    connect_clients: Vec<String>,
-    /// The DNAT doors for kubelet's TLS, opened when a tunnel DNAT is pinned ("" for none).
-    #[arg(long, env = "NETD_TUNNEL_DNAT_LISTEN", value_name = "[IP:]PORT,...", default_value = "10263")]
-    dnat_listen: CommaList<Listen>,
-    /// The HTTP door: DNAT'd connections (when pinned), and plain HTTP by Host from --host-routing-sources ("" for none).
-    #[arg(long, env = "NETD_TUNNEL_HTTP_LISTEN", value_name = "[IP:]PORT", default_value = "10264")]
-    http_listen: CommaList<Listen>,
-    /// Source CIDRs whose plain HTTP the HTTP door routes by Host or absolute URI [default: none: off].
-    #[arg(long, env = "NETD_TUNNEL_HOST_ROUTING_SOURCES", value_name = "CIDR,...", default_value = "")]
-    host_routing_sources: CommaList<ipnet::IpNet>,
-    /// Addresses never routed to an agent whatever a lease or certificate claims (cloud nodes), besides this host's own.
-    #[arg(long, env = "NETD_TUNNEL_RESERVED", value_name = "CIDR,...", default_value = "")]
-    reserved: CommaList<ipnet::IpNet>,
-    /// Time a client has to finish its TLS handshake.
-    #[arg(long, env = "NETD_TUNNEL_HANDSHAKE_TIMEOUT", value_name = "DURATION", value_parser = parse_duration, default_value = "10s")]
-    handshake_timeout: std::time::Duration,
-    /// Time a client has to send a whole request head (CONNECT and HTTP doors).
-    #[arg(long, env = "NETD_TUNNEL_HEADER_TIMEOUT", value_name = "DURATION", value_parser = parse_duration, default_value = "10s")]
-    header_timeout: std::time::Duration,
-    /// Connections one door holds at once.
-    #[arg(long, env = "NETD_TUNNEL_MAX_CONNECTIONS", value_name = "N", default_value_t = netd::tunnel::limits::DEFAULT_MAX_CONNECTIONS_PER_DOOR)]
-    max_connections: usize,
-    /// Connections one source address holds on one door at once.
-    #[arg(long, env = "NETD_TUNNEL_MAX_CONNECTIONS_PER_SOURCE", value_name = "N", default_value_t = netd::tunnel::limits::DEFAULT_MAX_CONNECTIONS_PER_SOURCE)]
-    max_connections_per_source: usize,
-    /// Tunnelled connections one agent link carries at once.
-    #[arg(long, env = "NETD_TUNNEL_MAX_STREAMS_PER_AGENT", value_name = "N", default_value_t = netd::tunnel::limits::DEFAULT_MAX_STREAMS_PER_AGENT)]
-    max_streams_per_agent: usize,
-    /// Time an agent has to accept or refuse a stream before the client gets 504.
-    #[arg(long, env = "NETD_TUNNEL_OPEN_TIMEOUT", value_name = "DURATION", value_parser = parse_duration, default_value = "10s")]
-    open_timeout: std::time::Duration,
-    /// This replica's identity, unique among the replicas [default: the host name and the agents' port].
-    #[arg(long, env = "NETD_TUNNEL_REPLICA_ID", value_name = "NAME")]
-    replica_id: Option<String>,
-    /// Replicas serving the fleet: every agent keeps a link to this many distinct ones (1-64); with a registry, the live replicas it lists replace this count once read.
-    #[arg(long, env = "NETD_TUNNEL_REPLICAS", value_name = "N", default_value_t = 1)]
-    replicas: u32,
-    /// Where peer replicas reach this one's CONNECT door, announced in the registry so replicas forward to each other [default: the CONNECT door's address when it is a specific one].
-    #[arg(long, env = "NETD_TUNNEL_PEER_ADDRESS", value_name = "HOST:PORT")]
-    peer_address: Option<String>,
-    /// How long this replica's registry record lives unless renewed (every third of it); peers forget a replica killed without a word this long after (at least 3s).
-    #[arg(long, env = "NETD_TUNNEL_REPLICA_TTL", value_name = "DURATION", value_parser = parse_duration, default_value = "15s")]
-    replica_ttl: std::time::Duration,
-    /// On SIGTERM, how long running streams may take to finish (listeners close at once, agents link elsewhere).
-    #[arg(long, env = "NETD_TUNNEL_DRAIN_GRACE", value_name = "DURATION", value_parser = parse_duration, default_value = "25s")]
-    drain_grace: std::time::Duration,
-    /// Where the tunnel DNAT is pinned.
-    #[arg(long, env = "NETD_DNAT_PIN_DIR", value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
-    dnat_pin_dir: PathBuf,
-    /// /metrics and /healthz (plain HTTP).
-    #[arg(long, env = "NETD_TUNNEL_METRICS_LISTEN", value_name = "IP:PORT", default_value = "127.0.0.1:10266")]
-    metrics_listen: std::net::SocketAddr,
-    /// The registry whose leases route node addresses and pod IPs (none: the agents' certificate IPs only).
-    #[command(flatten)]
-    registry: netd::daemon::config::RegistryArgs,
-    #[command(flatten)]
-    log: LogArgs,
-}
-
 fn tunnel_server(args: TunnelServerArgs) -> Result<()> {
-    init_logging(args.log.log);
+    init_logging(args.log.log, args.log.format.log_format);
     raise_open_files_limit();
     let mut listens = vec![args.agents_listen, args.connect_listen];
     listens.extend(&args.dnat_listen.0);
