@@ -2,7 +2,8 @@
 //! and version, and the settings layers (defaults < config file < `NETD_*`
 //! environment < flags) with a real environment, seen through
 //! `netd run --print-config`; the tunnel processes' stop on SIGTERM and
-//! SIGINT. Unprivileged: nothing here touches the kernel.
+//! SIGINT, and their log lines with `--log-format json`. Unprivileged:
+//! nothing here touches the kernel.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
