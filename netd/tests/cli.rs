@@ -504,6 +504,31 @@ fn tunnel_agent_and_server_stop_cleanly_on_sigterm_and_sigint() {
     let (status, log) = stopped_by(NETD_CLOUD, &server, "tunnel server: agents link in", libc::SIGTERM);
     assert!(status.success(), "the server's exit on SIGTERM: {status:?}; log:\n{log}");
     assert!(log.contains("tunnel server: SIGTERM, stopping"), "{log}");
+    // The same on a multi-thread runtime (the default is one thread).
+    let (status, log) = stopped_by_with(
+        NETD_CLOUD,
+        &server,
+        &[("NETD_RUNTIME_THREADS", "3")],
+        "tunnel server: agents link in",
+        libc::SIGINT,
+    );
+    assert!(status.success(), "the 3-thread server's exit on SIGINT: {status:?}; log:\n{log}");
+    assert!(log.contains("tunnel server: SIGINT, stopping"), "{log}");
+}
+
+#[test]
+fn runtime_threads_default_to_one_and_refuse_zero() {
+    for args in [&["hub", "--help"][..], &["tunnel-agent", "--help"]] {
+        let help = stdout(&netd(args, &[]));
+        assert!(help.contains("--threads <N>"), "{args:?}:\n{help}");
+        assert!(help.contains("[env: NETD_RUNTIME_THREADS=]") && help.contains("[default: 1]"), "{args:?}:\n{help}");
+    }
+    let out = netd(&["tunnel-agent", "--server", "127.0.0.1:1", "--threads", "0"], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("invalid value '0' for '--threads <N>'"), "{}", stderr(&out));
+    let out = netd_cloud(&["tunnel-server"], &[("NETD_RUNTIME_THREADS", "many")]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("many"), "{}", stderr(&out));
 }
 
 /// Every line of `log` as a JSON object with a timestamp, a level and the

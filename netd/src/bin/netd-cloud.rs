@@ -229,7 +229,7 @@ fn tunnel_server(args: TunnelServerArgs) -> Result<()> {
         peer_address: args.peer_address,
         replica_ttl: args.replica_ttl,
     };
-    until_terminated("tunnel server", |stop| async move {
+    until_terminated("tunnel server", args.runtime, |stop| async move {
         Ok::<(), anyhow::Error>(netd::tunnel::run::run_server(settings, stop).await?)
     })
 }

@@ -63,7 +63,9 @@ fn hub(args: HubArgs) -> Result<()> {
         max_connections: args.max_connections,
     };
     limit_malloc_arenas();
-    until_terminated("edge hub", |stop| async move { Ok::<(), anyhow::Error>(netd::hub::run(config, stop).await?) })
+    until_terminated("edge hub", args.runtime, |stop| async move {
+        Ok::<(), anyhow::Error>(netd::hub::run(config, stop).await?)
+    })
 }
 
 fn install_cni(args: InstallCniArgs) -> Result<()> {
@@ -225,7 +227,7 @@ fn tunnel_agent(args: TunnelAgentArgs) -> Result<()> {
         dial_loopback: args.dial_loopback,
         metrics_listen: Some(args.metrics_listen),
     };
-    until_terminated("tunnel agent", |stop| async move {
+    until_terminated("tunnel agent", args.runtime, |stop| async move {
         Ok::<(), anyhow::Error>(netd::tunnel::run::run_agent(settings, stop).await?)
     })
 }

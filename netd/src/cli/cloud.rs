@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::cmd::{CommaList, LogArgs, TunnelCertArgs};
+use crate::cmd::{CommaList, LogArgs, RuntimeArgs, TunnelCertArgs};
 use crate::daemon::config::parse_duration;
 use crate::dnat::config::PortRules;
 use crate::ebpf::dnat::DEFAULT_PIN_DIR;
@@ -300,6 +300,9 @@ pub struct TunnelServerArgs {
     /// The registry whose leases route node addresses and pod IPs (none: the agents' certificate IPs only).
     #[command(flatten)]
     pub registry: crate::daemon::config::RegistryArgs,
+    /// Threads of the async runtime.
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
     /// Log level and format.
     #[command(flatten)]
     pub log: LogArgs,

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::cmd::{LogArgs, LogFormatArgs, LogLevel, TunnelCertArgs};
+use crate::cmd::{LogArgs, LogFormatArgs, LogLevel, RuntimeArgs, TunnelCertArgs};
 use crate::daemon::config::{parse_duration, RunArgs};
 use crate::vxlan::snapshot;
 
@@ -159,6 +159,9 @@ pub struct HubArgs {
     /// Client connections at once (each kubelet watch is one).
     #[arg(long, env = "NETD_HUB_MAX_CONNECTIONS", value_name = "N", default_value_t = crate::hub::DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
+    /// Threads of the async runtime.
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
     /// Log level and format.
     #[command(flatten)]
     pub log: LogArgs,
@@ -328,6 +331,9 @@ pub struct TunnelAgentArgs {
     /// /metrics and /healthz (plain HTTP).
     #[arg(long, env = "NETD_TUNNEL_METRICS_LISTEN", value_name = "IP:PORT", default_value = "127.0.0.1:10267")]
     pub metrics_listen: std::net::SocketAddr,
+    /// Threads of the async runtime.
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
     /// Log level and format.
     #[command(flatten)]
     pub log: LogArgs,
