@@ -113,23 +113,40 @@ const ALL: [&str; 11] =
 pub fn run(which: &str, bin_dir: &Path) -> Result<()> {
     match which {
         "all" => ALL.iter().try_for_each(|name| one(name, bin_dir)),
-        "smoke" => {
-            Scale::set(Scale::Smoke);
-            ensure!(Scale::current() == Scale::Smoke, "a full run was already chosen in this process");
-            for name in NAMES {
-                let started = Instant::now();
-                println!("\n==> smoke: bench {name}");
-                one(name, bin_dir).with_context(|| format!("smoke run of `bench {name}`"))?;
-                println!("<== smoke: bench {name} ran in {:.1} s", started.elapsed().as_secs_f64());
-            }
-            Ok(())
-        }
+        "smoke" => smoke(&NAMES, bin_dir),
         name => one(name, bin_dir),
     }
 }
 
+/// Runs `names` at [`Scale::Smoke`], drawing and checking their charts, so
+/// a broken benchmark or plot fails CI.
+pub fn smoke(names: &[&str], bin_dir: &Path) -> Result<()> {
+    Scale::set(Scale::Smoke);
+    ensure!(Scale::current() == Scale::Smoke, "a full run was already chosen in this process");
+    // Into a directory of their own unless --plot named one (the first
+    // directory set counts).
+    let charts = tempfile::tempdir().context("creating a directory for the charts")?;
+    crate::plot::set_dir(charts.path().to_path_buf());
+    for &name in names {
+        let started = Instant::now();
+        println!("\n==> smoke: bench {name}");
+        one(name, bin_dir).with_context(|| format!("smoke run of `bench {name}`"))?;
+        let written = crate::plot::take_written();
+        ensure!(!PLOTTED.contains(&name) || !written.is_empty(), "smoke run of `bench {name}` drew no chart");
+        for chart in &written {
+            crate::plot::check(chart).with_context(|| format!("the chart of `bench {name}`"))?;
+        }
+        println!("<== smoke: bench {name} ran in {:.1} s", started.elapsed().as_secs_f64());
+    }
+    Ok(())
+}
+
+/// The benchmarks that draw charts with `--plot DIR` (crate::plot).
+const PLOTTED: [&str; 4] = ["cni", "vxlan", "dnat", "tunnel"];
+
 /// One benchmark at this process's [`Scale`].
 fn one(which: &str, bin_dir: &Path) -> Result<()> {
+    crate::plot::running(which);
     match which {
         "cni" => cni(Scale::sized(200, 3), bin_dir),
         "vxlan" => crate::bench_vxlan::run(Scale::sized(5, 1), bin_dir),
@@ -413,5 +430,32 @@ fn cni_table(cycles: usize, through_bridge: bool, our_dir: &Path) -> Result<()> 
             p50.as_secs_f64() / anchor.as_secs_f64().max(f64::EPSILON)
         );
     }
-    Ok(())
+    cni_chart(&variants, cycles, through_bridge)
+}
+
+/// The chart of one CNI table: ADD, DEL and ADD+DEL per IPAM, the table's
+/// p50 with min–max whiskers.
+fn cni_chart(variants: &[Variant], cycles: usize, through_bridge: bool) -> Result<()> {
+    use crate::plot::{Chart, Kind, Series, Stat};
+    // The samples are sorted: p50 as the table takes it, then the extremes.
+    let stat = |sorted: &[Duration]| {
+        let ms = |d: Option<&Duration>| d.map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+        Stat { median: ms(Some(&percentile(sorted, 0.5))), min: ms(sorted.first()), max: ms(sorted.last()) }
+    };
+    let what = if through_bridge { "through Debian's bridge plugin" } else { "IPAM plugin alone" };
+    let chart = Chart {
+        title: format!("CNI ADD/DEL, {what}: p50 of {cycles} cycles, whiskers min–max"),
+        x_label: "CNI call".into(),
+        y_label: "time per call, ms".into(),
+        kind: Kind::Bars { categories: vec!["ADD".into(), "DEL".into(), "ADD+DEL".into()] },
+        series: variants
+            .iter()
+            .map(|v| Series {
+                name: v.label.to_string(),
+                points: vec![(0.0, stat(&v.add)), (1.0, stat(&v.del)), (2.0, stat(&v.cycle))],
+            })
+            .collect(),
+        footnote: crate::plot::footnote(),
+    };
+    crate::plot::write(&crate::plot::file("cni", if through_bridge { "bridge" } else { "ipam-alone" }), &chart)
 }

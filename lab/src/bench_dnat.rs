@@ -216,6 +216,12 @@ impl Way<'_> {
         }
     }
 
+    /// [`Way::spread`] for the chart.
+    fn stat(&self) -> crate::plot::Stat {
+        let (median, min, max) = self.spread();
+        crate::plot::Stat { median, min, max }
+    }
+
     /// Median CPU µs per connection.
     fn cpu_us(&self) -> f64 {
         let mut cpu = self.cpu.clone();
@@ -394,6 +400,28 @@ struct Stage<'a> {
     anchor_tunnel: &'a Listener,
 }
 
+/// The chart of the redirection table: connect rate per way against the
+/// number of edge nodes.
+fn dnat_chart(rates: [Vec<(f64, crate::plot::Stat)>; 3], rounds: usize, per_round: usize) -> Result<()> {
+    use crate::plot::{Chart, Kind, Series};
+    let [ours, anchor, floor] = rates;
+    let chart = Chart {
+        title: format!(
+            "DNAT: connect → accept → close, redirected to :{TLS_PORT} (median of {rounds} rounds × {per_round}, whiskers min–max)"
+        ),
+        x_label: "edge nodes (log scale)".into(),
+        y_label: "connections/s, one client thread".into(),
+        kind: Kind::Lines { log_x: true, log_y: false },
+        series: vec![
+            Series { name: "ours: eBPF TunnelDnat".into(), points: ours },
+            Series { name: "anchor: nftables DNAT, per-node rules".into(), points: anchor },
+            Series { name: format!("floor: direct to :{TLS_PORT}"), points: floor },
+        ],
+        footnote: crate::plot::footnote(),
+    };
+    crate::plot::write(&crate::plot::file("dnat", "edge-nodes"), &chart)
+}
+
 /// Runs the DNAT benchmark and prints the book's tables.
 pub fn run(rounds: usize, per_round: usize) -> Result<()> {
     let Some(_kernel) = testing::privileged()? else { bail!("the DNAT benchmark needs root") };
@@ -450,6 +478,8 @@ pub fn run(rounds: usize, per_round: usize) -> Result<()> {
     let mut notes = Vec::new();
     let mut changes = Vec::new();
     let sizes = Scale::sized(&SIZES[..], &SMOKE_SIZES[..]);
+    // The chart's lines: ours, anchor, floor; (edge nodes, rate).
+    let mut rates: [Vec<(f64, crate::plot::Stat)>; 3] = Default::default();
     for &n in sizes {
         dnat.set_edge_nodes((0..n).map(edge))?;
         let loaded = load_nft(&anchor.ns, dir.path(), n)?;
@@ -500,6 +530,9 @@ pub fn run(rounds: usize, per_round: usize) -> Result<()> {
             ways[2].cpu_us(),
             ways[2].cpu_us() / ways[0].cpu_us().max(f64::EPSILON),
         );
+        for (series, way) in rates.iter_mut().zip(&ways) {
+            series.push((f64::from(n), way.stat()));
+        }
         notes.push(format!(
             "{n} edge nodes: the anchor namespace's conntrack table held {} entries after its rounds",
             conntrack_count(&anchor.ns)?
@@ -507,6 +540,8 @@ pub fn run(rounds: usize, per_round: usize) -> Result<()> {
         settle.wait()?;
         changes.push((n, node_set_changes(&stage, &mut dnat, Scale::sized(200, 2), Scale::sized(20, 2))?));
     }
+
+    dnat_chart(rates, rounds, per_round)?;
 
     // With the largest node set still in place.
     let n = sizes[sizes.len() - 1];

@@ -42,6 +42,7 @@ use netd::testing::{self, run_command, Cgroup, NetNs, NetdProcess};
 use crate::bench::{machine, paired, spread, Scale};
 use crate::bench_rss::status_kib;
 use crate::delay_line::{DelayLine, Shape};
+use crate::plot::{Chart, Kind, Series, Stat};
 use crate::tunnel_lab::{
     client, http_ok, iperf3, load_average, pressure_mark, pressure_since, raise_fd_limit, start, strings, v4, wait_get,
     NetdLab, Service, CLOUD_IP, EDGE_LINK_IP, NODE_IP, SERVICES,
@@ -130,6 +131,17 @@ impl Way {
             Way::RatholeTcp => "rathole 0.5, plain TCP",
             Way::RatholeNoise => "rathole 0.5, noise",
             Way::Ssh => "OpenSSH `ssh -R`",
+        }
+    }
+
+    /// The label without markdown, for the charts' legends.
+    fn name(self) -> &'static str {
+        match self {
+            Way::Direct => "direct (floor)",
+            Way::Netd => "netd tunnel (DNAT → TLS 1.3 + HTTP/2)",
+            Way::RatholeTcp => "rathole 0.5, plain TCP",
+            Way::RatholeNoise => "rathole 0.5, noise",
+            Way::Ssh => "OpenSSH ssh -R",
         }
     }
 
@@ -613,6 +625,30 @@ pub fn run(bin_dir: &Path) -> Result<()> {
         );
     }
     println!("\n(packets the WAN emulator dropped, queue full: {wan_dropped})");
+    let series = |of: &dyn Fn(usize) -> [Vec<f64>; 2]| -> Vec<Series> {
+        WAYS.into_iter()
+            .enumerate()
+            .map(|(i, way)| Series {
+                name: way.name().into(),
+                points: of(i).iter().enumerate().map(|(at, samples)| (at as f64, Stat::of(samples))).collect(),
+            })
+            .collect()
+    };
+    crate::plot::write(
+        &crate::plot::file("tunnel", "throughput"),
+        &Chart {
+            title: format!(
+                "Tunnel throughput: one iperf3 stream towards the edge (median of {iperf_rounds} rounds, whiskers min–max)"
+            ),
+            x_label: "link".into(),
+            y_label: "throughput, Gbit/s".into(),
+            kind: Kind::Bars {
+                categories: vec!["loopback (veth, no qdisc)".into(), "WAN (25 ms each way, 1 Gbit/s)".into()],
+            },
+            series: series(&|i| [gbits[0][i].clone(), gbits[1][i].clone()]),
+            footnote: crate::plot::footnote(),
+        },
+    )?;
 
     // HTTP through each way, loopback.
     let mut latency: [Vec<WrkRun>; 5] = Default::default();
@@ -652,6 +688,20 @@ pub fn run(bin_dir: &Path) -> Result<()> {
             paired(&rates[i], &rates[0])
         );
     }
+    let added_p50 = |i: usize| -> Vec<f64> { p50(i).iter().zip(p50(0)).map(|(a, b)| a - b).collect() };
+    crate::plot::write(
+        &crate::plot::file("tunnel", "latency"),
+        &Chart {
+            title: format!(
+                "Tunnel latency: wrk, one connection, loopback (median of {wrk_rounds} rounds, whiskers min–max)"
+            ),
+            x_label: "request latency".into(),
+            y_label: "latency, µs".into(),
+            kind: Kind::Bars { categories: vec!["p50".into(), "added p50 (minus direct, same round)".into()] },
+            series: series(&|i| [p50(i), added_p50(i)]),
+            footnote: crate::plot::footnote(),
+        },
+    )?;
 
     std::thread::sleep(Duration::from_secs(1));
     for (i, way) in WAYS.into_iter().enumerate() {

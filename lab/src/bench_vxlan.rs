@@ -374,6 +374,43 @@ fn ratio(a: Duration, b: Duration) -> f64 {
     a.as_secs_f64() / b.as_secs_f64().max(f64::EPSILON)
 }
 
+/// The chart of the table: time to program N peers, median with min–max
+/// whiskers, per variant.
+fn vxlan_chart(by_n: &[(u32, Runs)]) -> Result<()> {
+    use crate::plot::{Chart, Kind, Series, Stat};
+    let ms = |d: &Duration| d.as_secs_f64() * 1000.0;
+    let line = |name: &str, of: fn(&Runs) -> &Vec<Duration>| Series {
+        name: name.into(),
+        points: by_n
+            .iter()
+            .map(|(n, runs)| {
+                let samples = of(runs);
+                let stat = Stat {
+                    median: ms(&median(samples)),
+                    min: samples.iter().min().map_or(0.0, ms),
+                    max: samples.iter().max().map_or(0.0, ms),
+                };
+                (f64::from(*n), stat)
+            })
+            .collect(),
+    };
+    let chart = Chart {
+        title: "VXLAN: programming N peers from empty (median, whiskers min–max)".into(),
+        x_label: "peers (N)".into(),
+        y_label: "time, ms (log scale)".into(),
+        // Log: the anchor's quadratic routes and ours differ by 4–14×.
+        kind: Kind::Lines { log_x: false, log_y: true },
+        series: vec![
+            line("anchor: flannel's commands (ip -batch + bridge -batch)", |r| &r.anchor),
+            line("floor: netd's objects via iproute2 (ip -batch)", |r| &r.floor),
+            line("ours: netd restore (process start → programmed)", |r| &r.wall),
+            line("ours in-process", |r| &r.inproc),
+        ],
+        footnote: crate::plot::footnote(),
+    };
+    crate::plot::write(&crate::plot::file("vxlan", "peers"), &chart)
+}
+
 /// Runs the VXLAN benchmark and prints the book's tables.
 pub fn run(reps: usize, bin_dir: &Path) -> Result<()> {
     let netd = bin_dir.join("netd");
@@ -426,6 +463,7 @@ pub fn run(reps: usize, bin_dir: &Path) -> Result<()> {
         );
         by_n.push((n, runs));
     }
+    vxlan_chart(&by_n)?;
     if let [_, (_, five), (_, ten)] = &by_n[..] {
         let linear = |f: fn(&Runs) -> &Vec<Duration>| ratio(median(f(ten)), median(f(five)));
         println!(

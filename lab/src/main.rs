@@ -4,7 +4,7 @@
 //! ```text
 //! netd-lab demo --bin-dir target/release
 //! netd-lab demo cluster --bin-dir target/release
-//! netd-lab bench <cni|vxlan|events|rss|scenario|dnat|tunnel|tunnel-scale|doors|tunnel-config|autonomy|pods|hub|reboot|all|smoke> --bin-dir target/release
+//! netd-lab bench <cni|vxlan|events|rss|scenario|dnat|tunnel|tunnel-scale|doors|tunnel-config|autonomy|pods|hub|reboot|all|smoke> --bin-dir target/release [--plot DIR]
 //! ```
 
 mod bench;
@@ -24,6 +24,7 @@ mod bench_vxlan;
 mod delay_line;
 mod demo;
 mod demo_cluster;
+mod plot;
 mod tunnel_lab;
 
 use std::path::PathBuf;
@@ -31,7 +32,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 
 const USAGE: &str =
-    "usage: netd-lab <demo [cluster] | bench <cni|vxlan|events|rss|scenario|dnat|tunnel|tunnel-scale|doors|tunnel-config|autonomy|pods|hub|reboot|all|smoke [name]>> --bin-dir DIR (run through `cargo xtask`)";
+    "usage: netd-lab <demo [cluster] | bench <cni|vxlan|events|rss|scenario|dnat|tunnel|tunnel-scale|doors|tunnel-config|autonomy|pods|hub|reboot|all|smoke [name]> [--plot DIR]> --bin-dir DIR (run through `cargo xtask`)";
 
 fn main() -> Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
@@ -44,6 +45,12 @@ fn main() -> Result<()> {
     // directories find the binaries too.
     let bin_dir = bin_dir.canonicalize().with_context(|| format!("--bin-dir {}", bin_dir.display()))?;
     args.drain(at..at + 2);
+    // SVG charts of the cni, vxlan, dnat and tunnel tables (crate::plot).
+    if let Some(at) = args.iter().position(|a| a == "--plot") {
+        let dir = PathBuf::from(args.get(at + 1).context("--plot needs a directory")?);
+        plot::set_dir(plot::absolute(&dir)?);
+        args.drain(at..at + 2);
+    }
     for binary in ["netd", "netd-ipam", "netd-cloud"] {
         if !bin_dir.join(binary).is_file() {
             bail!("{} is missing: build it first (`cargo xtask` does)", bin_dir.join(binary).display());
@@ -52,10 +59,7 @@ fn main() -> Result<()> {
     match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["demo"] => demo::run(&bin_dir),
         ["demo", "cluster"] => demo_cluster::run(),
-        ["bench", "smoke", which] => {
-            bench::Scale::set(bench::Scale::Smoke);
-            bench::run(which, &bin_dir)
-        }
+        ["bench", "smoke", which] => bench::smoke(&[which], &bin_dir),
         ["bench", which] => bench::run(which, &bin_dir),
         ["bench"] => bench::run("all", &bin_dir),
         _ => bail!("{USAGE}"),

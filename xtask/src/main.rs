@@ -37,7 +37,9 @@ tasks:
   bench [cni|vxlan|events|rss|scenario|dnat|tunnel|tunnel-scale|doors|tunnel-config|autonomy|pods|hub|reboot|all|smoke]
           side-by-side benchmarks needing namespaces or external tools (root); `pods`
           and `reboot` (a real cluster, netd's image) are not part of `all`; `smoke`
-          runs every one once at tiny sizes on the debug build (what CI runs; no figures)
+          runs every one once at tiny sizes on the debug build (what CI runs; no figures);
+          `--plot DIR` (after the name) writes SVG charts of the cni, vxlan, dnat and tunnel
+          tables into DIR (the book's are in docs/src/benchmarks/img)
   instructions [check|update]
           the hot paths' instruction counts (callgrind) against hotpaths/baseline.json:
           `check` fails on a rise over 5 %; `update` records the counts as the new baseline
@@ -75,7 +77,7 @@ fn main() -> Result<()> {
         "image" => image::run(&args[1..]),
         "instructions" => instructions::run(&args[1..]),
         "docs-cli" => docs_cli(&args[1..]),
-        "bench" => bench(args.get(1).map(String::as_str).unwrap_or("all")),
+        "bench" => bench(&args[1..]),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");
             Ok(())
@@ -236,7 +238,16 @@ fn run_smoke() -> Result<()> {
     Ok(())
 }
 
-fn bench(which: &str) -> Result<()> {
+fn bench(args: &[String]) -> Result<()> {
+    let (which, plot) = match args {
+        [] => ("all", None),
+        [which] => (which.as_str(), None),
+        [which, flag, dir] if flag == "--plot" && which != "smoke" => (which.as_str(), Some(dir)),
+        _ => {
+            eprint!("{USAGE}");
+            bail!("bench takes a benchmark's name and optionally --plot DIR (not with smoke, which checks its charts in a temporary directory)")
+        }
+    };
     if which == "smoke" {
         return bench_smoke();
     }
@@ -280,7 +291,14 @@ fn bench(which: &str) -> Result<()> {
         // The real cluster runs netd's image, from this tree's release build.
         image::run(&[])?;
     }
-    lab(&["bench", which])
+    match plot {
+        // Absolute: the lab runs through `cargo run`, whose directory need not be ours.
+        Some(dir) => {
+            let dir = std::path::absolute(dir).with_context(|| format!("--plot {dir}"))?;
+            lab(&["bench", which, "--plot", &dir.to_string_lossy()])
+        }
+        None => lab(&["bench", which]),
+    }
 }
 
 /// `cargo xtask docs-cli [--check]`: netd-clidoc (built with `cargo
