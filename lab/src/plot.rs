@@ -165,19 +165,24 @@ pub(crate) fn render(chart: &Chart) -> Result<String> {
         match &chart.kind {
             Kind::Lines { log_x, log_y } => {
                 let (x, y) = (span(chart, |(x, _)| (*x, *x)), span(chart, |(_, s)| (s.min, s.max)));
-                let lin = |(lo, hi): (f64, f64)| {
-                    let pad = (hi - lo).max(hi.abs() * 0.1).max(f64::EPSILON) * 0.05;
-                    // Times and rates start at zero: bars and lines read against it.
-                    RangedCoordf64::from(if lo >= 0.0 { 0.0 } else { lo - pad }..hi + pad)
+                // The legend sits in the upper left: the y axis leaves it
+                // room above the data. Linear axes start at zero (times and
+                // rates read against it).
+                let room = legend_room(chart.series.len());
+                let lin = |(lo, hi): (f64, f64), room: f64| {
+                    let lo = lo.min(0.0);
+                    let hi = hi + (hi - lo).max(f64::EPSILON) * 0.05;
+                    RangedCoordf64::from(lo..lo + (hi - lo) / (1.0 - room))
                 };
-                let log = |(lo, hi): (f64, f64)| -> LogCoord<f64> {
-                    (lo.max(f64::MIN_POSITIVE) / 1.5..hi * 1.5).log_scale().into()
+                let log = |(lo, hi): (f64, f64), room: f64| -> LogCoord<f64> {
+                    let (lo, hi) = (lo.max(f64::MIN_POSITIVE) / 1.5, hi.max(f64::MIN_POSITIVE) * 1.5);
+                    (lo..lo * (hi / lo).powf(1.0 / (1.0 - room))).log_scale().into()
                 };
                 match (log_x, log_y) {
-                    (false, false) => lines(&main, chart, lin(x), lin(y))?,
-                    (true, false) => lines(&main, chart, log(x), lin(y))?,
-                    (false, true) => lines(&main, chart, lin(x), log(y))?,
-                    (true, true) => lines(&main, chart, log(x), log(y))?,
+                    (false, false) => lines(&main, chart, lin(x, 0.0), lin(y, room))?,
+                    (true, false) => lines(&main, chart, log(x, 0.0), lin(y, room))?,
+                    (false, true) => lines(&main, chart, lin(x, 0.0), log(y, room))?,
+                    (true, true) => lines(&main, chart, log(x, 0.0), log(y, room))?,
                 }
             }
             Kind::Bars { categories } => bars(&main, chart, categories)?,
@@ -191,6 +196,12 @@ pub(crate) fn render(chart: &Chart) -> Result<String> {
 
 fn draw<E: std::error::Error + Send + Sync>(error: DrawingAreaErrorKind<E>) -> anyhow::Error {
     anyhow::anyhow!("plotters: {error}")
+}
+
+/// The share of the plot's height the legend of `series` entries takes
+/// (14 px text, ~19 px a line, its frame and margins).
+fn legend_room(series: usize) -> f64 {
+    ((19 * series + 30) as f64 / 420.0).min(0.6)
 }
 
 /// Lowest and highest of `f` over every point.
@@ -272,7 +283,9 @@ fn bars(area: &DrawingArea<SVGBackend<'_>, Shift>, chart: &Chart, categories: &[
     if categories.is_empty() {
         bail!("a bar chart needs categories");
     }
-    let top = span(chart, |(_, s)| (s.median, s.max)).1.max(f64::EPSILON) * 1.25;
+    // Room for the figures over the bars, and for the legend above them.
+    let top =
+        span(chart, |(_, s)| (s.median, s.max)).1.max(f64::EPSILON) * 1.1 / (1.0 - legend_room(chart.series.len()));
     let (title, style) = caption(chart);
     let mut ctx = ChartBuilder::on(area)
         .caption(title, style)
