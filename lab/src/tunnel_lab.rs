@@ -17,7 +17,7 @@
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -48,7 +48,7 @@ pub(crate) const DNAT_PORT: u16 = 10263;
 pub(crate) const HTTP_PORT: u16 = 10264;
 pub(crate) const CONNECT_PORT: u16 = 10265;
 pub(crate) const SERVER_METRICS: &str = "127.0.0.1:10266";
-const AGENT_METRICS: &str = "127.0.0.1:10267";
+pub(crate) const AGENT_METRICS: &str = "127.0.0.1:10267";
 /// What the edge HTTP server answers to every request.
 pub(crate) const HTTP_BODY: &str = "hello from the edge\n";
 
@@ -283,6 +283,130 @@ pub(crate) fn load_average() -> String {
     load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
 }
 
+/// The eBPF tunnel DNAT of a cloud namespace, as bench_dnat attaches it:
+/// programs on `attached`, the tunnel server (whose DNAT door must see the
+/// original destination) in its child `server`, the redirected clients in
+/// its child `client`. Fields drop in order: programs, pins, then the
+/// cgroups, children first.
+pub(crate) struct CloudDnat {
+    pub(crate) dnat: TunnelDnat,
+    pub(crate) pins: PinDir,
+    /// Clients whose connections to the edge are redirected.
+    pub(crate) client: Cgroup,
+    /// Where the tunnel server runs.
+    pub(crate) server: Cgroup,
+    pub(crate) attached: Cgroup,
+}
+
+impl CloudDnat {
+    /// Attaches the programs with [`CLOUD_IP`] as the target and the
+    /// cloud's network as the "host network"; `rules` are (dialled port,
+    /// door port). Pod subnets: `dnat.set_edge_subnets`.
+    pub(crate) fn attach(
+        cloud: &NetNs,
+        rules: impl IntoIterator<Item = (u16, u16)>,
+        edge_nodes: impl IntoIterator<Item = Ipv4Addr>,
+    ) -> Result<Self> {
+        let attached = Cgroup::new()?;
+        let server = attached.child("server")?;
+        let client = attached.child("client")?;
+        let pins = PinDir::new()?;
+        let (mut dnat, _) = TunnelDnat::load_or_attach(&AttachOptions {
+            pin_dir: pins.path().to_path_buf(),
+            cgroup: Some(attached.path().to_path_buf()),
+            original_dst_cgroup: Some(server.path().to_path_buf()),
+        })?;
+        cloud.run(|| dnat.set_target(CLOUD_IP, Scope::HostNetwork))??;
+        dnat.set_port_rules(rules)?;
+        dnat.set_edge_nodes(edge_nodes)?;
+        Ok(Self { dnat, pins, client, server, attached })
+    }
+}
+
+/// The tunnel's certificates under `dir`, made by the real `netd-cloud
+/// certs`: a CA, the server's (IP SAN [`CLOUD_IP`]) and one edge node's.
+pub(crate) struct TunnelCerts {
+    pub(crate) ca: PathBuf,
+    pub(crate) server: PathBuf,
+    pub(crate) node: PathBuf,
+}
+
+impl TunnelCerts {
+    pub(crate) fn issue(netd_cloud: &str, dir: &Path, node: &str, node_ip: Ipv4Addr) -> Result<Self> {
+        let certs = Self { ca: dir.join("ca"), server: dir.join("server"), node: dir.join("node") };
+        let path = |p: &Path| p.to_string_lossy().into_owned();
+        run_command(netd_cloud, &["certs", "ca", "--out", &path(&certs.ca)])?;
+        let cloud_ip = CLOUD_IP.to_string();
+        run_command(
+            netd_cloud,
+            &["certs", "server", "--ca-dir", &path(&certs.ca), "--ip", &cloud_ip, "--out", &path(&certs.server)],
+        )?;
+        let node_ip = node_ip.to_string();
+        run_command(
+            netd_cloud,
+            &[
+                "certs",
+                "node",
+                "--ca-dir",
+                &path(&certs.ca),
+                "--name",
+                node,
+                "--ip",
+                &node_ip,
+                "--out",
+                &path(&certs.node),
+            ],
+        )?;
+        Ok(certs)
+    }
+}
+
+/// `netd-cloud tunnel-server` with all four doors on [`CLOUD_IP`], the
+/// DNAT pinned under `pins`, its `/metrics` on [`SERVER_METRICS`].
+pub(crate) fn server_args_for(certs: &TunnelCerts, pins: &PinDir) -> Vec<String> {
+    let path = |p: &Path| p.to_string_lossy().into_owned();
+    strings(&[
+        "tunnel-server",
+        "--cert-dir",
+        &path(&certs.server),
+        "--address",
+        &CLOUD_IP.to_string(),
+        "--agents-listen",
+        &v4(CLOUD_IP, AGENTS_PORT).to_string(),
+        "--connect-listen",
+        &v4(CLOUD_IP, CONNECT_PORT).to_string(),
+        "--dnat-listen",
+        &v4(CLOUD_IP, DNAT_PORT).to_string(),
+        "--http-listen",
+        &v4(CLOUD_IP, HTTP_PORT).to_string(),
+        "--dnat-pin-dir",
+        &path(pins.path()),
+        "--metrics-listen",
+        SERVER_METRICS,
+        "--log",
+        "warn",
+    ])
+}
+
+/// `netd tunnel-agent` dialling the server on [`CLOUD_IP`], allowed
+/// `extra_ports` besides the kubelet's, its `/metrics` on [`AGENT_METRICS`].
+pub(crate) fn agent_args_for(certs: &TunnelCerts, extra_ports: &[u16]) -> Vec<String> {
+    let extra_ports: Vec<String> = extra_ports.iter().map(u16::to_string).collect();
+    strings(&[
+        "tunnel-agent",
+        "--server",
+        &v4(CLOUD_IP, AGENTS_PORT).to_string(),
+        "--cert-dir",
+        &certs.node.to_string_lossy(),
+        "--extra-ports",
+        &extra_ports.join(","),
+        "--metrics-listen",
+        AGENT_METRICS,
+        "--log",
+        "warn",
+    ])
+}
+
 /// Everything netd's tunnel needs; fields drop in order (processes first,
 /// namespaces last).
 pub(crate) struct NetdLab {
@@ -332,22 +456,10 @@ impl NetdLab {
             })??;
         }
 
-        // The tunnel DNAT, as bench_dnat attaches it: programs on `attached`,
-        // the server (whose DNAT door must see the original destination) in
-        // one child cgroup, the redirected clients in another.
-        let attached = Cgroup::new()?;
-        let netd_server = attached.child("server")?;
-        let netd_client = attached.child("client")?;
+        let rules = SERVICES.map(|s| (s.port(), DNAT_PORT)).into_iter().chain(port_rules.iter().copied());
+        let CloudDnat { dnat, pins, attached, server: netd_server, client: netd_client } =
+            CloudDnat::attach(&cloud, rules, [NODE_IP])?;
         let plain = Cgroup::new()?;
-        let pins = PinDir::new()?;
-        let (mut dnat, _) = TunnelDnat::load_or_attach(&AttachOptions {
-            pin_dir: pins.path().to_path_buf(),
-            cgroup: Some(attached.path().to_path_buf()),
-            original_dst_cgroup: Some(netd_server.path().to_path_buf()),
-        })?;
-        cloud.run(|| dnat.set_target(CLOUD_IP, Scope::HostNetwork))??;
-        dnat.set_port_rules(SERVICES.map(|s| (s.port(), DNAT_PORT)).into_iter().chain(port_rules.iter().copied()))?;
-        dnat.set_edge_nodes([NODE_IP])?;
 
         let http = edge_listener(&edge, Service::Http.port(), serve_http)?;
         let idle_held = Arc::new(Mutex::new(Vec::new()));
@@ -361,57 +473,12 @@ impl NetdLab {
         let iperf_server = start(&edge, None, d, "iperf3-server", "iperf3", &strings(&["-s", "-p", &iperf_port]))?;
 
         // Certificates, then the server in its cgroup, the agent on the edge.
-        let (ca, server_certs, node_certs) = (d.join("ca"), d.join("server"), d.join("node"));
-        let path = |p: &Path| p.to_string_lossy().into_owned();
-        run_command(&netd_cloud, &["certs", "ca", "--out", &path(&ca)])?;
-        let cloud_ip = CLOUD_IP.to_string();
-        run_command(
-            &netd_cloud,
-            &["certs", "server", "--ca-dir", &path(&ca), "--ip", &cloud_ip, "--out", &path(&server_certs)],
-        )?;
-        let node_ip = NODE_IP.to_string();
-        run_command(
-            &netd_cloud,
-            &["certs", "node", "--ca-dir", &path(&ca), "--name", NODE, "--ip", &node_ip, "--out", &path(&node_certs)],
-        )?;
-        let mut args = strings(&[
-            "tunnel-server",
-            "--cert-dir",
-            &path(&server_certs),
-            "--address",
-            &cloud_ip,
-            "--agents-listen",
-            &v4(CLOUD_IP, AGENTS_PORT).to_string(),
-            "--connect-listen",
-            &v4(CLOUD_IP, CONNECT_PORT).to_string(),
-            "--dnat-listen",
-            &v4(CLOUD_IP, DNAT_PORT).to_string(),
-            "--http-listen",
-            &v4(CLOUD_IP, HTTP_PORT).to_string(),
-            "--dnat-pin-dir",
-            &path(pins.path()),
-            "--metrics-listen",
-            SERVER_METRICS,
-            "--log",
-            "warn",
-        ]);
+        let certs = TunnelCerts::issue(&netd_cloud, d, NODE, NODE_IP)?;
+        let mut args = server_args_for(&certs, &pins);
         args.extend_from_slice(server_args);
         let server = start(&cloud, Some(&netd_server), d, "netd-tunnel-server", &netd_cloud, &args)?;
-        let extra_ports = SERVICES.map(|s| s.port().to_string()).join(",");
-        let agent_args = strings(&[
-            "tunnel-agent",
-            "--server",
-            &v4(CLOUD_IP, AGENTS_PORT).to_string(),
-            "--cert-dir",
-            &path(&node_certs),
-            "--extra-ports",
-            &extra_ports,
-            "--metrics-listen",
-            AGENT_METRICS,
-            "--log",
-            "warn",
-        ]);
-        let agent = start(&edge, None, d, "netd-tunnel-agent", &netd, &agent_args)?;
+        let extra_ports: Vec<u16> = SERVICES.map(|s| s.port()).into();
+        let agent = start(&edge, None, d, "netd-tunnel-agent", &netd, &agent_args_for(&certs, &extra_ports))?;
         let pid = |p: &NetdProcess| p.pid().context("a process exited at once");
         let (server_pid, agent_pid) = (pid(&server)?, pid(&agent)?);
 

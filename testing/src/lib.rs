@@ -65,8 +65,8 @@ pub use real_cluster::{
 };
 pub use real_workload::{edge_statefulset, read_line_until, PodStatus, DEPLOY_DIR, WORKLOAD_METRICS_PORT};
 pub use scenario::{
-    scenario_network, EmbeddedScenarioRegistry, EtcdScenarioRegistry, KubeScenarioRegistry, Scenario, ScenarioRegistry,
-    ScenarioReport,
+    scenario_network, ChapterError, ChapterStage, EmbeddedScenarioRegistry, EtcdScenarioRegistry, KubeScenarioRegistry,
+    Scenario, ScenarioRegistry, ScenarioReport,
 };
 pub use server::ServerHost;
 pub use synthetic::{synthetic_config, synthetic_node, synthetic_peer, SYNTHETIC_OWN_IP};
@@ -127,6 +127,9 @@ pub enum HarnessError {
     /// A step of a [`Scenario`] did not turn out as the story says.
     #[error("scenario failed: {0}")]
     Scenario(String),
+    /// A chapter added with [`Scenario::with_chapter`] failed.
+    #[error("a chapter of the scenario failed")]
+    Chapter(#[source] ChapterError),
     /// A test certificate or key could not be minted or written.
     #[error("test certificate")]
     Cert(#[from] netd_tunnel::certs::CertError),
@@ -282,6 +285,37 @@ fn sweep_leftovers() {
     }
 }
 
+/// What the harness made for this process and has not removed yet:
+/// network namespaces, root-namespace links, cgroups and bpffs pin
+/// directories, by name. Empty once every guard has dropped; a demo or
+/// test checks it after its run.
+pub fn leftovers() -> Vec<String> {
+    let ours = |name: &str| owner_pid(name) == Some(std::process::id());
+    let names = |dir: &Path| -> Vec<String> {
+        fs::read_dir(dir)
+            .map(|entries| {
+                entries.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut left = Vec::new();
+    let kinds = [
+        ("network namespace", Some(PathBuf::from("/run/netns")), NAME_PREFIX),
+        ("link", Some(PathBuf::from("/sys/class/net")), "nt"),
+        ("cgroup", cgroup::cgroup2_root().ok(), NAME_PREFIX),
+        ("BPF pin directory", Some(PathBuf::from(bpf::BPFFS_TEST_ROOT)), NAME_PREFIX),
+    ];
+    for (kind, dir, prefix) in kinds {
+        let Some(dir) = dir else { continue };
+        for name in names(&dir) {
+            if name.starts_with(prefix) && ours(&name) {
+                left.push(format!("{kind} {}", dir.join(&name).display()));
+            }
+        }
+    }
+    left
+}
+
 /// Path of a named network namespace as `ip netns` creates it.
 pub(crate) fn netns_path(name: &str) -> PathBuf {
     Path::new("/run/netns").join(name)
@@ -312,6 +346,22 @@ mod tests {
         assert!(!process_is_running(pid), "exited, unreaped child {pid} still counts as running");
         assert!(Path::new(&format!("/proc/{pid}")).exists(), "the zombie's /proc entry is there");
         drop(child);
+    }
+
+    #[test]
+    fn leftovers_names_what_is_alive_and_forgets_what_dropped() {
+        let Some(_kernel) = privileged().expect("privileged") else { return };
+        let ns = NetNs::new().expect("a namespace");
+        let cgroup = Cgroup::new().expect("a cgroup");
+        let ns_entry = format!("network namespace /run/netns/{}", ns.name());
+        let cgroup_name = cgroup.path().file_name().map(|n| n.to_string_lossy().into_owned()).expect("a name");
+        let left = leftovers();
+        assert!(left.contains(&ns_entry), "{ns_entry} missing from {left:?}");
+        assert!(left.iter().any(|l| l.starts_with("cgroup ") && l.ends_with(&cgroup_name)), "{cgroup_name}: {left:?}");
+        drop((ns, cgroup));
+        let left = leftovers();
+        assert!(!left.contains(&ns_entry), "{ns_entry} still listed after its drop: {left:?}");
+        assert!(!left.iter().any(|l| l.ends_with(&cgroup_name)), "{cgroup_name} still listed: {left:?}");
     }
 
     #[test]

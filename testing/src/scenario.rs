@@ -13,6 +13,11 @@
 //! second; not one ping may be lost (netd's SIGTERM leaves the data plane,
 //! the new netd takes it over from its snapshot).
 //!
+//! With [`Scenario::with_chapter`], a chapter of the caller's own runs
+//! last, on the cluster as the story left it ([`ChapterStage`]): `cargo
+//! xtask demo` adds the cloud reaching an edge node's kubelet and a pod's
+//! metrics through the tunnel there.
+//!
 //! `cargo xtask demo` narrates it on the embedded registry; the daemon tests
 //! run it against a real etcd and a real kube-apiserver, which live on the
 //! cluster's control-plane address ([`Cluster::control_plane`]).
@@ -261,6 +266,64 @@ pub struct Scenario<'a, R: ScenarioRegistry> {
     rollout_to: Option<PathBuf>,
     /// Which binary each node's netd runs.
     running: Vec<PathBuf>,
+    /// The caller's chapter, run last.
+    chapter: Option<Chapter<'a>>,
+}
+
+/// An error a caller's chapter returns (an `anyhow::Error` converts into it
+/// with its causes).
+pub type ChapterError = Box<dyn std::error::Error + Send + Sync>;
+
+type Chapter<'a> = Box<dyn FnOnce(&mut ChapterStage<'_>) -> Result<(), ChapterError> + 'a>;
+
+/// What a chapter added with [`Scenario::with_chapter`] sees: the cluster
+/// with every node's netd running and a pod on each node, the registry up.
+pub struct ChapterStage<'s> {
+    cluster: &'s Cluster,
+    pods: &'s [(String, NetNs, Ipv4Addr)],
+    state: &'s Path,
+    registry_spec: String,
+    started: Instant,
+    narrate: &'s mut (dyn FnMut(&str) + 's),
+}
+
+impl ChapterStage<'_> {
+    /// Node `number` (1-3).
+    pub fn node(&self, number: u8) -> Result<&super::Node, HarnessError> {
+        self.cluster.node(number).ok_or_else(|| HarnessError::Usage(format!("no node {number}")))
+    }
+
+    /// The pod on node `number`: its name, namespace and address.
+    pub fn pod(&self, number: u8) -> Result<(&str, &NetNs, Ipv4Addr), HarnessError> {
+        let (name, ns, ip) = self
+            .pods
+            .get(usize::from(number).wrapping_sub(1))
+            .ok_or_else(|| HarnessError::Usage(format!("no pod on node {number}")))?;
+        Ok((name, ns, *ip))
+    }
+
+    /// Node `number`'s netd state directory (its `subnet.env` is there).
+    pub fn node_state_dir(&self, number: u8) -> PathBuf {
+        self.state.join(format!("node-{number}"))
+    }
+
+    /// The registry every node's netd uses (`--registry`), up.
+    pub fn registry_spec(&self) -> &str {
+        &self.registry_spec
+    }
+
+    /// One line of the story, stamped with the time since it began.
+    pub fn say(&mut self, text: &str) {
+        let line = format!("[{:>6.2}s] {text}", self.started.elapsed().as_secs_f64());
+        (self.narrate)(&line);
+    }
+
+    /// Lines under the last one, indented past its stamp (command output).
+    pub fn show(&mut self, text: &str) {
+        for line in text.lines() {
+            (self.narrate)(&format!("{:12}{}", "", line.trim_end()));
+        }
+    }
 }
 
 fn ms(d: Duration) -> String {
@@ -296,6 +359,7 @@ impl<'a, R: ScenarioRegistry> Scenario<'a, R> {
             narrate: Box::new(narrate),
             rollout_to: None,
             running: vec![bin_dir.join("netd"); 3],
+            chapter: None,
         })
     }
 
@@ -303,6 +367,18 @@ impl<'a, R: ScenarioRegistry> Scenario<'a, R> {
     /// batch by batch, under a ping loop that must lose nothing.
     pub fn with_rollout(mut self, new_netd: &Path) -> Self {
         self.rollout_to = Some(new_netd.to_path_buf());
+        self
+    }
+
+    /// Adds `chapter` after the others, before the daemons stop: it runs on
+    /// the cluster as the story left it and narrates through its stage. An
+    /// error it returns fails the run; what it made is its own to remove,
+    /// the cluster is removed as on any other failure.
+    pub fn with_chapter(
+        mut self,
+        chapter: impl FnOnce(&mut ChapterStage<'_>) -> Result<(), ChapterError> + 'a,
+    ) -> Self {
+        self.chapter = Some(Box::new(chapter));
         self
     }
 
@@ -526,6 +602,18 @@ impl<'a, R: ScenarioRegistry> Scenario<'a, R> {
             }
             None => None,
         };
+        if let Some(chapter) = self.chapter.take() {
+            (self.narrate)("");
+            let mut stage = ChapterStage {
+                cluster: &self.cluster,
+                pods: &self.pods,
+                state: &self.state,
+                registry_spec: self.registry.registry_spec(),
+                started: self.started,
+                narrate: &mut *self.narrate,
+            };
+            chapter(&mut stage).map_err(HarnessError::Chapter)?;
+        }
 
         (self.narrate)("");
         for number in 1..=3u8 {
