@@ -29,6 +29,8 @@ use anyhow::{bail, ensure, Context as _, Result};
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 
+use crate::progress::long_step;
+
 /// netd's node image reference: `netd:<workspace version>` (xtask shares
 /// the workspace's version, so this is netd's too). deploy/ names this
 /// image for what runs on every node.
@@ -175,30 +177,32 @@ pub fn write_netd_images(build: Build) -> Result<()> {
 pub fn netd_images(dir: &Path, build: Build) -> Result<[(ImageSummary, &'static str); 2]> {
     let all: Vec<&str> = NODE_BINARIES.iter().chain(&CLOUD_BINARIES).copied().collect();
     let (args, profile_dir) = build.cargo_args();
-    println!("==> building {} ({profile_dir}; the first build takes a few minutes)", all.join(", "));
-    crate::cargo(&args, &[])?;
+    println!("image: {} from the {profile_dir} build (the first build takes a few minutes)", all.join(", "));
+    long_step(&format!("building netd's programs ({profile_dir})"), || crate::cargo(&args, &[]))?;
     let bin_dir = crate::target_dir().join(profile_dir);
     let stripped = dir.join("stripped");
     fs::create_dir_all(&stripped).with_context(|| format!("creating {}", stripped.display()))?;
     let image = |binaries: &[&str], extra: &[&str], reference: &'static str, file: &str| -> Result<ImageSummary> {
-        let mut image = ImageBuilder::new();
-        for bin in binaries {
-            let copy = stripped.join(bin);
-            strip(&bin_dir.join(bin), &copy)?;
-            image.add_file(&format!("/usr/local/bin/{bin}"), &copy, 0o755)?;
-        }
-        for host in extra {
-            ensure!(Path::new(host).is_file(), "{host} not found: install it (cargo xtask setup does)");
-            image.add_file(host, Path::new(host), 0o755)?;
-        }
-        add_base(&mut image)?;
-        let out = dir.join(file);
-        let entrypoint = format!("/usr/local/bin/{}", binaries[0]);
-        let summary = image.write_docker_archive(&out, reference, &[entrypoint.as_str()], &[])?;
-        let digest_file = out.with_extension("tar.digest");
-        fs::write(&digest_file, format!("{}\n", summary.digest))
-            .with_context(|| format!("writing {}", digest_file.display()))?;
-        Ok(summary)
+        long_step(&format!("writing {reference} to {}", dir.join(file).display()), || {
+            let mut image = ImageBuilder::new();
+            for bin in binaries {
+                let copy = stripped.join(bin);
+                strip(&bin_dir.join(bin), &copy)?;
+                image.add_file(&format!("/usr/local/bin/{bin}"), &copy, 0o755)?;
+            }
+            for host in extra {
+                ensure!(Path::new(host).is_file(), "{host} not found: install it (cargo xtask setup does)");
+                image.add_file(host, Path::new(host), 0o755)?;
+            }
+            add_base(&mut image)?;
+            let out = dir.join(file);
+            let entrypoint = format!("/usr/local/bin/{}", binaries[0]);
+            let summary = image.write_docker_archive(&out, reference, &[entrypoint.as_str()], &[])?;
+            let digest_file = out.with_extension("tar.digest");
+            fs::write(&digest_file, format!("{}\n", summary.digest))
+                .with_context(|| format!("writing {}", digest_file.display()))?;
+            Ok(summary)
+        })
     };
     // nftables' command line: netd runs it for the masquerade rules.
     let node = image(&NODE_BINARIES, &[NFT], NETD_IMAGE, "netd.tar")?;

@@ -17,6 +17,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
+use crate::progress::{elapsed, long_step};
+
 macro_rules! kube_version {
     () => {
         "1.20.2"
@@ -136,20 +138,22 @@ fn ensure_built(component: &Component) -> Result<PathBuf> {
     let (source, version_file) = prepare_source()?;
 
     println!("kube: make WHAT=cmd/{name} (offline, vendored modules; {})", component.build_time);
-    run(Command::new("make")
-        .arg(format!("WHAT=cmd/{name}"))
-        .env("GOPROXY", "off")
-        .env("GOFLAGS", "-mod=vendor")
-        .env("CGO_ENABLED", "0")
-        .env("KUBE_GIT_VERSION_FILE", &version_file)
-        .current_dir(&source))?;
+    long_step(&format!("building {name}"), || {
+        run(Command::new("make")
+            .arg(format!("WHAT=cmd/{name}"))
+            .env("GOPROXY", "off")
+            .env("GOFLAGS", "-mod=vendor")
+            .env("CGO_ENABLED", "0")
+            .env("KUBE_GIT_VERSION_FILE", &version_file)
+            .current_dir(&source))
+    })?;
 
     let built = source.join("_output/bin").join(name);
     let partial = bin.with_extension("partial");
     std::fs::copy(&built, &partial).with_context(|| format!("copying {} to {}", built.display(), partial.display()))?;
     std::fs::rename(&partial, &bin).with_context(|| format!("renaming {} to {}", partial.display(), bin.display()))?;
     let version = binary_version(&bin).with_context(|| format!("{} does not run `--version`", bin.display()))?;
-    println!("kube: built {} ({version}) in {:.0}s", bin.display(), started.elapsed().as_secs_f64());
+    println!("kube: built {} ({version}) in {}", bin.display(), elapsed(started.elapsed()));
     Ok(bin)
 }
 
@@ -159,8 +163,10 @@ fn ensure_built(component: &Component) -> Result<PathBuf> {
 /// directory and the version file.
 fn prepare_source() -> Result<(PathBuf, PathBuf)> {
     ensure_deb_src()?;
-    println!("kube: installing build tools {}", BUILD_PACKAGES.join(" "));
-    apt(&["-qq", "install", "-y", "--no-install-recommends"], BUILD_PACKAGES)?;
+    println!("kube: build tools: {}", BUILD_PACKAGES.join(" "));
+    long_step("installing the build tools", || {
+        apt(&["-qq", "install", "-y", "--no-install-recommends"], BUILD_PACKAGES)
+    })?;
 
     let work = Path::new(BUILD_DIR);
     std::fs::create_dir_all(work).with_context(|| format!("creating {}", work.display()))?;
@@ -170,8 +176,10 @@ fn prepare_source() -> Result<(PathBuf, PathBuf)> {
             dir
         }
         None => {
-            println!("kube: apt-get source kubernetes (into {})", work.display());
-            run(Command::new("apt-get").args(["-qq", "source", "kubernetes"]).current_dir(work))?;
+            println!("kube: Kubernetes' Debian source package into {}", work.display());
+            long_step("apt-get source kubernetes", || {
+                run(Command::new("apt-get").args(["-qq", "source", "kubernetes"]).current_dir(work))
+            })?;
             source_dir(work)?
                 .with_context(|| format!("apt-get source left no kubernetes-*{KUBE_VERSION} in {BUILD_DIR}"))?
         }
@@ -216,8 +224,7 @@ fn ensure_deb_src() -> Result<()> {
         println!("kube: adding deb-src for bookworm in {DEB_SRC_FILE}");
         std::fs::write(DEB_SRC_FILE, DEB_SRC).with_context(|| format!("writing {DEB_SRC_FILE}"))?;
     }
-    println!("kube: apt-get update");
-    apt(&["-qq", "update"], &[])
+    long_step("apt-get update", || apt(&["-qq", "update"], &[]))
 }
 
 fn apt(args: &[&str], packages: &[&str]) -> Result<()> {

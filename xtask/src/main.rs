@@ -9,6 +9,7 @@ mod docs;
 mod image;
 mod instructions;
 mod kube;
+mod progress;
 mod setup;
 mod test;
 

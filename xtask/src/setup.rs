@@ -5,6 +5,8 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
+use crate::progress::long_step;
+
 /// Every Debian package the build, the tests and the demo use, with why.
 pub const PACKAGES: &[(&str, &str)] = &[
     ("clang-19", "compiles ebpf/bpf/*.bpf.c"),
@@ -117,11 +119,13 @@ pub fn rathole() -> Result<()> {
         println!("setup: rathole already installed ({})", path.display());
         return Ok(());
     }
-    println!("setup: cargo install rathole {RATHOLE_VERSION} (for the tunnel benchmark; a few minutes, once)");
     // Not --locked: rathole 0.5.0's lockfile pins a `time` 0.3 release that
     // current compilers reject (E0282 in time's own code); the newest
     // semver-compatible dependencies build.
-    crate::cargo(&["install", "rathole", "--version", RATHOLE_VERSION], &[])
+    println!("setup: rathole, the tunnel benchmark's anchor (a few minutes, once)");
+    long_step(&format!("cargo install rathole {RATHOLE_VERSION}"), || {
+        crate::cargo(&["install", "rathole", "--version", RATHOLE_VERSION], &[])
+    })
 }
 
 /// Installs the missing Debian packages and says which (all the demo needs).
@@ -136,10 +140,12 @@ pub fn packages() -> Result<()> {
         bail!("setup: missing packages {missing:?}; run `sudo cargo xtask setup` to install them");
     }
     println!("setup: installing {}", missing.join(" "));
-    apt(&["-qq", "update"])?;
-    let mut args = vec!["-qq", "install", "-y", "--no-install-recommends"];
-    args.extend_from_slice(&missing);
-    apt(&args)?;
+    long_step("apt-get update", || apt(&["-qq", "update"]))?;
+    long_step(&format!("installing {} Debian packages", missing.len()), || {
+        let mut args = vec!["-qq", "install", "-y", "--no-install-recommends"];
+        args.extend_from_slice(&missing);
+        apt(&args)
+    })?;
     let still: Vec<&str> = missing.iter().copied().filter(|name| !installed(name)).collect();
     if !still.is_empty() {
         bail!("setup: apt-get reported success but {still:?} are still not installed");
