@@ -25,7 +25,8 @@ usage: cargo xtask <task>
 tasks:
   demo [cluster]
           the main job: a 3-node cluster in network namespaces, pods across nodes, a node
-          reboot with the registry stopped (root; installs what it needs; leaves nothing behind);
+          reboot with the registry stopped, a rollout, the cloud reaching an edge kubelet and
+          pod through the tunnel alone (root; installs what it needs; leaves nothing behind);
           `cluster`: netd as deployed, on real kubelets and containerd (kubectl apply -f deploy/,
           pods across edge nodes, logs/exec/port-forward through the tunnel); builds what it
           needs first (Kubernetes 1.20.2 components, netd's image)
@@ -48,7 +49,7 @@ tasks:
           the CLI reference (docs/src/reference/cli/) and man pages (docs/man/) from the
           binaries' clap commands; `--check` writes nothing and fails listing stale files
   ci      setup, fmt check, clippy, build (benches included), cli reference check, test,
-          bench smoke, instructions check, doc: what CI runs
+          bench smoke, the demo (debug build), instructions check, doc: what CI runs
   image [netd|test|pause [OUT]|busybox [OUT]]
           netd's container image (release binaries, nft and their libraries) as a
           docker-save archive, target/image/netd.tar, tagged netd:<version>; no daemon
@@ -239,6 +240,24 @@ fn run_smoke() -> Result<()> {
     Ok(())
 }
 
+/// `netd-lab demo` on the debug build `ci`'s build step made (a few
+/// seconds): the README's main command keeps working, and leaves nothing
+/// behind (it fails if it does).
+fn run_demo() -> Result<()> {
+    let bin_dir = target_dir().join("debug");
+    let lab = bin_dir.join("netd-lab");
+    let status = Command::new(&lab)
+        .args(["demo", "--bin-dir"])
+        .arg(&bin_dir)
+        .current_dir(workspace_root())
+        .status()
+        .with_context(|| format!("running {}", lab.display()))?;
+    if !status.success() {
+        bail!("`netd-lab demo` failed ({status})");
+    }
+    Ok(())
+}
+
 fn bench(args: &[String]) -> Result<()> {
     let (which, plot) = match args {
         [] => ("all", None),
@@ -356,6 +375,7 @@ fn ci() -> Result<()> {
     step("test", test::run)?;
     // The test step set up the machine and wrote the test image.
     step("bench smoke", run_smoke)?;
+    step("demo", run_demo)?;
     step("instructions", || instructions::run(&[]))?;
     step("doc", || cargo(&["doc", "--workspace", "--no-deps", "--all-features"], &[("RUSTDOCFLAGS", "-D warnings")]))?;
     step("docs", docs::run)?;
