@@ -213,9 +213,13 @@ fn span(chart: &Chart, f: impl Fn(&(f64, Stat)) -> (f64, f64)) -> (f64, f64) {
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), (a, b)| (lo.min(a), hi.max(b)))
 }
 
-/// The i-th series' colour: plotters' palette, distinct on white and in print.
+/// The i-th series' colour: dark enough to read on white as a thin line
+/// (plotters' own palette has a pale yellow third), distinct from each other.
 fn colour(i: usize) -> RGBAColor {
-    Palette99::pick(i).to_rgba()
+    const COLOURS: [(u8, u8, u8); 6] =
+        [(214, 39, 40), (31, 119, 180), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)];
+    let (r, g, b) = COLOURS[i % COLOURS.len()];
+    RGBColor(r, g, b).to_rgba()
 }
 
 fn caption(chart: &Chart) -> (&str, (&'static str, u32)) {
