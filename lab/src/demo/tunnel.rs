@@ -112,6 +112,19 @@ fn run(stage: &mut ChapterStage<'_>, bin_dir: &Path) -> Result<()> {
     let mut server_args = server_args_for(&certs, &dnat.pins);
     server_args.extend(["--registry".to_string(), stage.registry_spec().to_string()]);
     let server = start(&cloud, Some(&dnat.server), d, "netd-tunnel-server", &netd_cloud, &server_args)?;
+    // Listening before the agent dials: a refused first dial would cost
+    // the agent its backoff (0.5 s) and say nothing about the tunnel.
+    let up = Instant::now();
+    while !http_get(&cloud, SERVER_METRICS, "/healthz").is_some_and(|r| r.starts_with("HTTP/1.1 200")) {
+        if up.elapsed() > READY {
+            bail!("the tunnel server did not come up within {READY:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    stage.say(&format!(
+        "cloud: netd-cloud tunnel-server up in {} (agents :{AGENTS_PORT}; pod subnets routed by the leases in the nodes' registry)",
+        ms(up.elapsed())
+    ));
     let mut agent_args = agent_args_for(&certs, &[WORKLOAD_METRICS_PORT]);
     agent_args.extend(["--pod-subnet".to_string(), subnet.to_string()]);
     let started = Instant::now();
@@ -162,10 +175,9 @@ fn run(stage: &mut ChapterStage<'_>, bin_dir: &Path) -> Result<()> {
         bail!("{pod_url} answered something else than {pod_name}'s metrics: {body}");
     }
 
-    let redirected: Vec<String> = dnat
-        .dnat
-        .stats()?
-        .rules
+    let mut rules = dnat.dnat.stats()?.rules;
+    rules.sort_by_key(|rule| rule.port);
+    let redirected: Vec<String> = rules
         .iter()
         .filter(|rule| rule.redirected > 0)
         .map(|rule| format!(":{} -> :{} {}", rule.port, rule.target_port, rule.redirected))
