@@ -46,7 +46,7 @@ fn long_step_with<T>(what: &str, every: Duration, say: Say, f: impl FnOnce() -> 
     outcome
 }
 
-/// A thread saying "… still <what> (<elapsed>)" every `every` until
+/// A thread saying `… still WHAT (ELAPSED)` every `every` until
 /// dropped; dropping it wakes the thread at once and waits for it.
 struct Ticker {
     stop: Arc<(Mutex<bool>, Condvar)>,
