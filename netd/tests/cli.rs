@@ -454,6 +454,28 @@ fn closed_port() -> String {
     listener.local_addr().unwrap().port().to_string()
 }
 
+/// `netd-cloud tunnel-server` with its certificates in `certs`, every door
+/// on an ephemeral loopback port and no DNAT doors (no bpffs, no privilege).
+fn loopback_tunnel_server(certs: &str) -> [&str; 15] {
+    [
+        "tunnel-server",
+        "--cert-dir",
+        certs,
+        "--address",
+        "127.0.0.1",
+        "--agents-listen",
+        "127.0.0.1:0",
+        "--connect-listen",
+        "127.0.0.1:0",
+        "--dnat-listen",
+        "",
+        "--http-listen",
+        "",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]
+}
+
 #[test]
 fn tunnel_agent_and_server_stop_cleanly_on_sigterm_and_sigint() {
     let dir = tempfile::tempdir().unwrap();
@@ -484,23 +506,7 @@ fn tunnel_agent_and_server_stop_cleanly_on_sigterm_and_sigint() {
     }
     // The server on loopback only, no DNAT doors (no bpffs, no privilege).
     let certs = cert_dir("server");
-    let server = [
-        "tunnel-server",
-        "--cert-dir",
-        &certs,
-        "--address",
-        "127.0.0.1",
-        "--agents-listen",
-        "127.0.0.1:0",
-        "--connect-listen",
-        "127.0.0.1:0",
-        "--dnat-listen",
-        "",
-        "--http-listen",
-        "",
-        "--metrics-listen",
-        "127.0.0.1:0",
-    ];
+    let server = loopback_tunnel_server(&certs);
     let (status, log) = stopped_by(NETD_CLOUD, &server, "tunnel server: agents link in", libc::SIGTERM);
     assert!(status.success(), "the server's exit on SIGTERM: {status:?}; log:\n{log}");
     assert!(log.contains("tunnel server: SIGTERM, stopping"), "{log}");
@@ -614,23 +620,7 @@ fn log_format_json_writes_one_object_per_line_up_to_the_stop() {
 
     // The variable does the same, here for the tunnel server.
     let certs = cert_dir("server");
-    let tunnel_server = [
-        "tunnel-server",
-        "--cert-dir",
-        &certs,
-        "--address",
-        "127.0.0.1",
-        "--agents-listen",
-        "127.0.0.1:0",
-        "--connect-listen",
-        "127.0.0.1:0",
-        "--dnat-listen",
-        "",
-        "--http-listen",
-        "",
-        "--metrics-listen",
-        "127.0.0.1:0",
-    ];
+    let tunnel_server = loopback_tunnel_server(&certs);
     let (status, log) = stopped_by_with(
         NETD_CLOUD,
         &tunnel_server,

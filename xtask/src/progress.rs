@@ -64,6 +64,12 @@ impl Ticker {
                 let mut stopped = lock.lock().unwrap_or_else(PoisonError::into_inner);
                 let mut next = every;
                 loop {
+                    // Checked before every wait: a stop that came before
+                    // this thread first took the lock sent its wake-up to
+                    // nobody, and waiting would outlast the step.
+                    if *stopped {
+                        return;
+                    }
                     // Measured against the start, so ticks do not drift
                     // and a spurious wake-up does not tick early.
                     let wait = next.saturating_sub(started.elapsed());
@@ -167,6 +173,19 @@ mod tests {
         let seen = lines.lock().unwrap().clone();
         assert_eq!(seen.len(), 2, "{seen:?}");
         assert!(seen[1].starts_with("<== failing: FAILED after 0."), "{seen:?}");
+    }
+
+    #[test]
+    fn a_stop_before_the_ticker_first_waits_is_not_lost() {
+        // Dropped at once, the stop usually comes before the thread takes
+        // the lock; a lost wake-up would hold that drop for a whole tick.
+        let tick = Duration::from_secs(2);
+        let started = Instant::now();
+        for _ in 0..50 {
+            let (say, _lines) = recorder();
+            drop(Ticker::start("racing", tick, say));
+        }
+        assert!(started.elapsed() < tick, "50 stops took {:?}: a stop was lost", started.elapsed());
     }
 
     #[test]
