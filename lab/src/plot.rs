@@ -2,7 +2,7 @@
 //! DIR`), for the book's benchmark pages.
 //!
 //! Each benchmark hands the figures its printed table is made of to
-//! [`write`]; nothing is measured again. plotters draws with its SVG backend
+//! [`write()`]; nothing is measured again. plotters draws with its SVG backend
 //! only: text becomes `<text>` elements that the browser renders, so no font
 //! file or system library is needed to draw. Every chart carries a title,
 //! axis labels with units, a legend and a footnote naming the machine, the
@@ -74,7 +74,7 @@ pub(crate) struct Chart {
     pub footnote: String,
 }
 
-/// A chart [`write`] wrote in this process: where, and the series it
+/// A chart [`write()`] wrote in this process: where, and the series it
 /// should show (what the smoke run checks).
 #[derive(Debug, Clone)]
 pub(crate) struct Written {
