@@ -487,6 +487,21 @@ fn open_idle(stage: &Stage, way: Way, n: usize) -> Result<(Vec<TcpStream>, u64, 
     Ok((streams, stage.lab.idle.count() - before, started.elapsed()))
 }
 
+/// The non-zero refusal and failure counters in a `/metrics` text.
+fn failure_counters(metrics: Option<String>) -> String {
+    let Some(text) = metrics else { return "no /metrics answer".into() };
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && (l.contains("refused") || l.contains("fail") || l.contains("timeout")))
+        .filter(|l| l.rsplit(' ').next().is_some_and(|v| v.parse::<f64>().is_ok_and(|v| v > 0.0)))
+        .collect();
+    if lines.is_empty() {
+        "no refusal or failure counted".into()
+    } else {
+        format!("`{}`", lines.join("`, `"))
+    }
+}
+
 /// Memory of one tunnel: idle at start, with the idle streams, idle after the runs.
 #[derive(Default, Clone, Copy)]
 struct Memory {
@@ -561,8 +576,17 @@ pub fn run(bin_dir: &Path) -> Result<()> {
     }
 
     // Idle streams first, on fresh processes: one tunnel at a time, closed before the next.
+    let mut idle_notes = Vec::new();
     for (i, way) in WAYS.into_iter().enumerate().skip(1) {
         let (streams, reached, took) = open_idle(&stage, way, idle_streams)?;
+        if way == Way::Netd && reached < idle_streams as u64 {
+            // Where the missing streams went, from both processes' counters.
+            idle_notes.push(format!(
+                "netd's idle streams that did not reach the edge: agent {}; server {}",
+                failure_counters(stage.lab.agent_metrics()),
+                failure_counters(stage.lab.server_metrics())
+            ));
+        }
         // Let every stream's state settle (buffers handed out, tasks parked).
         std::thread::sleep(Duration::from_millis(500));
         memory[i].streams = stage.rss(way)?;
@@ -737,6 +761,9 @@ pub fn run(bin_dir: &Path) -> Result<()> {
             grown as f64 / m.reached.max(1) as f64,
             mib(m.after)
         );
+    }
+    for note in &idle_notes {
+        println!("\n- {note}");
     }
     let pressure = pressure_since(timed_from);
 

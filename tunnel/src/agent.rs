@@ -22,6 +22,7 @@ use ipnet::IpNet;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 
+use super::readahead::ReadAhead;
 use super::replica::{Claim, LinkSet, ReplicaStatus};
 use super::tls::Live;
 use super::transport::{self, backoff, Counted, TunnelStream, REFUSAL_HEADER};
@@ -228,7 +229,8 @@ async fn link(config: &AgentConfig, server: &str, metrics: &Arc<AgentMetrics>) -
     };
     let _ = tcp.set_nodelay(true);
     let connector = tokio_rustls::TlsConnector::from(config.tls.borrow().clone());
-    let tls = match connector.connect(config.server_name.clone(), tcp).await {
+    // rustls reads 4 KiB per call: a read-ahead saves 15 of every 16 reads of a bulk stream.
+    let tls = match connector.connect(config.server_name.clone(), ReadAhead::new(tcp)).await {
         Ok(tls) => tls,
         Err(source) => {
             metrics.handshake_failures.fetch_add(1, Ordering::Relaxed);
@@ -372,7 +374,7 @@ async fn serve(
     let mut tunnel = TunnelStream::new(send, request.into_body());
     // Written to the local end: in from the server; read from it: out.
     let mut local = Counted::new(&mut local, &metrics.bytes_out, &metrics.bytes_in);
-    let _ = transport::splice(&mut tunnel, &mut local).await;
+    let _ = transport::splice_tunnel(&mut local, &mut tunnel).await;
 }
 
 #[cfg(test)]

@@ -28,6 +28,7 @@ pub mod identity;
 pub mod limits;
 #[cfg(feature = "server")]
 pub mod peers;
+pub mod readahead;
 pub mod replica;
 #[cfg(feature = "server")]
 pub mod routes;

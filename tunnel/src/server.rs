@@ -49,6 +49,7 @@ use super::certs;
 use super::identity::{ClientIdentity, ConnectClients};
 use super::limits::{self, Door, DoorMetrics, Gate, Limits, Refusal, Ticket};
 use super::peers::{ForwardError, Peers, FORWARDED_BY_HEADER};
+use super::readahead::ReadAhead;
 use super::replica::{Claim, ReplicaStatus};
 use super::routes::{LeaseRefusal, LeaseRoute, LeaseVerdict, RouteTable};
 use super::tls::Live;
@@ -576,15 +577,17 @@ impl Router {
     }
 
     /// Copies between a front-door connection and its tunnel stream.
-    async fn splice<S, T>(&self, mut front: S, mut tunnel: T)
+    async fn splice<S>(&self, mut front: S, tunnel: Tunnel)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
         self.metrics.streams_open.fetch_add(1, Ordering::Relaxed);
         // Read from the front door: towards the edge; written to it: from the edge.
         let mut front = Counted::new(&mut front, &self.metrics.bytes_to_edge, &self.metrics.bytes_from_edge);
-        let _ = transport::splice(&mut front, &mut tunnel).await;
+        let _ = match tunnel {
+            Tunnel::Local(mut stream) => transport::splice_tunnel(&mut front, &mut stream).await,
+            Tunnel::Forwarded(mut stream) => transport::splice(&mut front, &mut stream).await,
+        };
         self.metrics.streams_open.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -604,9 +607,9 @@ async fn handshake(
     tls: &Live<rustls::ServerConfig>,
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
-) -> Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
+) -> Option<TlsLink> {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls.borrow().clone());
-    match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
+    match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(ReadAhead::new(tcp))).await {
         Ok(Ok(tls)) => Some(tls),
         Ok(Err(err)) => {
             gate.refuse(Refusal::Handshake);
@@ -622,7 +625,7 @@ async fn handshake(
 }
 
 /// The verified leaf certificate of a TLS client.
-fn client_leaf(tls: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>) -> Option<&[u8]> {
+fn client_leaf(tls: &TlsLink) -> Option<&[u8]> {
     let (_, session) = tls.get_ref();
     session.peer_certificates().and_then(|chain| chain.first()).map(|leaf| leaf.as_ref())
 }
@@ -753,7 +756,11 @@ struct HeldLink {
     _ticket: Ticket,
 }
 
-type AgentConnection = h2::client::Connection<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, Bytes>;
+type AgentConnection = h2::client::Connection<TlsLink, Bytes>;
+
+/// A TLS connection accepted at a door; rustls reads it through a
+/// read-ahead buffer (see [`ReadAhead`]).
+type TlsLink = tokio_rustls::server::TlsStream<ReadAhead<tokio::net::TcpStream>>;
 
 impl HeldLink {
     /// Drives the link until it fails, stops answering pings, or is

@@ -156,26 +156,26 @@ impl TunnelStream {
     }
 }
 
-impl AsyncRead for TunnelStream {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        loop {
-            if !self.pending.is_empty() {
-                let n = self.pending.len().min(buf.remaining());
-                buf.put_slice(&self.pending[..n]);
-                self.pending.advance(n);
-                // Credit goes back only as the reader takes bytes: a reader
-                // that stops reading holds one window, and its stream alone waits.
-                self.unreleased += n;
-                if self.unreleased >= RELEASE_BATCH || self.pending.is_empty() {
-                    let released = std::mem::take(&mut self.unreleased);
-                    if let Err(err) = self.recv.flow_control().release_capacity(released) {
-                        return Poll::Ready(Err(h2_io(err)));
-                    }
-                }
-                return Poll::Ready(Ok(()));
-            }
+impl TunnelStream {
+    /// `n` bytes of `pending` were taken by the local end. Credit goes back
+    /// only as bytes are taken: a reader that stops reading holds one
+    /// window, and its stream alone waits.
+    fn consume(&mut self, n: usize) -> io::Result<()> {
+        self.pending.advance(n);
+        self.unreleased += n;
+        if self.unreleased >= RELEASE_BATCH || self.pending.is_empty() {
+            let released = std::mem::take(&mut self.unreleased);
+            self.recv.flow_control().release_capacity(released).map_err(h2_io)?;
+        }
+        Ok(())
+    }
+
+    /// Ready with `true` once `pending` holds received bytes, `false` at
+    /// the end of the stream.
+    fn poll_fill_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        while self.pending.is_empty() {
             if self.recv_done {
-                return Poll::Ready(Ok(()));
+                return Poll::Ready(Ok(false));
             }
             match ready!(self.recv.poll_data(cx)) {
                 Some(Ok(data)) => self.pending = data,
@@ -183,6 +183,18 @@ impl AsyncRead for TunnelStream {
                 None => self.recv_done = true,
             }
         }
+        Poll::Ready(Ok(true))
+    }
+}
+
+impl AsyncRead for TunnelStream {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if !ready!(self.poll_fill_pending(cx))? {
+            return Poll::Ready(Ok(()));
+        }
+        let n = self.pending.len().min(buf.remaining());
+        buf.put_slice(&self.pending[..n]);
+        Poll::Ready(self.consume(n))
     }
 }
 
@@ -366,6 +378,170 @@ where
     .await
 }
 
+/// The first read of a burst towards a tunnel stream asks for this much;
+/// each read that fills what it asked for doubles the next, up to
+/// [`WRITE_CHUNK`]. A request of a few hundred bytes gets a small buffer, a
+/// bulk flow reaches 128 KiB reads within a few, and an idle stream holds
+/// none (see [`splice_tunnel`]).
+const FIRST_READ: usize = 16 << 10;
+
+/// Local end → tunnel: bytes are read straight into the stream's outgoing
+/// DATA chunk.
+struct ToTunnel {
+    /// What the next read asks for (grows with the flow, see [`FIRST_READ`]).
+    read_size: usize,
+    /// The local end returned end of stream; the tunnel stream is being ended.
+    read_done: bool,
+    /// END_STREAM was sent.
+    done: bool,
+}
+
+impl ToTunnel {
+    fn poll_move<R: AsyncRead + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &mut R,
+        tunnel: &mut TunnelStream,
+    ) -> Poll<io::Result<()>> {
+        // Whether this poll read anything: a poll that did not is a wake-up
+        // for the other direction, or the end of a burst.
+        let mut moved = false;
+        loop {
+            if self.done {
+                return Poll::Ready(Ok(()));
+            }
+            if self.read_done {
+                // What is gathered goes first, then END_STREAM.
+                ready!(Pin::new(&mut *tunnel).poll_shutdown(cx))?;
+                self.done = true;
+                continue;
+            }
+            let mut want = self.read_size.min(WRITE_CHUNK - tunnel.outgoing.len());
+            let spare = tunnel.outgoing.capacity() - tunnel.outgoing.len();
+            if want == 0 || (spare < want && !tunnel.outgoing.is_empty()) {
+                // A full chunk, or one whose buffer has no room for the next
+                // read: it goes as it is (growing it would copy it).
+                ready!(tunnel.poll_send_outgoing(cx))?;
+                want = self.read_size;
+            }
+            let start = tunnel.outgoing.len();
+            // After a chunk went to h2 the rest of its allocation is still
+            // free to read into; otherwise a new one, sized for this read
+            // (`outgoing` is empty then: nothing is copied).
+            tunnel.outgoing.reserve(want);
+            let spare = &mut tunnel.outgoing.spare_capacity_mut()[..want];
+            let spare_at = spare.as_ptr().cast::<u8>();
+            let mut buf = ReadBuf::uninit(spare);
+            let read = Pin::new(&mut *from).poll_read(cx, &mut buf);
+            let (filled, at_start) = (buf.filled().len(), buf.filled().as_ptr() == spare_at);
+            match read {
+                Poll::Ready(Ok(())) if filled == 0 => self.read_done = true,
+                Poll::Ready(Ok(())) if !at_start => {
+                    return Poll::Ready(Err(io::Error::other("the reader replaced the buffer it was given")));
+                }
+                Poll::Ready(Ok(())) => {
+                    // SAFETY: the reader initialised the first `filled` bytes
+                    // of the spare capacity it was handed (a `ReadBuf`'s
+                    // filled part is initialised, and it lies at the start of
+                    // that spare capacity, checked above), which follows the
+                    // `start` bytes already in `outgoing`.
+                    unsafe { tunnel.outgoing.set_len(start + filled) };
+                    moved = true;
+                    if filled == want {
+                        self.read_size = (self.read_size * 2).min(WRITE_CHUNK);
+                    }
+                }
+                Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+                Poll::Pending => {
+                    // Nothing more for now: what was gathered leaves at once
+                    // (interactive bytes never wait), and the stream keeps no
+                    // buffer while it is idle.
+                    ready!(tunnel.poll_send_outgoing(cx))?;
+                    tunnel.outgoing = BytesMut::new();
+                    if !moved {
+                        // Nothing to read on a wake-up: the next burst starts small.
+                        self.read_size = FIRST_READ;
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+/// Tunnel → local end: each received DATA frame is written from the frame
+/// itself.
+#[derive(Default)]
+struct FromTunnel {
+    /// The tunnel stream ended; the local end's writer was shut down.
+    done: bool,
+    /// Bytes written since the last flush.
+    unflushed: bool,
+}
+
+impl FromTunnel {
+    fn poll_move<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        tunnel: &mut TunnelStream,
+        to: &mut W,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            if self.done {
+                return Poll::Ready(Ok(()));
+            }
+            match tunnel.poll_fill_pending(cx) {
+                Poll::Ready(Ok(true)) => match Pin::new(&mut *to).poll_write(cx, &tunnel.pending) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(n)) => {
+                        self.unflushed = true;
+                        tunnel.consume(n)?;
+                    }
+                    Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+                    // The frame waits where it is, credit unreleased.
+                    Poll::Pending => return Poll::Pending,
+                },
+                Poll::Ready(Ok(false)) => {
+                    ready!(Pin::new(&mut *to).poll_shutdown(cx))?;
+                    self.done = true;
+                }
+                Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+                Poll::Pending => {
+                    if self.unflushed {
+                        ready!(Pin::new(&mut *to).poll_flush(cx))?;
+                        self.unflushed = false;
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+/// [`splice`] between a local byte stream and a tunnel stream, without a
+/// copy of its own: bytes read from `end` land in the DATA chunk handed to
+/// h2, and each received DATA frame is written to `end` from the frame.
+/// Through the generic [`splice`] every byte is copied once more in user
+/// space each way (into its chunk, then into the stream's gathering buffer;
+/// out of the received frame into the chunk), the largest user-space cost
+/// of a bulk stream after TLS (`perf`, see the book's tunnel benchmarks).
+pub async fn splice_tunnel<S>(end: &mut S, tunnel: &mut TunnelStream) -> io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut out = ToTunnel { read_size: FIRST_READ, read_done: false, done: false };
+    let mut back = FromTunnel::default();
+    std::future::poll_fn(|cx| {
+        let forward = out.poll_move(cx, end, tunnel)?;
+        let backward = back.poll_move(cx, tunnel, end)?;
+        match (forward, backward) {
+            (Poll::Ready(()), Poll::Ready(())) => Poll::Ready(Ok(())),
+            _ => Poll::Pending,
+        }
+    })
+    .await
+}
+
 /// A byte stream that counts what passes as it passes, so a long-lived or
 /// broken connection shows in the byte counters too, not only one that
 /// ends cleanly.
@@ -468,6 +644,75 @@ mod tests {
         assert_eq!(got, backward);
         to_left.await.unwrap();
         joined.await.unwrap().unwrap();
+    }
+
+    /// A server end and an agent end joined by a real HTTP/2 link over an
+    /// in-memory pipe, each spliced with [`splice_tunnel`] to a local pipe
+    /// far smaller than what crosses it (so both writers push back, and
+    /// both stream windows fill): every byte arrives in order each way,
+    /// half-closes pass on, and small requests after a bulk burst still
+    /// arrive at once (nothing waits for a chunk to fill).
+    #[tokio::test]
+    async fn splice_tunnel_moves_everything_over_a_real_link() {
+        let (server_io, agent_io) = tokio::io::duplex(64 << 10);
+        let agent = tokio::spawn(async move {
+            let mut connection = agent_builder().handshake::<_, Bytes>(agent_io).await.unwrap();
+            let (request, mut respond) = connection.accept().await.unwrap().unwrap();
+            let send = respond.send_response(http::Response::new(()), false).unwrap();
+            // The agent's local service: a pipe whose far end the test drives.
+            let (mut local, service) = tokio::io::duplex(2000);
+            let spliced = tokio::spawn(async move {
+                let mut tunnel = TunnelStream::new(send, request.into_body());
+                splice_tunnel(&mut local, &mut tunnel).await
+            });
+            // Keep the connection polled while the stream lives.
+            let driven = tokio::spawn(async move { while let Some(Ok(_)) = connection.accept().await {} });
+            (service, spliced, driven)
+        });
+        let (mut link, connection) = server_builder().handshake::<_, Bytes>(server_io).await.unwrap();
+        tokio::spawn(connection);
+        let request = http::Request::builder().method("CONNECT").uri("10.0.0.1:80").body(()).unwrap();
+        let (response, send) = link.send_request(request, false).unwrap();
+        let response = response.await.unwrap();
+        let (service, agent_splice, _driven) = agent.await.unwrap();
+        let (mut front, client) = tokio::io::duplex(3000);
+        let server_splice = tokio::spawn(async move {
+            let mut tunnel = TunnelStream::new(send, response.into_body());
+            splice_tunnel(&mut front, &mut tunnel).await
+        });
+
+        let (mut client_read, mut client_write) = tokio::io::split(client);
+        let (mut service_read, mut service_write) = tokio::io::split(service);
+        // A small request first: it must arrive without a flush of the client's.
+        client_write.write_all(b"ping").await.unwrap();
+        let mut ping = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(5), service_read.read_exact(&mut ping)).await.unwrap().unwrap();
+        assert_eq!(&ping, b"ping");
+        let forward: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let backward: Vec<u8> = (0..1_000_000u32).map(|i| (i % 241) as u8).collect();
+        let (sent_forward, sent_backward) = (forward.clone(), backward.clone());
+        let to_edge = tokio::spawn(async move {
+            client_write.write_all(&sent_forward).await.unwrap();
+            client_write.shutdown().await.unwrap();
+        });
+        let from_edge = tokio::spawn(async move {
+            service_write.write_all(&sent_backward).await.unwrap();
+            // The edge keeps its side open until the client's end arrived.
+            let mut got = Vec::new();
+            service_read.read_to_end(&mut got).await.unwrap();
+            service_write.write_all(b"bye").await.unwrap();
+            service_write.shutdown().await.unwrap();
+            got
+        });
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), client_read.read_to_end(&mut got)).await.unwrap().unwrap();
+        let mut expected = backward;
+        expected.extend_from_slice(b"bye");
+        assert!(got == expected, "backward: {} bytes arrived, {} sent", got.len(), expected.len());
+        assert!(from_edge.await.unwrap() == forward, "forward bytes differ");
+        to_edge.await.unwrap();
+        server_splice.await.unwrap().unwrap();
+        agent_splice.await.unwrap().unwrap();
     }
 
     /// A reader that fills a buffer of its own instead of the one it was
