@@ -14,6 +14,8 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::transport::poll_read_spare;
+
 /// Bytes asked of the socket per read once a caller wants less than this.
 pub const READ_AHEAD: usize = 64 << 10;
 
@@ -52,19 +54,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
             if this.buf.capacity() < READ_AHEAD {
                 this.buf.reserve_exact(READ_AHEAD);
             }
-            let spare = &mut this.buf.spare_capacity_mut()[..READ_AHEAD];
-            let spare_at = spare.as_ptr().cast::<u8>();
-            let mut ahead = ReadBuf::uninit(spare);
-            match Pin::new(&mut this.inner).poll_read(cx, &mut ahead) {
-                Poll::Ready(Ok(())) => {
-                    let filled = ahead.filled().len();
-                    if filled > 0 && ahead.filled().as_ptr() != spare_at {
-                        return Poll::Ready(Err(io::Error::other("the reader replaced the buffer it was given")));
-                    }
+            match poll_read_spare(cx, &mut this.inner, &mut this.buf.spare_capacity_mut()[..READ_AHEAD]) {
+                Poll::Ready(Ok(filled)) => {
                     // SAFETY: `buf` is empty, and the reader initialised the
-                    // first `filled` bytes of its spare capacity: a
-                    // `ReadBuf`'s filled part is initialised, and it lies at
-                    // the start of that spare capacity (checked above).
+                    // first `filled` bytes of its spare capacity
+                    // (`poll_read_spare`).
                     unsafe { this.buf.set_len(filled) };
                     if filled == 0 {
                         // End of stream.

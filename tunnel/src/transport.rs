@@ -241,6 +241,37 @@ impl Drop for TunnelStream {
     }
 }
 
+/// Reads from `from` into `spare`, the uninitialised capacity at the end of
+/// a buffer: ready with how many bytes at its start the reader filled (0 at
+/// the end of the stream). The caller may then extend the buffer's length
+/// by that much.
+pub(crate) fn poll_read_spare<R: AsyncRead + Unpin>(
+    cx: &mut Context<'_>,
+    from: &mut R,
+    spare: &mut [std::mem::MaybeUninit<u8>],
+) -> Poll<io::Result<usize>> {
+    let spare_at = spare.as_ptr().cast::<u8>();
+    let mut buf = ReadBuf::uninit(spare);
+    ready!(Pin::new(from).poll_read(cx, &mut buf))?;
+    let filled = buf.filled();
+    // A `ReadBuf`'s filled part is initialised; callers rely on it being
+    // the start of `spare`, which a reader that swapped the buffer breaks.
+    if !filled.is_empty() && filled.as_ptr() != spare_at {
+        return Poll::Ready(Err(io::Error::other("the reader replaced the buffer it was given")));
+    }
+    Poll::Ready(Ok(filled.len()))
+}
+
+/// Ready once both directions of a copy are: `poll` polls each and returns
+/// both states (an error from either ends the copy).
+async fn until_both_done(mut poll: impl FnMut(&mut Context<'_>) -> io::Result<(Poll<()>, Poll<()>)>) -> io::Result<()> {
+    std::future::poll_fn(|cx| match poll(cx)? {
+        (Poll::Ready(()), Poll::Ready(())) => Poll::Ready(Ok(())),
+        _ => Poll::Pending,
+    })
+    .await
+}
+
 /// Bytes one direction of [`splice`] moves per read, into a buffer that
 /// lives for one poll: nothing is held between polls unless the writer
 /// pushed back. 64 KiB, not tokio's 8: a bulk flow costs one read and one
@@ -305,19 +336,12 @@ impl Direction {
             if chunk.capacity() < SPLICE_CHUNK {
                 chunk.reserve_exact(SPLICE_CHUNK);
             }
-            let mut buf = ReadBuf::uninit(&mut chunk.spare_capacity_mut()[..SPLICE_CHUNK]);
-            let read = Pin::new(&mut *from).poll_read(cx, &mut buf);
-            let (filled, at_start) = (buf.filled().len(), buf.filled().as_ptr() == chunk.as_ptr());
-            match read {
-                Poll::Ready(Ok(())) if filled == 0 => self.read_done = true,
-                Poll::Ready(Ok(())) if !at_start => {
-                    return Poll::Ready(Err(io::Error::other("the reader replaced the buffer it was given")));
-                }
-                Poll::Ready(Ok(())) => {
+            match poll_read_spare(cx, from, &mut chunk.spare_capacity_mut()[..SPLICE_CHUNK]) {
+                Poll::Ready(Ok(0)) => self.read_done = true,
+                Poll::Ready(Ok(filled)) => {
                     // SAFETY: `chunk` is empty, and the reader initialised
-                    // the first `filled` bytes of its spare capacity: a
-                    // `ReadBuf`'s filled part is initialised, and it lies at
-                    // the start of `chunk` (checked above).
+                    // the first `filled` bytes of its spare capacity
+                    // (`poll_read_spare`).
                     unsafe { chunk.set_len(filled) };
                     let mut at = 0;
                     while at < chunk.len() {
@@ -367,15 +391,7 @@ where
     B: AsyncRead + AsyncWrite + Unpin,
 {
     let (mut a_to_b, mut b_to_a) = (Direction::default(), Direction::default());
-    std::future::poll_fn(|cx| {
-        let forward = a_to_b.poll_move(cx, a, b)?;
-        let backward = b_to_a.poll_move(cx, b, a)?;
-        match (forward, backward) {
-            (Poll::Ready(()), Poll::Ready(())) => Poll::Ready(Ok(())),
-            _ => Poll::Pending,
-        }
-    })
-    .await
+    until_both_done(|cx| Ok((a_to_b.poll_move(cx, a, b)?, b_to_a.poll_move(cx, b, a)?))).await
 }
 
 /// The first read of a burst towards a tunnel stream asks for this much;
@@ -429,22 +445,12 @@ impl ToTunnel {
             // free to read into; otherwise a new one, sized for this read
             // (`outgoing` is empty then: nothing is copied).
             tunnel.outgoing.reserve(want);
-            let spare = &mut tunnel.outgoing.spare_capacity_mut()[..want];
-            let spare_at = spare.as_ptr().cast::<u8>();
-            let mut buf = ReadBuf::uninit(spare);
-            let read = Pin::new(&mut *from).poll_read(cx, &mut buf);
-            let (filled, at_start) = (buf.filled().len(), buf.filled().as_ptr() == spare_at);
-            match read {
-                Poll::Ready(Ok(())) if filled == 0 => self.read_done = true,
-                Poll::Ready(Ok(())) if !at_start => {
-                    return Poll::Ready(Err(io::Error::other("the reader replaced the buffer it was given")));
-                }
-                Poll::Ready(Ok(())) => {
+            match poll_read_spare(cx, from, &mut tunnel.outgoing.spare_capacity_mut()[..want]) {
+                Poll::Ready(Ok(0)) => self.read_done = true,
+                Poll::Ready(Ok(filled)) => {
                     // SAFETY: the reader initialised the first `filled` bytes
-                    // of the spare capacity it was handed (a `ReadBuf`'s
-                    // filled part is initialised, and it lies at the start of
-                    // that spare capacity, checked above), which follows the
-                    // `start` bytes already in `outgoing`.
+                    // of the spare capacity it was handed (`poll_read_spare`),
+                    // which follows the `start` bytes already in `outgoing`.
                     unsafe { tunnel.outgoing.set_len(start + filled) };
                     moved = true;
                     if filled == want {
@@ -531,15 +537,7 @@ where
 {
     let mut out = ToTunnel { read_size: FIRST_READ, read_done: false, done: false };
     let mut back = FromTunnel::default();
-    std::future::poll_fn(|cx| {
-        let forward = out.poll_move(cx, end, tunnel)?;
-        let backward = back.poll_move(cx, tunnel, end)?;
-        match (forward, backward) {
-            (Poll::Ready(()), Poll::Ready(())) => Poll::Ready(Ok(())),
-            _ => Poll::Pending,
-        }
-    })
-    .await
+    until_both_done(|cx| Ok((out.poll_move(cx, end, tunnel)?, back.poll_move(cx, tunnel, end)?))).await
 }
 
 /// A byte stream that counts what passes as it passes, so a long-lived or
