@@ -450,6 +450,11 @@ fn manifests_are_what_they_should_be() {
             "tunnel-server reads no {name}"
         );
     }
+    // The drain fits in the pod's grace period, with time to exit after it.
+    let drain = env_value(server, "NETD_TUNNEL_DRAIN_GRACE");
+    let drain_s: u64 = drain.strip_suffix('s').and_then(|n| n.parse().ok()).expect("drain grace in whole seconds");
+    let grace_s = pod["terminationGracePeriodSeconds"].as_u64().expect("a termination grace period");
+    assert!(drain_s + 5 <= grace_s, "a {drain} drain in a {grace_s} s termination grace period: SIGKILL cuts it short");
     let metrics = env_value(server, "NETD_TUNNEL_METRICS_LISTEN");
     let get = &server["readinessProbe"]["httpGet"];
     assert_eq!(format!("{}:{}", get["host"].as_str().unwrap(), get["port"]), metrics);
