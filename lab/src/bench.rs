@@ -197,6 +197,10 @@ pub(crate) fn ms(d: Duration) -> String {
     format!("{:.2}", d.as_secs_f64() * 1000.0)
 }
 
+/// What a real service's listener asks for (the kernel caps it at
+/// `net.core.somaxconn`, 4096 by default).
+const LISTEN_BACKLOG: libc::c_int = 4096;
+
 /// A listener bound in a namespace whose accepted connections go to
 /// `handle`, on a thread of its own; stopped on drop.
 pub(crate) struct Listener {
@@ -211,6 +215,17 @@ impl Listener {
     /// sockets belong to their listener's cgroup).
     pub(crate) fn start(ns: &NetNs, addr: SocketAddr, handle: impl Fn(TcpStream) + Send + 'static) -> Result<Self> {
         let listener = ns.run(|| TcpListener::bind(addr))?.with_context(|| format!("binding {addr}"))?;
+        // std listens with a backlog of 128, which a burst can overflow (the
+        // tunnel bench opens 1 000 idle streams at once; a dropped SYN comes
+        // back 1, 3 and 7 s later, past the tunnel agent's 5 s dial
+        // timeout). Real services ask for `net.core.somaxconn` (Go's
+        // net.Listen does); listen() on a listening socket only changes its
+        // backlog.
+        // SAFETY: the descriptor is the listening socket `listener` owns,
+        // open for this whole call.
+        if unsafe { libc::listen(listener.as_raw_fd(), LISTEN_BACKLOG) } != 0 {
+            return Err(std::io::Error::last_os_error()).with_context(|| format!("raising {addr}'s listen backlog"));
+        }
         let (listener, accepted, stop) =
             (Arc::new(listener), Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
         let thread = {
