@@ -429,15 +429,19 @@ fn dnat_chart(rates: [Vec<(f64, crate::plot::Stat)>; 3], rounds: usize, per_roun
 /// Each program's run count and run time so far (the kernel's counters,
 /// kept while stats are enabled), by program name.
 fn program_counters(dnat: &TunnelDnat) -> Result<Vec<(&'static str, u64, Duration)>> {
-    let mut counters = Vec::new();
-    for link in dnat.links()? {
-        let info = aya::programs::loaded_programs()
-            .filter_map(Result::ok)
-            .find(|p| p.id() == link.info.prog_id)
-            .with_context(|| format!("program {} (id {}) is not loaded", link.program, link.info.prog_id))?;
-        counters.push((link.program, info.run_count(), info.run_time()));
-    }
-    Ok(counters)
+    // One walk over the kernel's programs (one that unloads meanwhile is
+    // skipped: none of ours can while its link is pinned).
+    let loaded: std::collections::HashMap<u32, aya::programs::ProgramInfo> =
+        aya::programs::loaded_programs().filter_map(Result::ok).map(|p| (p.id(), p)).collect();
+    dnat.links()?
+        .into_iter()
+        .map(|link| {
+            let info = loaded
+                .get(&link.info.prog_id)
+                .with_context(|| format!("program {} (id {}) is not loaded", link.program, link.info.prog_id))?;
+            Ok((link.program, info.run_count(), info.run_time()))
+        })
+        .collect()
 }
 
 /// Where the programs' time goes, per connection: `count` untimed cycles
