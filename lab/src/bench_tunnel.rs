@@ -22,7 +22,8 @@
 //! any qdisc; WAN = the same addresses routed through [`DelayLine`], 25 ms
 //! each way (50 ms RTT) at 1 Gbit/s, as netem `delay 25ms rate 1gbit` would
 //! on both veth ends: this kernel has no netem), wrk latency at one connection and requests/s at 16 connections to
-//! a small HTTP server on the edge (in this process), resident memory of
+//! a small HTTP server on the edge (in this process), what each tunnel's two processes spend per request at one
+//! connection (CPU in user space and in the kernel, sleeps: where added latency comes from), resident memory of
 //! each tunnel's two processes with 0 and 1 000 idle streams, and
 //! the time from a cut link coming back to traffic flowing through netd.
 //!
@@ -291,6 +292,79 @@ fn tree_rss(pid: u32) -> Result<u64> {
     process_tree(pid).into_iter().map(|p| status_kib(p, "VmRSS:")).sum()
 }
 
+/// What the kernel has accounted to a process so far, all its threads:
+/// CPU time in user space and in the kernel, and voluntary context
+/// switches (each time a thread went to sleep waiting for something).
+#[derive(Clone, Copy, Default, Debug)]
+struct ProcessCost {
+    user: Duration,
+    system: Duration,
+    sleeps: u64,
+}
+
+impl ProcessCost {
+    /// `pid`'s totals: `utime`/`stime` of /proc/PID/stat (the whole thread
+    /// group; the kernel splits the exact run time between the two by
+    /// its tick samples) and every thread's `voluntary_ctxt_switches`.
+    fn of(pid: u32) -> Result<Self> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // Fields after the command's last ')': state is field 3, utime 14, stime 15.
+        let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+        let ticks = |n: usize| -> Result<u64> {
+            fields.get(n - 3).and_then(|f| f.parse().ok()).with_context(|| format!("field {n} of /proc/{pid}/stat"))
+        };
+        // SAFETY: sysconf reads a constant and has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        let from_ticks = |t: u64| Duration::from_nanos(t * 1_000_000_000 / hz);
+        let mut sleeps = 0;
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))?.filter_map(|e| e.ok()) {
+            // A thread that exits meanwhile takes its count with it.
+            if let Ok(status) = std::fs::read_to_string(task.path().join("status")) {
+                sleeps += status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:")?.trim().parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+        Ok(Self { user: from_ticks(ticks(14)?), system: from_ticks(ticks(15)?), sleeps })
+    }
+
+    /// The summed costs of `pid`'s process tree (sshd forks a process per session).
+    fn of_tree(pid: u32) -> Result<Self> {
+        process_tree(pid).into_iter().try_fold(Self::default(), |sum, p| Ok(sum.plus(Self::of(p)?)))
+    }
+
+    fn plus(self, other: Self) -> Self {
+        Self { user: self.user + other.user, system: self.system + other.system, sleeps: self.sleeps + other.sleeps }
+    }
+
+    /// What was accounted between `before` and `self`.
+    fn since(self, before: Self) -> Self {
+        Self {
+            user: self.user.saturating_sub(before.user),
+            system: self.system.saturating_sub(before.system),
+            sleeps: self.sleeps.saturating_sub(before.sleeps),
+        }
+    }
+}
+
+/// A tunnel's cost per request of one wrk round at one connection, for
+/// its cloud side and its edge side: µs of user CPU, µs of kernel CPU,
+/// sleeps.
+#[derive(Clone, Copy, Default)]
+struct PerRequest {
+    cloud: (f64, f64, f64),
+    edge: (f64, f64, f64),
+}
+
+impl PerRequest {
+    fn new((cloud, edge): (ProcessCost, ProcessCost), requests: u64) -> Self {
+        let n = requests.max(1) as f64;
+        let per = |c: ProcessCost| (c.user.as_secs_f64() * 1e6 / n, c.system.as_secs_f64() * 1e6 / n, c.sleeps as f64 / n);
+        Self { cloud: per(cloud), edge: per(edge) }
+    }
+}
+
 /// Everything the runs use; fields drop in order (the other tunnels'
 /// processes first, then netd's stage, namespaces last).
 struct Stage {
@@ -400,6 +474,20 @@ impl Stage {
         Ok(stage)
     }
 
+    /// What the kernel has accounted so far to a tunnel's cloud side and
+    /// edge side (the same processes as [`rss`](Self::rss)).
+    fn cost(&self, way: Way) -> Result<(ProcessCost, ProcessCost)> {
+        Ok(match way {
+            Way::Direct => Default::default(),
+            Way::Netd => (ProcessCost::of(self.lab.server_pid)?, ProcessCost::of(self.lab.agent_pid)?),
+            Way::RatholeTcp | Way::RatholeNoise => {
+                let (server, client) = self.rathole_pids[usize::from(way == Way::RatholeNoise)];
+                (ProcessCost::of(server)?, ProcessCost::of(client)?)
+            }
+            Way::Ssh => (ProcessCost::of_tree(self.sshd_pid)?, ProcessCost::of(self.ssh_pid)?),
+        })
+    }
+
     /// Server and agent (or sshd tree and ssh) resident KiB of a tunnel.
     fn rss(&self, way: Way) -> Result<(u64, u64)> {
         Ok(match way {
@@ -429,11 +517,13 @@ fn iperf(stage: &Stage, way: Way) -> Result<(f64, u64)> {
     iperf3(&stage.lab.cloud, stage.cgroup_of(way), way.addr(Service::Iperf), plan().iperf_seconds, way.label())
 }
 
-/// What wrk reports: p50 and p99 latency in µs, requests/s.
+/// What wrk reports: p50 and p99 latency in µs, requests/s; with what the
+/// tunnel's processes spent per completed request meanwhile.
 struct WrkRun {
     p50_us: f64,
     p99_us: f64,
     rate: f64,
+    cost: PerRequest,
 }
 
 fn wrk_duration_us(text: &str) -> Option<f64> {
@@ -452,7 +542,9 @@ fn wrk_duration_us(text: &str) -> Option<f64> {
 fn wrk(stage: &Stage, way: Way, connections: u32, seconds: u32) -> Result<WrkRun> {
     let url = format!("http://{}/", way.addr(Service::Http));
     let args = strings(&["-t1", &format!("-c{connections}"), &format!("-d{seconds}s"), "--latency", &url]);
+    let before = stage.cost(way)?;
     let out = client(&stage.lab.cloud, stage.cgroup_of(way), "wrk", &args).with_context(|| way.label())?;
+    let after = stage.cost(way)?;
     ensure!(!out.contains("Socket errors") && !out.contains("Non-2xx"), "{}: wrk saw errors:\n{out}", way.label());
     let percentile = |p: &str| {
         out.lines()
@@ -466,7 +558,13 @@ fn wrk(stage: &Stage, way: Way, connections: u32, seconds: u32) -> Result<WrkRun
         .and_then(|r| r.parse().ok())
         .with_context(|| format!("no Requests/sec in wrk's output:\n{out}"))?;
     ensure!(rate > 0.0, "{}: wrk completed no request:\n{out}", way.label());
-    Ok(WrkRun { p50_us: percentile("50%")?, p99_us: percentile("99%")?, rate })
+    // "  12345 requests in 4.00s, 1.2MB read"
+    let requests = out
+        .lines()
+        .find_map(|l| l.trim().split_once(" requests in ").and_then(|(n, _)| n.trim().parse().ok()))
+        .with_context(|| format!("no request count in wrk's output:\n{out}"))?;
+    let cost = PerRequest::new((after.0.since(before.0), after.1.since(before.1)), requests);
+    Ok(WrkRun { p50_us: percentile("50%")?, p99_us: percentile("99%")?, rate, cost })
 }
 
 /// Opens `n` connections through `way` to the edge's idle listener and
@@ -710,6 +808,29 @@ pub fn run(bin_dir: &Path) -> Result<()> {
             spread(&one, 0),
             spread(&rates[i], 0),
             paired(&rates[i], &rates[0])
+        );
+    }
+    println!(
+        "\nwhere a request's time goes in those one-connection rounds: per request, CPU µs the tunnel's processes \
+         spent in user space + in the kernel (the kernel's accounting: exact totals, split by its tick samples) and \
+         sleeps (voluntary context switches, all threads), cloud side and edge side; median (min–max) of the rounds:\n"
+    );
+    println!("| way | cloud side, user + kernel µs | edge side, user + kernel µs | user µs, both sides | kernel µs, both sides | sleeps per request, cloud / edge |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    for (i, way) in WAYS.into_iter().enumerate().skip(1) {
+        let of = |pick: &dyn Fn(&PerRequest) -> f64| latency[i].iter().map(|r| pick(&r.cost)).collect::<Vec<f64>>();
+        let median = |pick: &dyn Fn(&PerRequest) -> f64| crate::bench::median(&of(pick));
+        println!(
+            "| {} | {:.1} + {:.1} | {:.1} + {:.1} | {} | {} | {:.2} / {:.2} |",
+            way.label(),
+            median(&|c| c.cloud.0),
+            median(&|c| c.cloud.1),
+            median(&|c| c.edge.0),
+            median(&|c| c.edge.1),
+            spread(&of(&|c| c.cloud.0 + c.edge.0), 1),
+            spread(&of(&|c| c.cloud.1 + c.edge.1), 1),
+            median(&|c| c.cloud.2),
+            median(&|c| c.edge.2),
         );
     }
     let added_p50 = |i: usize| -> Vec<f64> { p50(i).iter().zip(p50(0)).map(|(a, b)| a - b).collect() };
