@@ -309,7 +309,8 @@ impl ProcessCost {
     fn of(pid: u32) -> Result<Self> {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
         // Fields after the command's last ')': state is field 3, utime 14, stime 15.
-        let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+        let fields: Vec<&str> =
+            stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
         let ticks = |n: usize| -> Result<u64> {
             fields.get(n - 3).and_then(|f| f.parse().ok()).with_context(|| format!("field {n} of /proc/{pid}/stat"))
         };
@@ -329,9 +330,17 @@ impl ProcessCost {
         Ok(Self { user: from_ticks(ticks(14)?), system: from_ticks(ticks(15)?), sleeps })
     }
 
-    /// The summed costs of `pid`'s process tree (sshd forks a process per session).
+    /// The summed costs of `pid`'s process tree (sshd forks a process per
+    /// session). A child that exits between the listing and the reading
+    /// is left out; `pid` itself must be there.
     fn of_tree(pid: u32) -> Result<Self> {
-        process_tree(pid).into_iter().try_fold(Self::default(), |sum, p| Ok(sum.plus(Self::of(p)?)))
+        let mut sum = Self::of(pid)?;
+        for child in process_tree(pid).into_iter().filter(|&p| p != pid) {
+            if let Ok(cost) = Self::of(child) {
+                sum = sum.plus(cost);
+            }
+        }
+        Ok(sum)
     }
 
     fn plus(self, other: Self) -> Self {
@@ -360,7 +369,8 @@ struct PerRequest {
 impl PerRequest {
     fn new((cloud, edge): (ProcessCost, ProcessCost), requests: u64) -> Self {
         let n = requests.max(1) as f64;
-        let per = |c: ProcessCost| (c.user.as_secs_f64() * 1e6 / n, c.system.as_secs_f64() * 1e6 / n, c.sleeps as f64 / n);
+        let per =
+            |c: ProcessCost| (c.user.as_secs_f64() * 1e6 / n, c.system.as_secs_f64() * 1e6 / n, c.sleeps as f64 / n);
         Self { cloud: per(cloud), edge: per(edge) }
     }
 }
