@@ -263,6 +263,13 @@ fn sshd_log(dir: &Path) -> String {
     format!("sshd: {}", std::fs::read_to_string(dir.join("sshd.log")).unwrap_or_default())
 }
 
+/// The fields of a /proc/PID/stat line from field 3 (state) on: the
+/// command before them may hold spaces and parentheses, so they start after
+/// the last ')'. Field n of proc(5) is at index n - 3.
+fn stat_fields(stat: &str) -> Vec<&str> {
+    stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default()
+}
+
 /// `pid` and all its descendants (sshd forks a session process per login).
 fn process_tree(pid: u32) -> Vec<u32> {
     let mut parents: Vec<(u32, u32)> = Vec::new();
@@ -270,8 +277,7 @@ fn process_tree(pid: u32) -> Vec<u32> {
         for entry in entries.filter_map(|e| e.ok()) {
             let Some(child) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
             let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
-            // The command may hold spaces and parentheses: fields start after the last ')'.
-            let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse().ok());
+            let ppid = stat_fields(&stat).get(1).and_then(|f| f.parse().ok());
             if let Some(ppid) = ppid {
                 parents.push((child, ppid));
             }
@@ -308,9 +314,7 @@ impl ProcessCost {
     /// its tick samples) and every thread's `voluntary_ctxt_switches`.
     fn of(pid: u32) -> Result<Self> {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-        // Fields after the command's last ')': state is field 3, utime 14, stime 15.
-        let fields: Vec<&str> =
-            stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+        let fields = stat_fields(&stat);
         let ticks = |n: usize| -> Result<u64> {
             fields.get(n - 3).and_then(|f| f.parse().ok()).with_context(|| format!("field {n} of /proc/{pid}/stat"))
         };
@@ -527,13 +531,12 @@ fn iperf(stage: &Stage, way: Way) -> Result<(f64, u64)> {
     iperf3(&stage.lab.cloud, stage.cgroup_of(way), way.addr(Service::Iperf), plan().iperf_seconds, way.label())
 }
 
-/// What wrk reports: p50 and p99 latency in µs, requests/s; with what the
-/// tunnel's processes spent per completed request meanwhile.
+/// What wrk reports: p50 and p99 latency in µs, requests/s, requests completed.
 struct WrkRun {
     p50_us: f64,
     p99_us: f64,
     rate: f64,
-    cost: PerRequest,
+    requests: u64,
 }
 
 fn wrk_duration_us(text: &str) -> Option<f64> {
@@ -552,9 +555,7 @@ fn wrk_duration_us(text: &str) -> Option<f64> {
 fn wrk(stage: &Stage, way: Way, connections: u32, seconds: u32) -> Result<WrkRun> {
     let url = format!("http://{}/", way.addr(Service::Http));
     let args = strings(&["-t1", &format!("-c{connections}"), &format!("-d{seconds}s"), "--latency", &url]);
-    let before = stage.cost(way)?;
     let out = client(&stage.lab.cloud, stage.cgroup_of(way), "wrk", &args).with_context(|| way.label())?;
-    let after = stage.cost(way)?;
     ensure!(!out.contains("Socket errors") && !out.contains("Non-2xx"), "{}: wrk saw errors:\n{out}", way.label());
     let percentile = |p: &str| {
         out.lines()
@@ -573,8 +574,7 @@ fn wrk(stage: &Stage, way: Way, connections: u32, seconds: u32) -> Result<WrkRun
         .lines()
         .find_map(|l| l.trim().split_once(" requests in ").and_then(|(n, _)| n.trim().parse().ok()))
         .with_context(|| format!("no request count in wrk's output:\n{out}"))?;
-    let cost = PerRequest::new((after.0.since(before.0), after.1.since(before.1)), requests);
-    Ok(WrkRun { p50_us: percentile("50%")?, p99_us: percentile("99%")?, rate, cost })
+    Ok(WrkRun { p50_us: percentile("50%")?, p99_us: percentile("99%")?, rate, requests })
 }
 
 /// Opens `n` connections through `way` to the edge's idle listener and
@@ -784,10 +784,16 @@ pub fn run(bin_dir: &Path) -> Result<()> {
 
     // HTTP through each way, loopback.
     let mut latency: [Vec<WrkRun>; 5] = Default::default();
+    // What each tunnel's processes spent in the one-connection rounds.
+    let mut costs: [Vec<PerRequest>; 5] = Default::default();
     let mut rates: [Vec<f64>; 5] = Default::default();
     interleave(wrk_rounds, |way| {
         let i = WAYS.iter().position(|w| *w == way).unwrap_or(0);
-        latency[i].push(wrk(&stage, way, 1, wrk_latency_seconds)?);
+        let before = stage.cost(way)?;
+        let run = wrk(&stage, way, 1, wrk_latency_seconds)?;
+        let after = stage.cost(way)?;
+        costs[i].push(PerRequest::new((after.0.since(before.0), after.1.since(before.1)), run.requests));
+        latency[i].push(run);
         rates[i].push(wrk(&stage, way, wrk_connections, wrk_rate_seconds)?.rate);
         Ok(())
     })?;
@@ -828,7 +834,7 @@ pub fn run(bin_dir: &Path) -> Result<()> {
     println!("| way | cloud side, user + kernel µs | edge side, user + kernel µs | user µs, both sides | kernel µs, both sides | sleeps per request, cloud / edge |");
     println!("| --- | ---: | ---: | ---: | ---: | ---: |");
     for (i, way) in WAYS.into_iter().enumerate().skip(1) {
-        let of = |pick: &dyn Fn(&PerRequest) -> f64| latency[i].iter().map(|r| pick(&r.cost)).collect::<Vec<f64>>();
+        let of = |pick: &dyn Fn(&PerRequest) -> f64| costs[i].iter().map(pick).collect::<Vec<f64>>();
         let median = |pick: &dyn Fn(&PerRequest) -> f64| crate::bench::median(&of(pick));
         println!(
             "| {} | {:.1} + {:.1} | {:.1} + {:.1} | {} | {} | {:.2} / {:.2} |",
