@@ -17,15 +17,16 @@ use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
 
 use anyhow::{bail, ensure, Context, Result};
+use bytes::Bytes;
 use netd_dataplane::vxlan::{Applied, Lease, PeerChange, Reconciler};
 use netd_ebpf::dnat::{AttachOptions, TunnelDnat};
 use netd_ipam::{PodRef, Range, RangeSet, Store};
 use netd_testing::{synthetic_config, synthetic_node, synthetic_peer, Cgroup, NetNs, PinDir, PrivilegedGuard};
 use netd_tunnel::routes::{LeaseRoute, RouteTable};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
 
 /// Every case: name and what it runs inside [`measured`].
-const CASES: [(&str, &str); 7] = [
+const CASES: [(&str, &str); 10] = [
     ("ipam-allocate", "one CNI ADD's allocation: a new pod's address in a store of 100 pods (one durable transaction)"),
     ("ipam-release", "one CNI DEL's release of an attached pod in a store of 100 pods"),
     ("vxlan-noop-reconcile", "a full pass over 1 000 programmed peers that finds nothing to change (dumps + diff)"),
@@ -33,6 +34,20 @@ const CASES: [(&str, &str); 7] = [
     ("dnat-edge-nodes", "the DNAT's desired edge-node set of 10 000 with one node replaced: diff + 2 map writes"),
     ("tunnel-route-lookup", "1 000 lookups (node address, pod address, unknown) in a table of 10 000 leases"),
     ("tunnel-splice", "1 MiB each way through `transport::splice` between two in-memory pipes"),
+    (
+        "tunnel-request",
+        "100 request/response round trips (120 B up, 400 B down) through a linked server and agent: \
+         splice_tunnel, HTTP/2 and TLS 1.3 on both sides",
+    ),
+    (
+        "relay-tls-request",
+        "the same round trips through two `splice` relays joined by TLS 1.3 alone: one encrypted \
+         connection per relayed one (rathole's shape), netd's TLS settings, no multiplexing",
+    ),
+    (
+        "relay-plain-request",
+        "the same round trips through two `splice` relays joined by a plain pipe: the floor of any relay",
+    ),
 ];
 
 /// Peers programmed before the VXLAN cases.
@@ -41,6 +56,13 @@ const PEERS: u32 = 1_000;
 const LEASES: u32 = 10_000;
 
 fn main() -> Result<()> {
+    // As netd's processes log (`init_logging` at its default level): with
+    // no subscriber at all, `tracing` would hand every span of h2's to the
+    // `log` crate instead, a cost no netd process pays.
+    tracing_subscriber::fmt()
+        .with_max_level(tracing_subscriber::filter::LevelFilter::INFO)
+        .with_writer(std::io::stderr)
+        .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["list"] => {
@@ -67,6 +89,9 @@ fn run(name: &str) -> Result<()> {
         "dnat-edge-nodes" => dnat_edge_nodes(),
         "tunnel-route-lookup" => tunnel_route_lookup(),
         "tunnel-splice" => tunnel_splice(),
+        "tunnel-request" => tunnel_request(),
+        "relay-tls-request" => relay_request(true),
+        "relay-plain-request" => relay_request(false),
         other => bail!("unknown case `{other}` (known: {})", names().join(", ")),
     }
 }
@@ -246,4 +271,147 @@ fn tunnel_splice() -> Result<()> {
     let (got_down, got_up) = (got_down?, got_up?);
     ensure!(got_up == BYTES && got_down == BYTES, "moved {got_up} up and {got_down} down, expected {BYTES} each");
     Ok(())
+}
+
+/// Round trips in the request cases.
+const ROUND_TRIPS: usize = 100;
+/// A small HTTP request and its answer, as `wrk` and its server exchange.
+const REQUEST_BYTES: usize = 120;
+const RESPONSE_BYTES: usize = 400;
+
+type Tls<S> = (S, tokio_rustls::client::TlsStream<DuplexStream>, tokio_rustls::server::TlsStream<DuplexStream>);
+
+/// The two ends of one TLS 1.3 connection with the settings and
+/// certificates of `netd tunnel-agent` (client) and `netd-cloud
+/// tunnel-server` (server), over an in-memory pipe instead of TCP, with
+/// the directory holding their certificates (removed when dropped).
+async fn tls_pair() -> Result<Tls<tempfile::TempDir>> {
+    use netd_tunnel::certs::{CertFiles, CertificateAuthority};
+    use netd_tunnel::tls;
+
+    let dir = tempfile::tempdir()?;
+    let day = std::time::Duration::from_secs(86_400);
+    let ca = CertificateAuthority::generate("hotpaths CA", day)?;
+    ca.write_cert(dir.path())?;
+    let server_ip = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
+    ca.issue_server("tunnel-server", &[], &[server_ip], day)?.write(dir.path(), "server")?;
+    ca.issue_node("edge-1", &[], day)?.write(dir.path(), "node")?;
+    let server_tls = tls::server(&CertFiles::in_dir(dir.path(), "server").load()?, tls::ALPN_TUNNEL)?;
+    let agent_tls = tls::agent(&CertFiles::in_dir(dir.path(), "node").load()?)?;
+    // 256 KiB: a loopback TCP connection's buffers.
+    let (agent_io, server_io) = tokio::io::duplex(256 << 10);
+    let (agent, server) = tokio::try_join!(
+        tokio_rustls::TlsConnector::from(agent_tls).connect(server_ip.into(), agent_io),
+        tokio_rustls::TlsAcceptor::from(server_tls).accept(server_io),
+    )?;
+    Ok((dir, agent, server))
+}
+
+/// The measured part of the request cases: [`ROUND_TRIPS`] small
+/// request/response exchanges between `client` and `service`, one at a
+/// time, the per-request path `cargo xtask bench tunnel` times at one
+/// connection; then both ends close and every relay task must end cleanly.
+fn round_trips(
+    runtime: &tokio::runtime::Runtime,
+    mut client: DuplexStream,
+    mut service: DuplexStream,
+    relays: Vec<tokio::task::JoinHandle<std::io::Result<()>>>,
+) -> Result<()> {
+    let exchanged: std::io::Result<usize> = measured(|| {
+        runtime.block_on(async {
+            let (mut request, mut response) = ([0x47_u8; REQUEST_BYTES], [0x48_u8; RESPONSE_BYTES]);
+            for _ in 0..ROUND_TRIPS {
+                client.write_all(&request).await?;
+                service.read_exact(&mut request).await?;
+                service.write_all(&response).await?;
+                client.read_exact(&mut response).await?;
+            }
+            Ok(ROUND_TRIPS)
+        })
+    });
+    ensure!(exchanged? == ROUND_TRIPS, "not every round trip completed");
+    runtime.block_on(async {
+        client.shutdown().await?;
+        service.shutdown().await?;
+        for relay in relays {
+            relay.await?.context("a relay")?;
+        }
+        anyhow::Ok(())
+    })
+}
+
+/// Local ends of a relay: 64 KiB pipes, as sockets' buffers. The first of
+/// each pair is the outside party (client, service), the second the
+/// relay's end.
+fn local_pipe() -> (DuplexStream, DuplexStream) {
+    tokio::io::duplex(64 << 10)
+}
+
+/// One stream through a real link, spliced on both sides as the server's
+/// doors and the agent's dials are (`splice_tunnel`), over HTTP/2 with the
+/// roles reversed and the link's TLS.
+fn tunnel_request() -> Result<()> {
+    use netd_tunnel::transport::{self, splice_tunnel, TunnelStream};
+
+    let runtime = tokio::runtime::Builder::new_current_thread().build()?;
+    let (_certs, client, service, relays) = runtime.block_on(async {
+        let (certs, agent_tls, server_tls) = tls_pair().await?;
+        // The agent dialled (TLS client) and serves HTTP/2; the server
+        // accepted (TLS server) and opens streams as the HTTP/2 client.
+        let (agent, server) = tokio::try_join!(
+            transport::agent_builder().handshake::<_, Bytes>(agent_tls),
+            transport::server_builder().handshake::<_, Bytes>(server_tls),
+        )?;
+        let (mut link, connection) = server;
+        let mut agent = agent;
+        tokio::spawn(async move {
+            // An error ends the link; the round trips then fail and say so.
+            let _ = connection.await;
+        });
+        let request = http::Request::builder().method("CONNECT").uri("10.0.0.1:80").body(())?;
+        let (response, send_up) = link.send_request(request, false)?;
+        let (accepted, mut respond) = agent.accept().await.context("the agent saw no stream")??;
+        let send_down = respond.send_response(http::Response::new(()), false)?;
+        // The agent's connection stays polled while the stream lives.
+        tokio::spawn(async move { while let Some(Ok(_)) = agent.accept().await {} });
+        let response = response.await?;
+        ensure!(response.status() == 200, "the agent answered {}", response.status());
+        let ((client, mut front), (service, mut local)) = (local_pipe(), local_pipe());
+        let mut up = TunnelStream::new(send_up, response.into_body());
+        let mut down = TunnelStream::new(send_down, accepted.into_body());
+        let relays = vec![
+            tokio::spawn(async move { splice_tunnel(&mut front, &mut up).await }),
+            tokio::spawn(async move { splice_tunnel(&mut local, &mut down).await }),
+        ];
+        anyhow::Ok((certs, client, service, relays))
+    })?;
+    round_trips(&runtime, client, service, relays)
+}
+
+/// Two `splice` relays, as rathole's client and server are: joined by one
+/// TLS connection of their own per relayed connection (`tls`), or by a
+/// plain pipe.
+fn relay_request(tls: bool) -> Result<()> {
+    use netd_tunnel::transport::splice;
+
+    let runtime = tokio::runtime::Builder::new_current_thread().build()?;
+    let ((client, mut front), (service, mut local)) = (local_pipe(), local_pipe());
+    let (_certs, relays) = runtime.block_on(async {
+        if tls {
+            let (certs, mut agent_tls, mut server_tls) = tls_pair().await?;
+            let relays = vec![
+                tokio::spawn(async move { splice(&mut front, &mut server_tls).await }),
+                tokio::spawn(async move { splice(&mut agent_tls, &mut local).await }),
+            ];
+            anyhow::Ok((Some(certs), relays))
+        } else {
+            let (mut server_end, mut agent_end) = tokio::io::duplex(256 << 10);
+            let relays = vec![
+                tokio::spawn(async move { splice(&mut front, &mut server_end).await }),
+                tokio::spawn(async move { splice(&mut agent_end, &mut local).await }),
+            ];
+            Ok((None, relays))
+        }
+    })?;
+    round_trips(&runtime, client, service, relays)
 }

@@ -43,9 +43,18 @@ pub const SEND_BUFFER: usize = 1 << 20;
 /// connection's lock and wakes its task: with 8 KiB writes, that per-write
 /// cost, not the bytes, bounded a bulk stream.
 pub const WRITE_CHUNK: usize = 128 << 10;
-/// Received bytes are credited back to the sender in batches of at least
-/// this much (or when a DATA frame is used up), for the same reason.
+/// Received bytes are credited back to the sender in batches of this much,
+/// for the same reason: a release takes the connection's lock, and per
+/// small message that was one more h2 call on every request's path. A
+/// stream holds back at most this much of its 16 MiB window, and h2 gives
+/// what a closed stream held back to the connection.
 const RELEASE_BATCH: usize = 64 << 10;
+/// Send capacity is reserved this far ahead of what is gathered, so that
+/// most small messages go to h2 without a reservation of their own (one
+/// call instead of three). A stream holds at most this much of the
+/// connection's send window unused ([`CONNECTION_WINDOW`] on both sides:
+/// 10 000 streams hold 640 MiB of 2 GiB).
+const RESERVE_AHEAD: usize = 64 << 10;
 /// Most concurrent tunnelled connections one agent serves.
 pub const MAX_STREAMS: u32 = 10_000;
 /// Largest header block either side accepts: a CONNECT request or its
@@ -137,18 +146,23 @@ impl TunnelStream {
     /// Hands every gathered byte to h2 as stream capacity allows.
     fn poll_send_outgoing(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.outgoing.is_empty() {
-            // Counted on top of what h2 already buffers for this stream.
-            self.send.reserve_capacity(self.outgoing.len());
-            // poll_capacity answers only when capacity grew since it last
-            // did: capacity already assigned is read directly.
-            let capacity = match self.send.capacity() {
-                0 => match ready!(self.send.poll_capacity(cx)) {
-                    Some(Ok(capacity)) => capacity,
-                    Some(Err(err)) => return Poll::Ready(Err(h2_io(err))),
-                    None => return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "tunnel stream closed"))),
-                },
-                capacity => capacity,
-            };
+            let mut capacity = self.send.capacity();
+            if capacity < self.outgoing.len() {
+                // Counted on top of what h2 already buffers for this stream.
+                self.send.reserve_capacity(self.outgoing.len().max(RESERVE_AHEAD));
+                // poll_capacity answers only when capacity grew since it
+                // last did: capacity already assigned is read directly.
+                capacity = match self.send.capacity() {
+                    0 => match ready!(self.send.poll_capacity(cx)) {
+                        Some(Ok(capacity)) => capacity,
+                        Some(Err(err)) => return Poll::Ready(Err(h2_io(err))),
+                        None => {
+                            return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "tunnel stream closed")))
+                        }
+                    },
+                    capacity => capacity,
+                };
+            }
             let chunk = self.outgoing.split_to(capacity.min(self.outgoing.len())).freeze();
             self.send.send_data(chunk, false).map_err(h2_io)?;
         }
@@ -163,7 +177,7 @@ impl TunnelStream {
     fn consume(&mut self, n: usize) -> io::Result<()> {
         self.pending.advance(n);
         self.unreleased += n;
-        if self.unreleased >= RELEASE_BATCH || self.pending.is_empty() {
+        if self.unreleased >= RELEASE_BATCH {
             let released = std::mem::take(&mut self.unreleased);
             self.recv.flow_control().release_capacity(released).map_err(h2_io)?;
         }
@@ -400,6 +414,9 @@ where
 /// bulk flow reaches 128 KiB reads within a few, and an idle stream holds
 /// none (see [`splice_tunnel`]).
 const FIRST_READ: usize = 16 << 10;
+/// The least room a gathering chunk must have left to take another read;
+/// with less it goes to h2 and the next read gets a new buffer.
+const MIN_READ: usize = 4 << 10;
 
 /// Local end → tunnel: bytes are read straight into the stream's outgoing
 /// DATA chunk.
@@ -434,24 +451,41 @@ impl ToTunnel {
             }
             let mut want = self.read_size.min(WRITE_CHUNK - tunnel.outgoing.len());
             let spare = tunnel.outgoing.capacity() - tunnel.outgoing.len();
-            if want == 0 || (spare < want && !tunnel.outgoing.is_empty()) {
-                // A full chunk, or one whose buffer has no room for the next
-                // read: it goes as it is (growing it would copy it).
-                ready!(tunnel.poll_send_outgoing(cx))?;
-                want = self.read_size;
+            if !tunnel.outgoing.is_empty() && (want == 0 || spare < want) {
+                if want == 0 || spare < MIN_READ {
+                    // A full chunk, or one whose buffer has no useful room
+                    // left: it goes as it is (growing it would copy it).
+                    ready!(tunnel.poll_send_outgoing(cx))?;
+                    want = self.read_size;
+                } else {
+                    // The rest of the buffer takes the next read, gathered
+                    // into the same chunk.
+                    want = spare;
+                }
             }
             let start = tunnel.outgoing.len();
-            // After a chunk went to h2 the rest of its allocation is still
-            // free to read into; otherwise a new one, sized for this read
-            // (`outgoing` is empty then: nothing is copied).
-            tunnel.outgoing.reserve(want);
-            match poll_read_spare(cx, from, &mut tunnel.outgoing.spare_capacity_mut()[..want]) {
+            let read = if start == 0 && tunnel.outgoing.capacity() < want && self.read_size == FIRST_READ {
+                // The start of a burst, or a wake-up for the other
+                // direction that finds nothing to read: nothing is
+                // allocated before bytes arrive.
+                poll_read_first(cx, from, &mut tunnel.outgoing)
+            } else {
+                // After a chunk went to h2 the rest of its allocation is
+                // still free to read into; otherwise a new one, sized for
+                // this read (`outgoing` is empty then: nothing is copied).
+                tunnel.outgoing.reserve(want);
+                poll_read_spare(cx, from, &mut tunnel.outgoing.spare_capacity_mut()[..want]).map_ok(|filled| {
+                    // SAFETY: the reader initialised the first `filled`
+                    // bytes of the spare capacity it was handed
+                    // (`poll_read_spare`), which follows the `start` bytes
+                    // already in `outgoing`.
+                    unsafe { tunnel.outgoing.set_len(start + filled) };
+                    filled
+                })
+            };
+            match read {
                 Poll::Ready(Ok(0)) => self.read_done = true,
                 Poll::Ready(Ok(filled)) => {
-                    // SAFETY: the reader initialised the first `filled` bytes
-                    // of the spare capacity it was handed (`poll_read_spare`),
-                    // which follows the `start` bytes already in `outgoing`.
-                    unsafe { tunnel.outgoing.set_len(start + filled) };
                     moved = true;
                     if filled == want {
                         self.read_size = (self.read_size * 2).min(WRITE_CHUNK);
@@ -473,6 +507,29 @@ impl ToTunnel {
             }
         }
     }
+}
+
+/// The first read of a burst, into a buffer on the stack: what arrived is
+/// copied into `outgoing` (empty), in an allocation of its own size when
+/// the read did not fill the buffer (a message: the local end has nothing
+/// more now) or of a whole [`WRITE_CHUNK`] when it did (a bulk flow, whose
+/// next reads land in the rest of it). A wake-up that finds nothing to read
+/// allocates nothing, and a request of a few hundred bytes costs a small
+/// allocation, not a [`FIRST_READ`] one.
+fn poll_read_first<R: AsyncRead + Unpin>(
+    cx: &mut Context<'_>,
+    from: &mut R,
+    outgoing: &mut BytesMut,
+) -> Poll<io::Result<usize>> {
+    let mut first = [std::mem::MaybeUninit::<u8>::uninit(); FIRST_READ];
+    let mut buf = ReadBuf::uninit(&mut first);
+    ready!(Pin::new(from).poll_read(cx, &mut buf))?;
+    let filled = buf.filled();
+    if !filled.is_empty() {
+        outgoing.reserve(if filled.len() < FIRST_READ { filled.len() } else { WRITE_CHUNK });
+        outgoing.extend_from_slice(filled);
+    }
+    Poll::Ready(Ok(filled.len()))
 }
 
 /// Tunnel → local end: each received DATA frame is written from the frame

@@ -1,5 +1,5 @@
-//! `cargo xtask instructions [check|update]`: the instruction-count guard of
-//! netd's hot paths.
+//! `cargo xtask instructions [check|update|release]`: the instruction-count
+//! guard of netd's hot paths.
 //!
 //! Each case of `netd-hotpaths` (`hotpaths/`) runs once under Valgrind's
 //! callgrind, which counts the instructions of the hot path alone
@@ -43,12 +43,13 @@ fn needs_root(case: &str) -> bool {
     case.starts_with("vxlan-") || case.starts_with("dnat-")
 }
 
-/// `cargo xtask instructions [check|update]`.
+/// `cargo xtask instructions [check|update|release]`.
 pub fn run(args: &[String]) -> Result<()> {
     let update = match args.first().map(String::as_str) {
         None | Some("check") => false,
         Some("update") => true,
-        Some(other) => bail!("unknown `instructions` mode `{other}` (known: check, update)"),
+        Some("release") => return release(),
+        Some(other) => bail!("unknown `instructions` mode `{other}` (known: check, update, release)"),
     };
     crate::setup::packages()?;
     // The same selection and features as `ci`'s build step: nothing to
@@ -66,6 +67,22 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     let baseline = read_baseline(&baseline_path)?;
     compare(&baseline, &versions, &counts)
+}
+
+/// `release`: every case counted on an optimised build, what the shipped
+/// binaries run (the book's cost breakdowns quote these). Not a guard: CI
+/// does not build it (see the module's note), and no baseline is kept.
+fn release() -> Result<()> {
+    crate::setup::packages()?;
+    println!("==> building netd-hotpaths (release)");
+    crate::cargo(&["build", "--release", "-p", "netd-hotpaths"], &[])?;
+    let counts = count_all(&crate::target_dir().join("release/netd-hotpaths"))?;
+    println!("\n| case | instructions (release) |");
+    println!("| --- | ---: |");
+    for (case, count) in &counts {
+        println!("| {case} | {count} |");
+    }
+    Ok(())
 }
 
 /// Every case's instruction count, in the order `netd-hotpaths list` gives.

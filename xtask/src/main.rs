@@ -42,9 +42,10 @@ tasks:
           runs every one once at tiny sizes on the debug build (what CI runs; no figures);
           `--plot DIR` (after the name) writes SVG charts of the cni, vxlan, dnat and tunnel
           tables into DIR (the book's are in docs/src/benchmarks/img)
-  instructions [check|update]
+  instructions [check|update|release]
           the hot paths' instruction counts (callgrind) against hotpaths/baseline.json:
-          `check` fails on a rise over 5 %; `update` records the counts as the new baseline
+          `check` fails on a rise over 5 %; `update` records the counts as the new baseline;
+          `release` counts an optimised build (what the binaries run; no baseline)
   docs-cli [--check]
           the CLI reference (docs/src/reference/cli/) and man pages (docs/man/) from the
           binaries' clap commands; `--check` writes nothing and fails listing stale files
