@@ -50,8 +50,8 @@ pub const WRITE_CHUNK: usize = 128 << 10;
 /// what a closed stream held back to the connection.
 const RELEASE_BATCH: usize = 64 << 10;
 /// Send capacity is reserved this far ahead of what is gathered, so that
-/// most small messages go to h2 without a reservation of their own (one
-/// call instead of three). A stream holds at most this much of the
+/// most small messages go to h2 without a reservation of their own (two
+/// calls instead of three). A stream holds at most this much of the
 /// connection's send window unused ([`CONNECTION_WINDOW`] on both sides:
 /// 10 000 streams hold 640 MiB of 2 GiB).
 const RESERVE_AHEAD: usize = 64 << 10;
