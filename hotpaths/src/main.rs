@@ -279,13 +279,15 @@ const ROUND_TRIPS: usize = 100;
 const REQUEST_BYTES: usize = 120;
 const RESPONSE_BYTES: usize = 400;
 
-type Tls<S> = (S, tokio_rustls::client::TlsStream<DuplexStream>, tokio_rustls::server::TlsStream<DuplexStream>);
+/// The certificates' directory, the agent's end and the server's end.
+type TlsPair =
+    (tempfile::TempDir, tokio_rustls::client::TlsStream<DuplexStream>, tokio_rustls::server::TlsStream<DuplexStream>);
 
 /// The two ends of one TLS 1.3 connection with the settings and
 /// certificates of `netd tunnel-agent` (client) and `netd-cloud
 /// tunnel-server` (server), over an in-memory pipe instead of TCP, with
 /// the directory holding their certificates (removed when dropped).
-async fn tls_pair() -> Result<Tls<tempfile::TempDir>> {
+async fn tls_pair() -> Result<TlsPair> {
     use netd_tunnel::certs::{CertFiles, CertificateAuthority};
     use netd_tunnel::tls;
 

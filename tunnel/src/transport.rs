@@ -701,6 +701,27 @@ mod tests {
         joined.await.unwrap().unwrap();
     }
 
+    /// One stream over a real HTTP/2 link on an in-memory pipe of
+    /// `pipe` bytes, both connections driven by tasks of their own: the
+    /// server's end and the agent's end.
+    async fn linked_stream(pipe: usize) -> (TunnelStream, TunnelStream) {
+        let (server_io, agent_io) = tokio::io::duplex(pipe);
+        let agent = tokio::spawn(async move {
+            let mut connection = agent_builder().handshake::<_, Bytes>(agent_io).await.unwrap();
+            let (request, mut respond) = connection.accept().await.unwrap().unwrap();
+            let send = respond.send_response(http::Response::new(()), false).unwrap();
+            // Keep the connection polled while the stream lives.
+            tokio::spawn(async move { while let Some(Ok(_)) = connection.accept().await {} });
+            TunnelStream::new(send, request.into_body())
+        });
+        let (mut link, connection) = server_builder().handshake::<_, Bytes>(server_io).await.unwrap();
+        tokio::spawn(connection);
+        let request = http::Request::builder().method("CONNECT").uri("10.0.0.1:80").body(()).unwrap();
+        let (response, send) = link.send_request(request, false).unwrap();
+        let response = response.await.unwrap();
+        (TunnelStream::new(send, response.into_body()), agent.await.unwrap())
+    }
+
     /// A server end and an agent end joined by a real HTTP/2 link over an
     /// in-memory pipe, each spliced with [`splice_tunnel`] to a local pipe
     /// far smaller than what crosses it (so both writers push back, and
@@ -709,32 +730,12 @@ mod tests {
     /// arrive at once (nothing waits for a chunk to fill).
     #[tokio::test]
     async fn splice_tunnel_moves_everything_over_a_real_link() {
-        let (server_io, agent_io) = tokio::io::duplex(64 << 10);
-        let agent = tokio::spawn(async move {
-            let mut connection = agent_builder().handshake::<_, Bytes>(agent_io).await.unwrap();
-            let (request, mut respond) = connection.accept().await.unwrap().unwrap();
-            let send = respond.send_response(http::Response::new(()), false).unwrap();
-            // The agent's local service: a pipe whose far end the test drives.
-            let (mut local, service) = tokio::io::duplex(2000);
-            let spliced = tokio::spawn(async move {
-                let mut tunnel = TunnelStream::new(send, request.into_body());
-                splice_tunnel(&mut local, &mut tunnel).await
-            });
-            // Keep the connection polled while the stream lives.
-            let driven = tokio::spawn(async move { while let Some(Ok(_)) = connection.accept().await {} });
-            (service, spliced, driven)
-        });
-        let (mut link, connection) = server_builder().handshake::<_, Bytes>(server_io).await.unwrap();
-        tokio::spawn(connection);
-        let request = http::Request::builder().method("CONNECT").uri("10.0.0.1:80").body(()).unwrap();
-        let (response, send) = link.send_request(request, false).unwrap();
-        let response = response.await.unwrap();
-        let (service, agent_splice, _driven) = agent.await.unwrap();
+        let (mut up, mut down) = linked_stream(64 << 10).await;
+        // The agent's local service: a pipe whose far end the test drives.
+        let (mut local, service) = tokio::io::duplex(2000);
+        let agent_splice = tokio::spawn(async move { splice_tunnel(&mut local, &mut down).await });
         let (mut front, client) = tokio::io::duplex(3000);
-        let server_splice = tokio::spawn(async move {
-            let mut tunnel = TunnelStream::new(send, response.into_body());
-            splice_tunnel(&mut front, &mut tunnel).await
-        });
+        let server_splice = tokio::spawn(async move { splice_tunnel(&mut front, &mut up).await });
 
         let (mut client_read, mut client_write) = tokio::io::split(client);
         let (mut service_read, mut service_write) = tokio::io::split(service);
@@ -777,20 +778,7 @@ mod tests {
     /// burst bigger than the first read still arrives whole and in order.
     #[tokio::test]
     async fn a_quiet_stream_holds_no_send_buffer_between_messages() {
-        let (server_io, agent_io) = tokio::io::duplex(1 << 20);
-        let agent = tokio::spawn(async move {
-            let mut connection = agent_builder().handshake::<_, Bytes>(agent_io).await.unwrap();
-            let (request, mut respond) = connection.accept().await.unwrap().unwrap();
-            respond.send_response(http::Response::new(()), false).unwrap();
-            tokio::spawn(async move { while let Some(Ok(_)) = connection.accept().await {} });
-            request.into_body()
-        });
-        let (mut link, connection) = server_builder().handshake::<_, Bytes>(server_io).await.unwrap();
-        tokio::spawn(connection);
-        let request = http::Request::builder().method("CONNECT").uri("10.0.0.1:80").body(()).unwrap();
-        let (response, send) = link.send_request(request, false).unwrap();
-        let mut received = agent.await.unwrap();
-        let mut tunnel = TunnelStream::new(send, response.await.unwrap().into_body());
+        let (mut tunnel, mut received) = linked_stream(1 << 20).await;
         let (mut client, mut local) = tokio::io::duplex(1 << 20);
         let mut out = ToTunnel { read_size: FIRST_READ, read_done: false, done: false };
         let mut poll_once = |local: &mut tokio::io::DuplexStream, tunnel: &mut TunnelStream| {
@@ -810,13 +798,8 @@ mod tests {
                 "a stream kept its buffer after a {}-byte message",
                 message.len()
             );
-            let mut got = Vec::new();
-            while got.len() < message.len() {
-                let data =
-                    tokio::time::timeout(Duration::from_secs(5), received.data()).await.unwrap().unwrap().unwrap();
-                received.flow_control().release_capacity(data.len()).unwrap();
-                got.extend_from_slice(&data);
-            }
+            let mut got = vec![0; message.len()];
+            tokio::time::timeout(Duration::from_secs(5), received.read_exact(&mut got)).await.unwrap().unwrap();
             assert!(got == message, "a {}-byte message arrived as {} different bytes", message.len(), got.len());
         }
     }
