@@ -26,7 +26,7 @@ use netd_tunnel::routes::{LeaseRoute, RouteTable};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
 
 /// Every case: name and what it runs inside [`measured`].
-const CASES: [(&str, &str); 10] = [
+const CASES: [(&str, &str); 11] = [
     ("ipam-allocate", "one CNI ADD's allocation: a new pod's address in a store of 100 pods (one durable transaction)"),
     ("ipam-release", "one CNI DEL's release of an attached pod in a store of 100 pods"),
     ("vxlan-noop-reconcile", "a full pass over 1 000 programmed peers that finds nothing to change (dumps + diff)"),
@@ -38,6 +38,11 @@ const CASES: [(&str, &str); 10] = [
         "tunnel-request",
         "100 request/response round trips (120 B up, 400 B down) through a linked server and agent: \
          splice_tunnel, HTTP/2 and TLS 1.3 on both sides",
+    ),
+    (
+        "mux-request",
+        "the same round trips through two `splice` relays joined by one stream of a `netd-mux/1` \
+         link over TLS 1.3: the lighter link protocol (no pings or timer, as in tunnel-request)",
     ),
     (
         "relay-tls-request",
@@ -90,6 +95,7 @@ fn run(name: &str) -> Result<()> {
         "tunnel-route-lookup" => tunnel_route_lookup(),
         "tunnel-splice" => tunnel_splice(),
         "tunnel-request" => tunnel_request(),
+        "mux-request" => mux_request(),
         "relay-tls-request" => relay_request(true),
         "relay-plain-request" => relay_request(false),
         other => bail!("unknown case `{other}` (known: {})", names().join(", ")),
@@ -386,6 +392,38 @@ fn tunnel_request() -> Result<()> {
             tokio::spawn(async move { splice_tunnel(&mut local, &mut down).await }),
         ];
         anyhow::Ok((certs, client, service, relays))
+    })?;
+    round_trips(&runtime, client, service, relays)
+}
+
+/// One stream of a `netd-mux/1` link over the tunnel's TLS, spliced on
+/// both sides by the generic `splice`, as the TLS relay is: the two cases
+/// differ by the multiplexer alone.
+fn mux_request() -> Result<()> {
+    use netd_tunnel::mux::{self, Role};
+    use netd_tunnel::transport::splice;
+
+    // No pings, so no timer: tunnel-request's runtime has none either (a
+    // pending timer costs each park of the runtime about 1 k instructions).
+    let runtime = tokio::runtime::Builder::new_current_thread().build()?;
+    let config = mux::Config { ping_interval: None, ..mux::Config::default() };
+    let ((client, mut front), (service, mut local)) = (local_pipe(), local_pipe());
+    let (_certs, relays) = runtime.block_on(async {
+        let (certs, agent_tls, server_tls) = tls_pair().await?;
+        let (server, server_driver) = mux::link(server_tls, Role::Opener, config.clone());
+        let (agent, agent_driver) = mux::link(agent_tls, Role::Acceptor, config);
+        // An error ends the link; the round trips then fail and say so.
+        tokio::spawn(async move { drop(server_driver.await) });
+        tokio::spawn(async move { drop(agent_driver.await) });
+        // The agent answers the OPEN as it arrives; the open waits for that answer.
+        let (up, down) =
+            tokio::join!(server.open("10.0.0.1:80"), async { agent.accept().await.map(mux::Incoming::accept) });
+        let (mut up, mut down) = (up?, down.context("the agent saw no stream")?);
+        let relays = vec![
+            tokio::spawn(async move { splice(&mut front, &mut up).await }),
+            tokio::spawn(async move { splice(&mut down, &mut local).await }),
+        ];
+        anyhow::Ok((certs, relays))
     })?;
     round_trips(&runtime, client, service, relays)
 }

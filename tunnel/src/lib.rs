@@ -26,6 +26,7 @@ pub mod certs;
 pub mod identity;
 #[cfg(feature = "server")]
 pub mod limits;
+pub mod mux;
 #[cfg(feature = "server")]
 pub mod peers;
 pub mod readahead;
