@@ -67,8 +67,23 @@ pub const STATUS_TOO_MANY: u16 = 503;
 const CREDIT_BATCH: u32 = 64 << 10;
 /// Encoded frames a full socket may hold back before writers wait.
 const OUT_LIMIT: usize = 256 << 10;
+/// Bytes waiting to go to the peer beyond which a peer that keeps sending
+/// frames that need an answer (PING, OPEN) and does not read loses its
+/// link, as HTTP/2 servers bound a ping flood's answers. Writers stop at
+/// [`OUT_LIMIT`] (plus the one frame that crossed it), so only owed
+/// answers go past it.
+const OWED_LIMIT: usize = OUT_LIMIT + MAX_DATA as usize + (1 << 20);
+/// A stream holding more received frames than this, unread, has them
+/// copied into one buffer: each frame is a slice of one of the link's
+/// 64 KiB reads and keeps it alive, so a peer sending tiny frames could
+/// otherwise make a stream hold far more memory than its window. A reader
+/// that keeps up never gets there.
+const MAX_QUEUED_FRAMES: usize = 64;
+
 /// Each read of the link asks for at least this much room.
 const READ_CHUNK: usize = 64 << 10;
+/// The first read of a burst, into the stack (see `poll_read_first`).
+const FIRST_READ: usize = 16 << 10;
 /// RESET code of a stream dropped before both halves closed.
 pub const RESET_CANCEL: u32 = 8;
 /// DATA's only flag.
@@ -132,7 +147,7 @@ pub struct Header {
 
 impl Header {
     /// Appends the header's 12 bytes to `out`.
-    pub fn encode(&self, out: &mut BytesMut) {
+    pub fn encode(&self, out: &mut impl BufMut) {
         out.put_u8(self.kind as u8);
         out.put_u8(if self.fin { FLAG_FIN } else { 0 });
         out.put_u16(0);
@@ -257,6 +272,12 @@ pub enum MuxError {
         /// The REPLY's reason.
         reason: String,
     },
+    /// The peer sends and does not read: what the link owes it passed [`OWED_LIMIT`].
+    #[error("the peer does not read: {0} bytes of frames owed to it are waiting")]
+    PeerNotReading(usize),
+    /// The link ended in the middle of a frame.
+    #[error("the link ended inside a frame ({0} bytes of it received)")]
+    Truncated(usize),
     /// No PONG within the timeout.
     #[error("no answer to a ping within {0:?}: the link is dead")]
     PingTimeout(Duration),
@@ -344,8 +365,10 @@ struct Slot {
     credit: u32,
     /// This side closed its half.
     sent_fin: bool,
-    /// Opener: the REPLY, once it came.
+    /// Opener: the REPLY, once it came (until the open takes it).
     reply: Option<(u16, String)>,
+    /// Opener: a REPLY came (a second one is a protocol error).
+    replied: bool,
     /// The task waiting to read (or for the reply).
     reader: Option<Waker>,
     /// The task waiting for credit.
@@ -363,6 +386,7 @@ impl Slot {
             credit: STREAM_WINDOW,
             sent_fin: false,
             reply: None,
+            replied: false,
             reader: None,
             writer: None,
         }
@@ -401,11 +425,16 @@ struct Inner {
     config: Config,
     /// Read from the link, not yet parsed.
     read_buf: BytesMut,
-    /// Encoded frames not yet written to the link.
-    out: BytesMut,
+    /// Encoded frames; those before `out_start` are written.
+    out: Vec<u8>,
+    out_start: usize,
+    /// The last write or flush of the link was pushed back: bytes may wait
+    /// inside the I/O (rustls takes plaintext before the socket has room).
+    unflushed: bool,
     streams: Streams,
     /// Opener: the next stream id. Acceptor: one above the highest opened.
-    next_id: u32,
+    /// Wider than an id, so that it can pass the last one.
+    next_id: u64,
     offers: VecDeque<Offer>,
     acceptor: Option<Waker>,
     /// The link's task.
@@ -430,21 +459,33 @@ impl Inner {
         self.out.extend_from_slice(payload);
     }
 
+    /// Encoded bytes not yet written to the link.
+    fn unsent(&self) -> usize {
+        self.out.len() - self.out_start
+    }
+
     fn queue_u32(&mut self, kind: Kind, stream: u32, value: u32) {
         self.queue(Header { kind, fin: false, stream, len: 4 }, &value.to_be_bytes());
     }
 
     /// Writes what is queued and flushes the link.
     fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while !self.out.is_empty() {
-            match self.io.as_mut().poll_write(cx, &self.out) {
+        while self.out_start < self.out.len() {
+            match self.io.as_mut().poll_write(cx, &self.out[self.out_start..]) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(n)) => self.out.advance(n),
+                Poll::Ready(Ok(n)) => self.out_start += n,
                 Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    self.unflushed = true;
+                    return Poll::Pending;
+                }
             }
         }
-        self.io.as_mut().poll_flush(cx)
+        self.out.clear();
+        self.out_start = 0;
+        let flushed = self.io.as_mut().poll_flush(cx);
+        self.unflushed = flushed.is_pending();
+        flushed
     }
 
     /// A stream's task sends what it queued at once; what a full socket
@@ -461,6 +502,20 @@ impl Inner {
     fn wake_write_waiters(&mut self) {
         for waiter in self.write_waiters.drain(..) {
             waiter.wake();
+        }
+    }
+
+    /// Frees the read and write buffers if nothing is in them: at each
+    /// ping tick, so a busy link reuses its buffers (no allocation per
+    /// message) and an idle one holds none (5 000 idle links would
+    /// otherwise keep 64 KiB each to read into).
+    fn release_idle_buffers(&mut self) {
+        if self.read_buf.is_empty() {
+            self.read_buf = BytesMut::new();
+        }
+        if self.unsent() == 0 && !self.unflushed {
+            self.out = Vec::new();
+            self.out_start = 0;
         }
     }
 
@@ -500,6 +555,9 @@ impl Inner {
             self.read_buf.advance(HEADER_LEN);
             let payload = self.read_buf.split_to(len).freeze();
             self.handle(header, payload)?;
+            if self.unsent() > OWED_LIMIT {
+                return Err(MuxError::PeerNotReading(self.unsent()));
+            }
         }
         Ok(())
     }
@@ -508,7 +566,7 @@ impl Inner {
     /// stream that existed (frames cross a RESET on the wire), an error for
     /// one that never did.
     fn unknown_stream(&self, header: Header) -> Result<(), MuxError> {
-        if header.stream < self.next_id {
+        if u64::from(header.stream) < self.next_id {
             Ok(())
         } else {
             Err(MuxError::BadStream { kind: header.kind, stream: header.stream, why: "no such stream was opened" })
@@ -531,6 +589,14 @@ impl Inner {
                     if !payload.is_empty() {
                         slot.received.push_back(payload);
                     }
+                    if slot.received.len() > MAX_QUEUED_FRAMES {
+                        let queued: usize = slot.received.iter().map(Bytes::len).sum();
+                        let mut whole = BytesMut::with_capacity(queued);
+                        for frame in slot.received.drain(..) {
+                            whole.extend_from_slice(&frame);
+                        }
+                        slot.received.push_back(whole.freeze());
+                    }
                     slot.received_fin = header.fin;
                     wake(&mut slot.reader);
                 }
@@ -552,14 +618,14 @@ impl Inner {
                         why: "the acceptor opens no streams",
                     });
                 }
-                if id != self.next_id {
+                if u64::from(id) != self.next_id {
                     return Err(MuxError::BadStream {
                         kind: Kind::Open,
                         stream: id,
                         why: "stream ids are opened in order",
                     });
                 }
-                self.next_id = id.wrapping_add(1);
+                self.next_id += 1;
                 let target = String::from_utf8(payload.to_vec())
                     .map_err(|_| MuxError::NotUtf8 { kind: Kind::Open, stream: id })?;
                 if self.going_away {
@@ -581,9 +647,10 @@ impl Inner {
                     });
                 }
                 let Some(slot) = self.streams.get_mut(&id) else { return self.unknown_stream(header) };
-                if slot.reply.is_some() {
+                if slot.replied {
                     return Err(MuxError::BadStream { kind: Kind::Reply, stream: id, why: "a second REPLY" });
                 }
+                slot.replied = true;
                 let mut payload = payload;
                 let status = payload.get_u16();
                 let reason = String::from_utf8(payload.to_vec())
@@ -634,21 +701,47 @@ impl Inner {
     fn poll_read_link(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), MuxError>> {
         loop {
             self.handle_frames()?;
-            if self.read_buf.capacity() - self.read_buf.len() < READ_CHUNK / 4 {
-                self.read_buf.reserve(READ_CHUNK);
-            }
-            let spare = self.read_buf.spare_capacity_mut();
-            let n = match crate::transport::poll_read_spare(cx, &mut self.io, spare) {
-                Poll::Ready(result) => result?,
-                Poll::Pending => return Poll::Pending,
+            let n = if self.read_buf.is_empty() && self.read_buf.capacity() < FIRST_READ {
+                match self.poll_read_first(cx) {
+                    Poll::Ready(result) => result?,
+                    Poll::Pending => return Poll::Pending,
+                }
+            } else {
+                if self.read_buf.capacity() - self.read_buf.len() < READ_CHUNK / 4 {
+                    self.read_buf.reserve(READ_CHUNK);
+                }
+                let spare = self.read_buf.spare_capacity_mut();
+                let n = match crate::transport::poll_read_spare(cx, &mut self.io, spare) {
+                    Poll::Ready(result) => result?,
+                    Poll::Pending => return Poll::Pending,
+                };
+                // SAFETY: poll_read_spare returns how many bytes at the start
+                // of the spare capacity the reader initialised.
+                unsafe { self.read_buf.set_len(self.read_buf.len() + n) };
+                n
             };
             if n == 0 {
-                return Poll::Ready(Ok(()));
+                return match self.read_buf.len() {
+                    0 => Poll::Ready(Ok(())),
+                    partial => Poll::Ready(Err(MuxError::Truncated(partial))),
+                };
             }
-            // SAFETY: poll_read_spare returns how many bytes at the start of
-            // the spare capacity the reader initialised.
-            unsafe { self.read_buf.set_len(self.read_buf.len() + n) };
         }
+    }
+
+    /// The first read after the buffer was freed goes to the stack, and
+    /// only what arrived is kept: a ping's answer on an idle link does not
+    /// bring back a whole read buffer. A full read starts a bulk one.
+    fn poll_read_first(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let mut first = [std::mem::MaybeUninit::<u8>::uninit(); FIRST_READ];
+        let mut buf = ReadBuf::uninit(&mut first);
+        std::task::ready!(self.io.as_mut().poll_read(cx, &mut buf))?;
+        let filled = buf.filled();
+        if filled.len() == FIRST_READ {
+            self.read_buf.reserve(READ_CHUNK);
+        }
+        self.read_buf.extend_from_slice(filled);
+        Poll::Ready(Ok(filled.len()))
     }
 }
 
@@ -685,7 +778,9 @@ where
         role,
         config,
         read_buf: BytesMut::new(),
-        out: BytesMut::new(),
+        out: Vec::new(),
+        out_start: 0,
+        unflushed: false,
         streams: Streams::default(),
         next_id: 1,
         offers: VecDeque::new(),
@@ -726,8 +821,8 @@ impl Link {
             if inner.peer_going_away || inner.going_away {
                 return Err(MuxError::GoingAway);
             }
-            let id = inner.next_id;
-            inner.next_id = id.checked_add(1).ok_or(MuxError::IdsExhausted)?;
+            let id = u32::try_from(inner.next_id).map_err(|_| MuxError::IdsExhausted)?;
+            inner.next_id += 1;
             inner.streams.insert(id, Slot::new());
             inner.queue(
                 Header { kind: Kind::Open, fin: false, stream: id, len: target.len() as u32 },
@@ -771,7 +866,8 @@ impl Link {
     }
 
     /// The next stream the opener asked for; `None` once the link is
-    /// closed or the peer is going away.
+    /// closed or the peer is going away. One task accepts: a second one
+    /// accepting on a clone of the handle at the same time may not be woken.
     pub fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<Option<Incoming>> {
         let mut inner = self.shared.lock();
         if let Some(offer) = inner.offers.pop_front() {
@@ -819,6 +915,14 @@ impl Link {
     /// Streams open on this link (opened or accepted, not yet dropped).
     pub fn open_streams(&self) -> usize {
         self.shared.lock().streams.len()
+    }
+
+    /// Bytes of buffer the link itself holds now (read and write buffers'
+    /// capacity; not the streams' received bytes). Once the link has been
+    /// idle for a ping interval, at most the last ping's frames.
+    pub fn buffered_bytes(&self) -> usize {
+        let inner = self.shared.lock();
+        inner.read_buf.capacity() + inner.out.capacity()
     }
 }
 
@@ -897,6 +1001,9 @@ fn reset_error() -> io::Error {
 
 impl AsyncRead for MuxStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
         let mut guard = self.shared.lock();
         let inner = &mut *guard;
         let Some(slot) = inner.streams.get_mut(&self.id) else {
@@ -945,8 +1052,10 @@ impl AsyncWrite for MuxStream {
         if let Some(why) = &inner.closed {
             return Poll::Ready(Err(io::Error::new(io::ErrorKind::ConnectionAborted, why.clone())));
         }
-        if inner.out.len() >= OUT_LIMIT {
-            inner.write_waiters.push(cx.waker().clone());
+        if inner.unsent() >= OUT_LIMIT {
+            if !inner.write_waiters.iter().any(|waiter| waiter.will_wake(cx.waker())) {
+                inner.write_waiters.push(cx.waker().clone());
+            }
             wake(&mut inner.driver);
             return Poll::Pending;
         }
@@ -1044,9 +1153,12 @@ impl AsyncWrite for Gone {
 }
 
 impl Driver {
-    fn poll_ping(&mut self, cx: &mut Context<'_>, inner: &mut Inner) -> Result<(), MuxError> {
-        let Some(interval) = &mut self.ping else { return Ok(()) };
+    /// Sends a ping when one is due; `true` when the interval ticked.
+    fn poll_ping(&mut self, cx: &mut Context<'_>, inner: &mut Inner) -> Result<bool, MuxError> {
+        let Some(interval) = &mut self.ping else { return Ok(false) };
+        let mut ticked = false;
         while interval.poll_tick(cx).is_ready() {
+            ticked = true;
             if let Some((_, sent_at)) = inner.ping_outstanding {
                 if sent_at.elapsed() >= inner.config.ping_timeout {
                     return Err(MuxError::PingTimeout(inner.config.ping_timeout));
@@ -1058,7 +1170,7 @@ impl Driver {
             inner.ping_outstanding = Some((id, tokio::time::Instant::now()));
             inner.queue(Header { kind: Kind::Ping, fin: false, stream: 0, len: 8 }, &id.to_be_bytes());
         }
-        Ok(())
+        Ok(ticked)
     }
 }
 
@@ -1080,13 +1192,16 @@ impl Future for Driver {
                 inner.fail("the peer closed the link".into());
                 return Poll::Ready(Ok(()));
             }
-            (Poll::Pending, Ok(())) => Ok(()),
+            (Poll::Pending, Ok(ticked)) => Ok(ticked),
         };
-        if let Err(err) = outcome {
-            inner.fail(err.to_string());
-            return Poll::Ready(Err(err));
-        }
-        if !inner.out.is_empty() {
+        let ticked = match outcome {
+            Ok(ticked) => ticked,
+            Err(err) => {
+                inner.fail(err.to_string());
+                return Poll::Ready(Err(err));
+            }
+        };
+        if inner.unsent() > 0 || inner.unflushed {
             match inner.poll_write_out(cx) {
                 Poll::Ready(Ok(())) => inner.wake_write_waiters(),
                 Poll::Ready(Err(err)) => {
@@ -1096,6 +1211,10 @@ impl Future for Driver {
                 }
                 Poll::Pending => {}
             }
+        }
+        if ticked {
+            // After the write: a pong this poll owed has left by now.
+            inner.release_idle_buffers();
         }
         Poll::Pending
     }
@@ -1382,6 +1501,166 @@ mod tests {
         assert_eq!(err, "stream 1 sent 1048576 bytes with 0 bytes of credit left");
         holder.abort();
         drop(writer.await);
+    }
+
+    /// An I/O like rustls': it takes every write into a buffer of its own,
+    /// and flushing waits for the test to open its gate.
+    struct Gated {
+        inner: DuplexStream,
+        held: Vec<u8>,
+        open: Arc<std::sync::atomic::AtomicBool>,
+        waiting: Arc<Mutex<Option<Waker>>>,
+    }
+
+    impl AsyncRead for Gated {
+        fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Gated {
+        fn poll_write(mut self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            self.held.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            if !self.open.load(std::sync::atomic::Ordering::SeqCst) {
+                *self.waiting.lock().unwrap() = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            while !self.held.is_empty() {
+                let this = &mut *self;
+                let n = std::task::ready!(Pin::new(&mut this.inner).poll_write(cx, &this.held))?;
+                this.held.drain(..n);
+            }
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn bytes_held_by_a_pushed_back_flush_leave_after_their_writer_is_gone() {
+        let (a, b) = tokio::io::duplex(64 << 10);
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let waiting = Arc::new(Mutex::new(None::<Waker>));
+        let gated = Gated { inner: a, held: Vec::new(), open: open.clone(), waiting: waiting.clone() };
+        let (opener, opener_driver) = link(gated, Role::Opener, quiet());
+        let (acceptor, acceptor_driver) = link(b, Role::Acceptor, quiet());
+        tokio::spawn(opener_driver);
+        tokio::spawn(acceptor_driver);
+        let accepted = tokio::spawn(async move { acceptor.accept().await.unwrap().accept() });
+        let mut stream = opener.open("10.0.0.1:1").await.unwrap();
+        let mut peer = accepted.await.unwrap();
+        // The flush is pushed back: the bytes wait inside the I/O, `out` is empty.
+        open.store(false, std::sync::atomic::Ordering::SeqCst);
+        let writer = tokio::spawn(async move {
+            stream.write_all(b"last words").await.unwrap();
+            stream.shutdown().await.unwrap();
+            // The writer's task ends here; the stream is not dropped (that
+            // would reset it), so the link's task must flush what it left.
+            stream
+        });
+        let stream = writer.await.unwrap();
+        tokio::task::yield_now().await;
+        open.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(waker) = waiting.lock().unwrap().take() {
+            waker.wake();
+        }
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), peer.read_to_end(&mut got)).await.unwrap().unwrap();
+        assert_eq!(got, b"last words");
+        drop(stream);
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_floods_pings_and_never_reads_loses_its_link() {
+        let (mut raw, _acceptor, driver) = raw_peer();
+        let pings: Vec<u8> = (0..200_000_u64).flat_map(|i| frame(5, 0, 0, &i.to_be_bytes())).collect();
+        let flood = tokio::spawn(async move {
+            let _ = raw.write_all(&pings).await;
+            raw
+        });
+        let err = driver.await.unwrap().unwrap_err();
+        assert!(matches!(err, MuxError::PeerNotReading(owed) if owed > OWED_LIMIT), "{err}");
+        drop(flood.await);
+    }
+
+    #[tokio::test]
+    async fn tiny_frames_nobody_reads_are_gathered_not_queued_one_by_one() {
+        let (mut raw, acceptor, _driver) = raw_peer();
+        let frames: Vec<u8> = [frame(2, 0, 1, b"10.0.0.1:1")]
+            .into_iter()
+            .chain((0..10_000_u32).map(|i| frame(0, 0, 1, &[(i % 251) as u8])))
+            .flatten()
+            .collect();
+        raw.write_all(&frames).await.unwrap();
+        raw.write_all(&frame(0, 1, 1, b"")).await.unwrap();
+        let mut stream = acceptor.accept().await.unwrap().accept();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let queued = acceptor.shared.lock().streams.get(&1).map(|slot| slot.received.len()).unwrap();
+        assert!(queued <= MAX_QUEUED_FRAMES + 1, "{queued} frames queued");
+        let mut got = Vec::new();
+        stream.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, (0..10_000_u32).map(|i| (i % 251) as u8).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn a_link_cut_inside_a_frame_is_an_error() {
+        let (mut raw, _acceptor, driver) = raw_peer();
+        raw.write_all(&frame(2, 0, 1, b"10.0.0.1:1")[..7]).await.unwrap();
+        drop(raw);
+        assert_eq!(
+            driver.await.unwrap().unwrap_err().to_string(),
+            "the link ended inside a frame (7 bytes of it received)"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_second_reply_ends_the_link() {
+        let (raw_end, opener_end) = tokio::io::duplex(64 << 10);
+        let (opener, driver) = link(opener_end, Role::Opener, quiet());
+        let driver = tokio::spawn(driver);
+        let opening = tokio::spawn(async move { opener.open("10.0.0.1:1").await.map(|_| ()) });
+        let mut raw = raw_end;
+        let mut open = [0_u8; HEADER_LEN + 10];
+        raw.read_exact(&mut open).await.unwrap();
+        assert_eq!(&open[..], &frame(2, 0, 1, b"10.0.0.1:1")[..]);
+        let reply = frame(3, 0, 1, &STATUS_OPEN.to_be_bytes());
+        raw.write_all(&[reply.clone(), reply].concat()).await.unwrap();
+        assert_eq!(driver.await.unwrap().unwrap_err().to_string(), "Reply frame on stream 1: a second REPLY");
+        drop(opening.await);
+    }
+
+    #[tokio::test]
+    async fn an_idle_link_holds_no_buffers_after_a_burst() {
+        let ticks = Config { ping_interval: Some(Duration::from_millis(50)), ..quiet() };
+        let (opener, acceptor, _driver) = pair(ticks);
+        let acceptor_handle = acceptor.clone();
+        tokio::spawn(async move {
+            let mut stream = acceptor.accept().await.unwrap().accept();
+            let mut sink = Vec::new();
+            stream.read_to_end(&mut sink).await.unwrap();
+            stream.write_all(&sink).await.unwrap();
+            stream.shutdown().await.unwrap();
+            std::future::pending::<()>().await;
+        });
+        let mut stream = opener.open("10.0.0.1:1").await.unwrap();
+        stream.write_all(&vec![1_u8; 4 << 20]).await.unwrap();
+        stream.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        stream.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back.len(), 4 << 20);
+        // Right after the burst the buffers are still there, for the next one.
+        assert!(opener.buffered_bytes() > 0);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // At most the last ping's or pong's frame (20 bytes) each way.
+        for side in [&opener, &acceptor_handle] {
+            assert!(side.buffered_bytes() <= 2 * (HEADER_LEN + 8), "{} bytes held", side.buffered_bytes());
+        }
     }
 
     #[tokio::test(start_paused = true)]
