@@ -86,6 +86,50 @@ fn connect_door_reaches_the_edge_kubelet_and_refuses_what_it_must() {
     }
 }
 
+/// Agents and servers from before `netd-mux/1` speak HTTP/2 with the new
+/// ones (ALPN picks it), and two new ones speak `netd-mux/1`; every pair
+/// carries a stream both ways and has the agent refuse a port it must.
+#[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root: cargo xtask test, or --features privileged-tests as root"
+)]
+fn old_and_new_agents_and_servers_each_link_in_the_protocol_both_speak() {
+    let Some(_kernel) = testing::privileged().unwrap() else { return };
+    let stage = Stage::new();
+    let server_certs = stage.pki.files("server").load().unwrap();
+    let h2_agent = || {
+        let mut config = stage.agent_config(NODE);
+        let mut tls = (*tls::agent(&stage.pki.files(NODE).load().unwrap()).unwrap()).clone();
+        tls.alpn_protocols = vec![tls::ALPN_TUNNEL.to_vec()];
+        config.tls = tls::fixed(Arc::new(tls));
+        config
+    };
+    let pairs = [
+        ("new agent, new server", stage.agent_config(NODE), tls::agents_door(&server_certs).unwrap(), 1),
+        ("old agent, new server", h2_agent(), tls::agents_door(&server_certs).unwrap(), 0),
+        ("new agent, old server", stage.agent_config(NODE), tls::server(&server_certs, tls::ALPN_TUNNEL).unwrap(), 0),
+    ];
+    let client = tls::connect_client(&stage.pki.files("client").load().unwrap()).unwrap();
+    for (what, agent_config, agents_door, mux_links) in pairs {
+        let router = Arc::new(Router::default());
+        let _server = stage.server_with(router.clone(), agents_door);
+        let _kubelet = stage.kubelet();
+        let _agent = stage.agent(agent_config, Arc::new(AgentMetrics::default()));
+        wait_for(what, Duration::from_secs(10), || router.nodes() == vec![NODE.to_string()]);
+        assert_eq!(router.metrics.mux_links.load(Ordering::Relaxed), mux_links, "{what}: netd-mux/1 links");
+        let client = client.clone();
+        stage.in_cloud(|| async move {
+            let (code, stream) = connect(client.clone(), &format!("{NODE_IP}:10250")).await;
+            assert_eq!(code, 200, "{what}");
+            let payload: Vec<u8> = (0..256 << 10).map(|i| (i % 253) as u8).collect();
+            echo_round_trip(&mut stream.unwrap(), &payload).await;
+            let (code, _) = connect(client.clone(), &format!("{NODE_IP}:22")).await;
+            assert_eq!(code, 403, "{what}: the agent refuses a port it does not forward");
+        });
+    }
+}
+
 #[test]
 #[cfg_attr(
     not(feature = "privileged-tests"),

@@ -468,7 +468,7 @@ fn a_thousand_link_cycles_leak_no_task_socket_or_memory() {
     // The server on its own runtime, whose live tasks are sampled.
     let tasks = Arc::new(AtomicUsize::new(0));
     let certs = stage.pki.files("server").load().unwrap();
-    let agents_tls = tls::fixed(tls::server(&certs, tls::ALPN_TUNNEL).unwrap());
+    let agents_tls = tls::fixed(tls::agents_door(&certs).unwrap());
     let (serving, sampled) = (router.clone(), tasks.clone());
     let _server = Background::start(&stage.cloud.path(), move || async move {
         tokio::spawn(async move {

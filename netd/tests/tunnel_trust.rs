@@ -181,7 +181,10 @@ fn silent_agent(
     let mut certs = stage.pki.files(NODE).load().unwrap();
     certs.chain = vec![leaf.cert_der().clone()];
     certs.key = leaf.key_der();
-    let config = tls::agent(&certs).unwrap();
+    // It speaks HTTP/2, as agents from before netd-mux/1 do.
+    let mut config = (*tls::agent(&certs).unwrap()).clone();
+    config.alpn_protocols = vec![tls::ALPN_TUNNEL.to_vec()];
+    let config = Arc::new(config);
     Background::start(&stage.edge.path(), move || async move {
         let tcp = TcpStream::connect((CLOUD_IP, AGENT_PORT)).await.unwrap();
         let name = ServerName::IpAddress(IpAddr::V4(CLOUD_IP).into());

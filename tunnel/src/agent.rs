@@ -22,6 +22,7 @@ use ipnet::IpNet;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 
+use super::mux::{self, MuxError};
 use super::readahead::ReadAhead;
 use super::replica::{Claim, LinkSet, ReplicaStatus};
 use super::tls::Live;
@@ -65,6 +66,15 @@ pub enum AgentError {
         /// What h2 reported.
         #[source]
         source: h2::Error,
+    },
+    /// `netd-mux/1` failed on the link.
+    #[error("tunnel link to {server} failed")]
+    Mux {
+        /// The server.
+        server: String,
+        /// What the link reported.
+        #[source]
+        source: MuxError,
     },
     /// The link reached a replica this agent already holds a link to.
     #[error("tunnel link to {server} reached replica {replica}, which this agent is already linked to")]
@@ -237,6 +247,9 @@ async fn link(config: &AgentConfig, server: &str, metrics: &Arc<AgentMetrics>) -
             return Err(AgentError::Tls { server: server.into(), source });
         }
     };
+    if super::tls::speaks_mux(tls.get_ref().1.alpn_protocol()) {
+        return link_mux(config, server, metrics, tls).await;
+    }
     let link_err = |source| AgentError::Link { server: server.into(), source };
     let mut connection = transport::agent_builder().handshake::<_, Bytes>(tls).await.map_err(link_err)?;
     tracing::info!("tunnel link to {server} up");
@@ -302,6 +315,107 @@ async fn link(config: &AgentConfig, server: &str, metrics: &Arc<AgentMetrics>) -
             }
         }
     }
+}
+
+/// One `netd-mux/1` link's life, as [`link`]'s over HTTP/2: statuses are
+/// answered, every other stream is served, pings are the link's own.
+async fn link_mux<T>(config: &AgentConfig, server: &str, metrics: &Arc<AgentMetrics>, tls: T) -> Result<(), AgentError>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
+    let link_err = |source| match source {
+        MuxError::PingTimeout(timeout) => AgentError::DeadLink { server: server.into(), timeout },
+        source => AgentError::Mux { server: server.into(), source },
+    };
+    let (link, driver) = mux::link(tls, mux::Role::Acceptor, mux::Config::default());
+    tokio::pin!(driver);
+    tracing::info!("tunnel link to {server} up (netd-mux/1)");
+    metrics.links_up.fetch_add(1, Ordering::Relaxed);
+    let _down = Decrement(&metrics.links_up);
+    let serial = metrics.replicas.new_link();
+    let _released = Released(&metrics.replicas, serial);
+    loop {
+        let incoming = tokio::select! {
+            incoming = link.accept() => incoming,
+            ended = &mut driver => return ended.map_err(link_err),
+        };
+        let Some(incoming) = incoming else {
+            // The server is going away: its streams finish, then it closes.
+            return (&mut driver).await.map_err(link_err);
+        };
+        if !ReplicaStatus::is_status_target(incoming.target()) {
+            let (config, metrics) = (config.clone(), metrics.clone());
+            tokio::spawn(async move { serve_mux(config, metrics, incoming).await });
+            continue;
+        }
+        let status = match ReplicaStatus::from_target(incoming.target()) {
+            Ok(status) => status,
+            Err(err) => {
+                metrics.bad_statuses.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("tunnel server {server} sent a replica status this agent refuses: {err}");
+                incoming.answer(StatusCode::BAD_REQUEST.as_u16(), "status");
+                continue;
+            }
+        };
+        let claim = metrics.replicas.claim(serial, &status);
+        incoming.answer(claim.status().as_u16(), if claim == Claim::Duplicate { "duplicate" } else { "" });
+        if claim == Claim::Duplicate {
+            metrics.duplicate_links.fetch_add(1, Ordering::Relaxed);
+            // Let the answer leave before the link does, so the server
+            // knows why it closed.
+            let flushed = async {
+                tokio::select! {
+                    () = link.flushed() => {}
+                    _ = &mut driver => {}
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(1), flushed).await;
+            return Err(AgentError::Duplicate { server: server.into(), replica: status.id });
+        }
+        let held = metrics.replicas.held();
+        if status.draining {
+            tracing::info!("tunnel server replica {} (via {server}) drains: linking to the others", status.id);
+        } else {
+            tracing::info!(
+                "tunnel link to {server} reached replica {}: {} of {} replicas linked",
+                status.id,
+                held.live,
+                held.expected
+            );
+        }
+    }
+}
+
+/// One `netd-mux/1` stream: check, dial, splice.
+async fn serve_mux(config: AgentConfig, metrics: Arc<AgentMetrics>, incoming: mux::Incoming) {
+    let Ok(dest) = incoming.target().parse::<SocketAddr>() else {
+        metrics.refused_request.fetch_add(1, Ordering::Relaxed);
+        incoming.refuse(StatusCode::BAD_REQUEST.as_u16(), "request");
+        return;
+    };
+    if let Some(reason) = refusal(&config, dest) {
+        let counter = if reason == "port" { &metrics.refused_port } else { &metrics.refused_address };
+        counter.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!("refused a stream to {dest}: {reason} not allowed on this node");
+        incoming.refuse(StatusCode::FORBIDDEN.as_u16(), reason);
+        return;
+    }
+    let mut local = match tokio::time::timeout(LOCAL_DIAL_TIMEOUT, TcpStream::connect(dest)).await {
+        Ok(Ok(stream)) => stream,
+        _ => {
+            metrics.dial_failures.fetch_add(1, Ordering::Relaxed);
+            incoming.refuse(StatusCode::BAD_GATEWAY.as_u16(), "dial");
+            return;
+        }
+    };
+    let _ = local.set_nodelay(true);
+    let mut tunnel = incoming.accept();
+    metrics.streams_total.fetch_add(1, Ordering::Relaxed);
+    metrics.streams_open.fetch_add(1, Ordering::Relaxed);
+    let _open = Decrement(&metrics.streams_open);
+    // Written to the local end: in from the server; read from it: out.
+    let mut local = Counted::new(&mut local, &metrics.bytes_out, &metrics.bytes_in);
+    let _ = transport::splice(&mut local, &mut tunnel).await;
 }
 
 /// Gives a link's replica claim back when the link ends.

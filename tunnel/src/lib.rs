@@ -3,9 +3,10 @@
 //! certificate names the node the way kubelet client certificates do
 //! (`CN=system:node:<name>`, `O=system:nodes`), so the server routes by the
 //! identity it verified, never by what an agent claims ([`certs`] mints,
-//! loads and reads those certificates). Over that one connection, HTTP/2
-//! with the roles reversed carries one stream per tunnelled TCP connection,
-//! each with its own flow control ([`transport`]). [`agent`] is the edge
+//! loads and reads those certificates). Over that one connection,
+//! `netd-mux/1` ([`mux`]) carries one stream per tunnelled TCP connection,
+//! each with its own flow control; with an agent or server from before it,
+//! HTTP/2 with the roles reversed does ([`transport`]; ALPN decides). [`agent`] is the edge
 //! side; [`server`] the cloud side with its front doors (DNAT'd connections,
 //! HTTP CONNECT, plain HTTP by Host), routing by [`routes`] (certificate
 //! addresses and the registry's leases: node addresses and pod subnets);
@@ -17,7 +18,7 @@
 //! doors, routing, the DNAT hand-over from `netd-ebpf`, leases from
 //! `netd-registry`); both by default. An edge binary takes `agent` alone
 //! and links none of the server, the BPF loader or the registries.
-//! Certificates, TLS and the HTTP/2 transport are common to both.
+//! Certificates, TLS and both link protocols are common to both.
 
 #[cfg(feature = "agent")]
 pub mod agent;

@@ -272,7 +272,7 @@ pub enum MuxError {
         /// The REPLY's reason.
         reason: String,
     },
-    /// The peer sends and does not read: what the link owes it passed [`OWED_LIMIT`].
+    /// The peer sends and does not read: what the link owes it passed 2.25 MiB.
     #[error("the peer does not read: {0} bytes of frames owed to it are waiting")]
     PeerNotReading(usize),
     /// The link ended in the middle of a frame.
@@ -771,7 +771,7 @@ where
     let ping = config.ping_interval.map(|every| {
         let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        interval
+        Pinger { interval, deadline: Box::pin(tokio::time::sleep(config.ping_timeout)) }
     });
     let inner = Inner {
         io: Box::pin(io),
@@ -807,6 +807,28 @@ impl Link {
     /// Opens a stream to `target` (`ip:port`) and waits for the acceptor's
     /// answer: the stream, or why it was refused.
     pub async fn open(&self, target: &str) -> Result<MuxStream, MuxError> {
+        let (stream, reply) = self.exchange(target).await?;
+        match reply {
+            (STATUS_OPEN, _) => Ok(stream),
+            (status, reason) => {
+                // Refused: the acceptor kept nothing; neither does this side.
+                stream.forget();
+                Err(MuxError::Refused { target: target.to_owned(), status, reason })
+            }
+        }
+    }
+
+    /// Asks the acceptor something that wants an answer and no stream (a
+    /// replica status): an OPEN whose REPLY, whatever its status, ends the
+    /// exchange; the acceptor answers it with [`Incoming::answer`].
+    pub async fn ask(&self, target: &str) -> Result<(u16, String), MuxError> {
+        let (stream, reply) = self.exchange(target).await?;
+        stream.forget();
+        Ok(reply)
+    }
+
+    /// Sends an OPEN for `target` and waits for its REPLY.
+    async fn exchange(&self, target: &str) -> Result<(MuxStream, (u16, String)), MuxError> {
         if target.is_empty() || target.len() > MAX_CONTROL as usize {
             return Err(MuxError::BadLength { kind: Kind::Open, len: target.len() as u32, expected: "1 to 16 KiB" });
         }
@@ -828,7 +850,7 @@ impl Link {
                 Header { kind: Kind::Open, fin: false, stream: id, len: target.len() as u32 },
                 target.as_bytes(),
             );
-            MuxStream { shared: self.shared.clone(), id }
+            MuxStream { shared: self.shared.clone(), id, _permit: None }
         };
         // The OPEN leaves with the first poll (from this task, with no
         // hand-over to the driver).
@@ -855,14 +877,7 @@ impl Link {
             Poll::Pending
         })
         .await?;
-        match reply {
-            (STATUS_OPEN, _) => Ok(stream),
-            (status, reason) => {
-                // Refused: the acceptor kept nothing; neither does this side.
-                stream.forget();
-                Err(MuxError::Refused { target: target.to_owned(), status, reason })
-            }
-        }
+        Ok((stream, reply))
     }
 
     /// The next stream the opener asked for; `None` once the link is
@@ -900,6 +915,24 @@ impl Link {
         inner.going_away = true;
         inner.queue_u32(Kind::GoAway, 0, code);
         inner.send_later();
+    }
+
+    /// Ready once every frame queued so far has been written and flushed
+    /// (the driver must be polled meanwhile): a last answer leaves before
+    /// the link is dropped.
+    pub async fn flushed(&self) {
+        std::future::poll_fn(|cx| {
+            let mut inner = self.shared.lock();
+            if (inner.unsent() == 0 && !inner.unflushed) || inner.closed.is_some() {
+                return Poll::Ready(());
+            }
+            if !inner.write_waiters.iter().any(|waiter| waiter.will_wake(cx.waker())) {
+                inner.write_waiters.push(cx.waker().clone());
+            }
+            wake(&mut inner.driver);
+            Poll::Pending
+        })
+        .await;
     }
 
     /// Whether the peer sent GOAWAY.
@@ -947,11 +980,17 @@ impl Incoming {
         let mut inner = self.shared.lock();
         inner.queue_reply(self.id, STATUS_OPEN, "");
         inner.send_later();
-        MuxStream { shared: self.shared.clone(), id: self.id }
+        MuxStream { shared: self.shared.clone(), id: self.id, _permit: None }
     }
 
-    /// Refuses the stream with an HTTP-like `status` and a reason.
-    pub fn refuse(mut self, status: u16, reason: &str) {
+    /// Refuses the stream with an HTTP-like `status` (not 200) and a reason.
+    pub fn refuse(self, status: u16, reason: &str) {
+        self.answer(status, reason);
+    }
+
+    /// Answers an [`Link::ask`] (or refuses a stream): the REPLY carries
+    /// `status` and `reason`, and no stream follows.
+    pub fn answer(mut self, status: u16, reason: &str) {
         self.answer_refused(status, reason);
     }
 
@@ -980,12 +1019,20 @@ impl Drop for Incoming {
 pub struct MuxStream {
     shared: Arc<Shared>,
     id: u32,
+    /// The stream's place under a stream cap, given back on drop.
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl MuxStream {
     /// The stream's id on its link.
     pub fn id(&self) -> u32 {
         self.id
+    }
+
+    /// Holds `permit` (a place under a stream cap) for the stream's life.
+    pub fn holding(mut self, permit: tokio::sync::OwnedSemaphorePermit) -> Self {
+        self._permit = Some(permit);
+        self
     }
 
     /// Drops the stream's state without telling the peer (it refused).
@@ -1117,7 +1164,14 @@ impl Drop for MuxStream {
 /// socket pushed back, pings. Spawn it; it ends with the link.
 pub struct Driver {
     shared: Arc<Shared>,
-    ping: Option<tokio::time::Interval>,
+    ping: Option<Pinger>,
+}
+
+/// When to ping, and when an unanswered ping means a dead link.
+struct Pinger {
+    interval: tokio::time::Interval,
+    /// The outstanding ping's deadline (armed when it is sent).
+    deadline: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl Drop for Driver {
@@ -1154,21 +1208,25 @@ impl AsyncWrite for Gone {
 
 impl Driver {
     /// Sends a ping when one is due; `true` when the interval ticked.
+    /// A ping every interval while none is outstanding; a pong missing at
+    /// its deadline ends the link (at most interval + timeout after a cut).
     fn poll_ping(&mut self, cx: &mut Context<'_>, inner: &mut Inner) -> Result<bool, MuxError> {
-        let Some(interval) = &mut self.ping else { return Ok(false) };
+        let Some(pinger) = &mut self.ping else { return Ok(false) };
         let mut ticked = false;
-        while interval.poll_tick(cx).is_ready() {
+        while pinger.interval.poll_tick(cx).is_ready() {
             ticked = true;
-            if let Some((_, sent_at)) = inner.ping_outstanding {
-                if sent_at.elapsed() >= inner.config.ping_timeout {
-                    return Err(MuxError::PingTimeout(inner.config.ping_timeout));
-                }
+            if inner.ping_outstanding.is_some() {
                 continue;
             }
             inner.pings_sent += 1;
             let id = inner.pings_sent;
-            inner.ping_outstanding = Some((id, tokio::time::Instant::now()));
+            let now = tokio::time::Instant::now();
+            inner.ping_outstanding = Some((id, now));
             inner.queue(Header { kind: Kind::Ping, fin: false, stream: 0, len: 8 }, &id.to_be_bytes());
+            pinger.deadline.as_mut().reset(now + inner.config.ping_timeout);
+        }
+        if inner.ping_outstanding.is_some() && pinger.deadline.as_mut().poll(cx).is_ready() {
+            return Err(MuxError::PingTimeout(inner.config.ping_timeout));
         }
         Ok(ticked)
     }
@@ -1384,6 +1442,23 @@ mod tests {
         }
         assert_eq!(got, total);
         writer.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_ask_gets_its_answer_and_leaves_no_stream_on_either_side() {
+        let (opener, acceptor, _driver) = pair(quiet());
+        let answering = acceptor.clone();
+        tokio::spawn(async move {
+            for status in [200, 409] {
+                let incoming = answering.accept().await.unwrap();
+                assert_eq!(incoming.target(), "/netd/replica?id=a");
+                incoming.answer(status, if status == 200 { "" } else { "duplicate" });
+            }
+        });
+        assert_eq!(opener.ask("/netd/replica?id=a").await.unwrap(), (200, String::new()));
+        assert_eq!(opener.ask("/netd/replica?id=a").await.unwrap(), (409, "duplicate".to_string()));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!((opener.open_streams(), acceptor.open_streams()), (0, 0));
     }
 
     #[tokio::test]

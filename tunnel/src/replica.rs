@@ -103,22 +103,55 @@ impl ReplicaStatus {
         request.method() == Method::POST && request.uri().path() == STATUS_PATH
     }
 
-    /// Reads a status stream's headers.
-    pub fn from_request<B>(request: &Request<B>) -> Result<Self, ReplicaError> {
-        let header = |name: &'static str| {
-            request.headers().get(name).ok_or(ReplicaError::Missing(name)).map(|v| v.to_str().unwrap_or("\u{fffd}"))
+    /// The status as a [`crate::mux`] OPEN target:
+    /// `/netd/replica?x-netd-replica=<id>&x-netd-replicas=<n>&x-netd-draining=<0|1>`,
+    /// the request's headers as query pairs (an identity needs no escaping).
+    pub fn to_target(&self) -> Result<String, ReplicaError> {
+        check_id(&self.id)?;
+        check_count(self.replicas)?;
+        let draining = if self.draining { "1" } else { "0" };
+        Ok(format!(
+            "{STATUS_PATH}?{ID_HEADER}={}&{COUNT_HEADER}={}&{DRAINING_HEADER}={draining}",
+            self.id, self.replicas
+        ))
+    }
+
+    /// Whether a [`crate::mux`] OPEN target is a status (anything else is
+    /// an `ip:port` to dial).
+    pub fn is_status_target(target: &str) -> bool {
+        target.starts_with(STATUS_PATH)
+    }
+
+    /// Reads a status from its OPEN target, checked as [`Self::from_request`] does.
+    pub fn from_target(target: &str) -> Result<Self, ReplicaError> {
+        let query = target.strip_prefix(STATUS_PATH).and_then(|rest| rest.strip_prefix('?')).unwrap_or("");
+        let value = |name: &'static str| {
+            query
+                .split('&')
+                .find_map(|pair| pair.strip_prefix(name).and_then(|rest| rest.strip_prefix('=')))
+                .ok_or(ReplicaError::Missing(name))
         };
-        let id = header(ID_HEADER)?;
+        Self::checked(value(ID_HEADER)?, value(COUNT_HEADER)?, value(DRAINING_HEADER)?)
+    }
+
+    fn checked(id: &str, count: &str, draining: &str) -> Result<Self, ReplicaError> {
         check_id(id)?;
-        let count = header(COUNT_HEADER)?;
         let replicas = count.parse::<u32>().map_err(|_| ReplicaError::Count(count.to_string()))?;
         check_count(replicas)?;
-        let draining = match header(DRAINING_HEADER)? {
+        let draining = match draining {
             "0" => false,
             "1" => true,
             other => return Err(ReplicaError::Draining(other.to_string())),
         };
         Ok(Self { id: id.to_string(), replicas, draining })
+    }
+
+    /// Reads a status stream's headers.
+    pub fn from_request<B>(request: &Request<B>) -> Result<Self, ReplicaError> {
+        let header = |name: &'static str| {
+            request.headers().get(name).ok_or(ReplicaError::Missing(name)).map(|v| v.to_str().unwrap_or("\u{fffd}"))
+        };
+        Self::checked(header(ID_HEADER)?, header(COUNT_HEADER)?, header(DRAINING_HEADER)?)
     }
 }
 
@@ -251,6 +284,35 @@ mod tests {
             assert_eq!(request.headers()[ID_HEADER], sent.id.as_str());
             assert_eq!(ReplicaStatus::from_request(&request).unwrap(), sent);
         }
+    }
+
+    #[test]
+    fn a_status_round_trips_through_its_mux_target() {
+        for sent in [status("tunnel-0", 2, false), status("cloud-a.example", 64, true)] {
+            let target = sent.to_target().unwrap();
+            assert!(ReplicaStatus::is_status_target(&target));
+            assert_eq!(ReplicaStatus::from_target(&target).unwrap(), sent);
+        }
+        assert_eq!(
+            status("tunnel-0", 2, true).to_target().unwrap(),
+            "/netd/replica?x-netd-replica=tunnel-0&x-netd-replicas=2&x-netd-draining=1"
+        );
+        assert!(!ReplicaStatus::is_status_target("10.0.0.1:10250"));
+        let from = |target: &str| ReplicaStatus::from_target(target).unwrap_err();
+        assert_eq!(from("/netd/replica"), ReplicaError::Missing(ID_HEADER));
+        assert_eq!(from("/netd/replica?x-netd-replica=a&x-netd-replicas=2"), ReplicaError::Missing(DRAINING_HEADER));
+        assert_eq!(
+            from("/netd/replica?x-netd-replica=a b&x-netd-replicas=2&x-netd-draining=0"),
+            ReplicaError::Id("a b".into())
+        );
+        assert_eq!(
+            from("/netd/replica?x-netd-replica=a&x-netd-replicas=99&x-netd-draining=0"),
+            ReplicaError::Count("99".into())
+        );
+        assert_eq!(
+            from("/netd/replica?x-netd-replica=a&x-netd-replicas=2&x-netd-draining=maybe"),
+            ReplicaError::Draining("maybe".into())
+        );
     }
 
     #[test]

@@ -48,6 +48,7 @@ use tokio::sync::{oneshot, Semaphore};
 use super::certs;
 use super::identity::{ClientIdentity, ConnectClients};
 use super::limits::{self, Door, DoorMetrics, Gate, Limits, Refusal, Ticket};
+use super::mux::{self, MuxError, MuxStream};
 use super::peers::{ForwardError, Peers, FORWARDED_BY_HEADER};
 use super::readahead::ReadAhead;
 use super::replica::{Claim, ReplicaStatus};
@@ -107,10 +108,30 @@ pub enum RouteError {
     Link {
         /// Node.
         node: String,
-        /// What h2 reported.
+        /// What the link reported.
         #[source]
-        source: h2::Error,
+        source: LinkError,
     },
+}
+
+/// What failed on an agent link, in the protocol it speaks.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// HTTP/2 (agents from before `netd-mux/1`).
+    #[error(transparent)]
+    H2(#[from] h2::Error),
+    /// `netd-mux/1`.
+    #[error(transparent)]
+    Mux(#[from] MuxError),
+}
+
+/// An agent's link as the router uses it: open streams, send statuses.
+#[derive(Clone)]
+enum AgentLink {
+    /// HTTP/2 with the roles reversed (this replica is the client).
+    H2(h2::client::SendRequest<Bytes>),
+    /// `netd-mux/1` (this replica opens).
+    Mux(mux::Link),
 }
 
 /// Who the server admits and how far it bends: the doors' policy.
@@ -187,6 +208,8 @@ pub struct ServerMetrics {
     /// Links an agent closed at once: it already held a link to this
     /// replica (it dialled the shared address and landed here again).
     pub duplicate_links: AtomicU64,
+    /// Agent links routed that speak `netd-mux/1` (the others, HTTP/2).
+    pub mux_links: AtomicU64,
     /// 1 while draining: no new links or streams, the running ones finish.
     pub draining: AtomicU64,
 }
@@ -200,7 +223,7 @@ impl ServerMetrics {
 }
 
 struct Agent {
-    link: h2::client::SendRequest<Bytes>,
+    link: AgentLink,
     /// The certificate addresses routed to it.
     addresses: Vec<IpAddr>,
     /// Tells a replaced link's clean-up not to remove its successor.
@@ -280,12 +303,7 @@ impl Router {
 
     /// Takes `node`'s new link; returns its serial and the signal that a
     /// newer link replaced it.
-    fn insert(
-        &self,
-        node: &str,
-        addresses: Vec<IpAddr>,
-        link: h2::client::SendRequest<Bytes>,
-    ) -> (u64, oneshot::Receiver<()>) {
+    fn insert(&self, node: &str, addresses: Vec<IpAddr>, link: AgentLink) -> (u64, oneshot::Receiver<()>) {
         let serial = self.serial.fetch_add(1, Ordering::Relaxed);
         let (close, replaced) = oneshot::channel();
         let mut agents = lock(&self.agents);
@@ -373,7 +391,7 @@ impl Router {
     /// Sends the current status on every link, all at once, each answer
     /// awaited at most the open timeout.
     async fn tell_agents(&self) {
-        let links: Vec<(String, h2::client::SendRequest<Bytes>)> =
+        let links: Vec<(String, AgentLink)> =
             lock(&self.agents).iter().map(|(node, agent)| (node.clone(), agent.link.clone())).collect();
         let status = self.replica_status();
         let after = self.policy.limits.open_timeout;
@@ -488,7 +506,7 @@ impl Router {
             },
         };
         let missed = match local {
-            Ok(stream) => return Ok(Tunnel::Local(stream)),
+            Ok(tunnel) => return Ok(tunnel),
             Err(err @ (RouteError::NoAgent(_) | RouteError::NoNode(_) | RouteError::NoLink(_))) => err,
             Err(err) => return Err(err),
         };
@@ -518,7 +536,7 @@ impl Router {
     /// Opens a tunnelled connection to `dest` through this replica's link
     /// to the agent that owns it, waiting at most the open timeout for the
     /// agent's answer.
-    async fn open(&self, dest: SocketAddr) -> Result<TunnelStream, RouteError> {
+    async fn open(&self, dest: SocketAddr) -> Result<Tunnel, RouteError> {
         if self.is_draining() {
             return Err(RouteError::Draining);
         }
@@ -542,16 +560,37 @@ impl Router {
             }
         };
         self.metrics.streams_total.fetch_add(1, Ordering::Relaxed);
-        Ok(stream.holding(permit))
+        Ok(match stream {
+            Tunnel::Local(stream) => Tunnel::Local(stream.holding(permit)),
+            Tunnel::Mux(stream) => Tunnel::Mux(stream.holding(permit)),
+            forwarded @ Tunnel::Forwarded(_) => forwarded,
+        })
     }
 
-    async fn open_on(
+    async fn open_on(&self, link: AgentLink, node: &str, dest: SocketAddr) -> Result<Tunnel, RouteError> {
+        let link = match link {
+            AgentLink::H2(link) => return self.open_on_h2(link, node, dest).await.map(Tunnel::Local),
+            AgentLink::Mux(link) => link,
+        };
+        match link.open(&dest.to_string()).await {
+            Ok(stream) => Ok(Tunnel::Mux(stream)),
+            Err(MuxError::Refused { status, reason, .. }) => {
+                self.metrics.refused_by_agent.fetch_add(1, Ordering::Relaxed);
+                // As the HTTP/2 path says it: "port (403 Forbidden)".
+                let status = StatusCode::from_u16(status).map_or_else(|_| status.to_string(), |s| s.to_string());
+                Err(RouteError::Refused { node: node.to_string(), dest, reason: format!("{reason} ({status})") })
+            }
+            Err(err) => Err(RouteError::Link { node: node.to_string(), source: err.into() }),
+        }
+    }
+
+    async fn open_on_h2(
         &self,
         link: h2::client::SendRequest<Bytes>,
         node: &str,
         dest: SocketAddr,
     ) -> Result<TunnelStream, RouteError> {
-        let link_err = |source| RouteError::Link { node: node.to_string(), source };
+        let link_err = |source: h2::Error| RouteError::Link { node: node.to_string(), source: source.into() };
         let mut link = link.ready().await.map_err(link_err)?;
         let mut request = Request::new(());
         *request.method_mut() = Method::CONNECT;
@@ -586,6 +625,7 @@ impl Router {
         let mut front = Counted::new(&mut front, &self.metrics.bytes_to_edge, &self.metrics.bytes_from_edge);
         let _ = match tunnel {
             Tunnel::Local(mut stream) => transport::splice_tunnel(&mut front, &mut stream).await,
+            Tunnel::Mux(mut stream) => transport::splice(&mut front, &mut stream).await,
             Tunnel::Forwarded(mut stream) => transport::splice(&mut front, &mut stream).await,
         };
         self.metrics.streams_open.fetch_sub(1, Ordering::Relaxed);
@@ -633,7 +673,20 @@ fn client_leaf(tls: &TlsLink) -> Option<&[u8]> {
 /// Sends this replica's status on a link and reads the agent's answer.
 /// Agents from before replicas answer anything but `CONNECT` with 400:
 /// their link is kept, as it always was.
-async fn send_status(link: h2::client::SendRequest<Bytes>, status: &ReplicaStatus) -> Result<Claim, h2::Error> {
+async fn send_status(link: AgentLink, status: &ReplicaStatus) -> Result<Claim, LinkError> {
+    let link = match link {
+        AgentLink::H2(link) => return Ok(send_status_h2(link, status).await?),
+        AgentLink::Mux(link) => link,
+    };
+    let Ok(target) = status.to_target() else {
+        // The identity was checked when the server started.
+        return Ok(Claim::Kept);
+    };
+    let (answer, _) = link.ask(&target).await?;
+    Ok(if answer == Claim::Duplicate.status().as_u16() { Claim::Duplicate } else { Claim::Kept })
+}
+
+async fn send_status_h2(link: h2::client::SendRequest<Bytes>, status: &ReplicaStatus) -> Result<Claim, h2::Error> {
     let Ok(request) = status.to_request() else {
         // The identity was checked when the server started.
         return Ok(Claim::Kept);
@@ -684,6 +737,10 @@ async fn serve_agent(
             return;
         }
     };
+    if super::tls::speaks_mux(tls.get_ref().1.alpn_protocol()) {
+        let link = Introduced { router, node, addresses, peer, ticket: _ticket };
+        return link.serve_mux(tls).await;
+    }
     let (link, mut connection) = match transport::server_builder().handshake::<_, Bytes>(tls).await {
         Ok(pair) => pair,
         Err(err) => {
@@ -696,7 +753,8 @@ async fn serve_agent(
     // displacing the link that carries its streams. The connection is
     // driven meanwhile (h2 moves nothing otherwise).
     let status = router.replica_status();
-    let introduce = tokio::time::timeout(router.policy.limits.open_timeout, send_status(link.clone(), &status));
+    let introduce =
+        tokio::time::timeout(router.policy.limits.open_timeout, send_status(AgentLink::H2(link.clone()), &status));
     tokio::pin!(introduce);
     let claim = tokio::select! {
         answer = &mut introduce => answer,
@@ -728,7 +786,7 @@ async fn serve_agent(
             return;
         }
     }
-    let (serial, replaced) = router.insert(&node, addresses.clone(), link.clone());
+    let (serial, replaced) = router.insert(&node, addresses.clone(), AgentLink::H2(link.clone()));
     tracing::info!("tunnel agent of node {node} linked from {peer} (addresses {addresses:?})");
     // A count that changed while this link was being introduced was told
     // only to the links already routed: this one hears it now.
@@ -736,7 +794,7 @@ async fn serve_agent(
     if current != status {
         let after = router.policy.limits.open_timeout;
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(after, send_status(link, &current)).await;
+            let _ = tokio::time::timeout(after, send_status(AgentLink::H2(link), &current)).await;
         });
     }
     // The link lives on in a task of its own: this one's frame is sized
@@ -744,6 +802,68 @@ async fn serve_agent(
     // link would otherwise carry for its whole life, 5 000 times over.
     let held = HeldLink { router, node, peer, serial, replaced, _ticket };
     tokio::spawn(held.run(connection));
+}
+
+/// An agent whose TLS handshake and identity checked out.
+struct Introduced {
+    router: Arc<Router>,
+    node: String,
+    addresses: Vec<IpAddr>,
+    peer: SocketAddr,
+    ticket: Ticket,
+}
+
+impl Introduced {
+    /// The same life as an HTTP/2 link's, over `netd-mux/1`: introduce
+    /// this replica, route the node to it, drive it until it ends.
+    async fn serve_mux(self, tls: TlsLink) {
+        let Self { router, node, addresses, peer, ticket } = self;
+        let (link, driver) = mux::link(tls, mux::Role::Opener, mux::Config::default());
+        let mut driver = Box::pin(driver);
+        let status = router.replica_status();
+        let after = router.policy.limits.open_timeout;
+        let introduce = tokio::time::timeout(after, send_status(AgentLink::Mux(link.clone()), &status));
+        tokio::pin!(introduce);
+        let claim = tokio::select! {
+            answer = &mut introduce => answer,
+            ended = &mut driver => {
+                if let Ok(Ok(Ok(Claim::Duplicate))) = tokio::time::timeout(Duration::ZERO, &mut introduce).await {
+                    router.metrics.duplicate_links.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!("agent of node {node} from {peer} already holds a link to this replica: closed");
+                } else {
+                    tracing::info!("agent link from {peer} (node {node}) ended before it was introduced: {ended:?}");
+                }
+                return;
+            }
+        };
+        match claim {
+            Ok(Ok(Claim::Kept)) => {}
+            Ok(Ok(Claim::Duplicate)) => {
+                router.metrics.duplicate_links.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("agent of node {node} from {peer} already holds a link to this replica: closed");
+                return;
+            }
+            Ok(Err(err)) => {
+                tracing::warn!("agent link from {peer} (node {node}) failed while introducing this replica: {err}");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!("agent link from {peer} (node {node}): no answer to this replica's status in time");
+                return;
+            }
+        }
+        let (serial, replaced) = router.insert(&node, addresses.clone(), AgentLink::Mux(link.clone()));
+        router.metrics.mux_links.fetch_add(1, Ordering::Relaxed);
+        tracing::info!("tunnel agent of node {node} linked from {peer} (addresses {addresses:?}, netd-mux/1)");
+        let current = router.replica_status();
+        if current != status {
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(after, send_status(AgentLink::Mux(link), &current)).await;
+            });
+        }
+        let held = HeldLink { router, node, peer, serial, replaced, _ticket: ticket };
+        tokio::spawn(held.run_mux(driver));
+    }
 }
 
 /// What a kept link needs for the rest of its life.
@@ -780,7 +900,7 @@ impl HeldLink {
                 use std::future::Future as _;
                 use std::task::Poll;
                 if let Poll::Ready(result) = std::pin::Pin::new(&mut connection).poll(cx) {
-                    return Poll::Ready(LinkEnd::Failed(result.err()));
+                    return Poll::Ready(LinkEnd::Failed(result.err().map(LinkError::H2)));
                 }
                 if keepalive.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(LinkEnd::Dead);
@@ -791,28 +911,59 @@ impl HeldLink {
                 Poll::Pending
             })
             .await;
-            let (node, peer) = (&self.node, self.peer);
-            match end {
-                LinkEnd::Failed(Some(err)) => tracing::warn!("tunnel link of node {node} failed: {err}"),
-                LinkEnd::Failed(None) => {}
-                LinkEnd::Dead => tracing::warn!("tunnel link of node {node} is dead: no pong"),
-                LinkEnd::Replaced => {
-                    tracing::info!(
-                        "tunnel link of node {node} from {peer} closed: replaced by a newer link, or drained"
-                    );
-                    return;
-                }
-            }
-            self.router.remove(node, self.serial);
-            tracing::info!("tunnel agent of node {node} gone");
+            let ended = HeldLink { replaced, ..self };
+            ended.ended(end);
         }
+    }
+
+    /// Drives a `netd-mux/1` link (its pings are its own) until it fails or
+    /// is replaced or drained. (The link is boxed: copying the argument into
+    /// the frame costs a pointer.)
+    async fn run_mux(self, mut driver: std::pin::Pin<Box<mux::Driver>>) {
+        {
+            let mut replaced = self.replaced;
+            let end = std::future::poll_fn(|cx| {
+                use std::future::Future as _;
+                use std::task::Poll;
+                if let Poll::Ready(result) = driver.as_mut().poll(cx) {
+                    return Poll::Ready(match result {
+                        Ok(()) => LinkEnd::Failed(None),
+                        Err(MuxError::PingTimeout(_)) => LinkEnd::Dead,
+                        Err(err) => LinkEnd::Failed(Some(err.into())),
+                    });
+                }
+                if std::pin::Pin::new(&mut replaced).poll(cx).is_ready() {
+                    return Poll::Ready(LinkEnd::Replaced);
+                }
+                Poll::Pending
+            })
+            .await;
+            let ended = HeldLink { replaced, ..self };
+            ended.ended(end);
+        }
+    }
+
+    /// Says how the link ended and forgets it, unless a newer one replaced it.
+    fn ended(self, end: LinkEnd) {
+        let (node, peer) = (&self.node, self.peer);
+        match end {
+            LinkEnd::Failed(Some(err)) => tracing::warn!("tunnel link of node {node} failed: {err}"),
+            LinkEnd::Failed(None) => {}
+            LinkEnd::Dead => tracing::warn!("tunnel link of node {node} is dead: no pong"),
+            LinkEnd::Replaced => {
+                tracing::info!("tunnel link of node {node} from {peer} closed: replaced by a newer link, or drained");
+                return;
+            }
+        }
+        self.router.remove(node, self.serial);
+        tracing::info!("tunnel agent of node {node} gone");
     }
 }
 
 /// How a held link ended.
 enum LinkEnd {
     /// The connection ended (with the error, if any).
-    Failed(Option<h2::Error>),
+    Failed(Option<LinkError>),
     /// A ping went unanswered.
     Dead,
     /// A newer link of the node replaced it, or the replica drained.
@@ -1150,8 +1301,10 @@ pub enum Target<'a> {
 /// A stream to an edge destination: on this replica's link to the node, or
 /// through the peer replica that holds one.
 pub enum Tunnel {
-    /// A stream on this replica's agent link.
+    /// A stream on this replica's HTTP/2 agent link.
     Local(TunnelStream),
+    /// A stream on this replica's `netd-mux/1` agent link.
+    Mux(MuxStream),
     /// A CONNECT through a peer replica's door.
     Forwarded(TokioIo<hyper::upgrade::Upgraded>),
 }
@@ -1164,6 +1317,7 @@ impl tokio::io::AsyncRead for Tunnel {
     ) -> std::task::Poll<std::io::Result<()>> {
         match self.get_mut() {
             Self::Local(stream) => std::pin::Pin::new(stream).poll_read(cx, buf),
+            Self::Mux(stream) => std::pin::Pin::new(stream).poll_read(cx, buf),
             Self::Forwarded(stream) => std::pin::Pin::new(stream).poll_read(cx, buf),
         }
     }
@@ -1177,6 +1331,7 @@ impl tokio::io::AsyncWrite for Tunnel {
     ) -> std::task::Poll<std::io::Result<usize>> {
         match self.get_mut() {
             Self::Local(stream) => std::pin::Pin::new(stream).poll_write(cx, buf),
+            Self::Mux(stream) => std::pin::Pin::new(stream).poll_write(cx, buf),
             Self::Forwarded(stream) => std::pin::Pin::new(stream).poll_write(cx, buf),
         }
     }
@@ -1187,6 +1342,7 @@ impl tokio::io::AsyncWrite for Tunnel {
     ) -> std::task::Poll<std::io::Result<()>> {
         match self.get_mut() {
             Self::Local(stream) => std::pin::Pin::new(stream).poll_flush(cx),
+            Self::Mux(stream) => std::pin::Pin::new(stream).poll_flush(cx),
             Self::Forwarded(stream) => std::pin::Pin::new(stream).poll_flush(cx),
         }
     }
@@ -1197,6 +1353,7 @@ impl tokio::io::AsyncWrite for Tunnel {
     ) -> std::task::Poll<std::io::Result<()>> {
         match self.get_mut() {
             Self::Local(stream) => std::pin::Pin::new(stream).poll_shutdown(cx),
+            Self::Mux(stream) => std::pin::Pin::new(stream).poll_shutdown(cx),
             Self::Forwarded(stream) => std::pin::Pin::new(stream).poll_shutdown(cx),
         }
     }

@@ -65,6 +65,10 @@ where
 
 /// ALPN of an agent link (HTTP/2 with the roles reversed).
 pub const ALPN_TUNNEL: &[u8] = b"h2";
+/// ALPN of an agent link speaking [`crate::mux`]: agents offer it first,
+/// the agents' door prefers it; either side from before it speaks
+/// [`ALPN_TUNNEL`] with the other.
+pub const ALPN_MUX: &[u8] = crate::mux::ALPN;
 /// ALPN of the CONNECT front door.
 pub const ALPN_HTTP1: &[u8] = b"http/1.1";
 
@@ -98,17 +102,18 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(provider)
 }
 
-/// The agent's client settings: its node certificate, the CA for the server.
+/// The agent's client settings: its node certificate, the CA for the
+/// server; it offers [`ALPN_MUX`], then [`ALPN_TUNNEL`].
 pub fn agent(certs: &LoadedCerts) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-    client(certs, ALPN_TUNNEL, "the agent")
+    client(certs, &[ALPN_MUX, ALPN_TUNNEL], "the agent")
 }
 
 /// A client of the CONNECT front door (kube-apiserver's egress, tests).
 pub fn connect_client(certs: &LoadedCerts) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-    client(certs, ALPN_HTTP1, "a CONNECT client")
+    client(certs, &[ALPN_HTTP1], "a CONNECT client")
 }
 
-fn client(certs: &LoadedCerts, alpn: &[u8], what: &'static str) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+fn client(certs: &LoadedCerts, alpn: &[&[u8]], what: &'static str) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let rustls_err = |source| TlsError::Rustls { what, source };
     let mut config = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -116,8 +121,22 @@ fn client(certs: &LoadedCerts, alpn: &[u8], what: &'static str) -> Result<Arc<ru
         .with_root_certificates(certs.root_store()?)
         .with_client_auth_cert(certs.chain.clone(), certs.key.clone_key())
         .map_err(rustls_err)?;
-    config.alpn_protocols = vec![alpn.to_vec()];
+    config.alpn_protocols = alpn.iter().map(|name| name.to_vec()).collect();
     Ok(Arc::new(config))
+}
+
+/// The agents' door: [`server`] speaking [`ALPN_MUX`] to agents that offer
+/// it and [`ALPN_TUNNEL`] to the others.
+pub fn agents_door(certs: &LoadedCerts) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let mut config = Arc::unwrap_or_clone(server(certs, ALPN_MUX)?);
+    config.alpn_protocols.push(ALPN_TUNNEL.to_vec());
+    Ok(Arc::new(config))
+}
+
+/// Whether a link's negotiated ALPN is [`ALPN_MUX`] (anything else, or
+/// nothing, is HTTP/2 as before).
+pub fn speaks_mux(alpn: Option<&[u8]>) -> bool {
+    alpn == Some(ALPN_MUX)
 }
 
 /// The server's settings for one listener: its certificate, and clients

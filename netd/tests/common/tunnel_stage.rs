@@ -137,7 +137,15 @@ impl Stage {
     /// The tunnel server in the cloud namespace: agent door and CONNECT door.
     pub fn server(&self, router: Arc<Router>) -> Background {
         let certs = self.pki.files("server").load().unwrap();
-        let agents_tls = tls::fixed(tls::server(&certs, tls::ALPN_TUNNEL).unwrap());
+        self.server_with(router, tls::agents_door(&certs).unwrap())
+    }
+
+    /// [`Stage::server`] with the agents' door's TLS settings `agents_tls`
+    /// (a server from before `netd-mux/1` speaks HTTP/2 alone).
+    #[allow(dead_code)] // not every test binary has an old server
+    pub fn server_with(&self, router: Arc<Router>, agents_tls: Arc<rustls::ServerConfig>) -> Background {
+        let certs = self.pki.files("server").load().unwrap();
+        let agents_tls = tls::fixed(agents_tls);
         let connect_tls = tls::fixed(tls::server(&certs, tls::ALPN_HTTP1).unwrap());
         Background::start(&self.cloud.path(), move || async move {
             let agents = TcpListener::bind((CLOUD_IP, AGENT_PORT)).await.unwrap();

@@ -111,6 +111,11 @@ fn encode_server(m: &ServerMetrics, out: &mut netd_metrics::Families<'_>) -> std
         "Agent links closed at once: the agent already held a link to this replica.",
         m.duplicate_links.load(Ordering::Relaxed),
     )?;
+    out.counter(
+        "netd_tunnel_mux_links_total",
+        "Agent links routed that speak netd-mux/1 (the others speak HTTP/2).",
+        m.mux_links.load(Ordering::Relaxed),
+    )?;
     out.gauge("netd_tunnel_streams_open", "Tunnelled connections open now.", m.streams_open.load(Ordering::Relaxed))?;
     out.counter("netd_tunnel_streams_total", "Tunnelled connections opened.", m.streams_total.load(Ordering::Relaxed))?;
     out.counter(
@@ -315,8 +320,7 @@ async fn drain(router: &Router, grace: std::time::Duration) {
 }
 
 async fn serve(settings: ServerSettings, router: Arc<Router>) -> Result<(), TunnelError> {
-    let (agents_tls, reload_agents) =
-        tls::follow(settings.certs.clone(), tls::RELOAD_POLL, |c| tls::server(c, tls::ALPN_TUNNEL))?;
+    let (agents_tls, reload_agents) = tls::follow(settings.certs.clone(), tls::RELOAD_POLL, tls::agents_door)?;
     let (connect_tls, reload_connect) =
         tls::follow(settings.certs.clone(), tls::RELOAD_POLL, |c| tls::server(c, tls::ALPN_HTTP1))?;
     let mut tasks = tokio::task::JoinSet::new();
