@@ -758,7 +758,7 @@ fn report(results: &[Round], door_cap: usize) {
     let ratios: Vec<f64> = flooded.iter().zip(&baseline).map(|(f, b)| f / b.max(f64::EPSILON)).collect();
     let throughput_ok = median(&ratios) >= THROUGHPUT_GOAL;
     println!(
-        "\niperf3 single stream towards the edge through netd's tunnel (DNAT → TLS 1.3 + HTTP/2), -t {iperf_seconds}, \
+        "\niperf3 single stream towards the edge through netd's tunnel (DNAT → TLS 1.3 + netd-mux/1), -t {iperf_seconds}, \
          Gbit/s; the baseline runs before the flood in odd rounds, after the server closed it in even ones; ratio \
          per round:\n"
     );

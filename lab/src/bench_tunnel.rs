@@ -128,7 +128,7 @@ impl Way {
     fn label(self) -> &'static str {
         match self {
             Way::Direct => "direct (floor)",
-            Way::Netd => "**netd tunnel** (DNAT → TLS 1.3 + HTTP/2)",
+            Way::Netd => "**netd tunnel** (DNAT → TLS 1.3 + netd-mux/1)",
             Way::RatholeTcp => "rathole 0.5, plain TCP",
             Way::RatholeNoise => "rathole 0.5, noise",
             Way::Ssh => "OpenSSH `ssh -R`",
@@ -139,7 +139,7 @@ impl Way {
     fn name(self) -> &'static str {
         match self {
             Way::Direct => "direct (floor)",
-            Way::Netd => "netd tunnel (DNAT → TLS 1.3 + HTTP/2)",
+            Way::Netd => "netd tunnel (DNAT → TLS 1.3 + netd-mux/1)",
             Way::RatholeTcp => "rathole 0.5, plain TCP",
             Way::RatholeNoise => "rathole 0.5, noise",
             Way::Ssh => "OpenSSH ssh -R",
